@@ -1,0 +1,3 @@
+from fwsafe.cli import main
+
+main()

@@ -1,0 +1,414 @@
+"""The configuration file: ``/etc/fwsafe/fwsafe.toml`` (or ``--config FILE``, or $FWSAFE_CONFIG).
+
+Every key is optional; see ``examples/fwsafe.toml`` for an annotated example.  Unknown keys and
+wrong types are errors (with a "did you mean" suggestion), so that a typo never silently falls
+back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from fwsafe.errors import ConfigError, UsageError
+from fwsafe.probes import Probe, format_host_port, parse_probe, split_endpoint, validate_host
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python < 3.11 only
+    import tomli as tomllib
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_PORT",
+    "DEFAULT_USER",
+    "ENV_VAR",
+    "PERSIST_MODES",
+    "Config",
+    "HostConfig",
+    "HostTarget",
+    "load_config",
+]
+
+#: Read when neither ``--config`` nor $FWSAFE_CONFIG is given (and only if it exists).
+DEFAULT_CONFIG_PATH = "/etc/fwsafe/fwsafe.toml"
+ENV_VAR = "FWSAFE_CONFIG"
+DEFAULT_USER = "root"
+DEFAULT_PORT = 22
+
+PersistMode = Literal["auto", "netfilter-persistent", "nftables", "none"]
+PERSIST_MODES: tuple[PersistMode, ...] = ("auto", "netfilter-persistent", "nftables", "none")
+
+_HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
+
+
+@dataclass(frozen=True)
+class HostConfig:
+    """A ``[hosts.NAME]`` table.  `user`, `key`, `known_hosts` are None when not given."""
+
+    name: str
+    host: str
+    user: str | None = None
+    port: int = DEFAULT_PORT
+    key: str | None = None
+    known_hosts: str | None = None
+
+
+@dataclass(frozen=True)
+class HostTarget:
+    """Where to connect: the result of `Config.resolve_host`.  Paths have ``~`` expanded.
+
+    `name` is the ``[hosts.NAME]`` the target came from, or None for an ad-hoc spec.
+    """
+
+    host: str
+    port: int = DEFAULT_PORT
+    user: str = DEFAULT_USER
+    key: str | None = None
+    known_hosts: str | None = None
+    name: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.user}@{self.hostport}"
+
+    @property
+    def hostport(self) -> str:
+        """``host:port`` (IPv6 in brackets)."""
+        return format_host_port(self.host, self.port)
+
+    def probe_url(self, kind: Literal["tcp", "ssh", "ssh-auth"] = "ssh-auth") -> str:
+        """A probe URL for this target, e.g. ``ssh-auth://root@[fd00::1]:22``."""
+        if kind == "tcp":
+            return f"tcp://{self.hostport}"
+        return f"{kind}://{self.user}@{self.hostport}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The effective configuration.  `source` is the file it was read from (None: defaults)."""
+
+    timeout: int = 60
+    state_dir: str = "/var/lib/fwsafe"
+    probe_interval: float = 2.0
+    probe_failures: int = 3
+    probe_timeout: float = 3.0
+    probes: tuple[str, ...] = ()
+    history_keep: int = 50
+    persist: PersistMode = "auto"
+    hosts: dict[str, HostConfig] = field(default_factory=dict)
+    source: str | None = None
+
+    def parsed_probes(self) -> list[Probe]:
+        """`probes` parsed (they were validated when the file was loaded)."""
+        return [parse_probe(url) for url in self.probes]
+
+    def resolve_host(self, spec: str) -> HostTarget:
+        """A named host (``web1``) or ``[USER@]HOST[:PORT]`` (``root@[fd00::1]:2222``).
+
+        A name from ``[hosts.*]`` wins over a DNS name.  Raises UsageError for a malformed
+        spec.
+        """
+        named = self.hosts.get(spec)
+        if named is not None:
+            return HostTarget(
+                host=named.host,
+                port=named.port,
+                user=named.user or DEFAULT_USER,
+                key=_expand(named.key),
+                known_hosts=_expand(named.known_hosts),
+                name=named.name,
+            )
+        try:
+            user, host, port = split_endpoint(spec.strip())
+        except ValueError as exc:
+            hint = None
+            if self.hosts:
+                close = difflib.get_close_matches(spec, list(self.hosts), n=1)
+                hint = (
+                    f"did you mean the configured host {close[0]!r}?"
+                    if close
+                    else f"configured hosts: {', '.join(sorted(self.hosts))}"
+                )
+            raise UsageError(
+                f"invalid host {spec!r}: {exc} (expected NAME or [USER@]HOST[:PORT])", hint=hint
+            ) from None
+        return HostTarget(
+            host=host,
+            port=port if port is not None else DEFAULT_PORT,
+            user=user or DEFAULT_USER,
+        )
+
+
+def _expand(path: str | None) -> str | None:
+    return None if path is None else os.path.expanduser(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | None, *, env: Mapping[str, str] = os.environ) -> Config:
+    """Load the configuration.
+
+    Resolution: `path` (must exist) > $FWSAFE_CONFIG (must exist; empty means unset) >
+    `DEFAULT_CONFIG_PATH` if it exists > the built-in defaults.  Raises ConfigError naming
+    the file (and the key path, or the line for a TOML syntax error).
+    """
+    if path is not None:
+        return _load_file(path, origin="--config")
+    env_path = env.get(ENV_VAR)
+    if env_path:
+        return _load_file(env_path, origin=f"${ENV_VAR}")
+    if os.path.exists(DEFAULT_CONFIG_PATH):
+        return _load_file(DEFAULT_CONFIG_PATH, origin="default")
+    return Config()
+
+
+def _load_file(path: str, *, origin: str) -> Config:
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: configuration file not found (from {origin})",
+            hint="create it (see examples/fwsafe.toml) or point --config elsewhere",
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a configuration file") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading the configuration") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise _toml_error(path, exc) from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return _build(path, data)
+
+
+_AT_LINE_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_AT_EOF_RE = re.compile(r"\s*\(at end of document\)$")
+
+
+def _toml_error(path: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    message = str(exc)
+    line: int | None = getattr(exc, "lineno", None)
+    column: int | None = getattr(exc, "colno", None)
+    msg = getattr(exc, "msg", None)
+    match = _AT_LINE_RE.search(message)
+    if match:
+        line, column = line or int(match.group(1)), column or int(match.group(2))
+        message = message[: match.start()]
+    elif _AT_EOF_RE.search(message):
+        message = _AT_EOF_RE.sub("", message) + " (at end of file)"
+    if isinstance(msg, str) and msg:
+        message = msg
+    where = f"{path}:{line}" if line is not None else path
+    col = f", column {column}" if column is not None and line is not None else ""
+    return ConfigError(f"{where}: invalid TOML: {message}{col}")
+
+
+class _Reader:
+    """Validates one table: each `take` pops a key; `finish` reports what is left."""
+
+    def __init__(self, path: str, table: Mapping[str, Any], prefix: str) -> None:
+        self.path = path
+        self.table = dict(table)
+        self.prefix = prefix
+        self.known: list[str] = []
+
+    def keypath(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def error(self, key: str, what: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(f"{self.path}: {self.keypath(key)}: {what}", hint=hint)
+
+    def take(self, key: str, check: Callable[[str, Any], Any], default: Any) -> Any:
+        self.known.append(key)
+        if key not in self.table:
+            return default
+        return check(key, self.table.pop(key))
+
+    def finish(self) -> None:
+        for key in self.table:
+            close = difflib.get_close_matches(key, self.known, n=1, cutoff=0.6)
+            suggestion = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{self.path}: unknown key {self.keypath(key)!r}{suggestion}",
+                hint=f"valid keys here: {', '.join(self.known)}",
+            )
+
+    # -- type checks --------------------------------------------------------------------------
+
+    def type_error(self, key: str, expected: str, value: Any) -> ConfigError:
+        return self.error(key, f"expected {expected}, got {_describe(value)}")
+
+    def int_min(self, minimum: int) -> Callable[[str, Any], int]:
+        def check(key: str, value: Any) -> int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.type_error(key, "an integer", value)
+            if value < minimum:
+                raise self.error(key, f"must be >= {minimum}, got {value}")
+            return value
+
+        return check
+
+    def positive_number(self, key: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.type_error(key, "a number", value)
+        if not value > 0 or value != value or value == float("inf"):
+            raise self.error(key, f"must be a positive number, got {value}")
+        return float(value)
+
+    def string(self, key: str, value: Any) -> str:
+        if not isinstance(value, str):
+            raise self.type_error(key, "a string", value)
+        if not value:
+            raise self.error(key, "must not be empty")
+        return value
+
+
+def _describe(value: Any) -> str:
+    kinds = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a float",
+        str: "a string",
+        list: "an array",
+        dict: "a table",
+    }
+    kind = kinds.get(type(value), type(value).__name__)
+    if isinstance(value, (dict, list)):
+        return kind
+    text = repr(value) if not isinstance(value, bool) else str(value).lower()
+    if len(text) > 40:
+        text = text[:37] + "..."
+    return f"{kind} ({text})"
+
+
+def _build(path: str, data: Mapping[str, Any]) -> Config:
+    top = _Reader(path, data, "")
+    timeout = top.take("timeout", top.int_min(1), 60)
+    state_dir = top.take("state_dir", lambda k, v: _check_state_dir(top, k, v), "/var/lib/fwsafe")
+    probe_interval = top.take("probe_interval", top.positive_number, 2.0)
+    probe_failures = top.take("probe_failures", top.int_min(1), 3)
+    probe_timeout = top.take("probe_timeout", top.positive_number, 3.0)
+    probes = top.take("probes", lambda k, v: _check_probes(top, k, v), ())
+    history_keep = top.take("history_keep", top.int_min(1), 50)
+    persist = top.take("persist", lambda k, v: _check_persist(top, k, v), "auto")
+    hosts = top.take("hosts", lambda k, v: _check_hosts(path, top, k, v), {})
+    top.finish()
+    return Config(
+        timeout=timeout,
+        state_dir=state_dir,
+        probe_interval=probe_interval,
+        probe_failures=probe_failures,
+        probe_timeout=probe_timeout,
+        probes=probes,
+        history_keep=history_keep,
+        persist=persist,
+        hosts=hosts,
+        source=path,
+    )
+
+
+def _check_state_dir(reader: _Reader, key: str, value: Any) -> str:
+    text = os.path.expanduser(reader.string(key, value))
+    if not os.path.isabs(text):
+        raise reader.error(key, f"must be an absolute path, got {value!r}")
+    return os.path.normpath(text)
+
+
+def _check_probes(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise reader.type_error(key, "an array of probe URLs", value)
+    urls: list[str] = []
+    for index, item in enumerate(value):
+        item_key = f"{key}[{index}]"
+        if not isinstance(item, str):
+            raise reader.type_error(item_key, "a probe URL string", item)
+        try:
+            parse_probe(item)
+        except UsageError as exc:
+            raise reader.error(item_key, exc.message, hint=exc.hint) from None
+        urls.append(item.strip())
+    return tuple(urls)
+
+
+def _check_persist(reader: _Reader, key: str, value: Any) -> PersistMode:
+    text = reader.string(key, value)
+    for mode in PERSIST_MODES:
+        if text == mode:
+            return mode
+    close = difflib.get_close_matches(text, PERSIST_MODES, n=1)
+    suggestion = f"; did you mean {close[0]!r}?" if close else ""
+    raise reader.error(
+        key,
+        f"unknown value {text!r}{suggestion}",
+        hint=f"one of: {', '.join(PERSIST_MODES)}",
+    )
+
+
+def _check_hosts(path: str, reader: _Reader, key: str, value: Any) -> dict[str, HostConfig]:
+    if not isinstance(value, dict):
+        raise reader.type_error(key, "a table of [hosts.NAME] tables", value)
+    hosts: dict[str, HostConfig] = {}
+    for name, table in value.items():
+        name_key = f"{key}.{name}"
+        if not _HOST_NAME_RE.match(name):
+            raise reader.error(
+                name_key,
+                "invalid host name (use letters, digits, '.', '_' and '-')",
+            )
+        if not isinstance(table, dict):
+            raise reader.type_error(name_key, "a table", table)
+        hosts[name] = _check_host_table(path, name, table, f"{name_key}.")
+    return hosts
+
+
+def _check_host_table(path: str, name: str, table: Mapping[str, Any], prefix: str) -> HostConfig:
+    reader = _Reader(path, table, prefix)
+
+    def host_check(key: str, value: Any) -> str:
+        text = reader.string(key, value)
+        if text.startswith("[") and text.endswith("]"):
+            text = text[1:-1]
+        if "@" in text or text.count(":") == 1:
+            raise reader.error(
+                key,
+                f"invalid host name {text!r}",
+                hint="only the host goes here: the user goes in 'user', the port in 'port'",
+            )
+        try:
+            return validate_host(text, allow_bare_ipv6=True)
+        except ValueError as exc:
+            raise reader.error(key, str(exc)) from None
+
+    def user_check(key: str, value: Any) -> str:
+        text = reader.string(key, value)
+        if not _USER_RE.match(text):
+            raise reader.error(key, f"invalid user name {text!r}")
+        return text
+
+    def port_check(key: str, value: Any) -> int:
+        port: int = reader.int_min(1)(key, value)
+        if port > 65535:
+            raise reader.error(key, f"port {port} out of range 1-65535")
+        return port
+
+    host = reader.take("host", host_check, None)
+    user = reader.take("user", user_check, None)
+    port = reader.take("port", port_check, DEFAULT_PORT)
+    key = reader.take("key", reader.string, None)
+    known_hosts = reader.take("known_hosts", reader.string, None)
+    reader.finish()
+    if host is None:
+        raise ConfigError(f"{path}: {prefix}host: missing (required in every [hosts.NAME])")
+    return HostConfig(name=name, host=host, user=user, port=port, key=key, known_hosts=known_hosts)

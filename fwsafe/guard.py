@@ -1,0 +1,492 @@
+"""The guard: the dead-man's switch that reverts a change unless it is confirmed.
+
+It is a process of its own, started before the change is applied, that outlives the CLI and
+the SSH session that started it:
+
+* where systemd is PID 1 it runs as a transient unit (``systemd-run``), so that logind's
+  KillUserProcesses cannot end it with the session; elsewhere it is a double-forked ``setsid``
+  daemon with no controlling terminal;
+* it ignores SIGHUP, SIGINT, SIGQUIT and SIGPIPE; SIGTERM makes it revert at once;
+* it sets its own ``oom_score_adj`` to -1000, which the restore commands it runs inherit;
+  where that is refused (no CAP_SYS_RESOURCE) it carries on and records that it is not shielded;
+* it reads the snapshot and the change into memory before it applies anything, so that nothing
+  a session deletes can stop the revert;
+* it applies the change itself, after it is armed, so that a deadline can never pass between
+  arming and applying;
+* at the deadline, on ``fwsafe revert``, on SIGTERM or when a probe fails N times in a row it
+  restores the snapshot, retrying while processes cannot be started for lack of memory, then
+  checks that the touched layers equal the snapshot again;
+* it runs in the network namespace of the CLI that started it.
+
+Requests (``fwsafe confirm``, ``revert``, ``extend``, ``status``) arrive as one JSON line on a
+Unix socket in the state directory; the guard answers with one JSON line.
+
+This module is imported by the guard process alone: it keeps its imports small (RSS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from fwsafe import snapshot, transaction
+from fwsafe.backends import layer_for
+from fwsafe.backends.base import ApplyError
+from fwsafe.errors import GuardError
+from fwsafe.revert import revert_layers
+from fwsafe.statedir import StateDir
+from fwsafe.transaction import Record
+
+GUARD_MODULE = "fwsafe.guard"
+OOM_SHIELD = -1000
+REQUEST_LIMIT = 65536
+
+
+# --------------------------------------------------------------------------------------------
+# Starting the guard (runs in the CLI)
+# --------------------------------------------------------------------------------------------
+def systemd_is_init() -> bool:
+    return os.path.isdir("/run/systemd/system")
+
+
+def guard_mode() -> str:
+    forced = os.environ.get("FWSAFE_GUARD_MODE")
+    if forced in ("setsid", "systemd-run"):
+        return forced
+    return "systemd-run" if systemd_is_init() else "setsid"
+
+
+def _python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    existing = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = package_parent + (os.pathsep + existing if existing else "")
+    return env
+
+
+def systemd_run_argv(state_dir: Path, tx_id: str, netns_pid: int) -> list[str]:
+    """The transient unit: its own cgroup (outside the session's scope), OOM-shielded, and in
+    the network namespace of the CLI that asked for it."""
+    return [
+        "systemd-run", "--quiet", "--collect", f"--unit=fwsafe-guard-{tx_id}",
+        "--property=OOMScoreAdjust=-1000",
+        f"--property=NetworkNamespacePath=/proc/{netns_pid}/ns/net",
+        f"--setenv=PYTHONPATH={_python_env()['PYTHONPATH']}",
+        sys.executable, "-m", GUARD_MODULE, "--foreground", str(state_dir), tx_id,
+    ]
+
+
+def spawn(state: StateDir, tx_id: str) -> str:
+    """Start the guard for `tx_id`; return the mode used. The guard records its own PID."""
+    mode = guard_mode()
+    log_path = state.tx_dir(tx_id) / "guard.log"
+    if mode == "systemd-run":
+        argv = systemd_run_argv(state.root, tx_id, os.getpid())
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        if result.returncode != 0:
+            raise GuardError(f"systemd-run could not start the guard: {result.stderr.strip()}")
+        return mode
+    with open(log_path, "ab", buffering=0) as log:
+        os.chmod(log_path, 0o600)
+        intermediate = subprocess.Popen(
+            [sys.executable, "-m", GUARD_MODULE, "--daemonize", str(state.root), tx_id],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+            start_new_session=True, close_fds=True, env=_python_env(),
+        )
+    try:
+        code = intermediate.wait(timeout=30)
+    except subprocess.TimeoutExpired as exc:
+        intermediate.kill()
+        raise GuardError("the guard did not start within 30 s") from exc
+    if code != 0:
+        raise GuardError(f"the guard failed to start (exit {code}); see {log_path}")
+    return mode
+
+
+# --------------------------------------------------------------------------------------------
+# Talking to the guard (runs in the CLI)
+# --------------------------------------------------------------------------------------------
+def request(state: StateDir, op: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+    """Send one request to the guard and return its answer."""
+    payload = json.dumps({"op": op, **fields}).encode() + b"\n"
+    path = str(state.socket_path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(path)
+            sock.sendall(payload)
+            chunks = []
+            while True:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except OSError as exc:
+            raise GuardError(f"the guard does not answer on {path}: {exc}") from exc
+    try:
+        answer = json.loads(b"".join(chunks))
+    except ValueError as exc:
+        raise GuardError(f"the guard sent a garbled answer: {exc}") from exc
+    if not isinstance(answer, dict):
+        raise GuardError("the guard sent a garbled answer")
+    return answer
+
+
+# --------------------------------------------------------------------------------------------
+# The guard process
+# --------------------------------------------------------------------------------------------
+def set_oom_shield(value: int = OOM_SHIELD) -> tuple[bool, str | None]:
+    """Lower our oom_score_adj; children inherit it. Returns (shielded, why not)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write(str(value))
+    except OSError as exc:
+        return False, f"cannot set oom_score_adj to {value}: {exc.strerror} (needs CAP_SYS_RESOURCE)"
+    try:
+        current = int(Path("/proc/self/oom_score_adj").read_text().strip())
+    except (OSError, ValueError) as exc:
+        return False, f"cannot read oom_score_adj back: {exc}"
+    if current != value:
+        return False, f"oom_score_adj is {current}, not {value}"
+    return True, None
+
+
+class ProbeLoop(threading.Thread):
+    """Runs the guard's probes every interval and hands each round's results to the guard."""
+
+    def __init__(self, urls: Sequence[str], interval: float, timeout: float, wake: int) -> None:
+        super().__init__(daemon=True, name="probes")
+        self.urls = list(urls)
+        self.interval = interval
+        self.timeout = timeout
+        self.wake = wake
+        self.results: queue.Queue[list[tuple[str, bool, str | None]]] = queue.Queue()
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        from fwsafe.probes import parse_probe, run_probes
+
+        probes = [parse_probe(url) for url in self.urls]
+        while not self.stopped.is_set():
+            started = time.monotonic()
+            results = run_probes(probes, timeout=self.timeout)
+            self.results.put([(r.url, r.ok, r.error) for r in results])
+            try:
+                os.write(self.wake, b"p")
+            except OSError:
+                pass
+            self.stopped.wait(max(0.0, self.interval - (time.monotonic() - started)))
+
+
+class Guard:
+    def __init__(self, state: StateDir, record: Record, mode: str, log: TextIO) -> None:
+        self.state = state
+        self.record = record
+        self.mode = mode
+        self.logfile = log
+        self.layers = list(record.layers)
+        # Everything needed to revert is read into memory before anything is changed.
+        self.before = snapshot.load(state, record.id, snapshot.BEFORE, self.layers)
+        self.change = snapshot.load(state, record.id, snapshot.CHANGE, self.layers)
+        self.applied: list[str] = []
+        self.deadline_mono = 0.0
+        self.done = False
+        self.failures: dict[str, int] = {}
+        self.passes: dict[str, int] = {}
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.terminate = False
+        self.server: socket.socket | None = None
+        self.probe_loop: ProbeLoop | None = None
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            self.logfile.write(f"{stamp} [{os.getpid()}] {message}\n")
+            self.logfile.flush()
+        except (OSError, ValueError):
+            pass
+
+    def save(self) -> None:
+        """Write the record; keep going when the disk refuses (the revert matters more)."""
+        for attempt in range(5):
+            try:
+                transaction.save_record(self.state, self.record)
+                return
+            except (OSError, MemoryError) as exc:
+                self.log(f"cannot write the record (attempt {attempt + 1}): {exc}")
+                time.sleep(0.1)
+
+    def set_deadline(self, deadline: float) -> None:
+        self.record.deadline = deadline
+        self.deadline_mono = time.monotonic() + (deadline - time.time())
+
+    # -- life cycle -------------------------------------------------------------------------
+    def arm(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.set_wakeup_fd(self.wake_w)
+        shielded, why = set_oom_shield()
+        self.record.shielded = shielded
+        self.record.shield_error = why
+        self.record.guard_pid = os.getpid()
+        self.record.guard_mode = self.mode
+        if shielded:
+            self.log("oom_score_adj set to -1000: shielded from the OOM killer")
+        else:
+            self.log(f"NOT shielded from the OOM killer: {why}")
+        path = self.state.socket_path
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        os.chmod(path, 0o600)
+        server.listen(16)
+        server.setblocking(False)
+        self.server = server
+
+    def _on_term(self, signum: int, frame: object) -> None:
+        self.terminate = True
+
+    def apply(self) -> bool:
+        self.record.transition(transaction.APPLYING, f"guard {os.getpid()} armed ({self.mode})")
+        self.save()
+        self.log(f"armed; applying {', '.join(self.layers)}")
+        for name in self.layers:
+            try:
+                # Mark first: a layer whose restore failed half-way is reverted too.
+                self.applied.append(name)
+                sources = self.record.options.get("sources", {})
+                layer_for(name).apply(self.change[name], str(sources.get(name, name)))
+            except (ApplyError, OSError, subprocess.SubprocessError) as exc:
+                self.log(f"apply of {name} refused: {exc}")
+                self.applied.pop()
+                problems = revert_layers(self.applied, self.before, self.change, log=self.log)
+                self.record.error = str(exc)
+                if problems:
+                    self.record.transition(transaction.REVERTING, "apply failed part-way")
+                    self.record.reason = f"the change was refused ({exc}); undoing it failed"
+                    self.record.error = "; ".join(problems)
+                    self.record.transition(transaction.REVERT_FAILED, self.record.error)
+                else:
+                    self.record.reason = "the kernel refused the change; nothing was changed"
+                    self.record.transition(transaction.REJECTED, str(exc))
+                self.save()
+                return False
+        self.set_deadline(time.time() + self.record.timeout_s)
+        self.record.transition(
+            transaction.PENDING, f"applied; deadline in {self.record.timeout_s:g} s")
+        self.save()
+        self.log(f"applied; reverting at {time.ctime(self.record.deadline)} unless confirmed")
+        if self.record.probes:
+            self.probe_loop = ProbeLoop(
+                self.record.probes,
+                float(self.record.options.get("probe_interval", 2.0)),
+                float(self.record.options.get("probe_timeout", 3.0)),
+                self.wake_w,
+            )
+            self.probe_loop.start()
+        return True
+
+    def revert(self, reason: str) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self.probe_loop:
+            self.probe_loop.stopped.set()
+        self.log(f"reverting: {reason}")
+        self.record.reason = reason
+        self.record.transition(transaction.REVERTING, reason)
+        self.save()
+        problems = revert_layers(self.applied, self.before, self.change, log=self.log)
+        if problems:
+            self.record.error = "; ".join(problems)
+            self.record.transition(transaction.REVERT_FAILED, self.record.error)
+            self.log(f"REVERT FAILED: {self.record.error}")
+        else:
+            self.record.transition(transaction.REVERTED, "restored from the snapshot and verified")
+            self.log("reverted; the touched layers equal the snapshot again")
+        self.save()
+
+    def confirm(self, by: dict[str, str]) -> None:
+        self.done = True
+        if self.probe_loop:
+            self.probe_loop.stopped.set()
+        self.record.confirmed_by = by
+        detail = by.get("how", "confirmed")
+        self.record.reason = detail
+        self.record.transition(transaction.CONFIRMED, detail)
+        self.save()
+        self.log(f"confirmed: {detail}")
+
+    # -- requests -----------------------------------------------------------------------------
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        op = message.get("op")
+        if op == "status":
+            return {"ok": True, "record": self.record.to_json()}
+        if self.record.state != transaction.PENDING:
+            return {"ok": False, "state": self.record.state,
+                    "error": f"transaction is {self.record.state}"}
+        if op == "confirm":
+            by = message.get("by") or {}
+            self.confirm({str(k): str(v) for k, v in dict(by).items()})
+            return {"ok": True, "state": self.record.state}
+        if op == "revert":
+            self.revert(str(message.get("reason") or "reverted on request"))
+            return {"ok": self.record.state == transaction.REVERTED, "state": self.record.state,
+                    "error": self.record.error}
+        if op == "extend":
+            seconds = float(message.get("seconds", 0))
+            if seconds <= 0:
+                return {"ok": False, "state": self.record.state, "error": "seconds must be > 0"}
+            self.set_deadline((self.record.deadline or time.time()) + seconds)
+            self.record.log("extended", f"+{seconds:g} s by {message.get('by', '?')}")
+            self.save()
+            self.log(f"deadline extended by {seconds:g} s")
+            return {"ok": True, "state": self.record.state, "deadline": self.record.deadline}
+        return {"ok": False, "state": self.record.state, "error": f"unknown request {op!r}"}
+
+    def serve_one(self, conn: socket.socket) -> None:
+        conn.settimeout(2.0)
+        try:
+            data = b""
+            while not data.endswith(b"\n") and len(data) < REQUEST_LIMIT:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            try:
+                message = json.loads(data)
+                if not isinstance(message, dict):
+                    raise ValueError("not an object")
+                answer = self.handle(message)
+            except ValueError as exc:
+                answer = {"ok": False, "error": f"bad request: {exc}"}
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+        except OSError as exc:
+            self.log(f"request failed: {exc}")
+        finally:
+            conn.close()
+
+    def take_probe_results(self) -> None:
+        if self.probe_loop is None:
+            return
+        needed = int(self.record.options.get("probe_failures", 3))
+        confirm_after = int(self.record.options.get("confirm_on_probe", 0) or 0)
+        while not self.done:
+            try:
+                results = self.probe_loop.results.get_nowait()
+            except queue.Empty:
+                return
+            for url, ok, error in results:
+                if ok:
+                    self.failures[url] = 0
+                    self.passes[url] = self.passes.get(url, 0) + 1
+                    continue
+                self.passes[url] = 0
+                self.failures[url] = self.failures.get(url, 0) + 1
+                self.log(f"probe {url} failed ({self.failures[url]}/{needed}): {error}")
+                if self.failures[url] >= needed:
+                    self.revert(f"probe {url} failed {needed} times in a row: {error}")
+                    return
+            if confirm_after and all(self.passes.get(u, 0) >= confirm_after
+                                     for u in self.record.probes):
+                self.confirm({"how": f"every probe passed {confirm_after} times in a row"})
+                return
+
+    def wait(self) -> None:
+        assert self.server is not None
+        while not self.done:
+            if self.terminate:
+                self.revert("the guard was terminated (SIGTERM) before confirmation")
+                break
+            left = self.deadline_mono - time.monotonic()
+            if left <= 0:
+                self.revert(
+                    f"timeout: not confirmed within {self.record.timeout_s:g} s"
+                    + (" (deadline extended)" if any(e.event == "extended"
+                                                     for e in self.record.events) else ""))
+                break
+            try:
+                watched: list[Any] = [self.server, self.wake_r]
+                readable, _, _ = select.select(watched, [], [], min(left, 1.0))
+            except InterruptedError:
+                continue
+            if self.wake_r in readable:
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                self.take_probe_results()
+            if self.server in readable and not self.done:
+                try:
+                    conn, _ = self.server.accept()
+                except BlockingIOError:
+                    continue
+                self.serve_one(conn)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                self.state.socket_path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+def _detach_signals() -> None:
+    for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE,
+                signal.SIGTTOU, signal.SIGTTIN, signal.SIGTSTP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 3 or args[0] not in ("--daemonize", "--foreground"):
+        print("usage: python -m fwsafe.guard --daemonize|--foreground STATE_DIR TX_ID",
+              file=sys.stderr)
+        return 2
+    how, state_dir, tx_id = args
+    _detach_signals()
+    # Second fork: the session leader exits, the guard can never regain a terminal.
+    if how == "--daemonize" and os.fork() > 0:
+        os._exit(0)
+    mode = "setsid" if how == "--daemonize" else "systemd-run"
+    state = StateDir(Path(state_dir))
+    log = open(state.tx_dir(tx_id) / "guard.log", "a")  # noqa: SIM115 - held for the lifetime
+    record = transaction.load_record(state, tx_id)
+    if record.state != transaction.PREPARING:
+        log.write(f"transaction {tx_id} is {record.state}, not preparing: nothing to guard\n")
+        return 1
+    guard = Guard(state, record, mode, log)
+    try:
+        guard.arm()
+        if guard.apply():
+            guard.wait()
+    except BaseException as exc:  # the revert must happen whatever went wrong
+        guard.log(f"guard error: {exc!r}")
+        if guard.applied and not guard.done and record.state in (
+                transaction.APPLYING, transaction.PENDING):
+            guard.revert(f"the guard hit an internal error: {exc!r}")
+        raise
+    finally:
+        guard.close()
+        log.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The transaction manager: what `apply`, `confirm`, `revert`, `extend`, `status` and `recover`
+do, independent of the command line and of any one firewall backend.
+
+apply: validate -> snapshot -> record durably -> start the guard -> the guard applies ->
+wait until the guard reports the change live (or refused).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fwsafe import guard, snapshot, transaction
+from fwsafe.backends import layer_for
+from fwsafe.errors import (
+    EnvironmentProblem,
+    GuardError,
+    InvalidRulesError,
+    NoTransactionError,
+    PendingError,
+    RevertedError,
+    RevertFailedError,
+    StateError,
+)
+from fwsafe.revert import revert_layers
+from fwsafe.statedir import StateDir, make_private_dir
+from fwsafe.transaction import Record
+
+MAX_RULES_BYTES = 256 * 1024 * 1024
+GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
+GUARD_APPLY_TIMEOUT = 900.0  # and have finished applying by then
+
+
+@dataclass
+class Change:
+    """A change to apply: the new content of each layer it touches, and where it came from."""
+
+    layers: dict[str, bytes] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def add(self, layer: str, content: bytes, source: str) -> None:
+        self.layers[layer] = content
+        self.sources[layer] = source
+
+
+@dataclass
+class ApplyOptions:
+    timeout_s: float = 60.0
+    probes: list[str] = field(default_factory=list)
+    probe_interval: float = 2.0
+    probe_failures: int = 3
+    probe_timeout: float = 3.0
+    confirm_on_probe: int = 0
+    command: list[str] = field(default_factory=list)
+
+
+def read_rules_file(path: str) -> bytes:
+    """Read a rules file; every way this can fail is a clear exit-3 error naming the file."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            raise InvalidRulesError(f"{path}: is a directory, not a rules file", path=path)
+        data = p.read_bytes() if path != "-" else os.read(0, MAX_RULES_BYTES)
+    except FileNotFoundError as exc:
+        raise InvalidRulesError(f"{path}: no such file", path=path) from exc
+    except PermissionError as exc:
+        raise InvalidRulesError(f"{path}: permission denied", path=path) from exc
+    except OSError as exc:
+        raise InvalidRulesError(f"{path}: cannot read: {exc.strerror}", path=path) from exc
+    if b"\0" in data:
+        raise InvalidRulesError(f"{path}: binary data, not a rules file", path=path)
+    return data
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise EnvironmentProblem(
+            "fwsafe must run as root to change the firewall (try: sudo fwsafe ...)")
+
+
+def same_ssh_connection(a: dict[str, str], b: dict[str, str]) -> bool:
+    return bool(a.get("SSH_CONNECTION")) and a.get("SSH_CONNECTION") == b.get("SSH_CONNECTION")
+
+
+def describe_confirmer(who: dict[str, str], applied_by: dict[str, str]) -> str:
+    conn = who.get("SSH_CONNECTION")
+    if not conn:
+        return "confirmed by `fwsafe confirm` outside SSH (local console or script)"
+    client = " ".join(conn.split()[:2])
+    if same_ssh_connection(who, applied_by):
+        return (f"confirmed from the SAME SSH connection that applied the change ({client}): "
+                "this proves only that established connections survive")
+    return f"confirmed by `fwsafe confirm` from a new SSH connection ({client})"
+
+
+class Manager:
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+
+    # -- reading ------------------------------------------------------------------------------
+    def current(self) -> Record | None:
+        if not self.state.exists():
+            return None
+        return transaction.load_current(self.state)
+
+    def _pending(self, tx_id: str | None) -> Record:
+        record = self.current()
+        if record is None:
+            raise NoTransactionError("no transaction: nothing has been applied with fwsafe here")
+        if tx_id and tx_id != record.id:
+            raise NoTransactionError(
+                f"transaction {tx_id} is not the current one (the current one is {record.id})")
+        return record
+
+    # -- apply --------------------------------------------------------------------------------
+    def validate(self, change: Change) -> None:
+        for name, content in change.layers.items():
+            layer = layer_for(name)
+            layer.check_tools()
+            layer.validate(content, change.sources[name])
+
+    def refuse_if_open(self) -> None:
+        record = self.current()
+        if record is None:
+            return
+        if record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING:
+            if transaction.guard_alive(record):
+                raise PendingError(
+                    f"transaction {record.id} is {record.state} (guard PID {record.guard_pid})",
+                    hint="confirm it (`fwsafe confirm`), revert it (`fwsafe revert`) "
+                         "or wait for its deadline",
+                )
+            raise PendingError(
+                f"transaction {record.id} is {record.state} but its guard is gone",
+                hint="run `fwsafe recover` to restore its snapshot, or `fwsafe confirm` to keep it",
+            )
+        if record.state == transaction.REVERT_FAILED:
+            raise PendingError(
+                f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
+                hint="run `fwsafe recover` to retry the restore, then check `fwsafe status`",
+            )
+
+    def apply(self, change: Change, options: ApplyOptions) -> Record:
+        """Apply `change` under a guard; return the record once the change is live (pending).
+
+        Raises InvalidRulesError (nothing changed), PendingError, GuardError,
+        RevertFailedError (the refused change could not be undone).
+        """
+        require_root()
+        self.validate(change)
+        self.state.ensure()
+        with self.state.locked():
+            self.refuse_if_open()
+            tx_id = transaction.new_tx_id()
+            make_private_dir(self.state.tx_dir(tx_id))
+            captured = self._capture_all(list(change.layers))
+            snapshot.save(self.state, tx_id, snapshot.BEFORE, captured)
+            snapshot.save(self.state, tx_id, snapshot.CHANGE, change.layers)
+            record = Record(
+                id=tx_id, state=transaction.PREPARING, created=time.time(),
+                timeout_s=options.timeout_s, backend="iptables", layers=list(change.layers),
+                who=transaction.who_am_i(), command=options.command, probes=options.probes,
+                options={"probe_interval": options.probe_interval,
+                         "probe_failures": options.probe_failures,
+                         "probe_timeout": options.probe_timeout,
+                         "confirm_on_probe": options.confirm_on_probe,
+                         "sources": change.sources,
+                         "captured": sorted(captured)},
+            )
+            record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
+            transaction.save_record(self.state, record)
+            self.state.set_current(tx_id)
+            try:
+                guard.spawn(self.state, tx_id)
+            except GuardError as exc:
+                self._abort(record, str(exc))
+                raise
+            record = self._wait_for_guard(record)
+        if record.state == transaction.PENDING:
+            return record
+        if record.state == transaction.REJECTED:
+            raise InvalidRulesError(record.error or "the change was refused",
+                                    hint="nothing was changed")
+        if record.state == transaction.REVERT_FAILED:
+            raise RevertFailedError(
+                f"the change was refused part-way and undoing it failed: {record.error}",
+                hint="run `fwsafe recover`, and check the live rules with iptables-save")
+        raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
+
+    def _capture_all(self, touched: list[str]) -> dict[str, bytes]:
+        """Snapshot IPv4 and IPv6 together; a family the change does not touch may be absent."""
+        captured = {}
+        for name in ("ipv4", "ipv6"):
+            try:
+                captured[name] = layer_for(name).capture()
+            except (OSError, EnvironmentProblem, Exception) as exc:  # noqa: BLE001
+                if name in touched:
+                    raise EnvironmentProblem(f"cannot capture the {name} ruleset: {exc}") from exc
+        return captured
+
+    def _abort(self, record: Record, why: str) -> None:
+        record.reason = why
+        record.transition(transaction.ABORTED, why)
+        transaction.save_record(self.state, record)
+
+    def _wait_for_guard(self, record: Record) -> Record:
+        started = time.monotonic()
+        while True:
+            time.sleep(0.02)
+            record = transaction.load_record(self.state, record.id)
+            if record.state not in (transaction.PREPARING, transaction.APPLYING):
+                return record
+            waited = time.monotonic() - started
+            if record.state == transaction.PREPARING and waited > GUARD_ARM_TIMEOUT:
+                self._abort(record, f"the guard did not arm within {GUARD_ARM_TIMEOUT:g} s")
+                raise GuardError(
+                    f"the guard did not start within {GUARD_ARM_TIMEOUT:g} s; nothing was "
+                    f"changed (see {self.state.tx_dir(record.id) / 'guard.log'})")
+            if record.state == transaction.APPLYING and not transaction.guard_alive(record):
+                raise GuardError(
+                    f"the guard died while applying; run `fwsafe recover` "
+                    f"(log: {self.state.tx_dir(record.id) / 'guard.log'})")
+            if waited > GUARD_APPLY_TIMEOUT:
+                raise GuardError(f"the guard has been applying for {waited:.0f} s; "
+                                 "it will revert at its deadline")
+
+    # -- confirm / revert / extend --------------------------------------------------------------
+    def confirm(self, tx_id: str | None = None) -> Record:
+        record = self._pending(tx_id)
+        if record.state == transaction.CONFIRMED:
+            return record  # confirming twice is not an error: scripts may retry
+        self._raise_if_final(record, "confirm")
+        who = transaction.who_am_i()
+        how = describe_confirmer(who, record.who)
+        if transaction.guard_alive(record):
+            answer = guard.request(self.state, "confirm", by={**who, "how": how})
+            record = transaction.load_record(self.state, record.id)
+            if not answer.get("ok"):
+                self._raise_if_final(record, "confirm")
+                raise GuardError(f"the guard refused to confirm: {answer.get('error')}")
+            return record
+        with self.state.locked(wait=True):
+            record = transaction.load_record(self.state, record.id)
+            if record.state != transaction.PENDING:
+                self._raise_if_final(record, "confirm")
+                raise GuardError(f"transaction {record.id} is {record.state}; cannot confirm")
+            record.confirmed_by = {**who, "how": how + " (guard was gone)"}
+            record.reason = record.confirmed_by["how"]
+            record.transition(transaction.CONFIRMED, record.reason)
+            transaction.save_record(self.state, record)
+        return record
+
+    def revert(self, tx_id: str | None = None, reason: str = "reverted by `fwsafe revert`") -> Record:
+        record = self._pending(tx_id)
+        self._raise_if_final(record, "revert")
+        if transaction.guard_alive(record):
+            guard.request(self.state, "revert", timeout=600, reason=reason)
+            record = transaction.load_record(self.state, record.id)
+        else:
+            record = self.recover(reason=reason + " (guard was gone)")
+        if record.state == transaction.REVERT_FAILED:
+            raise RevertFailedError(f"the revert FAILED: {record.error}",
+                                    hint="the firewall may hold the new rules; run `fwsafe recover`")
+        return record
+
+    def extend(self, seconds: float, tx_id: str | None = None) -> Record:
+        record = self._pending(tx_id)
+        self._raise_if_final(record, "extend")
+        if not transaction.guard_alive(record):
+            raise GuardError(f"the guard of transaction {record.id} is gone; nothing to extend",
+                             hint="run `fwsafe recover` or `fwsafe confirm`")
+        answer = guard.request(self.state, "extend", seconds=seconds,
+                               by=transaction.who_am_i().get("SSH_CONNECTION", "local"))
+        record = transaction.load_record(self.state, record.id)
+        if not answer.get("ok"):
+            self._raise_if_final(record, "extend")
+            raise GuardError(f"the guard refused to extend: {answer.get('error')}")
+        return record
+
+    def _raise_if_final(self, record: Record, verb: str) -> None:
+        if record.state == transaction.REVERTED:
+            raise RevertedError(
+                f"too late to {verb}: transaction {record.id} was reverted: {record.reason}")
+        if record.state == transaction.REVERT_FAILED:
+            raise RevertFailedError(
+                f"transaction {record.id}: the revert FAILED: {record.error}",
+                hint="run `fwsafe recover` to retry the restore")
+        if record.state == transaction.CONFIRMED and verb != "confirm":
+            raise NoTransactionError(f"transaction {record.id} is already confirmed")
+        if record.state in (transaction.ABORTED, transaction.REJECTED):
+            raise NoTransactionError(
+                f"transaction {record.id} was {record.state}: nothing was changed")
+
+    # -- recover ------------------------------------------------------------------------------
+    def recover(self, reason: str = "recovered by `fwsafe recover`: the guard was gone") -> Record:
+        """Restore the snapshot of a transaction that is still open but has no guard."""
+        require_root()
+        if not self.state.exists():
+            raise NoTransactionError("nothing to recover: fwsafe has no state here")
+        with self.state.locked(wait=True):
+            record = self.current()
+            if record is None or record.state not in (
+                    transaction.APPLYING, transaction.PENDING, transaction.REVERTING,
+                    transaction.REVERT_FAILED):
+                raise NoTransactionError("nothing to recover: no transaction is pending")
+            if transaction.guard_alive(record):
+                raise PendingError(
+                    f"transaction {record.id} still has its guard (PID {record.guard_pid})",
+                    hint="use `fwsafe revert` or `fwsafe confirm`")
+            before = snapshot.load(self.state, record.id, snapshot.BEFORE, record.layers)
+            change = snapshot.load(self.state, record.id, snapshot.CHANGE, record.layers)
+            if record.state != transaction.REVERTING:
+                record.transition(transaction.REVERTING, reason)
+            record.reason = reason
+            problems = revert_layers(record.layers, before, change)
+            if problems:
+                record.error = "; ".join(problems)
+                record.transition(transaction.REVERT_FAILED, record.error)
+            else:
+                record.transition(transaction.REVERTED, "restored from the snapshot and verified")
+            transaction.save_record(self.state, record)
+        return record
+
+    # -- status -------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        try:
+            record = self.current()
+        except StateError:
+            raise
+        if record is None:
+            return {"state": "none", "id": None, "deadline": None, "remaining_s": None,
+                    "guard_pid": None, "reason": None, "shielded": None}
+        alive = transaction.guard_alive(record)
+        open_ = record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING
+        remaining = record.remaining_s()
+        return {
+            "state": record.state,
+            "id": record.id,
+            "layers": record.layers,
+            "created": record.created,
+            "timeout_s": record.timeout_s,
+            "deadline": record.deadline,
+            "remaining_s": round(remaining, 1) if remaining is not None else None,
+            "guard_pid": record.guard_pid if open_ else None,
+            "guard_alive": alive if open_ else None,
+            "guard_mode": record.guard_mode,
+            "shielded": record.shielded,
+            "shield_error": record.shield_error,
+            "reason": record.reason,
+            "error": record.error,
+            "who": record.who,
+            "confirmed_by": record.confirmed_by,
+            "probes": record.probes,
+            "events": [{"t": e.t, "event": e.event, "detail": e.detail} for e in record.events],
+            "log": str(self.state.tx_dir(record.id) / "guard.log"),
+        }

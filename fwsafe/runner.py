@@ -1,0 +1,72 @@
+"""Running the firewall tools: argument lists only, never a shell."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+from fwsafe.errors import EnvironmentProblem
+
+# fork()/exec() can fail transiently when memory or PIDs run out.
+TRANSIENT_ERRNOS = frozenset({errno.ENOMEM, errno.EAGAIN})
+
+
+def require_binary(name: str) -> str:
+    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if path is None:
+        raise EnvironmentProblem(
+            f"{name} is not installed (not found in PATH or /usr/sbin)",
+            hint="install the iptables / nftables package for this system",
+        )
+    return path
+
+
+def run(
+    argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = 120,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv`, capture its output; raise nothing for a non-zero exit."""
+    return subprocess.run(
+        list(argv), input=input, capture_output=True, timeout=timeout, check=False,
+        stdin=None if input is not None else subprocess.DEVNULL,
+    )
+
+
+def run_persistently(
+    argv: Sequence[str],
+    *,
+    input: bytes | None = None,
+    timeout: float | None = 120,
+    on_retry: Callable[[str], None] | None = None,
+    max_delay: float = 1.0,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run `argv` until it actually ran: retry while fork/exec fails for lack of memory or
+    PIDs, and while the child is killed by SIGKILL (the OOM killer) before it finished.
+
+    Used by the guard's revert, which must not give up because the machine is out of memory.
+    A child that runs and exits non-zero is returned as it is: that is an answer, not a
+    resource failure.
+    """
+    delay = 0.02
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            result = run(argv, input=input, timeout=timeout)
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS:
+                raise
+            if on_retry:
+                on_retry(f"attempt {attempt}: cannot start {argv[0]}: {exc.strerror}")
+        except subprocess.TimeoutExpired:
+            if on_retry:
+                on_retry(f"attempt {attempt}: {argv[0]} timed out after {timeout} s")
+        else:
+            if result.returncode != -9:
+                return result
+            if on_retry:
+                on_retry(f"attempt {attempt}: {argv[0]} was killed (SIGKILL, out of memory?)")
+        time.sleep(delay)
+        delay = min(delay * 2, max_delay)

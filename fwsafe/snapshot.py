@@ -1,0 +1,36 @@
+"""Snapshots: the captured state of each firewall layer, kept as files in a transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fwsafe.backends import layer_for
+from fwsafe.errors import StateError
+from fwsafe.statedir import StateDir, atomic_write
+
+BEFORE = "before"   # the state before the change: what a revert restores
+CHANGE = "change"   # the change as given
+
+
+def capture(layer_names: Iterable[str]) -> dict[str, bytes]:
+    """Capture the current state of each named layer."""
+    return {name: layer_for(name).capture() for name in layer_names}
+
+
+def save(state: StateDir, tx_id: str, kind: str, data: dict[str, bytes]) -> None:
+    for name, content in data.items():
+        atomic_write(state.tx_dir(tx_id) / f"{kind}.{name}", content)
+
+
+def load(state: StateDir, tx_id: str, kind: str, layer_names: Iterable[str]) -> dict[str, bytes]:
+    out = {}
+    for name in layer_names:
+        path = state.tx_dir(tx_id) / f"{kind}.{name}"
+        try:
+            out[name] = path.read_bytes()
+        except OSError as exc:
+            raise StateError(
+                f"transaction {tx_id}: cannot read {path}: {exc.strerror}",
+                hint="the state directory is damaged; nothing was changed",
+            ) from exc
+    return out

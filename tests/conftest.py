@@ -1,0 +1,104 @@
+"""Shared fixtures. Lab tests need root and network namespaces: outside CI they skip when
+those are missing; in CI (CI=true) they must run, so a missing capability fails them."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fwsafe.lab import Lab, create_lab, require_lab_capable
+
+_INDEX = itertools.count(10)
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+BASELINE_V4 = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:LOGDROP - [0:0]
+-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A INPUT -p tcp -m multiport --dports 22,80 -m comment --comment "baseline ssh+web" -j ACCEPT
+-A INPUT -p icmp -m limit --limit 5/sec -j ACCEPT
+-A LOGDROP -j DROP
+COMMIT
+"""
+BASELINE_V6 = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+-A INPUT -p ipv6-icmp -j ACCEPT
+-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
+COMMIT
+"""
+
+
+def _capable() -> None:
+    reason = require_lab_capable()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"lab tests must run in CI, but: {reason}")
+        pytest.skip(reason)
+
+
+class FwLab:
+    """A lab with sshd running, a baseline ruleset, and helpers to drive fwsafe in it."""
+
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.state_dir = lab.workdir / "state"
+
+    def write(self, name: str, text: str) -> Path:
+        path = self.lab.workdir / name
+        path.write_text(text)
+        return path
+
+    def fw(self, *args: str, check: bool = False, timeout: float = 60) -> Any:
+        """Run fwsafe in the server namespace (not over SSH)."""
+        return self.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={self.state_dir}", "fwsafe", *args],
+                                 check=check, timeout=timeout)
+
+    def fw_in_cgroup(self, cgroup: Any, *args: str) -> subprocess.CompletedProcess[str]:
+        """Run fwsafe in the server namespace inside `cgroup` (joined before `ip netns exec`,
+        which hides /sys/fs/cgroup behind a fresh sysfs)."""
+        argv = cgroup.wrap_argv(["ip", "netns", "exec", self.lab.srv_ns, "env",
+                                 f"FWSAFE_STATE_DIR={self.state_dir}", "fwsafe", *args])
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    def status(self) -> dict[str, Any]:
+        result = self.fw("status", "--json")
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def wait_state(self, states: set[str], limit_s: float) -> dict[str, Any]:
+        end = time.monotonic() + limit_s
+        while True:
+            info = self.status()
+            if info["state"] in states or time.monotonic() > end:
+                return info
+            time.sleep(0.1)
+
+
+@pytest.fixture
+def fwlab(request: pytest.FixtureRequest) -> Iterator[FwLab]:
+    _capable()
+    lab = create_lab("fwt", next(_INDEX))
+    try:
+        lab.srv_exec(["iptables-restore"], input=BASELINE_V4)
+        lab.srv_exec(["ip6tables-restore"], input=BASELINE_V6)
+        lab.start_sshd(env={"FWSAFE_STATE_DIR": str(lab.workdir / "state")})
+        yield FwLab(lab)
+    finally:
+        lab.close()
