@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from fwsafe import __version__, countdown, transaction
+from fwsafe.commands import register as register_commands
 from fwsafe.errors import (
     EXIT_CODE_HELP,
     ExitCode,
@@ -313,6 +314,9 @@ def demo(timeout_s: float, keep: bool) -> None:
     from fwsafe.demo import run_demo
 
     run_demo(timeout_s=timeout_s, keep=keep)
+
+
+register_commands(cli)
 
 
 # --------------------------------------------------------------------------------------------
