@@ -7,13 +7,16 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from fwsafe import __version__, countdown, transaction
+from fwsafe.backends.nftables import looks_like_nft
+from fwsafe.backends.ufw import prepare_command
 from fwsafe.commands import register as register_commands
+from fwsafe.config import Config, load_config
 from fwsafe.errors import (
     EXIT_CODE_HELP,
     ExitCode,
@@ -23,6 +26,7 @@ from fwsafe.errors import (
     RevertFailedError,
 )
 from fwsafe.manager import ApplyOptions, Change, Manager, read_rules_file
+from fwsafe.probes import parse_probe
 from fwsafe.statedir import StateDir, resolve_state_dir
 from fwsafe.transaction import Record
 
@@ -30,7 +34,20 @@ EXIT_CODES_EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items()
 )
 
-STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, else /var/lib/fwsafe)."
+STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else /var/lib/fwsafe)."
+CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def state_options(func: F) -> F:
+    """--json, --state-dir and --config, shared by the commands that act on the state."""
+    func = click.option("--config", "config_path", help=CONFIG_HELP)(func)
+    func = click.option("--state-dir", help=STATE_DIR_HELP)(func)
+    return click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")(func)
+
+
+def _config(path: str | None) -> Config:
+    return load_config(path)
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
@@ -44,8 +61,9 @@ def _progress(message: str) -> None:
     click.echo(f"fwsafe: {message}", err=True)
 
 
-def _manager(state_dir: str | None) -> Manager:
-    return Manager(StateDir(resolve_state_dir(state_dir)))
+def _manager(state_dir: str | None, config: Config | None = None) -> Manager:
+    configured = config.state_dir if config is not None else None
+    return Manager(StateDir(resolve_state_dir(state_dir, configured)))
 
 
 def _clock(t: float | None) -> str:
@@ -89,22 +107,53 @@ def cli() -> None:
 # --------------------------------------------------------------------------------------------
 # apply
 # --------------------------------------------------------------------------------------------
+
+
 @cli.command(epilog=EXIT_CODES_EPILOG)
-@click.argument("rules", required=False, metavar="[RULES]")
+@click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
 @click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=60.0,
-              show_default=True, help="Seconds until the guard reverts unless confirmed.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
+              help="Seconds until the guard reverts unless confirmed (default 60, or the config).")
 @click.option("--detach", is_flag=True,
               help="Return once the change is live and the guard armed (confirm later).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--state-dir", help=STATE_DIR_HELP)
-def apply(rules: str | None, rules6: str | None, timeout_s: float, detach: bool,
-          as_json: bool, state_dir: str | None) -> None:
-    """Apply RULES (iptables-save, IPv4) and/or --rules6 under the guard.
+@click.option("--probe", "probes", multiple=True, metavar="URL",
+              help="Run this probe during the window (tcp://, ssh://, ssh-auth://, http(s)://, "
+                   "cmd:); repeatable. N failures in a row revert at once.")
+@click.option("--probe-interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between probe rounds (default 2).")
+@click.option("--probe-failures", type=click.IntRange(min=1), default=None,
+              help="Consecutive failures of one probe that revert early (default 3).")
+@click.option("--confirm-on-probe", type=click.IntRange(min=1), default=None, metavar="M",
+              help="Confirm by itself once every probe passed M times in a row.")
+@click.option("--yes", is_flag=True,
+              help="No prompt: wait for the probes (or the remote login) to decide.")
+@click.option("--host", metavar="[USER@]HOST[:PORT]",
+              help="Run from your workstation: apply on HOST over SSH and confirm only through a "
+                   "NEW SSH login (a host name from the config works too).")
+@click.option("-i", "--identity", metavar="KEY", help="SSH private key for --host.")
+@click.option("--known-hosts", metavar="FILE", help="known_hosts for --host (default ~/.ssh/known_hosts).")
+@click.option("--accept-new-host-key", is_flag=True,
+              help="With --host: trust an unknown host key and record it (a changed key is "
+                   "always refused).")
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
+              show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@state_options
+def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, detach: bool,
+          probes: tuple[str, ...], probe_interval: float | None, probe_failures: int | None,
+          confirm_on_probe: int | None, yes: bool, host: str | None, identity: str | None,
+          known_hosts: str | None, accept_new_host_key: bool, backend: str, as_json: bool,
+          state_dir: str | None, config_path: str | None) -> None:
+    """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
 
-    Order: validate, snapshot IPv4 and IPv6, record the transaction, start the guard, apply
-    atomically (iptables-restore), then wait for confirmation. Both families change under one
-    guard and revert together.
+    RULES is an iptables-save file (IPv4) or an nftables file (recognised by content);
+    RULES6 an ip6tables-save file. Everything changes under one guard and reverts together.
+    After `--`, a command (typically ufw) runs under the guard: every layer (iptables,
+    nftables, ufw's files) is snapshotted first, and a revert restores what the command
+    touched. ufw's "may disrupt existing ssh connections" prompt is answered with --force:
+    the guard is the safety net.
+
+    Order: validate, snapshot, record the transaction, start the guard, apply atomically
+    (iptables-restore), then wait for confirmation.
 
     On a terminal (and without --detach) a countdown runs: type `yes` to keep the change;
     `no`, Ctrl-C, end of input or losing the session reverts at once. The stronger proof is
@@ -113,19 +162,105 @@ def apply(rules: str | None, rules6: str | None, timeout_s: float, detach: bool,
 
     Without a terminal, or with --detach, fwsafe returns as soon as the change is live and
     prints the transaction id, the deadline and the confirm command.
+
+    \b
+    Examples:
+      fwsafe apply new.rules --rules6 new.rules6
+      fwsafe apply new.nft
+      fwsafe apply --timeout 120 -- ufw deny 23/tcp
+      fwsafe apply --detach --json --timeout 120 new.rules
+      fwsafe apply --probe tcp://10.0.0.1:22 --confirm-on-probe 3 --yes new.rules
+      fwsafe apply --host admin@web1 -i ~/.ssh/id_ed25519 new.rules     (from your laptop)
     """
+    config = _config(config_path)
+    options = ApplyOptions(
+        timeout_s=float(timeout_s if timeout_s is not None else config.timeout),
+        probes=list(probes) or list(config.probes),
+        probe_interval=probe_interval if probe_interval is not None else config.probe_interval,
+        probe_failures=probe_failures if probe_failures is not None else config.probe_failures,
+        probe_timeout=config.probe_timeout,
+        confirm_on_probe=confirm_on_probe or 0,
+        command=list(sys.argv),
+    )
+    for url in options.probes:
+        parse_probe(url)  # a bad probe is a usage error before anything happens
+    if options.confirm_on_probe and not options.probes:
+        raise click.UsageError("--confirm-on-probe needs at least one --probe")
+    if "--" in _RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
+        if host:
+            raise click.UsageError("--host takes rules files, not a command")
+        _apply_command(list(args), options, detach=detach, yes=yes, as_json=as_json,
+                       manager=_manager(state_dir, config))
+        return
+    rules = args[0] if len(args) == 1 else None
+    if len(args) > 1:
+        raise click.UsageError("give one RULES file (IPv4) and --rules6 for IPv6; "
+                               "to run a command under the guard put it after `--`")
     if not rules and not rules6:
-        raise click.UsageError("give RULES (IPv4) and/or --rules6 RULES6")
+        raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6")
+    if host:
+        from fwsafe.remote import RemoteRequest, apply_remote
+
+        target = config.resolve_host(host)
+        result = apply_remote(RemoteRequest(
+            target=target, rules=rules, rules6=rules6, options=options,
+            identity=identity or target.key, known_hosts=known_hosts or target.known_hosts,
+            accept_new_host_key=accept_new_host_key,
+        ), progress=_timestamped_progress)
+        _emit(result, as_json, f"confirmed through a new SSH login: transaction "
+                               f"{result.get('id')} on {target} stays")
+        return
     change = Change()
     if rules:
-        change.add("ipv4", read_rules_file(rules), rules)
+        content = read_rules_file(rules)
+        nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
+        change.add("nft" if nft else "ipv4", content, rules)
     if rules6:
         change.add("ipv6", read_rules_file(rules6), rules6)
-    manager = _manager(state_dir)
-    options = ApplyOptions(timeout_s=timeout_s, command=list(sys.argv))
+    manager = _manager(state_dir, config)
     record = manager.apply(change, options)
-    interactive = not detach and sys.stdin.isatty()
-    if not interactive:
+    _after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
+
+
+def _apply_command(argv: list[str], options: ApplyOptions, *, detach: bool, yes: bool,
+                   as_json: bool, manager: Manager) -> None:
+    """Run a command (typically ufw) under the guard: every layer is snapshotted first, and a
+    revert restores whatever the command touched (files and rules)."""
+    run, notes = prepare_command(argv)
+    for note in notes:
+        _progress(note)
+    change = Change(run=run, notes=notes)
+    try:
+        record = manager.apply(change, options)
+    finally:
+        _show_command_output(manager)
+    _after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
+
+
+def _show_command_output(manager: Manager) -> None:
+    current = manager.current()
+    if current is None or current.run is None:
+        return
+    out = manager.state.tx_dir(current.id) / "command.out"
+    if out.exists():
+        for line in out.read_text(errors="replace").splitlines():
+            click.echo(f"  {current.run[0]}: {line}", err=True)
+
+
+def _timestamped_progress(message: str) -> None:
+    click.echo(f"{time.strftime('%H:%M:%S')} fwsafe: {message}", err=True)
+
+
+def _after_apply(manager: Manager, record: Record, *, detach: bool, yes: bool,
+                 as_json: bool) -> None:
+    """Countdown on a terminal; wait for the probes with --yes; otherwise return armed."""
+    if yes and record.options.get("confirm_on_probe"):
+        if not as_json:
+            _progress(f"transaction {record.id} is live; the probes decide "
+                      f"(deadline {_clock(record.deadline)})")
+        _finish(_wait_final(manager, record.id, limit_s=record.timeout_s + 600), as_json)
+        return
+    if detach or yes or not sys.stdin.isatty():
         _report_armed(record, as_json)
         return
     _interactive_wait(manager, record, as_json)
@@ -217,45 +352,44 @@ def _finish(record: Record, as_json: bool) -> None:
 # --------------------------------------------------------------------------------------------
 @cli.command(epilog=EXIT_CODES_EPILOG)
 @click.argument("tx_id", required=False, metavar="[ID]")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--state-dir", help=STATE_DIR_HELP)
-def confirm(tx_id: str | None, as_json: bool, state_dir: str | None) -> None:
+@state_options
+def confirm(tx_id: str | None, as_json: bool, state_dir: str | None,
+            config_path: str | None) -> None:
     """Keep the pending change. Run it from a NEW SSH session: that is the proof that new
     connections still get in. Exit 4 if it was already reverted."""
-    record = _manager(state_dir).confirm(tx_id)
+    record = _manager(state_dir, _config(config_path)).confirm(tx_id)
     _finish(record, as_json)
 
 
 @cli.command(epilog=EXIT_CODES_EPILOG)
 @click.argument("tx_id", required=False, metavar="[ID]")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--state-dir", help=STATE_DIR_HELP)
-def revert(tx_id: str | None, as_json: bool, state_dir: str | None) -> None:
+@state_options
+def revert(tx_id: str | None, as_json: bool, state_dir: str | None,
+           config_path: str | None) -> None:
     """Revert the pending change now (exit 4 once reverted, 5 if the revert failed)."""
-    record = _manager(state_dir).revert(tx_id)
+    record = _manager(state_dir, _config(config_path)).revert(tx_id)
     _finish(record, as_json)
 
 
 @cli.command(epilog=EXIT_CODES_EPILOG)
 @click.argument("seconds", type=click.FloatRange(min=1))
 @click.argument("tx_id", required=False, metavar="[ID]")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--state-dir", help=STATE_DIR_HELP)
-def extend(seconds: float, tx_id: str | None, as_json: bool, state_dir: str | None) -> None:
+@state_options
+def extend(seconds: float, tx_id: str | None, as_json: bool, state_dir: str | None,
+           config_path: str | None) -> None:
     """Push the pending change's deadline back by SECONDS."""
-    record = _manager(state_dir).extend(seconds, tx_id)
+    record = _manager(state_dir, _config(config_path)).extend(seconds, tx_id)
     _emit(record_summary(record), as_json,
           f"transaction {record.id}: deadline now {_clock(record.deadline)} "
           f"(in {countdown.format_duration(record.remaining_s() or 0)})")
 
 
 @cli.command(epilog=EXIT_CODES_EPILOG)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--state-dir", help=STATE_DIR_HELP)
-def recover(as_json: bool, state_dir: str | None) -> None:
+@state_options
+def recover(as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """Restore the snapshot of a transaction left pending without its guard (after a reboot,
     power loss or SIGKILL). With nothing pending it does nothing and says so."""
-    manager = _manager(state_dir)
+    manager = _manager(state_dir, _config(config_path))
     try:
         record = manager.recover()
     except NoTransactionError as exc:
@@ -268,11 +402,29 @@ def recover(as_json: bool, state_dir: str | None) -> None:
 
 
 @cli.command(epilog=EXIT_CODES_EPILOG)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@click.option("--state-dir", help=STATE_DIR_HELP)
-def status(as_json: bool, state_dir: str | None) -> None:
-    """Show the current transaction: state, time left, the guard and its OOM shield."""
-    info = _manager(state_dir).status()
+@state_options
+@click.option("--layers", "show_layers", is_flag=True,
+              help="Show the firewall layers of this system and which hold rules.")
+def status(as_json: bool, state_dir: str | None, config_path: str | None,
+           show_layers: bool) -> None:
+    """Show the current transaction: state, time left, the guard and its OOM shield.
+
+    With --layers: the firewall layers of this system (iptables nf_tables and legacy,
+    nftables, ufw), which are in use, and a warning when legacy and nf_tables iptables tables
+    both hold rules (both filter packets, and `iptables -L` shows only one of them)."""
+    if show_layers:
+        report = Manager.layers_report()
+        if as_json:
+            click.echo(json.dumps(report, sort_keys=True))
+            return
+        for entry in report["layers"]:
+            state = ("not present" if not entry["available"] else
+                     f"in use ({entry['units']} units)" if entry["in_use"] else "empty")
+            click.echo(f"{entry['layer']:<12} {entry['label']:<16} {state}")
+        for warning in report["warnings"]:
+            click.echo(click.style(f"warning: {warning}", fg="yellow"))
+        return
+    info = _manager(state_dir, _config(config_path)).status()
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
         return
@@ -282,7 +434,8 @@ def status(as_json: bool, state_dir: str | None) -> None:
 def format_status(info: dict[str, Any]) -> str:
     if info["state"] == "none":
         return "no transaction: nothing has been applied with fwsafe here"
-    lines = [f"transaction {info['id']}: {info['state']} ({', '.join(info['layers'])})"]
+    what = ", ".join(info["layers"]) or "command"
+    lines = [f"transaction {info['id']}: {info['state']} ({what})"]
     state = info["state"]
     if state == transaction.PENDING:
         lines.append(
@@ -295,6 +448,11 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"  guard NOT shielded from the OOM killer: {info['shield_error']}")
     elif info.get("shielded"):
         lines.append("  guard shielded from the OOM killer (oom_score_adj -1000)")
+    if info.get("run"):
+        lines.append(f"  command: {' '.join(info['run'])}")
+    if info.get("touched"):
+        touched = "; ".join(f"{k}: {', '.join(v)}" for k, v in info["touched"].items())
+        lines.append(f"  touched: {touched}")
     if info.get("reason") and state != transaction.PENDING:
         lines.append(f"  reason: {info['reason']}")
     if info.get("error"):
@@ -314,6 +472,30 @@ def demo(timeout_s: float, keep: bool) -> None:
     from fwsafe.demo import run_demo
 
     run_demo(timeout_s=timeout_s, keep=keep)
+
+
+@cli.command(epilog=EXIT_CODES_EPILOG, context_settings={
+    "ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
+              help="Seconds until the guard reverts unless confirmed (default 60, or the config).")
+@click.option("--detach", is_flag=True, help="Return once the change is live (confirm later).")
+@state_options
+@click.argument("ufw_args", nargs=-1, type=click.UNPROCESSED, metavar="UFW-ARGS...")
+def ufw(timeout_s: float | None, detach: bool, as_json: bool, state_dir: str | None,
+        config_path: str | None, ufw_args: tuple[str, ...]) -> None:
+    """Run `ufw UFW-ARGS...` under the guard (same as `fwsafe apply -- ufw UFW-ARGS...`).
+
+    fwsafe's own options come before the ufw arguments:
+
+    \b
+      fwsafe ufw deny 23/tcp
+      fwsafe ufw --timeout 120 enable
+    """
+    config = _config(config_path)
+    options = ApplyOptions(timeout_s=float(timeout_s if timeout_s is not None else config.timeout),
+                           command=list(sys.argv))
+    _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
+                   manager=_manager(state_dir, config))
 
 
 register_commands(cli)
@@ -337,8 +519,12 @@ def fail(exc: FwsafeError, as_json: bool) -> NoReturn:
     sys.exit(code)
 
 
+_RAW_ARGS: list[str] = []
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    _RAW_ARGS[:] = args
     as_json = _wants_json(args)
     try:
         cli.main(args=args, prog_name="fwsafe", standalone_mode=False)

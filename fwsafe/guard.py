@@ -44,7 +44,7 @@ from fwsafe import snapshot, transaction
 from fwsafe.backends import layer_for
 from fwsafe.backends.base import ApplyError
 from fwsafe.errors import GuardError
-from fwsafe.revert import revert_layers
+from fwsafe.revert import compute_touched, revert_touched
 from fwsafe.statedir import StateDir
 from fwsafe.transaction import Record
 
@@ -197,9 +197,9 @@ class Guard:
         self.logfile = log
         self.layers = list(record.layers)
         # Everything needed to revert is read into memory before anything is changed.
-        self.before = snapshot.load(state, record.id, snapshot.BEFORE, self.layers)
+        self.before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         self.change = snapshot.load(state, record.id, snapshot.CHANGE, self.layers)
-        self.applied: list[str] = []
+        self.applied = False
         self.deadline_mono = 0.0
         self.done = False
         self.failures: dict[str, int] = {}
@@ -264,28 +264,35 @@ class Guard:
     def apply(self) -> bool:
         self.record.transition(transaction.APPLYING, f"guard {os.getpid()} armed ({self.mode})")
         self.save()
-        self.log(f"armed; applying {', '.join(self.layers)}")
-        for name in self.layers:
-            try:
-                # Mark first: a layer whose restore failed half-way is reverted too.
-                self.applied.append(name)
-                sources = self.record.options.get("sources", {})
-                layer_for(name).apply(self.change[name], str(sources.get(name, name)))
-            except (ApplyError, OSError, subprocess.SubprocessError) as exc:
-                self.log(f"apply of {name} refused: {exc}")
-                self.applied.pop()
-                problems = revert_layers(self.applied, self.before, self.change, log=self.log)
-                self.record.error = str(exc)
-                if problems:
-                    self.record.transition(transaction.REVERTING, "apply failed part-way")
-                    self.record.reason = f"the change was refused ({exc}); undoing it failed"
-                    self.record.error = "; ".join(problems)
-                    self.record.transition(transaction.REVERT_FAILED, self.record.error)
-                else:
-                    self.record.reason = "the kernel refused the change; nothing was changed"
-                    self.record.transition(transaction.REJECTED, str(exc))
-                self.save()
-                return False
+        what = " ".join(self.record.run) if self.record.run else ", ".join(self.layers)
+        self.log(f"armed; applying {what}")
+        self.applied = True
+        error = self._run_change()
+        try:
+            after = {name: layer_for(name).capture() for name in self.record.watch}
+            self.record.touched = compute_touched(self.before, after)
+        except (ApplyError, OSError, ValueError) as exc:
+            # Cannot tell what changed: treat every unit of the watched layers as touched.
+            self.log(f"cannot capture after the change ({exc}); a revert restores whole layers")
+            self.record.touched = {
+                name: sorted(layer_for(name).units(self.before[name]))
+                for name in self.record.watch}
+        touched = ", ".join(f"{k}: {' '.join(v)}" for k, v in self.record.touched.items())
+        self.log(f"touched: {touched or 'nothing'}")
+        if error is not None:
+            self.log(f"change refused: {error}")
+            self.record.error = error
+            problems = revert_touched(self.record.touched, self.before, log=self.log)
+            if problems:
+                self.record.transition(transaction.REVERTING, "the change failed part-way")
+                self.record.reason = f"the change failed ({error}); undoing it failed"
+                self.record.error = "; ".join(problems)
+                self.record.transition(transaction.REVERT_FAILED, self.record.error)
+            else:
+                self.record.reason = "the change was refused; nothing was changed"
+                self.record.transition(transaction.REJECTED, error)
+            self.save()
+            return False
         self.set_deadline(time.time() + self.record.timeout_s)
         self.record.transition(
             transaction.PENDING, f"applied; deadline in {self.record.timeout_s:g} s")
@@ -301,6 +308,30 @@ class Guard:
             self.probe_loop.start()
         return True
 
+    def _run_change(self) -> str | None:
+        """Apply the rules files, or run the command; return the error, None when it worked."""
+        if self.record.run:
+            out_path = self.state.tx_dir(self.record.id) / "command.out"
+            try:
+                with open(out_path, "wb") as out:
+                    result = subprocess.run(
+                        self.record.run, stdin=subprocess.DEVNULL, stdout=out,
+                        stderr=subprocess.STDOUT, timeout=600, check=False)
+            except (OSError, subprocess.SubprocessError) as exc:
+                return f"cannot run {self.record.run[0]}: {exc}"
+            if result.returncode != 0:
+                tail = out_path.read_text(errors="replace").strip().splitlines()[-3:]
+                return (f"{' '.join(self.record.run)} failed (exit {result.returncode}): "
+                        + " / ".join(tail))
+            return None
+        sources = self.record.options.get("sources", {})
+        for name in self.layers:
+            try:
+                layer_for(name).apply(self.change[name], str(sources.get(name, name)))
+            except (ApplyError, OSError, subprocess.SubprocessError) as exc:
+                return str(exc)
+        return None
+
     def revert(self, reason: str) -> None:
         if self.done:
             return
@@ -311,7 +342,7 @@ class Guard:
         self.record.reason = reason
         self.record.transition(transaction.REVERTING, reason)
         self.save()
-        problems = revert_layers(self.applied, self.before, self.change, log=self.log)
+        problems = revert_touched(self.record.touched, self.before, log=self.log)
         if problems:
             self.record.error = "; ".join(problems)
             self.record.transition(transaction.REVERT_FAILED, self.record.error)
@@ -331,6 +362,15 @@ class Guard:
         self.record.transition(transaction.CONFIRMED, detail)
         self.save()
         self.log(f"confirmed: {detail}")
+        try:  # keep the state as known good and write the boot files; the confirm stands
+            from fwsafe.history import on_confirmed
+
+            on_confirmed(self.state, self.record)
+            self.log(self.record.events[-1].detail)
+        except Exception as exc:  # noqa: BLE001 - visible in the log and the record
+            self.log(f"history/persist FAILED: {exc}")
+            self.record.log("persist-failed", str(exc))
+            self.save()
 
     # -- requests -----------------------------------------------------------------------------
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,14 @@ With ``private_ufw=True`` the server side additionally lives in a private mount 
 which copies of ``/etc/ufw`` and ``/etc/default/ufw`` (kept in the lab's workdir) are
 bind-mounted over the real ones, so ``ufw`` run in the lab never touches the host's files.
 
+``private_boot_files=True`` (implies ``private_ufw``) goes further for the files a system loads
+its firewall from at boot: inside that mount namespace ``/etc`` is an overlay whose writable
+layer is in the workdir (so nothing written to ``/etc`` there reaches the host, and
+``/etc/iptables`` can exist even where the host has none), and private copies of
+``/etc/iptables`` and ``/etc/nftables.conf`` are bind-mounted over it (``Lab.iptables_dir``,
+``Lab.nftables_conf``). It also creates ``/etc/fwsafe/persist-in-netns`` there, which lets
+fwsafe write those boot files although it runs in a network namespace of its own.
+
 This module is used by ``fwsafe demo`` and by the integration tests. Everything it starts is
 tracked and stopped by PID in :meth:`Lab.close`; nothing else is ever signalled. All external
 commands are run with argument lists, never through a shell command line built from input.
@@ -95,6 +103,19 @@ sys.exit(0 if buf == b"SSH-" else 1)
 # bind-mount the private ufw copies, report readiness, then hold the mount namespace open.
 _HOLDER_SCRIPT = (
     'mount --bind "$1" /etc/ufw && mount --bind "$2" /etc/default/ufw '
+    "&& echo ready && exec sleep infinity"
+)
+
+# The same with private boot files: an overlay over /etc (upper layer in the workdir), then the
+# private copies of the firewall's boot files and ufw's files bound over it.
+_BOOT_HOLDER_SCRIPT = (
+    'mount -t overlay fwsafe-lab-etc -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc '
+    "&& mkdir -p /etc/iptables /etc/fwsafe /etc/default "
+    "&& { [ -e /etc/nftables.conf ] || : > /etc/nftables.conf; } "
+    "&& { [ -e /etc/default/ufw ] || : > /etc/default/ufw; } && mkdir -p /etc/ufw "
+    "&& : > /etc/fwsafe/persist-in-netns "
+    '&& mount --bind "$3" /etc/iptables && mount --bind "$4" /etc/nftables.conf '
+    '&& mount --bind "$5" /etc/ufw && mount --bind "$6" /etc/default/ufw '
     "&& echo ready && exec sleep infinity"
 )
 
@@ -306,6 +327,12 @@ class Lab:
     """With ``private_ufw``: the private copy of /etc/default/ufw."""
     sshd_log: Path | None = None
     """sshd's log file (``workdir/sshd.log``) once sshd was started."""
+    private_boot_files: bool = False
+    """/etc is a private overlay, with private copies of the firewall's boot files."""
+    iptables_dir: Path | None = None
+    """With ``private_boot_files``: the private copy of /etc/iptables (bind-mounted over it)."""
+    nftables_conf: Path | None = None
+    """With ``private_boot_files``: the private copy of /etc/nftables.conf."""
 
     _owns_workdir: bool = field(init=False, default=False, repr=False, compare=False)
     _sshd_proc: subprocess.Popen[bytes] | None = field(
@@ -653,14 +680,15 @@ class Lab:
                 for ln in nft.splitlines()
                 if ln.strip() and not ln.lstrip().startswith("#")
             ]
-            # Tables are listed in creation order, which carries no meaning (iptables-restore
-            # on nf_tables re-creates the tables it loads): compare them as a sorted set.
+            # Tables, and the chains and sets in a table, are listed in creation order, which
+            # carries no meaning (iptables-restore on nf_tables re-creates the tables it
+            # loads): compare them as sorted sets.
             blocks: list[list[str]] = []
             for ln in lines:
                 if not ln.startswith((" ", "\t", "}")) or not blocks:
                     blocks.append([])
                 blocks[-1].append(ln)
-            parts += [ln for block in sorted(blocks) for ln in block]
+            parts += [ln for block in sorted(_sorted_members(b) for b in blocks) for ln in block]
         return "\n".join(parts) + "\n"
 
     # ------------------------------------------------------------------ teardown
@@ -716,11 +744,20 @@ class Lab:
     def _start_mount_holder(self) -> None:
         """Start the process whose private mount namespace carries the ufw bind mounts."""
         assert self.ufw_dir is not None and self.default_ufw is not None
+        if self.private_boot_files:
+            assert self.iptables_dir is not None and self.nftables_conf is not None
+            upper, work = self.workdir / "etc-overlay", self.workdir / "etc-overlay-work"
+            for d in (upper, work):
+                d.mkdir(mode=0o755, exist_ok=True)
+            script, extra = _BOOT_HOLDER_SCRIPT, [
+                str(upper), str(work), str(self.iptables_dir), str(self.nftables_conf)]
+        else:
+            script, extra = _HOLDER_SCRIPT, []
         argv = [
             "ip", "netns", "exec", self.srv_ns,
             "unshare", "--mount", "--propagation", "private",
-            "sh", "-c", _HOLDER_SCRIPT, "fwsafe-lab-mounts",
-            str(self.ufw_dir), str(self.default_ufw),
+            "sh", "-c", script, "fwsafe-lab-mounts",
+            *extra, str(self.ufw_dir), str(self.default_ufw),
         ]  # fmt: skip
         err_path = self.workdir / "mount-holder.err"
         with open(err_path, "wb") as err:
@@ -736,6 +773,19 @@ class Lab:
         line = os.read(stdout.fileno(), 64) if ready else b""
         if line.strip() != b"ready":
             raise LabError(f"private ufw mount namespace failed: {_tail(err_path).strip()}")
+
+
+def _sorted_members(block: list[str]) -> list[str]:
+    """A table block with its members (chains, sets, maps: one tab deep) in sorted order."""
+    if len(block) < 2:
+        return block
+    members: list[list[str]] = []
+    for ln in block[1:-1]:
+        if ln.startswith("\t") and not ln.startswith("\t\t") and ln.strip() != "}":
+            members.append([])
+        if members:
+            members[-1].append(ln)
+    return [block[0], *[ln for m in sorted(members) for ln in m], block[-1]]
 
 
 def _normalize_save(text: str) -> list[str]:
@@ -777,6 +827,7 @@ def create_lab(
     private_ufw: bool = False,
     ipv6: bool = True,
     keep: bool = False,
+    private_boot_files: bool = False,
 ) -> Lab:
     """Build a lab: namespaces, veth, addresses, keys, known_hosts. Does not start sshd.
 
@@ -785,7 +836,10 @@ def create_lab(
 
     ``workdir`` defaults to a new temporary directory; a directory the caller supplies is
     removed on close only if this function created it. ``keep`` keeps it in any case.
+
+    ``private_boot_files`` (implies ``private_ufw``): see the module's documentation.
     """
+    private_ufw = private_ufw or private_boot_files
     if not _PREFIX_RE.match(prefix):
         raise LabError(f"invalid lab prefix {prefix!r} (1-14 of [A-Za-z0-9_-])")
     if not 1 <= index <= 250:
@@ -820,6 +874,7 @@ def create_lab(
         private_ufw=private_ufw,
         ipv6=ipv6,
         keep=keep,
+        private_boot_files=private_boot_files,
     )
     lab._owns_workdir = owns
     lab._lock_fd = lock_fd
@@ -866,8 +921,27 @@ def _build(lab: Lab) -> None:
         lab.default_ufw = lab.workdir / "default-ufw"
         if lab.ufw_dir.exists():
             shutil.rmtree(lab.ufw_dir)
-        shutil.copytree("/etc/ufw", lab.ufw_dir, symlinks=True)
-        shutil.copy2("/etc/default/ufw", lab.default_ufw)
+        if os.path.isdir("/etc/ufw"):
+            shutil.copytree("/etc/ufw", lab.ufw_dir, symlinks=True)
+        else:
+            lab.ufw_dir.mkdir(mode=0o755)
+        if os.path.isfile("/etc/default/ufw"):
+            shutil.copy2("/etc/default/ufw", lab.default_ufw)
+        else:
+            lab.default_ufw.touch(mode=0o644)
+        if lab.private_boot_files:
+            lab.iptables_dir = lab.workdir / "etc-iptables"
+            lab.nftables_conf = lab.workdir / "nftables.conf"
+            if lab.iptables_dir.exists():
+                shutil.rmtree(lab.iptables_dir)
+            if os.path.isdir("/etc/iptables"):
+                shutil.copytree("/etc/iptables", lab.iptables_dir, symlinks=True)
+            else:
+                lab.iptables_dir.mkdir(mode=0o755)
+            if os.path.isfile("/etc/nftables.conf"):
+                shutil.copy2("/etc/nftables.conf", lab.nftables_conf)
+            else:
+                lab.nftables_conf.touch(mode=0o755)
         lab._start_mount_holder()
 
 

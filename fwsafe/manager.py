@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fwsafe import guard, snapshot, transaction
-from fwsafe.backends import layer_for
+from fwsafe.backends import ALL_LAYERS, ApplyError, available_layers, layer_for
 from fwsafe.errors import (
     EnvironmentProblem,
     GuardError,
@@ -24,8 +24,10 @@ from fwsafe.errors import (
     RevertedError,
     RevertFailedError,
     StateError,
+    UsageError,
 )
-from fwsafe.revert import revert_layers
+from fwsafe.revert import compute_touched, revert_touched
+from fwsafe.runner import find_binary
 from fwsafe.statedir import StateDir, make_private_dir
 from fwsafe.transaction import Record
 
@@ -40,6 +42,8 @@ class Change:
 
     layers: dict[str, bytes] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    run: list[str] | None = None      # command mode: a command (e.g. ufw ...) run under the guard
+    notes: list[str] = field(default_factory=list)
 
     def add(self, layer: str, content: bytes, source: str) -> None:
         self.layers[layer] = content
@@ -117,10 +121,26 @@ class Manager:
 
     # -- apply --------------------------------------------------------------------------------
     def validate(self, change: Change) -> None:
+        if change.run is not None:
+            if not change.run:
+                raise UsageError("give the command to run after `--`, e.g. -- ufw deny 23/tcp")
+            if find_binary(change.run[0]) is None and not os.access(change.run[0], os.X_OK):
+                raise InvalidRulesError(f"{change.run[0]}: command not found; nothing was changed")
+            return
         for name, content in change.layers.items():
             layer = layer_for(name)
             layer.check_tools()
             layer.validate(content, change.sources[name])
+
+    @staticmethod
+    def watched_layers(change: Change, captured: list[str]) -> list[str]:
+        """The layers the change can alter, compared after the apply to find what it touched."""
+        if change.run is not None:
+            return list(captured)
+        watch = set(change.layers)
+        if "nft" in change.layers:  # `flush ruleset` also wipes the tables of iptables-nft
+            watch |= {"ipv4", "ipv6"}
+        return [name for name in captured if name in watch]
 
     def refuse_if_open(self) -> None:
         record = self.current()
@@ -161,14 +181,15 @@ class Manager:
             snapshot.save(self.state, tx_id, snapshot.CHANGE, change.layers)
             record = Record(
                 id=tx_id, state=transaction.PREPARING, created=time.time(),
-                timeout_s=options.timeout_s, backend="iptables", layers=list(change.layers),
+                timeout_s=options.timeout_s, backend="command" if change.run else "rules",
+                layers=list(change.layers), run=change.run, captured=sorted(captured),
+                watch=self.watched_layers(change, list(captured)), notes=change.notes,
                 who=transaction.who_am_i(), command=options.command, probes=options.probes,
                 options={"probe_interval": options.probe_interval,
                          "probe_failures": options.probe_failures,
                          "probe_timeout": options.probe_timeout,
                          "confirm_on_probe": options.confirm_on_probe,
-                         "sources": change.sources,
-                         "captured": sorted(captured)},
+                         "sources": change.sources},
             )
             record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
             transaction.save_record(self.state, record)
@@ -190,15 +211,20 @@ class Manager:
                 hint="run `fwsafe recover`, and check the live rules with iptables-save")
         raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
 
-    def _capture_all(self, touched: list[str]) -> dict[str, bytes]:
-        """Snapshot IPv4 and IPv6 together; a family the change does not touch may be absent."""
+    def _capture_all(self, needed: list[str]) -> dict[str, bytes]:
+        """Snapshot every firewall layer this system has: IPv4 and IPv6 together, legacy
+        tables, native nftables, ufw's files. A layer the change gives content for must be
+        captured; another that cannot be read is left out of the snapshot (and of the revert)."""
         captured = {}
-        for name in ("ipv4", "ipv6"):
+        for name in available_layers():
             try:
                 captured[name] = layer_for(name).capture()
-            except (OSError, EnvironmentProblem, Exception) as exc:  # noqa: BLE001
-                if name in touched:
-                    raise EnvironmentProblem(f"cannot capture the {name} ruleset: {exc}") from exc
+            except (OSError, ApplyError, ValueError) as exc:
+                if name in needed:
+                    raise EnvironmentProblem(f"cannot capture the {name} layer: {exc}") from exc
+        missing = [n for n in needed if n not in captured]
+        if missing:
+            raise EnvironmentProblem(f"cannot capture {', '.join(missing)}: tools missing")
         return captured
 
     def _abort(self, record: Record, why: str) -> None:
@@ -251,6 +277,13 @@ class Manager:
             record.reason = record.confirmed_by["how"]
             record.transition(transaction.CONFIRMED, record.reason)
             transaction.save_record(self.state, record)
+            try:  # keep the state as known good and write the boot files; the confirm stands
+                from fwsafe.history import on_confirmed
+
+                on_confirmed(self.state, record)
+            except Exception as exc:  # noqa: BLE001 - visible in the record's events
+                record.log("persist-failed", str(exc))
+                transaction.save_record(self.state, record)
         return record
 
     def revert(self, tx_id: str | None = None, reason: str = "reverted by `fwsafe revert`") -> Record:
@@ -310,12 +343,15 @@ class Manager:
                 raise PendingError(
                     f"transaction {record.id} still has its guard (PID {record.guard_pid})",
                     hint="use `fwsafe revert` or `fwsafe confirm`")
-            before = snapshot.load(self.state, record.id, snapshot.BEFORE, record.layers)
-            change = snapshot.load(self.state, record.id, snapshot.CHANGE, record.layers)
+            before = snapshot.load(self.state, record.id, snapshot.BEFORE, record.captured)
             if record.state != transaction.REVERTING:
                 record.transition(transaction.REVERTING, reason)
             record.reason = reason
-            problems = revert_layers(record.layers, before, change)
+            if not record.touched:
+                # The guard died before it recorded what the change touched: compare now.
+                now = {name: layer_for(name).capture() for name in record.watch}
+                record.touched = compute_touched(before, now)
+            problems = revert_touched(record.touched, before)
             if problems:
                 record.error = "; ".join(problems)
                 record.transition(transaction.REVERT_FAILED, record.error)
@@ -323,6 +359,38 @@ class Manager:
                 record.transition(transaction.REVERTED, "restored from the snapshot and verified")
             transaction.save_record(self.state, record)
         return record
+
+    # -- layers -------------------------------------------------------------------------------
+    @staticmethod
+    def layers_report() -> dict[str, Any]:
+        """Which firewall layers this system has, which hold rules, and what deserves a warning
+        (legacy and nf_tables iptables tables both in use: both filter packets)."""
+        entries = []
+        in_use: dict[str, bool] = {}
+        for name in ALL_LAYERS:
+            layer = layer_for(name)
+            entry: dict[str, Any] = {"layer": name, "label": layer.label,
+                                     "available": layer.available(), "in_use": False, "units": 0}
+            if entry["available"]:
+                try:
+                    units = layer.units(layer.capture())
+                except (ApplyError, OSError, ValueError) as exc:
+                    entry["error"] = str(exc)
+                else:
+                    entry["units"] = len(units)
+                    entry["in_use"] = bool(units)
+            in_use[name] = bool(entry["in_use"])
+            entries.append(entry)
+        warnings = []
+        for family in ("ipv4", "ipv6"):
+            if in_use.get(f"{family}-legacy") and in_use.get(family):
+                warnings.append(
+                    f"{family}: both iptables-legacy and iptables-nf_tables tables hold rules; "
+                    "both filter packets (see `iptables-legacy-save` and `iptables-save`)")
+            elif in_use.get(f"{family}-legacy"):
+                warnings.append(f"{family}: iptables-legacy tables hold rules while `iptables` "
+                                "is nf_tables: `iptables -L` does not show them")
+        return {"layers": entries, "warnings": warnings}
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -354,6 +422,10 @@ class Manager:
             "who": record.who,
             "confirmed_by": record.confirmed_by,
             "probes": record.probes,
+            "run": record.run,
+            "captured": record.captured,
+            "touched": record.touched,
+            "notes": record.notes,
             "events": [{"t": e.t, "event": e.event, "detail": e.detail} for e in record.events],
             "log": str(self.state.tx_dir(record.id) / "guard.log"),
         }

@@ -14,8 +14,12 @@ from fwsafe.errors import EnvironmentProblem
 TRANSIENT_ERRNOS = frozenset({errno.ENOMEM, errno.EAGAIN})
 
 
+def find_binary(name: str) -> str | None:
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+
+
 def require_binary(name: str) -> str:
-    path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    path = find_binary(name)
     if path is None:
         raise EnvironmentProblem(
             f"{name} is not installed (not found in PATH or /usr/sbin)",

@@ -81,7 +81,7 @@ class Record:
     created: float
     timeout_s: float
     backend: str
-    layers: list[str]                     # what the change touches, e.g. ["ipv4", "ipv6"]
+    layers: list[str]                     # layers the change gives content for: ipv4, ipv6, nft
     deadline: float | None = None         # Unix time; set when the change is applied
     reason: str | None = None             # why it ended as it did (reverted, rejected, ...)
     error: str | None = None              # the backend's own message, when something failed
@@ -92,6 +92,11 @@ class Record:
     who: dict[str, str] = field(default_factory=dict)
     command: list[str] = field(default_factory=list)
     confirmed_by: dict[str, str] | None = None
+    run: list[str] | None = None          # command mode: the command run under the guard
+    captured: list[str] = field(default_factory=list)   # layers in the snapshot
+    watch: list[str] = field(default_factory=list)      # layers compared after the apply
+    touched: dict[str, list[str]] = field(default_factory=dict)  # layer -> units changed
+    notes: list[str] = field(default_factory=list)
     probes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     events: list[Event] = field(default_factory=list)

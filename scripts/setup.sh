@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then echo "setup.sh: run as root (sudo)" >&2; exit 2; fi
 export DEBIAN_FRONTEND=noninteractive
-packages=(iptables nftables ufw openssh-server openssh-client iproute2 util-linux procps python3)
+packages=(iptables nftables ufw ipset openssh-server openssh-client iproute2 util-linux procps python3)
 missing=()
 for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 python3 -m venv --help >/dev/null 2>&1 || missing+=(python3-venv)

@@ -76,6 +76,14 @@ class FwLab:
         assert result.returncode == 0, result.stderr
         return result
 
+    def ufw_files(self) -> dict[str, bytes]:
+        """The private ufw files as the server sees them: {relative path: content}."""
+        assert self.lab.ufw_dir is not None and self.lab.default_ufw is not None
+        files = {str(p.relative_to(self.lab.ufw_dir)): p.read_bytes()
+                 for p in sorted(self.lab.ufw_dir.rglob("*")) if p.is_file()}
+        files["default/ufw"] = self.lab.default_ufw.read_bytes()
+        return files
+
     def status(self) -> dict[str, Any]:
         result = self.fw("status", "--json")
         assert result.returncode == 0, result.stderr
@@ -91,14 +99,27 @@ class FwLab:
             time.sleep(0.1)
 
 
-@pytest.fixture
-def fwlab(request: pytest.FixtureRequest) -> Iterator[FwLab]:
+def _build(private_ufw: bool) -> Iterator[FwLab]:
     _capable()
-    lab = create_lab("fwt", next(_INDEX))
+    lab = create_lab("fwt", next(_INDEX), private_ufw=private_ufw)
     try:
-        lab.srv_exec(["iptables-restore"], input=BASELINE_V4)
-        lab.srv_exec(["ip6tables-restore"], input=BASELINE_V6)
+        if not private_ufw:  # ufw labs start with ufw's rules only, as a ufw host does
+            lab.srv_exec(["iptables-restore"], input=BASELINE_V4)
+            lab.srv_exec(["ip6tables-restore"], input=BASELINE_V6)
         lab.start_sshd(env={"FWSAFE_STATE_DIR": str(lab.workdir / "state")})
         yield FwLab(lab)
     finally:
         lab.close()
+
+
+@pytest.fixture
+def fwlab() -> Iterator[FwLab]:
+    """A lab: two namespaces, a real sshd, baseline iptables rules (v4 and v6)."""
+    yield from _build(private_ufw=False)
+
+
+@pytest.fixture
+def fwlab_ufw() -> Iterator[FwLab]:
+    """The same, with private copies of /etc/ufw and /etc/default/ufw bind-mounted for sshd's
+    sessions and for `fwlab.fw(...)` (the real files of this machine are never touched)."""
+    yield from _build(private_ufw=True)

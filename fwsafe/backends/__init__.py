@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
-from fwsafe.backends.base import Layer
+from fwsafe.backends.base import ApplyError, Layer
 from fwsafe.errors import UsageError
+
+# Capture order; a revert goes in reverse (files first, iptables last).
+ALL_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy", "nft", "ufw")
 
 
 def layer_for(name: str) -> Layer:
     """The layer object for a layer name stored in a transaction record."""
-    if name in ("ipv4", "ipv6"):
+    if name in ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy"):
         from fwsafe.backends.iptables import IptablesLayer
 
         return IptablesLayer(name)
+    if name == "nft":
+        from fwsafe.backends.nftables import NftLayer
+
+        return NftLayer()
+    if name == "ufw":
+        from fwsafe.backends.ufw import UfwLayer
+
+        return UfwLayer()
     raise UsageError(f"unknown firewall layer {name!r}")
 
 
-__all__ = ["Layer", "layer_for"]
+def available_layers() -> list[str]:
+    """The layers that exist on this system (each is captured in every snapshot)."""
+    return [name for name in ALL_LAYERS if layer_for(name).available()]
+
+
+__all__ = ["ALL_LAYERS", "ApplyError", "Layer", "available_layers", "layer_for"]

@@ -1,19 +1,25 @@
 """iptables (IPv4) and ip6tables (IPv6) through iptables-save / iptables-restore.
 
-Whichever backend the system's `iptables` uses (nf_tables or legacy) is used: fwsafe calls the
-same binaries the admin does. A change is an `iptables-save` file; it touches the tables it
-names (`*filter`, `*nat`, ...): `iptables-restore` replaces exactly those, atomically, and a
-revert restores exactly those from the snapshot.
+Whichever backend the system's `iptables` uses (nf_tables or legacy) is the main layer
+("ipv4", "ipv6"): fwsafe calls the same binaries the admin does. Where that is nf_tables and
+iptables-legacy tables exist too, they are captured as layers of their own ("ipv4-legacy",
+"ipv6-legacy"): they still filter packets, and a command such as ufw may change them.
+
+A change is an `iptables-save` file, applied atomically with `iptables-restore` (which replaces
+the tables the file names). A revert rebuilds each table that holds touched chains from the
+table as it is at revert time, with the touched chains put back as they were in the snapshot,
+and loads it with one `iptables-restore`: atomic, and chains nobody touched stay as they are.
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from fwsafe.backends.base import ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
-from fwsafe.runner import require_binary, run, run_persistently
+from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -27,6 +33,7 @@ _NFT_SYNTAX = re.compile(r"^\s*(table\s+(ip|ip6|inet|arp|bridge|netdev)\b|flush\
                          r"define\s|include\s|#!/usr/sbin/nft)", re.M)
 _ERROR_LINE = re.compile(r"(?:Error occurred at line:\s*|line\s+)(\d+)")
 _MISSING_CHAIN = re.compile(r"Chain '([^']+)' does not exist")
+_RULE_CHAIN = re.compile(r"^-[AI]\s+(\S+)")
 
 
 @dataclass(frozen=True)
@@ -36,11 +43,16 @@ class Family:
     restore: str
     nft_family: str
     label: str
+    legacy: bool
 
 
 FAMILIES = {
-    "ipv4": Family("ipv4", "iptables-save", "iptables-restore", "ip", "IPv4"),
-    "ipv6": Family("ipv6", "ip6tables-save", "ip6tables-restore", "ip6", "IPv6"),
+    "ipv4": Family("ipv4", "iptables-save", "iptables-restore", "ip", "IPv4", False),
+    "ipv6": Family("ipv6", "ip6tables-save", "ip6tables-restore", "ip6", "IPv6", False),
+    "ipv4-legacy": Family("ipv4-legacy", "iptables-legacy-save", "iptables-legacy-restore",
+                          "ip", "IPv4 (legacy)", True),
+    "ipv6-legacy": Family("ipv6-legacy", "ip6tables-legacy-save", "ip6tables-legacy-restore",
+                          "ip6", "IPv6 (legacy)", True),
 }
 
 
@@ -75,10 +87,75 @@ def tables_text(tables: dict[str, list[str]], names: list[str] | None = None) ->
     return "".join("\n".join(tables[n]) + "\n" for n in chosen if n in tables)
 
 
-def empty_table(name: str) -> list[str]:
-    """A table with only its built-in chains, policy ACCEPT: 'no rules' for legacy iptables."""
-    chains = BUILTIN_CHAINS.get(name, ())
-    return [f"*{name}", *(f":{c} ACCEPT [0:0]" for c in chains), "COMMIT"]
+@dataclass
+class Chain:
+    name: str
+    policy: str                      # "ACCEPT"/"DROP" for built-in chains, "-" for user chains
+    rules: list[str] = field(default_factory=list)
+
+    def text(self) -> str:
+        return "\n".join([f":{self.name} {self.policy} [0:0]", *self.rules])
+
+
+@dataclass
+class Table:
+    name: str
+    chains: dict[str, Chain] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, name: str, lines: list[str]) -> Table:
+        table = cls(name)
+        for line in lines[1:]:
+            if line.startswith(":"):
+                parts = line[1:].split()
+                table.chains[parts[0]] = Chain(parts[0], parts[1] if len(parts) > 1 else "-")
+            elif line != "COMMIT":
+                match = _RULE_CHAIN.match(line)
+                if match and match.group(1) in table.chains:
+                    table.chains[match.group(1)].rules.append(line)
+        return table
+
+    def is_empty(self) -> bool:
+        """Only built-in chains, policy ACCEPT, no rules: the same as no table at all."""
+        builtins = BUILTIN_CHAINS.get(self.name, ())
+        return all(c.name in builtins and c.policy == "ACCEPT" and not c.rules
+                   for c in self.chains.values())
+
+    def text(self) -> str:
+        builtins = BUILTIN_CHAINS.get(self.name, ())
+        order = [c for c in builtins if c in self.chains] + sorted(
+            c for c in self.chains if c not in builtins)
+        decls = [f":{c} {self.chains[c].policy} [0:0]" for c in order]
+        rules = [r for c in order for r in self.chains[c].rules]
+        return "\n".join([f"*{self.name}", *decls, *rules, "COMMIT"]) + "\n"
+
+
+def parse_ruleset(text: str) -> dict[str, Table]:
+    return {name: Table.parse(name, lines) for name, lines in parse_tables(text).items()}
+
+
+def empty_table(name: str) -> Table:
+    return Table(name, {c: Chain(c, "ACCEPT") for c in BUILTIN_CHAINS.get(name, ())})
+
+
+def merge_table(name: str, before: Table | None, current: Table | None,
+                touched_chains: set[str]) -> Table:
+    """The table as it must be after a revert: touched chains as in `before` (or gone if they
+    were not there), all other chains as in `current`."""
+    result = Table(name)
+    builtins = BUILTIN_CHAINS.get(name, ())
+    names = list(dict.fromkeys([*(before.chains if before else {}),
+                                *(current.chains if current else {})]))
+    for chain in names:
+        if chain in touched_chains:
+            if before is not None and chain in before.chains:
+                result.chains[chain] = before.chains[chain]
+        elif current is not None and chain in current.chains:
+            result.chains[chain] = current.chains[chain]
+    if any(c not in builtins for c in result.chains):  # user chains need the table's builtins
+        for chain in builtins:
+            result.chains.setdefault(chain, Chain(chain, "ACCEPT"))
+    return result
 
 
 def describe_restore_error(stderr: str, change: bytes, source: str) -> tuple[str, int | None]:
@@ -106,33 +183,59 @@ def describe_restore_error(stderr: str, change: bytes, source: str) -> tuple[str
     return f"{source}: {message}", line_no
 
 
+_NFT_BACKEND: dict[str, bool] = {}
+
+
+def uses_nf_tables(save_binary: str = "iptables-save") -> bool:
+    """True when the system's iptables is iptables-nft."""
+    if save_binary not in _NFT_BACKEND:
+        path = find_binary(save_binary)
+        if path is None:
+            _NFT_BACKEND[save_binary] = False
+        else:
+            result = run([path, "--version"], timeout=10)
+            _NFT_BACKEND[save_binary] = b"nf_tables" in result.stdout + result.stderr
+    return _NFT_BACKEND[save_binary]
+
+
 class IptablesLayer(Layer):
-    """One address family's iptables ruleset."""
+    """One address family's iptables ruleset (nft-backed or legacy)."""
 
     def __init__(self, name: str) -> None:
         self.family = FAMILIES[name]
         self.name = name
-        self._is_nft: bool | None = None
+        self.label = self.family.label
+        self.tools = (self.family.save, self.family.restore)
 
     # -- tools --------------------------------------------------------------------------
-    def check_tools(self) -> None:
-        require_binary(self.family.save)
-        require_binary(self.family.restore)
+    def available(self) -> bool:
+        if find_binary(self.family.save) is None:
+            return False
+        if self.family.legacy:
+            # Only where the main iptables is nf_tables: otherwise legacy *is* the main layer.
+            return uses_nf_tables()
+        return True
 
-    def uses_nf_tables(self) -> bool:
-        if self._is_nft is None:
-            result = run([require_binary(self.family.save), "--version"], timeout=10)
-            self._is_nft = b"nf_tables" in result.stdout + result.stderr
-        return self._is_nft
+    def _deletes_tables(self) -> bool:
+        return not self.family.legacy and uses_nf_tables(self.family.save)
 
     # -- capture / validate / apply -------------------------------------------------------
-    def capture(self) -> bytes:
-        result = run([require_binary(self.family.save)], timeout=60)
+    def capture(self, on_retry: RetryLog | None = None) -> bytes:
+        result = run_persistently([require_binary(self.family.save)], timeout=120,
+                                  on_retry=on_retry)
         if result.returncode != 0:
             raise ApplyError(
-                f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}"
-            )
+                f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}")
         return result.stdout
+
+    def units(self, data: bytes) -> dict[str, str]:
+        out = {}
+        for name, table in parse_ruleset(data.decode(errors="replace")).items():
+            if table.is_empty():
+                continue
+            for chain in table.chains.values():
+                out[f"{name}/{chain.name}"] = chain.text()
+        return out
 
     def validate(self, change: bytes, source: str) -> None:
         text = change.decode(errors="replace")
@@ -158,61 +261,50 @@ class IptablesLayer(Layer):
                 result.stderr.decode(errors="replace"), change, source)
             raise InvalidRulesError(message, path=source, line=line)
 
-    def touched_tables(self, change: bytes) -> list[str]:
-        return list(parse_tables(change.decode(errors="replace")))
-
     def apply(self, change: bytes, source: str) -> None:
-        result = run([require_binary(self.family.restore), "-w", "10"], input=change, timeout=300)
+        result = run([require_binary(self.family.restore), "-w", "10"], input=change, timeout=600)
         if result.returncode != 0:
             message, line = describe_restore_error(
                 result.stderr.decode(errors="replace"), change, source)
             raise ApplyError(message, line=line)
 
     # -- revert ---------------------------------------------------------------------------
-    def restore(self, before: bytes, change: bytes, *, on_retry: RetryLog | None = None) -> None:
-        old = parse_tables(before.decode(errors="replace"))
-        touched = self.touched_tables(change)
+    def restore_units(self, before: bytes, units: Sequence[str], *,
+                      on_retry: RetryLog | None = None) -> None:
+        by_table: dict[str, set[str]] = {}
+        for unit in units:
+            table, _, chain = unit.partition("/")
+            by_table.setdefault(table, set()).add(chain)
+        if not by_table:
+            return
+        old = parse_ruleset(before.decode(errors="replace"))
+        now = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
         payload: list[str] = []
-        absent: list[str] = []
-        for name in touched:
-            if name in old:
-                payload.extend(old[name])
-            elif self.uses_nf_tables():
-                absent.append(name)
-            else:
-                payload.extend(empty_table(name))
-        if payload:
-            result = run_persistently(
-                [require_binary(self.family.restore), "-w", "10"],
-                input=("\n".join(payload) + "\n").encode(), timeout=300, on_retry=on_retry,
-            )
-            if result.returncode != 0:
-                raise ApplyError(
-                    f"{self.family.restore} refused the snapshot: "
-                    f"{result.stderr.decode(errors='replace').strip()}")
-        for name in absent:
-            # The table did not exist before the change: remove it again (nf_tables only).
-            current = parse_tables(self.capture().decode(errors="replace"))
-            if name not in current:
+        drop: list[str] = []
+        for name, chains in by_table.items():
+            merged = merge_table(name, old.get(name), now.get(name), chains)
+            if merged.is_empty() and self._deletes_tables() and name not in old:
+                if name in now:
+                    drop.append(name)
                 continue
+            if not merged.chains:
+                merged = empty_table(name)
+            payload.append(merged.text())
+        if payload:
+            self._restore("".join(payload).encode(), on_retry)
+        for name in drop:
+            # The table did not exist before the change: remove it again (nf_tables only).
             result = run_persistently(
                 [require_binary("nft"), "delete", "table", self.family.nft_family, name],
-                timeout=60, on_retry=on_retry,
-            )
+                timeout=60, on_retry=on_retry)
             if result.returncode != 0:
                 raise ApplyError(
                     f"cannot remove table {self.family.nft_family} {name} that the change "
                     f"created: {result.stderr.decode(errors='replace').strip()}")
 
-    def differences(self, before: bytes, change: bytes) -> list[str]:
-        old = parse_tables(before.decode(errors="replace"))
-        now = parse_tables(self.capture().decode(errors="replace"))
-        problems = []
-        for name in self.touched_tables(change):
-            want = old.get(name)
-            have = now.get(name)
-            if want is None and have is not None and have != empty_table(name):
-                problems.append(f"{self.family.label} table {name} still exists")
-            elif want is not None and have != want:
-                problems.append(f"{self.family.label} table {name} differs from the snapshot")
-        return problems
+    def _restore(self, payload: bytes, on_retry: RetryLog | None) -> None:
+        result = run_persistently([require_binary(self.family.restore), "-w", "10"],
+                                  input=payload, timeout=600, on_retry=on_retry)
+        if result.returncode != 0:
+            raise ApplyError(f"{self.family.restore} refused the snapshot: "
+                             f"{result.stderr.decode(errors='replace').strip()}")

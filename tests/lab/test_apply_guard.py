@@ -212,7 +212,8 @@ def test_extend_pushes_the_deadline(fwlab: FwLab) -> None:
 def test_malformed_rules_change_nothing(fwlab: FwLab, content: str, expect: str) -> None:
     before = fwlab.lab.ruleset()
     rules = fwlab.write("bad.rules", content)
-    result = fwlab.lab.ssh(f"fwsafe apply --timeout 5 {rules}")
+    backend = "--backend iptables " if content.startswith("table") else ""
+    result = fwlab.lab.ssh(f"fwsafe apply {backend}--timeout 5 {rules}")
     assert result.returncode == 3, result.stderr
     first = result.stderr.splitlines()[0]
     assert re.search(expect, first), first

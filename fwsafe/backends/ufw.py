@@ -1,0 +1,58 @@
+"""ufw: its files, and commands run under the guard.
+
+ufw keeps its configuration in files (/etc/ufw/*.rules, ufw.conf, sysctl.conf,
+applications.d/, /etc/default/ufw) and applies it through iptables. The "ufw" layer holds the
+files, one unit per file; the runtime rules are in the iptables layers (ufw's chains). A revert
+therefore restores both, so that neither `ufw reload` nor a reboot brings a bad rule back.
+
+ufw commands themselves run under the guard in command mode (`fwsafe apply -- ufw ...`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from fwsafe.backends.base import Layer, RetryLog
+from fwsafe.ufwfiles import capture_ufw_files, load_ufw_files, restore_ufw_files
+
+PROMPTING = frozenset({"enable", "reset", "delete"})
+FORCE_NOTE = ("fwsafe answered ufw's 'may disrupt existing ssh connections' prompt with "
+              "--force: the guard is the safety net")
+
+
+class UfwLayer(Layer):
+    name = "ufw"
+    label = "ufw files"
+
+    def __init__(self, root: Path = Path("/")) -> None:
+        self.root = root
+
+    def available(self) -> bool:
+        return (self.root / "etc/ufw").is_dir() or (self.root / "etc/default/ufw").exists()
+
+    def capture(self) -> bytes:
+        return capture_ufw_files(self.root)
+
+    def units(self, data: bytes) -> dict[str, str]:
+        return {path: f"mode {mode:o} sha256 {hashlib.sha256(content).hexdigest()}"
+                for path, (mode, content) in load_ufw_files(data).items()}
+
+    def restore_units(self, before: bytes, units: Sequence[str], *,
+                      on_retry: RetryLog | None = None) -> None:
+        restore_ufw_files(before, self.root, list(units))
+
+
+def is_ufw(argv: Sequence[str]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]) == "ufw"
+
+
+def prepare_command(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """ufw's own prompts cannot be answered under the guard: add --force where ufw would ask.
+    Returns the command to run and notes to show the user."""
+    args = list(argv)
+    if is_ufw(args) and "--force" not in args and any(a in PROMPTING for a in args[1:]):
+        return [args[0], "--force", *args[1:]], [FORCE_NOTE]
+    return args, []
