@@ -15,6 +15,7 @@ import click
 from fwsafe import __version__, countdown, transaction
 from fwsafe.backends.nftables import looks_like_nft
 from fwsafe.backends.ufw import prepare_command
+from fwsafe.commands import RAW_ARGS
 from fwsafe.commands import register as register_commands
 from fwsafe.config import Config, load_config
 from fwsafe.errors import (
@@ -186,7 +187,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
         parse_probe(url)  # a bad probe is a usage error before anything happens
     if options.confirm_on_probe and not options.probes:
         raise click.UsageError("--confirm-on-probe needs at least one --probe")
-    if "--" in _RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
+    if "--" in RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
         if host:
             raise click.UsageError("--host takes rules files, not a command")
         _apply_command(list(args), options, detach=detach, yes=yes, as_json=as_json,
@@ -519,12 +520,9 @@ def fail(exc: FwsafeError, as_json: bool) -> NoReturn:
     sys.exit(code)
 
 
-_RAW_ARGS: list[str] = []
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    _RAW_ARGS[:] = args
+    RAW_ARGS[:] = args
     as_json = _wants_json(args)
     try:
         cli.main(args=args, prog_name="fwsafe", standalone_mode=False)

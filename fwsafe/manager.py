@@ -100,6 +100,20 @@ def describe_confirmer(who: dict[str, str], applied_by: dict[str, str]) -> str:
     return f"confirmed by `fwsafe confirm` from a new SSH connection ({client})"
 
 
+def validate_change(change: Change) -> None:
+    """Refuse a change that cannot work, before anything is captured or changed (exit 3)."""
+    if change.run is not None:
+        if not change.run:
+            raise UsageError("give the command to run after `--`, e.g. -- ufw deny 23/tcp")
+        if find_binary(change.run[0]) is None and not os.access(change.run[0], os.X_OK):
+            raise InvalidRulesError(f"{change.run[0]}: command not found; nothing was changed")
+        return
+    for name, content in change.layers.items():
+        layer = layer_for(name)
+        layer.check_tools()
+        layer.validate(content, change.sources[name])
+
+
 class Manager:
     def __init__(self, state: StateDir) -> None:
         self.state = state
@@ -121,16 +135,7 @@ class Manager:
 
     # -- apply --------------------------------------------------------------------------------
     def validate(self, change: Change) -> None:
-        if change.run is not None:
-            if not change.run:
-                raise UsageError("give the command to run after `--`, e.g. -- ufw deny 23/tcp")
-            if find_binary(change.run[0]) is None and not os.access(change.run[0], os.X_OK):
-                raise InvalidRulesError(f"{change.run[0]}: command not found; nothing was changed")
-            return
-        for name, content in change.layers.items():
-            layer = layer_for(name)
-            layer.check_tools()
-            layer.validate(content, change.sources[name])
+        validate_change(change)
 
     @staticmethod
     def watched_layers(change: Change, captured: list[str]) -> list[str]:

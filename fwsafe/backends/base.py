@@ -70,6 +70,10 @@ class Layer(abc.ABC):
     def apply(self, change: bytes, source: str) -> None:
         raise ApplyError(f"the {self.label} layer does not take a rules file")
 
+    def unit_texts(self, data: bytes) -> dict[str, str]:
+        """The units as text a person can read in a diff (by default what `units` gives)."""
+        return self.units(data)
+
     # -- derived --------------------------------------------------------------------------
     def touched(self, before: bytes, after: bytes) -> list[str]:
         old, new = self.units(before), self.units(after)

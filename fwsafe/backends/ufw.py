@@ -40,6 +40,10 @@ class UfwLayer(Layer):
         return {path: f"mode {mode:o} sha256 {hashlib.sha256(content).hexdigest()}"
                 for path, (mode, content) in load_ufw_files(data).items()}
 
+    def unit_texts(self, data: bytes) -> dict[str, str]:
+        return {path: content.decode(errors="replace")
+                for path, (_mode, content) in load_ufw_files(data).items()}
+
     def restore_units(self, before: bytes, units: Sequence[str], *,
                       on_retry: RetryLog | None = None) -> None:
         restore_ufw_files(before, self.root, list(units))

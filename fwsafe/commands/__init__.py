@@ -12,6 +12,9 @@ import pkgutil
 
 import click
 
+# The command line as given (click drops the `--` that starts command mode): set by cli.main.
+RAW_ARGS: list[str] = []
+
 
 def register(group: click.Group) -> None:
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

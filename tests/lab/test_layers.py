@@ -248,3 +248,35 @@ def test_status_layers_warns_about_legacy_and_nft_tables(fwlab: FwLab) -> None:
     assert re.search(r"legacy.*nf_tables|both", text), text
     data = json.loads(fwlab.fw("status", "--layers", "--json").stdout)
     assert data["warnings"] and {e["layer"]: e for e in data["layers"]}["ipv4-legacy"]["in_use"]
+
+
+def test_diff_of_rules_and_nft_files_changes_nothing(fwlab: FwLab) -> None:
+    before = fwlab.lab.ruleset()
+    change = fwlab.write("input-only.rules", INPUT_ONLY_CHANGE)
+    result = fwlab.fw("diff", "--json", str(change))
+    assert result.returncode == 0, result.stderr
+    units = {(u["layer"], u["unit"]): u for u in json.loads(result.stdout)["units"]}
+    assert set(units) == {("ipv4", "filter/INPUT")}
+    assert "+-A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j DROP" in \
+        units[("ipv4", "filter/INPUT")]["diff"]
+    text = fwlab.fw("diff", str(fwlab.write("t.nft", NFT_DROP_SSH))).stdout
+    assert "nft  inet fwtest  (added)" in text and "\x1b[" not in text  # plain in a pipe
+    assert fwlab.lab.ruleset() == before
+    assert fwlab.status()["state"] == "none"
+
+
+def test_diff_of_a_ufw_command_runs_on_a_copy(fwlab_ufw: FwLab) -> None:
+    fw = fwlab_ufw
+    _ufw(fw, "default", "allow", "incoming")
+    _ufw(fw, "--force", "enable")
+    files_before = fw.ufw_files()
+    rules_before = fw.lab.ruleset()
+    result = fw.fw("diff", "--json", "--", "ufw", "deny", "22/tcp")
+    assert result.returncode == 0, result.stderr
+    units = {(u["layer"], u["unit"]): u for u in json.loads(result.stdout)["units"]}
+    assert ("ufw", "/etc/ufw/user.rules") in units
+    assert "22" in units[("ufw", "/etc/ufw/user.rules")]["diff"]
+    assert ("ipv4", "filter/ufw-user-input") in units
+    assert fw.ufw_files() == files_before
+    assert fw.lab.ruleset() == rules_before
+    assert "22/tcp" not in _ufw(fw, "status")
