@@ -280,3 +280,21 @@ def test_diff_of_a_ufw_command_runs_on_a_copy(fwlab_ufw: FwLab) -> None:
     assert fw.ufw_files() == files_before
     assert fw.lab.ruleset() == rules_before
     assert "22/tcp" not in _ufw(fw, "status")
+
+
+@pytest.mark.parametrize("name", ["web-server.rules", "web-server.nft", "lockout-new-ssh.rules"])
+def test_example_rule_files_are_valid(fwlab: FwLab, name: str) -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "rules" / name
+    result = fwlab.fw("diff", "--json", str(example))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["changed"]
+
+
+def test_example_ipv6_rule_file_is_valid(fwlab: FwLab) -> None:
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "rules" / "web-server.rules6"
+    result = fwlab.fw("diff", "--json", "--rules6", str(example))
+    assert result.returncode == 0, result.stderr
