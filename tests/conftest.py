@@ -101,7 +101,8 @@ class FwLab:
 
 def _build(private_ufw: bool) -> Iterator[FwLab]:
     _capable()
-    lab = create_lab("fwt", next(_INDEX), private_ufw=private_ufw)
+    lab = create_lab(f"fwt{os.getpid()}"[:14], next(_INDEX) % 240 + 10,
+                     private_ufw=private_ufw)
     try:
         if not private_ufw:  # ufw labs start with ufw's rules only, as a ufw host does
             lab.srv_exec(["iptables-restore"], input=BASELINE_V4)

@@ -352,3 +352,18 @@ def test_revert_retries_while_no_process_can_be_started(fwlab: FwLab) -> None:
         log = (fwlab.state_dir / "tx" / armed["id"] / "guard.log").read_text()
         assert "cannot start" in log
     assert fwlab.lab.ruleset() == before
+
+
+def test_guard_reverts_even_when_the_state_files_are_deleted(fwlab: FwLab) -> None:
+    """The guard holds the snapshot in memory: a session that deletes the saved rules (as
+    iptables-apply's own HUP trap does) cannot stop the revert."""
+    before = fwlab.lab.ruleset()
+    rules = fwlab.write("drop-new.rules", DROP_NEW_SSH)
+    armed = json.loads(fwlab.fw("apply", "--json", "--timeout", "3", str(rules)).stdout)
+    tx_dir = fwlab.state_dir / "tx" / armed["id"]
+    for snap in tx_dir.glob("before.*"):
+        snap.unlink()
+    (tx_dir / "change.ipv4").unlink()
+    assert fwlab.wait_state({"reverted", "revert-failed"}, 8)["state"] == "reverted"
+    assert fwlab.lab.ruleset() == before
+    assert fwlab.lab.new_login_ok()

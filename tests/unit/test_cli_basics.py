@@ -72,3 +72,11 @@ def test_recover_with_nothing_pending_says_so(tmp_path: Path) -> None:
                                            (3600, "1 h 0 min")])
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+def test_missing_binary_is_a_clear_rejection() -> None:
+    from fwsafe.errors import EnvironmentProblem
+    from fwsafe.runner import require_binary
+
+    with pytest.raises(EnvironmentProblem, match="not installed"):
+        require_binary("iptables-restore-that-does-not-exist")
