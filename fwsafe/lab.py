@@ -14,10 +14,14 @@ bind-mounted over the real ones, so ``ufw`` run in the lab never touches the hos
 ``private_boot_files=True`` (implies ``private_ufw``) goes further for the files a system loads
 its firewall from at boot: inside that mount namespace ``/etc`` is an overlay whose writable
 layer is in the workdir (so nothing written to ``/etc`` there reaches the host, and
-``/etc/iptables`` can exist even where the host has none), and private copies of
-``/etc/iptables`` and ``/etc/nftables.conf`` are bind-mounted over it (``Lab.iptables_dir``,
-``Lab.nftables_conf``). It also creates ``/etc/fwsafe/persist-in-netns`` there, which lets
-fwsafe write those boot files although it runs in a network namespace of its own.
+``/etc/iptables`` can exist even where the host has none). Private copies of the directories
+``/etc/iptables``, ``/etc/ufw`` and ``/etc/default`` are bind-mounted over it
+(``Lab.iptables_dir``, ``Lab.ufw_dir``, ``Lab.default_ufw`` is the ``ufw`` file in the copy of
+``/etc/default``), and ``/etc/nftables.conf`` is a copy placed in the overlay's upper layer
+(``Lab.nftables_conf``: read it from the host freely, change it through ``srv_exec``). Only
+directories are bind-mounted, so that files can be replaced by rename (a bind-mounted file
+cannot). It also creates ``/etc/fwsafe/persist-in-netns`` there, which lets fwsafe write those
+boot files although it runs in a network namespace of its own.
 
 This module is used by ``fwsafe demo`` and by the integration tests. Everything it starts is
 tracked and stopped by PID in :meth:`Lab.close`; nothing else is ever signalled. All external
@@ -110,12 +114,10 @@ _HOLDER_SCRIPT = (
 # private copies of the firewall's boot files and ufw's files bound over it.
 _BOOT_HOLDER_SCRIPT = (
     'mount -t overlay fwsafe-lab-etc -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc '
-    "&& mkdir -p /etc/iptables /etc/fwsafe /etc/default "
-    "&& { [ -e /etc/nftables.conf ] || : > /etc/nftables.conf; } "
-    "&& { [ -e /etc/default/ufw ] || : > /etc/default/ufw; } && mkdir -p /etc/ufw "
+    "&& mkdir -p /etc/iptables /etc/fwsafe /etc/default /etc/ufw "
     "&& : > /etc/fwsafe/persist-in-netns "
-    '&& mount --bind "$3" /etc/iptables && mount --bind "$4" /etc/nftables.conf '
-    '&& mount --bind "$5" /etc/ufw && mount --bind "$6" /etc/default/ufw '
+    '&& mount --bind "$3" /etc/iptables && mount --bind "$4" /etc/ufw '
+    '&& mount --bind "$5" /etc/default '
     "&& echo ready && exec sleep infinity"
 )
 
@@ -332,7 +334,7 @@ class Lab:
     iptables_dir: Path | None = None
     """With ``private_boot_files``: the private copy of /etc/iptables (bind-mounted over it)."""
     nftables_conf: Path | None = None
-    """With ``private_boot_files``: the private copy of /etc/nftables.conf."""
+    """With ``private_boot_files``: /etc/nftables.conf in the overlay's upper layer."""
 
     _owns_workdir: bool = field(init=False, default=False, repr=False, compare=False)
     _sshd_proc: subprocess.Popen[bytes] | None = field(
@@ -746,18 +748,15 @@ class Lab:
         assert self.ufw_dir is not None and self.default_ufw is not None
         if self.private_boot_files:
             assert self.iptables_dir is not None and self.nftables_conf is not None
-            upper, work = self.workdir / "etc-overlay", self.workdir / "etc-overlay-work"
-            for d in (upper, work):
-                d.mkdir(mode=0o755, exist_ok=True)
-            script, extra = _BOOT_HOLDER_SCRIPT, [
-                str(upper), str(work), str(self.iptables_dir), str(self.nftables_conf)]
+            args = [str(self.nftables_conf.parent), str(self.workdir / "etc-overlay-work"),
+                    str(self.iptables_dir), str(self.ufw_dir), str(self.default_ufw.parent)]
+            script = _BOOT_HOLDER_SCRIPT
         else:
-            script, extra = _HOLDER_SCRIPT, []
+            args, script = [str(self.ufw_dir), str(self.default_ufw)], _HOLDER_SCRIPT
         argv = [
             "ip", "netns", "exec", self.srv_ns,
             "unshare", "--mount", "--propagation", "private",
-            "sh", "-c", script, "fwsafe-lab-mounts",
-            *extra, str(self.ufw_dir), str(self.default_ufw),
+            "sh", "-c", script, "fwsafe-lab-mounts", *args,
         ]  # fmt: skip
         err_path = self.workdir / "mount-holder.err"
         with open(err_path, "wb") as err:
@@ -930,19 +929,35 @@ def _build(lab: Lab) -> None:
         else:
             lab.default_ufw.touch(mode=0o644)
         if lab.private_boot_files:
-            lab.iptables_dir = lab.workdir / "etc-iptables"
-            lab.nftables_conf = lab.workdir / "nftables.conf"
-            if lab.iptables_dir.exists():
-                shutil.rmtree(lab.iptables_dir)
-            if os.path.isdir("/etc/iptables"):
-                shutil.copytree("/etc/iptables", lab.iptables_dir, symlinks=True)
-            else:
-                lab.iptables_dir.mkdir(mode=0o755)
-            if os.path.isfile("/etc/nftables.conf"):
-                shutil.copy2("/etc/nftables.conf", lab.nftables_conf)
-            else:
-                lab.nftables_conf.touch(mode=0o755)
+            _prepare_boot_files(lab)
         lab._start_mount_holder()
+
+
+def _prepare_boot_files(lab: Lab) -> None:
+    """Private copies of /etc/iptables and /etc/default, and the overlay's upper layer holding
+    /etc/nftables.conf (placed before the overlay is mounted, so the namespace sees it)."""
+    lab.iptables_dir = lab.workdir / "etc-iptables"
+    default_dir = lab.workdir / "etc-default"
+    upper = lab.workdir / "etc-overlay"
+    for path in (lab.iptables_dir, default_dir, upper, lab.workdir / "etc-overlay-work"):
+        if path.exists():
+            shutil.rmtree(path)
+    if os.path.isdir("/etc/iptables"):
+        shutil.copytree("/etc/iptables", lab.iptables_dir, symlinks=True)
+    else:
+        lab.iptables_dir.mkdir(mode=0o755)
+    shutil.copytree("/etc/default", default_dir, symlinks=True)
+    assert lab.default_ufw is not None
+    if lab.default_ufw.exists():
+        shutil.copy2(lab.default_ufw, default_dir / "ufw")
+    lab.default_ufw = default_dir / "ufw"
+    upper.mkdir(mode=0o755)
+    (lab.workdir / "etc-overlay-work").mkdir(mode=0o755)
+    lab.nftables_conf = upper / "nftables.conf"
+    if os.path.isfile("/etc/nftables.conf"):
+        shutil.copy2("/etc/nftables.conf", lab.nftables_conf)
+    else:
+        lab.nftables_conf.touch(mode=0o755)
 
 
 # --------------------------------------------------------------------------- capability
