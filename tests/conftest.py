@@ -101,8 +101,10 @@ class FwLab:
 
 def _build(private_ufw: bool) -> Iterator[FwLab]:
     _capable()
+    # A ufw lab gets private copies of whole directories (/etc/ufw, /etc/default, ...):
+    # a file bind-mounted alone could not be replaced by rename, as fwsafe writes files.
     lab = create_lab(f"fwt{os.getpid()}"[:14], next(_INDEX) % 240 + 10,
-                     private_ufw=private_ufw)
+                     private_ufw=private_ufw, private_boot_files=private_ufw)
     try:
         if not private_ufw:  # ufw labs start with ufw's rules only, as a ufw host does
             lab.srv_exec(["iptables-restore"], input=BASELINE_V4)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fwsafe.backends.base import Layer, RetryLog
+from fwsafe.errors import InvalidRulesError
 from fwsafe.ufwfiles import capture_ufw_files, load_ufw_files, restore_ufw_files
 
 PROMPTING = frozenset({"enable", "reset", "delete"})
@@ -43,6 +44,16 @@ class UfwLayer(Layer):
     def unit_texts(self, data: bytes) -> dict[str, str]:
         return {path: content.decode(errors="replace")
                 for path, (_mode, content) in load_ufw_files(data).items()}
+
+    def validate(self, change: bytes, source: str) -> None:
+        try:
+            load_ufw_files(change)
+        except ValueError as exc:
+            raise InvalidRulesError(f"{source}: {exc}", path=source) from exc
+
+    def apply(self, change: bytes, source: str) -> None:
+        """Put ufw's files as a whole into the state of a snapshot (a rollback)."""
+        restore_ufw_files(change, self.root)
 
     def restore_units(self, before: bytes, units: Sequence[str], *,
                       on_retry: RetryLog | None = None) -> None:

@@ -24,7 +24,7 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
 STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else /var/lib/fwsafe)."
 CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
 # Layers a rollback can put back (they take a rules file).
-ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft")
+ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw")
 
 
 def _state(state_dir: str | None, config_path: str | None) -> StateDir:
@@ -198,9 +198,6 @@ def rollback_change(entry: Entry) -> tuple[Any, list[str]]:
     notes = []
     for name, content in entry.layers.items():
         if name not in ROLLBACK_LAYERS:
-            if name == "ufw":
-                notes.append("ufw's files are not rolled back (ufw writes them itself); the "
-                             "rules ufw made are part of the ipv4/ipv6 layers")
             continue
         try:
             layer_for(name)
@@ -209,7 +206,7 @@ def rollback_change(entry: Entry) -> tuple[Any, list[str]]:
             continue
         if name in ("ipv4", "ipv6"):
             content = _with_emptied_tables(name, content)
-        else:
+        elif name == "nft":
             content = _nft_replacement(content)
             if not content.strip():
                 continue  # no native tables then, none now
@@ -262,8 +259,8 @@ def rollback(entry_id: str, timeout_s: float | None, detach: bool, as_json: bool
     """Put the known-good state ID back, under the guard, like `fwsafe apply`: it reverts
     unless confirmed (`fwsafe confirm` from a NEW SSH session, or `yes` at the countdown).
 
-    The ipv4/ipv6 rules (and native nftables tables) of the entry are applied; ufw's files are
-    not (ufw's rules are in the ipv4/ipv6 layers)."""
+    The ipv4/ipv6 rules, the native nftables tables and ufw's files of the entry are put
+    back together, so that neither `ufw reload` nor a reboot brings the bad state back."""
     from fwsafe.cli import _interactive_wait, _report_armed
     from fwsafe.manager import ApplyOptions, Manager
 

@@ -298,3 +298,20 @@ def test_example_ipv6_rule_file_is_valid(fwlab: FwLab) -> None:
     example = Path(__file__).resolve().parents[2] / "examples" / "rules" / "web-server.rules6"
     result = fwlab.fw("diff", "--json", "--rules6", str(example))
     assert result.returncode == 0, result.stderr
+
+
+def test_rollback_puts_ufw_files_and_rules_back_together(fwlab_ufw: FwLab) -> None:
+    fw = fwlab_ufw
+    _ufw(fw, "default", "allow", "incoming")
+    _ufw(fw, "--force", "enable")
+    assert fw.lab.ssh("fwsafe ufw --detach --timeout 30 allow 8080/tcp").returncode == 0
+    assert fw.lab.ssh("fwsafe confirm").returncode == 0  # known-good, in the history
+    good_files, good_rules = fw.ufw_files(), fw.lab.ruleset()
+    _ufw(fw, "deny", "22/tcp")  # by hand, outside fwsafe: the incident
+    assert not fw.lab.new_connection_ok(timeout=0.5)
+    result = fw.fw("rollback", "last", "--detach", "--timeout", "30", "--json")
+    assert result.returncode == 0, result.stderr
+    assert fw.lab.new_login_ok()
+    assert fw.ufw_files() == good_files  # `ufw reload` or a reboot keeps the good state
+    assert fw.lab.ruleset() == good_rules
+    assert fw.lab.ssh("fwsafe confirm").returncode == 0
