@@ -124,6 +124,8 @@ def cli() -> None:
               help="Seconds between probe rounds (default 2).")
 @click.option("--probe-failures", type=click.IntRange(min=1), default=None,
               help="Consecutive failures of one probe that revert early (default 3).")
+@click.option("--probe-timeout", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds each probe attempt may take (default 3).")
 @click.option("--confirm-on-probe", type=click.IntRange(min=1), default=None, metavar="M",
               help="Confirm by itself once every probe passed M times in a row.")
 @click.option("--yes", is_flag=True,
@@ -141,7 +143,8 @@ def cli() -> None:
 @state_options
 def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, detach: bool,
           probes: tuple[str, ...], probe_interval: float | None, probe_failures: int | None,
-          confirm_on_probe: int | None, yes: bool, host: str | None, identity: str | None,
+          probe_timeout: float | None, confirm_on_probe: int | None, yes: bool,
+          host: str | None, identity: str | None,
           known_hosts: str | None, accept_new_host_key: bool, backend: str, as_json: bool,
           state_dir: str | None, config_path: str | None) -> None:
     """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
@@ -179,7 +182,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
         probes=list(probes) or list(config.probes),
         probe_interval=probe_interval if probe_interval is not None else config.probe_interval,
         probe_failures=probe_failures if probe_failures is not None else config.probe_failures,
-        probe_timeout=config.probe_timeout,
+        probe_timeout=probe_timeout if probe_timeout is not None else config.probe_timeout,
         confirm_on_probe=confirm_on_probe or 0,
         command=list(sys.argv),
     )
@@ -202,13 +205,16 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
     if host:
         from fwsafe.remote import RemoteRequest, apply_remote
 
+        if detach:
+            raise click.UsageError("--detach does not go with --host: the workstation's job is "
+                                   "to confirm through a new SSH login")
         target = config.resolve_host(host)
         result = apply_remote(RemoteRequest(
             target=target, rules=rules, rules6=rules6, options=options,
             identity=identity or target.key, known_hosts=known_hosts or target.known_hosts,
-            accept_new_host_key=accept_new_host_key,
+            accept_new_host_key=accept_new_host_key, remote_state_dir=state_dir,
         ), progress=_timestamped_progress)
-        _emit(result, as_json, f"confirmed through a new SSH login: transaction "
+        _emit(result, as_json, f"confirmed ({result.get('confirmed_via')}): transaction "
                                f"{result.get('id')} on {target} stays")
         return
     change = Change()
@@ -525,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     RAW_ARGS[:] = args
     as_json = _wants_json(args)
     try:
-        cli.main(args=args, prog_name="fwsafe", standalone_mode=False)
+        returned = cli.main(args=args, prog_name="fwsafe", standalone_mode=False)
     except FwsafeError as exc:
         fail(exc, as_json)
     except click.exceptions.Exit as exc:
@@ -540,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo("\nfwsafe: interrupted; a transaction already live stays under its guard",
                    err=True)
         sys.exit(int(ExitCode.REJECTED))
-    sys.exit(int(ExitCode.OK))
+    # With standalone_mode=False, click returns the code of a ctx.exit(N) instead of exiting.
+    sys.exit(returned if isinstance(returned, int) else int(ExitCode.OK))
 
 
 if __name__ == "__main__":
