@@ -140,13 +140,18 @@ def cli() -> None:
                    "always refused).")
 @click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
               show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@click.option("--force", is_flag=True,
+              help="Apply even when the lockout check predicts that SSH would be cut (the guard "
+                   "still reverts unless confirmed).")
+@click.option("--no-check", is_flag=True,
+              help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
 @state_options
 def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, detach: bool,
           probes: tuple[str, ...], probe_interval: float | None, probe_failures: int | None,
           probe_timeout: float | None, confirm_on_probe: int | None, yes: bool,
           host: str | None, identity: str | None,
-          known_hosts: str | None, accept_new_host_key: bool, backend: str, as_json: bool,
-          state_dir: str | None, config_path: str | None) -> None:
+          known_hosts: str | None, accept_new_host_key: bool, backend: str, force: bool,
+          no_check: bool, as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
 
     RULES is an iptables-save file (IPv4) or an nftables file (recognised by content);
@@ -156,8 +161,10 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
     touched. ufw's "may disrupt existing ssh connections" prompt is answered with --force:
     the guard is the safety net.
 
-    Order: validate, snapshot, record the transaction, start the guard, apply atomically
-    (iptables-restore), then wait for confirmation.
+    Order: validate, predict a lockout (`fwsafe check`: the candidate is tried with the real
+    kernel in a scratch namespace against the SSH clients of this host; a predicted lockout is
+    refused with exit 3 unless --force), snapshot, record the transaction, start the guard,
+    apply atomically, then wait for confirmation.
 
     On a terminal (and without --detach) a countdown runs: type `yes` to keep the change;
     `no`, Ctrl-C, end of input or losing the session reverts at once. The stronger proof is
@@ -185,6 +192,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
         probe_timeout=probe_timeout if probe_timeout is not None else config.probe_timeout,
         confirm_on_probe=confirm_on_probe or 0,
         command=list(sys.argv),
+        check=not no_check,
+        force=force,
     )
     for url in options.probes:
         parse_probe(url)  # a bad probe is a usage error before anything happens
@@ -295,6 +304,7 @@ def _interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
         f"transaction {tx_id} is live ({', '.join(record.layers)}). The guard "
         f"(PID {record.guard_pid}, {shield}) reverts it at {_clock(record.deadline)} unless "
         "confirmed.\n"
+        f"  Lockout check: {record.options.get('check', {}).get('summary', 'not run')}\n"
         "  Stronger proof: open a NEW SSH session and run `fwsafe confirm` there; established\n"
         "  connections survive rules that drop new ones, so this session staying alive proves "
         "little."
@@ -486,10 +496,12 @@ def demo(timeout_s: float, keep: bool) -> None:
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
               help="Seconds until the guard reverts unless confirmed (default 60, or the config).")
 @click.option("--detach", is_flag=True, help="Return once the change is live (confirm later).")
+@click.option("--force", is_flag=True, help="Apply even when a lockout is predicted.")
+@click.option("--no-check", is_flag=True, help="Skip the lockout check.")
 @state_options
 @click.argument("ufw_args", nargs=-1, type=click.UNPROCESSED, metavar="UFW-ARGS...")
-def ufw(timeout_s: float | None, detach: bool, as_json: bool, state_dir: str | None,
-        config_path: str | None, ufw_args: tuple[str, ...]) -> None:
+def ufw(timeout_s: float | None, detach: bool, force: bool, no_check: bool, as_json: bool,
+        state_dir: str | None, config_path: str | None, ufw_args: tuple[str, ...]) -> None:
     """Run `ufw UFW-ARGS...` under the guard (same as `fwsafe apply -- ufw UFW-ARGS...`).
 
     fwsafe's own options come before the ufw arguments:
@@ -500,7 +512,7 @@ def ufw(timeout_s: float | None, detach: bool, as_json: bool, state_dir: str | N
     """
     config = _config(config_path)
     options = ApplyOptions(timeout_s=float(timeout_s if timeout_s is not None else config.timeout),
-                           command=list(sys.argv))
+                           command=list(sys.argv), check=not no_check, force=force)
     _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
                    manager=_manager(state_dir, config))
 

@@ -74,6 +74,10 @@ class InvalidRulesError(RejectedError):
         self.line = line
 
 
+class LockoutRefused(RejectedError):
+    """`apply` refused a change that the check predicts would lock the SSH clients out."""
+
+
 class EnvironmentProblem(RejectedError):
     """Not root, a missing binary, an unusable state directory: nothing was changed."""
 

@@ -19,6 +19,7 @@ from fwsafe.errors import (
     EnvironmentProblem,
     GuardError,
     InvalidRulesError,
+    LockoutRefused,
     NoTransactionError,
     PendingError,
     RevertedError,
@@ -59,6 +60,8 @@ class ApplyOptions:
     probe_timeout: float = 3.0
     confirm_on_probe: int = 0
     command: list[str] = field(default_factory=list)
+    check: bool = True       # predict a lockout first (fwsafe.check) ...
+    force: bool = False      # ... and apply even when one is predicted
 
 
 def read_rules_file(path: str) -> bytes:
@@ -179,6 +182,7 @@ class Manager:
         self.state.ensure()
         with self.state.locked():
             self.refuse_if_open()
+            verdict = self._check(change, options)
             tx_id = transaction.new_tx_id()
             make_private_dir(self.state.tx_dir(tx_id))
             captured = self._capture_all(list(change.layers))
@@ -194,7 +198,8 @@ class Manager:
                          "probe_failures": options.probe_failures,
                          "probe_timeout": options.probe_timeout,
                          "confirm_on_probe": options.confirm_on_probe,
-                         "sources": change.sources},
+                         "sources": change.sources,
+                         "check": verdict},
             )
             record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
             transaction.save_record(self.state, record)
@@ -215,6 +220,34 @@ class Manager:
                 f"the change was refused part-way and undoing it failed: {record.error}",
                 hint="run `fwsafe recover`, and check the live rules with iptables-save")
         raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
+
+    @staticmethod
+    def _check(change: Change, options: ApplyOptions) -> dict[str, Any]:
+        """Run the lockout check; refuse a predicted lockout unless forced (exit 3)."""
+        if not options.check:
+            return {"ran": False, "summary": "lockout check skipped (--no-check)"}
+        from fwsafe.precheck import precheck
+
+        report = precheck(change)
+        if report is None:
+            return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
+        if report.lockout and not options.force:
+            raise LockoutRefused(
+                report.lockout_message(),
+                hint="nothing was changed; fix the rule, or apply anyway with --force "
+                     "(the guard still reverts it unless confirmed)")
+        if report.lockout:
+            summary = "LOCKOUT PREDICTED (applied with --force): " + report.lockout_message()
+        else:
+            passed = [v.path for v in report.verdicts if v.ok]
+            summary = (f"the SSH path stays open for {', '.join(report.clients)} "
+                       f"(port {report.port}; {len(passed)} path(s) tested)" if passed else
+                       "no SSH path could be tested")
+            unknown = [f"{v.path}: {v.detail}" if v.detail else v.path
+                       for v in report.verdicts if v.ok is None]
+            if unknown:
+                summary += "; NOT checked: " + "; ".join(unknown[:3])
+        return {"ran": True, "lockout": report.lockout, "summary": summary}
 
     def _capture_all(self, needed: list[str]) -> dict[str, bytes]:
         """Snapshot every firewall layer this system has: IPv4 and IPv6 together, legacy

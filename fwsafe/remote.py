@@ -586,6 +586,10 @@ class _RemoteApply:
         assert self.tmpdir is not None
         options = self.req.options
         argv = ["apply", "--detach", "--json", "--timeout", repr(float(options.timeout_s))]
+        if options.force:
+            argv.append("--force")
+        if not options.check:
+            argv.append("--no-check")
         for url in options.probes:
             argv += ["--probe", url]
         if options.probes:

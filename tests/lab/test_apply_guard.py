@@ -83,7 +83,7 @@ def _session(fw: FwLab, command: str) -> subprocess.Popen[bytes]:
 def test_drop_everything_session_dies_guard_reverts(fwlab: FwLab) -> None:
     before = fwlab.lab.ruleset()
     rules = fwlab.write("drop-all.rules", DROP_ALL)
-    session = _session(fwlab, f"fwsafe apply --timeout 5 {rules}")
+    session = _session(fwlab, f"fwsafe apply --force --timeout 5 {rules}")
     _read_until(session, r"left", 20)
     applied = time.monotonic()
     assert not fwlab.lab.new_connection_ok(timeout=0.5), "the lockout rules are not live"
@@ -102,7 +102,7 @@ def test_drop_everything_session_dies_guard_reverts(fwlab: FwLab) -> None:
 def test_drop_new_only_session_stays_alive_and_is_told(fwlab: FwLab) -> None:
     before = fwlab.lab.ruleset()
     rules = fwlab.write("drop-new.rules", DROP_NEW_SSH)
-    session = _session(fwlab, f"fwsafe apply --timeout 4 {rules}")
+    session = _session(fwlab, f"fwsafe apply --force --timeout 4 {rules}")
     out = _read_until(session, r"left", 20)
     assert not fwlab.lab.new_connection_ok(timeout=0.5)
     # Nobody answers: the still-alive session sees the revert and exits 4 (never 0).
@@ -164,7 +164,7 @@ def test_detach_then_confirm_from_a_new_session(fwlab: FwLab) -> None:
 def test_detach_without_confirm_reverts_and_confirm_is_too_late(fwlab: FwLab) -> None:
     before = fwlab.lab.ruleset()
     rules = fwlab.write("drop-new.rules", DROP_NEW_SSH)
-    result = fwlab.lab.ssh(f"fwsafe apply --timeout 3 {rules}")  # no tty: detaches by itself
+    result = fwlab.lab.ssh(f"fwsafe apply --force --timeout 3 {rules}")  # no tty: detaches by itself
     assert result.returncode == 0, result.stderr
     assert "fwsafe confirm" in result.stdout
     assert fwlab.wait_state({"reverted"}, 8)["state"] == "reverted"
@@ -177,7 +177,7 @@ def test_detach_without_confirm_reverts_and_confirm_is_too_late(fwlab: FwLab) ->
 def test_sigkill_of_apply_process_still_reverts(fwlab: FwLab) -> None:
     before = fwlab.lab.ruleset()
     rules = fwlab.write("drop-new.rules", DROP_NEW_SSH)
-    session = _session(fwlab, f"echo CLI-PID=$$; exec fwsafe apply --timeout 4 {rules}")
+    session = _session(fwlab, f"echo CLI-PID=$$; exec fwsafe apply --force --timeout 4 {rules}")
     out = _read_until(session, r"left", 20)
     match = re.search(r"CLI-PID=(\d+)", out)
     assert match
@@ -367,3 +367,28 @@ def test_guard_reverts_even_when_the_state_files_are_deleted(fwlab: FwLab) -> No
     assert fwlab.wait_state({"reverted", "revert-failed"}, 8)["state"] == "reverted"
     assert fwlab.lab.ruleset() == before
     assert fwlab.lab.new_login_ok()
+
+
+def test_predicted_lockout_is_refused_unless_forced(fwlab: FwLab) -> None:
+    before = fwlab.lab.ruleset()
+    rules = fwlab.write("drop-new.rules", DROP_NEW_SSH)
+    refused = fwlab.lab.ssh(f"fwsafe apply --timeout 30 {rules}")
+    assert refused.returncode == 3, refused.stderr
+    assert "lockout predicted" in refused.stderr and "drop-new.rules:6" in refused.stderr
+    assert "--force" in refused.stderr
+    assert fwlab.lab.ruleset() == before
+    assert fwlab.status()["state"] == "none"
+    # Forced: applied, the countdown says what the check predicted, the guard still reverts.
+    session = _session(fwlab, f"fwsafe apply --force --timeout 3 {rules}")
+    out = _read_until(session, r"left", 20)
+    assert "LOCKOUT PREDICTED (applied with --force)" in out
+    assert session.wait(timeout=15) == 4
+    assert fwlab.lab.ruleset() == before
+
+
+def test_good_rules_pass_the_check_and_say_so(fwlab: FwLab) -> None:
+    rules = fwlab.write("good.rules", GOOD)
+    session = _session(fwlab, f"fwsafe apply --timeout 3 {rules}")
+    out = _read_until(session, r"left", 20)
+    assert f"the SSH path stays open for {fwlab.lab.cli_ip4}" in out
+    assert session.wait(timeout=15) == 4

@@ -51,7 +51,7 @@ def test_ufw_deny_over_ssh_reverts_files_and_rules(fwlab_ufw: FwLab) -> None:
     _ufw(fw, "--force", "enable")
     files_before = fw.ufw_files()
     rules_before = fw.lab.ruleset()
-    result = fw.lab.ssh("fwsafe apply --detach --json --timeout 4 -- ufw deny 22/tcp")
+    result = fw.lab.ssh("fwsafe apply --force --detach --json --timeout 4 -- ufw deny 22/tcp")
     assert result.returncode == 0, result.stderr
     assert "ufw: Rule added" in result.stderr
     assert not fw.lab.new_connection_ok(timeout=0.5), "ufw deny 22/tcp is not live"
@@ -70,7 +70,7 @@ def test_ufw_enable_without_ssh_rule_reverts_to_disabled(fwlab_ufw: FwLab) -> No
     files_before = fw.ufw_files()
     rules_before = fw.lab.ruleset()
     assert b"ENABLED=no" in files_before["ufw.conf"]
-    result = fw.lab.ssh("fwsafe ufw --timeout 4 --detach enable")
+    result = fw.lab.ssh("fwsafe ufw --force --timeout 4 --detach enable")
     assert result.returncode == 0, result.stderr
     assert "--force" in result.stderr and "safety net" in result.stderr  # said, not hidden
     assert b"ENABLED=yes" in fw.ufw_files()["ufw.conf"]

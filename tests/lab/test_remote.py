@@ -145,7 +145,7 @@ def test_drop_new_ssh_is_reverted_although_the_old_session_works(fwlab: FwLab) -
     rules = fwlab.write("drop-new.rules", DROP_NEW_SSH)
     lab = fwlab.lab
     argv = [FWSAFE, "apply", "--host", f"root@{lab.srv_ip4}", "-i", str(lab.key),
-            "--known-hosts", str(lab.known_hosts), "--timeout", "6", "--json", str(rules)]
+            "--known-hosts", str(lab.known_hosts), "--timeout", "6", "--json", "--force", str(rules)]
     # An admin's session opened before the change: it stays alive under the new rules.
     old = lab.ssh_popen("echo ready; exec sleep 60", tty=False, stdin=subprocess.DEVNULL,
                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
@@ -389,7 +389,7 @@ def test_ipv6_rules_that_cut_the_applying_connection_are_reverted(fwlab: FwLab) 
     lab = fwlab.lab
     before = lab.ruleset()
     rules6 = fwlab.write("drop-ssh.rules6", DROP_SSH_V6)
-    result = apply_host(fwlab, "--rules6", str(rules6), host=f"root@[{lab.srv_ip6}]")
+    result = apply_host(fwlab, "--force", "--rules6", str(rules6), host=f"root@[{lab.srv_ip6}]")
     assert result.returncode == 4, result.stderr
     assert "went silent" in result.stderr
     assert lab.ruleset() == before
@@ -437,3 +437,11 @@ def test_deploy_script_branches_on_exit_codes(fwlab: FwLab) -> None:
     assert broken.returncode == 3, broken.stderr
     assert "REJECTED before any change" in broken.stderr
     assert "no host was changed" in broken.stderr
+
+
+def test_predicted_lockout_refused_on_the_host_nothing_changed(fwlab: FwLab) -> None:
+    before = fwlab.lab.ruleset()
+    result = apply_host(fwlab, str(fwlab.write("drop-new.rules", DROP_NEW_SSH)))
+    assert result.returncode == 3, result.stderr
+    assert "lockout predicted" in result.stderr
+    assert fwlab.lab.ruleset() == before

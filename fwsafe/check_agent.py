@@ -1,0 +1,228 @@
+"""The small agent that `fwsafe check` runs inside each sandbox network namespace.
+
+It is run as a script (``python3 -I check_agent.py``) by ``ip netns exec``, so it imports
+nothing from fwsafe. It reads one JSON request per line on stdin and answers with one JSON
+line on stdout. End of input makes it close every socket and exit, so it never outlives the
+check that started it (even when that check is killed with SIGKILL).
+
+Requests (``op``):
+    listen  {"port"}                              echo server on 0.0.0.0 and [::] at `port`
+    open    {"id", "src", "dst", "port", "timeout"} connect from `src`, exchange data, keep it
+    ping    {"id", "timeout"}                     exchange data on the kept connection `id`
+    new     {"src", "dst", "port", "timeout"}     connect, exchange data, close
+    canary  {"port"}                              one UDP datagram to 127.0.0.1:`port`
+    sysctl  {"name", "value"}                     write /proc/sys/net/<name>
+Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import struct
+import sys
+import threading
+import time
+from typing import Any
+
+PAYLOAD = b"fwsafe-check-ping\n"
+
+
+def _family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused (a REJECT or RST answered)"
+    if isinstance(exc, ConnectionResetError):
+        return "reset by the peer"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or exc.__class__.__name__
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with RST: no retransmissions linger on after a failed attempt."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def _exchange(sock: socket.socket, deadline: float) -> None:
+    sock.settimeout(max(0.01, deadline - time.monotonic()))
+    sock.sendall(PAYLOAD)
+    got = b""
+    while len(got) < len(PAYLOAD):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        sock.settimeout(left)
+        chunk = sock.recv(len(PAYLOAD) - len(got))
+        if not chunk:
+            raise ConnectionResetError("connection closed by the peer")
+        got += chunk
+    if got != PAYLOAD:
+        raise OSError(0, "the echo came back altered")
+
+
+def _connect(src: str, dst: str, port: int, timeout: float) -> socket.socket:
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(_family(dst), socket.SOCK_STREAM)
+    try:
+        sock.bind((src, 0))
+        sock.settimeout(timeout)
+        sock.connect((dst, port))
+        _exchange(sock, deadline)
+    except BaseException:
+        _abort(sock)
+        raise
+    return sock
+
+
+class Agent:
+    def __init__(self) -> None:
+        self.kept: dict[str, socket.socket] = {}
+        self.listeners: list[socket.socket] = []
+
+    # -- server side --------------------------------------------------------------------------
+    def listen(self, port: int) -> dict[str, Any]:
+        bound = []
+        for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+            try:
+                sock = socket.socket(family, socket.SOCK_STREAM)
+            except OSError:
+                continue  # IPv6 disabled in this namespace
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address, port))
+            except OSError as exc:
+                sock.close()
+                if family == socket.AF_INET:
+                    return {"ok": False, "error": f"cannot listen on port {port}: {_describe(exc)}"}
+                continue
+            sock.listen(64)
+            self.listeners.append(sock)
+            threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+            bound.append(address)
+        return {"ok": True, "bound": bound}
+
+    def _accept(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn: socket.socket) -> None:
+        try:
+            while True:
+                data = conn.recv(4096)
+                if not data:
+                    break
+                conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+    # -- client side --------------------------------------------------------------------------
+    def open(self, ident: str, src: str, dst: str, port: int, timeout: float) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            self.kept[ident] = _connect(src, dst, port, timeout)
+        except OSError as exc:
+            return {"ok": False, "error": _describe(exc), "seconds": time.monotonic() - started}
+        return {"ok": True, "seconds": time.monotonic() - started}
+
+    def ping(self, ident: str, timeout: float) -> dict[str, Any]:
+        sock = self.kept.get(ident)
+        if sock is None:
+            return {"ok": False, "error": f"no connection {ident}"}
+        started = time.monotonic()
+        try:
+            _exchange(sock, started + timeout)
+        except OSError as exc:
+            del self.kept[ident]
+            _abort(sock)
+            return {"ok": False, "error": _describe(exc), "seconds": time.monotonic() - started}
+        return {"ok": True, "seconds": time.monotonic() - started}
+
+    def new(self, src: str, dst: str, port: int, timeout: float) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            sock = _connect(src, dst, port, timeout)
+        except OSError as exc:
+            return {"ok": False, "error": _describe(exc), "seconds": time.monotonic() - started}
+        sock.close()
+        return {"ok": True, "seconds": time.monotonic() - started}
+
+    @staticmethod
+    def canary(port: int) -> dict[str, Any]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.sendto(b"fwsafe-check-canary", ("127.0.0.1", port))
+        except OSError as exc:
+            return {"ok": False, "error": _describe(exc)}
+        finally:
+            sock.close()
+        return {"ok": True}
+
+    @staticmethod
+    def sysctl(name: str, value: str) -> dict[str, Any]:
+        parts = name.split("/")
+        if not name or any(p in ("", ".", "..") for p in parts):
+            return {"ok": False, "error": f"bad sysctl name {name!r}"}
+        try:
+            with open(os.path.join("/proc/sys/net", *parts), "w") as handle:
+                handle.write(value)
+        except OSError as exc:
+            return {"ok": False, "error": _describe(exc)}
+        return {"ok": True}
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "listen":
+            return self.listen(int(request["port"]))
+        if op == "open":
+            return self.open(str(request["id"]), str(request["src"]), str(request["dst"]),
+                             int(request["port"]), float(request["timeout"]))
+        if op == "ping":
+            return self.ping(str(request["id"]), float(request["timeout"]))
+        if op == "new":
+            return self.new(str(request["src"]), str(request["dst"]), int(request["port"]),
+                            float(request["timeout"]))
+        if op == "canary":
+            return self.canary(int(request["port"]))
+        if op == "sysctl":
+            return self.sysctl(str(request["name"]), str(request["value"]))
+        return {"ok": False, "error": f"unknown op {op!r}"}
+
+
+def main() -> int:
+    agent = Agent()
+    print(json.dumps({"ok": True, "ready": True, "pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            answer = agent.handle(json.loads(line))
+        except (ValueError, KeyError, TypeError) as exc:
+            answer = {"ok": False, "error": f"bad request: {exc}"}
+        print(json.dumps(answer), flush=True)
+    for sock in [*agent.kept.values(), *agent.listeners]:
+        sock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""`fwsafe check`: predict a lockout before applying, with the kernel's own verdict."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from fwsafe.backends.nftables import looks_like_nft
+from fwsafe.check import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
+from fwsafe.commands import RAW_ARGS
+from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, UsageError
+from fwsafe.manager import read_rules_file
+
+EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
+    f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
+
+
+@click.command(name="check", epilog=EPILOG)
+@click.argument("rules", nargs=-1, metavar="RULES... | -- COMMAND...")
+@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+@click.option("--client", "clients", multiple=True, metavar="IP[,IP...]",
+              help="Management client address(es); repeatable. Default: the client of this SSH "
+                   "session ($SSH_CONNECTION), else the clients of the established SSH sessions.")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Management (SSH) port. Default: this session's server port, else sshd's "
+                   "Port/ListenAddress (22).")
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
+              show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=60),
+              default=DEFAULT_TIMEOUT, show_default=True,
+              help="Seconds one connection attempt may take in the sandbox.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
+          port: int | None, backend: str, timeout_s: float, as_json: bool) -> None:
+    """Predict whether applying RULES (or running `-- COMMAND`, e.g. `-- ufw deny 22/tcp`,
+    which is first run on a copy of the firewall) would lock you out, without changing
+    anything.
+
+    RULES are an iptables-save file (IPv4) and/or an nftables file (recognised by content);
+    --rules6 an ip6tables-save file. The candidate is loaded into a throwaway pair of network
+    namespaces that mimics this host's management path (the interface name and addresses the
+    SSH traffic arrives on, the client's address, the port), on top of a copy of the current
+    firewall; then real packets test, with the real kernel:
+
+    \b
+      - a NEW TCP connection from each client to the management port;
+      - a connection opened under the CURRENT rules, after the switch;
+      - the same over IPv6 for IPv6 clients.
+
+    Where packets are lost, the rule that dropped them is named with its file and line (from
+    the kernel's packet counters or nft trace). Rules whose outcome the sandbox cannot
+    reproduce (rate limits, socket owners, marks, time, ...) are listed as NOT checked.
+    The live firewall is only read.
+
+    Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules.
+    """
+    layers: dict[str, tuple[bytes, str]] = {}
+    if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
+        from fwsafe.backends.ufw import prepare_command
+        from fwsafe.manager import Change, validate_change
+        from fwsafe.precheck import candidate_layers
+
+        change = Change(run=prepare_command(list(rules))[0])
+        validate_change(change)
+        layers = candidate_layers(change)
+        rules = ()
+    elif not rules and not rules6:
+        raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6, or -- COMMAND")
+    for path in rules:
+        content = read_rules_file(path)
+        nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
+        layer = "nft" if nft else "ipv4"
+        if layer in layers:
+            raise click.UsageError(
+                f"{path}: a second {'nft' if nft else 'IPv4'} rules file; give at most one "
+                "iptables-save file (IPv4), one nft file and --rules6 for IPv6")
+        layers[layer] = (content, path)
+    if rules6:
+        layers["ipv6"] = (read_rules_file(rules6), rules6)
+
+    sessions, default_port = default_sessions()
+    chosen = parse_clients(list(clients))
+    if not chosen:
+        chosen = [s.client for s in sessions]
+    if not chosen:
+        raise UsageError(
+            f"no SSH client known: not in an SSH session and no established connection to port "
+            f"{default_port} found; give the address you manage this host from with --client IP")
+    servers = {s.client: s.server for s in sessions if s.client in chosen}
+    report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
+                     timeout=timeout_s)
+    if as_json:
+        click.echo(json.dumps(report.to_json(), sort_keys=True))
+        if report.lockout:
+            click.echo(f"fwsafe: error: {report.lockout_message()}", err=True)
+            # The report above is the one JSON object on stdout (it carries "kind", "error" and
+            # "exit_code" as fwsafe's error objects do): exit 1 without printing a second one.
+            # (click returns, not raises, an Exit when not in standalone mode, so: SystemExit.)
+            sys.exit(int(LockoutPredicted.exit_code))
+        return
+    click.echo(report.describe())
+    if report.lockout:
+        raise LockoutPredicted(report.lockout_message(),
+                               hint="nothing was changed; fix the rule named above and check again")
+
+
+COMMANDS = [check]
