@@ -315,3 +315,23 @@ def test_rollback_puts_ufw_files_and_rules_back_together(fwlab_ufw: FwLab) -> No
     assert fw.ufw_files() == good_files  # `ufw reload` or a reboot keeps the good state
     assert fw.lab.ruleset() == good_rules
     assert fw.lab.ssh("fwsafe confirm").returncode == 0
+
+
+def test_check_of_a_ufw_command_matches_reality(fwlab_ufw: FwLab) -> None:
+    fw = fwlab_ufw
+    _ufw(fw, "default", "allow", "incoming")
+    _ufw(fw, "--force", "enable")
+    files_before, rules_before = fw.ufw_files(), fw.lab.ruleset()
+    client = fw.lab.cli_ip4
+    harmless = fw.fw("check", "--client", client, "--json", "--", "ufw", "allow", "8080/tcp")
+    assert harmless.returncode == 0, harmless.stderr
+    bad = fw.fw("check", "--client", client, "--json", "--", "ufw", "deny", "22/tcp")
+    assert bad.returncode == 1, bad.stderr
+    assert json.loads(bad.stdout)["lockout"] is True
+    assert fw.ufw_files() == files_before and fw.lab.ruleset() == rules_before  # only a copy
+    # Reality agrees: applied for real (forced), a new SSH connection does not get in.
+    assert fw.fw("apply", "--force", "--detach", "--timeout", "3", "--", "ufw", "deny",
+                 "22/tcp").returncode == 0
+    assert not fw.lab.new_connection_ok(timeout=0.5)
+    assert fw.wait_state({"reverted"}, 8)["state"] == "reverted"
+    assert fw.ufw_files() == files_before and fw.lab.ruleset() == rules_before
