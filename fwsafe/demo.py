@@ -84,7 +84,17 @@ def run_demo(*, timeout_s: float = 12.0, keep: bool = False) -> None:
              "connections included:", bold=True)
         for line in LOCKOUT_RULES.splitlines():
             _say(f"     {line}")
-        command = f"fwsafe apply --timeout {timeout_s:g} {rules}"
+        first = f"fwsafe apply --timeout {timeout_s:g} {rules}"
+        _say(f"   $ ssh root@{lab.srv_ip4} '{first}'")
+        refused = lab.ssh(first, timeout=60)
+        for line in refused.stderr.splitlines():
+            _say(f"   | {line}")
+        _say(f"   exit {refused.returncode}: fwsafe's check tried the rules in a scratch namespace "
+             "with the real kernel and refused them; nothing was changed.")
+        _say()
+        _say("   The admin insists (--force). Now only the guard stands between the server and a "
+             "lockout:", bold=True)
+        command = f"fwsafe apply --force --timeout {timeout_s:g} {rules}"
         _say(f"   $ ssh -tt root@{lab.srv_ip4} '{command}'")
         session = lab.ssh_popen(command, tty=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, stdin=subprocess.PIPE)
