@@ -13,7 +13,6 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from fwsafe import __version__, countdown, transaction
-from fwsafe.backends.nftables import looks_like_nft
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.commands import RAW_ARGS
 from fwsafe.commands import register as register_commands
@@ -26,7 +25,7 @@ from fwsafe.errors import (
     RevertedError,
     RevertFailedError,
 )
-from fwsafe.manager import ApplyOptions, Change, Manager, read_rules_file
+from fwsafe.manager import ApplyOptions, Change, Manager, change_from_files
 from fwsafe.probes import parse_probe
 from fwsafe.statedir import StateDir, resolve_state_dir
 from fwsafe.transaction import Record
@@ -226,13 +225,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
         _emit(result, as_json, f"confirmed ({result.get('confirmed_via')}): transaction "
                                f"{result.get('id')} on {target} stays")
         return
-    change = Change()
-    if rules:
-        content = read_rules_file(rules)
-        nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
-        change.add("nft" if nft else "ipv4", content, rules)
-    if rules6:
-        change.add("ipv6", read_rules_file(rules6), rules6)
+    change = change_from_files([rules] if rules else [], rules6, backend)
     manager = _manager(state_dir, config)
     record = manager.apply(change, options)
     _after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)

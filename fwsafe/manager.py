@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,25 @@ def read_rules_file(path: str) -> bytes:
     if b"\0" in data:
         raise InvalidRulesError(f"{path}: binary data, not a rules file", path=path)
     return data
+
+
+def change_from_files(paths: Sequence[str], rules6: str | None, backend: str = "auto") -> Change:
+    """A Change from rules files: iptables-save (IPv4) or nft files (recognised by content, or
+    `backend`), at most one of each, and an ip6tables-save file. Every read error is exit 3."""
+    from fwsafe.backends.nftables import looks_like_nft
+
+    change = Change()
+    for path in paths:
+        content = read_rules_file(path)
+        nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
+        layer = "nft" if nft else "ipv4"
+        if layer in change.layers:
+            raise UsageError(f"{path}: a second {'nft' if nft else 'IPv4'} rules file; give at most "
+                             "one iptables-save file (IPv4), one nft file and --rules6 for IPv6")
+        change.add(layer, content, path)
+    if rules6:
+        change.add("ipv6", read_rules_file(rules6), rules6)
+    return change
 
 
 def require_root() -> None:

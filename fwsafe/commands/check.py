@@ -7,11 +7,11 @@ import sys
 
 import click
 
-from fwsafe.backends.nftables import looks_like_nft
 from fwsafe.check import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
 from fwsafe.commands import RAW_ARGS
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, UsageError
-from fwsafe.manager import read_rules_file
+from fwsafe.manager import Change, change_from_files, validate_change
+from fwsafe.precheck import candidate_layers
 
 EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
@@ -56,29 +56,16 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
 
     Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules.
     """
-    layers: dict[str, tuple[bytes, str]] = {}
     if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         from fwsafe.backends.ufw import prepare_command
-        from fwsafe.manager import Change, validate_change
-        from fwsafe.precheck import candidate_layers
 
         change = Change(run=prepare_command(list(rules))[0])
         validate_change(change)
-        layers = candidate_layers(change)
-        rules = ()
     elif not rules and not rules6:
         raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6, or -- COMMAND")
-    for path in rules:
-        content = read_rules_file(path)
-        nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
-        layer = "nft" if nft else "ipv4"
-        if layer in layers:
-            raise click.UsageError(
-                f"{path}: a second {'nft' if nft else 'IPv4'} rules file; give at most one "
-                "iptables-save file (IPv4), one nft file and --rules6 for IPv6")
-        layers[layer] = (content, path)
-    if rules6:
-        layers["ipv6"] = (read_rules_file(rules6), rules6)
+    else:
+        change = change_from_files(rules, rules6, backend)
+    layers = candidate_layers(change)
 
     sessions, default_port = default_sessions()
     chosen = parse_clients(list(clients))

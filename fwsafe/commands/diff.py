@@ -7,11 +7,10 @@ import sys
 
 import click
 
-from fwsafe.backends.nftables import looks_like_nft
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.commands import RAW_ARGS
 from fwsafe.diff import UnitDiff, diff_change
-from fwsafe.manager import Change, read_rules_file, require_root
+from fwsafe.manager import Change, change_from_files, require_root
 
 
 def _render(diffs: list[UnitDiff], color: bool) -> str:
@@ -49,15 +48,9 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, as_json: bool)
         run, _notes = prepare_command(list(args))
         change = Change(run=run)
     else:
-        if len(args) > 1 or (not args and not rules6):
+        if not args and not rules6:
             raise click.UsageError("give RULES and/or --rules6 RULES6, or `-- COMMAND...`")
-        change = Change()
-        if args:
-            content = read_rules_file(args[0])
-            nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
-            change.add("nft" if nft else "ipv4", content, args[0])
-        if rules6:
-            change.add("ipv6", read_rules_file(rules6), rules6)
+        change = change_from_files(args, rules6, backend)
     diffs = diff_change(change)
     if as_json:
         click.echo(json.dumps({"changed": bool(diffs), "units": [d.to_json() for d in diffs]},
