@@ -268,18 +268,8 @@ class Guard:
         self.log(f"armed; applying {what}")
         self.applied = True
         error = self._run_change()
-        try:
-            after = {name: layer_for(name).capture() for name in self.record.watch}
-            self.record.touched = compute_touched(self.before, after)
-        except (ApplyError, OSError, ValueError) as exc:
-            # Cannot tell what changed: treat every unit of the watched layers as touched.
-            self.log(f"cannot capture after the change ({exc}); a revert restores whole layers")
-            self.record.touched = {
-                name: sorted(layer_for(name).units(self.before[name]))
-                for name in self.record.watch}
-        touched = ", ".join(f"{k}: {' '.join(v)}" for k, v in self.record.touched.items())
-        self.log(f"touched: {touched or 'nothing'}")
         if error is not None:
+            self.record_touched()
             self.log(f"change refused: {error}")
             self.record.error = error
             problems = revert_touched(self.record.touched, self.before, log=self.log)
@@ -296,8 +286,10 @@ class Guard:
         self.set_deadline(time.time() + self.record.timeout_s)
         self.record.transition(
             transaction.PENDING, f"applied; deadline in {self.record.timeout_s:g} s")
-        self.save()
+        self.save()  # the CLI returns now; what the change touched is worked out meanwhile
         self.log(f"applied; reverting at {time.ctime(self.record.deadline)} unless confirmed")
+        self.record_touched()
+        self.save()
         if self.record.probes:
             self.probe_loop = ProbeLoop(
                 self.record.probes,
@@ -307,6 +299,21 @@ class Guard:
             )
             self.probe_loop.start()
         return True
+
+    def record_touched(self) -> None:
+        """Capture the watched layers again: what differs from the snapshot is what the change
+        touched, and all that a revert will put back."""
+        try:
+            after = {name: layer_for(name).capture() for name in self.record.watch}
+            self.record.touched = compute_touched(self.before, after)
+        except (ApplyError, OSError, ValueError) as exc:
+            # Cannot tell what changed: treat every unit of the watched layers as touched.
+            self.log(f"cannot capture after the change ({exc}); a revert restores whole layers")
+            self.record.touched = {
+                name: sorted(layer_for(name).units(self.before[name]))
+                for name in self.record.watch}
+        touched = ", ".join(f"{k}: {' '.join(v)}" for k, v in self.record.touched.items())
+        self.log(f"touched: {touched or 'nothing'}")
 
     def _run_change(self) -> str | None:
         """Apply the rules files, or run the command; return the error, None when it worked."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,14 +199,21 @@ class Manager:
         RevertFailedError (the refused change could not be undone).
         """
         require_root()
-        self.validate(change)
         self.state.ensure()
         with self.state.locked():
             self.refuse_if_open()
-            verdict = self._check(change, options)
+            layers = available_layers()
+            with ThreadPoolExecutor(max_workers=len(layers) + 1) as pool:
+                # The snapshot is taken after the lockout check (which takes a while), so that
+                # it is as close as can be to the change; without the check, the layers are
+                # captured while the change is validated.
+                captures = {} if options.check else self._start_capture(pool, layers)
+                self.validate(change)
+                verdict = self._check(change, options)
+                captures = captures or self._start_capture(pool, layers)
+                captured = self._collect(captures, list(change.layers))
             tx_id = transaction.new_tx_id()
             make_private_dir(self.state.tx_dir(tx_id))
-            captured = self._capture_all(list(change.layers))
             snapshot.save(self.state, tx_id, snapshot.BEFORE, captured)
             snapshot.save(self.state, tx_id, snapshot.CHANGE, change.layers)
             record = Record(
@@ -269,14 +277,20 @@ class Manager:
                 summary += "; NOT checked: " + "; ".join(unknown[:3])
         return {"ran": True, "lockout": report.lockout, "summary": summary}
 
-    def _capture_all(self, needed: list[str]) -> dict[str, bytes]:
-        """Snapshot every firewall layer this system has: IPv4 and IPv6 together, legacy
-        tables, native nftables, ufw's files. A layer the change gives content for must be
-        captured; another that cannot be read is left out of the snapshot (and of the revert)."""
+    @staticmethod
+    def _start_capture(pool: ThreadPoolExecutor, layers: list[str]) -> dict[str, Future[bytes]]:
+        """Snapshot every firewall layer this system has, in parallel: IPv4 and IPv6 together,
+        legacy tables, native nftables, ufw's files."""
+        return {name: pool.submit(layer_for(name).capture) for name in layers}
+
+    @staticmethod
+    def _collect(captures: dict[str, Future[bytes]], needed: list[str]) -> dict[str, bytes]:
+        """A layer the change gives content for must be captured; another that cannot be read
+        is left out of the snapshot (and of the revert)."""
         captured = {}
-        for name in available_layers():
+        for name, future in captures.items():
             try:
-                captured[name] = layer_for(name).capture()
+                captured[name] = future.result()
             except (OSError, ApplyError, ValueError) as exc:
                 if name in needed:
                     raise EnvironmentProblem(f"cannot capture the {name} layer: {exc}") from exc

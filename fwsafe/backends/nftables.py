@@ -45,15 +45,21 @@ def split_tables(text: str) -> dict[str, str]:
         line = raw.rstrip()
         match = _TABLE_LINE.match(line)
         if match:
+            if current is not None:  # an unterminated block: keep what it had
+                blocks[key] = "\n".join(current)
             key = f"{match.group(1)} {match.group(2)}"
             current = [line]
-        elif current is None:
             continue
-        elif line.strip():
-            current.append(_COUNTER.sub("counter packets 0 bytes 0", line))
-        blocks[key] = "\n".join(current)
+        if current is None:
+            continue
+        if line.strip():
+            current.append(_COUNTER.sub("counter packets 0 bytes 0", line)
+                           if "counter packets" in line else line)
         if line == "}":
+            blocks[key] = "\n".join(current)
             current = None
+    if current is not None:
+        blocks[key] = "\n".join(current)
     return blocks
 
 
