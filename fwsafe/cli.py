@@ -124,7 +124,8 @@ def cli() -> None:
 @click.option("--probe-failures", type=click.IntRange(min=1), default=None,
               help="Consecutive failures of one probe that revert early (default 3).")
 @click.option("--probe-timeout", type=click.FloatRange(min=0.1), default=None,
-              help="Seconds each probe attempt may take (default 3).")
+              help="Seconds each probe attempt may take (default 3, or the probe interval if "
+                   "that is shorter: a failing round then takes no longer than the interval).")
 @click.option("--confirm-on-probe", type=click.IntRange(min=1), default=None, metavar="M",
               help="Confirm by itself once every probe passed M times in a row.")
 @click.option("--yes", is_flag=True,
@@ -188,7 +189,9 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
         probes=list(probes) or list(config.probes),
         probe_interval=probe_interval if probe_interval is not None else config.probe_interval,
         probe_failures=probe_failures if probe_failures is not None else config.probe_failures,
-        probe_timeout=probe_timeout if probe_timeout is not None else config.probe_timeout,
+        probe_timeout=probe_timeout if probe_timeout is not None else min(
+            config.probe_timeout,
+            probe_interval if probe_interval is not None else config.probe_interval),
         confirm_on_probe=confirm_on_probe or 0,
         command=list(sys.argv),
         check=not no_check,

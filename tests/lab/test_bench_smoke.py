@@ -66,7 +66,9 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
         for key in ("floor_apply_s", "fwsafe_apply_s", "apply_ratio", "floor_revert_s",
                     "fwsafe_revert_s", "revert_ratio", "guard_rss_kb", "tx_bytes"):
             assert _positive(row[key]), (key, row)
-        assert row["apply_phases"] and row["revert_phases"] and row["pieces"]
+        assert row["apply_phases"] and row["revert_phases"]
+    for backend in ("iptables", "nft"):  # quick: the pieces of the largest size only
+        assert any(r["pieces"] for r in rows if r["backend"] == backend)
 
     ufw = data["ufw"]
     assert all(_positive(v) for v in ufw["measured_s"].values())
