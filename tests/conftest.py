@@ -15,31 +15,11 @@ from typing import Any
 import pytest
 
 from fwsafe.lab import Lab, create_lab, require_lab_capable
+from tests.rulesets import BASELINE_V4, BASELINE_V6
 
 _INDEX = itertools.count(10)
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
-BASELINE_V4 = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
-:LOGDROP - [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -p tcp -m multiport --dports 22,80 -m comment --comment "baseline ssh+web" -j ACCEPT
--A INPUT -p icmp -m limit --limit 5/sec -j ACCEPT
--A LOGDROP -j DROP
-COMMIT
-"""
-BASELINE_V6 = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -p ipv6-icmp -j ACCEPT
--A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
-COMMIT
-"""
 
 
 def _capable() -> None:

@@ -14,36 +14,10 @@ import pytest
 
 from fwsafe.lab import MemoryCgroup, PidsCgroup
 from tests.conftest import FwLab
+from tests.rulesets import DROP_ALL, DROP_NEW_SSH, GOOD
 
 pytestmark = pytest.mark.lab
 
-DROP_ALL = """\
-*filter
-:INPUT DROP [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -i lo -j ACCEPT
-COMMIT
-"""
-DROP_NEW_SSH = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j DROP
-COMMIT
-"""
-GOOD = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
--A INPUT -p tcp -m tcp --dport 443 -j ACCEPT
-COMMIT
-"""
 DROP_SSH_V6 = """\
 *filter
 :INPUT ACCEPT [0:0]

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import BASELINE_V4, BASELINE_V6, FwLab
+from tests.conftest import FwLab
+from tests.rulesets import BASELINE_V4, BASELINE_V6
 
 pytestmark = pytest.mark.lab
 

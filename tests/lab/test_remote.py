@@ -14,6 +14,7 @@ import pytest
 
 from fwsafe.lab import LabTimeout
 from tests.conftest import FwLab
+from tests.rulesets import DROP_NEW_SSH, GOOD
 
 pytestmark = pytest.mark.lab
 
@@ -21,25 +22,6 @@ pytestmark = pytest.mark.lab
 _BIN = Path(sys.executable).with_name("fwsafe")
 FWSAFE = str(_BIN) if _BIN.exists() else "fwsafe"
 
-DROP_NEW_SSH = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j DROP
-COMMIT
-"""
-GOOD = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
--A INPUT -p tcp -m tcp --dport 443 -j ACCEPT
-COMMIT
-"""
 GOOD_V6 = """\
 *filter
 :INPUT ACCEPT [0:0]

@@ -28,32 +28,14 @@ import pytest
 from fwsafe import rescue
 from fwsafe.lab import Lab, create_lab, require_lab_capable
 from fwsafe.ufwfiles import capture_ufw_files
-from tests.conftest import BASELINE_V4, BASELINE_V6, IN_CI, FwLab
+from tests.conftest import IN_CI, FwLab
+from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD
 
 pytestmark = pytest.mark.lab
 
 _INDEX = itertools.count(60)
 
-GOOD = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD DROP [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -p tcp -m tcp --dport 22 -j ACCEPT
--A INPUT -p tcp -m tcp --dport 443 -j ACCEPT
-COMMIT
-"""
 OTHER = GOOD.replace("--dport 443", "--dport 8443")
-DROP_NEW_SSH = """\
-*filter
-:INPUT ACCEPT [0:0]
-:FORWARD ACCEPT [0:0]
-:OUTPUT ACCEPT [0:0]
--A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
--A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j DROP
-COMMIT
-"""
 HOST_FILES = ("/etc/nftables.conf", "/etc/default/ufw", "/etc/iptables", "/etc/ufw",
               "/etc/fwsafe")
 
