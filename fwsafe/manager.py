@@ -8,6 +8,7 @@ wait until the guard reports the change live (or refused).
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -232,12 +233,18 @@ class Manager:
             record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
             transaction.save_record(self.state, record)
             self.state.set_current(tx_id)
+            # From here until the guard reports, Ctrl-C would leave the user not knowing
+            # whether the change is live: ignore it (the guard takes moments to apply).
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                guard.spawn(self.state, tx_id)
-            except GuardError as exc:
-                self._abort(record, str(exc))
-                raise
-            record = self._wait_for_guard(record)
+                try:
+                    guard.spawn(self.state, tx_id)
+                except GuardError as exc:
+                    self._abort(record, str(exc))
+                    raise
+                record = self._wait_for_guard(record)
+            finally:
+                signal.signal(signal.SIGINT, previous)
         if record.state == transaction.PENDING:
             return record
         if record.state == transaction.REJECTED:
