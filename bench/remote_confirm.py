@@ -64,7 +64,7 @@ def main() -> int:
         url = f"tcp://{lab.srv_ip4}:8080"
         cases: dict[str, tuple[int, list[str]]] = {
             "good": (0, ["--timeout", "30", str(good)]),
-            "drop-new": (4, ["--timeout", "6", str(drop_new)]),
+            "drop-new": (4, ["--force", "--timeout", "6", str(drop_new)]),  # past the check
             "probe": (4, ["--timeout", "30", "--probe", url, "--probe-failures", "2", str(cut)]),
         }
         detail: dict[str, Callable[[dict[str, object]], str]] = {
