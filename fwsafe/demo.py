@@ -41,13 +41,17 @@ COMMIT
 """
 
 
+_QUIET = {"on": False}
+
+
 def _say(text: str = "", *, bold: bool = False) -> None:
-    click.echo(click.style(text, bold=bold) if bold else text)
+    # With --json the show goes to stderr, so that stdout holds the one JSON object.
+    click.echo(click.style(text, bold=bold) if bold else text, err=_QUIET["on"])
 
 
 def _pump(stream: IO[bytes], prefix: bytes) -> None:
     """Show the remote session's terminal output as it arrives."""
-    out = sys.stdout.buffer
+    out = sys.stderr.buffer if _QUIET["on"] else sys.stdout.buffer
     at_line_start = True
     while True:
         chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
@@ -61,9 +65,11 @@ def _pump(stream: IO[bytes], prefix: bytes) -> None:
         out.flush()
 
 
-def run_demo(*, timeout_s: float = 12.0, keep: bool = False) -> None:
+def run_demo(*, timeout_s: float = 12.0, keep: bool = False, quiet: bool = False
+             ) -> dict[str, object]:
     from fwsafe.lab import create_lab, require_lab_capable
 
+    _QUIET["on"] = quiet
     reason = require_lab_capable()
     if reason:
         raise EnvironmentProblem(f"the demo needs root and network namespaces: {reason}")
@@ -142,6 +148,9 @@ def run_demo(*, timeout_s: float = 12.0, keep: bool = False) -> None:
              "stay locked out.")
         if not (login.returncode == 0 and same):
             raise EnvironmentProblem("the demo failed: see the output above")
+        return {"ok": True, "refused_exit": refused.returncode, "timeout_s": timeout_s,
+                "session_lost_s": round(killed_at - applied_at, 2),
+                "recovered_s": round(recovered_at - applied_at, 2), "ruleset_identical": same}
     finally:
         if keep:
             _say(f"(lab files kept in {lab.workdir})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def rescue(args: tuple[str, ...]) -> None:
 @click.option("--state-dir", help="State directory that `fwsafe recover` uses at boot "
                                   "(default: $FWSAFE_STATE_DIR, else /var/lib/fwsafe).")
 @click.option("--no-zipapp", is_flag=True, help="Do not put the rescue zipapp on the disk.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def install_boot_hook(root_dir: str, uninstall: bool, state_dir: str | None,
-                      no_zipapp: bool) -> None:
+                      no_zipapp: bool, as_json: bool) -> None:
     """Run `fwsafe recover` early at every boot (systemd unit fwsafe-recover.service, before
     the network and before netfilter-persistent, ufw and nftables load their files), so that a
     reboot during a pending change comes back with the old rules.
@@ -58,6 +60,9 @@ def install_boot_hook(root_dir: str, uninstall: bool, state_dir: str | None,
                                  hint="run it as root (sudo)") from exc
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps({"ok": True, "installed": not uninstall, "done": done}))
+        return
     for line in done:
         click.echo(line)
 

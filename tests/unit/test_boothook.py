@@ -61,3 +61,14 @@ def test_rescue_help_through_the_cli() -> None:
     result = fwsafe("rescue", "--help")
     assert result.returncode == 0 and "--disable-firewall" in result.stdout
     assert fwsafe("rescue").returncode == 2   # --root is required
+
+
+def test_install_boot_hook_json(tmp_path: Path) -> None:
+    import json
+
+    result = fwsafe("install-boot-hook", "--root", str(tmp_path), "--state-dir", "/var/lib/fwsafe",
+                    "--no-zipapp", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["ok"] and data["installed"] and data["done"]
+    assert (tmp_path / "etc/systemd/system/fwsafe-recover.service").is_file()
