@@ -158,13 +158,19 @@ def run_demo(*, timeout_s: float = 12.0, keep: bool = False, quiet: bool = False
 
 
 def _wait_for_pending(state_dir: Path, limit_s: float = 30) -> float:
+    from fwsafe.errors import StateError
+    from fwsafe.statedir import StateDir
+    from fwsafe.transaction import PENDING, load_current
+
+    state = StateDir(state_dir)
     end = time.monotonic() + limit_s
     while time.monotonic() < end:
-        current = state_dir / "current"
-        if current.exists():
-            record = state_dir / "tx" / current.read_text().strip() / "record.json"
-            if record.exists() and '"state": "pending"' in record.read_text():
-                return time.monotonic()
+        try:
+            record = load_current(state) if state.exists() else None
+        except StateError:  # written by the session right now: look again
+            record = None
+        if record is not None and record.state == PENDING:
+            return time.monotonic()
         time.sleep(0.05)
     raise EnvironmentProblem("the demo failed: the change was not applied in the session")
 

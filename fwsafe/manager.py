@@ -27,7 +27,6 @@ from fwsafe.errors import (
     PendingError,
     RevertedError,
     RevertFailedError,
-    StateError,
     UsageError,
 )
 from fwsafe.revert import compute_touched, revert_touched
@@ -473,10 +472,7 @@ class Manager:
 
     # -- status -------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        try:
-            record = self.current()
-        except StateError:
-            raise
+        record = self.current()
         if record is None:
             return {"state": "none", "id": None, "deadline": None, "remaining_s": None,
                     "guard_pid": None, "reason": None, "shielded": None}

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from fwsafe.backends import layer_for
 from fwsafe.errors import StateError
 from fwsafe.statedir import StateDir, atomic_write
 
 BEFORE = "before"   # the state before the change: what a revert restores
 CHANGE = "change"   # the change as given
-
-
-def capture(layer_names: Iterable[str]) -> dict[str, bytes]:
-    """Capture the current state of each named layer."""
-    return {name: layer_for(name).capture() for name in layer_names}
 
 
 def save(state: StateDir, tx_id: str, kind: str, data: dict[str, bytes]) -> None:

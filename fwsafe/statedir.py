@@ -123,12 +123,6 @@ class StateDir:
     def set_current(self, tx_id: str) -> None:
         atomic_write(self.root / "current", (tx_id + "\n").encode())
 
-    def transaction_ids(self) -> list[str]:
-        """All transaction ids, oldest first (ids sort by time)."""
-        if not self.tx_root.is_dir():
-            return []
-        return sorted(p.name for p in self.tx_root.iterdir() if p.is_dir())
-
     # -- the lock ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self, *, wait: bool = False) -> Iterator[None]:

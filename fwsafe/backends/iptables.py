@@ -82,11 +82,6 @@ def parse_tables(text: str) -> dict[str, list[str]]:
     return tables
 
 
-def tables_text(tables: dict[str, list[str]], names: list[str] | None = None) -> str:
-    chosen = names if names is not None else list(tables)
-    return "".join("\n".join(tables[n]) + "\n" for n in chosen if n in tables)
-
-
 @dataclass
 class Chain:
     name: str
