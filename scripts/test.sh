@@ -3,7 +3,7 @@
 # netfilter, nft and ufw in network namespaces). Needs root. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 .venv/bin/ruff check fwsafe tests bench
 .venv/bin/mypy fwsafe
 exec .venv/bin/python -m pytest -v -rs -p no:cacheprovider "$@"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -15,11 +16,22 @@ from typing import Any
 import pytest
 
 from fwsafe.lab import Lab, create_lab, require_lab_capable
+from tests.bins import FWSAFE, put_venv_first_on_path
 from tests.rulesets import BASELINE_V4, BASELINE_V6
 
 _INDEX = itertools.count(10)
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 
+put_venv_first_on_path()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_fwsafe() -> None:
+    """Fail at once, with the reason, when the suite would run somebody else's fwsafe."""
+    found = shutil.which("fwsafe")
+    if not Path(FWSAFE).exists() or found != FWSAFE:
+        pytest.fail(f"the tests must run {FWSAFE} (this interpreter's entry point), "
+                    f"but PATH finds {found}: install the repo with `bash scripts/setup.sh`")
 
 
 def _capable() -> None:
@@ -44,14 +56,14 @@ class FwLab:
 
     def fw(self, *args: str, check: bool = False, timeout: float = 60) -> Any:
         """Run fwsafe in the server namespace (not over SSH)."""
-        return self.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={self.state_dir}", "fwsafe", *args],
+        return self.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={self.state_dir}", FWSAFE, *args],
                                  check=check, timeout=timeout)
 
     def fw_in_cgroup(self, cgroup: Any, *args: str) -> subprocess.CompletedProcess[str]:
         """Run fwsafe in the server namespace inside `cgroup` (joined before `ip netns exec`,
         which hides /sys/fs/cgroup behind a fresh sysfs)."""
         argv = cgroup.wrap_argv(["ip", "netns", "exec", self.lab.srv_ns, "env",
-                                 f"FWSAFE_STATE_DIR={self.state_dir}", "fwsafe", *args])
+                                 f"FWSAFE_STATE_DIR={self.state_dir}", FWSAFE, *args])
         result = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         return result

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from fwsafe.lab import MemoryCgroup, PidsCgroup
+from tests.bins import FWSAFE
 from tests.conftest import FwLab
 from tests.rulesets import DROP_ALL, DROP_NEW_SSH, GOOD
 
@@ -204,7 +205,7 @@ def test_missing_file_and_not_root(fwlab: FwLab) -> None:
     # A user namespace makes fwsafe run with euid 1000 (file access stays that of root).
     nobody = fwlab.lab.srv_exec(
         ["unshare", "--user", "--map-user=1000", "--map-group=1000", "env",
-         f"FWSAFE_STATE_DIR={fwlab.lab.workdir}/nobody-state", "fwsafe", "apply", str(rules)],
+         f"FWSAFE_STATE_DIR={fwlab.lab.workdir}/nobody-state", FWSAFE, "apply", str(rules)],
         check=False)
     assert nobody.returncode == 3 and "must run as root" in nobody.stderr
     assert fwlab.lab.ruleset() == before

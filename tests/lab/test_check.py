@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from tests.bins import FWSAFE
 from tests.conftest import FwLab
 from tests.rulesets import BASELINE_V4, BASELINE_V6
 
@@ -76,7 +77,7 @@ def check(fw: FwLab, *args: str, timeout: float = 120) -> tuple[int, dict[str, A
     """`fwsafe check --json ARGS` in the server namespace, outside any SSH session; the live
     ruleset must be the same afterwards."""
     before = fw.lab.ruleset()
-    result = fw.lab.srv_exec(["env", "-u", "SSH_CONNECTION", "fwsafe", "check", "--json", *args],
+    result = fw.lab.srv_exec(["env", "-u", "SSH_CONNECTION", FWSAFE, "check", "--json", *args],
                              check=False, timeout=timeout)
     assert fw.lab.ruleset() == before, "fwsafe check changed the live ruleset"
     assert not our_namespaces(), "the sandbox namespaces were left behind"
@@ -165,7 +166,7 @@ def test_allow_from_the_client_subnet(fwlab: FwLab) -> None:
     assert not data["not_checked"] and data["ok"] is True
     assert applied_new_connection_ok(fwlab, rules) is True
     # the same text output for people
-    text = fwlab.lab.srv_exec(["fwsafe", "check", str(rules), "--client", fwlab.lab.cli_ip4]).stdout
+    text = fwlab.lab.srv_exec([FWSAFE, "check", str(rules), "--client", fwlab.lab.cli_ip4]).stdout
     assert f"ok           new tcp {fwlab.lab.cli_ip4} -> :22 (ipv4)" in text
     assert "not checked  tcp ? -> :22 (ipv6)" in text  # the lab has IPv6, no IPv6 client given
 
@@ -318,7 +319,7 @@ def test_inside_ssh_the_session_client_is_checked(fwlab: FwLab) -> None:
 
 def test_outside_ssh_the_established_sessions_are_checked(fwlab: FwLab) -> None:
     rules = fwlab.write("drop-all.rules", DROP_ALL)
-    nobody = fwlab.lab.srv_exec(["env", "-u", "SSH_CONNECTION", "fwsafe", "check", str(rules)],
+    nobody = fwlab.lab.srv_exec(["env", "-u", "SSH_CONNECTION", FWSAFE, "check", str(rules)],
                                 check=False)
     assert nobody.returncode == 2 and "--client" in nobody.stderr
     session = fwlab.lab.ssh_popen("sleep 30", tty=False, stdin=subprocess.DEVNULL,
@@ -340,7 +341,7 @@ def test_sigterm_and_sigint_remove_the_sandbox(fwlab: FwLab) -> None:
     rules = fwlab.write("drop-all.rules", DROP_ALL)
     before = fwlab.lab.ruleset()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = fwlab.lab.srv_popen(["fwsafe", "check", "--timeout", "30", str(rules), "--client",
+        proc = fwlab.lab.srv_popen([FWSAFE, "check", "--timeout", "30", str(rules), "--client",
                                     fwlab.lab.cli_ip4], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
         end = time.monotonic() + 20

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 
 from fwsafe.lab import LabTimeout
+from tests.bins import FWSAFE
 from tests.conftest import FwLab
 from tests.rulesets import DROP_NEW_SSH, GOOD
 
 pytestmark = pytest.mark.lab
 
 # The console script next to the running interpreter (no pyenv shim in between).
-_BIN = Path(sys.executable).with_name("fwsafe")
-FWSAFE = str(_BIN) if _BIN.exists() else "fwsafe"
 
 GOOD_V6 = """\
 *filter

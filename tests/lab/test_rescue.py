@@ -28,6 +28,7 @@ import pytest
 from fwsafe import rescue
 from fwsafe.lab import Lab, create_lab, require_lab_capable
 from fwsafe.ufwfiles import capture_ufw_files
+from tests.bins import FWSAFE
 from tests.conftest import IN_CI, FwLab
 from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD
 
@@ -76,7 +77,7 @@ class RescueLab(FwLab):
 
     def fw(self, *args: str, check: bool = False, timeout: float = 60) -> Any:
         return self.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={self.state_dir}",
-                                  "FWSAFE_GUARD_MODE=setsid", "fwsafe", *args],
+                                  "FWSAFE_GUARD_MODE=setsid", FWSAFE, *args],
                                  check=check, timeout=timeout)
 
     @property
@@ -167,7 +168,7 @@ def _boots_with_ssh(lab: Lab, root: Path) -> bool:
 
 
 def _rescue(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["fwsafe", "rescue", *args], capture_output=True, text=True,
+    return subprocess.run([FWSAFE, "rescue", *args], capture_output=True, text=True,
                           timeout=60, check=False, stdin=subprocess.DEVNULL)
 
 
