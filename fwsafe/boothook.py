@@ -14,6 +14,7 @@ directory, where a rescue system finds it on the server's disk.
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -55,6 +56,30 @@ def render_unit(python: str, state_dir: str) -> str:
         if not value.startswith("/") or any(c.isspace() or c in "\"'\\%$;" for c in value):
             raise ValueError(f"unsuitable path for a systemd unit: {value!r}")
     return UNIT_TEMPLATE.format(python=python, state_dir=state_dir, wanted_by=WANTED_BY)
+
+
+def is_installed(root: Path, state_dir: str, *, python: str | None = None) -> bool:
+    """The unit is in place, up to date and enabled (nothing for `install` to do)."""
+    unit_dir = local_path(root, UNIT_DIR)
+    unit = unit_dir / UNIT_NAME
+    link = unit_dir / f"{WANTED_BY}.wants" / UNIT_NAME
+    try:
+        current = unit.read_bytes() == render_unit(python or sys.executable, state_dir).encode()
+    except (OSError, ValueError):
+        return False
+    return current and os.path.islink(link) and os.readlink(link) == f"{UNIT_DIR}/{UNIT_NAME}"
+
+
+def ensure_on_systemd(state_dir: str) -> list[str]:
+    """On a systemd host, install and enable the unit unless it is there already (what the
+    first `apply` does). Returns what was done ([] = nothing to do). Raises OSError/ValueError
+    when it cannot be installed."""
+    root = Path("/")
+    if is_installed(root, state_dir):
+        return []
+    done = install(root, state_dir)
+    subprocess.run(["systemctl", "daemon-reload"], capture_output=True, timeout=60, check=False)
+    return done
 
 
 def install(root: Path, state_dir: str, *, python: str | None = None,

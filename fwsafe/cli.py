@@ -4,30 +4,36 @@ prompts to stderr; every error becomes one exit code, in `main()` alone."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
 
-from fwsafe import __version__, countdown, transaction
+from fwsafe import __version__, countdown, guard, transaction
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.commands import RAW_ARGS
 from fwsafe.commands import register as register_commands
 from fwsafe.config import Config, load_config
 from fwsafe.errors import (
     EXIT_CODE_HELP,
+    ChangeMayBeLiveError,
     ExitCode,
     FwsafeError,
+    InternalError,
     NoTransactionError,
     RevertedError,
     RevertFailedError,
 )
 from fwsafe.manager import ApplyOptions, Change, Manager, change_from_files
 from fwsafe.probes import parse_probe
-from fwsafe.statedir import StateDir, resolve_state_dir
+from fwsafe.statedir import RESOLVED, StateDir, atomic_write, resolve_state_dir
 from fwsafe.transaction import Record
 
 EXIT_CODES_EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
@@ -36,6 +42,9 @@ EXIT_CODES_EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join
 
 STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else /var/lib/fwsafe)."
 CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
+TIMEOUT_HELP = ("Seconds until the guard reverts unless confirmed (default 60, or the config); "
+                "1 to max_timeout (24 h by default).")
+LAST_ERROR_LOG = "last-error.log"
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -48,6 +57,18 @@ def state_options(func: F) -> F:
 
 def _config(path: str | None) -> Config:
     return load_config(path)
+
+
+def _config_path(config: Config) -> str | None:
+    """The config file the CLI read, as an absolute path (the guard runs in /)."""
+    return os.path.abspath(config.source) if config.source else None
+
+
+def _timeout(config: Config, timeout_s: str | None) -> float:
+    """--timeout (or the config's timeout), checked: finite, 1 s to max_timeout (exit 2)."""
+    if timeout_s is None:
+        return config.seconds(config.timeout, "timeout (config)")
+    return config.seconds(timeout_s, "--timeout")
 
 
 def _emit(data: dict[str, Any], as_json: bool, text: str) -> None:
@@ -67,7 +88,9 @@ def _manager(state_dir: str | None, config: Config | None = None) -> Manager:
 
 
 def _clock(t: float | None) -> str:
-    return time.strftime("%H:%M:%S", time.localtime(t)) if t else "-"
+    if not t or not math.isfinite(t):
+        return "-"
+    return time.strftime("%H:%M:%S", time.localtime(t))
 
 
 def record_summary(record: Record) -> dict[str, Any]:
@@ -112,8 +135,7 @@ def cli() -> None:
 @cli.command(epilog=EXIT_CODES_EPILOG)
 @click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
 @click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
-              help="Seconds until the guard reverts unless confirmed (default 60, or the config).")
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
 @click.option("--detach", is_flag=True,
               help="Return once the change is live and the guard armed (confirm later).")
 @click.option("--probe", "probes", multiple=True, metavar="URL",
@@ -141,21 +163,31 @@ def cli() -> None:
 @click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
               show_default=True, help="How to read RULES: auto recognises nft files by content.")
 @click.option("--force", is_flag=True,
-              help="Apply even when the lockout check predicts that SSH would be cut (the guard "
-                   "still reverts unless confirmed).")
+              help="Apply even when the lockout check predicts that SSH would be cut, or when "
+                   "the file would delete chains that fail2ban, Docker, kube-proxy, ... created "
+                   "(the guard still reverts unless confirmed).")
+@click.option("--partial", is_flag=True,
+              help="Replace only the chains the file names (nft: the tables it defines); every "
+                   "other chain, such as fail2ban's or Docker's, stays as it is live.")
 @click.option("--no-check", is_flag=True,
               help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
 @state_options
-def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, detach: bool,
+def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, detach: bool,
           probes: tuple[str, ...], probe_interval: float | None, probe_failures: int | None,
           probe_timeout: float | None, confirm_on_probe: int | None, yes: bool,
           host: str | None, identity: str | None,
           known_hosts: str | None, accept_new_host_key: bool, backend: str, force: bool,
-          no_check: bool, as_json: bool, state_dir: str | None, config_path: str | None) -> None:
+          partial: bool, no_check: bool, as_json: bool, state_dir: str | None,
+          config_path: str | None) -> None:
     """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
 
     RULES is an iptables-save file (IPv4) or an nftables file (recognised by content);
     RULES6 an ip6tables-save file. Everything changes under one guard and reverts together.
+    A full file replaces the tables it names. One that would delete chains other programs
+    created since it was written (fail2ban's f2b-*, Docker's DOCKER*, kube-proxy's KUBE-*,
+    ufw's) is refused with exit 3, naming them, unless --force; --partial replaces only the
+    chains the file names (iptables-restore --noflush style) and leaves the rest.
+
     After `--`, a command (typically ufw) runs under the guard: every layer (iptables,
     nftables, ufw's files) is snapshotted first, and a revert restores what the command
     touched. ufw's "may disrupt existing ssh connections" prompt is answered with --force:
@@ -185,7 +217,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
     """
     config = _config(config_path)
     options = ApplyOptions(
-        timeout_s=float(timeout_s if timeout_s is not None else config.timeout),
+        timeout_s=_timeout(config, timeout_s),
         probes=list(probes) or list(config.probes),
         probe_interval=probe_interval if probe_interval is not None else config.probe_interval,
         probe_failures=probe_failures if probe_failures is not None else config.probe_failures,
@@ -196,12 +228,17 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
         command=list(sys.argv),
         check=not no_check,
         force=force,
+        config_path=_config_path(config),
+        max_timeout=config.max_timeout,
+        boot_hook=config.boot_hook,
     )
     for url in options.probes:
         parse_probe(url)  # a bad probe is a usage error before anything happens
     if options.confirm_on_probe and not options.probes:
         raise click.UsageError("--confirm-on-probe needs at least one --probe")
     if "--" in RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
+        if partial:
+            raise click.UsageError("--partial takes rules files, not a command")
         if host:
             raise click.UsageError("--host takes rules files, not a command")
         _apply_command(list(args), options, detach=detach, yes=yes, as_json=as_json,
@@ -220,6 +257,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
             raise click.UsageError("--detach does not go with --host: the workstation's job is "
                                    "to confirm through a new SSH login")
         target = config.resolve_host(host)
+        options.partial = partial
         result = apply_remote(RemoteRequest(
             target=target, rules=rules, rules6=rules6, options=options,
             identity=identity or target.key, known_hosts=known_hosts or target.known_hosts,
@@ -228,7 +266,9 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: float | None, de
         _emit(result, as_json, f"confirmed ({result.get('confirmed_via')}): transaction "
                                f"{result.get('id')} on {target} stays")
         return
-    change = change_from_files([rules] if rules else [], rules6, backend)
+    change = change_from_files([rules] if rules else [], rules6, backend,
+                               limit=config.max_rules_bytes)
+    change.partial = partial
     manager = _manager(state_dir, config)
     record = manager.apply(change, options)
     _after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
@@ -357,6 +397,10 @@ def _finish(record: Record, as_json: bool) -> None:
         raise RevertFailedError(
             f"transaction {record.id}: the revert FAILED ({record.error}); the firewall may "
             "still hold the new rules", hint="run `fwsafe recover`; check with iptables-save")
+    if record.state in transaction.OPEN_STATES:
+        raise ChangeMayBeLiveError(
+            f"transaction {record.id} is still {record.state}: the change may be live",
+            hint="run `fwsafe status`; `fwsafe recover` if its guard is gone")
     raise FwsafeError(f"transaction {record.id} is {record.state}")
 
 
@@ -385,13 +429,16 @@ def revert(tx_id: str | None, as_json: bool, state_dir: str | None,
 
 
 @cli.command(epilog=EXIT_CODES_EPILOG)
-@click.argument("seconds", type=click.FloatRange(min=1))
+@click.argument("seconds", metavar="SECONDS")
 @click.argument("tx_id", required=False, metavar="[ID]")
 @state_options
-def extend(seconds: float, tx_id: str | None, as_json: bool, state_dir: str | None,
+def extend(seconds: str, tx_id: str | None, as_json: bool, state_dir: str | None,
            config_path: str | None) -> None:
-    """Push the pending change's deadline back by SECONDS."""
-    record = _manager(state_dir, _config(config_path)).extend(seconds, tx_id)
+    """Push the pending change's deadline back by SECONDS (1 to max_timeout, 24 h by
+    default)."""
+    config = _config(config_path)
+    checked = config.seconds(seconds, "SECONDS")  # before anything is asked of the guard
+    record = _manager(state_dir, config).extend(checked, tx_id)
     _emit(record_summary(record), as_json,
           f"transaction {record.id}: deadline now {_clock(record.deadline)} "
           f"(in {countdown.format_duration(record.remaining_s() or 0)})")
@@ -451,12 +498,23 @@ def format_status(info: dict[str, Any]) -> str:
     lines = [f"transaction {info['id']}: {info['state']} ({what})"]
     state = info["state"]
     if state == transaction.PENDING:
+        counted = " as the guard counts" if info.get("remaining_from") == "guard" else ""
         lines.append(
-            f"  reverts in {countdown.format_duration(info['remaining_s'] or 0)} "
-            f"(at {_clock(info['deadline'])}) unless confirmed: `fwsafe confirm {info['id']}`")
+            f"  reverts in {countdown.format_duration(info['remaining_s'] or 0)}{counted} "
+            f"(deadline {_clock(info['deadline'])} wall clock) unless confirmed: "
+            f"`fwsafe confirm {info['id']}`")
+    if state == transaction.REVERTING and info.get("revert_attempts"):
+        lines.append(f"  reverting (attempt {info['revert_attempts']}: "
+                     f"{info.get('revert_last_error') or 'in progress'})")
+    if info.get("revert_notes"):
+        lines += [f"  FALLBACK: {note}" for note in info["revert_notes"]]
+    if info.get("reverted_by") and state in (transaction.REVERTED, transaction.REVERT_FAILED):
+        lines.append(f"  reverted by: {info['reverted_by']}")
     if info.get("guard_pid"):
         alive = "running" if info["guard_alive"] else "GONE: run `fwsafe recover`"
         lines.append(f"  guard: PID {info['guard_pid']} ({info['guard_mode']}), {alive}")
+    if info.get("backstop") and state in transaction.OPEN_STATES:
+        lines.append(f"  backstop: {info['backstop'].get('how') or info['backstop'].get('kind')}")
     if info.get("shielded") is False:
         lines.append(f"  guard NOT shielded from the OOM killer: {info['shield_error']}")
     elif info.get("shielded"):
@@ -493,14 +551,13 @@ def demo(timeout_s: float, keep: bool, as_json: bool) -> None:
 
 @cli.command(epilog=EXIT_CODES_EPILOG, context_settings={
     "ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
-              help="Seconds until the guard reverts unless confirmed (default 60, or the config).")
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
 @click.option("--detach", is_flag=True, help="Return once the change is live (confirm later).")
 @click.option("--force", is_flag=True, help="Apply even when a lockout is predicted.")
 @click.option("--no-check", is_flag=True, help="Skip the lockout check.")
 @state_options
 @click.argument("ufw_args", nargs=-1, type=click.UNPROCESSED, metavar="UFW-ARGS...")
-def ufw(timeout_s: float | None, detach: bool, force: bool, no_check: bool, as_json: bool,
+def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_json: bool,
         state_dir: str | None, config_path: str | None, ufw_args: tuple[str, ...]) -> None:
     """Run `ufw UFW-ARGS...` under the guard (same as `fwsafe apply -- ufw UFW-ARGS...`).
 
@@ -511,8 +568,10 @@ def ufw(timeout_s: float | None, detach: bool, force: bool, no_check: bool, as_j
       fwsafe ufw --timeout 120 enable
     """
     config = _config(config_path)
-    options = ApplyOptions(timeout_s=float(timeout_s if timeout_s is not None else config.timeout),
-                           command=list(sys.argv), check=not no_check, force=force)
+    options = ApplyOptions(timeout_s=_timeout(config, timeout_s),
+                           command=list(sys.argv), check=not no_check, force=force,
+                           config_path=_config_path(config), max_timeout=config.max_timeout,
+                           boot_hook=config.boot_hook)
     _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
                    manager=_manager(state_dir, config))
 
@@ -530,17 +589,98 @@ def _wants_json(argv: Sequence[str]) -> bool:
 def fail(exc: FwsafeError, as_json: bool) -> NoReturn:
     code = int(exc.exit_code)
     if as_json:
-        click.echo(json.dumps({"ok": False, "error": exc.message, "hint": exc.hint,
-                               "exit_code": code, "kind": exc.__class__.__name__}))
+        data = {"ok": False, "error": exc.message, "hint": exc.hint, "exit_code": code,
+                "kind": exc.__class__.__name__}
+        if isinstance(exc, InternalError):
+            data["traceback_file"] = exc.traceback_file
+        click.echo(json.dumps(data))
     click.echo(f"fwsafe: error: {exc.message}", err=True)
     if exc.hint:
         click.echo(f"fwsafe: {exc.hint}", err=True)
     sys.exit(code)
 
 
+def _state_dir_of(args: Sequence[str]) -> Path | None:
+    """The state directory of this command: the one it resolved, else --state-dir or
+    $FWSAFE_STATE_DIR or the default."""
+    if RESOLVED:
+        return RESOLVED[-1]
+    explicit = None
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        if arg == "--state-dir" and index + 1 < len(args):
+            explicit = args[index + 1]
+        elif arg.startswith("--state-dir="):
+            explicit = arg.split("=", 1)[1]
+    try:
+        return resolve_state_dir(explicit)
+    except Exception:  # noqa: BLE001 - only for a report
+        return None
+
+
+def _may_be_live(state_dir: Path | None, *, any_open: bool = True) -> bool:
+    """Whether a change may be live after this command failed unexpectedly: the current
+    transaction is applying, pending, reverting or revert-failed (`any_open`), or this command
+    started its guard and the record does not prove that nothing is live."""
+    record = None
+    try:
+        if state_dir is not None and os.path.isdir(state_dir):
+            record = transaction.load_current(StateDir(state_dir))
+    except Exception:  # noqa: BLE001 - cannot tell: only what this process did counts
+        record = None
+    if record is None:
+        return bool(guard.SPAWNED)
+    if record.id in guard.SPAWNED:
+        return record.state not in (transaction.ABORTED, transaction.REJECTED,
+                                    transaction.REVERTED, transaction.CONFIRMED)
+    return any_open and (record.state in transaction.OPEN_STATES
+                         or record.state == transaction.REVERT_FAILED)
+
+
+def _save_traceback(exc: BaseException, state_dir: Path | None) -> str | None:
+    """Keep the full traceback, 0600: STATE/last-error.log, else a new file in the temp dir."""
+    text = (f"fwsafe {__version__} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {sys.argv!r}\n"
+            + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    if state_dir is not None and os.path.isdir(state_dir) and not os.path.islink(state_dir):
+        try:
+            atomic_write(state_dir / LAST_ERROR_LOG, text.encode())
+            return str(state_dir / LAST_ERROR_LOG)
+        except Exception:  # noqa: BLE001 - fall back to the temp dir
+            pass
+    try:
+        fd, name = tempfile.mkstemp(prefix="fwsafe-last-error-", suffix=".log")  # 0600
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        return name
+    except OSError:
+        return None
+
+
+def internal_error(exc: BaseException, args: Sequence[str]) -> InternalError:
+    """An unexpected exception as one line: its type and message, whether a change may be
+    live (exit 5) or not (exit 3), where the traceback and the state are."""
+    state_dir = _state_dir_of(args)
+    live = _may_be_live(state_dir)
+    saved = _save_traceback(exc, state_dir)
+    detail = " ".join(str(exc).split())[:300] or "no message"
+    where = (f"traceback in {saved}" if saved else "the traceback could not be saved") + \
+        (f"; state in {state_dir}" if state_dir is not None else "")
+    if live:
+        message = (f"unexpected error: {type(exc).__name__}: {detail}; a change may be live: "
+                   f"run `fwsafe status` (`fwsafe recover` if its guard is gone); {where}")
+    else:
+        message = (f"unexpected error: {type(exc).__name__}: {detail} (a bug in fwsafe; no "
+                   f"change is pending; {where})")
+    code = ExitCode.REVERT_FAILED if live else ExitCode.REJECTED
+    return InternalError(message, exit_code=code, traceback_file=saved)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     RAW_ARGS[:] = args
+    RESOLVED.clear()
+    guard.SPAWNED.clear()
     as_json = _wants_json(args)
     try:
         returned = cli.main(args=args, prog_name="fwsafe", standalone_mode=False)
@@ -555,9 +695,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         click.echo("fwsafe: aborted", err=True)
         sys.exit(int(ExitCode.USAGE))
     except KeyboardInterrupt:
+        if _may_be_live(_state_dir_of(args), any_open=False):
+            click.echo("\nfwsafe: interrupted; the change may be live and stays under its "
+                       "guard: run `fwsafe status`", err=True)
+            sys.exit(int(ExitCode.REVERT_FAILED))
         click.echo("\nfwsafe: interrupted; a transaction already live stays under its guard",
                    err=True)
         sys.exit(int(ExitCode.REJECTED))
+    except Exception as exc:  # noqa: BLE001 - never a traceback: one line, and the file
+        fail(internal_error(exc, args), as_json)
     # With standalone_mode=False, click returns the code of a ctx.exit(N) instead of exiting.
     sys.exit(returned if isinstance(returned, int) else int(ExitCode.OK))
 

@@ -8,6 +8,7 @@ back to a default.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import sys
@@ -40,6 +41,11 @@ DEFAULT_CONFIG_PATH = "/etc/fwsafe/fwsafe.toml"
 ENV_VAR = "FWSAFE_CONFIG"
 DEFAULT_USER = "root"
 DEFAULT_PORT = 22
+#: The longest window `apply --timeout` and `extend` accept by default (`max_timeout`): 24 h.
+DEFAULT_MAX_TIMEOUT = 86400
+#: The largest rules file read by default (`max_rules_bytes`): 64 MiB.
+DEFAULT_MAX_RULES_BYTES = 64 * 1024 * 1024
+MIN_SECONDS = 1.0
 
 PersistMode = Literal["auto", "netfilter-persistent", "nftables", "none"]
 PERSIST_MODES: tuple[PersistMode, ...] = ("auto", "netfilter-persistent", "nftables", "none")
@@ -101,8 +107,16 @@ class Config:
     probes: tuple[str, ...] = ()
     history_keep: int = 50
     persist: PersistMode = "auto"
+    max_timeout: int = DEFAULT_MAX_TIMEOUT
+    max_rules_bytes: int = DEFAULT_MAX_RULES_BYTES
+    boot_hook: bool = True   # on systemd hosts, apply installs the boot recovery unit
     hosts: dict[str, HostConfig] = field(default_factory=dict)
     source: str | None = None
+
+    def seconds(self, text: str | float, what: str) -> float:
+        """A number of seconds from the command line (`--timeout`, `extend SECONDS`), bounded
+        by `max_timeout`; see `check_seconds`."""
+        return check_seconds(text, what=what, maximum=self.max_timeout)
 
     def parsed_probes(self) -> list[Probe]:
         """`probes` parsed (they were validated when the file was loaded)."""
@@ -143,6 +157,21 @@ class Config:
             port=port if port is not None else DEFAULT_PORT,
             user=user or DEFAULT_USER,
         )
+
+
+def check_seconds(text: str | float, *, what: str, maximum: float = DEFAULT_MAX_TIMEOUT) -> float:
+    """A finite number of seconds from 1 to `maximum`; anything else (inf, nan, zero, a
+    negative or a larger number, not a number) is a UsageError (exit 2) in one line."""
+    allowed = f"give 1 to {maximum:g} s (max_timeout in the config)"
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what}: {str(text)!r} is not a number of seconds; {allowed}") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{what}: {text} is not a finite number of seconds; {allowed}")
+    if not MIN_SECONDS <= value <= maximum:
+        raise UsageError(f"{what}: {text} s is out of range; {allowed}")
+    return value
 
 
 def _expand(path: str | None) -> str | None:
@@ -260,6 +289,11 @@ class _Reader:
 
         return check
 
+    def boolean(self, key: str, value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise self.type_error(key, "a boolean", value)
+        return value
+
     def positive_number(self, key: str, value: Any) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.type_error(key, "a number", value)
@@ -303,8 +337,13 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
     probes = top.take("probes", lambda k, v: _check_probes(top, k, v), ())
     history_keep = top.take("history_keep", top.int_min(1), 50)
     persist = top.take("persist", lambda k, v: _check_persist(top, k, v), "auto")
+    max_timeout = top.take("max_timeout", top.int_min(1), DEFAULT_MAX_TIMEOUT)
+    max_rules_bytes = top.take("max_rules_bytes", top.int_min(1), DEFAULT_MAX_RULES_BYTES)
+    boot_hook = top.take("boot_hook", top.boolean, True)
     hosts = top.take("hosts", lambda k, v: _check_hosts(path, top, k, v), {})
     top.finish()
+    if timeout > max_timeout:
+        raise top.error("timeout", f"must be <= max_timeout ({max_timeout}), got {timeout}")
     return Config(
         timeout=timeout,
         state_dir=state_dir,
@@ -314,6 +353,9 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
         probes=probes,
         history_keep=history_keep,
         persist=persist,
+        max_timeout=max_timeout,
+        max_rules_bytes=max_rules_bytes,
+        boot_hook=boot_hook,
         hosts=hosts,
         source=path,
     )

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fwsafe.backends import available_layers, layer_for
-from fwsafe.manager import Change, Manager, validate_change
+from fwsafe.manager import Change, Manager, resolve_partial, validate_change
 from fwsafe.sandbox import simulate
 
 
@@ -44,8 +44,9 @@ def unit_diffs(layer_name: str, before: bytes, after: bytes) -> list[UnitDiff]:
 
 def diff_change(change: Change) -> list[UnitDiff]:
     """Every unit the change would alter, with a unified diff each."""
-    validate_change(change)
     captured = {name: layer_for(name).capture() for name in available_layers()}
+    change = resolve_partial(change, captured)
+    validate_change(change)
     watch = Manager.watched_layers(change, list(captured))
     after = simulate(captured, layers=change.layers, sources=change.sources, run=change.run,
                      watch=watch)

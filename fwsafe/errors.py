@@ -7,7 +7,8 @@ Every command of fwsafe exits with one of these codes, and only here are they de
     2  USAGE        bad command line or configuration
     3  REJECTED     rejected before any change: invalid input, nothing changed
     4  REVERTED     applied and then reverted (timeout, declined, probe failure)
-    5  REVERT_FAILED the revert failed: the firewall may be in the new state; act now
+    5  REVERT_FAILED the revert failed, or the change may be live with its outcome unknown:
+                  the firewall may be in the new state; act now
     6  PENDING      another transaction is pending
 """
 
@@ -86,6 +87,15 @@ class StateError(RejectedError):
     """The state directory is damaged or not usable."""
 
 
+class RecordFormatError(StateError):
+    """A transaction record written by a newer fwsafe (a newer major `format`)."""
+
+
+class UnsafeStateDirError(UsageError):
+    """The state directory, or one of its parents, could be changed by someone other than
+    root (writable by group/others, another owner, a symlink): refused before it is used."""
+
+
 class NoTransactionError(RejectedError):
     """confirm/revert/extend/recover with nothing to act on: nothing was changed."""
 
@@ -112,3 +122,20 @@ class GuardError(FwsafeError):
     """The guard could not be started or reached; nothing was changed when raised before apply."""
 
     exit_code = ExitCode.REJECTED
+
+
+class ChangeMayBeLiveError(FwsafeError):
+    """The guard was started and it is not known whether the change is live (the guard died
+    while applying, or is still applying): never "nothing changed"."""
+
+    exit_code = ExitCode.REVERT_FAILED
+
+
+class InternalError(FwsafeError):
+    """An unexpected exception (a bug), reported by `cli.main` in one line; the exit code is 5
+    when a change may be live, else 3, and the traceback is kept in a file."""
+
+    def __init__(self, message: str, *, exit_code: ExitCode, traceback_file: str | None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.traceback_file = traceback_file

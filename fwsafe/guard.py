@@ -27,6 +27,7 @@ This module is imported by the guard process alone: it keeps its imports small (
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import select
@@ -41,16 +42,43 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fwsafe import snapshot, transaction
-from fwsafe.backends import layer_for
+from fwsafe.backends import compose_partial, layer_for
 from fwsafe.backends.base import ApplyError
+from fwsafe.backstop import after_stop_command, pidfd_of, start_watcher
 from fwsafe.errors import GuardError
-from fwsafe.revert import compute_touched, revert_touched
-from fwsafe.statedir import StateDir
+from fwsafe.revert import RevertResult, compute_touched, revert_change
+from fwsafe.statedir import StateDir, open_private
 from fwsafe.transaction import Record
 
 GUARD_MODULE = "fwsafe.guard"
 OOM_SHIELD = -1000
 REQUEST_LIMIT = 65536
+MIN_SECONDS = 1.0
+DEFAULT_MAX_TIMEOUT = 86400.0  # = fwsafe.config.DEFAULT_MAX_TIMEOUT (not imported: small RSS)
+#: The deadline is kept on this clock: it counts time spent suspended and ignores wall-clock
+#: steps (NTP, `date -s`), unlike time.monotonic() (no suspend) and time.time() (steps).
+DEADLINE_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def boottime() -> float:
+    return time.clock_gettime(DEADLINE_CLOCK)
+
+
+def max_seconds(record: Record) -> float:
+    """The longest timeout or extension the guard accepts (max_timeout, recorded by the CLI)."""
+    value = record.options.get("max_timeout", DEFAULT_MAX_TIMEOUT)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value) and value >= MIN_SECONDS
+    return float(value) if ok else DEFAULT_MAX_TIMEOUT
+
+
+def seconds_problem(value: Any, maximum: float) -> str | None:
+    """Why `value` is not an acceptable number of seconds (finite, 1 .. maximum), or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"seconds must be a number, got {value!r}"
+    if not math.isfinite(value) or not MIN_SECONDS <= value <= maximum:
+        return f"seconds must be from {MIN_SECONDS:g} to {maximum:g}, got {value!r}"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +86,18 @@ REQUEST_LIMIT = 65536
 # --------------------------------------------------------------------------------------------
 def systemd_is_init() -> bool:
     return os.path.isdir("/run/systemd/system")
+
+
+def system_stopping() -> bool:
+    """True while systemd is shutting the machine down (or rebooting it)."""
+    if not systemd_is_init():
+        return False
+    try:
+        result = subprocess.run(["systemctl", "is-system-running"], capture_output=True,
+                                text=True, timeout=3, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.stdout.strip() == "stopping"
 
 
 def guard_mode() -> str:
@@ -75,35 +115,72 @@ def _python_env() -> dict[str, str]:
     return env
 
 
-def systemd_run_argv(state_dir: Path, tx_id: str, netns_pid: int) -> list[str]:
-    """The transient unit: its own cgroup (outside the session's scope), OOM-shielded, and in
-    the network namespace of the CLI that asked for it."""
+def _passed_on(name: str) -> bool:
+    return name.startswith(("FWSAFE_", "LC_")) or name in ("PATH", "LANG", "LANGUAGE")
+
+
+def guard_env(config_path: str | None = None) -> dict[str, str]:
+    """What the guard must get from the CLI in either spawn mode: the FWSAFE_* variables,
+    PATH, LANG/LANGUAGE/LC_*, the PYTHONPATH that finds this fwsafe, and FWSAFE_CONFIG naming
+    the config file the CLI read (--config or $FWSAFE_CONFIG)."""
+    env = {name: value for name, value in os.environ.items() if _passed_on(name)}
+    env["PYTHONPATH"] = _python_env()["PYTHONPATH"]
+    if config_path:
+        env["FWSAFE_CONFIG"] = config_path
+    return env
+
+
+def systemd_run_argv(state_dir: Path, tx_id: str, netns_pid: int,
+                     config_path: str | None = None) -> list[str]:
+    """The transient unit: its own cgroup (outside the session's scope), OOM-shielded, in the
+    network namespace of the CLI that asked for it, with the CLI's relevant environment (a
+    unit starts with the service manager's, not ours)."""
     return [
         "systemd-run", "--quiet", "--collect", f"--unit=fwsafe-guard-{tx_id}",
         "--property=OOMScoreAdjust=-1000",
         f"--property=NetworkNamespacePath=/proc/{netns_pid}/ns/net",
-        f"--setenv=PYTHONPATH={_python_env()['PYTHONPATH']}",
+        # The backstop: systemd runs this whenever the guard's process is gone, however it
+        # ended; it reverts if the transaction is still open (fwsafe.backstop).
+        f"--property=ExecStopPost={after_stop_command(state_dir, tx_id)}",
+        *(f"--setenv={name}={value}" for name, value in sorted(guard_env(config_path).items())),
         sys.executable, "-m", GUARD_MODULE, "--foreground", str(state_dir), tx_id,
     ]
 
 
-def spawn(state: StateDir, tx_id: str) -> str:
+#: Transactions whose guard this process has started (or tried to): from then on, an error in
+#: this process may leave a change live (see `fwsafe.cli.main`).
+SPAWNED: list[str] = []
+
+
+def spawn(state: StateDir, tx_id: str, config_path: str | None = None) -> str:
     """Start the guard for `tx_id`; return the mode used. The guard records its own PID."""
+    SPAWNED.append(tx_id)
     mode = guard_mode()
     log_path = state.tx_dir(tx_id) / "guard.log"
     if mode == "systemd-run":
-        argv = systemd_run_argv(state.root, tx_id, os.getpid())
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        argv = systemd_run_argv(state.root, tx_id, os.getpid(), config_path)
+        try:
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise GuardError(f"systemd-run could not start the guard: {exc}") from exc
         if result.returncode != 0:
             raise GuardError(f"systemd-run could not start the guard: {result.stderr.strip()}")
         return mode
-    with open(log_path, "ab", buffering=0) as log:
-        os.chmod(log_path, 0o600)
+    try:
+        log = open_private(log_path, os.O_WRONLY | os.O_APPEND)
+    except OSError as exc:
+        raise GuardError(f"cannot open {log_path}: {exc.strerror}") from exc
+    try:
         intermediate = subprocess.Popen(
             [sys.executable, "-m", GUARD_MODULE, "--daemonize", str(state.root), tx_id],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
-            start_new_session=True, close_fds=True, env=_python_env(),
+            start_new_session=True, close_fds=True,
+            env={**os.environ, **guard_env(config_path)},
         )
+    except OSError as exc:
+        raise GuardError(f"the guard could not be started: {exc}") from exc
+    finally:
+        os.close(log)
     try:
         code = intermediate.wait(timeout=30)
     except subprocess.TimeoutExpired as exc:
@@ -199,8 +276,11 @@ class Guard:
         # Everything needed to revert is read into memory before anything is changed.
         self.before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         self.change = snapshot.load(state, record.id, snapshot.CHANGE, self.layers)
+        self.after: dict[str, bytes] | None = None   # captured right after the change
+        self.backstop: subprocess.Popen[bytes] | None = None   # setsid mode: the watcher
+        self.backstop_fd: int | None = None
         self.applied = False
-        self.deadline_mono = 0.0
+        self.deadline_boot = 0.0  # the deadline on DEADLINE_CLOCK (boottime())
         self.done = False
         self.failures: dict[str, int] = {}
         self.passes: dict[str, int] = {}
@@ -230,8 +310,23 @@ class Guard:
                 time.sleep(0.1)
 
     def set_deadline(self, deadline: float) -> None:
+        """Arm the deadline `deadline` (Unix time, kept in the record for display); the guard
+        itself counts on CLOCK_BOOTTIME from now on."""
         self.record.deadline = deadline
-        self.deadline_mono = time.monotonic() + (deadline - time.time())
+        self.deadline_boot = boottime() + (deadline - time.time())
+
+    def extend_deadline(self, seconds: float) -> None:
+        """Push the deadline back; the wall-clock deadline in the record is recomputed from the
+        boottime one (so that it is right again after a wall-clock step)."""
+        self.deadline_boot += seconds
+        self.record.deadline = time.time() + self.remaining()
+
+    def remaining(self) -> float:
+        """Seconds left until the deadline, as the guard counts them."""
+        return max(0.0, self.deadline_boot - boottime())
+
+    def max_seconds(self) -> float:
+        return max_seconds(self.record)
 
     # -- life cycle -------------------------------------------------------------------------
     def arm(self) -> None:
@@ -252,8 +347,11 @@ class Guard:
         except FileNotFoundError:
             pass
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        server.bind(str(path))
-        os.chmod(path, 0o600)
+        mask = os.umask(0o177)  # the socket is created 0600: no chmod through a path
+        try:
+            server.bind(str(path))
+        finally:
+            os.umask(mask)
         server.listen(16)
         server.setblocking(False)
         self.server = server
@@ -261,8 +359,59 @@ class Guard:
     def _on_term(self, signum: int, frame: object) -> None:
         self.terminate = True
 
-    def apply(self) -> bool:
+    def begin(self) -> None:
+        """preparing -> applying, written before anything changes (`main` holds the
+        transaction's lock meanwhile). Raises when it cannot be written: nothing is applied."""
         self.record.transition(transaction.APPLYING, f"guard {os.getpid()} armed ({self.mode})")
+        transaction.save_record(self.state, self.record)
+
+    def start_backstop(self) -> None:
+        """Make sure something reverts if this guard dies (fwsafe.backstop)."""
+        if self.mode == "systemd-run":
+            unit = f"fwsafe-guard-{self.record.id}.service"
+            self.record.backstop = {"kind": "systemd", "unit": unit,
+                                    "how": f"ExecStopPost= of {unit}, run by systemd"}
+            return
+        try:
+            self.backstop = start_watcher(self.state.root, self.record.id,
+                                          self.state.tx_dir(self.record.id) / "backstop.log")
+        except OSError as exc:
+            self.log(f"cannot start the backstop watcher: {exc}; trying again in 1 s")
+            self.backstop, self.backstop_fd = None, None
+            return
+        self.backstop_fd = pidfd_of(self.backstop.pid)
+        self.record.backstop = {"kind": "watcher", "pid": self.backstop.pid,
+                                "how": f"watcher PID {self.backstop.pid} holds a pidfd of the "
+                                       f"guard"}
+        self.log(f"backstop: watcher PID {self.backstop.pid}")
+
+    def backstop_died(self) -> None:
+        """The watcher died (killed, OOM): reap it and start another while the change is open."""
+        if self.backstop is not None:
+            code = self.backstop.poll()
+            self.log(f"the backstop watcher (PID {self.backstop.pid}) died (exit {code})")
+        if self.backstop_fd is not None:
+            os.close(self.backstop_fd)
+        self.backstop, self.backstop_fd = None, None
+        if not self.done:
+            self.start_backstop()
+            self.save()
+
+    def stop_backstop(self) -> None:
+        if self.backstop is not None and self.backstop.poll() is None:
+            self.backstop.terminate()
+            try:
+                self.backstop.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.backstop.kill()
+        if self.backstop_fd is not None:
+            os.close(self.backstop_fd)
+            self.backstop_fd = None
+
+    def apply(self) -> bool:
+        if self.record.state == transaction.PREPARING:
+            self.begin()
+        self.start_backstop()
         self.save()
         what = " ".join(self.record.run) if self.record.run else ", ".join(self.layers)
         self.log(f"armed; applying {what}")
@@ -272,15 +421,18 @@ class Guard:
             self.record_touched()
             self.log(f"change refused: {error}")
             self.record.error = error
-            problems = revert_touched(self.record.touched, self.before, log=self.log)
-            if problems:
-                self.record.transition(transaction.REVERTING, "the change failed part-way")
-                self.record.reason = f"the change failed ({error}); undoing it failed"
-                self.record.error = "; ".join(problems)
-                self.record.transition(transaction.REVERT_FAILED, self.record.error)
-            else:
+            if not self.record.touched:
                 self.record.reason = "the change was refused; nothing was changed"
                 self.record.transition(transaction.REJECTED, error)
+                self.save()
+                return False
+            # Part of it may be live: undo that as any revert, never giving up.
+            self.record.transition(transaction.REVERTING, "the change failed part-way")
+            self.save()
+            result = self._undo()
+            self.record.reason = ("the change was refused part-way; what had been applied is "
+                                  "undone and verified, so nothing is changed")
+            self.record.transition(transaction.REJECTED, "; ".join([error, *result.notes]))
             self.save()
             return False
         self.set_deadline(time.time() + self.record.timeout_s)
@@ -306,6 +458,11 @@ class Guard:
         try:
             after = {name: layer_for(name).capture() for name in self.record.watch}
             self.record.touched = compute_touched(self.before, after)
+            self.after = after
+            try:  # for `recover` and the backstop, which merge from disk
+                snapshot.save(self.state, self.record.id, snapshot.AFTER, after)
+            except OSError as exc:
+                self.log(f"cannot save the capture after the change: {exc}")
         except (ApplyError, OSError, ValueError) as exc:
             # Cannot tell what changed: treat every unit of the watched layers as touched.
             self.log(f"cannot capture after the change ({exc}); a revert restores whole layers")
@@ -334,9 +491,15 @@ class Guard:
         sources = self.record.options.get("sources", {})
         for name in self.layers:
             try:
-                layer_for(name).apply(self.change[name], str(sources.get(name, name)))
-            except (ApplyError, OSError, subprocess.SubprocessError) as exc:
-                return str(exc)
+                layer = layer_for(name)
+                content = self.change[name]
+                if self.record.options.get("partial"):
+                    # Composed now, against the state of this very moment: what others did
+                    # since the snapshot stays.
+                    content = compose_partial(name, content, layer.capture())
+                layer.apply(content, str(sources.get(name, name)))
+            except Exception as exc:  # noqa: BLE001 - any failure here is a refused change
+                return str(exc) or type(exc).__name__
         return None
 
     def revert(self, reason: str) -> None:
@@ -349,15 +512,28 @@ class Guard:
         self.record.reason = reason
         self.record.transition(transaction.REVERTING, reason)
         self.save()
-        problems = revert_touched(self.record.touched, self.before, log=self.log)
-        if problems:
-            self.record.error = "; ".join(problems)
-            self.record.transition(transaction.REVERT_FAILED, self.record.error)
-            self.log(f"REVERT FAILED: {self.record.error}")
-        else:
-            self.record.transition(transaction.REVERTED, "restored from the snapshot and verified")
-            self.log("reverted; the touched layers equal the snapshot again")
+        result = self._undo()
+        self.record.transition(transaction.REVERTED, "; ".join(
+            ["the change undone and verified", *result.notes]))
+        self.log("reverted; the change's own delta is undone and verified"
+                 + (f" after {result.attempts} attempts" if result.attempts > 1 else ""))
         self.save()
+
+    def _undo(self) -> RevertResult:
+        """Undo what the change touched; retry for as long as it takes (the change may be
+        live: there is no giving up), saving each attempt in the record for `status`."""
+        def attempt(number: int, why: str) -> None:
+            self.record.revert_attempts = number
+            self.record.revert_last_error = why
+            self.save()
+
+        result = revert_change(self.record.touched, self.before, self.after, log=self.log,
+                               on_attempt=attempt)
+        self.record.reverted_by = "guard"
+        self.record.revert_attempts = result.attempts
+        self.record.revert_last_error = None
+        self.record.revert_notes = result.notes
+        return result
 
     def confirm(self, by: dict[str, str]) -> None:
         self.done = True
@@ -383,7 +559,10 @@ class Guard:
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
         op = message.get("op")
         if op == "status":
-            return {"ok": True, "record": self.record.to_json()}
+            left = self.remaining() if self.record.state == transaction.PENDING else None
+            return {"ok": True, "record": self.record.to_json(),
+                    "remaining_s": round(left, 1) if left is not None else None,
+                    "clock": "boottime"}
         if self.record.state != transaction.PENDING:
             return {"ok": False, "state": self.record.state,
                     "error": f"transaction is {self.record.state}"}
@@ -396,10 +575,12 @@ class Guard:
             return {"ok": self.record.state == transaction.REVERTED, "state": self.record.state,
                     "error": self.record.error}
         if op == "extend":
-            seconds = float(message.get("seconds", 0))
-            if seconds <= 0:
-                return {"ok": False, "state": self.record.state, "error": "seconds must be > 0"}
-            self.set_deadline((self.record.deadline or time.time()) + seconds)
+            seconds = message.get("seconds")
+            problem = seconds_problem(seconds, self.max_seconds())
+            if problem is not None:  # the CLI checks too; this is the second line of defence
+                return {"ok": False, "state": self.record.state, "error": problem}
+            assert isinstance(seconds, (int, float))
+            self.extend_deadline(float(seconds))
             self.record.log("extended", f"+{seconds:g} s by {message.get('by', '?')}")
             self.save()
             self.log(f"deadline extended by {seconds:g} s")
@@ -458,20 +639,29 @@ class Guard:
         assert self.server is not None
         while not self.done:
             if self.terminate:
-                self.revert("the guard was terminated (SIGTERM) before confirmation")
+                self.revert(
+                    "reboot or shutdown: systemd stopped the guard while the change was pending; "
+                    "it was undone before the machine went down" if system_stopping() else
+                    "the guard was terminated (SIGTERM) before confirmation")
                 break
-            left = self.deadline_mono - time.monotonic()
+            left = self.deadline_boot - boottime()
             if left <= 0:
                 self.revert(
                     f"timeout: not confirmed within {self.record.timeout_s:g} s"
                     + (" (deadline extended)" if any(e.event == "extended"
                                                      for e in self.record.events) else ""))
                 break
+            if self.mode != "systemd-run" and self.backstop is None:
+                self.start_backstop()  # it could not be started before: try again
             try:
                 watched: list[Any] = [self.server, self.wake_r]
+                if self.backstop_fd is not None:
+                    watched.append(self.backstop_fd)
                 readable, _, _ = select.select(watched, [], [], min(left, 1.0))
             except InterruptedError:
                 continue
+            if self.backstop_fd is not None and self.backstop_fd in readable:
+                self.backstop_died()
             if self.wake_r in readable:
                 try:
                     os.read(self.wake_r, 4096)
@@ -513,24 +703,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         os._exit(0)
     mode = "setsid" if how == "--daemonize" else "systemd-run"
     state = StateDir(Path(state_dir))
-    log = open(state.tx_dir(tx_id) / "guard.log", "a")  # noqa: SIM115 - held for the lifetime
-    record = transaction.load_record(state, tx_id)
-    if record.state != transaction.PREPARING:
-        log.write(f"transaction {tx_id} is {record.state}, not preparing: nothing to guard\n")
-        return 1
-    guard = Guard(state, record, mode, log)
+    log_fd = open_private(state.tx_dir(tx_id) / "guard.log", os.O_WRONLY | os.O_APPEND)
+    log = os.fdopen(log_fd, "a")  # held for the guard's lifetime
+    guard: Guard | None = None
     try:
-        guard.arm()
+        # Under the transaction's lock, which the CLI also holds when it gives up and marks
+        # the transaction aborted: a guard that starts late sees `aborted` and applies nothing,
+        # and the CLI never aborts a transaction this guard has begun to apply.
+        with state.tx_locked(tx_id):
+            record = transaction.load_record(state, tx_id)
+            if record.state != transaction.PREPARING:
+                log.write(f"transaction {tx_id} is {record.state}, not preparing: "
+                          "nothing to guard\n")
+                return 1
+            problem = seconds_problem(record.timeout_s, max_seconds(record))
+            if problem is not None:  # the CLI checks too; this is the second line of defence
+                record.reason = f"the guard refused the timeout: {problem}; nothing was changed"
+                record.transition(transaction.ABORTED, record.reason)
+                transaction.save_record(state, record)
+                log.write(record.reason + "\n")
+                return 1
+            config = record.options.get("config")
+            if isinstance(config, str) and config:
+                os.environ["FWSAFE_CONFIG"] = config  # the CLI's config, read again on confirm
+            guard = Guard(state, record, mode, log)
+            guard.arm()
+            guard.begin()
         if guard.apply():
             guard.wait()
     except BaseException as exc:  # the revert must happen whatever went wrong
+        if guard is None:
+            log.write(f"guard error before arming: {exc!r}\n")
+            raise
         guard.log(f"guard error: {exc!r}")
-        if guard.applied and not guard.done and record.state in (
+        if guard.applied and not guard.done and guard.record.state in (
                 transaction.APPLYING, transaction.PENDING):
             guard.revert(f"the guard hit an internal error: {exc!r}")
         raise
     finally:
-        guard.close()
+        if guard is not None:
+            guard.stop_backstop()
+            guard.close()
         log.close()
     return 0
 

@@ -337,8 +337,10 @@ def on_confirmed(state: StateDir, record: Record) -> None:
     from fwsafe.config import Config, load_config
 
     config_error: ConfigError | None = None
+    recorded = record.options.get("config")  # the config file the CLI that applied it read
     try:
-        config = load_config(None)
+        config = load_config(recorded if isinstance(recorded, str) and os.path.isfile(recorded)
+                             else None)
     except ConfigError as exc:
         config, config_error = Config(), exc
     keep = config.history_keep

@@ -588,6 +588,8 @@ class _RemoteApply:
         argv = ["apply", "--detach", "--json", "--timeout", repr(float(options.timeout_s))]
         if options.force:
             argv.append("--force")
+        if options.partial:
+            argv.append("--partial")
         if not options.check:
             argv.append("--no-check")
         for url in options.probes:

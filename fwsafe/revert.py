@@ -1,18 +1,42 @@
-"""Putting what a change touched back from its snapshot, and proving it worked.
+"""Undoing a change, and proving it worked; a revert never gives up while the change may be live.
 
-Shared by the guard (which holds the snapshot in memory) and `fwsafe recover` (which reads it
-from disk after the guard is gone). A revert is only reported as done when a fresh capture
-shows that every touched unit equals the snapshot again.
+Shared by the guard (which holds the snapshots in memory), its backstop and `fwsafe recover`
+(which read them from disk). For each layer the change touched, the layer loads a complete
+computed target per table and verifies it (fwsafe.backends.base.Layer.revert), going through
+the levels MERGE -> CHAINS -> TABLES when a target is refused: the three-way merge, then the
+touched units whole from the snapshot, then the snapshot of every touched table (access before
+fidelity, said in the log and the record). When every level fails, the whole round is tried
+again after a pause that doubles from 0.1 s to 5 s, for as long as it takes (the guard), or
+until `give_up_after` seconds (a one-shot `fwsafe recover`, which then reports revert-failed).
+Every exception is caught and logged: nothing a backend raises can end the attempts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 from fwsafe.backends import ALL_LAYERS, layer_for
-from fwsafe.backends.base import ApplyError, RetryLog
+from fwsafe.backends.base import LEVELS, MERGE
 
-ATTEMPTS = 3
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+
+Log = Callable[[str], None]
+Attempt = Callable[[int, str], None]   # (attempt number, why the previous one failed)
+
+
+@dataclass
+class RevertResult:
+    problems: list[str] = field(default_factory=list)   # [] = done and verified
+    attempts: int = 0
+    levels: dict[str, str] = field(default_factory=dict)  # layer -> level that worked
+    notes: list[str] = field(default_factory=list)        # fallbacks used, said loudly
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
 
 
 def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, list[str]]:
@@ -26,39 +50,71 @@ def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> 
     return touched
 
 
-def revert_touched(
+def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes | None,
+                  log: Log) -> tuple[str | None, str]:
+    """Try each level once; return (the level that worked, None if none did; the last error)."""
+    layer = layer_for(name)
+    levels = LEVELS if after is not None else tuple(lv for lv in LEVELS if lv != MERGE)
+    error = ""
+    for level in levels:
+        try:
+            remaining = layer.revert(before, after, units, level=level, on_retry=log)
+        except Exception as exc:  # noqa: BLE001 - a revert must survive anything a backend raises
+            error = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
+            log(f"revert of {name} ({level}) refused: {error}")
+            continue
+        if not remaining:
+            return level, ""
+        error = "still differs: " + ", ".join(remaining)
+        log(f"revert of {name} ({level}): {error}")
+    return None, error
+
+
+def revert_change(
     touched: Mapping[str, Sequence[str]],
     before: Mapping[str, bytes],
+    after: Mapping[str, bytes] | None = None,
     *,
-    log: RetryLog | None = None,
-) -> list[str]:
-    """Restore every touched unit from `before`; return the problems ([] = done and verified).
-
-    Files first, iptables last (the reverse of capture order). Each layer is retried a few
-    times when its tool refuses (a held xtables lock, a transient kernel error); running out of
-    memory is retried until the tool runs (see runner).
-    """
-    problems: list[str] = []
-    order = [n for n in reversed(ALL_LAYERS) if n in touched]
-    for name in order:
-        units = list(touched[name])
-        layer = layer_for(name)
-        last_error = ""
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                layer.restore_units(before[name], units, on_retry=log)
-                remaining = layer.differences(before[name], units)
-            except (ApplyError, OSError, ValueError) as exc:
-                last_error = str(exc)
-                if log:
-                    log(f"restore of {name}, attempt {attempt}: {last_error}")
+    log: Log | None = None,
+    on_attempt: Attempt | None = None,
+    give_up_after: float | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> RevertResult:
+    """Undo the change on every touched layer: files first, iptables last (the reverse of the
+    capture order). `after` holds the captures taken right after the change (a layer missing
+    there is reverted from the snapshot: CHAINS, then TABLES)."""
+    say: Log = log or (lambda _message: None)
+    result = RevertResult()
+    remaining = [n for n in reversed(ALL_LAYERS) if n in touched and n in before]
+    started = time.monotonic()
+    delay = BACKOFF_FIRST
+    while True:
+        result.attempts += 1
+        failed: dict[str, str] = {}
+        for name in remaining:
+            level, error = _revert_layer(name, touched[name], before[name],
+                                         (after or {}).get(name), say)
+            if level is None:
+                failed[name] = error
                 continue
-            if not remaining:
-                last_error = ""
-                break
-            last_error = "still differs: " + ", ".join(remaining)
-            if log:
-                log(f"restore of {name}, attempt {attempt}: {last_error}")
-        if last_error:
-            problems.append(f"{name}: {last_error}")
-    return problems
+            result.levels[name] = level
+            if level != MERGE:
+                note = (f"{name}: the three-way merge could not be loaded; restored "
+                        + ("the touched units whole from the snapshot" if level != LEVELS[-1]
+                           else "the whole snapshot of the touched tables (access before "
+                                "fidelity: rules others added meanwhile are gone)"))
+                result.notes.append(note)
+                say(f"FALLBACK {note}")
+        remaining = [n for n in remaining if n in failed]
+        if not remaining:
+            result.problems = []
+            return result
+        reason = "; ".join(f"{n}: {e}" for n, e in failed.items())
+        if give_up_after is not None and time.monotonic() - started >= give_up_after:
+            result.problems = [f"{n}: {e}" for n, e in failed.items()]
+            return result
+        say(f"revert attempt {result.attempts} failed ({reason}); trying again in {delay:g} s")
+        if on_attempt is not None:
+            on_attempt(result.attempts + 1, reason)
+        sleep(delay)
+        delay = min(delay * 2, BACKOFF_MAX)

@@ -9,11 +9,24 @@ from fwsafe.statedir import StateDir, atomic_write
 
 BEFORE = "before"   # the state before the change: what a revert restores
 CHANGE = "change"   # the change as given
+AFTER = "after"     # the state right after the change: its own delta is BEFORE -> AFTER
 
 
 def save(state: StateDir, tx_id: str, kind: str, data: dict[str, bytes]) -> None:
     for name, content in data.items():
         atomic_write(state.tx_dir(tx_id) / f"{kind}.{name}", content)
+
+
+def load_optional(state: StateDir, tx_id: str, kind: str,
+                  layer_names: Iterable[str]) -> dict[str, bytes]:
+    """The layers of `kind` that were saved (a snapshot taken later may be missing)."""
+    out = {}
+    for name in layer_names:
+        try:
+            out[name] = (state.tx_dir(tx_id) / f"{kind}.{name}").read_bytes()
+        except OSError:
+            continue
+    return out
 
 
 def load(state: StateDir, tx_id: str, kind: str, layer_names: Iterable[str]) -> dict[str, bytes]:

@@ -21,6 +21,7 @@ the CLI writes it before the guard runs and `fwsafe recover` after the guard is 
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import time
@@ -28,8 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fwsafe.errors import StateError
+from fwsafe.errors import RecordFormatError, StateError
 from fwsafe.statedir import StateDir, atomic_write
+
+#: The major version of the record's layout, written as `format`. Fields may be added without
+#: changing it (older code keeps unknown fields); a newer major version is refused.
+RECORD_FORMAT = 1
 
 PREPARING = "preparing"
 ABORTED = "aborted"
@@ -45,7 +50,7 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     PREPARING: frozenset({APPLYING, ABORTED}),
     APPLYING: frozenset({PENDING, REJECTED, REVERTING}),
     PENDING: frozenset({CONFIRMED, REVERTING}),
-    REVERTING: frozenset({REVERTED, REVERT_FAILED}),
+    REVERTING: frozenset({REVERTED, REVERT_FAILED, REJECTED}),  # rejected: refused part-way
     ABORTED: frozenset(),
     REJECTED: frozenset(),
     CONFIRMED: frozenset(),
@@ -99,7 +104,16 @@ class Record:
     notes: list[str] = field(default_factory=list)
     probes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    boot_id: str | None = None            # the kernel boot the change was applied in
+    reverted_by: str | None = None        # guard | backstop | recover | boot
+    backstop: dict[str, Any] | None = None  # what reverts if the guard dies: kind, pid/unit
+    revert_attempts: int = 0              # rounds tried so far (each one every level)
+    revert_last_error: str | None = None  # why the last round failed, while reverting
+    revert_notes: list[str] = field(default_factory=list)  # fallbacks used (said loudly)
     events: list[Event] = field(default_factory=list)
+    format: int = RECORD_FORMAT           # the layout's major version (RECORD_FORMAT)
+    # Fields this version does not know (written by another version): kept and written back.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     # -- state machine --------------------------------------------------------------------
     def transition(self, new_state: str, detail: str = "", *, now: float | None = None) -> None:
@@ -121,20 +135,51 @@ class Record:
     def remaining_s(self, now: float | None = None) -> float | None:
         if self.deadline is None or self.state not in (PENDING, APPLYING):
             return None
+        if not math.isfinite(self.deadline):
+            return None
         return max(0.0, self.deadline - (now if now is not None else time.time()))
 
     # -- (de)serialisation ------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        extra = data.pop("extra")
+        data["format"] = RECORD_FORMAT
+        return {**extra, **data}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Record:
-        events = [Event(**e) for e in data.pop("events", [])]
-        known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
-            raise StateError(f"transaction record has unknown fields: {sorted(unknown)}")
-        return cls(**data, events=events)
+        """Fields this version does not know are kept (`extra`), never an error, so that an
+        upgrade or a downgrade while a change is pending cannot break `recover`; a record of a
+        newer major `format` is refused with RecordFormatError."""
+        data = dict(data)
+        major = _format_major(data.pop("format", 1))
+        if major > RECORD_FORMAT:
+            raise RecordFormatError(
+                f"transaction record {data.get('id', '?')} has format {major}, newer than this "
+                f"fwsafe reads (format {RECORD_FORMAT})",
+                hint="a newer fwsafe wrote it: use that version for `fwsafe status` and "
+                     "`fwsafe recover`")
+        events = [_event(e) for e in data.pop("events", [])]
+        known = set(cls.__dataclass_fields__) - {"events", "format", "extra"}
+        extra = {key: data.pop(key) for key in list(data) if key not in known}
+        return cls(**data, events=events, extra=extra)
+
+
+def _format_major(value: Any) -> int:
+    """The major version of a record's `format`: 1, or "1.2" (a minor version is ignored)."""
+    if isinstance(value, bool):
+        raise ValueError(f"bad format {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        return int(value.split(".", 1)[0])
+    raise ValueError(f"bad format {value!r}")
+
+
+def _event(data: Any) -> Event:
+    if not isinstance(data, dict):
+        raise ValueError("an event is not an object")
+    return Event(**{key: data[key] for key in ("t", "event", "detail") if key in data})
 
 
 def record_path(state: StateDir, tx_id: str) -> Path:
@@ -192,6 +237,14 @@ def process_alive(pid: int | None, marker: str) -> bool:
 
 def guard_alive(record: Record) -> bool:
     return process_alive(record.guard_pid, record.id)
+
+
+def current_boot_id() -> str | None:
+    """The kernel's id of this boot: it changes with every reboot (and every container boot)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
 
 
 def who_am_i() -> dict[str, str]:

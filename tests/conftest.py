@@ -3,6 +3,7 @@ those are missing; in CI (CI=true) they must run, so a missing capability fails 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -11,13 +12,17 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from fwsafe.lab import Lab, create_lab, require_lab_capable
 from tests.bins import FWSAFE, put_venv_first_on_path
 from tests.rulesets import BASELINE_V4, BASELINE_V6
+from tests.systemdlab import sdlab, sdlab_image  # noqa: F401 - the systemd lab's fixtures
+
+if TYPE_CHECKING:  # imported at run time only by the neighbour fixtures
+    from tests.neighbours import Dockerd, Fail2ban
 
 _INDEX = itertools.count(10)
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
@@ -118,3 +123,111 @@ def fwlab_ufw() -> Iterator[FwLab]:
     """The same, with private copies of /etc/ufw and /etc/default/ufw bind-mounted for sshd's
     sessions and for `fwlab.fw(...)` (the real files of this machine are never touched)."""
     yield from _build(private_ufw=True)
+
+
+# --- real neighbours (fail2ban, dockerd) in the lab: see tests/neighbours.py ----------------
+
+
+class NeighbourLab(FwLab):
+    """An fwlab whose server namespace also runs the real fail2ban and/or dockerd.
+
+    `f2b` / `docker`: the running neighbours (an error when the fixture started none);
+    `clients`: ten extra client addresses (10.231.<index>.50-59) to ban or probe from;
+    `before_neighbours`: the normalised iptables-save of the server as it was before any
+    neighbour started (a "rules file written before fail2ban/Docker started")."""
+
+    def __init__(self, lab: Lab, f2b: Fail2ban | None, docker: Dockerd | None,
+                 clients: list[str], before_neighbours: str) -> None:
+        super().__init__(lab)
+        self._f2b = f2b
+        self._docker = docker
+        self.clients = clients
+        self.before_neighbours = before_neighbours
+
+    @property
+    def f2b(self) -> Fail2ban:
+        if self._f2b is None:
+            raise AssertionError("no fail2ban here: use the f2b_lab or neighbours_lab fixture")
+        return self._f2b
+
+    @property
+    def docker(self) -> Dockerd:
+        if self._docker is None:
+            raise AssertionError("no dockerd here: use the docker_lab or neighbours_lab fixture")
+        return self._docker
+
+    def save(self, tool: str = "iptables-save") -> str:
+        """The live ruleset (iptables-save or ip6tables-save), without comments and counters."""
+        from tests.neighbours import normalize_save
+
+        return normalize_save(self.lab.srv_exec([tool]).stdout)
+
+    def record(self, title: str) -> str:
+        """Print (visible with -s, and on failure) and return the live IPv4 ruleset."""
+        text = self.save()
+        print(f"\n===== {title} =====\n{text}", end="", flush=True)
+        return text
+
+
+def _need_programs(paths: tuple[str, ...]) -> None:
+    from tests.neighbours import missing_programs
+
+    missing = missing_programs(paths)
+    if missing:
+        reason = ("missing: " + ", ".join(missing) + " (`bash scripts/setup.sh --test` installs "
+                  "fail2ban, docker.io and busybox-static)")
+        if IN_CI:
+            pytest.fail(f"neighbour lab tests must run in CI, but {reason}")
+        pytest.skip(reason)
+
+
+def _neighbour_lab(f2b: bool, docker: bool) -> Iterator[NeighbourLab]:
+    from tests import neighbours
+
+    _capable()
+    _need_programs((neighbours.F2B_PROGRAMS if f2b else ())
+                   + (neighbours.DOCKER_PROGRAMS if docker else ()))
+    with contextlib.contextmanager(_build)(False) as fw:  # the lab's own teardown last
+        helpers: list[Fail2ban | Dockerd] = []
+        try:
+            before = neighbours.normalize_save(fw.lab.srv_exec(["iptables-save"]).stdout)
+            clients = neighbours.add_client_addresses(fw.lab)
+            f2b_helper: Fail2ban | None = None
+            docker_helper: Dockerd | None = None
+            if f2b:
+                f2b_helper = neighbours.Fail2ban(fw.lab)
+                helpers.append(f2b_helper)
+                f2b_helper.start()
+            if docker:
+                docker_helper = neighbours.Dockerd(fw.lab)
+                helpers.append(docker_helper)
+                docker_helper.start()
+                docker_helper.import_busybox()
+            yield NeighbourLab(fw.lab, f2b_helper, docker_helper, clients, before)
+        finally:
+            errors = []
+            for helper in reversed(helpers):  # every one, even when another fails
+                try:
+                    helper.close()
+                except Exception as exc:
+                    errors.append(f"{type(helper).__name__}: {exc}")
+            if errors:
+                pytest.fail("neighbour teardown incomplete: " + "; ".join(errors))
+
+
+@pytest.fixture
+def f2b_lab() -> Iterator[NeighbourLab]:
+    """fwlab + a real fail2ban (one sshd jail, iptables-multiport) in the server namespace."""
+    yield from _neighbour_lab(f2b=True, docker=False)
+
+
+@pytest.fixture
+def docker_lab() -> Iterator[NeighbourLab]:
+    """fwlab + a real dockerd (busybox image imported) in the server namespace."""
+    yield from _neighbour_lab(f2b=False, docker=True)
+
+
+@pytest.fixture
+def neighbours_lab() -> Iterator[NeighbourLab]:
+    """fwlab + both: fail2ban and dockerd in the server namespace."""
+    yield from _neighbour_lab(f2b=True, docker=True)

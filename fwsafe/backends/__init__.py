@@ -26,9 +26,21 @@ def layer_for(name: str) -> Layer:
     raise UsageError(f"unknown firewall layer {name!r}")
 
 
+def compose_partial(name: str, content: bytes, live: bytes | None) -> bytes:
+    """A `--partial` file of one layer as the complete content it stands for, given the live
+    state: the chains (nft: tables) it names replaced, everything else as it is."""
+    if name == "nft":
+        from fwsafe.backends.nftables import compose_partial as compose_nft
+
+        return compose_nft(content)
+    from fwsafe.backends.iptables import compose_partial as compose_iptables
+
+    return compose_iptables(live or b"", content)
+
+
 def available_layers() -> list[str]:
     """The layers that exist on this system (each is captured in every snapshot)."""
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
-__all__ = ["ALL_LAYERS", "ApplyError", "Layer", "available_layers", "layer_for"]
+__all__ = ["ALL_LAYERS", "ApplyError", "Layer", "available_layers", "compose_partial", "layer_for"]

@@ -10,9 +10,14 @@ Each layer splits its state into *units*, the pieces a revert puts back one by o
     ufw                                   one unit per file:    "/etc/ufw/user.rules"
 
 A change *touches* the units whose content differs between the snapshot taken before it and a
-capture taken right after it was applied. A revert restores exactly the touched units from the
-snapshot (re-creating what the change deleted, deleting what it created) and leaves every other
-unit as it is at revert time: a chain that Docker or fail2ban added during the window survives.
+capture taken right after it was applied. A revert loads, atomically and per table, a complete
+computed target for the tables (files) holding touched units, then verifies it. It goes through
+levels, each a fallback for the one before when the tool refuses the target:
+
+    MERGE   the three-way merge of before / after the change / live (fwsafe.merge): only the
+            change's own rules are undone; what others did meanwhile stays
+    CHAINS  the touched units put back whole from the snapshot, the rest as it is live
+    TABLES  the snapshot of every touched table, whole (access before fidelity)
 """
 
 from __future__ import annotations
@@ -21,6 +26,11 @@ import abc
 from collections.abc import Callable, Sequence
 
 RetryLog = Callable[[str], None]
+
+MERGE = "merge"
+CHAINS = "snapshot units"
+TABLES = "snapshot tables"
+LEVELS = (MERGE, CHAINS, TABLES)
 
 
 class ApplyError(Exception):
@@ -50,11 +60,14 @@ class Layer(abc.ABC):
         """Split a capture into units: {unit id: normalised content}."""
 
     @abc.abstractmethod
-    def restore_units(self, before: bytes, units: Sequence[str], *,
-                      on_retry: RetryLog | None = None) -> None:
-        """Put the given units back as they are in `before` (absent there: remove them), and
-        leave all other units as they are now. Keeps trying while processes cannot be started
-        for lack of memory; raises ApplyError when the tool refuses."""
+    def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
+               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+        """Undo the change on the live state at `level` (see the module's documentation):
+        compute the complete target of each table or file holding one of `units`, load it
+        atomically, capture again and compare. `after` is the capture right after the change
+        (None when it was never taken: MERGE then acts as CHAINS). Returns what still differs
+        ([] = done and verified); raises ApplyError when the tool refuses the target. Keeps
+        trying while processes cannot be started for lack of memory."""
 
     # -- content changes (iptables / nft files); layers that take none keep these defaults --
     def check_tools(self) -> None:
@@ -78,8 +91,3 @@ class Layer(abc.ABC):
     def touched(self, before: bytes, after: bytes) -> list[str]:
         old, new = self.units(before), self.units(after)
         return sorted(u for u in set(old) | set(new) if old.get(u) != new.get(u))
-
-    def differences(self, before: bytes, units: Sequence[str]) -> list[str]:
-        """After a restore: the units that are still not as in `before` ([] = all good)."""
-        old, now = self.units(before), self.units(self.capture())
-        return [f"{self.label} {u}" for u in units if old.get(u) != now.get(u)]

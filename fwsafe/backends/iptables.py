@@ -6,9 +6,11 @@ iptables-legacy tables exist too, they are captured as layers of their own ("ipv
 "ipv6-legacy"): they still filter packets, and a command such as ufw may change them.
 
 A change is an `iptables-save` file, applied atomically with `iptables-restore` (which replaces
-the tables the file names). A revert rebuilds each table that holds touched chains from the
-table as it is at revert time, with the touched chains put back as they were in the snapshot,
-and loads it with one `iptables-restore`: atomic, and chains nobody touched stay as they are.
+the tables the file names). A revert computes the complete target of each table the change
+touched, as the three-way merge of the snapshot, the capture right after the change and the
+table at revert time (fwsafe.merge), and loads it with one `iptables-restore`: atomic, and only
+the change's own rules are undone. With `--partial` a file replaces only the chains it names
+(`compose_partial`): everything else in its tables stays as it is live.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from fwsafe.backends.base import ApplyError, Layer, RetryLog
+from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
+from fwsafe.merge import merge_sequences, merge_value
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -34,6 +37,7 @@ _NFT_SYNTAX = re.compile(r"^\s*(table\s+(ip|ip6|inet|arp|bridge|netdev)\b|flush\
 _ERROR_LINE = re.compile(r"(?:Error occurred at line:\s*|line\s+)(\d+)")
 _MISSING_CHAIN = re.compile(r"Chain '([^']+)' does not exist")
 _RULE_CHAIN = re.compile(r"^-[AI]\s+(\S+)")
+_JUMP = re.compile(r"\s-[jg]\s+(\S+)")
 
 
 @dataclass(frozen=True)
@@ -153,6 +157,82 @@ def merge_table(name: str, before: Table | None, current: Table | None,
     return result
 
 
+def merge_table3(name: str, before: Table | None, after: Table | None,
+                 live: Table | None) -> Table:
+    """The table with the change `before -> after` undone on `live` (fwsafe.merge): chains the
+    change created go, chains it deleted come back, rules it added go and rules it removed come
+    back in their places; what others did meanwhile stays. Missing tables count as empty."""
+    b, a, now = (t or empty_table(name) for t in (before, after, live))
+    names = list(dict.fromkeys([*now.chains, *b.chains, *a.chains]))
+    result = Table(name)
+    for chain in names:
+        exists = merge_value(*("y" if chain in t.chains else None for t in (b, a, now)))
+        rules = merge_sequences(*(t.chains[chain].rules if chain in t.chains else []
+                                  for t in (b, a, now)))
+        if not exists and not rules:
+            continue
+        policy = merge_value(*(t.chains[chain].policy if chain in t.chains else None
+                               for t in (b, a, now)))
+        result.chains[chain] = Chain(chain, policy or ("ACCEPT" if chain in BUILTIN_CHAINS.get(
+            name, ()) else "-"), rules)
+    complete_references(result, [now, b, a])
+    return result
+
+
+def complete_references(table: Table, sources: Sequence[Table | None]) -> list[str]:
+    """Add every chain that a rule of `table` jumps to but `table` lacks, taken from the first
+    of `sources` that has it (a rule kept from one state may point at a chain of another).
+    Returns the chains added."""
+    known: dict[str, Chain] = {}
+    for source in reversed([s for s in sources if s is not None]):
+        known.update(source.chains)
+    added: list[str] = []
+    pending = [r for c in table.chains.values() for r in c.rules]
+    while pending:
+        match = _JUMP.search(pending.pop())
+        target = match.group(1) if match else None
+        if target and target in known and target not in table.chains:
+            table.chains[target] = known[target]
+            added.append(target)
+            pending.extend(known[target].rules)
+    return added
+
+
+def same_table(one: Table | None, two: Table | None) -> bool:
+    """Equal as rulesets: a missing table equals an empty one."""
+    if one is None or one.is_empty():
+        return two is None or two.is_empty()
+    return two is not None and one.text() == two.text()
+
+
+def compose_partial(live: bytes, change: bytes) -> bytes:
+    """`--partial`: the tables the file names, as they are live with only the chains the file
+    names (declares, or appends rules to) replaced by the file's: its policy (else the live
+    one) and its rules. Every other chain stays as it is."""
+    now = parse_ruleset(live.decode(errors="replace"))
+    out = []
+    for name, lines in parse_tables(change.decode(errors="replace")).items():
+        merged = Table(name, dict(now[name].chains) if name in now else {})
+        for chain in BUILTIN_CHAINS.get(name, ()):
+            merged.chains.setdefault(chain, Chain(chain, "ACCEPT"))
+        named: dict[str, Chain] = {}
+        for line in lines[1:]:
+            if line.startswith(":"):
+                parts = line[1:].split()
+                named[parts[0]] = Chain(parts[0], parts[1] if len(parts) > 1 else "-")
+                continue
+            match = _RULE_CHAIN.match(line)
+            if match:
+                chain = match.group(1)
+                if chain not in named:
+                    live_chain = merged.chains.get(chain)
+                    named[chain] = Chain(chain, live_chain.policy if live_chain else "-")
+                named[chain].rules.append(line)
+        merged.chains.update(named)
+        out.append(merged.text())
+    return "".join(out).encode()
+
+
 def describe_restore_error(stderr: str, change: bytes, source: str) -> tuple[str, int | None]:
     """Turn iptables-restore's complaint into 'FILE:LINE: `text`: message'."""
     lines = change.decode(errors="replace").splitlines()
@@ -264,31 +344,88 @@ class IptablesLayer(Layer):
             raise ApplyError(message, line=line)
 
     # -- revert ---------------------------------------------------------------------------
-    def restore_units(self, before: bytes, units: Sequence[str], *,
-                      on_retry: RetryLog | None = None) -> None:
-        by_table: dict[str, set[str]] = {}
-        for unit in units:
-            table, _, chain = unit.partition("/")
-            by_table.setdefault(table, set()).add(chain)
-        if not by_table:
-            return
+    def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
+               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+        tables = sorted({unit.partition("/")[0] for unit in units})
+        if not tables:
+            return []
         old = parse_ruleset(before.decode(errors="replace"))
+        new = parse_ruleset(after.decode(errors="replace")) if after is not None else None
         now = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
+        targets: dict[str, Table | None] = {}
+        for name in tables:
+            if level == MERGE and new is not None:
+                targets[name] = merge_table3(name, old.get(name), new.get(name), now.get(name))
+            elif level in (MERGE, CHAINS):
+                chains = {u.partition("/")[2] for u in units if u.startswith(name + "/")}
+                merged = merge_table(name, old.get(name), now.get(name), chains)
+                complete_references(merged, [now.get(name), old.get(name)])
+                targets[name] = merged
+            else:
+                targets[name] = old.get(name)
+        self._load_repairing(targets, old, on_retry)
+        after_load = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
+        problems = []
+        for name, target in targets.items():
+            if same_table(target, after_load.get(name)):
+                continue
+            if level == MERGE and new is not None and same_table(
+                    merge_table3(name, old.get(name), new.get(name), after_load.get(name)),
+                    after_load.get(name)):
+                continue  # others changed the table again meanwhile; the change stays undone
+            problems.append(f"{self.label} table {name} differs from the computed target")
+        return problems
+
+    def _load_repairing(self, targets: dict[str, Table | None], old: dict[str, Table],
+                        on_retry: RetryLog | None) -> None:
+        """Load the targets; when the tool names a chain that a kept rule jumps to but that
+        exists nowhere any more, add it (the snapshot's copy, else empty) and load again."""
+        for _ in range(8):
+            try:
+                self._load(targets, old, on_retry)
+                return
+            except ApplyError as exc:
+                missing = _MISSING_CHAIN.search(exc.message)
+                if not missing:
+                    raise
+                chain = missing.group(1)
+                repaired = False
+                for name, target in targets.items():
+                    if target is None or chain in target.chains or not any(
+                            re.search(rf"\s-[jg]\s+{re.escape(chain)}(\s|$)", r)
+                            for c in target.chains.values() for r in c.rules):
+                        continue
+                    source = old.get(name)
+                    target.chains[chain] = (source.chains[chain] if source and chain in
+                                            source.chains else Chain(chain, "-"))
+                    repaired = True
+                if not repaired:
+                    raise
+                if on_retry:
+                    on_retry(f"{self.label}: re-created chain {chain} that the target needs")
+        self._load(targets, old, on_retry)
+
+    def _load(self, targets: dict[str, Table | None], old: dict[str, Table],
+              on_retry: RetryLog | None) -> None:
+        """Load every target table in one iptables-restore; remove (nf_tables) the tables that
+        did not exist before the change and are empty now."""
         payload: list[str] = []
         drop: list[str] = []
-        for name, chains in by_table.items():
-            merged = merge_table(name, old.get(name), now.get(name), chains)
-            if merged.is_empty() and self._deletes_tables() and name not in old:
-                if name in now:
-                    drop.append(name)
+        for name, target in targets.items():
+            if (target is None or target.is_empty()) and self._deletes_tables() \
+                    and name not in old:
+                drop.append(name)
                 continue
-            if not merged.chains:
-                merged = empty_table(name)
-            payload.append(merged.text())
+            if target is None or not target.chains:
+                target = empty_table(name)
+            payload.append(target.text())
         if payload:
             self._restore("".join(payload).encode(), on_retry)
         for name in drop:
-            # The table did not exist before the change: remove it again (nf_tables only).
+            listed = run_persistently([require_binary("nft"), "list", "table",
+                                       self.family.nft_family, name], timeout=60, on_retry=on_retry)
+            if listed.returncode != 0:
+                continue  # already gone
             result = run_persistently(
                 [require_binary("nft"), "delete", "table", self.family.nft_family, name],
                 timeout=60, on_retry=on_retry)
@@ -301,5 +438,5 @@ class IptablesLayer(Layer):
         result = run_persistently([require_binary(self.family.restore), "-w", "10"],
                                   input=payload, timeout=600, on_retry=on_retry)
         if result.returncode != 0:
-            raise ApplyError(f"{self.family.restore} refused the snapshot: "
+            raise ApplyError(f"{self.family.restore} refused the revert target: "
                              f"{result.stderr.decode(errors='replace').strip()}")

@@ -5,9 +5,12 @@ filter, nat, mangle, raw, security): those are captured in iptables format by th
 layers, because `nft list ruleset` output of xt matches does not load back.
 
 A change is an nft file: validated with `nft -c -f`, applied with `nft -f` (one atomic
-transaction). A revert puts each touched table back as it was, in one `nft -f` transaction:
-``add table X; delete table X; <X as in the snapshot>``; a table the change created is only
-deleted. Tables nobody touched are left alone.
+transaction). A revert loads the computed target of each touched table in one `nft -f`
+transaction: ``add table X; delete table X; <target of X>``. The target is the three-way merge
+(fwsafe.merge) of the table before the change, right after it and live, object by object (sets,
+chains) and line by line inside them; the fallback is the table as in the snapshot. A table the
+change created is deleted unless others added to it. Tables nobody touched are left alone.
+With `--partial` the file's tables replace the same tables live and nothing else changes.
 """
 
 from __future__ import annotations
@@ -16,9 +19,10 @@ import json
 import re
 from collections.abc import Sequence
 
-from fwsafe.backends.base import ApplyError, Layer, RetryLog
+from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.errors import InvalidRulesError
+from fwsafe.merge import merge_sequences, merge_value
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_ERROR = re.compile(r"^(?:/dev/stdin|[^:\s]+):(\d+):(\d+)(?:-\d+)?: Error: (.*)$", re.M)
@@ -61,6 +65,64 @@ def split_tables(text: str) -> dict[str, str]:
     if current is not None:
         blocks[key] = "\n".join(current)
     return blocks
+
+
+def parse_block(block: str) -> tuple[str, list[str], dict[str, list[str]]]:
+    """A table block -> (header line, table-level lines, {object header: body lines}); objects
+    (sets, maps, chains, ...) keep their order."""
+    lines = block.splitlines()
+    header = lines[0] if lines else ""
+    attrs: list[str] = []
+    objects: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines[1:]:
+        if current is not None:
+            if line == "\t}":
+                current = None
+            else:
+                current.append(line)
+        elif line.startswith("\t") and not line.startswith("\t\t") and line.endswith("{"):
+            current = objects.setdefault(line, [])
+        elif line != "}":
+            attrs.append(line)
+    return header, attrs, objects
+
+
+def render_block(header: str, attrs: list[str], objects: dict[str, list[str]]) -> str:
+    out = [header, *attrs]
+    for head, body in objects.items():
+        out += [head, *body, "\t}"]
+    return "\n".join([*out, "}"])
+
+
+def merge_block(before: str | None, after: str | None, live: str | None) -> str | None:
+    """One table with the change `before -> after` undone on `live` (None: no such table)."""
+    exists = merge_value(*("y" if b is not None else None for b in (before, after, live)))
+    parts = [parse_block(b) if b is not None else ("", [], {}) for b in (before, after, live)]
+    header = next((p[0] for p in (parts[2], parts[0], parts[1]) if p[0]), "")
+    attrs = merge_sequences(*(p[1] for p in parts))
+    names = list(dict.fromkeys([*parts[2][2], *parts[0][2], *parts[1][2]]))
+    objects: dict[str, list[str]] = {}
+    for name in names:
+        there = merge_value(*("y" if name in p[2] else None for p in parts))
+        body = merge_sequences(*(p[2].get(name, []) for p in parts))
+        if there or body:
+            objects[name] = body
+    if not exists and not objects:
+        return None
+    return render_block(header, attrs, objects)
+
+
+def compose_partial(change: bytes) -> bytes:
+    """`--partial`: each table the file defines replaces the live table of that name."""
+    text = change.decode(errors="replace")
+    if re.search(r"^\s*flush\s+ruleset\b", text, re.M):
+        raise InvalidRulesError("a --partial nft file must not `flush ruleset`: it names the "
+                                "tables it replaces, and every other table stays")
+    names = dict.fromkeys(f"{m.group(1)} {m.group(2)}" for m in re.finditer(
+        r"^\s*(?:add\s+)?table\s+(\S+)\s+([^\s{]+)", text, re.M))
+    prefix = "".join(f"add table {n}\ndelete table {n}\n" for n in names)
+    return (prefix + text).encode()
 
 
 def describe_nft_error(stderr: str, change: bytes, source: str) -> tuple[str, int | None]:
@@ -132,19 +194,41 @@ class NftLayer(Layer):
                                                   source)
             raise ApplyError(message, line=line_no)
 
-    def restore_units(self, before: bytes, units: Sequence[str], *,
-                      on_retry: RetryLog | None = None) -> None:
+    def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
+               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
         if not units:
-            return
+            return []
         old = self.units(before)
-        script = []
+        new = self.units(after) if after is not None else None
+        now = self.units(self.capture())
+        targets: dict[str, str | None] = {}
         for unit in units:
+            if level == MERGE and new is not None:
+                targets[unit] = merge_block(old.get(unit), new.get(unit), now.get(unit))
+            else:
+                targets[unit] = old.get(unit)
+        script = []
+        for unit, target in targets.items():
+            if target is None and unit not in now:
+                continue
             family, name = unit.split(" ", 1)
             script.append(f"add table {family} {name}\ndelete table {family} {name}\n")
-            if unit in old:
-                script.append(old[unit] + "\n")
-        result = run_persistently([require_binary("nft"), "-f", "-"],
-                                  input="".join(script).encode(), timeout=600, on_retry=on_retry)
-        if result.returncode != 0:
-            raise ApplyError(f"nft refused the snapshot: "
-                             f"{result.stderr.decode(errors='replace').strip()}")
+            if target is not None:
+                script.append(target + "\n")
+        if script:
+            result = run_persistently([require_binary("nft"), "-f", "-"],
+                                      input="".join(script).encode(), timeout=600,
+                                      on_retry=on_retry)
+            if result.returncode != 0:
+                raise ApplyError(f"nft refused the revert target: "
+                                 f"{result.stderr.decode(errors='replace').strip()}")
+        loaded = self.units(self.capture())
+        problems = []
+        for unit, target in targets.items():
+            if loaded.get(unit) == target:
+                continue
+            if level == MERGE and new is not None and merge_block(
+                    old.get(unit), new.get(unit), loaded.get(unit)) == loaded.get(unit):
+                continue  # others changed the table again meanwhile; the change stays undone
+            problems.append(f"nftables table {unit} differs from the computed target")
+        return problems

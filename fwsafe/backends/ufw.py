@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fwsafe.backends.base import Layer, RetryLog
+from fwsafe.backends.base import MERGE, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ufwfiles import capture_ufw_files, load_ufw_files, restore_ufw_files
 
@@ -55,9 +55,15 @@ class UfwLayer(Layer):
         """Put ufw's files as a whole into the state of a snapshot (a rollback)."""
         restore_ufw_files(change, self.root)
 
-    def restore_units(self, before: bytes, units: Sequence[str], *,
-                      on_retry: RetryLog | None = None) -> None:
-        restore_ufw_files(before, self.root, list(units))
+    def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
+               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+        """Files are put back whole from the snapshot (ufw rewrites them whole, too)."""
+        old = self.units(before)
+        stale = [u for u in units if self.units(self.capture()).get(u) != old.get(u)]
+        if stale:
+            restore_ufw_files(before, self.root, stale)
+        now = self.units(self.capture())
+        return [f"{self.label} {u}" for u in units if now.get(u) != old.get(u)]
 
 
 def is_ufw(argv: Sequence[str]) -> bool:

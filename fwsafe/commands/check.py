@@ -9,8 +9,9 @@ import click
 
 from fwsafe.check import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
 from fwsafe.commands import RAW_ARGS
+from fwsafe.config import load_config
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, UsageError
-from fwsafe.manager import Change, change_from_files, validate_change
+from fwsafe.manager import Change, change_from_files, resolve_partial, validate_change
 from fwsafe.precheck import candidate_layers
 
 EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
@@ -31,9 +32,12 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=60),
               default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds one connection attempt may take in the sandbox.")
+@click.option("--partial", is_flag=True,
+              help="The file replaces only the chains (nft: tables) it names, as with apply.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
-          port: int | None, backend: str, timeout_s: float, as_json: bool) -> None:
+          port: int | None, backend: str, timeout_s: float, partial: bool,
+          as_json: bool) -> None:
     """Predict whether applying RULES (or running `-- COMMAND`, e.g. `-- ufw deny 22/tcp`,
     which is first run on a copy of the firewall) would lock you out, without changing
     anything.
@@ -64,7 +68,14 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
     elif not rules and not rules6:
         raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6, or -- COMMAND")
     else:
-        change = change_from_files(rules, rules6, backend)
+        change = change_from_files(rules, rules6, backend,
+                                   limit=load_config(None).max_rules_bytes)
+        if partial:
+            from fwsafe.backends import layer_for
+
+            change.partial = True
+            change = resolve_partial(change, {name: layer_for(name).capture()
+                                              for name in change.layers})
     layers = candidate_layers(change)
 
     sessions, default_port = default_sessions()

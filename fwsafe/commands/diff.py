@@ -9,6 +9,7 @@ import click
 
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.commands import RAW_ARGS
+from fwsafe.config import load_config
 from fwsafe.diff import UnitDiff, diff_change
 from fwsafe.manager import Change, change_from_files, require_root
 
@@ -34,8 +35,11 @@ def _render(diffs: list[UnitDiff], color: bool) -> str:
 @click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
 @click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
               show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@click.option("--partial", is_flag=True,
+              help="The file replaces only the chains (nft: tables) it names, as with apply.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-def diff(args: tuple[str, ...], rules6: str | None, backend: str, as_json: bool) -> None:
+def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
+         as_json: bool) -> None:
     """Show what RULES (or `-- COMMAND`, e.g. `-- ufw deny 22/tcp`) would change, per layer
     (iptables chains, nftables tables, ufw files), without changing anything.
 
@@ -50,7 +54,9 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, as_json: bool)
     else:
         if not args and not rules6:
             raise click.UsageError("give RULES and/or --rules6 RULES6, or `-- COMMAND...`")
-        change = change_from_files(args, rules6, backend)
+        change = change_from_files(args, rules6, backend,
+                                   limit=load_config(None).max_rules_bytes)
+        change.partial = partial
     diffs = diff_change(change)
     if as_json:
         click.echo(json.dumps({"changed": bool(diffs), "units": [d.to_json() for d in diffs]},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import sys
 from typing import Any
 
@@ -29,7 +30,9 @@ ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw")
 
 def _state(state_dir: str | None, config_path: str | None) -> StateDir:
     config = load_config(config_path)
-    return StateDir(resolve_state_dir(state_dir, config.state_dir))
+    state = StateDir(resolve_state_dir(state_dir, config.state_dir))
+    state.verify()  # nothing is read from a directory others could have written
+    return state
 
 
 def entry_json(entry: Entry, *, with_layers: bool = False) -> dict[str, Any]:
@@ -248,13 +251,14 @@ def _with_emptied_tables(name: str, content: bytes) -> bytes:
 
 @click.command("rollback", epilog=EPILOG)
 @click.argument("entry_id", metavar="ID")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=None,
-              help="Seconds until the guard reverts unless confirmed (default 60, or the config).")
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None,
+              help="Seconds until the guard reverts unless confirmed (default 60, or the config); "
+                   "1 to max_timeout (24 h by default).")
 @click.option("--detach", is_flag=True,
               help="Return once the change is live and the guard armed (confirm later).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @_state_options
-def rollback(entry_id: str, timeout_s: float | None, detach: bool, as_json: bool,
+def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
              state_dir: str | None, config_path: str | None) -> None:
     """Put the known-good state ID back, under the guard, like `fwsafe apply`: it reverts
     unless confirmed (`fwsafe confirm` from a NEW SSH session, or `yes` at the countdown).
@@ -265,7 +269,10 @@ def rollback(entry_id: str, timeout_s: float | None, detach: bool, as_json: bool
     from fwsafe.manager import ApplyOptions, Manager
 
     config = load_config(config_path)
+    timeout = config.seconds(timeout_s if timeout_s is not None else config.timeout,
+                             "--timeout" if timeout_s is not None else "timeout (config)")
     state = StateDir(resolve_state_dir(state_dir, config.state_dir))
+    state.verify()
     entry = history.find(state, entry_id)
     change, notes = rollback_change(entry)
     for note in notes:
@@ -277,8 +284,9 @@ def rollback(entry_id: str, timeout_s: float | None, detach: bool, as_json: bool
         click.echo(json.dumps({"ok": True, "id": None, "state": "unchanged", "entry": entry.id})
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")
         return
-    options = ApplyOptions(timeout_s=float(timeout_s if timeout_s is not None else config.timeout),
-                           command=list(sys.argv))
+    options = ApplyOptions(timeout_s=timeout, command=list(sys.argv),
+                           config_path=os.path.abspath(config.source) if config.source else None,
+                           max_timeout=config.max_timeout)
     manager = Manager(state)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():

@@ -251,6 +251,16 @@ def test_confirmed_state_survives_a_bad_hand_change_through_rescue(
         assert {p: p.read_bytes() for p in droot.rglob("*") if p.is_file()} == before
 
 
+def _kill_guard_and_backstop(rlab: RescueLab, armed: dict[str, Any]) -> None:
+    """Both ways back gone at once (say, one OOM kill of both): what is left is `recover` by
+    hand, or at boot. The backstop first, so that it cannot revert (processes we started)."""
+    backstop = rlab.status()["backstop"]
+    assert backstop["kind"] == "watcher"
+    os.kill(armed["guard_pid"], signal.SIGSTOP)   # so that it cannot start a new backstop
+    os.kill(int(backstop["pid"]), signal.SIGKILL)
+    os.kill(armed["guard_pid"], signal.SIGKILL)
+
+
 def test_guard_killed_then_recover_restores_the_old_rules(rlab: RescueLab) -> None:
     before = rlab.lab.ruleset()
     boot_before = rlab.boot_files()
@@ -259,7 +269,7 @@ def test_guard_killed_then_recover_restores_the_old_rules(rlab: RescueLab) -> No
                                str(rules)).stdout)
     assert not rlab.lab.new_connection_ok(timeout=0.5)
     assert rlab.boot_files() == boot_before            # nothing persisted while pending
-    os.kill(armed["guard_pid"], signal.SIGKILL)         # the guard we started, by its PID
+    _kill_guard_and_backstop(rlab, armed)
     deadline = time.monotonic() + 10
     while rlab.status()["guard_alive"] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -311,7 +321,7 @@ def test_confirm_after_the_guard_is_gone_also_records_and_persists(rlab: RescueL
     rules = rlab.write("good.rules", GOOD)
     armed = json.loads(rlab.fw("apply", "--detach", "--json", "--timeout", "60",
                                str(rules)).stdout)
-    os.kill(armed["guard_pid"], signal.SIGKILL)
+    _kill_guard_and_backstop(rlab, armed)
     deadline = time.monotonic() + 10
     while rlab.status()["guard_alive"] and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -94,6 +94,9 @@ def test_example_covers_every_key() -> None:
         "probes",
         "history_keep",
         "persist",
+        "max_timeout",
+        "max_rules_bytes",
+        "boot_hook",
         "hosts",
     }
     assert set(data) == top
@@ -111,6 +114,8 @@ def test_defaults_match_example_values() -> None:
         "probe_timeout",
         "history_keep",
         "persist",
+        "max_timeout",
+        "max_rules_bytes",
     ):
         assert getattr(config, name) == getattr(example, name), name
     assert config.probes == ()
