@@ -149,7 +149,7 @@ class ScaleRun:
         t = self.bl.timed([
             {"argv": [sys.executable, "-c", "pass"]},
             {"argv": [self.fw, "--version"]},
-            {"argv": [sys.executable, "-c", "import fwsafe.guard"]},
+            {"argv": [sys.executable, "-c", "import fwsafe.guard.process"]},
             {"argv": check_argv},
         ])
         layers = self.bl.lab.srv_exec([sys.executable, "-c", _PIECES_SCRIPT], timeout=900)

@@ -14,7 +14,7 @@ capture taken right after it was applied. A revert loads, atomically and per tab
 computed target for the tables (files) holding touched units, then verifies it. It goes through
 levels, each a fallback for the one before when the tool refuses the target:
 
-    MERGE   the three-way merge of before / after the change / live (fwsafe.merge): only the
+    MERGE   the three-way merge of before / after the change / live (fwsafe.core.merge): only the
             change's own rules are undone; what others did meanwhile stays
     CHAINS  the touched units put back whole from the snapshot, the rest as it is live
     TABLES  the snapshot of every touched table, whole (access before fidelity)

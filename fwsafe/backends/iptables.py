@@ -8,7 +8,7 @@ iptables-legacy tables exist too, they are captured as layers of their own ("ipv
 A change is an `iptables-save` file, applied atomically with `iptables-restore` (which replaces
 the tables the file names). A revert computes the complete target of each table the change
 touched, as the three-way merge of the snapshot, the capture right after the change and the
-table at revert time (fwsafe.merge), and loads it with one `iptables-restore`: atomic, and only
+table at revert time (fwsafe.core.merge), and loads it with one `iptables-restore`: atomic, and only
 the change's own rules are undone. With `--partial` a file replaces only the chains it names
 (`compose_partial`): everything else in its tables stays as it is live.
 """
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog
+from fwsafe.core.merge import merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
-from fwsafe.merge import merge_sequences, merge_value
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -159,7 +159,7 @@ def merge_table(name: str, before: Table | None, current: Table | None,
 
 def merge_table3(name: str, before: Table | None, after: Table | None,
                  live: Table | None) -> Table:
-    """The table with the change `before -> after` undone on `live` (fwsafe.merge): chains the
+    """The table with the change `before -> after` undone on `live` (fwsafe.core.merge): chains the
     change created go, chains it deleted come back, rules it added go and rules it removed come
     back in their places; what others did meanwhile stays. Missing tables count as empty."""
     b, a, now = (t or empty_table(name) for t in (before, after, live))

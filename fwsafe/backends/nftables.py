@@ -7,7 +7,7 @@ layers, because `nft list ruleset` output of xt matches does not load back.
 A change is an nft file: validated with `nft -c -f`, applied with `nft -f` (one atomic
 transaction). A revert loads the computed target of each touched table in one `nft -f`
 transaction: ``add table X; delete table X; <target of X>``. The target is the three-way merge
-(fwsafe.merge) of the table before the change, right after it and live, object by object (sets,
+(fwsafe.core.merge) of the table before the change, right after it and live, object by object (sets,
 chains) and line by line inside them; the fallback is the table as in the snapshot. A table the
 change created is deleted unless others added to it. Tables nobody touched are left alone.
 With `--partial` the file's tables replace the same tables live and nothing else changes.
@@ -21,8 +21,8 @@ from collections.abc import Sequence
 
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
+from fwsafe.core.merge import merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
-from fwsafe.merge import merge_sequences, merge_value
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_ERROR = re.compile(r"^(?:/dev/stdin|[^:\s]+):(\d+):(\d+)(?:-\d+)?: Error: (.*)$", re.M)

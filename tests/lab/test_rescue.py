@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from fwsafe import rescue
 from fwsafe.lab import Lab, create_lab, require_lab_capable
-from fwsafe.ufwfiles import capture_ufw_files
+from fwsafe.ondisk.ufw import capture_ufw_files
+from fwsafe.rescue import tool as rescue
 from tests.bins import FWSAFE
 from tests.conftest import IN_CI, FwLab
 from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD

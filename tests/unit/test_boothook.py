@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe.boothook import UNIT_NAME, render_unit
+from fwsafe.persistence.boothook import UNIT_NAME, render_unit
 
 
 def fwsafe(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from fwsafe import config as config_module
-from fwsafe import guard, transaction
 from fwsafe.config import Config, check_seconds, load_config
+from fwsafe.core import transaction
+from fwsafe.core.statedir import StateDir
+from fwsafe.core.transaction import Record
 from fwsafe.errors import ConfigError, ExitCode, UsageError
-from fwsafe.statedir import StateDir
-from fwsafe.transaction import Record
+from fwsafe.guard import process
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,14 +137,14 @@ def test_cli_extend_refused_leaves_the_deadline(tmp_path: Path, value: str) -> N
 
 
 # -- the guard: the second line of defence -----------------------------------------------------
-def make_guard(tmp_path: Path, **options: Any) -> guard.Guard:
+def make_guard(tmp_path: Path, **options: Any) -> process.Guard:
     state = StateDir(tmp_path / "state")
     state.ensure()
     record = Record(id=transaction.new_tx_id(), state=transaction.PENDING, created=time.time(),
                     timeout_s=60, backend="rules", layers=[], options=dict(options))
     os.makedirs(state.tx_dir(record.id))
     with open(os.devnull, "w") as log:
-        g = guard.Guard(state, record, "setsid", log)
+        g = process.Guard(state, record, "setsid", log)
     g.logfile = open(state.tx_dir(record.id) / "guard.log", "a")  # noqa: SIM115
     return g
 
@@ -185,7 +186,7 @@ def test_guard_refuses_an_infinite_timeout_before_applying(tmp_path: Path,
                     timeout_s=math.inf, backend="rules", layers=[])
     os.makedirs(state.tx_dir(record.id))
     transaction.save_record(state, record)
-    assert guard.main(["--foreground", str(state.root), record.id]) == 1
+    assert process.main(["--foreground", str(state.root), record.id]) == 1
     after = transaction.load_record(state, record.id)
     assert after.state == transaction.ABORTED and "timeout" in (after.reason or "")
     assert not state.socket_path.exists()

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe.check import CheckReport, Verdict, predict
-from fwsafe.check_clients import (
+from fwsafe.check.clients import (
     default_clients_and_port,
     default_sessions,
     normalize_address,
@@ -19,6 +18,7 @@ from fwsafe.check_clients import (
     parse_ssh_connection,
     sshd_ports,
 )
+from fwsafe.check.predict import CheckReport, Verdict, predict
 from fwsafe.errors import UsageError
 
 # /proc/net/tcp: 10.231.10.1:22 <- 10.231.10.2:51234 (established), a listener, an outgoing

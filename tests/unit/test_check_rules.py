@@ -3,7 +3,7 @@ the sandbox cannot reproduce."""
 
 from __future__ import annotations
 
-from fwsafe.check_rules import (
+from fwsafe.check.rules import (
     SavedRule,
     counted_drops,
     counter_delta,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe.countdown import format_duration
+from fwsafe.cli.countdown import format_duration
 from fwsafe.errors import EXIT_CODE_HELP, ExitCode
 
 

@@ -15,12 +15,15 @@ from typing import Any
 
 import pytest
 
-from fwsafe import cli, guard, manager, transaction
+import fwsafe.cli as cli
 from fwsafe import config as config_module
+from fwsafe.core import manager, transaction
+from fwsafe.core.manager import ApplyOptions, Manager
+from fwsafe.core.statedir import StateDir, resolve_state_dir
+from fwsafe.core.transaction import Record
 from fwsafe.errors import ChangeMayBeLiveError, ExitCode, GuardError
-from fwsafe.manager import ApplyOptions, Manager
-from fwsafe.statedir import StateDir, resolve_state_dir
-from fwsafe.transaction import Record
+from fwsafe.guard import process
+from fwsafe.guard import spawn as guard
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +67,7 @@ def move_to(state: StateDir, tx_id: str, new_state: str) -> None:
 def test_guard_that_finds_aborted_exits_without_arming(tmp_path: Path, keep_signals: None) -> None:
     state, record = new_tx(tmp_path)
     move_to(state, record.id, transaction.ABORTED)
-    assert guard.main(["--foreground", str(state.root), record.id]) == 1
+    assert process.main(["--foreground", str(state.root), record.id]) == 1
     after = transaction.load_record(state, record.id)
     assert after.state == transaction.ABORTED and after.guard_pid is None
     assert not state.socket_path.exists()
@@ -273,10 +276,10 @@ def test_cli_records_the_config_path_and_an_absolute_state_dir(
 
 
 # -- the deadline on CLOCK_BOOTTIME; status shows the guard's count -------------------------
-def make_guard(tmp_path: Path) -> guard.Guard:
+def make_guard(tmp_path: Path) -> process.Guard:
     state, record = new_tx(tmp_path, transaction.PENDING)
     with open(state.tx_dir(record.id) / "guard.log", "a") as log:
-        g = guard.Guard(state, record, "setsid", log)
+        g = process.Guard(state, record, "setsid", log)
     return g
 
 
@@ -284,7 +287,7 @@ def test_deadline_ignores_wall_clock_steps_and_counts_boottime(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     g = make_guard(tmp_path)
     clock = {"boot": 1000.0, "wall": 1_700_000_000.0}
-    monkeypatch.setattr(guard, "boottime", lambda: clock["boot"])
+    monkeypatch.setattr(process, "boottime", lambda: clock["boot"])
     monkeypatch.setattr(time, "time", lambda: clock["wall"])
     g.set_deadline(clock["wall"] + 60)
     assert g.remaining() == 60
@@ -300,8 +303,8 @@ def test_deadline_ignores_wall_clock_steps_and_counts_boottime(
 
 
 def test_deadline_clock_is_boottime() -> None:
-    assert guard.DEADLINE_CLOCK == time.CLOCK_BOOTTIME
-    assert abs(guard.boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1
+    assert process.DEADLINE_CLOCK == time.CLOCK_BOOTTIME
+    assert abs(process.boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1
 
 
 def test_status_takes_the_living_guards_count(tmp_path: Path,

@@ -13,11 +13,13 @@ from typing import Any
 
 import pytest
 
-from fwsafe import cli, guard, transaction
+import fwsafe.cli as cli
 from fwsafe import config as config_module
-from fwsafe.manager import Manager
-from fwsafe.statedir import StateDir
-from fwsafe.transaction import Record
+from fwsafe.core import transaction
+from fwsafe.core.manager import Manager
+from fwsafe.core.statedir import StateDir
+from fwsafe.core.transaction import Record
+from fwsafe.guard import spawn as guard
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fwsafe.backends.iptables import compose_partial, merge_table3, parse_ruleset, same_table
 from fwsafe.backends.nftables import compose_partial as compose_nft
 from fwsafe.backends.nftables import merge_block
-from fwsafe.merge import merge_sequences, merge_value
-from fwsafe.neighbours import deleted_neighbours, owner_of_chain, refusal_message
+from fwsafe.core.merge import merge_sequences, merge_value
+from fwsafe.core.neighbours import deleted_neighbours, owner_of_chain, refusal_message
 
 
 def test_docstring_example() -> None:

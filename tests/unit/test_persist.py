@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe import persist, rescue
+from fwsafe.persistence import bootfiles as persist
+from fwsafe.rescue import tool as rescue
 
 V4 = b"*filter\n:INPUT DROP [3:4]\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n"
 V6 = b"*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fwsafe import remote  # noqa: E402
 from fwsafe.config import HostTarget  # noqa: E402
+from fwsafe.core.manager import ApplyOptions  # noqa: E402
 from fwsafe.errors import (  # noqa: E402
     ExitCode,
     InvalidRulesError,
@@ -31,8 +31,8 @@ from fwsafe.errors import (  # noqa: E402
     RevertFailedError,
     UsageError,
 )
-from fwsafe.manager import ApplyOptions  # noqa: E402
-from fwsafe.remote import (  # noqa: E402
+from fwsafe.remote import apply as remote  # noqa: E402
+from fwsafe.remote.apply import (  # noqa: E402
     RemoteCommandError,
     RemoteRequest,
     SSHConnectError,

@@ -16,16 +16,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fwsafe.config import HostTarget  # noqa: E402
+from fwsafe.core.manager import ApplyOptions  # noqa: E402
 from fwsafe.errors import ExitCode  # noqa: E402
-from fwsafe.hostkeys import (  # noqa: E402
+from fwsafe.remote.apply import RemoteRequest, apply_remote  # noqa: E402
+from fwsafe.remote.hostkeys import (  # noqa: E402
     ChangedHostKeyError,
     KnownHosts,
     RevokedHostKeyError,
     UnknownHostKeyError,
     host_key_name,
 )
-from fwsafe.manager import ApplyOptions  # noqa: E402
-from fwsafe.remote import RemoteRequest, apply_remote  # noqa: E402
 from tests.sshserver import SSHTestServer, TestKey  # noqa: E402
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe import history, rescue
+from fwsafe.core.statedir import StateDir
 from fwsafe.errors import ExitCode
-from fwsafe.statedir import StateDir
-from fwsafe.ufwfiles import capture_ufw_files
+from fwsafe.ondisk.ufw import capture_ufw_files
+from fwsafe.persistence import history
+from fwsafe.rescue import tool as rescue
 
 GOOD_V4 = (
     "*filter\n"
@@ -292,8 +293,8 @@ def test_zipapp_with_a_bare_python(tmp_path: Path) -> None:
     import zipfile
 
     assert sorted(zipfile.ZipFile(pyz).namelist()) == [
-        "__main__.py", "fwsafe/__init__.py", "fwsafe/errors.py", "fwsafe/rescue.py",
-        "fwsafe/ufwfiles.py"]
+        "__main__.py", "fwsafe/__init__.py", "fwsafe/errors.py", "fwsafe/ondisk/__init__.py",
+        "fwsafe/ondisk/ufw.py", "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
     root = server_root(tmp_path)
     pythons = [sys.executable] + [p for p in (os.path.expanduser("~/.pyenv/versions/3.9.18/bin/python3"),
                                               "/usr/bin/python3") if os.access(p, os.X_OK)]
@@ -309,9 +310,10 @@ def test_zipapp_with_a_bare_python(tmp_path: Path) -> None:
     assert (root / "etc/ufw/user.rules").read_text() == GOOD_USER_RULES
 
 
-@pytest.mark.parametrize("module", ["rescue.py", "ufwfiles.py", "errors.py"])
+@pytest.mark.parametrize("module", ["rescue/tool.py", "rescue/__init__.py", "ondisk/ufw.py",
+                                    "ondisk/__init__.py", "errors.py"])
 def test_rescue_modules_use_the_standard_library_only(module: str) -> None:
-    source = (Path(rescue.__file__).parent / module).read_text()
+    source = (Path(rescue.__file__).parent.parent / module).read_text()
     imported = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -320,7 +322,7 @@ def test_rescue_modules_use_the_standard_library_only(module: str) -> None:
             imported.add(node.module if node.module.startswith("fwsafe") else
                          node.module.split(".")[0])
     fwsafe_mods = {m for m in imported if m.startswith("fwsafe")}
-    assert fwsafe_mods <= {"fwsafe.errors", "fwsafe.ufwfiles"}
+    assert fwsafe_mods <= {"fwsafe.errors", "fwsafe.ondisk.ufw"}
     others = imported - fwsafe_mods - {"__future__"}
     assert all(m in sys.stdlib_module_names for m in others), others
     assert "subprocess" not in imported   # the rescue never runs a netfilter tool

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe import statedir, transaction
+from fwsafe.core import statedir, transaction
+from fwsafe.core.statedir import StateDir, atomic_write, check_state_dir, make_private_dir, open_private
+from fwsafe.core.transaction import RECORD_FORMAT, Record
 from fwsafe.errors import ExitCode, RecordFormatError, StateError, UnsafeStateDirError
-from fwsafe.statedir import StateDir, atomic_write, check_state_dir, make_private_dir, open_private
-from fwsafe.transaction import RECORD_FORMAT, Record
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks apply to root")

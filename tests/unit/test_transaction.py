@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe import transaction
+from fwsafe.core import transaction
+from fwsafe.core.statedir import StateDir, atomic_write, resolve_state_dir
+from fwsafe.core.transaction import Record, TransitionError
 from fwsafe.errors import PendingError, StateError
-from fwsafe.statedir import StateDir, atomic_write, resolve_state_dir
-from fwsafe.transaction import Record, TransitionError
 
 
 def make_record(state: str = transaction.PREPARING) -> Record:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe.ufwfiles import (
+from fwsafe.ondisk.ufw import (
     UfwFilesError,
     capture_ufw_files,
     dump_ufw_files,

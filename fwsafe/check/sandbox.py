@@ -1,0 +1,364 @@
+"""The throwaway network namespaces in which `fwsafe check` lets the kernel judge a ruleset.
+
+A sandbox is two network namespaces, ``fwck<tag>s`` (the server: it gets the host's
+interface name and addresses, the firewall under test and a listener on the management port)
+and ``fwck<tag>c`` (the clients: it holds the clients' addresses). They are joined by one veth
+pair per host interface that management traffic arrives on; the veth is created directly in
+the two namespaces, so nothing ever appears in the namespace `fwsafe check` runs in, whose
+firewall is only ever read.
+
+Everything the sandbox starts (the agents, ``nft monitor trace``) is stopped by PID in
+:meth:`Sandbox.close`, and both namespaces are deleted, also after errors and interrupts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from fwsafe.errors import EnvironmentProblem
+from fwsafe.runner import require_binary, run
+
+AGENT = Path(__file__).with_name("agent.py")
+_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
+NETNS_DIR = Path("/run/netns")
+TRACE_TABLE = "fwsafe_check_trace"
+CANARY_PORTS = "40000-49999"
+
+
+class SandboxError(Exception):
+    """The sandbox could not be built or used."""
+
+
+@dataclass
+class LinkPlan:
+    """One host interface reproduced in the server namespace."""
+
+    name: str                                   # the host interface's name (used in S)
+    mtu: int = 1500
+    addresses: list[tuple[str, int]] = field(default_factory=list)  # (address, prefix length)
+    clients: list[str] = field(default_factory=list)   # client addresses arriving over it
+    servers: list[str] = field(default_factory=list)   # addresses they connect to
+
+    def server_mac(self, index: int) -> str:
+        return f"02:fc:c4:{index:02x}:00:01"
+
+    def peer_mac(self, index: int) -> str:
+        return f"02:fc:c4:{index:02x}:00:02"
+
+
+def _host_prefix(address: str) -> str:
+    return f"{address}/128" if ":" in address else f"{address}/32"
+
+
+class AgentProcess:
+    """The check agent (agent.py) running in one namespace; one JSON request and answer per line."""
+
+    def __init__(self, argv: list[str], label: str) -> None:
+        self.label = label
+        self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._err, start_new_session=True)
+        self._buffer = b""
+
+    def _readline(self, timeout: float) -> bytes:
+        assert self.proc.stdout is not None
+        end = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise SandboxError(f"the {self.label} agent did not answer within {timeout:g} s")
+            ready, _, _ = select.select([fd], [], [], left)
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise SandboxError(f"the {self.label} agent exited: {self.stderr_tail()}")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+    def stderr_tail(self) -> str:
+        try:
+            self._err.seek(0)
+            return self._err.read().decode(errors="replace").strip()[-500:] or "(no output)"
+        except (OSError, ValueError):
+            return "(no output)"
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        answer = json.loads(self._readline(timeout))
+        if not answer.get("ready"):
+            raise SandboxError(f"the {self.label} agent did not start: {answer}")
+
+    def request(self, request: dict[str, Any], *, wait: float = 10.0) -> dict[str, Any]:
+        """Send one request; wait up to `wait` seconds for the answer."""
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError) as exc:
+            raise SandboxError(f"the {self.label} agent is gone: {self.stderr_tail()}") from exc
+        answer: dict[str, Any] = json.loads(self._readline(wait))
+        return answer
+
+    def stop(self) -> None:
+        """Close its input (it exits by itself), then SIGKILL it by PID if it lingers."""
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._err.close()
+
+
+class TraceMonitor:
+    """``nft -a monitor trace`` in the server namespace, read by a thread.
+
+    Attempts are delimited by canaries: UDP datagrams to 127.0.0.1 on a fresh port each,
+    which the trace table marks like everything else; once a canary's trace line is read,
+    every event before it has been read too.
+    """
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._done = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        self.canary_ports: set[int] = set()
+        self._next_port = 40000  # within CANARY_PORTS
+        self.mark = 0
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace").rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def _wait_for(self, needle: str, start: int, timeout: float) -> int | None:
+        end = time.monotonic() + timeout
+        with self._cond:
+            index = start
+            while True:
+                while index < len(self.lines):
+                    if needle in self.lines[index]:
+                        return index + 1
+                    index += 1
+                left = end - time.monotonic()
+                if left <= 0 or self._done:
+                    return None
+                self._cond.wait(left)
+
+    def sync(self, agent: AgentProcess, timeout: float = 3.0, *, each: float = 0.5) -> list[str]:
+        """Send canaries until one shows up; return the lines since the previous sync."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            port = self._next_port
+            self._next_port += 1
+            self.canary_ports.add(port)
+            agent.request({"op": "canary", "port": port})
+            found = self._wait_for(f"udp dport {port} ", self.mark, min(each, timeout))
+            if found is not None:
+                with self._cond:
+                    lines = self.lines[self.mark:found]
+                self.mark = found
+                return lines
+        raise SandboxError("nft monitor trace did not report the sandbox's canary packets")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=5)
+        self._thread.join(timeout=5)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class Sandbox:
+    """The server/client namespace pair; use it as a context manager."""
+
+    def __init__(self, tag: str) -> None:
+        self.srv = f"fwck{tag}s"
+        self.cli = f"fwck{tag}c"
+        for name in (self.srv, self.cli):
+            if not _NAME_OK.match(name):
+                raise SandboxError(f"bad namespace name {name!r}")
+        self.ip = require_binary("ip")
+        self.created: list[str] = []
+        self.srv_agent: AgentProcess | None = None
+        self.cli_agent: AgentProcess | None = None
+        self.trace: TraceMonitor | None = None
+        self.tmpdir = Path(tempfile.mkdtemp(prefix="fwsafe-check-"))
+        self.links: list[LinkPlan] = []
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- running things ---------------------------------------------------------------------------
+    def in_srv(self, argv: Sequence[str]) -> list[str]:
+        return [self.ip, "netns", "exec", self.srv, *argv]
+
+    def in_cli(self, argv: Sequence[str]) -> list[str]:
+        return [self.ip, "netns", "exec", self.cli, *argv]
+
+    def srv_run(self, argv: Sequence[str], *, input: bytes | None = None,
+                timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
+        return run(self.in_srv(argv), input=input, timeout=timeout)
+
+    def _ip_batch(self, namespace: str, commands: list[str]) -> None:
+        if not commands:
+            return
+        result = run([self.ip, "-n", namespace, "-batch", "-"],
+                     input=("\n".join(commands) + "\n").encode(), timeout=60)
+        if result.returncode != 0:
+            raise SandboxError(f"setting up {namespace} failed: "
+                               f"{result.stderr.decode(errors='replace').strip()}")
+
+    # -- building ----------------------------------------------------------------------------------
+    def _add_netns(self, name: str) -> None:
+        if (NETNS_DIR / name).exists():
+            # Left by an earlier run that had this PID and was killed: reuse the name only if
+            # nothing lives in it any more.
+            pids = run([self.ip, "netns", "pids", name], timeout=15).stdout.split()
+            if pids:
+                raise EnvironmentProblem(f"network namespace {name} exists and is in use")
+            run([self.ip, "netns", "del", name], timeout=15)
+        result = run([self.ip, "netns", "add", name], timeout=15)
+        if result.returncode != 0:
+            raise EnvironmentProblem(
+                f"cannot create the sandbox network namespace {name}: "
+                f"{result.stderr.decode(errors='replace').strip()}",
+                hint="fwsafe check needs root and network namespaces (`ip netns add`)")
+        self.created.append(name)
+
+    def build(self, links: list[LinkPlan], lo_addresses: list[str]) -> None:
+        """Create both namespaces, the veth pairs, addresses, routes and neighbour entries."""
+        self.links = links
+        self._add_netns(self.srv)
+        self._add_netns(self.cli)
+        srv = ["link set lo up"]
+        cli = ["link set lo up"]
+        for address in lo_addresses:
+            srv.append(f"addr add {_host_prefix(address)} dev lo")
+        for index, link in enumerate(links):
+            peer = f"peer{index}"
+            srv.append(f"link add {link.name} mtu {link.mtu} address {link.server_mac(index)} "
+                       f"type veth peer name {peer} mtu {link.mtu} address "
+                       f"{link.peer_mac(index)} netns {self.cli}")
+            srv.append(f"link set dev {link.name} addrgenmode none")
+            for address, prefix in link.addresses:
+                nodad = " nodad" if ":" in address else ""
+                srv.append(f"addr add {address}/{prefix} dev {link.name}{nodad}")
+            srv.append(f"link set {link.name} up")
+            for client in link.clients:
+                srv.append(f"route replace {_host_prefix(client)} dev {link.name}")
+                srv.append(f"neigh replace {client} lladdr {link.peer_mac(index)} "
+                           f"dev {link.name} nud permanent")
+            cli.append(f"link set dev {peer} addrgenmode none")
+            for client in link.clients:
+                nodad = " nodad" if ":" in client else ""
+                cli.append(f"addr add {_host_prefix(client)} dev {peer}{nodad}")
+            cli.append(f"link set {peer} up")
+            for server in link.servers:
+                cli.append(f"route replace {_host_prefix(server)} dev {peer}")
+                cli.append(f"neigh replace {server} lladdr {link.server_mac(index)} "
+                           f"dev {peer} nud permanent")
+        self._ip_batch(self.srv, srv)
+        self._ip_batch(self.cli, cli)
+
+    def start_agents(self, client_side: bool) -> None:
+        argv = [sys.executable, "-I", str(AGENT)]
+        self.srv_agent = AgentProcess(self.in_srv(argv), "server-side")
+        if client_side:
+            self.cli_agent = AgentProcess(self.in_cli(argv), "client-side")
+        self.srv_agent.wait_ready()
+        if self.cli_agent is not None:
+            self.cli_agent.wait_ready()
+
+    def start_trace(self, nft: str) -> TraceMonitor:
+        """Mark every packet in the server namespace for tracing, and start reading the trace."""
+        table = (f"table inet {TRACE_TABLE} {{\n"
+                 "  chain pre {\n    type filter hook prerouting priority -1000; policy accept;\n"
+                 "    meta nftrace set 1\n  }\n"
+                 "  chain out {\n    type filter hook output priority -1000; policy accept;\n"
+                 "    meta nftrace set 1\n"
+                 # the canaries end here: no other chain (no iptables counter) ever sees them
+                 f"    ip daddr 127.0.0.1 udp dport {CANARY_PORTS} drop\n  }}\n}}\n")
+        path = self.write_file("trace.nft", table.encode())
+        result = self.srv_run([nft, "-f", str(path)], timeout=60)
+        if result.returncode != 0:
+            raise SandboxError("cannot add the trace table: "
+                               f"{result.stderr.decode(errors='replace').strip()}")
+        trace = TraceMonitor(self.in_srv([nft, "-a", "monitor", "trace"]))
+        assert self.srv_agent is not None
+        try:
+            trace.sync(self.srv_agent, timeout=5.0, each=0.05)
+        except SandboxError:
+            trace.stop()
+            raise
+        self.trace = trace
+        return trace
+
+    def write_file(self, name: str, content: bytes) -> Path:
+        path = self.tmpdir / name
+        path.write_bytes(content)
+        return path
+
+    # -- teardown ----------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop what we started (by PID) and delete both namespaces; never raises."""
+        errors: list[str] = []
+        for stop in (self.trace, self.srv_agent, self.cli_agent):
+            if stop is None:
+                continue
+            try:
+                stop.stop()
+            except Exception as exc:  # noqa: BLE001 - keep tearing down
+                errors.append(str(exc))
+        self.trace = self.srv_agent = self.cli_agent = None
+        for name in self.created:
+            result = run([self.ip, "netns", "del", name], timeout=30)
+            if result.returncode != 0 and (NETNS_DIR / name).exists():
+                errors.append(result.stderr.decode(errors="replace").strip())
+        self.created = []
+        for child in self.tmpdir.glob("*"):
+            try:
+                child.unlink()
+            except OSError:
+                pass
+        try:
+            self.tmpdir.rmdir()
+        except OSError:
+            pass
+        if errors:
+            print("fwsafe: warning: sandbox teardown: " + "; ".join(errors), file=sys.stderr)

@@ -1,0 +1,298 @@
+"""`fwsafe history`, `show`, `history-diff` and `rollback`: the known-good states.
+
+Every confirmed state is kept (see fwsafe.persistence.history). `rollback ID` puts one back, itself as a
+change under the guard, exactly like `fwsafe apply`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from fwsafe.config import load_config
+from fwsafe.core.statedir import StateDir, resolve_state_dir
+from fwsafe.errors import EXIT_CODE_HELP, EnvironmentProblem, UsageError
+from fwsafe.persistence import history
+from fwsafe.rescue.tool import Entry, describe_who, format_time
+
+EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
+    f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
+STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else /var/lib/fwsafe)."
+CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
+# Layers a rollback can put back (they take a rules file).
+ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw")
+
+
+def _state(state_dir: str | None, config_path: str | None) -> StateDir:
+    config = load_config(config_path)
+    state = StateDir(resolve_state_dir(state_dir, config.state_dir))
+    state.verify()  # nothing is read from a directory others could have written
+    return state
+
+
+def entry_json(entry: Entry, *, with_layers: bool = False) -> dict[str, Any]:
+    meta = entry.meta
+    data: dict[str, Any] = {
+        "id": entry.id,
+        "kind": entry.kind,
+        "time": entry.time,
+        "first_time": meta.get("first_time"),
+        "pending_baseline": entry.virtual,
+        "tx": meta.get("tx"),
+        "txs": meta.get("txs", []),
+        "who": meta.get("who", {}),
+        "confirmed_by": meta.get("confirmed_by"),
+        "command": meta.get("command", []),
+        "changed": meta.get("changed", []),
+        "touched": meta.get("touched"),
+        "summary": meta.get("summary"),
+        "layers": sorted(entry.layers),
+        "confirmations": meta.get("confirmations"),
+    }
+    if with_layers:
+        data["content"] = {name: {label: text for label, text in
+                                  history.layer_text(name, content).items()}
+                           for name, content in entry.layers.items()}
+    return data
+
+
+def _state_options(func: Any) -> Any:
+    func = click.option("--config", "config_path", help=CONFIG_HELP)(func)
+    return click.option("--state-dir", help=STATE_DIR_HELP)(func)
+
+
+@click.command("history", epilog=EPILOG)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@_state_options
+def history_cmd(as_json: bool, state_dir: str | None, config_path: str | None) -> None:
+    """List the known-good states, oldest first: every confirmed state, and the baseline
+    (the state before the first change)."""
+    state = _state(state_dir, config_path)
+    found, damaged = history.entries(state)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "entries": [entry_json(e) for e in found],
+                               "damaged": [{"id": d.id, "why": d.why} for d in damaged]},
+                              sort_keys=True))
+        return
+    if not found and not damaged:
+        click.echo("no known-good state recorded yet: nothing was applied with fwsafe here")
+        return
+    for entry in found:
+        mark = "  <- newest" if entry is found[-1] else ""
+        pending = " (from the first transaction's snapshot)" if entry.virtual else ""
+        click.echo(f"{entry.id:24} {format_time(entry.time)}  {entry.kind:9} "
+                   f"{', '.join(sorted(entry.layers))}{mark}")
+        who = describe_who(entry.meta.get("who") or {}).strip()
+        details = [d for d in (who, entry.meta.get("summary"), pending.strip()) if d]
+        if details:
+            click.echo(f"{'':24} {'; '.join(str(d) for d in details)}")
+    for bad in damaged:
+        click.echo(f"{bad.id:24} DAMAGED: {bad.why}")
+
+
+@click.command("show", epilog=EPILOG)
+@click.argument("entry_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@_state_options
+def show(entry_id: str, as_json: bool, state_dir: str | None, config_path: str | None) -> None:
+    """Show one known-good state: who confirmed it, what changed, and every layer.
+    ID may be a unique prefix, `baseline` or `last`."""
+    entry = history.find(_state(state_dir, config_path), entry_id)
+    if as_json:
+        click.echo(json.dumps({"ok": True, **entry_json(entry, with_layers=True)},
+                              sort_keys=True))
+        return
+    meta = entry.meta
+    click.echo(f"known-good state {entry.id} ({entry.kind})")
+    click.echo(f"  last known good: {format_time(entry.time)}")
+    if meta.get("first_time") and meta.get("first_time") != entry.time:
+        click.echo(f"  first recorded:  {format_time(float(meta['first_time']))}")
+    who = describe_who(meta.get("who") or {}).strip()
+    if who:
+        click.echo(f"  changed {who}")
+    if meta.get("command"):
+        click.echo(f"  command: {' '.join(str(c) for c in meta['command'])}")
+    if meta.get("tx"):
+        click.echo(f"  transaction: {meta['tx']}")
+    if meta.get("summary"):
+        click.echo(f"  summary: {meta['summary']}")
+    for name, content in entry.layers.items():
+        for label, text in history.layer_text(name, content).items():
+            click.echo(f"\n=== {label}")
+            click.echo(text.rstrip("\n"))
+
+
+def _colour(line: str, enabled: bool) -> str:
+    if not enabled:
+        return line
+    if line.startswith(("+++", "---")):
+        return click.style(line, bold=True)
+    if line.startswith("+"):
+        return click.style(line, fg="green")
+    if line.startswith("-"):
+        return click.style(line, fg="red")
+    if line.startswith("@@"):
+        return click.style(line, fg="cyan")
+    return line
+
+
+def diff_layers(old: dict[str, bytes], new: dict[str, bytes], old_name: str,
+                new_name: str) -> list[tuple[str, list[str]]]:
+    """[(label, unified diff lines)] per layer (ufw: per file) that differs."""
+    out = []
+    for name in sorted(set(old) | set(new)):
+        a = history.layer_text(name, old[name]) if name in old else {}
+        b = history.layer_text(name, new[name]) if name in new else {}
+        for label in sorted(set(a) | set(b)):
+            lines = list(difflib.unified_diff(
+                a.get(label, "").splitlines(), b.get(label, "").splitlines(),
+                fromfile=f"{label} ({old_name})", tofile=f"{label} ({new_name})", lineterm=""))
+            if lines:
+                out.append((label, lines))
+    return out
+
+
+@click.command("history-diff", epilog=EPILOG)
+@click.argument("first", metavar="ID")
+@click.argument("second", metavar="[ID2]", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@_state_options
+def history_diff(first: str, second: str | None, as_json: bool, state_dir: str | None,
+                 config_path: str | None) -> None:
+    """Show how a known-good state differs from another one (ID2) or, without ID2, from the
+    live firewall now: a unified diff per layer (ufw: per file)."""
+    state = _state(state_dir, config_path)
+    old = history.find(state, first)
+    if second is not None:
+        other = history.find(state, second)
+        new_layers, new_name = other.layers, other.id
+    else:
+        new_layers, errors = history.capture_layers()
+        if not new_layers:
+            raise EnvironmentProblem("cannot read the live firewall: " + "; ".join(
+                f"{k}: {v}" for k, v in errors.items()), hint="run as root")
+        new_name = "live"
+    diffs = diff_layers(old.layers, new_layers, old.id, new_name)
+    if as_json:
+        click.echo(json.dumps({"ok": True, "from": old.id, "to": new_name,
+                               "diff": {label: "\n".join(lines) for label, lines in diffs}},
+                              sort_keys=True))
+        return
+    if not diffs:
+        click.echo(f"no differences between {old.id} and {new_name}")
+        return
+    colour = sys.stdout.isatty()
+    for _label, lines in diffs:
+        for line in lines:
+            click.echo(_colour(line, colour), color=colour)
+
+
+def rollback_change(entry: Entry) -> tuple[Any, list[str]]:
+    """The Change that puts `entry` back, and notes on the layers it leaves alone."""
+    from fwsafe.backends import layer_for
+    from fwsafe.core.manager import Change
+
+    change = Change()
+    notes = []
+    for name, content in entry.layers.items():
+        if name not in ROLLBACK_LAYERS:
+            continue
+        try:
+            layer_for(name)
+        except UsageError:
+            notes.append(f"layer {name}: this fwsafe cannot apply it; not rolled back")
+            continue
+        if name in ("ipv4", "ipv6"):
+            content = _with_emptied_tables(name, content)
+        elif name == "nft":
+            content = _nft_replacement(content)
+            if not content.strip():
+                continue  # no native tables then, none now
+        change.add(name, content, f"history:{entry.id}/{name}")
+    return change, notes
+
+
+def _nft_replacement(content: bytes) -> bytes:
+    """`nft -f` merges a table definition into an existing table: delete and re-create each
+    table of the entry, and delete the native tables that exist now but not in the entry."""
+    from fwsafe.rescue.tool import nft_tables
+
+    wanted = nft_tables(content.decode(errors="replace"))
+    live, _ = history.capture_layers()
+    now = nft_tables(live.get("nft", b"").decode(errors="replace"))
+    script = "".join(f"add table {fam} {tab}\ndelete table {fam} {tab}\n"
+                     for fam, tab in dict.fromkeys([*wanted, *now]))
+    return (script.encode() + content) if script else b""
+
+
+def _with_emptied_tables(name: str, content: bytes) -> bytes:
+    """iptables-restore replaces only the tables a file names: name the ones that exist now but
+    not in the entry too, empty, so that the rollback gives the entry's state."""
+    from fwsafe.backends import layer_for
+    from fwsafe.backends.iptables import BUILTIN_CHAINS, parse_tables
+
+    wanted = parse_tables(content.decode(errors="replace"))
+    try:
+        live = parse_tables(layer_for(name).capture().decode(errors="replace"))
+    except Exception:  # noqa: BLE001 - without a capture, the entry's tables alone
+        return content
+    extra = []
+    for table in live:
+        if table not in wanted and table in BUILTIN_CHAINS:
+            chains = [f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table]]
+            extra.append("\n".join([f"*{table}", *chains, "COMMIT"]) + "\n")
+    return content + "".join(extra).encode()
+
+
+@click.command("rollback", epilog=EPILOG)
+@click.argument("entry_id", metavar="ID")
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None,
+              help="Seconds until the guard reverts unless confirmed (default 60, or the config); "
+                   "1 to max_timeout (24 h by default).")
+@click.option("--detach", is_flag=True,
+              help="Return once the change is live and the guard armed (confirm later).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+@_state_options
+def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
+             state_dir: str | None, config_path: str | None) -> None:
+    """Put the known-good state ID back, under the guard, like `fwsafe apply`: it reverts
+    unless confirmed (`fwsafe confirm` from a NEW SSH session, or `yes` at the countdown).
+
+    The ipv4/ipv6 rules, the native nftables tables and ufw's files of the entry are put
+    back together, so that neither `ufw reload` nor a reboot brings the bad state back."""
+    from fwsafe.cli import _interactive_wait, _report_armed
+    from fwsafe.core.manager import ApplyOptions, Manager
+
+    config = load_config(config_path)
+    timeout = config.seconds(timeout_s if timeout_s is not None else config.timeout,
+                             "--timeout" if timeout_s is not None else "timeout (config)")
+    state = StateDir(resolve_state_dir(state_dir, config.state_dir))
+    state.verify()
+    entry = history.find(state, entry_id)
+    change, notes = rollback_change(entry)
+    for note in notes:
+        click.echo(f"fwsafe: {note}", err=True)
+    if not change.layers:
+        raise UsageError(f"{entry.id} has no layer that a rollback can apply")
+    live, _ = history.capture_layers()
+    if all(live.get(n) == entry.layers.get(n) for n in change.layers):
+        click.echo(json.dumps({"ok": True, "id": None, "state": "unchanged", "entry": entry.id})
+                   if as_json else f"the live rules already equal {entry.id}: nothing to do")
+        return
+    options = ApplyOptions(timeout_s=timeout, command=list(sys.argv),
+                           config_path=os.path.abspath(config.source) if config.source else None,
+                           max_timeout=config.max_timeout)
+    manager = Manager(state)
+    record = manager.apply(change, options)
+    if detach or not sys.stdin.isatty():
+        _report_armed(record, as_json)
+        return
+    _interactive_wait(manager, record, as_json)
+
+
+COMMANDS = [history_cmd, show, history_diff, rollback]

@@ -1,0 +1,2 @@
+"""Driving a host over SSH from a workstation: host keys, the remote apply flow.
+"""

@@ -1,0 +1,2 @@
+"""The offline rescue tool (standard library only, shipped as a zipapp).
+"""
