@@ -36,11 +36,14 @@ __all__ = [
     "Probe",
     "ProbeKind",
     "ProbeResult",
+    "SocketDeadline",
+    "describe_os_error",
     "format_host_port",
     "parse_probe",
     "run_probe",
     "run_probes",
     "split_endpoint",
+    "ssh_log_channel",
     "validate_host",
 ]
 
@@ -56,7 +59,7 @@ _USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
 
 #: Extra time `run_probes` waits past the timeout before it gives up on a probe thread.
 _JOIN_GRACE_S = 2.0
-#: paramiko's log channel for probe connections (see `_ssh_log_channel`).
+#: paramiko's log channel for probe connections (see `ssh_log_channel`).
 _SSH_LOG_CHANNEL = "fwsafe.probes.ssh"
 #: How many bytes of a would-be SSH banner line we look at.
 _BANNER_MAX = 255
@@ -301,7 +304,8 @@ class _ProbeFailed(Exception):
         self.detail = detail
 
 
-def _describe_os_error(exc: BaseException, timeout: float) -> str:
+def describe_os_error(exc: BaseException, timeout: float) -> str:
+    """A short lower-case reason for a failed socket operation (`timeout`: the limit it had)."""
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
     if isinstance(exc, (TimeoutError, socket.timeout)):
@@ -316,11 +320,11 @@ def _describe_os_error(exc: BaseException, timeout: float) -> str:
     return text
 
 
-class _Deadline:
+class SocketDeadline:
     """A hard deadline for a socket: when it passes, the socket is shut down.
 
     Shutting the socket down wakes up whatever thread is blocked on it (paramiko's transport
-    thread, our own recv), so a probe cannot outlive its timeout by much.
+    thread, our own recv), so a probe or an SSH login cannot outlive its timeout by much.
     """
 
     def __init__(self, timeout: float) -> None:
@@ -365,11 +369,11 @@ class _Deadline:
         return f"timed out after {self.timeout:g}s"
 
 
-def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
+def _connect(host: str, port: int, deadline: SocketDeadline) -> socket.socket:
     try:
         return socket.create_connection((host, port), timeout=deadline.remaining())
     except (OSError, ValueError) as exc:
-        raise _ProbeFailed(_describe_os_error(exc, deadline.timeout)) from None
+        raise _ProbeFailed(describe_os_error(exc, deadline.timeout)) from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,7 +381,7 @@ def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
 # --------------------------------------------------------------------------------------------
 
 
-def _probe_tcp(probe: Probe, deadline: _Deadline) -> str | None:
+def _probe_tcp(probe: Probe, deadline: SocketDeadline) -> str | None:
     assert probe.host is not None and probe.port is not None
     sock = _connect(probe.host, probe.port, deadline)
     try:
@@ -389,7 +393,7 @@ def _probe_tcp(probe: Probe, deadline: _Deadline) -> str | None:
         sock.close()
 
 
-def _read_banner(sock: socket.socket, deadline: _Deadline) -> str:
+def _read_banner(sock: socket.socket, deadline: SocketDeadline) -> str:
     """Peek at the server's first line (left in the socket buffer for paramiko)."""
     while True:
         if deadline.passed():
@@ -400,7 +404,7 @@ def _read_banner(sock: socket.socket, deadline: _Deadline) -> str:
         except OSError as exc:
             if deadline.expired:
                 raise _ProbeFailed(f"no SSH banner: {deadline.timed_out()}") from None
-            why = _describe_os_error(exc, deadline.timeout)
+            why = describe_os_error(exc, deadline.timeout)
             raise _ProbeFailed(f"no SSH banner: {why}") from None
         if not data:
             if deadline.expired:
@@ -418,7 +422,7 @@ def _read_banner(sock: socket.socket, deadline: _Deadline) -> str:
         time.sleep(0.01)  # a partial line: wait for the rest (MSG_PEEK would not block)
 
 
-def _probe_ssh(probe: Probe, deadline: _Deadline) -> str | None:
+def _probe_ssh(probe: Probe, deadline: SocketDeadline) -> str | None:
     import paramiko
 
     assert probe.host is not None and probe.port is not None
@@ -429,7 +433,7 @@ def _probe_ssh(probe: Probe, deadline: _Deadline) -> str | None:
         banner = _read_banner(sock, deadline)
         sock.settimeout(None)
         transport = paramiko.Transport(sock)
-        transport.set_log_channel(_ssh_log_channel())
+        transport.set_log_channel(ssh_log_channel())
         transport.banner_timeout = deadline.remaining()
         transport.handshake_timeout = deadline.remaining()
         try:
@@ -447,18 +451,18 @@ def _probe_ssh(probe: Probe, deadline: _Deadline) -> str | None:
         sock.close()
 
 
-def _ssh_log_channel() -> str:
-    """paramiko's logger for probes, with a NullHandler.
+def ssh_log_channel(name: str = _SSH_LOG_CHANNEL) -> str:
+    """paramiko's logger `name` (the probes' one by default), with a NullHandler.
 
     The handler keeps paramiko's tracebacks (e.g. after a timeout shut the socket down) off
     stderr unless the application configures logging; records still propagate to the root.
     """
     import logging
 
-    logger = logging.getLogger(_SSH_LOG_CHANNEL)
+    logger = logging.getLogger(name)
     if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
         logger.addHandler(logging.NullHandler())
-    return _SSH_LOG_CHANNEL
+    return name
 
 
 def _accept_any_policy() -> Any:
@@ -474,7 +478,7 @@ def _accept_any_policy() -> Any:
 
 def _probe_ssh_auth(
     probe: Probe,
-    deadline: _Deadline,
+    deadline: SocketDeadline,
     *,
     key_filename: str | None,
     known_hosts: str | None,
@@ -484,7 +488,7 @@ def _probe_ssh_auth(
     assert probe.host is not None and probe.port is not None and probe.user is not None
     notes: list[str] = []
     client = paramiko.SSHClient()
-    client.set_log_channel(_ssh_log_channel())
+    client.set_log_channel(ssh_log_channel())
     if known_hosts is not None:
         path = os.path.expanduser(known_hosts)
         try:
@@ -529,7 +533,7 @@ def _probe_ssh_auth(
             if deadline.expired:
                 raise _ProbeFailed(deadline.timed_out()) from None
             if isinstance(exc, OSError):
-                raise _ProbeFailed(_describe_os_error(exc, deadline.timeout)) from None
+                raise _ProbeFailed(describe_os_error(exc, deadline.timeout)) from None
             text = str(exc)
             if "No authentication methods available" in text:
                 text = "no SSH key to offer (pass a key file, or load a key into the agent)"
@@ -608,10 +612,10 @@ def _probe_http(probe: Probe, timeout: float, *, verify_tls: bool) -> str | None
         if isinstance(cause, ssl.SSLCertVerificationError):
             raise _ProbeFailed(f"TLS certificate not accepted: {cause.verify_message}") from None
         if isinstance(cause, BaseException):
-            raise _ProbeFailed(_describe_os_error(cause, timeout)) from None
+            raise _ProbeFailed(describe_os_error(cause, timeout)) from None
         raise _ProbeFailed(str(cause)) from None
     except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise _ProbeFailed(_describe_os_error(exc, timeout)) from None
+        raise _ProbeFailed(describe_os_error(exc, timeout)) from None
     detail = f"HTTP {status} {reason}".rstrip()
     if status >= 500:
         raise _ProbeFailed(detail, detail)
@@ -642,7 +646,7 @@ def _probe_cmd(probe: Probe, timeout: float) -> str | None:
     except FileNotFoundError:
         raise _ProbeFailed(f"command not found: {argv[0]}") from None
     except OSError as exc:
-        raise _ProbeFailed(f"cannot run {argv[0]}: {_describe_os_error(exc, timeout)}") from None
+        raise _ProbeFailed(f"cannot run {argv[0]}: {describe_os_error(exc, timeout)}") from None
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -688,7 +692,7 @@ def run_probe(
     if timeout <= 0:
         raise ValueError("timeout must be positive")
     start = time.monotonic()
-    deadline = _Deadline(timeout)
+    deadline = SocketDeadline(timeout)
     error: str | None = None
     detail: str | None = None
     try:

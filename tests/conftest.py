@@ -39,7 +39,8 @@ def _own_fwsafe() -> None:
                     f"but PATH finds {found}: install the repo with `bash scripts/setup.sh`")
 
 
-def _capable() -> None:
+def require_capable() -> None:
+    """Skip where labs cannot be built here; in CI (where they must run) fail instead."""
     reason = require_lab_capable()
     if reason:
         if IN_CI:
@@ -97,7 +98,7 @@ class FwLab:
 
 
 def _build(private_ufw: bool) -> Iterator[FwLab]:
-    _capable()
+    require_capable()
     # A ufw lab gets private copies of whole directories (/etc/ufw, /etc/default, ...):
     # a file bind-mounted alone could not be replaced by rename, as fwsafe writes files.
     lab = create_lab(f"fwt{os.getpid()}"[:14], next(_INDEX) % 240 + 10,
@@ -169,7 +170,8 @@ class NeighbourLab(FwLab):
         return text
 
 
-def _need_programs(paths: tuple[str, ...]) -> None:
+def need_programs(paths: tuple[str, ...]) -> None:
+    """Skip (in CI: fail) unless every program of `paths` is installed."""
     from tests.neighbours import missing_programs
 
     missing = missing_programs(paths)
@@ -184,8 +186,8 @@ def _need_programs(paths: tuple[str, ...]) -> None:
 def _neighbour_lab(f2b: bool, docker: bool) -> Iterator[NeighbourLab]:
     from tests import neighbours
 
-    _capable()
-    _need_programs((neighbours.F2B_PROGRAMS if f2b else ())
+    require_capable()
+    need_programs((neighbours.F2B_PROGRAMS if f2b else ())
                    + (neighbours.DOCKER_PROGRAMS if docker else ()))
     with contextlib.contextmanager(_build)(False) as fw:  # the lab's own teardown last
         helpers: list[Fail2ban | Dockerd] = []

@@ -26,22 +26,30 @@ its shims name our exec root) or sits in this lab's own cgroup (the containers).
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fwsafe.lab import Lab, LabError
+from fwsafe.lab import (
+    Lab,
+    LabError,
+    kill_until_gone,
+    normalize_save,
+    remove_cgroup_tree,
+    run,
+    stop_popen,
+    tail,
+    wait_answering,
+)
 
 __all__ = [
     "BUSYBOX",
@@ -179,29 +187,6 @@ def missing_programs(paths: Iterable[str]) -> list[str]:
     return [p for p in paths if not os.path.exists(p)]
 
 
-def _run(argv: Sequence[str], *, timeout: float = 60, check: bool = True,
-         env: dict[str, str] | None = None, input: str | None = None
-         ) -> subprocess.CompletedProcess[str]:
-    args = [str(a) for a in argv]
-    try:
-        result = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
-                                check=False, env=env, input=input,
-                                stdin=subprocess.DEVNULL if input is None else None)
-    except subprocess.TimeoutExpired as exc:
-        raise LabError(f"timed out after {timeout:g}s: {' '.join(args)}") from exc
-    if check and result.returncode != 0:
-        raise LabError(f"command failed (exit {result.returncode}): {' '.join(args)}\n"
-                       f"{(result.stderr or result.stdout).strip()}")
-    return result
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(cannot read {path}: {exc})"
-
-
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
@@ -223,26 +208,6 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _kill_pids(pids: Iterable[int], sig: signal.Signals = signal.SIGKILL) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
-
-
-def _stop_child(proc: subprocess.Popen[Any] | None, grace: float) -> None:
-    """SIGTERM our child, SIGKILL after `grace`, reap it."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(timeout=10)
-
-
 def _check_config_path(path: Path) -> str:
     text = str(path)
     if any(c in text for c in "%\n\r"):  # fail2ban's config files interpolate '%'
@@ -251,19 +216,6 @@ def _check_config_path(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- rules text
-
-
-def normalize_save(text: str) -> str:
-    """iptables-save output without comments and blank lines, chain counters zeroed."""
-    out = []
-    for line in text.splitlines():
-        if not line.strip() or line.startswith("#"):
-            continue
-        if line.startswith(":"):
-            name, policy = line.split()[:2]
-            line = f"{name} {policy} [0:0]"
-        out.append(line)
-    return "\n".join(out) + "\n" if out else ""
 
 
 _BUILTIN_CHAINS = {
@@ -506,18 +458,11 @@ class Fail2ban:
         with open(self.dir / "server.out", "ab") as out:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True)
-        end = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise LabError(f"fail2ban-server exited with {self._proc.returncode}:\n"
-                               f"{_tail(self.dir / 'server.out')}\n{_tail(self.server_log)}")
-            if self.client("status", self.jail, check=False, timeout=15).returncode == 0:
-                return
-            if time.monotonic() > end:
-                self.kill()
-                raise LabError(f"fail2ban did not answer within {timeout:g}s:\n"
-                               f"{_tail(self.server_log)}")
-            time.sleep(0.2)
+        wait_answering(
+            self._proc, lambda: self.client("status", self.jail, check=False,
+                                            timeout=15).returncode == 0,
+            what="fail2ban-server", timeout=timeout, on_timeout=self.kill,
+            details=lambda: f"{tail(self.dir / 'server.out', 40)}\n{tail(self.server_log, 40)}")
 
     def stop(self, timeout: float = 30) -> None:
         """`fail2ban-client stop`, as `systemctl stop fail2ban` does: fail2ban removes its jump
@@ -529,7 +474,7 @@ class Fail2ban:
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _stop_child(proc, grace=3)
+            stop_popen(proc, group=False)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash, or the machine going down): its rules stay as they are."""
@@ -586,7 +531,7 @@ class Fail2ban:
             if time.monotonic() - start > timeout:
                 raise LabError(f"fail2ban did not ban {ip} within {timeout:g}s; status:\n"
                                f"{self.client('status', self.jail, check=False).stdout}\n"
-                               f"{_tail(self.server_log)}")
+                               f"{tail(self.server_log, 40)}")
             time.sleep(0.2)
 
 
@@ -671,7 +616,7 @@ class Dockerd:
     def docker(self, *args: str, check: bool = True, timeout: float = 60
                ) -> subprocess.CompletedProcess[str]:
         """The docker.io client against this daemon's socket (private client config)."""
-        return _run([DOCKER, *args], check=check, timeout=timeout, env=self._env)
+        return run([DOCKER, *args], check=check, timeout=timeout, env=self._env)
 
     def start(self, timeout: float = _START_TIMEOUT) -> None:
         """Start dockerd and wait until it answers; containerd is started by dockerd."""
@@ -690,16 +635,10 @@ class Dockerd:
             self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                           stderr=subprocess.STDOUT, start_new_session=True)
         self._cgroup_dirs = _cgroup_dirs_of(self._proc.pid, self.cgroup_parent)
-        end = time.monotonic() + timeout
-        while True:
-            if self._proc.poll() is not None:
-                raise LabError(f"dockerd exited with {self._proc.returncode}:\n{_tail(self.log)}")
-            if self.docker("version", check=False, timeout=15).returncode == 0:
-                return
-            if time.monotonic() > end:
-                self.kill()
-                raise LabError(f"dockerd did not answer within {timeout:g}s:\n{_tail(self.log)}")
-            time.sleep(0.2)
+        wait_answering(self._proc,
+                       lambda: self.docker("version", check=False, timeout=15).returncode == 0,
+                       what="dockerd", timeout=timeout, on_timeout=self.kill,
+                       details=lambda: tail(self.log, 40))
 
     # -- images, networks, containers -----------------------------------------------------
 
@@ -794,15 +733,9 @@ class Dockerd:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait(timeout=10)
-        end = time.monotonic() + timeout
-        while True:
-            left = self.pids()
-            if not left:
-                return
-            _kill_pids(left)
-            if time.monotonic() > end:
-                raise LabError(f"docker processes still alive: {left}")
-            time.sleep(0.05)
+        left = kill_until_gone(self.pids, timeout=timeout)
+        if left:
+            raise LabError(f"docker processes still alive: {left}")
 
     def kill(self) -> None:
         """Everything Docker runs dies at once (a crash, or the machine going down): dockerd,
@@ -816,26 +749,14 @@ class Dockerd:
             ids = self.docker("ps", "-aq", check=False, timeout=30).stdout.split()
             if ids:
                 self.docker("rm", "-f", *ids, check=False, timeout=60)
-            _stop_child(self._proc, grace=timeout)
+            if self._proc is not None:
+                stop_popen(self._proc, group=False, grace=timeout)
         self._kill_all()
 
     def _remove_cgroups(self, timeout: float = 10) -> None:
         for top in self._cgroup_dirs:
-            if not top.exists():
-                continue
-            end = time.monotonic() + timeout
-            for dirpath, _, _ in os.walk(top, topdown=False):  # children first
-                while True:
-                    try:
-                        os.rmdir(dirpath)
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError as exc:
-                        if exc.errno != errno.EBUSY or time.monotonic() > end:
-                            raise LabError(f"cannot remove cgroup {dirpath}: {exc}") from exc
-                        _kill_pids(self._container_pids())
-                        time.sleep(0.05)
+            remove_cgroup_tree(top, timeout=timeout,
+                               while_busy=lambda: kill_until_gone(self._container_pids, timeout=0))
 
     def close(self) -> None:
         """Stop everything (gracefully, else by force), remove our cgroups and the data dirs.

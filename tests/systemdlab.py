@@ -70,7 +70,22 @@ from typing import Any
 
 import pytest
 
-from fwsafe.lab import require_lab_capable
+from fwsafe.check.netns import Namespaces, NetnsError, destroy_netns, run_command
+from fwsafe.lab import (
+    Children,
+    LabError,
+    banner_probe_argv,
+    kill_until_gone,
+    known_hosts_line,
+    normalize_nft,
+    normalize_save,
+    remove_cgroup_tree,
+    require_lab_capable,
+    ssh_client_argv,
+    ssh_keygen,
+    stop_popen,
+    tail,
+)
 
 __all__ = [
     "PACKAGES",
@@ -103,25 +118,6 @@ NSPAWN_REBOOT = 133
 NETNS_DIR = Path("/run/netns")
 NSPAWN_RUN = Path("/run/systemd/nspawn")
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
-
-# Run by a fresh interpreter in the client namespace: a NEW TCP connection gets "SSH-" in time.
-_BANNER_PROBE = """\
-import socket, sys, time
-host, limit = sys.argv[1], float(sys.argv[2])
-end = time.monotonic() + limit
-try:
-    with socket.create_connection((host, 22), timeout=limit) as conn:
-        got = b""
-        while len(got) < 4 and time.monotonic() < end:
-            conn.settimeout(max(0.01, end - time.monotonic()))
-            chunk = conn.recv(4 - len(got))
-            if not chunk:
-                break
-            got += chunk
-except OSError:
-    sys.exit(1)
-sys.exit(0 if got == b"SSH-" else 1)
-"""
 
 # Units that have no business in a test container: consoles and periodic jobs.
 _MASK_ALWAYS = ("getty@.service", "serial-getty@.service", "console-getty.service",
@@ -174,26 +170,8 @@ def _say(message: str) -> None:
 def _run(argv: Sequence[str], *, check: bool = True, input: str | None = None,
          timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run an argument list (no shell); text output captured; failures raise SystemdLabError."""
-    args = [str(a) for a in argv]
-    try:
-        result = subprocess.run(
-            args, input=input, stdin=subprocess.DEVNULL if input is None else None,
-            capture_output=True, text=True, timeout=timeout, check=False, env=env)
-    except FileNotFoundError as exc:
-        raise SystemdLabError(f"command not found: {args[0]}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise SystemdLabError(f"timed out after {timeout:g} s: {' '.join(args)}") from exc
-    if check and result.returncode != 0:
-        raise SystemdLabError(f"exit {result.returncode}: {' '.join(args)}\n"
-                              f"{(result.stderr.strip() or result.stdout.strip())[-3000:]}")
-    return result
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+    return run_command(argv, check=check, input=input, timeout=timeout, env=env,
+                       error=SystemdLabError)
 
 
 def mounts_below(path: Path) -> list[str]:
@@ -226,22 +204,6 @@ def _safe_rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _stop_group(proc: subprocess.Popen[Any], grace: float = 3.0) -> None:
-    """SIGTERM, then SIGKILL, the process group a child of ours leads; reap it."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-        return
-    except subprocess.TimeoutExpired:
-        pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
-
-
 # --------------------------------------------------------------------------- capability
 
 
@@ -269,7 +231,7 @@ def require_systemd_lab_capable() -> str | None:
 
 
 def _require_capable() -> None:
-    """Follow tests/conftest.py's `_capable()`: skip outside CI, fail in CI."""
+    """Follow tests/conftest.py's `require_capable()`: skip outside CI, fail in CI."""
     reason = require_systemd_lab_capable()
     if reason:
         if IN_CI:
@@ -374,13 +336,13 @@ def _build_once(target: Path, log: Path, timeout: float) -> None:
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired as exc:
-            _stop_group(proc)
+            stop_popen(proc, group=True)
             raise SystemdLabError(f"mmdebstrap took longer than {timeout:g} s") from exc
         except BaseException:
-            _stop_group(proc)
+            stop_popen(proc, group=True)
             raise
     if code != 0:
-        raise SystemdLabError(f"mmdebstrap failed (exit {code}); log {log}:\n{_tail(log)}")
+        raise SystemdLabError(f"mmdebstrap failed (exit {code}); log {log}:\n{tail(log, 40)}")
     if not (target / "usr/lib/systemd/systemd").exists():
         raise SystemdLabError(f"mmdebstrap made no systemd in {target}; log {log}")
 
@@ -619,31 +581,6 @@ def _sweep_stale_sessions() -> None:
         _safe_rmtree(stale)
 
 
-def normalize_nft(text: str) -> str:
-    """`nft list ruleset` with counters zeroed and the order of tables, and of the objects
-    in each table (one tab deep: chains, sets, maps, ...), sorted."""
-    tables: list[list[str]] = []
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        line = re.sub(r"counter packets \d+ bytes \d+", "counter packets 0 bytes 0", line)
-        if not line.startswith(("\t", " ", "}")) or not tables:
-            tables.append([])
-        tables[-1].append(line)
-    blocks = []
-    for table in tables:
-        head, body, tail = table[:1], table[1:-1], table[-1:] if len(table) > 1 else []
-        objects: list[list[str]] = []
-        for line in body:
-            if line.startswith("\t") and not line.startswith("\t\t") and line.strip() != "}" \
-                    or not objects:
-                objects.append([])
-            objects[-1].append(line)
-        blocks.append("".join(f"{ln}\n" for ln in head + [x for o in sorted(objects) for x in o]
-                              + tail))
-    return "".join(sorted(blocks))
-
-
 # --------------------------------------------------------------------------- cgroups
 
 
@@ -682,36 +619,26 @@ class _InstanceCgroups:
                     found.update(int(x) for x in procs.read_text().split())
         return found
 
+    def _cgroup_kill_then_pids(self) -> set[int]:
+        for path in self.paths:
+            kill = path / "cgroup.kill"
+            if kill.exists():
+                with contextlib.suppress(OSError):
+                    kill.write_text("1")
+        return self.pids()
+
     def kill_all(self, limit: float = 10.0) -> None:
         """SIGKILL what is left inside (only descendants of our nspawn can be there)."""
-        end = time.monotonic() + limit
-        while True:
-            for path in self.paths:
-                kill = path / "cgroup.kill"
-                if kill.exists():
-                    with contextlib.suppress(OSError):
-                        kill.write_text("1")
-            pids = self.pids() - {os.getpid()}
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            if time.monotonic() > end:
-                raise SystemdLabError(f"processes survive in {self.paths}: {sorted(pids)}")
-            time.sleep(0.05)
+        left = kill_until_gone(self._cgroup_kill_then_pids, timeout=limit)
+        if left:
+            raise SystemdLabError(f"processes survive in {self.paths}: {sorted(left)}")
 
     def remove(self) -> None:
         for path in self.paths:
             if not path.exists():
                 continue
             self.kill_all()
-            for sub in sorted((p for p in path.rglob("*") if p.is_dir()),
-                              key=lambda p: len(p.parts), reverse=True):
-                with contextlib.suppress(FileNotFoundError):
-                    sub.rmdir()
-            with contextlib.suppress(FileNotFoundError):
-                path.rmdir()
+            remove_cgroup_tree(path, while_busy=self.kill_all)
 
 
 # Joins the cgroups given before "--", then execs the command after it (same PID).
@@ -719,28 +646,6 @@ _CGROUP_EXEC = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 125; shift; done
 
 
 # --------------------------------------------------------------------------- the instance
-
-
-def _netns_exists(name: str) -> bool:
-    return (NETNS_DIR / name).exists()
-
-
-def _netns_del(name: str) -> None:
-    """Delete a namespace of ours, after killing what still runs in it (ours too)."""
-    if not _netns_exists(name):
-        return
-    for _ in range(50):
-        result = _run(["ip", "netns", "pids", name], check=False, timeout=15)
-        pids = [int(t) for t in result.stdout.split() if t.isdigit() and int(t) != os.getpid()]
-        if not pids:
-            break
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.05)
-    _run(["ip", "netns", "del", name], check=False, timeout=15)
-    if _netns_exists(name):
-        raise SystemdLabError(f"cannot delete netns {name}")
 
 
 def _ns_pid_one(pid: int) -> bool:
@@ -807,13 +712,13 @@ def _sweep_stale_instances() -> None:
             _InstanceCgroups(name).remove()  # kills what is left of its container
             for ns in info.get("netns", []):
                 if isinstance(ns, str) and ns.startswith(f"{name}-"):
-                    _netns_del(ns)
+                    destroy_netns(ns)
             workdir = Path(str(info.get("workdir", "")))
             if workdir.name.startswith(f"fwsafe-sdlab-{name}-"):
                 _safe_rmtree(workdir)
             _remove_nspawn_leftovers(name, str(info.get("nspawn_lock", "")))
             lock.unlink()
-        except (OSError, ValueError, SystemdLabError) as exc:
+        except (OSError, ValueError, SystemdLabError, LabError, NetnsError) as exc:
             _say(f"could not clean up instance {name}: {exc}")
         finally:
             os.close(fd)
@@ -856,7 +761,8 @@ class SystemdLab:
         self._stopping = False
         self._finished = False
         self._error: BaseException | None = None
-        self._tracked: list[subprocess.Popen[Any]] = []
+        self._children = Children()
+        self._net = Namespaces()
         self._mounted = False
         self._closed = False
         self._cgroups: _InstanceCgroups | None = None
@@ -897,19 +803,19 @@ class SystemdLab:
             lab.prepare_s = booting - started
             lab.boot_s = time.monotonic() - booting
         except BaseException as exc:
-            tail = _tail(lab.console_log, 30)
+            console = tail(lab.console_log, 30)
             try:
                 lab.close()
             except SystemdLabError as cleanup:
                 raise SystemdLabError(f"{exc}\n(and cleanup failed: {cleanup})") from exc
-            if isinstance(exc, SystemdLabError):
-                raise SystemdLabError(f"{exc}\nconsole:\n{tail}") from exc
+            if isinstance(exc, (SystemdLabError, LabError, NetnsError)):
+                raise SystemdLabError(f"{exc}\nconsole:\n{console}") from exc
             raise
         return lab
 
     def _prepare(self) -> None:
         for ns in (self.ns, self.cli_ns):  # stale, from a crashed run of the same name
-            _netns_del(ns)
+            destroy_netns(ns)
         prop = NSPAWN_RUN / "propagate" / self.name
         for sub in ("upper", "work", "root"):
             (self.workdir / sub).mkdir()
@@ -930,7 +836,7 @@ class SystemdLab:
         hosts.write_text(hosts.read_text() + f"{self.ip4}\t{self.name}\n")
         host_key = self.workdir / "ssh_host_ed25519_key"
         for path, comment in ((host_key, f"{self.name}-host"), (self.key, f"{self.name}-client")):
-            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+            ssh_keygen(path, comment)
         for suffix, mode in (("", 0o600), (".pub", 0o644)):
             target = self.root / f"etc/ssh/ssh_host_ed25519_key{suffix}"
             shutil.copyfile(f"{host_key}{suffix}", target)
@@ -939,27 +845,20 @@ class SystemdLab:
         ssh_dir.mkdir(mode=0o700, exist_ok=True)
         (ssh_dir / "authorized_keys").write_text(Path(f"{self.key}.pub").read_text())
         (ssh_dir / "authorized_keys").chmod(0o600)
-        key_type, key_b64 = Path(f"{host_key}.pub").read_text().split()[:2]
-        self.known_hosts.write_text(f"{self.ip4},{self.ip6} {key_type} {key_b64}\n")
+        self.known_hosts.write_text(known_hosts_line([self.ip4, self.ip6], host_key))
         # Network: the client namespace lives as long as the instance, the container's is new
         # at every boot.
-        _run(["ip", "netns", "add", self.cli_ns])
-        _run(["ip", "-n", self.cli_ns, "link", "set", "lo", "up"])
+        self._net.create(self.cli_ns)
         self._cgroups = _InstanceCgroups(self.name)
 
     def _fresh_netns(self) -> None:
         """A new, empty container namespace (as after a real reboot), wired as before."""
         with contextlib.suppress(SystemdLabError):  # the old pair goes with either end
             _run(["ip", "-n", self.cli_ns, "link", "del", "eth0"], check=False, timeout=15)
-        _netns_del(self.ns)
-        _run(["ip", "netns", "add", self.ns])
-        _run(["ip", "link", "add", "eth0", "netns", self.ns, "type", "veth",
-              "peer", "name", "eth0", "netns", self.cli_ns])
-        for ns, ip4, ip6 in ((self.ns, self.ip4, self.ip6), (self.cli_ns, self.cli_ip4, self.cli_ip6)):
-            _run(["ip", "-n", ns, "addr", "add", f"{ip4}/24", "dev", "eth0"])
-            _run(["ip", "-n", ns, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad"])
-            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
-            _run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+        self._net.destroy(self.ns)
+        self._net.create(self.ns)
+        self._net.pair(self.ns, self.cli_ns, [f"{self.ip4}/24", f"{self.ip6}/64"],
+                       [f"{self.cli_ip4}/24", f"{self.cli_ip6}/64"])
 
     def _nspawn_argv(self) -> list[str]:
         assert self._cgroups is not None
@@ -1078,13 +977,9 @@ class SystemdLab:
 
     def ssh_argv(self, command: str, *, tty: bool = False, ipv6: bool = False) -> list[str]:
         """An `ssh root@container command` run from the client namespace."""
-        return [
-            "ip", "netns", "exec", self.cli_ns, "ssh", "-F", "/dev/null", "-i", str(self.key),
-            "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
-            "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "ConnectTimeout=3",
-            "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=2", "-o", "LogLevel=ERROR",
-            *(["-tt"] if tty else []), f"root@{self.ip6 if ipv6 else self.ip4}", command,
-        ]  # fmt: skip
+        return self._net.exec_argv(self.cli_ns, ssh_client_argv(
+            self.key, self.known_hosts, self.ip6 if ipv6 else self.ip4, command, tty=tty,
+            extra_opts=["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]))
 
     def ssh(self, command: str, *, timeout: float = 60, input: str | None = None,
             check: bool = False) -> subprocess.CompletedProcess[str]:
@@ -1097,15 +992,13 @@ class SystemdLab:
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
-        proc: subprocess.Popen[bytes] = subprocess.Popen(
-            self.ssh_argv(command, tty=tty), start_new_session=True, **kwargs)
-        self._tracked.append(proc)
+        proc: subprocess.Popen[bytes] = self._children.start(self.ssh_argv(command, tty=tty), kwargs)
         return proc
 
     def new_connection_ok(self, timeout: float = 1.0, ipv6: bool = False) -> bool:
         """A NEW TCP connection from the client to port 22 gets the SSH banner in time."""
-        argv = ["ip", "netns", "exec", self.cli_ns, sys.executable, "-I", "-c", _BANNER_PROBE,
-                self.ip6 if ipv6 else self.ip4, f"{timeout:.3f}"]
+        argv = self._net.exec_argv(self.cli_ns,
+                                   banner_probe_argv(self.ip6 if ipv6 else self.ip4, 22, timeout))
         try:
             return _run(argv, check=False, timeout=timeout + 10).returncode == 0
         except SystemdLabError:
@@ -1119,7 +1012,7 @@ class SystemdLab:
             left = end - time.monotonic()
             if left <= 0:
                 raise SystemdLabError(f"SSH did not answer within {limit:g} s; console:\n"
-                                      f"{_tail(self.console_log, 25)}")
+                                      f"{tail(self.console_log, 25)}")
             if self.new_connection_ok(timeout=min(1.0, max(left, 0.05))):
                 return time.monotonic() - started
             with self._cond:
@@ -1178,14 +1071,9 @@ class SystemdLab:
         """iptables-save, ip6tables-save and nft list ruleset, comparable across reloads:
         without comments and counters, nft tables (and the chains, sets, ... in each) sorted
         (their listing order is creation order, which iptables-restore on nf_tables changes)."""
-        parts = []
-        for argv in (["iptables-save"], ["ip6tables-save"]):
-            lines = [re.sub(r"\[\d+:\d+\]", "[0:0]", ln)
-                     for ln in self.exec(argv).stdout.splitlines()
-                     if ln.strip() and not ln.startswith("#")]
-            parts.append(f"== {argv[0]} ==\n" + "".join(f"{ln}\n" for ln in lines))
-        nft = self.exec(["nft", "list", "ruleset"]).stdout
-        parts.append("== nft ==\n" + normalize_nft(nft))
+        parts = [f"== {tool} ==\n" + normalize_save(self.exec([tool]).stdout)
+                 for tool in ("iptables-save", "ip6tables-save")]
+        parts.append("== nft ==\n" + normalize_nft(self.exec(["nft", "list", "ruleset"]).stdout))
         return "".join(parts)
 
     def journal(self, *args: str, lines: int = 60) -> str:
@@ -1217,27 +1105,22 @@ class SystemdLab:
                         os.kill(leader, signal.SIGKILL)  # the whole pid namespace goes
                 if self._proc is not None:
                     try:
-                        _stop_group(self._proc)
+                        stop_popen(self._proc, group=True)
                     except Exception as exc:  # noqa: BLE001 - keep tearing down
                         errors.append(f"nspawn {self._proc.pid}: {exc}")
                 self._thread.join(timeout=20)
                 if self._thread.is_alive():
                     errors.append("the supervisor thread does not end")
-        for proc in self._tracked:
-            try:
-                _stop_group(proc)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(f"pid {proc.pid}: {exc}")
+        errors += self._children.stop_all()
         if self._cgroups is not None:
             try:
                 self._cgroups.remove()
             except Exception as exc:  # noqa: BLE001
                 errors.append(str(exc))
-        for ns in (self.ns, self.cli_ns):
-            try:
-                _netns_del(ns)
-            except Exception as exc:  # noqa: BLE001
-                errors.append(str(exc))
+        try:
+            self._net.close()
+        except Exception as exc:  # noqa: BLE001
+            errors.append(str(exc))
         try:
             _unmount_below(self.root)
             self._mounted = False

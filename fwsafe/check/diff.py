@@ -12,7 +12,8 @@ from typing import Any
 
 from fwsafe.backends import available_layers, layer_for
 from fwsafe.check.simulate import simulate
-from fwsafe.core.manager import Change, Manager, resolve_partial, validate_change
+from fwsafe.core.apply import watched_layers
+from fwsafe.core.change import Change, resolve_partial, validate_change
 
 
 @dataclass
@@ -47,7 +48,7 @@ def diff_change(change: Change) -> list[UnitDiff]:
     captured = {name: layer_for(name).capture() for name in available_layers()}
     change = resolve_partial(change, captured)
     validate_change(change)
-    watch = Manager.watched_layers(change, list(captured))
+    watch = watched_layers(change, list(captured))
     after = simulate(captured, layers=change.layers, sources=change.sources, run=change.run,
                      watch=watch)
     result: list[UnitDiff] = []

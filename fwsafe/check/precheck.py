@@ -11,7 +11,7 @@ from fwsafe.backends import available_layers, layer_for
 from fwsafe.check.clients import default_sessions
 from fwsafe.check.predict import CheckReport, predict
 from fwsafe.check.simulate import simulate
-from fwsafe.core.manager import Change
+from fwsafe.core.change import Change
 
 COMMAND_LAYERS = ("ipv4", "ipv6")
 CHECKED_LAYERS = ("ipv4", "ipv6", "nft")

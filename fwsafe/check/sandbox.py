@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import subprocess
 import sys
@@ -28,12 +27,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
+from fwsafe.check.netns import Namespaces, NetnsError
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
 AGENT = Path(__file__).with_name("agent.py")
-_NAME_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
-NETNS_DIR = Path("/run/netns")
 TRACE_TABLE = "fwsafe_check_trace"
 CANARY_PORTS = "40000-49999"
 
@@ -61,6 +59,15 @@ class LinkPlan:
 
 def _host_prefix(address: str) -> str:
     return f"{address}/128" if ":" in address else f"{address}/32"
+
+
+def _routes(addresses: list[str], dev: str, lladdr: str) -> list[str]:
+    """`ip` commands: a host route to each address over `dev`, its neighbour entry fixed."""
+    lines: list[str] = []
+    for address in addresses:
+        lines.append(f"route replace {_host_prefix(address)} dev {dev}")
+        lines.append(f"neigh replace {address} lladdr {lladdr} dev {dev} nud permanent")
+    return lines
 
 
 class AgentProcess:
@@ -206,11 +213,7 @@ class Sandbox:
     def __init__(self, tag: str) -> None:
         self.srv = f"fwck{tag}s"
         self.cli = f"fwck{tag}c"
-        for name in (self.srv, self.cli):
-            if not _NAME_OK.match(name):
-                raise SandboxError(f"bad namespace name {name!r}")
-        self.ip = require_binary("ip")
-        self.created: list[str] = []
+        self.namespaces = Namespaces(ip=require_binary("ip"))
         self.srv_agent: AgentProcess | None = None
         self.cli_agent: AgentProcess | None = None
         self.trace: TraceMonitor | None = None
@@ -226,75 +229,48 @@ class Sandbox:
 
     # -- running things ---------------------------------------------------------------------------
     def in_srv(self, argv: Sequence[str]) -> list[str]:
-        return [self.ip, "netns", "exec", self.srv, *argv]
+        return self.namespaces.exec_argv(self.srv, argv)
 
     def in_cli(self, argv: Sequence[str]) -> list[str]:
-        return [self.ip, "netns", "exec", self.cli, *argv]
+        return self.namespaces.exec_argv(self.cli, argv)
 
     def srv_run(self, argv: Sequence[str], *, input: bytes | None = None,
                 timeout: float = 300) -> subprocess.CompletedProcess[bytes]:
         return run(self.in_srv(argv), input=input, timeout=timeout)
 
-    def _ip_batch(self, namespace: str, commands: list[str]) -> None:
-        if not commands:
-            return
-        result = run([self.ip, "-n", namespace, "-batch", "-"],
-                     input=("\n".join(commands) + "\n").encode(), timeout=60)
-        if result.returncode != 0:
-            raise SandboxError(f"setting up {namespace} failed: "
-                               f"{result.stderr.decode(errors='replace').strip()}")
-
     # -- building ----------------------------------------------------------------------------------
-    def _add_netns(self, name: str) -> None:
-        if (NETNS_DIR / name).exists():
-            # Left by an earlier run that had this PID and was killed: reuse the name only if
-            # nothing lives in it any more.
-            pids = run([self.ip, "netns", "pids", name], timeout=15).stdout.split()
-            if pids:
-                raise EnvironmentProblem(f"network namespace {name} exists and is in use")
-            run([self.ip, "netns", "del", name], timeout=15)
-        result = run([self.ip, "netns", "add", name], timeout=15)
-        if result.returncode != 0:
-            raise EnvironmentProblem(
-                f"cannot create the sandbox network namespace {name}: "
-                f"{result.stderr.decode(errors='replace').strip()}",
-                hint="fwsafe check needs root and network namespaces (`ip netns add`)")
-        self.created.append(name)
-
     def build(self, links: list[LinkPlan], lo_addresses: list[str]) -> None:
         """Create both namespaces, the veth pairs, addresses, routes and neighbour entries."""
         self.links = links
-        self._add_netns(self.srv)
-        self._add_netns(self.cli)
-        srv = ["link set lo up"]
-        cli = ["link set lo up"]
-        for address in lo_addresses:
-            srv.append(f"addr add {_host_prefix(address)} dev lo")
+        for name in (self.srv, self.cli):
+            try:
+                self.namespaces.create(name, busy="refuse")
+            except NetnsError as exc:
+                raise EnvironmentProblem(
+                    f"cannot create the sandbox network namespace {name}: {exc}",
+                    hint="fwsafe check needs root and network namespaces (`ip netns add`)",
+                ) from exc
+        try:
+            self._wire(links, lo_addresses)
+        except NetnsError as exc:
+            raise SandboxError(str(exc)) from exc
+
+    def _wire(self, links: list[LinkPlan], lo_addresses: list[str]) -> None:
+        ns = self.namespaces
+        ns.configure(self.srv, "lo", [_host_prefix(address) for address in lo_addresses])
+        srv_routes: list[str] = []
+        cli_routes: list[str] = []
         for index, link in enumerate(links):
             peer = f"peer{index}"
-            srv.append(f"link add {link.name} mtu {link.mtu} address {link.server_mac(index)} "
-                       f"type veth peer name {peer} mtu {link.mtu} address "
-                       f"{link.peer_mac(index)} netns {self.cli}")
-            srv.append(f"link set dev {link.name} addrgenmode none")
-            for address, prefix in link.addresses:
-                nodad = " nodad" if ":" in address else ""
-                srv.append(f"addr add {address}/{prefix} dev {link.name}{nodad}")
-            srv.append(f"link set {link.name} up")
-            for client in link.clients:
-                srv.append(f"route replace {_host_prefix(client)} dev {link.name}")
-                srv.append(f"neigh replace {client} lladdr {link.peer_mac(index)} "
-                           f"dev {link.name} nud permanent")
-            cli.append(f"link set dev {peer} addrgenmode none")
-            for client in link.clients:
-                nodad = " nodad" if ":" in client else ""
-                cli.append(f"addr add {_host_prefix(client)} dev {peer}{nodad}")
-            cli.append(f"link set {peer} up")
-            for server in link.servers:
-                cli.append(f"route replace {_host_prefix(server)} dev {peer}")
-                cli.append(f"neigh replace {server} lladdr {link.server_mac(index)} "
-                           f"dev {peer} nud permanent")
-        self._ip_batch(self.srv, srv)
-        self._ip_batch(self.cli, cli)
+            ns.veth(self.srv, link.name, self.cli, peer, mtu=link.mtu,
+                    a_mac=link.server_mac(index), b_mac=link.peer_mac(index))
+            ns.configure(self.srv, link.name, [f"{a}/{p}" for a, p in link.addresses],
+                         addrgen=False)
+            ns.configure(self.cli, peer, [_host_prefix(c) for c in link.clients], addrgen=False)
+            srv_routes += _routes(link.clients, link.name, link.peer_mac(index))
+            cli_routes += _routes(link.servers, peer, link.server_mac(index))
+        ns.batch(self.srv, srv_routes)
+        ns.batch(self.cli, cli_routes)
 
     def start_agents(self, client_side: bool) -> None:
         argv = [sys.executable, "-I", str(AGENT)]
@@ -346,11 +322,10 @@ class Sandbox:
             except Exception as exc:  # noqa: BLE001 - keep tearing down
                 errors.append(str(exc))
         self.trace = self.srv_agent = self.cli_agent = None
-        for name in self.created:
-            result = run([self.ip, "netns", "del", name], timeout=30)
-            if result.returncode != 0 and (NETNS_DIR / name).exists():
-                errors.append(result.stderr.decode(errors="replace").strip())
-        self.created = []
+        try:
+            self.namespaces.close()
+        except NetnsError as exc:
+            errors.append(str(exc))
         for child in self.tmpdir.glob("*"):
             try:
                 child.unlink()

@@ -24,6 +24,7 @@ from typing import Any
 
 from fwsafe.backends import layer_for
 from fwsafe.backends.base import ApplyError
+from fwsafe.check.netns import Namespaces, NetnsError
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError
 from fwsafe.runner import require_binary
 
@@ -55,12 +56,11 @@ def simulate(
     """Apply a change to a copy of `before` in a scratch namespace; return the `watch` layers
     captured afterwards. Raises InvalidRulesError when the change is refused there."""
     name = f"fwsb{os.getpid()}"
-    ip = require_binary("ip")
-    subprocess.run([ip, "netns", "del", name], capture_output=True, check=False)
-    created = subprocess.run([ip, "netns", "add", name], capture_output=True, text=True, check=False)
-    if created.returncode != 0:
-        raise EnvironmentProblem(f"cannot create a scratch network namespace: "
-                                 f"{created.stderr.strip()}")
+    namespaces = Namespaces(ip=require_binary("ip"))
+    try:
+        namespaces.create(name)
+    except NetnsError as exc:
+        raise EnvironmentProblem(f"cannot create a scratch network namespace: {exc}") from exc
     workdir = Path(tempfile.mkdtemp(prefix="fwsafe-sandbox-"))
     try:
         request = {
@@ -70,7 +70,7 @@ def simulate(
             "run": list(run) if run else None,
             "watch": list(watch),
         }
-        argv = [ip, "netns", "exec", name, sys.executable, "-m", "fwsafe.check.simulate"]
+        argv = namespaces.exec_argv(name, [sys.executable, "-m", "fwsafe.check.simulate"])
         if run and "ufw" in before:
             argv = _private_ufw(before["ufw"], workdir) + argv
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
@@ -85,14 +85,10 @@ def simulate(
             raise InvalidRulesError(str(answer["error"]), hint="nothing was changed")
         return {k: _unb64(v) for k, v in answer["after"].items()}
     finally:
-        pids = subprocess.run([ip, "netns", "pids", name], capture_output=True, text=True,
-                              check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), 9)
-            except (OSError, ValueError):
-                pass
-        subprocess.run([ip, "netns", "del", name], capture_output=True, check=False)
+        try:
+            namespaces.close()  # what still runs in it is killed
+        except NetnsError as exc:
+            print(f"fwsafe: warning: scratch namespace teardown: {exc}", file=sys.stderr)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

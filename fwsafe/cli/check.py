@@ -11,7 +11,7 @@ from fwsafe.check.precheck import candidate_layers
 from fwsafe.check.predict import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
 from fwsafe.cli.common import RAW_ARGS
 from fwsafe.config import load_config
-from fwsafe.core.manager import Change, change_from_files, resolve_partial, validate_change
+from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, UsageError
 
 EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(

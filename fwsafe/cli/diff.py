@@ -11,7 +11,7 @@ from fwsafe.backends.ufw import prepare_command
 from fwsafe.check.diff import UnitDiff, diff_change
 from fwsafe.cli.common import RAW_ARGS
 from fwsafe.config import load_config
-from fwsafe.core.manager import Change, change_from_files, require_root
+from fwsafe.core.change import Change, change_from_files, require_root
 
 
 def _render(diffs: list[UnitDiff], color: bool) -> str:

@@ -17,8 +17,8 @@ import click
 from fwsafe.config import load_config
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.errors import EXIT_CODE_HELP, EnvironmentProblem, UsageError
+from fwsafe.ondisk.history import Entry, describe_who, format_time
 from fwsafe.persistence import history
-from fwsafe.rescue.tool import Entry, describe_who, format_time
 
 EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
@@ -195,7 +195,7 @@ def history_diff(first: str, second: str | None, as_json: bool, state_dir: str |
 def rollback_change(entry: Entry) -> tuple[Any, list[str]]:
     """The Change that puts `entry` back, and notes on the layers it leaves alone."""
     from fwsafe.backends import layer_for
-    from fwsafe.core.manager import Change
+    from fwsafe.core.change import Change
 
     change = Change()
     notes = []
@@ -220,7 +220,7 @@ def rollback_change(entry: Entry) -> tuple[Any, list[str]]:
 def _nft_replacement(content: bytes) -> bytes:
     """`nft -f` merges a table definition into an existing table: delete and re-create each
     table of the entry, and delete the native tables that exist now but not in the entry."""
-    from fwsafe.rescue.tool import nft_tables
+    from fwsafe.ondisk.history import nft_tables
 
     wanted = nft_tables(content.decode(errors="replace"))
     live, _ = history.capture_layers()
@@ -265,8 +265,9 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
 
     The ipv4/ipv6 rules, the native nftables tables and ufw's files of the entry are put
     back together, so that neither `ufw reload` nor a reboot brings the bad state back."""
-    from fwsafe.cli import _interactive_wait, _report_armed
-    from fwsafe.core.manager import ApplyOptions, Manager
+    from fwsafe.cli.apply import interactive_wait, report_armed
+    from fwsafe.core.apply import ApplyOptions
+    from fwsafe.core.manager import Manager
 
     config = load_config(config_path)
     timeout = config.seconds(timeout_s if timeout_s is not None else config.timeout,
@@ -290,9 +291,9 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     manager = Manager(state)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():
-        _report_armed(record, as_json)
+        report_armed(record, as_json)
         return
-    _interactive_wait(manager, record, as_json)
+    interactive_wait(manager, record, as_json)
 
 
 COMMANDS = [history_cmd, show, history_diff, rollback]

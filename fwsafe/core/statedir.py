@@ -13,7 +13,7 @@ Layout (default /var/lib/fwsafe, or --state-dir, or FWSAFE_STATE_DIR)::
 Directories are 0700 and files 0600. Every write goes to a temporary file in the same directory
 (a new random name, created with O_EXCL|O_NOFOLLOW), is fsync'ed, renamed over the target, and
 the directory is fsync'ed: after a crash a file holds either its old or its new content, never
-a mix.
+a mix (fwsafe.ondisk.files, the one writer, which the boot and ufw files use too).
 
 fwsafe acts as root on what it reads here (`recover` restores the snapshot it finds), so the
 directory must be root's alone: a state directory that is a symlink, or that it or any existing
@@ -28,19 +28,18 @@ import contextlib
 import errno
 import fcntl
 import os
-import secrets
 import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from fwsafe.errors import PendingError, StateError, UnsafeStateDirError
+from fwsafe.ondisk.files import TempFileError, write_file_atomically
 
 DEFAULT_STATE_DIR = "/var/lib/fwsafe"
 ENV_STATE_DIR = "FWSAFE_STATE_DIR"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
-TEMP_ATTEMPTS = 8
 SAFE_DIR_HINT = ("use a directory only root can write, e.g. /var/lib/fwsafe (every parent too; "
                  "a sticky world-writable parent such as /tmp is accepted when the state "
                  "directory itself is root's and 0700)")
@@ -118,46 +117,13 @@ def check_state_dir(root: Path, *, creating: bool = False) -> None:
         raise UnsafeStateDirError(f"state directory {root}: refused: {why}", hint=SAFE_DIR_HINT)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _create_temp(path: Path) -> tuple[Path, int]:
-    """A new temporary file next to `path`: a random name, O_EXCL|O_NOFOLLOW (a file or
-    symlink planted under that name is never opened, let alone written through), mode 0600."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(TEMP_ATTEMPTS):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-        try:
-            return tmp, os.open(tmp, flags, FILE_MODE)
-        except FileExistsError:
-            continue
-    raise StateError(f"cannot create a temporary file next to {path}: every name tried exists")
-
-
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically and durably, mode 0600."""
-    tmp, fd = _create_temp(path)
+    """Write `data` to `path` atomically and durably, mode 0600, owned by this process (never
+    the owner of a file planted there); a symlink at `path` is replaced, never followed."""
     try:
-        try:
-            os.fchmod(fd, FILE_MODE)  # whatever the umask; on the fd, never through a path
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)  # replaces a symlink at `path` itself, never its target
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+        write_file_atomically(path, data, FILE_MODE)
+    except TempFileError as exc:
+        raise StateError(str(exc)) from exc
 
 
 def open_private(path: Path, flags: int) -> int:
@@ -188,6 +154,10 @@ def make_private_dir(path: Path) -> None:
             os.fchmod(fd, DIR_MODE)
     finally:
         os.close(fd)
+
+
+# The state locks this process holds, by lock file: StateDir.locked is re-entrant.
+_HELD: dict[str, int] = {}
 
 
 class StateDir:
@@ -254,7 +224,18 @@ class StateDir:
     # -- the lock ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self, *, wait: bool = False) -> Iterator[None]:
-        """Hold the state directory's lock; without `wait`, fail at once when it is taken."""
+        """Hold the state directory's lock; without `wait`, fail at once when it is taken.
+        Re-entrant within a process: a holder that calls code which locks again (confirm ->
+        history) goes on instead of waiting for itself (flock is per open file, not per
+        process)."""
+        key = os.path.realpath(self.lock_path)
+        if _HELD.get(key):
+            _HELD[key] += 1
+            try:
+                yield
+            finally:
+                _HELD[key] -= 1
+            return
         self.ensure()
         fd = open_private(self.lock_path, os.O_RDWR)
         try:
@@ -267,7 +248,11 @@ class StateDir:
                         hint="wait for it to finish, then try again",
                     ) from exc
                 raise
-            yield
+            _HELD[key] = 1
+            try:
+                yield
+            finally:
+                _HELD.pop(key, None)
         finally:
             os.close(fd)
 

@@ -25,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fwsafe.core import transaction
@@ -56,6 +56,62 @@ def start_watcher(state_dir: Path, tx_id: str, log_path: Path,
         os.close(log)
 
 
+class BackstopKeeper:
+    """The guard's side: start the backstop, notice when it dies, start another, stop it."""
+
+    def __init__(self, state: StateDir, record: transaction.Record, mode: str,
+                 log: Callable[[str], None]) -> None:
+        self.state, self.record, self.mode, self.log = state, record, mode, log
+        self.process: subprocess.Popen[bytes] | None = None   # setsid mode: the watcher
+        self.fd: int | None = None                              # its pidfd
+
+    @property
+    def missing(self) -> bool:
+        """A watcher should run but none does (it could not be started)."""
+        return self.mode != "systemd-run" and self.process is None
+
+    def start(self) -> None:
+        if self.mode == "systemd-run":
+            unit = f"fwsafe-guard-{self.record.id}.service"
+            self.record.backstop = {"kind": "systemd", "unit": unit,
+                                    "how": f"ExecStopPost= of {unit}, run by systemd"}
+            return
+        try:
+            self.process = start_watcher(self.state.root, self.record.id,
+                                         self.state.tx_dir(self.record.id) / "backstop.log")
+        except OSError as exc:
+            self.log(f"cannot start the backstop watcher: {exc}; trying again in 1 s")
+            self.process, self.fd = None, None
+            return
+        self.fd = pidfd_of(self.process.pid)
+        self.record.backstop = {"kind": "watcher", "pid": self.process.pid,
+                                "how": f"watcher PID {self.process.pid} holds a pidfd of the "
+                                       f"guard"}
+        self.log(f"backstop: watcher PID {self.process.pid}")
+
+    def died(self, restart: bool) -> None:
+        """The watcher died (killed, OOM): reap it, and start another when `restart`."""
+        if self.process is not None:
+            code = self.process.poll()
+            self.log(f"the backstop watcher (PID {self.process.pid}) died (exit {code})")
+        if self.fd is not None:
+            os.close(self.fd)
+        self.process, self.fd = None, None
+        if restart:
+            self.start()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def pidfd_of(pid: int) -> int | None:
     """A pidfd for `pid` (Linux 5.3+); None where the kernel has none."""
     try:
@@ -75,7 +131,7 @@ def _log(message: str) -> None:
 
 def take_over(state: StateDir, tx_id: str, why: str) -> int:
     """The guard is gone: undo the change if its transaction is still open. Exit status."""
-    from fwsafe.core.manager import Manager
+    from fwsafe.core.recover import recover
     from fwsafe.errors import FwsafeError
 
     try:
@@ -88,8 +144,8 @@ def take_over(state: StateDir, tx_id: str, why: str) -> int:
     _log(f"{why}; transaction {tx_id} is {record.state}: reverting it")
     while True:   # never give up while the change may be live
         try:
-            done = Manager(state).recover(
-                reason=f"{why}; the backstop reverted the change", by="backstop",
+            done = recover(
+                state, reason=f"{why}; the backstop reverted the change", by="backstop",
                 tx_id=tx_id, give_up_after=None)
         except FwsafeError as exc:
             current = transaction.load_record(state, tx_id)

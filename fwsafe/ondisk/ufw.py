@@ -1,6 +1,6 @@
-"""ufw's files as one serialised layer, and crash-safe file replacement.
+"""ufw's files as one serialised layer.
 
-Standard library only, Python 3.9+: the rescue zipapp (`fwsafe.rescue.tool`) carries this module.
+Standard library only, Python 3.9+: the rescue zipapp carries this module.
 
 Format (JSON, keys sorted, so that equal files give equal bytes)::
 
@@ -12,8 +12,9 @@ It covers the files ufw reads (and its own commands write): ``/etc/ufw/*.rules``
 (``root=/mnt`` reads ``/mnt/etc/ufw/user.rules``). Only regular files are captured; symlinks
 and anything else are left alone, both by a capture and by a restore.
 
-A restore writes each file atomically (temporary file, fsync, rename, fsync of the directory)
-with the mode from the snapshot, keeping the owner of the file it replaces, and removes the
+A restore writes each file atomically (fwsafe.ondisk.files: temporary file, fsync, rename,
+fsync of the directory) with the mode from the snapshot, keeping the owner of the file it
+replaces, and removes the
 covered files that did not exist when the snapshot was taken. A path in a snapshot that is not
 one of the covered ones is refused: a damaged or crafted snapshot can never write elsewhere.
 """
@@ -28,6 +29,8 @@ import re
 import stat
 from pathlib import Path
 
+from fwsafe.ondisk.files import BACKUP_SUFFIX, fsync_dir, local_path, write_file_atomically
+
 UFW_DIR = "/etc/ufw"
 DEFAULT_FILE = "/etc/default/ufw"
 APPLICATIONS_DIR = "/etc/ufw/applications.d"
@@ -41,10 +44,7 @@ _COVERED = re.compile(
     r"|/etc/default/ufw)$"
 )
 # Editors' and package managers' leftovers in applications.d are not profiles of the system.
-_IGNORED_SUFFIXES = (".fwsafe-bak", ".dpkg-old", ".dpkg-new", ".dpkg-dist", ".ucf-old", "~")
-
-DEFAULT_NEW_FILE_MODE = 0o600
-
+_IGNORED_SUFFIXES = (BACKUP_SUFFIX, ".dpkg-old", ".dpkg-new", ".dpkg-dist", ".ucf-old", "~")
 
 class UfwFilesError(ValueError):
     """A serialised ufw layer that is damaged or names a path outside ufw's files."""
@@ -55,11 +55,6 @@ def is_ufw_path(path: str) -> bool:
     if "\0" in path or "/../" in path or path.endswith("/..") or "//" in path:
         return False
     return bool(_COVERED.match(path)) and not path.endswith(_IGNORED_SUFFIXES)
-
-
-def local_path(root: Path, path: str) -> Path:
-    """Where the server path `path` is under `root`."""
-    return Path(root) / path.lstrip("/")
 
 
 def ufw_paths(root: Path = Path("/")) -> list[str]:
@@ -155,65 +150,6 @@ def ufw_files_text(data: bytes) -> dict[str, str]:
             for path, (_, content) in load_ufw_files(data).items()}
 
 
-# --------------------------------------------------------------------------------------------
-# Atomic file replacement
-# --------------------------------------------------------------------------------------------
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomically(target: Path, content: bytes, mode: int | None = None, *,
-                          default_mode: int = DEFAULT_NEW_FILE_MODE) -> None:
-    """Replace `target` by `content`: temporary file in the same directory, fsync, rename,
-    fsync of the directory. After a crash the file holds its old or its new content.
-
-    The mode is `mode` if given, else that of the file replaced, else `default_mode`; the owner
-    and group of a replaced regular file are kept. A symlink at `target` is replaced by the file
-    (never followed: on a mounted disk it may point into the rescue system).
-    """
-    target = Path(target)
-    try:
-        old = os.lstat(target)
-    except FileNotFoundError:
-        old = None
-    if old is not None and not stat.S_ISREG(old.st_mode):
-        if stat.S_ISDIR(old.st_mode):
-            raise IsADirectoryError(f"{target} is a directory")
-        old_regular = None
-    else:
-        old_regular = old
-    final_mode = (mode if mode is not None
-                  else stat.S_IMODE(old_regular.st_mode) if old_regular is not None
-                  else default_mode) & 0o7777
-    tmp = target.with_name(f".{target.name}.fwsafe-tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            view = memoryview(content)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-            if old_regular is not None and (old_regular.st_uid, old_regular.st_gid) != (
-                    os.geteuid(), os.getegid()):
-                os.fchown(fd, old_regular.st_uid, old_regular.st_gid)
-            os.fchmod(fd, final_mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(target.parent)
-
-
 def restore_ufw_files(data: bytes, root: Path = Path("/"), paths: list[str] | None = None) -> None:
     """Put ufw's files back as in the serialised layer `data`, under `root`.
 
@@ -235,7 +171,7 @@ def restore_ufw_files(data: bytes, root: Path = Path("/"), paths: list[str] | No
             mode, content = files[path]
             if not target.parent.is_dir():
                 target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-            write_file_atomically(target, content, mode)
+            write_file_atomically(target, content, mode, keep_owner=True)
         else:
             try:
                 st = os.lstat(target)

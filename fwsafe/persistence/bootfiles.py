@@ -2,8 +2,9 @@
 
 A change under the guard lives in the kernel only; the boot files keep the old rules until it
 is confirmed, so that a reboot during a pending change comes back with the old rules. On
-confirm (fwsafe.history.on_confirmed) the confirmed layers are written, atomically (temporary
-file, fsync, rename; mode and owner kept), to whichever boot files the host uses:
+confirm (fwsafe.persistence.history.on_confirmed) the confirmed layers are written, atomically
+(fwsafe.ondisk.files; mode and owner kept), to whichever boot files the host uses (their
+detection and content: fwsafe.ondisk.boot, shared with the rescue):
 
 * netfilter-persistent (``/etc/iptables/rules.v4`` / ``rules.v6`` exist, or
   netfilter-persistent is installed): ipv4 -> rules.v4, ipv6 -> rules.v6;
@@ -27,8 +28,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fwsafe.ondisk.ufw import local_path, write_file_atomically
-from fwsafe.rescue.tool import BOOT_FILE_MODES, BOOT_FILES, boot_file_content, boot_targets
+from fwsafe.ondisk.boot import BOOT_FILE_MODES, BOOT_FILES, boot_file_content, boot_targets
+from fwsafe.ondisk.files import local_path, write_file_atomically
 
 MODES = ("auto", "netfilter-persistent", "nftables", "none")
 NETNS_MARKER = "/etc/fwsafe/persist-in-netns"
@@ -140,6 +141,7 @@ def persist_layers(
             pass
         if not target.parent.is_dir():
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        write_file_atomically(target, content, default_mode=BOOT_FILE_MODES[layer])
+        write_file_atomically(target, content, default_mode=BOOT_FILE_MODES[layer],
+                              keep_owner=True)
         result.written.append(server_path)
     return result

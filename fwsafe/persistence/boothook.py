@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fwsafe.ondisk.ufw import local_path, write_file_atomically
+from fwsafe.ondisk.files import local_path, write_file_atomically
 from fwsafe.rescue.tool import build_zipapp
 
 UNIT_NAME = "fwsafe-recover.service"
@@ -93,7 +93,7 @@ def install(root: Path, state_dir: str, *, python: str | None = None,
     if unit.exists() and unit.read_bytes() == text:
         done.append(f"unit {unit} is up to date")
     else:
-        write_file_atomically(unit, text, 0o644)
+        write_file_atomically(unit, text, 0o644, keep_owner=True)
         done.append(f"wrote {unit}")
     wants = unit_dir / f"{WANTED_BY}.wants"
     wants.mkdir(mode=0o755, exist_ok=True)

@@ -17,52 +17,57 @@ rescue reads it from that transaction's snapshot).
 Entries are deduplicated by content: a state equal to an existing entry updates that entry's
 meta data (its time moves to now) instead of adding one. At most `history_keep` entries and
 about 64 MiB are kept; the oldest (by the time they were last known good) go first, never the
-newest. The format is read by `fwsafe.rescue.tool` (standard library only), which verifies the
-checksums.
+newest. The format is fwsafe.ondisk.history's: the rescue tool (standard library only) reads
+it with the same module, which verifies the checksums.
+
+Writers hold the state directory's one lock (`StateDir.locked`, the lock `apply` and `recover`
+hold), waiting for it; it is re-entrant within a process (`fwsafe confirm` after the guard died
+calls `on_confirmed` under it; the guard calls it without).
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fwsafe.core import transaction
-from fwsafe.core.statedir import FILE_MODE, StateDir, atomic_write, make_private_dir
+from fwsafe.core.statedir import StateDir, atomic_write, make_private_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import ConfigError, NoTransactionError, StateError
+from fwsafe.ondisk.boot import uses_ufw
+from fwsafe.ondisk.files import fsync_dir
+from fwsafe.ondisk.history import (
+    BASELINE_ID,
+    BASELINE_MARKER,
+    FORMAT,
+    HISTORY,
+    META,
+    Damaged,
+    Entry,
+    HistoryError,
+    find_entry,
+    layer_file_name,
+    layers_digest,
+    layers_meta,
+    list_history,
+    normalize_layer,
+    pending_baseline,
+    snapshot_layers,
+)
 from fwsafe.ondisk.ufw import capture_ufw_files, ufw_files_text
-from fwsafe.rescue import tool as rescue
-from fwsafe.rescue.tool import BASELINE_ID, FORMAT, HISTORY, META, Entry, layer_file_name
 
 DEFAULT_KEEP = 50
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 MAX_TXS = 100
 WHO_KEYS = ("SUDO_USER", "USER", "LOGNAME", "SSH_CONNECTION", "uid")
-
-
 def history_root(state: StateDir) -> Path:
     return state.root / HISTORY
-
-
-@contextlib.contextmanager
-def _locked(state: StateDir) -> Iterator[None]:
-    """The history's own lock (the state lock may already be held by our caller)."""
-    root = history_root(state)
-    make_private_dir(root)
-    fd = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, FILE_MODE)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,8 +93,8 @@ def capture_layers(root: Path = Path("/")) -> tuple[dict[str, bytes], dict[str, 
         except Exception as exc:  # noqa: BLE001 - one unreadable layer must not stop the rest
             errors[name] = str(exc) or exc.__class__.__name__
             continue
-        layers[name] = rescue.normalize_layer(name, data)
-    if "ufw" not in layers and "ufw" not in errors and rescue.uses_ufw(root):
+        layers[name] = normalize_layer(name, data)
+    if "ufw" not in layers and "ufw" not in errors and uses_ufw(root):
         layers["ufw"] = capture_ufw_files(root)
     return layers, errors
 
@@ -97,14 +102,14 @@ def capture_layers(root: Path = Path("/")) -> tuple[dict[str, bytes], dict[str, 
 # --------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------
-def entries(state: StateDir) -> tuple[list[Entry], list[rescue.Damaged]]:
+def entries(state: StateDir) -> tuple[list[Entry], list[Damaged]]:
     """Every entry, oldest first (plus the baseline still pending in the first transaction),
     and the damaged ones. An absent state directory has no entries."""
     if not state.root.exists():
         return [], []
     try:
-        return rescue.list_history(state.root)
-    except rescue.RescueError as exc:
+        return list_history(state.root)
+    except HistoryError as exc:
         if not (state.root / HISTORY).exists() and not state.tx_root.exists():
             return [], []
         raise StateError(exc.message, hint=exc.hint or None) from exc
@@ -114,8 +119,8 @@ def find(state: StateDir, ref: str) -> Entry:
     """An entry by id, unique prefix, `baseline` or `last`."""
     found, damaged = entries(state)
     try:
-        return rescue.find_entry(found, damaged, ref)
-    except rescue.RescueError as exc:
+        return find_entry(found, damaged, ref)
+    except HistoryError as exc:
         if not found and not damaged:
             raise NoTransactionError("the history is empty: nothing was confirmed yet") from exc
         raise StateError(exc.message, hint=exc.hint or None) from exc
@@ -139,14 +144,6 @@ def _new_id(root: Path, now: float) -> str:
             return candidate
 
 
-def _layers_meta(layers: dict[str, bytes]) -> dict[str, Any]:
-    import hashlib
-
-    return {name: {"file": layer_file_name(name), "size": len(content),
-                   "sha256": hashlib.sha256(content).hexdigest()}
-            for name, content in sorted(layers.items())}
-
-
 def _write_entry(root: Path, entry_id: str, layers: dict[str, bytes], meta: dict[str, Any]) -> Path:
     """Create the entry's directory completely under a temporary name, then rename it."""
     final = root / entry_id
@@ -162,11 +159,7 @@ def _write_entry(root: Path, entry_id: str, layers: dict[str, bytes], meta: dict
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(root)
     return final
 
 
@@ -229,11 +222,12 @@ def add_entry(
     """Record `layers` as known good now. Returns (entry, created): an entry with the same
     content is updated instead (created False), unless `dedup` is off. Then prunes."""
     now = time.time() if now is None else now
-    layers = {name: rescue.normalize_layer(name, data) for name, data in layers.items()}
-    digest = rescue.layers_digest(layers)
+    layers = {name: normalize_layer(name, data) for name, data in layers.items()}
+    digest = layers_digest(layers)
     root = history_root(state)
-    with _locked(state):
-        existing, _ = rescue.list_history(state.root)
+    with state.locked(wait=True):
+        make_private_dir(root)
+        existing, _ = list_history(state.root)
         recorded = [e for e in existing if not e.virtual]
         same = next((e for e in recorded if dedup and e.meta.get("digest") == digest
                      and set(e.layers) == set(layers)), None)
@@ -252,7 +246,7 @@ def add_entry(
             new_id = entry_id or _new_id(root, now)
             full = {"format": FORMAT, "id": new_id, "kind": kind, **info,
                     "first_time": now, "txs": [meta.get("tx")] if meta.get("tx") else [],
-                    "confirmations": 1, "layers": _layers_meta(layers), "digest": digest}
+                    "confirmations": 1, "layers": layers_meta(layers), "digest": digest}
             path = _write_entry(root, new_id, layers, full)
             entry = Entry(new_id, full, layers, path)
             created = True
@@ -264,52 +258,54 @@ def prune(state: StateDir, *, keep: int, max_bytes: int, protect: str) -> list[s
     """Remove the oldest entries beyond `keep` and beyond `max_bytes` in total; never
     `protect` (the newest). Damaged entries count too and go first. Returns removed ids."""
     root = history_root(state)
-    found, damaged = rescue.list_history(state.root)
-    recorded: list[tuple[float, str, Path]] = [
-        (d.mtime, d.id, d.path) for d in damaged] + [
-        (e.time, e.id, e.path) for e in found if e.path is not None]
-    recorded.sort(key=lambda item: (item[0], item[1]))
-    damaged_ids = {d.id for d in damaged}
-    recorded.sort(key=lambda item: item[1] not in damaged_ids)  # damaged first, stable
-    sizes = {entry_id: _size(path) for _, entry_id, path in recorded}
-    total = sum(sizes.values())
-    count = len(recorded)
-    removed = []
-    for _, entry_id, path in recorded:
-        if count <= keep and total <= max_bytes:
-            break
-        if entry_id == protect:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(entry_id)
-        count -= 1
-        total -= sizes[entry_id]
-    for leftover in root.glob(".*.tmp*"):  # an entry whose writer died half-way
-        if leftover.is_dir() and time.time() - leftover.stat().st_mtime > 3600:
-            shutil.rmtree(leftover, ignore_errors=True)
-    return removed
+    with state.locked(wait=True):
+        found, damaged = list_history(state.root)
+        recorded: list[tuple[float, str, Path]] = [
+            (d.mtime, d.id, d.path) for d in damaged] + [
+            (e.time, e.id, e.path) for e in found if e.path is not None]
+        recorded.sort(key=lambda item: (item[0], item[1]))
+        damaged_ids = {d.id for d in damaged}
+        recorded.sort(key=lambda item: item[1] not in damaged_ids)  # damaged first, stable
+        sizes = {entry_id: _size(path) for _, entry_id, path in recorded}
+        total = sum(sizes.values())
+        count = len(recorded)
+        removed = []
+        for _, entry_id, path in recorded:
+            if count <= keep and total <= max_bytes:
+                break
+            if entry_id == protect:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(entry_id)
+            count -= 1
+            total -= sizes[entry_id]
+        for leftover in root.glob(".*.tmp*"):  # an entry whose writer died half-way
+            if leftover.is_dir() and time.time() - leftover.stat().st_mtime > 3600:
+                shutil.rmtree(leftover, ignore_errors=True)
+        return removed
 
 
 def ensure_baseline(state: StateDir, *, keep: int = DEFAULT_KEEP,
                     max_bytes: int = DEFAULT_MAX_BYTES) -> Entry | None:
     """Record the pre-change state of the first transaction as the entry `baseline`, once."""
     root = history_root(state)
-    marker = root / rescue.BASELINE_MARKER
-    if marker.exists() or (root / BASELINE_ID).exists():
-        return None
-    pending = rescue.pending_baseline(state.root)
-    if pending is None:
-        return None
-    found, _ = rescue.list_history(state.root)
-    digest = rescue.layers_digest(pending.layers)
-    entry: Entry | None = None
-    if not any(e.meta.get("digest") == digest for e in found if not e.virtual):
-        meta = {k: v for k, v in pending.meta.items() if k not in ("id", "time", "kind")}
-        meta["summary"] = f"the state before the first fwsafe change ({pending.meta.get('tx')})"
-        entry, _ = add_entry(state, pending.layers, meta, keep=keep, max_bytes=max_bytes,
-                             now=pending.time, entry_id=BASELINE_ID, dedup=False,
-                             kind=BASELINE_ID)
-    atomic_write(marker, f"{pending.meta.get('tx')}\n".encode())
+    marker = root / BASELINE_MARKER
+    with state.locked(wait=True):
+        if marker.exists() or (root / BASELINE_ID).exists():
+            return None
+        pending = pending_baseline(state.root)
+        if pending is None:
+            return None
+        found, _ = list_history(state.root)
+        digest = layers_digest(pending.layers)
+        entry: Entry | None = None
+        if not any(e.meta.get("digest") == digest for e in found if not e.virtual):
+            meta = {k: v for k, v in pending.meta.items() if k not in ("id", "time", "kind")}
+            meta["summary"] = f"the state before the first fwsafe change ({pending.meta.get('tx')})"
+            entry, _ = add_entry(state, pending.layers, meta, keep=keep, max_bytes=max_bytes,
+                                 now=pending.time, entry_id=BASELINE_ID, dedup=False,
+                                 kind=BASELINE_ID)
+        atomic_write(marker, f"{pending.meta.get('tx')}\n".encode())
     return entry
 
 
@@ -328,12 +324,31 @@ def record_meta(record: Record) -> dict[str, Any]:
     }
 
 
+def _newer_transaction(state: StateDir, record: Record) -> Record | None:
+    """A transaction prepared after `record` was confirmed, or None (the usual case)."""
+    current = state.current_id()
+    if current is None or current == record.id:
+        return None
+    return transaction.load_record(state, current)
+
+
 def on_confirmed(state: StateDir, record: Record) -> None:
     """After a confirm: keep the confirmed state as known good, and write it to the files the
-    system loads at boot (see fwsafe.persistence.bootfiles). Records what it did in the record's events.
+    system loads at boot (see fwsafe.persistence.bootfiles), under the state lock. Records what
+    it did in the record's events.
+
+    The guard saves the confirm before it gets here: should another `apply` have taken the lock
+    in between, the live rules may be that transaction's by now. Its snapshot then holds the
+    confirmed state, and is recorded instead; nothing is recorded if it was confirmed too (its
+    own confirm records the newer state).
 
     Raises on failure (the caller records it as `persist-failed`; the confirm stands).
     """
+    with state.locked(wait=True):
+        _on_confirmed(state, record)
+
+
+def _on_confirmed(state: StateDir, record: Record) -> None:
     from fwsafe.config import Config, load_config
     from fwsafe.persistence import bootfiles as persist
 
@@ -345,8 +360,17 @@ def on_confirmed(state: StateDir, record: Record) -> None:
     except ConfigError as exc:
         config, config_error = Config(), exc
     keep = config.history_keep
+    newer = _newer_transaction(state, record)
+    if newer is not None and newer.state == transaction.CONFIRMED:
+        record.log("history", f"not recorded: transaction {newer.id} was prepared and confirmed "
+                              "since; its confirm records the state")
+        transaction.save_record(state, record)
+        return
     ensure_baseline(state, keep=keep)
-    layers, errors = capture_layers()
+    if newer is None:
+        layers, errors = capture_layers()
+    else:
+        layers, errors = snapshot_layers(state.tx_dir(newer.id)), {}
     if not layers:
         raise StateError("cannot capture any firewall layer: "
                          + "; ".join(f"{k}: {v}" for k, v in errors.items()))

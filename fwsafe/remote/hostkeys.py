@@ -38,6 +38,7 @@ __all__ = [
     "KnownHosts",
     "RevokedHostKeyError",
     "UnknownHostKeyError",
+    "describe_key",
     "host_key_name",
 ]
 

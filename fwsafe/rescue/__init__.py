@@ -1,2 +1,3 @@
-"""The offline rescue tool (standard library only, shipped as a zipapp).
+"""The offline rescue tool and its zipapp (standard library only: fwsafe.rescue.tool imports
+fwsafe.ondisk and fwsafe.errors, nothing else).
 """

@@ -15,18 +15,17 @@ It shows the diff of every file it will change and asks before writing (``--yes`
 question; without a terminal and without ``--yes`` it refuses), writes atomically and keeps
 every replaced file as ``NAME.fwsafe-bak``.
 
-It also holds what the rest of fwsafe shares with it: the on-disk format of the history, the
-detection of the boot files a system uses, and their content. Standard library only, Python
-3.9+: it runs from a single-file zipapp (``python3 -m fwsafe.rescue --build-zipapp OUT``) with
-nothing but a bare ``python3``. It must import nothing that needs click or paramiko.
+The formats it reads and writes (the history, the boot files, ufw's files) are those of
+fwsafe.ondisk, shared with the running tool. Standard library only, Python 3.9+: it runs from a
+single-file zipapp (``python3 -m fwsafe.rescue --build-zipapp OUT``) with nothing but a bare
+``python3``; it imports fwsafe.errors and fwsafe.ondisk only, never click or paramiko.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import difflib
-import hashlib
+import io
 import json
 import os
 import re
@@ -38,57 +37,30 @@ from pathlib import Path
 from typing import Any
 
 from fwsafe.errors import ExitCode
-from fwsafe.ondisk.ufw import (
-    APPLICATIONS_DIR,
-    UfwFilesError,
-    load_ufw_files,
-    local_path,
-    ufw_paths,
-    write_file_atomically,
+from fwsafe.ondisk.boot import (
+    BOOT_FILE_MODES,
+    BOOT_FILES,
+    boot_file_content,
+    uses_netfilter_persistent,
+    uses_nftables,
+    uses_ufw,
 )
+from fwsafe.ondisk.files import BACKUP_SUFFIX, local_path, write_file_atomically
+from fwsafe.ondisk.history import (
+    Damaged,
+    Entry,
+    HistoryError,
+    find_entry,
+    format_time,
+    last_good,
+    list_history,
+)
+from fwsafe.ondisk.ufw import APPLICATIONS_DIR, UfwFilesError, load_ufw_files, ufw_paths
 
-__all__ = [
-    "BOOT_FILES",
-    "Entry",
-    "FileChange",
-    "boot_file_content",
-    "boot_targets",
-    "build_zipapp",
-    "list_history",
-    "main",
-    "normalize_layer",
-]
+__all__ = ["FileChange", "Plan", "RescueError", "build_zipapp", "main", "plan_disable",
+           "plan_restore", "write_plan"]
 
-FORMAT = 1
 DEFAULT_STATE_DIR = "/var/lib/fwsafe"
-HISTORY = "history"
-META = "meta.json"
-BASELINE_ID = "baseline"
-BASELINE_MARKER = ".baseline-recorded"   # in history/: the baseline was recorded once
-LAYER_FILES = {
-    "ipv4": "ipv4.rules",
-    "ipv6": "ipv6.rules",
-    "ipv4-legacy": "ipv4-legacy.rules",
-    "ipv6-legacy": "ipv6-legacy.rules",
-    "nft": "nft.conf",
-    "ufw": "ufw.json",
-}
-# The files the system loads at boot, per layer (server paths).
-BOOT_FILES = {
-    "ipv4": "/etc/iptables/rules.v4",
-    "ipv6": "/etc/iptables/rules.v6",
-    "nft": "/etc/nftables.conf",
-}
-NETFILTER_PERSISTENT = ("/usr/sbin/netfilter-persistent", "/sbin/netfilter-persistent")
-NFT_SERVICE = "nftables.service"
-BOOT_FILE_MODES = {"ipv4": 0o640, "ipv6": 0o640, "nft": 0o755}
-BACKUP_SUFFIX = ".fwsafe-bak"
-FWSAFE_HEADER = "# fwsafe: known-good state"   # first comment of every boot file fwsafe writes
-
-_COUNTERS = re.compile(r"\[\d+:\d+\]")
-_NFT_COUNTERS = re.compile(r"counter packets \d+ bytes \d+")
-_NFT_TABLE = re.compile(r"^\s*table\s+(ip|ip6|inet|arp|bridge|netdev)\s+(\S+)(?:\s*\{|\s*$)", re.M)
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _STATE_DIR_KEY = re.compile(r'^\s*state_dir\s*=\s*"([^"]+)"\s*(?:#.*)?$')
 
 ACCEPT_ALL_IPTABLES = (
@@ -102,370 +74,13 @@ ACCEPT_ALL_NFT = (
 )
 
 
-class RescueError(Exception):
-    """An error that ends the rescue with `code`; nothing was written unless it says so."""
+class RescueError(HistoryError):
+    """An error that ends the rescue with `code`; nothing was written unless it says so. (The
+    history's own errors, HistoryError, end it with exit 3: nothing changed.)"""
 
     def __init__(self, message: str, code: int = int(ExitCode.REJECTED), hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
+        super().__init__(message, hint)
         self.code = code
-        self.hint = hint
-
-
-# --------------------------------------------------------------------------------------------
-# Layer contents
-# --------------------------------------------------------------------------------------------
-def normalize_iptables(text: str) -> str:
-    """iptables-save text without comments and blank lines, chain counters zeroed."""
-    out = []
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if not line or line.lstrip().startswith("#"):
-            continue
-        if line.startswith(":"):
-            line = _COUNTERS.sub("[0:0]", line)
-        out.append(line)
-    return "".join(f"{line}\n" for line in out)
-
-
-def normalize_nft(text: str) -> str:
-    """nft ruleset text without comment lines, counters zeroed."""
-    out = [_NFT_COUNTERS.sub("counter packets 0 bytes 0", raw.rstrip())
-           for raw in text.splitlines()
-           if raw.strip() and not raw.lstrip().startswith("#")]
-    return "".join(f"{line}\n" for line in out)
-
-
-def normalize_layer(name: str, data: bytes) -> bytes:
-    """A layer's capture in the form kept in the history: equal rulesets give equal bytes."""
-    if name.startswith(("ipv4", "ipv6")):
-        return normalize_iptables(data.decode("utf-8", errors="replace")).encode()
-    if name == "nft":
-        return normalize_nft(data.decode("utf-8", errors="replace")).encode()
-    return data
-
-
-def layers_digest(layers: dict[str, bytes]) -> str:
-    """One hash over every layer's (normalised) content: equal digests, equal states."""
-    digest = hashlib.sha256()
-    for name in sorted(layers):
-        content = normalize_layer(name, layers[name])
-        digest.update(f"{name}\0{len(content)}\0".encode())
-        digest.update(content)
-    return digest.hexdigest()
-
-
-def nft_tables(text: str) -> list[tuple[str, str]]:
-    """(family, name) of every table an nft file defines."""
-    return [(m.group(1), m.group(2)) for m in _NFT_TABLE.finditer(text)]
-
-
-def boot_file_content(layer: str, content: bytes, entry_id: str, *,
-                      flush_ruleset: bool = True) -> bytes:
-    """The boot file for `layer` holding `content` (a history entry's layer).
-
-    The same function writes it on confirm (fwsafe.persistence.bootfiles) and in a rescue, so that both give
-    the same bytes for the same state. nftables.conf starts with ``flush ruleset`` unless
-    netfilter-persistent loads iptables rules at boot too (`flush_ruleset=False`): then each of
-    its tables is deleted and re-created instead, leaving the iptables-nft tables alone.
-    """
-    body = normalize_layer(layer, content).decode("utf-8", errors="replace")
-    if layer in ("ipv4", "ipv6"):
-        return (f"{FWSAFE_HEADER} {entry_id} (iptables-restore format)\n"
-                + body).encode()
-    if layer == "nft":
-        head = f"#!/usr/sbin/nft -f\n{FWSAFE_HEADER} {entry_id}\n"
-        if flush_ruleset:
-            head += "flush ruleset\n"
-        else:
-            head += "".join(f"add table {fam} {name}\ndelete table {fam} {name}\n"
-                            for fam, name in nft_tables(body))
-        return (head + body).encode()
-    raise ValueError(f"layer {layer!r} has no boot file")
-
-
-# --------------------------------------------------------------------------------------------
-# What the system loads at boot
-# --------------------------------------------------------------------------------------------
-def _exists(root: Path, path: str) -> bool:
-    return os.path.lexists(local_path(root, path))
-
-
-def uses_netfilter_persistent(root: Path) -> bool:
-    """rules.v4/rules.v6 exist, or netfilter-persistent is installed."""
-    return any(_exists(root, p) for p in (*BOOT_FILES.values(), *NETFILTER_PERSISTENT)
-               if not p.endswith("nftables.conf"))
-
-
-def nft_service_enabled(root: Path) -> bool:
-    """nftables.service is enabled (a *.wants symlink in /etc/systemd/system)."""
-    base = local_path(root, "/etc/systemd/system")
-    try:
-        wants = [d for d in os.listdir(base) if d.endswith(".wants")]
-    except OSError:
-        return False
-    return any(os.path.lexists(base / d / NFT_SERVICE) for d in wants)
-
-
-def uses_nftables(root: Path) -> bool:
-    """/etc/nftables.conf exists and defines tables (or fwsafe wrote it: an empty ruleset is
-    still the server's), or the nftables service is enabled."""
-    conf = local_path(root, BOOT_FILES["nft"])
-    try:
-        text = conf.read_text(errors="replace")
-    except OSError:
-        text = ""
-    return bool(nft_tables(text)) or FWSAFE_HEADER in text or nft_service_enabled(root)
-
-
-def uses_ufw(root: Path) -> bool:
-    return local_path(root, "/etc/ufw").is_dir()
-
-
-def boot_targets(root: Path = Path("/")) -> list[str]:
-    """The layers whose boot files this system uses: ipv4+ipv6 (netfilter-persistent), nft."""
-    targets = []
-    if uses_netfilter_persistent(root):
-        targets += ["ipv4", "ipv6"]
-    if uses_nftables(root):
-        targets.append("nft")
-    return targets
-
-
-# --------------------------------------------------------------------------------------------
-# The history on disk
-# --------------------------------------------------------------------------------------------
-@dataclass
-class Entry:
-    """One known-good state: its layers (normalised) and its meta data."""
-
-    id: str
-    meta: dict[str, Any]
-    layers: dict[str, bytes]
-    path: Path | None = None     # the entry's directory (None for the pending baseline)
-    virtual: bool = False        # the baseline, read from the first transaction's snapshot
-
-    @property
-    def time(self) -> float:
-        value = self.meta.get("time")
-        return float(value) if isinstance(value, (int, float)) else 0.0
-
-    @property
-    def kind(self) -> str:
-        return str(self.meta.get("kind", "confirmed"))
-
-    def describe(self) -> str:
-        who = describe_who(self.meta.get("who") or {})
-        layers = ", ".join(self.layers) or "no layers"
-        text = f"{self.id}: {self.kind} {format_time(self.time)}{who}; {layers}"
-        summary = self.meta.get("summary")
-        return text + (f"; {summary}" if summary else "")
-
-
-@dataclass
-class Damaged:
-    id: str
-    path: Path
-    why: str
-    mtime: float
-
-
-class StateMissing(RescueError):
-    pass
-
-
-def format_time(t: float) -> str:
-    if not t:
-        return "(time unknown)"
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
-        "%Y-%m-%d %H:%M:%S UTC")
-
-
-def describe_who(who: dict[str, Any]) -> str:
-    user = who.get("SUDO_USER") or who.get("USER") or who.get("LOGNAME")
-    conn = str(who.get("SSH_CONNECTION") or "").split()
-    parts = []
-    if user:
-        parts.append(f"by {user}")
-    if conn:
-        parts.append(f"from {conn[0]}")
-    return (" " + " ".join(parts)) if parts else ""
-
-
-def layer_file_name(layer: str) -> str:
-    return LAYER_FILES.get(layer, f"{layer}.layer")
-
-
-def read_entry(directory: Path) -> Entry:
-    """Read and verify one history entry; raises ValueError saying what is damaged."""
-    try:
-        raw = (directory / META).read_bytes()
-    except FileNotFoundError as exc:
-        raise ValueError(f"{META} is missing") from exc
-    except OSError as exc:
-        raise ValueError(f"cannot read {META}: {exc.strerror}") from exc
-    try:
-        meta = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ValueError(f"{META} is not valid JSON ({exc})") from exc
-    if not isinstance(meta, dict):
-        raise ValueError(f"{META} is not a JSON object")
-    if meta.get("id") != directory.name:
-        raise ValueError(f"{META} names entry {meta.get('id')!r}, not {directory.name!r}")
-    if not isinstance(meta.get("time"), (int, float)):
-        raise ValueError(f"{META} has no time")
-    described = meta.get("layers")
-    if not isinstance(described, dict) or not described:
-        raise ValueError(f"{META} lists no layers")
-    layers: dict[str, bytes] = {}
-    for name, info in described.items():
-        if not isinstance(info, dict) or not isinstance(info.get("file"), str):
-            raise ValueError(f"{META}: layer {name!r} is described wrongly")
-        fname = info["file"]
-        if not _SAFE_NAME.match(fname) or fname == META:
-            raise ValueError(f"{META}: layer {name!r} names a bad file {fname!r}")
-        try:
-            content = (directory / fname).read_bytes()
-        except OSError as exc:
-            raise ValueError(f"layer file {fname} cannot be read: {exc.strerror}") from exc
-        if hashlib.sha256(content).hexdigest() != info.get("sha256"):
-            raise ValueError(f"layer file {fname} does not match its checksum (damaged)")
-        if name == "ufw":
-            try:
-                load_ufw_files(content)
-            except UfwFilesError as exc:
-                raise ValueError(str(exc)) from exc
-        layers[str(name)] = content
-    return Entry(id=directory.name, meta=meta, layers=layers, path=directory)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-
-
-def pending_baseline(state_dir: Path) -> Entry | None:
-    """The state before the first transaction, from its snapshot (tx/<first>/before.*): the
-    known-good state until the history records it (at the first confirm)."""
-    tx_root = state_dir / "tx"
-    try:
-        ids = sorted(p.name for p in tx_root.iterdir() if p.is_dir())
-    except OSError:
-        return None
-    for tx_id in ids:
-        directory = tx_root / tx_id
-        layers: dict[str, bytes] = {}
-        for name in LAYER_FILES:
-            try:
-                layers[name] = normalize_layer(name, (directory / f"before.{name}").read_bytes())
-            except OSError:
-                continue
-        if "ufw" in layers:
-            try:
-                load_ufw_files(layers["ufw"])
-            except UfwFilesError:
-                del layers["ufw"]
-        if not layers:
-            continue
-        record = _read_json(directory / "record.json")
-        created = record.get("created") if isinstance(record, dict) else None
-        if not isinstance(created, (int, float)):
-            created = directory.stat().st_mtime
-        meta = {"format": FORMAT, "id": BASELINE_ID, "kind": BASELINE_ID, "time": float(created),
-                "first_time": float(created), "tx": tx_id,
-                "who": record.get("who", {}) if isinstance(record, dict) else {},
-                "summary": f"the state before the first fwsafe change ({tx_id}); "
-                           "not yet recorded in the history"}
-        return Entry(id=BASELINE_ID, meta=meta, layers=layers, virtual=True)
-    return None
-
-
-def list_history(state_dir: Path) -> tuple[list[Entry], list[Damaged]]:
-    """Every known-good entry (oldest first, by the time it was last known good) and every
-    damaged one. Raises StateMissing when `state_dir` is not a usable fwsafe state directory."""
-    if not state_dir.exists():
-        raise StateMissing(
-            f"no fwsafe state directory at {state_dir}",
-            hint="is the server's root partition mounted there? give the state directory with "
-                 "--state-dir if fwsafe keeps it elsewhere (see /etc/fwsafe/fwsafe.toml)")
-    if not state_dir.is_dir():
-        raise RescueError(f"{state_dir} is not a directory: the fwsafe state is damaged")
-    history = state_dir / HISTORY
-    entries: list[Entry] = []
-    damaged: list[Damaged] = []
-    if history.exists():
-        try:
-            names = sorted(os.listdir(history))
-        except OSError as exc:
-            raise RescueError(f"cannot read {history}: {exc.strerror} (the state is damaged)"
-                              ) from exc
-        for name in names:
-            path = history / name
-            if name.startswith(".") or not path.is_dir():
-                continue
-            try:
-                entries.append(read_entry(path))
-            except ValueError as exc:
-                damaged.append(Damaged(name, path, str(exc), _mtime(path)))
-    elif not (state_dir / "tx").is_dir():
-        raise RescueError(
-            f"{state_dir} holds neither a history nor transactions: not a fwsafe state "
-            "directory, or a damaged one")
-    if not (history / BASELINE_MARKER).exists() and not any(
-            e.id == BASELINE_ID for e in entries) and not any(
-            d.id == BASELINE_ID for d in damaged):
-        baseline = pending_baseline(state_dir)
-        if baseline is not None:
-            entries.append(baseline)
-    entries.sort(key=lambda e: (e.time, e.id))
-    return entries, damaged
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return max(path.stat().st_mtime, *(p.stat().st_mtime for p in path.iterdir()))
-    except (OSError, ValueError):
-        return 0.0
-
-
-def find_entry(entries: list[Entry], damaged: list[Damaged], ref: str) -> Entry:
-    """An entry by id, unique id prefix, `baseline`, or `last`/`latest`."""
-    if not entries and not damaged:
-        raise RescueError("there is no known-good snapshot")
-    if ref in ("last", "latest"):
-        return last_good(entries, damaged)
-    for entry in entries:
-        if entry.id == ref:
-            return entry
-    for bad in damaged:
-        if bad.id == ref or (bad.id.startswith(ref) and ref):
-            raise RescueError(f"snapshot {bad.id} is damaged: {bad.why}",
-                              hint="choose another one (--list shows them)")
-    matches = [e for e in entries if ref and e.id.startswith(ref)]
-    if len(matches) == 1:
-        return matches[0]
-    if len(matches) > 1:
-        raise RescueError(f"{ref!r} matches several snapshots: "
-                          + ", ".join(e.id for e in matches))
-    raise RescueError(f"no snapshot {ref!r}",
-                      hint="known: " + ", ".join(e.id for e in entries) if entries else "")
-
-
-def last_good(entries: list[Entry], damaged: list[Damaged]) -> Entry:
-    """The newest intact entry; refused when a damaged entry may be newer than it."""
-    if not entries:
-        why = "; ".join(f"{d.id}: {d.why}" for d in damaged)
-        raise RescueError("there is no intact known-good snapshot" + (f" ({why})" if why else ""))
-    newest = entries[-1]
-    newer_damaged = [d for d in damaged if d.mtime > newest.time]
-    if newer_damaged:
-        raise RescueError(
-            "the newest snapshot may be damaged: "
-            + "; ".join(f"{d.id}: {d.why}" for d in newer_damaged),
-            hint=f"choose one explicitly, e.g. --to {newest.id} (--list shows them)")
-    return newest
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,7 +129,7 @@ def _read_existing(path: Path) -> tuple[bytes | None, int | None]:
     except FileNotFoundError:
         return None, None
     if stat.S_ISLNK(st.st_mode):
-        return b"", None   # a symlink is replaced by a file (never followed: see fwsafe.ondisk.ufw)
+        return b"", None   # a symlink is replaced by a file (never followed: see fwsafe.ondisk.files)
     if not stat.S_ISREG(st.st_mode):
         raise RescueError(f"{path} is not a regular file; fix it by hand")
     return path.read_bytes(), stat.S_IMODE(st.st_mode)
@@ -655,15 +270,14 @@ def _write_one(change: FileChange, root: Path) -> None:
         if change.new is None or not stat.S_ISREG(st.st_mode):
             os.rename(change.local, change.backup)
         else:
-            write_file_atomically(change.backup, change.old or b"", stat.S_IMODE(st.st_mode))
-            if (st.st_uid, st.st_gid) != (os.geteuid(), os.getegid()):
-                os.chown(change.backup, st.st_uid, st.st_gid)
+            write_file_atomically(change.backup, change.old or b"", stat.S_IMODE(st.st_mode),
+                                  owner=(st.st_uid, st.st_gid))
     if change.new is None:
         return
     if not change.local.parent.is_dir():
         change.local.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     write_file_atomically(change.local, change.new, change.mode,
-                          default_mode=change.default_mode)
+                          default_mode=change.default_mode, keep_owner=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -781,12 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     out = _Out(args.json)
     try:
         return out.finish(_run(args, out))
-    except RescueError as exc:
+    except HistoryError as exc:  # a RescueError, or the history's own (exit 3)
         out.err(f"error: {exc.message}")
         if exc.hint:
             out.err(exc.hint)
         out.data.update({"error": exc.message, "hint": exc.hint or None})
-        return out.finish(exc.code)
+        return out.finish(exc.code if isinstance(exc, RescueError) else int(ExitCode.REJECTED))
     except KeyboardInterrupt:
         out.err("interrupted")
         return out.finish(int(ExitCode.REJECTED))
@@ -893,8 +507,8 @@ def _print_list(entries: list[Entry], damaged: list[Damaged], out: _Out) -> None
 # --------------------------------------------------------------------------------------------
 # The zipapp
 # --------------------------------------------------------------------------------------------
-ZIPAPP_MODULES = ("errors.py", "ondisk/__init__.py", "ondisk/ufw.py", "rescue/__init__.py",
-                  "rescue/tool.py")
+ZIPAPP_MODULES = ("errors.py", "ondisk/__init__.py", "ondisk/files.py", "ondisk/ufw.py",
+                  "ondisk/history.py", "ondisk/boot.py", "rescue/__init__.py", "rescue/tool.py")
 ZIPAPP_MAIN = (
     "# fwsafe rescue, as a single file: python3 fwsafe.pyz rescue --root /mnt --list\n"
     "import sys\n\n"
@@ -910,33 +524,23 @@ def build_zipapp(out: Path, *, mode: int = 0o755) -> Path:
     match = re.search(r'__version__\s*=\s*"([^"]+)"', (source / "__init__.py").read_text())
     if match:
         version = match.group(1)
+    stamp = (2020, 1, 1, 0, 0, 0)
+    buffer = io.BytesIO()
+    buffer.write(b"#!/usr/bin/env python3\n")
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        def add(name: str, text: str) -> None:
+            info = zipfile.ZipInfo(name, date_time=stamp)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            archive.writestr(info, text)
+
+        add("__main__.py", ZIPAPP_MAIN)
+        add("fwsafe/__init__.py", f'"""fwsafe rescue (zipapp)."""\n\n__version__ = "{version}"\n')
+        for name in ZIPAPP_MODULES:
+            add(f"fwsafe/{name}", (source / name).read_text())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    stamp = (2020, 1, 1, 0, 0, 0)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(b"#!/usr/bin/env python3\n")
-            with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-                def add(name: str, text: str) -> None:
-                    info = zipfile.ZipInfo(name, date_time=stamp)
-                    info.compress_type = zipfile.ZIP_DEFLATED
-                    info.external_attr = 0o644 << 16
-                    archive.writestr(info, text)
-
-                add("__main__.py", ZIPAPP_MAIN)
-                add("fwsafe/__init__.py",
-                    f'"""fwsafe rescue (zipapp)."""\n\n__version__ = "{version}"\n')
-                for name in ZIPAPP_MODULES:
-                    add(f"fwsafe/{name}", (source / name).read_text())
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, out)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
+    write_file_atomically(out, buffer.getvalue(), mode)
     return out
 
 

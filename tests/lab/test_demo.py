@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from tests.conftest import _capable
+from tests.conftest import require_capable
 
 pytestmark = pytest.mark.lab
 
 
 def test_demo_shows_refusal_lockout_and_recovery() -> None:
-    _capable()
+    require_capable()
     result = subprocess.run([sys.executable, "-m", "fwsafe", "demo", "--timeout", "6"],
                             capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stdout + result.stderr

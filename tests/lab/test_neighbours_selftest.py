@@ -17,7 +17,7 @@ import pytest
 
 from fwsafe.lab import create_lab
 from tests import neighbours
-from tests.conftest import NeighbourLab, _capable, _need_programs
+from tests.conftest import NeighbourLab, need_programs, require_capable
 
 pytestmark = pytest.mark.lab
 
@@ -137,8 +137,8 @@ def test_docker_published_port_answers_from_the_client(docker_lab: NeighbourLab)
 
 
 def test_close_leaves_nothing_behind_even_after_a_dockerd_crash() -> None:
-    _capable()
-    _need_programs(neighbours.F2B_PROGRAMS + neighbours.DOCKER_PROGRAMS)
+    require_capable()
+    need_programs(neighbours.F2B_PROGRAMS + neighbours.DOCKER_PROGRAMS)
     etc_docker = sorted(os.listdir("/etc/docker")) if os.path.isdir("/etc/docker") else None
     run_containerd = os.path.exists("/run/containerd")
     lab = create_lab(f"nbs{os.getpid()}"[:14], 241)

@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 
 from fwsafe.lab import Lab, create_lab, require_lab_capable
+from fwsafe.ondisk.boot import boot_file_content
 from fwsafe.ondisk.ufw import capture_ufw_files
-from fwsafe.rescue import tool as rescue
 from tests.bins import FWSAFE
 from tests.conftest import IN_CI, FwLab
 from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD
@@ -311,7 +311,7 @@ def test_history_and_rollback_round_trip(rlab: RescueLab) -> None:
     after = json.loads(rlab.fw("history", "--json").stdout)["entries"]
     assert len(after) == 3 and after[-1]["id"] == a       # the same entry, newest again
     assert after[-1]["confirmations"] == 2
-    assert rlab.rules_v4.read_bytes() == rescue.boot_file_content(
+    assert rlab.rules_v4.read_bytes() == boot_file_content(
         "ipv4", rlab.lab.srv_exec(["iptables-save"]).stdout.encode(), a)
     same = rlab.fw("rollback", a)
     assert same.returncode == 0 and "nothing to do" in same.stdout

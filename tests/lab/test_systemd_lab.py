@@ -206,7 +206,7 @@ def test_guard_is_a_transient_unit_and_reverts_at_the_deadline(sdlab: SystemdLab
     tx_id = applied["id"]
     status = sdlab.exec(["systemctl", "status", "--no-pager", _unit(tx_id)], check=False)
     assert status.returncode == 0, status.stdout + status.stderr  # active
-    assert "fwsafe.guard.process" in status.stdout
+    assert "-m fwsafe.guard" in status.stdout
     info = sdlab.status()
     assert info["guard_mode"] == "systemd-run"
     assert not sdlab.new_connection_ok(timeout=0.5), "the lockout is not live"

@@ -153,27 +153,27 @@ def make_guard(tmp_path: Path, **options: Any) -> process.Guard:
                                      "10", True, None, [1], {"a": 1}])
 def test_guard_refuses_a_bad_extend(tmp_path: Path, seconds: Any) -> None:
     g = make_guard(tmp_path)
-    g.set_deadline(time.time() + 30)
-    before = (g.record.deadline, g.deadline_boot)
+    g.deadline.set(time.time() + 30)
+    before = (g.record.deadline, g.deadline.at_boot)
     answer = g.handle({"op": "extend", "seconds": seconds})
     assert answer["ok"] is False and "seconds must" in answer["error"]
-    assert (g.record.deadline, g.deadline_boot) == before
+    assert (g.record.deadline, g.deadline.at_boot) == before
     json.dumps(g.handle({"op": "status"}), allow_nan=False)  # nothing infinite in the record
 
 
 def test_guard_extend_within_bounds_and_the_recorded_max(tmp_path: Path) -> None:
     g = make_guard(tmp_path, max_timeout=100)
-    g.set_deadline(time.time() + 30)
+    g.deadline.set(time.time() + 30)
     assert g.handle({"op": "extend", "seconds": 101})["ok"] is False
     answer = g.handle({"op": "extend", "seconds": 100})
     assert answer["ok"] is True
-    assert g.remaining() == pytest.approx(130, abs=1)
+    assert g.deadline.remaining() == pytest.approx(130, abs=1)
     assert answer["deadline"] == pytest.approx(time.time() + 130, abs=1)
 
 
 def test_garbled_extend_over_json_does_not_crash_the_guard(tmp_path: Path) -> None:
     g = make_guard(tmp_path)
-    g.set_deadline(time.time() + 30)
+    g.deadline.set(time.time() + 30)
     message = json.loads('{"op": "extend", "seconds": Infinity}')
     assert g.handle(message)["ok"] is False
 

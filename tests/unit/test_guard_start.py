@@ -17,12 +17,16 @@ import pytest
 
 import fwsafe.cli as cli
 from fwsafe import config as config_module
-from fwsafe.core import manager, transaction
-from fwsafe.core.manager import ApplyOptions, Manager
+from fwsafe.cli import apply as cli_apply
+from fwsafe.cli import transaction as cli_transaction
+from fwsafe.core import apply as apply_module
+from fwsafe.core import transaction
+from fwsafe.core.apply import ApplyFlow, ApplyOptions
+from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import ChangeMayBeLiveError, ExitCode, GuardError
-from fwsafe.guard import process
+from fwsafe.guard import clock, process
 from fwsafe.guard import spawn as guard
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +89,7 @@ def test_late_guard_waits_for_the_lock_and_then_sees_aborted(tmp_path: Path) -> 
         time.sleep(0.5)
         assert child.poll() is None  # waiting for the lock, not applying
         assert transaction.load_record(state, record.id).state == transaction.PREPARING
-        move_to(state, record.id, transaction.ABORTED)  # what Manager._abort writes
+        move_to(state, record.id, transaction.ABORTED)  # what ApplyFlow.abort writes
     assert child.wait(timeout=30) == 1
     assert child.stderr is not None and b"Traceback" not in child.stderr.read()
     child.stderr.close()
@@ -96,14 +100,14 @@ def test_late_guard_waits_for_the_lock_and_then_sees_aborted(tmp_path: Path) -> 
 def test_abort_never_overwrites_a_guard_that_got_there_first(tmp_path: Path) -> None:
     state, record = new_tx(tmp_path)
     move_to(state, record.id, transaction.APPLYING)
-    latest = Manager(state)._abort(record, "gave up")
+    latest = ApplyFlow(state).abort(record, "gave up")
     assert latest.state == transaction.APPLYING
     assert transaction.load_record(state, record.id).state == transaction.APPLYING
 
 
 def test_abort_of_a_preparing_transaction(tmp_path: Path) -> None:
     state, record = new_tx(tmp_path)
-    latest = Manager(state)._abort(record, "gave up")
+    latest = ApplyFlow(state).abort(record, "gave up")
     assert latest.state == transaction.ABORTED
     assert transaction.load_record(state, record.id).reason == "gave up"
 
@@ -111,9 +115,9 @@ def test_abort_of_a_preparing_transaction(tmp_path: Path) -> None:
 def test_abort_while_the_guard_holds_the_lock_aborts_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state, record = new_tx(tmp_path)
-    monkeypatch.setattr(manager, "TX_LOCK_TIMEOUT", 0.1)
+    monkeypatch.setattr(apply_module, "TX_LOCK_TIMEOUT", 0.1)
     with state.tx_locked(record.id):
-        latest = Manager(state)._abort(record, "gave up")
+        latest = ApplyFlow(state).abort(record, "gave up")
     assert latest.state == transaction.PREPARING
     assert transaction.load_record(state, record.id).state == transaction.PREPARING
 
@@ -129,7 +133,7 @@ def test_spawn_error_after_the_guard_started_is_exit_5(
 
     monkeypatch.setattr(guard, "spawn", spawn)
     with pytest.raises(ChangeMayBeLiveError) as info:
-        Manager(state)._start_guard(record, ApplyOptions())
+        ApplyFlow(state)._start_guard(record, ApplyOptions())
     assert info.value.exit_code == ExitCode.REVERT_FAILED
     assert "may be live" in info.value.message and "fwsafe status" in (info.value.hint or "")
 
@@ -143,7 +147,7 @@ def test_spawn_error_before_the_guard_started_is_exit_3_and_aborted(
 
     monkeypatch.setattr(guard, "spawn", spawn)
     with pytest.raises(GuardError) as info:
-        Manager(state)._start_guard(record, ApplyOptions())
+        ApplyFlow(state)._start_guard(record, ApplyOptions())
     assert info.value.exit_code == ExitCode.REJECTED
     assert transaction.load_record(state, record.id).state == transaction.ABORTED
 
@@ -152,7 +156,7 @@ def test_guard_died_while_applying_is_exit_5(tmp_path: Path) -> None:
     state, record = new_tx(tmp_path)
     move_to(state, record.id, transaction.APPLYING)  # guard_pid None: not alive
     with pytest.raises(ChangeMayBeLiveError, match="died while applying"):
-        Manager(state)._wait_for_guard(record)
+        ApplyFlow(state)._wait_for_guard(record)
 
 
 def test_guard_applying_for_too_long_is_exit_5(tmp_path: Path,
@@ -160,18 +164,18 @@ def test_guard_applying_for_too_long_is_exit_5(tmp_path: Path,
     state, record = new_tx(tmp_path)
     move_to(state, record.id, transaction.APPLYING)
     monkeypatch.setattr(transaction, "guard_alive", lambda record: True)
-    monkeypatch.setattr(manager, "GUARD_APPLY_TIMEOUT", 0.0)
+    monkeypatch.setattr(apply_module, "GUARD_APPLY_TIMEOUT", 0.0)
     with pytest.raises(ChangeMayBeLiveError) as info:
-        Manager(state)._wait_for_guard(record)
+        ApplyFlow(state)._wait_for_guard(record)
     assert info.value.exit_code == 5
 
 
 def test_guard_that_never_armed_is_aborted_and_exit_3(tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     state, record = new_tx(tmp_path)
-    monkeypatch.setattr(manager, "GUARD_ARM_TIMEOUT", 0.0)
+    monkeypatch.setattr(apply_module, "GUARD_ARM_TIMEOUT", 0.0)
     with pytest.raises(GuardError, match="nothing was changed") as info:
-        Manager(state)._wait_for_guard(record)
+        ApplyFlow(state)._wait_for_guard(record)
     assert info.value.exit_code == 3
     assert transaction.load_record(state, record.id).state == transaction.ABORTED
 
@@ -182,7 +186,7 @@ def test_finish_of_an_open_transaction_is_exit_5(tmp_path: Path) -> None:
     record.transition(transaction.PENDING)
     record.transition(transaction.REVERTING)
     with pytest.raises(ChangeMayBeLiveError):
-        cli._finish(record, as_json=False)
+        cli_apply.finish(record, as_json=False)
 
 
 # -- 5: what the CLI had reaches the guard ------------------------------------------------------
@@ -286,25 +290,25 @@ def make_guard(tmp_path: Path) -> process.Guard:
 def test_deadline_ignores_wall_clock_steps_and_counts_boottime(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     g = make_guard(tmp_path)
-    clock = {"boot": 1000.0, "wall": 1_700_000_000.0}
-    monkeypatch.setattr(process, "boottime", lambda: clock["boot"])
-    monkeypatch.setattr(time, "time", lambda: clock["wall"])
-    g.set_deadline(clock["wall"] + 60)
-    assert g.remaining() == 60
-    clock["wall"] += 3600          # the wall clock steps forward: no early revert
-    assert g.remaining() == 60
-    clock["boot"] += 10            # ten seconds pass, suspended or not
-    assert g.remaining() == 50
+    now = {"boot": 1000.0, "wall": 1_700_000_000.0}
+    monkeypatch.setattr(clock, "boottime", lambda: now["boot"])
+    monkeypatch.setattr(time, "time", lambda: now["wall"])
+    g.deadline.set(now["wall"] + 60)
+    assert g.deadline.remaining() == 60
+    now["wall"] += 3600          # the wall clock steps forward: no early revert
+    assert g.deadline.remaining() == 60
+    now["boot"] += 10            # ten seconds pass, suspended or not
+    assert g.deadline.remaining() == 50
     assert g.handle({"op": "extend", "seconds": 30})["ok"] is True
-    assert g.remaining() == 80
-    assert g.record.deadline == clock["wall"] + 80  # the display follows the real deadline
+    assert g.deadline.remaining() == 80
+    assert g.record.deadline == now["wall"] + 80  # the display follows the real deadline
     answer = g.handle({"op": "status"})
     assert answer["remaining_s"] == 80 and answer["clock"] == "boottime"
 
 
 def test_deadline_clock_is_boottime() -> None:
-    assert process.DEADLINE_CLOCK == time.CLOCK_BOOTTIME
-    assert abs(process.boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1
+    assert clock.DEADLINE_CLOCK == time.CLOCK_BOOTTIME
+    assert abs(clock.boottime() - time.clock_gettime(time.CLOCK_BOOTTIME)) < 1
 
 
 def test_status_takes_the_living_guards_count(tmp_path: Path,
@@ -318,7 +322,7 @@ def test_status_takes_the_living_guards_count(tmp_path: Path,
     info = Manager(state).status()
     assert info["remaining_s"] == 12.3 and info["remaining_from"] == "guard"
     assert info["deadline"] == live.deadline
-    text = cli.format_status(info)
+    text = cli_transaction.format_status(info)
     assert "as the guard counts" in text and "wall clock" in text
 
 

@@ -15,6 +15,7 @@ import pytest
 
 import fwsafe.cli as cli
 from fwsafe import config as config_module
+from fwsafe.cli.failure import LAST_ERROR_LOG
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir
@@ -63,7 +64,7 @@ def test_unexpected_error_nothing_pending_is_3_one_line_and_a_file(
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     line = err.strip()
     assert line.startswith("fwsafe: error: unexpected error: RuntimeError: boom with a second line")
-    log = state.root / cli.LAST_ERROR_LOG
+    log = state.root / LAST_ERROR_LOG
     assert str(log) in line and str(state.root) in line
     assert stat.S_IMODE(log.stat().st_mode) == 0o600
     text = log.read_text()
@@ -80,7 +81,7 @@ def test_unexpected_error_with_a_live_change_is_5(
     code, _, err = run_main(["status", "--state-dir", str(state.root)], capsys)
     assert code == 5
     assert len(err.splitlines()) == 1 and "a change may be live" in err
-    assert "fwsafe status" in err and str(state.root / cli.LAST_ERROR_LOG) in err
+    assert "fwsafe status" in err and str(state.root / LAST_ERROR_LOG) in err
 
 
 def test_final_transaction_is_not_live(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -106,7 +107,7 @@ def test_error_after_this_command_started_the_guard_is_5(
     assert code == 5 and "OSError" in err and "may be live" in err
     data = json.loads(out)
     assert data["exit_code"] == 5 and data["kind"] == "InternalError"
-    assert data["traceback_file"] == str(state.root / cli.LAST_ERROR_LOG)
+    assert data["traceback_file"] == str(state.root / LAST_ERROR_LOG)
 
 
 def test_no_state_dir_keeps_the_traceback_in_the_temp_dir(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from fwsafe.ondisk import boot
 from fwsafe.persistence import bootfiles as persist
-from fwsafe.rescue import tool as rescue
 
 V4 = b"*filter\n:INPUT DROP [3:4]\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n"
 V6 = b"*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
@@ -59,7 +59,7 @@ def test_detection_under_a_fake_root(tmp_path: Path, files: dict[str, str | None
             os.symlink("/lib/systemd/system/nftables.service", link)
         else:
             touch(tmp_path, path, text)
-    assert rescue.boot_targets(tmp_path) == expected
+    assert boot.boot_targets(tmp_path) == expected
     assert persist.targets_for_mode("auto", tmp_path) == expected
 
 
@@ -77,7 +77,7 @@ def test_writes_rules_keeping_mode_and_owner(tmp_path: Path) -> None:
     os.chown(v4, 0, 4)
     result = persist.persist_layers({"ipv4": V4, "ipv6": V6}, entry_id="E1", root=tmp_path)
     assert result.written == ["/etc/iptables/rules.v4", "/etc/iptables/rules.v6"]
-    assert v4.read_bytes() == rescue.boot_file_content("ipv4", V4, "E1")
+    assert v4.read_bytes() == boot.boot_file_content("ipv4", V4, "E1")
     assert b"[0:0]" in v4.read_bytes() and b"[3:4]" not in v4.read_bytes()
     st = v4.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 4)

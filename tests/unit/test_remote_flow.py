@@ -22,16 +22,17 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fwsafe.config import HostTarget  # noqa: E402
-from fwsafe.core.manager import ApplyOptions  # noqa: E402
+from fwsafe.core.apply import ApplyOptions  # noqa: E402
 from fwsafe.errors import (  # noqa: E402
     ExitCode,
     InvalidRulesError,
     PendingError,
+    RejectedError,
     RevertedError,
     RevertFailedError,
     UsageError,
 )
-from fwsafe.remote import apply as remote  # noqa: E402
+from fwsafe.remote import timing  # noqa: E402
 from fwsafe.remote.apply import (  # noqa: E402
     RemoteCommandError,
     RemoteRequest,
@@ -169,7 +170,7 @@ def test_confirmed_through_a_new_connection(server: SSHTestServer, host: FakeHos
 def test_probe_options_and_state_dir_are_passed_on(server: SSHTestServer, host: FakeHost,
                                                    client_key: TestKey, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(remote, "probe_settle_s", lambda options: 0.0)
+    monkeypatch.setattr(timing, "probe_settle_s", lambda options: 0.0)
     req = make_request(server, client_key, tmp_path, probes=["tcp://[fd00::1]:80"],
                        probe_interval=1.5, probe_failures=4, confirm_on_probe=2)
     req.remote_state_dir = "/var/tmp/fw state"
@@ -188,7 +189,7 @@ def test_probe_options_and_state_dir_are_passed_on(server: SSHTestServer, host: 
 
 @pytest.mark.parametrize(("rc", "kind", "error"), [
     (3, "InvalidRulesError", InvalidRulesError),
-    (3, "EnvironmentProblem", remote.RejectedError),
+    (3, "EnvironmentProblem", RejectedError),
     (2, "ConfigError", UsageError),
     (4, "RevertedError", RevertedError),
     (5, "RevertFailedError", RevertFailedError),
@@ -256,7 +257,7 @@ def test_guard_confirmed_by_its_probes_while_settling(server: SSHTestServer, hos
 def test_host_that_stops_answering_is_state_unknown(server: SSHTestServer, host: FakeHost,
                                                     client_key: TestKey, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(remote, "AFTER_DEADLINE_S", 1.0)
+    monkeypatch.setattr(timing, "AFTER_DEADLINE_S", 1.0)
     host.apply = (0, {**host.apply[1], "remaining_s": 1.5})
     # The host stops taking new connections once the apply runs (the first one lives on).
     listener = server._sock
@@ -311,7 +312,7 @@ def test_silent_apply_connection_result_learned_through_a_new_login(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The connection that ran the apply never answers: a new login reads the result the
     host left behind; only a later login (certainly after the change) confirms."""
-    monkeypatch.setattr(remote, "APPLY_QUIET_MAX", 1.0)
+    monkeypatch.setattr(timing, "APPLY_QUIET_MAX", 1.0)
     armed = {**host.apply[1], "remaining_s": 30.0}
     original = host.__call__
 

@@ -16,7 +16,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from fwsafe.config import HostTarget  # noqa: E402
-from fwsafe.core.manager import ApplyOptions  # noqa: E402
+from fwsafe.core.apply import ApplyOptions  # noqa: E402
 from fwsafe.errors import ExitCode  # noqa: E402
 from fwsafe.remote.apply import RemoteRequest, apply_remote  # noqa: E402
 from fwsafe.remote.hostkeys import (  # noqa: E402

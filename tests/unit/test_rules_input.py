@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fwsafe import config as config_module
-from fwsafe.core.manager import _read_capped, change_from_files, read_rules_file
+from fwsafe.core.change import _read_capped, change_from_files, read_rules_file
 from fwsafe.errors import ExitCode, InvalidRulesError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,7 +122,7 @@ def test_capped_read_of_a_pipe() -> None:
 
 def _stdin_read(stdin: int, limit: int) -> str:
     """read_rules_file('-') in a child whose standard input is `stdin`."""
-    code = ("import sys\nfrom fwsafe.core.manager import read_rules_file\nfrom fwsafe.errors import "
+    code = ("import sys\nfrom fwsafe.core.change import read_rules_file\nfrom fwsafe.errors import "
             "InvalidRulesError\ntry:\n    print(len(read_rules_file('-', int(sys.argv[1]))))\n"
             "except InvalidRulesError as e:\n    print('refused:', e.message)\n")
     result = subprocess.run([sys.executable, "-c", code, str(limit)], stdin=stdin,

@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write, resolve_state_dir
 from fwsafe.core.transaction import Record, TransitionError
-from fwsafe.errors import PendingError, StateError
+from fwsafe.errors import StateError
 
 
 def make_record(state: str = transaction.PREPARING) -> Record:
@@ -108,12 +110,23 @@ def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
 
 
-def test_lock_is_exclusive(tmp_path: Path) -> None:
+def _other_process_locks(root: Path) -> str:
+    code = ("import sys\nfrom pathlib import Path\nfrom fwsafe.core.statedir import StateDir\n"
+            "from fwsafe.errors import PendingError\ntry:\n"
+            "    with StateDir(Path(sys.argv[1])).locked():\n        print('got it')\n"
+            "except PendingError:\n    print('taken')\n")
+    return subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True,
+                          text=True, timeout=60, check=True).stdout.strip()
+
+
+def test_lock_is_exclusive_between_processes_and_reentrant_within_one(tmp_path: Path) -> None:
     state = StateDir(tmp_path)
-    with state.locked(), pytest.raises(PendingError), StateDir(tmp_path).locked():
-        pass
-    with state.locked():  # released again
-        pass
+    with state.locked():
+        assert _other_process_locks(tmp_path) == "taken"
+        with StateDir(tmp_path).locked(wait=True):   # the holder locks again: no self-deadlock
+            assert _other_process_locks(tmp_path) == "taken"
+        assert _other_process_locks(tmp_path) == "taken"   # still held by the outer block
+    assert _other_process_locks(tmp_path) == "got it"      # released again
 
 
 def test_state_dir_resolution(monkeypatch: pytest.MonkeyPatch) -> None:

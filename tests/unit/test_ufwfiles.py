@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fwsafe.ondisk.files import write_file_atomically
 from fwsafe.ondisk.ufw import (
     UfwFilesError,
     capture_ufw_files,
@@ -17,7 +18,6 @@ from fwsafe.ondisk.ufw import (
     load_ufw_files,
     restore_ufw_files,
     ufw_paths,
-    write_file_atomically,
 )
 
 
@@ -110,7 +110,7 @@ def test_atomic_write_keeps_mode_and_owner_and_replaces_symlinks(tmp_path: Path)
     target.write_text("old\n")
     target.chmod(0o640)
     os.chown(target, 12345, 54321)
-    write_file_atomically(target, b"new\n")
+    write_file_atomically(target, b"new\n", keep_owner=True)
     st = target.stat()
     assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 12345, 54321)
     assert target.read_bytes() == b"new\n"
@@ -122,3 +122,43 @@ def test_atomic_write_keeps_mode_and_owner_and_replaces_symlinks(tmp_path: Path)
     assert not link.is_symlink() and outside.read_text() == "keep\n"
     assert stat.S_IMODE(link.stat().st_mode) == 0o600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "outside", "rules.v4"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing owners needs root")
+def test_atomic_write_owner_and_mode_options(tmp_path: Path) -> None:
+    """The one writer: the state directory's files are the writer's and 0600 whatever was
+    there; system files keep their owner (keep_owner) or get one (owner, the rescue's backups)."""
+    planted = tmp_path / "record.json"
+    planted.write_text("planted\n")
+    planted.chmod(0o666)
+    os.chown(planted, 12345, 54321)
+    write_file_atomically(planted, b"mine\n", 0o600)
+    st = planted.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o600, 0, 0)
+    backup = tmp_path / "rules.v4.fwsafe-bak"
+    write_file_atomically(backup, b"old\n", 0o640, owner=(12345, 54321))
+    st = backup.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 12345, 54321)
+    write_file_atomically(backup, b"older\n", keep_mode=False, default_mode=0o644)
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o644
+    fresh = tmp_path / "nftables.conf"
+    write_file_atomically(fresh, b"flush ruleset\n", default_mode=0o755, keep_owner=True)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o755
+    with pytest.raises(IsADirectoryError):
+        write_file_atomically(tmp_path, b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "nftables.conf", "record.json", "rules.v4.fwsafe-bak"]
+
+
+def test_restore_keeps_the_owner_of_ufw_files(tmp_path: Path) -> None:
+    make_ufw(tmp_path)
+    data = capture_ufw_files(tmp_path)
+    user_rules = tmp_path / "etc/ufw/user.rules"
+    if os.geteuid() == 0:
+        os.chown(user_rules, 0, 4321)
+    user_rules.write_text("changed\n")
+    restore_ufw_files(data, tmp_path)
+    st = user_rules.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o640 and user_rules.read_text().startswith("*filter")
+    if os.geteuid() == 0:
+        assert (st.st_uid, st.st_gid) == (0, 4321)

@@ -1,0 +1,212 @@
+"""The host as it is now, read only: its interfaces and routes, the path each management
+client's packets take, the current firewall (one :class:`IptTool` per iptables flavour, and the
+native nftables tables), and the plan of the sandbox that reproduces those paths."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fwsafe.backends import available_layers, layer_for
+from fwsafe.backends.base import ApplyError
+from fwsafe.backends.iptables import BUILTIN_CHAINS, IptablesLayer, uses_nf_tables
+from fwsafe.check.rules import IptFileMap, SavedTables, map_iptables_file, parse_save
+from fwsafe.check.sandbox import LinkPlan
+from fwsafe.errors import EnvironmentProblem
+from fwsafe.runner import require_binary, run
+
+__all__ = [
+    "IPT_LAYERS",
+    "ClientPath",
+    "Interface",
+    "IptTool",
+    "client_path",
+    "current_state",
+    "host_families",
+    "host_interfaces",
+    "iptables_nft_tables",
+    "plan_links",
+]
+
+
+@dataclass
+class Interface:
+    name: str
+    mtu: int
+    addresses: list[tuple[str, int, str]]  # (address, prefix length, scope)
+
+
+@dataclass
+class ClientPath:
+    client: str
+    family: int
+    dev: str | None = None
+    server: str | None = None
+    problem: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.dev == "lo"
+
+    @property
+    def family_label(self) -> str:
+        return f"ipv{self.family}"
+
+
+@dataclass
+class IptTool:
+    """One iptables flavour as loaded in the sandbox (e.g. ipv4 via iptables-nft)."""
+
+    layer: str
+    family: int
+    save: str
+    restore: str
+    label: str
+    nf_tables: bool
+    current: bytes = b""
+    candidate: tuple[bytes, str] | None = None
+    fmap: IptFileMap | None = None
+    snapshot: SavedTables = field(default_factory=dict)
+
+
+def ip_json(args: list[str]) -> Any:
+    result = run([require_binary("ip"), "-j", *args], timeout=30)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.decode(errors="replace").strip() or "ip failed")
+    return json.loads(result.stdout or b"[]")
+
+
+def host_interfaces() -> dict[str, Interface]:
+    found: dict[str, Interface] = {}
+    for item in ip_json(["addr", "show"]):
+        addresses = [(a["local"], int(a["prefixlen"]), a.get("scope", "global"))
+                     for a in item.get("addr_info", []) if "local" in a]
+        found[item["ifname"]] = Interface(item["ifname"], int(item.get("mtu", 1500)), addresses)
+    return found
+
+
+def client_path(client: str, server_hint: str | None, interfaces: dict[str, Interface]
+                 ) -> ClientPath:
+    family = 6 if ":" in client else 4
+    path = ClientPath(client, family)
+    addr = ipaddress.ip_address(client)
+    if addr.is_link_local:
+        path.problem = "link-local client addresses are not supported by the sandbox"
+        return path
+    try:
+        routes = ip_json(["route", "get", client])
+    except RuntimeError as exc:
+        path.problem = f"this host has no route to {client}: {exc}"
+        return path
+    if not routes or routes[0].get("type") in ("unreachable", "blackhole", "prohibit"):
+        path.problem = f"this host has no route to {client}"
+        return path
+    route = routes[0]
+    path.dev = str(route.get("dev", ""))
+    local = route.get("type") == "local" or path.dev == "lo"
+    if local:
+        path.dev = "lo"
+    iface = interfaces.get(path.dev)
+    if iface is None:
+        path.problem = f"the interface {path.dev!r} of the route to {client} is unknown"
+        return path
+    own = [a for a, _, _ in iface.addresses if (":" in a) == (family == 6)]
+    if server_hint and (server_hint in own or local):
+        path.server = server_hint
+    elif local:
+        path.server = client
+    else:
+        prefsrc = route.get("prefsrc")
+        path.server = str(prefsrc) if prefsrc else (own[0] if own else None)
+    if not path.server:
+        path.problem = f"{path.dev} has no IPv{family} address for {client} to connect to"
+    return path
+
+
+def host_families(interfaces: dict[str, Interface]) -> set[int]:
+    families = set()
+    for iface in interfaces.values():
+        if iface.name == "lo":
+            continue
+        for address, _, scope in iface.addresses:
+            if scope != "link":
+                families.add(6 if ":" in address else 4)
+    return families
+
+
+IPT_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
+
+
+def current_state(layers: Mapping[str, tuple[bytes, str]]) -> tuple[list[IptTool], bytes]:
+    """The host's current firewall, captured by the backends (read only): one IptTool per
+    iptables layer (nft-backed and leftover legacy ones), and the native nftables tables."""
+    present = set(available_layers())
+    tools: list[IptTool] = []
+    for name in IPT_LAYERS:
+        if name not in present and name not in layers:
+            continue
+        layer = IptablesLayer(name)
+        family = layer.family
+        tool = IptTool(name, 4 if family.nft_family == "ip" else 6,
+                       require_binary(family.save), require_binary(family.restore),
+                       family.save.removesuffix("-save"),
+                       not family.legacy and uses_nf_tables(family.save))
+        try:
+            tool.current = layer.capture()
+        except ApplyError as exc:
+            raise EnvironmentProblem(f"cannot read the current {family.label} rules: "
+                                     f"{exc.message}") from exc
+        if name in layers:
+            content, source = layers[name]
+            tool.candidate = (content, source)
+            tool.fmap = map_iptables_file(content.decode(errors="replace"), source)
+        elif not parse_save(tool.current.decode(errors="replace")):
+            continue  # nothing of this flavour here, nor in the candidate: nothing to copy
+        tools.append(tool)
+    native = b""
+    if "nft" in present:
+        try:
+            native = layer_for("nft").capture()
+        except ApplyError as exc:
+            raise EnvironmentProblem(f"cannot read the current nftables tables: "
+                                     f"{exc.message}") from exc
+    return tools, native
+
+
+def iptables_nft_tables() -> set[tuple[str, str]]:
+    """(family, table) of the nftables tables iptables-nft owns (as the nft backend sees it)."""
+    if not uses_nf_tables():
+        return set()
+    return {(family, table) for family in ("ip", "ip6") for table in BUILTIN_CHAINS}
+
+
+def plan_links(paths: list[ClientPath], interfaces: dict[str, Interface]
+               ) -> tuple[list[LinkPlan], list[str]]:
+    """What the sandbox's server needs to be reached as this host is: one link per interface
+    management traffic arrives on (its name, MTU and addresses; the clients and the addresses
+    they connect to), and the addresses local clients use on lo."""
+    links: dict[str, LinkPlan] = {}
+    lo_addresses: list[str] = []
+    for path in paths:
+        if path.problem or path.dev is None or path.server is None:
+            continue
+        if path.local:
+            lo = interfaces.get("lo")
+            own = {a for a, _, _ in lo.addresses} if lo else set()
+            for address in (path.client, path.server):
+                if address not in own and address not in lo_addresses:
+                    lo_addresses.append(address)
+            continue
+        iface = interfaces[path.dev]
+        link = links.get(path.dev)
+        if link is None:
+            link = LinkPlan(path.dev, iface.mtu, [(a, p) for a, p, _ in iface.addresses])
+            links[path.dev] = link
+        if path.client not in link.clients:
+            link.clients.append(path.client)
+        if path.server not in link.servers:
+            link.servers.append(path.server)
+    return list(links.values()), lo_addresses

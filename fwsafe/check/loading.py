@@ -1,0 +1,157 @@
+"""The firewall of the sandbox's server namespace: a copy of the host's current layers, then
+the candidate on top, loaded as ``fwsafe apply`` would load it; read back with packet counters
+(iptables) and rule handles (nftables) so that the kernel's answers can be named."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from fwsafe.backends.iptables import describe_restore_error
+from fwsafe.backends.nftables import describe_nft_error, split_tables
+from fwsafe.check.host import IptTool, iptables_nft_tables
+from fwsafe.check.naming import NftCandidate, RuleNamer
+from fwsafe.check.rules import SavedTables, parse_nft_listing, parse_save
+from fwsafe.check.sandbox import TRACE_TABLE, Sandbox, SandboxError
+from fwsafe.errors import EnvironmentProblem, InvalidRulesError
+from fwsafe.runner import require_binary
+
+__all__ = ["SandboxFirewall"]
+
+_SYSCTLS = ("netfilter/nf_conntrack_tcp_loose", "netfilter/nf_conntrack_tcp_be_liberal")
+
+
+def _optional_binary(name: str) -> str | None:
+    try:
+        return require_binary(name)
+    except EnvironmentProblem:
+        return None
+
+
+def _first_line(stderr: bytes) -> str:
+    return "; ".join(stderr.decode(errors="replace").strip().splitlines()[:1]) or "refused"
+
+
+class SandboxFirewall:
+    """Loads and reads the sandbox's firewall. ``degraded``: current layers the sandbox lacks;
+    ``notes``: what the check could not do; ``namer`` names the rules once loaded."""
+
+    def __init__(self, sandbox: Sandbox, layers: Mapping[str, tuple[bytes, str]],
+                 tools: list[IptTool], native: bytes) -> None:
+        self.sandbox = sandbox
+        self.layers = layers
+        self.tools = tools
+        self.native = native
+        self.nft = _optional_binary("nft")
+        self.ipt_owned = iptables_nft_tables()
+        self.namer = RuleNamer()
+        self.degraded: list[str] = []
+        self.notes: list[str] = []
+
+    # -- loading --------------------------------------------------------------------------------
+    def copy_sysctls(self) -> None:
+        """The host's conntrack leniency, which decides what an established connection survives."""
+        agent = self.sandbox.srv_agent
+        assert agent is not None
+        for name in _SYSCTLS:
+            try:
+                value = Path("/proc/sys/net", name).read_text().strip()
+            except OSError:
+                continue
+            agent.request({"op": "sysctl", "name": name, "value": value})
+
+    def load_current(self) -> None:
+        """The host's current rules; what the sandbox refuses is noted in ``degraded``."""
+        srv_run = self.sandbox.srv_run
+        for tool in self.tools:
+            if not parse_save(tool.current.decode(errors="replace")):
+                continue
+            result = srv_run([tool.restore, "-w", "10"], input=tool.current)
+            if result.returncode != 0:
+                self.degraded.append(f"the current {tool.label} rules could not be copied into "
+                                     f"the sandbox ({_first_line(result.stderr)})")
+        if not (self.native.strip() and self.nft):
+            return
+        if srv_run([self.nft, "-f", "-"], input=self.native).returncode == 0:
+            return
+        for key, text in split_tables(self.native.decode(errors="replace")).items():
+            result = srv_run([self.nft, "-f", "-"], input=(text + "\n").encode())
+            if result.returncode != 0:
+                self.degraded.append(f"the current nft table {key} could not be copied into the "
+                                     f"sandbox ({_first_line(result.stderr)})")
+
+    def load_candidate(self) -> str | None:
+        """Switch the sandbox to the candidate, as `fwsafe apply` would; None or the error."""
+        for tool in self.tools:
+            if tool.candidate is None:
+                continue
+            content, source = tool.candidate
+            result = self.sandbox.srv_run([tool.restore, "-w", "10"], input=content)
+            if result.returncode != 0:
+                # `iptables-restore --test` (nf_tables) lets some errors through, such as a
+                # jump to a chain that does not exist; the real load on a copy of this host's
+                # firewall is the kernel's answer: apply would be refused the same way.
+                message, line = describe_restore_error(
+                    result.stderr.decode(errors="replace"), content, source)
+                raise InvalidRulesError(
+                    message, path=source, line=line,
+                    hint="refused when loaded for real in the check sandbox, on a copy of this "
+                         "host's current firewall; nothing was changed")
+        if "nft" in self.layers:
+            content, source = self.layers["nft"]
+            assert self.nft is not None
+            result = self.sandbox.srv_run([self.nft, "--echo", "--handle", "-f", "-"],
+                                          input=content)
+            if result.returncode != 0:
+                message, _ = describe_nft_error(result.stderr.decode(errors="replace"), content,
+                                                source)
+                return f"nft refused {source} in the sandbox: {message}"
+            self.namer.nft = NftCandidate.loaded(content, source,
+                                                 result.stdout.decode(errors="replace"))
+        return None
+
+    def start_trace(self) -> None:
+        """Trace packets through the native nft tables (if any): that names nft culprits."""
+        if not (self.nft and self.native_in_sandbox()):
+            return
+        try:
+            self.sandbox.start_trace(self.nft)
+        except SandboxError as exc:
+            self.notes.append(f"nft trace is not available ({exc}): rules of nftables tables "
+                              "that drop packets are not named, and nft rules the sandbox "
+                              "cannot reproduce are not weighed against each path")
+
+    # -- reading --------------------------------------------------------------------------------
+    def snapshot(self, tool: IptTool) -> SavedTables:
+        """``tool``'s tables in the sandbox, with packet counters."""
+        result = self.sandbox.srv_run([tool.save, "-c"], timeout=120)
+        if result.returncode != 0:
+            raise SandboxError(f"{tool.save} -c failed in the sandbox: "
+                               f"{result.stderr.decode(errors='replace').strip()}")
+        return parse_save(result.stdout.decode(errors="replace"))
+
+    def read_state(self) -> None:
+        """Every tool's snapshot, and the listing (with handles) of the native nft tables."""
+        for tool in self.tools:
+            tool.snapshot = self.snapshot(tool)
+        if not self.nft:
+            return
+        # only the native tables: iptables-nft's own are read through iptables-save
+        srv_run = self.sandbox.srv_run
+        tables = srv_run([self.nft, "-j", "list", "tables"], timeout=60)
+        texts = []
+        for item in json.loads(tables.stdout or b"{}").get("nftables", []) \
+                if tables.returncode == 0 else []:
+            table = item.get("table")
+            if not table or (table["family"], table["name"]) in self.ipt_owned:
+                continue
+            listed = srv_run([self.nft, "-a", "list", "table", table["family"], table["name"]],
+                             timeout=120)
+            if listed.returncode == 0:
+                texts.append(listed.stdout.decode(errors="replace"))
+        self.namer.listing = parse_nft_listing("".join(texts))
+
+    def native_in_sandbox(self) -> list[tuple[str, str]]:
+        return [t for t in self.namer.listing.tables
+                if t not in self.ipt_owned and t[1] != TRACE_TABLE]

@@ -1,0 +1,338 @@
+"""`fwsafe apply` (rules files, or `-- COMMAND` under the guard; `--host` from a workstation),
+`fwsafe ufw`, and what follows an apply: the countdown, or the report that the guard is armed."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from fwsafe.backends.ufw import prepare_command
+from fwsafe.cli import countdown
+from fwsafe.cli.common import (
+    EXIT_CODES_EPILOG,
+    RAW_ARGS,
+    TIMEOUT_HELP,
+    clock,
+    config_from,
+    config_path_of,
+    emit,
+    manager_for,
+    progress,
+    record_summary,
+    state_options,
+    timeout_from,
+)
+from fwsafe.core import transaction
+from fwsafe.core.apply import ApplyOptions
+from fwsafe.core.change import Change, change_from_files
+from fwsafe.core.manager import Manager
+from fwsafe.core.transaction import Record
+from fwsafe.errors import ChangeMayBeLiveError, FwsafeError, RevertedError, RevertFailedError
+from fwsafe.probes import parse_probe
+
+
+@click.command(epilog=EXIT_CODES_EPILOG)
+@click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
+@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
+@click.option("--detach", is_flag=True,
+              help="Return once the change is live and the guard armed (confirm later).")
+@click.option("--probe", "probes", multiple=True, metavar="URL",
+              help="Run this probe during the window (tcp://, ssh://, ssh-auth://, http(s)://, "
+                   "cmd:); repeatable. N failures in a row revert at once.")
+@click.option("--probe-interval", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds between probe rounds (default 2).")
+@click.option("--probe-failures", type=click.IntRange(min=1), default=None,
+              help="Consecutive failures of one probe that revert early (default 3).")
+@click.option("--probe-timeout", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds each probe attempt may take (default 3, or the probe interval if "
+                   "that is shorter: a failing round then takes no longer than the interval).")
+@click.option("--confirm-on-probe", type=click.IntRange(min=1), default=None, metavar="M",
+              help="Confirm by itself once every probe passed M times in a row.")
+@click.option("--yes", is_flag=True,
+              help="No prompt: wait for the probes (or the remote login) to decide.")
+@click.option("--host", metavar="[USER@]HOST[:PORT]",
+              help="Run from your workstation: apply on HOST over SSH and confirm only through a "
+                   "NEW SSH login (a host name from the config works too).")
+@click.option("-i", "--identity", metavar="KEY", help="SSH private key for --host.")
+@click.option("--known-hosts", metavar="FILE", help="known_hosts for --host (default ~/.ssh/known_hosts).")
+@click.option("--accept-new-host-key", is_flag=True,
+              help="With --host: trust an unknown host key and record it (a changed key is "
+                   "always refused).")
+@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
+              show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@click.option("--force", is_flag=True,
+              help="Apply even when the lockout check predicts that SSH would be cut, or when "
+                   "the file would delete chains that fail2ban, Docker, kube-proxy, ... created "
+                   "(the guard still reverts unless confirmed).")
+@click.option("--partial", is_flag=True,
+              help="Replace only the chains the file names (nft: the tables it defines); every "
+                   "other chain, such as fail2ban's or Docker's, stays as it is live.")
+@click.option("--no-check", is_flag=True,
+              help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
+@state_options
+def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, detach: bool,
+          probes: tuple[str, ...], probe_interval: float | None, probe_failures: int | None,
+          probe_timeout: float | None, confirm_on_probe: int | None, yes: bool,
+          host: str | None, identity: str | None,
+          known_hosts: str | None, accept_new_host_key: bool, backend: str, force: bool,
+          partial: bool, no_check: bool, as_json: bool, state_dir: str | None,
+          config_path: str | None) -> None:
+    """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
+
+    RULES is an iptables-save file (IPv4) or an nftables file (recognised by content);
+    RULES6 an ip6tables-save file. Everything changes under one guard and reverts together.
+    A full file replaces the tables it names. One that would delete chains other programs
+    created since it was written (fail2ban's f2b-*, Docker's DOCKER*, kube-proxy's KUBE-*,
+    ufw's) is refused with exit 3, naming them, unless --force; --partial replaces only the
+    chains the file names (iptables-restore --noflush style) and leaves the rest.
+
+    After `--`, a command (typically ufw) runs under the guard: every layer (iptables,
+    nftables, ufw's files) is snapshotted first, and a revert restores what the command
+    touched. ufw's "may disrupt existing ssh connections" prompt is answered with --force:
+    the guard is the safety net.
+
+    Order: validate, predict a lockout (`fwsafe check`: the candidate is tried with the real
+    kernel in a scratch namespace against the SSH clients of this host; a predicted lockout is
+    refused with exit 3 unless --force), snapshot, record the transaction, start the guard,
+    apply atomically, then wait for confirmation.
+
+    On a terminal (and without --detach) a countdown runs: type `yes` to keep the change;
+    `no`, Ctrl-C, end of input or losing the session reverts at once. The stronger proof is
+    `fwsafe confirm` from a NEW SSH session: established connections survive rules that drop
+    new ones, so a keypress in the old session proves little.
+
+    Without a terminal, or with --detach, fwsafe returns as soon as the change is live and
+    prints the transaction id, the deadline and the confirm command.
+
+    \b
+    Examples:
+      fwsafe apply new.rules --rules6 new.rules6
+      fwsafe apply new.nft
+      fwsafe apply --timeout 120 -- ufw deny 23/tcp
+      fwsafe apply --detach --json --timeout 120 new.rules
+      fwsafe apply --probe tcp://10.0.0.1:22 --confirm-on-probe 3 --yes new.rules
+      fwsafe apply --host admin@web1 -i ~/.ssh/id_ed25519 new.rules     (from your laptop)
+    """
+    config = config_from(config_path)
+    options = ApplyOptions(
+        timeout_s=timeout_from(config, timeout_s),
+        probes=list(probes) or list(config.probes),
+        probe_interval=probe_interval if probe_interval is not None else config.probe_interval,
+        probe_failures=probe_failures if probe_failures is not None else config.probe_failures,
+        probe_timeout=probe_timeout if probe_timeout is not None else min(
+            config.probe_timeout,
+            probe_interval if probe_interval is not None else config.probe_interval),
+        confirm_on_probe=confirm_on_probe or 0,
+        command=list(sys.argv),
+        check=not no_check,
+        force=force,
+        config_path=config_path_of(config),
+        max_timeout=config.max_timeout,
+        boot_hook=config.boot_hook,
+    )
+    for url in options.probes:
+        parse_probe(url)  # a bad probe is a usage error before anything happens
+    if options.confirm_on_probe and not options.probes:
+        raise click.UsageError("--confirm-on-probe needs at least one --probe")
+    if "--" in RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
+        if partial:
+            raise click.UsageError("--partial takes rules files, not a command")
+        if host:
+            raise click.UsageError("--host takes rules files, not a command")
+        _apply_command(list(args), options, detach=detach, yes=yes, as_json=as_json,
+                       manager=manager_for(state_dir, config))
+        return
+    rules = args[0] if len(args) == 1 else None
+    if len(args) > 1:
+        raise click.UsageError("give one RULES file (IPv4) and --rules6 for IPv6; "
+                               "to run a command under the guard put it after `--`")
+    if not rules and not rules6:
+        raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6")
+    if host:
+        from fwsafe.remote.apply import RemoteRequest, apply_remote
+
+        if detach:
+            raise click.UsageError("--detach does not go with --host: the workstation's job is "
+                                   "to confirm through a new SSH login")
+        target = config.resolve_host(host)
+        options.partial = partial
+        result = apply_remote(RemoteRequest(
+            target=target, rules=rules, rules6=rules6, options=options,
+            identity=identity or target.key, known_hosts=known_hosts or target.known_hosts,
+            accept_new_host_key=accept_new_host_key, remote_state_dir=state_dir,
+        ), progress=timestamped_progress)
+        emit(result, as_json, f"confirmed ({result.get('confirmed_via')}): transaction "
+                               f"{result.get('id')} on {target} stays")
+        return
+    change = change_from_files([rules] if rules else [], rules6, backend,
+                               limit=config.max_rules_bytes)
+    change.partial = partial
+    manager = manager_for(state_dir, config)
+    record = manager.apply(change, options)
+    after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
+
+
+def _apply_command(argv: list[str], options: ApplyOptions, *, detach: bool, yes: bool,
+                   as_json: bool, manager: Manager) -> None:
+    """Run a command (typically ufw) under the guard: every layer is snapshotted first, and a
+    revert restores whatever the command touched (files and rules)."""
+    run, notes = prepare_command(argv)
+    for note in notes:
+        progress(note)
+    change = Change(run=run, notes=notes)
+    try:
+        record = manager.apply(change, options)
+    finally:
+        _show_command_output(manager)
+    after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
+
+
+def _show_command_output(manager: Manager) -> None:
+    current = manager.current()
+    if current is None or current.run is None:
+        return
+    out = manager.state.tx_dir(current.id) / "command.out"
+    if out.exists():
+        for line in out.read_text(errors="replace").splitlines():
+            click.echo(f"  {current.run[0]}: {line}", err=True)
+
+
+def timestamped_progress(message: str) -> None:
+    click.echo(f"{time.strftime('%H:%M:%S')} fwsafe: {message}", err=True)
+
+
+def after_apply(manager: Manager, record: Record, *, detach: bool, yes: bool,
+                 as_json: bool) -> None:
+    """Countdown on a terminal; wait for the probes with --yes; otherwise return armed."""
+    if yes and record.options.get("confirm_on_probe"):
+        if not as_json:
+            progress(f"transaction {record.id} is live; the probes decide "
+                      f"(deadline {clock(record.deadline)})")
+        finish(wait_final(manager, record.id, limit_s=record.timeout_s + 600), as_json)
+        return
+    if detach or yes or not sys.stdin.isatty():
+        report_armed(record, as_json)
+        return
+    interactive_wait(manager, record, as_json)
+
+
+def report_armed(record: Record, as_json: bool) -> None:
+    summary = record_summary(record)
+    text = (
+        f"applied transaction {record.id} ({', '.join(record.layers)})\n"
+        f"  the guard (PID {record.guard_pid}) reverts it at {clock(record.deadline)} "
+        f"(in {countdown.format_duration(record.remaining_s() or 0)}) unless confirmed.\n"
+        f"  confirm from a NEW SSH session:  fwsafe confirm {record.id}\n"
+        f"  revert now:  fwsafe revert    more time:  fwsafe extend SECONDS"
+    )
+    if record.shielded is False:
+        text += f"\n  warning: the guard is NOT shielded from the OOM killer ({record.shield_error})"
+    emit(summary, as_json, text)
+
+
+def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
+    tx_id = record.id
+    shield = ("shielded from the OOM killer" if record.shielded
+              else f"NOT shielded from the OOM killer: {record.shield_error}")
+    progress(
+        f"transaction {tx_id} is live ({', '.join(record.layers)}). The guard "
+        f"(PID {record.guard_pid}, {shield}) reverts it at {clock(record.deadline)} unless "
+        "confirmed.\n"
+        f"  Lockout check: {record.options.get('check', {}).get('summary', 'not run')}\n"
+        "  Stronger proof: open a NEW SSH session and run `fwsafe confirm` there; established\n"
+        "  connections survive rules that drop new ones, so this session staying alive proves "
+        "little."
+    )
+
+    def still_open() -> bool:
+        current = transaction.load_record(manager.state, tx_id)
+        return current.state == transaction.PENDING
+
+    latest = transaction.load_record(manager.state, tx_id)
+    while True:
+        answer = countdown.run_countdown(latest.deadline or time.time(), still_open)
+        latest = transaction.load_record(manager.state, tx_id)
+        if answer != countdown.EXTERNAL or latest.state != transaction.PENDING:
+            break
+    if answer == countdown.YES:
+        latest = manager.confirm(tx_id)
+    elif answer in (countdown.NO, countdown.EOF, countdown.INTERRUPT, countdown.HANGUP):
+        why = {
+            countdown.NO: "declined at the countdown ('no')",
+            countdown.EOF: "end of input at the countdown",
+            countdown.INTERRUPT: "interrupted at the countdown (Ctrl-C)",
+            countdown.HANGUP: "the session that ran apply hung up before confirming",
+        }[answer]
+        try:
+            latest = manager.revert(tx_id, reason=why)
+        except RevertedError:
+            latest = transaction.load_record(manager.state, tx_id)
+    else:
+        latest = wait_final(manager, tx_id)
+    finish(latest, as_json)
+
+
+def wait_final(manager: Manager, tx_id: str, limit_s: float = 600) -> Record:
+    """The transaction left `pending` elsewhere; wait until the guard has finished with it."""
+    end = time.monotonic() + limit_s
+    record = transaction.load_record(manager.state, tx_id)
+    while record.state in (transaction.PENDING, transaction.REVERTING) and time.monotonic() < end:
+        time.sleep(0.1)
+        record = transaction.load_record(manager.state, tx_id)
+    return record
+
+
+def finish(record: Record, as_json: bool) -> None:
+    """Report how the transaction ended; exit codes never lie."""
+    if record.state == transaction.CONFIRMED:
+        emit(record_summary(record), as_json,
+              f"confirmed: transaction {record.id} stays. {record.reason or ''}".rstrip())
+        return
+    if record.state == transaction.REVERTED:
+        raise RevertedError(f"transaction {record.id} was reverted: {record.reason}",
+                            hint="the rules from before the change are back in force")
+    if record.state == transaction.REVERT_FAILED:
+        raise RevertFailedError(
+            f"transaction {record.id}: the revert FAILED ({record.error}); the firewall may "
+            "still hold the new rules", hint="run `fwsafe recover`; check with iptables-save")
+    if record.state in transaction.OPEN_STATES:
+        raise ChangeMayBeLiveError(
+            f"transaction {record.id} is still {record.state}: the change may be live",
+            hint="run `fwsafe status`; `fwsafe recover` if its guard is gone")
+    raise FwsafeError(f"transaction {record.id} is {record.state}")
+
+
+
+@click.command(epilog=EXIT_CODES_EPILOG, context_settings={
+    "ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
+@click.option("--detach", is_flag=True, help="Return once the change is live (confirm later).")
+@click.option("--force", is_flag=True, help="Apply even when a lockout is predicted.")
+@click.option("--no-check", is_flag=True, help="Skip the lockout check.")
+@state_options
+@click.argument("ufw_args", nargs=-1, type=click.UNPROCESSED, metavar="UFW-ARGS...")
+def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_json: bool,
+        state_dir: str | None, config_path: str | None, ufw_args: tuple[str, ...]) -> None:
+    """Run `ufw UFW-ARGS...` under the guard (same as `fwsafe apply -- ufw UFW-ARGS...`).
+
+    fwsafe's own options come before the ufw arguments:
+
+    \b
+      fwsafe ufw deny 23/tcp
+      fwsafe ufw --timeout 120 enable
+    """
+    config = config_from(config_path)
+    options = ApplyOptions(timeout_s=timeout_from(config, timeout_s),
+                           command=list(sys.argv), check=not no_check, force=force,
+                           config_path=config_path_of(config), max_timeout=config.max_timeout,
+                           boot_hook=config.boot_hook)
+    _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
+                   manager=manager_for(state_dir, config))
+
+
+
+
+COMMANDS = [apply, ufw]

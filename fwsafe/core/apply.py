@@ -1,0 +1,322 @@
+"""apply: validate -> predict a lockout -> snapshot -> record durably -> start the guard -> the
+guard applies -> wait until it reports the change live (or refused).
+
+Once the guard may have started, an error says "nothing changed" (exit 3) only when the record
+proves it; otherwise the change may be live (exit 5).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from fwsafe.backends import ApplyError, available_layers, layer_for
+from fwsafe.config import DEFAULT_MAX_TIMEOUT
+from fwsafe.core import snapshot, transaction
+from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
+from fwsafe.core.statedir import StateDir, make_private_dir
+from fwsafe.core.transaction import Record
+from fwsafe.errors import (
+    ChangeMayBeLiveError,
+    EnvironmentProblem,
+    GuardError,
+    InvalidRulesError,
+    LockoutRefused,
+    PendingError,
+    RevertFailedError,
+    StateError,
+)
+from fwsafe.guard import spawn as guard
+
+GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
+GUARD_APPLY_TIMEOUT = 900.0  # and have finished applying by then
+TX_LOCK_TIMEOUT = 10.0       # the guard holds a transaction's lock only while it arms
+LIVE_HINT = ("run `fwsafe status`; if its guard is gone, `fwsafe recover` puts the old rules "
+             "back")
+
+
+@dataclass
+class ApplyOptions:
+    timeout_s: float = 60.0
+    probes: list[str] = field(default_factory=list)
+    probe_interval: float = 2.0
+    probe_failures: int = 3
+    probe_timeout: float = 3.0
+    confirm_on_probe: int = 0
+    command: list[str] = field(default_factory=list)
+    check: bool = True       # predict a lockout first (fwsafe.check.predict) ...
+    force: bool = False      # ... and apply even when one is predicted (or neighbours'
+                             # chains would be deleted)
+    partial: bool = False    # --host: passed on to the host's apply
+    config_path: str | None = None          # the config file the CLI read (the guard reads it too)
+    max_timeout: float = DEFAULT_MAX_TIMEOUT  # the guard refuses an `extend` beyond it
+    boot_hook: bool = True   # on a systemd host, install the boot recovery unit first
+
+
+def watched_layers(change: Change, captured: list[str]) -> list[str]:
+    """The layers the change can alter, compared after the apply to find what it touched."""
+    if change.run is not None:
+        return list(captured)
+    watch = set(change.layers)
+    if "nft" in change.layers:  # `flush ruleset` also wipes the tables of iptables-nft
+        watch |= {"ipv4", "ipv6"}
+    return [name for name in captured if name in watch]
+
+
+def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
+                                options: ApplyOptions) -> None:
+    """A full rules file that would delete fail2ban's, Docker's, ... chains is refused
+    (exit 3) unless --force: it was most likely written before they created them."""
+    from fwsafe.core.neighbours import deleted_neighbours, refusal_message
+
+    found = deleted_neighbours(change.layers, captured, change.partial)
+    if not found:
+        return
+    if not options.force:
+        raise InvalidRulesError(
+            refusal_message(found),
+            hint="nothing was changed; apply only the chains the file names with "
+                 "--partial, add them to the file, or delete them anyway with --force")
+    change.notes.append("--force: " + refusal_message(found))
+
+
+def lockout_check(change: Change, options: ApplyOptions) -> dict[str, Any]:
+    """Run the lockout check; refuse a predicted lockout unless forced (exit 3)."""
+    if not options.check:
+        return {"ran": False, "summary": "lockout check skipped (--no-check)"}
+    from fwsafe.check.precheck import precheck
+
+    report = precheck(change)
+    if report is None:
+        return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
+    if report.lockout and not options.force:
+        raise LockoutRefused(
+            report.lockout_message(),
+            hint="nothing was changed; fix the rule, or apply anyway with --force "
+                 "(the guard still reverts it unless confirmed)")
+    if report.lockout:
+        summary = "LOCKOUT PREDICTED (applied with --force): " + report.lockout_message()
+    else:
+        passed = [v.path for v in report.verdicts if v.ok]
+        summary = (f"the SSH path stays open for {', '.join(report.clients)} "
+                   f"(port {report.port}; {len(passed)} path(s) tested)" if passed else
+                   "no SSH path could be tested")
+        unknown = [f"{v.path}: {v.detail}" if v.detail else v.path
+                   for v in report.verdicts if v.ok is None]
+        if unknown:
+            summary += "; NOT checked: " + "; ".join(unknown[:3])
+    return {"ran": True, "lockout": report.lockout, "summary": summary}
+
+
+def start_capture(pool: ThreadPoolExecutor, layers: list[str]) -> dict[str, Future[bytes]]:
+    """Snapshot every firewall layer this system has, in parallel: IPv4 and IPv6 together,
+    legacy tables, native nftables, ufw's files."""
+    return {name: pool.submit(layer_for(name).capture) for name in layers}
+
+
+def collect(captures: dict[str, Future[bytes]], needed: list[str]) -> dict[str, bytes]:
+    """A layer the change gives content for must be captured; another that cannot be read
+    is left out of the snapshot (and of the revert)."""
+    captured = {}
+    for name, future in captures.items():
+        try:
+            captured[name] = future.result()
+        except (OSError, ApplyError, ValueError) as exc:
+            if name in needed:
+                raise EnvironmentProblem(f"cannot capture the {name} layer: {exc}") from exc
+    missing = [n for n in needed if n not in captured]
+    if missing:
+        raise EnvironmentProblem(f"cannot capture {', '.join(missing)}: tools missing")
+    return captured
+
+
+class ApplyFlow:
+    """One `apply`, from the checks to the guard's report that the change is live."""
+
+    def __init__(self, state: StateDir) -> None:
+        self.state = state
+
+    def refuse_if_open(self) -> None:
+        record = transaction.load_current(self.state) if self.state.exists() else None
+        if record is None:
+            return
+        if record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING:
+            if transaction.guard_alive(record):
+                raise PendingError(
+                    f"transaction {record.id} is {record.state} (guard PID {record.guard_pid})",
+                    hint="confirm it (`fwsafe confirm`), revert it (`fwsafe revert`) "
+                         "or wait for its deadline",
+                )
+            raise PendingError(
+                f"transaction {record.id} is {record.state} but its guard is gone",
+                hint="run `fwsafe recover` to restore its snapshot, or `fwsafe confirm` to keep it",
+            )
+        if record.state == transaction.REVERT_FAILED:
+            raise PendingError(
+                f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
+                hint="run `fwsafe recover` to retry the restore, then check `fwsafe status`",
+            )
+
+    def run(self, change: Change, options: ApplyOptions) -> Record:
+        """Apply `change` under a guard; return the record once the change is live (pending).
+
+        Raises InvalidRulesError (nothing changed), PendingError, GuardError,
+        RevertFailedError (the refused change could not be undone).
+        """
+        require_root()
+        self.state.ensure()
+        with self.state.locked():
+            self.refuse_if_open()
+            self._ensure_boot_hook(change, options)
+            layers = available_layers()
+            with ThreadPoolExecutor(max_workers=len(layers) + 1) as pool:
+                # The snapshot is taken after the lockout check (which takes a while), so that
+                # it is as close as can be to the change; without the check (or for a partial
+                # change, which needs the live state to be checked), the layers are captured
+                # while the change is validated.
+                early = not options.check or change.partial
+                captures = start_capture(pool, layers) if early else {}
+                if change.partial:
+                    complete = resolve_partial(change, collect(captures, list(change.layers)))
+                else:
+                    complete = change
+                validate_change(complete)
+                verdict = lockout_check(complete, options)
+                captures = captures or start_capture(pool, layers)
+                captured = collect(captures, list(change.layers))
+            refuse_deleting_neighbours(change, captured, options)
+            tx_id = transaction.new_tx_id()
+            make_private_dir(self.state.tx_dir(tx_id))
+            snapshot.save(self.state, tx_id, snapshot.BEFORE, captured)
+            snapshot.save(self.state, tx_id, snapshot.CHANGE, change.layers)
+            record = Record(
+                id=tx_id, state=transaction.PREPARING, created=time.time(),
+                timeout_s=options.timeout_s, backend="command" if change.run else "rules",
+                layers=list(change.layers), run=change.run, captured=sorted(captured),
+                watch=watched_layers(change, list(captured)), notes=change.notes,
+                who=transaction.who_am_i(), command=options.command, probes=options.probes,
+                options={"probe_interval": options.probe_interval,
+                         "probe_failures": options.probe_failures,
+                         "probe_timeout": options.probe_timeout,
+                         "confirm_on_probe": options.confirm_on_probe,
+                         "sources": change.sources,
+                         "partial": change.partial,
+                         "config": options.config_path,
+                         "max_timeout": options.max_timeout,
+                         "check": verdict},
+                boot_id=transaction.current_boot_id(),
+            )
+            record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
+            transaction.save_record(self.state, record)
+            self.state.set_current(tx_id)
+            # From here until the guard reports, Ctrl-C would leave the user not knowing
+            # whether the change is live: ignore it (the guard takes moments to apply).
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                record = self._start_guard(record, options)
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        if record.state == transaction.PENDING:
+            return record
+        if record.state == transaction.REJECTED:
+            raise InvalidRulesError(record.error or "the change was refused",
+                                    hint="nothing was changed")
+        if record.state == transaction.REVERT_FAILED:
+            raise RevertFailedError(
+                f"the change was refused part-way and undoing it failed: {record.error}",
+                hint="run `fwsafe recover`, and check the live rules with iptables-save")
+        if record.state in transaction.OPEN_STATES:
+            raise ChangeMayBeLiveError(
+                f"transaction {record.id} is {record.state}: the change may be live",
+                hint=LIVE_HINT)
+        raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
+
+    def _ensure_boot_hook(self, change: Change, options: ApplyOptions) -> None:
+        """A reboot while a change is pending must come back with the old rules: on a systemd
+        host the boot recovery unit is installed before the first change (unless the config
+        says boot_hook = false); if it cannot be, nothing is changed."""
+        if not options.boot_hook or not guard.systemd_is_init():
+            return
+        from fwsafe.persistence import boothook
+
+        try:
+            done = boothook.ensure_on_systemd(str(self.state.root))
+        except (OSError, ValueError) as exc:
+            raise EnvironmentProblem(
+                f"cannot install the boot recovery unit ({boothook.UNIT_NAME}): {exc}",
+                hint="nothing was changed; fix that, or set boot_hook = false in the config "
+                     "to apply without a way back after a reboot") from exc
+        if done:
+            change.notes.append(f"installed the boot recovery unit {boothook.UNIT_NAME}: a "
+                                "reboot while a change is pending comes back with the old rules")
+
+    def _start_guard(self, record: Record, options: ApplyOptions) -> Record:
+        """Start the guard and wait until it has applied the change (or refused it). Once the
+        guard may have started, an error says "nothing changed" (exit 3) only when the record
+        proves it (aborted under the transaction's lock); else the change may be live (exit 5)."""
+        try:
+            guard.spawn(self.state, record.id, config_path=options.config_path)
+        except GuardError as exc:
+            latest = self.abort(record, str(exc))
+            if latest.state != transaction.ABORTED:
+                raise ChangeMayBeLiveError(
+                    f"{exc.message}; yet the guard started: transaction {record.id} is "
+                    f"{latest.state} and the change may be live", hint=LIVE_HINT) from exc
+            raise
+        return self._wait_for_guard(record)
+
+    def abort(self, record: Record, why: str) -> Record:
+        """Mark a transaction that is still preparing as aborted, under its lock (the guard
+        moves it to applying under the same lock): a guard that starts later sees `aborted` and
+        applies nothing. Returns the record as it is now: a guard that got there first has
+        moved it on, and then nothing is aborted."""
+        try:
+            with self.state.tx_locked(record.id, timeout=TX_LOCK_TIMEOUT):
+                latest = transaction.load_record(self.state, record.id)
+                if latest.state != transaction.PREPARING:
+                    return latest
+                latest.reason = why
+                latest.transition(transaction.ABORTED, why)
+                transaction.save_record(self.state, latest)
+                return latest
+        except TimeoutError:  # the guard holds the lock: it is arming right now
+            return transaction.load_record(self.state, record.id)
+
+    def _wait_for_guard(self, record: Record) -> Record:
+        started = time.monotonic()
+        log = self.state.tx_dir(record.id) / "guard.log"
+        while True:
+            time.sleep(0.02)
+            try:
+                record = transaction.load_record(self.state, record.id)
+            except StateError as exc:
+                raise ChangeMayBeLiveError(
+                    f"the guard was started but its record cannot be read ({exc.message}): "
+                    "the change may be live", hint=f"{LIVE_HINT} (log: {log})") from exc
+            undoing = (record.state == transaction.REVERTING and record.deadline is None
+                       and transaction.guard_alive(record))   # a change refused part-way
+            if record.state not in (transaction.PREPARING, transaction.APPLYING) \
+                    and not undoing:
+                return record
+            waited = time.monotonic() - started
+            if record.state == transaction.PREPARING and waited > GUARD_ARM_TIMEOUT:
+                latest = self.abort(record, f"the guard did not arm within {GUARD_ARM_TIMEOUT:g} s")
+                if latest.state == transaction.ABORTED:
+                    raise GuardError(
+                        f"the guard did not start within {GUARD_ARM_TIMEOUT:g} s; nothing was "
+                        f"changed (see {log})")
+                continue  # the guard got there first: wait for it as usual
+            if record.state == transaction.APPLYING and not transaction.guard_alive(record):
+                raise ChangeMayBeLiveError(
+                    f"the guard of transaction {record.id} died while applying: the change may "
+                    "be live", hint=f"{LIVE_HINT} (log: {log})")
+            if waited > GUARD_APPLY_TIMEOUT:
+                raise ChangeMayBeLiveError(
+                    f"the guard has been {record.state} transaction {record.id} for "
+                    f"{waited:.0f} s: the change may be live; unless confirmed, the guard "
+                    "reverts it at its deadline", hint=f"{LIVE_HINT} (log: {log})")
+

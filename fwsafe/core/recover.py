@@ -1,0 +1,116 @@
+"""`fwsafe recover`, the backstop and the boot unit: undo a transaction that is still open but
+has no guard (the guard died, the machine rebooted, or the CLI was killed before the guard
+armed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from fwsafe.backends import layer_for
+from fwsafe.core import snapshot, transaction
+from fwsafe.core.apply import ApplyFlow
+from fwsafe.core.change import require_root
+from fwsafe.core.revert import compute_touched, revert_change
+from fwsafe.core.statedir import StateDir
+from fwsafe.core.transaction import Record
+from fwsafe.errors import NoTransactionError, PendingError
+
+RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
+FILE_LAYERS = ("ufw",)       # layers kept in files, not in the kernel
+
+
+def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the guard was gone", *,
+            by: str = "recover", tx_id: str | None = None,
+            give_up_after: float | None = RECOVER_GIVE_UP_S) -> Record:
+    """Undo a transaction that is still open but has no guard (the guard died, the machine
+    rebooted, or the CLI was killed before the guard armed).
+
+    After a reboot (another boot id, or a kernel that holds no rules at all while the
+    snapshot had some) nothing is merged against the empty kernel: the boot files hold the
+    old rules (they are written only on confirm), so only the files the change touched
+    (ufw's) are put back, and the usual loaders bring the rules in."""
+    require_root()
+    if not state.exists():
+        raise NoTransactionError("nothing to recover: fwsafe has no state here")
+    with state.locked(wait=True):
+        record = transaction.load_current(state)
+        if record is not None and tx_id and record.id != tx_id:
+            raise NoTransactionError(f"transaction {tx_id} is not the current one")
+        if record is not None and record.state == transaction.PREPARING \
+                and not transaction.guard_alive(record):
+            # Under the transaction's lock (see ApplyFlow.abort): a guard arming right now wins.
+            latest = ApplyFlow(state).abort(
+                record, "the command that prepared it stopped before the guard armed: nothing was "
+                        "applied")
+            if latest.state == transaction.ABORTED:
+                return latest
+            record = latest
+        if record is None or record.state not in (
+                transaction.APPLYING, transaction.PENDING, transaction.REVERTING,
+                transaction.REVERT_FAILED):
+            raise NoTransactionError("nothing to recover: no transaction is pending")
+        if transaction.guard_alive(record):
+            raise PendingError(
+                f"transaction {record.id} still has its guard (PID {record.guard_pid})",
+                hint="use `fwsafe revert` or `fwsafe confirm`")
+        before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
+        after = snapshot.load_optional(state, record.id, snapshot.AFTER, record.watch)
+        if record.state != transaction.REVERTING:
+            record.transition(transaction.REVERTING, reason)
+        record.reason = reason
+        after_reboot = rebooted(record, before)
+        touched = dict(record.touched)
+        if not touched:
+            # The guard died before it recorded what the change touched: compare now
+            # (whatever differs from the snapshot is undone whole).
+            watch = [n for n in record.watch if not after_reboot or n in FILE_LAYERS]
+            now = {name: layer_for(name).capture() for name in watch}
+            touched = compute_touched(before, now)
+            record.touched = touched
+            after = {}
+        if after_reboot:
+            touched = {n: u for n, u in touched.items() if n in FILE_LAYERS}
+            by = "boot"
+            record.reason = reason = (
+                "reboot: the change was still pending when the machine went down; the "
+                "kernel starts from the boot files, which hold the old rules"
+                + (f"; put back {', '.join(u for us in touched.values() for u in us)}"
+                   if touched else ""))
+
+        def attempt(number: int, why: str) -> None:
+            record.revert_attempts = number
+            record.revert_last_error = why
+            transaction.save_record(state, record)
+
+        result = revert_change(touched, before, after or None, on_attempt=attempt,
+                               give_up_after=give_up_after)
+        record.revert_attempts = result.attempts
+        record.revert_notes = result.notes
+        record.reverted_by = by
+        if result.problems:
+            record.error = "; ".join(result.problems)
+            record.transition(transaction.REVERT_FAILED, record.error)
+        else:
+            record.revert_last_error = None
+            record.transition(transaction.REVERTED, "; ".join(
+                [f"undone and verified (by {by})", *result.notes]))
+        transaction.save_record(state, record)
+    return record
+
+
+def rebooted(record: Record, before: Mapping[str, bytes]) -> bool:
+    """The machine rebooted since the change: another boot id, or (where the boot id
+    cannot tell, e.g. a network namespace) a kernel with no rules in any layer while the
+    snapshot had some."""
+    now_id = transaction.current_boot_id()
+    if record.boot_id and now_id and record.boot_id != now_id:
+        return True
+    kernel = [n for n in record.captured if n not in FILE_LAYERS and n in before]
+    if not any(layer_for(n).units(before[n]) for n in kernel):
+        return False
+    try:
+        return not any(layer_for(n).units(layer_for(n).capture()) for n in kernel)
+    except Exception:  # noqa: BLE001 - cannot tell: not a reboot, merge as usual
+        return False
+

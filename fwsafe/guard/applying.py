@@ -1,0 +1,69 @@
+"""What the guard does to the firewall besides reverting: apply the change (the rules files,
+or the command run under it), then capture what it touched."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Mapping
+
+from fwsafe.backends import compose_partial, layer_for
+from fwsafe.backends.base import ApplyError
+from fwsafe.core import snapshot
+from fwsafe.core.revert import compute_touched
+from fwsafe.core.statedir import StateDir
+from fwsafe.core.transaction import Record
+
+Log = Callable[[str], None]
+
+
+def run_change(state: StateDir, record: Record, change: Mapping[str, bytes]) -> str | None:
+    """Apply the rules files, or run the command; return the error, None when it worked."""
+    if record.run:
+        out_path = state.tx_dir(record.id) / "command.out"
+        try:
+            with open(out_path, "wb") as out:
+                result = subprocess.run(record.run, stdin=subprocess.DEVNULL, stdout=out,
+                                        stderr=subprocess.STDOUT, timeout=600, check=False)
+        except (OSError, subprocess.SubprocessError) as exc:
+            return f"cannot run {record.run[0]}: {exc}"
+        if result.returncode != 0:
+            tail = out_path.read_text(errors="replace").strip().splitlines()[-3:]
+            return f"{' '.join(record.run)} failed (exit {result.returncode}): " + " / ".join(tail)
+        return None
+    sources = record.options.get("sources", {})
+    for name in record.layers:
+        try:
+            layer = layer_for(name)
+            content = change[name]
+            if record.options.get("partial"):
+                # Composed now, against the state of this very moment: what others did since
+                # the snapshot stays.
+                content = compose_partial(name, content, layer.capture())
+            layer.apply(content, str(sources.get(name, name)))
+        except Exception as exc:  # noqa: BLE001 - any failure here is a refused change
+            return str(exc) or type(exc).__name__
+    return None
+
+
+def capture_after(state: StateDir, record: Record, before: Mapping[str, bytes],
+                  log: Log) -> dict[str, bytes] | None:
+    """Capture the watched layers right after the change: what differs from the snapshot is
+    what the change touched (set in the record), and the change's own delta for the merge.
+    Saved for `recover` and the backstop. None when it cannot be captured: then every unit of
+    the watched layers counts as touched."""
+    after: dict[str, bytes] | None
+    try:
+        after = {name: layer_for(name).capture() for name in record.watch}
+        record.touched = compute_touched(before, after)
+        try:
+            snapshot.save(state, record.id, snapshot.AFTER, after)
+        except OSError as exc:
+            log(f"cannot save the capture after the change: {exc}")
+    except (ApplyError, OSError, ValueError) as exc:
+        log(f"cannot capture after the change ({exc}); a revert restores whole layers")
+        record.touched = {name: sorted(layer_for(name).units(before[name]))
+                          for name in record.watch}
+        after = None
+    touched = ", ".join(f"{k}: {' '.join(v)}" for k, v in record.touched.items())
+    log(f"touched: {touched or 'nothing'}")
+    return after

@@ -1,0 +1,274 @@
+"""The SSH plumbing of `fwsafe apply --host` (paramiko, imported only where it is used).
+
+* `Dialer.connect`: a NEW TCP connection and a NEW SSH login - keys and ssh-agent only, never
+  passwords - with the host key checked against known_hosts (`fwsafe.remote.hostkeys`)
+  before anything is sent, all within a time budget;
+* `Connection`: one such login; `run` or `start` a command over it (`RemoteCommand`, whose
+  end is a `RemoteResult`), then `close` it;
+* `ssh_errors`: what a connection that breaks while it is used raises.
+
+paramiko logs to `LOG_CHANNEL`, which has a NullHandler: its tracebacks (e.g. after a
+timeout shut a socket down) stay off stderr unless the application configures logging.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fwsafe.config import HostTarget
+from fwsafe.probes import SocketDeadline, describe_os_error, ssh_log_channel
+from fwsafe.remote.hostkeys import KnownHosts
+
+__all__ = [
+    "LOG_CHANNEL",
+    "AttemptFailed",
+    "Connection",
+    "Dialer",
+    "RemoteCommand",
+    "RemoteResult",
+    "os_error_text",
+    "ssh_errors",
+]
+
+LOG_CHANNEL = "fwsafe.remote.ssh"
+
+
+class AttemptFailed(Exception):
+    """One connection attempt failed; `message` says why (user-facing)."""
+
+    def __init__(self, message: str, *, auth: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.auth = auth
+
+
+def ssh_errors() -> tuple[type[BaseException], ...]:
+    """What a broken SSH connection raises while it is used."""
+    import paramiko
+
+    return (paramiko.SSHException, OSError, EOFError)
+
+
+def os_error_text(exc: BaseException, timeout: float) -> str:
+    """Why a connection failed, for messages about a host (timeouts to a tenth of a second)."""
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return f"timed out after {timeout:.1f}s"
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host name: {exc.strerror or exc}"
+    return describe_os_error(exc, timeout)
+
+
+@dataclass
+class RemoteResult:
+    """A finished (or abandoned) remote command. `rc` None: no exit status came back."""
+
+    rc: int | None
+    out: bytes
+    err: bytes
+
+    def json(self) -> dict[str, Any] | None:
+        """The last line of the output that is a JSON object (None if there is none)."""
+        for line in reversed(self.out.decode("utf-8", "replace").splitlines()):
+            line = line.strip()
+            if not line.startswith("{"):
+                continue
+            try:
+                value = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return value
+        return None
+
+    def stderr_tail(self) -> str:
+        """The last three non-blank lines of stderr, joined with `` | ``."""
+        lines = [ln.strip() for ln in self.err.decode("utf-8", "replace").splitlines()]
+        lines = [ln for ln in lines if ln]
+        return " | ".join(lines[-3:])
+
+
+class RemoteCommand:
+    """A command running on a channel; `poll()` drains its output without blocking."""
+
+    def __init__(self, transport: Any, command: str, stdin: bytes | None = None) -> None:
+        self.channel = transport.open_session(timeout=10.0)
+        self.channel.settimeout(10.0)
+        self.channel.exec_command(command)
+        if stdin is not None:
+            self.channel.sendall(stdin)
+        self.channel.shutdown_write()  # the remote command reads nothing more
+        self.out = bytearray()
+        self.err = bytearray()
+        self._status_seen: float | None = None
+
+    def poll(self) -> RemoteResult | None:
+        """The result once the command has exited and its output is in; else None."""
+        channel = self.channel
+        while channel.recv_ready():
+            self.out += channel.recv(65536)
+        while channel.recv_stderr_ready():
+            self.err += channel.recv_stderr(65536)
+        if channel.exit_status_ready():
+            now = time.monotonic()
+            if self._status_seen is None:
+                self._status_seen = now
+            drained = channel.eof_received or channel.closed
+            if (drained or now - self._status_seen > 1.0) and not (
+                    channel.recv_ready() or channel.recv_stderr_ready()):
+                return self._result(channel.recv_exit_status())
+        elif channel.closed:
+            return self._result(None)
+        return None
+
+    def wait(self, limit: float, *, give_up: bool = True) -> RemoteResult | None:
+        """Wait up to `limit` seconds for the result. Then, with `give_up`, close the channel
+        and return rc None; without, return None and leave the command running."""
+        end = time.monotonic() + limit
+        while True:
+            result = self.poll()
+            if result is not None:
+                return result
+            if not self.channel.get_transport().is_active():
+                return self._result(None)
+            if time.monotonic() >= end:
+                if not give_up:
+                    return None
+                self.close()
+                return self._result(None)
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        try:
+            self.channel.close()
+        except Exception:  # noqa: BLE001 - closing a broken channel must not raise
+            pass
+
+    def _result(self, rc: int | None) -> RemoteResult:
+        return RemoteResult(rc, bytes(self.out), bytes(self.err))
+
+
+class Connection:
+    """One SSH login: its own TCP connection, paramiko transport and client."""
+
+    def __init__(self, client: Any, sock: socket.socket, tcp_s: float, login_s: float,
+                 server_key: Any) -> None:
+        self.client = client
+        self.sock = sock
+        self.tcp_s = tcp_s
+        self.login_s = login_s
+        self.server_key = server_key
+
+    @property
+    def transport(self) -> Any:
+        return self.client.get_transport()
+
+    def start(self, command: str, stdin: bytes | None = None) -> RemoteCommand:
+        return RemoteCommand(self.transport, command, stdin)
+
+    def run(self, command: str, limit: float, stdin: bytes | None = None) -> RemoteResult:
+        result = self.start(command, stdin).wait(limit)
+        assert result is not None
+        return result
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            self.sock.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Dialer:
+    """Opens new logins to one host: each a new TCP connection, paramiko client and transport.
+
+    `known` checks the host key (`accept_new`: record an unknown host's key, and tell
+    `on_accept`); `identity` is the only key offered, else ssh-agent and the default keys.
+    """
+
+    def __init__(self, target: HostTarget, known: KnownHosts, *, identity: str | None,
+                 accept_new: bool, on_accept: Callable[[str], None]) -> None:
+        self.target = target
+        self.where = str(target)
+        self.known = known
+        self.identity = identity
+        self.accept_new = accept_new
+        self.on_accept = on_accept
+
+    def connect(self, budget: float, *, tcp_timeout: float) -> Connection:
+        """A new TCP connection and a new SSH login (host key checked) within `budget` s.
+
+        Raises HostKeyError for a refused host key, AttemptFailed for anything else.
+        """
+        import paramiko
+
+        target = self.target
+        end = time.monotonic() + budget
+        began = time.monotonic()
+        connect_timeout = max(min(tcp_timeout, budget), 0.05)
+        try:
+            sock = socket.create_connection((target.host, target.port), timeout=connect_timeout)
+        except (OSError, ValueError) as exc:
+            raise AttemptFailed(
+                f"TCP connect to {target.hostport}: {os_error_text(exc, connect_timeout)}"
+            ) from None
+        tcp_s = time.monotonic() - began
+        # Shutting the socket down at the end wakes paramiko's threads blocked on it.
+        watchdog = SocketDeadline(end - time.monotonic())
+        watchdog.arm(sock)
+        client = paramiko.SSHClient()
+        client.set_log_channel(ssh_log_channel(LOG_CHANNEL))
+        self.known.prepare(client, target.host, target.port,
+                           accept_new=self.accept_new, on_accept=self.on_accept)
+        identity = self.identity
+        try:
+            left = max(end - time.monotonic(), 0.05)
+            client.connect(
+                target.host, port=target.port, username=target.user, password=None,
+                key_filename=identity, allow_agent=identity is None,
+                look_for_keys=identity is None, sock=sock, timeout=left,
+                banner_timeout=left, auth_timeout=left, channel_timeout=left,
+            )
+        except BaseException as exc:
+            watchdog.cancel()
+            client.close()
+            sock.close()
+            typed = self.known.translate(exc, target.host, target.port)
+            if typed is not None:
+                raise typed from None
+            if not isinstance(exc, Exception):
+                raise
+            raise self._login_failure(exc, watchdog.expired, budget) from None
+        watchdog.cancel()
+        return Connection(client, sock, tcp_s, time.monotonic() - began,
+                          client.get_transport().get_remote_server_key())
+
+    def _login_failure(self, exc: Exception, timed_out: bool, budget: float) -> AttemptFailed:
+        import paramiko
+
+        where = self.where
+        if timed_out:
+            return AttemptFailed(f"SSH login to {where} timed out after {budget:.1f}s")
+        if isinstance(exc, paramiko.PasswordRequiredException):
+            return AttemptFailed(
+                f"the key {self.identity} is protected by a passphrase: load it into "
+                "ssh-agent (ssh-add) and leave out -i", auth=True)
+        if isinstance(exc, paramiko.AuthenticationException):
+            return AttemptFailed(f"SSH login to {where} refused: {exc}", auth=True)
+        if isinstance(exc, OSError):
+            return AttemptFailed(f"SSH login to {where}: {os_error_text(exc, budget)}")
+        text = str(exc) or type(exc).__name__
+        if "No authentication methods available" in text:
+            return AttemptFailed(
+                "no SSH key to offer (give -i KEY, or load a key into ssh-agent); "
+                "passwords are never used", auth=True)
+        return AttemptFailed(f"SSH login to {where} failed: {text}")

@@ -1,0 +1,159 @@
+"""The package's shape: no import cycles, no module reaching into another's private names, the
+core free of the CLI, the rescue tool free of everything but the standard library, and no
+class so large that a newcomer cannot read it."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[2] / "fwsafe"
+MAX_CLASS_LINES = 250
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def resolve(importer: str, node: ast.ImportFrom) -> str:
+    if not node.level:
+        return node.module or ""
+    base = importer.split(".")
+    if MODULES[importer].name != "__init__.py":
+        base = base[:-1]
+    base = base[:len(base) - node.level + 1]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+def imports(name: str, *, top_level_only: bool) -> set[str]:
+    """The fwsafe modules `name` imports (a `from pkg import mod` counts as mod)."""
+    tree = ast.parse(MODULES[name].read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found: set[str] = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("fwsafe")}
+        elif isinstance(node, ast.ImportFrom):
+            target = resolve(name, node)
+            if not target.startswith("fwsafe"):
+                continue
+            for alias in node.names:
+                sub = f"{target}.{alias.name}"
+                found.add(sub if sub in MODULES else target)
+    return {m for m in found if m in MODULES and m != name}
+
+
+def test_no_import_cycle() -> None:
+    graph = {name: imports(name, top_level_only=True) for name in MODULES}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+
+
+def test_every_module_imports_on_its_own() -> None:
+    """Each module imported first, in a fresh interpreter: what a cycle would break."""
+    code = ("import importlib, sys\nfailed = []\nfor name in sys.argv[1:]:\n"
+            "    for loaded in [m for m in sys.modules if m.startswith('fwsafe')]:\n"
+            "        del sys.modules[loaded]\n"
+            "    try:\n        importlib.import_module(name)\n"
+            "    except Exception as exc:\n        failed.append(f'{name}: {exc!r}')\n"
+            "print('\\n'.join(failed))\nsys.exit(1 if failed else 0)\n")
+    names = [n for n in MODULES if not n.endswith("__main__")]
+    result = subprocess.run([sys.executable, "-c", code, *names], capture_output=True, text=True,
+                            cwd=PACKAGE.parent, timeout=120, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_module_reaches_into_another_modules_private_names() -> None:
+    offenders = []
+    for name, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        aliases: dict[str, str] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                target = resolve(name, node)
+                if not target.startswith("fwsafe"):
+                    continue
+                for alias in node.names:
+                    if alias.name.startswith("_") and alias.name != "__version__":
+                        offenders.append(f"{name}: from {target} import {alias.name}")
+                    if f"{target}.{alias.name}" in MODULES:
+                        aliases[alias.asname or alias.name] = f"{target}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("fwsafe") and alias.asname:
+                        aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in aliases and node.attr.startswith("_") \
+                    and not node.attr.startswith("__"):
+                offenders.append(f"{name}: {node.value.id}.{node.attr}")
+    assert offenders == []
+
+
+@pytest.mark.parametrize("package", ["fwsafe.core", "fwsafe.backends", "fwsafe.guard",
+                                     "fwsafe.check", "fwsafe.persistence", "fwsafe.remote",
+                                     "fwsafe.rescue", "fwsafe.ondisk", "fwsafe.lab"])
+def test_nothing_imports_the_cli(package: str) -> None:
+    """The CLI is a thin layer that nothing imports (so that the Ansible collection, the lab
+    or a script can drive the library)."""
+    for name in MODULES:
+        if name == package or name.startswith(package + "."):
+            bad = {m for m in imports(name, top_level_only=False) if m.startswith("fwsafe.cli")}
+            assert not bad, f"{name} imports {bad}"
+
+
+def test_rescue_and_ondisk_need_only_the_standard_library() -> None:
+    allowed = ("fwsafe.errors", "fwsafe.ondisk", "fwsafe.rescue", "fwsafe")
+    for name, path in MODULES.items():
+        if not name.startswith(("fwsafe.rescue", "fwsafe.ondisk")):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                mods = [node.module or ""]
+            else:
+                continue
+            for mod in mods:
+                if mod.startswith("fwsafe"):
+                    assert mod == "fwsafe" or mod.startswith(allowed[:-1]), f"{name}: {mod}"
+                else:
+                    top = mod.split(".")[0]
+                    assert top in sys.stdlib_module_names or top == "__future__", f"{name}: {mod}"
+
+
+def test_no_class_is_too_large_to_read() -> None:
+    large = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                size = (node.end_lineno or node.lineno) - node.lineno + 1
+                if size > MAX_CLASS_LINES:
+                    large.append(f"{name}.{node.name}: {size} lines")
+    assert large == []
