@@ -28,10 +28,16 @@ def require_binary(name: str) -> str:
     return path
 
 
+# Set by `fwsafe -vv`: told every command line before it runs (on stderr).
+TRACE: list[Callable[[Sequence[str]], None]] = []
+
+
 def run(
     argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = 120,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `argv`, capture its output; raise nothing for a non-zero exit."""
+    for trace in TRACE:
+        trace(argv)
     return subprocess.run(
         list(argv), input=input, capture_output=True, timeout=timeout, check=False,
         stdin=None if input is not None else subprocess.DEVNULL,

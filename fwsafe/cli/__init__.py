@@ -9,17 +9,20 @@ from collections.abc import Sequence
 
 import click
 
-from fwsafe import __version__
-from fwsafe.cli.common import EXIT_CODES_EPILOG, RAW_ARGS
+from fwsafe import runner
+from fwsafe.cli.common import EXIT_CODES_EPILOG, RAW_ARGS, VERBOSITY
 from fwsafe.cli.common import register as register_commands
 from fwsafe.cli.failure import fail, internal_error, may_be_live, state_dir_of, wants_json
+from fwsafe.cli.version import show_version
 from fwsafe.core.statedir import RESOLVED
 from fwsafe.errors import ExitCode, FwsafeError
 from fwsafe.guard import spawn as guard
 
 
 @click.group(epilog=EXIT_CODES_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="fwsafe")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True,
+              callback=show_version,
+              help="Show the version, how fwsafe was installed and the backends found.")
 def cli() -> None:
     """Change a firewall over SSH without locking yourself out.
 
@@ -42,6 +45,8 @@ register_commands(cli)
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     RAW_ARGS[:] = args
+    VERBOSITY[0] = 0
+    runner.TRACE.clear()
     RESOLVED.clear()
     guard.SPAWNED.clear()
     as_json = wants_json(args)

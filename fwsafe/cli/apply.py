@@ -17,6 +17,7 @@ from fwsafe.cli.common import (
     clock,
     config_from,
     config_path_of,
+    detail,
     emit,
     manager_for,
     progress,
@@ -231,6 +232,10 @@ def report_armed(record: Record, as_json: bool) -> None:
     if record.shielded is False:
         text += f"\n  warning: the guard is NOT shielded from the OOM killer ({record.shield_error})"
     emit(summary, as_json, text)
+    detail(f"snapshot of {', '.join(record.captured)}; guard {record.guard_mode}; backstop: "
+           f"{(record.backstop or {}).get('how', 'none')}")
+    for note in record.notes:
+        detail(f"note: {note}")
 
 
 def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:

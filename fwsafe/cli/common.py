@@ -11,6 +11,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,7 +34,97 @@ def register(group: click.Group) -> None:
     for name in COMMAND_MODULES:
         module = importlib.import_module(f"fwsafe.cli.{name}")
         for command in getattr(module, "COMMANDS", []):
+            add_output_options(command)
             group.add_command(command)
+
+
+# -- how much to say ---------------------------------------------------------------------------
+# -1: --quiet (results and errors only); 0: the default; 1: -v (more detail); 2: -vv (also
+# every command line fwsafe runs). Progress goes to stderr, results to stdout, whatever the level.
+VERBOSITY = [0]
+
+
+def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:
+        VERBOSITY[0] = -1
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
+    if value:
+        VERBOSITY[0] = max(VERBOSITY[0], 0) + value
+    if VERBOSITY[0] >= 2:
+        from fwsafe import runner
+
+        runner.TRACE[:] = [lambda argv: click.echo("fwsafe: run: " + " ".join(argv), err=True)]
+
+
+def add_output_options(command: click.Command) -> None:
+    """-q/--quiet and -v/--verbose on every command (and every subcommand of a group)."""
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_output_options(sub)
+    names = {opt for param in command.params for opt in getattr(param, "opts", [])}
+    if "--quiet" in names:
+        return
+    command.params.append(click.Option(
+        ["-q", "--quiet"], is_flag=True, expose_value=False, callback=_set_quiet,
+        help="Results and errors only: no progress messages on stderr."))
+    command.params.append(click.Option(
+        ["-v", "--verbose"], count=True, expose_value=False, callback=_set_verbose,
+        help="More detail on stderr; -vv also shows every command fwsafe runs."))
+
+
+def use_colour(stream: Any) -> bool:
+    """Colour only on a terminal, never with NO_COLOR set (no-color.org) or TERM=dumb."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def echo_styled(text: str, *, err: bool = False, **style: Any) -> None:
+    """click.echo with a style that is dropped where colour is not wanted."""
+    stream = sys.stderr if err else sys.stdout
+    colour = use_colour(stream)
+    click.echo(click.style(text, **style) if colour else text, err=err, color=colour)
+
+
+# -- completion --------------------------------------------------------------------------------
+def _state_for_completion(ctx: click.Context) -> StateDir | None:
+    try:
+        return StateDir(resolve_state_dir(ctx.params.get("state_dir"),
+                                          load_config(ctx.params.get("config_path")).state_dir))
+    except Exception:  # noqa: BLE001 - completion must never fail loudly
+        return None
+
+
+def complete_tx_ids(ctx: click.Context, param: click.Parameter,
+                    incomplete: str) -> list[str]:
+    """Transaction ids for shell completion (newest first)."""
+    state = _state_for_completion(ctx)
+    if state is None:
+        return []
+    try:
+        names = sorted((p.name for p in (state.root / "tx").iterdir()), reverse=True)
+    except OSError:
+        return []
+    return [n for n in names if n.startswith(incomplete)]
+
+
+def complete_history_ids(ctx: click.Context, param: click.Parameter,
+                         incomplete: str) -> list[str]:
+    """Known-good state ids for shell completion (newest first)."""
+    state = _state_for_completion(ctx)
+    if state is None:
+        return []
+    try:
+        names = sorted((p.name for p in (state.root / "history").iterdir()
+                        if not p.name.startswith(".")), reverse=True)
+    except OSError:
+        return []
+    return [n for n in names if n.startswith(incomplete)]
 
 
 EXIT_CODES_EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
@@ -79,7 +170,14 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
 
 
 def progress(message: str) -> None:
-    click.echo(f"fwsafe: {message}", err=True)
+    if VERBOSITY[0] >= 0:
+        click.echo(f"fwsafe: {message}", err=True)
+
+
+def detail(message: str) -> None:
+    """Said with -v only."""
+    if VERBOSITY[0] >= 1:
+        click.echo(f"fwsafe: {message}", err=True)
 
 
 def manager_for(state_dir: str | None, config: Config | None = None) -> Manager:

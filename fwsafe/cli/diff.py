@@ -9,7 +9,7 @@ import click
 
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.check.diff import UnitDiff, diff_change
-from fwsafe.cli.common import RAW_ARGS
+from fwsafe.cli.common import RAW_ARGS, use_colour
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, require_root
 
@@ -62,7 +62,8 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
         click.echo(json.dumps({"changed": bool(diffs), "units": [d.to_json() for d in diffs]},
                               sort_keys=True))
         return
-    click.echo(_render(diffs, color=sys.stdout.isatty()))
+    colour = use_colour(sys.stdout)
+    click.echo(_render(diffs, color=colour), color=colour)
 
 
 COMMANDS = [diff]

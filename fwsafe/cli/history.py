@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from fwsafe.cli.common import complete_history_ids, use_colour
 from fwsafe.config import load_config
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.errors import EXIT_CODE_HELP, EnvironmentProblem, UsageError
@@ -96,7 +97,7 @@ def history_cmd(as_json: bool, state_dir: str | None, config_path: str | None) -
 
 
 @click.command("show", epilog=EPILOG)
-@click.argument("entry_id", metavar="ID")
+@click.argument("entry_id", metavar="ID", shell_complete=complete_history_ids)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @_state_options
 def show(entry_id: str, as_json: bool, state_dir: str | None, config_path: str | None) -> None:
@@ -158,8 +159,9 @@ def diff_layers(old: dict[str, bytes], new: dict[str, bytes], old_name: str,
 
 
 @click.command("history-diff", epilog=EPILOG)
-@click.argument("first", metavar="ID")
-@click.argument("second", metavar="[ID2]", required=False)
+@click.argument("first", metavar="ID", shell_complete=complete_history_ids)
+@click.argument("second", metavar="[ID2]", required=False,
+                shell_complete=complete_history_ids)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 @_state_options
 def history_diff(first: str, second: str | None, as_json: bool, state_dir: str | None,
@@ -186,7 +188,7 @@ def history_diff(first: str, second: str | None, as_json: bool, state_dir: str |
     if not diffs:
         click.echo(f"no differences between {old.id} and {new_name}")
         return
-    colour = sys.stdout.isatty()
+    colour = use_colour(sys.stdout)
     for _label, lines in diffs:
         for line in lines:
             click.echo(_colour(line, colour), color=colour)
@@ -250,7 +252,7 @@ def _with_emptied_tables(name: str, content: bytes) -> bytes:
 
 
 @click.command("rollback", epilog=EPILOG)
-@click.argument("entry_id", metavar="ID")
+@click.argument("entry_id", metavar="ID", shell_complete=complete_history_ids)
 @click.option("--timeout", "timeout_s", metavar="SECONDS", default=None,
               help="Seconds until the guard reverts unless confirmed (default 60, or the config); "
                    "1 to max_timeout (24 h by default).")

@@ -11,8 +11,11 @@ from fwsafe.cli import countdown
 from fwsafe.cli.apply import finish
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
+    VERBOSITY,
     clock,
+    complete_tx_ids,
     config_from,
+    echo_styled,
     emit,
     manager_for,
     record_summary,
@@ -25,7 +28,7 @@ from fwsafe.errors import NoTransactionError, RevertFailedError
 
 # --------------------------------------------------------------------------------------------
 @click.command(epilog=EXIT_CODES_EPILOG)
-@click.argument("tx_id", required=False, metavar="[ID]")
+@click.argument("tx_id", required=False, metavar="[ID]", shell_complete=complete_tx_ids)
 @state_options
 def confirm(tx_id: str | None, as_json: bool, state_dir: str | None,
             config_path: str | None) -> None:
@@ -36,7 +39,7 @@ def confirm(tx_id: str | None, as_json: bool, state_dir: str | None,
 
 
 @click.command(epilog=EXIT_CODES_EPILOG)
-@click.argument("tx_id", required=False, metavar="[ID]")
+@click.argument("tx_id", required=False, metavar="[ID]", shell_complete=complete_tx_ids)
 @state_options
 def revert(tx_id: str | None, as_json: bool, state_dir: str | None,
            config_path: str | None) -> None:
@@ -47,7 +50,7 @@ def revert(tx_id: str | None, as_json: bool, state_dir: str | None,
 
 @click.command(epilog=EXIT_CODES_EPILOG)
 @click.argument("seconds", metavar="SECONDS")
-@click.argument("tx_id", required=False, metavar="[ID]")
+@click.argument("tx_id", required=False, metavar="[ID]", shell_complete=complete_tx_ids)
 @state_options
 def extend(seconds: str, tx_id: str | None, as_json: bool, state_dir: str | None,
            config_path: str | None) -> None:
@@ -99,13 +102,16 @@ def status(as_json: bool, state_dir: str | None, config_path: str | None,
                      f"in use ({entry['units']} units)" if entry["in_use"] else "empty")
             click.echo(f"{entry['layer']:<12} {entry['label']:<16} {state}")
         for warning in report["warnings"]:
-            click.echo(click.style(f"warning: {warning}", fg="yellow"))
+            echo_styled(f"warning: {warning}", fg="yellow")
         return
     info = manager_for(state_dir, config_from(config_path)).status()
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
         return
     click.echo(format_status(info))
+    if VERBOSITY[0] >= 1:
+        for event in info.get("events", []):
+            click.echo(f"  {clock(event['t'])}  {event['event']}: {event['detail']}")
 
 
 def format_status(info: dict[str, Any]) -> str:
