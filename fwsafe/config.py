@@ -33,7 +33,9 @@ __all__ = [
     "Config",
     "HostConfig",
     "HostTarget",
+    "OpenPort",
     "load_config",
+    "parse_open_port",
 ]
 
 #: Read when neither ``--config`` nor $FWSAFE_CONFIG is given (and only if it exists).
@@ -49,6 +51,10 @@ MIN_SECONDS = 1.0
 
 PersistMode = Literal["auto", "netfilter-persistent", "nftables", "none"]
 PERSIST_MODES: tuple[PersistMode, ...] = ("auto", "netfilter-persistent", "nftables", "none")
+
+#: What `fwsafe audit` expects the world to reach when the config names nothing (`expected_open`).
+DEFAULT_EXPECTED_OPEN: tuple[str, ...] = ("22/tcp",)
+_OPEN_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?/(tcp|udp)$")
 
 _HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
@@ -110,6 +116,7 @@ class Config:
     max_timeout: int = DEFAULT_MAX_TIMEOUT
     max_rules_bytes: int = DEFAULT_MAX_RULES_BYTES
     boot_hook: bool = True   # on systemd hosts, apply installs the boot recovery unit
+    expected_open: tuple[str, ...] = DEFAULT_EXPECTED_OPEN   # `fwsafe audit`: "PORT[-PORT]/PROTO"
     hosts: dict[str, HostConfig] = field(default_factory=dict)
     source: str | None = None
 
@@ -157,6 +164,35 @@ class Config:
             port=port if port is not None else DEFAULT_PORT,
             user=user or DEFAULT_USER,
         )
+
+
+@dataclass(frozen=True)
+class OpenPort:
+    """One `expected_open` entry: a port (or a range of ports) and a protocol."""
+
+    low: int
+    high: int
+    proto: str
+
+    def matches(self, proto: str, port: int) -> bool:
+        return proto == self.proto and self.low <= port <= self.high
+
+    def __str__(self) -> str:
+        ports = str(self.low) if self.low == self.high else f"{self.low}-{self.high}"
+        return f"{ports}/{self.proto}"
+
+
+def parse_open_port(text: str) -> OpenPort:
+    """"22/tcp", "60000-61000/udp" -> OpenPort; ValueError (saying what is wrong) otherwise."""
+    match = _OPEN_PORT_RE.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"{text!r} is not PORT/PROTO (e.g. \"443/tcp\", \"60000-61000/udp\"; "
+                         "PROTO is tcp or udp)")
+    low = int(match.group(1))
+    high = int(match.group(2) or low)
+    if not 1 <= low <= high <= 65535:
+        raise ValueError(f"{text!r}: ports must be 1-65535, the range low to high")
+    return OpenPort(low, high, match.group(3))
 
 
 def check_seconds(text: str | float, *, what: str, maximum: float = DEFAULT_MAX_TIMEOUT) -> float:
@@ -340,6 +376,8 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
     max_timeout = top.take("max_timeout", top.int_min(1), DEFAULT_MAX_TIMEOUT)
     max_rules_bytes = top.take("max_rules_bytes", top.int_min(1), DEFAULT_MAX_RULES_BYTES)
     boot_hook = top.take("boot_hook", top.boolean, True)
+    expected_open = top.take("expected_open", lambda k, v: _check_open_ports(top, k, v),
+                             DEFAULT_EXPECTED_OPEN)
     hosts = top.take("hosts", lambda k, v: _check_hosts(path, top, k, v), {})
     top.finish()
     if timeout > max_timeout:
@@ -356,6 +394,7 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
         max_timeout=max_timeout,
         max_rules_bytes=max_rules_bytes,
         boot_hook=boot_hook,
+        expected_open=expected_open,
         hosts=hosts,
         source=path,
     )
@@ -382,6 +421,21 @@ def _check_probes(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
             raise reader.error(item_key, exc.message, hint=exc.hint) from None
         urls.append(item.strip())
     return tuple(urls)
+
+
+def _check_open_ports(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise reader.type_error(key, 'an array of "PORT/PROTO" strings', value)
+    entries: list[str] = []
+    for index, item in enumerate(value):
+        item_key = f"{key}[{index}]"
+        if not isinstance(item, str):
+            raise reader.type_error(item_key, 'a "PORT/PROTO" string', item)
+        try:
+            entries.append(str(parse_open_port(item)))
+        except ValueError as exc:
+            raise reader.error(item_key, str(exc)) from None
+    return tuple(entries)
 
 
 def _check_persist(reader: _Reader, key: str, value: Any) -> PersistMode:

@@ -3,7 +3,9 @@
 Every command of fwsafe exits with one of these codes, and only here are they defined:
 
     0  OK           applied and confirmed (or armed, with --detach); a query succeeded
-    1  LOCKOUT      `fwsafe check` predicts a lockout (nothing was changed)
+    1  LOCKOUT      `fwsafe check` predicts a lockout (nothing was changed); `fwsafe audit`:
+                  something unexpected is reachable from the world (the same kind of answer:
+                  a read-only check found the problem it looks for)
     2  USAGE        bad command line or configuration
     3  REJECTED     rejected before any change: invalid input, nothing changed
     4  REVERTED     applied and then reverted (timeout, declined, probe failure)
@@ -29,7 +31,8 @@ class ExitCode(enum.IntEnum):
 
 EXIT_CODE_HELP: dict[ExitCode, str] = {
     ExitCode.OK: "applied and confirmed (or armed, with --detach); query succeeded",
-    ExitCode.LOCKOUT: "check: a lockout is predicted (nothing changed)",
+    ExitCode.LOCKOUT: "check: a lockout is predicted; audit: something unexpected is exposed "
+                      "(nothing changed)",
     ExitCode.USAGE: "usage or configuration error",
     ExitCode.REJECTED: "rejected before any change (invalid input; nothing changed)",
     ExitCode.REVERTED: "applied and then reverted (timeout, declined, probe failure)",

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fwsafe.errors import UsageError
+from fwsafe.sshcompat import channel_timeout, fingerprint
 
 __all__ = [
     "PROBE_KINDS",
@@ -443,7 +444,7 @@ def _probe_ssh(probe: Probe, deadline: SocketDeadline) -> str | None:
                 raise _ProbeFailed(f"SSH key exchange {deadline.timed_out()}", banner) from None
             raise _ProbeFailed(f"SSH key exchange failed: {exc}", banner) from None
         key = transport.get_remote_server_key()
-        return f"{banner}; host key {key.get_name()} {key.fingerprint}"
+        return f"{banner}; host key {key.get_name()} {fingerprint(key)}"
     finally:
         deadline.cancel()
         if transport is not None:
@@ -520,12 +521,12 @@ def _probe_ssh_auth(
                 timeout=remaining,
                 banner_timeout=remaining,
                 auth_timeout=remaining,
-                channel_timeout=remaining,
+                **channel_timeout(client, remaining),
             )
         except paramiko.BadHostKeyException as exc:
             raise _ProbeFailed(
                 f"host key mismatch for {where}: got {exc.key.get_name()} "
-                f"{exc.key.fingerprint}, known_hosts has {exc.expected_key.fingerprint}"
+                f"{fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}"
             ) from None
         except paramiko.AuthenticationException as exc:
             raise _ProbeFailed(f"authentication failed for {where}: {exc}") from None

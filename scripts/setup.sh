@@ -15,45 +15,17 @@ export DEBIAN_FRONTEND=noninteractive
 LOG="$PWD/.venv-setup.log"
 : > "$LOG"
 
-step() {  # step "what" command...: run quietly, show the log's tail when it fails
-    local what=$1; shift
-    printf 'setup.sh: %s ... ' "$what"
-    if "$@" >> "$LOG" 2>&1; then
-        echo ok
-    else
-        local rc=$?
-        echo "FAILED (exit $rc)"
-        echo "---- last lines of $LOG ----" >&2
-        tail -n 40 "$LOG" >&2
-        exit "$rc"
-    fi
-}
+NAME=setup.sh
+# shellcheck source=scripts/lib.sh
+source scripts/lib.sh
 
 packages=(iptables nftables ufw ipset openssh-server openssh-client iproute2 util-linux procps
           python3 python3-venv)
 if [ "${1:-}" = "--test" ]; then
     packages+=(fail2ban docker.io busybox-static systemd-container mmdebstrap)
 fi
-missing=()
-for p in "${packages[@]}"; do
-    dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
-done
+mapfile -t missing < <(missing_packages "${packages[@]}")
 
-install_packages() {
-    # Daemons installed here (fail2ban, docker) must not start on this machine: the tests run
-    # them inside lab namespaces only. A policy-rc.d that denies every start is in place while
-    # apt runs, unless the machine already has one.
-    local own_policy=""
-    if [ ! -e /usr/sbin/policy-rc.d ]; then
-        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
-        chmod 755 /usr/sbin/policy-rc.d
-        own_policy=1
-    fi
-    local rc=0
-    apt-get update -q && apt-get install -y -q --no-install-recommends "$@" || rc=$?
-    if [ -n "$own_policy" ]; then rm -f /usr/sbin/policy-rc.d; fi
-    return "$rc"
-}
 
 if [ ${#missing[@]} -gt 0 ]; then
     step "apt-get install ${missing[*]}" install_packages "${missing[@]}"
@@ -67,4 +39,4 @@ fi
 step "upgrade pip in .venv" .venv/bin/python -m pip install --upgrade pip
 step "install fwsafe and its test tools into .venv (pip install -e .[test])" \
     .venv/bin/python -m pip install -e '.[test]'
-echo "setup.sh: ready ($(.venv/bin/fwsafe --version)); full log: $LOG"
+echo "setup.sh: ready ($(.venv/bin/fwsafe --version | head -n 1)); full log: $LOG"

@@ -30,7 +30,9 @@ ifupdown does, so sshd starts after the firewall loaders), and in the tests that
 ``netfilter-persistent.service`` that loads /etc/iptables/rules.v4/v6 at boot.
 
 Use: the ``sdlab`` fixture (a booted :class:`SystemdLab`, SSH answering; torn down after the
-test) and the session-wide ``sdlab_image``; ``exec(argv)`` runs in the container (nsenter),
+test) and the session-wide ``sdlab_image``; ``sdlab_bare_image`` is the root fs without the
+fwsafe layer (no /opt/fwsafe), for tests that install fwsafe themselves (tests/lab/test_deb.py:
+``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``); ``exec(argv)`` runs in the container (nsenter),
 ``ssh(cmd)`` is a NEW login from the client namespace, ``ssh_popen(cmd)`` a session left open,
 ``wait_ssh(limit)``, ``reboot(hard)``, ``wait_booted()``, ``status()`` (fwsafe status --json),
 ``ruleset()``, ``close()``. Outside CI a missing capability skips; with CI=true it fails.
@@ -95,6 +97,7 @@ __all__ = [
     "cached_rootfs",
     "require_systemd_lab_capable",
     "sdlab",
+    "sdlab_bare_image",
     "sdlab_image",
 ]
 
@@ -510,9 +513,11 @@ run fwsafe --version
 
 
 class Image:
-    """What every instance boots: the cached root fs plus this session's fwsafe layer."""
+    """What every instance boots: the cached root fs plus this session's fwsafe layer, or the
+    root fs alone (``with_fwsafe=False``: no /opt/fwsafe, for tests that install fwsafe
+    themselves, such as the .deb's)."""
 
-    def __init__(self, rootfs: Path, session_dir: Path, layer: Path, wheel: Path,
+    def __init__(self, rootfs: Path, session_dir: Path, layer: Path | None, wheel: Path | None,
                  lock_fd: int) -> None:
         self.rootfs = rootfs
         self.session_dir = session_dir
@@ -522,10 +527,10 @@ class Image:
 
     @property
     def lowerdir(self) -> str:
-        return f"{self.layer}:{self.rootfs}"
+        return f"{self.layer}:{self.rootfs}" if self.layer is not None else str(self.rootfs)
 
     @classmethod
-    def build(cls) -> Image:
+    def build(cls, *, with_fwsafe: bool = True) -> Image:
         rootfs = cached_rootfs()
         _sweep_stale_instances()
         _sweep_stale_sessions()
@@ -534,6 +539,8 @@ class Image:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
             (session_dir / "rootfs").write_text(f"{rootfs}\n")
+            if not with_fwsafe:
+                return cls(rootfs, session_dir, None, None, lock_fd)
             started = time.monotonic()
             wheel = build_wheel(REPO, session_dir / "wheels")
             layer, work, mnt = (session_dir / n for n in ("layer", "layer-work", "layer-mnt"))
@@ -1147,6 +1154,18 @@ def sdlab_image() -> Iterator[Image]:
     """The root fs (cached across runs) and this session's fwsafe layer."""
     _require_capable()
     image = Image.build()
+    try:
+        yield image
+    finally:
+        image.close()
+
+
+@pytest.fixture(scope="session")
+def sdlab_bare_image() -> Iterator[Image]:
+    """The root fs alone, without this session's fwsafe layer (no /opt/fwsafe venv, no
+    /usr/local/bin/fwsafe): for tests that install fwsafe in the container themselves."""
+    _require_capable()
+    image = Image.build(with_fwsafe=False)
     try:
         yield image
     finally:

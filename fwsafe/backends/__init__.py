@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fwsafe.backends.base import ApplyError, Layer
 from fwsafe.errors import UsageError
 
 # Capture order; a revert goes in reverse (files first, iptables last).
 ALL_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy", "nft", "ufw")
+# Captured only for a change that gives content for them (never in every snapshot); reverted
+# first. A name may carry a path: "sshd:<the config file, percent-encoded>" (backends.sshd).
+ON_DEMAND_LAYERS = ("sshd",)
+
+
+def layer_kind(name: str) -> str:
+    """A layer's kind: "sshd" for "sshd:%2Fsrv%2Fsshd_config", else the name itself."""
+    return name.split(":", 1)[0]
+
+
+def revert_order(names: Iterable[str]) -> list[str]:
+    """The order a revert goes in: on-demand layers (sshd's files) first, then the reverse of
+    the capture order."""
+    given = list(names)
+    first = [n for n in given if layer_kind(n) in ON_DEMAND_LAYERS]
+    return first + [n for n in reversed(ALL_LAYERS) if n in given]
 
 
 def layer_for(name: str) -> Layer:
@@ -23,12 +41,18 @@ def layer_for(name: str) -> Layer:
         from fwsafe.backends.ufw import UfwLayer
 
         return UfwLayer()
+    if layer_kind(name) == "sshd":
+        from fwsafe.backends.sshd import SshdLayer
+
+        return SshdLayer.for_name(name)
     raise UsageError(f"unknown firewall layer {name!r}")
 
 
 def compose_partial(name: str, content: bytes, live: bytes | None) -> bytes:
     """A `--partial` file of one layer as the complete content it stands for, given the live
     state: the chains (nft: tables) it names replaced, everything else as it is."""
+    if layer_kind(name) in ON_DEMAND_LAYERS:  # files given whole
+        return content
     if name == "nft":
         from fwsafe.backends.nftables import compose_partial as compose_nft
 
@@ -43,4 +67,5 @@ def available_layers() -> list[str]:
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
-__all__ = ["ALL_LAYERS", "ApplyError", "Layer", "available_layers", "compose_partial", "layer_for"]
+__all__ = ["ALL_LAYERS", "ON_DEMAND_LAYERS", "ApplyError", "Layer", "available_layers",
+           "compose_partial", "layer_for", "layer_kind", "revert_order"]

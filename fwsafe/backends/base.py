@@ -8,6 +8,7 @@ Each layer splits its state into *units*, the pieces a revert puts back one by o
     iptables / ip6tables (nft or legacy)  one unit per chain:   "filter/INPUT"
     nftables (native tables)              one unit per table:   "inet fw"
     ufw                                   one unit per file:    "/etc/ufw/user.rules"
+    sshd (only for a change involving it) one unit per file:    "/etc/ssh/sshd_config"
 
 A change *touches* the units whose content differs between the snapshot taken before it and a
 capture taken right after it was applied. A revert loads, atomically and per table, a complete

@@ -180,20 +180,20 @@ def _validate(layers: Mapping[str, tuple[bytes, str]]) -> None:
 # --------------------------------------------------------------------------------------------
 # Signals: a check interrupted by SIGTERM/SIGHUP still removes its sandbox
 # --------------------------------------------------------------------------------------------
-class _Terminated(Exception):
+class Terminated(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise _Terminated(signum)
+        raise Terminated(signum)
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -207,7 +207,7 @@ def _signals_raise() -> Iterator[None]:
 
 
 @contextmanager
-def _signals_held() -> Iterator[None]:
+def signals_held() -> Iterator[None]:
     """Defer SIGINT/SIGTERM/SIGHUP while the sandbox is torn down."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -224,7 +224,7 @@ def _signals_held() -> Iterator[None]:
         if pending:
             if pending[0] == signal.SIGINT:
                 raise KeyboardInterrupt
-            raise _Terminated(pending[0])
+            raise Terminated(pending[0])
 
 
 def _endpoint(address: str | None, port: int) -> str:
@@ -290,7 +290,7 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
 
     report = CheckReport(clients=client_list, port=port,
                          layers={name: layers[name][1] for name in LAYERS if name in layers})
-    with _signals_raise():
+    with signals_raise():
         try:
             sandbox = Sandbox(f"{os.getpid()}")
             try:
@@ -298,9 +298,9 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
                     _validate(layers)
                 _run(layers, client_list, hints, port, timeout, report, sandbox)
             finally:
-                with _signals_held():
+                with signals_held():
                     sandbox.close()
-        except _Terminated as exc:
+        except Terminated as exc:
             raise FwsafeError(f"interrupted by signal {exc.signum}; the sandbox was removed and "
                               "nothing was changed") from exc
     report.duration_s = time.monotonic() - started

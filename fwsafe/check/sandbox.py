@@ -272,8 +272,10 @@ class Sandbox:
         ns.batch(self.srv, srv_routes)
         ns.batch(self.cli, cli_routes)
 
-    def start_agents(self, client_side: bool) -> None:
-        argv = [sys.executable, "-I", str(AGENT)]
+    def start_agents(self, client_side: bool, *, script: Path = AGENT) -> None:
+        """An agent in the server namespace (and one in the client's): the check's own, or
+        another `script` speaking the same one-JSON-line protocol (the audit's)."""
+        argv = [sys.executable, "-I", str(script)]
         self.srv_agent = AgentProcess(self.in_srv(argv), "server-side")
         if client_side:
             self.cli_agent = AgentProcess(self.in_cli(argv), "client-side")

@@ -73,14 +73,18 @@ from fwsafe.probes import parse_probe
                    "other chain, such as fail2ban's or Docker's, stays as it is live.")
 @click.option("--no-check", is_flag=True,
               help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
+@click.option("--sshd-set", "sshd_set", multiple=True, metavar="KEY=VALUE",
+              help="Also change sshd's configuration (repeatable), e.g. Port=2222: one guard, "
+                   "one confirmation, reverted together (see `fwsafe sshd set`).")
+@click.option("--sshd-config", metavar="PATH", help="The sshd configuration for --sshd-set.")
 @state_options
 def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, detach: bool,
           probes: tuple[str, ...], probe_interval: float | None, probe_failures: int | None,
           probe_timeout: float | None, confirm_on_probe: int | None, yes: bool,
           host: str | None, identity: str | None,
           known_hosts: str | None, accept_new_host_key: bool, backend: str, force: bool,
-          partial: bool, no_check: bool, as_json: bool, state_dir: str | None,
-          config_path: str | None) -> None:
+          partial: bool, no_check: bool, sshd_set: tuple[str, ...], sshd_config: str | None,
+          as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
 
     RULES is an iptables-save file (IPv4) or an nftables file (recognised by content);
@@ -138,6 +142,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         parse_probe(url)  # a bad probe is a usage error before anything happens
     if options.confirm_on_probe and not options.probes:
         raise click.UsageError("--confirm-on-probe needs at least one --probe")
+    if sshd_set and ("--" in RAW_ARGS or host):
+        raise click.UsageError("--sshd-set takes rules files on this host, not a command or --host")
     if "--" in RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
         if partial:
             raise click.UsageError("--partial takes rules files, not a command")
@@ -150,7 +156,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
     if len(args) > 1:
         raise click.UsageError("give one RULES file (IPv4) and --rules6 for IPv6; "
                                "to run a command under the guard put it after `--`")
-    if not rules and not rules6:
+    if not rules and not rules6 and not sshd_set:
         raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6")
     if host:
         from fwsafe.remote.apply import RemoteRequest, apply_remote
@@ -171,6 +177,10 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
     change = change_from_files([rules] if rules else [], rules6, backend,
                                limit=config.max_rules_bytes)
     change.partial = partial
+    if sshd_set:
+        from fwsafe.cli.sshd import add_sshd_settings
+
+        add_sshd_settings(change, sshd_config, sshd_set)
     manager = manager_for(state_dir, config)
     record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
@@ -12,7 +13,7 @@ from fwsafe.check.predict import DEFAULT_TIMEOUT, default_sessions, parse_client
 from fwsafe.cli.common import RAW_ARGS
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
-from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, UsageError
+from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, RejectedError, UsageError
 
 EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
@@ -34,9 +35,12 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
               help="Seconds one connection attempt may take in the sandbox.")
 @click.option("--partial", is_flag=True,
               help="The file replaces only the chains (nft: tables) it names, as with apply.")
+@click.option("--no-exposure", is_flag=True,
+              help="Skip the exposure section (which services the change opens or closes to "
+                   "the world and the local subnets, as `fwsafe audit` sees them).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
-          port: int | None, backend: str, timeout_s: float, partial: bool,
+          port: int | None, backend: str, timeout_s: float, partial: bool, no_exposure: bool,
           as_json: bool) -> None:
     """Predict whether applying RULES (or running `-- COMMAND`, e.g. `-- ufw deny 22/tcp`,
     which is first run on a copy of the firewall) would lock you out, without changing
@@ -56,7 +60,9 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
     Where packets are lost, the rule that dropped them is named with its file and line (from
     the kernel's packet counters or nft trace). Rules whose outcome the sandbox cannot
     reproduce (rate limits, socket owners, marks, time, ...) are listed as NOT checked.
-    The live firewall is only read.
+    Then, as `fwsafe audit` does, every listening service is tried from the world and the
+    local subnets under the current rules and the candidate: the services the change opens
+    or closes are listed (JSON: "exposure"). The live firewall is only read.
 
     Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules.
     """
@@ -89,8 +95,12 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
     servers = {s.client: s.server for s in sessions if s.client in chosen}
     report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
                      timeout=timeout_s)
+    exposure = None if no_exposure else _exposure(layers, timeout_s)
     if as_json:
-        click.echo(json.dumps(report.to_json(), sort_keys=True))
+        data = report.to_json()
+        if exposure is not None:
+            data["exposure"] = exposure[0]
+        click.echo(json.dumps(data, sort_keys=True))
         if report.lockout:
             click.echo(f"fwsafe: error: {report.lockout_message()}", err=True)
             # The report above is the one JSON object on stdout (it carries "kind", "error" and
@@ -99,9 +109,24 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
             sys.exit(int(LockoutPredicted.exit_code))
         return
     click.echo(report.describe())
+    if exposure is not None:
+        click.echo(exposure[1])
     if report.lockout:
         raise LockoutPredicted(report.lockout_message(),
                                hint="nothing was changed; fix the rule named above and check again")
+
+
+def _exposure(layers: dict[str, tuple[bytes, str]], timeout: float) -> tuple[dict[str, Any], str]:
+    """What the change opens or closes to outside addresses (fwsafe audit's difference), as
+    JSON and text; a sandbox that cannot be built is reported in the section, never fails the
+    check (an interruption still ends it)."""
+    from fwsafe.audit import exposure_change
+
+    try:
+        change = exposure_change(layers, timeout=timeout)
+    except RejectedError as exc:
+        return {"error": exc.message}, f"Exposure: not checked ({exc.message})"
+    return change.to_json(), change.describe()
 
 
 COMMANDS = [check]

@@ -27,7 +27,8 @@ from fwsafe.errors import EXIT_CODE_HELP
 
 # The command line as given (click drops the `--` that starts command mode): set by cli.main.
 RAW_ARGS: list[str] = []
-COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue")
+COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
+                   "audit", "sshd")
 
 
 def register(group: click.Group) -> None:

@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwsafe.backends import ApplyError, available_layers, layer_for
+from fwsafe.backends import ON_DEMAND_LAYERS, ApplyError, available_layers, layer_for, layer_kind
 from fwsafe.config import DEFAULT_MAX_TIMEOUT
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
@@ -55,6 +55,8 @@ class ApplyOptions:
     config_path: str | None = None          # the config file the CLI read (the guard reads it too)
     max_timeout: float = DEFAULT_MAX_TIMEOUT  # the guard refuses an `extend` beyond it
     boot_hook: bool = True   # on a systemd host, install the boot recovery unit first
+    login_user: str | None = None   # sshd changes: who must log in again (default: this
+                                    # session's user; fwsafe.sshd.lockout)
 
 
 def watched_layers(change: Change, captured: list[str]) -> list[str]:
@@ -88,6 +90,10 @@ def lockout_check(change: Change, options: ApplyOptions) -> dict[str, Any]:
     """Run the lockout check; refuse a predicted lockout unless forced (exit 3)."""
     if not options.check:
         return {"ran": False, "summary": "lockout check skipped (--no-check)"}
+    if any(layer_kind(name) in ON_DEMAND_LAYERS for name in change.layers):  # sshd's config
+        from fwsafe.sshd.lockout import check_sshd_change
+
+        return check_sshd_change(change, force=options.force, user=options.login_user)
     from fwsafe.check.precheck import precheck
 
     report = precheck(change)
@@ -173,6 +179,7 @@ class ApplyFlow:
             self.refuse_if_open()
             self._ensure_boot_hook(change, options)
             layers = available_layers()
+            layers += [name for name in change.layers if name not in layers]  # e.g. sshd's
             with ThreadPoolExecutor(max_workers=len(layers) + 1) as pool:
                 # The snapshot is taken after the lockout check (which takes a while), so that
                 # it is as close as can be to the change; without the check (or for a partial

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from fwsafe.backends import layer_for
+from fwsafe.backends import layer_for, layer_kind
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.apply import ApplyFlow
 from fwsafe.core.change import require_root
@@ -17,7 +17,7 @@ from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
-FILE_LAYERS = ("ufw",)       # layers kept in files, not in the kernel
+FILE_LAYERS = ("ufw", "sshd")   # layers kept in files, not in the kernel
 
 
 def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the guard was gone", *,
@@ -64,13 +64,13 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         if not touched:
             # The guard died before it recorded what the change touched: compare now
             # (whatever differs from the snapshot is undone whole).
-            watch = [n for n in record.watch if not after_reboot or n in FILE_LAYERS]
+            watch = [n for n in record.watch if not after_reboot or layer_kind(n) in FILE_LAYERS]
             now = {name: layer_for(name).capture() for name in watch}
             touched = compute_touched(before, now)
             record.touched = touched
             after = {}
         if after_reboot:
-            touched = {n: u for n, u in touched.items() if n in FILE_LAYERS}
+            touched = {n: u for n, u in touched.items() if layer_kind(n) in FILE_LAYERS}
             by = "boot"
             record.reason = reason = (
                 "reboot: the change was still pending when the machine went down; the "
@@ -106,7 +106,7 @@ def rebooted(record: Record, before: Mapping[str, bytes]) -> bool:
     now_id = transaction.current_boot_id()
     if record.boot_id and now_id and record.boot_id != now_id:
         return True
-    kernel = [n for n in record.captured if n not in FILE_LAYERS and n in before]
+    kernel = [n for n in record.captured if layer_kind(n) not in FILE_LAYERS and n in before]
     if not any(layer_for(n).units(before[n]) for n in kernel):
         return False
     try:

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fwsafe.backends import ALL_LAYERS, layer_for
+from fwsafe.backends import layer_for, revert_order
 from fwsafe.backends.base import LEVELS, MERGE
 
 BACKOFF_FIRST = 0.1
@@ -85,7 +85,7 @@ def revert_change(
     there is reverted from the snapshot: CHAINS, then TABLES)."""
     say: Log = log or (lambda _message: None)
     result = RevertResult()
-    remaining = [n for n in reversed(ALL_LAYERS) if n in touched and n in before]
+    remaining = [n for n in revert_order(touched) if n in before]
     started = time.monotonic()
     delay = BACKOFF_FIRST
     while True:

@@ -8,7 +8,9 @@ included). With nothing pending it does nothing.
 
 `install()` writes the unit to /etc/systemd/system (under `root` for tests), enables it by
 creating the wants symlink itself (no systemctl needed), and puts the rescue zipapp in the state
-directory, where a rescue system finds it on the server's disk.
+directory, where a rescue system finds it on the server's disk. The Debian package ships the
+same unit in /lib/systemd/system and enables it: `is_installed` counts that one too, so `apply`
+on a package install writes no second unit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fwsafe.rescue.tool import build_zipapp
 
 UNIT_NAME = "fwsafe-recover.service"
 UNIT_DIR = "/etc/systemd/system"
+PACKAGED_UNIT_DIRS = ("/lib/systemd/system", "/usr/lib/systemd/system")   # the .deb's
 WANTED_BY = "sysinit.target"
 ZIPAPP_NAME = "fwsafe.pyz"
 
@@ -59,15 +62,43 @@ def render_unit(python: str, state_dir: str) -> str:
 
 
 def is_installed(root: Path, state_dir: str, *, python: str | None = None) -> bool:
-    """The unit is in place, up to date and enabled (nothing for `install` to do)."""
+    """The unit is in place, up to date and enabled (nothing for `install` to do): ours in
+    /etc/systemd/system, or, when there is none there, the package's (see `packaged_unit`)."""
     unit_dir = local_path(root, UNIT_DIR)
     unit = unit_dir / UNIT_NAME
     link = unit_dir / f"{WANTED_BY}.wants" / UNIT_NAME
     try:
-        current = unit.read_bytes() == render_unit(python or sys.executable, state_dir).encode()
-    except (OSError, ValueError):
+        wanted = render_unit(python or sys.executable, state_dir)
+    except ValueError:
+        return False
+    if not os.path.lexists(unit):
+        return packaged_unit(root, wanted) is not None
+    try:
+        current = unit.read_bytes() == wanted.encode()
+    except OSError:
         return False
     return current and os.path.islink(link) and os.readlink(link) == f"{UNIT_DIR}/{UNIT_NAME}"
+
+
+def _directives(text: str) -> list[str]:
+    """A unit's lines as systemd reads them: comments and blank lines left out."""
+    return [ln for ln in text.splitlines() if ln.strip() and not ln.startswith(("#", ";"))]
+
+
+def packaged_unit(root: Path, wanted: str) -> str | None:
+    """The path of the distribution package's unit (/lib/systemd/system) when it is enabled
+    (the wants symlink points to it) and says what `wanted` says, comments aside; else None."""
+    link = local_path(root, UNIT_DIR) / f"{WANTED_BY}.wants" / UNIT_NAME
+    if not os.path.islink(link):
+        return None
+    target = os.readlink(link)
+    if target not in [f"{d}/{UNIT_NAME}" for d in PACKAGED_UNIT_DIRS]:
+        return None
+    try:
+        text = local_path(root, target).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return target if _directives(text) == _directives(wanted) else None
 
 
 def ensure_on_systemd(state_dir: str) -> list[str]:

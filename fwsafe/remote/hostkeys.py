@@ -21,7 +21,6 @@ paramiko is imported only inside the functions that need it.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hmac
 import os
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fwsafe.errors import RejectedError
+from fwsafe.sshcompat import fingerprint
 
 __all__ = [
     "DEFAULT_KNOWN_HOSTS",
@@ -68,7 +68,7 @@ def host_key_name(host: str, port: int) -> str:
 
 def describe_key(key: Any) -> str:
     """``ssh-ed25519 SHA256:...`` for a paramiko key."""
-    return f"{key.get_name()} {key.fingerprint}"
+    return f"{key.get_name()} {fingerprint(key)}"
 
 
 class KnownHosts:
@@ -242,12 +242,13 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def _parse_key(key_type: str, data: str) -> Any | None:
-    import paramiko
+    from paramiko.hostkeys import HostKeyEntry
 
-    try:
-        return paramiko.PKey.from_type_string(key_type, base64.b64decode(data))
-    except (binascii.Error, ValueError, paramiko.SSHException):
+    try:  # the known_hosts parser of every paramiko version (PKey.from_type_string is 3.2+)
+        entry = HostKeyEntry.from_line(f"revoked {key_type} {data}")
+    except Exception:  # noqa: BLE001 - a bad key is skipped, as in _load
         return None
+    return entry.key if entry is not None else None
 
 
 class _Policy:

@@ -23,6 +23,7 @@ from typing import Any
 from fwsafe.config import HostTarget
 from fwsafe.probes import SocketDeadline, describe_os_error, ssh_log_channel
 from fwsafe.remote.hostkeys import KnownHosts
+from fwsafe.sshcompat import channel_timeout
 
 __all__ = [
     "LOG_CHANNEL",
@@ -236,7 +237,7 @@ class Dialer:
                 target.host, port=target.port, username=target.user, password=None,
                 key_filename=identity, allow_agent=identity is None,
                 look_for_keys=identity is None, sock=sock, timeout=left,
-                banner_timeout=left, auth_timeout=left, channel_timeout=left,
+                banner_timeout=left, auth_timeout=left, **channel_timeout(client, left),
             )
         except BaseException as exc:
             watchdog.cancel()

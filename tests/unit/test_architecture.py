@@ -118,7 +118,8 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
 
 @pytest.mark.parametrize("package", ["fwsafe.core", "fwsafe.backends", "fwsafe.guard",
                                      "fwsafe.check", "fwsafe.persistence", "fwsafe.remote",
-                                     "fwsafe.rescue", "fwsafe.ondisk", "fwsafe.lab"])
+                                     "fwsafe.rescue", "fwsafe.ondisk", "fwsafe.lab",
+                                     "fwsafe.audit", "fwsafe.sshd"])
 def test_nothing_imports_the_cli(package: str) -> None:
     """The CLI is a thin layer that nothing imports (so that the Ansible collection, the lab
     or a script can drive the library)."""

@@ -97,6 +97,7 @@ def test_example_covers_every_key() -> None:
         "max_timeout",
         "max_rules_bytes",
         "boot_hook",
+        "expected_open",
         "hosts",
     }
     assert set(data) == top
@@ -116,6 +117,7 @@ def test_defaults_match_example_values() -> None:
         "persist",
         "max_timeout",
         "max_rules_bytes",
+        "expected_open",
     ):
         assert getattr(config, name) == getattr(example, name), name
     assert config.probes == ()

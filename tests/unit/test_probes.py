@@ -33,6 +33,7 @@ from fwsafe.probes import (  # noqa: E402
     run_probes,
     split_endpoint,
 )
+from fwsafe.sshcompat import fingerprint  # noqa: E402
 from tests.sshserver import CommandResult, SSHTestServer, TestKey  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +471,7 @@ def test_ssh_ok(ssh_server: SSHTestServer) -> None:
     assert result.ok, result
     assert result.detail is not None
     assert result.detail.startswith("SSH-2.0-")
-    assert ssh_server.host_key.pkey.fingerprint in result.detail
+    assert fingerprint(ssh_server.host_key.pkey) in result.detail
     assert ssh_server.auth_attempts == []  # no login attempted
 
 

@@ -26,6 +26,7 @@ from fwsafe.remote.hostkeys import (  # noqa: E402
     UnknownHostKeyError,
     host_key_name,
 )
+from fwsafe.sshcompat import fingerprint  # noqa: E402
 from tests.sshserver import SSHTestServer, TestKey  # noqa: E402
 
 
@@ -72,7 +73,7 @@ def test_unknown_host_is_refused(server: SSHTestServer, client_key: TestKey,
         apply_remote(req, lambda message: None)
     assert info.value.exit_code == ExitCode.REJECTED
     assert f"[127.0.0.1]:{server.port}" in info.value.message
-    assert server.host_key.pkey.fingerprint in info.value.message
+    assert fingerprint(server.host_key.pkey) in info.value.message
     assert info.value.hint and "--accept-new-host-key" in info.value.hint
     assert known.read_text() == ""
     refused(server)
@@ -100,7 +101,7 @@ def test_changed_key_is_refused_even_with_accept_new(server: SSHTestServer,
         with pytest.raises(ChangedHostKeyError) as info:
             apply_remote(req, lambda message: None)
         assert "HOST KEY CHANGED" in info.value.message
-        assert other.pkey.fingerprint in info.value.message
+        assert fingerprint(other.pkey) in info.value.message
     assert known.read_text() == line
     refused(server)
 

@@ -1,0 +1,111 @@
+"""The host facts behind the findings that are not about listeners, each read without changing
+anything: Docker's published ports (the live iptables rules), sshd's effective configuration
+(`sshd -T`), the boot recovery unit (systemd hosts) and the transaction in the state directory.
+Each returns its findings, or one "info" finding saying what could not be read."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from fwsafe.audit.docker import DockerState, docker_state
+from fwsafe.audit.findings import (
+    Finding,
+    docker_findings,
+    parse_sshd_t,
+    pending_finding,
+    sshd_findings,
+)
+from fwsafe.backends import available_layers, layer_for
+from fwsafe.backends.base import ApplyError
+from fwsafe.config import OpenPort
+from fwsafe.core import transaction
+from fwsafe.core.statedir import StateDir
+from fwsafe.errors import FwsafeError
+from fwsafe.guard.spawn import systemd_is_init
+from fwsafe.persistence import boothook
+from fwsafe.runner import find_binary, run
+
+__all__ = ["boot_unit_findings", "docker_facts", "host_findings", "pending_findings",
+           "sshd_facts"]
+
+_IPT = (("ipv4", 4), ("ipv6", 6), ("ipv4-legacy", 4), ("ipv6-legacy", 6))
+
+
+def docker_facts(expected: Sequence[OpenPort]) -> tuple[DockerState, list[Finding]]:
+    """Ports Docker publishes, from every iptables flavour this host has, and the findings."""
+    present = set(available_layers())
+    saves: dict[int, str] = {}
+    for name, family in _IPT:
+        if name not in present:
+            continue
+        try:
+            text = layer_for(name).capture().decode(errors="replace")
+        except ApplyError as exc:
+            return DockerState(), [Finding(
+                "info", f"could not read the {name} rules to look for Docker's published "
+                f"ports: {exc.message}", "run the audit as root", "not-read")]
+        saves[family] = saves.get(family, "") + text
+    state = docker_state(saves)
+    return state, docker_findings(state, expected)
+
+
+def sshd_facts() -> list[Finding]:
+    """Password logins allowed by sshd (if it is installed)."""
+    sshd = find_binary("sshd")
+    if sshd is None:
+        return []
+    try:
+        result = run([sshd, "-T"], timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [Finding("info", f"could not run `sshd -T`: {exc}", "run it by hand",
+                        "not-read")]
+    if result.returncode != 0:
+        error = result.stderr.decode(errors="replace").strip().splitlines()
+        return [Finding("info", "could not read sshd's configuration: `sshd -T` failed"
+                        + (f" ({error[0]})" if error else ""),
+                        "run `sshd -T` as root to see why", "not-read")]
+    return sshd_findings(parse_sshd_t(result.stdout.decode(errors="replace")))
+
+
+def boot_unit_findings(state_dir: Path, boot_hook: bool) -> list[Finding]:
+    """On a systemd host: is the boot recovery unit (fwsafe-recover.service) in place?"""
+    if not systemd_is_init():
+        return []
+    if boothook.is_installed(Path("/"), str(state_dir)):
+        return []
+    if not boot_hook:
+        return [Finding("low", f"the boot recovery unit ({boothook.UNIT_NAME}) is not "
+                        "installed, and boot_hook = false in the config: a reboot while a change "
+                        "is pending comes back with the new rules",
+                        "set boot_hook = true (apply then installs it), or run "
+                        "`fwsafe install-boot-hook`", "no-boot-unit")]
+    return [Finding("medium", f"the boot recovery unit ({boothook.UNIT_NAME}) is not installed "
+                    "(or is out of date): a reboot while a change is pending comes back with "
+                    "the new rules", "`fwsafe install-boot-hook` (the next `fwsafe apply` "
+                    "installs it too)", "no-boot-unit")]
+
+
+def pending_findings(state_dir: Path) -> list[Finding]:
+    """A transaction that is still open (pending, reverting, or whose revert failed)."""
+    state = StateDir(state_dir)
+    try:
+        if not state.exists():
+            return []
+        record = transaction.load_current(state)
+    except FwsafeError as exc:
+        return [Finding("info", f"could not read the state directory {state_dir}: "
+                        f"{exc.message}", exc.hint or "see `fwsafe status`", "not-read")]
+    if record is None:
+        return []
+    open_states = transaction.OPEN_STATES | {transaction.PREPARING, transaction.REVERT_FAILED}
+    if record.state not in open_states:
+        return []
+    return [pending_finding(record.id, record.state, record.remaining_s())]
+
+
+def host_findings(state_dir: Path, boot_hook: bool) -> list[Finding]:
+    """sshd, the boot unit and the transaction (Docker's: `docker_facts`)."""
+    return [*sshd_facts(), *boot_unit_findings(state_dir, boot_hook),
+            *pending_findings(state_dir)]

@@ -1,0 +1,181 @@
+"""What the audit reports beside the listeners: services the world reaches that the config does
+not expect, ports Docker publishes past the firewall, sshd taking passwords, no boot recovery
+unit, a pending transaction.
+
+Each finding has a severity (high, medium, low, info), what was found and how to fix it. The
+findings that mark an *unexpected exposure* (``exposure``) make `fwsafe audit` exit 1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fwsafe.audit.docker import DockerState
+from fwsafe.audit.listeners import Listener
+from fwsafe.audit.plan import WORLD
+from fwsafe.audit.reach import Reach
+from fwsafe.config import OpenPort, parse_open_port
+
+__all__ = [
+    "SEVERITIES",
+    "Finding",
+    "docker_findings",
+    "expected_ports",
+    "is_expected",
+    "listener_findings",
+    "parse_sshd_t",
+    "pending_finding",
+    "sshd_findings",
+]
+
+SEVERITIES = ("high", "medium", "low", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str
+    what: str
+    fix: str
+    kind: str
+    exposure: bool = False     # an unexpected exposure: `fwsafe audit` exits 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"severity": self.severity, "what": self.what, "fix": self.fix, "kind": self.kind}
+
+
+def expected_ports(entries: Iterable[str]) -> list[OpenPort]:
+    return [parse_open_port(entry) for entry in entries]
+
+
+def is_expected(expected: Sequence[OpenPort], proto: str, port: int) -> bool:
+    return any(item.matches(proto, port) for item in expected)
+
+
+def _expected_text(expected: Sequence[OpenPort]) -> str:
+    return ", ".join(str(e) for e in expected) or "nothing"
+
+
+def listener_findings(listeners: Sequence[Listener], reach: dict[tuple[str, int, str, int], Reach],
+                      expected: Sequence[OpenPort]) -> list[Finding]:
+    """Unexpected services the world reaches (high), or only local subnets (low); listeners
+    that could not be checked (low). One finding per port and process."""
+    world: dict[tuple[str, int, str], list[Listener]] = {}
+    local: dict[tuple[str, int, str], list[str]] = {}
+    unchecked: list[str] = []
+    for listener in listeners:
+        if listener.loopback:
+            continue
+        result = reach.get(listener.key(), Reach())
+        if result.problem:
+            unchecked.append(f"{listener.proto} {listener.endpoint} ({listener.held_by}): "
+                             f"{result.problem}")
+            continue
+        if is_expected(expected, listener.proto, listener.port):
+            continue
+        group = (listener.proto, listener.port, listener.held_by)
+        if WORLD in result.reached:
+            world.setdefault(group, []).append(listener)
+        elif result.reached:
+            names = local.setdefault(group, [])
+            names += [n for n in result.reached if n not in names]
+    found: list[Finding] = []
+    for (proto, port, owner), items in world.items():
+        where = ", ".join(x.endpoint for x in items)
+        found.append(Finding(
+            "high", f"{port}/{proto} ({owner}; listening on {where}) is reachable from the "
+            f"world, and expected_open ({_expected_text(expected)}) does not list it",
+            f"bind it to 127.0.0.1 (or a private address), stop it, or drop {port}/{proto} in "
+            f"the firewall; if it is meant to be public, add \"{port}/{proto}\" to "
+            "expected_open in the config", "unexpected-service", exposure=True))
+    for (proto, port, owner), names in local.items():
+        if (proto, port, owner) in world:
+            continue
+        found.append(Finding(
+            "low", f"{port}/{proto} ({owner}) is reachable from {', '.join(names)} (not from "
+            "the world), and expected_open does not list it",
+            f"if only this host needs it, bind it to 127.0.0.1; else add \"{port}/{proto}\" to "
+            "expected_open", "local-service"))
+    if unchecked:
+        found.append(Finding(
+            "low", f"{len(unchecked)} listener(s) could not be checked: " + "; ".join(unchecked),
+            "see the reason given; the sandbox reproduces interfaces, addresses and the "
+            "firewall, nothing more", "not-checked"))
+    return found
+
+
+def docker_findings(state: DockerState, expected: Sequence[OpenPort]) -> list[Finding]:
+    """Ports Docker publishes: they pass through FORWARD, not INPUT (and, where FORWARD sends
+    them to Docker's chains first, past ufw)."""
+    found: list[Finding] = []
+    if state.before_ufw:
+        past = "past ufw (FORWARD sends them to Docker's chains before ufw's)"
+    elif state.ufw:
+        past = "through FORWARD, where ufw's route rules (not its INPUT rules) decide"
+    else:
+        past = "through FORWARD, past every INPUT rule"
+    for item in state.published:
+        if all(is_expected(expected, item.proto, p)
+               for p in range(item.first_port, item.last_port + 1)):
+            continue
+        on = f"on {item.address}" if item.address else "on every address"
+        what = (f"Docker publishes {item.label} {on} (IPv{item.family}) to {item.target}, "
+                f"{past}; expected_open does not list it")
+        fix = (f"publish it on 127.0.0.1 only (docker run -p 127.0.0.1:{item.ports}:...), or "
+               "filter it in the DOCKER-USER chain; if it is meant to be public, add "
+               f"\"{item.label}\" to expected_open")
+        if state.docker_user_rules:
+            found.append(Finding(
+                "medium", what + f"; DOCKER-USER has {state.docker_user_rules} rule(s) that may "
+                "restrict it (not checked: the sandbox has no containers)", fix,
+                "docker-published"))
+        else:
+            found.append(Finding("high", what, fix, "docker-published", exposure=True))
+    return found
+
+
+def parse_sshd_t(text: str) -> dict[str, str]:
+    """`sshd -T` output: lower-case keyword -> value (the first of repeated keywords)."""
+    settings: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        key = key.lower()
+        if key and key not in settings:
+            settings[key] = value.strip()
+    return settings
+
+
+def sshd_findings(settings: dict[str, str]) -> list[Finding]:
+    """Password logins (medium), root password logins (high), from sshd's effective global
+    configuration (`Match` blocks are not evaluated)."""
+    methods = settings.get("authenticationmethods", "any")
+    key_first = methods != "any" and all("publickey" in chain.split(",")
+                                         for chain in methods.split())
+    password = settings.get("passwordauthentication") == "yes"
+    keyboard = (settings.get("kbdinteractiveauthentication",
+                             settings.get("challengeresponseauthentication")) == "yes"
+                and settings.get("usepam") == "yes")
+    if key_first or not (password or keyboard):
+        return []
+    how = " and ".join(n for n, on in (("PasswordAuthentication yes", password),
+                                       ("KbdInteractiveAuthentication yes with UsePAM",
+                                        keyboard)) if on)
+    fix = ("set PasswordAuthentication no and KbdInteractiveAuthentication no (in "
+           "/etc/ssh/sshd_config.d/), log in with keys, then reload sshd")
+    if settings.get("permitrootlogin") == "yes":
+        return [Finding("high", f"sshd lets root log in with a password ({how}, "
+                        "PermitRootLogin yes): the usual way in for brute-force bots", fix
+                        + "; and PermitRootLogin prohibit-password", "sshd-root-password")]
+    return [Finding("medium", f"sshd allows password logins ({how})", fix, "sshd-password")]
+
+
+def pending_finding(tx_id: str, state: str, remaining_s: float | None) -> Finding:
+    if state == "revert-failed":
+        return Finding("high", f"transaction {tx_id}: its revert FAILED, the firewall may "
+                       "still hold the new rules", "run `fwsafe recover` now (see `fwsafe "
+                       "status`)", "pending-transaction")
+    left = f", {remaining_s:.0f} s left" if remaining_s is not None else ""
+    return Finding("medium", f"transaction {tx_id} is {state}{left}: the rules audited may be "
+                   "reverted at its deadline", "`fwsafe confirm` from a new SSH session, or "
+                   "`fwsafe revert`", "pending-transaction")

@@ -1,0 +1,199 @@
+"""The audit's answers: every listener with who reaches it, and the findings (`AuditReport`);
+and what a candidate ruleset opens or closes (`ExposureChange`, what `fwsafe check` prints)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fwsafe.audit.findings import SEVERITIES, Finding, is_expected
+from fwsafe.audit.listeners import Listener
+from fwsafe.audit.plan import WORLD
+from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
+from fwsafe.config import OpenPort
+
+__all__ = ["AuditReport", "ExposureChange"]
+
+
+def _reached_text(listener: Listener, reach: Reach) -> str:
+    names = []
+    for name in reach.reached:
+        families = reach.families(name)
+        if name == WORLD and len(families) == 1 and len(listener.families) > 1:
+            name = f"world (IPv{families[0]} only)"
+        names.append(name)
+    return ", ".join(names)
+
+
+@dataclass
+class AuditReport:
+    listeners: list[Listener]
+    reach: ReachReport
+    round: str                                  # CURRENT, or CANDIDATE (RULES given)
+    expected: list[OpenPort]
+    findings: list[Finding] = field(default_factory=list)
+    rules: dict[str, str] = field(default_factory=dict)   # layer -> RULES file (none: live)
+    change: ExposureChange | None = None        # RULES given: what they open and close
+    docker: dict[tuple[str, int], str] = field(default_factory=dict)   # published ports
+
+    def result(self, listener: Listener) -> Reach:
+        """Who reaches it; a port Docker publishes is not checked here (its packets go to the
+        container, past this socket: see the findings)."""
+        target = self.docker.get((listener.proto, listener.port))
+        if target and not listener.loopback:
+            return Reach(problem=f"not checked: Docker publishes this port to {target} (the "
+                                 "packets go to the container: see the findings)")
+        return self.reach.reach(self.round, listener)
+
+    def exposed(self, listener: Listener) -> bool | None:
+        """Reached from outside (the world or a local subnet); None: not checked."""
+        if listener.loopback:
+            return False
+        result = self.result(listener)
+        return None if result.problem else bool(result.reached)
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if any(f.exposure for f in self.findings) else 0
+
+    def listener_json(self, listener: Listener) -> dict[str, Any]:
+        result = self.result(listener)
+        data = listener.to_json()
+        data.update({
+            "exposed": self.exposed(listener),
+            "reachable_from": [] if listener.loopback else result.reached,
+            "expected": is_expected(self.expected, listener.proto, listener.port),
+            "not_checked": None if listener.loopback else result.problem,
+        })
+        if WORLD in data["reachable_from"]:
+            data["world_over"] = [f"ipv{f}" for f in result.families(WORLD)]
+        return data
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "ok": self.exit_code == 0,
+            "exit_code": self.exit_code,
+            "rules": self.rules or "live",
+            "expected_open": [str(e) for e in self.expected],
+            "listeners": [self.listener_json(x) for x in self.listeners],
+            "findings": [f.to_json() for f in self.findings],
+            "sources": self.reach.sources_json(),
+            "notes": self.reach.notes,
+            "not_checked": self.reach.not_checked,
+        }
+        if self.change is not None:
+            data["exposure"] = self.change.to_json()
+        return data
+
+    def describe(self) -> str:
+        what = ("the live firewall" if not self.rules else
+                ", ".join(f"{src} ({layer})" for layer, src in self.rules.items())
+                + ", before applying")
+        lines = [f"fwsafe audit: {what}; expected open: "
+                 f"{', '.join(str(e) for e in self.expected) or 'nothing'}"]
+        lines += _sources_lines(self.reach)
+        lines.append(f"  {'proto':<5} {'address:port':<29} {'process (pid)':<23} reachable from")
+        for listener in self.listeners:
+            lines.append(f"  {listener.proto:<5} {listener.endpoint:<29} "
+                         f"{listener.owner:<23} {self._reach_cell(listener)}")
+        if self.change is not None:
+            lines += self.change.lines()
+        for note in self.reach.notes:
+            lines.append(f"Note: {note}")
+        if self.reach.not_checked:
+            lines.append("Rules the sandbox cannot reproduce (their effect was NOT checked):")
+            lines += [f"  {item}" for item in self.reach.not_checked]
+        if self.findings:
+            lines.append("Findings:")
+            order = {s: i for i, s in enumerate(SEVERITIES)}
+            for finding in sorted(self.findings, key=lambda f: order.get(f.severity, 9)):
+                lines.append(f"  {finding.severity.upper():<8}{finding.what}")
+                lines.append(f"  {'':<8}fix: {finding.fix}")
+        unexpected = sum(1 for f in self.findings if f.exposure)
+        if unexpected:
+            lines.append(f"Result: {unexpected} unexpected exposure(s): the world reaches what "
+                         "expected_open does not list (exit 1).")
+        else:
+            lines.append("Result: nothing unexpected is reachable from the world.")
+        return "\n".join(lines)
+
+    def _reach_cell(self, listener: Listener) -> str:
+        if listener.loopback:
+            return "- (loopback only)"
+        result = self.result(listener)
+        if result.problem:
+            return result.problem
+        if not result.reached:
+            return "nobody outside"
+        text = _reached_text(listener, result)
+        if WORLD in result.reached and not is_expected(self.expected, listener.proto,
+                                                       listener.port):
+            text += "   UNEXPECTED"
+        return text
+
+
+def _sources_lines(reach: ReachReport) -> list[str]:
+    world = [f"{s.address} on {s.link}" for s in reach.sources if s.name == WORLD]
+    subnets = [f"{s.name} ({s.link})" for s in reach.sources if s.name != WORLD]
+    return [f"  the world: {', '.join(world) or 'no route to it'}; local subnets: "
+            f"{', '.join(subnets) or 'none'}"]
+
+
+@dataclass
+class ExposureChange:
+    """What a candidate ruleset changes in who reaches each listener (from the same sandbox:
+    the current rules, then the candidate on top)."""
+
+    opens: list[tuple[Listener, list[tuple[str, int]]]] = field(default_factory=list)
+    closes: list[tuple[Listener, list[tuple[str, int]]]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    not_checked: list[str] = field(default_factory=list)
+
+    @classmethod
+    def between(cls, listeners: Sequence[Listener], reach: ReachReport) -> ExposureChange:
+        change = cls(notes=list(reach.notes), not_checked=list(reach.not_checked))
+        for listener in listeners:
+            if listener.loopback:
+                continue
+            before, after = reach.reach(CURRENT, listener), reach.reach(CANDIDATE, listener)
+            if before.problem or after.problem:
+                change.not_checked.append(f"{listener.proto} {listener.endpoint} "
+                                          f"({listener.held_by}): "
+                                          f"{after.problem or before.problem}")
+                continue
+            opened = [p for p in after.pairs if p not in before.pairs]
+            closed = [p for p in before.pairs if p not in after.pairs]
+            if opened:
+                change.opens.append((listener, opened))
+            if closed:
+                change.closes.append((listener, closed))
+        return change
+
+    def to_json(self) -> dict[str, Any]:
+        def items(entries: list[tuple[Listener, list[tuple[str, int]]]]) -> list[dict[str, Any]]:
+            return [{**listener.to_json(),
+                     "from": [{"source": name, "family": f"ipv{family}"}
+                              for name, family in pairs]}
+                    for listener, pairs in entries]
+
+        return {"opens": items(self.opens), "closes": items(self.closes),
+                "notes": self.notes, "not_checked": self.not_checked}
+
+    def lines(self) -> list[str]:
+        lines = ["Exposure (who outside reaches this host's listeners: now -> with the change):"]
+        for label, entries in (("opens", self.opens), ("closes", self.closes)):
+            for listener, pairs in entries:
+                sources = ", ".join(f"{name} over IPv{family}" if name == WORLD else name
+                                    for name, family in pairs)
+                lines.append(f"  {label:<7} {listener.label} on {listener.endpoint} "
+                             f"({listener.held_by}): {sources}")
+        if not (self.opens or self.closes):
+            lines.append("  no change: the same services are reachable from the same places")
+        return lines
+
+    def describe(self) -> str:
+        lines = self.lines()
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  not checked: {n}" for n in self.not_checked]
+        return "\n".join(lines)

@@ -1,0 +1,346 @@
+"""`fwsafe audit`'s findings, report and plan, without a sandbox: expected_open, unexpected
+services, Docker's published ports read from real-looking iptables-save output, `sshd -T`,
+the boot unit and a pending transaction; the JSON and the exit code; who sends from where."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fwsafe.audit import facts, plan
+from fwsafe.audit.docker import docker_state
+from fwsafe.audit.findings import (
+    docker_findings,
+    expected_ports,
+    is_expected,
+    listener_findings,
+    parse_sshd_t,
+    pending_finding,
+    sshd_findings,
+)
+from fwsafe.audit.listeners import Listener
+from fwsafe.audit.plan import Source, make_plan
+from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
+from fwsafe.audit.report import AuditReport, ExposureChange
+from fwsafe.check.host import ClientPath, Interface
+from fwsafe.config import Config, load_config, parse_open_port
+from fwsafe.errors import ConfigError
+
+NODE = Listener("tcp", 4, "0.0.0.0", 5678, [11], "node", 1234)
+SSHD = Listener("tcp", 4, "0.0.0.0", 22, [12], "sshd", 812)
+LOCAL = Listener("tcp", 4, "127.0.0.1", 8000, [13], "python3", 99)
+DNS = Listener("udp", 6, "::", 53, [14], "named", 700, v6only=False)
+WORLD_V4 = [("world", 4), ("10.0.0.0/24", 4)]
+
+
+# --------------------------------------------------------------------------------------------
+# expected_open
+# --------------------------------------------------------------------------------------------
+def test_open_port_entries() -> None:
+    assert str(parse_open_port("22/tcp")) == "22/tcp"
+    assert str(parse_open_port(" 60000-61000/UDP ")) == "60000-61000/udp"
+    mosh = parse_open_port("60000-61000/udp")
+    assert mosh.matches("udp", 60001) and not mosh.matches("tcp", 60001)
+    for bad in ("22", "22/icmp", "0/tcp", "70000/tcp", "90-80/tcp", "ssh/tcp", ""):
+        with pytest.raises(ValueError):
+            parse_open_port(bad)
+    expected = expected_ports(["22/tcp", "443/tcp"])
+    assert is_expected(expected, "tcp", 443) and not is_expected(expected, "udp", 443)
+
+
+def test_expected_open_in_the_config(tmp_path: Path) -> None:
+    assert Config().expected_open == ("22/tcp",)
+    path = tmp_path / "fwsafe.toml"
+    path.write_text('expected_open = ["22/tcp", "80/tcp", "443/TCP", "51820/udp"]\n')
+    assert load_config(str(path), env={}).expected_open == ("22/tcp", "80/tcp", "443/tcp",
+                                                            "51820/udp")
+    path.write_text("expected_open = []\n")
+    assert load_config(str(path), env={}).expected_open == ()
+    path.write_text('expected_open = ["22/tcp", "http"]\n')
+    with pytest.raises(ConfigError, match=r"expected_open\[1\]: 'http' is not PORT/PROTO"):
+        load_config(str(path), env={})
+    path.write_text('expected_open = "22/tcp"\n')
+    with pytest.raises(ConfigError, match="expected_open: expected an array"):
+        load_config(str(path), env={})
+    path.write_text('expected_opn = ["22/tcp"]\n')
+    with pytest.raises(ConfigError, match="did you mean 'expected_open'"):
+        load_config(str(path), env={})
+
+
+# --------------------------------------------------------------------------------------------
+# listeners
+# --------------------------------------------------------------------------------------------
+def test_an_unexpected_service_the_world_reaches_is_high_and_an_exposure() -> None:
+    reach = {NODE.key(): Reach(WORLD_V4), SSHD.key(): Reach(WORLD_V4)}
+    (finding,) = listener_findings([NODE, SSHD, LOCAL], reach, expected_ports(["22/tcp"]))
+    assert finding.severity == "high" and finding.exposure and finding.kind == "unexpected-service"
+    assert "5678/tcp (node, PID 1234; listening on 0.0.0.0:5678)" in finding.what
+    assert '"5678/tcp"' in finding.fix
+    assert listener_findings([NODE], reach, expected_ports(["5000-6000/tcp"])) == []
+
+
+def test_local_subnet_only_and_not_checked_are_low() -> None:
+    reach = {NODE.key(): Reach([("10.0.0.0/24", 4)]), DNS.key(): Reach(problem="not checked: x")}
+    found = listener_findings([NODE, DNS], reach, expected_ports([]))
+    assert [(f.severity, f.kind, f.exposure) for f in found] == [
+        ("low", "local-service", False), ("low", "not-checked", False)]
+    assert "from 10.0.0.0/24 (not from the world)" in found[0].what
+    assert "udp [::]:53 (named, PID 700): not checked: x" in found[1].what
+
+
+def test_loopback_listeners_are_never_findings() -> None:
+    assert listener_findings([LOCAL], {LOCAL.key(): Reach(WORLD_V4)}, []) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Docker
+# --------------------------------------------------------------------------------------------
+DOCKER_UFW = """\
+*nat
+:PREROUTING ACCEPT [0:0]
+:INPUT ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:DOCKER - [0:0]
+-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER
+-A OUTPUT ! -d 127.0.0.0/8 -m addrtype --dst-type LOCAL -j DOCKER
+-A POSTROUTING -s 172.17.0.0/16 ! -o docker0 -j MASQUERADE
+-A DOCKER -i docker0 -j RETURN
+-A DOCKER ! -i docker0 -p tcp -m tcp --dport 8080 -j DNAT --to-destination 172.17.0.2:80
+-A DOCKER -d 127.0.0.1/32 ! -i docker0 -p tcp -m tcp --dport 5432 -j DNAT --to-destination 172.17.0.3:5432
+-A DOCKER -d 203.0.113.5/32 ! -i docker0 -p udp -m udp --dport 5353 -j DNAT --to-destination 172.17.0.4:53
+-A DOCKER ! -i docker0 -p tcp -m tcp --dport 443 -j DNAT --to-destination 172.17.0.5:443
+COMMIT
+*filter
+:INPUT DROP [0:0]
+:FORWARD DROP [0:0]
+:OUTPUT ACCEPT [0:0]
+:DOCKER - [0:0]
+:DOCKER-ISOLATION-STAGE-1 - [0:0]
+:DOCKER-USER - [0:0]
+:ufw-before-forward - [0:0]
+:ufw-before-input - [0:0]
+-A INPUT -j ufw-before-input
+-A FORWARD -j DOCKER-USER
+-A FORWARD -j DOCKER-ISOLATION-STAGE-1
+-A FORWARD -o docker0 -j DOCKER
+-A FORWARD -j ufw-before-forward
+-A DOCKER -d 172.17.0.2/32 ! -i docker0 -o docker0 -p tcp -m tcp --dport 80 -j ACCEPT
+-A DOCKER-USER -j RETURN
+COMMIT
+"""
+
+
+def test_docker_publishes_past_ufw() -> None:
+    state = docker_state({4: DOCKER_UFW})
+    assert state.ufw and state.before_ufw and state.docker_user_rules == 0
+    assert [(p.label, p.address, p.target) for p in state.published] == [
+        ("8080/tcp", None, "172.17.0.2:80"), ("5353/udp", "203.0.113.5", "172.17.0.4:53"),
+        ("443/tcp", None, "172.17.0.5:443")]     # 127.0.0.1:5432 is this host's only
+    found = docker_findings(state, expected_ports(["22/tcp", "443/tcp"]))
+    assert [(f.severity, f.kind, f.exposure) for f in found] == [
+        ("high", "docker-published", True)] * 2
+    assert "Docker publishes 8080/tcp on every address (IPv4) to 172.17.0.2:80, past ufw" \
+        in found[0].what
+    assert "on 203.0.113.5" in found[1].what
+    assert "-p 127.0.0.1:8080:" in found[0].fix and "DOCKER-USER" in found[0].fix
+
+
+def test_docker_user_rules_make_it_medium() -> None:
+    text = DOCKER_UFW.replace("-A DOCKER-USER -j RETURN\n",
+                              "-A DOCKER-USER ! -s 10.0.0.0/8 -j DROP\n-A DOCKER-USER -j RETURN\n")
+    (first, *_) = docker_findings(docker_state({4: text}), [])
+    assert first.severity == "medium" and not first.exposure and "DOCKER-USER has 1 rule" \
+        in first.what
+
+
+def test_docker_without_ufw_and_without_docker() -> None:
+    no_ufw = "\n".join(line for line in DOCKER_UFW.splitlines() if "ufw" not in line) + "\n"
+    state = docker_state({4: no_ufw})
+    assert not state.ufw and not state.before_ufw
+    assert "past every INPUT rule" in docker_findings(state, [])[0].what
+    ufw_first = DOCKER_UFW.replace("-A FORWARD -j ufw-before-forward\n", "").replace(
+        "-A FORWARD -j DOCKER-USER\n", "-A FORWARD -j ufw-before-forward\n-A FORWARD -j DOCKER-USER\n")
+    assert not docker_state({4: ufw_first}).before_ufw
+    plain = "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -p tcp --dport 22 -j ACCEPT\nCOMMIT\n"
+    assert docker_findings(docker_state({4: plain, 6: plain}), []) == []
+
+
+# --------------------------------------------------------------------------------------------
+# sshd
+# --------------------------------------------------------------------------------------------
+SSHD_T = """\
+port 22
+addressfamily any
+usepam yes
+permitrootlogin without-password
+passwordauthentication yes
+kbdinteractiveauthentication no
+authenticationmethods any
+"""
+
+
+def test_sshd_password_logins() -> None:
+    settings = parse_sshd_t(SSHD_T)
+    assert settings["permitrootlogin"] == "without-password"
+    (finding,) = sshd_findings(settings)
+    assert (finding.severity, finding.kind, finding.exposure) == ("medium", "sshd-password", False)
+    assert "PasswordAuthentication yes" in finding.what
+
+
+def test_sshd_root_password_login_is_high() -> None:
+    settings = parse_sshd_t(SSHD_T.replace("without-password", "yes"))
+    (finding,) = sshd_findings(settings)
+    assert (finding.severity, finding.kind) == ("high", "sshd-root-password")
+    assert "prohibit-password" in finding.fix
+
+
+def test_sshd_keys_only_is_fine() -> None:
+    assert sshd_findings(parse_sshd_t(SSHD_T.replace("passwordauthentication yes",
+                                                     "passwordauthentication no"))) == []
+    # keyboard-interactive through PAM asks for the password too
+    pam = SSHD_T.replace("passwordauthentication yes", "passwordauthentication no").replace(
+        "kbdinteractiveauthentication no", "kbdinteractiveauthentication yes")
+    assert [f.kind for f in sshd_findings(parse_sshd_t(pam))] == ["sshd-password"]
+    # a key must come first: a password alone does not log in
+    keyed = SSHD_T.replace("authenticationmethods any", "authenticationmethods publickey,password")
+    assert sshd_findings(parse_sshd_t(keyed)) == []
+
+
+# --------------------------------------------------------------------------------------------
+# boot unit, pending transaction
+# --------------------------------------------------------------------------------------------
+def test_boot_unit_only_on_systemd_hosts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(facts, "systemd_is_init", lambda: False)
+    assert facts.boot_unit_findings(tmp_path, True) == []
+    monkeypatch.setattr(facts, "systemd_is_init", lambda: True)
+    monkeypatch.setattr(facts.boothook, "is_installed", lambda root, state: False)
+    (missing,) = facts.boot_unit_findings(tmp_path, True)
+    assert (missing.severity, missing.kind) == ("medium", "no-boot-unit")
+    assert "fwsafe install-boot-hook" in missing.fix
+    assert facts.boot_unit_findings(tmp_path, False)[0].severity == "low"
+    monkeypatch.setattr(facts.boothook, "is_installed", lambda root, state: True)
+    assert facts.boot_unit_findings(tmp_path, True) == []
+
+
+def test_pending_transaction(tmp_path: Path) -> None:
+    assert facts.pending_findings(tmp_path / "none") == []
+    pending = pending_finding("20260101-000000-abcd", "pending", 42.4)
+    assert (pending.severity, pending.kind) == ("medium", "pending-transaction")
+    assert "is pending, 42 s left" in pending.what and "fwsafe confirm" in pending.fix
+    failed = pending_finding("x", "revert-failed", None)
+    assert failed.severity == "high" and "fwsafe recover" in failed.fix
+
+
+# --------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------
+def _reach(current: list[tuple[Listener, Reach]],
+           candidate: list[tuple[Listener, Reach]] | None = None) -> ReachReport:
+    rounds = {CURRENT: {k.key(): v for k, v in current}}
+    if candidate is not None:
+        rounds[CANDIDATE] = {k.key(): v for k, v in candidate}
+    sources = [Source("world", 4, "1.2.3.4", "eth0"),
+               Source("10.0.0.0/24", 4, "10.0.0.254", "eth0", "10.0.0.0/24")]
+    return ReachReport(sources=sources, rounds=rounds)
+
+
+def test_report_json_and_exit_code() -> None:
+    listeners = [SSHD, NODE, LOCAL, DNS]
+    reach = _reach([(SSHD, Reach(WORLD_V4)), (NODE, Reach(WORLD_V4)), (LOCAL, Reach()),
+                    (DNS, Reach([("world", 6)]))])
+    expected = expected_ports(["22/tcp", "53/udp"])
+    report = AuditReport(listeners, reach, CURRENT, expected)
+    report.findings = listener_findings(listeners, reach.rounds[CURRENT], expected)
+    data = report.to_json()
+    assert data["exit_code"] == 1 and data["ok"] is False and data["rules"] == "live"
+    by_port = {x["port"]: x for x in data["listeners"]}
+    assert by_port[5678] == {
+        "proto": "tcp", "family": "ipv4", "address": "0.0.0.0", "port": 5678, "process": "node",
+        "pid": 1234, "exposed": True, "reachable_from": ["world", "10.0.0.0/24"],
+        "expected": False, "not_checked": None, "world_over": ["ipv4"]}
+    assert by_port[8000]["exposed"] is False and by_port[8000]["reachable_from"] == []
+    assert by_port[53]["v6only"] is False and by_port[53]["world_over"] == ["ipv6"]
+    assert [f["severity"] for f in data["findings"]] == ["high"]
+    text = report.describe()
+    assert "world (IPv6 only)" in text and "UNEXPECTED" in text and "(exit 1)" in text
+    assert "- (loopback only)" in text
+
+    calm = AuditReport([SSHD], _reach([(SSHD, Reach(WORLD_V4))]), CURRENT, expected)
+    assert calm.exit_code == 0 and "nothing unexpected" in calm.describe()
+
+
+def test_exposure_change_between_the_rounds() -> None:
+    listeners = [SSHD, NODE, LOCAL, DNS]
+    reach = _reach([(SSHD, Reach(WORLD_V4)), (NODE, Reach()),
+                    (DNS, Reach([("world", 4), ("world", 6)]))],
+                   [(SSHD, Reach(WORLD_V4)), (NODE, Reach(WORLD_V4)), (DNS, Reach([("world", 6)]))])
+    change = ExposureChange.between(listeners, reach)
+    assert [(x.port, pairs) for x, pairs in change.opens] == [(5678, WORLD_V4)]
+    assert [(x.port, pairs) for x, pairs in change.closes] == [(53, [("world", 4)])]
+    data = change.to_json()
+    assert data["opens"][0]["from"] == [{"source": "world", "family": "ipv4"},
+                                        {"source": "10.0.0.0/24", "family": "ipv4"}]
+    text = change.describe()
+    assert "opens   5678/tcp on 0.0.0.0:5678 (node, PID 1234): world over IPv4, 10.0.0.0/24" \
+        in text
+    assert "closes  53/udp on [::]:53 (named, PID 700): world over IPv4" in text
+    same = ExposureChange.between([SSHD], _reach([(SSHD, Reach(WORLD_V4))],
+                                                 [(SSHD, Reach(WORLD_V4))]))
+    assert "no change" in same.describe()
+
+
+# --------------------------------------------------------------------------------------------
+# the plan: who sends from where, to which address
+# --------------------------------------------------------------------------------------------
+def _interfaces() -> dict[str, Interface]:
+    return {
+        "lo": Interface("lo", 65536, [("127.0.0.1", 8, "host"), ("::1", 128, "host"),
+                                      ("198.51.100.53", 32, "global")]),
+        "eth0": Interface("eth0", 1500, [("203.0.113.10", 24, "global"),
+                                         ("2001:db8:1::10", 64, "global"),
+                                         ("fe80::1", 64, "link")]),
+        "docker0": Interface("docker0", 1500, [("172.17.0.1", 16, "global")]),
+        "veth1": Interface("veth1", 1500, [("fe80::2", 64, "link")]),
+    }
+
+
+def test_plan(monkeypatch: pytest.MonkeyPatch) -> None:
+    def route(client: str, hint: str | None, interfaces: object) -> ClientPath:
+        return ClientPath(client, 6 if ":" in client else 4, dev="eth0")
+
+    monkeypatch.setattr(plan, "client_path", route)
+    made = make_plan(_interfaces(), avoid="-A INPUT -s 1.2.3.4/32 -j DROP")
+    assert [link.name for link in made.links] == ["docker0", "eth0"]   # veth1: link-local only
+    names = [(s.name, s.address, s.link) for s in made.sources]
+    assert names == [("world", "1.2.3.5", "eth0"), ("world", "2a00:f00d::4", "eth0"),
+                     ("172.17.0.0/16", "172.17.255.254", "docker0"),
+                     ("203.0.113.0/24", "203.0.113.254", "eth0"),
+                     ("2001:db8:1::/64", "2001:db8:1:0:ffff:ffff:ffff:fffe", "eth0")]
+    eth0 = made.links[1]
+    assert "1.2.3.5" in eth0.clients and "198.51.100.53" in eth0.servers
+    world4, world6, docker, subnet4, _ = made.sources
+    wild = Listener("tcp", 6, "::", 80, v6only=False)
+    assert made.destinations(wild, world4) == ["203.0.113.10"]
+    assert made.destinations(wild, world6) == ["2001:db8:1::10"]
+    assert made.destinations(wild, docker) == ["172.17.0.1"]
+    private = Listener("tcp", 4, "172.17.0.1", 9000)
+    assert made.destinations(private, world4) == [] and made.destinations(private, docker) \
+        == ["172.17.0.1"]
+    anycast = Listener("udp", 4, "198.51.100.53", 53)
+    assert made.destinations(anycast, world4) == ["198.51.100.53"]
+    assert made.destinations(anycast, subnet4) == []
+    assert made.unplaced(Listener("tcp", 4, "192.0.2.99", 80)) is not None
+    assert made.unplaced(Listener("tcp", 6, "fe80::1", 80)) is not None
+    assert made.unplaced(wild) is None
+
+
+def test_no_route_to_the_world(monkeypatch: pytest.MonkeyPatch) -> None:
+    def route(client: str, hint: str | None, interfaces: object) -> ClientPath:
+        return ClientPath(client, 6 if ":" in client else 4, problem="no route")
+
+    monkeypatch.setattr(plan, "client_path", route)
+    made = make_plan(_interfaces())
+    assert all(s.name != "world" for s in made.sources)
+    assert any("no route to the world over IPv4" in n for n in made.notes)
