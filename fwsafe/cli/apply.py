@@ -30,7 +30,13 @@ from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change, change_from_files
 from fwsafe.core.manager import Manager
 from fwsafe.core.transaction import Record
-from fwsafe.errors import ChangeMayBeLiveError, FwsafeError, RevertedError, RevertFailedError
+from fwsafe.errors import (
+    ChangeMayBeLiveError,
+    FwsafeError,
+    InvalidRulesError,
+    RevertedError,
+    RevertFailedError,
+)
 from fwsafe.probes import parse_probe
 
 
@@ -73,6 +79,9 @@ from fwsafe.probes import parse_probe
                    "other chain, such as fail2ban's or Docker's, stays as it is live.")
 @click.option("--no-check", is_flag=True,
               help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
+@click.option("--no-exposure", is_flag=True,
+              help="Do not show which services the change opens or closes to outside addresses "
+                   "(`fwsafe audit`'s difference; it costs a second sandbox, 1-2 s).")
 @click.option("--sshd-set", "sshd_set", multiple=True, metavar="KEY=VALUE",
               help="Also change sshd's configuration (repeatable), e.g. Port=2222: one guard, "
                    "one confirmation, reverted together (see `fwsafe sshd set`).")
@@ -83,7 +92,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
           probe_timeout: float | None, confirm_on_probe: int | None, yes: bool,
           host: str | None, identity: str | None,
           known_hosts: str | None, accept_new_host_key: bool, backend: str, force: bool,
-          partial: bool, no_check: bool, sshd_set: tuple[str, ...], sshd_config: str | None,
+          partial: bool, no_check: bool, no_exposure: bool, sshd_set: tuple[str, ...],
+          sshd_config: str | None,
           as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
 
@@ -182,8 +192,35 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
 
         add_sshd_settings(change, sshd_config, sshd_set)
     manager = manager_for(state_dir, config)
+    if options.check and not no_exposure:
+        show_exposure(change)
     record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
+
+
+def show_exposure(change: Change) -> None:
+    """Before the change: which services it newly exposes to, or closes for, outside addresses
+    (`fwsafe audit`'s difference), on stderr. A change the tools refuse is left to `apply` to
+    report; a sandbox that cannot be built is said in one line."""
+    from fwsafe.audit import exposure_change
+    from fwsafe.backends import layer_for
+    from fwsafe.check.precheck import candidate_layers
+    from fwsafe.core.change import resolve_partial
+
+    try:
+        complete = resolve_partial(change, {name: layer_for(name).capture()
+                                            for name in change.layers}) if change.partial else change
+        layers = candidate_layers(complete)
+        if not layers:
+            return
+        text = exposure_change(layers).describe()
+    except InvalidRulesError:
+        return
+    except FwsafeError as exc:
+        progress(f"exposure: not checked ({exc.message})")
+        return
+    for line in text.splitlines():
+        progress(line)
 
 
 def _apply_command(argv: list[str], options: ApplyOptions, *, detach: bool, yes: bool,

@@ -294,6 +294,23 @@ def test_check_shows_what_a_change_opens_and_closes(audit_lab: AuditLab) -> None
     assert "exposure" not in json.loads(quiet.stdout)
 
 
+def test_apply_shows_what_the_change_closes_before_it_is_live(audit_lab: AuditLab) -> None:
+    al = audit_lab
+    al.start(HTTP, ["python3", "-m", "http.server", "--bind", "0.0.0.0", str(HTTP)])
+    assert al.world_reaches("tcp", HTTP)
+    rules = al.fw.write("drop-web.rules",
+                        with_rule(BASELINE_V4, f"-A INPUT -p tcp --dport {HTTP} -j DROP"))
+    result = al.lab.srv_exec(["env", "-u", "SSH_CONNECTION", f"FWSAFE_STATE_DIR={al.fw.state_dir}",
+                              FWSAFE, "apply", "--detach", "--timeout", "30", str(rules)],
+                             check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"closes  {HTTP}/tcp on 0\.0\.0\.0:{HTTP} \(python3, PID \d+\): world",
+                     result.stderr), result.stderr
+    assert not al.world_reaches("tcp", HTTP)          # and so it is, once live
+    assert al.lab.ssh("fwsafe confirm").returncode == 0
+    assert not our_namespaces()
+
+
 def test_docker_published_ports_are_found(docker_lab: NeighbourLab) -> None:
     nb = docker_lab
     config = nb.write("audit.toml", 'expected_open = ["22/tcp"]\n')
