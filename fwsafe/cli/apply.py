@@ -33,7 +33,6 @@ from fwsafe.core.transaction import Record
 from fwsafe.errors import (
     ChangeMayBeLiveError,
     FwsafeError,
-    InvalidRulesError,
     RevertedError,
     RevertFailedError,
 )
@@ -193,29 +192,23 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         add_sshd_settings(change, sshd_config, sshd_set)
     manager = manager_for(state_dir, config)
     if options.check and not no_exposure:
-        show_exposure(change)
+        options.before_apply = show_exposure
     record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
 
 
-def show_exposure(change: Change) -> None:
-    """Before the change: which services it newly exposes to, or closes for, outside addresses
-    (`fwsafe audit`'s difference), on stderr. A change the tools refuse is left to `apply` to
-    report; a sandbox that cannot be built is said in one line."""
+def show_exposure(complete: Change) -> None:
+    """Once the change is validated and passed the lockout check, before it is live: which
+    services it newly exposes to, or closes for, outside addresses (`fwsafe audit`'s
+    difference), on stderr. A sandbox that cannot be built is said in one line."""
     from fwsafe.audit import exposure_change
-    from fwsafe.backends import layer_for
     from fwsafe.check.precheck import candidate_layers
-    from fwsafe.core.change import resolve_partial
 
     try:
-        complete = resolve_partial(change, {name: layer_for(name).capture()
-                                            for name in change.layers}) if change.partial else change
         layers = candidate_layers(complete)
         if not layers:
             return
         text = exposure_change(layers).describe()
-    except InvalidRulesError:
-        return
     except FwsafeError as exc:
         progress(f"exposure: not checked ({exc.message})")
         return

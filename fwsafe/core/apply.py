@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +55,9 @@ class ApplyOptions:
     config_path: str | None = None          # the config file the CLI read (the guard reads it too)
     max_timeout: float = DEFAULT_MAX_TIMEOUT  # the guard refuses an `extend` beyond it
     boot_hook: bool = True   # on a systemd host, install the boot recovery unit first
+    # Called with the complete change once it is validated and the lockout check passed,
+    # before anything changes (the CLI shows what the change exposes or closes).
+    before_apply: Callable[[Change], None] | None = None
     login_user: str | None = None   # sshd changes: who must log in again (default: this
                                     # session's user; fwsafe.sshd.lockout)
 
@@ -193,6 +196,8 @@ class ApplyFlow:
                     complete = change
                 validate_change(complete)
                 verdict = lockout_check(complete, options)
+                if options.before_apply is not None:
+                    options.before_apply(complete)
                 captures = captures or start_capture(pool, layers)
                 captured = collect(captures, list(change.layers))
             refuse_deleting_neighbours(change, captured, options)
