@@ -78,9 +78,10 @@ from fwsafe.probes import parse_probe
                    "other chain, such as fail2ban's or Docker's, stays as it is live.")
 @click.option("--no-check", is_flag=True,
               help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
-@click.option("--no-exposure", is_flag=True,
-              help="Do not show which services the change opens or closes to outside addresses "
-                   "(`fwsafe audit`'s difference; it costs a second sandbox, 1-2 s).")
+@click.option("--exposure/--no-exposure", default=None,
+              help="Show which services the change opens or closes to outside addresses "
+                   "(`fwsafe audit`'s difference; a second sandbox, 1-2 s). Default: on a "
+                   "terminal, not with --json or --no-check.")
 @click.option("--sshd-set", "sshd_set", multiple=True, metavar="KEY=VALUE",
               help="Also change sshd's configuration (repeatable), e.g. Port=2222: one guard, "
                    "one confirmation, reverted together (see `fwsafe sshd set`).")
@@ -91,7 +92,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
           probe_timeout: float | None, confirm_on_probe: int | None, yes: bool,
           host: str | None, identity: str | None,
           known_hosts: str | None, accept_new_host_key: bool, backend: str, force: bool,
-          partial: bool, no_check: bool, no_exposure: bool, sshd_set: tuple[str, ...],
+          partial: bool, no_check: bool, exposure: bool | None, sshd_set: tuple[str, ...],
           sshd_config: str | None,
           as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """Apply RULES and/or --rules6 RULES6, or run `-- COMMAND`, under the guard.
@@ -191,7 +192,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
 
         add_sshd_settings(change, sshd_config, sshd_set)
     manager = manager_for(state_dir, config)
-    if options.check and not no_exposure:
+    if exposure if exposure is not None else (options.check and not as_json
+                                               and sys.stderr.isatty()):
         options.before_apply = show_exposure
     record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)

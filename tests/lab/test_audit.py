@@ -301,7 +301,8 @@ def test_apply_shows_what_the_change_closes_before_it_is_live(audit_lab: AuditLa
     rules = al.fw.write("drop-web.rules",
                         with_rule(BASELINE_V4, f"-A INPUT -p tcp --dport {HTTP} -j DROP"))
     result = al.lab.srv_exec(["env", "-u", "SSH_CONNECTION", f"FWSAFE_STATE_DIR={al.fw.state_dir}",
-                              FWSAFE, "apply", "--detach", "--timeout", "30", str(rules)],
+                              FWSAFE, "apply", "--exposure", "--detach", "--timeout", "30",
+                              str(rules)],
                              check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     assert re.search(rf"closes  {HTTP}/tcp on 0\.0\.0\.0:{HTTP} \(python3, PID \d+\): world",
