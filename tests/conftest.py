@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -233,3 +234,15 @@ def docker_lab() -> Iterator[NeighbourLab]:
 def neighbours_lab() -> Iterator[NeighbourLab]:
     """fwlab + both: fail2ban and dockerd in the server namespace."""
     yield from _neighbour_lab(f2b=True, docker=True)
+
+
+@pytest.fixture
+def keep_signals() -> Iterator[None]:
+    """guard.main and the backstop ignore the terminal signals: put the test process's
+    handlers back afterwards."""
+    signums = [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTTOU,
+               signal.SIGTTIN, signal.SIGTSTP, signal.SIGTERM]
+    saved = {s: signal.getsignal(s) for s in signums}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

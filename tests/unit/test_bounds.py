@@ -6,11 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +39,6 @@ def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent.toml"))
     monkeypatch.delenv("FWSAFE_CONFIG", raising=False)
 
-
-@pytest.fixture
-def keep_signals() -> Iterator[None]:
-    """guard.main ignores the terminal signals: put the test process's handlers back."""
-    signums = [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTTOU,
-               signal.SIGTTIN, signal.SIGTSTP, signal.SIGTERM]
-    saved = {s: signal.getsignal(s) for s in signums}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 @pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN", "infinity", "0", "-5", "0.5",

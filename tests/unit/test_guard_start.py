@@ -5,11 +5,9 @@ absolute state directory; its deadline runs on CLOCK_BOOTTIME."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +36,6 @@ def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("FWSAFE_CONFIG", raising=False)
     monkeypatch.delenv("FWSAFE_STATE_DIR", raising=False)
 
-
-@pytest.fixture
-def keep_signals() -> Iterator[None]:
-    signums = [signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE, signal.SIGTTOU,
-               signal.SIGTTIN, signal.SIGTSTP, signal.SIGTERM]
-    saved = {s: signal.getsignal(s) for s in signums}
-    yield
-    for signum, handler in saved.items():
-        signal.signal(signum, handler)
 
 
 def new_tx(tmp_path: Path, state_name: str = transaction.PREPARING, **fields: Any
