@@ -2,10 +2,12 @@
 
 1. time to recover from a lockout (fwsafe at its deadline, with an early-revert probe, and
    iptables-apply; sessions that stay and sessions hung up);
-2. apply and revert cost against ruleset size, as a ratio to the bare restore tool, and ufw
-   adding the same rules one by one;
+2. apply and revert cost against ruleset size, as a ratio to the floor: the restore tool
+   (iptables-restore / nft -f) on the same file. Each command runs over its own SSH login from
+   the lab's client (issue 15's targets), and bare in the server namespace; ufw adding the same
+   rules one by one;
 3. the guard's footprint (RSS, CPU while waiting, bytes on disk per transaction);
-4. `fwsafe check` time.
+4. `fwsafe check` time (with sshd listening and a ruleset of the same size live).
 
 Prints a table and writes JSON (bench/results/latest.json unless --json-out). Never asserts on
 time: the targets are reported as met or missed. Needs root; the machine's own network
@@ -88,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                    "quick 100,1000)")
     p.add_argument("--rounds", type=int, help="rounds per size in the scale runs (default 3, "
                                               "quick 1)")
+    p.add_argument("--check-sizes", help="ruleset sizes of the check section, comma-separated "
+                                         "(default 10000,50000; quick: the smallest of --sizes)")
+    p.add_argument("--check-runs", type=int, help="runs per size and variant in the check "
+                                                  "section (default 3, quick 1)")
     p.add_argument("--ufw-counts", help="ufw rules to add one by one, comma-separated "
                                         "(default 100,1000; quick 10)")
     p.add_argument("--report", type=Path, metavar="JSON",
@@ -101,6 +107,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.sizes = [int(x) for x in (args.sizes or ("100,1000" if q else "1000,10000,50000"))
                   .split(",")]
     args.rounds = args.rounds or (1 if q else 3)
+    args.check_sizes = sorted({int(x) for x in args.check_sizes.split(",")} if args.check_sizes
+                              else {min(args.sizes)} if q else {10000, 50000})
+    args.check_runs = args.check_runs or (1 if q else 3)
     args.ufw_counts = [int(x) for x in (args.ufw_counts or ("10" if q else "100,1000"))
                        .split(",")]
     args.wait = args.wait or (1.0 if q else 5.0)
@@ -142,9 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     section("scale", lambda: scale.run_scale(
         args.sizes, args.rounds, _log, pieces_sizes=[max(args.sizes)] if args.quick else None))
     section("ufw", lambda: ufwbench.run_ufw(args.ufw_counts, args.sizes, _log))
-    check_sizes = [min(args.sizes)] if args.quick else [100, 10000]
-    section("check", lambda: checkcmd.run_check(sorted(set(check_sizes)), 1 if args.quick else 3,
-                                                _log))
+    section("check", lambda: checkcmd.run_check(args.check_sizes, args.check_runs, _log))
     results["targets"] = report.evaluate_targets(results)
     results["meta"]["loadavg_end"] = _loadavg()
     results["meta"]["duration_s"] = time.monotonic() - started

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
-from fwsafe.lab import Lab, LabError, create_lab
+from fwsafe.lab import Lab, LabError, create_lab, ssh_client_argv
 from tests.rulesets import GOOD
 
 PREFIX = "fwb"
@@ -265,6 +266,27 @@ class BenchLab:
         if stdin is not None:
             cmd["stdin"] = str(stdin)
         return self.timed([cmd], env=env, timeout=timeout)[0]
+
+    def ssh_timed(self, commands: list[list[str]], *, timeout: float = 900) -> list[Timed]:
+        """Run each argv in `commands` as its own `ssh root@SRV 'ARGV'` (a new login each time)
+        from the client namespace, one after the other; each timed around the whole ssh
+        process. The remote command line is the argv with every word shell-quoted; the
+        session's environment (FWSAFE_STATE_DIR, PATH, SSH_CONNECTION) comes from the lab's
+        sshd. Needs the lab's sshd (open_lab(..., sshd=True))."""
+        lab = self.lab
+        cmds = [{"argv": ssh_client_argv(lab.key, lab.known_hosts, lab.srv_ip4,
+                                         shlex.join(argv), port=lab.ssh_port)}
+                for argv in commands]
+        result = lab.cli_exec([sys.executable, "-I", "-c", _TIMER_SCRIPT],
+                              input=json.dumps({"cmds": cmds}), timeout=timeout)
+        return [Timed(**item) for item in json.loads(result.stdout)]
+
+    def check_ssh_env(self) -> None:
+        """An ssh login into the server sees this lab's FWSAFE_STATE_DIR (raise if not)."""
+        t = self.ssh_timed([["printenv", "FWSAFE_STATE_DIR"]], timeout=60)[0]
+        if t.rc != 0 or t.stdout.strip() != str(self.state_dir):
+            raise LabError(f"ssh session: FWSAFE_STATE_DIR is {t.stdout.strip()!r} (exit {t.rc},"
+                           f" {t.stderr.strip()[-200:]!r}), not {self.state_dir}")
 
     def fw(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         """fwsafe in the server namespace (not timed)."""

@@ -23,8 +23,9 @@ import time
 from collections.abc import Callable
 
 from fwsafe.lab import Lab, create_lab, require_lab_capable
+from tests.bins import FWSAFE
 from tests.conftest import FwLab
-from tests.lab.test_remote import CUT_8080, FWSAFE, start_web
+from tests.lab.test_remote import CUT_8080, start_web
 from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD
 
 

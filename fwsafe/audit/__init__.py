@@ -54,8 +54,10 @@ def audit(config: Config, state_dir: Path, *,
 
 
 def exposure_change(candidate: Mapping[str, tuple[bytes, str]], *,
-                    timeout: float = DEFAULT_TIMEOUT) -> ExposureChange:
-    """The services that loading `candidate` would open to, or close for, outside addresses."""
+                    timeout: float = DEFAULT_TIMEOUT,
+                    captured: Mapping[str, bytes] | None = None) -> ExposureChange:
+    """The services that loading `candidate` would open to, or close for, outside addresses;
+    `captured`: the host's layers if already read (fwsafe.check.host.capture_host)."""
     listeners = read_listeners()
     return ExposureChange.between(listeners, reachability(listeners, candidate=candidate,
-                                                          timeout=timeout))
+                                                          timeout=timeout, captured=captured))

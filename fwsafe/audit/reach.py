@@ -76,7 +76,8 @@ class ReachReport:
 
 def reachability(listeners: Sequence[Listener], *,
                  candidate: Mapping[str, tuple[bytes, str]] | None = None,
-                 timeout: float = DEFAULT_TIMEOUT) -> ReachReport:
+                 timeout: float = DEFAULT_TIMEOUT,
+                 captured: Mapping[str, bytes] | None = None) -> ReachReport:
     """Which sources reach each listener under the current rules ("current") and, with
     `candidate` (layer -> (content, source) as `fwsafe check` loads it), under the candidate
     loaded on top ("candidate"). Loopback listeners are never tried (never reached).
@@ -90,10 +91,11 @@ def reachability(listeners: Sequence[Listener], *,
     layers = dict(candidate or {})
     if "nft" in layers:
         require_binary("nft")
-    tools, native = current_state(layers)
+    tools, native = current_state(layers, captured)
     avoid = "\n".join(t.current.decode(errors="replace") for t in tools) \
         + native.decode(errors="replace")
-    plan = make_plan(host_interfaces(), avoid)
+    interfaces = host_interfaces()
+    plan = make_plan(interfaces, avoid)
     report = ReachReport(sources=plan.sources, notes=list(plan.notes))
     rounds = [CURRENT, CANDIDATE] if candidate is not None else [CURRENT]
     outside = [x for x in listeners if not x.loopback]
@@ -102,9 +104,13 @@ def reachability(listeners: Sequence[Listener], *,
         return report
     with signals_raise():
         try:
-            sandbox = Sandbox(f"{os.getpid()}")
+            sandbox = Sandbox(f"{os.getpid()}x")   # its own: it may run beside the check's
             try:
                 firewall = SandboxFirewall(sandbox, layers, tools, native)
+                firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
+                                   *(s.address for s in plan.sources), *plan.lo_addresses,
+                                   *(a for link in plan.links for a, _ in link.addresses),
+                                   *(c for link in plan.links for c in link.clients)])
                 _Rounds(sandbox, firewall, plan, timeout).run(outside, rounds, report)
             finally:
                 with signals_held():

@@ -56,18 +56,27 @@ class Layer(abc.ABC):
     def capture(self) -> bytes:
         """The layer's current state, serialised (iptables-save text, nft text, JSON)."""
 
+    def in_nf_tables(self) -> bool:
+        """Whether the layer's state lives in nf_tables, whose generation number moves on with
+        every change (fwsafe.backends.nflist.generation): then a capture stays exact for as
+        long as the generation is the same."""
+        return False
+
     @abc.abstractmethod
     def units(self, data: bytes) -> dict[str, str]:
         """Split a capture into units: {unit id: normalised content}."""
 
     @abc.abstractmethod
     def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
-               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+               level: str = MERGE, on_retry: RetryLog | None = None,
+               live: bytes | None = None) -> list[str]:
         """Undo the change on the live state at `level` (see the module's documentation):
         compute the complete target of each table or file holding one of `units`, load it
         atomically, capture again and compare. `after` is the capture right after the change
-        (None when it was never taken: MERGE then acts as CHAINS). Returns what still differs
-        ([] = done and verified); raises ApplyError when the tool refuses the target. Keeps
+        (None when it was never taken: MERGE then acts as CHAINS). `live`: the live state when
+        the caller knows it (nothing changed since `after`), instead of capturing it again.
+        Returns what still differs ([] = done and verified); raises ApplyError when the tool
+        refuses the target. Keeps
         trying while processes cannot be started for lack of memory."""
 
     # -- content changes (iptables / nft files); layers that take none keep these defaults --

@@ -295,6 +295,9 @@ class IptablesLayer(Layer):
         return not self.family.legacy and uses_nf_tables(self.family.save)
 
     # -- capture / validate / apply -------------------------------------------------------
+    def in_nf_tables(self) -> bool:
+        return not self.family.legacy and uses_nf_tables(self.family.save)
+
     def capture(self, on_retry: RetryLog | None = None) -> bytes:
         result = run_persistently([require_binary(self.family.save)], timeout=120,
                                   on_retry=on_retry)
@@ -345,13 +348,15 @@ class IptablesLayer(Layer):
 
     # -- revert ---------------------------------------------------------------------------
     def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
-               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+               level: str = MERGE, on_retry: RetryLog | None = None,
+               live: bytes | None = None) -> list[str]:
         tables = sorted({unit.partition("/")[0] for unit in units})
         if not tables:
             return []
         old = parse_ruleset(before.decode(errors="replace"))
         new = parse_ruleset(after.decode(errors="replace")) if after is not None else None
-        now = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
+        now = (new if live is not None and live == after and new is not None
+               else parse_ruleset((live or self.capture(on_retry)).decode(errors="replace")))
         targets: dict[str, Table | None] = {}
         for name in tables:
             if level == MERGE and new is not None:

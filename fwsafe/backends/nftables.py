@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
+from fwsafe.backends.nflist import kernel_tables
 from fwsafe.core.merge import merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
@@ -146,7 +147,13 @@ class NftLayer(Layer):
     def _is_iptables_table(self, family: str, name: str) -> bool:
         return family in IPTABLES_FAMILIES and name in BUILTIN_CHAINS and uses_nf_tables()
 
+    def in_nf_tables(self) -> bool:
+        return True
+
     def native_tables(self) -> list[tuple[str, str]]:
+        known = kernel_tables()   # a netlink dump: `nft list tables` builds its whole cache
+        if known is not None:
+            return [t for t in known if not self._is_iptables_table(*t)]
         result = run_persistently([require_binary("nft"), "-j", "list", "tables"], timeout=60)
         if result.returncode != 0:
             raise ApplyError(f"nft list tables failed: {result.stderr.decode(errors='replace')}")
@@ -195,12 +202,14 @@ class NftLayer(Layer):
             raise ApplyError(message, line=line_no)
 
     def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
-               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+               level: str = MERGE, on_retry: RetryLog | None = None,
+               live: bytes | None = None) -> list[str]:
         if not units:
             return []
         old = self.units(before)
         new = self.units(after) if after is not None else None
-        now = self.units(self.capture())
+        now = (new if live is not None and live == after and new is not None
+               else self.units(live or self.capture()))
         targets: dict[str, str | None] = {}
         for unit in units:
             if level == MERGE and new is not None:

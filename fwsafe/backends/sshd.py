@@ -175,7 +175,8 @@ class SshdLayer(Layer):
             raise ApplyError(f"sshd did not take the new configuration: {exc}") from exc
 
     def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
-               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+               level: str = MERGE, on_retry: RetryLog | None = None,
+               live: bytes | None = None) -> list[str]:
         """The touched files back whole from the snapshot (the levels are all the same for
         files), then a reload; verified by a fresh capture."""
         old = load(before)

@@ -56,7 +56,8 @@ class UfwLayer(Layer):
         restore_ufw_files(change, self.root)
 
     def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
-               level: str = MERGE, on_retry: RetryLog | None = None) -> list[str]:
+               level: str = MERGE, on_retry: RetryLog | None = None,
+               live: bytes | None = None) -> list[str]:
         """Files are put back whole from the snapshot (ufw rewrites them whole, too)."""
         old = self.units(before)
         stale = [u for u in units if self.units(self.capture()).get(u) != old.get(u)]

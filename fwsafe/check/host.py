@@ -13,7 +13,7 @@ from typing import Any
 from fwsafe.backends import available_layers, layer_for
 from fwsafe.backends.base import ApplyError
 from fwsafe.backends.iptables import BUILTIN_CHAINS, IptablesLayer, uses_nf_tables
-from fwsafe.check.rules import IptFileMap, SavedTables, map_iptables_file, parse_save
+from fwsafe.check.rules import IptFileMap, SavedTables, parse_save
 from fwsafe.check.sandbox import LinkPlan
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
@@ -23,6 +23,7 @@ __all__ = [
     "ClientPath",
     "Interface",
     "IptTool",
+    "capture_host",
     "client_path",
     "current_state",
     "host_families",
@@ -140,9 +141,29 @@ def host_families(interfaces: dict[str, Interface]) -> set[int]:
 IPT_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
 
 
-def current_state(layers: Mapping[str, tuple[bytes, str]]) -> tuple[list[IptTool], bytes]:
+def capture_host(pool_size: int = 4) -> dict[str, bytes]:
+    """Every firewall layer the check reads ({layer: capture}), read in parallel; a layer that
+    cannot be read is left out (``current_state`` then reads it itself and says why)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    names = [n for n in available_layers() if n in (*IPT_LAYERS, "nft")]
+    found: dict[str, bytes] = {}
+    with ThreadPoolExecutor(max_workers=pool_size) as pool:
+        futures = {name: pool.submit(layer_for(name).capture) for name in names}
+        for name, future in futures.items():
+            try:
+                found[name] = future.result()
+            except (ApplyError, OSError):
+                continue
+    return found
+
+
+def current_state(layers: Mapping[str, tuple[bytes, str]],
+                  captured: Mapping[str, bytes] | None = None) -> tuple[list[IptTool], bytes]:
     """The host's current firewall, captured by the backends (read only): one IptTool per
-    iptables layer (nft-backed and leftover legacy ones), and the native nftables tables."""
+    iptables layer (nft-backed and leftover legacy ones), and the native nftables tables.
+    ``captured``: layers already read (by ``capture_host`` or apply's snapshot)."""
+    captured = captured or {}
     present = set(available_layers())
     tools: list[IptTool] = []
     for name in IPT_LAYERS:
@@ -155,21 +176,20 @@ def current_state(layers: Mapping[str, tuple[bytes, str]]) -> tuple[list[IptTool
                        family.save.removesuffix("-save"),
                        not family.legacy and uses_nf_tables(family.save))
         try:
-            tool.current = layer.capture()
+            tool.current = captured[name] if name in captured else layer.capture()
         except ApplyError as exc:
             raise EnvironmentProblem(f"cannot read the current {family.label} rules: "
                                      f"{exc.message}") from exc
         if name in layers:
             content, source = layers[name]
-            tool.candidate = (content, source)
-            tool.fmap = map_iptables_file(content.decode(errors="replace"), source)
+            tool.candidate = (content, source)   # its file map: once loaded in the sandbox
         elif not parse_save(tool.current.decode(errors="replace")):
             continue  # nothing of this flavour here, nor in the candidate: nothing to copy
         tools.append(tool)
     native = b""
     if "nft" in present:
         try:
-            native = layer_for("nft").capture()
+            native = captured["nft"] if "nft" in captured else layer_for("nft").capture()
         except ApplyError as exc:
             raise EnvironmentProblem(f"cannot read the current nftables tables: "
                                      f"{exc.message}") from exc

@@ -12,7 +12,8 @@ from fwsafe.backends.iptables import describe_restore_error
 from fwsafe.backends.nftables import describe_nft_error, split_tables
 from fwsafe.check.host import IptTool, iptables_nft_tables
 from fwsafe.check.naming import NftCandidate, RuleNamer
-from fwsafe.check.rules import SavedTables, parse_nft_listing, parse_save
+from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, rewrites_addresses
+from fwsafe.check.rules import SavedTables, map_iptables_file, parse_nft_listing, parse_save
 from fwsafe.check.sandbox import TRACE_TABLE, Sandbox, SandboxError
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError
 from fwsafe.runner import require_binary
@@ -48,6 +49,33 @@ class SandboxFirewall:
         self.namer = RuleNamer()
         self.degraded: list[str] = []
         self.notes: list[str] = []
+        self.addresses: AddressSet | None = None
+        self.left_out = 0          # rules not loaded: no sandbox packet can match them
+
+    def prune_to(self, addresses: list[str]) -> None:
+        """Load only the rules a packet with one of ``addresses`` (the sandbox's own) can match
+        (fwsafe.check.prune); nothing is left out when a layer translates addresses."""
+        texts = [t.current.decode(errors="replace") for t in self.tools]
+        texts += [t.candidate[0].decode(errors="replace") for t in self.tools if t.candidate]
+        texts.append(self.native.decode(errors="replace"))
+        if "nft" in self.layers:
+            texts.append(self.layers["nft"][0].decode(errors="replace"))
+        if not rewrites_addresses(texts):
+            self.addresses = AddressSet.of(addresses)
+
+    def _ipt(self, tool: IptTool, content: bytes) -> bytes:
+        if self.addresses is None:
+            return content
+        pruned = prune_iptables(content.decode(errors="replace"), self.addresses, tool.family)
+        self.left_out += pruned.left_out
+        return pruned.text.encode() if pruned.left_out else content
+
+    def _nft(self, content: bytes) -> bytes:
+        if self.addresses is None:
+            return content
+        pruned = prune_nft(content.decode(errors="replace"), self.addresses)
+        self.left_out += pruned.left_out
+        return pruned.text.encode() if pruned.left_out else content
 
     # -- loading --------------------------------------------------------------------------------
     def copy_sysctls(self) -> None:
@@ -67,15 +95,16 @@ class SandboxFirewall:
         for tool in self.tools:
             if not parse_save(tool.current.decode(errors="replace")):
                 continue
-            result = srv_run([tool.restore, "-w", "10"], input=tool.current)
+            result = srv_run([tool.restore, "-w", "10"], input=self._ipt(tool, tool.current))
             if result.returncode != 0:
                 self.degraded.append(f"the current {tool.label} rules could not be copied into "
                                      f"the sandbox ({_first_line(result.stderr)})")
         if not (self.native.strip() and self.nft):
             return
-        if srv_run([self.nft, "-f", "-"], input=self.native).returncode == 0:
+        native = self._nft(self.native)
+        if srv_run([self.nft, "-f", "-"], input=native).returncode == 0:
             return
-        for key, text in split_tables(self.native.decode(errors="replace")).items():
+        for key, text in split_tables(native.decode(errors="replace")).items():
             result = srv_run([self.nft, "-f", "-"], input=(text + "\n").encode())
             if result.returncode != 0:
                 self.degraded.append(f"the current nft table {key} could not be copied into the "
@@ -87,7 +116,9 @@ class SandboxFirewall:
             if tool.candidate is None:
                 continue
             content, source = tool.candidate
-            result = self.sandbox.srv_run([tool.restore, "-w", "10"], input=content)
+            loaded = self._ipt(tool, content)   # the same lines, some perhaps blanked
+            tool.fmap = map_iptables_file(loaded.decode(errors="replace"), source)
+            result = self.sandbox.srv_run([tool.restore, "-w", "10"], input=loaded)
             if result.returncode != 0:
                 # `iptables-restore --test` (nf_tables) lets some errors through, such as a
                 # jump to a chain that does not exist; the real load on a copy of this host's
@@ -101,6 +132,7 @@ class SandboxFirewall:
         if "nft" in self.layers:
             content, source = self.layers["nft"]
             assert self.nft is not None
+            content = self._nft(content)
             result = self.sandbox.srv_run([self.nft, "--echo", "--handle", "-f", "-"],
                                           input=content)
             if result.returncode != 0:

@@ -7,6 +7,8 @@ the command is first run on a copy of this host's firewall in a scratch namespac
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fwsafe.backends import available_layers, layer_for
 from fwsafe.check.clients import default_sessions
 from fwsafe.check.predict import CheckReport, predict
@@ -17,29 +19,33 @@ COMMAND_LAYERS = ("ipv4", "ipv6")
 CHECKED_LAYERS = ("ipv4", "ipv6", "nft")
 
 
-def candidate_layers(change: Change) -> dict[str, tuple[bytes, str]]:
-    """What `predict` loads: {layer: (content, where it came from)}."""
+def candidate_layers(change: Change, captured: Mapping[str, bytes] | None = None
+                     ) -> dict[str, tuple[bytes, str]]:
+    """What `predict` loads: {layer: (content, where it came from)}. ``captured``: the host's
+    layers if already read."""
     if change.run is None:  # ufw's files (a rollback) carry no rules the kernel sees
         return {name: (content, change.sources[name]) for name, content in change.layers.items()
                 if name in CHECKED_LAYERS}
-    captured = {name: layer_for(name).capture() for name in available_layers()}
+    known = captured or {}
+    captured = {name: known[name] if name in known else layer_for(name).capture()
+                for name in available_layers()}
     watch = [name for name in COMMAND_LAYERS if name in captured]
     after = simulate(captured, run=change.run, watch=watch)
     label = " ".join(change.run)
     return {name: (after[name], f"`{label}` ({name})") for name in watch}
 
 
-def precheck(change: Change, *, clients: list[str] | None = None,
-             port: int | None = None) -> CheckReport | None:
+def precheck(change: Change, *, clients: list[str] | None = None, port: int | None = None,
+             captured: Mapping[str, bytes] | None = None) -> CheckReport | None:
     """Predict whether `change` cuts the SSH path of the known clients. None when no client is
     known (not in an SSH session and no established SSH connection), so nothing to protect."""
     sessions, default_port = default_sessions()
     chosen = clients or [s.client for s in sessions]
     if not chosen:
         return None
-    layers = candidate_layers(change)
+    layers = candidate_layers(change, captured)
     if not layers:
         return None
     servers = {s.client: s.server for s in sessions if s.client in chosen}
     return predict(layers, clients=chosen, port=port or default_port,
-                   servers=servers, validate=False)
+                   servers=servers, validate=False, captured=captured)

@@ -101,6 +101,7 @@ class CheckReport:
     layers: dict[str, str] = field(default_factory=dict)   # layer -> source file
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    left_out: int = 0       # rules the sandbox did not load: none of its packets can match them
 
     @property
     def unknown(self) -> int:
@@ -133,6 +134,7 @@ class CheckReport:
             "notes": self.notes,
             "limits": LIMITS,
             "duration_s": round(self.duration_s, 3),
+            "sandbox": {"rules_left_out": self.left_out},
         }
         if self.lockout:
             data["kind"] = "LockoutPredicted"
@@ -256,7 +258,7 @@ def _culprit_fields(culprits: list[str]) -> tuple[str | None, str]:
 
 def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: int,
             servers: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT,
-            validate: bool = True) -> CheckReport:
+            validate: bool = True, captured: Mapping[str, bytes] | None = None) -> CheckReport:
     """Predict whether applying `layers` would lock the management clients out.
 
     `layers` maps "ipv4" / "ipv6" (iptables-save files) and "nft" (an nftables file) to
@@ -264,7 +266,8 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
     management (SSH) port. Optional: `servers` maps a client to the local address it connects
     to (default: the source address the host uses towards it); `timeout` is how long one
     connection attempt may take in the sandbox; `validate=False` skips the validation (when
-    the caller has validated already).
+    the caller has validated already); `captured` the host's layers if already read
+    (fwsafe.check.host.capture_host).
 
     Raises InvalidRulesError (exit 3) for rules the backend refuses, UsageError (exit 2) for
     bad arguments, EnvironmentProblem when the sandbox cannot be built. Never raises for a
@@ -296,7 +299,7 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
             try:
                 if validate:
                     _validate(layers)
-                _run(layers, client_list, hints, port, timeout, report, sandbox)
+                _run(layers, client_list, hints, port, timeout, report, sandbox, captured)
             finally:
                 with signals_held():
                     sandbox.close()
@@ -308,12 +311,13 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
 
 
 def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dict[str, str],
-         port: int, timeout: float, report: CheckReport, sandbox: Sandbox) -> None:
+         port: int, timeout: float, report: CheckReport, sandbox: Sandbox,
+         captured: Mapping[str, bytes] | None = None) -> None:
     if "nft" in layers:
         require_binary("nft")
     interfaces = host_interfaces()
     paths = [client_path(c, hints.get(c), interfaces) for c in clients]
-    tools, native = current_state(layers)
+    tools, native = current_state(layers, captured)
     links, lo_addresses = plan_links(paths, interfaces)
     testable = [p for p in paths if p.problem is None]
 
@@ -330,6 +334,8 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
 
     if testable:
         firewall = SandboxFirewall(sandbox, layers, tools, native)
+        firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
+                           *clients, *(p.server for p in paths if p.server), *lo_addresses])
         prober = Prober(firewall, timeout)
         try:
             sandbox.build(links, lo_addresses)
@@ -345,6 +351,7 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
         except SandboxError as exc:
             raise EnvironmentProblem(f"the check sandbox failed: {exc}") from exc
         report.not_checked = [item.text() for item in prober.not_checked]
+        report.left_out = firewall.left_out
         report.notes += firewall.degraded + firewall.notes
 
     for path in paths:

@@ -14,6 +14,7 @@ from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     RAW_ARGS,
     TIMEOUT_HELP,
+    VERBOSITY,
     clock,
     config_from,
     config_path_of,
@@ -25,6 +26,7 @@ from fwsafe.cli.common import (
     state_options,
     timeout_from,
 )
+from fwsafe.cli.ticker import StepTicker
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change, change_from_files
@@ -195,7 +197,10 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
     if exposure if exposure is not None else (options.check and not as_json
                                                and sys.stderr.isatty()):
         options.before_apply = show_exposure
-    record = manager.apply(change, options)
+    steps = 3 + int(options.check) + int(options.before_apply is not None)
+    with StepTicker(sys.stderr, total=steps, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+        options.step = tick.step
+        record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
 
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import click
 
+from fwsafe.check.host import capture_host
 from fwsafe.check.precheck import candidate_layers
 from fwsafe.check.predict import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
-from fwsafe.cli.common import RAW_ARGS
+from fwsafe.cli.common import RAW_ARGS, VERBOSITY
+from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, RejectedError, UsageError
@@ -66,6 +70,21 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
 
     Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules.
     """
+    with StepTicker(sys.stderr, total=2, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+        _check(tick, rules, rules6, clients, port, backend, timeout_s, partial, no_exposure,
+               as_json)
+
+
+def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
+           clients: tuple[str, ...], port: int | None, backend: str, timeout_s: float,
+           partial: bool, no_exposure: bool, as_json: bool) -> None:
+    # The host's firewall is read once, while the candidate is validated, for the lockout
+    # check and the exposure alike.
+    tick.step("reading the live firewall and validating the rules")
+    pool = ThreadPoolExecutor(max_workers=1)
+    host = pool.submit(capture_host)
+    pool.shutdown(wait=False)
+    validated = False
     if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         from fwsafe.backends.ufw import prepare_command
 
@@ -82,7 +101,10 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
             change.partial = True
             change = resolve_partial(change, {name: layer_for(name).capture()
                                               for name in change.layers})
-    layers = candidate_layers(change)
+        validate_change(change)
+        validated = True
+    captured = host.result()
+    layers = candidate_layers(change, captured)
 
     sessions, default_port = default_sessions()
     chosen = parse_clients(list(clients))
@@ -93,13 +115,25 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
             f"no SSH client known: not in an SSH session and no established connection to port "
             f"{default_port} found; give the address you manage this host from with --client IP")
     servers = {s.client: s.server for s in sessions if s.client in chosen}
-    report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
-                     timeout=timeout_s)
-    exposure = None if no_exposure else _exposure(layers, timeout_s)
+    # The exposure's sandbox is built and tried beside the lockout check's (each its own pair
+    # of namespaces); an invalid candidate fails the lockout check first, as before.
+    tick.step("predicting a lockout" + ("" if no_exposure else " and the exposure")
+              + " in scratch namespaces")
+    side = ThreadPoolExecutor(max_workers=1)
+    pending = None if no_exposure or not validated else side.submit(
+        _exposure, layers, timeout_s, captured)
+    try:
+        report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
+                         timeout=timeout_s, validate=not validated, captured=captured)
+        exposure = None if no_exposure else (
+            pending.result() if pending is not None else _exposure(layers, timeout_s, captured))
+    finally:
+        side.shutdown(wait=True)
     if as_json:
         data = report.to_json()
         if exposure is not None:
             data["exposure"] = exposure[0]
+        tick.step("")
         click.echo(json.dumps(data, sort_keys=True))
         if report.lockout:
             click.echo(f"fwsafe: error: {report.lockout_message()}", err=True)
@@ -108,6 +142,7 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
             # (click returns, not raises, an Exit when not in standalone mode, so: SystemExit.)
             sys.exit(int(LockoutPredicted.exit_code))
         return
+    tick.step("")
     click.echo(report.describe())
     if exposure is not None:
         click.echo(exposure[1])
@@ -116,14 +151,15 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
                                hint="nothing was changed; fix the rule named above and check again")
 
 
-def _exposure(layers: dict[str, tuple[bytes, str]], timeout: float) -> tuple[dict[str, Any], str]:
+def _exposure(layers: dict[str, tuple[bytes, str]], timeout: float,
+              captured: Mapping[str, bytes]) -> tuple[dict[str, Any], str]:
     """What the change opens or closes to outside addresses (fwsafe audit's difference), as
     JSON and text; a sandbox that cannot be built is reported in the section, never fails the
     check (an interruption still ends it)."""
     from fwsafe.audit import exposure_change
 
     try:
-        change = exposure_change(layers, timeout=timeout)
+        change = exposure_change(layers, timeout=timeout, captured=captured)
     except RejectedError as exc:
         return {"error": exc.message}, f"Exposure: not checked ({exc.message})"
     return change.to_json(), change.describe()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 import click
@@ -21,6 +22,7 @@ from fwsafe.cli.common import (
     record_summary,
     state_options,
 )
+from fwsafe.cli.ticker import StepTicker
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.errors import NoTransactionError, RevertFailedError
@@ -44,7 +46,10 @@ def confirm(tx_id: str | None, as_json: bool, state_dir: str | None,
 def revert(tx_id: str | None, as_json: bool, state_dir: str | None,
            config_path: str | None) -> None:
     """Revert the pending change now (exit 4 once reverted, 5 if the revert failed)."""
-    record = manager_for(state_dir, config_from(config_path)).revert(tx_id)
+    manager = manager_for(state_dir, config_from(config_path))
+    with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+        tick.step("the guard is restoring the rules as they were")
+        record = manager.revert(tx_id)
     finish(record, as_json)
 
 
@@ -71,7 +76,9 @@ def recover(as_json: bool, state_dir: str | None, config_path: str | None) -> No
     power loss or SIGKILL). With nothing pending it does nothing and says so."""
     manager = manager_for(state_dir, config_from(config_path))
     try:
-        record = manager.recover()
+        with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+            tick.step("restoring the snapshot")
+            record = manager.recover()
     except NoTransactionError as exc:
         emit({"ok": True, "state": "none", "recovered": False}, as_json, exc.message)
         return

@@ -14,7 +14,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwsafe.backends import ON_DEMAND_LAYERS, ApplyError, available_layers, layer_for, layer_kind
+from fwsafe.backends import (
+    ON_DEMAND_LAYERS,
+    ApplyError,
+    available_layers,
+    layer_for,
+    layer_kind,
+    nflist,
+)
 from fwsafe.config import DEFAULT_MAX_TIMEOUT
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
@@ -60,6 +67,8 @@ class ApplyOptions:
     before_apply: Callable[[Change], None] | None = None
     login_user: str | None = None   # sshd changes: who must log in again (default: this
                                     # session's user; fwsafe.sshd.lockout)
+    # Told as each step begins (the CLI shows a step that takes long on a terminal).
+    step: Callable[[str], None] = field(default=lambda _what: None, repr=False)
 
 
 def watched_layers(change: Change, captured: list[str]) -> list[str]:
@@ -89,7 +98,8 @@ def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
     change.notes.append("--force: " + refusal_message(found))
 
 
-def lockout_check(change: Change, options: ApplyOptions) -> dict[str, Any]:
+def lockout_check(change: Change, options: ApplyOptions,
+                  captured: Mapping[str, bytes] | None = None) -> dict[str, Any]:
     """Run the lockout check; refuse a predicted lockout unless forced (exit 3)."""
     if not options.check:
         return {"ran": False, "summary": "lockout check skipped (--no-check)"}
@@ -99,7 +109,7 @@ def lockout_check(change: Change, options: ApplyOptions) -> dict[str, Any]:
         return check_sshd_change(change, force=options.force, user=options.login_user)
     from fwsafe.check.precheck import precheck
 
-    report = precheck(change)
+    report = precheck(change, captured=captured)
     if report is None:
         return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
     if report.lockout and not options.force:
@@ -125,6 +135,21 @@ def start_capture(pool: ThreadPoolExecutor, layers: list[str]) -> dict[str, Futu
     """Snapshot every firewall layer this system has, in parallel: IPv4 and IPv6 together,
     legacy tables, native nftables, ufw's files."""
     return {name: pool.submit(layer_for(name).capture) for name in layers}
+
+
+def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,
+            needed: list[str]) -> dict[str, bytes]:
+    """The snapshot as of now. A layer kept in nf_tables is read again only if the ruleset's
+    generation moved on since `captured` was taken (somebody changed something meanwhile, e.g.
+    fail2ban banned an address during the lockout check); files and legacy tables always."""
+    now = nflist.generation() if generation is not None else None
+    stale = [name for name in captured
+             if now is None or now != generation or not layer_for(name).in_nf_tables()]
+    if not stale:
+        return captured
+    fresh = collect(start_capture(pool, stale), [n for n in needed if n in stale])
+    return {name: fresh.get(name, captured[name]) for name in captured
+            if name in fresh or name not in stale}
 
 
 def collect(captures: dict[str, Future[bytes]], needed: list[str]) -> dict[str, bytes]:
@@ -184,22 +209,27 @@ class ApplyFlow:
             layers = available_layers()
             layers += [name for name in change.layers if name not in layers]  # e.g. sshd's
             with ThreadPoolExecutor(max_workers=len(layers) + 1) as pool:
-                # The snapshot is taken after the lockout check (which takes a while), so that
-                # it is as close as can be to the change; without the check (or for a partial
-                # change, which needs the live state to be checked), the layers are captured
-                # while the change is validated.
-                early = not options.check or change.partial
-                captures = start_capture(pool, layers) if early else {}
+                # The layers are read while the change is validated, and the lockout check
+                # uses that reading. The snapshot must be as close as can be to the change:
+                # right before the guard starts, what may have changed since is read again
+                # (`refresh`: nothing, when nf_tables' generation is still the same).
+                options.step("reading the live firewall and validating the change")
+                generation = nflist.generation()
+                captures = start_capture(pool, layers)
                 if change.partial:
                     complete = resolve_partial(change, collect(captures, list(change.layers)))
                 else:
                     complete = change
                 validate_change(complete)
-                verdict = lockout_check(complete, options)
-                if options.before_apply is not None:
-                    options.before_apply(complete)
-                captures = captures or start_capture(pool, layers)
                 captured = collect(captures, list(change.layers))
+                if options.check:
+                    options.step("predicting a lockout in a scratch namespace")
+                verdict = lockout_check(complete, options, captured)
+                if options.before_apply is not None:
+                    options.step("trying what the change exposes, in a scratch namespace")
+                    options.before_apply(complete)
+                options.step("saving the snapshot")
+                captured = refresh(pool, captured, generation, list(change.layers))
             refuse_deleting_neighbours(change, captured, options)
             tx_id = transaction.new_tx_id()
             make_private_dir(self.state.tx_dir(tx_id))
@@ -229,6 +259,7 @@ class ApplyFlow:
             # whether the change is live: ignore it (the guard takes moments to apply).
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
+                options.step("the guard is applying the change")
                 record = self._start_guard(record, options)
             finally:
                 signal.signal(signal.SIGINT, previous)

@@ -84,7 +84,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             transaction.save_record(state, record)
 
         result = revert_change(touched, before, after or None, on_attempt=attempt,
-                               give_up_after=give_up_after)
+                               give_up_after=give_up_after, after_stamp=record.after_stamp)
         record.revert_attempts = result.attempts
         record.revert_notes = result.notes
         record.reverted_by = by

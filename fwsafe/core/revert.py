@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fwsafe.backends import layer_for, revert_order
+from fwsafe.backends import layer_for, nflist, revert_order
 from fwsafe.backends.base import LEVELS, MERGE
 
 BACKOFF_FIRST = 0.1
@@ -51,14 +51,19 @@ def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> 
 
 
 def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes | None,
-                  log: Log) -> tuple[str | None, str]:
-    """Try each level once; return (the level that worked, None if none did; the last error)."""
+                  log: Log, after_stamp: str | None = None) -> tuple[str | None, str]:
+    """Try each level once; return (the level that worked, None if none did; the last error).
+    While nf_tables is as it was right after the change (`after_stamp`), the live state of an
+    nf_tables layer is `after` and is not read again."""
     layer = layer_for(name)
     levels = LEVELS if after is not None else tuple(lv for lv in LEVELS if lv != MERGE)
     error = ""
     for level in levels:
-        try:
-            remaining = layer.revert(before, after, units, level=level, on_retry=log)
+        try:   # everything inside: a revert must survive anything (even fork failing here)
+            live = (after if after is not None and after_stamp is not None
+                    and layer.in_nf_tables() and nflist.ruleset_stamp() == after_stamp
+                    else None)
+            remaining = layer.revert(before, after, units, level=level, on_retry=log, live=live)
         except Exception as exc:  # noqa: BLE001 - a revert must survive anything a backend raises
             error = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
             log(f"revert of {name} ({level}) refused: {error}")
@@ -79,6 +84,7 @@ def revert_change(
     on_attempt: Attempt | None = None,
     give_up_after: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    after_stamp: str | None = None,
 ) -> RevertResult:
     """Undo the change on every touched layer: files first, iptables last (the reverse of the
     capture order). `after` holds the captures taken right after the change (a layer missing
@@ -93,7 +99,7 @@ def revert_change(
         failed: dict[str, str] = {}
         for name in remaining:
             level, error = _revert_layer(name, touched[name], before[name],
-                                         (after or {}).get(name), say)
+                                         (after or {}).get(name), say, after_stamp)
             if level is None:
                 failed[name] = error
                 continue

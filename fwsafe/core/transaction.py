@@ -105,6 +105,8 @@ class Record:
     probes: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
     boot_id: str | None = None            # the kernel boot the change was applied in
+    after_stamp: str | None = None        # nf_tables as captured after the change
+                                          # (fwsafe.backends.nflist.ruleset_stamp)
     reverted_by: str | None = None        # guard | backstop | recover | boot
     backstop: dict[str, Any] | None = None  # what reverts if the guard dies: kind, pid/unit
     revert_attempts: int = 0              # rounds tried so far (each one every level)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 from collections.abc import Callable, Mapping
 
-from fwsafe.backends import compose_partial, layer_for
+from fwsafe.backends import compose_partial, layer_for, nflist
 from fwsafe.backends.base import ApplyError
 from fwsafe.core import snapshot
 from fwsafe.core.revert import compute_touched
@@ -53,7 +53,14 @@ def capture_after(state: StateDir, record: Record, before: Mapping[str, bytes],
     the watched layers counts as touched."""
     after: dict[str, bytes] | None
     try:
+        # Asked now, while processes can be started (the answer is kept): a revert then knows
+        # without starting any whether a layer lives in nf_tables.
+        for name in record.watch:
+            layer_for(name).in_nf_tables()
+        stamp = nflist.ruleset_stamp()
         after = {name: layer_for(name).capture() for name in record.watch}
+        record.after_stamp = stamp if stamp is not None and nflist.ruleset_stamp() == stamp \
+            else None
         record.touched = compute_touched(before, after)
         try:
             snapshot.save(state, record.id, snapshot.AFTER, after)

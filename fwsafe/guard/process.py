@@ -222,7 +222,7 @@ class Guard:
             self.save()
 
         result = revert_change(self.record.touched, self.before, self.after, log=self.log,
-                               on_attempt=attempt)
+                               on_attempt=attempt, after_stamp=self.record.after_stamp)
         self.record.reverted_by = "guard"
         self.record.revert_attempts = result.attempts
         self.record.revert_last_error = None

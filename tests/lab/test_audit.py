@@ -63,7 +63,7 @@ def with_rule(save: str, rule: str) -> str:
 def our_namespaces() -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                            check=True).stdout.split()
-    return [n for n in names if re.match(r"^fwck\d+[sc]$", n)]
+    return [n for n in names if re.match(r"^fwck\d+x?[sc]$", n)]
 
 
 class AuditLab:

@@ -70,7 +70,7 @@ table inet fwcheck {
 def our_namespaces() -> list[str]:
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                            check=True).stdout.split()
-    return [n for n in names if re.match(r"^fwck\d+[sc]$", n)]
+    return [n for n in names if re.match(r"^fwck\d+x?[sc]$", n)]
 
 
 def check(fw: FwLab, *args: str, timeout: float = 120) -> tuple[int, dict[str, Any], str]:
@@ -354,3 +354,77 @@ def test_sigterm_and_sigint_remove_the_sandbox(fwlab: FwLab) -> None:
         assert proc.returncode != 0
         assert not our_namespaces(), err
         assert fwlab.lab.ruleset() == before
+
+
+# --------------------------------------------------------------------------------------------
+# Large rulesets: the sandbox leaves out the rules no packet of its own can match
+# --------------------------------------------------------------------------------------------
+def _many(count: int, template: str) -> str:
+    return "\n".join(template.format(a=i // 250, b=i % 250 + 1) for i in range(count))
+
+
+def test_large_ruleset_culprit_keeps_its_line(fwlab: FwLab) -> None:
+    """3000 per-address rules the sandbox leaves out, then the client's own address among them
+    and a DROP on port 22 below: the kernel's verdict and the culprit's file line are the same as
+    with every rule loaded, and only a few rules reach the sandbox."""
+    client = fwlab.lab.cli_ip4
+    text = (HEAD.format(inp="ACCEPT")
+            + "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
+            + _many(3000, "-A INPUT -s 198.18.{a}.{b}/32 -p tcp -m tcp --dport 22 -j ACCEPT")
+            + f"\n-A INPUT -s {client}/32 -p tcp -m tcp --dport 22 -j LOG\n"
+            + _many(1000, "-A INPUT -d 198.19.{a}.{b}/32 -j DROP")
+            + "\n-A INPUT -p tcp -m tcp --dport 22 -j DROP\nCOMMIT\n")
+    rules = fwlab.write("big.rules", text)
+    drop_line = len(text.splitlines()) - 1
+    code, data, stderr = check(fwlab, str(rules), "--client", client)
+    assert code == 1, stderr
+    new = verdict(data, "new", client)
+    assert new["ok"] is False
+    assert re.search(rf"big\.rules:{drop_line}: `-A INPUT -p tcp -m tcp --dport 22 -j DROP`",
+                     new["culprit"]), new["culprit"]
+    assert verdict(data, "established", client)["ok"] is True
+    # 2999 + 999 left out: one rule of each shape stays, and the client's own rule
+    assert data["sandbox"]["rules_left_out"] >= 3990, data["sandbox"]
+    assert applied_new_connection_ok(fwlab, rules) is False
+
+
+def test_large_ruleset_rule_for_the_client_still_decides(fwlab: FwLab) -> None:
+    """A DROP for the client's own address hidden among thousands of others is found."""
+    client = fwlab.lab.cli_ip4
+    text = (HEAD.format(inp="ACCEPT")
+            + _many(2000, "-A INPUT -s 198.18.{a}.{b}/32 -p tcp -m tcp --dport 22 -j DROP")
+            + f"\n-A INPUT -s {client}/32 -p tcp -m tcp --dport 22 -j DROP\nCOMMIT\n")
+    rules = fwlab.write("hidden.rules", text)
+    code, data, _ = check(fwlab, str(rules), "--client", client)
+    assert code == 1
+    assert re.search(r"hidden\.rules:2005: `-A INPUT -s .*-j DROP`",
+                     verdict(data, "new", client)["culprit"])
+    assert applied_new_connection_ok(fwlab, rules) is False
+
+
+def test_large_nft_ruleset_culprit_keeps_its_line(fwlab: FwLab) -> None:
+    client = fwlab.lab.cli_ip4
+    rules = _many(3000, "    ip saddr 198.18.{a}.{b} tcp dport 22 accept")
+    text = ("table inet fwcheck {\n  chain input {\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            "    ct state established,related accept\n" + rules
+            + f"\n    ip saddr {client} tcp dport 22 drop\n  }}\n}}\n")
+    path = fwlab.write("big.nft", text)
+    code, data, stderr = check(fwlab, str(path), "--client", client)
+    assert code == 1, stderr
+    assert re.search(rf"big\.nft:3005: `ip saddr {re.escape(client)} tcp dport 22 drop` "
+                     r"\(nft trace: verdict drop\)", verdict(data, "new", client)["culprit"])
+    assert data["sandbox"]["rules_left_out"] >= 2990
+    assert _apply_nft_and_probe(fwlab, path) is False
+
+
+def test_missing_chain_jump_among_left_out_rules_is_refused(fwlab: FwLab) -> None:
+    """A rule the sandbox could leave out still reaches the kernel once per shape: its jump to
+    a chain that does not exist is refused (exit 3), as the real load would be."""
+    text = (HEAD.format(inp="ACCEPT")
+            + _many(500, "-A INPUT -s 198.18.{a}.{b}/32 -j ACCEPT")
+            + "\n-A INPUT -s 198.18.9.9/32 -j NOSUCHCHAIN\nCOMMIT\n")
+    rules = fwlab.write("nochain.rules", text)
+    code, _, stderr = check(fwlab, str(rules), "--client", fwlab.lab.cli_ip4)
+    assert code == 3, stderr
+    assert "nochain.rules:505" in stderr and "NOSUCHCHAIN" in stderr

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 
 import pytest
 
 from tests.conftest import FwLab
+
+PYTHON = sys.executable
 
 pytestmark = pytest.mark.lab
 
@@ -335,3 +338,57 @@ def test_check_of_a_ufw_command_matches_reality(fwlab_ufw: FwLab) -> None:
     assert not fw.lab.new_connection_ok(timeout=0.5)
     assert fw.wait_state({"reverted"}, 8)["state"] == "reverted"
     assert fw.ufw_files() == files_before and fw.lab.ruleset() == rules_before
+
+
+# --------------------------------------------------------------------------------------------
+# The snapshot is the state right before the guard starts (nf_tables' generation decides what
+# must be read again); the kernel's own answers to the netlink questions
+# --------------------------------------------------------------------------------------------
+_BAN_DURING_CHECK = r"""
+import json, subprocess, sys
+from fwsafe.core.apply import ApplyFlow, ApplyOptions
+from fwsafe.core.change import change_from_files
+from fwsafe.core.statedir import StateDir
+from fwsafe.core import snapshot
+
+def ban(change):   # what fail2ban does while the lockout check runs
+    subprocess.run(["iptables", "-I", "INPUT", "-s", "192.0.2.77/32", "-j", "REJECT"], check=True)
+
+state = StateDir(sys.argv[1])
+options = ApplyOptions(timeout_s=3600, check=False, boot_hook=False, before_apply=ban)
+record = ApplyFlow(state).run(change_from_files([sys.argv[2]], None, "auto"), options)
+print(json.dumps({"id": record.id,
+                  "before": snapshot.load(state, record.id, snapshot.BEFORE, ["ipv4"])["ipv4"].decode()}))
+"""
+
+
+def test_a_ban_while_checking_is_in_the_snapshot_and_comes_back(fwlab: FwLab) -> None:
+    """fail2ban bans an address after the layers were first read but before the guard starts:
+    nf_tables' generation moved on, so the snapshot is read again and holds the ban; the
+    change deletes it (a whole file), and the revert brings it back."""
+    rules = fwlab.write("input-only.rules", INPUT_ONLY_CHANGE.replace(
+        "-A INPUT -p tcp -m tcp --dport 22 -m conntrack --ctstate NEW -j DROP\n", ""))
+    result = fwlab.lab.srv_exec([PYTHON, "-c", _BAN_DURING_CHECK, str(fwlab.state_dir),
+                                 str(rules)], check=False)
+    assert result.returncode == 0, result.stderr
+    armed = json.loads(result.stdout)
+    assert "-A INPUT -s 192.0.2.77/32 -j REJECT" in armed["before"]
+    assert "192.0.2.77" not in fwlab.lab.srv_exec(["iptables-save"]).stdout
+    assert fwlab.fw("revert").returncode == 4
+    assert "-A INPUT -s 192.0.2.77/32 -j REJECT" in fwlab.lab.srv_exec(["iptables-save"]).stdout
+
+
+def test_netlink_tables_and_generation_match_nft(fwlab: FwLab) -> None:
+    probe = ("import json; from fwsafe.backends import nflist; "
+             "print(json.dumps([nflist.generation(), nflist.kernel_tables()]))")
+    gen, tables = json.loads(fwlab.lab.srv_exec([PYTHON, "-c", probe]).stdout)
+    listed = json.loads(fwlab.lab.srv_exec(["nft", "-j", "list", "tables"]).stdout)["nftables"]
+    assert tables == [[t["table"]["family"], t["table"]["name"]] for t in listed if "table" in t]
+    fwlab.lab.srv_exec(["nft", "add", "table", "netdev", "fwgen"])
+    try:
+        gen2, tables2 = json.loads(fwlab.lab.srv_exec([PYTHON, "-c", probe]).stdout)
+        assert gen2 > gen and ["netdev", "fwgen"] in tables2
+        gen3, _ = json.loads(fwlab.lab.srv_exec([PYTHON, "-c", probe]).stdout)
+        assert gen3 == gen2          # reading changes nothing
+    finally:
+        fwlab.lab.srv_exec(["nft", "delete", "table", "netdev", "fwgen"])

@@ -1,0 +1,237 @@
+"""What the sandbox may leave out: rules that no packet of the sandbox can ever match.
+
+Every packet in the check's (and the audit's) sandbox carries addresses from a known set: the
+clients', the server's, the audit's sources, the host's own, loopback, link-local and
+multicast. A rule whose only way to match is a source or destination address (``-s``/``-d``,
+``ip saddr``/``ip6 daddr``) outside that set cannot match any of them, so loading it changes no
+verdict, no counter and no trace: on a host with 50,000 per-address rules the sandbox then
+loads a handful instead of all of them.
+
+Safety first:
+
+* a rule is left out only when its address options are plain addresses or networks, not
+  negated, and the line has no quotes (a comment could fake an option) and no continuation;
+* one rule of each *shape* (the line with its addresses taken out) is always kept, so the
+  kernel still loads every distinct combination of matches, targets and jumps: a jump to a
+  missing chain or an unknown match is refused in the sandbox as before;
+* an iptables table that inserts, replaces or deletes by position is not touched (positions
+  would move);
+* nothing is left out at all when any layer rewrites addresses (DNAT/SNAT/NETMAP/TPROXY to an
+  address): packets could then carry addresses outside the set.
+
+Left-out lines are blanked, not removed: line numbers, and so the naming of culprits as
+``FILE:LINE``, stay as they were.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+__all__ = ["AddressSet", "Pruned", "rewrites_addresses", "prune_iptables", "prune_nft"]
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Always in the set: what a namespace's own stack may send or receive by itself.
+_ALWAYS = ("127.0.0.0/8", "0.0.0.0/32", "255.255.255.255/32", "224.0.0.0/4", "::1/128",
+           "::/128", "fe80::/10", "ff00::/8")
+
+_IPT_ADDRESS = re.compile(r"(?:^|\s)(!\s+)?(-s|--source|--src|-d|--destination|--dst)\s+(\S+)")
+_IPT_NAT = re.compile(r"--to-destination|--to-source|--to\s|\bNETMAP\b|\bTPROXY\b|--on-ip")
+_IPT_NAT_WORDS = ("--to", "NETMAP", "TPROXY", "--on-ip")
+_NFT_ADDRESS = re.compile(r"\b(ip6?)\s+(saddr|daddr)\s+(\S+)")
+_NFT_NAT = re.compile(r"\b(dnat|snat|tproxy|netmap)\b")
+_NFT_NAT_WORDS = ("dnat", "snat", "tproxy", "netmap")
+_NFT_CHAIN = re.compile(r"^\s*chain\s+\S+\s*\{\s*$")
+_IPT_COUNTERS = re.compile(r"^\s*\[\d+:\d+\]\s*")
+_IPT_FAST_V4 = re.compile(r"-A (\S+) -s (\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+) (.*)")
+_IPT_SLOW = re.compile(r"""["'\\]|(?:^|\s)(?:-s|-d|--source|--src|--destination|--dst)\s""")
+_IPT_POSITIONAL = re.compile(r"^\s*(-I|--insert|-R|--replace|-D|--delete)\s")
+
+
+_V4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?$")
+
+
+@dataclass
+class AddressSet:
+    """Every address a packet in the sandbox may carry."""
+
+    networks: list[Network] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        for net in self.networks:
+            self.spans[net.version].append((int(net.network_address),
+                                            int(net.broadcast_address)))
+
+    @classmethod
+    def of(cls, addresses: Iterable[str]) -> AddressSet:
+        found = [ipaddress.ip_network(a, strict=False) for a in _ALWAYS]
+        for address in addresses:
+            try:
+                found.append(ipaddress.ip_network(address, strict=False))
+            except ValueError:
+                continue
+        return cls(found)
+
+    def _span(self, item: str) -> tuple[int, int, int] | None:
+        """(family, first, last) of an address or network; None if it is not one."""
+        m = _V4.match(item)
+        if m:
+            octets = [int(x) for x in m.group(1, 2, 3, 4)]
+            prefix = int(m.group(5)) if m.group(5) is not None else 32
+            if max(octets) > 255 or prefix > 32:
+                return None
+            value = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+            size = 1 << (32 - prefix)
+            first = value & ~(size - 1) & 0xFFFFFFFF
+            return 4, first, first + size - 1
+        try:
+            net = ipaddress.ip_network(item, strict=False)
+        except ValueError:
+            return None
+        return net.version, int(net.network_address), int(net.broadcast_address)
+
+    def meets(self, value: str, family: int) -> bool:
+        """Whether the option value (``a``, ``a/n``, ``a/mask``, comma-separated) may match an
+        address of the set; True when it cannot be read."""
+        for item in value.split(","):
+            span = self._span(item)
+            if span is None or span[0] != family:
+                return True   # a host name, a range, a set, a variable: keep the rule
+            _, first, last = span
+            if any(first <= hi and lo <= last for lo, hi in self.spans[family]):
+                return True
+        return False
+
+
+@dataclass
+class Pruned:
+    text: str
+    left_out: int = 0
+
+
+def rewrites_addresses(texts: Iterable[str]) -> bool:
+    """Whether any of these rulesets (iptables-save or nft) translates addresses."""
+    for text in texts:
+        if any(word in text for word in _IPT_NAT_WORDS) and _IPT_NAT.search(text):
+            return True
+        if any(word in text for word in _NFT_NAT_WORDS) and _NFT_NAT.search(text):
+            return True
+    return False
+
+
+def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
+    """``text`` (iptables-save format) without the ``-A`` rules no sandbox packet can match."""
+    lines = text.split("\n")
+    out = list(lines)
+    left_out = 0
+    start = 0
+    while start < len(lines):
+        if not lines[start].startswith("*"):
+            start += 1
+            continue
+        end = start + 1
+        while end < len(lines) and lines[end].strip() != "COMMIT":
+            end += 1
+        block = range(start + 1, end)
+        if not any(_IPT_POSITIONAL.match(lines[i]) for i in block):
+            left_out += _prune_block(lines, out, block, addresses, family)
+        start = end + 1
+    return Pruned("\n".join(out), left_out)
+
+
+def _prune_block(lines: list[str], out: list[str], block: range, addresses: AddressSet,
+                 family: int) -> int:
+    shapes: set[str] = set()
+    left_out = 0
+    for i in block:
+        line = lines[i]
+        stripped = line.lstrip()
+        if not stripped.startswith(("-A ", "--append ", "[")):
+            continue
+        shape, can_match = _ipt_shape(line, addresses, family)
+        if can_match or shape not in shapes:
+            shapes.add(shape)
+            continue
+        out[i] = ""
+        left_out += 1
+    return left_out
+
+
+def _ipt_shape(line: str, addresses: AddressSet, family: int) -> tuple[str, bool]:
+    """(the rule without counters and addresses, whether it may match a sandbox packet)."""
+    fast = _IPT_FAST_V4.fullmatch(line) if family == 4 else None
+    if fast and not _IPT_SLOW.search(fast.group(7)):   # "-A C -s a.b.c.d/n REST", iptables-save's
+        octets = [int(x) for x in fast.group(2, 3, 4, 5)]   # own order: most rules of a big set
+        prefix = int(fast.group(6))
+        if max(octets) <= 255 and prefix <= 32:
+            size = 1 << (32 - prefix)
+            first = ((octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]) \
+                & ~(size - 1) & 0xFFFFFFFF
+            last = first + size - 1
+            can_match = any(first <= hi and lo <= last for lo, hi in addresses.spans[4])
+            return f"-A {fast.group(1)} -s * {fast.group(7)}", can_match
+    body = _IPT_COUNTERS.sub("", line) if line.lstrip().startswith("[") else line
+    if '"' in body or "'" in body or body.rstrip().endswith("\\"):
+        return body, True
+    found = list(_IPT_ADDRESS.finditer(body))
+    if not found:
+        return body, True
+    can_match = True
+    for m in found:
+        if m.group(1) is None and not addresses.meets(m.group(3), family):
+            can_match = False
+    shape = _IPT_ADDRESS.sub(lambda m: f" {m.group(1) or ''}{m.group(2)} *", body)
+    return shape, can_match
+
+
+def prune_nft(text: str, addresses: AddressSet) -> Pruned:
+    """``text`` (an nft file or listing) without the chain rules no sandbox packet can match."""
+    lines = text.split("\n")
+    out = list(lines)
+    shapes: set[str] = set()
+    left_out = 0
+    in_chain = False
+    depth = 0
+    continued = False
+    for i, line in enumerate(lines):
+        was_continued, continued = continued, line.rstrip().endswith("\\")
+        opens, closes = line.count("{"), line.count("}")
+        if _NFT_CHAIN.match(line):
+            in_chain, depth = True, 1
+            continue
+        if in_chain:
+            depth += opens - closes
+            if depth <= 0:
+                in_chain = False
+                continue
+        if not in_chain or depth != 1 or opens or closes or was_continued or continued:
+            continue
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#") or ";" in stripped or '"' in stripped:
+            continue
+        shape, can_match = _nft_shape(stripped, addresses)
+        if can_match or shape not in shapes:
+            shapes.add(shape)
+            continue
+        out[i] = ""
+        left_out += 1
+    return Pruned("\n".join(out), left_out)
+
+
+def _nft_shape(rule: str, addresses: AddressSet) -> tuple[str, bool]:
+    found = list(_NFT_ADDRESS.finditer(rule))
+    if not found:
+        return rule, True
+    can_match = True
+    for m in found:
+        value = m.group(3)
+        if value in ("!=", "==", "ne", "eq") or value.startswith(("@", "$")):
+            continue
+        if not addresses.meets(value, 6 if m.group(1) == "ip6" else 4):
+            can_match = False
+    shape = _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule)
+    return shape, can_match

@@ -1,0 +1,98 @@
+"""fwsafe.check.prune: which rules the sandbox may leave out, and that lines keep their
+numbers."""
+
+from __future__ import annotations
+
+from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, rewrites_addresses
+
+SANDBOX = AddressSet.of(["10.0.0.1", "10.0.0.2", "192.168.5.9/24", "fd00::1", "fd00::2"])
+
+
+def kept(text: str) -> list[str]:
+    return [line for line in text.split("\n") if line.strip()]
+
+
+def ipt(*rules: str) -> str:
+    return "\n".join(["*filter", ":INPUT ACCEPT [0:0]", *rules, "COMMIT", ""])
+
+
+def test_address_set_meets() -> None:
+    assert SANDBOX.meets("10.0.0.1", 4)
+    assert SANDBOX.meets("10.0.0.0/8", 4)             # a network that holds a client
+    assert SANDBOX.meets("192.168.5.200/32", 4)       # inside a host subnet given whole
+    assert not SANDBOX.meets("198.51.100.7/32", 4)
+    assert SANDBOX.meets("198.51.100.7,10.0.0.2", 4)  # any element of a list
+    assert SANDBOX.meets("example.org", 4)            # unreadable: keep
+    assert SANDBOX.meets("127.0.0.1", 4) and SANDBOX.meets("fe80::1", 6)
+    assert not SANDBOX.meets("2001:db8::1/128", 6)
+    assert SANDBOX.meets("fd00::/64", 6)
+    assert SANDBOX.meets("10.0.0.1", 6)               # the wrong family: keep
+
+
+def test_iptables_leaves_out_one_shape_and_keeps_lines() -> None:
+    text = ipt("-A INPUT -s 198.51.100.1/32 -p tcp --dport 22 -j DROP",
+               "-A INPUT -s 198.51.100.2/32 -p tcp --dport 22 -j DROP",
+               "-A INPUT -s 198.51.100.3/32 -p tcp --dport 22 -j ACCEPT",   # another shape
+               "-A INPUT -s 10.0.0.1/32 -p tcp --dport 22 -j DROP",        # the client
+               "-A INPUT ! -s 198.51.100.4/32 -j DROP",                    # negated
+               '-A INPUT -s 198.51.100.5/32 -m comment --comment "x" -j DROP',  # quoted
+               "-A INPUT -d 203.0.113.9/32 -j DROP",
+               "-A INPUT -d 203.0.113.10/32 -j DROP",
+               "[5:300] -A INPUT -s 198.51.100.6/32 -p tcp --dport 22 -j DROP")  # counters
+    pruned = prune_iptables(text, SANDBOX, 4)
+    assert len(pruned.text.split("\n")) == len(text.split("\n"))
+    assert pruned.left_out == 3
+    lines = pruned.text.split("\n")
+    assert lines[3] == "" and lines[9] == "" and lines[10] == ""
+    assert "198.51.100.1/32" in lines[2] and "198.51.100.3/32" in lines[4]
+    assert "-d 203.0.113.9/32" in lines[8]
+
+
+def test_iptables_positional_table_is_left_alone() -> None:
+    text = ipt("-A INPUT -s 198.51.100.1/32 -j DROP", "-A INPUT -s 198.51.100.2/32 -j DROP",
+               "-I INPUT 1 -s 198.51.100.3/32 -j DROP")
+    assert prune_iptables(text, SANDBOX, 4).left_out == 0
+
+
+def test_both_address_options_must_be_possible() -> None:
+    text = ipt("-A INPUT -s 10.0.0.2/32 -d 198.51.100.1/32 -j DROP",
+               "-A INPUT -s 10.0.0.2/32 -d 198.51.100.2/32 -j DROP")
+    assert prune_iptables(text, SANDBOX, 4).left_out == 1
+
+
+def test_nft_rules() -> None:
+    text = "\n".join([
+        "table inet t {",
+        "\tset s {",
+        "\t\ttype ipv4_addr",
+        "\t\telements = { 198.51.100.1 }",
+        "\t}",
+        "\tchain input {",
+        "\t\ttype filter hook input priority 0; policy accept;",
+        "\t\tip saddr 198.51.100.1 tcp dport 22 drop",
+        "\t\tip saddr 198.51.100.2 tcp dport 22 drop",
+        "\t\tip saddr 10.0.0.1 tcp dport 22 drop",
+        "\t\tip saddr != 198.51.100.3 drop",
+        "\t\tip saddr { 198.51.100.4, 198.51.100.5 } drop",
+        "\t\tip saddr @s drop",
+        '\t\tiifname "eth0" ip saddr 198.51.100.6 tcp dport 22 drop',
+        "\t\tip6 daddr 2001:db8::1 drop",
+        "\t\tip6 daddr 2001:db8::2 drop",
+        "\t\tip saddr 198.51.100.7 tcp dport 22 drop",
+        "\t}",
+        "}",
+        ""])
+    pruned = prune_nft(text, SANDBOX)
+    lines = pruned.text.split("\n")
+    assert len(lines) == len(text.split("\n"))
+    assert pruned.left_out == 3
+    assert lines[8] == "" and lines[15] == "" and lines[16] == ""
+    assert lines[3] == text.split("\n")[3]          # sets are not chains
+    assert kept(pruned.text)[-2:] == ["\t}", "}"]
+
+
+def test_address_rewrites_switch_pruning_off() -> None:
+    assert rewrites_addresses(["-A PREROUTING -p tcp -j DNAT --to-destination 10.9.9.9:22"])
+    assert rewrites_addresses(["\t\ttcp dport 22 dnat ip to 10.9.9.9"])
+    assert not rewrites_addresses(["-A POSTROUTING -j MASQUERADE --to-ports 1024-2000",
+                                   "\t\tmasquerade"])
