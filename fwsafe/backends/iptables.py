@@ -19,6 +19,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fwsafe.backends import nflist
 from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog
 from fwsafe.core.merge import merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
@@ -353,6 +354,7 @@ class IptablesLayer(Layer):
         tables = sorted({unit.partition("/")[0] for unit in units})
         if not tables:
             return []
+        start = nflist.generation() if self.in_nf_tables() else None
         old = parse_ruleset(before.decode(errors="replace"))
         new = parse_ruleset(after.decode(errors="replace")) if after is not None else None
         now = (new if live is not None and live == after and new is not None
@@ -368,7 +370,11 @@ class IptablesLayer(Layer):
                 targets[name] = merged
             else:
                 targets[name] = old.get(name)
-        self._load_repairing(targets, old, on_retry)
+        commits = self._load_repairing(targets, old, on_retry)
+        if start is not None and commits and nflist.generation() == start + commits:
+            # Proved by the kernel: since the live state was read, nf_tables committed our
+            # restore (one commit per table) and nothing else, so each table is its target.
+            return []
         after_load = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
         problems = []
         for name, target in targets.items():
@@ -382,13 +388,13 @@ class IptablesLayer(Layer):
         return problems
 
     def _load_repairing(self, targets: dict[str, Table | None], old: dict[str, Table],
-                        on_retry: RetryLog | None) -> None:
+                        on_retry: RetryLog | None) -> int:
         """Load the targets; when the tool names a chain that a kept rule jumps to but that
-        exists nowhere any more, add it (the snapshot's copy, else empty) and load again."""
+        exists nowhere any more, add it (the snapshot's copy, else empty) and load again.
+        Returns the nf_tables commits of the load that worked."""
         for _ in range(8):
             try:
-                self._load(targets, old, on_retry)
-                return
+                return self._load(targets, old, on_retry)
             except ApplyError as exc:
                 missing = _MISSING_CHAIN.search(exc.message)
                 if not missing:
@@ -408,12 +414,13 @@ class IptablesLayer(Layer):
                     raise
                 if on_retry:
                     on_retry(f"{self.label}: re-created chain {chain} that the target needs")
-        self._load(targets, old, on_retry)
+        return self._load(targets, old, on_retry)
 
     def _load(self, targets: dict[str, Table | None], old: dict[str, Table],
-              on_retry: RetryLog | None) -> None:
+              on_retry: RetryLog | None) -> int:
         """Load every target table in one iptables-restore; remove (nf_tables) the tables that
-        did not exist before the change and are empty now."""
+        did not exist before the change and are empty now. Returns the nf_tables commits made
+        (one per table restored or removed)."""
         payload: list[str] = []
         drop: list[str] = []
         for name, target in targets.items():
@@ -438,6 +445,7 @@ class IptablesLayer(Layer):
                 raise ApplyError(
                     f"cannot remove table {self.family.nft_family} {name} that the change "
                     f"created: {result.stderr.decode(errors='replace').strip()}")
+        return 0 if drop else len(payload)   # removals: not counted, the result is read back
 
     def _restore(self, payload: bytes, on_retry: RetryLog | None) -> None:
         result = run_persistently([require_binary(self.family.restore), "-w", "10"],

@@ -19,6 +19,7 @@ import json
 import re
 from collections.abc import Sequence
 
+from fwsafe.backends import nflist
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.backends.nflist import kernel_tables
@@ -206,6 +207,7 @@ class NftLayer(Layer):
                live: bytes | None = None) -> list[str]:
         if not units:
             return []
+        start = nflist.generation()
         old = self.units(before)
         new = self.units(after) if after is not None else None
         now = (new if live is not None and live == after and new is not None
@@ -231,6 +233,10 @@ class NftLayer(Layer):
             if result.returncode != 0:
                 raise ApplyError(f"nft refused the revert target: "
                                  f"{result.stderr.decode(errors='replace').strip()}")
+            if start is not None and nflist.generation() == start + 1:
+                # Proved by the kernel: since the live state was read, nf_tables committed our
+                # one transaction and nothing else, so each table is its target.
+                return []
         loaded = self.units(self.capture())
         problems = []
         for unit, target in targets.items():

@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 __all__ = ["AddressSet", "Pruned", "rewrites_addresses", "prune_iptables", "prune_nft"]
 
@@ -76,35 +79,98 @@ class AddressSet:
                 continue
         return cls(found)
 
-    def _span(self, item: str) -> tuple[int, int, int] | None:
-        """(family, first, last) of an address or network; None if it is not one."""
-        m = _V4.match(item)
-        if m:
-            octets = [int(x) for x in m.group(1, 2, 3, 4)]
-            prefix = int(m.group(5)) if m.group(5) is not None else 32
-            if max(octets) > 255 or prefix > 32:
-                return None
-            value = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
-            size = 1 << (32 - prefix)
-            first = value & ~(size - 1) & 0xFFFFFFFF
-            return 4, first, first + size - 1
-        try:
-            net = ipaddress.ip_network(item, strict=False)
-        except ValueError:
-            return None
-        return net.version, int(net.network_address), int(net.broadcast_address)
+    def overlaps(self, family: int, ranges: Ranges) -> bool:
+        own = self.spans[family]
+        return any(first <= hi and lo <= last for first, last in ranges for lo, hi in own)
+
+    def may_match(self, options: tuple[Option, ...]) -> bool:
+        """Whether a rule with these address options (all must match) may match a packet."""
+        return all(opt is None or self.overlaps(*opt) for opt in options)
 
     def meets(self, value: str, family: int) -> bool:
         """Whether the option value (``a``, ``a/n``, ``a/mask``, comma-separated) may match an
         address of the set; True when it cannot be read."""
-        for item in value.split(","):
-            span = self._span(item)
-            if span is None or span[0] != family:
-                return True   # a host name, a range, a set, a variable: keep the rule
-            _, first, last = span
-            if any(first <= hi and lo <= last for lo, hi in self.spans[family]):
-                return True
-        return False
+        ranges = _ranges(value, family)
+        return ranges is None or self.overlaps(family, ranges)
+
+
+Ranges = tuple[tuple[int, int], ...]      # (first, last) of each address of one option
+Option = tuple[int, Ranges] | None        # (family, ranges); None: unreadable, may match
+
+
+def _span(item: str) -> tuple[int, int, int] | None:
+    """(family, first, last) of an address or network; None if it is not one."""
+    m = _V4.match(item)
+    if m:
+        octets = [int(x) for x in m.group(1, 2, 3, 4)]
+        prefix = int(m.group(5)) if m.group(5) is not None else 32
+        if max(octets) > 255 or prefix > 32:
+            return None
+        value = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
+        size = 1 << (32 - prefix)
+        first = value & ~(size - 1) & 0xFFFFFFFF
+        return 4, first, first + size - 1
+    try:
+        net = ipaddress.ip_network(item, strict=False)
+    except ValueError:
+        return None
+    return net.version, int(net.network_address), int(net.broadcast_address)
+
+
+def _ranges(value: str, family: int) -> Ranges | None:
+    """The ranges of a comma-separated option value; None if any part cannot be read (a host
+    name, a range, a set, a variable) or is of another family."""
+    found = []
+    for item in value.split(","):
+        span = _span(item)
+        if span is None or span[0] != family:
+            return None
+        found.append((span[1], span[2]))
+    return tuple(found)
+
+
+class _Rule(NamedTuple):
+    """A rule the sandbox might leave out: its line, its shape, its address options."""
+
+    line: int
+    shape: str
+    options: tuple[Option, ...]
+
+
+# The analysis of a text does not depend on the addresses: the lockout check and the exposure
+# (two threads, the same current and candidate texts) share it.
+_CACHE: OrderedDict[tuple[str, int, str], tuple[list[str], list[_Rule]]] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def _analysed(kind: str, family: int, text: str,
+              analyse: Callable[[list[str]], list[_Rule]]) -> tuple[list[str], list[_Rule]]:
+    key = (kind, family, text)
+    with _CACHE_LOCK:
+        found = _CACHE.get(key)
+        if found is None:
+            lines = text.split("\n")
+            found = (lines, analyse(lines))
+            _CACHE[key] = found
+            while len(_CACHE) > 8:
+                _CACHE.popitem(last=False)
+        return found
+
+
+def _apply(lines: list[str], rules: list[_Rule], addresses: AddressSet) -> Pruned:
+    """Blank the rules that cannot match, but keep the first of each shape."""
+    out: list[str] | None = None
+    shapes: set[str] = set()
+    left_out = 0
+    for rule in rules:
+        if addresses.may_match(rule.options) or rule.shape not in shapes:
+            shapes.add(rule.shape)
+            continue
+        if out is None:
+            out = list(lines)
+        out[rule.line] = ""
+        left_out += 1
+    return Pruned("\n".join(out) if out is not None else "\n".join(lines), left_out)
 
 
 @dataclass
@@ -125,9 +191,12 @@ def rewrites_addresses(texts: Iterable[str]) -> bool:
 
 def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
     """``text`` (iptables-save format) without the ``-A`` rules no sandbox packet can match."""
-    lines = text.split("\n")
-    out = list(lines)
-    left_out = 0
+    return _apply(*_analysed("ipt", family, text, lambda lines: _ipt_rules(lines, family)),
+                  addresses)
+
+
+def _ipt_rules(lines: list[str], family: int) -> list[_Rule]:
+    found: list[_Rule] = []
     start = 0
     while start < len(lines):
         if not lines[start].startswith("*"):
@@ -137,32 +206,18 @@ def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
         while end < len(lines) and lines[end].strip() != "COMMIT":
             end += 1
         block = range(start + 1, end)
-        if not any(_IPT_POSITIONAL.match(lines[i]) for i in block):
-            left_out += _prune_block(lines, out, block, addresses, family)
+        if not any(_IPT_POSITIONAL.match(lines[i]) for i in block):   # positions would move
+            for i in block:
+                if lines[i].lstrip().startswith(("-A ", "--append ", "[")):
+                    rule = _ipt_rule(i, lines[i], family)
+                    if rule is not None:
+                        found.append(rule)
         start = end + 1
-    return Pruned("\n".join(out), left_out)
+    return found
 
 
-def _prune_block(lines: list[str], out: list[str], block: range, addresses: AddressSet,
-                 family: int) -> int:
-    shapes: set[str] = set()
-    left_out = 0
-    for i in block:
-        line = lines[i]
-        stripped = line.lstrip()
-        if not stripped.startswith(("-A ", "--append ", "[")):
-            continue
-        shape, can_match = _ipt_shape(line, addresses, family)
-        if can_match or shape not in shapes:
-            shapes.add(shape)
-            continue
-        out[i] = ""
-        left_out += 1
-    return left_out
-
-
-def _ipt_shape(line: str, addresses: AddressSet, family: int) -> tuple[str, bool]:
-    """(the rule without counters and addresses, whether it may match a sandbox packet)."""
+def _ipt_rule(index: int, line: str, family: int) -> _Rule | None:
+    """The rule's shape and address options; None if it has none the sandbox can rule out."""
     fast = _IPT_FAST_V4.fullmatch(line) if family == 4 else None
     if fast and not _IPT_SLOW.search(fast.group(7)):   # "-A C -s a.b.c.d/n REST", iptables-save's
         octets = [int(x) for x in fast.group(2, 3, 4, 5)]   # own order: most rules of a big set
@@ -171,29 +226,26 @@ def _ipt_shape(line: str, addresses: AddressSet, family: int) -> tuple[str, bool
             size = 1 << (32 - prefix)
             first = ((octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]) \
                 & ~(size - 1) & 0xFFFFFFFF
-            last = first + size - 1
-            can_match = any(first <= hi and lo <= last for lo, hi in addresses.spans[4])
-            return f"-A {fast.group(1)} -s * {fast.group(7)}", can_match
+            return _Rule(index, f"-A {fast.group(1)} -s * {fast.group(7)}",
+                         ((4, ((first, first + size - 1),)),))
     body = _IPT_COUNTERS.sub("", line) if line.lstrip().startswith("[") else line
     if '"' in body or "'" in body or body.rstrip().endswith("\\"):
-        return body, True
-    found = list(_IPT_ADDRESS.finditer(body))
-    if not found:
-        return body, True
-    can_match = True
-    for m in found:
-        if m.group(1) is None and not addresses.meets(m.group(3), family):
-            can_match = False
+        return None
+    found = [m for m in _IPT_ADDRESS.finditer(body) if m.group(1) is None]   # not negated
+    options = [(family, r) for r in (_ranges(m.group(3), family) for m in found) if r is not None]
+    if not options:
+        return None
     shape = _IPT_ADDRESS.sub(lambda m: f" {m.group(1) or ''}{m.group(2)} *", body)
-    return shape, can_match
+    return _Rule(index, shape, tuple(options))
 
 
 def prune_nft(text: str, addresses: AddressSet) -> Pruned:
     """``text`` (an nft file or listing) without the chain rules no sandbox packet can match."""
-    lines = text.split("\n")
-    out = list(lines)
-    shapes: set[str] = set()
-    left_out = 0
+    return _apply(*_analysed("nft", 0, text, _nft_rules), addresses)
+
+
+def _nft_rules(lines: list[str]) -> list[_Rule]:
+    found: list[_Rule] = []
     in_chain = False
     depth = 0
     continued = False
@@ -213,25 +265,23 @@ def prune_nft(text: str, addresses: AddressSet) -> Pruned:
         stripped = line.strip()
         if not stripped or stripped.startswith("#") or ";" in stripped or '"' in stripped:
             continue
-        shape, can_match = _nft_shape(stripped, addresses)
-        if can_match or shape not in shapes:
-            shapes.add(shape)
-            continue
-        out[i] = ""
-        left_out += 1
-    return Pruned("\n".join(out), left_out)
+        rule = _nft_rule(i, stripped)
+        if rule is not None:
+            found.append(rule)
+    return found
 
 
-def _nft_shape(rule: str, addresses: AddressSet) -> tuple[str, bool]:
-    found = list(_NFT_ADDRESS.finditer(rule))
-    if not found:
-        return rule, True
-    can_match = True
-    for m in found:
+def _nft_rule(index: int, rule: str) -> _Rule | None:
+    options: list[Option] = []
+    for m in _NFT_ADDRESS.finditer(rule):
         value = m.group(3)
         if value in ("!=", "==", "ne", "eq") or value.startswith(("@", "$")):
             continue
-        if not addresses.meets(value, 6 if m.group(1) == "ip6" else 4):
-            can_match = False
-    shape = _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule)
-    return shape, can_match
+        family = 6 if m.group(1) == "ip6" else 4
+        ranges = _ranges(value, family)
+        if ranges is not None:
+            options.append((family, ranges))
+    if not options:
+        return None
+    return _Rule(index, _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule),
+                 tuple(options))
