@@ -136,8 +136,7 @@ class _Rounds:
     def run(self, listeners: list[Listener], rounds: list[str], report: ReachReport) -> None:
         problems = {x.key(): self.plan.unplaced(x) for x in listeners}
         try:
-            self.sandbox.build(self.plan.links, self.plan.lo_addresses)
-            self.sandbox.start_agents(client_side=True, script=AGENT)
+            self.sandbox.build(self.plan.links, self.plan.lo_addresses, agents=(True, AGENT))
             for listener in listeners:
                 if problems[listener.key()] is None:
                     problems[listener.key()] = self._serve(listener)

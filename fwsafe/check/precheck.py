@@ -8,10 +8,12 @@ the command is first run on a copy of this host's firewall in a scratch namespac
 from __future__ import annotations
 
 from collections.abc import Mapping
+from concurrent.futures import Future
 
 from fwsafe.backends import available_layers, layer_for
 from fwsafe.check.clients import default_sessions
 from fwsafe.check.predict import CheckReport, predict
+from fwsafe.check.prune import warm
 from fwsafe.check.simulate import simulate
 from fwsafe.core.change import Change
 
@@ -49,3 +51,25 @@ def precheck(change: Change, *, clients: list[str] | None = None, port: int | No
     servers = {s.client: s.server for s in sessions if s.client in chosen}
     return predict(layers, clients=chosen, port=port or default_port,
                    servers=servers, validate=False, captured=captured)
+
+
+def warm_up(change: Change) -> None:
+    """The lockout check's work that needs only the change (fwsafe.check.prune.warm), done
+    ahead, e.g. while the host's firewall is read; never raises."""
+    if change.run is not None:
+        return
+    try:
+        warm(candidate_layers(change))
+    except Exception:  # noqa: BLE001 - only a head start: the check does it all again
+        return
+
+
+def warm_current(captured: Mapping[str, Future[bytes]]) -> None:
+    """The same head start for the host's layers, each as soon as it is read; never raises."""
+    for name, future in captured.items():
+        if name not in CHECKED_LAYERS:
+            continue
+        try:
+            warm({name: (future.result(), name)})
+        except Exception:  # noqa: BLE001 - only a head start
+            continue

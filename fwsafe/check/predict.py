@@ -48,7 +48,7 @@ from fwsafe.check.host import (
 )
 from fwsafe.check.loading import SandboxFirewall
 from fwsafe.check.rules import LIMITS
-from fwsafe.check.sandbox import Sandbox, SandboxError
+from fwsafe.check.sandbox import AGENT, Sandbox, SandboxError
 from fwsafe.core.change import Change, validate_change
 from fwsafe.errors import EnvironmentProblem, FwsafeError, UsageError
 from fwsafe.runner import require_binary
@@ -338,8 +338,8 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
                            *clients, *(p.server for p in paths if p.server), *lo_addresses])
         prober = Prober(firewall, timeout)
         try:
-            sandbox.build(links, lo_addresses)
-            sandbox.start_agents(client_side=any(not p.local for p in testable))
+            sandbox.build(links, lo_addresses,
+                          agents=(any(not p.local for p in testable), AGENT))
             assert sandbox.srv_agent is not None
             listening = sandbox.srv_agent.request({"op": "listen", "port": port})
             if not listening.get("ok"):

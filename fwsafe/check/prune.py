@@ -25,15 +25,16 @@ Left-out lines are blanked, not removed: line numbers, and so the naming of culp
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["AddressSet", "Pruned", "rewrites_addresses", "prune_iptables", "prune_nft"]
+__all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses", "warm"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -191,7 +192,7 @@ def rewrites_addresses(texts: Iterable[str]) -> bool:
 
 def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
     """``text`` (iptables-save format) without the ``-A`` rules no sandbox packet can match."""
-    return _apply(*_analysed("ipt", family, text, lambda lines: _ipt_rules(lines, family)),
+    return _apply(*_analysed("ipt", family, text, functools.partial(_ipt_rules, family=family)),
                   addresses)
 
 
@@ -285,3 +286,16 @@ def _nft_rule(index: int, rule: str) -> _Rule | None:
         return None
     return _Rule(index, _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule),
                  tuple(options))
+
+
+def warm(layers: Mapping[str, tuple[bytes, str]]) -> None:
+    """Analyse a candidate's files ahead of time (layer -> (content, source), as the check
+    loads them), e.g. in a thread while the host's firewall is read and the change validated:
+    the sandbox's pruning then finds the work done."""
+    for name, (content, _) in layers.items():
+        text = content.decode(errors="replace")
+        if name in ("ipv4", "ipv6"):
+            family = 4 if name == "ipv4" else 6
+            _analysed("ipt", family, text, functools.partial(_ipt_rules, family=family))
+        elif name == "nft":
+            _analysed("nft", 0, text, _nft_rules)

@@ -239,8 +239,11 @@ class Sandbox:
         return run(self.in_srv(argv), input=input, timeout=timeout)
 
     # -- building ----------------------------------------------------------------------------------
-    def build(self, links: list[LinkPlan], lo_addresses: list[str]) -> None:
-        """Create both namespaces, the veth pairs, addresses, routes and neighbour entries."""
+    def build(self, links: list[LinkPlan], lo_addresses: list[str], *,
+              agents: tuple[bool, Path] | None = None) -> None:
+        """Create both namespaces, the veth pairs, addresses, routes and neighbour entries.
+        `agents` (client_side, script): start the agents too, while the links are wired (they
+        start in moments of their own; then they are waited for)."""
         self.links = links
         for name in (self.srv, self.cli):
             try:
@@ -250,10 +253,14 @@ class Sandbox:
                     f"cannot create the sandbox network namespace {name}: {exc}",
                     hint="fwsafe check needs root and network namespaces (`ip netns add`)",
                 ) from exc
+        if agents is not None:
+            self.launch_agents(*agents)
         try:
             self._wire(links, lo_addresses)
         except NetnsError as exc:
             raise SandboxError(str(exc)) from exc
+        if agents is not None:
+            self.wait_agents()
 
     def _wire(self, links: list[LinkPlan], lo_addresses: list[str]) -> None:
         ns = self.namespaces
@@ -275,10 +282,17 @@ class Sandbox:
     def start_agents(self, client_side: bool, *, script: Path = AGENT) -> None:
         """An agent in the server namespace (and one in the client's): the check's own, or
         another `script` speaking the same one-JSON-line protocol (the audit's)."""
+        self.launch_agents(client_side, script)
+        self.wait_agents()
+
+    def launch_agents(self, client_side: bool, script: Path = AGENT) -> None:
         argv = [sys.executable, "-I", str(script)]
         self.srv_agent = AgentProcess(self.in_srv(argv), "server-side")
         if client_side:
             self.cli_agent = AgentProcess(self.in_cli(argv), "client-side")
+
+    def wait_agents(self) -> None:
+        assert self.srv_agent is not None
         self.srv_agent.wait_ready()
         if self.cli_agent is not None:
             self.cli_agent.wait_ready()

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 import click
 
 from fwsafe import runner
-from fwsafe.cli.common import EXIT_CODES_EPILOG, RAW_ARGS, VERBOSITY
-from fwsafe.cli.common import register as register_commands
+from fwsafe.cli.common import EXIT_CODES_EPILOG, RAW_ARGS, VERBOSITY, LazyGroup
 from fwsafe.cli.failure import fail, internal_error, may_be_live, state_dir_of, wants_json
 from fwsafe.cli.version import show_version
 from fwsafe.core.statedir import RESOLVED
@@ -19,7 +18,8 @@ from fwsafe.errors import ExitCode, FwsafeError
 from fwsafe.guard import spawn as guard
 
 
-@click.group(epilog=EXIT_CODES_EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, epilog=EXIT_CODES_EPILOG,
+             context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True,
               callback=show_version,
               help="Show the version, how fwsafe was installed and the backends found.")
@@ -37,9 +37,6 @@ def cli() -> None:
       fwsafe confirm                        # proves new SSH logins still work
     """
 
-
-
-register_commands(cli)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 import click
 
 from fwsafe.check.host import capture_host
-from fwsafe.check.precheck import candidate_layers
+from fwsafe.check.precheck import candidate_layers, warm_up
 from fwsafe.check.predict import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
+from fwsafe.check.prune import warm
 from fwsafe.cli.common import RAW_ARGS, VERBOSITY
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
@@ -82,7 +83,7 @@ def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
     # check and the exposure alike.
     tick.step("reading the live firewall and validating the rules")
     pool = ThreadPoolExecutor(max_workers=1)
-    host = pool.submit(capture_host)
+    host = pool.submit(_capture_and_warm)
     pool.shutdown(wait=False)
     validated = False
     if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
@@ -101,6 +102,9 @@ def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
             change.partial = True
             change = resolve_partial(change, {name: layer_for(name).capture()
                                               for name in change.layers})
+        warming = ThreadPoolExecutor(max_workers=1)
+        warming.submit(warm_up, change)   # beside the validation, for the sandbox's pruning
+        warming.shutdown(wait=False)
         validate_change(change)
         validated = True
     captured = host.result()
@@ -149,6 +153,14 @@ def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
     if report.lockout:
         raise LockoutPredicted(report.lockout_message(),
                                hint="nothing was changed; fix the rule named above and check again")
+
+
+def _capture_and_warm() -> dict[str, bytes]:
+    """The host's layers, and a head start on the sandbox's pruning of them."""
+    captured = capture_host()
+    warm({name: (content, name) for name, content in captured.items()
+          if name in ("ipv4", "ipv6", "nft")})
+    return captured
 
 
 def _exposure(layers: dict[str, tuple[bytes, str]], timeout: float,

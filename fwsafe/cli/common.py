@@ -1,8 +1,9 @@
 """What the CLI's command modules share.
 
-Every command module of this package exposes `COMMANDS`, a list of click commands; `register()`
-adds them to the main group. The core commands (apply, confirm, revert, extend, status,
-recover) are in `fwsafe.cli` itself.
+Every command module of this package exposes `COMMANDS`, a list of click commands. The main
+group (`LazyGroup`) imports a module only when one of its commands runs (or `--help` lists
+them): `fwsafe revert` does not pay for importing the check, the audit and the rest.
+`COMMAND_TABLE` says which module holds which command (a unit test keeps it true).
 """
 
 from __future__ import annotations
@@ -29,14 +30,40 @@ from fwsafe.errors import EXIT_CODE_HELP
 RAW_ARGS: list[str] = []
 COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
                    "audit", "sshd")
+COMMAND_TABLE = {
+    "apply": "apply", "ufw": "apply",
+    "confirm": "transaction", "revert": "transaction", "extend": "transaction",
+    "recover": "transaction", "status": "transaction",
+    "demo": "demo", "check": "check", "diff": "diff",
+    "history": "history", "show": "history", "history-diff": "history", "rollback": "history",
+    "probe": "probe", "rescue": "rescue", "install-boot-hook": "rescue",
+    "audit": "audit", "sshd": "sshd",
+}
 
 
-def register(group: click.Group) -> None:
-    for name in COMMAND_MODULES:
-        module = importlib.import_module(f"fwsafe.cli.{name}")
-        for command in getattr(module, "COMMANDS", []):
+def load_module(group: click.Group, module_name: str) -> None:
+    """Add the commands of ``fwsafe.cli.<module_name>`` to `group` (with -q/-v)."""
+    module = importlib.import_module(f"fwsafe.cli.{module_name}")
+    for command in getattr(module, "COMMANDS", []):
+        if command.name not in group.commands:
             add_output_options(command)
             group.add_command(command)
+
+
+class LazyGroup(click.Group):
+    """The main group: a command's module is imported when the command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(COMMAND_TABLE))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_TABLE:
+            load_module(self, COMMAND_TABLE[cmd_name])
+        return self.commands.get(cmd_name)
+
+    def load_all(self) -> None:
+        for name in COMMAND_MODULES:
+            load_module(self, name)
 
 
 # -- how much to say ---------------------------------------------------------------------------

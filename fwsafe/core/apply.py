@@ -208,7 +208,7 @@ class ApplyFlow:
             self._ensure_boot_hook(change, options)
             layers = available_layers()
             layers += [name for name in change.layers if name not in layers]  # e.g. sshd's
-            with ThreadPoolExecutor(max_workers=len(layers) + 1) as pool:
+            with ThreadPoolExecutor(max_workers=len(layers) + 3) as pool:
                 # The layers are read while the change is validated, and the lockout check
                 # uses that reading. The snapshot must be as close as can be to the change:
                 # right before the guard starts, what may have changed since is read again
@@ -216,6 +216,11 @@ class ApplyFlow:
                 options.step("reading the live firewall and validating the change")
                 generation = nflist.generation()
                 captures = start_capture(pool, layers)
+                if options.check and not change.partial:
+                    from fwsafe.check.precheck import warm_current, warm_up
+
+                    pool.submit(warm_up, change)
+                    pool.submit(warm_current, captures)
                 if change.partial:
                     complete = resolve_partial(change, collect(captures, list(change.layers)))
                 else:

@@ -13,6 +13,7 @@ import pytest
 
 import fwsafe.cli as cli
 from fwsafe.cli import common
+from fwsafe.cli.common import COMMAND_MODULES, COMMAND_TABLE, LazyGroup
 from fwsafe.cli.version import install_kind
 
 
@@ -24,7 +25,8 @@ def fwsafe(*args: str, env: dict[str, str] | None = None) -> subprocess.Complete
 
 def all_commands() -> list[tuple[str, click.Command]]:
     out: list[tuple[str, click.Command]] = []
-    assert isinstance(cli.cli, click.Group)
+    assert isinstance(cli.cli, LazyGroup)
+    cli.cli.load_all()
     for name, command in cli.cli.commands.items():
         out.append((name, command))
         if isinstance(command, click.Group):
@@ -94,3 +96,23 @@ def test_completion_offers_transaction_and_history_ids(tmp_path: Path) -> None:
     env["COMP_WORDS"] = "fwsafe show 2026"
     result = fwsafe(env=env)
     assert "20261130T050000Z-cccc" in result.stdout and ".lock" not in result.stdout
+
+
+def test_the_lazy_command_table_is_true() -> None:
+    """Every module's commands are in COMMAND_TABLE under that module, and nothing else is."""
+    import importlib
+
+    found = {}
+    for module in COMMAND_MODULES:
+        for command in importlib.import_module(f"fwsafe.cli.{module}").COMMANDS:
+            found[command.name] = module
+    assert found == COMMAND_TABLE
+
+
+def test_a_command_imports_only_its_own_module() -> None:
+    probe = ("import sys; from fwsafe.cli import main; sys.argv=['fwsafe','status','--help'];\n"
+             "try: main()\nexcept SystemExit: pass\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('fwsafe.audit', 'fwsafe.cli.check'))))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr

@@ -96,3 +96,14 @@ def test_address_rewrites_switch_pruning_off() -> None:
     assert rewrites_addresses(["\t\ttcp dport 22 dnat ip to 10.9.9.9"])
     assert not rewrites_addresses(["-A POSTROUTING -j MASQUERADE --to-ports 1024-2000",
                                    "\t\tmasquerade"])
+
+
+def test_warm_analyses_ahead_and_pruning_gives_the_same() -> None:
+    from fwsafe.check import prune
+
+    text = ipt(*(f"-A INPUT -s 198.51.{i // 250}.{i % 250 + 1}/32 -j DROP" for i in range(300)))
+    cold = prune_iptables(text, SANDBOX, 4)
+    prune._CACHE.clear()
+    prune.warm({"ipv4": (text.encode(), "x.rules")})
+    assert any(key[2] == text for key in prune._CACHE)
+    assert prune_iptables(text, SANDBOX, 4) == cold and cold.left_out == 299
