@@ -64,12 +64,21 @@ def warm_up(change: Change) -> None:
         return
 
 
-def warm_current(captured: Mapping[str, Future[bytes]]) -> None:
-    """The same head start for the host's layers, each as soon as it is read; never raises."""
-    for name, future in captured.items():
-        if name not in CHECKED_LAYERS:
-            continue
-        try:
-            warm({name: (future.result(), name)})
-        except Exception:  # noqa: BLE001 - only a head start
-            continue
+def warm_layers(captured: Mapping[str, bytes]) -> None:
+    """The same head start for the host's layers as read; never raises."""
+    try:
+        warm({name: (content, name) for name, content in captured.items()
+              if name in CHECKED_LAYERS})
+    except Exception:  # noqa: BLE001 - only a head start
+        return
+
+
+def warm_current(captures: Mapping[str, Future[bytes]]) -> None:
+    """The same, each layer as soon as it is read; never raises."""
+    for name, future in captures.items():
+        if name in CHECKED_LAYERS:
+            try:
+                content = future.result()
+            except Exception:  # noqa: BLE001 - the snapshot says why, not this head start
+                continue
+            warm_layers({name: content})

@@ -99,18 +99,24 @@ Ranges = tuple[tuple[int, int], ...]      # (first, last) of each address of one
 Option = tuple[int, Ranges] | None        # (family, ranges); None: unreadable, may match
 
 
+def _v4_range(a: str, b: str, c: str, d: str, prefix: str | None) -> tuple[int, int] | None:
+    """(first, last) of the IPv4 network a.b.c.d/prefix (digits as matched); None if invalid."""
+    octets = [int(a), int(b), int(c), int(d)]
+    bits = int(prefix) if prefix is not None else 32
+    if max(octets) > 255 or bits > 32:
+        return None
+    size = 1 << (32 - bits)
+    first = ((octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]) \
+        & ~(size - 1) & 0xFFFFFFFF
+    return first, first + size - 1
+
+
 def _span(item: str) -> tuple[int, int, int] | None:
     """(family, first, last) of an address or network; None if it is not one."""
     m = _V4.match(item)
     if m:
-        octets = [int(x) for x in m.group(1, 2, 3, 4)]
-        prefix = int(m.group(5)) if m.group(5) is not None else 32
-        if max(octets) > 255 or prefix > 32:
-            return None
-        value = (octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]
-        size = 1 << (32 - prefix)
-        first = value & ~(size - 1) & 0xFFFFFFFF
-        return 4, first, first + size - 1
+        found = _v4_range(*m.group(1, 2, 3, 4, 5))
+        return (4, *found) if found is not None else None
     try:
         net = ipaddress.ip_network(item, strict=False)
     except ValueError:
@@ -221,14 +227,9 @@ def _ipt_rule(index: int, line: str, family: int) -> _Rule | None:
     """The rule's shape and address options; None if it has none the sandbox can rule out."""
     fast = _IPT_FAST_V4.fullmatch(line) if family == 4 else None
     if fast and not _IPT_SLOW.search(fast.group(7)):   # "-A C -s a.b.c.d/n REST", iptables-save's
-        octets = [int(x) for x in fast.group(2, 3, 4, 5)]   # own order: most rules of a big set
-        prefix = int(fast.group(6))
-        if max(octets) <= 255 and prefix <= 32:
-            size = 1 << (32 - prefix)
-            first = ((octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]) \
-                & ~(size - 1) & 0xFFFFFFFF
-            return _Rule(index, f"-A {fast.group(1)} -s * {fast.group(7)}",
-                         ((4, ((first, first + size - 1),)),))
+        span = _v4_range(*fast.group(2, 3, 4, 5, 6))    # own order: most rules of a big set
+        if span is not None:
+            return _Rule(index, f"-A {fast.group(1)} -s * {fast.group(7)}", ((4, (span,)),))
     body = _IPT_COUNTERS.sub("", line) if line.lstrip().startswith("[") else line
     if '"' in body or "'" in body or body.rstrip().endswith("\\"):
         return None

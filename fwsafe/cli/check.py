@@ -11,9 +11,8 @@ from typing import Any
 import click
 
 from fwsafe.check.host import capture_host
-from fwsafe.check.precheck import candidate_layers, warm_up
+from fwsafe.check.precheck import candidate_layers, warm_layers, warm_up
 from fwsafe.check.predict import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
-from fwsafe.check.prune import warm
 from fwsafe.cli.common import RAW_ARGS, VERBOSITY
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
@@ -71,20 +70,20 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
 
     Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules.
     """
-    with StepTicker(sys.stderr, total=2, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
-        _check(tick, rules, rules6, clients, port, backend, timeout_s, partial, no_exposure,
-               as_json)
+    # Beside the main thread: reading the host, the pruning analysis, the exposure's sandbox.
+    with StepTicker(sys.stderr, total=2, enabled=not as_json and VERBOSITY[0] >= 0) as tick, \
+            ThreadPoolExecutor(max_workers=3) as pool:
+        _check(tick, pool, rules, rules6, clients, port, backend, timeout_s, partial,
+               no_exposure, as_json)
 
 
-def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
-           clients: tuple[str, ...], port: int | None, backend: str, timeout_s: float,
-           partial: bool, no_exposure: bool, as_json: bool) -> None:
+def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
+           rules6: str | None, clients: tuple[str, ...], port: int | None, backend: str,
+           timeout_s: float, partial: bool, no_exposure: bool, as_json: bool) -> None:
     # The host's firewall is read once, while the candidate is validated, for the lockout
     # check and the exposure alike.
     tick.step("reading the live firewall and validating the rules")
-    pool = ThreadPoolExecutor(max_workers=1)
     host = pool.submit(_capture_and_warm)
-    pool.shutdown(wait=False)
     validated = False
     if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         from fwsafe.backends.ufw import prepare_command
@@ -102,9 +101,7 @@ def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
             change.partial = True
             change = resolve_partial(change, {name: layer_for(name).capture()
                                               for name in change.layers})
-        warming = ThreadPoolExecutor(max_workers=1)
-        warming.submit(warm_up, change)   # beside the validation, for the sandbox's pruning
-        warming.shutdown(wait=False)
+        pool.submit(warm_up, change)   # beside the validation, for the sandbox's pruning
         validate_change(change)
         validated = True
     captured = host.result()
@@ -123,16 +120,12 @@ def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
     # of namespaces); an invalid candidate fails the lockout check first, as before.
     tick.step("predicting a lockout" + ("" if no_exposure else " and the exposure")
               + " in scratch namespaces")
-    side = ThreadPoolExecutor(max_workers=1)
-    pending = None if no_exposure or not validated else side.submit(
+    pending = None if no_exposure or not validated else pool.submit(
         _exposure, layers, timeout_s, captured)
-    try:
-        report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
-                         timeout=timeout_s, validate=not validated, captured=captured)
-        exposure = None if no_exposure else (
-            pending.result() if pending is not None else _exposure(layers, timeout_s, captured))
-    finally:
-        side.shutdown(wait=True)
+    report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
+                     timeout=timeout_s, validate=not validated, captured=captured)
+    exposure = None if no_exposure else (
+        pending.result() if pending is not None else _exposure(layers, timeout_s, captured))
     if as_json:
         data = report.to_json()
         if exposure is not None:
@@ -158,8 +151,7 @@ def _check(tick: StepTicker, rules: tuple[str, ...], rules6: str | None,
 def _capture_and_warm() -> dict[str, bytes]:
     """The host's layers, and a head start on the sandbox's pruning of them."""
     captured = capture_host()
-    warm({name: (content, name) for name, content in captured.items()
-          if name in ("ipv4", "ipv6", "nft")})
+    warm_layers(captured)
     return captured
 
 
