@@ -29,9 +29,9 @@ from fwsafe.audit.plan import Plan, Source, make_plan
 from fwsafe.check.attempts import find_not_checked
 from fwsafe.check.host import current_state, host_interfaces
 from fwsafe.check.loading import SandboxFirewall
-from fwsafe.check.predict import Terminated, signals_held, signals_raise
+from fwsafe.check.predict import scratch_sandbox
 from fwsafe.check.sandbox import Sandbox, SandboxError
-from fwsafe.errors import EnvironmentProblem, FwsafeError
+from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary
 
 __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "reachability"]
@@ -102,22 +102,14 @@ def reachability(listeners: Sequence[Listener], *,
     if not outside:
         report.rounds = {name: {} for name in rounds}
         return report
-    with signals_raise():
-        try:
-            sandbox = Sandbox(f"{os.getpid()}x")   # its own: it may run beside the check's
-            try:
-                firewall = SandboxFirewall(sandbox, layers, tools, native)
-                firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
-                                   *(s.address for s in plan.sources), *plan.lo_addresses,
-                                   *(a for link in plan.links for a, _ in link.addresses),
-                                   *(c for link in plan.links for c in link.clients)])
-                _Rounds(sandbox, firewall, plan, timeout).run(outside, rounds, report)
-            finally:
-                with signals_held():
-                    sandbox.close()
-        except Terminated as exc:
-            raise FwsafeError(f"interrupted by signal {exc.signum}; the sandbox was removed and "
-                              "nothing was changed") from exc
+    # its own sandbox: it may run beside the check's
+    with scratch_sandbox(f"{os.getpid()}x") as sandbox:
+        firewall = SandboxFirewall(sandbox, layers, tools, native)
+        firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
+                           *(s.address for s in plan.sources), *plan.lo_addresses,
+                           *(a for link in plan.links for a, _ in link.addresses),
+                           *(c for link in plan.links for c in link.clients)])
+        _Rounds(sandbox, firewall, plan, timeout).run(outside, rounds, report)
     return report
 
 

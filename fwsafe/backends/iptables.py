@@ -292,12 +292,11 @@ class IptablesLayer(Layer):
             return uses_nf_tables()
         return True
 
-    def _deletes_tables(self) -> bool:
+    def in_nf_tables(self) -> bool:
+        """iptables-nft keeps its tables in nf_tables (and can delete a whole table)."""
         return not self.family.legacy and uses_nf_tables(self.family.save)
 
     # -- capture / validate / apply -------------------------------------------------------
-    def in_nf_tables(self) -> bool:
-        return not self.family.legacy and uses_nf_tables(self.family.save)
 
     def capture(self, on_retry: RetryLog | None = None) -> bytes:
         result = run_persistently([require_binary(self.family.save)], timeout=120,
@@ -424,7 +423,7 @@ class IptablesLayer(Layer):
         payload: list[str] = []
         drop: list[str] = []
         for name, target in targets.items():
-            if (target is None or target.is_empty()) and self._deletes_tables() \
+            if (target is None or target.is_empty()) and self.in_nf_tables() \
                     and name not in old:
                 drop.append(name)
                 continue

@@ -174,7 +174,7 @@ def current_state(layers: Mapping[str, tuple[bytes, str]],
         tool = IptTool(name, 4 if family.nft_family == "ip" else 6,
                        require_binary(family.save), require_binary(family.restore),
                        family.save.removesuffix("-save"),
-                       not family.legacy and uses_nf_tables(family.save))
+                       layer.in_nf_tables())
         try:
             tool.current = captured[name] if name in captured else layer.capture()
         except ApplyError as exc:

@@ -229,6 +229,23 @@ def signals_held() -> Iterator[None]:
             raise Terminated(pending[0])
 
 
+@contextmanager
+def scratch_sandbox(tag: str) -> Iterator[Sandbox]:
+    """A sandbox (``Sandbox(tag)``) that is removed whatever happens: SIGTERM/SIGHUP raise, and
+    are held while it is torn down; an interruption becomes a FwsafeError saying so."""
+    with signals_raise():
+        try:
+            sandbox = Sandbox(tag)
+            try:
+                yield sandbox
+            finally:
+                with signals_held():
+                    sandbox.close()
+        except Terminated as exc:
+            raise FwsafeError(f"interrupted by signal {exc.signum}; the sandbox was removed and "
+                              "nothing was changed") from exc
+
+
 def _endpoint(address: str | None, port: int) -> str:
     return f"[{address}]:{port}" if address and ":" in address else f"{address}:{port}"
 
@@ -293,19 +310,10 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
 
     report = CheckReport(clients=client_list, port=port,
                          layers={name: layers[name][1] for name in LAYERS if name in layers})
-    with signals_raise():
-        try:
-            sandbox = Sandbox(f"{os.getpid()}")
-            try:
-                if validate:
-                    _validate(layers)
-                _run(layers, client_list, hints, port, timeout, report, sandbox, captured)
-            finally:
-                with signals_held():
-                    sandbox.close()
-        except Terminated as exc:
-            raise FwsafeError(f"interrupted by signal {exc.signum}; the sandbox was removed and "
-                              "nothing was changed") from exc
+    with scratch_sandbox(f"{os.getpid()}") as sandbox:
+        if validate:
+            _validate(layers)
+        _run(layers, client_list, hints, port, timeout, report, sandbox, captured)
     report.duration_s = time.monotonic() - started
     return report
 
