@@ -1,3 +1,3 @@
-from fwsafe.cli import main
+from fwsafe.entry import main
 
 main()

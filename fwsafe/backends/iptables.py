@@ -87,6 +87,27 @@ def parse_tables(text: str) -> dict[str, list[str]]:
     return tables
 
 
+# A declaration line: `*table`, `:chain ...` or COMMIT. Matched after the newline that starts
+# it (a literal the regex engine searches for fast), on the text with "\n" put in front.
+_DECLARATION = re.compile(r"\n(?:\*(?P<table>[^\n]*)|:(?P<chain>\S+)[^\n]*|(?P<commit>COMMIT)"
+                          r"[ \t\r\f\v]*(?=\n|\Z))")
+
+
+def chain_names(text: str) -> dict[str, set[str]]:
+    """{table: the chains it declares}: what `parse_ruleset` finds, from the `*table`, `:chain`
+    and COMMIT lines alone (a fraction of the time on a large ruleset: no rule is looked at)."""
+    tables: dict[str, set[str]] = {}
+    current: set[str] | None = None
+    for match in _DECLARATION.finditer("\n" + text):
+        if match.group("table") is not None:
+            current = tables[match.group("table").strip()] = set()
+        elif match.group("commit") is not None:
+            current = None
+        elif current is not None:
+            current.add(match.group("chain"))
+    return tables
+
+
 @dataclass
 class Chain:
     name: str

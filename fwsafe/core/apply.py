@@ -7,6 +7,7 @@ proves it; otherwise the change may be live (exit 5).
 
 from __future__ import annotations
 
+import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -23,7 +24,7 @@ from fwsafe.backends import (
     nflist,
 )
 from fwsafe.config import DEFAULT_MAX_TIMEOUT
-from fwsafe.core import snapshot, transaction
+from fwsafe.core import prefetch, snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
 from fwsafe.core.statedir import StateDir, make_private_dir
 from fwsafe.core.transaction import Record
@@ -168,6 +169,35 @@ def collect(captures: dict[str, Future[bytes]], needed: list[str]) -> dict[str, 
     return captured
 
 
+def remove_abandoned(state: StateDir) -> None:
+    """Transactions whose preparation was cut short (the CLI was killed while it read or
+    checked): a directory with the guard's pipe still in it and no record, so its guard
+    never went (the record is written before that, the pipe removed after). Under the
+    state directory's lock nobody else is preparing one."""
+    try:
+        found = [p for p in state.tx_root.iterdir()
+                 if p.is_dir() and not p.is_symlink() and (p / guard.GO_FIFO).is_fifo()
+                 and not transaction.record_path(state, p.name).exists()]
+    except FileNotFoundError:
+        return
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_snapshot(state: StateDir, tx_id: str, change: Change | None, captured: dict[str, bytes],
+                  written: dict[str, bytes] | None = None) -> None:
+    """Write the snapshot (and the change) into the transaction's directory; with
+    `written`, only what differs from what was written before (and remove a layer that is
+    no longer part of it)."""
+    if change is not None:
+        snapshot.save(state, tx_id, snapshot.CHANGE, change.layers)
+    old = written or {}
+    snapshot.save(state, tx_id, snapshot.BEFORE,
+                  {name: data for name, data in captured.items() if old.get(name) != data})
+    for name in set(old) - set(captured):
+        snapshot.remove(state, tx_id, snapshot.BEFORE, name)
+
+
 class ApplyFlow:
     """One `apply`, from the checks to the guard's report that the change is live."""
 
@@ -208,64 +238,28 @@ class ApplyFlow:
             self._ensure_boot_hook(change, options)
             layers = available_layers()
             layers += [name for name in change.layers if name not in layers]  # e.g. sshd's
-            with ThreadPoolExecutor(max_workers=len(layers) + 3) as pool:
-                # The layers are read while the change is validated, and the lockout check
-                # uses that reading. The snapshot must be as close as can be to the change:
-                # right before the guard starts, what may have changed since is read again
-                # (`refresh`: nothing, when nf_tables' generation is still the same).
-                options.step("reading the live firewall and validating the change")
-                generation = nflist.generation()
-                captures = start_capture(pool, layers)
-                if options.check and not change.partial:
-                    from fwsafe.check.precheck import warm_current, warm_up
-
-                    pool.submit(warm_up, change)
-                    pool.submit(warm_current, captures)
-                if change.partial:
-                    complete = resolve_partial(change, collect(captures, list(change.layers)))
-                else:
-                    complete = change
-                validate_change(complete)
-                captured = collect(captures, list(change.layers))
-                if options.check:
-                    options.step("predicting a lockout in a scratch namespace")
-                verdict = lockout_check(complete, options, captured)
-                if options.before_apply is not None:
-                    options.step("trying what the change exposes, in a scratch namespace")
-                    options.before_apply(complete)
-                options.step("saving the snapshot")
-                captured = refresh(pool, captured, generation, list(change.layers))
-            refuse_deleting_neighbours(change, captured, options)
+            # The guard starts now, standing by: its start-up overlaps the reading and the
+            # checks. It applies nothing before it is told to go, once the record is saved;
+            # if the change is called off (or this process dies) it exits.
+            remove_abandoned(self.state)
             tx_id = transaction.new_tx_id()
-            make_private_dir(self.state.tx_dir(tx_id))
-            snapshot.save(self.state, tx_id, snapshot.BEFORE, captured)
-            snapshot.save(self.state, tx_id, snapshot.CHANGE, change.layers)
-            record = Record(
-                id=tx_id, state=transaction.PREPARING, created=time.time(),
-                timeout_s=options.timeout_s, backend="command" if change.run else "rules",
-                layers=list(change.layers), run=change.run, captured=sorted(captured),
-                watch=watched_layers(change, list(captured)), notes=change.notes,
-                who=transaction.who_am_i(), command=options.command, probes=options.probes,
-                options={"probe_interval": options.probe_interval,
-                         "probe_failures": options.probe_failures,
-                         "probe_timeout": options.probe_timeout,
-                         "confirm_on_probe": options.confirm_on_probe,
-                         "sources": change.sources,
-                         "partial": change.partial,
-                         "config": options.config_path,
-                         "max_timeout": options.max_timeout,
-                         "check": verdict},
-                boot_id=transaction.current_boot_id(),
-            )
-            record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
-            transaction.save_record(self.state, record)
-            self.state.set_current(tx_id)
+            tx_dir = self.state.tx_dir(tx_id)
+            make_private_dir(tx_dir)
+            standby: guard.Standby | None = None
+            try:
+                standby = guard.standby(self.state, tx_id, config_path=options.config_path)
+                record = self._prepare(tx_id, change, options, layers)
+            except BaseException:
+                if standby is not None:
+                    standby.call_off()
+                shutil.rmtree(tx_dir, ignore_errors=True)
+                raise
             # From here until the guard reports, Ctrl-C would leave the user not knowing
             # whether the change is live: ignore it (the guard takes moments to apply).
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 options.step("the guard is applying the change")
-                record = self._start_guard(record, options)
+                record = self._start_guard(record, options, standby)
             finally:
                 signal.signal(signal.SIGINT, previous)
         if record.state == transaction.PENDING:
@@ -282,6 +276,72 @@ class ApplyFlow:
                 f"transaction {record.id} is {record.state}: the change may be live",
                 hint=LIVE_HINT)
         raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
+
+    def _prepare(self, tx_id: str, change: Change, options: ApplyOptions,
+                 layers: list[str]) -> Record:
+        """Read, validate and check; save the snapshot and the record (`preparing`), the
+        transaction's current. Nothing is changed."""
+        with ThreadPoolExecutor(max_workers=len(layers) + 3) as pool:
+            # The layers are read while the change is validated, and the lockout check uses
+            # that reading. The snapshot must be as close as can be to the change: right
+            # before the guard is told to go, what may have changed since is read again
+            # (`refresh`: nothing, when nf_tables' generation is still the same).
+            options.step("reading the live firewall and validating the change")
+            ahead = prefetch.take()   # started by the `fwsafe` command before this was loaded
+            if ahead is not None:
+                generation = ahead.generation
+                captures = {name: ahead.captures[name] for name in layers
+                            if name in ahead.captures}
+                captures.update(start_capture(pool, [n for n in layers if n not in captures]))
+            else:
+                generation = nflist.generation()
+                captures = start_capture(pool, layers)
+            if options.check and not change.partial:
+                from fwsafe.check.precheck import warm_current, warm_up
+
+                pool.submit(warm_up, change)
+                pool.submit(warm_current, captures)
+            if change.partial:
+                complete = resolve_partial(change, collect(captures, list(change.layers)))
+            else:
+                complete = change
+            validate_change(complete)
+            captured = collect(captures, list(change.layers))
+            # Written (durably) while the checks run; a layer read again is written again.
+            saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
+            if options.check:
+                options.step("predicting a lockout in a scratch namespace")
+            verdict = lockout_check(complete, options, captured)
+            if options.before_apply is not None:
+                options.step("trying what the change exposes, in a scratch namespace")
+                options.before_apply(complete)
+            options.step("saving the snapshot")
+            fresh = refresh(pool, captured, generation, list(change.layers))
+            saving.result()
+        save_snapshot(self.state, tx_id, None, fresh, captured)
+        captured = fresh
+        refuse_deleting_neighbours(change, captured, options)
+        record = Record(
+            id=tx_id, state=transaction.PREPARING, created=time.time(),
+            timeout_s=options.timeout_s, backend="command" if change.run else "rules",
+            layers=list(change.layers), run=change.run, captured=sorted(captured),
+            watch=watched_layers(change, list(captured)), notes=change.notes,
+            who=transaction.who_am_i(), command=options.command, probes=options.probes,
+            options={"probe_interval": options.probe_interval,
+                     "probe_failures": options.probe_failures,
+                     "probe_timeout": options.probe_timeout,
+                     "confirm_on_probe": options.confirm_on_probe,
+                     "sources": change.sources,
+                     "partial": change.partial,
+                     "config": options.config_path,
+                     "max_timeout": options.max_timeout,
+                     "check": verdict},
+            boot_id=transaction.current_boot_id(),
+        )
+        record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
+        transaction.save_record(self.state, record)
+        self.state.set_current(tx_id)
+        return record
 
     def _ensure_boot_hook(self, change: Change, options: ApplyOptions) -> None:
         """A reboot while a change is pending must come back with the old rules: on a systemd
@@ -302,20 +362,26 @@ class ApplyFlow:
             change.notes.append(f"installed the boot recovery unit {boothook.UNIT_NAME}: a "
                                 "reboot while a change is pending comes back with the old rules")
 
-    def _start_guard(self, record: Record, options: ApplyOptions) -> Record:
-        """Start the guard and wait until it has applied the change (or refused it). Once the
-        guard may have started, an error says "nothing changed" (exit 3) only when the record
-        proves it (aborted under the transaction's lock); else the change may be live (exit 5)."""
+    def _start_guard(self, record: Record, options: ApplyOptions,
+                     standby: guard.Standby) -> Record:
+        """Tell the standing-by guard to go and wait until it has applied the change (or
+        refused it). Once the guard may have started, an error says "nothing changed" (exit 3)
+        only when the record proves it (aborted under the transaction's lock); else the change
+        may be live (exit 5)."""
         try:
-            guard.spawn(self.state, record.id, config_path=options.config_path)
-        except GuardError as exc:
-            latest = self.abort(record, str(exc))
-            if latest.state != transaction.ABORTED:
-                raise ChangeMayBeLiveError(
-                    f"{exc.message}; yet the guard started: transaction {record.id} is "
-                    f"{latest.state} and the change may be live", hint=LIVE_HINT) from exc
-            raise
-        return self._wait_for_guard(record)
+            try:
+                standby.go()
+            except GuardError as exc:
+                latest = self.abort(record, str(exc))
+                if latest.state != transaction.ABORTED:
+                    raise ChangeMayBeLiveError(
+                        f"{exc.message}; yet the guard started: transaction {record.id} is "
+                        f"{latest.state} and the change may be live", hint=LIVE_HINT) from exc
+                raise GuardError(exc.message, hint=f"nothing was changed (transaction {record.id} "
+                                 "is aborted); try again") from exc
+            return self._wait_for_guard(record)
+        finally:
+            standby.close()   # the guard has read `go` (or has been given up on)
 
     def abort(self, record: Record, why: str) -> Record:
         """Mark a transaction that is still preparing as aborted, under its lock (the guard
@@ -338,7 +404,7 @@ class ApplyFlow:
         started = time.monotonic()
         log = self.state.tx_dir(record.id) / "guard.log"
         while True:
-            time.sleep(0.02)
+            time.sleep(0.005)
             try:
                 record = transaction.load_record(self.state, record.id)
             except StateError as exc:

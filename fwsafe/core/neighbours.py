@@ -58,15 +58,14 @@ def owner_of_table(family_name: str) -> str | None:
 def deleted_by_iptables_file(layer: str, live: bytes, change: bytes) -> list[Neighbour]:
     """Neighbours' chains that exist live in a table the file replaces, and that the file does
     not declare: iptables-restore would delete them."""
-    from fwsafe.backends.iptables import parse_ruleset
+    from fwsafe.backends.iptables import chain_names
 
-    now = parse_ruleset(live.decode(errors="replace"))
+    now = chain_names(live.decode(errors="replace"))
     found = []
-    for name, table in parse_ruleset(change.decode(errors="replace")).items():
-        live_chains = now[name].chains if name in now else {}
-        for chain in live_chains:
+    for name, chains in chain_names(change.decode(errors="replace")).items():
+        for chain in sorted(now.get(name, ())):
             owner = owner_of_chain(chain)
-            if owner and chain not in table.chains:
+            if owner and chain not in chains:
                 found.append(Neighbour(owner, layer, f"{name}/{chain}"))
     return found
 
@@ -78,7 +77,7 @@ _DELETE_TABLE = re.compile(r"^\s*(?:delete|flush|destroy)\s+table\s+(\S+)\s+(\S+
 def deleted_by_nft_file(live: Mapping[str, bytes], change: bytes) -> list[Neighbour]:
     """Neighbours' tables (native nft, and chains in iptables-nft tables) that an nft file
     deletes: every one with `flush ruleset`, the named ones with `delete/flush table`."""
-    from fwsafe.backends.iptables import parse_ruleset
+    from fwsafe.backends.iptables import chain_names
     from fwsafe.backends.nftables import split_tables
 
     text = change.decode(errors="replace")
@@ -91,8 +90,8 @@ def deleted_by_nft_file(live: Mapping[str, bytes], change: bytes) -> list[Neighb
             found.append(Neighbour(owner, "nft", unit))
     if flush_all:  # `flush ruleset` also wipes the tables iptables-nft keeps
         for layer in ("ipv4", "ipv6"):
-            for name, table in parse_ruleset(live.get(layer, b"").decode(errors="replace")).items():
-                for chain in table.chains:
+            for name, chains in chain_names(live.get(layer, b"").decode(errors="replace")).items():
+                for chain in sorted(chains):
                     owner = owner_of_chain(chain)
                     if owner:
                         found.append(Neighbour(owner, layer, f"{name}/{chain}"))

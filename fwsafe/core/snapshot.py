@@ -17,6 +17,13 @@ def save(state: StateDir, tx_id: str, kind: str, data: dict[str, bytes]) -> None
         atomic_write(state.tx_dir(tx_id) / f"{kind}.{name}", content)
 
 
+def remove(state: StateDir, tx_id: str, kind: str, name: str) -> None:
+    try:
+        (state.tx_dir(tx_id) / f"{kind}.{name}").unlink()
+    except FileNotFoundError:
+        pass
+
+
 def load_optional(state: StateDir, tx_id: str, kind: str,
                   layer_names: Iterable[str]) -> dict[str, bytes]:
     """The layers of `kind` that were saved (a snapshot taken later may be missing)."""

@@ -134,6 +134,11 @@ def take_over(state: StateDir, tx_id: str, why: str) -> int:
     from fwsafe.core.recover import recover
     from fwsafe.errors import FwsafeError
 
+    if not transaction.record_path(state, tx_id).exists():
+        # Its guard stood by and was never told to go (fwsafe.guard.spawn.Standby): the record
+        # is written before that, so without one nothing was ever applied.
+        _log(f"transaction {tx_id} was called off before it was prepared: nothing to do")
+        return 0
     try:
         record = transaction.load_record(state, tx_id)
     except FwsafeError as exc:

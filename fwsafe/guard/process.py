@@ -46,7 +46,7 @@ from fwsafe.guard.backstop import BackstopKeeper
 from fwsafe.guard.clock import Deadline, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
 from fwsafe.guard.requests import listen, serve_one
-from fwsafe.guard.spawn import systemd_is_init
+from fwsafe.guard.spawn import systemd_is_init, wait_for_go
 
 OOM_SHIELD = -1000
 
@@ -347,17 +347,25 @@ def _detach_signals() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    standing_by = args[3:] == ["--standby"]
+    if standing_by:
+        args = args[:3]
     if len(args) != 3 or args[0] not in ("--daemonize", "--foreground"):
-        print("usage: python -m fwsafe.guard --daemonize|--foreground STATE_DIR TX_ID",
-              file=sys.stderr)
+        print("usage: python -m fwsafe.guard --daemonize|--foreground STATE_DIR TX_ID "
+              "[--standby]", file=sys.stderr)
         return 2
     how, state_dir, tx_id = args
     _detach_signals()
+    state = StateDir(Path(state_dir))
+    # Started while the CLI still checks the change: nothing happens before it says go.
+    if standing_by and not wait_for_go(state.tx_dir(tx_id)):
+        print(f"transaction {tx_id}: the change was called off before the guard was needed; "
+              "nothing to guard", flush=True)
+        return 0
     # Second fork: the session leader exits, the guard can never regain a terminal.
     if how == "--daemonize" and os.fork() > 0:
         os._exit(0)
     mode = "setsid" if how == "--daemonize" else "systemd-run"
-    state = StateDir(Path(state_dir))
     log_fd = open_private(state.tx_dir(tx_id) / "guard.log", os.O_WRONLY | os.O_APPEND)
     log = os.fdopen(log_fd, "a")  # held for the guard's lifetime
     guard: Guard | None = None

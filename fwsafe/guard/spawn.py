@@ -1,5 +1,5 @@
 """Starting the guard and talking to it: what runs in the CLI (see fwsafe.guard.process for
-the guard itself).
+the guard itself), and `wait_for_go`, where a guard started ahead waits for its transaction.
 
 Where systemd is PID 1 the guard is a transient unit (``systemd-run``) whose ExecStopPost= is the
 backstop; elsewhere a double-forked ``setsid`` daemon that starts a watcher as its backstop.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -74,19 +75,94 @@ def systemd_run_argv(state_dir: Path, tx_id: str, netns_pid: int,
         # ended; it reverts if the transaction is still open (fwsafe.guard.backstop).
         f"--property=ExecStopPost={after_stop_command(state_dir, tx_id)}",
         *(f"--setenv={name}={value}" for name, value in sorted(guard_env(config_path).items())),
-        sys.executable, "-m", GUARD_MODULE, "--foreground", str(state_dir), tx_id,
+        sys.executable, "-m", GUARD_MODULE, "--foreground", str(state_dir), tx_id, "--standby",
     ]
 
 
-#: Transactions whose guard this process has started (or tried to): from then on, an error in
-#: this process may leave a change live (see `fwsafe.cli.main`).
+#: Transactions whose guard this process has told to apply: from then on, an error in this
+#: process may leave a change live (see `fwsafe.cli.main`).
 SPAWNED: list[str] = []
 
+GO_FIFO = "go"          # tx/<id>/go: the named pipe on which a standing-by guard waits
+GO = b"go\n"
 
-def spawn(state: StateDir, tx_id: str, config_path: str | None = None) -> str:
-    """Start the guard for `tx_id`; return the mode used. The guard records its own PID."""
-    SPAWNED.append(tx_id)
+
+class Standby:
+    """A guard started ahead of its transaction, while the CLI still reads the firewall and
+    checks the change: its start-up (Python, imports, ``systemd-run``) is off the critical path.
+    It waits on the transaction's named pipe and does nothing until `go` is written there; when
+    every writer is gone without it (the CLI called the change off, or died) it exits, having
+    changed nothing. Only after `go` may the change become live."""
+
+    def __init__(self, state: StateDir, tx_id: str, mode: str, fd: int,
+                 intermediate: subprocess.Popen[bytes] | None) -> None:
+        self.state, self.tx_id, self.mode = state, tx_id, mode
+        self.fd: int | None = fd   # the pipe's write end (opened read-write: never blocks)
+        self.intermediate = intermediate   # setsid: it forks the guard once told to go
+
+    def go(self) -> None:
+        """Tell the guard to arm and apply (the record must be saved, `preparing`). Raises
+        GuardError when the guard is known to be gone; the pipe stays open until `close`, so
+        that `go` reaches a guard that opens it late."""
+        SPAWNED.append(self.tx_id)
+        log_path = self.state.tx_dir(self.tx_id) / "guard.log"
+        if self.intermediate is not None and self.intermediate.poll() is not None:
+            raise GuardError(f"the guard died while standing by (exit "
+                             f"{self.intermediate.returncode}); see {log_path}")
+        assert self.fd is not None
+        try:
+            os.write(self.fd, GO)
+        except OSError as exc:
+            raise GuardError(f"cannot tell the guard to go: {exc.strerror}") from exc
+        if self.intermediate is None:
+            return
+        try:
+            code = self.intermediate.wait(timeout=30)
+        except subprocess.TimeoutExpired as exc:
+            raise GuardError("the guard did not start within 30 s") from exc
+        if code != 0:
+            raise GuardError(f"the guard failed to start (exit {code}); see {log_path}")
+
+    def close(self) -> None:
+        """Done with the pipe: the guard has read `go` (it armed), or has been given up on. A
+        guard that opens it only now finds none and exits (its transaction is aborted)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            (self.state.tx_dir(self.tx_id) / GO_FIFO).unlink()
+        except FileNotFoundError:
+            pass
+
+    def call_off(self) -> None:
+        """Nothing is to be applied: the guard exits without changing anything."""
+        self.close()
+        if self.intermediate is not None:
+            try:
+                self.intermediate.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def standby(state: StateDir, tx_id: str, config_path: str | None = None) -> Standby:
+    """Start the guard of `tx_id` (its directory exists) standing by; see `Standby`."""
     mode = guard_mode()
+    tx_dir = state.tx_dir(tx_id)
+    fifo = tx_dir / GO_FIFO
+    try:
+        os.mkfifo(fifo, 0o600)
+        fd = os.open(fifo, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise GuardError(f"cannot create {fifo}: {exc.strerror}") from exc
+    try:
+        return Standby(state, tx_id, mode, fd, _start(state, tx_id, mode, config_path))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _start(state: StateDir, tx_id: str, mode: str,
+           config_path: str | None) -> subprocess.Popen[bytes] | None:
     log_path = state.tx_dir(tx_id) / "guard.log"
     if mode == "systemd-run":
         argv = systemd_run_argv(state.root, tx_id, os.getpid(), config_path)
@@ -96,14 +172,15 @@ def spawn(state: StateDir, tx_id: str, config_path: str | None = None) -> str:
             raise GuardError(f"systemd-run could not start the guard: {exc}") from exc
         if result.returncode != 0:
             raise GuardError(f"systemd-run could not start the guard: {result.stderr.strip()}")
-        return mode
+        return None
     try:
         log = open_private(log_path, os.O_WRONLY | os.O_APPEND)
     except OSError as exc:
         raise GuardError(f"cannot open {log_path}: {exc.strerror}") from exc
     try:
-        intermediate = subprocess.Popen(
-            [sys.executable, "-m", GUARD_MODULE, "--daemonize", str(state.root), tx_id],
+        return subprocess.Popen(
+            [sys.executable, "-m", GUARD_MODULE, "--daemonize", str(state.root), tx_id,
+             "--standby"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
             start_new_session=True, close_fds=True,
             env={**os.environ, **guard_env(config_path)},
@@ -112,14 +189,29 @@ def spawn(state: StateDir, tx_id: str, config_path: str | None = None) -> str:
         raise GuardError(f"the guard could not be started: {exc}") from exc
     finally:
         os.close(log)
+
+
+def wait_for_go(tx_dir: Path) -> bool:
+    """In the guard: wait on the transaction's named pipe. True once the CLI wrote `go`; False
+    when every writer is gone without it (called off, or the CLI died)."""
     try:
-        code = intermediate.wait(timeout=30)
-    except subprocess.TimeoutExpired as exc:
-        intermediate.kill()
-        raise GuardError("the guard did not start within 30 s") from exc
-    if code != 0:
-        raise GuardError(f"the guard failed to start (exit {code}); see {log_path}")
-    return mode
+        fd = os.open(tx_dir / GO_FIFO, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False   # the CLI called it off and removed the directory
+    got = b""
+    try:
+        while b"\n" not in got:
+            try:
+                chunk = os.read(fd, 64)
+            except BlockingIOError:
+                select.select([fd], [], [], 1.0)
+                continue
+            if not chunk:
+                return False
+            got += chunk
+    finally:
+        os.close(fd)
+    return got.split(b"\n", 1)[0] + b"\n" == GO
 
 
 # --------------------------------------------------------------------------------------------

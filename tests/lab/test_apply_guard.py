@@ -317,7 +317,13 @@ def test_revert_retries_while_no_process_can_be_started(fwlab: FwLab) -> None:
     with PidsCgroup(f"fwsafe-test-{os.getpid()}", None) as cgroup:
         armed = json.loads(fwlab.fw_in_cgroup(cgroup, "apply", "--json", "--timeout", "2",
                                               str(rules)).stdout)
-        cgroup.set_max(cgroup.current())  # the guard can no longer fork
+        # Once the guard has captured what the change touched (the CLI returns before that),
+        # only the guard and its watcher are left: from then on the guard can no longer fork.
+        record = fwlab.state_dir / "tx" / armed["id"] / "record.json"
+        end = time.monotonic() + 5
+        while not json.loads(record.read_text()).get("touched") and time.monotonic() < end:
+            time.sleep(0.02)
+        cgroup.set_max(cgroup.current())
         time.sleep(4)  # past the deadline: it keeps trying
         assert fwlab.status()["state"] == "reverting"
         assert not fwlab.lab.new_connection_ok(timeout=0.5)
@@ -367,3 +373,106 @@ def test_good_rules_pass_the_check_and_say_so(fwlab: FwLab) -> None:
     out = _read_until(session, r"left", 20)
     assert f"the SSH path stays open for {fwlab.lab.cli_ip4}" in out
     assert session.wait(timeout=15) == 4
+
+
+# -- the guard starts standing by, while the change is read and checked ---------------------------
+def _guards_of(fw: FwLab) -> list[tuple[int, list[bytes]]]:
+    """This lab's guard processes (standing by or not): (PID, argv)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"fwsafe.guard" in argv and str(fw.state_dir).encode() in argv:
+            found.append((int(entry), argv))
+    return found
+
+
+def _tx_dirs(fw: FwLab) -> set[str]:
+    tx = fw.state_dir / "tx"
+    return {p.name for p in tx.iterdir()} if tx.exists() else set()
+
+
+def _wait_no_guard(fw: FwLab, limit_s: float = 5) -> None:
+    end = time.monotonic() + limit_s
+    while _guards_of(fw) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert _guards_of(fw) == []
+
+
+@pytest.mark.parametrize("content", [
+    "*filter\n:INPUT ACCEPT [0:0]\n-A INPUT -j NOPE\nCOMMIT\n",   # refused by the validation
+    DROP_ALL,                                                      # by the lockout check
+])
+def test_a_refused_change_leaves_no_guard_and_no_transaction(fwlab: FwLab, content: str) -> None:
+    before, dirs = fwlab.lab.ruleset(), _tx_dirs(fwlab)
+    rules = fwlab.write("refused.rules", content)
+    result = fwlab.lab.ssh(f"fwsafe apply --timeout 30 {rules}")
+    assert result.returncode == 3, result.stderr
+    _wait_no_guard(fwlab)   # the guard that stood by was called off and exited
+    assert _tx_dirs(fwlab) == dirs
+    assert fwlab.lab.ruleset() == before
+
+
+def _slow_to_check(fw: FwLab) -> Path:
+    """GOOD with 20,000 more rules: reading, validating and checking it take a while."""
+    extra = "".join(f"-A INPUT -s 10.{200 + i // 65536}.{i // 256 % 256}.{i % 256}/32 -p tcp "
+                    f"-m tcp --dport 8080 -j DROP\n" for i in range(20000))
+    return fw.write("large.rules", GOOD.replace("COMMIT\n", extra + "COMMIT\n"))
+
+
+def _apply_until_standing_by(fw: FwLab, rules: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """Start `fwsafe apply` (with the lockout check, for the lab's client); return it and its
+    guard's PID once that guard stands by, before any record of the change exists."""
+    lab = fw.lab
+    proc = lab.srv_popen(["env", f"FWSAFE_STATE_DIR={fw.state_dir}",
+                          f"SSH_CONNECTION={lab.cli_ip4} 50022 {lab.srv_ip4} 22", FWSAFE,
+                          "apply", "--timeout", "30", str(rules)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        standing = [(pid, argv) for pid, argv in _guards_of(fw) if b"--standby" in argv]
+        if standing:
+            pid, argv = standing[0]
+            tx_id = argv[argv.index(str(fw.state_dir).encode()) + 1].decode()
+            assert not (fw.state_dir / "tx" / tx_id / "record.json").exists(), \
+                "the change was prepared before the test saw its guard standing by"
+            return proc, pid
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    raise AssertionError("no guard stood by")
+
+
+def test_apply_killed_while_checking_applies_nothing(fwlab: FwLab) -> None:
+    before = fwlab.lab.ruleset()
+    dirs = _tx_dirs(fwlab)
+    proc, _ = _apply_until_standing_by(fwlab, _slow_to_check(fwlab))
+    proc.kill()
+    proc.communicate(timeout=30)
+    _wait_no_guard(fwlab)   # every writer of its pipe is gone: it exits, having done nothing
+    assert fwlab.lab.ruleset() == before
+    assert fwlab.status()["state"] == "none"
+    assert fwlab.lab.new_login_ok()
+    abandoned = _tx_dirs(fwlab) - dirs
+    assert len(abandoned) == 1
+    # The next apply clears the abandoned preparation away (and works).
+    applied = fwlab.fw("apply", "--detach", "--json", "--timeout", "30",
+                       str(fwlab.write("good.rules", GOOD)))
+    assert applied.returncode == 0, applied.stderr
+    assert not abandoned & _tx_dirs(fwlab)
+    assert fwlab.fw("revert").returncode == 4
+
+
+def test_a_guard_that_dies_standing_by_is_reported_and_nothing_changes(fwlab: FwLab) -> None:
+    before = fwlab.lab.ruleset()
+    proc, guard_pid = _apply_until_standing_by(fwlab, _slow_to_check(fwlab))
+    os.kill(guard_pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, err
+    assert b"the guard died while standing by" in err and b"nothing was changed" in err
+    assert fwlab.lab.ruleset() == before
+    assert fwlab.status()["state"] == "aborted"

@@ -112,33 +112,40 @@ def test_abort_while_the_guard_holds_the_lock_aborts_nothing(
 
 
 # -- (b) may be live: exit 5, never 3 ----------------------------------------------------------
-def test_spawn_error_after_the_guard_started_is_exit_5(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class FailingStandby:
+    """A standing-by guard whose `go` fails (with `armed`: after the guard armed after all)."""
+
+    def __init__(self, state: StateDir, tx_id: str, message: str, armed: bool) -> None:
+        self.state, self.tx_id, self.message, self.armed = state, tx_id, message, armed
+        self.closed = False
+
+    def go(self) -> None:
+        if self.armed:
+            move_to(self.state, self.tx_id, transaction.APPLYING)
+        raise GuardError(self.message)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_go_error_after_the_guard_started_is_exit_5(tmp_path: Path) -> None:
     state, record = new_tx(tmp_path)
-
-    def spawn(state_: StateDir, tx_id: str, config_path: str | None = None) -> str:
-        move_to(state_, tx_id, transaction.APPLYING)  # the guard armed after all
-        raise GuardError("systemd-run timed out")
-
-    monkeypatch.setattr(guard, "spawn", spawn)
+    standby = FailingStandby(state, record.id, "cannot tell the guard to go", armed=True)
     with pytest.raises(ChangeMayBeLiveError) as info:
-        ApplyFlow(state)._start_guard(record, ApplyOptions())
+        ApplyFlow(state)._start_guard(record, ApplyOptions(), standby)  # type: ignore[arg-type]
     assert info.value.exit_code == ExitCode.REVERT_FAILED
     assert "may be live" in info.value.message and "fwsafe status" in (info.value.hint or "")
+    assert standby.closed
 
 
-def test_spawn_error_before_the_guard_started_is_exit_3_and_aborted(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_go_error_before_the_guard_started_is_exit_3_and_aborted(tmp_path: Path) -> None:
     state, record = new_tx(tmp_path)
-
-    def spawn(state_: StateDir, tx_id: str, config_path: str | None = None) -> str:
-        raise GuardError("systemd-run could not start the guard")
-
-    monkeypatch.setattr(guard, "spawn", spawn)
+    standby = FailingStandby(state, record.id, "the guard died while standing by", armed=False)
     with pytest.raises(GuardError) as info:
-        ApplyFlow(state)._start_guard(record, ApplyOptions())
+        ApplyFlow(state)._start_guard(record, ApplyOptions(), standby)  # type: ignore[arg-type]
     assert info.value.exit_code == ExitCode.REJECTED
     assert transaction.load_record(state, record.id).state == transaction.ABORTED
+    assert standby.closed
 
 
 def test_guard_died_while_applying_is_exit_5(tmp_path: Path) -> None:
@@ -202,7 +209,7 @@ def test_systemd_run_passes_config_and_environment(monkeypatch: pytest.MonkeyPat
     assert setenv["LANG"] == "C.UTF-8"
     assert str(ROOT) in setenv["PYTHONPATH"].split(os.pathsep)
     assert "UNRELATED_SECRET" not in setenv
-    assert argv[-3:] == ["--foreground", "/s", "TX"]
+    assert argv[-4:] == ["--foreground", "/s", "TX", "--standby"]
 
 
 class FakePopen:
@@ -210,9 +217,24 @@ class FakePopen:
 
     def __init__(self, argv: list[str], **kwargs: Any) -> None:
         FakePopen.seen = {"argv": argv, **kwargs}
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        self.returncode = 0
         return 0
+
+
+def fifo_content(path: Path) -> bytes:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return os.read(fd, 64)
+    except BlockingIOError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def test_setsid_passes_config_and_environment(tmp_path: Path,
@@ -221,16 +243,36 @@ def test_setsid_passes_config_and_environment(tmp_path: Path,
     monkeypatch.setenv("FWSAFE_GUARD_MODE", "setsid")
     monkeypatch.setenv("LANG", "de_DE.UTF-8")
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
-    assert guard.spawn(state, record.id, config_path="/etc/fw.toml") == "setsid"
+    standby = guard.standby(state, record.id, config_path="/etc/fw.toml")
+    assert standby.mode == "setsid"
     env = FakePopen.seen["env"]
     assert env["FWSAFE_CONFIG"] == "/etc/fw.toml" and env["LANG"] == "de_DE.UTF-8"
-    assert FakePopen.seen["argv"][-2:] == [str(state.root), record.id]
+    assert FakePopen.seen["argv"][-3:] == [str(state.root), record.id, "--standby"]
     log = state.tx_dir(record.id) / "guard.log"
     assert oct(log.stat().st_mode & 0o777) == oct(0o600)
+    fifo = state.tx_dir(record.id) / guard.GO_FIFO
+    assert oct(fifo.stat().st_mode & 0o777) == oct(0o600)
+    assert record.id not in guard.SPAWNED and fifo_content(fifo) == b""  # nothing said yet
+    standby.go()
     assert record.id in guard.SPAWNED
+    assert fifo_content(fifo) == guard.GO   # kept until closed, for a guard that opens it late
+    standby.close()
 
 
-def test_spawn_refuses_a_symlinked_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_go_to_a_guard_that_died_standing_by_is_refused(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    state, record = new_tx(tmp_path)
+    monkeypatch.setenv("FWSAFE_GUARD_MODE", "setsid")
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    standby = guard.standby(state, record.id)
+    assert standby.intermediate is not None
+    standby.intermediate.returncode = -9   # type: ignore[misc]
+    with pytest.raises(GuardError, match="died while standing by"):
+        standby.go()
+    standby.close()
+
+
+def test_standby_refuses_a_symlinked_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state, record = new_tx(tmp_path)
     victim = tmp_path / "victim"
     victim.write_text("keep")
@@ -239,8 +281,36 @@ def test_spawn_refuses_a_symlinked_log(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setenv("FWSAFE_GUARD_MODE", "setsid")
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     with pytest.raises(GuardError, match="cannot open"):
-        guard.spawn(state, record.id)
+        guard.standby(state, record.id)
     assert victim.read_text() == "keep" and victim.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_guard_standing_by_goes_only_when_told(tmp_path: Path) -> None:
+    """`wait_for_go`: true once `go` is written; false when every writer is gone without it
+    (the CLI called the change off, or died), or when there is no pipe at all."""
+    import threading
+
+    def waits(writes: bytes) -> bool:
+        tx_dir = tmp_path / f"tx{len(writes)}"
+        tx_dir.mkdir()
+        os.mkfifo(tx_dir / guard.GO_FIFO, 0o600)
+        writer = os.open(tx_dir / guard.GO_FIFO, os.O_RDWR)
+        answer: list[bool] = []
+        waiter = threading.Thread(target=lambda: answer.append(guard.wait_for_go(tx_dir)))
+        waiter.start()
+        time.sleep(0.2)
+        assert waiter.is_alive()   # nothing said yet: it waits
+        os.write(writer, writes)
+        time.sleep(0.1)
+        os.close(writer)
+        waiter.join(timeout=5)
+        assert not waiter.is_alive()
+        return answer[0]
+
+    assert waits(guard.GO) is True
+    assert waits(b"") is False           # called off: closed without a word
+    assert waits(b"stop\n") is False
+    assert guard.wait_for_go(tmp_path / "gone") is False
 
 
 def test_cli_records_the_config_path_and_an_absolute_state_dir(
@@ -325,3 +395,41 @@ def test_status_falls_back_to_the_record(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(guard, "request", no_answer)
     info = Manager(state).status()
     assert info["remaining_from"] == "record" and 95 < info["remaining_s"] <= 100
+
+
+def test_guard_called_off_while_standing_by_changes_nothing(
+        tmp_path: Path, keep_signals: None, capsys: pytest.CaptureFixture[str]) -> None:
+    state, record = new_tx(tmp_path)   # no pipe: the CLI called it off and removed it
+    assert process.main(["--foreground", str(state.root), record.id, "--standby"]) == 0
+    after = transaction.load_record(state, record.id)
+    assert after.state == transaction.PREPARING and after.guard_pid is None
+    assert not state.socket_path.exists()
+    assert "called off before the guard was needed" in capsys.readouterr().out
+
+
+# -- reading the firewall ahead (fwsafe.entry, fwsafe.core.prefetch) ---------------------------
+@pytest.mark.parametrize("args,reads", [
+    (["apply", "new.rules"], True), (["apply", "--no-check", "-"], True),
+    (["apply", "--help"], False), (["apply", "-h"], False), (["apply", "--host", "h", "x"], False),
+    (["apply", "--host=h", "x"], False), (["check", "x"], True), (["check", "--help"], False),
+    (["status"], False), ([], False),
+])
+def test_only_a_local_apply_or_check_reads_ahead(args: list[str], reads: bool) -> None:
+    from fwsafe.entry import reads_the_firewall
+
+    assert reads_the_firewall(args) is reads
+
+
+def test_a_reading_ahead_is_handed_over_once_and_only_if_nothing_changed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fwsafe.core import prefetch
+
+    generations = iter([7, 7, 8, 9])
+    monkeypatch.setattr(prefetch.nflist, "generation", lambda: next(generations))
+    monkeypatch.setattr(prefetch, "available_layers", lambda: [])
+    prefetch.start()                         # read at generation 7 ...
+    reading = prefetch.take()                # ... still 7: handed over
+    assert reading is not None and reading.generation == 7
+    assert prefetch.take() is None           # once
+    prefetch.start()                         # read at 8 ...
+    assert prefetch.take() is None           # ... now 9: somebody changed nf_tables meanwhile

@@ -3,6 +3,7 @@ from __future__ import annotations
 from fwsafe.backends.iptables import (
     IptablesLayer,
     Table,
+    chain_names,
     describe_restore_error,
     empty_table,
     merge_table,
@@ -45,6 +46,18 @@ def test_parse_tables_same_ruleset_other_counters_compare_equal() -> None:
 def test_parse_tables_rule_change_differs() -> None:
     other = SAVE.replace("22,80", "22,443")
     assert parse_tables(other) != parse_tables(SAVE)
+
+
+def test_chain_names_agree_with_the_full_parse() -> None:
+    """The neighbours' refusal reads only the declarations; it must see what the parse sees."""
+    odd = (SAVE + ":STRAY - [0:0]\n"            # outside any table: ignored by both
+           "*filter\n:INPUT ACCEPT [0:0]\n  :INDENTED - [0:0]\n:f2b-sshd - [0:0]\r\n"
+           "-A f2b-sshd -j RETURN\n# :COMMENTED - [0:0]\n  COMMIT\n:AFTER - [0:0]\nCOMMIT  \n"
+           ":LATE - [0:0]\n*raw\n:PREROUTING ACCEPT\n")   # a repeated table replaces the first
+    for text in (SAVE, odd, "", "COMMIT\n", "*mangle\n"):
+        assert chain_names(text) == {name: set(table.chains)
+                                     for name, table in parse_ruleset(text).items()}
+    assert chain_names(odd)["filter"] == {"INPUT", "f2b-sshd", "AFTER"}
 
 
 def test_empty_table_has_builtin_chains_accept() -> None:

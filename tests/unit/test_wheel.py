@@ -52,7 +52,7 @@ def test_a_wheel_builds_without_license_warnings_and_runs(tmp_path: Path) -> Non
     assert any(n.startswith(f"{info}/") and n.endswith("/LICENSE") or n == f"{info}/LICENSE"
                for n in names), names
     assert "License-File: LICENSE" in metadata
-    assert "fwsafe = fwsafe.cli:main" in entry_points
+    assert "fwsafe = fwsafe.entry:main" in entry_points
     assert "fwsafe/rescue/tool.py" in names and not any(n.startswith("tests/") for n in names)
 
     venv = tmp_path / "venv"

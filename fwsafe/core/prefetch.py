@@ -1,0 +1,58 @@
+"""Reading the live firewall ahead: `fwsafe apply` (and `fwsafe check`) need every layer read
+before anything else can happen, so the `fwsafe` command starts that read first of all
+(`fwsafe.entry`), while Python still loads the command line interface (about 50 ms), and the
+apply takes it over (`fwsafe.core.apply`; the check: `fwsafe.check.host.capture_host`).
+
+The reading is only used when nf_tables' generation number, taken before it started, is still
+the same when it is taken over (for the apply: once it holds the state directory's lock), so
+nothing changed in between; files and legacy tables are read again before the snapshot in any
+case (`fwsafe.core.apply.refresh`).
+It only reads; a command that does not take it over (`apply --help`, a usage error) just exits.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from fwsafe.backends import available_layers, layer_for, nflist
+
+
+@dataclass
+class Reading:
+    generation: int | None            # nf_tables' generation before the reading started
+    captures: dict[str, Future[bytes]]
+
+
+_AHEAD: list[Reading] = []
+
+
+def start() -> None:
+    """Start reading every layer this system has, each in a daemon thread."""
+    generation = nflist.generation()
+    captures: dict[str, Future[bytes]] = {}
+    for name in available_layers():
+        future: Future[bytes] = Future()
+        threading.Thread(target=_capture, args=(name, future), daemon=True,
+                         name=f"fwsafe-read-{name}").start()
+        captures[name] = future
+    _AHEAD[:] = [Reading(generation, captures)]
+
+
+def _capture(name: str, future: Future[bytes]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(layer_for(name).capture())
+    except BaseException as exc:  # noqa: BLE001 - handed to whoever takes the reading over
+        future.set_exception(exc)
+
+
+def take() -> Reading | None:
+    """The reading started ahead, handed over once; None when there is none or when nf_tables
+    changed since it started."""
+    if not _AHEAD:
+        return None
+    reading = _AHEAD.pop()
+    return reading if nflist.generation() == reading.generation else None
