@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fwsafe.backends import nflist
-from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog, line_starting
 from fwsafe.core.merge import merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
@@ -33,8 +33,8 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "security": ("INPUT", "FORWARD", "OUTPUT"),
 }
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
-_NFT_SYNTAX = re.compile(r"^\s*(table\s+(ip|ip6|inet|arp|bridge|netdev)\b|flush\s+ruleset|"
-                         r"define\s|include\s|#!/usr/sbin/nft)", re.M)
+_NFT_SYNTAX = re.compile(r"\n[^\S\n]*(?:table\s+(?:ip|ip6|inet|arp|bridge|netdev)\b|"
+                         r"flush\s+ruleset|define\s|include\s|#!/usr/sbin/nft)")   # line_starting
 _ERROR_LINE = re.compile(r"(?:Error occurred at line:\s*|line\s+)(\d+)")
 _MISSING_CHAIN = re.compile(r"Chain '([^']+)' does not exist")
 _RULE_CHAIN = re.compile(r"^-[AI]\s+(\S+)")
@@ -341,15 +341,14 @@ class IptablesLayer(Layer):
         if not text.strip():
             raise InvalidRulesError(f"{source}: the file is empty; refusing to apply nothing",
                                     path=source)
-        nft = _NFT_SYNTAX.search(text)
-        if nft:
-            nft_line = text.count("\n", 0, nft.start()) + 1
+        nft_line = line_starting(_NFT_SYNTAX, text)
+        if nft_line is not None:
             raise InvalidRulesError(
                 f"{source}:{nft_line}: this is nftables syntax, not an iptables-save file",
                 path=source, line=nft_line,
                 hint="apply nftables rulesets with the nftables backend (a .nft file)",
             )
-        if not parse_tables(text):
+        if "\n*" not in "\n" + text:   # no `*table` line: what parse_tables would find
             raise InvalidRulesError(
                 f"{source}: no table found (expected iptables-save format: '*filter' ... 'COMMIT')",
                 path=source,

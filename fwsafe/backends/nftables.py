@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 
 from fwsafe.backends import nflist
-from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog, line_starting
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.backends.nflist import kernel_tables
 from fwsafe.core.merge import merge_sequences, merge_value
@@ -28,8 +28,10 @@ from fwsafe.errors import InvalidRulesError
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_ERROR = re.compile(r"^(?:/dev/stdin|[^:\s]+):(\d+):(\d+)(?:-\d+)?: Error: (.*)$", re.M)
-_IPTABLES_SYNTAX = re.compile(r"^\s*(\*(filter|nat|mangle|raw|security)\s*$|:[A-Z]+ (ACCEPT|DROP) |"
-                              r"-A [A-Z])", re.M)
+_IPTABLES_SYNTAX = re.compile(r"\n[^\S\n]*(?:\*(?:filter|nat|mangle|raw|security)\s*$|"
+                              r":[A-Z]+ (?:ACCEPT|DROP) |-A [A-Z])", re.M)   # line_starting
+_NFT_STATEMENT = re.compile(r"\n[^\S\n]*(?:table\s+\S+\s+\S+|flush\s+ruleset|"
+                            r"add\s+(?:table|rule|chain)\s)")                 # line_starting
 _COUNTER = re.compile(r"counter packets \d+ bytes \d+")
 _TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{")
 IPTABLES_FAMILIES = ("ip", "ip6")
@@ -38,8 +40,7 @@ IPTABLES_FAMILIES = ("ip", "ip6")
 def looks_like_nft(content: bytes) -> bool:
     """An nft ruleset rather than an iptables-save file (recognised by content)."""
     text = content.decode(errors="replace")
-    return bool(re.search(r"^\s*(table\s+\S+\s+\S+|flush\s+ruleset|add\s+(table|rule|chain)\s)",
-                          text, re.M)) and not text.lstrip().startswith("*")
+    return line_starting(_NFT_STATEMENT, text) is not None and not text.lstrip().startswith("*")
 
 
 def split_tables(text: str) -> dict[str, str]:
@@ -184,9 +185,8 @@ class NftLayer(Layer):
         if not text.strip():
             raise InvalidRulesError(f"{source}: the file is empty; refusing to apply nothing",
                                     path=source)
-        ipt = _IPTABLES_SYNTAX.search(text)
-        if ipt and not looks_like_nft(change):
-            line = text.count("\n", 0, ipt.start()) + 1
+        line = line_starting(_IPTABLES_SYNTAX, text)
+        if line is not None and not looks_like_nft(change):
             raise InvalidRulesError(f"{source}:{line}: this is iptables-save syntax, not nft",
                                     path=source, line=line)
         result = run([require_binary("nft"), "-c", "-f", "-"], input=change, timeout=120)

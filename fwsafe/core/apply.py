@@ -31,6 +31,7 @@ from fwsafe.core.transaction import Record
 from fwsafe.errors import (
     ChangeMayBeLiveError,
     EnvironmentProblem,
+    FwsafeError,
     GuardError,
     InvalidRulesError,
     LockoutRefused,
@@ -281,7 +282,7 @@ class ApplyFlow:
                  layers: list[str]) -> Record:
         """Read, validate and check; save the snapshot and the record (`preparing`), the
         transaction's current. Nothing is changed."""
-        with ThreadPoolExecutor(max_workers=len(layers) + 3) as pool:
+        with ThreadPoolExecutor(max_workers=len(layers) + 4) as pool:
             # The layers are read while the change is validated, and the lockout check uses
             # that reading. The snapshot must be as close as can be to the change: right
             # before the guard is told to go, what may have changed since is read again
@@ -305,22 +306,33 @@ class ApplyFlow:
                 complete = resolve_partial(change, collect(captures, list(change.layers)))
             else:
                 complete = change
-            validate_change(complete)
+            # The lockout check needs the host's layers, not the validation's verdict: it runs
+            # beside the validation, which is heard first (an invalid change is reported as
+            # such, whatever the check made of it). sshd's config is checked after it.
+            validating = pool.submit(validate_change, complete)
+            if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
+                validating.result()
             captured = collect(captures, list(change.layers))
             # Written (durably) while the checks run; a layer read again is written again.
             saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
             if options.check:
                 options.step("predicting a lockout in a scratch namespace")
-            verdict = lockout_check(complete, options, captured)
+            try:
+                verdict = lockout_check(complete, options, captured)
+            except FwsafeError:
+                validating.result()
+                raise
+            validating.result()
             if options.before_apply is not None:
                 options.step("trying what the change exposes, in a scratch namespace")
                 options.before_apply(complete)
             options.step("saving the snapshot")
             fresh = refresh(pool, captured, generation, list(change.layers))
             saving.result()
-        save_snapshot(self.state, tx_id, None, fresh, captured)
+            refusing = pool.submit(refuse_deleting_neighbours, change, fresh, options)
+            save_snapshot(self.state, tx_id, None, fresh, captured)
+            refusing.result()
         captured = fresh
-        refuse_deleting_neighbours(change, captured, options)
         record = Record(
             id=tx_id, state=transaction.PREPARING, created=time.time(),
             timeout_s=options.timeout_s, backend="command" if change.run else "rules",

@@ -138,3 +138,23 @@ def test_legacy_style_line_failed() -> None:
     change = b"*filter\n-A INPUT -j FOO\nCOMMIT\n"
     message, line = describe_restore_error("iptables-restore: line 2 failed\n", change, "x")
     assert line == 2 and message.startswith("x:2:")
+
+
+def test_the_other_syntax_is_found_on_the_line_that_starts_with_it() -> None:
+    """The sniffing of nft syntax in an iptables file (and the reverse) names the right line,
+    and only a line's first word counts."""
+    from fwsafe.backends.base import line_starting
+    from fwsafe.backends.iptables import _NFT_SYNTAX
+    from fwsafe.backends.nftables import _IPTABLES_SYNTAX, looks_like_nft
+
+    assert line_starting(_NFT_SYNTAX, "table inet filter {\n") == 1
+    assert line_starting(_NFT_SYNTAX, "*filter\n\n   \n\ttable ip t {\n}\n") == 4
+    assert line_starting(_NFT_SYNTAX, "# generated\n  flush ruleset\n") == 2
+    assert line_starting(_NFT_SYNTAX, "#!/usr/sbin/nft -f\n") == 1
+    assert line_starting(_NFT_SYNTAX, SAVE) is None
+    assert line_starting(_NFT_SYNTAX, "-A INPUT -m comment --comment 'table ip x' -j ACCEPT\n") is None
+    assert line_starting(_IPTABLES_SYNTAX, "table inet t {\n}\n*filter\n") == 3
+    assert line_starting(_IPTABLES_SYNTAX, "table inet t {\n  -A INPUT\n}\n") == 2
+    assert line_starting(_IPTABLES_SYNTAX, "table inet t {\n  chain c { :X ACCEPT }\n}\n") is None
+    assert looks_like_nft(b"\n\nadd table inet t\n") and not looks_like_nft(SAVE.encode())
+    assert not looks_like_nft(b"*filter\ntable ip x y\n")   # an iptables file first
