@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import time
@@ -14,8 +15,21 @@ from fwsafe.errors import EnvironmentProblem
 TRANSIENT_ERRNOS = frozenset({errno.ENOMEM, errno.EAGAIN})
 
 
+_FOUND: dict[tuple[str, str | None], str] = {}
+
+
 def find_binary(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    """The tool's path (PATH, then the sbin directories). What was found is remembered while it
+    is still there (one access(2) instead of a search of every PATH directory, tens of times
+    per check); what was not found is looked for again each time."""
+    key = (name, os.environ.get("PATH"))
+    known = _FOUND.get(key)
+    if known is not None and os.access(known, os.X_OK):
+        return known
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if found is not None:
+        _FOUND[key] = found
+    return found
 
 
 def require_binary(name: str) -> str:

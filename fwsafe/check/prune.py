@@ -25,6 +25,7 @@ Left-out lines are blanked, not removed: line numbers, and so the naming of culp
 
 from __future__ import annotations
 
+import bisect
 import functools
 import ipaddress
 import re
@@ -65,10 +66,22 @@ class AddressSet:
     networks: list[Network] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
         for net in self.networks:
-            self.spans[net.version].append((int(net.network_address),
-                                            int(net.broadcast_address)))
+            spans[net.version].append((int(net.network_address), int(net.broadcast_address)))
+        # Per family, the spans merged and sorted: (starts, ends), for a bisection (asked once
+        # per address option of every rule: 100,000 times for two rulesets of 50,000 rules).
+        self.merged: dict[int, tuple[list[int], list[int]]] = {}
+        for family, found in spans.items():
+            starts: list[int] = []
+            ends: list[int] = []
+            for lo, hi in sorted(found):
+                if ends and lo <= ends[-1] + 1:
+                    ends[-1] = max(ends[-1], hi)
+                else:
+                    starts.append(lo)
+                    ends.append(hi)
+            self.merged[family] = (starts, ends)
 
     @classmethod
     def of(cls, addresses: Iterable[str]) -> AddressSet:
@@ -81,12 +94,21 @@ class AddressSet:
         return cls(found)
 
     def overlaps(self, family: int, ranges: Ranges) -> bool:
-        own = self.spans[family]
-        return any(first <= hi and lo <= last for first, last in ranges for lo, hi in own)
+        starts, ends = self.merged[family]
+        for first, last in ranges:
+            # The first span that ends at or after `first` is the only one that can start
+            # before `last` ends (the spans are disjoint and sorted).
+            i = bisect.bisect_left(ends, first)
+            if i < len(ends) and starts[i] <= last:
+                return True
+        return False
 
     def may_match(self, options: tuple[Option, ...]) -> bool:
         """Whether a rule with these address options (all must match) may match a packet."""
-        return all(opt is None or self.overlaps(*opt) for opt in options)
+        for option in options:  # noqa: SIM110 - no generator per call: 100,000 calls
+            if option is not None and not self.overlaps(option[0], option[1]):
+                return False
+        return True
 
     def meets(self, value: str, family: int) -> bool:
         """Whether the option value (``a``, ``a/n``, ``a/mask``, comma-separated) may match an

@@ -107,3 +107,26 @@ def test_warm_analyses_ahead_and_pruning_gives_the_same() -> None:
     prune.warm({"ipv4": (text.encode(), "x.rules")})
     assert any(key[2] == text for key in prune._CACHE)
     assert prune_iptables(text, SANDBOX, 4) == cold and cold.left_out == 299
+
+
+def test_overlap_by_bisection_agrees_with_every_pair() -> None:
+    """AddressSet merges its spans and bisects: the same answers as comparing every pair."""
+    import ipaddress
+    import random
+
+    rng = random.Random(15)
+    for _ in range(200):
+        nets = [ipaddress.ip_network(f"10.{rng.randrange(4)}.{rng.randrange(256)}.0/"
+                                     f"{rng.choice((16, 22, 24, 30, 32))}", strict=False)
+                for _ in range(rng.randrange(1, 8))]
+        found = AddressSet(nets)
+        spans = [(int(n.network_address), int(n.broadcast_address)) for n in nets]
+        for _ in range(50):
+            ranges = tuple(sorted((lo, lo + rng.choice((0, 255, 4095)))
+                                  for lo in (int(ipaddress.ip_address("10.0.0.0"))
+                                             + rng.randrange(4 << 16) for _ in range(2))))
+            naive = any(first <= hi and lo <= last for first, last in ranges for lo, hi in spans)
+            assert found.overlaps(4, ranges) is naive
+            assert found.may_match(((4, ranges), None)) is naive
+    assert AddressSet([]).overlaps(6, ((0, 1 << 100),)) is False
+
