@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -137,7 +138,8 @@ def test_drop_new_ssh_is_reverted_although_the_old_session_works(fwlab: FwLab) -
     assert info["state"] == "pending"
     assert not lab.new_connection_ok(timeout=0.5), "the rules that drop new SSH are not live"
     assert old.poll() is None, "the established session should survive these rules"
-    out, err = proc.communicate(timeout=200)
+    raw_out, raw_err = proc.communicate(timeout=200)   # text=True: str, whatever the stub says
+    out, err = cast(str, raw_out), cast(str, raw_err)
     elapsed = time.monotonic() - started
     assert proc.returncode == 4, err
     result = json.loads(out)
