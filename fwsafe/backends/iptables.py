@@ -348,7 +348,7 @@ class IptablesLayer(Layer):
                 path=source, line=nft_line,
                 hint="apply nftables rulesets with the nftables backend (a .nft file)",
             )
-        if "\n*" not in "\n" + text:   # no `*table` line: what parse_tables would find
+        if not (text.startswith("*") or "\n*" in text):   # no `*table` line (parse_tables)
             raise InvalidRulesError(
                 f"{source}: no table found (expected iptables-save format: '*filter' ... 'COMMIT')",
                 path=source,

@@ -144,17 +144,15 @@ IPT_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
 def capture_host(pool_size: int = 4) -> dict[str, bytes]:
     """Every firewall layer the check reads ({layer: capture}), read in parallel; a layer that
     cannot be read is left out (``current_state`` then reads it itself and says why)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
     from fwsafe.core import prefetch
 
     names = [n for n in available_layers() if n in (*IPT_LAYERS, "nft")]
     found: dict[str, bytes] = {}
-    ahead = prefetch.take()   # `fwsafe check` started reading before the CLI was loaded
     with ThreadPoolExecutor(max_workers=pool_size) as pool:
-        futures: dict[str, Future[bytes]] = {
-            name: ahead.captures[name] if ahead is not None and name in ahead.captures
-            else pool.submit(layer_for(name).capture) for name in names}
+        # The reading `fwsafe check` started before the CLI was loaded, if any.
+        _, futures = prefetch.read(pool, names)
         for name, future in futures.items():
             try:
                 found[name] = future.result()

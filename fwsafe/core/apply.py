@@ -133,12 +133,6 @@ def lockout_check(change: Change, options: ApplyOptions,
     return {"ran": True, "lockout": report.lockout, "summary": summary}
 
 
-def start_capture(pool: ThreadPoolExecutor, layers: list[str]) -> dict[str, Future[bytes]]:
-    """Snapshot every firewall layer this system has, in parallel: IPv4 and IPv6 together,
-    legacy tables, native nftables, ufw's files."""
-    return {name: pool.submit(layer_for(name).capture) for name in layers}
-
-
 def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,
             needed: list[str]) -> dict[str, bytes]:
     """The snapshot as of now. A layer kept in nf_tables is read again only if the ruleset's
@@ -149,7 +143,7 @@ def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: in
              if now is None or now != generation or not layer_for(name).in_nf_tables()]
     if not stale:
         return captured
-    fresh = collect(start_capture(pool, stale), [n for n in needed if n in stale])
+    fresh = collect(prefetch.start_capture(pool, stale), [n for n in needed if n in stale])
     return {name: fresh.get(name, captured[name]) for name in captured
             if name in fresh or name not in stale}
 
@@ -288,15 +282,8 @@ class ApplyFlow:
             # before the guard is told to go, what may have changed since is read again
             # (`refresh`: nothing, when nf_tables' generation is still the same).
             options.step("reading the live firewall and validating the change")
-            ahead = prefetch.take()   # started by the `fwsafe` command before this was loaded
-            if ahead is not None:
-                generation = ahead.generation
-                captures = {name: ahead.captures[name] for name in layers
-                            if name in ahead.captures}
-                captures.update(start_capture(pool, [n for n in layers if n not in captures]))
-            else:
-                generation = nflist.generation()
-                captures = start_capture(pool, layers)
+            # The reading the `fwsafe` command started before this was loaded, if any.
+            generation, captures = prefetch.read(pool, layers)
             if options.check and not change.partial:
                 from fwsafe.check.precheck import warm_current, warm_up
 

@@ -13,7 +13,7 @@ It only reads; a command that does not take it over (`apply --help`, a usage err
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from fwsafe.backends import available_layers, layer_for, nflist
@@ -56,3 +56,21 @@ def take() -> Reading | None:
         return None
     reading = _AHEAD.pop()
     return reading if nflist.generation() == reading.generation else None
+
+
+def start_capture(pool: Executor, layers: list[str]) -> dict[str, Future[bytes]]:
+    """Read `layers` now, in parallel: IPv4 and IPv6 together, legacy tables, native
+    nftables, ufw's files."""
+    return {name: pool.submit(layer_for(name).capture) for name in layers}
+
+
+def read(pool: Executor, layers: list[str]) -> tuple[int | None, dict[str, Future[bytes]]]:
+    """`layers` being read: from the reading started ahead where it has them (and nothing
+    changed since), the others now in `pool`; with nf_tables' generation as of before the
+    reading (for `fwsafe.core.apply.refresh`)."""
+    ahead = take()
+    if ahead is None:
+        return nflist.generation(), start_capture(pool, layers)
+    captures = {name: ahead.captures[name] for name in layers if name in ahead.captures}
+    captures.update(start_capture(pool, [name for name in layers if name not in captures]))
+    return ahead.generation, captures

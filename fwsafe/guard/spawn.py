@@ -119,6 +119,7 @@ class Standby:
         try:
             code = self.intermediate.wait(timeout=30)
         except subprocess.TimeoutExpired as exc:
+            self.intermediate.kill()
             raise GuardError("the guard did not start within 30 s") from exc
         if code != 0:
             raise GuardError(f"the guard failed to start (exit {code}); see {log_path}")
@@ -211,7 +212,7 @@ def wait_for_go(tx_dir: Path) -> bool:
             got += chunk
     finally:
         os.close(fd)
-    return got.split(b"\n", 1)[0] + b"\n" == GO
+    return got.startswith(GO)   # the first line, whole
 
 
 # --------------------------------------------------------------------------------------------
