@@ -1,7 +1,8 @@
 """The `fwsafe` command (and `python -m fwsafe`).
 
 `fwsafe apply` and `fwsafe check` start reading the live firewall here, before the command line
-interface is imported (`fwsafe.core.prefetch`); everything else is `fwsafe.cli.main`.
+interface is imported (`fwsafe.core.prefetch`), and list nftables tables in this process
+(`fwsafe.backends.libnft`); everything else is `fwsafe.cli.main`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ def reads_the_firewall(args: list[str]) -> bool:
 
 def main() -> None:
     if reads_the_firewall(sys.argv[1:]):
+        from fwsafe.backends import libnft
         from fwsafe.core import prefetch
+
+        libnft.enable()
 
         try:
             prefetch.start()

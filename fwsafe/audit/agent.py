@@ -1,6 +1,6 @@
 """The agent `fwsafe audit` runs in each namespace of the check's sandbox.
 
-Run as a script (``python3 -I agent.py``) by ``ip netns exec``, so it imports nothing from
+Run as a script (``python3 -I -S agent.py``) by ``ip netns exec``, so it imports nothing from
 fwsafe. It reads one JSON request per line on stdin and answers with one JSON line; end of
 input makes it close every socket and exit, so it never outlives the audit that started it.
 
@@ -202,4 +202,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)   # no interpreter teardown: the sandbox waits for this exit

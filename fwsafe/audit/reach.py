@@ -105,11 +105,12 @@ def reachability(listeners: Sequence[Listener], *,
     # its own sandbox: it may run beside the check's
     with scratch_sandbox(f"{os.getpid()}x") as sandbox:
         firewall = SandboxFirewall(sandbox, layers, tools, native)
-        firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
-                           *(s.address for s in plan.sources), *plan.lo_addresses,
-                           *(a for link in plan.links for a, _ in link.addresses),
-                           *(c for link in plan.links for c in link.clients)])
-        _Rounds(sandbox, firewall, plan, timeout).run(outside, rounds, report)
+        sandbox_addresses = [*(a for i in interfaces.values() for a, _, _ in i.addresses),
+                             *(s.address for s in plan.sources), *plan.lo_addresses,
+                             *(a for link in plan.links for a, _ in link.addresses),
+                             *(c for link in plan.links for c in link.clients)]
+        _Rounds(sandbox, firewall, plan, timeout).run(outside, rounds, report,
+                                                      sandbox_addresses)
     return report
 
 
@@ -125,10 +126,13 @@ class _Rounds:
         self.ports = itertools.cycle(range(_FIRST_PORT, _LAST_PORT + 1))
         self.numbers = itertools.count()
 
-    def run(self, listeners: list[Listener], rounds: list[str], report: ReachReport) -> None:
+    def run(self, listeners: list[Listener], rounds: list[str], report: ReachReport,
+            addresses: list[str]) -> None:
         problems = {x.key(): self.plan.unplaced(x) for x in listeners}
         try:
             self.sandbox.build(self.plan.links, self.plan.lo_addresses, agents=(True, AGENT))
+            # After the build: the pruning analysis may still be running ahead in a thread.
+            self.firewall.prune_to(addresses)
             for listener in listeners:
                 if problems[listener.key()] is None:
                     problems[listener.key()] = self._serve(listener)

@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Sequence
 
-from fwsafe.backends import nflist
+from fwsafe.backends import libnft, nflist
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog, line_starting
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.backends.nflist import kernel_tables
@@ -169,6 +169,10 @@ class NftLayer(Layer):
     def capture(self) -> bytes:
         parts = []
         for family, name in self.native_tables():
+            listed = libnft.list_table(family, name)     # None unless this command enabled it
+            if listed is not None:
+                parts.append(listed.decode(errors="replace").rstrip("\n") + "\n")
+                continue
             result = run_persistently([require_binary("nft"), "-s", "list", "table", family, name],
                                       timeout=120)
             if result.returncode != 0:

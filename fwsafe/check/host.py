@@ -13,7 +13,7 @@ from typing import Any
 from fwsafe.backends import available_layers, layer_for
 from fwsafe.backends.base import ApplyError
 from fwsafe.backends.iptables import BUILTIN_CHAINS, IptablesLayer, uses_nf_tables
-from fwsafe.check.rules import IptFileMap, SavedTables, parse_save
+from fwsafe.check.rules import IptFileMap, SavedTables, has_tables
 from fwsafe.check.sandbox import LinkPlan
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
@@ -186,7 +186,7 @@ def current_state(layers: Mapping[str, tuple[bytes, str]],
         if name in layers:
             content, source = layers[name]
             tool.candidate = (content, source)   # its file map: once loaded in the sandbox
-        elif not parse_save(tool.current.decode(errors="replace")):
+        elif not has_tables(tool.current):
             continue  # nothing of this flavour here, nor in the candidate: nothing to copy
         tools.append(tool)
     native = b""

@@ -13,7 +13,13 @@ from fwsafe.backends.nftables import describe_nft_error, split_tables
 from fwsafe.check.host import IptTool, iptables_nft_tables
 from fwsafe.check.naming import NftCandidate, RuleNamer
 from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, rewrites_addresses
-from fwsafe.check.rules import SavedTables, map_iptables_file, parse_nft_listing, parse_save
+from fwsafe.check.rules import (
+    SavedTables,
+    has_tables,
+    map_iptables_file,
+    parse_nft_listing,
+    parse_save,
+)
 from fwsafe.check.sandbox import TRACE_TABLE, Sandbox, SandboxError
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError
 from fwsafe.runner import require_binary
@@ -93,7 +99,7 @@ class SandboxFirewall:
         """The host's current rules; what the sandbox refuses is noted in ``degraded``."""
         srv_run = self.sandbox.srv_run
         for tool in self.tools:
-            if not parse_save(tool.current.decode(errors="replace")):
+            if not has_tables(tool.current):
                 continue
             result = srv_run([tool.restore, "-w", "10"], input=self._ipt(tool, tool.current))
             if result.returncode != 0:

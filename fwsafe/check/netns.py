@@ -38,6 +38,7 @@ __all__ = [
     "NETNS_DIR",
     "Namespaces",
     "NetnsError",
+    "configuring",
     "destroy_netns",
     "kill_until_gone",
     "netns_exists",
@@ -100,14 +101,25 @@ def netns_exists(name: str) -> bool:
     return (NETNS_DIR / name).exists()
 
 
-def netns_pids(name: str, *, ip: str | None = None) -> list[int]:
-    """PIDs of the processes living in network namespace ``name`` (empty if it is gone)."""
-    if not netns_exists(name):
+def netns_pids(name: str) -> list[int]:
+    """PIDs of the processes living in network namespace ``name`` (empty if it is gone): those
+    whose /proc/PID/ns/net is the namespace bound at /run/netns/NAME, as ``ip netns pids``
+    finds them (read here directly: no process to start, twice per namespace removed)."""
+    try:
+        bound = os.stat(NETNS_DIR / name)
+    except OSError:
         return []
-    res = run_command([ip or _ip(), "netns", "pids", name], check=False, timeout=15)
-    if res.returncode != 0:
-        return []
-    return [int(tok) for tok in res.stdout.split() if tok.isdigit()]
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ns = os.stat(f"/proc/{entry}/ns/net")
+        except OSError:
+            continue   # gone meanwhile, or a kernel thread
+        if ns.st_ino == bound.st_ino and ns.st_dev == bound.st_dev:
+            found.append(int(entry))
+    return found
 
 
 def kill_until_gone(list_pids: Callable[[], Iterable[int]], *, timeout: float = 5.0) -> list[int]:
@@ -136,7 +148,7 @@ def destroy_netns(name: str, *, ip: str | None = None, timeout: float = 5.0) -> 
     if not netns_exists(name):
         return
     ip = ip or _ip()
-    left = kill_until_gone(lambda: netns_pids(name, ip=ip), timeout=timeout)
+    left = kill_until_gone(lambda: netns_pids(name), timeout=timeout)
     if left:
         raise NetnsError(f"processes still alive in netns {name}: {left}")
     run_command([ip, "netns", "del", name], check=False, timeout=15)
@@ -150,6 +162,16 @@ def destroy_netns(name: str, *, ip: str | None = None, timeout: float = 5.0) -> 
 
 def _nodad(address: str) -> str:
     return " nodad" if ":" in address else ""
+
+
+def configuring(dev: str, addresses: Iterable[str] = (), *, addrgen: bool = True,
+                up: bool = True) -> list[str]:
+    """The ``ip`` commands of :meth:`Namespaces.configure`, for a batch of one's own."""
+    lines = [] if addrgen else [f"link set dev {dev} addrgenmode none"]
+    lines += [f"addr add {address} dev {dev}{_nodad(address)}" for address in addresses]
+    if up:
+        lines.append(f"link set {dev} up")
+    return lines
 
 
 class Namespaces:
@@ -170,9 +192,10 @@ class Namespaces:
     def _run(self, args: Sequence[str], *, input: str | None = None) -> None:
         run_command([self.ip, *args], input=input, timeout=60)
 
-    def create(self, name: str, *, busy: Literal["kill", "refuse"] = "kill") -> str:
-        """``ip netns add name`` with its loopback up; returns ``name`` (nothing is left behind
-        when this fails).
+    def create(self, name: str, *, busy: Literal["kill", "refuse"] = "kill",
+               lo_up: bool = True) -> str:
+        """``ip netns add name`` with its loopback up (``lo_up=False``: the caller brings it up
+        with the rest of its set-up); returns ``name`` (nothing is left behind when this fails).
 
         A namespace of that name already there is stale (names carry a PID or a lock's prefix):
         what runs in it is killed and it is deleted, or with ``busy="refuse"`` it is reused only
@@ -181,11 +204,13 @@ class Namespaces:
         if not _NAME_RE.match(name):
             raise NetnsError(f"bad network namespace name {name!r}")
         if netns_exists(name):
-            if busy == "refuse" and netns_pids(name, ip=self.ip):
+            if busy == "refuse" and netns_pids(name):
                 raise NetnsError(f"network namespace {name} exists and is in use")
             destroy_netns(name, ip=self.ip)
         self._run(["netns", "add", name])
         self.created.append(name)
+        if not lo_up:
+            return name
         try:
             self.batch(name, ["link set lo up"])
         except NetnsError:
@@ -211,11 +236,7 @@ class Namespaces:
         """Give ``dev`` in ``ns`` the ``addresses`` ("ADDRESS/PREFIXLEN"; IPv6 ones without
         duplicate address detection) and bring it up. ``addrgen=False``: no IPv6 link-local
         address of its own."""
-        lines = [] if addrgen else [f"link set dev {dev} addrgenmode none"]
-        lines += [f"addr add {address} dev {dev}{_nodad(address)}" for address in addresses]
-        if up:
-            lines.append(f"link set {dev} up")
-        self.batch(ns, lines)
+        self.batch(ns, configuring(dev, addresses, addrgen=addrgen, up=up))
 
     def pair(self, a: str, b: str, a_addresses: Iterable[str], b_addresses: Iterable[str], *,
              dev: str = "eth0") -> None:

@@ -342,12 +342,15 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
 
     if testable:
         firewall = SandboxFirewall(sandbox, layers, tools, native)
-        firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
-                           *clients, *(p.server for p in paths if p.server), *lo_addresses])
         prober = Prober(firewall, timeout)
         try:
             sandbox.build(links, lo_addresses,
                           agents=(any(not p.local for p in testable), AGENT))
+            # After the build: the pruning analysis of a large ruleset (fwsafe.check.prune,
+            # perhaps still running ahead in a thread) goes on while the namespaces are made.
+            firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
+                               *clients, *(p.server for p in paths if p.server),
+                               *lo_addresses])
             assert sandbox.srv_agent is not None
             listening = sandbox.srv_agent.request({"op": "listen", "port": port})
             if not listening.get("ok"):

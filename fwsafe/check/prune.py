@@ -50,6 +50,10 @@ _NFT_ADDRESS = re.compile(r"\b(ip6?)\s+(saddr|daddr)\s+(\S+)")
 _NFT_NAT = re.compile(r"\b(dnat|snat|tproxy|netmap)\b")
 _NFT_NAT_WORDS = ("dnat", "snat", "tproxy", "netmap")
 _NFT_CHAIN = re.compile(r"^\s*chain\s+\S+\s*\{\s*$")
+_NFT_FAST_V4 = re.compile(r"ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+)(?:/(\d+))? (.*)")
+_NFT_SIMPLE_LINE = re.compile(r"[ \t]*ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+)(?:/(\d+))? "
+                              r"([^{}\";\\#\n]*[^{}\";\\#\s])")
+_NFT_SLOW = re.compile(r"\bip6?\s+[sd]addr\b|[\\;\"#{}]")
 _IPT_COUNTERS = re.compile(r"^\s*\[\d+:\d+\]\s*")
 _IPT_FAST_V4 = re.compile(r"-A (\S+) -s (\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+) (.*)")
 _IPT_SLOW = re.compile(r"""["'\\]|(?:^|\s)(?:-s|-d|--source|--src|--destination|--dst)\s""")
@@ -122,15 +126,15 @@ Option = tuple[int, Ranges] | None        # (family, ranges); None: unreadable, 
 
 
 def _v4_range(a: str, b: str, c: str, d: str, prefix: str | None) -> tuple[int, int] | None:
-    """(first, last) of the IPv4 network a.b.c.d/prefix (digits as matched); None if invalid."""
-    octets = [int(a), int(b), int(c), int(d)]
-    bits = int(prefix) if prefix is not None else 32
-    if max(octets) > 255 or bits > 32:
+    """(first, last) of the IPv4 network a.b.c.d/prefix (digits as matched); None if invalid.
+    (Called once per rule of a large ruleset: plain arithmetic, no list.)"""
+    w, x, y, z = int(a), int(b), int(c), int(d)
+    bits = 32 if prefix is None else int(prefix)
+    if w > 255 or x > 255 or y > 255 or z > 255 or bits > 32:
         return None
-    size = 1 << (32 - bits)
-    first = ((octets[0] << 24) | (octets[1] << 16) | (octets[2] << 8) | octets[3]) \
-        & ~(size - 1) & 0xFFFFFFFF
-    return first, first + size - 1
+    host = (1 << (32 - bits)) - 1
+    first = ((w << 24) | (x << 16) | (y << 8) | z) & (0xFFFFFFFF ^ host)
+    return first, first | host
 
 
 def _span(item: str) -> tuple[int, int, int] | None:
@@ -273,7 +277,19 @@ def _nft_rules(lines: list[str]) -> list[_Rule]:
     in_chain = False
     depth = 0
     continued = False
+    simple = _NFT_SIMPLE_LINE.fullmatch
     for i, line in enumerate(lines):
+        if in_chain and depth == 1 and not continued:
+            # Most lines of a large ruleset: "ip saddr a.b.c.d/n REST" with no brace, quote,
+            # semicolon, comment or continuation, so the chain's state stays as it is.
+            m = simple(line)
+            if m is not None:
+                way, a, b, c, d, prefix, rest = m.groups()
+                if not _NFT_SLOW.search(rest):
+                    span = _v4_range(a, b, c, d, prefix)
+                    if span is not None:
+                        found.append(_Rule(i, f"ip {way} * {rest}", ((4, (span,)),)))
+                        continue
         was_continued, continued = continued, line.rstrip().endswith("\\")
         opens, closes = line.count("{"), line.count("}")
         if _NFT_CHAIN.match(line):
@@ -296,6 +312,11 @@ def _nft_rules(lines: list[str]) -> list[_Rule]:
 
 
 def _nft_rule(index: int, rule: str) -> _Rule | None:
+    fast = _NFT_FAST_V4.fullmatch(rule)
+    if fast and not _NFT_SLOW.search(fast.group(7)):   # "ip saddr a.b.c.d/n REST", one address:
+        span = _v4_range(*fast.group(2, 3, 4, 5, 6))    # most rules of a big set
+        if span is not None:
+            return _Rule(index, f"ip {fast.group(1)} * {fast.group(7)}", ((4, (span,)),))
     options: list[Option] = []
     for m in _NFT_ADDRESS.finditer(rule):
         value = m.group(3)

@@ -187,6 +187,15 @@ class SavedChain:
 SavedTables = dict[str, dict[str, SavedChain]]
 
 
+_HAS_TABLE = re.compile(rb"(?:^|\n)[^\S\n]*\*")
+
+
+def has_tables(save: bytes) -> bool:
+    """Whether iptables-save output has a table (`*filter`...): `parse_save` would not be
+    empty. At once, where parsing 50,000 rules to learn it takes a tenth of a second."""
+    return _HAS_TABLE.search(save) is not None
+
+
 def parse_save(text: str) -> SavedTables:
     """Parse iptables-save output (with or without ``-c``) into tables of chains of rules."""
     tables: SavedTables = {}
@@ -493,6 +502,10 @@ class _Tok:
     line: int
 
 
+_BLANKS = re.compile(r"[ \t\r\n]*")
+_WORD = re.compile(r"[^ \t\r\n;{}#\"]+")
+
+
 def _nft_tokens(text: str) -> list[_Tok]:
     tokens: list[_Tok] = []
     i, line, n = 0, 1, len(text)
@@ -502,9 +515,13 @@ def _nft_tokens(text: str) -> list[_Tok]:
             i += 2
             line += 1
         elif c == "\n":
+            # One token for a run of newlines and blanks: the lines a pruned file blanked out
+            # (tens of thousands) end no more statements than one newline does.
             tokens.append(_Tok("nl", "\n", line))
-            line += 1
-            i += 1
+            blanks = _BLANKS.match(text, i + 1)
+            end = blanks.end() if blanks else i + 1
+            line += 1 + text.count("\n", i + 1, end)
+            i = end
         elif c in " \t\r":
             i += 1
         elif c == "#":
@@ -520,9 +537,8 @@ def _nft_tokens(text: str) -> list[_Tok]:
             tokens.append(_Tok("str", text[i:j + 1], line))
             i = j + 1
         else:
-            j = i
-            while j < n and text[j] not in " \t\r\n;{}#\"":
-                j += 1
+            word = _WORD.match(text, i)
+            j = word.end() if word else i + 1
             tokens.append(_Tok("word", text[i:j], line))
             i = j
     return tokens

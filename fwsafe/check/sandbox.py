@@ -27,7 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from fwsafe.check.netns import Namespaces, NetnsError
+from fwsafe.check.netns import Namespaces, NetnsError, configuring
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
@@ -247,7 +247,7 @@ class Sandbox:
         self.links = links
         for name in (self.srv, self.cli):
             try:
-                self.namespaces.create(name, busy="refuse")
+                self.namespaces.create(name, busy="refuse", lo_up=False)   # up in _wire
             except NetnsError as exc:
                 raise EnvironmentProblem(
                     f"cannot create the sandbox network namespace {name}: {exc}",
@@ -263,21 +263,25 @@ class Sandbox:
             self.wait_agents()
 
     def _wire(self, links: list[LinkPlan], lo_addresses: list[str]) -> None:
+        """The veth pairs, then one ``ip -batch`` per namespace: loopback, addresses, links up,
+        routes and neighbour entries."""
         ns = self.namespaces
-        ns.configure(self.srv, "lo", [_host_prefix(address) for address in lo_addresses])
+        srv_lines = configuring("lo", [_host_prefix(address) for address in lo_addresses])
+        cli_lines = configuring("lo")
         srv_routes: list[str] = []
         cli_routes: list[str] = []
         for index, link in enumerate(links):
             peer = f"peer{index}"
             ns.veth(self.srv, link.name, self.cli, peer, mtu=link.mtu,
                     a_mac=link.server_mac(index), b_mac=link.peer_mac(index))
-            ns.configure(self.srv, link.name, [f"{a}/{p}" for a, p in link.addresses],
-                         addrgen=False)
-            ns.configure(self.cli, peer, [_host_prefix(c) for c in link.clients], addrgen=False)
+            srv_lines += configuring(link.name, [f"{a}/{p}" for a, p in link.addresses],
+                                     addrgen=False)
+            cli_lines += configuring(peer, [_host_prefix(c) for c in link.clients],
+                                     addrgen=False)
             srv_routes += _routes(link.clients, link.name, link.peer_mac(index))
             cli_routes += _routes(link.servers, peer, link.server_mac(index))
-        ns.batch(self.srv, srv_routes)
-        ns.batch(self.cli, cli_routes)
+        ns.batch(self.srv, srv_lines + srv_routes)
+        ns.batch(self.cli, cli_lines + cli_routes)
 
     def start_agents(self, client_side: bool, *, script: Path = AGENT) -> None:
         """An agent in the server namespace (and one in the client's): the check's own, or
@@ -286,7 +290,7 @@ class Sandbox:
         self.wait_agents()
 
     def launch_agents(self, client_side: bool, script: Path = AGENT) -> None:
-        argv = [sys.executable, "-I", str(script)]
+        argv = [sys.executable, "-I", "-S", str(script)]   # stdlib only: no site (10 ms)
         self.srv_agent = AgentProcess(self.in_srv(argv), "server-side")
         if client_side:
             self.cli_agent = AgentProcess(self.in_cli(argv), "client-side")
@@ -314,7 +318,9 @@ class Sandbox:
         trace = TraceMonitor(self.in_srv([nft, "-a", "monitor", "trace"]))
         assert self.srv_agent is not None
         try:
-            trace.sync(self.srv_agent, timeout=5.0, each=0.05)
+            # `nft monitor` subscribes moments after it starts: a canary sent before is not
+            # traced and is sent again, every 10 ms, until one is.
+            trace.sync(self.srv_agent, timeout=5.0, each=0.01)
         except SandboxError:
             trace.stop()
             raise
@@ -330,6 +336,12 @@ class Sandbox:
     def close(self) -> None:
         """Stop what we started (by PID) and delete both namespaces; never raises."""
         errors: list[str] = []
+        for agent in (self.srv_agent, self.cli_agent):   # both end at once: end of input
+            if agent is not None and agent.proc.stdin is not None:
+                try:
+                    agent.proc.stdin.close()
+                except OSError:
+                    pass
         for stop in (self.trace, self.srv_agent, self.cli_agent):
             if stop is None:
                 continue

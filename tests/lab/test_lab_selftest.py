@@ -267,3 +267,31 @@ def test_pids_cgroup_blocks_fork() -> None:
         cg.close()
     assert not path.exists()
     cg.close()  # idempotent
+
+
+def test_netns_pids_agrees_with_ip_and_close_kills_what_runs_inside() -> None:
+    """`netns_pids` reads /proc itself (every sandbox's teardown asks it twice a namespace):
+    the same PIDs as `ip netns pids`; closing kills them and removes the namespace."""
+    from fwsafe.check.netns import Namespaces, netns_exists, netns_pids
+
+    namespaces = Namespaces()
+    name = f"fwtpids{os.getpid()}"
+    sleeper = None
+    try:
+        namespaces.create(name)
+        assert netns_pids(name) == []
+        sleeper = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "60"])
+        deadline = time.monotonic() + 5
+        while not netns_pids(name) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        listed = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
+                                check=True).stdout.split()
+        assert netns_pids(name) == sorted(int(p) for p in listed) == [sleeper.pid]
+        namespaces.close()
+        assert sleeper.wait(timeout=5) == -9 and not netns_exists(name)
+        assert netns_pids(name) == []
+    finally:
+        if sleeper is not None and sleeper.poll() is None:
+            sleeper.kill()
+            sleeper.wait()
+        namespaces.close()

@@ -392,3 +392,76 @@ def test_netlink_tables_and_generation_match_nft(fwlab: FwLab) -> None:
         assert gen3 == gen2          # reading changes nothing
     finally:
         fwlab.lab.srv_exec(["nft", "delete", "table", "netdev", "fwgen"])
+
+
+RICH_NFT = """\
+table inet fwrich {
+	set allowed {
+		type ipv4_addr
+		flags interval
+		elements = { 10.0.0.0/8, 192.0.2.1, 198.51.100.0-198.51.100.20 }
+	}
+	set seen {
+		type ipv6_addr
+		size 65535
+		flags dynamic,timeout
+		timeout 1h
+	}
+	map ports {
+		type inet_service : verdict
+		elements = { 22 : accept, 80 : jump web }
+	}
+	counter ssh_hits {
+	}
+	quota big {
+		over 10000 mbytes
+	}
+	chain input {
+		type filter hook input priority filter - 5; policy accept;
+		ct state established,related counter accept comment "keep sessions"
+		ip saddr @allowed tcp dport vmap @ports
+		meta l4proto ipv6-icmp limit rate 10/second burst 20 packets accept
+		tcp dport 22 counter name "ssh_hits" accept
+		ip6 saddr fd00::/8 tcp dport { 22, 443, 8000-8080 } log prefix "v6 " level info accept
+		udp dport 53 quota name "big" drop
+	}
+	chain web {
+		tcp flags & (syn | ack) == syn meta mark set 0x10 accept
+		reject with tcp reset
+	}
+}
+table ip fw_other {
+	chain postrouting {
+		type nat hook postrouting priority srcnat; policy accept;
+		ip saddr 172.17.0.0/16 oifname != "lo" masquerade
+	}
+}
+"""
+
+
+def test_nft_listing_in_process_is_the_same_as_nft(fwlab: FwLab) -> None:
+    """`fwsafe apply`/`check` list native tables through libnftables in their own process;
+    the text must be `nft -s list table`'s, byte for byte, or the merge would see changes
+    nobody made. A name nft's scanner does not take unquoted goes to `nft` itself."""
+    fwlab.lab.srv_exec(["nft", "-f", str(fwlab.write("rich.nft", RICH_NFT))])
+    fwlab.lab.srv_exec(["nft", "add", "table", "netdev", "fw-odd.name/1"])
+    probe = ("import json, sys; from fwsafe.backends import libnft; libnft.enable(); "
+             "print(json.dumps({n: (libnft.list_table(*n.split(' ')) or b'').decode() "
+             "for n in sys.argv[1:]}))")
+    names = ["inet fwrich", "ip fw_other", "netdev fw-odd.name/1", "inet fwnosuch"]
+    try:
+        listed = json.loads(fwlab.lab.srv_exec([PYTHON, "-c", probe, *names]).stdout)
+        for name in names[:3]:
+            nft = fwlab.lab.srv_exec(["nft", "-s", "list", "table", *name.split(" ")]).stdout
+            assert listed[name] == nft, name
+        assert "quota big" in listed["inet fwrich"] and "@ports" in listed["inet fwrich"]
+        assert listed["inet fwnosuch"] == ""          # an error: the caller runs nft instead
+        capture = ("from fwsafe.backends import layer_for, libnft; libnft.enable(); "
+                   "import sys; sys.stdout.write(layer_for('nft').capture().decode())")
+        through_library = fwlab.lab.srv_exec([PYTHON, "-c", capture]).stdout
+        through_nft = fwlab.lab.srv_exec([PYTHON, "-c", capture.replace("enable()",
+                                                                       "enable(False)")]).stdout
+        assert through_library == through_nft and "table inet fwrich {" in through_library
+    finally:
+        for table in ("inet fwrich", "ip fw_other", "netdev fw-odd.name/1"):
+            fwlab.lab.srv_exec(["nft", "delete", "table", *table.split(" ")], check=False)

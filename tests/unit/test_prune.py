@@ -130,3 +130,31 @@ def test_overlap_by_bisection_agrees_with_every_pair() -> None:
             assert found.may_match(((4, ranges), None)) is naive
     assert AddressSet([]).overlaps(6, ((0, 1 << 100),)) is False
 
+
+
+def test_nft_one_address_shortcut_agrees_with_the_full_analysis(monkeypatch) -> None:
+    """`ip saddr A/N REST` with no other address in REST is read by one regular expression;
+    every line reads the same as through the general analysis."""
+    import re
+
+    from fwsafe.check import prune
+
+    rules = [
+        "ip saddr 198.51.100.1 tcp dport 22 drop",
+        "ip saddr 10.0.0.0/8 tcp dport 22 accept",
+        "ip daddr 198.51.100.9 counter drop",
+        "ip saddr 198.51.100.1 ip daddr 10.0.0.1 drop",
+        "ip saddr 198.51.100.1 ip6 daddr fd00::9 drop",
+        "ip saddr 300.1.1.1 drop",
+        "ip saddr 10.1.2.3/33 drop",
+        "ip saddr 10.1.2.3/24 drop",
+        "ip saddr 10.1.2.3 tcp dport { 22, 80 } drop",
+        "ip saddr 10.1.2.3 meta mark 0x1 jump other",
+        "ip saddr 198.51.100.1,198.51.100.2 drop",
+        "tcp dport 22 ip saddr 198.51.100.1 drop",
+    ]
+    lines = ["table ip t {", "\tchain c {", *(f"\t\t{r}" for r in rules), "\t}", "}", ""]
+    fast = prune._nft_rules(lines)
+    monkeypatch.setattr(prune, "_NFT_FAST_V4", re.compile(r"(?!)"))
+    assert prune._nft_rules(lines) == fast
+    assert [r.line - 2 for r in fast] == [0, 1, 2, 3, 4, 7, 9, 10, 11]   # {...}: never
