@@ -5,14 +5,20 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import click
 
 from fwsafe.check.host import capture_host
 from fwsafe.check.precheck import candidate_layers, warm_layers, warm_up
-from fwsafe.check.predict import DEFAULT_TIMEOUT, default_sessions, parse_clients, predict
+from fwsafe.check.predict import (
+    DEFAULT_TIMEOUT,
+    CheckReport,
+    default_sessions,
+    parse_clients,
+    predict,
+)
 from fwsafe.cli.common import RAW_ARGS, VERBOSITY
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
@@ -70,9 +76,10 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
 
     Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules.
     """
-    # Beside the main thread: reading the host, the pruning analysis, the exposure's sandbox.
+    # Beside the main thread: reading the host, the validation, the pruning analysis (of the
+    # candidate and of the host's layers), the exposure and its sandbox.
     with StepTicker(sys.stderr, total=2, enabled=not as_json and VERBOSITY[0] >= 0) as tick, \
-            ThreadPoolExecutor(max_workers=3) as pool:
+            ThreadPoolExecutor(max_workers=5) as pool:
         _check(tick, pool, rules, rules6, clients, port, backend, timeout_s, partial,
                no_exposure, as_json)
 
@@ -83,8 +90,8 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     # The host's firewall is read once, while the candidate is validated, for the lockout
     # check and the exposure alike.
     tick.step("reading the live firewall and validating the rules")
-    host = pool.submit(_capture_and_warm)
-    validated = False
+    host = pool.submit(capture_host)
+    validating: Future[None] | None = None
     if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         from fwsafe.backends.ufw import prepare_command
 
@@ -102,30 +109,18 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
             change = resolve_partial(change, {name: layer_for(name).capture()
                                               for name in change.layers})
         pool.submit(warm_up, change)   # beside the validation, for the sandbox's pruning
-        validate_change(change)
-        validated = True
-    captured = host.result()
-    layers = candidate_layers(change, captured)
-
-    sessions, default_port = default_sessions()
-    chosen = parse_clients(list(clients))
-    if not chosen:
-        chosen = [s.client for s in sessions]
-    if not chosen:
-        raise UsageError(
-            f"no SSH client known: not in an SSH session and no established connection to port "
-            f"{default_port} found; give the address you manage this host from with --client IP")
-    servers = {s.client: s.server for s in sessions if s.client in chosen}
-    # The exposure's sandbox is built and tried beside the lockout check's (each its own pair
-    # of namespaces); an invalid candidate fails the lockout check first, as before.
-    tick.step("predicting a lockout" + ("" if no_exposure else " and the exposure")
-              + " in scratch namespaces")
-    pending = None if no_exposure or not validated else pool.submit(
-        _exposure, layers, timeout_s, captured)
-    report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
-                     timeout=timeout_s, validate=not validated, captured=captured)
-    exposure = None if no_exposure else (
-        pending.result() if pending is not None else _exposure(layers, timeout_s, captured))
+        # The validation runs beside the reading and the lockout check; it is heard first:
+        # an invalid file is reported as such, whatever the rest made of it.
+        validating = pool.submit(validate_change, change)
+    try:
+        report, exposure = _predict(tick, pool, change, host, validating is not None, clients,
+                                    port, timeout_s, no_exposure)
+    except BaseException:
+        if validating is not None:
+            validating.result()
+        raise
+    if validating is not None:
+        validating.result()
     if as_json:
         data = report.to_json()
         if exposure is not None:
@@ -148,11 +143,33 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
                                hint="nothing was changed; fix the rule named above and check again")
 
 
-def _capture_and_warm() -> dict[str, bytes]:
-    """The host's layers, and a head start on the sandbox's pruning of them."""
-    captured = capture_host()
-    warm_layers(captured)
-    return captured
+def _predict(tick: StepTicker, pool: ThreadPoolExecutor, change: Change,
+             host: Future[dict[str, bytes]], validated: bool, clients: tuple[str, ...],
+             port: int | None, timeout_s: float, no_exposure: bool
+             ) -> tuple[CheckReport, tuple[dict[str, Any], str] | None]:
+    """The lockout check, and the exposure beside it (each its own sandbox), on the host's
+    layers as read; the pruning analysis of those goes on in the pool meanwhile."""
+    captured = host.result()
+    pool.submit(warm_layers, captured)   # the sandboxes are built meanwhile
+    layers = candidate_layers(change, captured)
+    sessions, default_port = default_sessions()
+    chosen = parse_clients(list(clients))
+    if not chosen:
+        chosen = [s.client for s in sessions]
+    if not chosen:
+        raise UsageError(
+            f"no SSH client known: not in an SSH session and no established connection to port "
+            f"{default_port} found; give the address you manage this host from with --client IP")
+    servers = {s.client: s.server for s in sessions if s.client in chosen}
+    tick.step("predicting a lockout" + ("" if no_exposure else " and the exposure")
+              + " in scratch namespaces")
+    pending = None if no_exposure or not validated else pool.submit(
+        _exposure, layers, timeout_s, captured)
+    report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
+                     timeout=timeout_s, validate=not validated, captured=captured)
+    exposure = None if no_exposure else (
+        pending.result() if pending is not None else _exposure(layers, timeout_s, captured))
+    return report, exposure
 
 
 def _exposure(layers: dict[str, tuple[bytes, str]], timeout: float,
