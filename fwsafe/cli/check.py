@@ -115,7 +115,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     try:
         report, exposure = _predict(tick, pool, change, host, validating is not None, clients,
                                     port, timeout_s, no_exposure)
-    except BaseException:
+    except Exception:   # an interruption is not waited for
         if validating is not None:
             validating.result()
         raise
