@@ -53,9 +53,8 @@ def _library() -> ctypes.CDLL | None:
         lib.nft_ctx_output_set_flags.restype = None
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
-        for getter in (lib.nft_ctx_get_output_buffer, lib.nft_ctx_get_error_buffer):
-            getter.argtypes = [ctypes.c_void_p]
-            getter.restype = ctypes.c_char_p
+        lib.nft_ctx_get_output_buffer.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_get_output_buffer.restype = ctypes.c_char_p
     except (OSError, AttributeError):
         lib = None
     _STATE["lib"] = lib

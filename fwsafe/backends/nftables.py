@@ -170,15 +170,14 @@ class NftLayer(Layer):
         parts = []
         for family, name in self.native_tables():
             listed = libnft.list_table(family, name)     # None unless this command enabled it
-            if listed is not None:
-                parts.append(listed.decode(errors="replace").rstrip("\n") + "\n")
-                continue
-            result = run_persistently([require_binary("nft"), "-s", "list", "table", family, name],
-                                      timeout=120)
-            if result.returncode != 0:
-                raise ApplyError(f"nft list table {family} {name} failed: "
-                                 f"{result.stderr.decode(errors='replace').strip()}")
-            parts.append(result.stdout.decode(errors="replace").rstrip("\n") + "\n")
+            if listed is None:
+                result = run_persistently([require_binary("nft"), "-s", "list", "table", family,
+                                           name], timeout=120)
+                if result.returncode != 0:
+                    raise ApplyError(f"nft list table {family} {name} failed: "
+                                     f"{result.stderr.decode(errors='replace').strip()}")
+                listed = result.stdout
+            parts.append(listed.decode(errors="replace").rstrip("\n") + "\n")
         return "".join(parts).encode()
 
     def units(self, data: bytes) -> dict[str, str]:

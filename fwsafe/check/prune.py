@@ -50,7 +50,6 @@ _NFT_ADDRESS = re.compile(r"\b(ip6?)\s+(saddr|daddr)\s+(\S+)")
 _NFT_NAT = re.compile(r"\b(dnat|snat|tproxy|netmap)\b")
 _NFT_NAT_WORDS = ("dnat", "snat", "tproxy", "netmap")
 _NFT_CHAIN = re.compile(r"^\s*chain\s+\S+\s*\{\s*$")
-_NFT_FAST_V4 = re.compile(r"ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+)(?:/(\d+))? (.*)")
 _NFT_SIMPLE_LINE = re.compile(r"[ \t]*ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+)(?:/(\d+))? "
                               r"([^{}\";\\#\n]*[^{}\";\\#\s])")
 _NFT_SLOW = re.compile(r"\bip6?\s+[sd]addr\b|[\\;\"#{}]")
@@ -312,11 +311,6 @@ def _nft_rules(lines: list[str]) -> list[_Rule]:
 
 
 def _nft_rule(index: int, rule: str) -> _Rule | None:
-    fast = _NFT_FAST_V4.fullmatch(rule)
-    if fast and not _NFT_SLOW.search(fast.group(7)):   # "ip saddr a.b.c.d/n REST", one address:
-        span = _v4_range(*fast.group(2, 3, 4, 5, 6))    # most rules of a big set
-        if span is not None:
-            return _Rule(index, f"ip {fast.group(1)} * {fast.group(7)}", ((4, (span,)),))
     options: list[Option] = []
     for m in _NFT_ADDRESS.finditer(rule):
         value = m.group(3)

@@ -268,8 +268,6 @@ class Sandbox:
         ns = self.namespaces
         srv_lines = configuring("lo", [_host_prefix(address) for address in lo_addresses])
         cli_lines = configuring("lo")
-        srv_routes: list[str] = []
-        cli_routes: list[str] = []
         for index, link in enumerate(links):
             peer = f"peer{index}"
             ns.veth(self.srv, link.name, self.cli, peer, mtu=link.mtu,
@@ -278,10 +276,10 @@ class Sandbox:
                                      addrgen=False)
             cli_lines += configuring(peer, [_host_prefix(c) for c in link.clients],
                                      addrgen=False)
-            srv_routes += _routes(link.clients, link.name, link.peer_mac(index))
-            cli_routes += _routes(link.servers, peer, link.server_mac(index))
-        ns.batch(self.srv, srv_lines + srv_routes)
-        ns.batch(self.cli, cli_lines + cli_routes)
+            srv_lines += _routes(link.clients, link.name, link.peer_mac(index))
+            cli_lines += _routes(link.servers, peer, link.server_mac(index))
+        ns.batch(self.srv, srv_lines)
+        ns.batch(self.cli, cli_lines)
 
     def start_agents(self, client_side: bool, *, script: Path = AGENT) -> None:
         """An agent in the server namespace (and one in the client's): the check's own, or

@@ -155,6 +155,6 @@ def test_nft_one_address_shortcut_agrees_with_the_full_analysis(monkeypatch) -> 
     ]
     lines = ["table ip t {", "\tchain c {", *(f"\t\t{r}" for r in rules), "\t}", "}", ""]
     fast = prune._nft_rules(lines)
-    monkeypatch.setattr(prune, "_NFT_FAST_V4", re.compile(r"(?!)"))
+    monkeypatch.setattr(prune, "_NFT_SIMPLE_LINE", re.compile(r"(?!)"))
     assert prune._nft_rules(lines) == fast
     assert [r.line - 2 for r in fast] == [0, 1, 2, 3, 4, 7, 9, 10, 11]   # {...}: never
