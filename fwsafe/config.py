@@ -8,6 +8,7 @@ back to a default.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 import re
@@ -48,6 +49,10 @@ DEFAULT_MAX_TIMEOUT = 86400
 #: The largest rules file read by default (`max_rules_bytes`): 64 MiB.
 DEFAULT_MAX_RULES_BYTES = 64 * 1024 * 1024
 MIN_SECONDS = 1.0
+#: The backstop kills a guard stuck past its deadline after this many seconds (`stuck_grace`).
+DEFAULT_STUCK_GRACE = 5.0
+#: The kernel escape hatch opens this many seconds after the deadline (`hatch_grace`).
+DEFAULT_HATCH_GRACE = 30.0
 
 PersistMode = Literal["auto", "netfilter-persistent", "nftables", "none"]
 PERSIST_MODES: tuple[PersistMode, ...] = ("auto", "netfilter-persistent", "nftables", "none")
@@ -117,6 +122,10 @@ class Config:
     max_rules_bytes: int = DEFAULT_MAX_RULES_BYTES
     boot_hook: bool = True   # on systemd hosts, apply installs the boot recovery unit
     expected_open: tuple[str, ...] = DEFAULT_EXPECTED_OPEN   # `fwsafe audit`: "PORT[-PORT]/PROTO"
+    stuck_grace: float = DEFAULT_STUCK_GRACE  # the backstop kills a guard stuck this long past
+    hatch: bool = True                        # the kernel escape hatch with every apply
+    hatch_grace: float = DEFAULT_HATCH_GRACE  # ... opens this long after the deadline
+    admin_sources: tuple[str, ...] = ()       # who it lets in besides this SSH session's client
     hosts: dict[str, HostConfig] = field(default_factory=dict)
     source: str | None = None
 
@@ -379,6 +388,10 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
     expected_open = top.take("expected_open", lambda k, v: _check_open_ports(top, k, v),
                              DEFAULT_EXPECTED_OPEN)
     hosts = top.take("hosts", lambda k, v: _check_hosts(path, top, k, v), {})
+    stuck_grace = top.take("stuck_grace", top.positive_number, DEFAULT_STUCK_GRACE)
+    hatch = top.take("hatch", top.boolean, True)
+    hatch_grace = top.take("hatch_grace", top.positive_number, DEFAULT_HATCH_GRACE)
+    admin_sources = top.take("admin_sources", lambda k, v: _check_sources(top, k, v), ())
     top.finish()
     if timeout > max_timeout:
         raise top.error("timeout", f"must be <= max_timeout ({max_timeout}), got {timeout}")
@@ -395,6 +408,10 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
         max_rules_bytes=max_rules_bytes,
         boot_hook=boot_hook,
         expected_open=expected_open,
+        stuck_grace=stuck_grace,
+        hatch=hatch,
+        hatch_grace=hatch_grace,
+        admin_sources=admin_sources,
         hosts=hosts,
         source=path,
     )
@@ -423,19 +440,39 @@ def _check_probes(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def _check_open_ports(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+def _check_list(reader: _Reader, key: str, value: Any, array: str, item_kind: str,
+                parse: Callable[[str], str]) -> tuple[str, ...]:
+    """An array of strings, each read by `parse` (a ValueError says what is wrong)."""
     if not isinstance(value, list):
-        raise reader.type_error(key, 'an array of "PORT/PROTO" strings', value)
+        raise reader.type_error(key, array, value)
     entries: list[str] = []
     for index, item in enumerate(value):
         item_key = f"{key}[{index}]"
         if not isinstance(item, str):
-            raise reader.type_error(item_key, 'a "PORT/PROTO" string', item)
+            raise reader.type_error(item_key, item_kind, item)
         try:
-            entries.append(str(parse_open_port(item)))
+            entries.append(parse(item))
         except ValueError as exc:
             raise reader.error(item_key, str(exc)) from None
     return tuple(entries)
+
+
+def _check_open_ports(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+    return _check_list(reader, key, value, 'an array of "PORT/PROTO" strings',
+                       'a "PORT/PROTO" string', lambda item: str(parse_open_port(item)))
+
+
+def _source(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text.strip(), strict=False))
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IP address or network") from None
+
+
+def _check_sources(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
+    return _check_list(reader, key, value, 'an array of addresses or networks '
+                       '("203.0.113.7", "2001:db8::/64")', "an address or network string",
+                       _source)
 
 
 def _check_persist(reader: _Reader, key: str, value: Any) -> PersistMode:

@@ -23,6 +23,7 @@ from fwsafe.backends import nflist
 from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog, line_starting
 from fwsafe.core.merge import merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
+from fwsafe.guard import hatch
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -325,7 +326,7 @@ class IptablesLayer(Layer):
         if result.returncode != 0:
             raise ApplyError(
                 f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}")
-        return result.stdout
+        return hatch.strip(result.stdout)   # the kernel escape hatch is nobody's rule
 
     def units(self, data: bytes) -> dict[str, str]:
         out = {}

@@ -25,6 +25,7 @@ from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.backends.nflist import kernel_tables
 from fwsafe.core.merge import merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
+from fwsafe.guard import hatch
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_ERROR = re.compile(r"^(?:/dev/stdin|[^:\s]+):(\d+):(\d+)(?:-\d+)?: Error: (.*)$", re.M)
@@ -178,7 +179,7 @@ class NftLayer(Layer):
                                      f"{result.stderr.decode(errors='replace').strip()}")
                 listed = result.stdout
             parts.append(listed.decode(errors="replace").rstrip("\n") + "\n")
-        return "".join(parts).encode()
+        return hatch.strip("".join(parts).encode())   # the kernel escape hatch is nobody's rule
 
     def units(self, data: bytes) -> dict[str, str]:
         return split_tables(data.decode(errors="replace"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 import click
 
@@ -27,6 +28,7 @@ from fwsafe.cli.common import (
     timeout_from,
 )
 from fwsafe.cli.ticker import StepTicker
+from fwsafe.config import Config
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change, change_from_files
@@ -149,6 +151,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         config_path=config_path_of(config),
         max_timeout=config.max_timeout,
         boot_hook=config.boot_hook,
+        **guard_settings(config),
     )
     for url in options.probes:
         parse_probe(url)  # a bad probe is a usage error before anything happens
@@ -202,6 +205,12 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         options.step = tick.step
         record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
+
+
+def guard_settings(config: Config) -> dict[str, Any]:
+    """The config's settings of the guard, its backstop and the kernel escape hatch."""
+    return {"stuck_grace": config.stuck_grace, "hatch": config.hatch,
+            "hatch_grace": config.hatch_grace, "admin_sources": list(config.admin_sources)}
 
 
 def show_exposure(complete: Change) -> None:
@@ -300,13 +309,12 @@ def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
     )
 
     def still_open() -> bool:
-        current = transaction.load_record(manager.state, tx_id)
-        return current.state == transaction.PENDING
+        return manager.view(tx_id).state == transaction.PENDING
 
-    latest = transaction.load_record(manager.state, tx_id)
+    latest = manager.view(tx_id)
     while True:
         answer = countdown.run_countdown(latest.deadline or time.time(), still_open)
-        latest = transaction.load_record(manager.state, tx_id)
+        latest = manager.view(tx_id)
         if answer != countdown.EXTERNAL or latest.state != transaction.PENDING:
             break
     if answer == countdown.YES:
@@ -321,19 +329,20 @@ def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
         try:
             latest = manager.revert(tx_id, reason=why)
         except RevertedError:
-            latest = transaction.load_record(manager.state, tx_id)
+            latest = manager.view(tx_id)
     else:
         latest = wait_final(manager, tx_id)
     finish(latest, as_json)
 
 
 def wait_final(manager: Manager, tx_id: str, limit_s: float = 600) -> Record:
-    """The transaction left `pending` elsewhere; wait until the guard has finished with it."""
+    """The transaction left `pending` elsewhere; wait until the guard (or whoever took it
+    over) has finished with it. The guard's own view counts: the disk may refuse the record."""
     end = time.monotonic() + limit_s
-    record = transaction.load_record(manager.state, tx_id)
+    record = manager.view(tx_id)
     while record.state in (transaction.PENDING, transaction.REVERTING) and time.monotonic() < end:
         time.sleep(0.1)
-        record = transaction.load_record(manager.state, tx_id)
+        record = manager.view(tx_id)
     return record
 
 
@@ -380,7 +389,7 @@ def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_jso
     options = ApplyOptions(timeout_s=timeout_from(config, timeout_s),
                            command=list(sys.argv), check=not no_check, force=force,
                            config_path=config_path_of(config), max_timeout=config.max_timeout,
-                           boot_hook=config.boot_hook)
+                           boot_hook=config.boot_hook, **guard_settings(config))
     _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
                    manager=manager_for(state_dir, config))
 

@@ -26,6 +26,7 @@ from fwsafe.cli.ticker import StepTicker
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.errors import NoTransactionError, RevertFailedError
+from fwsafe.guard import hatch
 
 
 # --------------------------------------------------------------------------------------------
@@ -141,14 +142,27 @@ def format_status(info: dict[str, Any]) -> str:
     if info.get("reverted_by") and state in (transaction.REVERTED, transaction.REVERT_FAILED):
         lines.append(f"  reverted by: {info['reverted_by']}")
     if info.get("guard_pid"):
-        alive = "running" if info["guard_alive"] else "GONE: run `fwsafe recover`"
+        alive = ("STOPPED (SIGSTOP?): the backstop kills it past the deadline; "
+                 "`fwsafe revert` stops it now" if info.get("guard_stopped") else
+                 "running" if info["guard_alive"] else
+                 "gone; taken over (the backstop is reverting)" if info.get("taken_over") else
+                 "GONE: run `fwsafe recover`")
         lines.append(f"  guard: PID {info['guard_pid']} ({info['guard_mode']}), {alive}")
+    if info.get("unsaved"):
+        lines.append("  the guard cannot write the record (disk full?): this is its own view; "
+                     "the record is written once the disk takes it")
+    if info.get("lock_holder"):
+        lines.append(f"  the xtables lock is held by {info['lock_holder']}: the legacy tables "
+                     "wait for it (the nf_tables ones need no lock)")
     if info.get("backstop") and state in transaction.OPEN_STATES:
         lines.append(f"  backstop: {info['backstop'].get('how') or info['backstop'].get('kind')}")
     if info.get("shielded") is False:
         lines.append(f"  guard NOT shielded from the OOM killer: {info['shield_error']}")
     elif info.get("shielded"):
         lines.append("  guard shielded from the OOM killer (oom_score_adj -1000)")
+    hatch_line = hatch.describe(info.get("hatch"))
+    if hatch_line:
+        lines.append(f"  {hatch_line}")
     if info.get("run"):
         lines.append(f"  command: {' '.join(info['run'])}")
     if info.get("touched"):

@@ -7,14 +7,18 @@ proves it; otherwise the change may be live (exit 5).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from fwsafe import failpoints
 from fwsafe.backends import (
     ON_DEMAND_LAYERS,
     ApplyError,
@@ -36,9 +40,11 @@ from fwsafe.errors import (
     InvalidRulesError,
     LockoutRefused,
     PendingError,
+    RevertedError,
     RevertFailedError,
     StateError,
 )
+from fwsafe.guard import hatch
 from fwsafe.guard import spawn as guard
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
@@ -71,6 +77,10 @@ class ApplyOptions:
                                     # session's user; fwsafe.sshd.lockout)
     # Told as each step begins (the CLI shows a step that takes long on a terminal).
     step: Callable[[str], None] = field(default=lambda _what: None, repr=False)
+    hatch: bool = True             # load the kernel escape hatch with the change
+    hatch_grace: float = 30.0      # ... opening this long after the deadline
+    stuck_grace: float = 5.0       # the backstop kills a stuck guard this long after it
+    admin_sources: list[str] = field(default_factory=list)   # who the hatch lets in, too
 
 
 def watched_layers(change: Change, captured: list[str]) -> list[str]:
@@ -193,32 +203,99 @@ def save_snapshot(state: StateDir, tx_id: str, change: Change | None, captured: 
         snapshot.remove(state, tx_id, snapshot.BEFORE, name)
 
 
+MIN_ROOM = 1024 * 1024   # the state directory must keep this much free, and room for the
+                          # guard's capture after the change and its records, or apply refuses
+
+
+def need_room(state: StateDir, snapshot_bytes: int) -> None:
+    """Refuse (exit 3, nothing changed) when the state directory has no room for what the way
+    back writes after the change: the capture after it and the record, a few times over."""
+    try:
+        info = os.statvfs(state.root)
+    except OSError:
+        return
+    free = info.f_bavail * info.f_frsize
+    needed = MIN_ROOM + 2 * snapshot_bytes
+    if free < needed:
+        raise EnvironmentProblem(
+            f"the state directory {state.root} has {free // 1024} KiB free; fwsafe needs "
+            f"{needed // 1024} KiB to record the change and its way back",
+            hint="nothing was changed; free some space there (or use another --state-dir)")
+
+
+@contextlib.contextmanager
+def disk_refusal(state: StateDir) -> Iterator[None]:
+    """What cannot be written before the change (the snapshot, the record) is a clear refusal
+    (exit 3, nothing changed), not an unexpected error."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES,
+                         errno.EPERM):
+            why = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
+            raise EnvironmentProblem(
+                f"cannot write what the change needs in the state directory {state.root} "
+                f"({why})", hint="nothing was changed; free some space there, or use another "
+                "--state-dir") from exc
+        raise
+
+
+def hatch_plan(options: ApplyOptions) -> dict[str, Any]:
+    """The kernel escape hatch asked of the guard: who it lets in (this SSH session's client,
+    or the established SSH sessions', and `admin_sources`), on which ports (this session's,
+    sshd's), how long after the deadline. Off: why not."""
+    if not options.hatch:
+        return {"on": False, "why": "hatch = false in the config"}
+    from fwsafe.check.clients import default_sessions, sshd_ports
+
+    sessions, port = default_sessions()
+    four, six = hatch.split_sources([*(s.client for s in sessions), *options.admin_sources])
+    if not four and not six:
+        return {"on": False, "why": "no SSH client known and no admin_sources in the config"}
+    ports = sorted({port, *(s.server_port for s in sessions), *sshd_ports()})
+    return {"on": True, "grace": options.hatch_grace, "sources4": four, "sources6": six,
+            "ports": ports}
+
+
+def refuse_if_open(state: StateDir) -> str | None:
+    """Refuse while a transaction is open and looked after (its guard lives, or someone
+    is reverting it). One left open with nobody on it (its guard and backstop were killed
+    together; a one-shot recover gave up) is reverted first, as its guard would have:
+    nothing needs a hand. Returns what was done then, for the change's notes."""
+    record = transaction.load_current(state) if state.exists() else None
+    if record is None:
+        return None
+    if record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING:
+        if transaction.guard_alive(record):
+            raise PendingError(
+                f"transaction {record.id} is {record.state} (guard PID {record.guard_pid})",
+                hint="confirm it (`fwsafe confirm`), revert it (`fwsafe revert`) "
+                     "or wait for its deadline",
+            )
+        if state.tx_held(record.id):
+            raise PendingError(
+                f"transaction {record.id} is {record.state}: its guard is gone and the "
+                "backstop is reverting it", hint="wait a moment, then try again")
+    elif record.state != transaction.REVERT_FAILED:
+        return None
+    from fwsafe.core.recover import recover
+
+    done = recover(state, f"`fwsafe apply` found transaction {record.id} "
+                   f"{record.state} with nobody looking after it: reverted it first",
+                   tx_id=record.id)
+    if done.state == transaction.REVERT_FAILED:
+        raise PendingError(
+            f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
+            hint="run `fwsafe recover` to retry the restore, then check `fwsafe status`",
+        )
+    return f"transaction {record.id} was left {record.state} without its guard: {done.state} first"
+
+
 class ApplyFlow:
     """One `apply`, from the checks to the guard's report that the change is live."""
 
     def __init__(self, state: StateDir) -> None:
         self.state = state
-
-    def refuse_if_open(self) -> None:
-        record = transaction.load_current(self.state) if self.state.exists() else None
-        if record is None:
-            return
-        if record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING:
-            if transaction.guard_alive(record):
-                raise PendingError(
-                    f"transaction {record.id} is {record.state} (guard PID {record.guard_pid})",
-                    hint="confirm it (`fwsafe confirm`), revert it (`fwsafe revert`) "
-                         "or wait for its deadline",
-                )
-            raise PendingError(
-                f"transaction {record.id} is {record.state} but its guard is gone",
-                hint="run `fwsafe recover` to restore its snapshot, or `fwsafe confirm` to keep it",
-            )
-        if record.state == transaction.REVERT_FAILED:
-            raise PendingError(
-                f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
-                hint="run `fwsafe recover` to retry the restore, then check `fwsafe status`",
-            )
 
     def run(self, change: Change, options: ApplyOptions) -> Record:
         """Apply `change` under a guard; return the record once the change is live (pending).
@@ -229,7 +306,10 @@ class ApplyFlow:
         require_root()
         self.state.ensure()
         with self.state.locked():
-            self.refuse_if_open()
+            failpoints.hit("apply.locked")
+            settled = refuse_if_open(self.state)
+            if settled:
+                change.notes.append(settled)
             self._ensure_boot_hook(change, options)
             layers = available_layers()
             layers += [name for name in change.layers if name not in layers]  # e.g. sshd's
@@ -239,11 +319,14 @@ class ApplyFlow:
             remove_abandoned(self.state)
             tx_id = transaction.new_tx_id()
             tx_dir = self.state.tx_dir(tx_id)
-            make_private_dir(tx_dir)
             standby: guard.Standby | None = None
             try:
-                standby = guard.standby(self.state, tx_id, config_path=options.config_path)
-                record = self._prepare(tx_id, change, options, layers)
+                with disk_refusal(self.state):
+                    make_private_dir(tx_dir)
+                    standby = guard.standby(self.state, tx_id, config_path=options.config_path)
+                    failpoints.hit("apply.standby")
+                    record = self._prepare(tx_id, change, options, layers)
+                failpoints.hit("apply.prepared")
             except BaseException:
                 if standby is not None:
                     standby.call_off()
@@ -258,6 +341,7 @@ class ApplyFlow:
             finally:
                 signal.signal(signal.SIGINT, previous)
         if record.state == transaction.PENDING:
+            failpoints.hit("apply.pending")
             return record
         if record.state == transaction.REJECTED:
             raise InvalidRulesError(record.error or "the change was refused",
@@ -270,6 +354,9 @@ class ApplyFlow:
             raise ChangeMayBeLiveError(
                 f"transaction {record.id} is {record.state}: the change may be live",
                 hint=LIVE_HINT)
+        if record.state == transaction.REVERTED:
+            raise RevertedError(f"transaction {record.id} was applied and then reverted: "
+                                f"{record.reason}", hint="the rules from before are back")
         raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
 
     def _prepare(self, tx_id: str, change: Change, options: ApplyOptions,
@@ -314,6 +401,8 @@ class ApplyFlow:
                 options.step("trying what the change exposes, in a scratch namespace")
                 options.before_apply(complete)
             options.step("saving the snapshot")
+            if hatch.SEEN:   # one left behind (a transaction that ended without removing it)
+                hatch.sync(None, hatch.available_layers())
             fresh = refresh(pool, captured, generation, list(change.layers))
             saving.result()
             refusing = pool.submit(refuse_deleting_neighbours, change, fresh, options)
@@ -334,10 +423,13 @@ class ApplyFlow:
                      "partial": change.partial,
                      "config": options.config_path,
                      "max_timeout": options.max_timeout,
+                     "stuck_grace": options.stuck_grace,
+                     "hatch": hatch_plan(options),
                      "check": verdict},
             boot_id=transaction.current_boot_id(),
         )
         record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
+        need_room(self.state, sum(len(data) for data in captured.values()))
         transaction.save_record(self.state, record)
         self.state.set_current(tx_id)
         return record
@@ -370,6 +462,7 @@ class ApplyFlow:
         try:
             try:
                 standby.go()
+                failpoints.hit("apply.go")
             except GuardError as exc:
                 latest = self.abort(record, str(exc))
                 if latest.state != transaction.ABORTED:
@@ -401,6 +494,7 @@ class ApplyFlow:
 
     def _wait_for_guard(self, record: Record) -> Record:
         started = time.monotonic()
+        asked = started
         log = self.state.tx_dir(record.id) / "guard.log"
         while True:
             time.sleep(0.005)
@@ -410,6 +504,9 @@ class ApplyFlow:
                 raise ChangeMayBeLiveError(
                     f"the guard was started but its record cannot be read ({exc.message}): "
                     "the change may be live", hint=f"{LIVE_HINT} (log: {log})") from exc
+            if record.state == transaction.APPLYING and time.monotonic() > asked + 0.5:
+                asked = time.monotonic()   # the disk may refuse what the guard writes
+                record = guard.ask_record(self.state, record, timeout=1.0) or record
             undoing = (record.state == transaction.REVERTING and record.deadline is None
                        and transaction.guard_alive(record))   # a change refused part-way
             if record.state not in (transaction.PREPARING, transaction.APPLYING) \
@@ -424,6 +521,9 @@ class ApplyFlow:
                         f"changed (see {log})")
                 continue  # the guard got there first: wait for it as usual
             if record.state == transaction.APPLYING and not transaction.guard_alive(record):
+                settled = guard.settle(self.state, record)   # the backstop takes over
+                if settled.state not in transaction.OPEN_STATES:
+                    return settled
                 raise ChangeMayBeLiveError(
                     f"the guard of transaction {record.id} died while applying: the change may "
                     "be live", hint=f"{LIVE_HINT} (log: {log})")

@@ -6,8 +6,11 @@ fwsafe.core.apply, `recover` fwsafe.core.recover; this module ties them to the r
 from __future__ import annotations
 
 import math
+import os
+import signal
 from typing import Any
 
+from fwsafe import failpoints
 from fwsafe.backends import ALL_LAYERS, ApplyError, layer_for
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyFlow, ApplyOptions
@@ -17,12 +20,15 @@ from fwsafe.core.recover import recover as recover_transaction
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (
+    ChangeMayBeLiveError,
     GuardError,
     NoTransactionError,
+    PendingError,
     RevertedError,
     RevertFailedError,
     StateError,
 )
+from fwsafe.guard import hatch
 from fwsafe.guard import spawn as guard
 
 
@@ -40,6 +46,36 @@ def describe_confirmer(who: dict[str, str], applied_by: dict[str, str]) -> str:
                 "this proves only that established connections survive")
     return f"confirmed by `fwsafe confirm` from a new SSH connection ({client})"
 
+
+
+# Against a guard that is reverting, stuck, gone or taken over, confirm, revert and extend
+# answer from the record once it settles: 4 reverted, 5 may still be live, 0 confirmed; never 3
+# ("nothing changed") once a change was live.
+CONFIRM_TIMEOUT = 30.0   # a guard answers a confirmation at once (it removes its hatch)
+REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
+
+
+def stop_stuck_guard(record: Record) -> bool:
+    """A guard that does not answer because it is stopped (SIGSTOP) or blocked in the kernel
+    is killed (SIGKILL), so that its backstop, or this command, takes over. False when it
+    seems to be working (it answers later, or reverts)."""
+    from fwsafe.guard.backstop import pidfd_of, process_state
+
+    pid = record.guard_pid
+    if not pid or process_state(pid) not in ("T", "t", "D") or not transaction.guard_alive(record):
+        return False
+    fd = pidfd_of(pid)
+    try:
+        if fd is not None:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except OSError:
+        return False
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return True
 
 
 class Manager:
@@ -61,6 +97,11 @@ class Manager:
                 f"transaction {tx_id} is not the current one (the current one is {record.id})")
         return record
 
+    def view(self, tx_id: str) -> Record:
+        """Transaction `tx_id` as it stands: its living guard's view (the truth even while
+        the disk refuses the record), else the record on disk."""
+        return guard.view(self.state, transaction.load_record(self.state, tx_id), timeout=1.0)
+
     # -- apply / recover ------------------------------------------------------------------------
     def apply(self, change: Change, options: ApplyOptions) -> Record:
         """Apply `change` under a guard; return the record once the change is live (pending)."""
@@ -73,7 +114,7 @@ class Manager:
         return recover_transaction(self.state, reason, by=by, tx_id=tx_id,
                                    give_up_after=give_up_after)
 
-    # -- confirm / revert / extend --------------------------------------------------------------
+    # -- confirm / revert / extend (exit codes in races: see CONFIRM_TIMEOUT) -------------------
     def confirm(self, tx_id: str | None = None) -> Record:
         record = self._pending(tx_id)
         if record.state == transaction.CONFIRMED:
@@ -82,56 +123,83 @@ class Manager:
         who = transaction.who_am_i()
         how = describe_confirmer(who, record.who)
         if transaction.guard_alive(record):
-            answer = guard.request(self.state, "confirm", by={**who, "how": how})
-            record = transaction.load_record(self.state, record.id)
-            if not answer.get("ok"):
-                self._raise_if_final(record, "confirm")
-                raise GuardError(f"the guard refused to confirm: {answer.get('error')}")
-            return record
-        with self.state.locked(wait=True):
-            record = transaction.load_record(self.state, record.id)
-            if record.state != transaction.PENDING:
-                self._raise_if_final(record, "confirm")
-                raise GuardError(f"transaction {record.id} is {record.state}; cannot confirm")
-            record.confirmed_by = {**who, "how": how + " (guard was gone)"}
-            record.reason = record.confirmed_by["how"]
-            record.transition(transaction.CONFIRMED, record.reason)
-            transaction.save_record(self.state, record)
-            try:  # keep the state as known good and write the boot files; the confirm stands
-                from fwsafe.persistence.history import on_confirmed
-
-                on_confirmed(self.state, record)
-            except Exception as exc:  # noqa: BLE001 - visible in the record's events
-                record.log("persist-failed", str(exc))
-                transaction.save_record(self.state, record)
-        return record
+            failpoints.hit("confirm.asking")
+            try:
+                answer = guard.request(self.state, "confirm", by={**who, "how": how},
+                                       timeout=CONFIRM_TIMEOUT)
+            except GuardError:
+                answer = {}
+            failpoints.hit("confirm.answered")
+            record = guard.settle(self.state, record, limit=0 if answer.get("ok") else
+                                  guard.SETTLE_S)
+            if record.state == transaction.CONFIRMED:
+                return record
+            self._raise_if_final(record, "confirm")
+            raise ChangeMayBeLiveError(
+                f"transaction {record.id} is still {record.state} and its guard does not "
+                f"answer: {answer.get('error') or 'no answer'}; the change may be live",
+                hint="run `fwsafe status`; `fwsafe revert` stops a stuck guard")
+        try:
+            with self.state.locked(wait=True), self.state.tx_claimed(record.id):
+                return confirm_without_guard(self, record.id, who, how)
+        except PendingError:   # the backstop is reverting it
+            self.settled_or_live(guard.settle(self.state, record), "confirm")
+            raise
 
     def revert(self, tx_id: str | None = None, reason: str = "reverted by `fwsafe revert`") -> Record:
         record = self._pending(tx_id)
         self._raise_if_final(record, "revert")
         if transaction.guard_alive(record):
-            guard.request(self.state, "revert", timeout=600, reason=reason)
-            record = transaction.load_record(self.state, record.id)
-        else:
-            record = self.recover(reason=reason + " (guard was gone)")
+            failpoints.hit("revert.asking")
+            try:
+                guard.request(self.state, "revert", timeout=REVERT_TIMEOUT, reason=reason)
+            except GuardError:
+                if not stop_stuck_guard(record):
+                    self.settled_or_live(guard.settle(self.state, record), "revert")
+            failpoints.hit("revert.answered")
+            record = guard.settle(self.state, record)
+        if record.state in transaction.OPEN_STATES and not transaction.guard_alive(record):
+            try:
+                record = self.recover(reason=reason + " (guard was gone)")
+            except PendingError:   # the backstop is reverting it
+                record = guard.settle(self.state, record)
         if record.state == transaction.REVERT_FAILED:
             raise RevertFailedError(f"the revert FAILED: {record.error}",
                                     hint="the firewall may hold the new rules; run `fwsafe recover`")
+        self.settled_or_live(record, "revert", final_ok=True)
         return record
 
     def extend(self, seconds: float, tx_id: str | None = None) -> Record:
         record = self._pending(tx_id)
         self._raise_if_final(record, "extend")
         if not transaction.guard_alive(record):
-            raise GuardError(f"the guard of transaction {record.id} is gone; nothing to extend",
-                             hint="run `fwsafe recover` or `fwsafe confirm`")
-        answer = guard.request(self.state, "extend", seconds=seconds,
-                               by=transaction.who_am_i().get("SSH_CONNECTION", "local"))
-        record = transaction.load_record(self.state, record.id)
+            self.settled_or_live(guard.settle(self.state, record), "extend")
+            raise ChangeMayBeLiveError(
+                f"the guard of transaction {record.id} is gone and nobody reverts it: the "
+                "change may be live; nothing to extend",
+                hint="run `fwsafe recover` (revert it) or `fwsafe confirm` (keep it)")
+        try:
+            answer = guard.request(self.state, "extend", seconds=seconds,
+                                   by=transaction.who_am_i().get("SSH_CONNECTION", "local"))
+        except GuardError:
+            answer = {"ok": False, "error": "the guard does not answer"}
+        record = guard.view(self.state, record)
         if not answer.get("ok"):
-            self._raise_if_final(record, "extend")
-            raise GuardError(f"the guard refused to extend: {answer.get('error')}")
+            if record.state == transaction.PENDING and "seconds must" in str(answer.get("error")):
+                raise GuardError(f"the guard refused to extend: {answer.get('error')}")
+            self.settled_or_live(guard.settle(self.state, record), "extend")
         return record
+
+    def settled_or_live(self, record: Record, verb: str, *, final_ok: bool = False) -> None:
+        """Raise what `record`, as settled, means for `verb`: 4 reverted, 5 revert failed or
+        still open (may be live); return only for a final state `final_ok` accepts."""
+        if record.state == transaction.REVERTED and final_ok:
+            return
+        self._raise_if_final(record, verb)
+        if record.state in transaction.OPEN_STATES:
+            raise ChangeMayBeLiveError(
+                f"transaction {record.id} is still {record.state}: the change may be live",
+                hint="run `fwsafe status`; if nobody is reverting it, `fwsafe recover`")
 
     def _raise_if_final(self, record: Record, verb: str) -> None:
         if record.state == transaction.REVERTED:
@@ -186,11 +254,22 @@ class Manager:
             return {"state": "none", "id": None, "deadline": None, "remaining_s": None,
                     "guard_pid": None, "reason": None, "shielded": None}
         alive = transaction.guard_alive(record)
-        open_ = record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING
         remaining = record.remaining_s()
         remaining_from = "record" if remaining is not None else None
-        if alive and record.state == transaction.PENDING:
-            record, remaining, remaining_from = self._ask_guard(record, remaining, remaining_from)
+        unsaved = False
+        if alive:   # its own view: the truth even while the disk refuses the record
+            record, remaining, remaining_from, unsaved = self._ask_guard(
+                record, remaining, remaining_from)
+        open_ = record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING
+        taken_over = open_ and not alive and self.state.tx_held(record.id)
+        if taken_over and record.state in (transaction.APPLYING, transaction.PENDING):
+            # Its guard is gone and the backstop holds it: reverting, or reverted and waiting
+            # for the disk to take the record. Never "pending" with nobody to revert.
+            record.state = transaction.REVERTING
+            record.reason = "its guard is gone: the backstop took the transaction over"
+            remaining, remaining_from = None, None
+        from fwsafe.guard.backstop import process_state
+
         return {
             "state": record.state,
             "id": record.id,
@@ -202,6 +281,12 @@ class Manager:
             "remaining_from": remaining_from,
             "guard_pid": record.guard_pid if open_ else None,
             "guard_alive": alive if open_ else None,
+            "guard_stopped": (process_state(record.guard_pid) in ("T", "t")
+                              if open_ and alive and record.guard_pid else None),
+            "taken_over": taken_over if open_ else None,
+            "unsaved": unsaved,
+            "hatch": record.hatch,
+            "lock_holder": xtables_lock_holder(record.revert_last_error),
             "guard_mode": record.guard_mode,
             "shielded": record.shielded,
             "shield_error": record.shield_error,
@@ -224,7 +309,7 @@ class Manager:
         }
 
     def _ask_guard(self, record: Record, remaining: float | None, source: str | None
-                   ) -> tuple[Record, float | None, str | None]:
+                   ) -> tuple[Record, float | None, str | None, bool]:
         """The living guard's own view: its record, and the time left as it counts it
         (CLOCK_BOOTTIME: suspend counts, wall-clock steps do not). Falls back to the record on
         disk when the guard does not answer at once (busy reverting, or not ours to ask)."""
@@ -232,11 +317,55 @@ class Manager:
             answer = guard.request(self.state, "status", timeout=2.0)
             live = Record.from_json(dict(answer["record"]))
         except (GuardError, StateError, KeyError, TypeError, ValueError):
-            return record, remaining, source
+            return record, remaining, source, False
         left = answer.get("remaining_s")
+        unsaved = answer.get("unsaved") is True
         if live.id != record.id:
-            return record, remaining, source
+            return record, remaining, source, False
         if isinstance(left, (int, float)) and not isinstance(left, bool) and math.isfinite(left):
-            return live, max(0.0, float(left)), "guard"
-        return live, live.remaining_s(), "record" if live.remaining_s() is not None else None
+            return live, max(0.0, float(left)), "guard", unsaved
+        return (live, live.remaining_s(), "record" if live.remaining_s() is not None else None,
+                unsaved)
 
+
+def xtables_lock_holder(error: str | None) -> str | None:
+    """When a revert waits for the xtables lock (iptables-legacy): who holds it, from
+    /proc/locks (PID and command), so that `status` can name it."""
+    if not error or "xtables lock" not in error:
+        return None
+    try:
+        inode = os.stat("/run/xtables.lock").st_ino
+        with open("/proc/locks") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) > 5 and fields[5].endswith(f":{inode}"):
+                    pid = fields[4]
+                    with open(f"/proc/{pid}/cmdline", "rb") as cmd:
+                        command = cmd.read().replace(b"\0", b" ").decode(errors="replace")
+                    return f"PID {pid} ({command.strip()[:80]})"
+    except (OSError, ValueError):
+        return "unknown"
+    return "unknown"
+
+
+def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how: str) -> Record:
+    """Confirm a transaction whose guard is gone (the caller holds the state lock and has
+    claimed the transaction)."""
+    record = transaction.load_record(manager.state, tx_id)
+    if record.state == transaction.CONFIRMED:
+        return record
+    if record.state != transaction.PENDING:
+        manager.settled_or_live(record, "confirm")
+    record.confirmed_by = {**who, "how": how + " (guard was gone)"}
+    record.reason = record.confirmed_by["how"]
+    record.transition(transaction.CONFIRMED, record.reason)
+    transaction.save_record(manager.state, record)
+    hatch.removed(record)
+    try:  # keep the state as known good and write the boot files; the confirm stands
+        from fwsafe.persistence.history import on_confirmed
+
+        on_confirmed(manager.state, record)
+    except Exception as exc:  # noqa: BLE001 - visible in the record's events
+        record.log("persist-failed", str(exc))
+    transaction.save_record(manager.state, record)
+    return record

@@ -5,8 +5,10 @@ armed).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Callable, Mapping
 
+from fwsafe import failpoints
 from fwsafe.backends import layer_for, layer_kind
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.apply import ApplyFlow
@@ -15,6 +17,7 @@ from fwsafe.core.revert import compute_touched, revert_change
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
+from fwsafe.guard import hatch
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
 FILE_LAYERS = ("ufw", "sshd")   # layers kept in files, not in the kernel
@@ -22,18 +25,25 @@ FILE_LAYERS = ("ufw", "sshd")   # layers kept in files, not in the kernel
 
 def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the guard was gone", *,
             by: str = "recover", tx_id: str | None = None,
-            give_up_after: float | None = RECOVER_GIVE_UP_S) -> Record:
+            give_up_after: float | None = RECOVER_GIVE_UP_S,
+            save: Callable[[StateDir, Record], None] = transaction.save_record,
+            claimed: bool = False) -> Record:
     """Undo a transaction that is still open but has no guard (the guard died, the machine
     rebooted, or the CLI was killed before the guard armed).
 
     After a reboot (another boot id, or a kernel that holds no rules at all while the
     snapshot had some) nothing is merged against the empty kernel: the boot files hold the
     old rules (they are written only on confirm), so only the files the change touched
-    (ufw's) are put back, and the usual loaders bring the rules in."""
+    (ufw's) are put back, and the usual loaders bring the rules in.
+
+    The transaction is claimed first (PendingError while its guard or another reverter holds
+    it). Without `give_up_after` (the backstop, which never gives up) the state lock is let go
+    while reverting, so that other commands answer meanwhile (the record says reverting).
+    `save` writes the record (the backstop's keeps it in memory when the disk refuses)."""
     require_root()
     if not state.exists():
         raise NoTransactionError("nothing to recover: fwsafe has no state here")
-    with state.locked(wait=True):
+    with state.locked(wait=True), contextlib.ExitStack() as claim:
         record = transaction.load_current(state)
         if record is not None and tx_id and record.id != tx_id:
             raise NoTransactionError(f"transaction {tx_id} is not the current one")
@@ -54,6 +64,8 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             raise PendingError(
                 f"transaction {record.id} still has its guard (PID {record.guard_pid})",
                 hint="use `fwsafe revert` or `fwsafe confirm`")
+        if not claimed:   # else the caller holds it (the backstop, until the record is written)
+            claim.enter_context(state.tx_claimed(record.id))
         before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         after = snapshot.load_optional(state, record.id, snapshot.AFTER, record.watch)
         if record.state != transaction.REVERTING:
@@ -81,10 +93,16 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         def attempt(number: int, why: str) -> None:
             record.revert_attempts = number
             record.revert_last_error = why
-            transaction.save_record(state, record)
+            save(state, record)
 
-        result = revert_change(touched, before, after or None, on_attempt=attempt,
-                               give_up_after=give_up_after, after_stamp=record.after_stamp)
+        save(state, record)   # reverting, said before the lock is let go
+        failpoints.hit("recover.claimed")
+        with state.released() if give_up_after is None else contextlib.nullcontext():
+            result = revert_change(touched, before, after or None, on_attempt=attempt,
+                                   give_up_after=give_up_after, after_stamp=record.after_stamp)
+            if not result.problems:
+                hatch.removed(record)
+        failpoints.hit("recover.reverted")
         record.revert_attempts = result.attempts
         record.revert_notes = result.notes
         record.reverted_by = by
@@ -95,7 +113,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             record.revert_last_error = None
             record.transition(transaction.REVERTED, "; ".join(
                 [f"undone and verified (by {by})", *result.notes]))
-        transaction.save_record(state, record)
+        save(state, record)
     return record
 
 

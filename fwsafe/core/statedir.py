@@ -158,6 +158,7 @@ def make_private_dir(path: Path) -> None:
 
 # The state locks this process holds, by lock file: StateDir.locked is re-entrant.
 _HELD: dict[str, int] = {}
+_FDS: dict[str, int] = {}
 
 
 class StateDir:
@@ -249,12 +250,30 @@ class StateDir:
                     ) from exc
                 raise
             _HELD[key] = 1
+            _FDS[key] = fd
             try:
                 yield
             finally:
                 _HELD.pop(key, None)
+                _FDS.pop(key, None)
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def released(self) -> Iterator[None]:
+        """Let go of the state lock this process holds (if it does) for a while, and wait to
+        take it back: a long revert (the backstop's) must not keep `confirm`, `revert` or
+        `status` of other commands waiting. Who goes on must re-read what may have changed."""
+        key = os.path.realpath(self.lock_path)
+        fd = _FDS.get(key)
+        if fd is None:
+            yield
+            return
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX)
 
     @contextlib.contextmanager
     def tx_locked(self, tx_id: str, *, timeout: float | None = None) -> Iterator[None]:
@@ -277,3 +296,33 @@ class StateDir:
             yield
         finally:
             os.close(fd)
+
+    @contextlib.contextmanager
+    def tx_claimed(self, tx_id: str) -> Iterator[None]:
+        """Own transaction `tx_id` while reverting or confirming it without its guard: its lock,
+        which the guard holds for its whole life, so that only one process at a time acts on
+        it. Raises PendingError at once when another process holds it."""
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(self.tx_locked(tx_id, timeout=0))
+        except TimeoutError as exc:
+            raise PendingError(
+                f"transaction {tx_id} is held by another fwsafe process (its guard, the "
+                "backstop or a recover acting on it)",
+                hint="`fwsafe status` shows it; wait for it to finish") from exc
+        with stack:
+            yield
+
+    def tx_held(self, tx_id: str) -> bool:
+        """Whether some process holds transaction `tx_id` (its guard, or whoever took it over)."""
+        try:
+            fd = os.open(self.tx_dir(tx_id) / "lock", os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)
+        return False

@@ -112,6 +112,7 @@ class Record:
     revert_attempts: int = 0              # rounds tried so far (each one every level)
     revert_last_error: str | None = None  # why the last round failed, while reverting
     revert_notes: list[str] = field(default_factory=list)  # fallbacks used (said loudly)
+    hatch: dict[str, Any] | None = None   # the kernel escape hatch: when, who, where, state
     events: list[Event] = field(default_factory=list)
     format: int = RECORD_FORMAT           # the layout's major version (RECORD_FORMAT)
     # Fields this version does not know (written by another version): kept and written back.

@@ -12,12 +12,18 @@ from fwsafe.core import snapshot
 from fwsafe.core.revert import compute_touched
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
+from fwsafe.guard import hatch
 
 Log = Callable[[str], None]
 
 
-def run_change(state: StateDir, record: Record, change: Mapping[str, bytes]) -> str | None:
-    """Apply the rules files, or run the command; return the error, None when it worked."""
+def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
+               spec: hatch.Spec | None = None, before: Mapping[str, bytes] | None = None,
+               log: Log | None = None) -> str | None:
+    """Apply the rules files, or run the command; return the error, None when it worked.
+    With `spec`, each rules file is loaded together with the hatch, in one transaction; a
+    transaction refused with it is loaded alone (the hatch goes in afterwards, or is reported
+    as unsupported)."""
     if record.run:
         out_path = state.tx_dir(record.id) / "command.out"
         try:
@@ -39,10 +45,31 @@ def run_change(state: StateDir, record: Record, change: Mapping[str, bytes]) -> 
                 # Composed now, against the state of this very moment: what others did since
                 # the snapshot stays.
                 content = compose_partial(name, content, layer.capture())
-            layer.apply(content, str(sources.get(name, name)))
+            source = str(sources.get(name, name))
+            if spec is not None and _applied_with_hatch(layer.apply, name, content, source,
+                                                        spec, before or {}, log):
+                continue
+            layer.apply(content, source)
         except Exception as exc:  # noqa: BLE001 - any failure here is a refused change
             return str(exc) or type(exc).__name__
     return None
+
+
+def _applied_with_hatch(load: Callable[[bytes, str], None], name: str, content: bytes,
+                        source: str, spec: hatch.Spec, before: Mapping[str, bytes],
+                        log: Log | None) -> bool:
+    """Load `content` with the hatch in the same transaction; False when there is none for
+    this layer or the tool refused the two together (nothing was loaded: try it alone)."""
+    loaded = hatch.with_change(name, content, spec, before)
+    if loaded == content:
+        return False
+    try:
+        load(loaded, source)
+    except Exception as exc:  # noqa: BLE001 - tried again without the hatch
+        if log is not None:
+            log(f"{name}: the change with the hatch was refused ({exc}); loading it alone")
+        return False
+    return True
 
 
 def capture_after(state: StateDir, record: Record, before: Mapping[str, bytes],

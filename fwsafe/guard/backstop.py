@@ -1,24 +1,40 @@
-"""The backstop: a second, independent way back when the guard itself dies.
+"""The backstop: a second, independent way back when the guard itself dies or is stuck.
 
 The guard is the dead-man's switch; the backstop is the switch's own dead-man's switch. While
-a transaction is open, something other than the guard waits for the guard's death and, if the
-transaction has not ended by then, undoes the change from the snapshots on disk (the same
-merge-based revert as the guard's; it never gives up). The record then says
-``reverted_by: backstop``.
+a transaction is open, a watcher process (``--watch``) started by the guard in a session of its
+own holds a pidfd of the guard and keeps its own copy of the deadline on CLOCK_BOOTTIME, which
+the guard sends it over the watcher's stdin (a pipe: no disk involved) when the change goes
+live and with every extension, with a heartbeat from the guard's main loop:
 
-* With systemd as PID 1 the guard is a transient unit, and systemd itself is the backstop: the
-  unit carries ``ExecStopPost=<python> -m fwsafe.guard.backstop --after-stop STATE TX``, which systemd
-  runs whenever the guard's main process is gone, whatever ended it (``systemctl kill``,
-  systemd-oomd, a crash, SIGKILL); after a normal end it finds nothing open and exits 0.
-* Elsewhere the guard starts a watcher in a session of its own (``--watch``). It holds a pidfd
-  of the guard and wakes the moment the guard dies. The guard watches the watcher in turn and
-  starts a new one if it dies.
+* the guard dies (``kill -9``, the OOM killer, a crash) while the transaction is open: the
+  watcher wakes at once and undoes the change from the snapshots on disk (the same merge-based
+  revert as the guard's; it never gives up);
+* the guard is alive but stuck (SIGSTOP, a hung mount, a deadlock: no heartbeat, and it is not
+  waiting for a tool it runs) at the deadline + ``stuck_grace`` (default 5 s): the watcher kills
+  it (SIGKILL through its pidfd; under systemd ``systemctl kill`` of its unit) and takes over.
 
-This module is imported by the backstop process alone: it keeps its imports small.
+With systemd as PID 1 the guard is a transient unit whose ``ExecStopPost=<python> -m
+fwsafe.guard.backstop --after-stop STATE TX`` is what takes over: systemd runs it whenever the
+guard's main process is gone, however it ended; the watcher (in the unit) only kills a stuck
+guard there. systemd's own limit, for when the guard and the watcher are frozen together, is a
+transient timer the guard sets to the deadline + ``hatch_grace`` + ``stuck_grace`` and moves
+with every extension (``RuntimeMaxSec=`` cannot be changed once the unit runs: systemd 252
+refuses it), which ``systemctl kill``s the unit; ExecStopPost= then takes over.
+
+The take-over claims the transaction (tx/<id>/lock, which the guard holds for its life), marks
+it reverting and reverts without holding the state directory's lock, so `confirm`, `revert` and
+`status` answer at once meanwhile. The record then says ``reverted_by: backstop``. Nothing on
+the way back needs the disk: the log goes to stderr (the guard's log file, or the journal) and
+a record that cannot be written (ENOSPC, EIO, read-only) is kept in memory and written once
+space returns.
+
+This module is imported by the guard and the backstop processes: it keeps its imports small.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import select
 import signal
@@ -27,89 +43,77 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from fwsafe import failpoints
 from fwsafe.core import transaction
-from fwsafe.core.statedir import StateDir, open_private
+from fwsafe.core.statedir import StateDir
+from fwsafe.guard.clock import boottime
 
 BACKSTOP_MODULE = "fwsafe.guard.backstop"
-POLL_S = 1.0   # how often the watcher also looks at the record (ended by confirm/revert)
+POLL_S = 1.0        # how often the watcher also looks at the record (ended by confirm/revert)
+DEFAULT_STUCK_GRACE = 5.0
+BACKOFF_MAX = 5.0
+KILL_WAIT_S = 10.0  # how long a killed guard may take to be gone
+Log = Callable[[str], None]
 
 
-def watcher_argv(state_dir: Path, tx_id: str) -> list[str]:
-    return [sys.executable, "-m", BACKSTOP_MODULE, "--watch", str(state_dir), tx_id]
+def write_line(text: str, fd: int = 2) -> None:
+    """Write a line to `fd` (stderr: the guard's log file, or the journal); never raises: a
+    full disk, EIO or a closed descriptor must not end a process on the way back."""
+    data = (text.rstrip("\n") + "\n").encode(errors="replace")
+    with contextlib.suppress(OSError, ValueError):
+        while data:
+            data = data[os.write(fd, data):]
+
+
+class TolerantStream:
+    """sys.stdout / sys.stderr for the guard and the backstop: whatever is printed goes to the
+    descriptor best-effort, and flushing never fails (Python exits 120 when it cannot flush)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            write_line(text, self.fd)
+        return len(text)
+
+    def flush(self) -> None:
+        return None
+
+    def isatty(self) -> bool:
+        return False
+
+
+def quiet_std() -> None:
+    sys.stdout = TolerantStream(2)
+    sys.stderr = TolerantStream(2)
+
+
+def _log(message: str) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    write_line(f"{stamp} [{os.getpid()}] backstop: {message}")
+
+
+def stuck_grace(record: transaction.Record) -> float:
+    value = record.options.get("stuck_grace", DEFAULT_STUCK_GRACE)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < 1e6
+    return float(value) if ok else DEFAULT_STUCK_GRACE
+
+
+def unit_name(tx_id: str) -> str:
+    return f"fwsafe-guard-{tx_id}.service"
+
+
+def watcher_argv(state_dir: Path, tx_id: str, mode: str) -> list[str]:
+    how = "--watch-unit" if mode == "systemd-run" else "--watch"
+    return [sys.executable, "-m", BACKSTOP_MODULE, how, str(state_dir), tx_id]
 
 
 def after_stop_command(state_dir: Path, tx_id: str) -> str:
     """The ExecStopPost= line of the guard's transient unit (systemd mode)."""
     return f"{sys.executable} -m {BACKSTOP_MODULE} --after-stop {state_dir} {tx_id}"
-
-
-def start_watcher(state_dir: Path, tx_id: str, log_path: Path,
-                  env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start the watcher in a session of its own (setsid mode): it outlives the guard."""
-    log = open_private(log_path, os.O_WRONLY | os.O_APPEND)
-    try:
-        return subprocess.Popen(
-            watcher_argv(state_dir, tx_id), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            cwd="/", start_new_session=True, close_fds=True, env=env)
-    finally:
-        os.close(log)
-
-
-class BackstopKeeper:
-    """The guard's side: start the backstop, notice when it dies, start another, stop it."""
-
-    def __init__(self, state: StateDir, record: transaction.Record, mode: str,
-                 log: Callable[[str], None]) -> None:
-        self.state, self.record, self.mode, self.log = state, record, mode, log
-        self.process: subprocess.Popen[bytes] | None = None   # setsid mode: the watcher
-        self.fd: int | None = None                              # its pidfd
-
-    @property
-    def missing(self) -> bool:
-        """A watcher should run but none does (it could not be started)."""
-        return self.mode != "systemd-run" and self.process is None
-
-    def start(self) -> None:
-        if self.mode == "systemd-run":
-            unit = f"fwsafe-guard-{self.record.id}.service"
-            self.record.backstop = {"kind": "systemd", "unit": unit,
-                                    "how": f"ExecStopPost= of {unit}, run by systemd"}
-            return
-        try:
-            self.process = start_watcher(self.state.root, self.record.id,
-                                         self.state.tx_dir(self.record.id) / "backstop.log")
-        except OSError as exc:
-            self.log(f"cannot start the backstop watcher: {exc}; trying again in 1 s")
-            self.process, self.fd = None, None
-            return
-        self.fd = pidfd_of(self.process.pid)
-        self.record.backstop = {"kind": "watcher", "pid": self.process.pid,
-                                "how": f"watcher PID {self.process.pid} holds a pidfd of the "
-                                       f"guard"}
-        self.log(f"backstop: watcher PID {self.process.pid}")
-
-    def died(self, restart: bool) -> None:
-        """The watcher died (killed, OOM): reap it, and start another when `restart`."""
-        if self.process is not None:
-            code = self.process.poll()
-            self.log(f"the backstop watcher (PID {self.process.pid}) died (exit {code})")
-        if self.fd is not None:
-            os.close(self.fd)
-        self.process, self.fd = None, None
-        if restart:
-            self.start()
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
 
 
 def pidfd_of(pid: int) -> int | None:
@@ -120,97 +124,419 @@ def pidfd_of(pid: int) -> int | None:
         return None
 
 
-def _open(record: transaction.Record) -> bool:
-    return record.state in transaction.OPEN_STATES
-
-
-def _log(message: str) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"{stamp} [{os.getpid()}] backstop: {message}", flush=True)
-
-
-def take_over(state: StateDir, tx_id: str, why: str) -> int:
-    """The guard is gone: undo the change if its transaction is still open. Exit status."""
-    from fwsafe.core.recover import recover
-    from fwsafe.errors import FwsafeError
-
-    if not transaction.record_path(state, tx_id).exists():
-        # Its guard stood by and was never told to go (fwsafe.guard.spawn.Standby): the record
-        # is written before that, so without one nothing was ever applied.
-        _log(f"transaction {tx_id} was called off before it was prepared: nothing to do")
-        return 0
-    try:
-        record = transaction.load_record(state, tx_id)
-    except FwsafeError as exc:
-        _log(f"cannot read transaction {tx_id}: {exc}")
-        return 1
-    if not _open(record) and record.state != transaction.PREPARING:
-        return 0   # confirmed, reverted or aborted: the guard finished its job
-    _log(f"{why}; transaction {tx_id} is {record.state}: reverting it")
-    while True:   # never give up while the change may be live
+def run_tool(argv: list[str], timeout: float = 10.0, tries: int = 3) -> tuple[bool, str]:
+    """Run a tool on the way back: bounded in time, tried again; (worked, what it said)."""
+    said = ""
+    for _ in range(tries):
         try:
-            done = recover(
-                state, reason=f"{why}; the backstop reverted the change", by="backstop",
-                tx_id=tx_id, give_up_after=None)
-        except FwsafeError as exc:
-            current = transaction.load_record(state, tx_id)
-            if not _open(current):
-                _log(f"nothing left to do ({exc.message})")
+            result = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                                    check=False, stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.SubprocessError) as exc:
+            said = str(exc)
+            time.sleep(0.2)
+            continue
+        if result.returncode == 0:
+            return True, result.stdout.strip()
+        said = (result.stderr or result.stdout).strip() or f"exit {result.returncode}"
+        time.sleep(0.2)
+    return False, said
+
+
+# --------------------------------------------------------------------------------------------
+# The guard's side: start the watcher, feed it, restart it, set systemd's limit
+# --------------------------------------------------------------------------------------------
+class BackstopKeeper:
+    """The guard's side: start the watcher, tell it the deadline and that the guard is alive,
+    notice when it dies and start another; under systemd, keep systemd's own limit."""
+
+    def __init__(self, state: StateDir, record: transaction.Record, mode: str,
+                 log: Log) -> None:
+        self.state, self.record, self.mode, self.log = state, record, mode, log
+        self.process: subprocess.Popen[bytes] | None = None   # the watcher
+        self.fd: int | None = None                              # its pidfd
+        self.deadline_at: float | None = None   # the deadline on CLOCK_BOOTTIME, as told
+        self.last_beat = 0.0
+        self.limit_units: list[str] = []       # systemd: the limit timer(s) set
+
+    @property
+    def missing(self) -> bool:
+        """A watcher should run but none does (it could not be started)."""
+        return self.process is None
+
+    def start(self) -> None:
+        try:
+            self.process = subprocess.Popen(
+                watcher_argv(self.state.root, self.record.id, self.mode),
+                stdin=subprocess.PIPE, cwd="/", start_new_session=True, close_fds=True)
+        except OSError as exc:
+            self.log(f"cannot start the backstop watcher: {exc}; trying again in 1 s")
+            self.process, self.fd = None, None
+            return
+        assert self.process.stdin is not None
+        os.set_blocking(self.process.stdin.fileno(), False)
+        self.fd = pidfd_of(self.process.pid)
+        pid = self.process.pid
+        if self.mode == "systemd-run":
+            unit = unit_name(self.record.id)
+            self.record.backstop = {
+                "kind": "systemd", "unit": unit, "pid": pid,
+                "how": f"ExecStopPost= of {unit}, run by systemd; watcher PID {pid} kills the "
+                       "unit if the guard is stuck past its deadline"}
+        else:
+            self.record.backstop = {
+                "kind": "watcher", "pid": pid,
+                "how": f"watcher PID {pid} holds a pidfd of the guard and its own copy of the "
+                       "deadline"}
+        self.log(f"backstop: watcher PID {pid}")
+        if self.deadline_at is not None:
+            self._tell(f"deadline {self.deadline_at:.3f}")
+
+    def _tell(self, line: str) -> None:
+        if self.process is None or self.process.stdin is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            os.write(self.process.stdin.fileno(), (line + "\n").encode())
+
+    def deadline(self, at_boot: float) -> None:
+        """The deadline (CLOCK_BOOTTIME) is now `at_boot`: told before anyone hears of it."""
+        self.deadline_at = at_boot
+        self._tell(f"deadline {at_boot:.3f}")
+
+    def beat(self) -> None:
+        """The guard's main loop goes on (sent at most twice a second)."""
+        now = boottime()
+        if now - self.last_beat >= 0.5:
+            self.last_beat = now
+            self._tell("beat")
+
+    def died(self, restart: bool) -> None:
+        """The watcher died (killed, OOM): reap it, and start another when `restart`."""
+        if self.process is not None:
+            code = self.process.poll()
+            self.log(f"the backstop watcher (PID {self.process.pid}) died (exit {code})")
+            with contextlib.suppress(OSError, ValueError):
+                if self.process.stdin is not None:
+                    self.process.stdin.close()
+        if self.fd is not None:
+            os.close(self.fd)
+        self.process, self.fd = None, None
+        if restart:
+            self.start()
+
+    def stop(self) -> None:
+        """The transaction is over: the watcher ends by itself once told."""
+        self._tell("done")
+        if self.process is not None:
+            with contextlib.suppress(OSError, ValueError):
+                if self.process.stdin is not None:
+                    self.process.stdin.close()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.clear_limit()
+
+    # -- systemd's own limit ------------------------------------------------------------------
+    def set_limit(self, seconds: float) -> None:
+        """systemd mode: `systemctl kill` the guard's unit in `seconds` unless moved again
+        (a new timer is started before the old one is stopped: never a moment without)."""
+        if self.mode != "systemd-run":
+            return
+        name = f"fwsafe-limit-{self.record.id}-{len(self.limit_units) + 1}"
+        worked, said = run_tool([
+            "systemd-run", "--quiet", "--collect", f"--unit={name}",
+            f"--on-active={max(1, int(seconds + 0.999))}s",
+            "--timer-property=AccuracySec=100ms",
+            "systemctl", "kill", "--signal=SIGKILL", unit_name(self.record.id)], tries=2)
+        if not worked:
+            self.log(f"cannot set systemd's limit ({name}): {said}")
+            return
+        old, self.limit_units = self.limit_units, [*self.limit_units, name]
+        for unit in old:
+            run_tool(["systemctl", "stop", f"{unit}.timer"], tries=1)
+        self.limit_units = [name]
+
+    def clear_limit(self) -> None:
+        for unit in self.limit_units:
+            run_tool(["systemctl", "stop", f"{unit}.timer"], tries=2)
+        self.limit_units = []
+
+
+# --------------------------------------------------------------------------------------------
+# The watcher
+# --------------------------------------------------------------------------------------------
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of `pid` (R, S, D, T, t, Z, ...); None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def waiting_for_a_tool(pid: int) -> bool:
+    """`pid` waits for a child process that is itself running (a restore tool at work):
+    not stuck, whatever its own heartbeat says (every tool call has a timeout)."""
+    children: list[str] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError):
+                children += (task / "children").read_text().split()
+    own = str(os.getpid())   # the watcher is the guard's child: it does not count
+    return any(process_state(int(child)) not in (None, "T", "t", "Z", "D")
+               for child in children if child.isdigit() and child != own)
+
+
+def stuck(pid: int) -> bool:
+    """Stopped, blocked in the kernel, or neither beating nor waiting for a tool."""
+    state = process_state(pid)
+    if state is None or state == "Z":
+        return False   # dead: the pidfd tells
+    return state in ("T", "t", "D") or not waiting_for_a_tool(pid)
+
+
+class Watcher:
+    """One transaction's watcher: the guard's death, or the guard stuck past its deadline."""
+
+    def __init__(self, state: StateDir, tx_id: str, unit: str | None) -> None:
+        self.state, self.tx_id, self.unit = state, tx_id, unit
+        self.deadline_at: float | None = None
+        self.last_beat = boottime()
+        self.last_loop = boottime()
+        self.grace = DEFAULT_STUCK_GRACE
+        self.channel_open = True
+        self.buffer = b""
+
+    def _read_channel(self) -> bool:
+        """Read what the guard said; False once it said it is done."""
+        try:
+            data = os.read(0, 4096)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.channel_open = False
+            return True
+        self.buffer += data
+        *lines, self.buffer = self.buffer.split(b"\n")
+        for raw in lines:
+            word, _, value = raw.decode(errors="replace").strip().partition(" ")
+            self.last_beat = boottime()
+            if word == "deadline":
+                with contextlib.suppress(ValueError):
+                    self.deadline_at = float(value)
+            elif word == "done":
+                return False
+        return True
+
+    def _transaction_open(self) -> bool:
+        try:
+            return transaction.load_record(self.state, self.tx_id).state in \
+                transaction.OPEN_STATES
+        except Exception:  # noqa: BLE001 - a record being replaced, or a disk that fails
+            return True
+
+    def _kill(self, pid: int, fd: int) -> None:
+        failpoints.hit("backstop.killing")
+        if self.unit is not None:
+            worked, said = run_tool(["systemctl", "kill", "--signal=SIGKILL", self.unit])
+            _log(f"systemctl kill {self.unit}: {'done' if worked else said}")
+        with contextlib.suppress(OSError):
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        select.select([fd], [], [], KILL_WAIT_S)
+
+    def run(self, pid: int, fd: int) -> int:
+        """Watch until the transaction ends; take over when the guard dies or is stuck."""
+        os.set_blocking(0, False)
+        polled = 0.0
+        delay = 0.1
+        while True:
+            try:
+                now = boottime()
+                if now - self.last_loop > 3 * POLL_S:
+                    self.last_beat = now   # we were frozen ourselves: give the guard its grace
+                self.last_loop = now
+                watched = [fd, 0] if self.channel_open else [fd]
+                readable, _, _ = select.select(watched, [], [], POLL_S / 2)
+                if fd in readable:
+                    return self.guard_gone(f"the guard (PID {pid}) died")
+                if 0 in readable and not self._read_channel():
+                    return 0
+                if now - polled >= POLL_S:
+                    polled = now
+                    if not self._transaction_open():
+                        return 0
+                if self.deadline_at is not None and now > self.deadline_at + self.grace \
+                        and now - self.last_beat > self.grace and stuck(pid) \
+                        and self._transaction_open():
+                    _log(f"the guard (PID {pid}) is stuck {now - self.deadline_at:.1f} s past "
+                         f"its deadline (state {process_state(pid)}): killing it")
+                    self._kill(pid, fd)
+                    return self.guard_gone(
+                        f"the guard (PID {pid}) was stuck past its deadline + {self.grace:g} s "
+                        "and the backstop killed it")
+                delay = 0.1
+            except Exception as exc:  # noqa: BLE001 - the watcher must not die of it
+                _log(f"watcher error ({type(exc).__name__}: {exc}); going on")
+                time.sleep(delay)
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    def guard_gone(self, why: str) -> int:
+        if self.unit is not None:
+            return 0   # systemd runs ExecStopPost= (take_over) once the unit's process is gone
+        return take_over(self.state, self.tx_id, why)
+
+
+def watch(state: StateDir, tx_id: str, unit: str | None = None) -> int:
+    """Wait for the guard of `tx_id` to die or be stuck; take over if its transaction is
+    still open (under systemd, its unit's ExecStopPost= does)."""
+    delay = 0.1
+    while True:
+        try:
+            record = transaction.load_record(state, tx_id)
+            break
+        except Exception as exc:  # noqa: BLE001 - a record being replaced, or a failing disk
+            if not transaction.record_path(state, tx_id).parent.exists():
                 return 0
-            _log(f"recover refused ({exc.message}); trying again")
-            time.sleep(0.5)
-            continue
-        except Exception as exc:  # noqa: BLE001 - the backstop must not die of it
-            _log(f"recover failed ({type(exc).__name__}: {exc}); trying again")
-            time.sleep(0.5)
-            continue
-        _log(f"transaction {tx_id} is {done.state}: {done.reason}")
-        return 0
-
-
-def watch(state: StateDir, tx_id: str) -> int:
-    """Wait for the guard of `tx_id` to die; take over if its transaction is still open."""
-    record = transaction.load_record(state, tx_id)
+            _log(f"cannot read transaction {tx_id} ({exc}); trying again")
+            time.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+    watcher = Watcher(state, tx_id, unit)
+    watcher.grace = stuck_grace(record)
     pid = record.guard_pid
     if not pid:
-        return take_over(state, tx_id, "the guard never recorded its PID")
+        return watcher.guard_gone("the guard never recorded its PID")
     fd = pidfd_of(pid)
     if fd is None or not transaction.guard_alive(record):
-        return take_over(state, tx_id, f"the guard (PID {pid}) is gone")
+        return watcher.guard_gone(f"the guard (PID {pid}) is gone")
     _log(f"watching guard PID {pid} of transaction {tx_id}")
     try:
-        while True:
-            readable, _, _ = select.select([fd], [], [], POLL_S)
-            if readable:
-                return take_over(state, tx_id, f"the guard (PID {pid}) died")
-            try:
-                if not _open(transaction.load_record(state, tx_id)):
-                    return 0
-            except Exception:  # noqa: BLE001 - a record being replaced: look again later
-                continue
+        return watcher.run(pid, fd)
     finally:
         os.close(fd)
 
 
+# --------------------------------------------------------------------------------------------
+# The take-over
+# --------------------------------------------------------------------------------------------
+class Unsaved:
+    """The record as last meant to be written, when the disk refused it (kept in memory,
+    written again until it works)."""
+
+    def __init__(self) -> None:
+        self.record: transaction.Record | None = None
+        self.said = False
+
+    def save(self, state: StateDir, record: transaction.Record) -> None:
+        try:
+            transaction.save_record(state, record)
+            self.record = None
+        except Exception as exc:  # noqa: BLE001 - ENOSPC, EIO, read-only, no temp file
+            self.record = record
+            if not self.said:
+                self.said = True
+                _log(f"cannot write the record ({exc}); it is kept in memory and written once "
+                     "the disk takes it")
+
+    def flush(self, state: StateDir) -> None:
+        """Write the record kept in memory until the disk takes it."""
+        delay = 0.2
+        while self.record is not None:
+            self.save(state, self.record)
+            if self.record is None:
+                _log("the record is written")
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, BACKOFF_MAX)
+
+
+def take_over(state: StateDir, tx_id: str, why: str) -> int:
+    """The guard is gone: undo the change if its transaction is still open. Never gives up
+    while it is; exit status 0 once nothing is left to do."""
+    from fwsafe.core.recover import recover
+    from fwsafe.errors import FwsafeError, PendingError
+
+    unsaved = Unsaved()
+    delay = 0.1
+    announced = False
+    while True:
+        try:
+            if not transaction.record_path(state, tx_id).exists():
+                # Its guard stood by and was never told to go (fwsafe.guard.spawn.Standby): the
+                # record is written before that, so without one nothing was ever applied.
+                _log(f"transaction {tx_id} was called off before it was prepared: nothing to do")
+                return 0
+            record = transaction.load_record(state, tx_id)
+            if not (record.state in transaction.OPEN_STATES
+                    or record.state == transaction.PREPARING):
+                _remove_leftover_hatch(record)
+                return 0   # confirmed, reverted or aborted: the guard finished its job
+            if not announced:
+                _log(f"{why}; transaction {tx_id} is {record.state}: reverting it")
+                announced = True
+            failpoints.hit("backstop.taking-over")
+            with state.tx_claimed(tx_id):   # held until the record is written
+                done = recover(state, reason=f"{why}; the backstop reverted the change",
+                               by="backstop", tx_id=tx_id, give_up_after=None,
+                               save=unsaved.save, claimed=True)
+                unsaved.flush(state)
+            _log(f"transaction {tx_id} is {done.state}: {done.reason}")
+            return 0
+        except PendingError as exc:   # the guard still holds it, or another reverter does
+            _log(f"not yet: {exc.message}")
+        except FwsafeError as exc:
+            try:
+                current = transaction.load_record(state, tx_id)
+            except Exception:  # noqa: BLE001 - try again below
+                current = None
+            if current is not None and not (current.state in transaction.OPEN_STATES
+                                            or current.state == transaction.PREPARING):
+                _log(f"nothing left to do ({exc.message})")
+                return 0
+            _log(f"recover refused ({exc.message}); trying again")
+        except BaseException as exc:  # noqa: BLE001 - the backstop must not die of anything
+            _log(f"recover failed ({type(exc).__name__}: {exc}); trying again")
+        time.sleep(delay)
+        delay = min(delay * 2, BACKOFF_MAX)
+
+
+def _remove_leftover_hatch(record: transaction.Record) -> None:
+    """A transaction that ended while its hatch may still be loaded (its guard died cleaning
+    up): remove it (best effort; the next apply removes leftovers too)."""
+    info: dict[str, Any] = record.hatch or {}
+    if info.get("state") not in ("armed", "removing"):
+        return
+    from fwsafe.guard import hatch
+
+    states = hatch.sync(None, hatch.available_layers(), _log)
+    _log(f"hatch left by transaction {record.id}: {states}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 3 or args[0] not in ("--watch", "--after-stop"):
-        print("usage: python -m fwsafe.guard.backstop --watch|--after-stop STATE_DIR TX_ID",
-              file=sys.stderr)
+    if len(args) != 3 or args[0] not in ("--watch", "--watch-unit", "--after-stop"):
+        write_line("usage: python -m fwsafe.guard.backstop --watch|--watch-unit|--after-stop "
+                   "STATE_DIR TX_ID")
         return 2
     how, state_dir, tx_id = args
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
+    quiet_std()
     try:  # shielded from the OOM killer where the kernel allows (children inherit it)
         Path("/proc/self/oom_score_adj").write_text("-1000")
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM):
+            _log(f"oom_score_adj: {exc}")
     state = StateDir(Path(state_dir))
     if how == "--after-stop":
         # systemd runs this after the guard unit's main process is gone, however it ended.
         result = os.environ.get("SERVICE_RESULT", "unknown")
         return take_over(state, tx_id, f"the guard unit stopped ({result})")
-    return watch(state, tx_id)
+    return watch(state, tx_id, unit_name(tx_id) if how == "--watch-unit" else None)
 
 
 if __name__ == "__main__":

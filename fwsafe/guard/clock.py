@@ -57,6 +57,10 @@ class Deadline:
         self.at_boot += seconds
         self.record.deadline = time.time() + self.remaining()
 
+    def wall(self) -> float:
+        """The deadline on the wall clock as of now (it moves when the wall clock is stepped)."""
+        return time.time() + self.left()
+
     def left(self) -> float:
         """Seconds left (negative once passed)."""
         return self.at_boot - boottime()

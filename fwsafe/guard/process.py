@@ -26,6 +26,7 @@ This module is imported by the guard process alone: it keeps its imports small (
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -37,13 +38,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from fwsafe import failpoints
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.revert import RevertResult, revert_change
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
+from fwsafe.guard import hatch
 from fwsafe.guard.applying import capture_after, run_change
-from fwsafe.guard.backstop import BackstopKeeper
-from fwsafe.guard.clock import Deadline, max_seconds, seconds_problem
+from fwsafe.guard.backstop import BackstopKeeper, quiet_std, stuck_grace, write_line
+from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
 from fwsafe.guard.requests import listen, serve_one
 from fwsafe.guard.spawn import systemd_is_init, wait_for_go
@@ -91,9 +94,11 @@ def set_oom_shield(value: int = OOM_SHIELD) -> tuple[bool, str | None]:
 
 
 class Guard:
-    """One transaction's guard: arm, apply, wait for a confirmation, revert."""
+    """One transaction's guard: arm, apply, wait for a confirmation, revert; then remove the
+    hatch and make sure the record is written. Its loop (`run`) never ends while the
+    transaction is open: every exception is logged and the step tried again with backoff."""
 
-    def __init__(self, state: StateDir, record: Record, mode: str, log: TextIO) -> None:
+    def __init__(self, state: StateDir, record: Record, mode: str, log: TextIO | None) -> None:
         self.state = state
         self.record = record
         self.mode = mode
@@ -104,32 +109,50 @@ class Guard:
         self.after: dict[str, bytes] | None = None   # captured right after the change
         self.deadline = Deadline(record)
         self.backstop = BackstopKeeper(state, record, mode, self.log)
-        self.applied = False
-        self.done = False
+        self.hatch = hatch.Keeper(record, self.log)
+        self.applied = False          # the change may be live
+        self.done = False             # decided: confirmed, or reverting
+        self.revert_reason: str | None = None   # a revert to do (again, after an error)
+        self.unsaved = False          # the record in memory is newer than on disk
+        self.quit = False             # taken over by someone else: leave it alone
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.terminate = False
         self.server: socket.socket | None = None
         self.probes: ProbeWatch | None = None
+        self.loop = Loop(self)
 
     # -- bookkeeping ------------------------------------------------------------------------
     def log(self, message: str) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        try:
-            self.logfile.write(f"{stamp} [{os.getpid()}] {message}\n")
-            self.logfile.flush()
-        except (OSError, ValueError):
-            pass
-
-    def save(self) -> None:
-        """Write the record; keep going when the disk refuses (the revert matters more)."""
-        for attempt in range(5):
+        """The log: the guard's log file, best effort (and the journal under systemd); never
+        raises. Each line is also a heartbeat for the backstop."""
+        line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} [{os.getpid()}] {message}"
+        if self.mode == "systemd-run" or self.logfile is None:
+            write_line(line)
+        if self.logfile is not None:
             try:
-                transaction.save_record(self.state, self.record)
-                return
-            except (OSError, MemoryError) as exc:
-                self.log(f"cannot write the record (attempt {attempt + 1}): {exc}")
-                time.sleep(0.1)
+                self.logfile.write(line + "\n")
+                self.logfile.flush()
+            except (OSError, ValueError):
+                pass
+        if hasattr(self, "backstop"):
+            self.backstop.beat()
+
+    def save(self) -> bool:
+        """Write the record; when the disk refuses (ENOSPC, EIO, read-only) keep it in memory,
+        answer `status` from it, and write it once the disk takes it (`run` tries again)."""
+        try:
+            transaction.save_record(self.state, self.record)
+        except Exception as exc:  # noqa: BLE001 - the revert matters more than the record
+            if not self.unsaved:
+                self.log(f"cannot write the record ({exc}); kept in memory and written once "
+                         "the disk takes it (`fwsafe status` asks the guard meanwhile)")
+            self.unsaved = True
+            return False
+        if self.unsaved:
+            self.log("the record is written")
+        self.unsaved = False
+        return True
 
     # -- life cycle -------------------------------------------------------------------------
     def arm(self) -> None:
@@ -158,30 +181,51 @@ class Guard:
             self.begin()
         self.backstop.start()
         self.save()
+        failpoints.hit("guard.applying")
         what = " ".join(self.record.run) if self.record.run else ", ".join(self.record.layers)
         self.log(f"armed; applying {what}")
+        timeout = self.record.timeout_s
+        spec = self.hatch.arm(time.time() + timeout)
+        self.backstop.deadline(boottime() + timeout)   # until the real one is known
+        if self.record.run and spec is not None:   # a command makes its own transactions
+            self.hatch.load(self.record.watch)
         self.applied = True
-        error = run_change(self.state, self.record, self.change)
+        error = run_change(self.state, self.record, self.change, spec, self.before, self.log)
+        failpoints.hit("guard.applied")
         if error is not None:
             self._refused(error)
             return False
-        self.deadline.set(time.time() + self.record.timeout_s)
-        self.record.transition(
-            transaction.PENDING, f"applied; deadline in {self.record.timeout_s:g} s")
+        self.deadline.set(time.time() + timeout)
+        self.backstop.deadline(self.deadline.at_boot)
+        self.record.transition(transaction.PENDING, f"applied; deadline in {timeout:g} s")
         self.save()  # the CLI returns now; what the change touched is worked out meanwhile
+        failpoints.hit("guard.pending")
         self.log(f"applied; reverting at {time.ctime(self.record.deadline)} unless confirmed")
         self.after = capture_after(self.state, self.record, self.before, self.log)
+        self.hatch.retime(self.deadline.wall())
+        self.hatch.load(self.record.watch)   # where the change's transactions did not put it
         self.save()
+        self.backstop.set_limit(self.deadline.left() + self.limit_margin())
         if self.record.probes:
             self.probes = ProbeWatch(self.record, self.wake_w, self.log)
             self.probes.start()
+        failpoints.hit("guard.waiting")
         return True
+
+    def limit_margin(self) -> float:
+        """systemd's own limit comes this long after the deadline: after the backstop's
+        (stuck_grace) and after the hatch opened (hatch_grace)."""
+        grace = stuck_grace(self.record)
+        plan = self.hatch.plan
+        return grace + (float(plan.get("grace", 30)) if plan else grace)
 
     def _refused(self, error: str) -> None:
         """The tool refused the change: undo whatever part of it is live; `rejected`."""
         self.after = capture_after(self.state, self.record, self.before, self.log)
         self.log(f"change refused: {error}")
         self.record.error = error
+        self.done = True
+        self.hatch.removing = self.hatch.spec is not None
         if not self.record.touched:
             self.record.reason = "the change was refused; nothing was changed"
             self.record.transition(transaction.REJECTED, error)
@@ -197,20 +241,28 @@ class Guard:
         self.save()
 
     def revert(self, reason: str) -> None:
-        if self.done:
-            return
+        """Revert (again, when a previous attempt was cut short by an error)."""
+        self.revert_reason = reason
         self.done = True
-        if self.probes:
-            self.probes.stop()
-        self.log(f"reverting: {reason}")
-        self.record.reason = reason
-        self.record.transition(transaction.REVERTING, reason)
-        self.save()
+        if self.record.state in (transaction.APPLYING, transaction.PENDING):
+            if self.probes:
+                self.probes.stop()
+            self.log(f"reverting: {reason}")
+            self.record.reason = reason
+            self.record.transition(transaction.REVERTING, reason)
+            self.save()
+            failpoints.hit("guard.reverting")
+        if self.record.state != transaction.REVERTING:
+            self.revert_reason = None
+            return
         result = self._undo()
+        failpoints.hit("guard.reverted")
         self.record.transition(transaction.REVERTED, "; ".join(
             ["the change undone and verified", *result.notes]))
+        self.revert_reason = None
         self.log("reverted; the change's own delta is undone and verified"
                  + (f" after {result.attempts} attempts" if result.attempts > 1 else ""))
+        self.hatch.remove()
         self.save()
 
     def _undo(self) -> RevertResult:
@@ -222,7 +274,8 @@ class Guard:
             self.save()
 
         result = revert_change(self.record.touched, self.before, self.after, log=self.log,
-                               on_attempt=attempt, after_stamp=self.record.after_stamp)
+                               on_attempt=attempt, after_stamp=self.record.after_stamp,
+                               sleep=self.pause)
         self.record.reverted_by = "guard"
         self.record.revert_attempts = result.attempts
         self.record.revert_last_error = None
@@ -230,6 +283,7 @@ class Guard:
         return result
 
     def confirm(self, by: dict[str, str]) -> None:
+        failpoints.hit("guard.confirming")
         self.done = True
         if self.probes:
             self.probes.stop()
@@ -239,6 +293,8 @@ class Guard:
         self.record.transition(transaction.CONFIRMED, detail)
         self.save()
         self.log(f"confirmed: {detail}")
+        failpoints.hit("guard.confirmed")
+        self.hatch.remove()   # before the boot files are written (they never hold it anyway)
         try:  # keep the state as known good and write the boot files; the confirm stands
             from fwsafe.persistence.history import on_confirmed
 
@@ -247,96 +303,218 @@ class Guard:
         except Exception as exc:  # noqa: BLE001 - visible in the log and the record
             self.log(f"history/persist FAILED: {exc}")
             self.record.log("persist-failed", str(exc))
-            self.save()
+        self.save()
 
-    # -- requests -----------------------------------------------------------------------------
+    def pause(self, seconds: float) -> None:
+        self.loop.pause(seconds)
+
+    def run(self) -> None:
+        self.loop.run()
+
+    def on_error(self, exc: BaseException) -> None:
+        self.loop.on_error(exc)
+
+    @property
+    def requests(self) -> Requests:
+        return Requests(self)
+
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
-        op = message.get("op")
-        if op == "status":
-            left = self.deadline.remaining() if self.record.state == transaction.PENDING else None
-            return {"ok": True, "record": self.record.to_json(),
-                    "remaining_s": round(left, 1) if left is not None else None,
-                    "clock": "boottime"}
-        if self.record.state != transaction.PENDING:
-            return {"ok": False, "state": self.record.state,
-                    "error": f"transaction is {self.record.state}"}
-        if op == "confirm":
-            by = message.get("by") or {}
-            self.confirm({str(k): str(v) for k, v in dict(by).items()})
-            return {"ok": True, "state": self.record.state}
-        if op == "revert":
-            self.revert(str(message.get("reason") or "reverted on request"))
-            return {"ok": self.record.state == transaction.REVERTED, "state": self.record.state,
-                    "error": self.record.error}
-        if op == "extend":
-            seconds = message.get("seconds")
-            problem = seconds_problem(seconds, max_seconds(self.record))
-            if problem is not None:  # the CLI checks too; this is the second line of defence
-                return {"ok": False, "state": self.record.state, "error": problem}
-            assert isinstance(seconds, (int, float))
-            self.deadline.extend(float(seconds))
-            self.record.log("extended", f"+{seconds:g} s by {message.get('by', '?')}")
-            self.save()
-            self.log(f"deadline extended by {seconds:g} s")
-            return {"ok": True, "state": self.record.state, "deadline": self.record.deadline}
-        return {"ok": False, "state": self.record.state, "error": f"unknown request {op!r}"}
-
-    def wait(self) -> None:
-        assert self.server is not None
-        while not self.done:
-            if self.terminate:
-                self.revert(
-                    "reboot or shutdown: systemd stopped the guard while the change was pending; "
-                    "it was undone before the machine went down" if system_stopping() else
-                    "the guard was terminated (SIGTERM) before confirmation")
-                break
-            left = self.deadline.left()
-            if left <= 0:
-                self.revert(
-                    f"timeout: not confirmed within {self.record.timeout_s:g} s"
-                    + (" (deadline extended)" if any(e.event == "extended"
-                                                     for e in self.record.events) else ""))
-                break
-            if self.backstop.missing:
-                self.backstop.start()  # it could not be started before: try again
-            watched: list[Any] = [self.server, self.wake_r]
-            if self.backstop.fd is not None:
-                watched.append(self.backstop.fd)
-            try:
-                readable, _, _ = select.select(watched, [], [], min(left, 1.0))
-            except InterruptedError:
-                continue
-            self._dispatch(readable)
-
-    def _dispatch(self, readable: list[Any]) -> None:
-        if self.backstop.fd is not None and self.backstop.fd in readable:
-            self.backstop.died(restart=not self.done)
-            self.save()
-        if self.wake_r in readable:
-            try:
-                os.read(self.wake_r, 4096)
-            except BlockingIOError:
-                pass
-            verdict = self.probes.verdict() if self.probes and not self.done else None
-            if verdict and verdict[0] == "revert":
-                self.revert(verdict[1])
-            elif verdict:
-                self.confirm({"how": verdict[1]})
-        if self.server in readable and not self.done:
-            assert self.server is not None
-            try:
-                conn, _ = self.server.accept()
-            except BlockingIOError:
-                return
-            serve_one(conn, self.handle, self.log)
+        return self.requests.handle(message)
 
     def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.backstop.stop()
         if self.server is not None:
             self.server.close()
             try:
                 self.state.socket_path.unlink()
-            except FileNotFoundError:
+            except OSError:
                 pass
+
+
+class Loop:
+    """The guard's loop: wait, revert, clean up, answer requests meanwhile. It never ends
+    while the transaction is open: every exception is logged and the step tried again with
+    backoff."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.g = guard
+        self.last_step = boottime()
+
+    def pause(self, seconds: float) -> None:
+        """Wait `seconds`, answering requests meanwhile and beating for the backstop."""
+        end = boottime() + seconds
+        while True:
+            self.g.backstop.beat()
+            left = end - boottime()
+            if left <= 0:
+                return
+            watched: list[Any] = [self.g.wake_r] + ([self.g.server] if self.g.server else [])
+            try:
+                readable, _, _ = select.select(watched, [], [], min(left, 0.5))
+            except InterruptedError:
+                continue
+            self._dispatch(readable)
+
+    def finished(self) -> bool:
+        return self.g.quit or (self.g.record.is_final and not self.g.unsaved
+                             and not self.g.hatch.removing and self.g.revert_reason is None)
+
+    def run(self) -> None:
+        """Until the transaction is over, the hatch gone and the record written: wait, revert,
+        clean up. Nothing that goes wrong ends it while the transaction is open."""
+        delay = 0.1
+        while not self.finished():
+            try:
+                self.step()
+                delay = 0.1
+            except BaseException as exc:  # noqa: BLE001 - the way back must not stop
+                self.g.log(f"guard error: {exc!r}; going on in {delay:g} s")
+                self.on_error(exc)
+                with contextlib.suppress(BaseException):
+                    self.pause(delay)
+                delay = min(delay * 2, 5.0)
+
+    def on_error(self, exc: BaseException) -> None:
+        """After an error: what must happen next so that nothing is left live."""
+        state = self.g.record.state
+        if state == transaction.APPLYING and not self.g.applied:
+            self.g.record.reason = f"the guard failed before applying ({exc!r}); nothing changed"
+            self.g.record.transition(transaction.REJECTED, self.g.record.reason)
+            self.g.hatch.removing = self.g.hatch.spec is not None
+            self.g.save()
+        elif state == transaction.APPLYING or (state == transaction.PENDING
+                                                and self.g.deadline.left() <= 0):
+            self.g.revert_reason = self.g.revert_reason or f"the guard hit an internal error: {exc!r}"
+
+    def step(self) -> None:
+        now = boottime()
+        resumed, self.last_step = now - self.last_step > 3.0, now
+        self.g.backstop.beat()
+        if resumed and self.taken_over():
+            self.g.log("the transaction was taken over while this guard was stopped; leaving it")
+            self.g.quit = True
+            return
+        if self.g.revert_reason is not None or self.g.record.state == transaction.REVERTING:
+            self.g.revert(self.g.revert_reason or "the revert goes on")
+        elif self.g.record.state == transaction.APPLYING:
+            self.g.revert_reason = "the guard lost track of the change while applying it"
+        elif self.g.record.state == transaction.PENDING:
+            self.wait_once()
+        else:   # over: what is left to do
+            if self.g.hatch.removing:
+                self.g.hatch.remove()
+            if self.g.unsaved:
+                self.g.save()
+            if not self.finished():
+                self.pause(1.0)
+
+    def taken_over(self) -> bool:
+        """Someone else acted on the transaction meanwhile (this guard was stopped)."""
+        try:
+            disk = transaction.load_record(self.g.state, self.g.record.id)
+        except Exception:  # noqa: BLE001 - cannot tell: carry on
+            return False
+        return disk.reverted_by not in (None, "guard") or (
+            disk.is_final and not self.g.record.is_final)
+
+    def wait_once(self) -> None:
+        if self.g.terminate:
+            self.g.revert(
+                "reboot or shutdown: systemd stopped the guard while the change was pending; "
+                "it was undone before the machine went down" if system_stopping() else
+                "the guard was terminated (SIGTERM) before confirmation")
+            return
+        left = self.g.deadline.left()
+        if left <= 0:
+            self.g.revert(
+                f"timeout: not confirmed within {self.g.record.timeout_s:g} s"
+                + (" (deadline extended)" if any(e.event == "extended"
+                                                 for e in self.g.record.events) else ""))
+            return
+        self.g.hatch.follow(self.g.deadline.wall(), self.g.record.watch)   # a wall-clock step
+        if self.g.unsaved:
+            self.g.save()
+        if self.g.backstop.missing:
+            self.g.backstop.start()  # it could not be started before: try again
+        watched: list[Any] = [self.g.wake_r] + ([self.g.server] if self.g.server else [])
+        if self.g.backstop.fd is not None:
+            watched.append(self.g.backstop.fd)
+        try:
+            readable, _, _ = select.select(watched, [], [], min(left, 1.0))
+        except InterruptedError:
+            return
+        self._dispatch(readable)
+
+    def _dispatch(self, readable: list[Any]) -> None:
+        if self.g.backstop.fd is not None and self.g.backstop.fd in readable:
+            self.g.backstop.died(restart=not self.g.record.is_final)
+            self.g.save()
+        if self.g.wake_r in readable:
+            try:
+                os.read(self.g.wake_r, 4096)
+            except BlockingIOError:
+                pass
+            verdict = self.g.probes.verdict() if self.g.probes and not self.g.done else None
+            if verdict and verdict[0] == "revert":
+                self.g.revert(verdict[1])
+            elif verdict:
+                self.g.confirm({"how": verdict[1]})
+        if self.g.server is not None and self.g.server in readable:
+            try:
+                conn, _ = self.g.server.accept()
+            except BlockingIOError:
+                return
+            serve_one(conn, self.g.requests.handle, self.g.log)
+
+
+
+class Requests:
+    """The guard's answers on its socket: status from memory (the truth even when the disk
+    refuses the record), confirm, revert, extend."""
+
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+
+    def handle(self, message: dict[str, Any]) -> dict[str, Any]:
+        guard, record = self.guard, self.guard.record
+        op = message.get("op")
+        if op == "status":
+            left = guard.deadline.remaining() if record.state == transaction.PENDING else None
+            return {"ok": True, "record": record.to_json(),
+                    "remaining_s": round(left, 1) if left is not None else None,
+                    "clock": "boottime", "unsaved": guard.unsaved}
+        if record.state != transaction.PENDING:
+            return {"ok": False, "state": record.state,
+                    "error": f"transaction is {record.state}"}
+        if op == "confirm":
+            by = message.get("by") or {}
+            guard.confirm({str(k): str(v) for k, v in dict(by).items()})
+            return {"ok": True, "state": record.state}
+        if op == "revert":
+            guard.revert(str(message.get("reason") or "reverted on request"))
+            return {"ok": record.state == transaction.REVERTED, "state": record.state,
+                    "error": record.error}
+        if op == "extend":
+            return self.extend(message)
+        return {"ok": False, "state": record.state, "error": f"unknown request {op!r}"}
+
+    def extend(self, message: dict[str, Any]) -> dict[str, Any]:
+        guard, record = self.guard, self.guard.record
+        seconds = message.get("seconds")
+        problem = seconds_problem(seconds, max_seconds(record))
+        if problem is not None:  # the CLI checks too; this is the second line of defence
+            return {"ok": False, "state": record.state, "error": problem}
+        assert isinstance(seconds, (int, float))
+        guard.deadline.extend(float(seconds))
+        # The backstop's copy and systemd's limit first: nobody may act on the old deadline.
+        guard.backstop.deadline(guard.deadline.at_boot)
+        guard.backstop.set_limit(guard.deadline.left() + guard.limit_margin())
+        guard.hatch.follow(guard.deadline.wall(), record.watch)
+        record.log("extended", f"+{seconds:g} s by {message.get('by', '?')}")
+        guard.save()
+        guard.log(f"deadline extended by {seconds:g} s")
+        return {"ok": True, "state": record.state, "deadline": record.deadline}
 
 
 def _detach_signals() -> None:
@@ -345,46 +523,75 @@ def _detach_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def _open_log(state: StateDir, tx_id: str) -> TextIO | None:
+    """The guard's log file, or None when the disk cannot give one (then stderr only)."""
+    try:
+        fd = open_private(state.tx_dir(tx_id) / "guard.log", os.O_WRONLY | os.O_APPEND)
+    except OSError as exc:
+        write_line(f"guard: cannot open its log file ({exc}); logging to stderr only")
+        return None
+    return os.fdopen(fd, "a")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     standing_by = args[3:] == ["--standby"]
     if standing_by:
         args = args[:3]
     if len(args) != 3 or args[0] not in ("--daemonize", "--foreground"):
-        print("usage: python -m fwsafe.guard --daemonize|--foreground STATE_DIR TX_ID "
-              "[--standby]", file=sys.stderr)
+        write_line("usage: python -m fwsafe.guard --daemonize|--foreground STATE_DIR TX_ID "
+                   "[--standby]")
         return 2
     how, state_dir, tx_id = args
     _detach_signals()
     state = StateDir(Path(state_dir))
     # Started while the CLI still checks the change: nothing happens before it says go.
     if standing_by and not wait_for_go(state.tx_dir(tx_id)):
-        print(f"transaction {tx_id}: the change was called off before the guard was needed; "
-              "nothing to guard", flush=True)
+        with contextlib.suppress(OSError, ValueError):
+            print(f"transaction {tx_id}: the change was called off before the guard was "
+                  "needed; nothing to guard", flush=True)
         return 0
     # Second fork: the session leader exits, the guard can never regain a terminal.
     if how == "--daemonize" and os.fork() > 0:
         os._exit(0)
     mode = "setsid" if how == "--daemonize" else "systemd-run"
-    log_fd = open_private(state.tx_dir(tx_id) / "guard.log", os.O_WRONLY | os.O_APPEND)
-    log = os.fdopen(log_fd, "a")  # held for the guard's lifetime
-    guard: Guard | None = None
+    log = _open_log(state, tx_id)
     try:
-        # Under the transaction's lock, which the CLI also holds when it gives up and marks
-        # the transaction aborted: a guard that starts late sees `aborted` and applies nothing,
-        # and the CLI never aborts a transaction this guard has begun to apply.
-        with state.tx_locked(tx_id):
+        return _guard(state, tx_id, mode, log)
+    finally:
+        if log is not None:
+            with contextlib.suppress(OSError, ValueError):
+                log.close()
+
+
+def _note(log: TextIO | None, text: str) -> None:
+    if log is None:
+        write_line(text)
+        return
+    with contextlib.suppress(OSError, ValueError):
+        log.write(text + "\n")
+        log.flush()
+
+
+def _guard(state: StateDir, tx_id: str, mode: str, log: TextIO | None) -> int:
+    with contextlib.ExitStack() as held:
+        try:
+            # The transaction's lock, held for the guard's whole life: the CLI takes it to
+            # mark the transaction aborted (a guard that starts late sees `aborted` and applies
+            # nothing), and whoever takes over (backstop, recover) claims it once the guard
+            # is gone.
+            held.enter_context(state.tx_locked(tx_id))
             record = transaction.load_record(state, tx_id)
             if record.state != transaction.PREPARING:
-                log.write(f"transaction {tx_id} is {record.state}, not preparing: "
-                          "nothing to guard\n")
+                _note(log, f"transaction {tx_id} is {record.state}, not preparing: "
+                      "nothing to guard")
                 return 1
             problem = seconds_problem(record.timeout_s, max_seconds(record))
             if problem is not None:  # the CLI checks too; this is the second line of defence
                 record.reason = f"the guard refused the timeout: {problem}; nothing was changed"
                 record.transition(transaction.ABORTED, record.reason)
                 transaction.save_record(state, record)
-                log.write(record.reason + "\n")
+                _note(log, record.reason)
                 return 1
             config = record.options.get("config")
             if isinstance(config, str) and config:
@@ -392,22 +599,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             guard = Guard(state, record, mode, log)
             guard.arm()
             guard.begin()
-        if guard.apply():
-            guard.wait()
-    except BaseException as exc:  # the revert must happen whatever went wrong
-        if guard is None:
-            log.write(f"guard error before arming: {exc!r}\n")
-            raise
-        guard.log(f"guard error: {exc!r}")
-        if guard.applied and not guard.done and guard.record.state in (
-                transaction.APPLYING, transaction.PENDING):
-            guard.revert(f"the guard hit an internal error: {exc!r}")
-        raise
-    finally:
-        if guard is not None:
-            guard.backstop.stop()
-            guard.close()
-        log.close()
+        except BaseException as exc:  # nothing was applied
+            _note(log, f"guard error before arming: {exc!r}")
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            return 1
+        quiet_std()
+        try:
+            failpoints.hit("guard.armed")
+            guard.apply()
+        except BaseException as exc:  # noqa: BLE001 - the revert must happen whatever went wrong
+            guard.log(f"guard error: {exc!r}")
+            guard.on_error(exc)
+        guard.run()
+        guard.close()
     return 0
 
 

@@ -15,11 +15,14 @@ import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, open_private
-from fwsafe.errors import GuardError
+from fwsafe.core.transaction import Record
+from fwsafe.errors import GuardError, StateError
 from fwsafe.guard.backstop import after_stop_command
 
 GUARD_MODULE = "fwsafe.guard"
@@ -244,3 +247,60 @@ def request(state: StateDir, op: str, timeout: float = 30.0, **fields: Any) -> d
     return answer
 
 
+
+
+SETTLE_S = 60.0   # how long `settle` waits for a transaction being decided elsewhere
+NOBODY_S = 5.0    # how long it waits for somebody (the backstop) to take over a dead guard's
+
+
+def ask_record(state: StateDir, record: Record, timeout: float = 2.0) -> Record | None:
+    """The living guard's own record, the truth even while the disk refuses to store it;
+    None when the guard is gone or does not answer in time (busy reverting, stopped)."""
+    if not transaction.guard_alive(record):
+        return None
+    try:
+        answer = request(state, "status", timeout=timeout)
+        live = Record.from_json(dict(answer["record"]))
+    except (GuardError, StateError, KeyError, TypeError, ValueError):
+        return None
+    return live if live.id == record.id else None
+
+
+def view(state: StateDir, record: Record, timeout: float = 2.0) -> Record:
+    """Transaction `record` as it stands: the guard's view while it lives and answers, else
+    the record on disk (else `record` itself, when the disk cannot be read)."""
+    live = ask_record(state, record, timeout)
+    if live is not None:
+        return live
+    try:
+        return transaction.load_record(state, record.id)
+    except StateError:
+        return record
+
+
+def looked_after(state: StateDir, record: Record) -> bool:
+    """Someone decides the transaction: its guard lives, or a process holds it (the backstop
+    or a recover that took it over)."""
+    return transaction.guard_alive(record) or state.tx_held(record.id)
+
+
+def settle(state: StateDir, record: Record, limit: float = SETTLE_S) -> Record:
+    """Wait until transaction `record` is no longer open, while somebody looks after it (its
+    guard, the backstop; a guard just gone is given NOBODY_S for the backstop to take over),
+    at most `limit` seconds; return it as it stands then."""
+    end = time.monotonic() + limit
+    nobody_since: float | None = None
+    while True:
+        current = view(state, record, timeout=1.0)
+        if current.state not in transaction.OPEN_STATES:
+            return current
+        now = time.monotonic()
+        if looked_after(state, current):
+            nobody_since = None
+        elif nobody_since is None:
+            nobody_since = now
+        elif now - nobody_since > NOBODY_S:
+            return current
+        if now > end:
+            return current
+        time.sleep(0.2)

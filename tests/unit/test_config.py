@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -98,6 +99,10 @@ def test_example_covers_every_key() -> None:
         "max_rules_bytes",
         "boot_hook",
         "expected_open",
+        "stuck_grace",
+        "hatch",
+        "hatch_grace",
+        "admin_sources",
         "hosts",
     }
     assert set(data) == top
@@ -118,8 +123,12 @@ def test_defaults_match_example_values() -> None:
         "max_timeout",
         "max_rules_bytes",
         "expected_open",
+        "stuck_grace",
+        "hatch",
+        "hatch_grace",
     ):
         assert getattr(config, name) == getattr(example, name), name
+    assert config.admin_sources == () and example.admin_sources != ()
     assert config.probes == ()
     assert config.hosts == {}
     assert config.source is None
@@ -442,3 +451,23 @@ def test_load_config_does_not_touch_cwd(tmp_path: Path, monkeypatch: pytest.Monk
     write(tmp_path, "timeout = 99\n")
     assert load_config(None, env={}).timeout == 60
     assert os.getcwd() == str(tmp_path)
+
+
+def test_guard_and_hatch_settings(tmp_path: Path) -> None:
+    config = load_text(tmp_path, 'stuck_grace = 1.5\nhatch = false\nhatch_grace = 4\n'
+                                 'admin_sources = ["10.0.0.7", "2001:db8::/64", "10.1.2.3/24"]\n')
+    assert (config.stuck_grace, config.hatch, config.hatch_grace) == (1.5, False, 4.0)
+    assert config.admin_sources == ("10.0.0.7/32", "2001:db8::/64", "10.1.2.0/24")
+    assert Config().hatch is True and Config().stuck_grace == 5 and Config().hatch_grace == 30
+
+
+@pytest.mark.parametrize("text,error", [
+    ('admin_sources = ["not-an-address"]', "admin_sources[0]: 'not-an-address' is not an IP"),
+    ('admin_sources = "10.0.0.1"', "admin_sources: expected an array"),
+    ("stuck_grace = 0", "stuck_grace: must be a positive number"),
+    ("hatch_grace = -1", "hatch_grace: must be a positive number"),
+    ('hatch = "yes"', "hatch: expected a boolean"),
+])
+def test_guard_and_hatch_settings_are_checked(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load_text(tmp_path, text + "\n")
