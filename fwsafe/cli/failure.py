@@ -104,6 +104,7 @@ def internal_error(exc: BaseException, args: Sequence[str]) -> InternalError:
     live (exit 5) or not (exit 3), where the traceback and the state are."""
     state_dir = state_dir_of(args)
     live = may_be_live(state_dir)
+    settled = settled_code(state_dir, args)
     saved = _save_traceback(exc, state_dir)
     detail = " ".join(str(exc).split())[:300] or "no message"
     where = (f"traceback in {saved}" if saved else "the traceback could not be saved") + \
@@ -115,6 +116,28 @@ def internal_error(exc: BaseException, args: Sequence[str]) -> InternalError:
         message = (f"unexpected error: {type(exc).__name__}: {detail} (a bug in fwsafe; no "
                    f"change is pending; {where})")
     code = ExitCode.REVERT_FAILED if live else ExitCode.REJECTED
+    if settled is not None:
+        code = settled
+        message += f" (the transaction's record says {settled.name.lower().replace('_', ' ')})"
     return InternalError(message, exit_code=code, traceback_file=saved)
+
+
+ACTING = ("confirm", "revert", "extend", "recover")
+
+
+def settled_code(state_dir: Path | None, args: Sequence[str]) -> ExitCode | None:
+    """`confirm`, `revert`, `extend` or `recover` that failed unexpectedly answer from the
+    record (they may have acted before failing): 4 when it is reverted, 5 when the change is
+    live (confirmed, or still open); never 3 ("nothing changed") then."""
+    if not any(arg in ACTING for arg in args) or state_dir is None:
+        return None
+    try:
+        record = transaction.load_current(StateDir(state_dir)) if os.path.isdir(state_dir) \
+            else None
+    except Exception:  # noqa: BLE001 - cannot tell: the usual answer
+        return None
+    if record is None or record.state in (transaction.ABORTED, transaction.REJECTED):
+        return None
+    return ExitCode.REVERTED if record.state == transaction.REVERTED else ExitCode.REVERT_FAILED
 
 

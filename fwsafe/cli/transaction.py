@@ -160,7 +160,7 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"  guard NOT shielded from the OOM killer: {info['shield_error']}")
     elif info.get("shielded"):
         lines.append("  guard shielded from the OOM killer (oom_score_adj -1000)")
-    hatch_line = hatch.describe(info.get("hatch"))
+    hatch_line = hatch.describe(info.get("hatch"), final=state in transaction.FINAL_STATES)
     if hatch_line:
         lines.append(f"  {hatch_line}")
     if info.get("run"):

@@ -291,6 +291,36 @@ def refuse_if_open(state: StateDir) -> str | None:
     return f"transaction {record.id} was left {record.state} without its guard: {done.state} first"
 
 
+def reported(state: StateDir, record: Record) -> Record:
+    """What the guard's report means for `apply`: the record once the change is live
+    (pending); else the typed error (exit 3 only when nothing changed). A guard that died while
+    applying is waited for here, once the state lock is let go: its backstop takes over."""
+    if record.state == transaction.APPLYING and not transaction.guard_alive(record):
+        record = guard.settle(state, record)   # the guard died while applying
+        if record.state in transaction.OPEN_STATES:
+            raise ChangeMayBeLiveError(
+                f"the guard of transaction {record.id} died while applying and nobody "
+                f"reverted it: the change may be live", hint=LIVE_HINT)
+    if record.state == transaction.PENDING:
+        failpoints.hit("apply.pending")
+        return record
+    if record.state == transaction.REJECTED:
+        raise InvalidRulesError(record.error or "the change was refused",
+                                hint="nothing was changed")
+    if record.state == transaction.REVERT_FAILED:
+        raise RevertFailedError(
+            f"the change was refused part-way and undoing it failed: {record.error}",
+            hint="run `fwsafe recover`, and check the live rules with iptables-save")
+    if record.state in transaction.OPEN_STATES:
+        raise ChangeMayBeLiveError(
+            f"transaction {record.id} is {record.state}: the change may be live",
+            hint=LIVE_HINT)
+    if record.state == transaction.REVERTED:
+        raise RevertedError(f"transaction {record.id} was applied and then reverted: "
+                            f"{record.reason}", hint="the rules from before are back")
+    raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
+
+
 class ApplyFlow:
     """One `apply`, from the checks to the guard's report that the change is live."""
 
@@ -320,6 +350,7 @@ class ApplyFlow:
             tx_id = transaction.new_tx_id()
             tx_dir = self.state.tx_dir(tx_id)
             standby: guard.Standby | None = None
+            was_current = self.state.current_id()
             try:
                 with disk_refusal(self.state):
                     make_private_dir(tx_dir)
@@ -331,6 +362,10 @@ class ApplyFlow:
                 if standby is not None:
                     standby.call_off()
                 shutil.rmtree(tx_dir, ignore_errors=True)
+                with contextlib.suppress(Exception):   # never point at what is gone
+                    if self.state.current_id() == tx_id:
+                        self.state.set_current(was_current) if was_current else \
+                            (self.state.root / "current").unlink()
                 raise
             # From here until the guard reports, Ctrl-C would leave the user not knowing
             # whether the change is live: ignore it (the guard takes moments to apply).
@@ -340,24 +375,7 @@ class ApplyFlow:
                 record = self._start_guard(record, options, standby)
             finally:
                 signal.signal(signal.SIGINT, previous)
-        if record.state == transaction.PENDING:
-            failpoints.hit("apply.pending")
-            return record
-        if record.state == transaction.REJECTED:
-            raise InvalidRulesError(record.error or "the change was refused",
-                                    hint="nothing was changed")
-        if record.state == transaction.REVERT_FAILED:
-            raise RevertFailedError(
-                f"the change was refused part-way and undoing it failed: {record.error}",
-                hint="run `fwsafe recover`, and check the live rules with iptables-save")
-        if record.state in transaction.OPEN_STATES:
-            raise ChangeMayBeLiveError(
-                f"transaction {record.id} is {record.state}: the change may be live",
-                hint=LIVE_HINT)
-        if record.state == transaction.REVERTED:
-            raise RevertedError(f"transaction {record.id} was applied and then reverted: "
-                                f"{record.reason}", hint="the rules from before are back")
-        raise GuardError(f"transaction {record.id} ended as {record.state}: {record.reason}")
+        return reported(self.state, record)
 
     def _prepare(self, tx_id: str, change: Change, options: ApplyOptions,
                  layers: list[str]) -> Record:
@@ -521,12 +539,7 @@ class ApplyFlow:
                         f"changed (see {log})")
                 continue  # the guard got there first: wait for it as usual
             if record.state == transaction.APPLYING and not transaction.guard_alive(record):
-                settled = guard.settle(self.state, record)   # the backstop takes over
-                if settled.state not in transaction.OPEN_STATES:
-                    return settled
-                raise ChangeMayBeLiveError(
-                    f"the guard of transaction {record.id} died while applying: the change may "
-                    "be live", hint=f"{LIVE_HINT} (log: {log})")
+                return record   # its backstop takes over, once the state lock is let go
             if waited > GUARD_APPLY_TIMEOUT:
                 raise ChangeMayBeLiveError(
                     f"the guard has been {record.state} transaction {record.id} for "

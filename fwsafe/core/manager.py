@@ -5,6 +5,7 @@ fwsafe.core.apply, `recover` fwsafe.core.recover; this module ties them to the r
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -133,7 +134,7 @@ class Manager:
             record = guard.settle(self.state, record, limit=0 if answer.get("ok") else
                                   guard.SETTLE_S)
             if record.state == transaction.CONFIRMED:
-                return record
+                return hatch_left(self.state, record)
             self._raise_if_final(record, "confirm")
             raise ChangeMayBeLiveError(
                 f"transaction {record.id} is still {record.state} and its guard does not "
@@ -368,4 +369,17 @@ def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how
     except Exception as exc:  # noqa: BLE001 - visible in the record's events
         record.log("persist-failed", str(exc))
     transaction.save_record(manager.state, record)
+    return record
+
+
+def hatch_left(state: StateDir, record: Record) -> Record:
+    """A confirmed transaction whose guard died before removing its hatch: remove it."""
+    if (record.hatch or {}).get("state") not in ("armed", "removing") \
+            or transaction.guard_alive(record):
+        return record
+    with contextlib.suppress(PendingError), state.locked(wait=True), \
+            state.tx_claimed(record.id):
+        record = transaction.load_record(state, record.id)
+        hatch.removed(record)
+        transaction.save_record(state, record)
     return record

@@ -13,14 +13,16 @@ from fwsafe.backends import layer_for, layer_kind
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.apply import ApplyFlow
 from fwsafe.core.change import require_root
-from fwsafe.core.revert import compute_touched, revert_change
+from fwsafe.core.revert import RevertResult, compute_touched, revert_change
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
 from fwsafe.guard import hatch
+from fwsafe.guard.applying import ALREADY_UNDONE, undone_already
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
 FILE_LAYERS = ("ufw", "sshd")   # layers kept in files, not in the kernel
+
 
 
 def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the guard was gone", *,
@@ -68,6 +70,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             claim.enter_context(state.tx_claimed(record.id))
         before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         after = snapshot.load_optional(state, record.id, snapshot.AFTER, record.watch)
+        resumed = record.state == transaction.REVERTING   # someone began; may have finished
         if record.state != transaction.REVERTING:
             record.transition(transaction.REVERTING, reason)
         record.reason = reason
@@ -98,8 +101,10 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         save(state, record)   # reverting, said before the lock is let go
         failpoints.hit("recover.claimed")
         with state.released() if give_up_after is None else contextlib.nullcontext():
-            result = revert_change(touched, before, after or None, on_attempt=attempt,
-                                   give_up_after=give_up_after, after_stamp=record.after_stamp)
+            result = RevertResult(attempts=0, notes=[ALREADY_UNDONE]) \
+                if resumed and undone_already(touched, before) else \
+                revert_change(touched, before, after or None, on_attempt=attempt,
+                              give_up_after=give_up_after, after_stamp=record.after_stamp)
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, revert_order
 from fwsafe.backends.base import LEVELS, MERGE
 
@@ -96,6 +97,7 @@ def revert_change(
     delay = BACKOFF_FIRST
     while True:
         result.attempts += 1
+        failpoints.hit("revert.round")
         failed: dict[str, str] = {}
         for name in remaining:
             level, error = _revert_layer(name, touched[name], before[name],

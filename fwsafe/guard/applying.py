@@ -4,7 +4,7 @@ or the command run under it), then capture what it touched."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from fwsafe.backends import compose_partial, layer_for, nflist
 from fwsafe.backends.base import ApplyError
@@ -15,6 +15,8 @@ from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
 
 Log = Callable[[str], None]
+ALREADY_UNDONE = ("the change was already undone (a revert that ended before it could say so): "
+                  "not undone twice")
 
 
 def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
@@ -101,3 +103,22 @@ def capture_after(state: StateDir, record: Record, before: Mapping[str, bytes],
     touched = ", ".join(f"{k}: {' '.join(v)}" for k, v in record.touched.items())
     log(f"touched: {touched or 'nothing'}")
     return after
+
+
+def undone_already(touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes]) -> bool:
+    """Every unit the change touched is as in the snapshot again: a revert that finished but
+    could not say so (its process died or failed right after). Reverting again would undo the
+    change's delta a second time; it is recorded as reverted instead."""
+    if not touched:
+        return False
+    try:
+        for name, units in touched.items():
+            if name not in before:
+                return False
+            layer = layer_for(name)
+            old, now = layer.units(before[name]), layer.units(layer.capture())
+            if any(old.get(unit) != now.get(unit) for unit in units):
+                return False
+    except Exception:  # noqa: BLE001 - cannot tell: revert as usual
+        return False
+    return True

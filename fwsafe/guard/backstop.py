@@ -535,7 +535,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if how == "--after-stop":
         # systemd runs this after the guard unit's main process is gone, however it ended.
         result = os.environ.get("SERVICE_RESULT", "unknown")
-        return take_over(state, tx_id, f"the guard unit stopped ({result})")
+        code = take_over(state, tx_id, f"the guard unit stopped ({result})")
+        # systemd's limit of a guard that could not stop it itself (it was killed)
+        run_tool(["systemctl", "stop", f"fwsafe-limit-{tx_id}-*.timer"], tries=1)
+        return code
     return watch(state, tx_id, unit_name(tx_id) if how == "--watch-unit" else None)
 
 

@@ -525,11 +525,14 @@ def available_layers() -> list[str]:
     return [name for name in layers() if name in HATCH_LAYERS]
 
 
-def describe(info: Mapping[str, Any] | None) -> str | None:
-    """One line for `fwsafe status`."""
+def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
+    """One line for `fwsafe status` (`final`: the transaction is over)."""
     if not info:
         return None
     state = info.get("state")
+    if final and state in ("armed", "removing"):
+        return ("hatch: STILL LOADED although the transaction is over (its guard ended before "
+                "removing it): the next `fwsafe apply` removes it")
     if state == "off":
         return f"hatch: none ({info.get('why', 'off')})"
     layers = info.get("layers") or {}

@@ -44,7 +44,7 @@ from fwsafe.core.revert import RevertResult, revert_change
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
-from fwsafe.guard.applying import capture_after, run_change
+from fwsafe.guard.applying import ALREADY_UNDONE, capture_after, run_change, undone_already
 from fwsafe.guard.backstop import BackstopKeeper, quiet_std, stuck_grace, write_line
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
@@ -107,6 +107,8 @@ class Guard:
         self.before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         self.change = snapshot.load(state, record.id, snapshot.CHANGE, record.layers)
         self.after: dict[str, bytes] | None = None   # captured right after the change
+        self.captured = False
+        self.undo_began = False       # a revert was begun (an error may have cut it short)
         self.deadline = Deadline(record)
         self.backstop = BackstopKeeper(state, record, mode, self.log)
         self.hatch = hatch.Keeper(record, self.log)
@@ -201,7 +203,7 @@ class Guard:
         self.save()  # the CLI returns now; what the change touched is worked out meanwhile
         failpoints.hit("guard.pending")
         self.log(f"applied; reverting at {time.ctime(self.record.deadline)} unless confirmed")
-        self.after = capture_after(self.state, self.record, self.before, self.log)
+        self.capture()
         self.hatch.retime(self.deadline.wall())
         self.hatch.load(self.record.watch)   # where the change's transactions did not put it
         self.save()
@@ -212,6 +214,12 @@ class Guard:
         failpoints.hit("guard.waiting")
         return True
 
+    def capture(self) -> None:
+        """What the change touched (and its own delta, for the merge), captured once."""
+        if not self.captured:
+            self.after = capture_after(self.state, self.record, self.before, self.log)
+            self.captured = True
+
     def limit_margin(self) -> float:
         """systemd's own limit comes this long after the deadline: after the backstop's
         (stuck_grace) and after the hatch opened (hatch_grace)."""
@@ -221,7 +229,7 @@ class Guard:
 
     def _refused(self, error: str) -> None:
         """The tool refused the change: undo whatever part of it is live; `rejected`."""
-        self.after = capture_after(self.state, self.record, self.before, self.log)
+        self.capture()
         self.log(f"change refused: {error}")
         self.record.error = error
         self.done = True
@@ -259,6 +267,7 @@ class Guard:
         failpoints.hit("guard.reverted")
         self.record.transition(transaction.REVERTED, "; ".join(
             ["the change undone and verified", *result.notes]))
+        self.hatch.removing = self.hatch.spec is not None   # whatever happens next
         self.revert_reason = None
         self.log("reverted; the change's own delta is undone and verified"
                  + (f" after {result.attempts} attempts" if result.attempts > 1 else ""))
@@ -273,6 +282,11 @@ class Guard:
             self.record.revert_last_error = why
             self.save()
 
+        self.capture()   # an error may have come between the change and its capture
+        if self.undo_began and undone_already(self.record.touched, self.before):
+            self.record.reverted_by = "guard"
+            return RevertResult(notes=[ALREADY_UNDONE])
+        self.undo_began = True
         result = revert_change(self.record.touched, self.before, self.after, log=self.log,
                                on_attempt=attempt, after_stamp=self.record.after_stamp,
                                sleep=self.pause)
@@ -291,6 +305,7 @@ class Guard:
         detail = by.get("how", "confirmed")
         self.record.reason = detail
         self.record.transition(transaction.CONFIRMED, detail)
+        self.hatch.removing = self.hatch.spec is not None   # whatever happens next
         self.save()
         self.log(f"confirmed: {detail}")
         failpoints.hit("guard.confirmed")
@@ -314,12 +329,8 @@ class Guard:
     def on_error(self, exc: BaseException) -> None:
         self.loop.on_error(exc)
 
-    @property
-    def requests(self) -> Requests:
-        return Requests(self)
-
     def handle(self, message: dict[str, Any]) -> dict[str, Any]:
-        return self.requests.handle(message)
+        return Requests(self).handle(message)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -465,7 +476,7 @@ class Loop:
                 conn, _ = self.g.server.accept()
             except BlockingIOError:
                 return
-            serve_one(conn, self.g.requests.handle, self.g.log)
+            serve_one(conn, self.g.handle, self.g.log)
 
 
 

@@ -148,11 +148,17 @@ def test_go_error_before_the_guard_started_is_exit_3_and_aborted(tmp_path: Path)
     assert standby.closed
 
 
-def test_guard_died_while_applying_is_exit_5(tmp_path: Path) -> None:
+def test_guard_died_while_applying_is_exit_5(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     state, record = new_tx(tmp_path)
     move_to(state, record.id, transaction.APPLYING)  # guard_pid None: not alive
+    # Not waited for under the state lock (its backstop needs it to take over) ...
+    waited = ApplyFlow(state)._wait_for_guard(record)
+    assert waited.state == transaction.APPLYING
+    # ... but after it: nobody took it over, so it may be live (exit 5, never 3)
+    monkeypatch.setattr(guard, "NOBODY_S", 0.0)
     with pytest.raises(ChangeMayBeLiveError, match="died while applying"):
-        ApplyFlow(state)._wait_for_guard(record)
+        apply_module.reported(state, waited)
 
 
 def test_guard_applying_for_too_long_is_exit_5(tmp_path: Path,
