@@ -265,10 +265,9 @@ class Matrix:
                 stopped += procs["guard"]
             elif kind == "killed":
                 host.signal(procs["guard"], signal.SIGKILL)
-        front = second if second is not None else cli
         marker = self._marker(fp, 40) if action == "pause" else None
         if marker is not None:
-            self._act(column, marker, front, stopped)
+            self._act(column, marker, stopped)
         result.limit = 10 + (HATCH_GRACE_S + 5 if column in FROZEN else 0)
         back = self._ssh_back(t0 + TIMEOUT_S + result.limit + 3)   # the deadline comes later
         deadline = self._deadline(t0)
@@ -302,7 +301,7 @@ class Matrix:
             time.sleep(0.02)
         raise AssertionError(f"nothing reached failpoint {fp} within {limit:g} s")
 
-    def _act(self, column: str, marker: str, front: Any, stopped: list[int]) -> None:
+    def _act(self, column: str, marker: str, stopped: list[int]) -> None:
         """Do the column's action to the processes as they are now; let the paused one go."""
         host = self.host
         paused = host.marker_pid(marker)
@@ -310,9 +309,7 @@ class Matrix:
         guard, backstop = procs["guard"], procs["backstop"]
         released = True
         if column == "kill-cli":
-            target = [front.pid] if front.poll() is None else []
-            if paused not in guard + backstop:
-                target = [paused]
+            target = [paused] if paused in procs["cli"] else procs["cli"]
             host.signal(target, signal.SIGKILL)
             released = paused not in target
         elif column == "kill-guard":
@@ -458,21 +455,27 @@ def summary(results: Sequence[Trial]) -> str:
     return "\n".join(lines)
 
 
-def scan_processes(state_dir: str, proc: Path = Path("/proc")) -> dict[str, list[int]]:
-    """fwsafe's guard and backstop processes working on `state_dir` (from their command lines)."""
-    found: dict[str, list[int]] = {"guard": [], "backstop": []}
+def scan_processes(state_dir: str, proc: Path = Path("/proc"),
+                   only: Callable[[Path], bool] = lambda _entry: True) -> dict[str, list[int]]:
+    """fwsafe's processes working on `state_dir` (from their command lines and environment):
+    the guard, its backstop, and the `fwsafe` commands (the CLI)."""
+    found: dict[str, list[int]] = {"guard": [], "backstop": [], "cli": []}
+    marker = f"FWSAFE_STATE_DIR={state_dir}".encode()
     for entry in proc.iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or not only(entry):
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except (OSError, IndexError):
             continue
-        if state == "Z" or state_dir.encode() not in argv:
+        if state == "Z":
             continue
-        if b"fwsafe.guard.backstop" in argv:
+        if b"fwsafe.guard.backstop" in argv and state_dir.encode() in argv:
             found["backstop"].append(int(entry.name))
-        elif b"fwsafe.guard" in argv:
+        elif b"fwsafe.guard" in argv and state_dir.encode() in argv:
             found["guard"].append(int(entry.name))
+        elif len(argv) > 1 and argv[1].endswith(b"/fwsafe") and marker in environ:
+            found["cli"].append(int(entry.name))
     return found

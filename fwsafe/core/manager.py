@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import signal
 from typing import Any
 
@@ -56,14 +57,21 @@ CONFIRM_TIMEOUT = 30.0   # a guard answers a confirmation at once (it removes it
 REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
 
 
+def guard_stopped(record: Record) -> bool:
+    """The guard is stopped (SIGSTOP) or blocked in the kernel: it cannot answer."""
+    from fwsafe.guard.backstop import process_state
+
+    return bool(record.guard_pid) and process_state(record.guard_pid or 0) in ("T", "t", "D")
+
+
 def stop_stuck_guard(record: Record) -> bool:
     """A guard that does not answer because it is stopped (SIGSTOP) or blocked in the kernel
     is killed (SIGKILL), so that its backstop, or this command, takes over. False when it
     seems to be working (it answers later, or reverts)."""
-    from fwsafe.guard.backstop import pidfd_of, process_state
+    from fwsafe.guard.backstop import pidfd_of
 
     pid = record.guard_pid
-    if not pid or process_state(pid) not in ("T", "t", "D") or not transaction.guard_alive(record):
+    if not pid or not guard_stopped(record) or not transaction.guard_alive(record):
         return False
     fd = pidfd_of(pid)
     try:
@@ -73,6 +81,9 @@ def stop_stuck_guard(record: Record) -> bool:
             os.kill(pid, signal.SIGKILL)
     except OSError:
         return False
+    else:
+        if fd is not None:
+            select.select([fd], [], [], 5.0)   # gone, once the pidfd is readable
     finally:
         if fd is not None:
             os.close(fd)
@@ -125,9 +136,9 @@ class Manager:
         how = describe_confirmer(who, record.who)
         if transaction.guard_alive(record):
             failpoints.hit("confirm.asking")
-            try:
-                answer = guard.request(self.state, "confirm", by={**who, "how": how},
-                                       timeout=CONFIRM_TIMEOUT)
+            try:   # a stopped guard cannot take it: its backstop decides
+                answer = {} if guard_stopped(record) else guard.request(
+                    self.state, "confirm", by={**who, "how": how}, timeout=CONFIRM_TIMEOUT)
             except GuardError:
                 answer = {}
             failpoints.hit("confirm.answered")
@@ -150,13 +161,11 @@ class Manager:
     def revert(self, tx_id: str | None = None, reason: str = "reverted by `fwsafe revert`") -> Record:
         record = self._pending(tx_id)
         self._raise_if_final(record, "revert")
-        if transaction.guard_alive(record):
+        # A stopped guard cannot revert: it is killed, and its backstop or this command does.
+        if transaction.guard_alive(record) and not stop_stuck_guard(record):
             failpoints.hit("revert.asking")
-            try:
+            with contextlib.suppress(GuardError):
                 guard.request(self.state, "revert", timeout=REVERT_TIMEOUT, reason=reason)
-            except GuardError:
-                if not stop_stuck_guard(record):
-                    self.settled_or_live(guard.settle(self.state, record), "revert")
             failpoints.hit("revert.answered")
             record = guard.settle(self.state, record)
         if record.state in transaction.OPEN_STATES and not transaction.guard_alive(record):
@@ -180,10 +189,12 @@ class Manager:
                 "change may be live; nothing to extend",
                 hint="run `fwsafe recover` (revert it) or `fwsafe confirm` (keep it)")
         try:
+            if guard_stopped(record):
+                raise GuardError("the guard is stopped (SIGSTOP?)")
             answer = guard.request(self.state, "extend", seconds=seconds,
                                    by=transaction.who_am_i().get("SSH_CONNECTION", "local"))
-        except GuardError:
-            answer = {"ok": False, "error": "the guard does not answer"}
+        except GuardError as exc:
+            answer = {"ok": False, "error": f"the guard does not answer: {exc.message}"}
         record = guard.view(self.state, record)
         if not answer.get("ok"):
             if record.state == transaction.PENDING and "seconds must" in str(answer.get("error")):
@@ -287,7 +298,7 @@ class Manager:
             "taken_over": taken_over if open_ else None,
             "unsaved": unsaved,
             "hatch": record.hatch,
-            "lock_holder": xtables_lock_holder(record.revert_last_error),
+            "lock_holder": xtables_lock_holder(record),
             "guard_mode": record.guard_mode,
             "shielded": record.shielded,
             "shield_error": record.shield_error,
@@ -329,10 +340,11 @@ class Manager:
                 unsaved)
 
 
-def xtables_lock_holder(error: str | None) -> str | None:
-    """When a revert waits for the xtables lock (iptables-legacy): who holds it, from
-    /proc/locks (PID and command), so that `status` can name it."""
-    if not error or "xtables lock" not in error:
+def xtables_lock_holder(record: Record) -> str | None:
+    """When a revert of iptables-legacy's tables waits for the xtables lock: who holds it
+    (PID and command, from /proc/locks), so that `status` can name it."""
+    legacy = any(name.endswith("-legacy") for name in record.touched)
+    if record.state != transaction.REVERTING or not legacy:
         return None
     try:
         inode = os.stat("/run/xtables.lock").st_ino
@@ -343,10 +355,12 @@ def xtables_lock_holder(error: str | None) -> str | None:
                     pid = fields[4]
                     with open(f"/proc/{pid}/cmdline", "rb") as cmd:
                         command = cmd.read().replace(b"\0", b" ").decode(errors="replace")
+                    if "tables-legacy-restore" in command.split(" ", 1)[0]:
+                        return None   # the revert's own tool at work
                     return f"PID {pid} ({command.strip()[:80]})"
     except (OSError, ValueError):
-        return "unknown"
-    return "unknown"
+        return None
+    return None
 
 
 def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how: str) -> Record:

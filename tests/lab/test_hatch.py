@@ -1,0 +1,210 @@
+"""The kernel escape hatch (issue 23) in the namespace lab: with every fwsafe process frozen,
+SSH comes back by the kernel alone at the deadline + hatch_grace; confirm and revert remove it
+(read back: none left) and nothing else ever sees it (check, diff, the history, the boot files);
+extend moves it; an nft change and a command under the guard (ufw) carry it too; `hatch =
+false` turns it off; where the tools refuse the time match, the change goes on without it and
+`status` says so."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.bins import FWSAFE
+from tests.conftest import FwLab
+from tests.lab.test_stuck_guard import ssh_back, stopped
+from tests.rulesets import DROP_NEW_SSH, GOOD
+
+pytestmark = pytest.mark.lab
+
+HATCH_GRACE = 3
+NFT_DROP_NEW_SSH = """\
+table inet lockout {
+\tchain input {
+\t\ttype filter hook input priority -10; policy accept;
+\t\ttcp dport 22 ct state new drop
+\t}
+}
+"""
+
+
+def config(fw: FwLab, text: str = "") -> Path:
+    """stuck_grace long enough that the backstop never acts first: the hatch is on trial."""
+    return fw.write("fwsafe.toml", f"stuck_grace = 60\nhatch_grace = {HATCH_GRACE}\n"
+                                   f'admin_sources = ["{fw.lab.cli_ip4}", "{fw.lab.cli_ip6}"]\n'
+                                   + text)
+
+
+def run(fw: FwLab, cfg: Path, *args: str, path: str | None = None,
+        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    extra = [f"PATH={path}"] if path else []
+    return fw.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={fw.state_dir}", f"FWSAFE_CONFIG={cfg}",
+                            *extra, FWSAFE, *args], check=False, timeout=timeout)
+
+
+def apply(fw: FwLab, cfg: Path, *args: str, path: str | None = None) -> dict[str, Any]:
+    result = run(fw, cfg, "apply", "--detach", "--json", "--force", "--no-check", *args,
+                 path=path)
+    assert result.returncode == 0, result.stderr
+    info = fw.status()
+    assert info["state"] == "pending", info
+    return info
+
+
+def raw(fw: FwLab) -> str:
+    """Everything loaded, as the tools show it (the hatch included)."""
+    return "".join(fw.lab.srv_exec([tool]).stdout for tool in ("iptables-save",
+                                                                "ip6tables-save")) + \
+        fw.lab.srv_exec(["nft", "list", "ruleset"]).stdout
+
+
+def test_everything_frozen_the_kernel_lets_ssh_in_then_all_converges(fwlab: FwLab) -> None:
+    before = fwlab.lab.ruleset()
+    cfg = config(fwlab)
+    info = apply(fwlab, cfg, "--timeout", "3", str(fwlab.write("d.rules", DROP_NEW_SSH)))
+    assert info["hatch"]["state"] == "armed" and info["hatch"]["layers"]["ipv4"] == "loaded"
+    assert raw(fwlab).count("fwsafe-hatch:") == 1   # INPUT of ipv4: the only chain that drops
+    guard, watcher = int(info["guard_pid"]), int(info["backstop"]["pid"])
+    with stopped(guard, watcher):
+        back = ssh_back(fwlab, 20)
+        assert back is not None, "the hatch did not let SSH in"
+        after = back - float(info["deadline"])
+        print(f"\nguard and backstop SIGSTOPped: SSH back {after:+.2f} s after the deadline "
+              f"(hatch_grace {HATCH_GRACE} s; namespace lab)")
+        assert after <= HATCH_GRACE + 5
+        assert fwlab.lab.new_login_ok(), "a full NEW ssh login did not get in"
+        assert fwlab.status()["state"] == "pending"   # nothing of fwsafe ran: the kernel did it
+    done = fwlab.wait_state({"reverted"}, 20)
+    assert done["state"] == "reverted" and done["hatch"]["state"] == "removed", done
+    assert "fwsafe-hatch" not in raw(fwlab)
+    assert fwlab.lab.ruleset() == before
+
+
+def test_confirm_removes_it_and_nothing_else_ever_sees_it(fwlab: FwLab) -> None:
+    rules = fwlab.write("good.rules", GOOD)
+    # The applying SSH session's client is whom the hatch lets in (no admin_sources here).
+    result = fwlab.lab.ssh(f"fwsafe apply --detach --json --timeout 60 {rules}")
+    assert result.returncode == 0, result.stderr
+    info = fwlab.status()
+    assert info["hatch"]["sources4"] == [fwlab.lab.cli_ip4], info["hatch"]
+    assert "fwsafe-hatch:" in raw(fwlab)
+    shown = fwlab.fw("status")
+    assert re.search(r"hatch: armed: SSH \(port 22\) from " + re.escape(fwlab.lab.cli_ip4),
+                     shown.stdout), shown.stdout
+    client = fwlab.lab.cli_ip4
+    for args in (["check", "--client", client, "--json", str(rules)], ["diff", str(rules)],
+                 ["status", "--layers"]):
+        seen = fwlab.fw(*args)
+        assert seen.returncode == 0, (args, seen.stderr)
+        assert "fwsafe-hatch" not in seen.stdout + seen.stderr, args
+    confirm = fwlab.lab.ssh("fwsafe confirm")
+    assert confirm.returncode == 0, confirm.stderr
+    assert "fwsafe-hatch" not in raw(fwlab)
+    assert fwlab.status()["hatch"]["state"] == "removed"
+    live = _rules(fwlab.lab.srv_exec(["iptables-save"]).stdout)
+    fwlab.lab.srv_exec(["iptables-restore"], input=GOOD)
+    assert live == _rules(fwlab.lab.srv_exec(["iptables-save"]).stdout)   # exactly the change
+    for path in fwlab.state_dir.rglob("*"):   # the snapshots, the history
+        if path.is_file() and path.name not in ("guard.log", "record.json"):
+            assert b"fwsafe-hatch" not in path.read_bytes(), path
+
+
+def _rules(save: str) -> list[str]:
+    return [line for line in save.splitlines() if line and not line.startswith("#")
+            and not line.startswith(":")]
+
+
+def test_extend_moves_it_and_revert_removes_it(fwlab: FwLab) -> None:
+    cfg = config(fwlab)
+    info = apply(fwlab, cfg, "--timeout", "30", str(fwlab.write("g.rules", GOOD)))
+    opens = int(info["hatch"]["opens"])
+    assert abs(opens - (float(info["deadline"]) + HATCH_GRACE)) <= 2
+    extended = run(fwlab, cfg, "extend", "100")
+    assert extended.returncode == 0, extended.stderr
+    moved = fwlab.status()["hatch"]
+    assert moved["opens"] >= opens + 98 and moved["layers"]["ipv4"] == "loaded"
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(moved["opens"]))
+    loaded = raw(fwlab)
+    assert loaded.count("fwsafe-hatch:") == 1 and f"--datestart {stamp}" in loaded, loaded
+    reverted = run(fwlab, cfg, "revert")
+    assert reverted.returncode == 4
+    assert "fwsafe-hatch" not in raw(fwlab)
+
+
+def test_an_nft_change_carries_it_in_its_own_transaction(fwlab: FwLab) -> None:
+    cfg = config(fwlab)
+    info = apply(fwlab, cfg, "--timeout", "3", str(fwlab.write("d.nft", NFT_DROP_NEW_SSH)))
+    listed = fwlab.lab.srv_exec(["nft", "list", "table", "inet", "lockout"]).stdout
+    assert listed.count("fwsafe-hatch:") == 2, listed   # ip and ip6, at the top
+    first = [ln.strip() for ln in listed.splitlines() if ln.strip()][3]
+    assert first.startswith("ip saddr") and "meta time >=" in first, listed
+    with stopped(int(info["guard_pid"]), int(info["backstop"]["pid"])):
+        back = ssh_back(fwlab, 20)
+        assert back is not None and back - float(info["deadline"]) <= HATCH_GRACE + 5
+    done = fwlab.wait_state({"reverted"}, 20)
+    assert done["state"] == "reverted"
+    assert "lockout" not in fwlab.lab.srv_exec(["nft", "list", "tables"]).stdout
+
+
+def test_hatch_false_turns_it_off(fwlab: FwLab) -> None:
+    cfg = config(fwlab, "hatch = false\n")
+    info = apply(fwlab, cfg, "--timeout", "30", str(fwlab.write("g.rules", GOOD)))
+    assert info["hatch"] == {"state": "off", "why": "hatch = false in the config"}
+    assert "fwsafe-hatch" not in raw(fwlab)
+    assert "hatch: none (hatch = false" in run(fwlab, cfg, "status").stdout
+    assert run(fwlab, cfg, "revert").returncode == 4
+
+
+def test_tools_without_the_time_match_the_change_goes_on_without_it(fwlab: FwLab) -> None:
+    """iptables-restore stands for a kernel without the time match: it refuses any payload
+    that asks for it. The change is loaded alone, `status` says the hatch is not loaded."""
+    fakebin = fwlab.lab.workdir / "fakebin"
+    fakebin.mkdir()
+    for tool in ("iptables-restore", "ip6tables-restore"):
+        wrapper = fakebin / tool
+        wrapper.write_text(
+            "#!/bin/sh\nin=$(cat)\ncase \"$in\" in *--datestart*) echo \"$0: Couldn't load "
+            "match \\`time':No such file or directory\" >&2; exit 2;; esac\n"
+            f"printf '%s\\n' \"$in\" | exec /usr/sbin/{tool} \"$@\"\n")
+        wrapper.chmod(0o755)
+    path = f"{fakebin}:/usr/sbin:/usr/bin:/sbin:/bin"
+    before = fwlab.lab.ruleset()
+    cfg = config(fwlab)
+    info = apply(fwlab, cfg, "--timeout", "30", str(fwlab.write("d.rules", DROP_NEW_SSH)),
+                 path=path)
+    assert not fwlab.lab.new_connection_ok(timeout=0.5), "the change is not live"
+    assert info["hatch"]["layers"]["ipv4"].startswith("error:"), info["hatch"]
+    assert "Couldn't load match" in info["hatch"]["layers"]["ipv4"]
+    shown = run(fwlab, cfg, "status")
+    assert "NOT loaded in ipv4" in shown.stdout, shown.stdout
+    assert run(fwlab, cfg, "revert", path=path).returncode == 4
+    assert fwlab.lab.ruleset() == before
+
+
+def test_a_command_under_the_guard_ufw(fwlab_ufw: FwLab) -> None:
+    """ufw makes its own transactions: the hatch goes in before the command runs and is
+    checked (put back where ufw's restore removed it) right after; frozen, SSH comes back."""
+    fw = fwlab_ufw
+    cfg = config(fw)
+    assert fw.lab.srv_exec(["ufw", "--force", "reset"], check=False).returncode == 0
+    fw.lab.srv_exec(["ufw", "default", "deny", "incoming"])
+    info = apply(fw, cfg, "--timeout", "4", "--", "ufw", "--force", "enable")
+    assert not fw.lab.new_connection_ok(timeout=0.5), "ufw without an allow for 22 is a lockout"
+    assert info["hatch"]["layers"]["ipv4"] == "loaded", info["hatch"]
+    top = [ln for ln in fw.lab.srv_exec(["iptables-save"]).stdout.splitlines()
+           if ln.startswith("-A INPUT ")][0]
+    assert "fwsafe-hatch:" in top, top
+    with stopped(int(info["guard_pid"]), int(info["backstop"]["pid"])):
+        back = ssh_back(fw, 20)
+        assert back is not None and back - float(info["deadline"]) <= HATCH_GRACE + 5
+    done = fw.wait_state({"reverted"}, 30)
+    assert done["state"] == "reverted", done
+    assert "fwsafe-hatch" not in raw(fw)
+    assert "Status: inactive" in fw.lab.srv_exec(["ufw", "status"]).stdout
+    assert os.path.exists(fw.state_dir)

@@ -1,0 +1,231 @@
+"""Nothing holds the way back shut, under a real systemd (PID 1 in systemd-nspawn): a stopped
+guard is `systemctl kill`ed by its watcher and ExecStopPost= reverts; with the guard and its
+watcher both frozen the kernel's escape hatch lets SSH in, systemd's own limit (a transient
+timer, moved with the deadline) kills the unit and ExecStopPost= reverts; and the crash matrix
+on the systemd-specific paths (tests/crashmatrix.py). Times are printed with -s."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fwsafe.check.netns import NETNS_DIR
+from tests.crashmatrix import (
+    COLUMNS,
+    Host,
+    Matrix,
+    NetnsProber,
+    run_parallel,
+    scan_processes,
+    summary,
+    trials,
+)
+from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH
+from tests.systemdlab import Image, SystemdLab
+
+pytestmark = pytest.mark.lab
+
+HATCH_GRACE = 3
+STUCK_GRACE = 1
+#: The failpoints whose trials take the systemd-specific paths: the guard's unit killed while
+#: it applies, waits or reverts (ExecStopPost=), stuck (the watcher's `systemctl kill`), frozen
+#: with its watcher (the hatch, then systemd's limit), and the take-over itself.
+SYSTEMD_POINTS = ("guard.applied", "guard.waiting", "guard.reverting", "backstop.taking-over")
+
+
+def _config(lab: SystemdLab) -> None:
+    lab.write("/etc/fwsafe/fwsafe.toml", f"stuck_grace = {STUCK_GRACE}\n"
+                                         f"hatch_grace = {HATCH_GRACE}\n")
+
+
+def _baseline(lab: SystemdLab) -> str:
+    lab.exec(["iptables-restore"], input=BASELINE_V4)
+    lab.exec(["ip6tables-restore"], input=BASELINE_V6)
+    return lab.ruleset()
+
+
+def _pending(lab: SystemdLab, timeout: int) -> dict[str, Any]:
+    lab.write("/root/drop.rules", DROP_NEW_SSH)
+    result = lab.ssh(f"fwsafe apply --detach --json --force --no-check --timeout {timeout} "
+                     "/root/drop.rules", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = lab.status()
+    assert info["state"] == "pending" and info["guard_mode"] == "systemd-run", info
+    assert not lab.new_connection_ok(timeout=0.5), "the lockout is not live"
+    return info
+
+
+def _ssh_back(lab: SystemdLab, limit: float) -> float | None:
+    end = time.time() + limit
+    while time.time() < end:
+        if lab.new_connection_ok(timeout=0.3):
+            return time.time()
+        time.sleep(0.05)
+    return None
+
+
+def _journal(lab: SystemdLab, tx_id: str) -> str:
+    return lab.journal("-u", f"fwsafe-guard-{tx_id}.service", lines=60)
+
+
+def test_a_stopped_guard_is_killed_by_systemctl_and_execstoppost_reverts(
+        sdlab: SystemdLab) -> None:
+    _config(sdlab)
+    before = _baseline(sdlab)
+    info = _pending(sdlab, timeout=3)
+    sdlab.exec(["kill", "-STOP", str(info["guard_pid"])])
+    back = _ssh_back(sdlab, 20)
+    assert back is not None, _journal(sdlab, info["id"])
+    after = back - float(info["deadline"])
+    print(f"\n[systemd lab] guard SIGSTOPped: SSH back {after:+.2f} s after the deadline "
+          f"(stuck_grace {STUCK_GRACE} s)")
+    assert after <= 10
+    done = sdlab.wait_state({"reverted"}, 20)
+    assert done["state"] == "reverted" and done["reverted_by"] == "backstop", done
+    journal = _journal(sdlab, info["id"])
+    assert "on client request" in journal and "SIGKILL" in journal, journal   # systemctl kill
+    assert sdlab.ruleset() == before
+    left = sdlab.exec(["systemctl", "list-units", "--all", "--no-legend", "fwsafe-limit-*"],
+                      check=False).stdout
+    assert "active" not in left.replace("inactive", ""), left   # its limit went with it
+
+
+def test_guard_and_watcher_frozen_the_hatch_then_systemds_limit(sdlab: SystemdLab) -> None:
+    _config(sdlab)
+    before = _baseline(sdlab)
+    info = _pending(sdlab, timeout=3)
+    assert info["hatch"]["state"] == "armed", info["hatch"]
+    sdlab.exec(["kill", "-STOP", str(info["guard_pid"]), str(info["backstop"]["pid"])])
+    back = _ssh_back(sdlab, 20)
+    assert back is not None, _journal(sdlab, info["id"])
+    after = back - float(info["deadline"])
+    print(f"\n[systemd lab] guard and watcher SIGSTOPped: SSH back {after:+.2f} s after the "
+          f"deadline (the hatch, hatch_grace {HATCH_GRACE} s)")
+    assert after <= HATCH_GRACE + 5
+    # No SIGCONT: systemd's own limit (deadline + hatch_grace + stuck_grace) kills the unit,
+    # and ExecStopPost= reverts.
+    done = sdlab.wait_state({"reverted"}, 30)
+    assert done["state"] == "reverted" and done["reverted_by"] == "backstop", done
+    print(f"[systemd lab] systemd's limit: reverted {time.time() - float(info['deadline']):.1f} "
+          "s after the deadline")
+    assert "fwsafe-hatch" not in sdlab.exec(["iptables-save"]).stdout
+    assert sdlab.ruleset() == before
+    sdlab.exec(["kill", "-CONT", str(info["guard_pid"]), str(info["backstop"]["pid"])],
+               check=False)   # long gone: nothing to resume
+    assert sdlab.status()["state"] == "reverted"
+
+
+class SystemdHost(Host):
+    """A systemd-lab container, as the crash matrix reaches it: commands through nsenter, its
+    processes and failpoint markers seen from here (host PIDs; markers in its disk)."""
+
+    def __init__(self, lab: SystemdLab) -> None:
+        self.lab = lab
+        self.state_dir = "/var/lib/fwsafe"
+        self.client_ip, self.server_ip = lab.cli_ip4, lab.ip4
+        self.failpoint_dir = "/var/tmp/fwsafe-failpoints"
+        self.rules_dir = "/root"
+        lab.exec(["mkdir", "-p", "-m", "0700", self.failpoint_dir])
+        self.markers_here = lab.root / self.failpoint_dir.lstrip("/")
+        self.pidns = ""
+        self.prober = NetnsProber(str(NETNS_DIR / lab.cli_ns))
+
+    def _argv(self, argv: Sequence[str], env: dict[str, str] | None) -> list[str]:
+        return ["env", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
+
+    def run(self, argv: Sequence[str], env: dict[str, str] | None = None,
+            input: str | None = None, timeout: float = 60) -> tuple[int, str, str]:
+        result = self.lab.exec(self._argv(argv, env), check=False, input=input,
+                               timeout=timeout)
+        return result.returncode, result.stdout, result.stderr
+
+    def start(self, argv: Sequence[str], env: dict[str, str]) -> Any:
+        return subprocess.Popen(self.lab.exec_argv(self._argv(argv, env)),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+    def _inside(self, entry: Path) -> bool:
+        try:
+            return os.readlink(entry / "ns" / "pid") == self.pidns
+        except OSError:
+            return False
+
+    def processes(self) -> dict[str, list[int]]:
+        self.pidns = os.readlink(f"/proc/{self.lab.leader}/ns/pid")
+        return scan_processes(self.state_dir, only=self._inside)
+
+    def signal(self, pids: Sequence[int], signum: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signum)   # a process of this test's container
+            except ProcessLookupError:
+                pass
+
+    def markers(self) -> list[str]:
+        try:
+            return sorted(os.listdir(self.markers_here))
+        except FileNotFoundError:
+            return []
+
+    def release(self, marker: str) -> None:
+        try:
+            os.unlink(self.markers_here / marker)
+        except FileNotFoundError:
+            pass
+
+    def marker_pid(self, marker: str) -> int:
+        """The host PID of the container's process that wrote `marker`."""
+        inner = marker.rsplit(".", 1)[1]
+        self.pidns = os.readlink(f"/proc/{self.lab.leader}/ns/pid")
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and self._inside(entry):
+                try:
+                    status = (entry / "status").read_text()
+                except OSError:
+                    continue
+                for line in status.splitlines():
+                    if line.startswith("NSpid:") and line.split()[-1] == inner:
+                        return int(entry.name)
+        return -1
+
+    def write(self, path: str, text: str) -> None:
+        self.lab.write(path, text)
+
+    def close(self) -> None:
+        self.prober.close()
+
+
+def test_crash_matrix_systemd(sdlab_image: Image) -> None:
+    """Two containers side by side, the systemd-specific failpoints x every column."""
+    labs: list[SystemdLab] = []
+    hosts: list[SystemdHost] = []
+    try:
+        starters = [threading.Thread(target=lambda: labs.append(SystemdLab.start(sdlab_image)))
+                    for _ in range(2)]
+        for thread in starters:
+            thread.start()
+        for thread in starters:
+            thread.join()
+        assert len(labs) == 2, "a container did not start"
+        for lab in labs:
+            lab.exec(["iptables-restore"], input=BASELINE_V4)
+            lab.exec(["ip6tables-restore"], input=BASELINE_V6)
+            hosts.append(SystemdHost(lab))
+        work = trials(list(SYSTEMD_POINTS), COLUMNS)
+        results = run_parallel([Matrix(host, log=lambda line: print(f"[systemd] {line}"))
+                                for host in hosts], work)
+        print("\n[systemd lab] " + summary(results))
+        failed = [r.line() for r in results if not r.ok]
+        assert not failed, "\n".join(failed)
+    finally:
+        for host in hosts:
+            host.close()
+        for lab in labs:
+            lab.close()
