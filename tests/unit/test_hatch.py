@@ -185,3 +185,30 @@ def test_describe_for_status() -> None:
     assert hatch.describe({"state": "off", "why": "hatch = false in the config"}) == \
         "hatch: none (hatch = false in the config)"
     assert hatch.describe(None) is None
+
+
+class _Record:
+    def __init__(self, options: dict[str, object]) -> None:
+        self.id = "tx"
+        self.options = options
+        self.hatch: dict[str, object] | None = None
+
+
+def test_the_guard_moves_it_with_the_deadline_or_a_clock_step_only() -> None:
+    plan = {"on": True, "grace": 30, "sources4": ["10.0.0.2"], "sources6": [], "ports": [22]}
+    keeper = hatch.Keeper(_Record({"hatch": plan}), lambda _line: None)
+    spec = keeper.arm(1000.0)
+    assert spec is not None and spec.opens == 1030
+    assert keeper.record.hatch["state"] == "armed"
+    assert not keeper.retime(1000.6)       # the same moment, give or take a second
+    assert keeper.retime(1100.0)           # extended by 100 s, or the clock stepped
+    assert keeper.spec is not None and keeper.spec.opens == 1130
+    keeper.removing = True
+    assert not keeper.retime(5000.0)       # over: never moved again
+
+
+def test_no_hatch_is_said_with_the_reason() -> None:
+    keeper = hatch.Keeper(_Record({"hatch": {"on": False, "why": "hatch = false"}}),
+                          lambda _line: None)
+    assert keeper.arm(1000.0) is None
+    assert keeper.record.hatch == {"state": "off", "why": "hatch = false"}
