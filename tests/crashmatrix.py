@@ -39,6 +39,17 @@ HATCH_GRACE_S = 2
 CLONE_NEWNET = 0x40000000
 
 
+def ssh_back(lab: Any, limit: float) -> float | None:
+    """Wall-clock time at which a NEW connection first gets the SSH banner (`lab`: a namespace
+    or systemd lab, polled through its `new_connection_ok`), or None within `limit` seconds."""
+    end = time.time() + limit
+    while time.time() < end:
+        if lab.new_connection_ok(timeout=0.3):
+            return time.time()
+        time.sleep(0.05)
+    return None
+
+
 class NetnsProber:
     """NEW TCP connections from inside a network namespace, without a process each: a thread
     of this process joins the namespace (setns(2) acts on the calling thread) and connects."""
@@ -96,7 +107,8 @@ class Host:
     state_dir: str
     client_ip: str
     server_ip: str
-    failpoint_dir: str
+    failpoint_dir: str      # as the host's processes see it
+    markers_here: Path      # the same directory, as this test process sees it
     rules_dir: str
     prober: NetnsProber
 
@@ -114,14 +126,25 @@ class Host:
         raise NotImplementedError
 
     def signal(self, pids: Sequence[int], signum: int) -> None:
-        raise NotImplementedError
+        """Signal fwsafe's processes of this host's state directory (found by `processes`)."""
+        for pid in pids:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
 
     def markers(self) -> list[str]:
         """The failpoint markers there: "NAME.PID"."""
-        raise NotImplementedError
+        try:
+            return sorted(os.listdir(self.markers_here))
+        except FileNotFoundError:
+            return []
 
     def release(self, marker: str) -> None:
-        raise NotImplementedError
+        try:
+            os.unlink(self.markers_here / marker)
+        except FileNotFoundError:
+            pass
 
     def marker_pid(self, marker: str) -> int:
         """The PID (in our pid namespace) of the process that wrote `marker`."""

@@ -50,6 +50,7 @@ class NamespaceHost(Host):
         self.state_dir = str(lab.workdir / "state")
         self.client_ip, self.server_ip = lab.cli_ip4, lab.srv_ip4
         self.failpoint_dir = str(lab.workdir / "failpoints")
+        self.markers_here = Path(self.failpoint_dir)
         self.rules_dir = str(lab.workdir)
         Path(self.failpoint_dir).mkdir(mode=0o700)
         self.prober = NetnsProber(str(NETNS_DIR / lab.cli_ns))
@@ -71,25 +72,6 @@ class NamespaceHost(Host):
 
     def processes(self) -> dict[str, list[int]]:
         return scan_processes(self.state_dir)
-
-    def signal(self, pids: Sequence[int], signum: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, signum)   # fwsafe's processes of this lab's state directory
-            except ProcessLookupError:
-                pass
-
-    def markers(self) -> list[str]:
-        try:
-            return sorted(os.listdir(self.failpoint_dir))
-        except FileNotFoundError:
-            return []
-
-    def release(self, marker: str) -> None:
-        try:
-            os.unlink(os.path.join(self.failpoint_dir, marker))
-        except FileNotFoundError:
-            pass
 
     def write(self, path: str, text: str) -> None:
         Path(path).write_text(text)

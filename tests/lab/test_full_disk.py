@@ -21,6 +21,7 @@ import pytest
 from fwsafe.lab import Lab, create_lab
 from tests.bins import FWSAFE
 from tests.conftest import require_capable
+from tests.crashmatrix import ssh_back
 from tests.lab.test_apply_guard import _read_until
 from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH
 
@@ -57,12 +58,7 @@ class DiskLab:
         return str(json.loads(self.sh(f"cat {self.state}/tx/{tx_id}/record.json"))["state"])
 
     def wait_ssh(self, limit: float) -> float | None:
-        end = time.time() + limit
-        while time.time() < end:
-            if self.lab.new_connection_ok(timeout=0.3):
-                return time.time()
-            time.sleep(0.05)
-        return None
+        return ssh_back(self.lab, limit)
 
 
 @pytest.fixture

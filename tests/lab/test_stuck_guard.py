@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests import crashmatrix
 from tests.bins import FWSAFE
 from tests.conftest import FwLab
 from tests.rulesets import DROP_NEW_SSH
@@ -52,12 +53,7 @@ def pending(fw: FwLab, cfg: Path, timeout: int, env: dict[str, str] | None = Non
 
 def ssh_back(fw: FwLab, limit_s: float) -> float | None:
     """Wall-clock time at which a NEW TCP connection first gets the SSH banner, or None."""
-    end = time.time() + limit_s
-    while time.time() < end:
-        if fw.lab.new_connection_ok(timeout=0.3):
-            return time.time()
-        time.sleep(0.05)
-    return None
+    return crashmatrix.ssh_back(fw.lab, limit_s)
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from tests.crashmatrix import (
     NetnsProber,
     run_parallel,
     scan_processes,
+    ssh_back,
     summary,
     trials,
 )
@@ -62,15 +63,6 @@ def _pending(lab: SystemdLab, timeout: int) -> dict[str, Any]:
     return info
 
 
-def _ssh_back(lab: SystemdLab, limit: float) -> float | None:
-    end = time.time() + limit
-    while time.time() < end:
-        if lab.new_connection_ok(timeout=0.3):
-            return time.time()
-        time.sleep(0.05)
-    return None
-
-
 def _journal(lab: SystemdLab, tx_id: str) -> str:
     return lab.journal("-u", f"fwsafe-guard-{tx_id}.service", lines=60)
 
@@ -81,7 +73,7 @@ def test_a_stopped_guard_is_killed_by_systemctl_and_execstoppost_reverts(
     before = _baseline(sdlab)
     info = _pending(sdlab, timeout=3)
     sdlab.exec(["kill", "-STOP", str(info["guard_pid"])])
-    back = _ssh_back(sdlab, 20)
+    back = ssh_back(sdlab, 20)
     assert back is not None, _journal(sdlab, info["id"])
     after = back - float(info["deadline"])
     print(f"\n[systemd lab] guard SIGSTOPped: SSH back {after:+.2f} s after the deadline "
@@ -103,7 +95,7 @@ def test_guard_and_watcher_frozen_the_hatch_then_systemds_limit(sdlab: SystemdLa
     info = _pending(sdlab, timeout=3)
     assert info["hatch"]["state"] == "armed", info["hatch"]
     sdlab.exec(["kill", "-STOP", str(info["guard_pid"]), str(info["backstop"]["pid"])])
-    back = _ssh_back(sdlab, 20)
+    back = ssh_back(sdlab, 20)
     assert back is not None, _journal(sdlab, info["id"])
     after = back - float(info["deadline"])
     print(f"\n[systemd lab] guard and watcher SIGSTOPped: SSH back {after:+.2f} s after the "
@@ -160,25 +152,6 @@ class SystemdHost(Host):
     def processes(self) -> dict[str, list[int]]:
         self.pidns = os.readlink(f"/proc/{self.lab.leader}/ns/pid")
         return scan_processes(self.state_dir, only=self._inside)
-
-    def signal(self, pids: Sequence[int], signum: int) -> None:
-        for pid in pids:
-            try:
-                os.kill(pid, signum)   # a process of this test's container
-            except ProcessLookupError:
-                pass
-
-    def markers(self) -> list[str]:
-        try:
-            return sorted(os.listdir(self.markers_here))
-        except FileNotFoundError:
-            return []
-
-    def release(self, marker: str) -> None:
-        try:
-            os.unlink(self.markers_here / marker)
-        except FileNotFoundError:
-            pass
 
     def marker_pid(self, marker: str) -> int:
         """The host PID of the container's process that wrote `marker`."""
