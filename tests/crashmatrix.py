@@ -112,6 +112,10 @@ class Host:
     rules_dir: str
     prober: NetnsProber
 
+    def env_argv(self, argv: Sequence[str], env: dict[str, str] | None) -> list[str]:
+        """`argv` run with `env` added to the environment (through env(1))."""
+        return ["env", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
+
     def run(self, argv: Sequence[str], env: dict[str, str] | None = None,
             input: str | None = None, timeout: float = 60) -> tuple[int, str, str]:
         raise NotImplementedError

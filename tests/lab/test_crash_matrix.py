@@ -56,18 +56,15 @@ class NamespaceHost(Host):
         self.prober = NetnsProber(str(NETNS_DIR / lab.cli_ns))
         self.logs = lab.workdir / "cli.log"
 
-    def _argv(self, argv: Sequence[str], env: dict[str, str] | None) -> list[str]:
-        return ["env", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
-
     def run(self, argv: Sequence[str], env: dict[str, str] | None = None,
             input: str | None = None, timeout: float = 60) -> tuple[int, str, str]:
-        result = self.lab.srv_exec(self._argv(argv, env), check=False, input=input,
+        result = self.lab.srv_exec(self.env_argv(argv, env), check=False, input=input,
                                    timeout=timeout)
         return result.returncode, result.stdout, result.stderr
 
     def start(self, argv: Sequence[str], env: dict[str, str]) -> Any:
         with open(self.logs, "ab") as log:
-            return self.lab.srv_popen(self._argv(argv, env), stdin=subprocess.DEVNULL,
+            return self.lab.srv_popen(self.env_argv(argv, env), stdin=subprocess.DEVNULL,
                                       stdout=log, stderr=log)
 
     def processes(self) -> dict[str, list[int]]:

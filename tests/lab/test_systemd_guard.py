@@ -129,17 +129,14 @@ class SystemdHost(Host):
         self.pidns = ""
         self.prober = NetnsProber(str(NETNS_DIR / lab.cli_ns))
 
-    def _argv(self, argv: Sequence[str], env: dict[str, str] | None) -> list[str]:
-        return ["env", *(f"{k}={v}" for k, v in (env or {}).items()), *argv]
-
     def run(self, argv: Sequence[str], env: dict[str, str] | None = None,
             input: str | None = None, timeout: float = 60) -> tuple[int, str, str]:
-        result = self.lab.exec(self._argv(argv, env), check=False, input=input,
+        result = self.lab.exec(self.env_argv(argv, env), check=False, input=input,
                                timeout=timeout)
         return result.returncode, result.stdout, result.stderr
 
     def start(self, argv: Sequence[str], env: dict[str, str]) -> Any:
-        return subprocess.Popen(self.lab.exec_argv(self._argv(argv, env)),
+        return subprocess.Popen(self.lab.exec_argv(self.env_argv(argv, env)),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
 
