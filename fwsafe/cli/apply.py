@@ -191,6 +191,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         return
     change = change_from_files([rules] if rules else [], rules6, backend,
                                limit=config.max_rules_bytes)
+    for note in change.notes:  # e.g. Windows line ends made plain
+        progress(note)
     change.partial = partial
     if sshd_set:
         from fwsafe.cli.sshd import add_sshd_settings

@@ -78,11 +78,16 @@ def _read_capped(fd: int, limit: int, name: str) -> bytes:
                 "nothing was changed", path=name)
 
 
-def read_rules_file(path: str, limit: int | None = None) -> bytes:
+def read_rules_file(path: str, limit: int | None = None, *,
+                    notes: list[str] | None = None) -> bytes:
     """Read a rules file: a regular file (a symlink to one is fine) or `-` for standard input,
     at most `limit` bytes (max_rules_bytes; 64 MiB by default). Every way this can fail is a
     clear exit-3 error naming the file, and none can hang: a directory, FIFO, device or socket
-    is refused unread (stat first; then opened O_NONBLOCK and checked again with fstat)."""
+    is refused unread (stat first; then opened O_NONBLOCK and checked again with fstat).
+
+    Windows line ends (CRLF, as an editor or a copy from Windows leaves them) are turned into
+    plain ones, and `notes` gets a line saying so (neither iptables-restore nor nft reads them);
+    a carriage return anywhere else is refused, naming the line."""
     limit = MAX_RULES_BYTES if limit is None else limit
     if path == "-":
         try:
@@ -120,7 +125,26 @@ def read_rules_file(path: str, limit: int | None = None) -> bytes:
             os.close(fd)
     if b"\0" in data:
         raise InvalidRulesError(f"{path}: binary data, not a rules file", path=path)
-    return data
+    return _plain_line_ends(data, path, notes)
+
+
+def _plain_line_ends(data: bytes, path: str, notes: list[str] | None) -> bytes:
+    """`data` with CRLF line ends made LF (said in `notes`); a lone CR is an exit-3 error."""
+    if b"\r" not in data:
+        return data
+    converted = data.replace(b"\r\n", b"\n")
+    stray = converted.find(b"\r")
+    if stray >= 0:
+        line = converted.count(b"\n", 0, stray) + 1
+        raise InvalidRulesError(
+            f"{path}:{line}: a carriage return (\\r) inside a line; rules files have one rule "
+            "a line, ended by a newline; nothing was changed", path=path, line=line,
+            hint="convert the file's line ends (dos2unix, or sed -i 's/\\r$//' FILE)")
+    lines = data.count(b"\r\n")
+    if notes is not None:
+        notes.append(f"{path}: Windows line ends (CRLF) on {lines} line"
+                     f"{'s' if lines != 1 else ''}: read as plain newlines (LF)")
+    return converted
 
 
 def change_from_files(paths: Sequence[str], rules6: str | None, backend: str = "auto", *,
@@ -132,7 +156,7 @@ def change_from_files(paths: Sequence[str], rules6: str | None, backend: str = "
 
     change = Change()
     for path in paths:
-        content = read_rules_file(path, limit)
+        content = read_rules_file(path, limit, notes=change.notes)
         nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
         layer = "nft" if nft else "ipv4"
         if layer in change.layers:
@@ -140,7 +164,7 @@ def change_from_files(paths: Sequence[str], rules6: str | None, backend: str = "
                              "one iptables-save file (IPv4), one nft file and --rules6 for IPv6")
         change.add(layer, content, path)
     if rules6:
-        change.add("ipv6", read_rules_file(rules6, limit), rules6)
+        change.add("ipv6", read_rules_file(rules6, limit, notes=change.notes), rules6)
     return change
 
 
