@@ -11,7 +11,7 @@ import click
 
 from fwsafe import runner
 from fwsafe.cli.common import EXIT_CODES_EPILOG, RAW_ARGS, VERBOSITY, LazyGroup
-from fwsafe.cli.failure import fail, internal_error, may_be_live, state_dir_of, wants_json
+from fwsafe.cli.failure import fail, internal_error, interrupted, wants_json
 from fwsafe.cli.version import show_version
 from fwsafe.core.statedir import RESOLVED
 from fwsafe.errors import ExitCode, FwsafeError
@@ -56,17 +56,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(int(ExitCode.USAGE))
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort: an interruption is never a usage error.
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            interrupted(args)
         click.echo("fwsafe: aborted", err=True)
         sys.exit(int(ExitCode.USAGE))
     except KeyboardInterrupt:
-        if may_be_live(state_dir_of(args), any_open=False):
-            click.echo("\nfwsafe: interrupted; the change may be live and stays under its "
-                       "guard: run `fwsafe status`", err=True)
-            sys.exit(int(ExitCode.REVERT_FAILED))
-        click.echo("\nfwsafe: interrupted; a transaction already live stays under its guard",
-                   err=True)
-        sys.exit(int(ExitCode.REJECTED))
+        interrupted(args)
     except Exception as exc:  # noqa: BLE001 - never a traceback: one line, and the file
         fail(internal_error(exc, args), as_json)
     # With standalone_mode=False, click returns the code of a ctx.exit(N) instead of exiting.

@@ -80,6 +80,18 @@ def may_be_live(state_dir: Path | None, *, any_open: bool = True) -> bool:
                          or record.state == transaction.REVERT_FAILED)
 
 
+def interrupted(args: Sequence[str]) -> NoReturn:
+    """Ctrl-C that reached the top: exit 5 if this command's change may be live, else 3.
+    (`apply --host` settles its own interruptions with the host: see fwsafe.remote.interrupt.)"""
+    if may_be_live(state_dir_of(args), any_open=False):
+        click.echo("\nfwsafe: interrupted; the change may be live and stays under its "
+                   "guard: run `fwsafe status`", err=True)
+        sys.exit(int(ExitCode.REVERT_FAILED))
+    click.echo("\nfwsafe: interrupted; a transaction already live stays under its guard",
+               err=True)
+    sys.exit(int(ExitCode.REJECTED))
+
+
 def _save_traceback(exc: BaseException, state_dir: Path | None) -> str | None:
     """Keep the full traceback, 0600: STATE/last-error.log, else a new file in the temp dir."""
     text = (f"fwsafe {__version__} at {time.strftime('%Y-%m-%d %H:%M:%S')}: {sys.argv!r}\n"

@@ -7,40 +7,51 @@ one module a phase):
 
 1. connects (`session`: paramiko; keys and ssh-agent only, never passwords) after checking the
    host key against known_hosts (`hostkeys`): an unknown or changed key is refused before
-   anything is sent;
-2. uploads the rules over SFTP into a private ``mktemp -d`` directory on the host (`upload`);
+   anything is sent. This first login measures the link while it is good (round trip, login
+   time: `timing.Link`); every later budget is scaled from it, with floors and ceilings;
+2. uploads the rules over SFTP into a private ``mktemp -d`` directory on the host, each file
+   0600 from its creation (`upload`);
 3. runs ``fwsafe apply --detach --json`` there (`arm`): the host's guard is armed before
-   anything changes and reverts by itself at the deadline unless confirmed; once the result
-   is in, the connection that ran it is closed;
+   anything changes and reverts by itself at the deadline unless confirmed. Once that request
+   may have gone out, a lost answer means "unknown" until the host says otherwise: a later
+   login reads the result the apply left in the upload directory, or calls off for good an
+   apply that never started (then, and only then, nothing changed). The first connection is
+   never used to confirm; it stays open only to revert at once after Ctrl-C;
 4. opens NEW connections to the host - a TCP connect, then a full SSH login with a new
    paramiko client and transport, never the first one - and runs ``fwsafe confirm ID`` only
-   over such a login, retrying (short per-attempt timeouts) until shortly before the
-   deadline (`confirm`). With guard-side probes, the confirmation waits until the probes have
-   had the time to fail (`probe_settle_s`); an early revert by a probe is seen meanwhile;
+   over such a login, retrying until shortly before the deadline (`confirm`). With
+   guard-side probes, the confirmation waits until the probes have had the time to fail
+   (`probe_settle_s`); an early revert by a probe is seen meanwhile;
 5. if no new login gets through in time it does nothing more: the guard reverts. The
    workstation waits (up to the deadline + 120 s) for SSH to answer again, reads
    ``fwsafe status`` and raises `RevertedError` (exit 4) with the host's reason, or
    `RevertFailedError` (exit 5) when the state cannot be known (`outcome`; the host's answers
    become results and typed errors in `verdict`).
 
-The remote result is also written to files in the upload directory, so a workstation that
-lost the connection that ran the apply still learns the transaction from a later login.
+Every remote step runs under an overall limit enforced around paramiko (`session`), so every
+wait is bounded. Ctrl-C, SIGTERM or SIGHUP at any moment end truthfully (`interrupt`): before
+the apply was sent, exit 3 (the upload directory removed); after, the host is told to revert
+and the client reports what it recorded (4, 0), or 5 with the command to check.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from fwsafe.errors import RevertedError
+from fwsafe.errors import RevertFailedError
 from fwsafe.remote import timing
 from fwsafe.remote.arm import start_apply
 from fwsafe.remote.confirm import NewLoginConfirmer
 from fwsafe.remote.hostkeys import KnownHosts, describe_key
+from fwsafe.remote.interrupt import AfterInterrupt, interrupted_before_change
 from fwsafe.remote.job import RemoteCommandError, RemoteJob, RemoteRequest, SSHConnectError
 from fwsafe.remote.outcome import AfterDeadline
 from fwsafe.remote.session import AttemptFailed, Connection, Dialer
-from fwsafe.remote.timing import probe_settle_s
+from fwsafe.remote.timing import Link, probe_settle_s
 from fwsafe.remote.upload import make_tmpdir, read_local, upload
 
 __all__ = [
@@ -57,11 +68,37 @@ def apply_remote(req: RemoteRequest, progress: Callable[[str], None]) -> dict[st
     """Apply on the host under its guard; confirm only through a new SSH login.
 
     Returns a JSON-able summary once confirmed. Raises: `HostKeyError` (exit 3, nothing
-    sent), `SSHConnectError` / `RemoteCommandError` / `InvalidRulesError` (exit 3, nothing
-    changed), `PendingError` (6), `RevertedError` (4: reverted, with the host's reason),
-    `RevertFailedError` (5: the revert failed, or the state could not be known).
+    sent), `SSHConnectError` / `RemoteCommandError` / `InvalidRulesError` /
+    `InterruptedBeforeChange` (exit 3, nothing changed), `PendingError` (6), `RevertedError`
+    (4: reverted, with the host's reason), `RevertFailedError` (5: the revert failed, or the
+    state could not be known). Ctrl-C, SIGTERM and SIGHUP never escape as KeyboardInterrupt:
+    they end in one of these (`fwsafe.remote.interrupt`).
     """
     return RemoteApply(req, progress).run()
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[list[str]]:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt as SIGINT does (a signal ignored when we
+    start stays ignored); the list holds the name of the last one."""
+    caught = ["SIGINT"]
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        caught[0] = signal.Signals(signum).name
+        raise KeyboardInterrupt
+
+    previous: dict[signal.Signals, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    try:
+        yield caught
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 class RemoteApply:
@@ -72,27 +109,45 @@ class RemoteApply:
 
     def run(self) -> dict[str, Any]:
         job = self.job
+        with signals_as_interrupts() as caught:
+            try:
+                try:
+                    return self.phases()
+                except KeyboardInterrupt:
+                    return self.interrupted(caught[0])
+                except BaseException:
+                    if not job.may_have_applied() and job.tmpdir is not None:
+                        interrupted_before_change(job, "")  # removes the upload directory
+                    raise
+            except KeyboardInterrupt:  # again, while the first one was handled
+                if job.may_have_applied():
+                    raise RevertFailedError(
+                        f"interrupted ({caught[0]}) twice: the change may be live on "
+                        f"{job.where}; its outcome is unknown",
+                        hint=f"check with `{job.check_command()}`") from None
+                raise interrupted_before_change(job, caught[0]) from None
+            finally:
+                try:
+                    job.close_first()
+                except BaseException:  # noqa: BLE001 - closing must not change the verdict
+                    pass
+
+    def phases(self) -> dict[str, Any]:
+        job = self.job
         contents = read_local(job)
         job.first = self.connect_first()
-        try:
-            self.connected(job.first)
-            job.tmpdir = make_tmpdir(job)
-            upload(job, contents)
-            start_apply(job)
-            try:
-                return self.confirm_or_report()
-            except KeyboardInterrupt as exc:
-                if job.tx_id:
-                    # The change is live and will not be confirmed from here: exit 4, as the
-                    # guard reverts it (exit 3 would claim that nothing changed).
-                    raise RevertedError(
-                        f"interrupted: not confirmed; the guard on {job.where} reverts "
-                        f"transaction {job.tx_id} at its deadline",
-                        hint="to keep it, run `fwsafe confirm` there from a NEW SSH session",
-                    ) from exc
-                raise
-        finally:
-            job.close_first()
+        self.connected(job.first)
+        job.tmpdir = make_tmpdir(job)
+        upload(job, contents)
+        start_apply(job)
+        return self.confirm_or_report()
+
+    def interrupted(self, signame: str) -> dict[str, Any]:
+        """What Ctrl-C (SIGTERM, SIGHUP) means at this point: see `fwsafe.remote.interrupt`."""
+        job = self.job
+        if not job.may_have_applied():
+            raise interrupted_before_change(job, signame)
+        return AfterInterrupt(job, signame).settle()
 
     def connect_first(self) -> Connection:
         """Read known_hosts and log in for the upload and the apply (nothing sent yet)."""
@@ -103,8 +158,7 @@ class RemoteApply:
                             accept_new=req.accept_new_host_key, on_accept=job.say)
         job.say(f"connecting to {job.where} (host keys: {known.path})")
         try:
-            return job.connect(timing.FIRST_CONNECT_TIMEOUT,
-                               tcp_timeout=timing.FIRST_CONNECT_TIMEOUT)
+            return job.connect(timing.FIRST_CONNECT_TIMEOUT, tcp_timeout=timing.FIRST_TCP_TIMEOUT)
         except AttemptFailed as exc:
             hint = ("check -i KEY / ssh-agent and the user name" if exc.auth
                     else "check the host name, port and network")
@@ -117,6 +171,9 @@ class RemoteApply:
                 f"login took {first.login_s * 1000:.0f} ms")
         job.mark("connected_s")
         job.first_login_s = first.login_s
+        job.link = Link(rtt_s=first.tcp_s, login_s=first.login_s)
+        job.timings["rtt_s"] = round(first.tcp_s, 3)
+        job.say(f"link: {job.link.describe()}")
 
     def confirm_or_report(self) -> dict[str, Any]:
         """Confirm through new logins; else wait for the host and report the guard's revert.

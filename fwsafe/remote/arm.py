@@ -12,10 +12,11 @@ from __future__ import annotations
 import time
 
 from fwsafe.errors import FwsafeError
-from fwsafe.remote import timing
 from fwsafe.remote.job import RemoteCommandError, RemoteJob
 from fwsafe.remote.scripts import (
     APPLY_SCRIPT,
+    CALLED_OFF_NOW,
+    NO_UPLOAD_DIR,
     NOT_YET,
     READ_RESULT_SCRIPT,
     REMOTE_NAMES,
@@ -58,30 +59,38 @@ def apply_argv(job: RemoteJob) -> list[str]:
 def start_apply(job: RemoteJob) -> None:
     """Run the apply over the first connection; take its result if it comes back soon.
 
-    Once the result is in, the first connection is closed: from there on only new logins
-    count. If it stays silent, `job.apply_cmd` keeps the running command for `poll_apply`.
+    Once the exec request may have gone out, the host may be applying, whatever happens to
+    the connection: from then on a lost answer is "unknown" and new logins find out (never
+    "nothing was changed" unless the host says so). If the apply stays silent, `job.apply_cmd`
+    keeps the running command for `poll_apply`. The first connection stays open (idle) once
+    the result is in: it is never used to confirm, only to revert at once after Ctrl-C.
     """
     assert job.first is not None and job.tmpdir is not None
     command = sh(APPLY_SCRIPT, job.tmpdir, *apply_argv(job))
-    job.sent_at = time.monotonic()
+    cmd = job.first.command()
+    job.apply_cmd = cmd
+    quiet_limit = job.link.apply_quiet(job.req.options.timeout_s)
     try:
-        job.apply_cmd = job.first.start(command)
+        job.sent_at = time.monotonic()
+        cmd.start(command, None, job.link.query())
     except ssh_errors() as exc:
-        raise RemoteCommandError(
-            f"cannot run fwsafe on {job.where}: {exc}; nothing was changed") from None
-    quiet_limit = min(timing.APPLY_QUIET_MAX,
-                      max(timing.APPLY_QUIET_MIN, job.req.options.timeout_s / 3))
+        if not cmd.sent:
+            job.sent_at = None
+            job.apply_cmd = None
+            raise RemoteCommandError(
+                f"cannot run fwsafe on {job.where}: {exc}; nothing was changed") from None
+        job.apply_cmd = None
+        job.say(f"the connection that ran the apply broke before its answer ({exc}); "
+                "whether the host applied is unknown until a new login finds out")
+        return
     try:
-        result = job.apply_cmd.wait(quiet_limit, give_up=False)
+        result = cmd.wait(quiet_limit, give_up=False)
     except ssh_errors():
         result = RemoteResult(None, b"", b"")  # the connection broke: new logins will tell
     if result is not None:
         job.apply_cmd = None  # finished, or its connection is gone
     if result is not None and result.rc is not None:
         take_apply_result(job, result, via_first=True)
-        first, job.first = job.first, None
-        if first is not None:
-            first.close()  # from here on only new logins count
         return
     job.say(f"the connection that ran the apply went silent (no result within "
             f"{quiet_limit:.1f} s); looking for the result through new logins")
@@ -108,7 +117,8 @@ def take_apply_result(job: RemoteJob, result: RemoteResult, *, via_first: bool,
             deadline = data.get("deadline")
             remaining = (float(deadline) - time.time()
                          if isinstance(deadline, (int, float)) else job.req.options.timeout_s)
-        job.deadline = time.monotonic() + float(remaining)
+        # The answer left the host up to a round trip ago: count the deadline from then.
+        job.deadline = time.monotonic() - job.link.rtt_s + float(remaining)
         armed_s = job.mark("armed_s")
         shield = "" if data.get("shielded") is not False else \
             f"; warning: the guard is NOT shielded from the OOM killer ({data.get('shield_error')})"
@@ -117,9 +127,10 @@ def take_apply_result(job: RemoteJob, result: RemoteResult, *, via_first: bool,
         job.say(f"applied: {', '.join(data.get('layers') or [])} rules are live on "
                 f"{job.where} ({armed_s:.2f} s after start)")
         return
+    error = remote_error(job, result, data, "apply")  # names the local files, not the upload
     if via_first:
-        job.cleanup_over_first()
-    raise remote_error(job, result, data, "apply")
+        job.cleanup_over_first(job.link.still_there())
+    raise error
 
 
 def poll_apply(job: RemoteJob) -> None:
@@ -138,12 +149,22 @@ def poll_apply(job: RemoteJob) -> None:
         take_apply_result(job, result, via_first=False, late=True)
 
 
-def learn_result(job: RemoteJob, conn: Connection) -> None:
+def learn_result(job: RemoteJob, conn: Connection, *, call_off: bool = True) -> None:
     """Read the apply's result left in the upload directory (if it has finished) over a new
-    login, and the current deadline from the host's `fwsafe status`."""
+    login, and the current deadline from the host's `fwsafe status`.
+
+    An apply that has not even started by now (its exec request was lost with the first
+    connection) is called off for good (`call_off`): then nothing was changed, and that is
+    what the host says (`RemoteCommandError`, exit 3)."""
     assert job.tmpdir is not None
-    result = conn.run(sh(READ_RESULT_SCRIPT, job.tmpdir), timing.REMOTE_QUERY_TIMEOUT)
-    if result.rc == NOT_YET or result.rc is None:
+    args = [job.tmpdir] + (["call-off"] if call_off else [])
+    result = conn.run(sh(READ_RESULT_SCRIPT, *args), job.limit(job.link.query()))
+    if result.rc == CALLED_OFF_NOW:
+        job.tmpdir = None  # removed with the call-off
+        raise RemoteCommandError(
+            f"the apply never started on {job.where} (its connection was lost before the "
+            "command arrived); it is called off for good: nothing was changed")
+    if result.rc in (NOT_YET, NO_UPLOAD_DIR) or result.rc is None:
         job.say("the apply has not finished on the host yet")
         return
     first_line, _, rest = result.out.partition(b"\n")
@@ -160,4 +181,4 @@ def learn_result(job: RemoteJob, conn: Connection) -> None:
     remaining = status.get("remaining_s") if status else None
     if job.tx_id and status and status.get("id") == job.tx_id and \
             isinstance(remaining, (int, float)):
-        job.deadline = time.monotonic() + float(remaining)
+        job.deadline = time.monotonic() - job.link.rtt_s + float(remaining)

@@ -44,13 +44,13 @@ class NewLoginConfirmer:
             if job.tx_id is not None and settle_until is None:
                 settle_until = self._settle_until(settle)
             stop_at = job.stop_at()
-            budget = min(timing.ATTEMPT_TIMEOUT, stop_at - now)
+            budget = min(job.link.attempt(), stop_at - now)
             if budget < timing.MIN_ATTEMPT:
                 break
             job.attempts += 1
             number = job.attempts
             try:
-                conn = job.connect(budget, tcp_timeout=timing.TCP_TIMEOUT)
+                conn = job.connect(budget, tcp_timeout=job.link.tcp_timeout())
             except (AttemptFailed, HostKeyError) as exc:
                 self._report_failure(number, exc.message)
                 self._pause(stop_at)
@@ -109,7 +109,7 @@ class NewLoginConfirmer:
             return now
         # Leave enough time for a login and the confirm (a few first logins' worth).
         assert job.first_login_s is not None
-        reserve = min(timing.ATTEMPT_TIMEOUT,
+        reserve = min(job.link.attempt(),
                       max(timing.CONFIRM_RESERVE, 4 * job.first_login_s))
         latest = job.stop_at() - reserve
         until = min(now + settle, latest)

@@ -16,7 +16,8 @@ from fwsafe.remote import timing
 from fwsafe.remote.scripts import REMOTE_NAMES, RUN_AND_CLEAN_SCRIPT, sh
 from fwsafe.remote.session import Connection, Dialer, RemoteCommand, RemoteResult
 
-__all__ = ["RemoteCommandError", "RemoteJob", "RemoteRequest", "SSHConnectError"]
+__all__ = ["InterruptedBeforeChange", "RemoteCommandError", "RemoteJob", "RemoteRequest",
+           "SSHConnectError"]
 
 
 class SSHConnectError(RejectedError):
@@ -25,6 +26,10 @@ class SSHConnectError(RejectedError):
 
 class RemoteCommandError(RejectedError):
     """fwsafe on the host could not be run, or failed before changing anything."""
+
+
+class InterruptedBeforeChange(RejectedError):
+    """Interrupted (Ctrl-C, SIGTERM, SIGHUP) before the host could have changed anything."""
 
 
 @dataclass
@@ -58,6 +63,7 @@ class RemoteJob:
         self.tmpdir: str | None = None           # the upload directory on the host
         self.first: Connection | None = None     # the login that uploads and applies
         self.first_login_s: float | None = None
+        self.link = timing.Link()                # measured by the first login
         self.apply_cmd: RemoteCommand | None = None  # the apply, while its result is unknown
         self.sent_at: float | None = None        # when the apply command was sent
         self.tx_id: str | None = None
@@ -65,6 +71,7 @@ class RemoteJob:
         self.deadline: float | None = None       # the host's deadline
         self.attempts = 0                        # new logins tried
         self.last_failure: str | None = None     # why the last new login did not confirm
+        self.until: float | None = None          # no step may run past this (a phase's end)
 
     # -- messages -------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -92,7 +99,19 @@ class RemoteJob:
     def connect(self, budget: float, *, tcp_timeout: float) -> Connection:
         """A new login (see `Dialer.connect`)."""
         assert self.dialer is not None
-        return self.dialer.connect(budget, tcp_timeout=tcp_timeout)
+        return self.dialer.connect(self.limit(budget), tcp_timeout=tcp_timeout)
+
+    def limit(self, seconds: float) -> float:
+        """`seconds`, cut short where the current phase ends (`until`)."""
+        if self.until is None:
+            return seconds
+        return max(min(seconds, self.until - time.monotonic()), 0.05)
+
+    def may_have_applied(self) -> bool:
+        """Whether the apply's exec request may have gone out (the host may have changed)."""
+        if self.sent_at is None:
+            return False
+        return self.apply_cmd is None or self.apply_cmd.sent
 
     def stop_at(self) -> float:
         """Until when new logins may try to confirm (local monotonic time)."""
@@ -105,8 +124,10 @@ class RemoteJob:
         """Close the apply's channel (if still open) and the first connection."""
         if self.apply_cmd is not None:
             self.apply_cmd.close()
+            self.apply_cmd = None
         if self.first is not None:
             self.first.close()
+            self.first = None
 
     # -- remote commands ------------------------------------------------------------------------
     def fw(self, *args: str) -> list[str]:
@@ -115,6 +136,12 @@ class RemoteJob:
         if self.req.remote_state_dir:
             argv += ["--state-dir", self.req.remote_state_dir]
         return argv
+
+    def check_command(self) -> str:
+        """The command that shows the host's state (for messages)."""
+        port = ["-p", str(self.target.port)] if self.target.port != 22 else []
+        return shlex.join(["ssh", *port, f"{self.target.user}@{self.target.host}",
+                           *self.fw("status")])
 
     def query(self, conn: Connection, *args: str, clean: bool = False) -> dict[str, Any] | None:
         """Run `fwsafe ARGS --json` over `conn`; its JSON output (None if there is none)."""
@@ -127,23 +154,23 @@ class RemoteJob:
         argv = self.fw(*args, "--json")
         command = (sh(RUN_AND_CLEAN_SCRIPT, self.tmpdir, *argv) if clean and self.tmpdir
                    else shlex.join(argv))
-        return conn.run(command, timing.REMOTE_QUERY_TIMEOUT)
+        return conn.run(command, self.limit(self.link.query()))
 
-    def cleanup(self, conn: Connection) -> None:
-        """Remove the upload directory over `conn` (best effort)."""
+    def cleanup(self, conn: Connection, limit: float | None = None) -> bool:
+        """Remove the upload directory over `conn` (best effort, bounded); whether it is gone."""
         if self.tmpdir is None:
-            return
+            return True
         try:
-            conn.run(sh(RUN_AND_CLEAN_SCRIPT, self.tmpdir, "true"), timing.COMMAND_TIMEOUT)
-            self.tmpdir = None
+            result = conn.run(sh(RUN_AND_CLEAN_SCRIPT, self.tmpdir, "true"),
+                              self.limit(limit if limit is not None else self.link.query()))
         except Exception:  # noqa: BLE001 - a leftover directory in /tmp is no reason to fail
-            pass
+            return False
+        if result.rc == 0:
+            self.tmpdir = None
+        return self.tmpdir is None
 
-    def cleanup_over_first(self) -> None:
-        """Remove the upload directory over the first connection (best effort)."""
+    def cleanup_over_first(self, limit: float | None = None) -> bool:
+        """Remove the upload directory over the first connection (best effort, bounded)."""
         if self.first is None or self.tmpdir is None:
-            return
-        try:
-            self.first.run(sh(RUN_AND_CLEAN_SCRIPT, self.tmpdir, "true"), timing.COMMAND_TIMEOUT)
-        except Exception:  # noqa: BLE001 - best effort; later logins clean up too
-            pass
+            return self.tmpdir is None
+        return self.cleanup(self.first, limit)

@@ -39,16 +39,25 @@ class AfterDeadline:
         deadline = (job.deadline if job.deadline is not None
                     else job.stop_at() + timing.DEADLINE_MARGIN)
         end = deadline + timing.AFTER_DEADLINE_S
+        # New logins are tried until `end`; a remote command begun by then may finish.
+        job.until = end + job.link.query()
         job.say(f"waiting for SSH on {job.where} to answer again (at most "
                 f"{timing.AFTER_DEADLINE_S:.0f} s after the deadline)")
+        try:
+            return self._wait(deadline, end)
+        finally:
+            job.until = None
+
+    def _wait(self, deadline: float, end: float) -> dict[str, Any] | None:
+        job = self.job
         last = "no attempt yet"
         while True:
             now = time.monotonic()
-            budget = min(timing.ATTEMPT_TIMEOUT, end - now)
+            budget = min(job.link.attempt(), end - now)
             if budget < timing.MIN_ATTEMPT:
                 break
             try:
-                conn = job.connect(budget, tcp_timeout=timing.WAIT_TCP_TIMEOUT)
+                conn = job.connect(budget, tcp_timeout=job.link.tcp_timeout(after_deadline=True))
             except (AttemptFailed, HostKeyError) as exc:
                 last = exc.message
                 time.sleep(max(0.0, min(0.1, end - time.monotonic())))
@@ -70,7 +79,8 @@ class AfterDeadline:
             f"{job.where} did not answer SSH again within {timing.AFTER_DEADLINE_S:.0f} s "
             f"after the deadline (last: {last}); whether transaction {job.tx_id or '?'} was "
             "reverted is unknown",
-            hint="reach the host another way (console) and check `fwsafe status`")
+            hint=f"check with `{job.check_command()}` once it answers, or reach the host "
+                 "another way (console)")
 
     def _read_outcome(self, conn: Connection,
                       deadline: float) -> tuple[dict[str, Any] | None, str]:
@@ -80,7 +90,7 @@ class AfterDeadline:
         if job.tx_id is None:
             learn_result(job, conn)
             if job.tx_id is not None and job.deadline is not None and \
-                    job.deadline - time.monotonic() > timing.DEADLINE_MARGIN + timing.ATTEMPT_TIMEOUT:
+                    job.deadline - time.monotonic() > timing.DEADLINE_MARGIN + job.link.attempt():
                 return _BACK_TO_CONFIRMING, "the transaction is still pending"
         status = job.query(conn, "status", clean=job.tx_id is not None)
         if status is None:

@@ -21,17 +21,32 @@ MKTEMP_SCRIPT = 'umask 077 && mktemp -d "${TMPDIR:-/tmp}/fwsafe-upload.XXXXXXXXX
 UPLOAD_SCRIPT = 'umask 077 && cat >"$1"'
 #: Run the apply immune to SIGHUP (a dropped session must not stop it half-way) and leave its
 #: result in the upload directory: a later login can read it if this connection is lost.
+#: It first claims the directory (`mkdir DIR/started`, atomic): a later login that claims it
+#: first has called the apply off (`READ_RESULT_SCRIPT`), and the apply then never runs.
 APPLY_SCRIPT = (
-    'trap "" HUP; d=$1; shift; "$@" >"$d/out.json" 2>"$d/err.txt"; rc=$?; '
+    'trap "" HUP; d=$1; shift; mkdir "$d/started" 2>/dev/null || exit 125; '
+    '"$@" >"$d/out.json" 2>"$d/err.txt"; rc=$?; '
     'echo "$rc" >"$d/rc.tmp" && mv "$d/rc.tmp" "$d/rc"; rm -f "$d/rules.v4" "$d/rules.v6"; '
     'cat "$d/out.json"; cat "$d/err.txt" >&2; exit "$rc"'
 )
+#: `APPLY_SCRIPT`'s exit status when a later login had called it off before it started.
+CALLED_OFF = 125
 #: The result `APPLY_SCRIPT` left behind: the exit status on the first line, then the output.
+#: With a second argument `call-off`, an apply that has not started yet is called off for good
+#: (the upload directory is removed): it can never run after this answered `CALLED_OFF_NOW`.
 READ_RESULT_SCRIPT = (
-    'd=$1; test -f "$d/rc" || exit 99; cat "$d/rc"; cat "$d/out.json"; cat "$d/err.txt" >&2'
+    'd=$1; test -d "$d" || exit 97; '
+    'if test -f "$d/rc"; then cat "$d/rc"; cat "$d/out.json"; cat "$d/err.txt" >&2; exit 0; fi; '
+    'if test "$2" = call-off && mkdir "$d/started" 2>/dev/null; then rm -rf "$d"; exit 98; fi; '
+    'exit 99'
 )
-#: `READ_RESULT_SCRIPT`'s exit status while the apply has not finished.
+#: `READ_RESULT_SCRIPT`'s exit status while the apply runs (or, without call-off, has not
+#: started yet).
 NOT_YET = 99
+#: `READ_RESULT_SCRIPT` called the apply off: it never ran, nothing was changed.
+CALLED_OFF_NOW = 98
+#: `READ_RESULT_SCRIPT` found no upload directory (removed meanwhile): nothing to learn there.
+NO_UPLOAD_DIR = 97
 #: Run a command, then remove the upload directory.
 RUN_AND_CLEAN_SCRIPT = 'd=$1; shift; "$@"; rc=$?; test -n "$d" && rm -rf "$d"; exit "$rc"'
 

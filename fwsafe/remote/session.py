@@ -4,7 +4,10 @@
   passwords - with the host key checked against known_hosts (`fwsafe.remote.hostkeys`)
   before anything is sent, all within a time budget;
 * `Connection`: one such login; `run` or `start` a command over it (`RemoteCommand`, whose
-  end is a `RemoteResult`), then `close` it;
+  end is a `RemoteResult`), then `close` it. Every step over it runs under an overall limit
+  (`Connection.bounded`): paramiko's own waits (the exec reply, SFTP answers, a send window)
+  have none, so the socket is shut down when the limit passes and the step raises
+  `StepTimedOut`. This works the same with every paramiko version fwsafe supports;
 * `ssh_errors`: what a connection that breaks while it is used raises.
 
 paramiko logs to `LOG_CHANNEL`, which has a NullHandler: its tracebacks (e.g. after a
@@ -13,15 +16,17 @@ timeout shut a socket down) stay off stderr unless the application configures lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fwsafe.config import HostTarget
 from fwsafe.probes import SocketDeadline, describe_os_error, ssh_log_channel
+from fwsafe.remote import timing
 from fwsafe.remote.hostkeys import KnownHosts
 from fwsafe.sshcompat import channel_timeout
 
@@ -32,6 +37,7 @@ __all__ = [
     "Dialer",
     "RemoteCommand",
     "RemoteResult",
+    "StepTimedOut",
     "os_error_text",
     "ssh_errors",
 ]
@@ -93,19 +99,39 @@ class RemoteResult:
         return " | ".join(lines[-3:])
 
 
-class RemoteCommand:
-    """A command running on a channel; `poll()` drains its output without blocking."""
+class StepTimedOut(TimeoutError):
+    """A remote step did not finish within its overall limit; its connection was shut down."""
 
-    def __init__(self, transport: Any, command: str, stdin: bytes | None = None) -> None:
-        self.channel = transport.open_session(timeout=10.0)
-        self.channel.settimeout(10.0)
-        self.channel.exec_command(command)
-        if stdin is not None:
-            self.channel.sendall(stdin)
-        self.channel.shutdown_write()  # the remote command reads nothing more
+
+class RemoteCommand:
+    """A command on a new channel of `conn`. `start` it (bounded), then `poll()` drains its
+    output without blocking, or `wait` for its end.
+
+    `sent` becomes true just before the exec request goes out: from then on the host may be
+    running the command, whatever happens to the connection.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.channel: Any = None
+        self.sent = False
         self.out = bytearray()
         self.err = bytearray()
         self._status_seen: float | None = None
+
+    def start(self, command: str, stdin: bytes | None, limit: float) -> RemoteCommand:
+        """Open a channel and run `command` (feeding it `stdin`), all within `limit` seconds:
+        paramiko's own wait for the exec reply has no limit, so the connection is shut down
+        when it passes (`StepTimedOut`)."""
+        with self.conn.bounded(limit, "running a command"):
+            channel = self.conn.transport.open_session(timeout=max(limit, 0.05))
+            self.channel = channel
+            self.sent = True
+            channel.exec_command(command)
+            if stdin is not None:
+                channel.sendall(stdin)
+            channel.shutdown_write()  # the remote command reads nothing more
+        return self
 
     def poll(self) -> RemoteResult | None:
         """The result once the command has exited and its output is in; else None."""
@@ -134,7 +160,7 @@ class RemoteCommand:
             result = self.poll()
             if result is not None:
                 return result
-            if not self.channel.get_transport().is_active():
+            if not self.conn.active():
                 return self._result(None)
             if time.monotonic() >= end:
                 if not give_up:
@@ -144,8 +170,12 @@ class RemoteCommand:
             time.sleep(0.005)
 
     def close(self) -> None:
+        """Close the channel; a connection that cannot even take that is shut down."""
+        if self.channel is None:
+            return
         try:
-            self.channel.close()
+            with self.conn.bounded(timing.CLOSE_LIMIT, "closing a channel"):
+                self.channel.close()
         except Exception:  # noqa: BLE001 - closing a broken channel must not raise
             pass
 
@@ -168,13 +198,56 @@ class Connection:
     def transport(self) -> Any:
         return self.client.get_transport()
 
-    def start(self, command: str, stdin: bytes | None = None) -> RemoteCommand:
-        return RemoteCommand(self.transport, command, stdin)
+    def active(self) -> bool:
+        transport = self.client.get_transport()
+        return bool(transport is not None and transport.is_active())
+
+    @contextlib.contextmanager
+    def bounded(self, limit: float, what: str) -> Iterator[SocketDeadline]:
+        """Run the body within `limit` seconds: when they pass, the socket is shut down, which
+        wakes every paramiko wait on this connection (the exec reply, a window to send in, an
+        SFTP answer), and the body's error becomes `StepTimedOut`. The connection is
+        unusable after that."""
+        watchdog = SocketDeadline(max(limit, 0.05))
+        watchdog.arm(self.sock)
+        try:
+            yield watchdog
+        except Exception as exc:
+            watchdog.cancel()
+            if watchdog.expired:
+                raise StepTimedOut(f"{what}: no answer within {limit:.1f} s") from exc
+            raise
+        except BaseException:
+            watchdog.cancel()
+            raise
+        watchdog.cancel()
+
+    def command(self) -> RemoteCommand:
+        """A command not started yet (see `RemoteCommand.start`)."""
+        return RemoteCommand(self)
+
+    def start(self, command: str, limit: float, stdin: bytes | None = None) -> RemoteCommand:
+        return self.command().start(command, stdin, limit)
 
     def run(self, command: str, limit: float, stdin: bytes | None = None) -> RemoteResult:
-        result = self.start(command, stdin).wait(limit)
-        assert result is not None
+        """Run `command` and wait for its end, all within `limit` seconds; rc None if no exit
+        status came back (`StepTimedOut` if the limit passed first)."""
+        end = time.monotonic() + limit
+        cmd = self.command()
+        with self.bounded(limit, "a remote command") as watchdog:
+            cmd.start(command, stdin, limit)
+            result = cmd.wait(max(end - time.monotonic(), 0.0), give_up=False)
+        if result is None or (result.rc is None and watchdog.expired):
+            self.shut()
+            raise StepTimedOut(f"a remote command: no answer within {limit:.1f} s")
         return result
+
+    def shut(self) -> None:
+        """Shut the socket down: every paramiko wait on it ends at once."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:

@@ -16,6 +16,7 @@ from fwsafe.errors import (
 )
 from fwsafe.remote import timing
 from fwsafe.remote.job import RemoteCommandError, RemoteJob
+from fwsafe.remote.scripts import CALLED_OFF
 from fwsafe.remote.session import Connection, RemoteResult
 
 __all__ = ["WAITING_STATES", "final", "remote_error", "success"]
@@ -46,6 +47,9 @@ def remote_error(job: RemoteJob, result: RemoteResult, data: dict[str, Any] | No
         return RevertFailedError(text, hint=hint)
     if rc == 6:
         return PendingError(text, hint=hint)
+    if rc == CALLED_OFF:
+        return RemoteCommandError(
+            f"the apply on {job.where} was called off before it started; nothing was changed")
     if rc == 127:
         return RemoteCommandError(
             f"{job.req.remote_fwsafe!r} was not found on {job.where} (exit 127): "
