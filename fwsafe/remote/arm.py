@@ -80,7 +80,8 @@ def start_apply(job: RemoteJob) -> None:
             raise RemoteCommandError(
                 f"cannot run fwsafe on {job.where}: {exc}; nothing was changed") from None
         job.apply_cmd = None
-        job.say(f"the connection that ran the apply broke before its answer ({exc}); "
+        job.say(f"the connection that ran the apply broke before its answer "
+                f"({exc or type(exc).__name__}); "
                 "whether the host applied is unknown until a new login finds out")
         return
     try:

@@ -24,7 +24,7 @@ UPLOAD_SCRIPT = 'umask 077 && cat >"$1"'
 #: It first claims the directory (`mkdir DIR/started`, atomic): a later login that claims it
 #: first has called the apply off (`READ_RESULT_SCRIPT`), and the apply then never runs.
 APPLY_SCRIPT = (
-    'trap "" HUP; d=$1; shift; mkdir "$d/started" 2>/dev/null || exit 125; '
+    'trap "" HUP; umask 077; d=$1; shift; mkdir "$d/started" 2>/dev/null || exit 125; '
     '"$@" >"$d/out.json" 2>"$d/err.txt"; rc=$?; '
     'echo "$rc" >"$d/rc.tmp" && mv "$d/rc.tmp" "$d/rc"; rm -f "$d/rules.v4" "$d/rules.v6"; '
     'cat "$d/out.json"; cat "$d/err.txt" >&2; exit "$rc"'
@@ -35,7 +35,7 @@ CALLED_OFF = 125
 #: With a second argument `call-off`, an apply that has not started yet is called off for good
 #: (the upload directory is removed): it can never run after this answered `CALLED_OFF_NOW`.
 READ_RESULT_SCRIPT = (
-    'd=$1; test -d "$d" || exit 97; '
+    'umask 077; d=$1; test -d "$d" || exit 97; '
     'if test -f "$d/rc"; then cat "$d/rc"; cat "$d/out.json"; cat "$d/err.txt" >&2; exit 0; fi; '
     'if test "$2" = call-off && mkdir "$d/started" 2>/dev/null; then rm -rf "$d"; exit 98; fi; '
     'exit 99'

@@ -296,6 +296,10 @@ class Dialer:
                 f"TCP connect to {target.hostport}: {os_error_text(exc, connect_timeout)}"
             ) from None
         tcp_s = time.monotonic() - began
+        try:  # small requests go out at once, as with OpenSSH (no Nagle delay on a slow link)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
         # Shutting the socket down at the end wakes paramiko's threads blocked on it.
         watchdog = SocketDeadline(end - time.monotonic())
         watchdog.arm(sock)
