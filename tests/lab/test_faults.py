@@ -37,9 +37,11 @@ from typing import Any
 
 import pytest
 
-from fwsafe.lab import require_lab_capable
+from fwsafe.lab import require_lab_capable, run
 from fwsafe.remote import timing
+from tests.bins import VENV_BIN
 from tests.faultlab import FaultLab, create_fault_lab, interrupt
+from tests.lab.test_ansible import COLLECTION, RECORDER
 from tests.rulesets import DROP_NEW_SSH, GOOD
 
 pytestmark = pytest.mark.lab
@@ -87,6 +89,7 @@ class Trial:
     max_wall: float = 60            # the trial's own expectation of the client's wall time
     crlf: bool = False
     xfail: str | None = None
+    ansible: bool = False           # the Ansible module drives the change, not `--host`
 
 
 @dataclass
@@ -261,6 +264,12 @@ TRIALS: list[Trial] = [
                              Step(None, 1.0, sig(), "SIGINT"),
                              Step(None, 4.0, link(reset=True), "restore")],
           expect=frozenset({4}), max_wall=60),
+    # -- the Ansible module on the same slow link: it agrees with --host ------------------------
+    Trial("ansible-lat500-good", "Ansible module; 500 ms each way", before=delay(0.5),
+          timeout=40, ansible=True, max_wall=150),
+    Trial("ansible-lat500-lockout", "Ansible module; 500 ms each way; rules drop new SSH",
+          rules=DROP_NEW_SSH, before=delay(0.5), timeout=25, ansible=True,
+          expect=frozenset({4}), max_wall=200),
     Trial("int-twice", "both ways cut once armed; SIGINT, and again 1 s later",
           timeout=40, steps=[Step(ARMED, 0.0, link(up={"cut": True}, down={"cut": True}), "cut"),
                              Step(None, 1.0, sig(), "SIGINT"), Step(None, 1.0, sig(), "SIGINT")],
@@ -293,6 +302,14 @@ def run_trial(trial: Trial) -> Outcome:
         rules.write_bytes(text.encode())
         before = lab.ruleset()
         started = time.monotonic()
+        if trial.ansible:
+            outcome.code, outcome.stdout, text = run_ansible(
+                lab, rules, trial.timeout, force=trial.rules is DROP_NEW_SSH)
+            outcome.wall = time.monotonic() - started
+            outcome.stderr = text
+            lab.link(reset=True)
+            judge(trial, outcome, lab, before, started, time.monotonic())
+            return outcome
         proc = lab.client_popen(lab.apply_argv("--timeout", f"{trial.timeout:g}", *trial.args,
                                                str(rules)))
         lines: list[tuple[float, str]] = []
@@ -334,6 +351,62 @@ def run_trial(trial: Trial) -> Outcome:
         lab.link(reset=True)
         judge(trial, outcome, lab, before, started, ended)
     return outcome
+
+
+#: The Ansible task's state, as the exit code `fwsafe apply --host` gives for it.
+ANSIBLE_STATES = {"confirmed": 0, "refused": 3, "reverted": 4, "unknown": 5}
+
+
+def run_ansible(lab: FaultLab, rules: Path, timeout: float, *,
+                force: bool) -> tuple[int | None, str, str]:
+    """ansible-playbook on the workstation, with the collection from ./ansible in a private
+    Ansible home: (the task's state as an exit code, its result as JSON, the output)."""
+    root = lab.workdir / "ansible"
+    for sub in ("home", "collections", "cp", "remote-tmp", "local-tmp", "callbacks"):
+        (root / sub).mkdir(parents=True)
+    (root / "callbacks" / "fleet_record.py").write_text(RECORDER)
+    cfg = root / "ansible.cfg"
+    cfg.write_text(
+        f"[defaults]\nhome = {root / 'home'}\ncollections_path = {root / 'collections'}\n"
+        f"remote_tmp = {root / 'remote-tmp'}\nlocal_tmp = {root / 'local-tmp'}\n"
+        f"callback_plugins = {root / 'callbacks'}\ncallbacks_enabled = fleet_record\n"
+        "interpreter_python = /usr/bin/python3\nhost_key_checking = True\n"
+        "retry_files_enabled = False\ntimeout = 30\n"
+        f"[ssh_connection]\ncontrol_path_dir = {root / 'cp'}\n")
+    record = root / "record.jsonl"
+    env = {"PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(root / "home"),
+           "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "ANSIBLE_CONFIG": str(cfg),
+           "ANSIBLE_NOCOLOR": "1", "FLEET_RECORD": str(record)}
+    envv = ["env", "-i", *(f"{k}={v}" for k, v in env.items())]
+    install = run(lab.net.exec_argv(lab.cli_ns, [*envv, str(VENV_BIN / "ansible-galaxy"),
+                                                 "collection", "install", "--force",
+                                                 str(COLLECTION)]), check=False, timeout=300)
+    if install.returncode != 0:
+        return None, "", install.stdout + install.stderr
+    inventory = root / "inventory.json"
+    inventory.write_text(json.dumps({"all": {"hosts": {"srv": {
+        "ansible_host": lab.srv_ip, "ansible_user": "root",
+        "ansible_ssh_private_key_file": str(lab.key),
+        "ansible_ssh_common_args": f"-o UserKnownHostsFile={lab.known_hosts} "
+                                   "-o StrictHostKeyChecking=yes",
+        "ansible_python_interpreter": "/usr/bin/python3"}}}}))
+    playbook = root / "apply.yml"
+    playbook.write_text(json.dumps([{"hosts": "all", "gather_facts": False, "tasks": [{
+        "name": "fwsafe apply", "fwsafe.firewall.apply": {
+            "rules": str(rules), "timeout": int(timeout), "force": force}}]}]))
+    res = run(lab.net.exec_argv(lab.cli_ns, [*envv, str(VENV_BIN / "ansible-playbook"), "-i",
+                                             str(inventory), str(playbook)]),
+              check=False, timeout=600)
+    events = [json.loads(line) for line in record.read_text().splitlines()] \
+        if record.exists() else []
+    task = next((e for e in events if e["task"] == "fwsafe apply"), None)
+    if task is None:
+        return None, "", res.stdout + res.stderr
+    result = task["result"]
+    code = ANSIBLE_STATES.get(str(result.get("state")))
+    return code, json.dumps({"id": result.get("transaction"), "state": result.get("state"),
+                             "hint": result.get("msg"), "link": result.get("link")}) + "\n", \
+        res.stdout + res.stderr
 
 
 def judge(trial: Trial, outcome: Outcome, lab: FaultLab, before: str, started: float,

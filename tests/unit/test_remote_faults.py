@@ -264,3 +264,22 @@ def test_click_abort_from_ctrl_c_is_never_a_usage_error(monkeypatch: pytest.Monk
     with pytest.raises(SystemExit) as info:
         cli.main(["status", "--state-dir", str(tmp_path / "state")])
     assert info.value.code == int(ExitCode.REJECTED)
+
+
+def test_the_ansible_module_scales_its_limits_as_apply_host_does() -> None:
+    """The action plugin carries its own copy of the budgets (the controller need not have
+    fwsafe): for any link, its new-login and remote-command limits are `Link`'s."""
+    import importlib.util
+
+    pytest.importorskip("ansible")
+    path = Path(__file__).resolve().parents[2] / "ansible" / "plugins" / "action" / "apply.py"
+    spec = importlib.util.spec_from_file_location("fwsafe_ansible_action", path)
+    assert spec is not None and spec.loader is not None
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    for rtt in (0.0, 0.001, 0.05, 0.3, 0.6, 1.0, 5.0, 100.0):
+        for login in (0.0, 0.05, 1.0, 7.0, 30.0, 100.0):
+            link = Link(rtt_s=rtt, login_s=login)
+            assert plugin.link_budgets(rtt, login) == {"attempt": link.attempt(),
+                                                       "query": link.query()}
+    assert plugin.ARGUMENT_SPEC["revert_grace"]["default"] == timing.AFTER_DEADLINE_S

@@ -19,12 +19,19 @@ Per host (Ansible runs this once for each host of the batch):
 7. if no new connection got in, the host's guard reverts at the deadline; the task waits for the
    host to answer a new connection again (timeout + revert_grace) and fails with the reason the
    host recorded (``fwsafe status --json``).
+
+Timing agrees with ``fwsafe apply --host`` (fwsafe/remote/timing.py): before the change one new
+ssh login measures the link while it is good (and proves that new logins work at all: if not,
+nothing is applied); every new-login and remote-command limit is scaled from it with the same
+floors and ceilings (`link_budgets`; tests/unit/test_remote_faults.py checks that both agree).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shlex
+import socket
 import subprocess
 import time
 
@@ -46,7 +53,7 @@ ARGUMENT_SPEC = {
     "state_dir": {"type": "str"},
     "executable": {"type": "str", "default": "fwsafe"},
     "connect_timeout": {"type": "int", "default": 5},
-    "revert_grace": {"type": "int", "default": 60},
+    "revert_grace": {"type": "int", "default": 120},
 }
 MUTUALLY_EXCLUSIVE = [("rules", "command"), ("rules6", "command"), ("partial", "command")]
 REQUIRED_ONE_OF = [("rules", "rules6", "command")]
@@ -58,6 +65,22 @@ SSH_TRANSPORTS = ("ssh", "ansible.builtin.ssh")
 FRESH_OPTIONS = ("-o", "ControlMaster=no", "-o", "ControlPath=none", "-o", "ControlPersist=no",
                  "-o", "BatchMode=yes", "-o", "ServerAliveInterval=2", "-o", "ServerAliveCountMax=3")
 RETRY_PAUSE_S = 1.0
+# The budgets of `fwsafe apply --host` (fwsafe.remote.timing.Link), copied: the controller need
+# not have fwsafe installed.
+ATTEMPT_FLOOR, ATTEMPT_CEILING = 5.0, 60.0
+QUERY_FLOOR, QUERY_CEILING = 30.0, 120.0
+FIRST_CONNECT_TIMEOUT = 30
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(value, high))
+
+
+def link_budgets(rtt_s: float, login_s: float) -> dict:
+    """A new login's limit ("attempt": TCP connect, key exchange, authentication) and a remote
+    command's ("query"), from the round trip and the login time measured before the change."""
+    return {"attempt": _clamp(2.0 + 3 * login_s, ATTEMPT_FLOOR, ATTEMPT_CEILING),
+            "query": _clamp(QUERY_FLOOR + 10 * rtt_s, QUERY_FLOOR, QUERY_CEILING)}
 
 
 class FwsafeTaskError(Exception):
@@ -141,6 +164,8 @@ class ActionModule(ActionBase):
         for url in args["probes"]:
             apply_cmd += ["--probe", url]
         apply_cmd += self._state_dir_args(args)
+        self._link = self._measure_link()
+        out["link"] = dict(self._link)
         started = time.monotonic()
         try:
             # The uploaded files go in the same command: after the change, the connection that
@@ -171,7 +196,8 @@ class ActionModule(ActionBase):
                 diff_units=units, **({"diff": out["diff"]} if "diff" in out else {}))
         tx_id = str(data["id"])
         remaining = float(data.get("remaining_s") or args["timeout"])
-        deadline = time.monotonic() + remaining
+        # The answer left the host up to a round trip ago.
+        deadline = time.monotonic() - self._link["rtt_s"] + remaining
         out["transaction"] = tx_id
         out["connections_closed"] = self._close_connections()
         outcome = self._confirm_fresh(args, tx_id, deadline)
@@ -364,6 +390,36 @@ class ActionModule(ActionBase):
             return 255, "", f"no answer within {connect_timeout + run_limit:g} s"
         return proc.returncode, to_text(proc.stdout), to_text(proc.stderr)
 
+    def _measure_link(self) -> dict:
+        """Before the change, while the link is good: the round trip (a TCP connect, where the
+        host is reached directly) and the time of one new ssh login; and the budgets scaled
+        from them. A new login that fails now could never confirm: nothing is applied."""
+        rtt = 0.0
+        if not any(word in str(self._connection.get_option("ssh_common_args") or "")
+                   for word in ("ProxyJump", "ProxyCommand", "-J")):
+            port = int(self._connection.get_option("port") or 22)
+            began = time.monotonic()
+            try:
+                socket.create_connection((self._target(), port), timeout=10).close()
+                rtt = time.monotonic() - began
+            except (OSError, ValueError):
+                rtt = 0.0
+        began = time.monotonic()
+        rc, _, stderr = self._fresh_ssh(["true"], FIRST_CONNECT_TIMEOUT, run_limit=QUERY_FLOOR)
+        login = time.monotonic() - began
+        if rc != 0:
+            raise FwsafeTaskError(
+                f"{self._hostname}: a new SSH connection fails before any change "
+                f"({stderr.strip().splitlines()[-1] if stderr.strip() else f'exit {rc}'}): "
+                "the change could never be confirmed through one, so nothing was applied",
+                state="refused")
+        return {"rtt_s": round(rtt, 3), "login_s": round(login, 3), **link_budgets(rtt, login)}
+
+    def _connect_timeout(self, args: dict) -> int:
+        """ssh's ConnectTimeout (TCP connect and banner) for a new login: the option's value,
+        or more where the link measured before the change needs it."""
+        return max(int(args["connect_timeout"]), math.ceil(self._link["attempt"]))
+
     def _confirm_fresh(self, args: dict, tx_id: str, deadline: float) -> dict:
         """`fwsafe confirm ID` through new connections until one gets in or the deadline passes."""
         argv = [self._exe(), "confirm", "--json", *self._state_dir_args(args), tx_id]
@@ -374,7 +430,8 @@ class ActionModule(ActionBase):
                 break
             attempts += 1
             rc, stdout, stderr = self._fresh_ssh(
-                argv, max(1, min(args["connect_timeout"], int(left))))
+                argv, max(1, min(self._connect_timeout(args), int(left))),
+                run_limit=self._link["query"])
             data = _last_json(stdout)
             if rc == 0 and data.get("state") == "confirmed":
                 reason = data.get("reason") or ""
@@ -400,7 +457,8 @@ class ActionModule(ActionBase):
         limit = started + args["timeout"] + args["revert_grace"]
         while time.monotonic() < limit:
             left = max(1, int(limit - time.monotonic()))
-            rc, stdout, _ = self._fresh_ssh(argv, min(args["connect_timeout"], left))
+            rc, stdout, _ = self._fresh_ssh(argv, min(self._connect_timeout(args), left),
+                                            run_limit=self._link["query"])
             data = _last_json(stdout)
             if rc == 0 and data.get("id") == (tx_id or data.get("id")) and data.get("state") not in (
                     "pending", "preparing", "applying", "reverting"):

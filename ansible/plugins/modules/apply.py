@@ -78,15 +78,19 @@ options:
     default: fwsafe
   connect_timeout:
     description:
-      - Seconds each new SSH connection attempt may take to connect while confirming.
+      - Seconds each new SSH connection attempt may take to connect while confirming, at the
+        least. Before the change one new SSH login measures the link, and on a slow link this
+        grows as C(fwsafe apply --host) scales its own budgets (2 s + 3 times that login,
+        at most 60 s).
     type: int
     default: 5
   revert_grace:
     description:
       - After a missed deadline, how many seconds beyond O(timeout) to wait for the host to
-        answer a new connection again and tell why it reverted.
+        answer a new connection again and tell why it reverted (C(fwsafe apply --host) waits
+        120 s).
     type: int
-    default: 60
+    default: 120
 attributes:
   check_mode:
     support: full
@@ -156,6 +160,13 @@ confirm_attempts:
   description: How many new SSH connections were tried.
   returned: when a change was applied
   type: int
+link:
+  description:
+    - The link as measured before the change (C(rtt_s), C(login_s)) and the limits scaled from
+      it (C(attempt) for a new login, C(query) for a remote command), as C(fwsafe apply --host)
+      scales them.
+  returned: when a change was applied
+  type: dict
 diff_units:
   description: C(fwsafe diff --json) units (layer, unit, change, unified diff).
   returned: always
@@ -180,7 +191,7 @@ ARGUMENT_SPEC = {
     "state_dir": {"type": "str"},
     "executable": {"type": "str", "default": "fwsafe"},
     "connect_timeout": {"type": "int", "default": 5},
-    "revert_grace": {"type": "int", "default": 60},
+    "revert_grace": {"type": "int", "default": 120},
 }
 
 
