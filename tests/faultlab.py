@@ -52,13 +52,13 @@ from fwsafe.lab import (
     stop_popen,
 )
 from fwsafe.lab.network import acquire_prefix_lock
-from tests.bins import FWSAFE, VENV_BIN
+from tests.bins import FWSAFE
+from tests.fleetlab import SESSION_PATH
 from tests.rulesets import BASELINE_V4, BASELINE_V6
 
 __all__ = ["FaultLab", "create_fault_lab"]
 
 WIRE = Path(__file__).resolve().parent / "faultwire.py"
-SESSION_PATH = f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin"
 _COUNTER = itertools.count(1)
 
 # Fixed shell text; paths come as positional parameters: a tmpfs over the state directory in a
