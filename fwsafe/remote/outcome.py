@@ -75,10 +75,11 @@ class AfterDeadline:
             if outcome is not None:
                 return outcome
             time.sleep(0.2)
+        what = (f"{job.where} answered, but gave no outcome" if "answered_s" in job.timings
+                else f"{job.where} did not answer SSH again")
         raise RevertFailedError(
-            f"{job.where} did not answer SSH again within {timing.AFTER_DEADLINE_S:.0f} s "
-            f"after the deadline (last: {last}); whether transaction {job.tx_id or '?'} was "
-            "reverted is unknown",
+            f"{what} within {timing.AFTER_DEADLINE_S:.0f} s after the deadline (last: {last}); "
+            f"whether transaction {job.tx_id or '?'} was reverted is unknown",
             hint=f"check with `{job.check_command()}` once it answers, or reach the host "
                  "another way (console)")
 

@@ -322,8 +322,13 @@ def run_trial(trial: Trial) -> Outcome:
                     lines.append((time.monotonic(), line))
                     cond.notify_all()
 
+        stdout: list[str] = []
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
+        assert proc.stdout is not None
+        out_reader = threading.Thread(target=lambda: stdout.append(proc.stdout.read()),  # type: ignore[union-attr]
+                                      daemon=True)
+        out_reader.start()
         at = 0
         for step in trial.steps:
             if step.after is not None:
@@ -337,12 +342,14 @@ def run_trial(trial: Trial) -> Outcome:
             if step.what.startswith("SIG"):
                 outcome.signal_at = time.monotonic()
         try:
-            out, _ = proc.communicate(timeout=400)
+            proc.wait(timeout=400)
         except subprocess.TimeoutExpired:
             proc.kill()
-            out, _ = proc.communicate()
+            proc.wait()
             outcome.problems.append("the client did not return within 400 s")
         reader.join(10)
+        out_reader.join(10)
+        out = "".join(stdout)
         ended = time.monotonic()
         outcome.wall = ended - started
         outcome.code = proc.returncode
