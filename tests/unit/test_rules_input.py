@@ -181,3 +181,22 @@ def test_cli_apply_dev_zero_and_fifo_exit_3_fast(tmp_path: Path) -> None:
 def test_default_limit_is_64_mib() -> None:
     assert config_module.DEFAULT_MAX_RULES_BYTES == 64 * 1024 * 1024
     assert config_module.Config().max_rules_bytes == 64 * 1024 * 1024
+
+
+def test_windows_line_ends_are_read_as_plain_ones_and_said(tmp_path: Path) -> None:
+    path = tmp_path / "crlf.rules"
+    path.write_bytes(RULES.replace(b"\n", b"\r\n"))
+    change = change_from_files([str(path)], None)
+    assert change.layers["ipv4"] == RULES
+    assert change.notes == [f"{path}: Windows line ends (CRLF) on 3 lines: read as plain "
+                            "newlines (LF)"]
+
+
+def test_a_carriage_return_inside_a_line_is_refused_naming_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "cr.rules"
+    path.write_bytes(b"*filter\n:INPUT ACCEPT\r[0:0]\nCOMMIT\n")
+    with pytest.raises(InvalidRulesError) as info:
+        read_rules_file(str(path))
+    assert info.value.exit_code == ExitCode.REJECTED
+    assert f"{path}:2: a carriage return" in info.value.message
+    assert info.value.line == 2 and "dos2unix" in (info.value.hint or "")
