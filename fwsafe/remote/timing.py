@@ -18,9 +18,10 @@ after Ctrl-C            2 x one new login                   15 s     60 s
 =====================  ==================================  =======  =======
 
 After the deadline the client waits `AFTER_DEADLINE_S` for SSH to answer again; after Ctrl-C
-it waits for the guard's own deadline too when that comes within `INTERRUPT_CEILING`. Every
-remote step runs under an overall limit enforced around paramiko (`session.Connection.bounded`),
-so these are the real upper bounds of the client's waits.
+it waits for the guard's own deadline too (and one new login after it) when that comes within
+`INTERRUPT_DEADLINE_WAIT`. Every remote step runs under an overall limit enforced around
+paramiko (`session.Connection.bounded`), so these are the real upper bounds of the client's
+waits.
 
 The phases read the constants as ``timing.NAME`` when they run, so that a test can shorten one
 with ``monkeypatch.setattr(timing, "NAME", ...)``.
