@@ -107,6 +107,11 @@ class AfterDeadline:
         if status.get("state") not in WAITING_STATES:
             job.tmpdir = None  # removed by the status command
             return final(job, status, conn), "final"
+        if status.get("taken_over"):
+            # Its guard is gone and the backstop holds it: reverting, or reverted with the
+            # record waiting for the disk (a full state directory). Not decided on disk yet.
+            return None, (f"transaction {job.tx_id} is {status.get('state')}: its guard is "
+                          "gone and the backstop took it over")
         if status.get("guard_alive") is False and time.monotonic() > deadline + 5:
             raise RevertFailedError(
                 f"transaction {job.tx_id} on {job.where} is still {status.get('state')} but "

@@ -129,6 +129,10 @@ def fill_disk(lab: FaultLab, proc: subprocess.Popen[str]) -> None:
     lab.fill_state_disk()
 
 
+def free_disk(lab: FaultLab, proc: subprocess.Popen[str]) -> None:
+    lab.free_state_disk()
+
+
 def kill_guard(lab: FaultLab, proc: subprocess.Popen[str]) -> None:
     pid = lab.status().get("guard_pid")
     assert isinstance(pid, int), "no guard PID in the host's status"
@@ -217,8 +221,9 @@ TRIALS: list[Trial] = [
           rules=DROP_NEW_SSH, steps=[Step(ARMED, 0.0, fill_disk, "fill")],
           expect=frozenset({4}), max_wall=60, xfail=GUARD_FIX),
     Trial("disk-full-guard-killed", "rules drop new SSH; state tmpfs filled, then the guard "
-          "killed (SIGKILL)", rules=DROP_NEW_SSH, timeout=20,
-          steps=[Step(ARMED, 0.5, fill_disk, "fill"), Step(None, 0.5, kill_guard, "kill guard")],
+          "killed (SIGKILL); space freed 12 s later", rules=DROP_NEW_SSH, timeout=20,
+          steps=[Step(ARMED, 0.5, fill_disk, "fill"), Step(None, 0.5, kill_guard, "kill guard"),
+                 Step(None, 12.0, free_disk, "free")],
           expect=frozenset({4}), max_wall=60, xfail=GUARD_FIX),
     # -- SIGINT (and SIGTERM, SIGHUP) at each phase (item 4) -------------------------------------
     Trial("int-connecting", "SIGINT while connecting (500 ms each way)", before=delay(0.5),

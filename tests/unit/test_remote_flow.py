@@ -10,6 +10,7 @@ import shlex
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,3 +374,31 @@ def test_ssh_agent_key_without_identity(server: SSHTestServer, client_key: TestK
     finally:
         agent.terminate()
         agent.wait(timeout=10)
+
+
+def test_a_backstop_that_took_over_is_waited_for_never_not_reverted(
+        server: SSHTestServer, host: FakeHost, client_key: TestKey, tmp_path: Path) -> None:
+    """The guard is gone and its backstop holds the transaction (say the state directory is
+    full, so the record stays `pending` on disk and status says `reverting`, taken over) past
+    the deadline + 5 s: the client waits for the record, then reports the revert (exit 4),
+    never "the change was NOT reverted" (issue 30 item 2)."""
+    host.apply = (0, {**host.apply[1], "remaining_s": 2.0})
+    host.confirm = (6, {"ok": False, "error": f"transaction {TX} is being reverted",
+                        "exit_code": 6, "kind": "PendingError"})
+    host.status = {"id": TX, "state": "reverting", "guard_alive": False, "taken_over": True,
+                   "reason": "its guard is gone: the backstop took the transaction over"}
+    started = time.monotonic()
+
+    def space_returns() -> None:   # the record is written once the disk takes it
+        host.status = {"id": TX, "state": "reverted", "guard_alive": False,
+                       "taken_over": False, "reason": "the backstop reverted the change"}
+
+    timer = threading.Timer(9.0, space_returns)
+    timer.start()
+    try:
+        with pytest.raises(RevertedError) as info:
+            apply_remote(make_request(server, client_key, tmp_path), lambda message: None)
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started >= 9.0
+    assert "the backstop reverted the change" in info.value.message
