@@ -47,8 +47,6 @@ from tests.rulesets import DROP_NEW_SSH, GOOD
 pytestmark = pytest.mark.lab
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
-GUARD_FIX = ("issue 30 items 1-2 (the way back needs no disk) are the guard helper's: "
-             "this trial passes once that work is merged")
 
 
 def big_rules(count: int) -> str:
@@ -88,7 +86,6 @@ class Trial:
     unknown_ok: bool = False        # exit 5 is the truth here (the host cannot be reached)
     max_wall: float = 60            # the trial's own expectation of the client's wall time
     crlf: bool = False
-    xfail: str | None = None
     ansible: bool = False           # the Ansible module drives the change, not `--host`
 
 
@@ -214,17 +211,17 @@ TRIALS: list[Trial] = [
           steps=[Step(WAITING, 0.0, link(up={"cut": True}, down={"cut": True}), "cut"),
                  Step(None, 10.0, link(up={"cut": False}, down={"cut": False}), "restore")],
           expect=frozenset({4}), max_wall=120),
-    # -- the state directory on a full disk (items 1, 2: the guard helper's) ---------------------
+    # -- the state directory on a full disk (items 1, 2) ---------------------------------------
     Trial("disk-full-from-start", "state tmpfs full before the apply",
           before=lambda lab: lab.fill_state_disk(), expect=frozenset({3}), max_wall=30),
     Trial("disk-full-guard-alive", "rules drop new SSH; state tmpfs filled once armed",
           rules=DROP_NEW_SSH, steps=[Step(ARMED, 0.0, fill_disk, "fill")],
-          expect=frozenset({4}), max_wall=60, xfail=GUARD_FIX),
+          expect=frozenset({4}), max_wall=60),
     Trial("disk-full-guard-killed", "rules drop new SSH; state tmpfs filled, then the guard "
           "killed (SIGKILL); space freed 12 s later", rules=DROP_NEW_SSH, timeout=20,
           steps=[Step(ARMED, 0.5, fill_disk, "fill"), Step(None, 0.5, kill_guard, "kill guard"),
                  Step(None, 12.0, free_disk, "free")],
-          expect=frozenset({4}), max_wall=60, xfail=GUARD_FIX),
+          expect=frozenset({4}), max_wall=60),
     # -- SIGINT (and SIGTERM, SIGHUP) at each phase (item 4) -------------------------------------
     Trial("int-connecting", "SIGINT while connecting (500 ms each way)", before=delay(0.5),
           steps=[Step(None, 1.5, sig(), "SIGINT")], expect=frozenset({3}), max_wall=20),
@@ -531,8 +528,7 @@ def matrix() -> Iterator[dict[str, Outcome]]:
     yield results
 
 
-@pytest.mark.parametrize("trial", [pytest.param(t, id=t.name, marks=(
-    [pytest.mark.xfail(reason=t.xfail, strict=False)] if t.xfail else [])) for t in TRIALS])
+@pytest.mark.parametrize("trial", [pytest.param(t, id=t.name) for t in TRIALS])
 def test_fault_trial(matrix: dict[str, Outcome], trial: Trial) -> None:
     if trial.name not in matrix:
         pytest.skip("not selected (FWSAFE_FAULT_ONLY)")
