@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,19 @@ class NeighbourLab(FwLab):
         text = self.save()
         print(f"\n===== {title} =====\n{text}", end="", flush=True)
         return text
+
+
+def our_namespaces(pid: int | None = None) -> list[str]:
+    """Sandbox namespaces of fwsafe process `pid`; without it, those left behind: their owner
+    (the PID in the name) is gone. Another user's running check on the same machine is not
+    ours to count."""
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    found = [(n, int(m.group(1))) for n in names if (m := re.match(r"^fwck(\d+)x?[sc]$", n))]
+    if pid is not None:
+        return [n for n, owner in found if owner == pid]
+    return [n for n, owner in found if not os.path.exists(f"/proc/{owner}")]
+
 
 
 def need_programs(paths: tuple[str, ...]) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.bins import FWSAFE
-from tests.conftest import FwLab, NeighbourLab
+from tests.conftest import FwLab, NeighbourLab, our_namespaces
 from tests.rulesets import BASELINE_V4, BASELINE_V6
 
 pytestmark = pytest.mark.lab
@@ -58,12 +58,6 @@ except OSError as exc:
 def with_rule(save: str, rule: str) -> str:
     """`save` with `rule` appended to INPUT (before COMMIT of the filter table)."""
     return save.replace("COMMIT\n", f"{rule}\nCOMMIT\n", 1)
-
-
-def our_namespaces() -> list[str]:
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                           check=True).stdout.split()
-    return [n for n in names if re.match(r"^fwck\d+x?[sc]$", n)]
 
 
 class AuditLab:

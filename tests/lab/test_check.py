@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.bins import FWSAFE
-from tests.conftest import FwLab
+from tests.conftest import FwLab, our_namespaces
 from tests.rulesets import BASELINE_V4, BASELINE_V6
 
 pytestmark = pytest.mark.lab
@@ -67,12 +67,6 @@ table inet fwcheck {
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
-def our_namespaces() -> list[str]:
-    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                           check=True).stdout.split()
-    return [n for n in names if re.match(r"^fwck\d+x?[sc]$", n)]
-
-
 def check(fw: FwLab, *args: str, timeout: float = 120) -> tuple[int, dict[str, Any], str]:
     """`fwsafe check --json ARGS` in the server namespace, outside any SSH session; the live
     ruleset must be the same afterwards."""
@@ -345,14 +339,14 @@ def test_sigterm_and_sigint_remove_the_sandbox(fwlab: FwLab) -> None:
                                     fwlab.lab.cli_ip4], stdout=subprocess.PIPE,
                                    stderr=subprocess.PIPE)
         end = time.monotonic() + 20
-        while not our_namespaces() and time.monotonic() < end:
+        while not our_namespaces(proc.pid) and time.monotonic() < end:
             time.sleep(0.05)
-        assert our_namespaces(), "the sandbox never appeared"
+        assert our_namespaces(proc.pid), "the sandbox never appeared"
         time.sleep(1.0)  # inside a 30 s connection attempt
         os.kill(proc.pid, sig)  # `ip netns exec` execs: this PID is fwsafe itself
         _, err = proc.communicate(timeout=30)
         assert proc.returncode != 0
-        assert not our_namespaces(), err
+        assert not our_namespaces(proc.pid), err
         assert fwlab.lab.ruleset() == before
 
 
