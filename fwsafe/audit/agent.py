@@ -5,7 +5,8 @@ fwsafe. It reads one JSON request per line on stdin and answers with one JSON li
 input makes it close every socket and exit, so it never outlives the audit that started it.
 
 Requests (``op``):
-    serve  {"proto", "address", "port", "v6only"}  a listener like the host's (server side):
+    serve  {"proto", "address", "port", "v6only", "device"}  a listener like the host's
+                                                (server side; bound to `device` if given):
                                                 TCP accepts and closes, UDP records each
                                                 datagram's payload
     reach  {"attempts": [{"id", "proto", "src", "sport", "dst", "port"}], "timeout"}
@@ -31,7 +32,8 @@ import threading
 import time
 from typing import Any
 
-BATCH = 400   # sockets open at once (well under the usual limit of 1024 descriptors)
+BATCH = 400   # sockets open at once: 400 under the usual limit of 1024 descriptors, more
+              # where the hard limit allows (main)
 
 
 def _family(address: str) -> int:
@@ -60,11 +62,14 @@ class Agent:
         self.cond = threading.Condition()
 
     # -- server side --------------------------------------------------------------------------
-    def serve(self, proto: str, address: str, port: int, v6only: bool) -> dict[str, Any]:
+    def serve(self, proto: str, address: str, port: int, v6only: bool,
+              device: str | None = None) -> dict[str, Any]:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         sock = socket.socket(_family(address), kind)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if device:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
             sock.bind((address, port))
@@ -172,7 +177,8 @@ class Agent:
         op = request.get("op")
         if op == "serve":
             return self.serve(str(request["proto"]), str(request["address"]),
-                              int(request["port"]), bool(request.get("v6only")))
+                              int(request["port"]), bool(request.get("v6only")),
+                              request.get("device") or None)
         if op == "reach":
             return self.reach(list(request["attempts"]), float(request["timeout"]))
         if op == "heard":
@@ -184,6 +190,8 @@ def main() -> int:
     try:   # many attempts at once: as many descriptors as the hard limit allows
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        global BATCH
+        BATCH = max(BATCH, min(hard - 100, 4000))
     except (OSError, ValueError):
         pass
     agent = Agent()

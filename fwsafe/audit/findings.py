@@ -14,7 +14,7 @@ from typing import Any
 
 from fwsafe.audit.docker import DockerState
 from fwsafe.audit.listeners import Listener
-from fwsafe.audit.plan import WORLD
+from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import Reach
 from fwsafe.config import OpenPort, parse_open_port
 
@@ -75,7 +75,7 @@ def listener_findings(listeners: Sequence[Listener], reach: dict[tuple[str, int,
         if is_expected(expected, listener.proto, listener.port):
             continue
         group = (listener.proto, listener.port, listener.held_by)
-        if WORLD in result.reached:
+        if result.world is not False:   # reached from the world, or it may be (uncertain)
             world.setdefault(group, []).append(listener)
         elif result.reached:
             names = local.setdefault(group, [])
@@ -83,9 +83,20 @@ def listener_findings(listeners: Sequence[Listener], reach: dict[tuple[str, int,
     found: list[Finding] = []
     for (proto, port, owner), items in world.items():
         where = ", ".join(x.endpoint for x in items)
+        results = [reach.get(x.key(), Reach()) for x in items]
+        names = list(dict.fromkeys(n for r in results for n in r.reached if is_world(n)))
+        if not names:
+            how = ("may be reachable from the world (uncertain: "
+                   + "; ".join(dict.fromkeys(r.uncertain or "" for r in results)).strip("; ")
+                   + ")")
+        elif WORLD in names:
+            how = "is reachable from the world"
+        else:
+            how = ("is reachable from the world: from " + ", ".join(
+                n.removeprefix(WORLD + " ") for n in names) + " (networks the rules name)")
         found.append(Finding(
-            "high", f"{port}/{proto} ({owner}; listening on {where}) is reachable from the "
-            f"world, and expected_open ({_expected_text(expected)}) does not list it",
+            "high", f"{port}/{proto} ({owner}; listening on {where}) {how}, and expected_open "
+            f"({_expected_text(expected)}) does not list it",
             f"bind it to 127.0.0.1 (or a private address), stop it, or drop {port}/{proto} in "
             f"the firewall; if it is meant to be public, add \"{port}/{proto}\" to "
             "expected_open in the config", "unexpected-service", exposure=True))

@@ -9,7 +9,7 @@ from typing import Any
 
 from fwsafe.audit.findings import SEVERITIES, Finding, is_expected
 from fwsafe.audit.listeners import Listener
-from fwsafe.audit.plan import WORLD
+from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
 from fwsafe.config import OpenPort
 
@@ -20,8 +20,8 @@ def _reached_text(listener: Listener, reach: Reach) -> str:
     names = []
     for name in reach.reached:
         families = reach.families(name)
-        if name == WORLD and len(families) == 1 and len(listener.families) > 1:
-            name = f"world (IPv{families[0]} only)"
+        if is_world(name) and len(families) == 1 and len(listener.families) > 1:
+            name = f"{name} (IPv{families[0]} only)"
         names.append(name)
     return ", ".join(names)
 
@@ -51,7 +51,9 @@ class AuditReport:
         if listener.loopback:
             return False
         result = self.result(listener)
-        return None if result.problem else bool(result.reached)
+        if result.reached:
+            return True
+        return None if (result.problem or result.uncertain) else False
 
     @property
     def exit_code(self) -> int:
@@ -65,9 +67,12 @@ class AuditReport:
             "reachable_from": [] if listener.loopback else result.reached,
             "expected": is_expected(self.expected, listener.proto, listener.port),
             "not_checked": None if listener.loopback else result.problem,
+            "world": False if listener.loopback else result.world,
+            "uncertain": None if listener.loopback else result.uncertain,
         })
-        if WORLD in data["reachable_from"]:
-            data["world_over"] = [f"ipv{f}" for f in result.families(WORLD)]
+        over = sorted({f for n, f in result.pairs if is_world(n)})
+        if over and not listener.loopback:
+            data["world_over"] = [f"ipv{f}" for f in over]
         return data
 
     def to_json(self) -> dict[str, Any]:
@@ -125,19 +130,29 @@ class AuditReport:
         if result.problem:
             return result.problem
         if not result.reached:
-            return "nobody outside"
+            return f"UNCERTAIN: {result.uncertain}" if result.uncertain else "nobody outside"
         text = _reached_text(listener, result)
-        if WORLD in result.reached and not is_expected(self.expected, listener.proto,
-                                                       listener.port):
+        if result.world is not False and not is_expected(self.expected, listener.proto,
+                                                         listener.port):
             text += "   UNEXPECTED"
+        if result.uncertain and result.world is not True:
+            text += f"; the world: UNCERTAIN ({result.uncertain})"
         return text
 
 
 def _sources_lines(reach: ReachReport) -> list[str]:
     world = [f"{s.address} on {s.link}" for s in reach.sources if s.name == WORLD]
-    subnets = [f"{s.name} ({s.link})" for s in reach.sources if s.name != WORLD]
-    return [f"  the world: {', '.join(world) or 'no route to it'}; local subnets: "
-            f"{', '.join(subnets) or 'none'}"]
+    named = [s.name.removeprefix(WORLD + " ") for s in reach.sources
+             if is_world(s.name) and s.name != WORLD]
+    subnets = [f"{s.name} ({s.link})" for s in reach.sources if not is_world(s.name)]
+    lines = [f"  the world: {', '.join(world) or 'no route to it'}; local subnets: "
+             f"{', '.join(subnets) or 'none'}"]
+    if named:
+        lines.append(f"  networks the rules name, each tried: {', '.join(named)}")
+    if reach.sports:
+        lines.append("  source ports the rules name, each tried (and an ephemeral one): "
+                     + ", ".join(str(p) for p in reach.sports))
+    return lines
 
 
 @dataclass
@@ -184,7 +199,7 @@ class ExposureChange:
         lines = ["Exposure (who outside reaches this host's listeners: now -> with the change):"]
         for label, entries in (("opens", self.opens), ("closes", self.closes)):
             for listener, pairs in entries:
-                sources = ", ".join(f"{name} over IPv{family}" if name == WORLD else name
+                sources = ", ".join(f"{name} over IPv{family}" if is_world(name) else name
                                     for name, family in pairs)
                 lines.append(f"  {label:<7} {listener.label} on {listener.endpoint} "
                              f"({listener.held_by}): {sources}")

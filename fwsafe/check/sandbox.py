@@ -70,6 +70,20 @@ def _routes(addresses: list[str], dev: str, lladdr: str) -> list[str]:
     return lines
 
 
+def _by_source(link: LinkPlan, peer: str, table: int) -> list[str]:
+    """`ip` commands: packets from the link's clients to its servers leave by `peer` (IPv4: a
+    rule and a table of its own; IPv6: source-specific routes)."""
+    lines = [f"rule add from {_host_prefix(c)} table {table}" for c in link.clients
+             if ":" not in c]
+    for server in link.servers:
+        if ":" not in server:
+            lines.append(f"route replace {_host_prefix(server)} dev {peer} table {table}")
+            continue
+        lines += [f"route replace {_host_prefix(server)} from {_host_prefix(c)} dev {peer}"
+                  for c in link.clients if ":" in c]
+    return lines
+
+
 class AgentProcess:
     """The check agent (agent.py) running in one namespace; one JSON request and answer per line."""
 
@@ -268,6 +282,8 @@ class Sandbox:
         ns = self.namespaces
         srv_lines = configuring("lo", [_host_prefix(address) for address in lo_addresses])
         cli_lines = configuring("lo")
+        served = [a for link in links for a in link.servers]
+        shared = len(served) != len(set(served))
         for index, link in enumerate(links):
             peer = f"peer{index}"
             ns.veth(self.srv, link.name, self.cli, peer, mtu=link.mtu,
@@ -278,6 +294,8 @@ class Sandbox:
                                      addrgen=False)
             srv_lines += _routes(link.clients, link.name, link.peer_mac(index))
             cli_lines += _routes(link.servers, peer, link.server_mac(index))
+            if shared:   # an address served over several links: each client's packets
+                cli_lines += _by_source(link, peer, 100 + index)   # leave by its own link
         ns.batch(self.srv, srv_lines)
         ns.batch(self.cli, cli_lines)
 

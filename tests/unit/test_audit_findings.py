@@ -23,6 +23,7 @@ from fwsafe.audit.listeners import Listener
 from fwsafe.audit.plan import Source, make_plan
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
 from fwsafe.audit.report import AuditReport, ExposureChange
+from fwsafe.audit.space import PER_SHAPE, idle, named_space, representative
 from fwsafe.check.host import ClientPath, Interface
 from fwsafe.config import Config, load_config, parse_open_port
 from fwsafe.errors import ConfigError
@@ -259,7 +260,8 @@ def test_report_json_and_exit_code() -> None:
     assert by_port[5678] == {
         "proto": "tcp", "family": "ipv4", "address": "0.0.0.0", "port": 5678, "process": "node",
         "pid": 1234, "exposed": True, "reachable_from": ["world", "10.0.0.0/24"],
-        "expected": False, "not_checked": None, "world_over": ["ipv4"]}
+        "expected": False, "not_checked": None, "world_over": ["ipv4"], "world": True,
+        "uncertain": None}
     assert by_port[8000]["exposed"] is False and by_port[8000]["reachable_from"] == []
     assert by_port[53]["v6only"] is False and by_port[53]["world_over"] == ["ipv6"]
     assert [f["severity"] for f in data["findings"]] == ["high"]
@@ -321,16 +323,19 @@ def test_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     eth0 = made.links[1]
     assert "1.2.3.5" in eth0.clients and "198.51.100.53" in eth0.servers
     world4, world6, docker, subnet4, _ = made.sources
+    # every address of this host, whichever interface the packet comes in by (issue 29)
+    every4 = ["172.17.0.1", "203.0.113.10", "198.51.100.53"]
     wild = Listener("tcp", 6, "::", 80, v6only=False)
-    assert made.destinations(wild, world4) == ["203.0.113.10"]
+    assert made.destinations(wild, world4) == every4
     assert made.destinations(wild, world6) == ["2001:db8:1::10"]
-    assert made.destinations(wild, docker) == ["172.17.0.1"]
+    assert made.destinations(wild, docker) == every4
+    assert set(eth0.servers) >= {*every4, "2001:db8:1::10"}
     private = Listener("tcp", 4, "172.17.0.1", 9000)
-    assert made.destinations(private, world4) == [] and made.destinations(private, docker) \
-        == ["172.17.0.1"]
+    assert made.destinations(private, world4) == ["172.17.0.1"]
+    assert made.destinations(private, docker) == ["172.17.0.1"]
     anycast = Listener("udp", 4, "198.51.100.53", 53)
     assert made.destinations(anycast, world4) == ["198.51.100.53"]
-    assert made.destinations(anycast, subnet4) == []
+    assert made.destinations(anycast, subnet4) == ["198.51.100.53"]
     assert made.unplaced(Listener("tcp", 4, "192.0.2.99", 80)) is not None
     assert made.unplaced(Listener("tcp", 6, "fe80::1", 80)) is not None
     assert made.unplaced(wild) is None
@@ -344,3 +349,51 @@ def test_no_route_to_the_world(monkeypatch: pytest.MonkeyPatch) -> None:
     made = make_plan(_interfaces())
     assert all(s.name != "world" for s in made.sources)
     assert any("no route to the world over IPv4" in n for n in made.notes)
+
+
+def test_plan_tries_every_network_the_rules_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ban of 1.0.0.0/8 must not hide the world (issue 29 point 2): the world at large is
+    an address outside it, and the banned network and an allow-listed office are tried too."""
+    def route(client: str, hint: str | None, interfaces: object) -> ClientPath:
+        return ClientPath(client, 6 if ":" in client else 4, dev="eth0")
+
+    monkeypatch.setattr(plan, "client_path", route)
+    rules = ("-A INPUT -s 1.0.0.0/8 -j DROP\n-A INPUT -s 192.0.2.0/24 -j ACCEPT\n"
+             "-A INPUT -s 2001:db8:99::/48 -j ACCEPT\n")
+    made = make_plan(_interfaces(), avoid=rules, space=named_space([rules]))
+    names = {s.name: s.address for s in made.sources if s.family == 4 or s.name != "world"}
+    assert names["world"] == "2.77.77.77"                    # outside 1.0.0.0/8
+    assert names["world 1.0.0.0/8"] == "1.0.0.1"
+    assert names["world 192.0.2.0/24"] == "192.0.2.1"
+    assert names["world 2001:db8:99::/48"] == "2001:db8:99::1"
+    assert all(s.link == "eth0" for s in made.sources if s.name.startswith("world"))
+
+
+def test_named_space_is_bounded_by_rule_shape() -> None:
+    """50,000 per-address bans of one shape are two cells, not 50,000; source ports named."""
+    bans = "\n".join(f"-A INPUT -s 10.{i // 65536}.{i // 256 % 256}.{i % 256}/32 -j DROP"
+                     for i in range(50000))
+    space = named_space([bans, "-A INPUT -p tcp -m tcp --sport 80 -j ACCEPT\n"
+                               "-A INPUT -p udp -m multiport --sports 53,67:68 -j ACCEPT\n"
+                               "add rule inet t c udp sport { 123, 500 } accept\n"])
+    assert len(space.networks[4]) == PER_SHAPE and space.collapsed == 50000 - PER_SHAPE
+    assert space.sports == [80, 53, 67, 68, 123, 500]
+    inner = named_space(["-A INPUT -s 10.0.0.0/8 -j DROP\n-A INPUT -s 10.0.0.0/24 -j ACCEPT"])
+    outer = inner.networks[4][0]
+    assert representative(outer, inner, set()) == "10.255.255.254"   # not in the /24
+
+
+def test_idle_state_rewrites_rate_limits() -> None:
+    """A SYN-flood chain answers the simultaneous probes as it answers one connection after
+    idle (issue 29 point 3)."""
+    assert idle("-A SYN -m limit --limit 1/sec --limit-burst 3 -j RETURN") \
+        == "-A SYN -m limit --limit 10000/sec --limit-burst 10000 -j RETURN"
+    assert idle("-A I -m hashlimit --hashlimit-above 1/sec --hashlimit-mode srcip "
+                "--hashlimit-name x -j DROP") == (
+        "-A I -m hashlimit --hashlimit-above 10000/sec --hashlimit-burst 10000 "
+        "--hashlimit-mode srcip --hashlimit-name x -j DROP")
+    assert idle("tcp flags syn limit rate over 5/second burst 3 packets drop") \
+        == "tcp flags syn limit rate over 10000/second burst 10000 packets drop"
+    assert idle("-A I -m connlimit --connlimit-above 3 -j REJECT") \
+        == "-A I -m connlimit --connlimit-above 1000000 -j REJECT"
+    assert idle("ct count over 4 drop") == "ct count over 1000000 drop"
