@@ -15,6 +15,10 @@ Requests (``op``):
                                                 UDP datagram carrying the attempt's id (sent)
     heard  {"ids", "wait"}                      which of these ids the UDP listeners received,
                                                 waiting up to `wait` seconds for all of them
+    peers  {"settle"}                           the source addresses each listener (by the
+                                                "label" it was served with) received from
+                                                since the last time asked, after `settle` s
+    sysctl {"name", "value"}                    write /proc/sys/net/NAME (server side)
 Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
 """
 
@@ -59,11 +63,12 @@ class Agent:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
         self.heard: set[str] = set()
+        self.peers: dict[str, set[str]] = {}
         self.cond = threading.Condition()
 
     # -- server side --------------------------------------------------------------------------
     def serve(self, proto: str, address: str, port: int, v6only: bool,
-              device: str | None = None) -> dict[str, Any]:
+              device: str | None = None, label: str = "") -> dict[str, Any]:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         sock = socket.socket(_family(address), kind)
         try:
@@ -81,28 +86,51 @@ class Agent:
                                           f"{(exc.strerror or str(exc)).lower()}"}
         self.sockets.append(sock)
         target = self._accept if proto == "tcp" else self._receive
-        threading.Thread(target=target, args=(sock,), daemon=True).start()
+        threading.Thread(target=target, args=(sock, label), daemon=True).start()
         return {"ok": True}
 
-    @staticmethod
-    def _accept(sock: socket.socket) -> None:
+    def _seen(self, label: str, peer: str) -> None:
+        with self.cond:
+            self.peers.setdefault(label, set()).add(peer.removeprefix("::ffff:"))
+
+    def _accept(self, sock: socket.socket, label: str) -> None:
         """Accept and close (the handshake is what counts; nothing piles up)."""
         while True:
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except OSError:
                 return
             conn.close()
+            self._seen(label, str(peer[0]))
 
-    def _receive(self, sock: socket.socket) -> None:
+    def _receive(self, sock: socket.socket, label: str) -> None:
         while True:
             try:
-                data = sock.recv(512)
+                data, peer = sock.recvfrom(512)
             except OSError:
                 return
+            self._seen(label, str(peer[0]))
             with self.cond:
                 self.heard.add(data.decode(errors="replace"))
                 self.cond.notify_all()
+
+    def take_peers(self, settle: float) -> dict[str, Any]:
+        time.sleep(settle)
+        with self.cond:
+            peers = {label: sorted(found) for label, found in self.peers.items()}
+            self.peers = {}
+        return {"ok": True, "peers": peers}
+
+    @staticmethod
+    def sysctl(name: str, value: str) -> dict[str, Any]:
+        if ".." in name or name.startswith("/"):
+            return {"ok": False, "error": f"bad sysctl name {name!r}"}
+        try:
+            with open(os.path.join("/proc/sys/net", name), "w") as handle:
+                handle.write(value)
+        except OSError as exc:
+            return {"ok": False, "error": f"{name}: {exc.strerror or exc}"}
+        return {"ok": True}
 
     def wait_heard(self, ids: list[str], wait: float) -> dict[str, Any]:
         end = time.monotonic() + wait
@@ -178,7 +206,11 @@ class Agent:
         if op == "serve":
             return self.serve(str(request["proto"]), str(request["address"]),
                               int(request["port"]), bool(request.get("v6only")),
-                              request.get("device") or None)
+                              request.get("device") or None, str(request.get("label", "")))
+        if op == "peers":
+            return self.take_peers(float(request.get("settle", 0)))
+        if op == "sysctl":
+            return self.sysctl(str(request["name"]), str(request["value"]))
         if op == "reach":
             return self.reach(list(request["attempts"]), float(request["timeout"]))
         if op == "heard":

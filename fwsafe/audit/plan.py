@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Union
 
 from fwsafe.audit.listeners import Listener
+from fwsafe.audit.nat import Entry
 from fwsafe.audit.space import NamedSpace, representative
 from fwsafe.check.host import Interface, client_path
 from fwsafe.check.sandbox import LinkPlan
@@ -69,6 +70,7 @@ class Plan:
     lo_addresses: list[str] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
     sports: list[int] = field(default_factory=list)   # source ports the rules name
+    entries: list[Entry] = field(default_factory=list)   # ports translated to this host
     notes: list[str] = field(default_factory=list)
     # (address, prefix) of every interface reproduced, by name; lo's non-loopback ones apart
     addresses: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
@@ -91,6 +93,8 @@ class Plan:
         if listener.wildcard:
             return None
         address = listener.mapped or listener.address
+        if listener.loopback:
+            return None   # every namespace's lo holds it
         if ipaddress.ip_address(address).is_link_local:
             return "bound to a link-local address: only its link's neighbours reach it"
         if self.owner_of(address) is None:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from fwsafe.audit.listeners import Listener
+from fwsafe.audit.nat import Forward, nat_rules
 from fwsafe.audit.plan import Plan, Source, is_world, make_plan
 from fwsafe.audit.space import MAX_CELLS, PER_SHAPE, idle, named_space
 from fwsafe.check.attempts import NotChecked, find_not_checked
@@ -82,6 +83,7 @@ class Reach:
 class ReachReport:
     sources: list[Source] = field(default_factory=list)
     sports: list[int] = field(default_factory=list)
+    forwards: dict[str, list[Forward]] = field(default_factory=dict)   # by round
     rounds: dict[str, dict[Key, Reach]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)
@@ -121,14 +123,25 @@ def reachability(listeners: Sequence[Listener], *,
     interfaces = host_interfaces()
     plan = make_plan(interfaces, avoid, space)
     plan.sports = space.sports
+    local = {a for i in interfaces.values() for a, _, _ in i.addresses}
+    entries, forwards = nat_rules([(t.family, t.current.decode(errors="replace"))
+                                   for t in tools], local)
+    forwards_by_round = {CURRENT: forwards}
+    if candidate is not None:
+        more, forwards_by_round[CANDIDATE] = nat_rules(
+            [(t.family, (t.candidate[0] if t.candidate else t.current).decode(errors="replace"))
+             for t in tools], local)
+        entries = list(dict.fromkeys([*entries, *more]))
+    plan.entries = entries
     if space.collapsed:
         plan.notes.append(f"{space.collapsed} network(s) the rules name were tried through "
                           f"another of the same rule shape (at most {PER_SHAPE} of a shape, "
                           f"{MAX_CELLS} per family)")
     report = ReachReport(sources=plan.sources, sports=list(space.sports),
-                         notes=list(plan.notes))
+                         notes=list(plan.notes), forwards=forwards_by_round)
     rounds = [CURRENT, CANDIDATE] if candidate is not None else [CURRENT]
-    outside = [x for x in listeners if not x.loopback]
+    # loopback listeners: only a translation (DNAT to 127.0.0.1, route_localnet) reaches them
+    outside = [x for x in listeners if not x.loopback or entries]
     if not outside:
         report.rounds = {name: {} for name in rounds}
         return report
@@ -182,6 +195,7 @@ class _Rounds:
         self.timeout = timeout
         self.ports = itertools.cycle(range(_FIRST_PORT, _LAST_PORT + 1))
         self.numbers = itertools.count()
+        self.labels: dict[str, Key] = {}
 
     def run(self, listeners: list[Listener], rounds: list[str], report: ReachReport,
             addresses: list[str]) -> None:
@@ -193,6 +207,8 @@ class _Rounds:
             for listener in listeners:
                 if problems[listener.key()] is None:
                     problems[listener.key()] = self._serve(listener)
+            if self.plan.entries:
+                self._copy_sysctls()
             if self.ipsets.strip():
                 loaded = self.sandbox.srv_run([require_binary("ipset"), "restore", "-exist"],
                                               input=self.ipsets.encode(), timeout=120)
@@ -238,19 +254,35 @@ class _Rounds:
                 result.uncertain = "; ".join(why[:3]) + (f" (and {len(why) - 3} more)"
                                                           if len(why) > 3 else "")
 
+    def _copy_sysctls(self) -> None:
+        """route_localnet (a DNAT to 127.0.0.1 reaches loopback listeners only with it)."""
+        agent = self.sandbox.srv_agent
+        assert agent is not None
+        for name in ["all", "default", *(link.name for link in self.plan.links)]:
+            key = f"ipv4/conf/{name}/route_localnet"
+            try:
+                value = Path("/proc/sys/net", key).read_text().strip()
+            except OSError:
+                continue
+            agent.request({"op": "sysctl", "name": key, "value": value})
+
     def _serve(self, listener: Listener) -> str | None:
         agent = self.sandbox.srv_agent
         assert agent is not None
+        label = _label(listener.key())
+        self.labels[label] = listener.key()
         answer = agent.request({"op": "serve", "proto": listener.proto,
                                 "address": listener.address, "port": listener.port,
                                 "v6only": listener.v6only is True,
-                                "device": listener.device})
+                                "device": listener.device, "label": label})
         return None if answer.get("ok") else str(answer.get("error"))
 
     def _attempts(self, round_name: str, listeners: list[Listener]) -> dict[Key, Reach]:
         """One attempt per listener, source and destination address, all at once."""
         attempts: list[dict[str, Any]] = []
-        who: dict[str, tuple[Key, tuple[str, int]]] = {}
+        who: dict[str, tuple[Key | None, tuple[str, int]]] = {}
+        assert self.sandbox.srv_agent is not None
+        self.sandbox.srv_agent.request({"op": "peers", "settle": 0})   # forget the last round
         for listener in listeners:
             for source in self.plan.sources:
                 for destination in self.plan.destinations(listener, source):
@@ -260,7 +292,19 @@ class _Rounds:
                         attempts.append({"id": ident, "proto": listener.proto,
                                          "src": source.address, "sport": sport,
                                          "dst": destination, "port": listener.port})
+        for entry in self.plan.entries:   # translated ports: the receiving listener counts
+            for source in self.plan.sources:
+                if source.family != entry.family:
+                    continue
+                for destination in self.plan.host_addresses(entry.family):
+                    for sport in [next(self.ports), *self.plan.sports]:
+                        ident = f"{round_name}-{next(self.numbers)}"
+                        who[ident] = (None, (source.name, source.family))
+                        attempts.append({"id": ident, "proto": entry.proto,
+                                         "src": source.address, "sport": sport,
+                                         "dst": destination, "port": entry.port})
         reached: set[str] = set()
+        attempts_proto = {str(a["id"]): str(a["proto"]) for a in attempts}
         if attempts:
             assert self.sandbox.cli_agent is not None and self.sandbox.srv_agent is not None
             batches = len(attempts) // 400 + 1
@@ -271,8 +315,9 @@ class _Rounds:
                 raise SandboxError(f"the client-side agent failed: {answer.get('error')}")
             results: dict[str, str | None] = answer["results"]
             reached = {i for i, error in results.items()
-                       if error is None and who[i][0][0] == "tcp"}
-            sent = [i for i, error in results.items() if error is None and who[i][0][0] == "udp"]
+                       if error is None and attempts_proto[i] == "tcp" and who[i][0]}
+            sent = [i for i, error in results.items() if error is None
+                    and attempts_proto[i] == "udp" and who[i][0]]
             if sent:
                 heard = self.sandbox.srv_agent.request(
                     {"op": "heard", "ids": sent, "wait": self.timeout},
@@ -281,7 +326,16 @@ class _Rounds:
         by_key: dict[Key, set[tuple[str, int]]] = {}
         for ident in reached:
             key, pair = who[ident]
-            by_key.setdefault(key, set()).add(pair)
+            if key is not None:
+                by_key.setdefault(key, set()).add(pair)
+        if self.plan.entries:   # who each listener heard from, also through a translation
+            sources = {s.address: (s.name, s.family) for s in self.plan.sources}
+            heard_from = self.sandbox.srv_agent.request({"op": "peers", "settle": 0.2})
+            for label, peers in heard_from.get("peers", {}).items():
+                known = self.labels.get(label)
+                if known is not None:
+                    by_key.setdefault(known, set()).update(
+                        sources[p] for p in peers if p in sources)
         order = list(dict.fromkeys((s.name, s.family) for s in self.plan.sources))
         return {x.key(): Reach([p for p in order if p in by_key.get(x.key(), set())])
                 for x in listeners}
@@ -334,3 +388,7 @@ def _port_in(port: int, spec: str) -> bool:
         except ValueError:
             return True   # a name or a set: it may
     return False
+
+
+def _label(key: Key) -> str:
+    return "|".join(str(part) for part in key)

@@ -9,6 +9,7 @@ from typing import Any
 
 from fwsafe.audit.findings import SEVERITIES, Finding, is_expected
 from fwsafe.audit.listeners import Listener
+from fwsafe.audit.nat import Forward
 from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
 from fwsafe.config import OpenPort
@@ -36,6 +37,7 @@ class AuditReport:
     rules: dict[str, str] = field(default_factory=dict)   # layer -> RULES file (none: live)
     change: ExposureChange | None = None        # RULES given: what they open and close
     docker: dict[tuple[str, int], str] = field(default_factory=dict)   # published ports
+    docker_user_rules: int = 0
 
     def result(self, listener: Listener) -> Reach:
         """Who reaches it; a port Docker publishes is not checked here (its packets go to the
@@ -47,31 +49,46 @@ class AuditReport:
         return self.reach.reach(self.round, listener)
 
     def exposed(self, listener: Listener) -> bool | None:
-        """Reached from outside (the world or a local subnet); None: not checked."""
-        if listener.loopback:
-            return False
+        """Reached from outside (the world or a local subnet); None: not checked. A loopback
+        listener is reached only through a translation (DNAT to 127.0.0.1)."""
         result = self.result(listener)
         if result.reached:
             return True
+        if listener.loopback:
+            return False
         return None if (result.problem or result.uncertain) else False
 
     @property
     def exit_code(self) -> int:
         return 1 if any(f.exposure for f in self.findings) else 0
 
+    @property
+    def forwards(self) -> list[Forward]:
+        """Ports this host forwards to others (DNAT), under the rules audited."""
+        return self.reach.forwards.get(self.round, [])
+
+    def forward_exposed(self, forward: Forward) -> bool | None:
+        """True: nothing in the rule limits who is forwarded (the world is, if it is routed
+        here); None: a source, interface or DOCKER-USER rule may (not tried: the sandbox
+        has no host behind it)."""
+        if forward.docker and self.docker_user_rules:
+            return None
+        return True if forward.open else None
+
     def listener_json(self, listener: Listener) -> dict[str, Any]:
         result = self.result(listener)
         data = listener.to_json()
         data.update({
             "exposed": self.exposed(listener),
-            "reachable_from": [] if listener.loopback else result.reached,
+            "reachable_from": result.reached,
             "expected": is_expected(self.expected, listener.proto, listener.port),
             "not_checked": None if listener.loopback else result.problem,
-            "world": False if listener.loopback else result.world,
+            "world": bool(result.reached) and bool(result.world) if listener.loopback
+            else result.world,
             "uncertain": None if listener.loopback else result.uncertain,
         })
         over = sorted({f for n, f in result.pairs if is_world(n)})
-        if over and not listener.loopback:
+        if over:
             data["world_over"] = [f"ipv{f}" for f in over]
         return data
 
@@ -82,6 +99,7 @@ class AuditReport:
             "rules": self.rules or "live",
             "expected_open": [str(e) for e in self.expected],
             "listeners": [self.listener_json(x) for x in self.listeners],
+            "forwards": [f.to_json(self.forward_exposed(f)) for f in self.forwards],
             "findings": [f.to_json() for f in self.findings],
             "sources": self.reach.sources_json(),
             "notes": self.reach.notes,
@@ -102,6 +120,13 @@ class AuditReport:
         for listener in self.listeners:
             lines.append(f"  {listener.proto:<5} {listener.endpoint:<29} "
                          f"{listener.owner:<23} {self._reach_cell(listener)}")
+        for forward in self.forwards:
+            state = {True: "reachable by whoever is routed here", None: "may be limited "
+                     "(not tried: nothing behind it in the sandbox)"}[
+                         self.forward_exposed(forward)]
+            on = f" on {forward.on}" if forward.on else ""
+            lines.append(f"  forward {forward.label}{on} -> {forward.target} "
+                         f"({forward.chain}): {state}")
         if self.change is not None:
             lines += self.change.lines()
         for note in self.reach.notes:
@@ -124,9 +149,9 @@ class AuditReport:
         return "\n".join(lines)
 
     def _reach_cell(self, listener: Listener) -> str:
-        if listener.loopback:
-            return "- (loopback only)"
         result = self.result(listener)
+        if listener.loopback and not result.reached:
+            return "- (loopback only)"
         if result.problem:
             return result.problem
         if not result.reached:
@@ -169,9 +194,9 @@ class ExposureChange:
     def between(cls, listeners: Sequence[Listener], reach: ReachReport) -> ExposureChange:
         change = cls(notes=list(reach.notes), not_checked=list(reach.not_checked))
         for listener in listeners:
-            if listener.loopback:
-                continue
             before, after = reach.reach(CURRENT, listener), reach.reach(CANDIDATE, listener)
+            if listener.loopback and not (before.reached or after.reached):
+                continue
             if before.problem or after.problem:
                 change.not_checked.append(f"{listener.proto} {listener.endpoint} "
                                           f"({listener.held_by}): "

@@ -61,9 +61,12 @@ def with_rule(save: str, rule: str) -> str:
 
 
 def our_namespaces() -> list[str]:
+    """Sandbox namespaces left by a process that has ended (the audit's, once it returned);
+    those of live processes (other runs of fwsafe check on this machine) are not ours."""
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                            check=True).stdout.split()
-    return [n for n in names if re.match(r"^fwck\d+x?[sc]$", n)]
+    found = [(n, re.match(r"^fwck(\d+)x?[sc]$", n)) for n in names]
+    return [n for n, m in found if m and not Path(f"/proc/{m.group(1)}").exists()]
 
 
 class AuditLab:

@@ -21,10 +21,7 @@ pytestmark = pytest.mark.lab
 
 # Set-ups whose misses are not fixed yet (issue 29's point in the reason); strict: a set-up
 # that starts passing must be taken off this list.
-NOT_YET: dict[str, str] = {
-    "nat": "issue 29 point 5: REDIRECT/DNAT targets and forwards are not tried yet",
-    "docker": "issue 29 point 6: Docker's forwards are not in the verdicts yet",
-}
+NOT_YET: dict[str, str] = {}
 
 OUTCOMES: list[Outcome] = []
 

@@ -4,6 +4,7 @@ the boot unit and a pending transaction; the JSON and the exit code; who sends f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from fwsafe.audit.docker import docker_state
 from fwsafe.audit.findings import (
     docker_findings,
     expected_ports,
+    forward_findings,
     is_expected,
     listener_findings,
     parse_sshd_t,
@@ -20,6 +22,7 @@ from fwsafe.audit.findings import (
     sshd_findings,
 )
 from fwsafe.audit.listeners import Listener
+from fwsafe.audit.nat import nat_rules
 from fwsafe.audit.plan import Source, make_plan
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
 from fwsafe.audit.report import AuditReport, ExposureChange
@@ -90,8 +93,12 @@ def test_local_subnet_only_and_not_checked_are_low() -> None:
     assert "udp [::]:53 (named, PID 700): not checked: x" in found[1].what
 
 
-def test_loopback_listeners_are_never_findings() -> None:
-    assert listener_findings([LOCAL], {LOCAL.key(): Reach(WORLD_V4)}, []) == []
+def test_loopback_listeners_are_findings_only_when_a_translation_reaches_them() -> None:
+    assert listener_findings([LOCAL], {LOCAL.key(): Reach()}, []) == []
+    assert listener_findings([LOCAL], {LOCAL.key(): Reach(problem="not checked: x")}, []) == []
+    # reached from the world: only a DNAT to 127.0.0.1 (route_localnet) does that
+    (found,) = listener_findings([LOCAL], {LOCAL.key(): Reach(WORLD_V4)}, [])
+    assert found.exposure and found.kind == "unexpected-service"
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,3 +404,63 @@ def test_idle_state_rewrites_rate_limits() -> None:
     assert idle("-A I -m connlimit --connlimit-above 3 -j REJECT") \
         == "-A I -m connlimit --connlimit-above 1000000 -j REJECT"
     assert idle("ct count over 4 drop") == "ct count over 1000000 drop"
+
+
+def test_a_leftover_legacy_docker_chain_does_not_hide_published_ports() -> None:
+    """iptables-nft's and iptables-legacy's saves are read apart: an empty legacy nat DOCKER
+    chain must not replace the one with Docker's DNAT rules (issue 29 point 6)."""
+    nft = ("*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n"
+           "-A DOCKER ! -i br-1 -p tcp -m tcp --dport 8085 -j DNAT "
+           "--to-destination 172.18.0.2:80\nCOMMIT\n")
+    legacy = "*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\nCOMMIT\n"
+    state = docker_state([(4, nft), (4, legacy)])
+    assert [(p.ports, p.target) for p in state.published] == [("8085", "172.18.0.2:80")]
+
+
+def test_nat_rules_entries_and_forwards() -> None:
+    """REDIRECT and DNAT to this host or loopback are entry ports (tried in the sandbox);
+    DNAT elsewhere is a forward, open unless the rule limits who is forwarded."""
+    save = ("*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n"
+            "-A PREROUTING -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8001\n"
+            "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 127.0.0.1:8004\n"
+            "-A PREROUTING -p udp -m udp --dport 5353 -j DNAT --to-destination 10.0.0.1:53\n"
+            "-A PREROUTING -p tcp -m tcp --dport 8090 -j DNAT --to-destination 10.9.0.10:80\n"
+            "-A PREROUTING -s 192.0.2.0/24 -p tcp -m tcp --dport 8091 -j DNAT "
+            "--to-destination 10.9.0.11:80\n"
+            "-A DOCKER -d 127.0.0.1/32 ! -i br-1 -p tcp -m tcp --dport 8086 -j DNAT "
+            "--to-destination 172.18.0.3:80\nCOMMIT\n")
+    entries, forwards = nat_rules([(4, save)], {"10.0.0.1"})
+    assert [(e.proto, e.port) for e in entries] == [("tcp", 80), ("tcp", 8080), ("udp", 5353)]
+    found = {(f.label, f.address, f.target_port, f.open, f.docker) for f in forwards}
+    assert found == {("8090/tcp", "10.9.0.10", 80, True, False),
+                     ("8091/tcp", "10.9.0.11", 80, False, False),
+                     ("8086/tcp", "172.18.0.3", 80, False, True)}
+    kinds = [(f.kind, f.exposure) for f in forward_findings(forwards, [])]
+    assert sorted(kinds) == [("docker-loopback", False), ("forwarded-port", False),
+                             ("forwarded-port", True)]
+
+
+def test_the_running_sshd_configuration_is_read(tmp_path: Path) -> None:
+    """sshd's facts come from the running daemon's own -f/-o (issue 29), not /etc/ssh: the
+    daemons of this network namespace, not their sessions, nor another namespace's."""
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    ours = tmp_path / "self" / "ns" / "net"
+    ours.write_text("")
+    other = tmp_path / "other-net"
+    other.write_text("")
+
+    def process(pid: int, ppid: int, comm: str, argv: list[str], net: Path) -> None:
+        d = tmp_path / str(pid)
+        (d / "ns").mkdir(parents=True)
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
+        (d / "stat").write_text(f"{pid} ({comm}) S {ppid} 1 1")
+        os.link(net, d / "ns" / "net")
+
+    process(1, 0, "systemd", ["/sbin/init"], ours)
+    process(10, 1, "sshd", ["/usr/sbin/sshd", "-D", "-f", "/srv/lab/sshd_config",
+                            "-oPermitRootLogin=yes"], ours)
+    process(11, 10, "sshd", ["sshd: root@pts/0"], ours)          # a session
+    process(12, 1, "sshd", ["/usr/sbin/sshd", "-D"], other)      # another namespace's
+    assert facts.running_sshd_options(tmp_path) == [
+        ["-f", "/srv/lab/sshd_config", "-o", "PermitRootLogin=yes"]]
