@@ -359,6 +359,12 @@ def setups(i: int) -> list[Setup]:
                          "--probability 0.5 -j DROP\n"),
               uncertain=frozenset({"tcp4-any"}),
               note="a match the sandbox cannot reproduce: that listener is uncertain"),
+        Setup("port-knock",
+              v4=_filter("-A INPUT -p tcp --dport 7001 -m recent --rcheck --seconds 30 "
+                         "--name knocked -j ACCEPT\n", "DROP"),
+              uncertain=frozenset({"tcp4-any"}),
+              note="a port opened by knocking (history the sandbox does not have): uncertain, "
+                   "not closed"),
         Setup("docker", docker=True,
               legacy4="*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT "
                       "[0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\nCOMMIT\n",

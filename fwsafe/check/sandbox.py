@@ -5,7 +5,9 @@ interface name and addresses, the firewall under test and a listener on the mana
 and ``fwck<tag>c`` (the clients: it holds the clients' addresses). They are joined by one veth
 pair per host interface that management traffic arrives on; the veth is created directly in
 the two namespaces, so nothing ever appears in the namespace `fwsafe check` runs in, whose
-firewall is only ever read.
+firewall is only ever read. When one address of the server is reached over several links (the
+audit's sources send to every host address), each client's packets leave by its own link
+(a policy rule per IPv4 client, source-specific IPv6 routes).
 
 Everything the sandbox starts (the agents, ``nft monitor trace``) is stopped by PID in
 :meth:`Sandbox.close`, and both namespaces are deleted, also after errors and interrupts.
