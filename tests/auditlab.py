@@ -328,6 +328,28 @@ def setups(i: int) -> list[Setup]:
                        "net.ipv4.ip_forward": "1"},
               note="REDIRECT 80->8001 (8001 only through it), DNAT 8080->127.0.0.1:8004 with "
                    "route_localnet, DNAT 8090 -> the VM's port 80"),
+        Setup("nft-nat",
+              nft=textwrap.dedent(f"""\
+                  table ip audit_nat {{
+                      chain pre {{
+                          type nat hook prerouting priority dstnat; policy accept;
+                          tcp dport 80 redirect to :8001
+                          tcp dport 8080 dnat to 127.0.0.1:8004
+                          tcp dport 8090 dnat to 10.233.{i}.10:80
+                      }}
+                  }}
+                  table inet audit_filter {{
+                      chain input {{
+                          type filter hook input priority 0; policy accept;
+                          tcp dport 8001 ct status dnat accept
+                          tcp dport 8001 drop
+                      }}
+                  }}
+                  """),
+              sysctls={"net.ipv4.conf.eth0.route_localnet": "1",
+                       "net.ipv4.conf.eth1.route_localnet": "1",
+                       "net.ipv4.ip_forward": "1"},
+              note="the nat set-up's translations written in nft"),
         Setup("ipset",
               v4=_filter("-A INPUT -m set --match-set banned src -j DROP\n"
                          "-A INPUT -m set --match-set admins src -j ACCEPT\n"

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -79,10 +80,10 @@ class Forward:
                 "chain": self.chain, "exposed": exposed, "world": exposed}
 
 
-def nat_rules(saves: Iterable[tuple[int, str]], local: set[str]
+def nat_rules(saves: Iterable[tuple[int, str]], local: set[str], nft: str = ""
               ) -> tuple[list[Entry], list[Forward]]:
     """The entry ports into this host and the forwards through it, from iptables-save texts
-    by family (each parsed apart); `local`: this host's addresses."""
+    by family (each parsed apart) and an nft listing; `local`: this host's addresses."""
     entries: list[Entry] = []
     forwards: list[Forward] = []
     for family, text in saves:
@@ -90,7 +91,50 @@ def nat_rules(saves: Iterable[tuple[int, str]], local: set[str]
         for chain in nat.values():
             for rule in chain.rules:
                 _one(rule, chain.name, family, local, entries, forwards)
+    _nft(nft, local, entries, forwards)
     return list(dict.fromkeys(entries)), list(dict.fromkeys(forwards))
+
+
+_NFT_DPORT = re.compile(r"\b(tcp|udp)\s+dport\s+(\d+)(?:-(\d+))?\b")
+_NFT_REDIRECT = re.compile(r"\bredirect\b")
+_NFT_DNAT = re.compile(r"\bdnat\s+(?:(ip6?)\s+)?to\s+(\[[0-9a-fA-F:]+\]|[0-9a-fA-F:.]+?)"
+                       r"(?::(\d+))?(?=\s|$)")
+
+
+def _nft(text: str, local: set[str], entries: list[Entry], forwards: list[Forward]) -> None:
+    """`... tcp dport N ... redirect to :M` / `dnat [ip] to ADDR[:PORT]` in an nft listing
+    (plain ports only; maps and sets of ports are not followed)."""
+    table = ""
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["table"] and len(words) >= 3:
+            table = f"{words[1]} {words[2]}"
+        port = _NFT_DPORT.search(line)
+        if port is None or ("redirect" not in line and "dnat" not in line):
+            continue
+        proto, first = port.group(1), int(port.group(2))
+        ports = f"{first}:{port.group(3)}" if port.group(3) else str(first)
+        families = [6] if table.startswith("ip6 ") else [4] if table.startswith("ip ") else [4, 6]
+        if _NFT_REDIRECT.search(line):
+            entries += [Entry(proto, f, first) for f in families]
+            continue
+        dnat = _NFT_DNAT.search(line)
+        if dnat is None:
+            continue
+        address = dnat.group(2).strip("[]")
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            continue
+        if ip.is_loopback or str(ip) in local:
+            entries.append(Entry(proto, ip.version, first))
+            continue
+        target = f"{address}:{dnat.group(3)}" if dnat.group(3) else address
+        if ip.version == 6 and dnat.group(3):
+            target = f"[{address}]:{dnat.group(3)}"
+        limited = bool(re.search(r"\b(ip6?\s+saddr|iifname|iif)\b(?!\s*!=)", line))
+        forwards.append(Forward(proto, ip.version, ports, target, f"nft {table}",
+                                open=not limited))
 
 
 def _one(rule: SavedRule, chain: str, family: int, local: set[str], entries: list[Entry],

@@ -124,13 +124,15 @@ def reachability(listeners: Sequence[Listener], *,
     plan = make_plan(interfaces, avoid, space)
     plan.sports = space.sports
     local = {a for i in interfaces.values() for a, _, _ in i.addresses}
+    native_text = native.decode(errors="replace")
     entries, forwards = nat_rules([(t.family, t.current.decode(errors="replace"))
-                                   for t in tools], local)
+                                   for t in tools], local, native_text)
     forwards_by_round = {CURRENT: forwards}
     if candidate is not None:
+        nft_candidate = layers["nft"][0].decode(errors="replace") if "nft" in layers else ""
         more, forwards_by_round[CANDIDATE] = nat_rules(
             [(t.family, (t.candidate[0] if t.candidate else t.current).decode(errors="replace"))
-             for t in tools], local)
+             for t in tools], local, native_text + "\n" + nft_candidate)
         entries = list(dict.fromkeys([*entries, *more]))
     plan.entries = entries
     if space.collapsed:

@@ -464,3 +464,15 @@ def test_the_running_sshd_configuration_is_read(tmp_path: Path) -> None:
     process(12, 1, "sshd", ["/usr/sbin/sshd", "-D"], other)      # another namespace's
     assert facts.running_sshd_options(tmp_path) == [
         ["-f", "/srv/lab/sshd_config", "-o", "PermitRootLogin=yes"]]
+
+
+def test_nft_nat_rules_entries_and_forwards() -> None:
+    listing = ("table ip nat {\n\tchain pre {\n\t\ttype nat hook prerouting priority dstnat; "
+               "policy accept;\n\t\ttcp dport 80 redirect to :8001\n"
+               "\t\ttcp dport 8080 dnat to 127.0.0.1:8004\n"
+               "\t\tiifname \"eth1\" tcp dport 8091 dnat to 10.9.0.11:80\n"
+               "\t\ttcp dport 8090 dnat to 10.9.0.10:80\n\t}\n}\n")
+    entries, forwards = nat_rules([], set(), listing)
+    assert [(e.proto, e.family, e.port) for e in entries] == [("tcp", 4, 80), ("tcp", 4, 8080)]
+    assert [(f.label, f.address, f.target_port, f.open) for f in forwards] == [
+        ("8091/tcp", "10.9.0.11", 80, False), ("8090/tcp", "10.9.0.10", 80, True)]
