@@ -19,7 +19,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fwsafe.audit.facts import docker_facts, host_findings
-from fwsafe.audit.findings import SEVERITIES, expected_ports, listener_findings
+from fwsafe.audit.findings import (
+    SEVERITIES,
+    expected_ports,
+    forward_findings,
+    listener_findings,
+)
 from fwsafe.audit.listeners import Listener, read_listeners
 from fwsafe.audit.reach import CANDIDATE, CURRENT, DEFAULT_TIMEOUT, reachability
 from fwsafe.audit.report import AuditReport, ExposureChange
@@ -44,10 +49,11 @@ def audit(config: Config, state_dir: Path, *,
     docker, docker_found = docker_facts(expected)
     report = AuditReport(listeners, reach, chosen, expected,
                          rules={layer: source for layer, (_, source) in (candidate or {}).items()},
-                         docker=docker.targets())
+                         docker=docker.targets(), docker_user_rules=docker.docker_user_rules)
     if candidate is not None:
         report.change = ExposureChange.between(listeners, reach)
     findings = [*listener_findings(listeners, reach.rounds.get(chosen, {}), expected),
+                *forward_findings(report.forwards, expected),
                 *docker_found, *host_findings(state_dir, config.boot_hook)]
     report.findings = sorted(findings, key=lambda f: SEVERITIES.index(f.severity))
     return report

@@ -5,7 +5,8 @@ fwsafe. It reads one JSON request per line on stdin and answers with one JSON li
 input makes it close every socket and exit, so it never outlives the audit that started it.
 
 Requests (``op``):
-    serve  {"proto", "address", "port", "v6only"}  a listener like the host's (server side):
+    serve  {"proto", "address", "port", "v6only", "device"}  a listener like the host's
+                                                (server side; bound to `device` if given):
                                                 TCP accepts and closes, UDP records each
                                                 datagram's payload
     reach  {"attempts": [{"id", "proto", "src", "sport", "dst", "port"}], "timeout"}
@@ -14,6 +15,10 @@ Requests (``op``):
                                                 UDP datagram carrying the attempt's id (sent)
     heard  {"ids", "wait"}                      which of these ids the UDP listeners received,
                                                 waiting up to `wait` seconds for all of them
+    peers  {"settle"}                           the source addresses each listener (by the
+                                                "label" it was served with) received from
+                                                since the last time asked, after `settle` s
+    sysctl {"name", "value"}                    write /proc/sys/net/NAME (server side)
 Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
 """
 
@@ -31,7 +36,8 @@ import threading
 import time
 from typing import Any
 
-BATCH = 400   # sockets open at once (well under the usual limit of 1024 descriptors)
+BATCH = 400   # sockets open at once: 400 under the usual limit of 1024 descriptors, more
+              # where the hard limit allows (main)
 
 
 def _family(address: str) -> int:
@@ -57,14 +63,18 @@ class Agent:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
         self.heard: set[str] = set()
+        self.peers: dict[str, set[str]] = {}
         self.cond = threading.Condition()
 
     # -- server side --------------------------------------------------------------------------
-    def serve(self, proto: str, address: str, port: int, v6only: bool) -> dict[str, Any]:
+    def serve(self, proto: str, address: str, port: int, v6only: bool,
+              device: str | None = None, label: str = "") -> dict[str, Any]:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
         sock = socket.socket(_family(address), kind)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if device:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
             if sock.family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1 if v6only else 0)
             sock.bind((address, port))
@@ -76,28 +86,51 @@ class Agent:
                                           f"{(exc.strerror or str(exc)).lower()}"}
         self.sockets.append(sock)
         target = self._accept if proto == "tcp" else self._receive
-        threading.Thread(target=target, args=(sock,), daemon=True).start()
+        threading.Thread(target=target, args=(sock, label), daemon=True).start()
         return {"ok": True}
 
-    @staticmethod
-    def _accept(sock: socket.socket) -> None:
+    def _seen(self, label: str, peer: str) -> None:
+        with self.cond:
+            self.peers.setdefault(label, set()).add(peer.removeprefix("::ffff:"))
+
+    def _accept(self, sock: socket.socket, label: str) -> None:
         """Accept and close (the handshake is what counts; nothing piles up)."""
         while True:
             try:
-                conn, _ = sock.accept()
+                conn, peer = sock.accept()
             except OSError:
                 return
             conn.close()
+            self._seen(label, str(peer[0]))
 
-    def _receive(self, sock: socket.socket) -> None:
+    def _receive(self, sock: socket.socket, label: str) -> None:
         while True:
             try:
-                data = sock.recv(512)
+                data, peer = sock.recvfrom(512)
             except OSError:
                 return
+            self._seen(label, str(peer[0]))
             with self.cond:
                 self.heard.add(data.decode(errors="replace"))
                 self.cond.notify_all()
+
+    def take_peers(self, settle: float) -> dict[str, Any]:
+        time.sleep(settle)
+        with self.cond:
+            peers = {label: sorted(found) for label, found in self.peers.items()}
+            self.peers = {}
+        return {"ok": True, "peers": peers}
+
+    @staticmethod
+    def sysctl(name: str, value: str) -> dict[str, Any]:
+        if ".." in name or name.startswith("/"):
+            return {"ok": False, "error": f"bad sysctl name {name!r}"}
+        try:
+            with open(os.path.join("/proc/sys/net", name), "w") as handle:
+                handle.write(value)
+        except OSError as exc:
+            return {"ok": False, "error": f"{name}: {exc.strerror or exc}"}
+        return {"ok": True}
 
     def wait_heard(self, ids: list[str], wait: float) -> dict[str, Any]:
         end = time.monotonic() + wait
@@ -172,7 +205,12 @@ class Agent:
         op = request.get("op")
         if op == "serve":
             return self.serve(str(request["proto"]), str(request["address"]),
-                              int(request["port"]), bool(request.get("v6only")))
+                              int(request["port"]), bool(request.get("v6only")),
+                              request.get("device") or None, str(request.get("label", "")))
+        if op == "peers":
+            return self.take_peers(float(request.get("settle", 0)))
+        if op == "sysctl":
+            return self.sysctl(str(request["name"]), str(request["value"]))
         if op == "reach":
             return self.reach(list(request["attempts"]), float(request["timeout"]))
         if op == "heard":
@@ -184,6 +222,8 @@ def main() -> int:
     try:   # many attempts at once: as many descriptors as the hard limit allows
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        global BATCH
+        BATCH = max(BATCH, min(hard - 100, 4000))
     except (OSError, ValueError):
         pass
     agent = Agent()

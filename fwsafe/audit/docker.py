@@ -10,6 +10,7 @@ cannot reproduce a container, so this is read from the rules, not tried with pac
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from fwsafe.check.rules import SavedTables, parse_save
@@ -59,11 +60,13 @@ class DockerState:
         return found
 
 
-def docker_state(saves: dict[int, str]) -> DockerState:
-    """From iptables-save texts by family (4, 6): what Docker publishes, and how FORWARD
-    orders Docker's chains and ufw's."""
+def docker_state(saves: Mapping[int, str] | Iterable[tuple[int, str]]) -> DockerState:
+    """From iptables-save texts by family (4, 6), each flavour's parsed apart (iptables-nft's
+    and a legacy one's: a chain of the same name in the second must not hide the first's
+    rules): what Docker publishes, and how FORWARD orders Docker's chains and ufw's."""
     state = DockerState()
-    for family, text in sorted(saves.items()):
+    items = sorted(saves.items()) if isinstance(saves, Mapping) else list(saves)
+    for family, text in items:
         tables = parse_save(text)
         state.published += _published(tables, family)
         _order(tables, state)

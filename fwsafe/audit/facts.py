@@ -5,6 +5,7 @@ Each returns its findings, or one "info" finding saying what could not be read."
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +29,7 @@ from fwsafe.persistence import boothook
 from fwsafe.runner import find_binary, run
 
 __all__ = ["boot_unit_findings", "docker_facts", "host_findings", "pending_findings",
-           "sshd_facts"]
+           "running_sshd_options", "sshd_facts"]
 
 _IPT = (("ipv4", 4), ("ipv6", 6), ("ipv4-legacy", 4), ("ipv6-legacy", 6))
 
@@ -36,7 +37,8 @@ _IPT = (("ipv4", 4), ("ipv6", 6), ("ipv4-legacy", 4), ("ipv6-legacy", 6))
 def docker_facts(expected: Sequence[OpenPort]) -> tuple[DockerState, list[Finding]]:
     """Ports Docker publishes, from every iptables flavour this host has, and the findings."""
     present = set(available_layers())
-    saves: dict[int, str] = {}
+    saves: list[tuple[int, str]] = []   # each flavour apart: a leftover legacy DOCKER chain
+                                        # must not replace iptables-nft's (issue 29 point 6)
     for name, family in _IPT:
         if name not in present:
             continue
@@ -46,18 +48,66 @@ def docker_facts(expected: Sequence[OpenPort]) -> tuple[DockerState, list[Findin
             return DockerState(), [Finding(
                 "info", f"could not read the {name} rules to look for Docker's published "
                 f"ports: {exc.message}", "run the audit as root", "not-read")]
-        saves[family] = saves.get(family, "") + text
+        saves.append((family, text))
     state = docker_state(saves)
     return state, docker_findings(state, expected)
 
 
+def running_sshd_options(proc: Path = Path("/proc")) -> list[list[str]]:
+    """The configuration options (``-f FILE``, ``-o K=V``) of every sshd daemon running in
+    this network namespace (a listener, not a session: its parent is not an sshd), distinct;
+    [] where none runs."""
+    try:
+        mine = os.stat(proc / "self" / "ns" / "net").st_ino
+        pids = [p for p in os.listdir(proc) if p.isdigit()]
+    except OSError:
+        return []
+    found: list[list[str]] = []
+    for pid in pids:
+        try:
+            if (proc / pid / "comm").read_text().strip() != "sshd" \
+                    or os.stat(proc / pid / "ns" / "net").st_ino != mine:
+                continue
+            argv = (proc / pid / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            ppid = (proc / pid / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            if (proc / ppid / "comm").read_text().strip() == "sshd":
+                continue   # a session's process
+        except (OSError, IndexError):
+            continue
+        options = _config_options(argv[1:])
+        if options not in found:
+            found.append(options)
+    return found
+
+
+def _config_options(args: list[str]) -> list[str]:
+    options: list[str] = []
+    for i, arg in enumerate(args[:-1]):
+        if arg in ("-f", "-o"):
+            options += [arg, args[i + 1]]
+    for arg in args:
+        if arg.startswith(("-f", "-o")) and len(arg) > 2:
+            options += [arg[:2], arg[2:]]
+    return options
+
+
 def sshd_facts() -> list[Finding]:
-    """Password logins allowed by sshd (if it is installed)."""
+    """Password logins allowed by sshd (if it is installed): the running daemons' own
+    configuration (their -f and -o), else the default one."""
     sshd = find_binary("sshd")
     if sshd is None:
         return []
+    found: list[Finding] = []
+    for options in running_sshd_options() or [[]]:
+        for finding in _sshd_t(sshd, options):
+            if finding not in found:
+                found.append(finding)
+    return found
+
+
+def _sshd_t(sshd: str, options: list[str]) -> list[Finding]:
     try:
-        result = run([sshd, "-T"], timeout=20)
+        result = run([sshd, "-T", *options], timeout=20)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return [Finding("info", f"could not run `sshd -T`: {exc}", "run it by hand",
                         "not-read")]

@@ -8,13 +8,15 @@ findings that mark an *unexpected exposure* (``exposure``) make `fwsafe audit` e
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from fwsafe.audit.docker import DockerState
 from fwsafe.audit.listeners import Listener
-from fwsafe.audit.plan import WORLD
+from fwsafe.audit.nat import Forward
+from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import Reach
 from fwsafe.config import OpenPort, parse_open_port
 
@@ -23,6 +25,7 @@ __all__ = [
     "Finding",
     "docker_findings",
     "expected_ports",
+    "forward_findings",
     "is_expected",
     "listener_findings",
     "parse_sshd_t",
@@ -65,9 +68,9 @@ def listener_findings(listeners: Sequence[Listener], reach: dict[tuple[str, int,
     local: dict[tuple[str, int, str], list[str]] = {}
     unchecked: list[str] = []
     for listener in listeners:
-        if listener.loopback:
-            continue
         result = reach.get(listener.key(), Reach())
+        if listener.loopback and not result.reached:
+            continue   # reached only through a translation (DNAT to 127.0.0.1), if at all
         if result.problem:
             unchecked.append(f"{listener.proto} {listener.endpoint} ({listener.held_by}): "
                              f"{result.problem}")
@@ -75,7 +78,7 @@ def listener_findings(listeners: Sequence[Listener], reach: dict[tuple[str, int,
         if is_expected(expected, listener.proto, listener.port):
             continue
         group = (listener.proto, listener.port, listener.held_by)
-        if WORLD in result.reached:
+        if result.world is not False:   # reached from the world, or it may be (uncertain)
             world.setdefault(group, []).append(listener)
         elif result.reached:
             names = local.setdefault(group, [])
@@ -83,9 +86,20 @@ def listener_findings(listeners: Sequence[Listener], reach: dict[tuple[str, int,
     found: list[Finding] = []
     for (proto, port, owner), items in world.items():
         where = ", ".join(x.endpoint for x in items)
+        results = [reach.get(x.key(), Reach()) for x in items]
+        names = list(dict.fromkeys(n for r in results for n in r.reached if is_world(n)))
+        if not names:
+            how = ("may be reachable from the world (uncertain: "
+                   + "; ".join(dict.fromkeys(r.uncertain or "" for r in results)).strip("; ")
+                   + ")")
+        elif WORLD in names:
+            how = "is reachable from the world"
+        else:
+            how = ("is reachable from the world: from " + ", ".join(
+                n.removeprefix(WORLD + " ") for n in names) + " (networks the rules name)")
         found.append(Finding(
-            "high", f"{port}/{proto} ({owner}; listening on {where}) is reachable from the "
-            f"world, and expected_open ({_expected_text(expected)}) does not list it",
+            "high", f"{port}/{proto} ({owner}; listening on {where}) {how}, and expected_open "
+            f"({_expected_text(expected)}) does not list it",
             f"bind it to 127.0.0.1 (or a private address), stop it, or drop {port}/{proto} in "
             f"the firewall; if it is meant to be public, add \"{port}/{proto}\" to "
             "expected_open in the config", "unexpected-service", exposure=True))
@@ -132,6 +146,38 @@ def docker_findings(state: DockerState, expected: Sequence[OpenPort]) -> list[Fi
                 "docker-published"))
         else:
             found.append(Finding("high", what, fix, "docker-published", exposure=True))
+    return found
+
+
+def forward_findings(forwards: Sequence[Forward], expected: Sequence[OpenPort]
+                     ) -> list[Finding]:
+    """Ports forwarded to other hosts (DNAT to a VM, a container, another machine): past
+    INPUT, reported from the rules (Docker's: `docker_findings`, and below when published on
+    loopback only)."""
+    found: list[Finding] = []
+    for item in forwards:
+        if all(is_expected(expected, item.proto, p)
+               for p in range(item.first_port, item.last_port + 1)):
+            continue
+        if item.docker:
+            if item.on and ipaddress.ip_address(item.on).is_loopback:
+                found.append(Finding(
+                    "low", f"Docker publishes {item.label} on {item.on} only, but the container "
+                    f"({item.target}) is forwarded to by this host: hosts that route to its "
+                    "network (the LAN, VMs) reach it directly",
+                    "filter it in the DOCKER-USER chain if only this host may use it",
+                    "docker-loopback"))
+            continue
+        what = (f"{item.label} is forwarded to {item.target} ({item.chain}: DNAT), past every "
+                "INPUT rule; expected_open does not list it")
+        fix = (f"drop the DNAT, or limit it (-s, -i) and filter FORWARD; if it is meant to be "
+               f"public, add \"{item.label}\" to expected_open")
+        if item.open:
+            found.append(Finding("high", what, fix, "forwarded-port", exposure=True))
+        else:
+            found.append(Finding("medium", what + " (the rule limits who is forwarded: not "
+                                 "tried, the sandbox has nothing behind it)", fix,
+                                 "forwarded-port"))
     return found
 
 

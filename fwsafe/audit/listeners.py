@@ -27,6 +27,7 @@ from typing import Any, Literal
 __all__ = [
     "Listener",
     "SocketLine",
+    "bound_devices",
     "decode_address",
     "group_listeners",
     "parse_proc_net",
@@ -67,6 +68,7 @@ class Listener:
     process: str | None = None
     pid: int | None = None
     v6only: bool | None = None
+    device: str | None = None    # SO_BINDTODEVICE: only packets arriving on it reach it
 
     @property
     def ip(self) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -133,6 +135,8 @@ class Listener:
         }
         if self.family == 6 and self.wildcard:
             data["v6only"] = self.v6only
+        if self.device:
+            data["device"] = self.device
         return data
 
 
@@ -222,14 +226,28 @@ _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 _INET_DIAG_SKV6ONLY = 11
 _DIAG_MSG_SIZE = 72          # struct inet_diag_msg
 _INODE_OFFSET = 68
+_IF_OFFSET = 40              # inet_diag_sockid.idiag_if: the bound device (0: none)
 
 
 def v6only_flags(proto: str) -> dict[int, bool] | None:
     """inode -> IPV6_V6ONLY of every IPv6 `proto` socket of this namespace; None when the
     kernel does not answer (no sock_diag for it)."""
+    return _dump(proto, socket.AF_INET6, {})
+
+
+def bound_devices(proto: str) -> dict[int, int]:
+    """inode -> the interface index a `proto` socket is bound to (SO_BINDTODEVICE: it takes
+    only packets arriving there), for the sockets of both families bound to one."""
+    devices: dict[int, int] = {}
+    for family in (socket.AF_INET, socket.AF_INET6):
+        _dump(proto, family, devices)
+    return devices
+
+
+def _dump(proto: str, family: int, devices: dict[int, int]) -> dict[int, bool] | None:
     protocol = socket.IPPROTO_TCP if proto == "tcp" else socket.IPPROTO_UDP
     states = 1 << TCP_LISTEN if proto == "tcp" else 0xFFFFFFFF
-    request = struct.pack("=BBBxI", socket.AF_INET6, protocol, 0, states) + bytes(48)
+    request = struct.pack("=BBBxI", family, protocol, 0, states) + bytes(48)
     header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY,
                          _NLM_F_REQUEST_DUMP, 1, 0)
     try:
@@ -244,7 +262,7 @@ def v6only_flags(proto: str) -> dict[int, bool] | None:
             data = sock.recv(1 << 16)
             if not data:
                 return None
-            done = parse_sock_diag(data, flags)
+            done = parse_sock_diag(data, flags, devices)
             if done is None:
                 return None
             if done:
@@ -255,9 +273,10 @@ def v6only_flags(proto: str) -> dict[int, bool] | None:
         sock.close()
 
 
-def parse_sock_diag(data: bytes, flags: dict[int, bool]) -> bool | None:
-    """Add one netlink answer's sockets to `flags`; True at the end of the dump, None on an
-    error."""
+def parse_sock_diag(data: bytes, flags: dict[int, bool],
+                    devices: dict[int, int] | None = None) -> bool | None:
+    """Add one netlink answer's sockets to `flags` (and the interface index of those bound
+    to one to `devices`); True at the end of the dump, None on an error."""
     offset = 0
     while offset + 16 <= len(data):
         length, kind = struct.unpack_from("=IH", data, offset)
@@ -270,6 +289,9 @@ def parse_sock_diag(data: bytes, flags: dict[int, bool]) -> bool | None:
         body = data[offset + 16:offset + length]
         if len(body) >= _DIAG_MSG_SIZE:
             (inode,) = struct.unpack_from("=I", body, _INODE_OFFSET)
+            (ifindex,) = struct.unpack_from("=I", body, _IF_OFFSET)
+            if ifindex and devices is not None:
+                devices[inode] = ifindex
             attr = _DIAG_MSG_SIZE
             while attr + 4 <= len(body):
                 attr_len, attr_type = struct.unpack_from("=HH", body, attr)
@@ -329,4 +351,13 @@ def read_listeners(proc: Path = PROC) -> list[Listener]:
     owners = socket_owners((line.inode for line in lines), proc)
     v6 = {proto: v6only_flags(proto) for proto in ("tcp", "udp")
           if any(line.family == 6 and line.proto == proto for line in lines)}
-    return group_listeners(lines, owners, v6)
+    found = group_listeners(lines, owners, v6)
+    devices = {i: d for proto in ("tcp", "udp") for i, d in bound_devices(proto).items()}
+    for listener in found:
+        index = next((devices[i] for i in listener.inodes if i in devices), None)
+        if index is not None:
+            try:
+                listener.device = socket.if_indextoname(index)
+            except OSError:
+                listener.device = f"#{index}"
+    return found

@@ -10,29 +10,39 @@ receives it), to every address of this host they would use. With a candidate rul
 same is done again after loading it on top, exactly as `fwsafe apply` would (each attempt
 from a source port of its own, so conntrack knows none of them from the first round).
 
-What the sandbox cannot reproduce (rate limits, socket owners, marks, ...) is listed in
-``not_checked``; a current layer it could not copy is in ``notes``. The firewall of the
-namespace that runs the audit is only read.
+The probes cover the space the rules tell apart (fwsafe.audit.space): a source in every
+network a rule names and one anywhere else, an ephemeral source port and every one a rule
+names, every address of this host; rate limits and connection counts are loaded as a quiet
+host answers them (the first connection after idle). The ipsets are copied into the sandbox.
+
+What the sandbox cannot reproduce (socket owners, marks, random sampling, ...) is listed in
+``not_checked``; a listener such a rule may concern that no probe reached is *uncertain*
+(``problem`` starts with "uncertain"), never "not exposed". A current layer the sandbox could
+not copy is in ``notes``. The firewall of the namespace that runs the audit is only read.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import re
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fwsafe.audit.listeners import Listener
-from fwsafe.audit.plan import Plan, Source, make_plan
-from fwsafe.check.attempts import find_not_checked
-from fwsafe.check.host import current_state, host_interfaces
+from fwsafe.audit.nat import Forward, nat_rules
+from fwsafe.audit.plan import Plan, Source, is_world, make_plan
+from fwsafe.audit.space import MAX_CELLS, PER_SHAPE, idle, named_space
+from fwsafe.check.attempts import NotChecked, find_not_checked
+from fwsafe.check.host import IptTool, current_state, host_interfaces
 from fwsafe.check.loading import SandboxFirewall
 from fwsafe.check.predict import scratch_sandbox
 from fwsafe.check.sandbox import Sandbox, SandboxError
 from fwsafe.errors import EnvironmentProblem
-from fwsafe.runner import require_binary
+from fwsafe.runner import find_binary, require_binary, run
 
 __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "reachability"]
 
@@ -50,6 +60,15 @@ class Reach:
 
     pairs: list[tuple[str, int]] = field(default_factory=list)
     problem: str | None = None
+    # a rule the sandbox cannot reproduce may let in what no probe reached (the rule named)
+    uncertain: str | None = None
+
+    @property
+    def world(self) -> bool | None:
+        """Reached from the world (at large or a network a rule names); None: uncertain."""
+        if any(is_world(name) for name, _ in self.pairs):
+            return True
+        return None if (self.uncertain or self.problem) else False
 
     @property
     def reached(self) -> list[str]:
@@ -63,6 +82,8 @@ class Reach:
 @dataclass
 class ReachReport:
     sources: list[Source] = field(default_factory=list)
+    sports: list[int] = field(default_factory=list)
+    forwards: dict[str, list[Forward]] = field(default_factory=dict)   # by round
     rounds: dict[str, dict[Key, Reach]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)
@@ -94,11 +115,35 @@ def reachability(listeners: Sequence[Listener], *,
     tools, native = current_state(layers, captured)
     avoid = "\n".join(t.current.decode(errors="replace") for t in tools) \
         + native.decode(errors="replace")
+    sets = _ipsets()
+    texts = [avoid, sets, *(c.decode(errors="replace") for c, _ in layers.values())]
+    space = named_space(texts)
+    _idle(tools, layers)
+    native = idle(native.decode(errors="replace")).encode()
     interfaces = host_interfaces()
-    plan = make_plan(interfaces, avoid)
-    report = ReachReport(sources=plan.sources, notes=list(plan.notes))
+    plan = make_plan(interfaces, avoid, space)
+    plan.sports = space.sports
+    local = {a for i in interfaces.values() for a, _, _ in i.addresses}
+    native_text = native.decode(errors="replace")
+    entries, forwards = nat_rules([(t.family, t.current.decode(errors="replace"))
+                                   for t in tools], local, native_text)
+    forwards_by_round = {CURRENT: forwards}
+    if candidate is not None:
+        nft_candidate = layers["nft"][0].decode(errors="replace") if "nft" in layers else ""
+        more, forwards_by_round[CANDIDATE] = nat_rules(
+            [(t.family, (t.candidate[0] if t.candidate else t.current).decode(errors="replace"))
+             for t in tools], local, native_text + "\n" + nft_candidate)
+        entries = list(dict.fromkeys([*entries, *more]))
+    plan.entries = entries
+    if space.collapsed:
+        plan.notes.append(f"{space.collapsed} network(s) the rules name were tried through "
+                          f"another of the same rule shape (at most {PER_SHAPE} of a shape, "
+                          f"{MAX_CELLS} per family)")
+    report = ReachReport(sources=plan.sources, sports=list(space.sports),
+                         notes=list(plan.notes), forwards=forwards_by_round)
     rounds = [CURRENT, CANDIDATE] if candidate is not None else [CURRENT]
-    outside = [x for x in listeners if not x.loopback]
+    # loopback listeners: only a translation (DNAT to 127.0.0.1, route_localnet) reaches them
+    outside = [x for x in listeners if not x.loopback or entries]
     if not outside:
         report.rounds = {name: {} for name in rounds}
         return report
@@ -109,13 +154,40 @@ def reachability(listeners: Sequence[Listener], *,
                              *(s.address for s in plan.sources), *plan.lo_addresses,
                              *(a for link in plan.links for a, _ in link.addresses),
                              *(c for link in plan.links for c in link.clients)]
-        _Rounds(sandbox, firewall, plan, timeout).run(outside, rounds, report,
-                                                      sandbox_addresses)
+        rounds_ = _Rounds(sandbox, firewall, plan, timeout)
+        rounds_.ipsets = sets
+        rounds_.run(outside, rounds, report, sandbox_addresses)
     return report
+
+
+def _idle(tools: list[IptTool], layers: dict[str, tuple[bytes, str]]) -> None:
+    """Every ruleset the sandbox loads, as a quiet host answers it (fwsafe.audit.space)."""
+    for tool in tools:
+        tool.current = idle(tool.current.decode(errors="replace")).encode()
+        if tool.candidate is not None:
+            content, source = tool.candidate
+            tool.candidate = (idle(content.decode(errors="replace")).encode(), source)
+    if "nft" in layers:
+        content, source = layers["nft"]
+        layers["nft"] = (idle(content.decode(errors="replace")).encode(), source)
+
+
+def _ipsets() -> str:
+    """`ipset save` of this host ("" where there is none): the sandbox gets the same sets."""
+    ipset = find_binary("ipset")
+    if ipset is None:
+        return ""
+    try:
+        result = run([ipset, "save"], timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return result.stdout.decode(errors="replace") if result.returncode == 0 else ""
 
 
 class _Rounds:
     """The sandbox, its listeners, and one round of attempts per ruleset."""
+
+    ipsets = ""
 
     def __init__(self, sandbox: Sandbox, firewall: SandboxFirewall, plan: Plan,
                  timeout: float) -> None:
@@ -125,6 +197,7 @@ class _Rounds:
         self.timeout = timeout
         self.ports = itertools.cycle(range(_FIRST_PORT, _LAST_PORT + 1))
         self.numbers = itertools.count()
+        self.labels: dict[str, Key] = {}
 
     def run(self, listeners: list[Listener], rounds: list[str], report: ReachReport,
             addresses: list[str]) -> None:
@@ -136,6 +209,14 @@ class _Rounds:
             for listener in listeners:
                 if problems[listener.key()] is None:
                     problems[listener.key()] = self._serve(listener)
+            if self.plan.entries:
+                self._copy_sysctls()
+            if self.ipsets.strip():
+                loaded = self.sandbox.srv_run([require_binary("ipset"), "restore", "-exist"],
+                                              input=self.ipsets.encode(), timeout=120)
+                if loaded.returncode != 0:
+                    report.notes.append("the ipsets could not be copied into the sandbox: "
+                                        + loaded.stderr.decode(errors="replace").strip()[:200])
             self.firewall.load_current()
             placed = [x for x in listeners if problems[x.key()] is None]
             for name in rounds:
@@ -153,33 +234,79 @@ class _Rounds:
                 report.rounds[name] = results
             self.firewall.read_state()
             known = ["lo", *(link.name for link in self.plan.links)]
-            report.not_checked = [item.text()
-                                  for item in find_not_checked(self.firewall, known)]
+            items = find_not_checked(self.firewall, known)
+            report.not_checked = [item.text() for item in items]
+            for name in rounds:
+                self._uncertain(report.rounds.get(name, {}), placed, items)
         except SandboxError as exc:
             raise EnvironmentProblem(f"the audit's sandbox failed: {exc}") from exc
         report.notes += self.firewall.degraded + self.firewall.notes
 
+    def _uncertain(self, results: dict[Key, Reach], listeners: list[Listener],
+                   items: list[NotChecked]) -> None:
+        """A listener that no probe (or no world probe) reached, and that a rule the
+        sandbox cannot reproduce may concern, is uncertain: that rule may let others in."""
+        for listener in listeners:
+            result = results.get(listener.key())
+            if result is None or result.problem or result.world:
+                continue
+            why = [item.text() for item in items
+                   if _concerns(item, self.firewall, listener, bool(self.ipsets.strip()))]
+            if why:
+                result.uncertain = "; ".join(why[:3]) + (f" (and {len(why) - 3} more)"
+                                                          if len(why) > 3 else "")
+
+    def _copy_sysctls(self) -> None:
+        """route_localnet (a DNAT to 127.0.0.1 reaches loopback listeners only with it)."""
+        agent = self.sandbox.srv_agent
+        assert agent is not None
+        for name in ["all", "default", *(link.name for link in self.plan.links)]:
+            key = f"ipv4/conf/{name}/route_localnet"
+            try:
+                value = Path("/proc/sys/net", key).read_text().strip()
+            except OSError:
+                continue
+            agent.request({"op": "sysctl", "name": key, "value": value})
+
     def _serve(self, listener: Listener) -> str | None:
         agent = self.sandbox.srv_agent
         assert agent is not None
+        label = _label(listener.key())
+        self.labels[label] = listener.key()
         answer = agent.request({"op": "serve", "proto": listener.proto,
                                 "address": listener.address, "port": listener.port,
-                                "v6only": listener.v6only is True})
+                                "v6only": listener.v6only is True,
+                                "device": listener.device, "label": label})
         return None if answer.get("ok") else str(answer.get("error"))
 
     def _attempts(self, round_name: str, listeners: list[Listener]) -> dict[Key, Reach]:
         """One attempt per listener, source and destination address, all at once."""
         attempts: list[dict[str, Any]] = []
-        who: dict[str, tuple[Key, tuple[str, int]]] = {}
+        who: dict[str, tuple[Key | None, tuple[str, int]]] = {}
+        assert self.sandbox.srv_agent is not None
+        self.sandbox.srv_agent.request({"op": "peers", "settle": 0})   # forget the last round
         for listener in listeners:
             for source in self.plan.sources:
                 for destination in self.plan.destinations(listener, source):
-                    ident = f"{round_name}-{next(self.numbers)}"
-                    who[ident] = (listener.key(), (source.name, source.family))
-                    attempts.append({"id": ident, "proto": listener.proto,
-                                     "src": source.address, "sport": next(self.ports),
-                                     "dst": destination, "port": listener.port})
+                    for sport in [next(self.ports), *self.plan.sports]:
+                        ident = f"{round_name}-{next(self.numbers)}"
+                        who[ident] = (listener.key(), (source.name, source.family))
+                        attempts.append({"id": ident, "proto": listener.proto,
+                                         "src": source.address, "sport": sport,
+                                         "dst": destination, "port": listener.port})
+        for entry in self.plan.entries:   # translated ports: the receiving listener counts
+            for source in self.plan.sources:
+                if source.family != entry.family:
+                    continue
+                for destination in self.plan.host_addresses(entry.family):
+                    for sport in [next(self.ports), *self.plan.sports]:
+                        ident = f"{round_name}-{next(self.numbers)}"
+                        who[ident] = (None, (source.name, source.family))
+                        attempts.append({"id": ident, "proto": entry.proto,
+                                         "src": source.address, "sport": sport,
+                                         "dst": destination, "port": entry.port})
         reached: set[str] = set()
+        attempts_proto = {str(a["id"]): str(a["proto"]) for a in attempts}
         if attempts:
             assert self.sandbox.cli_agent is not None and self.sandbox.srv_agent is not None
             batches = len(attempts) // 400 + 1
@@ -190,8 +317,9 @@ class _Rounds:
                 raise SandboxError(f"the client-side agent failed: {answer.get('error')}")
             results: dict[str, str | None] = answer["results"]
             reached = {i for i, error in results.items()
-                       if error is None and who[i][0][0] == "tcp"}
-            sent = [i for i, error in results.items() if error is None and who[i][0][0] == "udp"]
+                       if error is None and attempts_proto[i] == "tcp" and who[i][0]}
+            sent = [i for i, error in results.items() if error is None
+                    and attempts_proto[i] == "udp" and who[i][0]]
             if sent:
                 heard = self.sandbox.srv_agent.request(
                     {"op": "heard", "ids": sent, "wait": self.timeout},
@@ -200,7 +328,69 @@ class _Rounds:
         by_key: dict[Key, set[tuple[str, int]]] = {}
         for ident in reached:
             key, pair = who[ident]
-            by_key.setdefault(key, set()).add(pair)
+            if key is not None:
+                by_key.setdefault(key, set()).add(pair)
+        if self.plan.entries:   # who each listener heard from, also through a translation
+            sources = {s.address: (s.name, s.family) for s in self.plan.sources}
+            heard_from = self.sandbox.srv_agent.request({"op": "peers", "settle": 0.2})
+            for label, peers in heard_from.get("peers", {}).items():
+                known = self.labels.get(label)
+                if known is not None:
+                    by_key.setdefault(known, set()).update(
+                        sources[p] for p in peers if p in sources)
         order = list(dict.fromkeys((s.name, s.family) for s in self.plan.sources))
         return {x.key(): Reach([p for p in order if p in by_key.get(x.key(), set())])
                 for x in listeners}
+
+
+# Reasons the audit's sandbox does reproduce (fwsafe.audit.space's idle state; ipsets copied).
+_REPRODUCED = ("limit:", "hashlimit:", "connlimit:", "limit rate:", "ct count:")
+_NFT_PORTS = re.compile(r"\b(tcp|udp|th)\s+dport\s+(!=\s*)?(\{[^}]*\}|\S+)")
+
+
+def _concerns(item: NotChecked, firewall: SandboxFirewall, listener: Listener,
+              ipsets: bool) -> bool:
+    """May the rule `item` change whether packets reach `listener`?"""
+    reasons = [r for r in item.reasons if not r.startswith(_REPRODUCED)
+               and not (ipsets and r.startswith("set:"))]
+    if not reasons or item.interface_only:
+        return False
+    if item.family is not None and item.family not in listener.families:
+        return False
+    if item.ipt_key is not None:
+        t_index, table, chain, index = item.ipt_key
+        rule = firewall.tools[t_index].snapshot[table][chain].rules[index - 1]
+        proto = rule.option("-p", "--protocol")
+        if proto and not rule.negated("-p") and proto.lower() not in (listener.proto, "all"):
+            return False
+        ports = rule.option("--dport", "--destination-port", "--dports", "--destination-ports")
+        if ports and not rule.negated("--dport") and not rule.negated("--dports"):
+            return _port_in(listener.port, ports)
+        return True
+    if item.nft_key is not None:
+        key, position = item.nft_key
+        text = firewall.namer.listing.chains[key].rules[position - 1].text
+        match = _NFT_PORTS.search(text)
+        if match and not match.group(2):
+            if match.group(1) in ("tcp", "udp") and match.group(1) != listener.proto:
+                return False
+            return _port_in(listener.port, match.group(3))
+    return True
+
+
+def _port_in(port: int, spec: str) -> bool:
+    """`port` in an iptables/nft port list ("22", "80,443", "1000:2000", "{ 22, 80-90 }")."""
+    for part in re.split(r"[,\s{}]+", spec):
+        if not part:
+            continue
+        low, _, high = part.replace("-", ":").partition(":")
+        try:
+            if int(low or 0) <= port <= int(high or low or 65535):
+                return True
+        except ValueError:
+            return True   # a name or a set: it may
+    return False
+
+
+def _label(key: Key) -> str:
+    return "|".join(str(part) for part in key)

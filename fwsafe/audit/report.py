@@ -9,7 +9,8 @@ from typing import Any
 
 from fwsafe.audit.findings import SEVERITIES, Finding, is_expected
 from fwsafe.audit.listeners import Listener
-from fwsafe.audit.plan import WORLD
+from fwsafe.audit.nat import Forward
+from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
 from fwsafe.config import OpenPort
 
@@ -20,8 +21,8 @@ def _reached_text(listener: Listener, reach: Reach) -> str:
     names = []
     for name in reach.reached:
         families = reach.families(name)
-        if name == WORLD and len(families) == 1 and len(listener.families) > 1:
-            name = f"world (IPv{families[0]} only)"
+        if is_world(name) and len(families) == 1 and len(listener.families) > 1:
+            name = f"{name} (IPv{families[0]} only)"
         names.append(name)
     return ", ".join(names)
 
@@ -36,6 +37,7 @@ class AuditReport:
     rules: dict[str, str] = field(default_factory=dict)   # layer -> RULES file (none: live)
     change: ExposureChange | None = None        # RULES given: what they open and close
     docker: dict[tuple[str, int], str] = field(default_factory=dict)   # published ports
+    docker_user_rules: int = 0
 
     def result(self, listener: Listener) -> Reach:
         """Who reaches it; a port Docker publishes is not checked here (its packets go to the
@@ -47,27 +49,47 @@ class AuditReport:
         return self.reach.reach(self.round, listener)
 
     def exposed(self, listener: Listener) -> bool | None:
-        """Reached from outside (the world or a local subnet); None: not checked."""
+        """Reached from outside (the world or a local subnet); None: not checked. A loopback
+        listener is reached only through a translation (DNAT to 127.0.0.1)."""
+        result = self.result(listener)
+        if result.reached:
+            return True
         if listener.loopback:
             return False
-        result = self.result(listener)
-        return None if result.problem else bool(result.reached)
+        return None if (result.problem or result.uncertain) else False
 
     @property
     def exit_code(self) -> int:
         return 1 if any(f.exposure for f in self.findings) else 0
+
+    @property
+    def forwards(self) -> list[Forward]:
+        """Ports this host forwards to others (DNAT), under the rules audited."""
+        return self.reach.forwards.get(self.round, [])
+
+    def forward_exposed(self, forward: Forward) -> bool | None:
+        """True: nothing in the rule limits who is forwarded (the world is, if it is routed
+        here); None: a source, interface or DOCKER-USER rule may (not tried: the sandbox
+        has no host behind it)."""
+        if forward.docker and self.docker_user_rules:
+            return None
+        return True if forward.open else None
 
     def listener_json(self, listener: Listener) -> dict[str, Any]:
         result = self.result(listener)
         data = listener.to_json()
         data.update({
             "exposed": self.exposed(listener),
-            "reachable_from": [] if listener.loopback else result.reached,
+            "reachable_from": result.reached,
             "expected": is_expected(self.expected, listener.proto, listener.port),
             "not_checked": None if listener.loopback else result.problem,
+            "world": bool(result.reached) and bool(result.world) if listener.loopback
+            else result.world,
+            "uncertain": None if listener.loopback else result.uncertain,
         })
-        if WORLD in data["reachable_from"]:
-            data["world_over"] = [f"ipv{f}" for f in result.families(WORLD)]
+        over = sorted({f for n, f in result.pairs if is_world(n)})
+        if over:
+            data["world_over"] = [f"ipv{f}" for f in over]
         return data
 
     def to_json(self) -> dict[str, Any]:
@@ -77,6 +99,7 @@ class AuditReport:
             "rules": self.rules or "live",
             "expected_open": [str(e) for e in self.expected],
             "listeners": [self.listener_json(x) for x in self.listeners],
+            "forwards": [f.to_json(self.forward_exposed(f)) for f in self.forwards],
             "findings": [f.to_json() for f in self.findings],
             "sources": self.reach.sources_json(),
             "notes": self.reach.notes,
@@ -97,6 +120,13 @@ class AuditReport:
         for listener in self.listeners:
             lines.append(f"  {listener.proto:<5} {listener.endpoint:<29} "
                          f"{listener.owner:<23} {self._reach_cell(listener)}")
+        for forward in self.forwards:
+            state = {True: "reachable by whoever is routed here", None: "may be limited "
+                     "(not tried: nothing behind it in the sandbox)"}[
+                         self.forward_exposed(forward)]
+            on = f" on {forward.on}" if forward.on else ""
+            lines.append(f"  forward {forward.label}{on} -> {forward.target} "
+                         f"({forward.chain}): {state}")
         if self.change is not None:
             lines += self.change.lines()
         for note in self.reach.notes:
@@ -119,25 +149,35 @@ class AuditReport:
         return "\n".join(lines)
 
     def _reach_cell(self, listener: Listener) -> str:
-        if listener.loopback:
-            return "- (loopback only)"
         result = self.result(listener)
+        if listener.loopback and not result.reached:
+            return "- (loopback only)"
         if result.problem:
             return result.problem
         if not result.reached:
-            return "nobody outside"
+            return f"UNCERTAIN: {result.uncertain}" if result.uncertain else "nobody outside"
         text = _reached_text(listener, result)
-        if WORLD in result.reached and not is_expected(self.expected, listener.proto,
-                                                       listener.port):
+        if result.world is not False and not is_expected(self.expected, listener.proto,
+                                                         listener.port):
             text += "   UNEXPECTED"
+        if result.uncertain and result.world is not True:
+            text += f"; the world: UNCERTAIN ({result.uncertain})"
         return text
 
 
 def _sources_lines(reach: ReachReport) -> list[str]:
     world = [f"{s.address} on {s.link}" for s in reach.sources if s.name == WORLD]
-    subnets = [f"{s.name} ({s.link})" for s in reach.sources if s.name != WORLD]
-    return [f"  the world: {', '.join(world) or 'no route to it'}; local subnets: "
-            f"{', '.join(subnets) or 'none'}"]
+    named = [s.name.removeprefix(WORLD + " ") for s in reach.sources
+             if is_world(s.name) and s.name != WORLD]
+    subnets = [f"{s.name} ({s.link})" for s in reach.sources if not is_world(s.name)]
+    lines = [f"  the world: {', '.join(world) or 'no route to it'}; local subnets: "
+             f"{', '.join(subnets) or 'none'}"]
+    if named:
+        lines.append(f"  networks the rules name, each tried: {', '.join(named)}")
+    if reach.sports:
+        lines.append("  source ports the rules name, each tried (and an ephemeral one): "
+                     + ", ".join(str(p) for p in reach.sports))
+    return lines
 
 
 @dataclass
@@ -154,9 +194,9 @@ class ExposureChange:
     def between(cls, listeners: Sequence[Listener], reach: ReachReport) -> ExposureChange:
         change = cls(notes=list(reach.notes), not_checked=list(reach.not_checked))
         for listener in listeners:
-            if listener.loopback:
-                continue
             before, after = reach.reach(CURRENT, listener), reach.reach(CANDIDATE, listener)
+            if listener.loopback and not (before.reached or after.reached):
+                continue
             if before.problem or after.problem:
                 change.not_checked.append(f"{listener.proto} {listener.endpoint} "
                                           f"({listener.held_by}): "
@@ -184,7 +224,7 @@ class ExposureChange:
         lines = ["Exposure (who outside reaches this host's listeners: now -> with the change):"]
         for label, entries in (("opens", self.opens), ("closes", self.closes)):
             for listener, pairs in entries:
-                sources = ", ".join(f"{name} over IPv{family}" if name == WORLD else name
+                sources = ", ".join(f"{name} over IPv{family}" if is_world(name) else name
                                     for name, family in pairs)
                 lines.append(f"  {label:<7} {listener.label} on {listener.endpoint} "
                              f"({listener.held_by}): {sources}")

@@ -5,7 +5,9 @@ interface name and addresses, the firewall under test and a listener on the mana
 and ``fwck<tag>c`` (the clients: it holds the clients' addresses). They are joined by one veth
 pair per host interface that management traffic arrives on; the veth is created directly in
 the two namespaces, so nothing ever appears in the namespace `fwsafe check` runs in, whose
-firewall is only ever read.
+firewall is only ever read. When one address of the server is reached over several links (the
+audit's sources send to every host address), each client's packets leave by its own link
+(a policy rule per IPv4 client, source-specific IPv6 routes).
 
 Everything the sandbox starts (the agents, ``nft monitor trace``) is stopped by PID in
 :meth:`Sandbox.close`, and both namespaces are deleted, also after errors and interrupts.
@@ -67,6 +69,20 @@ def _routes(addresses: list[str], dev: str, lladdr: str) -> list[str]:
     for address in addresses:
         lines.append(f"route replace {_host_prefix(address)} dev {dev}")
         lines.append(f"neigh replace {address} lladdr {lladdr} dev {dev} nud permanent")
+    return lines
+
+
+def _by_source(link: LinkPlan, peer: str, table: int) -> list[str]:
+    """`ip` commands: packets from the link's clients to its servers leave by `peer` (IPv4: a
+    rule and a table of its own; IPv6: source-specific routes)."""
+    lines = [f"rule add from {_host_prefix(c)} table {table}" for c in link.clients
+             if ":" not in c]
+    for server in link.servers:
+        if ":" not in server:
+            lines.append(f"route replace {_host_prefix(server)} dev {peer} table {table}")
+            continue
+        lines += [f"route replace {_host_prefix(server)} from {_host_prefix(c)} dev {peer}"
+                  for c in link.clients if ":" in c]
     return lines
 
 
@@ -268,6 +284,8 @@ class Sandbox:
         ns = self.namespaces
         srv_lines = configuring("lo", [_host_prefix(address) for address in lo_addresses])
         cli_lines = configuring("lo")
+        served = [a for link in links for a in link.servers]
+        shared = len(served) != len(set(served))
         for index, link in enumerate(links):
             peer = f"peer{index}"
             ns.veth(self.srv, link.name, self.cli, peer, mtu=link.mtu,
@@ -278,6 +296,8 @@ class Sandbox:
                                      addrgen=False)
             srv_lines += _routes(link.clients, link.name, link.peer_mac(index))
             cli_lines += _routes(link.servers, peer, link.server_mac(index))
+            if shared:   # an address served over several links: each client's packets
+                cli_lines += _by_source(link, peer, 100 + index)   # leave by its own link
         ns.batch(self.srv, srv_lines)
         ns.batch(self.cli, cli_lines)
 

@@ -288,6 +288,37 @@ def test_check_shows_what_a_change_opens_and_closes(audit_lab: AuditLab) -> None
     assert "exposure" not in json.loads(quiet.stdout)
 
 
+@pytest.mark.parametrize("opening", ["-A INPUT -p tcp --sport 80 -j ACCEPT",
+                                     "-A INPUT -d {srv} -j ACCEPT"])
+def test_check_says_a_source_port_or_destination_rule_opens_a_service(
+        audit_lab: AuditLab, opening: str) -> None:
+    """The Exposure section runs the audit's engine (issue 29 point 2): a change that lets in
+    anyone sending from port 80, or anything to one of the host's addresses, opens the
+    service, and a real connection from the world confirms it once the change is live."""
+    al = audit_lab
+    al.start(HTTP, ["python3", "-m", "http.server", "--bind", "0.0.0.0", str(HTTP)])
+    closed = with_rule(BASELINE_V4, f"-A INPUT -p tcp --dport {HTTP} -j DROP")
+    al.lab.srv_exec(["iptables-restore"], input=closed)
+    assert not al.world_reaches("tcp", HTTP)
+    rule = opening.format(srv=f"{al.lab.srv_ip4}/32")
+    rules = al.fw.write("opens.rules", BASELINE_V4.replace(
+        "COMMIT\n", f"{rule}\n-A INPUT -p tcp --dport {HTTP} -j DROP\nCOMMIT\n", 1))
+    result = al.lab.srv_exec(["env", "-u", "SSH_CONNECTION", FWSAFE, "check", "--json",
+                              str(rules), "--client", al.lab.cli_ip4], check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    opened = {(x["port"], x["proto"]): x["from"] for x in json.loads(result.stdout)
+              ["exposure"]["opens"]}
+    assert {"source": "world", "family": "ipv4"} in opened[(HTTP, "tcp")], result.stdout
+    al.lab.srv_exec(["iptables-restore"], input=rules.read_text())
+    if "--sport" in rule:   # the truth: a connection from the world's port 80 gets in
+        probe = PROBE.replace("sock.bind((src, 0))", "sock.bind((src, 80))")
+        reached = al.lab.cli_exec(["python3", "-c", probe, "tcp", WORLD4, al.lab.srv_ip4,
+                                   str(HTTP)], check=False, timeout=30).returncode == 0
+    else:
+        reached = al.world_reaches("tcp", HTTP)
+    assert reached
+
+
 def test_apply_shows_what_the_change_closes_before_it_is_live(audit_lab: AuditLab) -> None:
     al = audit_lab
     al.start(HTTP, ["python3", "-m", "http.server", "--bind", "0.0.0.0", str(HTTP)])

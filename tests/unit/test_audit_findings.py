@@ -4,6 +4,7 @@ the boot unit and a pending transaction; the JSON and the exit code; who sends f
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from fwsafe.audit.docker import docker_state
 from fwsafe.audit.findings import (
     docker_findings,
     expected_ports,
+    forward_findings,
     is_expected,
     listener_findings,
     parse_sshd_t,
@@ -20,9 +22,11 @@ from fwsafe.audit.findings import (
     sshd_findings,
 )
 from fwsafe.audit.listeners import Listener
+from fwsafe.audit.nat import nat_rules
 from fwsafe.audit.plan import Source, make_plan
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
 from fwsafe.audit.report import AuditReport, ExposureChange
+from fwsafe.audit.space import PER_SHAPE, idle, named_space, representative
 from fwsafe.check.host import ClientPath, Interface
 from fwsafe.config import Config, load_config, parse_open_port
 from fwsafe.errors import ConfigError
@@ -89,8 +93,12 @@ def test_local_subnet_only_and_not_checked_are_low() -> None:
     assert "udp [::]:53 (named, PID 700): not checked: x" in found[1].what
 
 
-def test_loopback_listeners_are_never_findings() -> None:
-    assert listener_findings([LOCAL], {LOCAL.key(): Reach(WORLD_V4)}, []) == []
+def test_loopback_listeners_are_findings_only_when_a_translation_reaches_them() -> None:
+    assert listener_findings([LOCAL], {LOCAL.key(): Reach()}, []) == []
+    assert listener_findings([LOCAL], {LOCAL.key(): Reach(problem="not checked: x")}, []) == []
+    # reached from the world: only a DNAT to 127.0.0.1 (route_localnet) does that
+    (found,) = listener_findings([LOCAL], {LOCAL.key(): Reach(WORLD_V4)}, [])
+    assert found.exposure and found.kind == "unexpected-service"
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,7 +267,8 @@ def test_report_json_and_exit_code() -> None:
     assert by_port[5678] == {
         "proto": "tcp", "family": "ipv4", "address": "0.0.0.0", "port": 5678, "process": "node",
         "pid": 1234, "exposed": True, "reachable_from": ["world", "10.0.0.0/24"],
-        "expected": False, "not_checked": None, "world_over": ["ipv4"]}
+        "expected": False, "not_checked": None, "world_over": ["ipv4"], "world": True,
+        "uncertain": None}
     assert by_port[8000]["exposed"] is False and by_port[8000]["reachable_from"] == []
     assert by_port[53]["v6only"] is False and by_port[53]["world_over"] == ["ipv6"]
     assert [f["severity"] for f in data["findings"]] == ["high"]
@@ -321,16 +330,19 @@ def test_plan(monkeypatch: pytest.MonkeyPatch) -> None:
     eth0 = made.links[1]
     assert "1.2.3.5" in eth0.clients and "198.51.100.53" in eth0.servers
     world4, world6, docker, subnet4, _ = made.sources
+    # every address of this host, whichever interface the packet comes in by (issue 29)
+    every4 = ["172.17.0.1", "203.0.113.10", "198.51.100.53"]
     wild = Listener("tcp", 6, "::", 80, v6only=False)
-    assert made.destinations(wild, world4) == ["203.0.113.10"]
+    assert made.destinations(wild, world4) == every4
     assert made.destinations(wild, world6) == ["2001:db8:1::10"]
-    assert made.destinations(wild, docker) == ["172.17.0.1"]
+    assert made.destinations(wild, docker) == every4
+    assert set(eth0.servers) >= {*every4, "2001:db8:1::10"}
     private = Listener("tcp", 4, "172.17.0.1", 9000)
-    assert made.destinations(private, world4) == [] and made.destinations(private, docker) \
-        == ["172.17.0.1"]
+    assert made.destinations(private, world4) == ["172.17.0.1"]
+    assert made.destinations(private, docker) == ["172.17.0.1"]
     anycast = Listener("udp", 4, "198.51.100.53", 53)
     assert made.destinations(anycast, world4) == ["198.51.100.53"]
-    assert made.destinations(anycast, subnet4) == []
+    assert made.destinations(anycast, subnet4) == ["198.51.100.53"]
     assert made.unplaced(Listener("tcp", 4, "192.0.2.99", 80)) is not None
     assert made.unplaced(Listener("tcp", 6, "fe80::1", 80)) is not None
     assert made.unplaced(wild) is None
@@ -344,3 +356,123 @@ def test_no_route_to_the_world(monkeypatch: pytest.MonkeyPatch) -> None:
     made = make_plan(_interfaces())
     assert all(s.name != "world" for s in made.sources)
     assert any("no route to the world over IPv4" in n for n in made.notes)
+
+
+def test_plan_tries_every_network_the_rules_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ban of 1.0.0.0/8 must not hide the world (issue 29 point 2): the world at large is
+    an address outside it, and the banned network and an allow-listed office are tried too."""
+    def route(client: str, hint: str | None, interfaces: object) -> ClientPath:
+        return ClientPath(client, 6 if ":" in client else 4, dev="eth0")
+
+    monkeypatch.setattr(plan, "client_path", route)
+    rules = ("-A INPUT -s 1.0.0.0/8 -j DROP\n-A INPUT -s 192.0.2.0/24 -j ACCEPT\n"
+             "-A INPUT -s 2001:db8:99::/48 -j ACCEPT\n")
+    made = make_plan(_interfaces(), avoid=rules, space=named_space([rules]))
+    names = {s.name: s.address for s in made.sources if s.family == 4 or s.name != "world"}
+    assert names["world"] == "2.77.77.77"                    # outside 1.0.0.0/8
+    assert names["world 1.0.0.0/8"] == "1.0.0.1"
+    assert names["world 192.0.2.0/24"] == "192.0.2.1"
+    assert names["world 2001:db8:99::/48"] == "2001:db8:99::1"
+    assert all(s.link == "eth0" for s in made.sources if s.name.startswith("world"))
+
+
+def test_named_space_is_bounded_by_rule_shape() -> None:
+    """50,000 per-address bans of one shape are two cells, not 50,000; source ports named."""
+    bans = "\n".join(f"-A INPUT -s 10.{i // 65536}.{i // 256 % 256}.{i % 256}/32 -j DROP"
+                     for i in range(50000))
+    space = named_space([bans, "-A INPUT -p tcp -m tcp --sport 80 -j ACCEPT\n"
+                               "-A INPUT -p udp -m multiport --sports 53,67:68 -j ACCEPT\n"
+                               "add rule inet t c udp sport { 123, 500 } accept\n"])
+    assert len(space.networks[4]) == PER_SHAPE and space.collapsed == 50000 - PER_SHAPE
+    assert space.sports == [80, 53, 67, 68, 123, 500]
+    inner = named_space(["-A INPUT -s 10.0.0.0/8 -j DROP\n-A INPUT -s 10.0.0.0/24 -j ACCEPT"])
+    outer = inner.networks[4][0]
+    assert representative(outer, inner, set()) == "10.255.255.254"   # not in the /24
+
+
+def test_idle_state_rewrites_rate_limits() -> None:
+    """A SYN-flood chain answers the simultaneous probes as it answers one connection after
+    idle (issue 29 point 3)."""
+    assert idle("-A SYN -m limit --limit 1/sec --limit-burst 3 -j RETURN") \
+        == "-A SYN -m limit --limit 10000/sec --limit-burst 10000 -j RETURN"
+    assert idle("-A I -m hashlimit --hashlimit-above 1/sec --hashlimit-mode srcip "
+                "--hashlimit-name x -j DROP") == (
+        "-A I -m hashlimit --hashlimit-above 10000/sec --hashlimit-burst 10000 "
+        "--hashlimit-mode srcip --hashlimit-name x -j DROP")
+    assert idle("tcp flags syn limit rate over 5/second burst 3 packets drop") \
+        == "tcp flags syn limit rate over 10000/second burst 10000 packets drop"
+    assert idle("-A I -m connlimit --connlimit-above 3 -j REJECT") \
+        == "-A I -m connlimit --connlimit-above 1000000 -j REJECT"
+    assert idle("ct count over 4 drop") == "ct count over 1000000 drop"
+
+
+def test_a_leftover_legacy_docker_chain_does_not_hide_published_ports() -> None:
+    """iptables-nft's and iptables-legacy's saves are read apart: an empty legacy nat DOCKER
+    chain must not replace the one with Docker's DNAT rules (issue 29 point 6)."""
+    nft = ("*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n"
+           "-A DOCKER ! -i br-1 -p tcp -m tcp --dport 8085 -j DNAT "
+           "--to-destination 172.18.0.2:80\nCOMMIT\n")
+    legacy = "*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\nCOMMIT\n"
+    state = docker_state([(4, nft), (4, legacy)])
+    assert [(p.ports, p.target) for p in state.published] == [("8085", "172.18.0.2:80")]
+
+
+def test_nat_rules_entries_and_forwards() -> None:
+    """REDIRECT and DNAT to this host or loopback are entry ports (tried in the sandbox);
+    DNAT elsewhere is a forward, open unless the rule limits who is forwarded."""
+    save = ("*nat\n:PREROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\n"
+            "-A PREROUTING -p tcp -m tcp --dport 80 -j REDIRECT --to-ports 8001\n"
+            "-A PREROUTING -p tcp -m tcp --dport 8080 -j DNAT --to-destination 127.0.0.1:8004\n"
+            "-A PREROUTING -p udp -m udp --dport 5353 -j DNAT --to-destination 10.0.0.1:53\n"
+            "-A PREROUTING -p tcp -m tcp --dport 8090 -j DNAT --to-destination 10.9.0.10:80\n"
+            "-A PREROUTING -s 192.0.2.0/24 -p tcp -m tcp --dport 8091 -j DNAT "
+            "--to-destination 10.9.0.11:80\n"
+            "-A DOCKER -d 127.0.0.1/32 ! -i br-1 -p tcp -m tcp --dport 8086 -j DNAT "
+            "--to-destination 172.18.0.3:80\nCOMMIT\n")
+    entries, forwards = nat_rules([(4, save)], {"10.0.0.1"})
+    assert [(e.proto, e.port) for e in entries] == [("tcp", 80), ("tcp", 8080), ("udp", 5353)]
+    found = {(f.label, f.address, f.target_port, f.open, f.docker) for f in forwards}
+    assert found == {("8090/tcp", "10.9.0.10", 80, True, False),
+                     ("8091/tcp", "10.9.0.11", 80, False, False),
+                     ("8086/tcp", "172.18.0.3", 80, False, True)}
+    kinds = [(f.kind, f.exposure) for f in forward_findings(forwards, [])]
+    assert sorted(kinds) == [("docker-loopback", False), ("forwarded-port", False),
+                             ("forwarded-port", True)]
+
+
+def test_the_running_sshd_configuration_is_read(tmp_path: Path) -> None:
+    """sshd's facts come from the running daemon's own -f/-o (issue 29), not /etc/ssh: the
+    daemons of this network namespace, not their sessions, nor another namespace's."""
+    (tmp_path / "self" / "ns").mkdir(parents=True)
+    ours = tmp_path / "self" / "ns" / "net"
+    ours.write_text("")
+    other = tmp_path / "other-net"
+    other.write_text("")
+
+    def process(pid: int, ppid: int, comm: str, argv: list[str], net: Path) -> None:
+        d = tmp_path / str(pid)
+        (d / "ns").mkdir(parents=True)
+        (d / "comm").write_text(comm + "\n")
+        (d / "cmdline").write_bytes("\0".join(argv).encode() + b"\0")
+        (d / "stat").write_text(f"{pid} ({comm}) S {ppid} 1 1")
+        os.link(net, d / "ns" / "net")
+
+    process(1, 0, "systemd", ["/sbin/init"], ours)
+    process(10, 1, "sshd", ["/usr/sbin/sshd", "-D", "-f", "/srv/lab/sshd_config",
+                            "-oPermitRootLogin=yes"], ours)
+    process(11, 10, "sshd", ["sshd: root@pts/0"], ours)          # a session
+    process(12, 1, "sshd", ["/usr/sbin/sshd", "-D"], other)      # another namespace's
+    assert facts.running_sshd_options(tmp_path) == [
+        ["-f", "/srv/lab/sshd_config", "-o", "PermitRootLogin=yes"]]
+
+
+def test_nft_nat_rules_entries_and_forwards() -> None:
+    listing = ("table ip nat {\n\tchain pre {\n\t\ttype nat hook prerouting priority dstnat; "
+               "policy accept;\n\t\ttcp dport 80 redirect to :8001\n"
+               "\t\ttcp dport 8080 dnat to 127.0.0.1:8004\n"
+               "\t\tiifname \"eth1\" tcp dport 8091 dnat to 10.9.0.11:80\n"
+               "\t\ttcp dport 8090 dnat to 10.9.0.10:80\n\t}\n}\n")
+    entries, forwards = nat_rules([], set(), listing)
+    assert [(e.proto, e.family, e.port) for e in entries] == [("tcp", 4, 80), ("tcp", 4, 8080)]
+    assert [(f.label, f.address, f.target_port, f.open) for f in forwards] == [
+        ("8091/tcp", "10.9.0.11", 80, False), ("8090/tcp", "10.9.0.10", 80, True)]

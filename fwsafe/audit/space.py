@@ -1,0 +1,158 @@
+"""The space of packets the rules tell apart, so that the audit's probes cover it: the source
+networks and source ports any rule (or set) names, each with a representative, and the rules
+rewritten into the state a host is in after a quiet moment (rate limits and connection counts
+untouched), which a single real connection meets.
+
+* **Source networks.** Every address or network written anywhere in the rules (``-s``,
+  ``ip saddr``, ipset and nft set elements, ...) splits the addresses into cells; the audit
+  sends from one address of each cell, and from one address outside every one of them
+  ("anywhere else", the world at large). The cost is bounded by the rules' *shapes* (a line
+  with its addresses taken out): at most :data:`PER_SHAPE` networks of one shape get a
+  representative of their own, so 50,000 per-address bans of one shape are two cells, not
+  50,000; at most :data:`MAX_CELLS` per family in all.
+* **Source ports.** Every port a rule names as a source port (``--sport``, ``--sports``,
+  ``sport``) is a probe's source port too, beside an ephemeral one.
+* **Idle state.** ``-m limit``, ``-m hashlimit``, ``-m connlimit``, nft ``limit rate`` and
+  ``ct count`` are rewritten to the answer they give the first connection after a quiet
+  moment (under every limit, no connection counted), so the simultaneous probes are not
+  taken for a flood.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Union
+
+__all__ = ["MAX_CELLS", "PER_SHAPE", "NamedSpace", "idle", "named_space", "representative"]
+
+Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+PER_SHAPE = 2
+MAX_CELLS = 64
+MAX_SPORTS = 16
+
+_V4 = re.compile(r"(?<![\w.:/-])(\d{1,3}(?:\.\d{1,3}){3})(?:/(\d{1,2}))?(?![\w.])")
+_V6 = re.compile(r"(?<![\w:./-])([0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})(?:/(\d{1,3}))?"
+                 r"(?![\w:.])")
+_SPORT = re.compile(r"(?:--sport|--source-port|--sports|--source-ports|\bsport)\s+"
+                    r"(?:!\s*)?(\{[^}]*\}|\S+)")
+_PORT = re.compile(r"\d+")
+
+
+@dataclass
+class NamedSpace:
+    """What the rules name: networks by family (each a cell of its own), source ports."""
+
+    networks: dict[int, list[Network]] = field(default_factory=lambda: {4: [], 6: []})
+    sports: list[int] = field(default_factory=list)
+    collapsed: int = 0          # networks without a representative of their own (same shape)
+
+    def contains(self, address: str) -> bool:
+        """`address` lies in a network some rule names (not counting /0)."""
+        ip = ipaddress.ip_address(address)
+        return any(ip in net for net in self.networks[ip.version] if net.prefixlen > 0)
+
+
+def _network(text: str, prefix: str | None) -> Network | None:
+    try:
+        return ipaddress.ip_network(f"{text}/{prefix}" if prefix else text, strict=False)
+    except ValueError:
+        return None
+
+
+def named_space(texts: Iterable[str]) -> NamedSpace:
+    """The networks and source ports the rule texts name (iptables-save, nft listings,
+    `ipset save`), bounded as the module says."""
+    space = NamedSpace()
+    seen: set[Network] = set()
+    per_shape: dict[str, int] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if not line.strip() or line.lstrip().startswith("#"):
+                continue
+            found: list[Network] = []
+            for pattern in (_V4, _V6):
+                for match in pattern.finditer(line):
+                    net = _network(match.group(1), match.group(2))
+                    if net is not None and net.prefixlen > 0 and not _local_only(net):
+                        found.append(net)
+            if found:
+                shape = _V6.sub("A", _V4.sub("A", line))
+                for net in found:
+                    if net in seen:
+                        continue
+                    seen.add(net)
+                    key = f"{net.version} {shape}"
+                    count = per_shape.get(key, 0)
+                    if count >= PER_SHAPE or len(space.networks[net.version]) >= MAX_CELLS:
+                        space.collapsed += 1
+                        continue
+                    per_shape[key] = count + 1
+                    space.networks[net.version].append(net)
+            for match in _SPORT.finditer(line):
+                for port in _PORT.findall(match.group(1))[:MAX_SPORTS]:
+                    number = int(port)
+                    if 0 < number < 65536 and number not in space.sports \
+                            and len(space.sports) < MAX_SPORTS:
+                        space.sports.append(number)
+    return space
+
+
+def _local_only(net: Network) -> bool:
+    """Loopback, link-local and multicast: no outside sender carries them."""
+    return net.is_loopback or net.is_link_local or net.is_multicast or net.is_unspecified
+
+
+def representative(net: Network, space: NamedSpace, taken: set[str]) -> str | None:
+    """An address of `net` in no smaller network the rules name, and not `taken`."""
+    inner = [n for n in space.networks[net.version]
+             if n != net and n.prefixlen > net.prefixlen and n.subnet_of(net)]  # type: ignore[arg-type]
+    size = net.num_addresses
+    offsets = [0] if size == 1 else [1, size - 2, size // 2 + 1, size // 4 + 1, 2]
+    for offset in offsets:
+        if not 0 <= offset < size:
+            continue
+        candidate = net[offset]
+        if str(candidate) in taken or any(candidate in n for n in inner):
+            continue
+        return str(candidate)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# The idle state
+# --------------------------------------------------------------------------------------------
+_IPT_LIMIT = re.compile(r"-m limit(?: --limit \S+)?(?: --limit-burst \d+)?")
+_IPT_HASHLIMIT_RATE = re.compile(r"(--hashlimit-upto|--hashlimit-above|--hashlimit)\s+\S+")
+_IPT_HASHLIMIT_BURST = re.compile(r"--hashlimit-burst\s+\d+")
+_IPT_CONNLIMIT = re.compile(r"(--connlimit-upto|--connlimit-above)\s+\d+")
+_NFT_LIMIT = re.compile(r"\blimit rate (over )?\d+/(second|minute|hour|day|week)"
+                        r"(?: burst \d+ packets)?")
+_NFT_COUNT = re.compile(r"\bct count (over )?\d+")
+_HIGH = "10000"
+
+
+def _hashlimit(line: str) -> str:
+    if "--hashlimit" not in line:
+        return line
+    burst = "--hashlimit-burst" in line
+    line = _IPT_HASHLIMIT_BURST.sub(f"--hashlimit-burst {_HIGH}", line)
+    return _IPT_HASHLIMIT_RATE.sub(
+        lambda m: f"{m.group(1)} {_HIGH}/sec" + ("" if burst else f" --hashlimit-burst {_HIGH}"),
+        line, count=1)
+
+
+def idle(text: str) -> str:
+    """The rules as they answer after a quiet moment: every rate limit far away, no
+    connection counted (a limit on bytes, and nft's named limits, stay as they are)."""
+    if "limit" not in text and "ct count" not in text:
+        return text
+    text = _IPT_LIMIT.sub(f"-m limit --limit {_HIGH}/sec --limit-burst {_HIGH}", text)
+    if "--hashlimit" in text:
+        text = "\n".join(_hashlimit(line) for line in text.split("\n"))
+    text = _IPT_CONNLIMIT.sub(lambda m: f"{m.group(1)} 1000000", text)
+    text = _NFT_LIMIT.sub(lambda m: f"limit rate {m.group(1) or ''}{_HIGH}/second "
+                                    f"burst {_HIGH} packets", text)
+    return _NFT_COUNT.sub(lambda m: f"ct count {m.group(1) or ''}1000000", text)
