@@ -8,7 +8,6 @@ throwaway system container (see /work/shared/notes/systemd-lab.md for the recipe
   sources, cached under /var/tmp keyed by a hash of the package list and the recipe, built
   under a lock (two test processes never build it at once), retried once, time-bounded. It is
   never changed after the build: every instance reads it as the lower layer of an overlay.
-  firewalld is installed but not enabled: a test that needs it starts it.
 * **fwsafe layer** (:class:`Image`, once per test session): a wheel of this repository, built on
   the host, installed inside into a venv at ``/opt/fwsafe`` (``--system-site-packages``: it uses
   Debian's python3-click and python3-paramiko) with ``pip install --no-index --no-deps``, and
@@ -108,9 +107,9 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES: tuple[str, ...] = (
     "systemd", "systemd-sysv", "dbus", "libpam-systemd", "openssh-server", "iptables",
     "nftables", "ufw", "python3", "python3-venv", "python3-click", "python3-paramiko",
-    "iproute2", "procps", "kmod", "firewalld",
+    "iproute2", "procps", "kmod",
 )  # fmt: skip
-RECIPE = "5"
+RECIPE = "4"
 """Bump when the customization of the root fs changes (part of the cache key)."""
 
 CACHE_DIR = Path(os.environ.get("FWSAFE_SDLAB_CACHE", "/var/tmp/fwsafe-systemd-lab"))
@@ -297,12 +296,6 @@ def _customize_rootfs(root: Path) -> None:
     dropin = root / "etc/ssh/sshd_config.d"
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "fwsafe-lab.conf").write_text(_SSHD_DROPIN)
-    # firewalld is installed for the tests that start it, and stays off otherwise (its
-    # package enables it)
-    for link in [*system.glob("*.wants/firewalld.service"),
-                 system / "dbus-org.fedoraproject.FirewallD1.service"]:
-        with contextlib.suppress(FileNotFoundError):
-            link.unlink()
     (system / "networking.service").write_text(_NETWORKING_UNIT)
     for target in ("multi-user.target", "network-online.target"):
         wants = system / f"{target}.wants"

@@ -26,7 +26,6 @@ import pytest
 
 from tests.bins import FWSAFE
 from tests.conftest import FwLab, NeighbourLab
-from tests.systemdlab import SystemdLab
 
 DAEMON = """\
 import os, socket, subprocess, sys
@@ -234,72 +233,3 @@ def test_fail2ban_client_is_not_simulated(f2b_lab: NeighbourLab) -> None:
         assert "cannot be tried on a copy" in result.stderr
         assert "fail2ban" in result.stderr
 
-
-# --------------------------------------------------------------------------------------------
-# firewall-cmd and the real firewalld (nftables backend, on the container's system D-Bus)
-# --------------------------------------------------------------------------------------------
-FIREWALLD_STATE = (
-    "firewall-cmd --list-all-zones; firewall-cmd --permanent --list-all-zones; "
-    "firewall-cmd --get-default-zone; firewall-cmd --direct --get-all-rules; "
-    "find /etc/firewalld -type f -exec sha256sum {} + | sort; "
-    "systemctl show -p MainPID -p ActiveState -p NRestarts firewalld"
-)
-
-
-def firewalld_live(lab: SystemdLab) -> dict[str, str]:
-    """firewalld's runtime and permanent model, its files, its process, the kernel's rules."""
-    return {"firewalld": lab.exec(["sh", "-c", FIREWALLD_STATE]).stdout,
-            "ruleset": lab.ruleset()}
-
-
-def start_firewalld(lab: SystemdLab) -> None:
-    """Start firewalld and wait until it has loaded its ruleset (its state says running)."""
-    lab.exec(["systemctl", "start", "firewalld"], timeout=120)
-    deadline = time.monotonic() + 60
-    while lab.exec(["firewall-cmd", "--state"], check=False).stdout.strip() != "running":
-        assert time.monotonic() < deadline, lab.journal("-u", "firewalld")
-        time.sleep(0.2)
-
-
-def test_firewall_cmd_check_and_diff_leave_firewalld_untouched(sdlab: SystemdLab) -> None:
-    lab = sdlab
-    start_firewalld(lab)
-    assert "ssh" in lab.exec(["firewall-cmd", "--list-services"]).stdout
-    before = firewalld_live(lab)
-    assert "7777" not in before["firewalld"]
-    commands = [
-        "fwsafe check --no-exposure -- firewall-cmd --remove-service=ssh",
-        "fwsafe diff -- firewall-cmd --add-port=7777/tcp",
-        "fwsafe diff -- firewall-cmd --permanent --add-port=7777/tcp",
-        "fwsafe check --no-exposure -- sh -c 'firewall-cmd --permanent --remove-service=ssh "
-        "&& firewall-cmd --reload'",
-    ]
-    for command in commands:
-        result = lab.ssh(command, timeout=120)   # over SSH: the session's client is checked
-        assert result.returncode == 3, (command, result.stdout, result.stderr)
-        assert "cannot be tried on a copy" in result.stderr, result.stderr
-        assert "/run/dbus/system_bus_socket" in result.stderr
-        assert firewalld_live(lab) == before, command
-    assert lab.new_connection_ok(timeout=2.0)
-    # the same command, run for real, does change firewalld (the comparison can tell)
-    lab.exec(["firewall-cmd", "--add-port=7777/tcp"])
-    assert firewalld_live(lab) != before
-
-
-def test_apply_of_firewall_cmd_snapshots_before_its_first_run(sdlab: SystemdLab) -> None:
-    lab = sdlab
-    start_firewalld(lab)
-    before = lab.ruleset()
-    result = lab.ssh("fwsafe apply --detach --timeout 60 -- firewall-cmd --add-port=7777/tcp",
-                     timeout=120)
-    assert result.returncode == 0, result.stderr
-    info = lab.status()
-    assert info["state"] == "pending"
-    tx = f"/var/lib/fwsafe/tx/{info['id']}"
-    record = json.loads(lab.read(f"{tx}/record.json"))
-    assert "lockout NOT checked" in record["options"]["check"]["summary"]
-    assert "7777" not in lab.exec(["sh", "-c", f"cat {tx}/before.*"]).stdout
-    assert "7777" in lab.exec(["firewall-cmd", "--list-ports"]).stdout
-    assert "7777" in lab.ruleset()
-    assert lab.exec(["fwsafe", "revert"], check=False).returncode == 4
-    assert lab.ruleset() == before
