@@ -78,6 +78,15 @@ class InvalidRulesError(RejectedError):
         self.line = line
 
 
+class CannotSimulateError(RejectedError):
+    """`check`/`diff` of a command that cannot be tried on a copy (in the sandbox it reached a
+    live daemon's socket, e.g. firewall-cmd and the system D-Bus): it was not run live."""
+
+    def __init__(self, message: str, *, reached: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.reached = reached   # the daemons' sockets it reached, described
+
+
 class LockoutRefused(RejectedError):
     """`apply` refused a change that the check predicts would lock the SSH clients out."""
 

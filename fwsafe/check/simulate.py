@@ -1,9 +1,11 @@
 """A scratch network namespace that holds a copy of this host's firewall, to try a change on.
 
-`simulate(change)` loads the current state of every layer into a throwaway network namespace
-(and, for a command, copies of ufw's files bind-mounted in a private mount namespace), applies
-the change there with the real tools and the real kernel, and returns the captures taken
-afterwards. The live firewall and the real files are never touched.
+`simulate(change)` loads the current state of every layer into a throwaway network namespace,
+applies the change there with the real tools and the real kernel, and returns the captures
+taken afterwards. The live firewall, files and daemons are never touched: the sandbox has its
+own mount, PID, UTS and IPC namespaces too, every file is a private copy, and the live host's
+daemon sockets are tripwires (fwsafe.check.isolation). A command that reached one cannot be
+simulated (CannotSimulateError): it would have acted on a live daemon.
 
 The part that runs inside the namespace is this module's `main()` (`python -m fwsafe.check.simulate`),
 which reads one JSON request on stdin and writes one JSON answer on stdout.
@@ -14,18 +16,18 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from fwsafe.backends import layer_for
 from fwsafe.backends.base import ApplyError
+from fwsafe.check.isolation import UNSHARE_ARGS, Tripwires, describe, enter, host_sockets
 from fwsafe.check.netns import Namespaces, NetnsError
-from fwsafe.errors import EnvironmentProblem, InvalidRulesError
+from fwsafe.errors import CannotSimulateError, EnvironmentProblem, InvalidRulesError
+from fwsafe.ondisk.ufw import UfwFilesError
 from fwsafe.runner import require_binary
 
 LOADERS = {
@@ -61,18 +63,18 @@ def simulate(
         namespaces.create(name)
     except NetnsError as exc:
         raise EnvironmentProblem(f"cannot create a scratch network namespace: {exc}") from exc
-    workdir = Path(tempfile.mkdtemp(prefix="fwsafe-sandbox-"))
     try:
         request = {
             "load": {k: _b64(v) for k, v in before.items() if k in LOADERS},
+            "ufw": _b64(before["ufw"]) if "ufw" in before else None,
             "layers": {k: _b64(v) for k, v in (layers or {}).items()},
             "sources": dict(sources or {}),
             "run": list(run) if run else None,
             "watch": list(watch),
+            "sockets": host_sockets(),
         }
-        argv = namespaces.exec_argv(name, [sys.executable, "-m", "fwsafe.check.simulate"])
-        if run and "ufw" in before:
-            argv = _private_ufw(before["ufw"], workdir) + argv
+        argv = namespaces.exec_argv(name, [require_binary("unshare"), *UNSHARE_ARGS,
+                                           sys.executable, "-m", "fwsafe.check.simulate"])
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         result = subprocess.run(argv, input=json.dumps(request).encode(), capture_output=True,
                                 timeout=600, check=False, env=env)
@@ -81,38 +83,35 @@ def simulate(
         except ValueError as exc:
             raise EnvironmentProblem(
                 f"the sandbox failed: {result.stderr.decode(errors='replace').strip()}") from exc
-        if answer.get("error"):
-            raise InvalidRulesError(str(answer["error"]), hint="nothing was changed")
-        return {k: _unb64(v) for k, v in answer["after"].items()}
     finally:
         try:
             namespaces.close()  # what still runs in it is killed
         except NetnsError as exc:
             print(f"fwsafe: warning: scratch namespace teardown: {exc}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _private_ufw(capture: bytes, workdir: Path) -> list[str]:
-    """A prefix that runs the rest in a private mount namespace where copies of ufw's files
-    are bind-mounted over the real ones."""
-    from fwsafe.ondisk.ufw import restore_ufw_files
-
-    restore_ufw_files(capture, workdir)
-    mounts = []
-    for path in ("/etc/ufw", "/etc/default/ufw"):
-        copy = workdir / path.lstrip("/")
-        if copy.exists() and os.path.exists(path):
-            mounts += [str(copy), path]
-    script = ('while [ "$#" -gt 0 ] && [ "$1" != -- ]; do mount --bind "$1" "$2" || exit 97; '
-              'shift 2; done; shift; exec "$@"')
-    return [require_binary("unshare"), "--mount", "--propagation", "private", "sh", "-c", script,
-            "sh", *mounts, "--"]
+    if answer.get("broken"):
+        raise EnvironmentProblem(f"cannot build the sandbox: {answer['broken']}",
+                                 hint="nothing was changed")
+    if answer.get("reached"):
+        label, reached = " ".join(run or []), describe(answer["reached"])
+        raise CannotSimulateError(
+            f"`{label}` cannot be tried on a copy: in the sandbox it reached {reached}, so it "
+            "acts on a live daemon and what it would do is not known; it was not run on the "
+            "live host", reached=reached,
+            hint="nothing was changed; `fwsafe apply -- COMMAND` runs it under the guard, "
+                 "with the snapshot taken before it runs (and no lockout prediction)")
+    if answer.get("error"):
+        raise InvalidRulesError(str(answer["error"]), hint="nothing was changed")
+    return {k: _unb64(v) for k, v in answer["after"].items()}
 
 
 # --------------------------------------------------------------------------------------------
 # Inside the scratch namespace
 # --------------------------------------------------------------------------------------------
-def _inside(request: dict[str, Any]) -> dict[str, Any]:
+def _inside(request: dict[str, Any], wires: Tripwires) -> dict[str, Any]:
+    if request.get("ufw"):   # the sandbox starts from ufw's files as captured
+        from fwsafe.ondisk.ufw import restore_ufw_files
+
+        restore_ufw_files(_unb64(request["ufw"]), Path("/"))
     for name, data in request["load"].items():
         content = _unb64(data)
         if not content.strip():
@@ -124,6 +123,9 @@ def _inside(request: dict[str, Any]) -> dict[str, Any]:
     if request.get("run"):
         result = subprocess.run(request["run"], stdin=subprocess.DEVNULL, capture_output=True,
                                 check=False, timeout=600)
+        reached = wires.hits()
+        if reached:   # what it did here is not what it would do: it talked to a daemon
+            return {"reached": reached}
         if result.returncode != 0:
             out = (result.stdout + result.stderr).decode(errors="replace").strip()
             return {"error": f"{' '.join(request['run'])} failed (exit {result.returncode}): "
@@ -140,9 +142,20 @@ def _inside(request: dict[str, Any]) -> dict[str, Any]:
 def main() -> int:
     request = json.loads(sys.stdin.buffer.read())
     try:
-        answer = _inside(request)
-    except (OSError, ApplyError, subprocess.SubprocessError) as exc:
-        answer = {"error": str(exc)}
+        wires, readonly = enter(request["sockets"])
+    except OSError as exc:
+        answer: dict[str, Any] = {"broken": str(exc)}
+    else:
+        try:
+            answer = _inside(request, wires)
+        except (OSError, ApplyError, subprocess.SubprocessError, UfwFilesError) as exc:
+            answer = {"error": str(exc)}
+        if readonly and answer.get("error"):
+            answer["error"] += (" (in the sandbox these are read-only, not copies: "
+                                f"{', '.join(readonly)})")
+        reached = wires.stop()
+        if reached:
+            answer = {"reached": reached}
     sys.stdout.write(json.dumps(answer))
     return 0
 

@@ -74,7 +74,12 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
     local subnets under the current rules and the candidate: the services the change opens
     or closes are listed (JSON: "exposure"). The live firewall is only read.
 
-    Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules.
+    A command runs in a sandbox where every file is a private copy and no daemon of this
+    host is reachable; one that talks to a daemon (firewall-cmd to firewalld over D-Bus)
+    cannot be tried there and is refused unrun (exit 3).
+
+    Exit 0: the management path stays open; 1: lockout predicted; 3: invalid rules, or a
+    command that failed on the copy or cannot be tried on one (nothing changed).
     """
     # Beside the main thread: reading the host, the validation, the pruning analysis (of the
     # candidate and of the host's layers), the exposure and its sandbox.

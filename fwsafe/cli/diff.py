@@ -43,9 +43,13 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
     """Show what RULES (or `-- COMMAND`, e.g. `-- ufw deny 22/tcp`) would change, per layer
     (iptables chains, nftables tables, ufw files), without changing anything.
 
-    The change is tried on a copy of the live firewall in a scratch network namespace (and
-    a command on copies of ufw's files), so the diff is what the kernel and ufw would really
-    do. Colored on a terminal, plain in a pipe, structured with --json. Exit 0.
+    The change is tried on a copy of the live firewall in a scratch network namespace (a
+    command in a sandbox where every file is a private copy and no daemon of this host is
+    reachable), so the diff is what the kernel and ufw would really do. Colored on a
+    terminal, plain in a pipe, structured with --json. Exit 0; 3 (nothing changed): invalid
+    rules, a command that failed on the copy, or one that cannot be tried on a copy because
+    it talks to a daemon (firewall-cmd to firewalld over D-Bus: `fwsafe apply` runs it under
+    the guard).
     """
     require_root()
     if "--" in RAW_ARGS:

@@ -33,6 +33,7 @@ from fwsafe.core.change import Change, require_root, resolve_partial, validate_c
 from fwsafe.core.statedir import StateDir, make_private_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (
+    CannotSimulateError,
     ChangeMayBeLiveError,
     EnvironmentProblem,
     FwsafeError,
@@ -121,7 +122,17 @@ def lockout_check(change: Change, options: ApplyOptions,
         return check_sshd_change(change, force=options.force, user=options.login_user)
     from fwsafe.check.precheck import precheck
 
-    report = precheck(change, captured=captured)
+    try:
+        report = precheck(change, captured=captured)
+    except CannotSimulateError as exc:
+        # A command that acts on a live daemon (firewall-cmd: firewalld over D-Bus) cannot be
+        # tried on a copy, and was not run: the snapshot, taken before it, stays the state
+        # before it; the guard runs it for the first time and reverts it unless confirmed.
+        summary = (f"lockout NOT checked: the command cannot be tried on a copy (it reaches "
+                   f"{exc.reached}); it runs for the first time under the guard, after the "
+                   "snapshot")
+        change.notes.append(summary)
+        return {"ran": False, "summary": summary}
     if report is None:
         return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
     if report.lockout and not options.force:
