@@ -192,8 +192,8 @@ def merge_table3(name: str, before: Table | None, after: Table | None,
         exists = merge_value(*("y" if chain in t.chains else None for t in (b, a, now)))
         rules = merge_sequences(*(t.chains[chain].rules if chain in t.chains else []
                                   for t in (b, a, now)))
-        if not exists and not rules:
-            continue
+        if not exists:   # gone (its owner deleted it, or the change created it): no orphan
+            continue         # (a kept rule that jumps there pulls it in: complete_references)
         policy = merge_value(*(t.chains[chain].policy if chain in t.chains else None
                                for t in (b, a, now)))
         result.chains[chain] = Chain(chain, policy or ("ACCEPT" if chain in BUILTIN_CHAINS.get(

@@ -110,7 +110,7 @@ def merge_block(before: str | None, after: str | None, live: str | None) -> str 
     for name in names:
         there = merge_value(*("y" if name in p[2] else None for p in parts))
         body = merge_sequences(*(p[2].get(name, []) for p in parts))
-        if there or body:
+        if there:        # an object others deleted is not re-created as an orphan
             objects[name] = body
     if not exists and not objects:
         return None

@@ -8,18 +8,30 @@ Three states of one ordered list (the rules of a chain, the lines of an nft chai
   fail2ban's bans, Docker's networks, kube-proxy's services).
 
 The change's own delta is ``before -> after``. Undoing it on ``live`` removes the items the
-change added and puts back the items it removed, each at the place its neighbours give it;
-whatever others added, removed or moved meanwhile stays as it is::
+change added and puts back the items it removed; whatever others added, removed or moved
+meanwhile stays as it is::
 
     before: A B C          after: A X C          (the change replaced B by X)
     live:   A X C D        (Docker appended D meanwhile)
-    target: A B C D        (X goes, B comes back where X stood, D stays)
+    target: A B C D        (X goes, B comes back after A, D stays)
+
+Identity is by content, counted per chain as a multiset (`target_count`), so it survives
+moves by others: the change's additions go wherever they stand now (another program that
+deletes and re-appends its own rule does not shield them); a rule others re-added identically
+is not doubled; what others deleted is not brought back. Order is the only thing positions
+decide: a rule the change removed (or moved) returns after its nearest predecessor in
+``before`` that the result has, else before its nearest such successor (a ban before
+fail2ban's RETURN), else where the change's own lines stand. Reverting what is already
+reverted changes nothing; with identical copies of one rule on both sides (others added a copy
+of a rule the change added, or deleted a copy of one it removed a copy of) the states cannot be
+told apart, and a second revert may differ in count there.
 
 Pure functions, no I/O: the backends parse their rulesets into chains and call these.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from difflib import SequenceMatcher
 
@@ -63,61 +75,128 @@ def _mapping(a: Sequence[str], b: Sequence[str]) -> dict[int, int]:
     return out
 
 
+def _matched(a: Sequence[str], b: Sequence[str]) -> tuple[set[int], set[int]]:
+    """Indices of `a` and of `b` that the longest common subsequence (difflib) pairs up."""
+    mapping = _mapping(a, b)
+    return set(mapping), set(mapping.values())
+
+
+def target_count(before: int, after: int, live: int) -> int:
+    """How many copies of one item the revert leaves (the identity rules, counted per item):
+
+    * the change added copies (after > before): they go, wherever they stand; copies others
+      added since (live > after) stay; copies others deleted are not brought back;
+    * the change removed copies (after < before): they come back, unless others deleted the
+      item too (no resurrection) or re-added it themselves (no duplicate: theirs count);
+    * otherwise the item is as others left it.
+
+    Reverting a table that is already reverted (live == before) changes nothing."""
+    if after > before:
+        return min(live, before) if live <= after else live - (after - before)
+    if after < before:
+        return live + max(0, before - max(live, after))
+    return live
+
+
 def merge_sequences(before: Sequence[str], after: Sequence[str],
                     live: Sequence[str]) -> list[str]:
     """`live` with the change `before -> after` undone (see the module's documentation)."""
     if list(after) == list(live):
         return list(before)
-    if list(before) == list(after):
-        return list(live)
+    if list(before) == list(after) or list(live) == list(before):
+        return list(live)          # nothing to undo, or already undone
     a_to_l = _mapping(after, live)
-    deleted: set[int] = set()
-    insert_before: dict[int, list[str]] = {}
-    insert_after: dict[int, list[str]] = {}
-
-    def anchor_back(j: int) -> int | None:
-        """The live index of the nearest item of `after` before index j that live still has."""
-        for k in range(j - 1, -1, -1):
-            if k in a_to_l:
-                return a_to_l[k]
-        return None
-
-    def anchor_forward(j: int) -> int | None:
-        for k in range(j, len(after)):
-            if k in a_to_l:
-                return a_to_l[k]
-        return None
-
+    kept_b, kept_a = _matched(before, after)
+    count_b, count_a, count_l = Counter(before), Counter(after), Counter(live)
+    # The change's own occurrences: before's it took away, after's it put in (a move is both).
+    taken: dict[str, list[int]] = {}
+    for i, item in enumerate(before):
+        if i not in kept_b:
+            taken.setdefault(item, []).append(i)
+    put = Counter(after[j] for j in range(len(after)) if j not in kept_a)
+    put_live: dict[str, list[int]] = {}       # where live still has after's put-in items
+    for j in sorted(a_to_l):
+        if j not in kept_a:
+            put_live.setdefault(after[j], []).append(a_to_l[j])
+    mapped_live = set(a_to_l.values())
+    spots: dict[str, list[int]] = {}
+    for i, item in enumerate(live):
+        spots.setdefault(item, []).append(i)
+    delete: set[int] = set()
+    restore: list[int] = []                  # indices of `before` to put back
+    for item in dict.fromkeys([*before, *after]):
+        b, a, n = count_b[item], count_a[item], count_l[item]
+        target = target_count(b, a, n)
+        drop, back = max(0, n - target), max(0, target - n)
+        # A move by the change (taken and put in) goes back where `before` had it, if live
+        # still shows it where the change put it.
+        moves = min(put[item], len(taken.get(item, ())), len(put_live.get(item, ())),
+                    n - drop, len(taken.get(item, ())) - back)
+        drop, back = drop + max(0, moves), back + max(0, moves)
+        if drop:
+            delete.update(_pick(drop, spots[item], put_live.get(item, []), mapped_live))
+        if back:
+            restore.extend(taken.get(item, [])[:back])
+    # Where the change's own lines of each replaced block stand in live (the last anchor).
+    stood: dict[int, int] = {}
     for tag, i1, i2, j1, j2 in _opcodes(before, after):
-        if tag == "equal":
-            continue
-        # What the change added: gone again, wherever live still has it.
-        added_in_live = [a_to_l[j] for j in range(j1, j2) if j in a_to_l]
-        deleted.update(added_in_live)
-        removed = list(before[i1:i2])
-        if not removed:
-            continue
-        # What the change removed comes back where the change's own lines stood, else after
-        # its nearest surviving predecessor, else before its nearest surviving successor.
-        if added_in_live:
-            insert_before.setdefault(added_in_live[0], []).extend(removed)
-            continue
-        back = anchor_back(j1)
-        if back is not None:
-            insert_after.setdefault(back, []).extend(removed)
-            continue
-        forward = anchor_forward(j2)
-        if forward is not None:
-            insert_before.setdefault(forward, []).extend(removed)
-        else:
-            insert_after.setdefault(len(live) - 1, []).extend(removed)
+        there = next((a_to_l[j] for j in range(j1, j2) if j in a_to_l), None)
+        if tag != "equal" and there is not None:
+            stood.update(dict.fromkeys(range(i1, i2), there))
+    gap_of: list[int] = []                   # live index -> its gap in the result
+    kept = 0
+    for i in range(len(live)):
+        gap_of.append(kept)
+        kept += i not in delete
+    result = [x for i, x in enumerate(live) if i not in delete]
+    fallback = {i: gap_of[stood[i]] for i in restore if i in stood}
+    return _insert(before, result, sorted(restore), fallback)
 
-    out: list[str] = list(insert_after.get(-1, []))
-    for index, item in enumerate(live):
-        out.extend(insert_before.get(index, []))
-        if index not in deleted:
-            out.append(item)
-        out.extend(insert_after.get(index, []))
+
+def _pick(count: int, spots: list[int], put_there: list[int], mapped: set[int]) -> list[int]:
+    """`count` of the live indices `spots` (one item's) to delete: where the change put it
+    first, then copies that match nothing of `after` (moved by others), then the last ones."""
+    first = set(put_there)
+    order = [*put_there, *(i for i in spots if i not in mapped and i not in first),
+             *(i for i in reversed(spots) if i in mapped and i not in first)]
+    return list(dict.fromkeys(order))[:count]
+
+
+def _insert(before: Sequence[str], result: list[str], restore: list[int],
+            fallback: dict[int, int]) -> list[str]:
+    """`result` with before[i] for each i in `restore` put back after its nearest predecessor
+    in `before` that `result` still has (or that is put back itself), else before its nearest
+    such successor (bans before fail2ban's RETURN), else where the change's own lines stood
+    (`fallback`: i -> gap in `result`), else at the end."""
+    if not restore:
+        return result
+    back = set(restore)
+    rest = [i for i in range(len(before)) if i not in back]
+    position = {rest[k]: v for k, v in _mapping([before[i] for i in rest], result).items()}
+    before_next = [-1] * len(before)    # the gap before the nearest kept successor
+    last = -1
+    for i in range(len(before) - 1, -1, -1):
+        before_next[i] = last
+        if i in position:
+            last = position[i]
+    slots: list[tuple[int, int]] = []   # (gap in result, index in before), in before's order
+    last = -1                           # the gap after the nearest predecessor placed so far
+    for i in range(len(before)):
+        if i in position:
+            last = position[i] + 1
+        elif i in back:                 # a restored rule anchors the next one in turn
+            last = (last if last >= 0 else before_next[i] if before_next[i] >= 0
+                    else fallback.get(i, len(result)))
+            slots.append((last, i))
+    out: list[str] = []
+    slots.sort()
+    s = 0
+    for gap in range(len(result) + 1):
+        while s < len(slots) and slots[s][0] == gap:
+            out.append(before[slots[s][1]])
+            s += 1
+        if gap < len(result):
+            out.append(result[gap])
     return out
 
 

@@ -1,0 +1,92 @@
+"""Issue 22's merge cases, each as the user saw it: the change's own rules must be gone after a
+revert whatever others did meanwhile, and what others did must stay."""
+
+from __future__ import annotations
+
+from fwsafe.backends.iptables import merge_table3, parse_ruleset
+from fwsafe.core.merge import merge_sequences, target_count
+
+X = "-A INPUT -p tcp --dport 22 -j DROP"          # the change's rule
+
+
+def test_case1_others_reappend_one_of_their_rules() -> None:
+    """`iptables -D` then `-A` by another program moved its rule after the change's."""
+    assert merge_sequences(["B"], ["B", X], [X, "B"]) == ["B"]
+    assert merge_sequences(["A", "B", "C"], ["A", X, "B", "C"], ["A", X, "C", "B"]) \
+        == ["A", "C", "B"]
+
+
+def test_case8_reorder_then_others_delete() -> None:
+    assert merge_sequences(["b", "a"], ["a", "b"], []) == []
+    assert merge_sequences(["b", "a"], ["a", "b"], ["a"]) == ["a"]
+    assert merge_sequences(["b", "a"], ["a", "b"], ["a", "b", "c"]) == ["b", "a", "c"]
+
+
+def test_removed_rules_come_back_before_their_successor() -> None:
+    """Bans before RETURN: a re-created fail2ban chain gets the old bans above its RETURN."""
+    assert merge_sequences(["ban1", "ban2", "RET"], [], ["RET"]) == ["ban1", "ban2", "RET"]
+    assert merge_sequences(["ban1", "ban2", "RET"], [], ["ban3", "RET"]) \
+        == ["ban3", "ban1", "ban2", "RET"]
+
+
+def test_no_duplicate_of_a_rule_others_re_added() -> None:
+    assert merge_sequences(["J", "A"], ["A"], ["J", "A"]) == ["J", "A"]
+    assert merge_sequences(["A", "J"], ["A"], ["J", "A"]) == ["J", "A"]   # theirs to place
+
+
+def test_reverting_a_reverted_state_changes_nothing() -> None:
+    """The second revert used to put back the change's removals again (duplicates)."""
+    before, after = ["A", "B", "C"], ["A", X, "C"]
+    once = merge_sequences(before, after, ["Q", "A", X, "C"])
+    assert once == ["Q", "A", "B", "C"]
+    assert merge_sequences(before, after, once) == once
+    assert merge_sequences(before, after, before) == before
+    assert merge_sequences(["a"], ["a", "a"], ["a"]) == ["a"]    # a duplicate the change added
+
+
+def test_target_count_rules() -> None:
+    assert target_count(0, 1, 1) == 0        # the change's addition goes
+    assert target_count(0, 1, 2) == 1        # others added the same: theirs stays
+    assert target_count(1, 2, 1) == 1        # already reverted: nothing changes
+    assert target_count(1, 0, 0) == 1        # the change's removal comes back
+    assert target_count(1, 0, 1) == 1        # others re-added it: no duplicate
+    assert target_count(2, 1, 0) == 1        # others deleted the one left: not resurrected
+
+
+HEAD = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+JUMP = "-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd"
+BAN = "-A f2b-sshd -s 10.0.0.{} -j REJECT --reject-with icmp-port-unreachable"
+RETURN = "-A f2b-sshd -j RETURN"
+
+
+def _merge(before: str, after: str, live: str) -> str:
+    old, new, now = (parse_ruleset(t).get("filter") for t in (before, after, live))
+    return merge_table3("filter", old, new, now).text()
+
+
+def _table(*lines: str, chain: bool = True) -> str:
+    return HEAD + (":f2b-sshd - [0:0]\n" if chain else "") + "".join(
+        f"{line}\n" for line in lines) + "COMMIT\n"
+
+
+def test_case7_fail2ban_recreates_its_chain_in_the_window() -> None:
+    """A forced change deleted f2b-sshd; fail2ban re-created it (jump at the top of INPUT,
+    an empty chain with RETURN) before the revert: one jump, old bans above RETURN."""
+    accept = "-A INPUT -p tcp --dport 22 -j ACCEPT"
+    before = _table(JUMP, accept, BAN.format("50/32"), BAN.format("51/32"), RETURN)
+    after = _table(X, chain=False)
+    live = _table(JUMP, X, BAN.format("52/32"), RETURN)
+    got = _merge(before, after, live)
+    assert got == parse_ruleset(_table(JUMP, accept, BAN.format("52/32"), BAN.format("50/32"),
+                                       BAN.format("51/32"), RETURN))["filter"].text()
+    assert got.count("-j f2b-sshd") == 1
+
+
+def test_case8_chain_deleted_by_its_owner_is_not_an_orphan() -> None:
+    """The change edited f2b-sshd; fail2ban then stopped (chain and jump gone): no orphan
+    chain holding a stale ban and no RETURN."""
+    before = _table(JUMP, BAN.format("50/32"), RETURN)
+    after = _table(JUMP, RETURN)
+    live = _table(chain=False)
+    got = _merge(before, after, live)
+    assert "f2b-sshd" not in got
