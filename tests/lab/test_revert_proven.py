@@ -1,0 +1,195 @@
+"""Issue 22: a revert that is proven, not assumed. Each case as a user meets it, with the real
+kernel and tools: while a change is pending, other programs act (re-append a rule, delete
+rules, fail2ban re-creates or removes its chain, ...); at the deadline the guard reverts.
+Judged by what a user sees: a NEW ssh login from the client gets in, the change's rules are
+gone, the other programs' rules, bans and chains are as they left them.
+
+Each test prints the server's IPv4 ruleset before, during and after (`-s`; pytest shows it
+for a failing test).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from fwsafe.lab import normalize_save
+from tests import neighbours
+from tests.conftest import FwLab, NeighbourLab
+
+pytestmark = pytest.mark.lab
+
+FINAL = {"reverted", "revert-failed", "confirmed"}
+DROP_NEW = "-p tcp -m conntrack --ctstate NEW -j DROP"
+F2B_JUMP = "-A INPUT -p tcp -m multiport --dports 22 -j f2b-sshd"
+
+
+def record(fw: FwLab, title: str) -> str:
+    text = normalize_save(fw.lab.srv_exec(["iptables-save"]).stdout)
+    print(f"\n===== {title} =====\n{text}", end="", flush=True)
+    return text
+
+
+def ipt(fw: FwLab, *args: str) -> None:
+    """Another program's iptables command in the server namespace."""
+    fw.lab.srv_exec(["iptables", "-w", *args])
+
+
+def apply_detached(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> dict[str, Any]:
+    rules = fw.write("change.rules", text)
+    result = fw.fw("apply", "--detach", "--json", "--force", "--timeout", str(timeout),
+                   *extra, str(rules))
+    print(f"\n$ fwsafe apply --force --timeout {timeout} {rules} -> exit {result.returncode}")
+    assert result.returncode == 0, result.stderr
+    armed: dict[str, Any] = json.loads(result.stdout)
+    return armed
+
+
+def wait_reverted(fw: FwLab, limit_s: float = 40) -> dict[str, Any]:
+    info = fw.wait_state(FINAL, limit_s)
+    print(f"\nstatus: {info['state']}; reason: {info.get('reason')}; "
+          f"revert: {json.dumps(info.get('revert'))}")
+    assert info["state"] == "reverted", info
+    return info
+
+
+def chain(text: str, name: str) -> list[str]:
+    """The rules of one chain of the filter table (without its declaration)."""
+    return [ln for ln in neighbours.chain_lines(text, name) if ln.startswith("-A ")]
+
+
+def test_case1_a_rule_re_appended_by_another_program_does_not_shield_the_change(
+        fwlab: FwLab) -> None:
+    """before OTHER [B]; the change appends X (drop NEW SSH) -> [B, X]; the other program
+    deletes and re-appends B -> [X, B]. The revert must remove X wherever it stands."""
+    b = "-s 10.9.9.9/32 -j RETURN"
+    ipt(fwlab, "-N", "OTHER")
+    ipt(fwlab, "-A", "OTHER", *b.split())
+    ipt(fwlab, "-I", "INPUT", "1", "-p", "tcp", "--dport", "22", "-j", "OTHER")
+    before = record(fwlab, "case 1: before")
+    assert fwlab.lab.new_login_ok()
+    apply_detached(fwlab, neighbours.with_rule(before, f"-A OTHER {DROP_NEW}"))
+    assert not fwlab.lab.new_connection_ok(timeout=0.5), "the change's drop is not live"
+    ipt(fwlab, "-D", "OTHER", *b.split())
+    ipt(fwlab, "-A", "OTHER", *b.split())
+    during = record(fwlab, "case 1: during (B deleted and re-appended by another program)")
+    assert chain(during, "OTHER") == [f"-A OTHER {DROP_NEW}", f"-A OTHER {b}"]
+
+    wait_reverted(fwlab)
+    after = record(fwlab, "case 1: after the revert")
+    assert chain(after, "OTHER") == [f"-A OTHER {b}"], "the change's DROP survived"
+    assert fwlab.lab.new_login_ok(), "a NEW ssh login fails after the revert"
+
+
+def test_case8_rules_the_change_reordered_and_others_deleted_stay_deleted(fwlab: FwLab) -> None:
+    """before OTHER [b, a] where a bans the SSH client; the change swaps them; the other
+    program then unbans both (deletes them). The revert must not bring either back."""
+    client = fwlab.lab.cli_ip4
+    a, b = f"-s {client}/32 -j DROP", "-s 10.9.9.9/32 -j DROP"
+    ipt(fwlab, "-N", "OTHER")
+    ipt(fwlab, "-A", "OTHER", *b.split())
+    ipt(fwlab, "-A", "OTHER", *a.split())
+    ipt(fwlab, "-I", "INPUT", "1", "-j", "OTHER")
+    before = record(fwlab, "case 8: before (the client is banned)")
+    assert not fwlab.lab.new_connection_ok(timeout=0.5)
+    swapped = before.replace(f"-A OTHER {b}\n-A OTHER {a}\n", f"-A OTHER {a}\n-A OTHER {b}\n")
+    assert swapped != before
+    apply_detached(fwlab, swapped)
+    ipt(fwlab, "-D", "OTHER", *a.split())       # the other program unbans both
+    ipt(fwlab, "-D", "OTHER", *b.split())
+    during = record(fwlab, "case 8: during (both unbanned by the other program)")
+    assert chain(during, "OTHER") == []
+    assert fwlab.lab.new_login_ok()
+
+    wait_reverted(fwlab)
+    after = record(fwlab, "case 8: after the revert")
+    assert chain(after, "OTHER") == [], "a rule others deleted came back"
+    assert fwlab.lab.new_login_ok(), "the client's old ban was resurrected"
+
+
+def test_case8_a_chain_its_owner_deleted_is_not_recreated_as_an_orphan(
+        f2b_lab: NeighbourLab) -> None:
+    """The change edits fail2ban's chain (drops an old ban and NEW SSH); fail2ban is stopped
+    during the window (its jump and chain go). The revert must not re-create f2b-sshd holding
+    the stale ban without RETURN: fail2ban must be able to start again and ban."""
+    nb = f2b_lab
+    early, innocent = nb.clients[:2]
+    nb.f2b.ban(early)
+    before = record(nb, f"case 8b: before (fail2ban banned {early})")
+    ban = next(line for line in chain(before, "f2b-sshd") if early in line)
+    change = neighbours.with_rule(before.replace(ban + "\n", ""), f"-A INPUT {DROP_NEW}",
+                                  first=True)
+    apply_detached(nb, change)
+    nb.f2b.stop()
+    during = record(nb, "case 8b: during (fail2ban stopped)")
+    assert "f2b-sshd" not in during
+
+    wait_reverted(nb)
+    after = record(nb, "case 8b: after the revert")
+    assert "f2b-sshd" not in after, "an orphan f2b-sshd chain was re-created"
+    assert DROP_NEW not in after
+    assert nb.lab.new_login_ok()
+    nb.f2b.start()          # fails if a stale f2b-sshd is in the way; bans again from its db
+    nb.f2b.ban(innocent)
+    started = record(nb, "case 8b: fail2ban started again")
+    assert started.count("-j f2b-sshd") == 1
+    assert nb.f2b.chain_has(innocent)
+
+
+def test_case7_fail2ban_recreates_its_chain_in_the_window(f2b_lab: NeighbourLab) -> None:
+    """A forced change deletes fail2ban's chain and jump; a ban during the window makes
+    fail2ban re-create them (jump on top of INPUT, a fresh chain ending in RETURN). After the
+    revert: one jump, every ban (old and new) before RETURN and blocking, SSH in for others."""
+    nb = f2b_lab
+    early, meanwhile, innocent = nb.clients[:3]
+    nb.f2b.ban(early)
+    before = record(nb, f"case 7: before (fail2ban banned {early})")
+    assert F2B_JUMP in before
+    without = "\n".join(line for line in before.splitlines() if "f2b-sshd" not in line) + "\n"
+    apply_detached(nb, without, timeout=8)
+    assert "f2b-sshd" not in record(nb, "case 7: right after the change")
+    nb.f2b.ban(meanwhile)
+    during = record(nb, f"case 7: during (fail2ban banned {meanwhile}, re-creating its chain)")
+    assert F2B_JUMP in during
+
+    wait_reverted(nb)
+    after = record(nb, "case 7: after the revert")
+    assert after.count("-j f2b-sshd") == 1, "INPUT jumps to f2b-sshd more than once"
+    rules = chain(after, "f2b-sshd")
+    assert rules[-1] == "-A f2b-sshd -j RETURN", "a ban is placed after RETURN"
+    assert any(early in r for r in rules) and any(meanwhile in r for r in rules)
+    for src in (early, meanwhile):
+        assert not neighbours.tcp_probe(nb.lab, src=src).ok, f"{src} (banned) gets in"
+    assert neighbours.tcp_probe(nb.lab, src=innocent).ok
+    assert nb.lab.new_login_ok()
+
+
+EMPTY = """\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+COMMIT
+"""
+
+
+def test_case6_an_emptied_firewall_whose_guard_dies_is_not_a_reboot(fwlab: FwLab) -> None:
+    """The change empties the firewall; its guard is killed (the backstop takes over). Same
+    boot: the old rules come back (a full revert), not "reboot: files only", host left open."""
+    before = record(fwlab, "case 6: before")
+    before6 = fwlab.lab.srv_exec(["ip6tables-save"]).stdout
+    armed = apply_detached(fwlab, EMPTY, "--rules6", str(fwlab.write("empty.rules6", EMPTY)),
+                           timeout=120)
+    during = record(fwlab, "case 6: during (the firewall emptied, IPv4 and IPv6)")
+    assert "-A " not in during + fwlab.lab.srv_exec(["ip6tables-save"]).stdout
+    fwlab.lab.srv_exec(["kill", "-KILL", str(armed["guard_pid"])])   # the guard we started
+    info = wait_reverted(fwlab, 30)
+    after = record(fwlab, "case 6: after the backstop's revert")
+    assert after == before, "the old rules did not come back"
+    assert normalize_save(fwlab.lab.srv_exec(["ip6tables-save"]).stdout) \
+        == normalize_save(before6)
+    assert info["reverted_by"] == "backstop", info
+    assert "reboot" not in (info.get("reason") or "")
+    assert fwlab.lab.new_login_ok()
