@@ -33,10 +33,9 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
     """Undo a transaction that is still open but has no guard (the guard died, the machine
     rebooted, or the CLI was killed before the guard armed).
 
-    After a reboot (another boot id, or a kernel that holds no rules at all while the
-    snapshot had some) nothing is merged against the empty kernel: the boot files hold the
-    old rules (they are written only on confirm), so only the files the change touched
-    (ufw's) are put back, and the usual loaders bring the rules in.
+    After a reboot (another boot id; see `rebooted`) nothing is merged against the empty
+    kernel: the boot files hold the old rules (they are written only on confirm), so only the
+    files the change touched (ufw's) are put back, and the usual loaders bring the rules in.
 
     The transaction is claimed first (PendingError while its guard or another reverter holds
     it). Without `give_up_after` (the backstop, which never gives up) the state lock is let go
@@ -123,12 +122,13 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
 
 
 def rebooted(record: Record, before: Mapping[str, bytes]) -> bool:
-    """The machine rebooted since the change: another boot id, or (where the boot id
-    cannot tell, e.g. a network namespace) a kernel with no rules in any layer while the
-    snapshot had some."""
+    """The machine rebooted since the change: the boot id decides. On the same boot an empty
+    kernel is not a reboot (a change that emptied the firewall, then its guard died): the
+    revert is a full one. Only where no boot id can be read (a record without one, no /proc)
+    does a kernel with no rules in any layer while the snapshot had some count as a reboot."""
     now_id = transaction.current_boot_id()
-    if record.boot_id and now_id and record.boot_id != now_id:
-        return True
+    if record.boot_id and now_id:
+        return record.boot_id != now_id
     kernel = [n for n in record.captured if layer_kind(n) not in FILE_LAYERS and n in before]
     if not any(layer_for(n).units(before[n]) for n in kernel):
         return False
@@ -136,4 +136,3 @@ def rebooted(record: Record, before: Mapping[str, bytes]) -> bool:
         return not any(layer_for(n).units(layer_for(n).capture()) for n in kernel)
     except Exception:  # noqa: BLE001 - cannot tell: not a reboot, merge as usual
         return False
-
