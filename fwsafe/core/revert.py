@@ -58,6 +58,13 @@ def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes |
     nf_tables layer is `after` and is not read again."""
     layer = layer_for(name)
     levels = LEVELS if after is not None else tuple(lv for lv in LEVELS if lv != MERGE)
+    if after is None:
+        # Nothing says what the change did (no capture right after it): everything that
+        # differs from the snapshot now counts as touched too (a table the change created).
+        try:
+            units = sorted(set(units) | set(layer.touched(before, layer.capture())))
+        except Exception as exc:  # noqa: BLE001 - the levels below read the layer again
+            log(f"cannot read {name} to see what differs from the snapshot: {exc}")
     error = ""
     for level in levels:
         try:   # everything inside: a revert must survive anything (even fork failing here)

@@ -7,7 +7,6 @@ import subprocess
 from collections.abc import Callable, Mapping, Sequence
 
 from fwsafe.backends import compose_partial, layer_for, nflist
-from fwsafe.backends.base import ApplyError
 from fwsafe.core import snapshot
 from fwsafe.core.revert import compute_touched
 from fwsafe.core.statedir import StateDir
@@ -95,10 +94,19 @@ def capture_after(state: StateDir, record: Record, before: Mapping[str, bytes],
             snapshot.save(state, record.id, snapshot.AFTER, after)
         except OSError as exc:
             log(f"cannot save the capture after the change: {exc}")
-    except (ApplyError, OSError, ValueError) as exc:
-        log(f"cannot capture after the change ({exc}); a revert restores whole layers")
-        record.touched = {name: sorted(layer_for(name).units(before[name]))
-                          for name in record.watch}
+    except Exception as exc:  # noqa: BLE001 - a timeout, a crash of a tool, anything
+        # Touched = everything the change could touch, never "nothing": every watched layer,
+        # every unit the snapshot has; a revert without `after` adds whatever differs from
+        # the snapshot then (core/revert.py).
+        log(f"cannot capture after the change ({type(exc).__name__}: {exc}); a revert "
+            f"restores whole units of every watched layer")
+        record.after_stamp = None
+        record.touched = {}
+        for name in record.watch:
+            try:
+                record.touched[name] = sorted(layer_for(name).units(before[name]))
+            except Exception:  # noqa: BLE001 - the layer is still touched, units found later
+                record.touched[name] = []
         after = None
     touched = ", ".join(f"{k}: {' '.join(v)}" for k, v in record.touched.items())
     log(f"touched: {touched or 'nothing'}")

@@ -17,6 +17,7 @@ import pytest
 
 from fwsafe.lab import normalize_save
 from tests import neighbours
+from tests.bins import FWSAFE
 from tests.conftest import FwLab, NeighbourLab
 
 pytestmark = pytest.mark.lab
@@ -193,3 +194,42 @@ def test_case6_an_emptied_firewall_whose_guard_dies_is_not_a_reboot(fwlab: FwLab
     assert info["reverted_by"] == "backstop", info
     assert "reboot" not in (info.get("reason") or "")
     assert fwlab.lab.new_login_ok()
+
+
+def test_case4_a_timeout_in_the_capture_after_the_change_still_reverts_it(
+        fwlab: FwLab) -> None:
+    """The guard's first tool call after the change (`iptables-save --version`) hangs past
+    its timeout, as under load: touched must be everything the change could touch, never
+    nothing, so the deadline's revert really undoes the change."""
+    mark = fwlab.lab.workdir / "slow-once"
+    bindir = fwlab.lab.workdir / "slowbin"
+    bindir.mkdir()
+    wrapper = bindir / "iptables-save"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        "# iptables-save, hanging once for the guard's `--version` (a real timeout)\n"
+        f"if [ \"$1\" = --version ] && [ -e {mark} ] && tr '\\0' ' ' </proc/$PPID/cmdline "
+        "| grep -q -- '-m fwsafe.guard --'; then\n"
+        f"    rm -f {mark}; exec sleep 13\n"
+        "fi\n"
+        "exec /usr/sbin/iptables-save \"$@\"\n")
+    wrapper.chmod(0o755)
+    mark.write_text("")
+    before = record(fwlab, "case 4: before")
+    rules = fwlab.write("change.rules", neighbours.with_rule(before, f"-A INPUT {DROP_NEW}",
+                                                             first=True))
+    result = fwlab.lab.srv_exec(
+        ["env", f"PATH={bindir}:/usr/sbin:/usr/bin:/sbin:/bin",
+         f"FWSAFE_STATE_DIR={fwlab.state_dir}", FWSAFE, "apply", "--detach", "--json",
+         "--force", "--timeout", "20", str(rules)], check=False, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert not fwlab.lab.new_connection_ok(timeout=0.5), "the change's drop is not live"
+    record(fwlab, "case 4: during")
+    info = wait_reverted(fwlab, 60)
+    after = record(fwlab, "case 4: after the revert")
+    assert not mark.exists(), "the guard never called the hanging iptables-save --version"
+    log = (fwlab.state_dir / "tx" / str(info["id"]) / "guard.log").read_text()
+    print(f"\n----- guard.log -----\n{log}")
+    assert DROP_NEW not in after, "the change is still live after a 'verified' revert"
+    assert fwlab.lab.new_login_ok()
+    assert "cannot capture after the change" in log
