@@ -6,10 +6,11 @@ layers, because `nft list ruleset` output of xt matches does not load back.
 
 A change is an nft file: validated with `nft -c -f`, applied with `nft -f` (one atomic
 transaction). A revert loads the computed target of each touched table in one `nft -f`
-transaction: ``add table X; delete table X; <target of X>``. The target is the three-way merge
-(fwsafe.core.merge) of the table before the change, right after it and live, object by object (sets,
-chains) and line by line inside them; the fallback is the table as in the snapshot. A table the
-change created is deleted unless others added to it. Tables nobody touched are left alone.
+transaction: ``add table X; delete table X; <target of X>``. The target is the three-way
+merge (fwsafe.core.merge) of the table before the change, right after it and live, object by
+object (sets, maps, chains): element by element inside sets and maps, line by line inside
+chains; the fallback is the table as in the snapshot. A table the change created is deleted
+unless others added to it. Tables nobody touched are left alone.
 With `--partial` the file's tables replace the same tables live and nothing else changes.
 """
 
@@ -99,6 +100,77 @@ def render_block(header: str, attrs: list[str], objects: dict[str, list[str]]) -
     return "\n".join([*out, "}"])
 
 
+def _is_set(header: str) -> bool:
+    return header.startswith(("\tset ", "\tmap "))
+
+
+def split_elements(text: str) -> list[str]:
+    """`a, b . c, 22 : accept` -> its elements (commas inside braces or quotes do not split)."""
+    out: list[str] = []
+    depth, quoted, start = 0, False, 0
+    for index, char in enumerate(text):
+        if char == '"':
+            quoted = not quoted
+        elif not quoted and char in "{(":
+            depth += 1
+        elif not quoted and char in "})":
+            depth -= 1
+        elif not quoted and depth == 0 and char == ",":
+            out.append(text[start:index])
+            start = index + 1
+    out.append(text[start:])
+    return [" ".join(e.split()) for e in out if e.strip()]
+
+
+def set_parts(body: list[str]) -> tuple[list[str], list[str]]:
+    """A set's or map's body -> (its other lines, its elements): `elements = { ... }` may be
+    wrapped over several lines by nft."""
+    lines: list[str] = []
+    elements: list[str] = []
+    index = 0
+    while index < len(body):
+        line = body[index]
+        if line.strip().startswith("elements = {"):
+            text = line.strip()[len("elements = {"):]
+            while not text.rstrip().endswith("}") and index + 1 < len(body):
+                index += 1
+                text += " " + body[index].strip()
+            elements += split_elements(text.rstrip().removesuffix("}"))
+        else:
+            lines.append(line)
+        index += 1
+    return lines, elements
+
+
+def render_set(lines: list[str], elements: list[str]) -> list[str]:
+    return [*lines, *([f"\t\telements = {{ {', '.join(elements)} }}"] if elements else [])]
+
+
+def merge_set(before: list[str], after: list[str], live: list[str]) -> list[str]:
+    """A set or map, merged element by element (each element with its value, flags and
+    timeout is one item): the change's elements go, the ones it removed come back, others'
+    stay; the set's own lines (type, flags, timeout, ...) merged as lines."""
+    parts = [set_parts(body) for body in (before, after, live)]
+    lines = merge_sequences(*(p[0] for p in parts))
+    elements = merge_sequences(*(p[1] for p in parts))
+    return render_set(lines, elements)
+
+
+def canonical_block(block: str | None) -> str | None:
+    """A table block with every set's elements sorted on one line: nft wraps long element
+    lists at its own places and lists a set's elements in its own order (a set has none)."""
+    if block is None:
+        return None
+    header, attrs, objects = parse_block(block)
+    out = {}
+    for head, body in objects.items():
+        if _is_set(head):
+            lines, elements = set_parts(body)
+            body = render_set(lines, sorted(elements))
+        out[head] = body
+    return render_block(header, attrs, out)
+
+
 def merge_block(before: str | None, after: str | None, live: str | None) -> str | None:
     """One table with the change `before -> after` undone on `live` (None: no such table)."""
     exists = merge_value(*("y" if b is not None else None for b in (before, after, live)))
@@ -109,7 +181,8 @@ def merge_block(before: str | None, after: str | None, live: str | None) -> str 
     objects: dict[str, list[str]] = {}
     for name in names:
         there = merge_value(*("y" if name in p[2] else None for p in parts))
-        body = merge_sequences(*(p[2].get(name, []) for p in parts))
+        merge = merge_set if _is_set(name) else merge_sequences
+        body = merge(*(p[2].get(name, []) for p in parts))
         if there:        # an object others deleted is not re-created as an orphan
             objects[name] = body
     if not exists and not objects:
@@ -244,10 +317,11 @@ class NftLayer(Layer):
         loaded = self.units(self.capture())
         problems = []
         for unit, target in targets.items():
-            if loaded.get(unit) == target:
+            if canonical_block(loaded.get(unit)) == canonical_block(target):
                 continue
-            if level == MERGE and new is not None and merge_block(
-                    old.get(unit), new.get(unit), loaded.get(unit)) == loaded.get(unit):
+            if level == MERGE and new is not None and canonical_block(merge_block(
+                    old.get(unit), new.get(unit), loaded.get(unit))) == canonical_block(
+                        loaded.get(unit)):
                 continue  # others changed the table again meanwhile; the change stays undone
             problems.append(f"nftables table {unit} differs from the computed target")
         return problems

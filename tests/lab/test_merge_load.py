@@ -1,6 +1,6 @@
 """The merge's targets load: a sample of the property tests' tables (chains created and
-deleted by either side) merged, loaded with the real iptables-restore into a scratch network
-namespace, and read back with iptables-save: the kernel holds exactly the target.
+deleted by either side; nft sets and maps) merged, loaded with the real iptables-restore / nft
+into a scratch network namespace, and read back: the kernel holds exactly the target.
 FWSAFE_PROPERTY_LOAD_EXAMPLES sets the sample (100 by default)."""
 
 from __future__ import annotations
@@ -14,7 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fwsafe.backends.iptables import merge_table3, parse_ruleset, same_table
+from fwsafe.backends.nftables import canonical_block, merge_block, split_tables
 from tests.conftest import require_capable
+from tests.merge_strategies import Story
+from tests.nft_strategies import set_stories
+from tests.nft_strategies import table as nft_table
 from tests.table_strategies import table_stories, table_text
 
 pytestmark = pytest.mark.lab
@@ -53,5 +57,23 @@ def test_merged_tables_load_and_read_back(scratch_ns: str) -> None:
         _in_ns(scratch_ns, ["iptables-restore"], text)
         back = parse_ruleset(_in_ns(scratch_ns, ["iptables-save", "-t", "filter"]))
         assert same_table(back.get("filter"), target), (text, back.get("filter"))
+
+    load()
+
+
+def test_merged_nft_sets_load_and_read_back(scratch_ns: str) -> None:
+    """Sets, timeout sets and verdict maps merged element by element: nft loads the target
+    (as the revert does: add, delete, define the table) and lists exactly its elements."""
+    @settings(max_examples=SAMPLE, deadline=None, database=None)
+    @given(set_stories())
+    def load(case: tuple[str, Story]) -> None:
+        kind, story = case
+        target = merge_block(*(nft_table(kind, s)
+                               for s in (story.before, story.after, story.live)))
+        assert target is not None
+        script = f"add table inet prop\ndelete table inet prop\n{target}\n"
+        _in_ns(scratch_ns, ["nft", "-f", "-"], script)
+        back = split_tables(_in_ns(scratch_ns, ["nft", "-s", "list", "table", "inet", "prop"]))
+        assert canonical_block(back["inet prop"]) == canonical_block(target), script
 
     load()

@@ -233,3 +233,45 @@ def test_case4_a_timeout_in_the_capture_after_the_change_still_reverts_it(
     assert DROP_NEW not in after, "the change is still live after a 'verified' revert"
     assert fwlab.lab.new_login_ok()
     assert "cannot capture after the change" in log
+
+
+def nft_table(fw: FwLab, title: str) -> str:
+    text = fw.lab.srv_exec(["nft", "-s", "list", "table", "inet", "blocker"]).stdout
+    print(f"\n===== {title} =====\n{text}", end="", flush=True)
+    return text
+
+
+def test_case3_nft_set_elements_are_merged_one_by_one(fwlab: FwLab) -> None:
+    """A set of twenty banned addresses (nft wraps its listing) used by a drop rule; the change
+    adds the SSH client's address (a lockout); another program bans one more address during
+    the window. After the revert the client gets in, the other program's ban blocks, and
+    every old element is there."""
+    lab = fwlab.lab
+    extra = neighbours.add_client_addresses(lab, count=3)
+    old = [f"10.99.0.{i}" for i in range(1, 21)]
+    fwlab.lab.srv_exec(["nft", "-f", "-"], input=(
+        "table inet blocker {\n\tset blk {\n\t\ttype ipv4_addr\n\t\tflags interval\n"
+        f"\t\telements = {{ {', '.join(old + [extra[0]])} }}\n\t}}\n"
+        "\tchain input {\n\t\ttype filter hook input priority filter; policy accept;\n"
+        "\t\tip saddr @blk tcp dport 22 drop\n\t}\n}\n"))
+    before = nft_table(fwlab, "case 3: before")
+    assert "\t\t\t     " in before, "the element list is not wrapped"
+    change = fwlab.write("ban-client.nft", (
+        "table inet blocker {\n\tset blk {\n\t\ttype ipv4_addr\n\t\tflags interval\n"
+        f"\t\telements = {{ {lab.cli_ip4} }}\n\t}}\n}}\n"))
+    result = fwlab.fw("apply", "--detach", "--json", "--force", "--timeout", "6", str(change))
+    assert result.returncode == 0, result.stderr
+    assert not lab.new_connection_ok(timeout=0.5), "the change's element is not live"
+    lab.srv_exec(["nft", "add", "element", "inet", "blocker", "blk", f"{{ {extra[1]} }}"])
+    nft_table(fwlab, "case 3: during (another program banned one more)")
+
+    wait_reverted(fwlab)
+    after = nft_table(fwlab, "case 3: after the revert")
+    assert lab.cli_ip4 not in after, "the change's element survived"
+    for address in [*old, extra[0], extra[1]]:
+        assert address in after, f"{address} lost"
+    assert after.count("elements = ") == 1
+    assert lab.new_login_ok(), "the client is still locked out"
+    for address in extra[:2]:
+        assert not neighbours.tcp_probe(lab, src=address).ok, f"{address} (banned) gets in"
+    assert neighbours.tcp_probe(lab, src=extra[2]).ok

@@ -4,6 +4,7 @@ revert whatever others did meanwhile, and what others did must stay."""
 from __future__ import annotations
 
 from fwsafe.backends.iptables import merge_table3, parse_ruleset
+from fwsafe.backends.nftables import merge_block, parse_block, set_parts
 from fwsafe.core.merge import merge_sequences, target_count
 
 X = "-A INPUT -p tcp --dport 22 -j DROP"          # the change's rule
@@ -90,3 +91,31 @@ def test_case8_chain_deleted_by_its_owner_is_not_an_orphan() -> None:
     live = _table(chain=False)
     got = _merge(before, after, live)
     assert "f2b-sshd" not in got
+
+
+NFT_SET = """table inet blocker {
+\tset blk {
+\t\ttype ipv4_addr
+\t\tflags interval
+\t\telements = { %s }
+\t}
+\tchain input {
+\t\ttype filter hook input priority filter; policy accept;
+\t\tip saddr @blk tcp dport 22 drop
+\t}
+}"""
+
+
+def test_case3_nft_set_elements_merged_one_by_one() -> None:
+    """The change adds the client's address to a set used by a drop rule; another program
+    adds one meanwhile. Short list: one `elements` line, the change's element gone; wrapped
+    list: no syntax error, so no fall back that loses the other program's element."""
+    short = merge_block(NFT_SET % "10.0.0.1", NFT_SET % "10.0.0.1, 10.0.0.9",
+                        NFT_SET % "10.0.0.1, 10.0.0.5, 10.0.0.9")
+    assert short == NFT_SET % "10.0.0.1, 10.0.0.5"
+    wrapped = ",\n\t\t\t     ".join(f"10.0.1.{i}, 10.0.1.{i + 1}" for i in range(1, 20, 2))
+    live = wrapped.replace("10.0.1.1, ", "10.0.0.9, 10.0.1.1, 10.0.2.7, ")
+    got = merge_block(NFT_SET % wrapped, NFT_SET % ("10.0.0.9, " + wrapped), NFT_SET % live)
+    assert got is not None
+    assert set_parts(parse_block(got)[2]["\tset blk {"])[1] == (
+        ["10.0.1.1", "10.0.2.7"] + [f"10.0.1.{i}" for i in range(2, 21)])

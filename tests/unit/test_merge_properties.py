@@ -1,6 +1,7 @@
 """Property tests (hypothesis) of the three-way merge: sequences (a chain), iptables tables
-(chains created and deleted by either side) and, in tests/lab/test_merge_load.py, targets
-loaded by the real tools. FWSAFE_PROPERTY_EXAMPLES sets the examples per property."""
+(chains created and deleted by either side), nft sets and maps (element by element) and, in
+tests/lab/test_merge_load.py, targets loaded by the real tools. FWSAFE_PROPERTY_EXAMPLES sets the
+examples per property."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fwsafe.backends.iptables import merge_table3, parse_ruleset, same_table
+from fwsafe.backends.nftables import canonical_block, merge_block, parse_block, set_parts
 from fwsafe.core.merge import merge_sequences
 from tests.merge_strategies import PROPERTY, SEQ, Story, stories
+from tests.nft_strategies import element as nft_element
+from tests.nft_strategies import set_stories
+from tests.nft_strategies import table as nft_table
 from tests.table_strategies import TableStory, table_stories, table_text
 
 
@@ -107,3 +112,23 @@ def test_tables_chains_created_and_deleted_by_either_side(data: st.DataObject) -
                                              for c in got.chains.values() for r in c.rules)
     assert same_table(merge_table3("filter", old, new, new), old)
     assert same_table(merge_table3("filter", old, new, old), old)
+
+
+@PROPERTY
+@given(set_stories())
+def test_nft_sets_and_maps_merged_element_by_element(case: tuple[str, Story]) -> None:
+    """The change's elements are gone, the ones it removed are back, others' additions and
+    deletions stay; one `elements` line (a wrapped list merged line by line used to break)."""
+    kind, story = case
+    got = merge_block(*(nft_table(kind, s) for s in (story.before, story.after, story.live)))
+    assert got is not None
+    _, _, objects = parse_block(got)
+    body = objects["\tmap s {" if kind == "map" else "\tset s {"]
+    assert sum("elements = " in line for line in body) <= 1
+    _, elements = set_parts(body)
+    expected = ({b for b in story.before if b not in story.others_deleted}
+                | {o for o in story.live if o.startswith("o")})
+    assert Counter(elements) == Counter(nft_element(x, kind) for x in expected)
+    assert canonical_block(merge_block(*(nft_table(kind, s) for s in (
+        story.before, story.after, story.after)))) == canonical_block(
+            nft_table(kind, story.before))
