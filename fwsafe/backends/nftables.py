@@ -36,6 +36,9 @@ _NFT_STATEMENT = re.compile(r"\n[^\S\n]*(?:table\s+\S+\s+\S+|flush\s+ruleset|"
                             r"add\s+(?:table|rule|chain)\s)")                 # line_starting
 _COUNTER = re.compile(r"counter packets \d+ bytes \d+")
 _TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{")
+# A table an nft file writes to: `table ip filter {`, `add rule ip filter INPUT ...`, ...
+_TABLE_NAMED = re.compile(r"^[^\S\n]*(?:(?:add|create|flush|delete|insert|replace)\s+)?"
+                          r"(?:table|chain|rule|set|map|element)\s+(ip6?)\s+([^\s{;]+)", re.M)
 IPTABLES_FAMILIES = ("ip", "ip6")
 
 
@@ -262,6 +265,7 @@ class NftLayer(Layer):
         if not text.strip():
             raise InvalidRulesError(f"{source}: the file is empty; refusing to apply nothing",
                                     path=source)
+        self._refuse_iptables_tables(text, source)
         line = line_starting(_IPTABLES_SYNTAX, text)
         if line is not None and not looks_like_nft(change):
             raise InvalidRulesError(f"{source}:{line}: this is iptables-save syntax, not nft",
@@ -271,6 +275,23 @@ class NftLayer(Layer):
             message, line_no = describe_nft_error(result.stderr.decode(errors="replace"), change,
                                                   source)
             raise InvalidRulesError(message, path=source, line=line_no)
+
+    def _refuse_iptables_tables(self, text: str, source: str) -> None:
+        """An nft file must not write to a table iptables-nft owns (ip/ip6 filter, nat, ...):
+        fwsafe reads those through iptables-save, which prints nft's base chains and native
+        expressions there as an empty or wrong table, so the change could not be undone.
+        Refused (exit 3) before anything happens, naming the table."""
+        for match in _TABLE_NAMED.finditer(text):
+            family, name = match.group(1), match.group(2)
+            if self._is_iptables_table(family, name):
+                line = text.count("\n", 0, match.start()) + 1
+                raise InvalidRulesError(
+                    f"{source}:{line}: table {family} {name} belongs to iptables-nft here; "
+                    f"fwsafe reads it through iptables-save, which cannot show what nft writes "
+                    f"there, so this change could not be undone",
+                    path=source, line=line,
+                    hint=f"use another table name (e.g. `table {family} fw_{name}`), or change "
+                         f"{family} {name} with an iptables-save file")
 
     def apply(self, change: bytes, source: str) -> None:
         result = run([require_binary("nft"), "-f", "-"], input=change, timeout=600)

@@ -275,3 +275,22 @@ def test_case3_nft_set_elements_are_merged_one_by_one(fwlab: FwLab) -> None:
     for address in extra[:2]:
         assert not neighbours.tcp_probe(lab, src=address).ok, f"{address} (banned) gets in"
     assert neighbours.tcp_probe(lab, src=extra[2]).ok
+
+
+def test_case2_an_nft_file_writing_an_iptables_nft_table_is_refused(fwlab: FwLab) -> None:
+    """`table ip filter { chain input { type filter hook input ...; tcp dport 22 drop } }`:
+    iptables-save would print that table as empty ("incompatible"), so its revert could not
+    be proved; refused with exit 3 before anything changes, naming the table."""
+    before = record(fwlab, "case 2: before")
+    rules = fwlab.write("ip-filter.nft", (
+        "table ip filter {\n\tchain input {\n"
+        "\t\ttype filter hook input priority 0; policy accept;\n"
+        "\t\ttcp dport 22 drop\n\t}\n}\n"))
+    result = fwlab.fw("apply", "--detach", "--force", "--timeout", "6", str(rules))
+    print(f"\n$ fwsafe apply --force {rules} -> exit {result.returncode}\n{result.stderr}")
+    assert result.returncode == 3, result.stderr
+    assert "table ip filter belongs to iptables-nft" in result.stderr
+    assert record(fwlab, "case 2: after the refusal") == before
+    listed = fwlab.lab.srv_exec(["nft", "list", "table", "ip", "filter"]).stdout
+    assert "tcp dport 22 drop" not in listed
+    assert fwlab.lab.new_login_ok()
