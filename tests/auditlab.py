@@ -43,13 +43,13 @@ import os
 import sys
 import textwrap
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fwsafe.check.netns import Namespaces
-from fwsafe.lab import Lab, LabError, create_lab, run
+from fwsafe.lab import Lab, LabError, create_lab, run, teardown
 
 __all__ = ["SETUPS", "AuditTruthLab", "Outcome", "Setup", "confusion_table", "truth_lab"]
 
@@ -592,22 +592,17 @@ class AuditTruthLab:
             raise LabError(f"the listeners did not start (exit {proc.poll()})")
 
     def close(self) -> None:
-        errors = []
         for proc in (self.vm_listener, self.listeners):
             if proc is not None and proc.poll() is None:
                 with contextlib.suppress(OSError):
                     proc.stdin.close()
                 proc.kill()
                 proc.wait(timeout=10)
+        steps: list[tuple[str, Callable[[], object]]] = []
         if self.docker is not None:
-            try:
-                self.docker.close()
-            except Exception as exc:   # keep tearing down
-                errors.append(str(exc))
-        try:
-            self.ns.close()
-        except Exception as exc:
-            errors.append(str(exc))
+            steps.append(("stopping docker", self.docker.close))
+        steps.append(("removing namespaces", self.ns.close))
+        errors = teardown(steps)
         if errors:
             raise LabError("audit lab teardown: " + "; ".join(errors))
 

@@ -50,6 +50,7 @@ from fwsafe.lab import (
     ssh_client_argv,
     ssh_keygen,
     stop_popen,
+    teardown,
 )
 from fwsafe.lab.network import acquire_prefix_lock
 from tests.bins import FWSAFE
@@ -220,22 +221,15 @@ class FaultLab:
         if self._closed:
             return
         self._closed = True
-        errors: list[str] = []
         for proc in self._children:
             with suppress(Exception):
                 stop_popen(proc, group=True)
         if self._wire is not None:
             with suppress(Exception):
                 stop_popen(self._wire, group=True)
-        for stop in (self.sshd.stop, self.holder.stop):
-            try:
-                stop()
-            except Exception as exc:  # keep tearing down
-                errors.append(str(exc))
-        try:
-            self.net.close()
-        except Exception as exc:
-            errors.append(str(exc))
+        errors = teardown([("stopping sshd", self.sshd.stop),
+                           ("stopping the mount holder", self.holder.stop),
+                           ("removing namespaces", self.net.close)])
         shutil.rmtree(self.workdir, ignore_errors=True)
         if self._lock_fd is not None:
             with suppress(OSError):

@@ -59,6 +59,7 @@ from fwsafe.lab.procs import (
     run,
     stop_popen,
     tail,
+    teardown,
     wait_answering,
 )
 from fwsafe.lab.rulesets import normalize_nft, normalize_save, ruleset_text
@@ -99,6 +100,7 @@ __all__ = [
     "ssh_keygen",
     "stop_popen",
     "tail",
+    "teardown",
     "wait_answering",
 ]
 
@@ -338,11 +340,7 @@ class Lab:
         steps = [("stopping sshd", self._sshd.stop), ("removing namespaces", self._namespaces.close)]
         if self._files is not None:
             steps.insert(1, ("stopping mount holder", self._files.holder.stop))
-        for what, step in steps:
-            try:
-                step()
-            except Exception as exc:  # keep tearing down
-                errors.append(f"{what}: {exc}")
+        errors += teardown(steps)
         self._closed = True
         keep_dir = self.keep if keep is None else keep
         if not keep_dir and self._owns_workdir:

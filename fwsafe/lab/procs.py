@@ -25,6 +25,7 @@ __all__ = [
     "run",
     "stop_popen",
     "tail",
+    "teardown",
     "wait_answering",
 ]
 
@@ -79,6 +80,17 @@ def _exited_unreaped(pid: int, timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def teardown(steps: Sequence[tuple[str, Callable[[], object]]]) -> list[str]:
+    """Run every step of a lab's teardown even when one fails; the failures ("what: error")."""
+    errors: list[str] = []
+    for what, step in steps:
+        try:
+            step()
+        except Exception as exc:  # keep tearing down
+            errors.append(f"{what}: {exc}")
+    return errors
 
 
 def stop_popen(proc: subprocess.Popen[Any], *, group: bool, grace: float = TERM_GRACE) -> None:
