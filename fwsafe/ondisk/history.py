@@ -30,6 +30,9 @@ HISTORY = "history"
 META = "meta.json"
 BASELINE_ID = "baseline"
 BASELINE_MARKER = ".baseline-recorded"   # in history/: the baseline was recorded once
+# The kind of an entry that is kept but was never known good: the files a power-cycle recovery
+# found and replaced (fwsafe.persistence.powercycle), for `rollback` to undo it. Never "last".
+BEFORE_RECOVERY = "before-recovery"
 LAYER_FILES = {
     "ipv4": "ipv4.rules",
     "ipv6": "ipv6.rules",
@@ -339,7 +342,9 @@ def find_entry(entries: list[Entry], damaged: list[Damaged], ref: str) -> Entry:
 
 
 def last_good(entries: list[Entry], damaged: list[Damaged]) -> Entry:
-    """The newest intact entry; refused when a damaged entry may be newer than it."""
+    """The newest intact entry that was known good (not a state a power-cycle recovery
+    replaced); refused when a damaged entry may be newer than it."""
+    entries = [e for e in entries if e.kind != BEFORE_RECOVERY]
     if not entries:
         why = "; ".join(f"{d.id}: {d.why}" for d in damaged)
         raise HistoryError("there is no intact known-good snapshot" + (f" ({why})" if why else ""))

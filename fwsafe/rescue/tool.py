@@ -47,6 +47,7 @@ from fwsafe.ondisk.boot import (
 )
 from fwsafe.ondisk.files import BACKUP_SUFFIX, local_path, write_file_atomically
 from fwsafe.ondisk.history import (
+    BEFORE_RECOVERY,
     Damaged,
     Entry,
     HistoryError,
@@ -495,7 +496,8 @@ def _print_list(entries: list[Entry], damaged: list[Damaged], out: _Out) -> None
     if not entries and not damaged:
         out.say("no known-good snapshot")
         return
-    newest = entries[-1].id if entries else None
+    good = [e for e in entries if e.kind != BEFORE_RECOVERY]
+    newest = good[-1].id if good else None
     out.say("known-good snapshots, oldest first:")
     for entry in entries:
         mark = "   <- last good" if entry.id == newest else ""
