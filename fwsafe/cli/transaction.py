@@ -81,7 +81,11 @@ def extend(seconds: str, tx_id: str | None, as_json: bool, state_dir: str | None
 def recover(as_json: bool, state_dir: str | None, config_path: str | None,
             at_boot: bool) -> None:
     """Restore the snapshot of a transaction left pending without its guard (after a reboot,
-    power loss or SIGKILL). With nothing pending it does nothing and says so."""
+    power loss or SIGKILL). With nothing pending it does nothing and says so.
+
+    The boot unit runs it with --boot: a host reset twice within reboot_recovery_window
+    (10 minutes) with no SSH login in between gets its last known-good state back before the
+    firewall and sshd start; a single reboot changes nothing (docs/rescue.md)."""
     config = config_from(config_path)
     manager = manager_for(state_dir, config)
     try:
