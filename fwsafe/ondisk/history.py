@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fwsafe.ondisk.sshd import load as load_sshd_files
 from fwsafe.ondisk.ufw import UfwFilesError, load_ufw_files
 
 FORMAT = 1
@@ -40,6 +41,7 @@ LAYER_FILES = {
     "ipv6-legacy": "ipv6-legacy.rules",
     "nft": "nft.conf",
     "ufw": "ufw.json",
+    "sshd": "sshd.json",   # /etc/ssh/sshd_config and what it includes (fwsafe.ondisk.sshd)
 }
 
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
@@ -215,6 +217,8 @@ def read_entry(directory: Path) -> Entry:
                 load_ufw_files(content)
             except UfwFilesError as exc:
                 raise ValueError(str(exc)) from exc
+        if name == "sshd":
+            load_sshd_files(content)   # an SshdFilesError is a ValueError: damaged
         layers[str(name)] = content
     return Entry(id=directory.name, meta=meta, layers=layers, path=directory)
 
@@ -240,6 +244,11 @@ def snapshot_layers(tx_dir: Path) -> dict[str, bytes]:
             load_ufw_files(layers["ufw"])
         except UfwFilesError:
             del layers["ufw"]
+    if "sshd" in layers:
+        try:
+            load_sshd_files(layers["sshd"])
+        except ValueError:
+            del layers["sshd"]
     return layers
 
 

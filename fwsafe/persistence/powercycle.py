@@ -6,8 +6,8 @@ back. The power button is what is left. So the boot unit (`fwsafe recover --boot
 firewall loaders and before sshd) counts boots:
 
 * at every boot it records ``STATE_DIR/boots.json``: this boot's id, the wall-clock time, a
-  digest of the firewall files on the disk (the boot files, ufw's files) as the boot found
-  them, and whether SSH logins are being marked (fwsafe.persistence.loginhook);
+  digest of the firewall files on the disk (the boot files, ufw's files, sshd's) as the boot
+  found them, and whether SSH logins are being marked (fwsafe.persistence.loginhook);
 * when the host boots twice within `reboot_recovery_window` (default 10 minutes), no SSH
   login succeeded during the boot in between (no login mark of that boot), and the firewall
   files are still what that boot found, it puts back the last known-good state of the history
@@ -119,8 +119,8 @@ def decide(previous: Boot | None, now: Boot, login_boot: str | None, window: flo
 
 # --------------------------------------------------------------------------------------------
 def disk_layers(root: Path = Path("/")) -> dict[str, bytes]:
-    """The firewall files the next start of the loaders reads, as history layers: the boot
-    files that exist (ipv4, ipv6, nft) and ufw's files."""
+    """The files the next start of the loaders and of sshd reads, as history layers: the boot
+    files that exist (ipv4, ipv6, nft), ufw's files and sshd's (on `/` only)."""
     layers: dict[str, bytes] = {}
     for layer, path in BOOT_FILES.items():
         try:
@@ -130,6 +130,10 @@ def disk_layers(root: Path = Path("/")) -> dict[str, bytes]:
     ufw = capture_ufw_files(root)
     if json.loads(ufw).get("files"):
         layers["ufw"] = ufw
+    if root == Path("/"):
+        sshd, _ = history.capture_sshd()
+        if sshd is not None:
+            layers["sshd"] = sshd
     return {name: normalize_layer(name, data) for name, data in layers.items()}
 
 

@@ -143,3 +143,57 @@ def test_two_hard_reboots_without_a_login_bring_back_the_last_known_good_state(
     reverted = lab.ssh(f"fwsafe revert {json.loads(rolled.stdout)['id']}")
     assert reverted.returncode == 4, reverted.stdout + reverted.stderr
     assert _ufw_rules(lab) == good
+
+
+def test_sshd_files_are_kept_and_put_back_by_the_rescue_tool_and_a_power_cycle(
+        sdlab: SystemdLab) -> None:
+    """A confirmed `fwsafe sshd set` records sshd's files in the history; an unguarded drop-in
+    that refuses root's login (the banner still answers: only a login tells) is moved aside by
+    the rescue zipapp and by the power-cycle recovery, and a rollback to the state with it goes
+    through sshd's own lockout check."""
+    lab = sdlab
+    applied = lab.ssh("fwsafe sshd set --detach --json --timeout 120 MaxAuthTries=5",
+                      timeout=120)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    confirmed = lab.ssh(f"fwsafe confirm {json.loads(applied.stdout)['id']}")
+    assert confirmed.returncode == 0, confirmed.stdout + confirmed.stderr
+    last = json.loads(lab.exec(["fwsafe", "show", "last", "--json"]).stdout)
+    assert "sshd" in last["layers"], last
+    assert "MaxAuthTries 5" in "".join(last["content"]["sshd"].values()), last["content"]["sshd"]
+
+    bad = "/etc/ssh/sshd_config.d/00-no-root.conf"
+
+    def break_sshd() -> None:
+        lab.write(bad, "PermitRootLogin no\n")
+        lab.exec(["systemctl", "restart", "ssh.service"])
+        lab.wait_ssh(30)
+        assert lab.ssh("true").returncode == 255, "root still logs in"
+
+    # The rescue tool (the zipapp on the server's disk), on the disk as a rescue system sees it.
+    break_sshd()
+    rescued = lab.exec(["python3", "/var/lib/fwsafe/fwsafe.pyz", "rescue", "--root", "/",
+                        "--last-good", "--yes"], check=False)
+    assert rescued.returncode == 0, rescued.stdout + rescued.stderr
+    assert f"remove   {bad}" in rescued.stdout, rescued.stdout
+    lab.exec(["systemctl", "restart", "ssh.service"])
+    lab.wait_ssh(30)
+    assert lab.ssh("true").returncode == 0
+
+    # The power cycle: the drop-in comes back unguarded (over SSH, so that boot had a login),
+    # then two hard resets with nobody getting in between.
+    lab.exec(["rm", "-f", f"{bad}.fwsafe-bak"])
+    break_sshd()
+    for _ in range(2):
+        _hard_reboot(lab)
+    lab.wait_ssh(30)
+    assert lab.ssh("true").returncode == 0, _diagnostics(lab)
+    power = lab.status()["power_cycle"]
+    assert power is not None and power["this_boot"] and bad in power["written"], power
+    assert lab.exec(["test", "-e", bad], check=False).returncode != 0
+
+    # Undoing it is a rollback, which sshd's lockout check refuses here (exit 3, nothing done).
+    rolled = lab.ssh(f"fwsafe rollback --detach --json --timeout 60 {power['undo']}",
+                     timeout=120)
+    assert rolled.returncode == 3, rolled.stdout + rolled.stderr
+    assert "lockout" in (rolled.stdout + rolled.stderr).lower(), rolled.stdout + rolled.stderr
+    assert lab.exec(["test", "-e", bad], check=False).returncode != 0

@@ -4,6 +4,7 @@ record `fwsafe status` shows). The real boots, PAM and loaders: tests/lab/test_p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -14,9 +15,11 @@ import pytest
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir
 from fwsafe.ondisk.history import BEFORE_RECOVERY, find_entry, list_history
+from fwsafe.ondisk.sshd import FileState, SshdFiles, dump
 from fwsafe.ondisk.ufw import capture_ufw_files, load_ufw_files
 from fwsafe.persistence import history, loginhook, powercycle
 from fwsafe.persistence.powercycle import Boot, decide
+from fwsafe.rescue import tool as rescue_tool
 
 W = 600.0
 
@@ -165,3 +168,61 @@ def test_a_login_between_the_boots_changes_nothing(tmp_path: Path) -> None:
     assert "login succeeded" in decision.why
     assert (root / "etc/ufw/user.rules").read_text() == "unguarded\n"
     assert powercycle.status_info(state) is None
+
+
+# --------------------------------------------------------------------------------------------
+# sshd's files in the history: kept with the firewall, put back by the rescue's plan (which the
+# power-cycle recovery uses too).
+def _sshd_layer(files: dict[str, str]) -> bytes:
+    return dump(SshdFiles("/etc/ssh/sshd_config", {
+        path: FileState(0o644, 0, 0, text.encode()) for path, text in files.items()}))
+
+
+def test_the_rescue_plan_puts_sshd_files_back_and_moves_new_drop_ins_aside(
+        tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    state = StateDir(root / STATE.lstrip("/"))
+    state.ensure()
+    main = "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication no\n"
+    good, _ = history.add_entry(state, {"sshd": _sshd_layer({
+        "/etc/ssh/sshd_config": main,
+        "/etc/ssh/sshd_config.d/10-keep.conf": "MaxAuthTries 5\n"})}, {"tx": "t1"})
+    drop_ins = root / "etc/ssh/sshd_config.d"
+    drop_ins.mkdir(parents=True)
+    (root / "etc/ssh/sshd_config").write_text(main.replace("no", "yes"))
+    (drop_ins / "10-keep.conf").write_text("MaxAuthTries 5\n")
+    (drop_ins / "00-bad.conf").write_text("PermitRootLogin no\n")   # added since, unguarded
+    (drop_ins / "README").write_text("not included\n")
+
+    found, damaged = list_history(state.root)
+    entry = find_entry(found, damaged, "last")
+    assert entry.id == good.id and "sshd" in entry.layers
+    plan = rescue_tool.plan_restore(entry, root)
+    assert sorted((c.server_path, c.action) for c in plan.changes) == [
+        ("/etc/ssh/sshd_config", "replace"), ("/etc/ssh/sshd_config.d/00-bad.conf", "remove")]
+    rescue_tool.write_plan(plan, root)
+    assert (root / "etc/ssh/sshd_config").read_text() == main
+    assert not (drop_ins / "00-bad.conf").exists()
+    assert (drop_ins / "00-bad.conf.fwsafe-bak").read_text() == "PermitRootLogin no\n"
+    assert (drop_ins / "README").exists() and (drop_ins / "10-keep.conf").exists()
+    assert rescue_tool.plan_restore(entry, root).changes == []
+
+
+def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    entry, _ = history.add_entry(state, {"sshd": _sshd_layer({"/etc/ssh/sshd_config": "x\n"})},
+                                 {"tx": "t1"})
+    assert entry.path is not None
+    layer = entry.path / "sshd.json"
+    data = json.loads(layer.read_text())
+    data["files"]["relative/path"] = data["files"].pop("/etc/ssh/sshd_config")
+    raw = json.dumps(data).encode()
+    layer.write_bytes(raw)
+    meta = json.loads((entry.path / "meta.json").read_text())
+    meta["layers"]["sshd"]["sha256"] = hashlib.sha256(raw).hexdigest()
+    (entry.path / "meta.json").write_text(json.dumps(meta))
+    found, damaged = list_history(state.root)
+    assert [d.id for d in damaged] == [entry.id] and "sshd" in damaged[0].why
+    text = history.layer_text("sshd", _sshd_layer({"/etc/ssh/sshd_config": "Port 22\n"}))
+    assert text == {"sshd /etc/ssh/sshd_config": "Port 22\n"}
