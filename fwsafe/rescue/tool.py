@@ -7,7 +7,8 @@ works on that disk, mounted somewhere (``--root /mnt``), without calling netfilt
 * it lists the known-good snapshots that fwsafe keeps (``ROOT/var/lib/fwsafe/history``);
 * it rewrites the files the server loads at boot to one of them (``--to ID``, ``--last-good``):
   ipv4 -> ``etc/iptables/rules.v4``, ipv6 -> ``etc/iptables/rules.v6`` (netfilter-persistent),
-  nft -> ``etc/nftables.conf``, ufw -> ufw's own files;
+  nft -> ``etc/nftables.conf``, ufw -> ufw's own files, sshd -> ``etc/ssh/sshd_config`` and
+  the files it included (a drop-in its Include lines match now but not then is moved aside);
 * or it disables the firewall at boot (``--disable-firewall``): ufw.conf ``ENABLED=no``,
   accept-all rulesets for netfilter-persistent and nftables.
 
