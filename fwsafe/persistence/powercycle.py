@@ -183,9 +183,13 @@ def at_boot(state: StateDir, *, window: float = DEFAULT_WINDOW, enabled: bool = 
             return decision, None     # keep the record of this boot's start
         done: dict[str, Any] | None = None
         if decision.recover:
-            done, decision = _recover(state, root, layers, decision, plan_restore, write_plan)
-            if done is not None:
-                this.digest = layers_digest(disk_layers(root))
+            try:
+                done, decision = _recover(state, root, layers, decision, plan_restore,
+                                          write_plan)
+            except (HistoryError, OSError, ValueError) as exc:   # said, and the boot counted
+                why = exc.message if isinstance(exc, HistoryError) else str(exc)
+                decision = Decision(False, f"{decision.why}, but the recovery FAILED: {why}")
+            this.digest = layers_digest(disk_layers(root))
         atomic_write(state.root / BOOTS, json.dumps(this.to_json(), sort_keys=True).encode())
     return decision, done
 

@@ -226,3 +226,20 @@ def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:
     assert [d.id for d in damaged] == [entry.id] and "sshd" in damaged[0].why
     text = history.layer_text("sshd", _sshd_layer({"/etc/ssh/sshd_config": "Port 22\n"}))
     assert text == {"sshd /etc/ssh/sshd_config": "Port 22\n"}
+
+
+def test_a_recovery_that_cannot_write_says_so_and_still_counts_the_boot(tmp_path: Path) -> None:
+    root, state = _host(tmp_path)
+    _ufw(root, "good\n")
+    history.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
+    (root / "etc/ufw/user.rules").unlink()
+    (root / "etc/ufw/user.rules").mkdir()      # not a file: the plan refuses it
+    powercycle.at_boot(state, root=root, now=1000.0)
+    record = json.loads((state.root / powercycle.BOOTS).read_text())
+    record["boot_id"] = "a-previous-boot"
+    (state.root / powercycle.BOOTS).write_text(json.dumps(record))
+    decision, done = powercycle.at_boot(state, root=root, now=1100.0)
+    assert not decision.recover and done is None
+    assert "recovery FAILED" in decision.why and "not a regular file" in decision.why
+    record = json.loads((state.root / powercycle.BOOTS).read_text())
+    assert record["boot_id"] == transaction.current_boot_id()
