@@ -77,7 +77,7 @@ def is_installed(root: Path, state_dir: str, *, python: str | None = None) -> bo
         wanted = render_unit(python or sys.executable, state_dir)
     except ValueError:
         return False
-    if loginhook.can_install(root) and not loginhook.active(root, state_dir)[0]:
+    if loginhook.wanted(root, state_dir):
         return False   # the power-cycle recovery needs the login hook too
     if not os.path.lexists(unit):
         return packaged_unit(root, wanted) is not None

@@ -134,6 +134,14 @@ def can_install(root: Path) -> bool:
     return shutil.which(PAM_AUTH_UPDATE) is not None
 
 
+def wanted(root: Path, state_dir: str) -> bool:
+    """The hook could be installed and is not: not active, and not tried yet (a profile of
+    ours that pam-auth-update did not enable, e.g. a locally edited common-session, is not
+    written again at every apply; `active` then says why the recovery is off)."""
+    return (can_install(root) and not active(root, state_dir)[0]
+            and not local_path(root, f"{PAM_CONFIGS}/{LOCAL_PROFILE}").exists())
+
+
 def install(root: Path, state_dir: str) -> list[str]:
     """Write the local hook and its pam-auth-update profile and enable it (on `/` only);
     nothing when the packaged hook serves `state_dir` already. One line per thing done."""

@@ -243,3 +243,16 @@ def test_a_recovery_that_cannot_write_says_so_and_still_counts_the_boot(tmp_path
     assert "recovery FAILED" in decision.why and "not a regular file" in decision.why
     record = json.loads((state.root / powercycle.BOOTS).read_text())
     assert record["boot_id"] == transaction.current_boot_id()
+
+
+def test_the_hook_is_wanted_until_installed_or_tried(tmp_path: Path) -> None:
+    (tmp_path / "usr/share/pam-configs").mkdir(parents=True)     # pam-auth-update's profiles
+    assert loginhook.wanted(tmp_path, STATE)
+    done = loginhook.install(tmp_path, STATE)                      # a fake root: not enabled
+    assert (tmp_path / "usr/share/pam-configs/fwsafe-local").exists(), done
+    assert not loginhook.wanted(tmp_path, STATE)                   # tried: not every apply
+    assert not loginhook.active(tmp_path, STATE)[0]
+    _hook(tmp_path)
+    assert loginhook.active(tmp_path, STATE)[0]
+    assert loginhook.uninstall(tmp_path)
+    assert not (tmp_path / "usr/share/pam-configs/fwsafe-local").exists()
