@@ -52,6 +52,7 @@ from fwsafe.ondisk.history import (
 )
 from fwsafe.ondisk.ufw import capture_ufw_files
 from fwsafe.persistence import history, loginhook
+from fwsafe.rescue.tool import plan_restore, write_plan
 
 BOOTS = "boots.json"
 RECOVERY = "power-cycle.json"
@@ -169,8 +170,6 @@ def at_boot(state: StateDir, *, window: float = DEFAULT_WINDOW, enabled: bool = 
             root: Path = Path("/"), now: float | None = None) -> tuple[Decision, dict[str, Any] | None]:
     """The boot unit's step: record this boot, and recover when `decide` says so. Returns the
     decision and, when it recovered, what it did (also in power-cycle.json)."""
-    from fwsafe.rescue.tool import plan_restore, write_plan
-
     boot_id = transaction.current_boot_id() or ""
     marked, _ = loginhook.active(root, str(state.root))
     with state.locked(wait=True):
@@ -184,8 +183,7 @@ def at_boot(state: StateDir, *, window: float = DEFAULT_WINDOW, enabled: bool = 
         done: dict[str, Any] | None = None
         if decision.recover:
             try:
-                done, decision = _recover(state, root, layers, decision, plan_restore,
-                                          write_plan)
+                done, decision = _recover(state, root, layers, decision)
             except (HistoryError, OSError, ValueError) as exc:   # said, and the boot counted
                 why = exc.message if isinstance(exc, HistoryError) else str(exc)
                 decision = Decision(False, f"{decision.why}, but the recovery FAILED: {why}")
@@ -194,8 +192,8 @@ def at_boot(state: StateDir, *, window: float = DEFAULT_WINDOW, enabled: bool = 
     return decision, done
 
 
-def _recover(state: StateDir, root: Path, layers: dict[str, bytes], decision: Decision,
-             plan_restore: Any, write_plan: Any) -> tuple[dict[str, Any] | None, Decision]:
+def _recover(state: StateDir, root: Path, layers: dict[str, bytes],
+             decision: Decision) -> tuple[dict[str, Any] | None, Decision]:
     try:
         found, damaged = list_history(state.root)
         entry = last_good(found, damaged)
