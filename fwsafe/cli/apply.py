@@ -165,7 +165,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         if host:
             raise click.UsageError("--host takes rules files, not a command")
         _apply_command(list(args), options, detach=detach, yes=yes, as_json=as_json,
-                       manager=manager_for(state_dir, config))
+                       manager=manager_for(state_dir, config, converge=False))
         return
     rules = args[0] if len(args) == 1 else None
     if len(args) > 1:
@@ -198,7 +198,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         from fwsafe.cli.sshd import add_sshd_settings
 
         add_sshd_settings(change, sshd_config, sshd_set)
-    manager = manager_for(state_dir, config)
+    manager = manager_for(state_dir, config, converge=False)
     if exposure if exposure is not None else (options.check and not as_json
                                                and sys.stderr.isatty()):
         options.before_apply = show_exposure
@@ -393,7 +393,7 @@ def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_jso
                            config_path=config_path_of(config), max_timeout=config.max_timeout,
                            boot_hook=config.boot_hook, **guard_settings(config))
     _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
-                   manager=manager_for(state_dir, config))
+                   manager=manager_for(state_dir, config, converge=False))
 
 
 

@@ -22,6 +22,7 @@ import click
 from fwsafe.config import Config, load_config
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
+from fwsafe.core.recover import converge as converge_orphan
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import EXIT_CODE_HELP
@@ -208,9 +209,17 @@ def detail(message: str) -> None:
         click.echo(f"fwsafe: {message}", err=True)
 
 
-def manager_for(state_dir: str | None, config: Config | None = None) -> Manager:
+def manager_for(state_dir: str | None, config: Config | None = None, *,
+                converge: bool = True) -> Manager:
+    """The Manager of the state directory chosen. With `converge` (every command but those
+    that revert an orphaned transaction themselves: apply, revert, recover) a transaction left
+    open past its deadline with nobody looking after it is taken over first, so that what
+    the command says is the truth (fwsafe.core.recover.converge)."""
     configured = config.state_dir if config is not None else None
-    return Manager(StateDir(resolve_state_dir(state_dir, configured)))
+    state = StateDir(resolve_state_dir(state_dir, configured))
+    if converge:
+        converge_orphan(state)
+    return Manager(state)
 
 
 def clock(t: float | None) -> str:

@@ -16,6 +16,7 @@ import click
 
 from fwsafe.cli.common import complete_history_ids, use_colour
 from fwsafe.config import load_config
+from fwsafe.core.recover import converge
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.errors import EXIT_CODE_HELP, EnvironmentProblem, UsageError
 from fwsafe.ondisk.history import Entry, describe_who, format_time
@@ -33,6 +34,7 @@ def _state(state_dir: str | None, config_path: str | None) -> StateDir:
     config = load_config(config_path)
     state = StateDir(resolve_state_dir(state_dir, config.state_dir))
     state.verify()  # nothing is read from a directory others could have written
+    converge(state)  # a transaction left open past its deadline with nobody on it: revert it
     return state
 
 

@@ -49,7 +49,7 @@ def confirm(tx_id: str | None, as_json: bool, state_dir: str | None,
 def revert(tx_id: str | None, as_json: bool, state_dir: str | None,
            config_path: str | None) -> None:
     """Revert the pending change now (exit 4 once reverted, 5 if the revert failed)."""
-    manager = manager_for(state_dir, config_from(config_path))
+    manager = manager_for(state_dir, config_from(config_path), converge=False)
     with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
         tick.step("the guard is restoring the rules as they were")
         record = manager.revert(tx_id)
@@ -87,7 +87,7 @@ def recover(as_json: bool, state_dir: str | None, config_path: str | None,
     (10 minutes) with no SSH login in between gets its last known-good state back before the
     firewall and sshd start; a single reboot changes nothing (docs/rescue.md)."""
     config = config_from(config_path)
-    manager = manager_for(state_dir, config)
+    manager = manager_for(state_dir, config, converge=False)
     try:
         with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
             tick.step("restoring the snapshot")

@@ -6,6 +6,10 @@ armed).
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Mapping
 
 from fwsafe import failpoints
@@ -22,6 +26,64 @@ from fwsafe.guard.applying import ALREADY_UNDONE, undone_already
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
 FILE_LAYERS = ("ufw", "sshd")   # layers kept in files, not in the kernel
+CONVERGE_WAIT_S = 5.0   # how long a command waits for the late take-over it started
+LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "
+               "gone)")
+
+
+def orphaned(state: StateDir, record: Record, now: float | None = None) -> bool:
+    """Transaction `record` is open, nobody looks after it (its guard is gone and no process
+    holds it: the backstop, systemd's ExecStopPost= take-over, a recover), and it is past its
+    deadline (or was being reverted, or never got one): it must be reverted now, by whoever
+    sees it first. Before the deadline a guardless change is left alone (`confirm` may still
+    keep it)."""
+    if record.state not in transaction.OPEN_STATES:
+        return False
+    if transaction.guard_alive(record) or state.tx_held(record.id):
+        return False
+    if record.state == transaction.REVERTING or record.deadline is None:
+        return True
+    return (now if now is not None else time.time()) >= record.deadline
+
+
+def start_late_take_over(state: StateDir, record: Record) -> None:
+    """Start the take-over of an orphaned transaction in a session of its own (it outlives
+    the command that saw it, never gives up, and does not hold the state lock across its
+    attempts: fwsafe.guard.backstop.take_over); its log goes to the transaction's guard.log."""
+    log: int | None = None
+    with contextlib.suppress(OSError):
+        log = os.open(state.tx_dir(record.id) / "guard.log",
+                      os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "fwsafe.guard.backstop", "--take-over", str(state.root),
+             record.id],
+            stdin=subprocess.DEVNULL, stdout=log if log is not None else subprocess.DEVNULL,
+            stderr=log if log is not None else subprocess.DEVNULL, cwd="/",
+            start_new_session=True, close_fds=True)
+    finally:
+        if log is not None:
+            os.close(log)
+
+
+def converge(state: StateDir, wait: float = CONVERGE_WAIT_S) -> Record | None:
+    """What every fwsafe command does first (and the login hook): an open transaction left
+    past its deadline with nobody looking after it is taken over (reverted) now, so that the
+    answer that follows is the truth and nothing waits for a hand. Waits at most `wait`
+    seconds for the take-over to finish; returns the record as it stands then (None when
+    there was nothing to do). Never raises: a command must not fail because of it."""
+    try:
+        if os.geteuid() != 0 or not state.exists():
+            return None
+        record = transaction.load_current(state)
+        if record is None or not orphaned(state, record):
+            return None
+        start_late_take_over(state, record)
+        from fwsafe.guard.spawn import settle
+
+        return settle(state, record, limit=wait)
+    except Exception:  # noqa: BLE001 - best effort: the command goes on and tells what it sees
+        return None
 
 
 

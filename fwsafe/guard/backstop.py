@@ -454,7 +454,7 @@ class Unsaved:
             delay = min(delay * 2, BACKOFF_MAX)
 
 
-def take_over(state: StateDir, tx_id: str, why: str) -> int:
+def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> int:
     """The guard is gone: undo the change if its transaction is still open. Never gives up
     while it is; exit status 0 once nothing is left to do."""
     from fwsafe.core.recover import recover
@@ -480,8 +480,8 @@ def take_over(state: StateDir, tx_id: str, why: str) -> int:
                 announced = True
             failpoints.hit("backstop.taking-over")
             with state.tx_claimed(tx_id):   # held until the record is written
-                done = recover(state, reason=f"{why}; the backstop reverted the change",
-                               by="backstop", tx_id=tx_id, give_up_after=None,
+                done = recover(state, reason=f"{why}; the {by} reverted the change",
+                               by=by, tx_id=tx_id, give_up_after=None,
                                save=unsaved.save, claimed=True)
                 unsaved.flush(state)
             _log(f"transaction {tx_id} is {done.state}: {done.reason}")
@@ -516,13 +516,46 @@ def _remove_leftover_hatch(record: transaction.Record) -> None:
     _log(f"hatch left by transaction {record.id}: {states}")
 
 
+def late(state: StateDir, tx_id: str | None) -> int:
+    """``--take-over`` (started by a command that found the transaction orphaned: see
+    fwsafe.core.recover.converge) and ``--converge`` (the login hook, systemd's limit timer):
+    take over the transaction (`tx_id`, else the current one) if it is orphaned: open, past
+    its deadline, its guard gone and nobody holding it."""
+    from fwsafe.core.recover import LATE_REASON, orphaned
+
+    try:
+        record = transaction.load_record(state, tx_id) if tx_id else \
+            transaction.load_current(state)
+    except Exception as exc:  # noqa: BLE001 - no state, a damaged record: nothing to do here
+        _log(f"nothing to take over ({exc})")
+        return 0
+    if record is None or not orphaned(state, record):
+        return 0
+    return take_over(state, record.id, LATE_REASON, by="late take-over")
+
+
+USAGE = ("usage: python -m fwsafe.guard.backstop --watch|--watch-unit|--after-stop|--take-over "
+         "STATE_DIR TX_ID\n       python -m fwsafe.guard.backstop --converge [STATE_DIR]")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 3 or args[0] not in ("--watch", "--watch-unit", "--after-stop"):
-        write_line("usage: python -m fwsafe.guard.backstop --watch|--watch-unit|--after-stop "
-                   "STATE_DIR TX_ID")
+    if args[:1] == ["--converge"] and len(args) <= 2:
+        args = [*args, "", ""][:3]
+    if len(args) != 3 or args[0] not in ("--watch", "--watch-unit", "--after-stop",
+                                         "--take-over", "--converge"):
+        write_line(USAGE)
         return 2
     how, state_dir, tx_id = args
+    if how == "--converge" and not state_dir:
+        from fwsafe.config import load_config
+        from fwsafe.core.statedir import resolve_state_dir
+
+        try:
+            state_dir = str(resolve_state_dir(None, load_config(None).state_dir))
+        except Exception as exc:  # noqa: BLE001 - a broken config: the hook says nothing
+            _log(f"no state directory ({exc})")
+            return 0
     for sig in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGPIPE):
         signal.signal(sig, signal.SIG_IGN)
     quiet_std()
@@ -532,6 +565,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.errno not in (errno.EACCES, errno.EPERM):
             _log(f"oom_score_adj: {exc}")
     state = StateDir(Path(state_dir))
+    if how in ("--take-over", "--converge"):
+        return late(state, tx_id or None)
     if how == "--after-stop":
         # systemd runs this after the guard unit's main process is gone, however it ended.
         result = os.environ.get("SERVICE_RESULT", "unknown")

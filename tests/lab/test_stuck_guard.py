@@ -179,3 +179,35 @@ def test_an_xtables_lock_held_by_another_program_is_named_in_status(fwlab: FwLab
     done = fwlab.wait_state({"reverted"}, 30)
     assert done["state"] == "reverted", done
     assert "2222" not in fwlab.lab.srv_exec(["iptables-legacy-save"]).stdout
+
+
+def test_guard_and_backstop_killed_together_the_next_command_converges(fwlab: FwLab) -> None:
+    """Guard and backstop SIGKILLed together (no systemd here): the kernel hatch lets SSH in
+    past the deadline + hatch_grace; the first fwsafe command of any kind then finds the
+    transaction open past its deadline with nobody on it, takes it over and answers with the
+    truth: reverted, the rules as before, no hatch left."""
+    before = fwlab.lab.ruleset()
+    cfg = config(fwlab).with_name("fwsafe.toml")
+    cfg.write_text(f"stuck_grace = {STUCK_GRACE}\nhatch_grace = 2\n"
+                   f'admin_sources = ["{fwlab.lab.cli_ip4}"]\n')
+    info = pending(fwlab, cfg, timeout=2)
+    procs = crashmatrix.scan_processes(str(fwlab.state_dir))
+    assert procs["guard"] and procs["backstop"], procs
+    for pid in procs["guard"] + procs["backstop"]:   # ours: started by this test's apply
+        os.kill(pid, signal.SIGKILL)
+    back = ssh_back(fwlab, 2 + 2 + 10)
+    assert back is not None, "the hatch did not let SSH in"
+    print(f"\nguard and backstop SIGKILLed: SSH back (hatch) "
+          f"{back - float(info['deadline']):+.2f} s after the deadline")
+    assert "fwsafe-hatch" in fwlab.lab.srv_exec(["iptables-save"]).stdout   # nobody converged
+    started = time.monotonic()
+    shown = run(fwlab, cfg, "status", "--json")
+    took = time.monotonic() - started
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    print(f"the next `fwsafe status` converged in {took:.2f} s: {info['state']}")
+    assert info["state"] == "reverted" and info["reverted_by"] == "late take-over", info
+    assert took < 8
+    assert fwlab.lab.ruleset() == before
+    assert "fwsafe-hatch" not in fwlab.lab.srv_exec(["iptables-save"]).stdout
+    assert not any(crashmatrix.scan_processes(str(fwlab.state_dir)).values())
