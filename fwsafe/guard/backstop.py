@@ -35,11 +35,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import select
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -423,13 +428,39 @@ def watch(state: StateDir, tx_id: str, unit: str | None = None) -> int:
 # --------------------------------------------------------------------------------------------
 # The take-over
 # --------------------------------------------------------------------------------------------
+def unsaved_address(state: StateDir, tx_id: str) -> bytes:
+    """The abstract Unix socket (no file: nothing on a full disk) on which a take-over that
+    cannot write the record answers it from memory."""
+    key = f"{os.path.realpath(state.root)}\0{tx_id}".encode()
+    return b"\0fwsafe-unsaved-" + hashlib.sha256(key).hexdigest()[:32].encode()
+
+
+def ask_unsaved(state: StateDir, tx_id: str, timeout: float = 1.0) -> dict[str, Any] | None:
+    """The record a take-over keeps in memory because the disk refuses it, or None (nobody
+    does: the record on disk is the truth)."""
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(unsaved_address(state, tx_id))
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        answer = json.loads(data)
+    except (OSError, ValueError):
+        return None
+    record = answer.get("record") if isinstance(answer, dict) else None
+    return record if isinstance(record, dict) else None
+
+
 class Unsaved:
     """The record as last meant to be written, when the disk refused it (kept in memory,
-    written again until it works)."""
+    written again until it works, and answered meanwhile on `unsaved_address` to root, so
+    that `status` and `confirm` tell the truth at once)."""
 
     def __init__(self) -> None:
         self.record: transaction.Record | None = None
         self.said = False
+        self.server: socket.socket | None = None
 
     def save(self, state: StateDir, record: transaction.Record) -> None:
         try:
@@ -437,10 +468,40 @@ class Unsaved:
             self.record = None
         except Exception as exc:  # noqa: BLE001 - ENOSPC, EIO, read-only, no temp file
             self.record = record
+            self._serve(state, record.id)
             if not self.said:
                 self.said = True
                 _log(f"cannot write the record ({exc}); it is kept in memory and written once "
                      "the disk takes it")
+
+    def _serve(self, state: StateDir, tx_id: str) -> None:
+        if self.server is not None:
+            return
+        try:
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            server.bind(unsaved_address(state, tx_id))
+            server.listen(8)
+        except OSError as exc:   # another take-over answers already; or no sockets at all
+            _log(f"cannot answer the record from memory: {exc}")
+            return
+        self.server = server
+        threading.Thread(target=self._answer, args=(server,), daemon=True).start()
+
+    def _answer(self, server: socket.socket) -> None:
+        own = os.geteuid()
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with contextlib.suppress(OSError), conn:
+                conn.settimeout(2.0)
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
+                _pid, uid, _gid = struct.unpack("3i", creds)
+                record = self.record
+                if uid in (0, own) and record is not None:
+                    conn.sendall(json.dumps({"ok": True, "record": record.to_json()}).encode())
 
     def flush(self, state: StateDir) -> None:
         """Write the record kept in memory until the disk takes it."""

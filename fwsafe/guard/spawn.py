@@ -23,7 +23,7 @@ from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.errors import GuardError, StateError
-from fwsafe.guard.backstop import after_stop_command
+from fwsafe.guard.backstop import after_stop_command, ask_unsaved
 
 GUARD_MODULE = "fwsafe.guard"
 
@@ -255,9 +255,14 @@ NOBODY_S = 5.0    # how long it waits for somebody (the backstop) to take over a
 
 def ask_record(state: StateDir, record: Record, timeout: float = 2.0) -> Record | None:
     """The living guard's own record, the truth even while the disk refuses to store it;
-    None when the guard is gone or does not answer in time (busy reverting, stopped)."""
+    None when the guard is gone or does not answer in time (busy reverting, stopped). With
+    the guard gone: the record a take-over keeps in memory because the disk refuses it."""
     if not transaction.guard_alive(record):
-        return None
+        kept = ask_unsaved(state, record.id) if state.tx_held(record.id) else None
+        try:
+            return Record.from_json(kept) if kept is not None else None
+        except (StateError, KeyError, TypeError, ValueError):
+            return None
     try:
         answer = request(state, "status", timeout=timeout)
         live = Record.from_json(dict(answer["record"]))

@@ -112,7 +112,9 @@ def test_a_full_disk_and_a_killed_guard_the_backstop_reverts(disklab: DiskLab) -
     assert back is not None, "SSH did not come back: the backstop did not revert"
     print(f"\nfull disk + guard SIGKILLed: SSH back {back - killed:.2f} s after the kill")
     shown = disklab.status()
-    assert shown["state"] == "reverting" and shown["taken_over"], shown   # never "pending"
+    # the take-over's own view, from its memory (the disk refused the record): never "pending"
+    assert shown["state"] == "reverted" and shown["unsaved"] is True, shown
+    assert shown["reverted_by"] == "backstop" and shown["taken_over"], shown
     assert disklab.on_disk(str(info["id"])) == "pending"   # the disk took nothing
     disklab.free()
     end = time.monotonic() + 20
@@ -150,3 +152,26 @@ def test_a_full_disk_with_the_guard_alive_the_client_is_told_the_truth(disklab: 
     while disklab.on_disk(str(info["id"])) != "reverted" and time.monotonic() < end:
         time.sleep(0.2)
     assert disklab.on_disk(str(info["id"])) == "reverted"
+
+
+def test_confirm_on_a_full_disk_with_a_killed_guard_answers_at_once(disklab: DiskLab) -> None:
+    """`fwsafe confirm` after the guard was killed on a full disk: the backstop reverted (it
+    keeps the record in memory); confirm answers at once with the truth, never hangs."""
+    before = disklab.lab.ruleset()
+    rules = disklab.lab.workdir / "d.rules"
+    rules.write_text(DROP_NEW_SSH)
+    result = disklab.fw("apply", "--detach", "--json", "--force", "--no-check",
+                        "--timeout", "30", str(rules))
+    assert result.returncode == 0, result.stderr
+    info = disklab.status()
+    disklab.fill()
+    os.kill(int(str(info["guard_pid"])), signal.SIGKILL)   # the guard this test started
+    assert disklab.wait_ssh(10) is not None, "the backstop did not revert"
+    asked = time.monotonic()
+    confirmed = disklab.fw("confirm", timeout=30)
+    took = time.monotonic() - asked
+    print(f"\nconfirm on a full disk, guard killed: exit {confirmed.returncode} in {took:.2f} s")
+    assert took < 5, f"confirm took {took:.1f} s"
+    assert confirmed.returncode == 4, confirmed.stdout + confirmed.stderr
+    assert disklab.lab.ruleset() == before
+    disklab.free()
