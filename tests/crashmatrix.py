@@ -393,6 +393,13 @@ class Matrix:
             info = {**info, "state": "none"}   # the trial made no transaction
         result.final = info["state"]
         result.how = f"{info.get('reverted_by') or ''}: {info.get('reason') or ''}"[:160]
+        # nothing needs a hand: settled by itself (the commands above are `fwsafe status`, the
+        # first command of any kind, which takes over a transaction left open past its
+        # deadline with nobody on it), before the next apply would clean up
+        if info["state"] in ("preparing", "applying", "pending", "reverting"):
+            result.problems.append(f"left {info['state']} with nobody on it (needs a hand)")
+        if "fwsafe-hatch" in host.run(["iptables-save"])[1] and info["state"] != "pending":
+            result.problems.append("a hatch rule is left before the next apply")
         live = host.iptables()
         if info["state"] in ("reverted", "aborted", "rejected", "none") and live != before:
             result.problems.append(f"record says {info['state']} but the rules differ: "

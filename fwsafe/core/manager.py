@@ -274,9 +274,8 @@ class Manager:
                 record, remaining, remaining_from)
         open_ = record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING
         taken_over = open_ and not alive and self.state.tx_held(record.id)
-        kept = guard.ask_record(self.state, record, timeout=1.0) if taken_over else None
-        if kept is not None:   # the take-over's own view: its disk refuses the record
-            record, unsaved = kept, True
+        kept = guard.ask_record(self.state, record, 1.0) if taken_over else None  # disk full
+        record, unsaved = (kept, True) if kept is not None else (record, unsaved)
         if taken_over and record.state in (transaction.APPLYING, transaction.PENDING):
             # Its guard is gone and the backstop holds it: reverting, or reverted and waiting
             # for the disk to take the record. Never "pending" with nobody to revert.

@@ -37,8 +37,8 @@ def orphaned(state: StateDir, record: Record, now: float | None = None) -> bool:
     deadline (or was being reverted, or never got one): it must be reverted now, by whoever
     sees it first. Before the deadline a guardless change is left alone (`confirm` may still
     keep it)."""
-    if record.state not in transaction.OPEN_STATES:
-        return False
+    if record.state not in transaction.OPEN_STATES or not record.guard_pid:
+        return False   # (a record never armed by a guard: nothing was applied by one)
     if transaction.guard_alive(record) or state.tx_held(record.id):
         return False
     if record.state == transaction.REVERTING or record.deadline is None:

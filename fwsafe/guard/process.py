@@ -561,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):
             print(f"transaction {tx_id}: the change was called off before the guard was "
                   "needed; nothing to guard", flush=True)
+        _abort_called_off(state, tx_id)
         return 0
     # Second fork: the session leader exits, the guard can never regain a terminal.
     if how == "--daemonize" and os.fork() > 0:
@@ -573,6 +574,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if log is not None:
             with contextlib.suppress(OSError, ValueError):
                 log.close()
+
+
+def _abort_called_off(state: StateDir, tx_id: str) -> None:
+    """The CLI that prepared the transaction is gone without saying go (killed): its record,
+    if it wrote one, says aborted (nothing was applied), not preparing with nobody on it."""
+    try:
+        with state.tx_locked(tx_id, timeout=1.0):
+            record = transaction.load_record(state, tx_id)
+            if record.state == transaction.PREPARING:
+                why = ("the command that prepared it stopped before the guard armed: nothing "
+                       "was applied")
+                record.reason = why
+                record.transition(transaction.ABORTED, why)
+                transaction.save_record(state, record)
+    except Exception:  # noqa: BLE001 - no record (called off before it), a failing disk:
+        pass           # the next command or apply sees a preparing record without a guard
 
 
 def _note(log: TextIO | None, text: str) -> None:
