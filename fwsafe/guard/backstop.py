@@ -246,8 +246,9 @@ class BackstopKeeper:
 
     # -- systemd's own limit ------------------------------------------------------------------
     def set_limit(self, seconds: float) -> None:
-        """systemd mode: `systemctl kill` the guard's unit in `seconds` unless moved again
-        (a new timer is started before the old one is stopped: never a moment without)."""
+        """systemd mode: in `seconds` unless moved again (a new timer is started before the
+        old one is stopped: never a moment without), `limit` kills the guard's unit and, if
+        nobody else does (its ExecStopPost= was killed too), takes the transaction over."""
         if self.mode != "systemd-run":
             return
         name = f"fwsafe-limit-{self.record.id}-{len(self.limit_units) + 1}"
@@ -255,7 +256,8 @@ class BackstopKeeper:
             "systemd-run", "--quiet", "--collect", f"--unit={name}",
             f"--on-active={max(1, int(seconds + 0.999))}s",
             "--timer-property=AccuracySec=100ms",
-            "systemctl", "kill", "--signal=SIGKILL", unit_name(self.record.id)], tries=2)
+            sys.executable, "-m", BACKSTOP_MODULE, "--limit", str(self.state.root),
+            self.record.id], tries=2)
         if not worked:
             self.log(f"cannot set systemd's limit ({name}): {said}")
             return
@@ -595,8 +597,32 @@ def late(state: StateDir, tx_id: str | None) -> int:
     return take_over(state, record.id, LATE_REASON, by="late take-over")
 
 
-USAGE = ("usage: python -m fwsafe.guard.backstop --watch|--watch-unit|--after-stop|--take-over "
-         "STATE_DIR TX_ID\n       python -m fwsafe.guard.backstop --converge [STATE_DIR]")
+def limit(state: StateDir, tx_id: str) -> int:
+    """``--limit``: systemd's own limit (a transient timer the guard set to the deadline +
+    hatch_grace + stuck_grace; see BackstopKeeper.set_limit), a line of its own, independent
+    of the guard's unit: kill the unit (its ExecStopPost= takes over), then see the
+    transaction settle, and take it over if nobody does (ExecStopPost= killed as well)."""
+    with contextlib.suppress(Exception):   # unreadable: kill, take_over decides
+        if transaction.load_record(state, tx_id).state not in transaction.OPEN_STATES:
+            return 0   # decided meanwhile (its guard stops the timer; a race left this)
+    worked, said = run_tool(["systemctl", "kill", "--signal=SIGKILL", unit_name(tx_id)],
+                            tries=1)
+    _log(f"systemd's limit: systemctl kill {unit_name(tx_id)}: {'done' if worked else said}")
+    end = boottime() + KILL_WAIT_S
+    while boottime() < end:
+        try:
+            record = transaction.load_record(state, tx_id)
+        except Exception:  # noqa: BLE001 - gone or unreadable: take_over decides
+            break
+        if record.state not in transaction.OPEN_STATES or not transaction.guard_alive(record):
+            break
+        time.sleep(0.2)
+    return take_over(state, tx_id, "systemd's limit (the deadline + hatch_grace + "
+                                   "stuck_grace) killed the guard's unit")
+
+
+USAGE = ("usage: python -m fwsafe.guard.backstop --watch|--watch-unit|--after-stop|--take-over"
+         "|--limit STATE_DIR TX_ID\n       python -m fwsafe.guard.backstop --converge [STATE_DIR]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -604,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--converge"] and len(args) <= 2:
         args = [*args, "", ""][:3]
     if len(args) != 3 or args[0] not in ("--watch", "--watch-unit", "--after-stop",
-                                         "--take-over", "--converge"):
+                                         "--take-over", "--converge", "--limit"):
         write_line(USAGE)
         return 2
     how, state_dir, tx_id = args
@@ -628,6 +654,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = StateDir(Path(state_dir))
     if how in ("--take-over", "--converge"):
         return late(state, tx_id or None)
+    if how == "--limit":
+        return limit(state, tx_id)
     if how == "--after-stop":
         # systemd runs this after the guard unit's main process is gone, however it ended.
         result = os.environ.get("SERVICE_RESULT", "unknown")

@@ -93,6 +93,9 @@ def set_oom_shield(value: int = OOM_SHIELD) -> tuple[bool, str | None]:
     return True, None
 
 
+LIMIT_APPLY_SLACK_S = 60.0   # systemd's first limit allows this long for the apply itself
+
+
 class Guard:
     """One transaction's guard: arm, apply, wait for a confirmation, revert; then remove the
     hatch and make sure the record is written. Its loop (`run`) never ends while the
@@ -189,6 +192,9 @@ class Guard:
         timeout = self.record.timeout_s
         spec = self.hatch.arm(time.time() + timeout)
         self.backstop.deadline(boottime() + timeout)   # until the real one is known
+        # systemd's limit, armed before the change goes live (moved to the real deadline once
+        # it is known): it must be there even when the guard dies on the next line
+        self.backstop.set_limit(timeout + self.limit_margin() + LIMIT_APPLY_SLACK_S)
         if self.record.run and spec is not None:   # a command makes its own transactions
             self.hatch.load(self.record.watch)
         self.applied = True
@@ -199,6 +205,7 @@ class Guard:
             return False
         self.deadline.set(time.time() + timeout)
         self.backstop.deadline(self.deadline.at_boot)
+        self.backstop.set_limit(self.deadline.left() + self.limit_margin())   # before pending
         self.record.transition(transaction.PENDING, f"applied; deadline in {timeout:g} s")
         self.save()  # the CLI returns now; what the change touched is worked out meanwhile
         failpoints.hit("guard.pending")
@@ -207,7 +214,6 @@ class Guard:
         self.hatch.retime(self.deadline.wall())
         self.hatch.load(self.record.watch)   # where the change's transactions did not put it
         self.save()
-        self.backstop.set_limit(self.deadline.left() + self.limit_margin())
         if self.record.probes:
             self.probes = ProbeWatch(self.record, self.wake_w, self.log)
             self.probes.start()

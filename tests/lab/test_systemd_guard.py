@@ -6,6 +6,7 @@ on the systemd-specific paths (tests/crashmatrix.py). Times are printed with -s.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -112,6 +113,91 @@ def test_guard_and_watcher_frozen_the_hatch_then_systemds_limit(sdlab: SystemdLa
     sdlab.exec(["kill", "-CONT", str(info["guard_pid"]), str(info["backstop"]["pid"])],
                check=False)   # long gone: nothing to resume
     assert sdlab.status()["state"] == "reverted"
+
+
+FAILPOINTS = "/var/tmp/fwsafe-failpoints"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _record_on_disk(lab: SystemdLab, tx_id: str) -> dict[str, Any]:
+    """The record as the disk has it (read without running fwsafe: any fwsafe command would
+    converge the transaction itself)."""
+    data: dict[str, Any] = json.loads(lab.read(f"/var/lib/fwsafe/tx/{tx_id}/record.json"))
+    return data
+
+
+def _everything_killed(lab: SystemdLab) -> dict[str, Any]:
+    """A lockout pending; then its guard and watcher SIGKILLed together, and the take-over
+    systemd starts (ExecStopPost=) SIGKILLed too where it begins: nothing of fwsafe is left
+    but systemd's limit timer."""
+    lab.exec(["mkdir", "-p", "-m", "0700", FAILPOINTS])
+    lab.write("/root/drop.rules", DROP_NEW_SSH)
+    applied = lab.ssh(f"FWSAFE_FAILPOINTS=backstop.taking-over=pause "
+                      f"FWSAFE_FAILPOINT_DIR={FAILPOINTS} fwsafe apply --detach --json --force "
+                      "--no-check --timeout 3 /root/drop.rules", timeout=120)
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    info = _record_on_disk(lab, lab.read("/var/lib/fwsafe/current").strip())
+    lab.exec(["kill", "-KILL", str(info["guard_pid"]), str(info["backstop"]["pid"])])
+    markers = lab.root / FAILPOINTS.lstrip("/")
+    end = time.monotonic() + 20
+    while not list(markers.glob("backstop.taking-over.*")):
+        assert time.monotonic() < end, "ExecStopPost= never began its take-over"
+        time.sleep(0.05)
+    marker = next(markers.glob("backstop.taking-over.*"))
+    lab.exec(["kill", "-KILL", marker.name.rsplit(".", 1)[1]])
+    marker.unlink()
+    return info
+
+
+def test_everything_killed_systemds_limit_timer_converges(sdlab: SystemdLab) -> None:
+    """Guard, watcher and ExecStopPost='s take-over all SIGKILLed: the hatch lets SSH in, and
+    systemd's limit timer (a unit of its own) takes the transaction over: reverted, no hatch
+    left, with no fwsafe command run and no login."""
+    _config(sdlab)
+    before = _baseline(sdlab)
+    info = _everything_killed(sdlab)
+    end = time.time() + 3 + HATCH_GRACE + STUCK_GRACE + 15
+    while _record_on_disk(sdlab, info["id"])["state"] != "reverted" and time.time() < end:
+        time.sleep(0.2)
+    done = _record_on_disk(sdlab, info["id"])
+    assert done["state"] == "reverted", (done["state"], _journal(sdlab, info["id"]))
+    print(f"\n[systemd lab] guard, watcher and ExecStopPost= killed: systemd's limit timer "
+          f"reverted {time.time() - float(info['deadline']):.1f} s after the deadline")
+    assert "systemd's limit" in done["reason"], done["reason"]
+    assert "fwsafe-hatch" not in sdlab.exec(["iptables-save"]).stdout
+    assert sdlab.ruleset() == before
+
+
+def test_a_login_through_the_hatch_converges(sdlab: SystemdLab) -> None:
+    """Everything of fwsafe killed and systemd's limit timer stopped as well: the admin's SSH
+    login through the kernel's hatch runs the login hook (PAM session, pam_exec, installed as
+    the .deb does), which reverts the transaction in the background; the login is not held
+    up."""
+    _config(sdlab)
+    sdlab.write("/usr/lib/fwsafe/login-hook", (REPO / "debian/fwsafe-login-hook").read_text(),
+                mode="0755")
+    sdlab.write("/usr/share/pam-configs/fwsafe", (REPO / "debian/fwsafe.pam-config").read_text())
+    sdlab.exec(["pam-auth-update", "--package"])
+    assert "login-hook" in sdlab.read("/etc/pam.d/common-session")
+    before = _baseline(sdlab)
+    info = _everything_killed(sdlab)
+    sdlab.exec(["sh", "-c", f"systemctl stop 'fwsafe-limit-{info['id']}-*.timer'"])
+    back = ssh_back(sdlab, 3 + HATCH_GRACE + 15)
+    assert back is not None, "the hatch did not let SSH in"
+    assert _record_on_disk(sdlab, info["id"])["state"] == "pending"   # nobody converged yet
+    started = time.monotonic()
+    login = sdlab.ssh("true", timeout=30)
+    took = time.monotonic() - started
+    assert login.returncode == 0, login.stdout + login.stderr
+    end = time.monotonic() + 15
+    while _record_on_disk(sdlab, info["id"])["state"] != "reverted" and time.monotonic() < end:
+        time.sleep(0.2)
+    done = _record_on_disk(sdlab, info["id"])
+    print(f"\n[systemd lab] login through the hatch: the login took {took:.2f} s; reverted "
+          f"{time.monotonic() - started:.1f} s after it began")
+    assert done["state"] == "reverted" and done["reverted_by"] == "late take-over", done
+    assert "fwsafe-hatch" not in sdlab.exec(["iptables-save"]).stdout
+    assert sdlab.ruleset() == before
 
 
 class SystemdHost(Host):
