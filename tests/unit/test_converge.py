@@ -1,0 +1,92 @@
+"""Who converges a transaction nobody looks after (fwsafe.core.recover.orphaned): only an open
+one a guard armed, whose guard is gone and which no process holds, past its deadline (or
+being reverted, or never given one); and the take-over's record answered from memory when the
+disk refuses it (fwsafe.guard.backstop.Unsaved)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fwsafe.core import transaction
+from fwsafe.core.recover import converge, orphaned
+from fwsafe.core.statedir import StateDir
+from fwsafe.core.transaction import Record
+from fwsafe.guard.backstop import Unsaved, ask_unsaved
+
+
+def _state(tmp_path: Path, state: str, *, deadline: float | None, guard_pid: int | None
+           ) -> tuple[StateDir, Record]:
+    sd = StateDir(tmp_path / "state")
+    sd.ensure()
+    record = Record(id=transaction.new_tx_id(), state=state, created=time.time(),
+                    timeout_s=60, backend="rules", layers=["ipv4"], deadline=deadline,
+                    guard_pid=guard_pid)
+    os.makedirs(sd.tx_dir(record.id))
+    transaction.save_record(sd, record)
+    sd.set_current(record.id)
+    return sd, record
+
+
+@pytest.fixture
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize(("state", "deadline_in", "expected"), [
+    (transaction.PENDING, -1.0, True),          # past its deadline
+    (transaction.PENDING, 30.0, False),         # before it: `confirm` may still keep it
+    (transaction.APPLYING, None, True),         # never got a deadline: the apply died
+    (transaction.REVERTING, 30.0, True),        # someone began reverting and died
+    (transaction.CONFIRMED, -1.0, False),
+    (transaction.REVERTED, -1.0, False),
+])
+def test_orphaned(tmp_path: Path, dead_pid: int, state: str, deadline_in: float | None,
+                  expected: bool) -> None:
+    deadline = None if deadline_in is None else time.time() + deadline_in
+    sd, record = _state(tmp_path, state, deadline=deadline, guard_pid=dead_pid)
+    assert orphaned(sd, record) is expected
+
+
+def test_not_orphaned_while_its_guard_lives_or_someone_holds_it(tmp_path: Path,
+                                                               dead_pid: int) -> None:
+    sd, record = _state(tmp_path, transaction.PENDING, deadline=time.time() - 1,
+                        guard_pid=dead_pid)
+    with sd.tx_claimed(record.id):   # the backstop (or systemd's take-over) at work
+        assert not orphaned(sd, record)
+    assert orphaned(sd, record)
+    never_armed = Record.from_json({**record.to_json(), "guard_pid": None})
+    assert not orphaned(sd, never_armed)   # no guard ever ran it: nothing of ours to undo
+
+
+def test_converge_leaves_a_transaction_before_its_deadline_alone(tmp_path: Path,
+                                                                dead_pid: int) -> None:
+    sd, record = _state(tmp_path, transaction.PENDING, deadline=time.time() + 30,
+                        guard_pid=dead_pid)
+    assert converge(sd) is None
+    assert transaction.load_record(sd, record.id).state == transaction.PENDING
+
+
+def test_a_record_the_disk_refuses_is_answered_from_memory(tmp_path: Path,
+                                                          dead_pid: int) -> None:
+    sd, record = _state(tmp_path, transaction.PENDING, deadline=time.time() - 1,
+                        guard_pid=dead_pid)
+    assert ask_unsaved(sd, record.id) is None   # nobody keeps it: the disk is the truth
+    kept = Unsaved()
+    (sd.tx_dir(record.id)).rename(tmp_path / "away")   # the disk refuses the record
+    record.transition(transaction.REVERTING, "the backstop took it over")
+    record.transition(transaction.REVERTED, "undone and verified (by backstop)")
+    kept.save(sd, record)
+    answer = ask_unsaved(sd, record.id)
+    assert answer is not None and answer["state"] == transaction.REVERTED
+    (tmp_path / "away").rename(sd.tx_dir(record.id))
+    kept.flush(sd)
+    assert transaction.load_record(sd, record.id).state == transaction.REVERTED
+    assert kept.record is None
