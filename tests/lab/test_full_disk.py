@@ -60,6 +60,20 @@ class DiskLab:
     def wait_ssh(self, limit: float) -> float | None:
         return ssh_back(self.lab, limit)
 
+    def guard_killed_on_a_full_disk(self) -> tuple[dict[str, object], float, float | None]:
+        """A lockout pending; the disk filled; its guard SIGKILLed (this test's). Returns the
+        status before, when the guard was killed, and when SSH came back (None: not in 10 s)."""
+        rules = self.lab.workdir / "d.rules"
+        rules.write_text(DROP_NEW_SSH)
+        result = self.fw("apply", "--detach", "--json", "--force", "--no-check",
+                         "--timeout", "30", str(rules))
+        assert result.returncode == 0, result.stderr
+        info = self.status()
+        self.fill()
+        killed = time.time()
+        os.kill(int(str(info["guard_pid"])), signal.SIGKILL)
+        return info, killed, self.wait_ssh(10)
+
 
 @pytest.fixture
 def disklab() -> Iterator[DiskLab]:
@@ -100,15 +114,7 @@ def test_a_disk_full_from_the_start_is_a_clear_refusal(disklab: DiskLab) -> None
 def test_a_full_disk_and_a_killed_guard_the_backstop_reverts(disklab: DiskLab) -> None:
     before = disklab.lab.ruleset()
     rules = disklab.lab.workdir / "d.rules"
-    rules.write_text(DROP_NEW_SSH)
-    result = disklab.fw("apply", "--detach", "--json", "--force", "--no-check",
-                        "--timeout", "30", str(rules))
-    assert result.returncode == 0, result.stderr
-    info = disklab.status()
-    disklab.fill()
-    killed = time.time()
-    os.kill(int(str(info["guard_pid"])), signal.SIGKILL)   # the guard this test started
-    back = disklab.wait_ssh(10)
+    info, killed, back = disklab.guard_killed_on_a_full_disk()
     assert back is not None, "SSH did not come back: the backstop did not revert"
     print(f"\nfull disk + guard SIGKILLed: SSH back {back - killed:.2f} s after the kill")
     shown = disklab.status()
@@ -158,15 +164,7 @@ def test_confirm_on_a_full_disk_with_a_killed_guard_answers_at_once(disklab: Dis
     """`fwsafe confirm` after the guard was killed on a full disk: the backstop reverted (it
     keeps the record in memory); confirm answers at once with the truth, never hangs."""
     before = disklab.lab.ruleset()
-    rules = disklab.lab.workdir / "d.rules"
-    rules.write_text(DROP_NEW_SSH)
-    result = disklab.fw("apply", "--detach", "--json", "--force", "--no-check",
-                        "--timeout", "30", str(rules))
-    assert result.returncode == 0, result.stderr
-    info = disklab.status()
-    disklab.fill()
-    os.kill(int(str(info["guard_pid"])), signal.SIGKILL)   # the guard this test started
-    assert disklab.wait_ssh(10) is not None, "the backstop did not revert"
+    assert disklab.guard_killed_on_a_full_disk()[2] is not None, "the backstop did not revert"
     asked = time.monotonic()
     confirmed = disklab.fw("confirm", timeout=30)
     took = time.monotonic() - asked
