@@ -192,8 +192,7 @@ class Guard:
         timeout = self.record.timeout_s
         spec = self.hatch.arm(time.time() + timeout)
         self.backstop.deadline(boottime() + timeout)   # until the real one is known
-        # systemd's limit, armed before the change goes live (moved to the real deadline once
-        # it is known): it must be there even when the guard dies on the next line
+        # systemd's limit, there before the change goes live (moved once the deadline is known)
         self.backstop.set_limit(timeout + self.limit_margin() + LIMIT_APPLY_SLACK_S)
         if self.record.run and spec is not None:   # a command makes its own transactions
             self.hatch.load(self.record.watch)

@@ -291,10 +291,14 @@ def looked_after(state: StateDir, record: Record) -> bool:
 
 def settle(state: StateDir, record: Record, limit: float = SETTLE_S) -> Record:
     """Wait until transaction `record` is no longer open, while somebody looks after it (its
-    guard, the backstop; a guard just gone is given NOBODY_S for the backstop to take over),
+    guard, the backstop; a guard just gone is given NOBODY_S for the backstop to take over;
+    one left past its deadline with nobody on it is taken over: fwsafe.core.recover.converge),
     at most `limit` seconds; return it as it stands then."""
+    from fwsafe.core.recover import orphaned, start_late_take_over
+
     end = time.monotonic() + limit
     nobody_since: float | None = None
+    taken = False
     while True:
         current = view(state, record, timeout=1.0)
         if current.state not in transaction.OPEN_STATES:
@@ -302,6 +306,9 @@ def settle(state: StateDir, record: Record, limit: float = SETTLE_S) -> Record:
         now = time.monotonic()
         if looked_after(state, current):
             nobody_since = None
+        elif not taken and orphaned(state, current):   # past its deadline with nobody on it
+            start_late_take_over(state, current)
+            taken, nobody_since = True, None
         elif nobody_since is None:
             nobody_since = now
         elif now - nobody_since > NOBODY_S:
