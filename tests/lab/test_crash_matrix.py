@@ -2,8 +2,10 @@
 fwsafe x {SIGKILL the CLI, SIGKILL the guard, SIGKILL guard and backstop together, SIGSTOP the
 guard, SIGSTOP guard and backstop together, raise MemoryError}. Each trial: a NEW SSH connection
 gets in by the deadline + 10 s (+ hatch_grace + 5 s where everything of fwsafe was frozen or
-killed: then only the kernel escape hatch lets it in), nothing needs a hand (the next apply
-works, no record is stuck), the record and the exit codes tell the truth (tests/crashmatrix.py).
+killed: then only the kernel escape hatch lets it in), nothing needs a hand (every trial settles
+by itself, no record left open and no hatch left before the next apply: the first command,
+here `fwsafe status`, takes over a transaction left past its deadline with nobody on it; then
+the next apply works), the record and the exit codes tell the truth (tests/crashmatrix.py).
 
 Run: CI=true .venv/bin/python -m pytest -p no:cacheprovider -s tests/lab/test_crash_matrix.py
 (-s prints every trial and the worst time to SSH in each column). FWSAFE_MATRIX_LABS sets how
