@@ -408,7 +408,9 @@ def test_guard_called_off_while_standing_by_changes_nothing(
     state, record = new_tx(tmp_path)   # no pipe: the CLI called it off and removed it
     assert process.main(["--foreground", str(state.root), record.id, "--standby"]) == 0
     after = transaction.load_record(state, record.id)
-    assert after.state == transaction.PREPARING and after.guard_pid is None
+    # nothing applied, and the record says so (it no longer stays preparing with nobody on it)
+    assert after.state == transaction.ABORTED and after.guard_pid is None
+    assert "nothing was applied" in (after.reason or "")
     assert not state.socket_path.exists()
     assert "called off before the guard was needed" in capsys.readouterr().out
 
