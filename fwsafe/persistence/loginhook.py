@@ -6,6 +6,11 @@ A PAM session hook (pam_exec, in the session stack sshd runs for every login) wr
 fwsafe.persistence.powercycle compares the mark with the previous boot's id: equal means
 "someone got in over SSH during the previous boot", and nothing is restored.
 
+The same hook, at every SSH login, starts ``python -m fwsafe.guard.backstop --converge`` in the
+background when the state directory has a transaction: a change left open past its deadline
+with nothing of fwsafe alive (the kernel's escape hatch let this login in) is reverted
+(fwsafe.core.recover.converge; issue 23).
+
 Why PAM: sshd opens a PAM session for every login that succeeded (Debian's and Ubuntu's sshd
 run with UsePAM yes), whatever the authentication method, and the hook runs as root before the
 user's shell. wtmp is not written by every sshd (Debian 13 moved to wtmpdb), and the journal of
@@ -28,6 +33,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from fwsafe.ondisk.files import local_path, write_file_atomically
@@ -40,6 +46,7 @@ PACKAGED_PROFILE = "fwsafe"
 LOCAL_PROFILE = "fwsafe-local"
 PAM_FILES = ("/etc/pam.d/sshd", "/etc/pam.d/common-session")
 PAM_AUTH_UPDATE = "pam-auth-update"
+PACKAGED_PYTHON = "/usr/bin/python3"   # the .deb's fwsafe runs on the distribution's Python
 
 SCRIPT_TEMPLATE = """\
 #!/bin/sh
@@ -51,6 +58,10 @@ SCRIPT_TEMPLATE = """\
 [ "$PAM_SERVICE" = sshd ] || exit 0
 dir='{state_dir}'
 [ -d "$dir" ] || exit 0
+# A change left open past its deadline with nothing of fwsafe alive (the kernel's escape hatch
+# let this login in): reverted in the background, silently (fwsafe.core.recover.converge).
+[ -e "$dir/current" ] && setsid '{python}' -m fwsafe.guard.backstop --converge "$dir" \
+    </dev/null >/dev/null 2>&1 &
 read -r boot 2>/dev/null < /proc/sys/kernel/random/boot_id || exit 0
 mark="$dir/{mark}"
 seen=
@@ -77,10 +88,12 @@ Session:
 _UNSAFE = re.compile(r"[\s\"'\\%$;`]")
 
 
-def render_script(state_dir: str) -> str:
-    if not state_dir.startswith("/") or _UNSAFE.search(state_dir):
-        raise ValueError(f"unsuitable state directory for the login hook: {state_dir!r}")
-    return SCRIPT_TEMPLATE.format(state_dir=state_dir, mark=MARK)
+def render_script(state_dir: str, python: str = PACKAGED_PYTHON) -> str:
+    """The hook for `state_dir`; `python` (fwsafe's interpreter) reverts an orphaned change."""
+    for what, value in (("state directory", state_dir), ("interpreter", python)):
+        if not value.startswith("/") or _UNSAFE.search(value):
+            raise ValueError(f"unsuitable {what} for the login hook: {value!r}")
+    return SCRIPT_TEMPLATE.format(state_dir=state_dir, mark=MARK, python=python)
 
 
 def render_profile(script: str) -> str:
@@ -152,7 +165,7 @@ def install(root: Path, state_dir: str) -> list[str]:
                 "stays off (it cannot tell whether anyone logged in)"]
     script = local_path(root, LOCAL_SCRIPT)
     script.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-    write_file_atomically(script, render_script(state_dir).encode(), 0o755)
+    write_file_atomically(script, render_script(state_dir, sys.executable).encode(), 0o755)
     profile = local_path(root, f"{PAM_CONFIGS}/{LOCAL_PROFILE}")
     write_file_atomically(profile, render_profile(LOCAL_SCRIPT).encode(), 0o644)
     done = [f"wrote the login hook {script} and its PAM profile {profile}"]
@@ -185,8 +198,6 @@ def uninstall(root: Path) -> list[str]:
 
 
 if __name__ == "__main__":   # debian/rules: the packaged hook and profile, from this module
-    import sys
-
     out_script, out_profile = Path(sys.argv[1]), Path(sys.argv[2])
     out_script.parent.mkdir(parents=True, exist_ok=True)
     out_profile.parent.mkdir(parents=True, exist_ok=True)

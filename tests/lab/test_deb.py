@@ -137,10 +137,6 @@ def test_the_deb_installs_enables_the_boot_unit_and_runs(debian: SystemdLab) -> 
     assert "apply" in completion, completion
     rescue = lab.exec(["python3", "/usr/share/fwsafe/fwsafe.pyz", "rescue", "--help"], check=False)
     assert rescue.returncode == 0 and "--last-good" in rescue.stdout, rescue.stdout + rescue.stderr
-    # the login hook: enabled in common-session (interactive logins) by pam-auth-update
-    assert "/usr/lib/fwsafe/login-hook" in lab.read("/etc/pam.d/common-session")
-    assert "login-hook" not in lab.read("/etc/pam.d/common-session-noninteractive")
-    assert lab.exec(["/usr/lib/fwsafe/login-hook"], check=False).returncode == 0
 
     # The SSH probes with Debian's paramiko 2.12: a key exchange, then a full key login.
     lab.exec(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", "/root/.ssh/id_ed25519"])
@@ -232,7 +228,6 @@ def test_removal_refuses_while_pending_and_purge_cleans_up(debian: SystemdLab) -
     assert lab.exec(["test", "-d", "/var/lib/fwsafe/history"], check=False).returncode == 0, \
         "remove keeps the state directory (only purge removes it)"
     assert lab.exec(["test", "-f", "/etc/fwsafe/fwsafe.toml"], check=False).returncode == 0
-    assert "login-hook" not in lab.read("/etc/pam.d/common-session"), "the login hook is left"
 
     purged = lab.exec(["dpkg", "--purge", "fwsafe"], check=False, timeout=120)
     assert purged.returncode == 0, purged.stdout + purged.stderr

@@ -116,7 +116,6 @@ def test_guard_and_watcher_frozen_the_hatch_then_systemds_limit(sdlab: SystemdLa
 
 
 FAILPOINTS = "/var/tmp/fwsafe-failpoints"
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _record_on_disk(lab: SystemdLab, tx_id: str) -> dict[str, Any]:
@@ -170,17 +169,14 @@ def test_everything_killed_systemds_limit_timer_converges(sdlab: SystemdLab) -> 
 
 def test_a_login_through_the_hatch_converges(sdlab: SystemdLab) -> None:
     """Everything of fwsafe killed and systemd's limit timer stopped as well: the admin's SSH
-    login through the kernel's hatch runs the login hook (PAM session, pam_exec, installed as
-    the .deb does), which reverts the transaction in the background; the login is not held
-    up."""
+    login through the kernel's hatch runs the login hook (the PAM session hook of
+    fwsafe.persistence.loginhook, which the first apply installs with pam-auth-update), which
+    reverts the transaction in the background; the login is not held up."""
     _config(sdlab)
-    sdlab.write("/usr/lib/fwsafe/login-hook", (REPO / "debian/fwsafe-login-hook").read_text(),
-                mode="0755")
-    sdlab.write("/usr/share/pam-configs/fwsafe", (REPO / "debian/fwsafe.pam-config").read_text())
-    sdlab.exec(["pam-auth-update", "--package"])
-    assert "login-hook" in sdlab.read("/etc/pam.d/common-session")
     before = _baseline(sdlab)
     info = _everything_killed(sdlab)
+    hook = sdlab.read("/etc/pam.d/common-session")
+    assert "/usr/local/lib/fwsafe/login-mark" in hook, hook   # installed by the first apply
     sdlab.exec(["sh", "-c", f"systemctl stop 'fwsafe-limit-{info['id']}-*.timer'"])
     back = ssh_back(sdlab, 3 + HATCH_GRACE + 15)
     assert back is not None, "the hatch did not let SSH in"
