@@ -90,3 +90,38 @@ def test_a_record_the_disk_refuses_is_answered_from_memory(tmp_path: Path,
     kept.flush(sd)
     assert transaction.load_record(sd, record.id).state == transaction.REVERTED
     assert kept.record is None
+
+
+def test_the_login_hook_starts_converge_in_the_background(tmp_path: Path) -> None:
+    """The PAM session hook (fwsafe.persistence.loginhook) starts `--converge` for the state
+    directory at every SSH login when it has a transaction, in the background: the hook
+    returns at once even while the interpreter still runs."""
+    from fwsafe.persistence import loginhook
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    seen = tmp_path / "seen"
+    python = tmp_path / "python"   # stands in for fwsafe's interpreter: notes its arguments
+    python.write_text(f'#!/bin/sh\nsleep 2\necho "$@" > {seen}\n')
+    python.chmod(0o755)
+    script = tmp_path / "login-mark"
+    script.write_text(loginhook.render_script(str(state), str(python)))
+    env = {"PATH": os.environ["PATH"], "PAM_TYPE": "open_session", "PAM_SERVICE": "sshd"}
+
+    def login() -> float:
+        started = time.monotonic()
+        subprocess.run(["sh", str(script)], env=env, check=True, timeout=30,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.monotonic() - started
+
+    assert login() < 1.5
+    time.sleep(2.5)
+    assert not seen.exists()   # no transaction here ever: nothing started
+    (state / "current").write_text("20260101T000000Z-abcd\n")
+    assert login() < 1.5       # backgrounded: the login does not wait for it
+    end = time.monotonic() + 10
+    while not seen.exists() and time.monotonic() < end:
+        time.sleep(0.1)
+    assert seen.read_text().split() == ["-m", "fwsafe.guard.backstop", "--converge", str(state)]
+    with pytest.raises(ValueError):
+        loginhook.render_script(str(state), "python3")   # not an absolute path
