@@ -9,10 +9,26 @@ Requests (``op``):
                                                 (server side; bound to `device` if given):
                                                 TCP accepts and closes, UDP records each
                                                 datagram's payload
-    reach  {"attempts": [{"id", "proto", "src", "sport", "dst", "port"}], "timeout"}
-                                                all at once (client side): a TCP connect
-                                                (the handshake completes: reached), or one
-                                                UDP datagram carrying the attempt's id (sent)
+    tap    {}                                   (server side) watch every packet of the
+                                                namespace's links: which probes arrived (a TCP
+                                                SYN, a UDP datagram) and which TCP probes a
+                                                SYN-ACK left for; forget what was seen before
+    start  {"attempts": [{"id", "proto", "src", "sport", "dst", "port"}]}
+                                                (client side) send them all at once: a TCP
+                                                connect started, or one UDP datagram carrying
+                                                the attempt's id (sent); answers the attempts
+                                                that failed at once
+    settle {"keys": [[proto, src, sport, dst, port]], "ids", "wait", "grace"}
+                                                (server side) wait up to `wait` s until every
+                                                probe (key) arrived, then `grace` s for the
+                                                kernel to finish with them; answers whether
+                                                all arrived, the keys a SYN-ACK left for, and
+                                                which of the UDP `ids` the listeners received
+    finish {"expect", "wait"}                   (client side) the started connects: wait up
+                                                to `wait` s for those in `expect` (a SYN-ACK
+                                                is on its way), the others are settled now
+    reach  {"attempts", "timeout"}              start, then finish after `timeout` s (without
+                                                a tap: every unanswered attempt waits it out)
     heard  {"ids", "wait"}                      which of these ids the UDP listeners received,
                                                 waiting up to `wait` seconds for all of them
     peers  {"settle"}                           the source addresses each listener (by the
@@ -38,6 +54,8 @@ from typing import Any
 
 BATCH = 400   # sockets open at once: 400 under the usual limit of 1024 descriptors, more
               # where the hard limit allows (main)
+ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
+TapKey = tuple[str, str, int, str, int]   # (proto, src, sport, dst, dport) as the probe sends
 
 
 def _family(address: str) -> int:
@@ -59,12 +77,52 @@ def _error(number: int) -> str:
     return os.strerror(number).lower()
 
 
+def _readable(sock: socket.socket) -> bool:
+    """Wait until `sock` has something to read; False: it is closed."""
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        while True:
+            for _, events in poller.poll():
+                return not events & select.POLLNVAL
+    except (OSError, ValueError):
+        return False
+
+
+def _parse(data: bytes) -> tuple[str, str, int, str, int, int] | None:
+    """(proto, src, sport, dst, dport, tcp flags) of an IPv4/IPv6 TCP or UDP packet."""
+    if len(data) < 20:
+        return None
+    version = data[0] >> 4
+    if version == 4:
+        if struct.unpack("!H", data[6:8])[0] & 0x1FFF:
+            return None   # a later fragment
+        header, proto = (data[0] & 15) * 4, data[9]
+        family, src, dst = socket.AF_INET, data[12:16], data[16:20]
+    elif version == 6 and len(data) >= 40:
+        header, proto = 40, data[6]
+        family, src, dst = socket.AF_INET6, data[8:24], data[24:40]
+    else:
+        return None
+    transport = data[header:]
+    if proto not in (6, 17) or len(transport) < (14 if proto == 6 else 8):
+        return None
+    sport, dport = struct.unpack("!HH", transport[:4])
+    return ("tcp" if proto == 6 else "udp", socket.inet_ntop(family, src), sport,
+            socket.inet_ntop(family, dst), dport, transport[13] if proto == 6 else 0)
+
+
 class Agent:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
+        self.udp: list[tuple[socket.socket, str]] = []
         self.heard: set[str] = set()
         self.peers: dict[str, set[str]] = {}
         self.cond = threading.Condition()
+        self.tap_socket: socket.socket | None = None
+        self.arrived: set[TapKey] = set()
+        self.answered: set[TapKey] = set()
+        self.pending: dict[int, tuple[str, socket.socket]] = {}
 
     # -- server side --------------------------------------------------------------------------
     def serve(self, proto: str, address: str, port: int, v6only: bool,
@@ -85,6 +143,9 @@ class Agent:
             return {"ok": False, "error": f"cannot listen on {address} port {port}/{proto}: "
                                           f"{(exc.strerror or str(exc)).lower()}"}
         self.sockets.append(sock)
+        if proto == "udp":
+            sock.setblocking(False)
+            self.udp.append((sock, label))
         target = self._accept if proto == "tcp" else self._receive
         threading.Thread(target=target, args=(sock, label), daemon=True).start()
         return {"ok": True}
@@ -104,15 +165,108 @@ class Agent:
             self._seen(label, str(peer[0]))
 
     def _receive(self, sock: socket.socket, label: str) -> None:
+        """Drain the socket whenever it is readable, under the lock: a datagram that left the
+        socket's queue is recorded before anyone else looks (settle drains too)."""
+        while True:
+            if not _readable(sock):
+                return
+            with self.cond:
+                if not self._drain(sock, label):
+                    return
+                self.cond.notify_all()
+
+    def _drain(self, sock: socket.socket, label: str) -> bool:
+        """Record every datagram queued on `sock` (the lock held); False: it is closed."""
         while True:
             try:
                 data, peer = sock.recvfrom(512)
+            except BlockingIOError:
+                return True
             except OSError:
+                return False
+            self.peers.setdefault(label, set()).add(str(peer[0]).removeprefix("::ffff:"))
+            self.heard.add(data.decode(errors="replace"))
+
+    # -- the tap (server side): which probes arrived, which were answered ---------------------
+    def tap(self) -> dict[str, Any]:
+        with self.cond:
+            self.arrived.clear()
+            self.answered.clear()
+            if self.tap_socket is not None:
+                self._drain_tap()
+                self.arrived.clear()
+                self.answered.clear()
+                return {"ok": True}
+        try:
+            sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
+        except OSError as exc:
+            return {"ok": False, "error": f"no packet socket: {exc.strerror or exc}"}
+        for option in (33, socket.SO_RCVBUF):   # SO_RCVBUFFORCE (root), else what is allowed
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, 32 << 20)
+                break
+            except OSError:
+                continue
+        sock.setblocking(False)
+        self.tap_socket = sock
+        threading.Thread(target=self._tap_loop, args=(sock,), daemon=True).start()
+        return {"ok": True}
+
+    def _tap_loop(self, sock: socket.socket) -> None:
+        while True:
+            if not _readable(sock):
                 return
-            self._seen(label, str(peer[0]))
             with self.cond:
-                self.heard.add(data.decode(errors="replace"))
+                if not self._drain_tap():
+                    return
                 self.cond.notify_all()
+
+    def _drain_tap(self) -> bool:
+        """Record the queued packets (the lock held): probes in, SYN-ACKs out."""
+        assert self.tap_socket is not None
+        while True:
+            try:
+                data, address = self.tap_socket.recvfrom(128)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if address[0] == "lo":
+                continue
+            found = _parse(data)
+            if found is None:
+                continue
+            proto, src, sport, dst, dport, flags = found
+            if address[2] == PACKET_OUTGOING:
+                if proto == "tcp" and flags & 0x12 == 0x12:   # SYN-ACK: the handshake goes on
+                    self.answered.add((proto, dst, dport, src, sport))
+            elif proto == "udp" or flags & 0x12 == 0x02:      # a datagram, a SYN
+                self.arrived.add((proto, src, sport, dst, dport))
+
+    def settle(self, keys: list[TapKey], ids: list[str], wait: float,
+               grace: float) -> dict[str, Any]:
+        """Wait until every probe in `keys` arrived (at most `wait` s), then `grace` s: a
+        packet's fate (dropped, answered, queued on the socket) is decided in the same pass
+        of the kernel that showed it to the tap, so by then nothing is on its way. Answers
+        whether all arrived, the keys answered with a SYN-ACK, the UDP ids received."""
+        end = time.monotonic() + wait
+        wanted = set(keys)
+        with self.cond:
+            while self.tap_socket is not None:
+                self._drain_tap()
+                if wanted <= self.arrived or time.monotonic() >= end:
+                    break
+                self.cond.wait(min(0.01, max(0.0, end - time.monotonic())))
+            everything = self.tap_socket is not None and wanted <= self.arrived
+        time.sleep(grace)
+        with self.cond:
+            if self.tap_socket is not None:
+                self._drain_tap()
+            for sock, label in self.udp:
+                self._drain(sock, label)
+            answered = [list(k) for k in keys if k in self.answered]
+            heard = sorted(set(ids) & self.heard)
+        return {"ok": True, "arrived": everything, "answered": answered, "heard": heard}
 
     def take_peers(self, settle: float) -> dict[str, Any]:
         time.sleep(settle)
@@ -147,12 +301,31 @@ class Agent:
     def reach(self, attempts: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
         results: dict[str, str | None] = {}   # id -> None (reached/sent) or the error
         for start in range(0, len(attempts), BATCH):
-            self._batch(attempts[start:start + BATCH], timeout, results)
+            self._batch(attempts[start:start + BATCH], self.pending, results)
+            self._wait_connects(self.pending, timeout, results)
         return {"ok": True, "results": results}
 
-    def _batch(self, attempts: list[dict[str, Any]], timeout: float,
+    def start(self, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+        if len(attempts) + len(self.pending) > BATCH:
+            return {"ok": False, "error": f"at most {BATCH} attempts at once"}
+        results: dict[str, str | None] = {}
+        self._batch(attempts, self.pending, results)
+        return {"ok": True, "results": results, "batch": BATCH}
+
+    def finish(self, expect: list[str], wait: float) -> dict[str, Any]:
+        """Settle the started connects: those in `expect` within `wait` s, the rest now."""
+        results: dict[str, str | None] = {}
+        expected = set(expect)
+        waiting = {fd: item for fd, item in self.pending.items() if item[0] in expected}
+        self._wait_connects(waiting, wait, results)
+        rest = {fd: item for fd, item in self.pending.items() if item[0] not in results}
+        self.pending = {}
+        self._wait_connects(rest, 0.0, results)
+        return {"ok": True, "results": results}
+
+    @staticmethod
+    def _batch(attempts: list[dict[str, Any]], pending: dict[int, tuple[str, socket.socket]],
                results: dict[str, str | None]) -> None:
-        pending: dict[int, tuple[str, socket.socket]] = {}
         for attempt in attempts:
             ident = str(attempt["id"])
             kind = socket.SOCK_STREAM if attempt["proto"] == "tcp" else socket.SOCK_DGRAM
@@ -177,7 +350,6 @@ class Agent:
                 _abort(sock)
                 continue
             pending[sock.fileno()] = (ident, sock)
-        self._wait_connects(pending, timeout, results)
 
     @staticmethod
     def _wait_connects(pending: dict[int, tuple[str, socket.socket]], timeout: float,
@@ -188,9 +360,10 @@ class Agent:
         end = time.monotonic() + timeout
         while pending:
             left = end - time.monotonic()
-            if left <= 0:
+            ready = poller.poll(max(0.0, left) * 1000)
+            if not ready and left <= 0:
                 break
-            for fd, _ in poller.poll(left * 1000):
+            for fd, _ in ready:
                 ident, sock = pending.pop(fd)
                 poller.unregister(fd)
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -200,6 +373,7 @@ class Agent:
         for ident, sock in pending.values():
             results[ident] = "timed out"
             _abort(sock)
+        pending.clear()
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -211,6 +385,16 @@ class Agent:
             return self.take_peers(float(request.get("settle", 0)))
         if op == "sysctl":
             return self.sysctl(str(request["name"]), str(request["value"]))
+        if op == "tap":
+            return self.tap()
+        if op == "start":
+            return self.start(list(request["attempts"]))
+        if op == "settle":
+            return self.settle([(str(k[0]), str(k[1]), int(k[2]), str(k[3]), int(k[4]))
+                                for k in request["keys"]], [str(i) for i in request["ids"]],
+                               float(request["wait"]), float(request["grace"]))
+        if op == "finish":
+            return self.finish([str(i) for i in request["expect"]], float(request["wait"]))
         if op == "reach":
             return self.reach(list(request["attempts"]), float(request["timeout"]))
         if op == "heard":

@@ -23,6 +23,7 @@ not copy is in ``notes``. The firewall of the namespace that runs the audit is o
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import re
@@ -49,6 +50,7 @@ __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "r
 AGENT = Path(__file__).with_name("agent.py")
 CURRENT, CANDIDATE = "current", "candidate"
 DEFAULT_TIMEOUT = 1.0
+GRACE = 0.15   # s after a probe's packet arrived: its fate is decided in that pass of the kernel
 _FIRST_PORT, _LAST_PORT = 20000, 60999
 Key = tuple[str, int, str, int]
 
@@ -279,6 +281,45 @@ class _Rounds:
                                 "device": listener.device, "label": label})
         return None if answer.get("ok") else str(answer.get("error"))
 
+    def _send(self, attempts: list[dict[str, Any]]) -> set[str]:
+        """Send the attempts in batches; the ids that reached their listener. A batch is over
+        as soon as the sandbox's server saw each attempt's packet arrive (its tap) and the
+        kernel had GRACE s to decide its fate: a dropped probe costs no more than that (only
+        a packet that never arrives waits the whole timeout)."""
+        client, server = self.sandbox.cli_agent, self.sandbox.srv_agent
+        assert client is not None and server is not None
+        reached: set[str] = set()
+        size, index = 400, 0
+        while index < len(attempts):
+            batch = attempts[index:index + size]
+            tapped = bool(server.request({"op": "tap"}).get("ok"))
+            started = client.request({"op": "start", "attempts": batch})
+            if not started.get("ok"):
+                raise SandboxError(f"the client-side agent failed: {started.get('error')}")
+            index += len(batch)
+            size = max(size, int(started.get("batch", size)))
+            failed: dict[str, str | None] = started["results"]
+            sent = [a for a in batch if failed.get(str(a["id"])) is None]
+            udp = [str(a["id"]) for a in sent if a["proto"] == "udp"]
+            keys = {str(a["id"]): _tap_key(a) for a in sent}
+            settled = server.request(
+                {"op": "settle", "keys": list(keys.values()), "ids": udp,
+                 "wait": self.timeout if tapped else 0, "grace": GRACE if tapped
+                 else self.timeout}, wait=self.timeout + GRACE + 10)
+            reached |= set(settled.get("heard", []))
+            tcp = [str(a["id"]) for a in sent if a["proto"] == "tcp"]
+            if settled.get("arrived"):   # a SYN-ACK left for these: they complete
+                answered = {tuple(k) for k in settled.get("answered", [])}
+                expect, wait = [i for i in tcp if tuple(keys[i]) in answered], self.timeout
+            else:   # no tap, or a packet never came: every connect had the timeout, and more
+                expect, wait = tcp, GRACE
+            finished = client.request({"op": "finish", "expect": expect, "wait": wait},
+                                      wait=wait + 10)
+            if not finished.get("ok"):
+                raise SandboxError(f"the client-side agent failed: {finished.get('error')}")
+            reached |= {i for i, error in finished["results"].items() if error is None}
+        return reached
+
     def _attempts(self, round_name: str, listeners: list[Listener]) -> dict[Key, Reach]:
         """One attempt per listener, source and destination address, all at once."""
         attempts: list[dict[str, Any]] = []
@@ -305,26 +346,8 @@ class _Rounds:
                         attempts.append({"id": ident, "proto": entry.proto,
                                          "src": source.address, "sport": sport,
                                          "dst": destination, "port": entry.port})
-        reached: set[str] = set()
-        attempts_proto = {str(a["id"]): str(a["proto"]) for a in attempts}
-        if attempts:
-            assert self.sandbox.cli_agent is not None and self.sandbox.srv_agent is not None
-            batches = len(attempts) // 400 + 1
-            answer = self.sandbox.cli_agent.request(
-                {"op": "reach", "attempts": attempts, "timeout": self.timeout},
-                wait=batches * (self.timeout + 5) + 10)
-            if not answer.get("ok"):
-                raise SandboxError(f"the client-side agent failed: {answer.get('error')}")
-            results: dict[str, str | None] = answer["results"]
-            reached = {i for i, error in results.items()
-                       if error is None and attempts_proto[i] == "tcp" and who[i][0]}
-            sent = [i for i, error in results.items() if error is None
-                    and attempts_proto[i] == "udp" and who[i][0]]
-            if sent:
-                heard = self.sandbox.srv_agent.request(
-                    {"op": "heard", "ids": sent, "wait": self.timeout},
-                    wait=self.timeout + 10)
-                reached |= set(heard.get("heard", []))
+        reached = self._send(attempts) if attempts else set()
+        reached = {i for i in reached if who[i][0]}
         by_key: dict[Key, set[tuple[str, int]]] = {}
         for ident in reached:
             key, pair = who[ident]
@@ -390,6 +413,13 @@ def _port_in(port: int, spec: str) -> bool:
         except ValueError:
             return True   # a name or a set: it may
     return False
+
+
+def _tap_key(attempt: Mapping[str, Any]) -> list[Any]:
+    """The attempt as the server's tap sees its packet: (proto, src, sport, dst, port)."""
+    return [str(attempt["proto"]), ipaddress.ip_address(str(attempt["src"])).compressed,
+            int(attempt["sport"]), ipaddress.ip_address(str(attempt["dst"])).compressed,
+            int(attempt["port"])]
 
 
 def _label(key: Key) -> str:
