@@ -350,6 +350,45 @@ def setups(i: int) -> list[Setup]:
                        "net.ipv4.conf.eth1.route_localnet": "1",
                        "net.ipv4.ip_forward": "1"},
               note="the nat set-up's translations written in nft"),
+        Setup("nft-nat-maps",
+              nft=textwrap.dedent(f"""\
+                  table ip audit_nat {{
+                      chain pre {{
+                          type nat hook prerouting priority dstnat; policy accept;
+                          meta l4proto tcp redirect to :tcp dport map {{ 80 : 8001 }}
+                          dnat ip to tcp dport map {{ 8080 : 127.0.0.1 . 8004, 8090 : \
+10.233.{i}.10 . 80 }}
+                      }}
+                  }}
+                  table inet audit_filter {{
+                      chain input {{
+                          type filter hook input priority 0; policy accept;
+                          tcp dport 8001 ct status dnat accept
+                          tcp dport 8001 drop
+                      }}
+                  }}
+                  """),
+              sysctls={"net.ipv4.conf.eth0.route_localnet": "1",
+                       "net.ipv4.conf.eth1.route_localnet": "1",
+                       "net.ipv4.ip_forward": "1"},
+              note="the nft-nat set-up's translations written as port maps"),
+        Setup("byte-limits",
+              v4=_filter("-A INPUT -i eth0 -p tcp -m conntrack --ctstate NEW -m hashlimit "
+                         "--hashlimit-above 1kb/s --hashlimit-burst 2kb --hashlimit-name bytes "
+                         "-j DROP\n"),
+              nft=textwrap.dedent("""\
+                  table ip6 audit_bytes {
+                      chain input {
+                          type filter hook input priority 0; policy accept;
+                          iifname "eth0" ct state new meta l4proto tcp \
+limit rate over 400 bytes/second burst 400 bytes drop
+                      }
+                  }
+                  """),
+              paced=True,
+              note="byte-rate limits on new TCP from eth0 (hashlimit in bytes mode over IPv4, "
+                   "nft limit rate over N bytes/second over IPv6): many probes at once run "
+                   "into them, a single connection passes"),
         Setup("ipset",
               v4=_filter("-A INPUT -m set --match-set banned src -j DROP\n"
                          "-A INPUT -m set --match-set admins src -j ACCEPT\n"
