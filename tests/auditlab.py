@@ -256,6 +256,8 @@ class Setup:
     paced: bool = False           # rate limits: probe one at a time after idle too
     docker: bool = False
     uncertain: frozenset[str] = frozenset()   # spots an unreproducible rule concerns
+    reason: str = ""              # ... and what their `uncertain` says
+    recent: dict[str, list[str]] = field(default_factory=dict)   # xt_recent lists, filled
     note: str = ""
 
 
@@ -423,9 +425,21 @@ limit rate over 400 bytes/second burst 400 bytes drop
         Setup("port-knock",
               v4=_filter("-A INPUT -p tcp --dport 7001 -m recent --rcheck --seconds 30 "
                          "--name knocked -j ACCEPT\n", "DROP"),
-              uncertain=frozenset({"tcp4-any"}),
-              note="a port opened by knocking (history the sandbox does not have): uncertain, "
-                   "not closed"),
+              note="a port opened to the addresses in a recent list that no rule fills and "
+                   "that is empty: decided (not exposed)"),
+        Setup("port-knock-held",
+              v4=_filter("-A INPUT -p tcp --dport 7001 -m recent --rcheck --seconds 60 "
+                         "--name knocked -j ACCEPT\n", "DROP"),
+              recent={"knocked": [WORLD4["world"]]},
+              note="the same, with the world's address in the list now (it knocked, or an "
+                   "admin let it in): copied into the sandbox, exposed"),
+        Setup("port-knock-sequence",
+              v4=_filter("-A INPUT -p tcp --dport 7099 -m recent --set --name knock -j DROP\n"
+                         "-A INPUT -p tcp --dport 7001 -m recent --rcheck --seconds 30 "
+                         "--name knock -j ACCEPT\n", "DROP"),
+              uncertain=frozenset({"tcp4-any"}), reason="port knocking",
+              note="a knock on 7099 opens 7001 for 30 s: whoever knocks gets in; the probes "
+                   "do not knock, so uncertain (saying why), not closed"),
         Setup("docker", docker=True,
               legacy4="*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT "
                       "[0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\nCOMMIT\n",
@@ -672,6 +686,9 @@ class AuditTruthLab:
                            ("iptables-legacy-restore", setup.legacy4)):
             if text:
                 self.srv([tool], input=text)
+        for name, addresses in setup.recent.items():   # one address per write
+            for address in addresses:
+                self.srv(["tee", f"/proc/net/xt_recent/{name}"], input=f"+{address}\n")
         if setup.nft:
             self.srv(["nft", "-f", "-"], input=setup.nft)
         for name, value in setup.sysctls.items():

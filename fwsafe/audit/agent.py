@@ -35,6 +35,8 @@ Requests (``op``):
                                                 "label" it was served with) received from
                                                 since the last time asked, after `settle` s
     sysctl {"name", "value"}                    write /proc/sys/net/NAME (server side)
+    recent {"name", "addresses"}                add them to the xt_recent list NAME (server
+                                                side, once a rule created it)
 Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
 """
 
@@ -286,6 +288,18 @@ class Agent:
             return {"ok": False, "error": f"{name}: {exc.strerror or exc}"}
         return {"ok": True}
 
+    @staticmethod
+    def recent(name: str, addresses: list[str]) -> dict[str, Any]:
+        if not name or "/" in name or name.startswith("."):
+            return {"ok": False, "error": f"bad list name {name!r}"}
+        try:
+            for address in addresses:   # one address per write, as xt_recent takes them
+                with open(os.path.join("/proc/net/xt_recent", name), "w") as handle:
+                    handle.write(f"+{address}\n")
+        except OSError as exc:
+            return {"ok": False, "error": f"recent list {name}: {exc.strerror or exc}"}
+        return {"ok": True}
+
     def wait_heard(self, ids: list[str], wait: float) -> dict[str, Any]:
         end = time.monotonic() + wait
         wanted = set(ids)
@@ -385,6 +399,8 @@ class Agent:
             return self.take_peers(float(request.get("settle", 0)))
         if op == "sysctl":
             return self.sysctl(str(request["name"]), str(request["value"]))
+        if op == "recent":
+            return self.recent(str(request["name"]), [str(a) for a in request["addresses"]])
         if op == "tap":
             return self.tap()
         if op == "start":

@@ -23,6 +23,7 @@ not copy is in ``notes``. The firewall of the namespace that runs the audit is o
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import os
@@ -118,7 +119,9 @@ def reachability(listeners: Sequence[Listener], *,
     avoid = "\n".join(t.current.decode(errors="replace") for t in tools) \
         + native.decode(errors="replace")
     sets = _ipsets()
-    texts = [avoid, sets, *(c.decode(errors="replace") for c, _ in layers.values())]
+    recent = _recent_lists()
+    texts = [avoid, sets, *(c.decode(errors="replace") for c, _ in layers.values()),
+             "\n".join(f"recent {name} {a}" for name, found in recent.items() for a in found)]
     space = named_space(texts)
     _idle(tools, layers)
     native = idle(native.decode(errors="replace")).encode()
@@ -158,6 +161,9 @@ def reachability(listeners: Sequence[Listener], *,
                              *(c for link in plan.links for c in link.clients)]
         rounds_ = _Rounds(sandbox, firewall, plan, timeout)
         rounds_.ipsets = sets
+        rounds_.recent = recent
+        rounds_.knocks = _knocks([avoid, *(c.decode(errors="replace")
+                                           for c, _ in layers.values())])
         rounds_.run(outside, rounds, report, sandbox_addresses)
     return report
 
@@ -172,6 +178,38 @@ def _idle(tools: list[IptTool], layers: dict[str, tuple[bytes, str]]) -> None:
     if "nft" in layers:
         content, source = layers["nft"]
         layers["nft"] = (idle(content.decode(errors="replace")).encode(), source)
+
+
+def _recent_lists(root: Path = Path("/proc/net/xt_recent")) -> dict[str, list[str]]:
+    """The addresses in each xt_recent list of this namespace (`-m recent`): the sandbox gets
+    the same lists, and each address is a source of its own."""
+    found: dict[str, list[str]] = {}
+    try:
+        names = sorted(p.name for p in root.iterdir())
+    except OSError:
+        return found
+    for name in names:
+        try:
+            text = (root / name).read_text()
+        except OSError:
+            continue
+        found[name] = [m.group(1) for m in re.finditer(r"^src=(\S+)", text, re.M)]
+    return found
+
+
+_RECENT_NAME = re.compile(r"--name\s+(\S+)")
+
+
+def _knocks(texts: Sequence[str]) -> dict[str, str]:
+    """list name -> the first rule that adds addresses to it (`-m recent --set`): a packet
+    that rule matches opens whatever checks the list (port knocking)."""
+    found: dict[str, str] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if "-m recent" in line and "--set" in line.split():
+                name = _RECENT_NAME.search(line)
+                found.setdefault(name.group(1) if name else "DEFAULT", line.strip())
+    return found
 
 
 def _ipsets() -> str:
@@ -190,6 +228,8 @@ class _Rounds:
     """The sandbox, its listeners, and one round of attempts per ruleset."""
 
     ipsets = ""
+    recent: dict[str, list[str]] = {}    # xt_recent lists of the host: name -> addresses
+    knocks: dict[str, str] = {}          # lists a rule fills (--set): name -> that rule
 
     def __init__(self, sandbox: Sandbox, firewall: SandboxFirewall, plan: Plan,
                  timeout: float) -> None:
@@ -220,6 +260,7 @@ class _Rounds:
                     report.notes.append("the ipsets could not be copied into the sandbox: "
                                         + loaded.stderr.decode(errors="replace").strip()[:200])
             self.firewall.load_current()
+            self._copy_recent(report)
             placed = [x for x in listeners if problems[x.key()] is None]
             for name in rounds:
                 results = {k: Reach(problem=f"not checked: {p}") for k, p in problems.items()
@@ -232,17 +273,54 @@ class _Rounds:
                                         for x in placed})
                         report.rounds[name] = results
                         break
+                    self._copy_recent(report)
                 results.update(self._attempts(name, placed))
                 report.rounds[name] = results
             self.firewall.read_state()
             known = ["lo", *(link.name for link in self.plan.links)]
-            items = find_not_checked(self.firewall, known)
+            items = [item for item in (dataclasses.replace(i, reasons=self._recent_reasons(i))
+                                       for i in find_not_checked(self.firewall, known))
+                     if item.reasons]
             report.not_checked = [item.text() for item in items]
             for name in rounds:
                 self._uncertain(report.rounds.get(name, {}), placed, items)
         except SandboxError as exc:
             raise EnvironmentProblem(f"the audit's sandbox failed: {exc}") from exc
         report.notes += self.firewall.degraded + self.firewall.notes
+
+    def _copy_recent(self, report: ReachReport) -> None:
+        """The host's xt_recent lists into the sandbox (the rules that check them are loaded,
+        so the lists exist there): whoever is in one now is let in as on the host."""
+        agent = self.sandbox.srv_agent
+        assert agent is not None
+        for name, addresses in self.recent.items():
+            if addresses:
+                answer = agent.request({"op": "recent", "name": name, "addresses": addresses})
+                if not answer.get("ok") and f"the recent list {name}" not in " ".join(
+                        report.notes):
+                    report.notes.append(f"the recent list {name} could not be copied into the "
+                                        f"sandbox: {answer.get('error')}")
+
+    def _recent_reasons(self, item: NotChecked) -> list[str]:
+        """`item`'s reasons, with `recent` decided where the sandbox has the host's lists: a
+        rule that only adds (--set) is reproduced; one that checks a list (--rcheck,
+        --update) is reproduced unless another rule fills that list (port knocking: the
+        sandbox's probes do not knock), which is then said precisely."""
+        if not any(r.startswith("recent:") for r in item.reasons) or item.ipt_key is None:
+            return item.reasons
+        t_index, table, chain, index = item.ipt_key
+        rule = self.firewall.tools[t_index].snapshot[table][chain].rules[index - 1]
+        words = rule.tokens
+        name = rule.option("--name") or "DEFAULT"
+        reasons = [r for r in item.reasons if not r.startswith("recent:")]
+        if not {"--rcheck", "--update"} & set(words):
+            return reasons
+        knock = self.knocks.get(name)
+        if knock is not None:
+            reasons.append(f"recent: port knocking (the list {name} is filled by `{knock}`: "
+                           "whoever first sends what that rule matches is let in; the "
+                           "audit's probes do not knock)")
+        return reasons
 
     def _uncertain(self, results: dict[Key, Reach], listeners: list[Listener],
                    items: list[NotChecked]) -> None:
