@@ -273,6 +273,22 @@ def _filter(rules: str, policy: str = "ACCEPT", *, v6: bool = False) -> str:
             f"{chains}{base}{rules}COMMIT\n")
 
 
+NAT_SYSCTLS = {"net.ipv4.conf.eth0.route_localnet": "1", "net.ipv4.conf.eth1.route_localnet": "1",
+               "net.ipv4.ip_forward": "1"}
+
+
+def nft_nat(*translations: str) -> str:
+    """An nft file: `translations` in a prerouting nat chain, and port 8001 let in only
+    through a translation (as the nat set-up's filter does)."""
+    rules = "".join(f"        {t}\n" for t in translations)
+    return ("table ip audit_nat {\n    chain pre {\n"
+            "        type nat hook prerouting priority dstnat; policy accept;\n"
+            f"{rules}    }}\n}}\ntable inet audit_filter {{\n    chain input {{\n"
+            "        type filter hook input priority 0; policy accept;\n"
+            "        tcp dport 8001 ct status dnat accept\n        tcp dport 8001 drop\n"
+            "    }\n}\n")
+
+
 def setups(i: int) -> list[Setup]:
     """The set-ups of the matrix, in the order they run (Docker last: it starts dockerd)."""
     lan4, lan6 = f"172.30.{i}.1", f"fd00:232:{i}::1"
@@ -325,55 +341,18 @@ def setups(i: int) -> list[Setup]:
               note="meant for the LAN; the world is routed to that address too"),
         Setup("nat", v4=_filter("-A INPUT -p tcp --dport 8001 -m conntrack ! --ctstate DNAT "
                                 "-j DROP\n") + nat,
-              sysctls={"net.ipv4.conf.eth0.route_localnet": "1",
-                       "net.ipv4.conf.eth1.route_localnet": "1",
-                       "net.ipv4.ip_forward": "1"},
+              sysctls=NAT_SYSCTLS,
               note="REDIRECT 80->8001 (8001 only through it), DNAT 8080->127.0.0.1:8004 with "
                    "route_localnet, DNAT 8090 -> the VM's port 80"),
-        Setup("nft-nat",
-              nft=textwrap.dedent(f"""\
-                  table ip audit_nat {{
-                      chain pre {{
-                          type nat hook prerouting priority dstnat; policy accept;
-                          tcp dport 80 redirect to :8001
-                          tcp dport 8080 dnat to 127.0.0.1:8004
-                          tcp dport 8090 dnat to 10.233.{i}.10:80
-                      }}
-                  }}
-                  table inet audit_filter {{
-                      chain input {{
-                          type filter hook input priority 0; policy accept;
-                          tcp dport 8001 ct status dnat accept
-                          tcp dport 8001 drop
-                      }}
-                  }}
-                  """),
-              sysctls={"net.ipv4.conf.eth0.route_localnet": "1",
-                       "net.ipv4.conf.eth1.route_localnet": "1",
-                       "net.ipv4.ip_forward": "1"},
-              note="the nat set-up's translations written in nft"),
+        Setup("nft-nat", nft=nft_nat("tcp dport 80 redirect to :8001",
+                                     "tcp dport 8080 dnat to 127.0.0.1:8004",
+                                     f"tcp dport 8090 dnat to 10.233.{i}.10:80"),
+              sysctls=NAT_SYSCTLS, note="the nat set-up's translations written in nft"),
         Setup("nft-nat-maps",
-              nft=textwrap.dedent(f"""\
-                  table ip audit_nat {{
-                      chain pre {{
-                          type nat hook prerouting priority dstnat; policy accept;
-                          meta l4proto tcp redirect to :tcp dport map {{ 80 : 8001 }}
-                          dnat ip to tcp dport map {{ 8080 : 127.0.0.1 . 8004, 8090 : \
-10.233.{i}.10 . 80 }}
-                      }}
-                  }}
-                  table inet audit_filter {{
-                      chain input {{
-                          type filter hook input priority 0; policy accept;
-                          tcp dport 8001 ct status dnat accept
-                          tcp dport 8001 drop
-                      }}
-                  }}
-                  """),
-              sysctls={"net.ipv4.conf.eth0.route_localnet": "1",
-                       "net.ipv4.conf.eth1.route_localnet": "1",
-                       "net.ipv4.ip_forward": "1"},
-              note="the nft-nat set-up's translations written as port maps"),
+              nft=nft_nat("meta l4proto tcp redirect to :tcp dport map { 80 : 8001 }",
+                          "dnat ip to tcp dport map { 8080 : 127.0.0.1 . 8004, "
+                          f"8090 : 10.233.{i}.10 . 80 }}"),
+              sysctls=NAT_SYSCTLS, note="the nft-nat set-up's translations written as port maps"),
         Setup("byte-limits",
               v4=_filter("-A INPUT -i eth0 -p tcp -m conntrack --ctstate NEW -m hashlimit "
                          "--hashlimit-above 1kb/s --hashlimit-burst 2kb --hashlimit-name bytes "
