@@ -18,12 +18,12 @@ Requests (``op``):
                                                 connect started, or one UDP datagram carrying
                                                 the attempt's id (sent); answers the attempts
                                                 that failed at once
-    settle {"keys": [[proto, src, sport, dst, port]], "ids", "wait", "grace"}
+    settle {"probes": [[id, proto, src, sport, dst, port]], "wait", "grace"}
                                                 (server side) wait up to `wait` s until every
-                                                probe (key) arrived, then `grace` s for the
-                                                kernel to finish with them; answers whether
-                                                all arrived, the keys a SYN-ACK left for, and
-                                                which of the UDP `ids` the listeners received
+                                                probe arrived, then up to `grace` s until the
+                                                kernel decided each; answers whether all
+                                                arrived, the keys a SYN-ACK left for, and
+                                                the UDP ids the listeners received
     finish {"expect", "wait"}                   (client side) the started connects: wait up
                                                 to `wait` s for those in `expect` (a SYN-ACK
                                                 is on its way), the others are settled now
@@ -91,8 +91,9 @@ def _readable(sock: socket.socket) -> bool:
         return False
 
 
-def _parse(data: bytes) -> tuple[str, str, int, str, int, int] | None:
-    """(proto, src, sport, dst, dport, tcp flags) of an IPv4/IPv6 TCP or UDP packet."""
+def _parse(data: bytes, inner: bool = False) -> tuple[str, str, int, str, int, int] | None:
+    """(proto, src, sport, dst, dport, tcp flags) of an IPv4/IPv6 TCP or UDP packet (`inner`:
+    the start of one quoted in an ICMP error, flags 0)."""
     if len(data) < 20:
         return None
     version = data[0] >> 4
@@ -107,11 +108,19 @@ def _parse(data: bytes) -> tuple[str, str, int, str, int, int] | None:
     else:
         return None
     transport = data[header:]
-    if proto not in (6, 17) or len(transport) < (14 if proto == 6 else 8):
+    if inner and proto in (6, 17) and len(transport) >= 4:
+        flags = 0
+    elif proto in (1, 58) and not inner and len(transport) >= 8 \
+            and transport[0] == (3 if proto == 1 else 1):   # destination unreachable
+        quoted = _parse(transport[8:], inner=True)
+        return None if quoted is None else ("icmp", *quoted[1:5], 0)
+    elif proto not in (6, 17) or len(transport) < (14 if proto == 6 else 8):
         return None
+    else:
+        flags = transport[13] if proto == 6 else 0
     sport, dport = struct.unpack("!HH", transport[:4])
     return ("tcp" if proto == 6 else "udp", socket.inet_ntop(family, src), sport,
-            socket.inet_ntop(family, dst), dport, transport[13] if proto == 6 else 0)
+            socket.inet_ntop(family, dst), dport, flags)
 
 
 class Agent:
@@ -123,7 +132,9 @@ class Agent:
         self.cond = threading.Condition()
         self.tap_socket: socket.socket | None = None
         self.arrived: set[TapKey] = set()
-        self.answered: set[TapKey] = set()
+        self.answered: set[TapKey] = set()     # a SYN-ACK left for it
+        self.refused: set[TapKey] = set()      # a RST or an ICMP error left for it
+        self.quoted: dict[tuple[str, int, str, int], TapKey] = {}   # ICMP errors, by ends
         self.pending: dict[int, tuple[str, socket.socket]] = {}
 
     # -- server side --------------------------------------------------------------------------
@@ -192,12 +203,11 @@ class Agent:
     # -- the tap (server side): which probes arrived, which were answered ---------------------
     def tap(self) -> dict[str, Any]:
         with self.cond:
-            self.arrived.clear()
-            self.answered.clear()
             if self.tap_socket is not None:
                 self._drain_tap()
-                self.arrived.clear()
-                self.answered.clear()
+            for found in (self.arrived, self.answered, self.refused):
+                found.clear()
+            if self.tap_socket is not None:
                 return {"ok": True}
         try:
             sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
@@ -240,19 +250,26 @@ class Agent:
                 continue
             proto, src, sport, dst, dport, flags = found
             if address[2] == PACKET_OUTGOING:
-                if proto == "tcp" and flags & 0x12 == 0x12:   # SYN-ACK: the handshake goes on
+                if proto == "icmp":     # the probe it quotes is refused (either protocol)
+                    self.refused.update({("tcp", src, sport, dst, dport),
+                                         ("udp", src, sport, dst, dport)})
+                elif proto == "tcp" and flags & 0x12 == 0x12:   # SYN-ACK: the handshake goes on
                     self.answered.add((proto, dst, dport, src, sport))
-            elif proto == "udp" or flags & 0x12 == 0x02:      # a datagram, a SYN
+                elif proto == "tcp" and flags & 0x04:           # RST
+                    self.refused.add((proto, dst, dport, src, sport))
+            elif proto == "udp" or (proto == "tcp" and flags & 0x12 == 0x02):   # a datagram, SYN
                 self.arrived.add((proto, src, sport, dst, dport))
 
-    def settle(self, keys: list[TapKey], ids: list[str], wait: float,
+    def settle(self, probes: list[tuple[str, TapKey]], wait: float,
                grace: float) -> dict[str, Any]:
-        """Wait until every probe in `keys` arrived (at most `wait` s), then `grace` s: a
-        packet's fate (dropped, answered, queued on the socket) is decided in the same pass
-        of the kernel that showed it to the tap, so by then nothing is on its way. Answers
-        whether all arrived, the keys answered with a SYN-ACK, the UDP ids received."""
+        """Wait until every probe ((id, key)) arrived (at most `wait` s), then until each is
+        decided (a SYN-ACK, a RST or an ICMP error left for it; its datagram received), at
+        most `grace` s: a packet's fate is decided in the same pass of the kernel that showed
+        it to the tap, so after that nothing is on its way, and a probe still undecided was
+        dropped. Answers whether all arrived, the keys answered with a SYN-ACK, the UDP ids
+        received."""
         end = time.monotonic() + wait
-        wanted = set(keys)
+        wanted = {key for _, key in probes}
         with self.cond:
             while self.tap_socket is not None:
                 self._drain_tap()
@@ -260,15 +277,22 @@ class Agent:
                     break
                 self.cond.wait(min(0.01, max(0.0, end - time.monotonic())))
             everything = self.tap_socket is not None and wanted <= self.arrived
-        time.sleep(grace)
-        with self.cond:
-            if self.tap_socket is not None:
-                self._drain_tap()
-            for sock, label in self.udp:
-                self._drain(sock, label)
-            answered = [list(k) for k in keys if k in self.answered]
-            heard = sorted(set(ids) & self.heard)
-        return {"ok": True, "arrived": everything, "answered": answered, "heard": heard}
+        end = time.monotonic() + grace
+        while True:
+            with self.cond:
+                if self.tap_socket is not None:
+                    self._drain_tap()
+                for sock, label in self.udp:
+                    self._drain(sock, label)
+                decided = everything and all(
+                    key in self.answered or key in self.refused
+                    or (key[0] == "udp" and ident in self.heard) for ident, key in probes)
+                if decided or time.monotonic() >= end:
+                    answered = [list(k) for _, k in probes if k in self.answered]
+                    heard = sorted({i for i, k in probes if k[0] == "udp"} & self.heard)
+                    return {"ok": True, "arrived": everything, "answered": answered,
+                            "heard": heard}
+            time.sleep(0.005)
 
     def take_peers(self, settle: float) -> dict[str, Any]:
         time.sleep(settle)
@@ -406,8 +430,8 @@ class Agent:
         if op == "start":
             return self.start(list(request["attempts"]))
         if op == "settle":
-            return self.settle([(str(k[0]), str(k[1]), int(k[2]), str(k[3]), int(k[4]))
-                                for k in request["keys"]], [str(i) for i in request["ids"]],
+            return self.settle([(str(p[0]), (str(p[1]), str(p[2]), int(p[3]), str(p[4]),
+                                             int(p[5]))) for p in request["probes"]],
                                float(request["wait"]), float(request["grace"]))
         if op == "finish":
             return self.finish([str(i) for i in request["expect"]], float(request["wait"]))

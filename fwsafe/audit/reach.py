@@ -51,7 +51,8 @@ __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "r
 AGENT = Path(__file__).with_name("agent.py")
 CURRENT, CANDIDATE = "current", "candidate"
 DEFAULT_TIMEOUT = 1.0
-GRACE = 0.15   # s after a probe's packet arrived: its fate is decided in that pass of the kernel
+GRACE = 0.15   # s after a probe's packet arrived: its fate is decided in that pass of the kernel,
+               # so one still undecided then was dropped
 _FIRST_PORT, _LAST_PORT = 20000, 60999
 Key = tuple[str, int, str, int]
 
@@ -361,13 +362,15 @@ class _Rounds:
 
     def _send(self, attempts: list[dict[str, Any]]) -> set[str]:
         """Send the attempts in batches; the ids that reached their listener. A batch is over
-        as soon as the sandbox's server saw each attempt's packet arrive (its tap) and the
-        kernel had GRACE s to decide its fate: a dropped probe costs no more than that (only
-        a packet that never arrives waits the whole timeout)."""
+        as soon as the sandbox's server saw each attempt's packet arrive (its tap) and what
+        the kernel did with it (a SYN-ACK, a RST or an ICMP error left, the datagram was
+        received), or GRACE s after: a dropped probe costs no more than that (only a packet
+        that never arrives waits the whole timeout)."""
         client, server = self.sandbox.cli_agent, self.sandbox.srv_agent
         assert client is not None and server is not None
         reached: set[str] = set()
-        size, index = 400, 0
+        index = 0
+        size = int(client.request({"op": "start", "attempts": []}).get("batch", 400))
         while index < len(attempts):
             batch = attempts[index:index + size]
             tapped = bool(server.request({"op": "tap"}).get("ok"))
@@ -375,13 +378,11 @@ class _Rounds:
             if not started.get("ok"):
                 raise SandboxError(f"the client-side agent failed: {started.get('error')}")
             index += len(batch)
-            size = max(size, int(started.get("batch", size)))
             failed: dict[str, str | None] = started["results"]
             sent = [a for a in batch if failed.get(str(a["id"])) is None]
-            udp = [str(a["id"]) for a in sent if a["proto"] == "udp"]
             keys = {str(a["id"]): _tap_key(a) for a in sent}
             settled = server.request(
-                {"op": "settle", "keys": list(keys.values()), "ids": udp,
+                {"op": "settle", "probes": [[i, *k] for i, k in keys.items()],
                  "wait": self.timeout if tapped else 0, "grace": GRACE if tapped
                  else self.timeout}, wait=self.timeout + GRACE + 10)
             reached |= set(settled.get("heard", []))

@@ -37,37 +37,68 @@ def test_a_syn_a_syn_ack_and_a_datagram_are_read_from_their_headers() -> None:
     assert agent._parse(datagram) == ("udp", "1.2.3.4", 67, "10.0.0.1", 68, 0)
 
 
-def test_fragments_icmp_and_short_packets_are_not_probes() -> None:
+def test_fragments_echoes_and_short_packets_are_not_probes() -> None:
     later = ipv4(6, "1.2.3.4", "10.0.0.1", tcp(1, 2, 0x02), frag=0x0010)
     assert agent._parse(later) is None
     assert agent._parse(ipv4(1, "1.2.3.4", "10.0.0.1", b"\x08\x00" + bytes(6))) is None
     assert agent._parse(b"\x45\x00") is None
 
 
-def test_the_tap_records_probes_in_and_syn_acks_out() -> None:
+def test_an_icmp_error_names_the_probe_it_quotes() -> None:
+    quoted = ipv6(17, "2a00:f00d::4", "fd00::1", struct.pack("!HHHH", 20002, 53, 8, 0))
+    error = ipv6(58, "fd00::1", "2a00:f00d::4", bytes([1, 4, 0, 0, 0, 0, 0, 0]) + quoted)
+    assert agent._parse(error) == ("icmp", "2a00:f00d::4", 20002, "fd00::1", 53, 0)
+
+
+class Tap:
+    """The packet socket's recvfrom: (packet, (ifname, proto, pkttype)); 4: outgoing."""
+
+    def __init__(self, queue: list[tuple[bytes, tuple[str, int, int]]]) -> None:
+        self.queue = queue
+
+    def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int, int]]:
+        if not self.queue:
+            raise BlockingIOError
+        return self.queue.pop(0)
+
+
+def test_the_tap_records_probes_in_and_what_left_for_them() -> None:
+    """SYNs and datagrams in; SYN-ACKs (reached), RSTs and ICMP errors (refused) out: every
+    probe decided, the batch ends at once, without the grace."""
     a = agent.Agent()
-
-    class Tap:   # the packet socket's recvfrom: (packet, (ifname, proto, pkttype, ...))
-        def __init__(self) -> None:
-            self.queue = [
-                (ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20001, 22, 0x02)), ("eth0", 0x800, 0)),
-                (ipv4(6, "10.0.0.1", "1.2.3.4", tcp(22, 20001, 0x12)), ("eth0", 0x800, 4)),
-                (ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20001, 22, 0x10)), ("eth0", 0x800, 0)),
-                (ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20003, 80, 0x02)), ("lo", 0x800, 0)),
-                (ipv4(17, "1.2.3.4", "10.0.0.1", struct.pack("!HHHH", 20002, 53, 8, 0)),
-                 ("eth1", 0x800, 0))]
-
-        def recvfrom(self, size: int) -> tuple[bytes, tuple[str, int, int]]:
-            if not self.queue:
-                raise BlockingIOError
-            return self.queue.pop(0)
-
-    a.tap_socket = Tap()   # type: ignore[assignment]
-    answer = a.settle([("tcp", "1.2.3.4", 20001, "10.0.0.1", 22),
-                       ("udp", "1.2.3.4", 20002, "10.0.0.1", 53)], [], 1.0, 0.0)
-    assert answer["arrived"] is True
+    udp = struct.pack("!HHHH", 20002, 53, 8, 0)
+    quoted = ipv4(17, "1.2.3.4", "10.0.0.1", udp)
+    a.tap_socket = Tap([   # type: ignore[assignment]
+        (ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20001, 22, 0x02)), ("eth0", 0x800, 0)),
+        (ipv4(6, "10.0.0.1", "1.2.3.4", tcp(22, 20001, 0x12)), ("eth0", 0x800, 4)),
+        (ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20001, 22, 0x10)), ("eth0", 0x800, 0)),
+        (ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20003, 80, 0x02)), ("lo", 0x800, 0)),
+        (ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20004, 81, 0x02)), ("eth0", 0x800, 0)),
+        (ipv4(6, "10.0.0.1", "1.2.3.4", tcp(81, 20004, 0x14)), ("eth0", 0x800, 4)),
+        (quoted, ("eth1", 0x800, 0)),
+        (ipv4(1, "10.0.0.1", "1.2.3.4", bytes([3, 3, 0, 0, 0, 0, 0, 0]) + quoted),
+         ("eth1", 0x800, 4))])
+    probes = [("t1", ("tcp", "1.2.3.4", 20001, "10.0.0.1", 22)),
+              ("t2", ("tcp", "1.2.3.4", 20004, "10.0.0.1", 81)),
+              ("u1", ("udp", "1.2.3.4", 20002, "10.0.0.1", 53))]
+    began = time.monotonic()
+    answer = a.settle(probes, 1.0, 5.0)
+    assert time.monotonic() - began < 2.0
+    assert answer["arrived"] is True and answer["heard"] == []
     assert answer["answered"] == [["tcp", "1.2.3.4", 20001, "10.0.0.1", 22]]
     assert ("tcp", "1.2.3.4", 20003, "10.0.0.1", 80) not in a.arrived   # lo is not a link
+
+
+def test_a_dropped_probe_is_waited_for_the_grace_only() -> None:
+    a = agent.Agent()
+    a.tap_socket = Tap([   # type: ignore[assignment]
+        (ipv6(6, "2a00:f00d::4", "fd00::1", tcp(20001, 22, 0x02)), ("eth0", 0x86DD, 0))])
+    began = time.monotonic()
+    answer = a.settle([("t1", ("tcp", "2a00:f00d::4", 20001, "fd00::1", 22))], 5.0, 0.3)
+    assert 0.3 <= time.monotonic() - began < 2.0
+    assert answer == {"ok": True, "arrived": True, "answered": [], "heard": []}
+    missing = a.settle([("t2", ("tcp", "2a00:f00d::4", 20002, "fd00::1", 22))], 0.2, 0.1)
+    assert missing["arrived"] is False
 
 
 def test_finish_waits_for_the_expected_connects_only() -> None:
