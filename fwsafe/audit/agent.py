@@ -27,10 +27,6 @@ Requests (``op``):
     finish {"expect", "wait"}                   (client side) the started connects: wait up
                                                 to `wait` s for those in `expect` (a SYN-ACK
                                                 is on its way), the others are settled now
-    reach  {"attempts", "timeout"}              start, then finish after `timeout` s (without
-                                                a tap: every unanswered attempt waits it out)
-    heard  {"ids", "wait"}                      which of these ids the UDP listeners received,
-                                                waiting up to `wait` seconds for all of them
     peers  {"settle"}                           the source addresses each listener (by the
                                                 "label" it was served with) received from
                                                 since the last time asked, after `settle` s
@@ -123,6 +119,106 @@ def _parse(data: bytes, inner: bool = False) -> tuple[str, str, int, str, int, i
             socket.inet_ntop(family, dst), dport, flags)
 
 
+def sysctl(name: str, value: str) -> dict[str, Any]:
+    if ".." in name or name.startswith("/"):
+        return {"ok": False, "error": f"bad sysctl name {name!r}"}
+    try:
+        with open(os.path.join("/proc/sys/net", name), "w") as handle:
+            handle.write(value)
+    except OSError as exc:
+        return {"ok": False, "error": f"{name}: {exc.strerror or exc}"}
+    return {"ok": True}
+
+def recent(name: str, addresses: list[str]) -> dict[str, Any]:
+    if not name or "/" in name or name.startswith("."):
+        return {"ok": False, "error": f"bad list name {name!r}"}
+    try:
+        for address in addresses:   # one address per write, as xt_recent takes them
+            with open(os.path.join("/proc/net/xt_recent", name), "w") as handle:
+                handle.write(f"+{address}\n")
+    except OSError as exc:
+        return {"ok": False, "error": f"recent list {name}: {exc.strerror or exc}"}
+    return {"ok": True}
+
+
+
+class Prober:
+    """The client side: connects started all at once, settled when told."""
+
+    def __init__(self) -> None:
+        self.pending: dict[int, tuple[str, socket.socket]] = {}
+
+    def start(self, attempts: list[dict[str, Any]]) -> dict[str, Any]:
+        if len(attempts) + len(self.pending) > BATCH:
+            return {"ok": False, "error": f"at most {BATCH} attempts at once"}
+        results: dict[str, str | None] = {}
+        self._batch(attempts, self.pending, results)
+        return {"ok": True, "results": results, "batch": BATCH}
+
+    def finish(self, expect: list[str], wait: float) -> dict[str, Any]:
+        """Settle the started connects: those in `expect` within `wait` s, the rest now."""
+        results: dict[str, str | None] = {}
+        expected = set(expect)
+        waiting = {fd: item for fd, item in self.pending.items() if item[0] in expected}
+        self._wait_connects(waiting, wait, results)
+        rest = {fd: item for fd, item in self.pending.items() if item[0] not in results}
+        self.pending = {}
+        self._wait_connects(rest, 0.0, results)
+        return {"ok": True, "results": results}
+
+    @staticmethod
+    def _batch(attempts: list[dict[str, Any]], pending: dict[int, tuple[str, socket.socket]],
+               results: dict[str, str | None]) -> None:
+        for attempt in attempts:
+            ident = str(attempt["id"])
+            kind = socket.SOCK_STREAM if attempt["proto"] == "tcp" else socket.SOCK_DGRAM
+            sock = socket.socket(_family(str(attempt["dst"])), kind)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((str(attempt["src"]), int(attempt["sport"])))
+                destination = (str(attempt["dst"]), int(attempt["port"]))
+                if kind == socket.SOCK_DGRAM:
+                    sock.sendto(ident.encode(), destination)
+                    results[ident] = None
+                    sock.close()
+                    continue
+                sock.setblocking(False)
+                code = sock.connect_ex(destination)
+            except OSError as exc:
+                results[ident] = (exc.strerror or str(exc)).lower()
+                _abort(sock)
+                continue
+            if code not in (0, errno.EINPROGRESS):
+                results[ident] = _error(code)
+                _abort(sock)
+                continue
+            pending[sock.fileno()] = (ident, sock)
+
+    @staticmethod
+    def _wait_connects(pending: dict[int, tuple[str, socket.socket]], timeout: float,
+                       results: dict[str, str | None]) -> None:
+        poller = select.poll()
+        for fd in pending:
+            poller.register(fd, select.POLLOUT)
+        end = time.monotonic() + timeout
+        while pending:
+            left = end - time.monotonic()
+            ready = poller.poll(max(0.0, left) * 1000)
+            if not ready and left <= 0:
+                break
+            for fd, _ in ready:
+                ident, sock = pending.pop(fd)
+                poller.unregister(fd)
+                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                # reset after the handshake completed: the listener was reached all the same
+                results[ident] = None if code in (0, errno.ECONNRESET) else _error(code)
+                _abort(sock)
+        for ident, sock in pending.values():
+            results[ident] = "timed out"
+            _abort(sock)
+        pending.clear()
+
+
 class Agent:
     def __init__(self) -> None:
         self.sockets: list[socket.socket] = []
@@ -135,7 +231,7 @@ class Agent:
         self.answered: set[TapKey] = set()     # a SYN-ACK left for it
         self.refused: set[TapKey] = set()      # a RST or an ICMP error left for it
         self.quoted: dict[tuple[str, int, str, int], TapKey] = {}   # ICMP errors, by ends
-        self.pending: dict[int, tuple[str, socket.socket]] = {}
+        self.prober = Prober()
 
     # -- server side --------------------------------------------------------------------------
     def serve(self, proto: str, address: str, port: int, v6only: bool,
@@ -301,118 +397,6 @@ class Agent:
             self.peers = {}
         return {"ok": True, "peers": peers}
 
-    @staticmethod
-    def sysctl(name: str, value: str) -> dict[str, Any]:
-        if ".." in name or name.startswith("/"):
-            return {"ok": False, "error": f"bad sysctl name {name!r}"}
-        try:
-            with open(os.path.join("/proc/sys/net", name), "w") as handle:
-                handle.write(value)
-        except OSError as exc:
-            return {"ok": False, "error": f"{name}: {exc.strerror or exc}"}
-        return {"ok": True}
-
-    @staticmethod
-    def recent(name: str, addresses: list[str]) -> dict[str, Any]:
-        if not name or "/" in name or name.startswith("."):
-            return {"ok": False, "error": f"bad list name {name!r}"}
-        try:
-            for address in addresses:   # one address per write, as xt_recent takes them
-                with open(os.path.join("/proc/net/xt_recent", name), "w") as handle:
-                    handle.write(f"+{address}\n")
-        except OSError as exc:
-            return {"ok": False, "error": f"recent list {name}: {exc.strerror or exc}"}
-        return {"ok": True}
-
-    def wait_heard(self, ids: list[str], wait: float) -> dict[str, Any]:
-        end = time.monotonic() + wait
-        wanted = set(ids)
-        with self.cond:
-            while not wanted <= self.heard:
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                self.cond.wait(left)
-            return {"ok": True, "heard": sorted(wanted & self.heard)}
-
-    # -- client side --------------------------------------------------------------------------
-    def reach(self, attempts: list[dict[str, Any]], timeout: float) -> dict[str, Any]:
-        results: dict[str, str | None] = {}   # id -> None (reached/sent) or the error
-        for start in range(0, len(attempts), BATCH):
-            self._batch(attempts[start:start + BATCH], self.pending, results)
-            self._wait_connects(self.pending, timeout, results)
-        return {"ok": True, "results": results}
-
-    def start(self, attempts: list[dict[str, Any]]) -> dict[str, Any]:
-        if len(attempts) + len(self.pending) > BATCH:
-            return {"ok": False, "error": f"at most {BATCH} attempts at once"}
-        results: dict[str, str | None] = {}
-        self._batch(attempts, self.pending, results)
-        return {"ok": True, "results": results, "batch": BATCH}
-
-    def finish(self, expect: list[str], wait: float) -> dict[str, Any]:
-        """Settle the started connects: those in `expect` within `wait` s, the rest now."""
-        results: dict[str, str | None] = {}
-        expected = set(expect)
-        waiting = {fd: item for fd, item in self.pending.items() if item[0] in expected}
-        self._wait_connects(waiting, wait, results)
-        rest = {fd: item for fd, item in self.pending.items() if item[0] not in results}
-        self.pending = {}
-        self._wait_connects(rest, 0.0, results)
-        return {"ok": True, "results": results}
-
-    @staticmethod
-    def _batch(attempts: list[dict[str, Any]], pending: dict[int, tuple[str, socket.socket]],
-               results: dict[str, str | None]) -> None:
-        for attempt in attempts:
-            ident = str(attempt["id"])
-            kind = socket.SOCK_STREAM if attempt["proto"] == "tcp" else socket.SOCK_DGRAM
-            sock = socket.socket(_family(str(attempt["dst"])), kind)
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                sock.bind((str(attempt["src"]), int(attempt["sport"])))
-                destination = (str(attempt["dst"]), int(attempt["port"]))
-                if kind == socket.SOCK_DGRAM:
-                    sock.sendto(ident.encode(), destination)
-                    results[ident] = None
-                    sock.close()
-                    continue
-                sock.setblocking(False)
-                code = sock.connect_ex(destination)
-            except OSError as exc:
-                results[ident] = (exc.strerror or str(exc)).lower()
-                _abort(sock)
-                continue
-            if code not in (0, errno.EINPROGRESS):
-                results[ident] = _error(code)
-                _abort(sock)
-                continue
-            pending[sock.fileno()] = (ident, sock)
-
-    @staticmethod
-    def _wait_connects(pending: dict[int, tuple[str, socket.socket]], timeout: float,
-                       results: dict[str, str | None]) -> None:
-        poller = select.poll()
-        for fd in pending:
-            poller.register(fd, select.POLLOUT)
-        end = time.monotonic() + timeout
-        while pending:
-            left = end - time.monotonic()
-            ready = poller.poll(max(0.0, left) * 1000)
-            if not ready and left <= 0:
-                break
-            for fd, _ in ready:
-                ident, sock = pending.pop(fd)
-                poller.unregister(fd)
-                code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                # reset after the handshake completed: the listener was reached all the same
-                results[ident] = None if code in (0, errno.ECONNRESET) else _error(code)
-                _abort(sock)
-        for ident, sock in pending.values():
-            results[ident] = "timed out"
-            _abort(sock)
-        pending.clear()
-
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "serve":
@@ -422,23 +406,20 @@ class Agent:
         if op == "peers":
             return self.take_peers(float(request.get("settle", 0)))
         if op == "sysctl":
-            return self.sysctl(str(request["name"]), str(request["value"]))
+            return sysctl(str(request["name"]), str(request["value"]))
         if op == "recent":
-            return self.recent(str(request["name"]), [str(a) for a in request["addresses"]])
+            return recent(str(request["name"]), [str(a) for a in request["addresses"]])
         if op == "tap":
             return self.tap()
         if op == "start":
-            return self.start(list(request["attempts"]))
+            return self.prober.start(list(request["attempts"]))
         if op == "settle":
             return self.settle([(str(p[0]), (str(p[1]), str(p[2]), int(p[3]), str(p[4]),
                                              int(p[5]))) for p in request["probes"]],
                                float(request["wait"]), float(request["grace"]))
         if op == "finish":
-            return self.finish([str(i) for i in request["expect"]], float(request["wait"]))
-        if op == "reach":
-            return self.reach(list(request["attempts"]), float(request["timeout"]))
-        if op == "heard":
-            return self.wait_heard([str(i) for i in request["ids"]], float(request["wait"]))
+            return self.prober.finish([str(i) for i in request["expect"]],
+                                      float(request["wait"]))
         return {"ok": False, "error": f"unknown op {op!r}"}
 
 

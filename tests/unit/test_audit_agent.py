@@ -108,7 +108,7 @@ def test_finish_waits_for_the_expected_connects_only() -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port, closed_port = server.getsockname()[1], closed.getsockname()[1]
-    a = agent.Agent()
+    a = agent.Prober()
     started = a.start([
         {"id": "open", "proto": "tcp", "src": "127.0.0.1", "sport": 0, "dst": "127.0.0.1",
          "port": port},
