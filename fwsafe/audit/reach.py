@@ -6,14 +6,19 @@ The sandbox of `fwsafe check` (fwsafe.check.sandbox) is built with this host's i
 loopback listens there: the same protocol, address, port and IPV6_V6ONLY. Then the sources
 send real packets, all at once: a TCP connection attempt to each TCP listener (reached when
 the handshake completes) and a UDP datagram to each UDP listener (reached when the copy
-receives it), to every address of this host they would use. With a candidate ruleset the
-same is done again after loading it on top, exactly as `fwsafe apply` would (each attempt
-from a source port of its own, so conntrack knows none of them from the first round).
+receives it), to every address of this host they would use. A batch is over when the
+server's packet tap saw every probe arrive and what the kernel did with it (a SYN-ACK, a RST
+or an ICMP error left, the datagram was received), or GRACE s later for those it dropped
+silently: no probe waits a whole timeout unless its packet never arrives. With a candidate
+ruleset the same is done again after loading it on top, exactly as `fwsafe apply` would
+(each attempt from a source port of its own, so conntrack knows none of them from the first
+round).
 
 The probes cover the space the rules tell apart (fwsafe.audit.space): a source in every
 network a rule names and one anywhere else, an ephemeral source port and every one a rule
 names, every address of this host; rate limits and connection counts are loaded as a quiet
-host answers them (the first connection after idle). The ipsets are copied into the sandbox.
+host answers them (the first connection after idle). The ipsets and the xt_recent lists are
+copied into the sandbox.
 
 What the sandbox cannot reproduce (socket owners, marks, random sampling, ...) is listed in
 ``not_checked``; a listener such a rule may concern that no probe reached is *uncertain*
