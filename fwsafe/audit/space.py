@@ -101,8 +101,12 @@ def named_space(texts: Iterable[str]) -> NamedSpace:
 
 
 def _local_only(net: Network) -> bool:
-    """Loopback, link-local and multicast: no outside sender carries them."""
-    return net.is_loopback or net.is_link_local or net.is_multicast or net.is_unspecified
+    """Loopback, link-local, multicast, and what no packet comes from (class E with the
+    broadcast address, as in recent's `--mask 255.255.255.255`; 0.0.0.0/8): no outside
+    sender carries them (a probe from one never arrives, and would wait a timeout)."""
+    first = net.network_address
+    return net.is_loopback or net.is_link_local or net.is_multicast or net.is_unspecified \
+        or (first.version == 4 and (net.is_reserved or first.packed[0] == 0))
 
 
 def representative(net: Network, space: NamedSpace, taken: set[str]) -> str | None:

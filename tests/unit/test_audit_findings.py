@@ -510,3 +510,13 @@ def test_idle_state_rewrites_byte_rate_limits() -> None:
         == "meta l4proto tcp limit rate over 1000 mbytes/second burst 1000 mbytes drop"
     assert idle("limit rate 2 kbytes/minute accept") \
         == "limit rate 1000 mbytes/second burst 1000 mbytes accept"
+
+
+def test_addresses_no_packet_comes_from_are_not_sources() -> None:
+    """recent's `--mask 255.255.255.255`, class E and 0.0.0.0/8 name no sender: a probe from
+    one never arrives (and its batch would wait the whole timeout)."""
+    space = named_space(["-A INPUT -p tcp -m recent --rcheck --seconds 30 --name k "
+                         "--mask 255.255.255.255 --rsource -j ACCEPT",
+                         "-A INPUT -s 240.0.0.0/4 -j DROP", "-A INPUT -s 0.0.0.0/8 -j DROP",
+                         "-A INPUT -s 1.0.0.0/8 -j DROP"])
+    assert [str(n) for n in space.networks[4]] == ["1.0.0.0/8"]
