@@ -256,6 +256,8 @@ class Setup:
     paced: bool = False           # rate limits: probe one at a time after idle too
     docker: bool = False
     uncertain: frozenset[str] = frozenset()   # spots an unreproducible rule concerns
+    reason: str = ""              # ... and what their `uncertain` says
+    recent: dict[str, list[str]] = field(default_factory=dict)   # xt_recent lists, filled
     note: str = ""
 
 
@@ -269,6 +271,22 @@ def _filter(rules: str, policy: str = "ACCEPT", *, v6: bool = False) -> str:
                                                       {"INPUT", "FORWARD", "OUTPUT"}))
     return (f"*filter\n:INPUT {policy} [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
             f"{chains}{base}{rules}COMMIT\n")
+
+
+NAT_SYSCTLS = {"net.ipv4.conf.eth0.route_localnet": "1", "net.ipv4.conf.eth1.route_localnet": "1",
+               "net.ipv4.ip_forward": "1"}
+
+
+def nft_nat(*translations: str) -> str:
+    """An nft file: `translations` in a prerouting nat chain, and port 8001 let in only
+    through a translation (as the nat set-up's filter does)."""
+    rules = "".join(f"        {t}\n" for t in translations)
+    return ("table ip audit_nat {\n    chain pre {\n"
+            "        type nat hook prerouting priority dstnat; policy accept;\n"
+            f"{rules}    }}\n}}\ntable inet audit_filter {{\n    chain input {{\n"
+            "        type filter hook input priority 0; policy accept;\n"
+            "        tcp dport 8001 ct status dnat accept\n        tcp dport 8001 drop\n"
+            "    }\n}\n")
 
 
 def setups(i: int) -> list[Setup]:
@@ -323,33 +341,35 @@ def setups(i: int) -> list[Setup]:
               note="meant for the LAN; the world is routed to that address too"),
         Setup("nat", v4=_filter("-A INPUT -p tcp --dport 8001 -m conntrack ! --ctstate DNAT "
                                 "-j DROP\n") + nat,
-              sysctls={"net.ipv4.conf.eth0.route_localnet": "1",
-                       "net.ipv4.conf.eth1.route_localnet": "1",
-                       "net.ipv4.ip_forward": "1"},
+              sysctls=NAT_SYSCTLS,
               note="REDIRECT 80->8001 (8001 only through it), DNAT 8080->127.0.0.1:8004 with "
                    "route_localnet, DNAT 8090 -> the VM's port 80"),
-        Setup("nft-nat",
-              nft=textwrap.dedent(f"""\
-                  table ip audit_nat {{
-                      chain pre {{
-                          type nat hook prerouting priority dstnat; policy accept;
-                          tcp dport 80 redirect to :8001
-                          tcp dport 8080 dnat to 127.0.0.1:8004
-                          tcp dport 8090 dnat to 10.233.{i}.10:80
-                      }}
-                  }}
-                  table inet audit_filter {{
-                      chain input {{
+        Setup("nft-nat", nft=nft_nat("tcp dport 80 redirect to :8001",
+                                     "tcp dport 8080 dnat to 127.0.0.1:8004",
+                                     f"tcp dport 8090 dnat to 10.233.{i}.10:80"),
+              sysctls=NAT_SYSCTLS, note="the nat set-up's translations written in nft"),
+        Setup("nft-nat-maps",
+              nft=nft_nat("meta l4proto tcp redirect to :tcp dport map { 80 : 8001 }",
+                          "dnat ip to tcp dport map { 8080 : 127.0.0.1 . 8004, "
+                          f"8090 : 10.233.{i}.10 . 80 }}"),
+              sysctls=NAT_SYSCTLS, note="the nft-nat set-up's translations written as port maps"),
+        Setup("byte-limits",
+              v4=_filter("-A INPUT -i eth0 -p tcp -m conntrack --ctstate NEW -m hashlimit "
+                         "--hashlimit-above 1kb/s --hashlimit-burst 2kb --hashlimit-name bytes "
+                         "-j DROP\n"),
+              nft=textwrap.dedent("""\
+                  table ip6 audit_bytes {
+                      chain input {
                           type filter hook input priority 0; policy accept;
-                          tcp dport 8001 ct status dnat accept
-                          tcp dport 8001 drop
-                      }}
-                  }}
+                          iifname "eth0" ct state new meta l4proto tcp \
+limit rate over 400 bytes/second burst 400 bytes drop
+                      }
+                  }
                   """),
-              sysctls={"net.ipv4.conf.eth0.route_localnet": "1",
-                       "net.ipv4.conf.eth1.route_localnet": "1",
-                       "net.ipv4.ip_forward": "1"},
-              note="the nat set-up's translations written in nft"),
+              paced=True,
+              note="byte-rate limits on new TCP from eth0 (hashlimit in bytes mode over IPv4, "
+                   "nft limit rate over N bytes/second over IPv6): many probes at once run "
+                   "into them, a single connection passes"),
         Setup("ipset",
               v4=_filter("-A INPUT -m set --match-set banned src -j DROP\n"
                          "-A INPUT -m set --match-set admins src -j ACCEPT\n"
@@ -384,9 +404,21 @@ def setups(i: int) -> list[Setup]:
         Setup("port-knock",
               v4=_filter("-A INPUT -p tcp --dport 7001 -m recent --rcheck --seconds 30 "
                          "--name knocked -j ACCEPT\n", "DROP"),
-              uncertain=frozenset({"tcp4-any"}),
-              note="a port opened by knocking (history the sandbox does not have): uncertain, "
-                   "not closed"),
+              note="a port opened to the addresses in a recent list that no rule fills and "
+                   "that is empty: decided (not exposed)"),
+        Setup("port-knock-held",
+              v4=_filter("-A INPUT -p tcp --dport 7001 -m recent --rcheck --seconds 60 "
+                         "--name knocked -j ACCEPT\n", "DROP"),
+              recent={"knocked": [WORLD4["world"]]},
+              note="the same, with the world's address in the list now (it knocked, or an "
+                   "admin let it in): copied into the sandbox, exposed"),
+        Setup("port-knock-sequence",
+              v4=_filter("-A INPUT -p tcp --dport 7099 -m recent --set --name knock -j DROP\n"
+                         "-A INPUT -p tcp --dport 7001 -m recent --rcheck --seconds 30 "
+                         "--name knock -j ACCEPT\n", "DROP"),
+              uncertain=frozenset({"tcp4-any"}), reason="port knocking",
+              note="a knock on 7099 opens 7001 for 30 s: whoever knocks gets in; the probes "
+                   "do not knock, so uncertain (saying why), not closed"),
         Setup("docker", docker=True,
               legacy4="*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT "
                       "[0:0]\n:POSTROUTING ACCEPT [0:0]\n:DOCKER - [0:0]\nCOMMIT\n",
@@ -633,6 +665,9 @@ class AuditTruthLab:
                            ("iptables-legacy-restore", setup.legacy4)):
             if text:
                 self.srv([tool], input=text)
+        for name, addresses in setup.recent.items():   # one address per write
+            for address in addresses:
+                self.srv(["tee", f"/proc/net/xt_recent/{name}"], input=f"+{address}\n")
         if setup.nft:
             self.srv(["nft", "-f", "-"], input=setup.nft)
         for name, value in setup.sysctls.items():

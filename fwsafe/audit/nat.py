@@ -99,42 +99,98 @@ _NFT_DPORT = re.compile(r"\b(tcp|udp)\s+dport\s+(\d+)(?:-(\d+))?\b")
 _NFT_REDIRECT = re.compile(r"\bredirect\b")
 _NFT_DNAT = re.compile(r"\bdnat\s+(?:(ip6?)\s+)?to\s+(\[[0-9a-fA-F:]+\]|[0-9a-fA-F:.]+?)"
                        r"(?::(\d+))?(?=\s|$)")
+# `dnat [ip] to tcp dport map { 8080 : 127.0.0.1 . 8004, ... }`, `redirect to :tcp dport map
+# { 80 : 8001 }`, or the same with a named map (`map @fwd`)
+_NFT_PORT_MAP = re.compile(r"\b(dnat|redirect)\s+(?:(ip6?)\s+)?to\s+:?(tcp|udp|th)\s+dport\s+"
+                           r"map\s+(\{[^}]*\}|@[\w-]+)")
+_NFT_NAMED_MAP = re.compile(r"^\s*map\s+([\w-]+)\s*\{(.*?)^\s*\}", re.M | re.S)
+_NFT_TABLE = re.compile(r"^table\s+(\S+)\s+(\S+)", re.M)
+
+
+def _named_maps(text: str) -> dict[tuple[str, str], str]:
+    """(table, name) -> the elements of every named map in an nft listing."""
+    maps: dict[tuple[str, str], str] = {}
+    for match in _NFT_NAMED_MAP.finditer(text):
+        tables = [t for t in _NFT_TABLE.finditer(text, 0, match.start())]
+        table = f"{tables[-1].group(1)} {tables[-1].group(2)}" if tables else ""
+        elements = re.search(r"elements\s*=\s*\{(.*?)\}", match.group(2), re.S)
+        maps[(table, match.group(1))] = elements.group(1) if elements else ""
+    return maps
 
 
 def _nft(text: str, local: set[str], entries: list[Entry], forwards: list[Forward]) -> None:
-    """`... tcp dport N ... redirect to :M` / `dnat [ip] to ADDR[:PORT]` in an nft listing
-    (plain ports only; maps and sets of ports are not followed)."""
+    """`... tcp dport N ... redirect to :M` / `dnat [ip] to ADDR[:PORT]` in an nft listing,
+    and port maps (`dnat [ip] to tcp dport map { PORT : ADDR [. PORT], ... }`, `redirect to
+    :tcp dport map { PORT : PORT }`, anonymous or named); sets of ports are not followed."""
     table = ""
+    maps = _named_maps(text) if "map" in text else {}
     for line in text.splitlines():
         words = line.split()
         if words[:1] == ["table"] and len(words) >= 3:
             table = f"{words[1]} {words[2]}"
+        families = [6] if table.startswith("ip6 ") else [4] if table.startswith("ip ") else [4, 6]
+        mapped = _NFT_PORT_MAP.search(line)
+        if mapped is not None:
+            _nft_port_map(mapped, line, table, families, maps, local, entries, forwards)
+            continue
         port = _NFT_DPORT.search(line)
         if port is None or ("redirect" not in line and "dnat" not in line):
             continue
         proto, first = port.group(1), int(port.group(2))
         ports = f"{first}:{port.group(3)}" if port.group(3) else str(first)
-        families = [6] if table.startswith("ip6 ") else [4] if table.startswith("ip ") else [4, 6]
         if _NFT_REDIRECT.search(line):
             entries += [Entry(proto, f, first) for f in families]
             continue
         dnat = _NFT_DNAT.search(line)
         if dnat is None:
             continue
-        address = dnat.group(2).strip("[]")
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            continue
-        if ip.is_loopback or str(ip) in local:
-            entries.append(Entry(proto, ip.version, first))
-            continue
-        target = f"{address}:{dnat.group(3)}" if dnat.group(3) else address
-        if ip.version == 6 and dnat.group(3):
-            target = f"[{address}]:{dnat.group(3)}"
-        limited = bool(re.search(r"\b(ip6?\s+saddr|iifname|iif)\b(?!\s*!=)", line))
-        forwards.append(Forward(proto, ip.version, ports, target, f"nft {table}",
-                                open=not limited))
+        _nft_dnat(proto, ports, dnat.group(2).strip("[]"), dnat.group(3), line, table, local,
+                  entries, forwards)
+
+
+def _nft_dnat(proto: str, ports: str, address: str, port: str | None, line: str, table: str,
+              local: set[str], entries: list[Entry], forwards: list[Forward]) -> None:
+    """A DNAT of `ports` to `address`[:`port`]: an entry when it lands on this host, else a
+    forward."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return
+    if ip.is_loopback or str(ip) in local:
+        entries.append(Entry(proto, ip.version, int(ports.split(":")[0])))
+        return
+    target = f"{address}:{port}" if port else address
+    if ip.version == 6 and port:
+        target = f"[{address}]:{port}"
+    limited = bool(re.search(r"\b(ip6?\s+saddr|iifname|iif)\b(?!\s*!=)", line))
+    forwards.append(Forward(proto, ip.version, ports, target, f"nft {table}",
+                            open=not limited))
+
+
+def _nft_port_map(mapped: re.Match[str], line: str, table: str, families: list[int],
+                  maps: dict[tuple[str, str], str], local: set[str], entries: list[Entry],
+                  forwards: list[Forward]) -> None:
+    """Every element of a port map: its key an entry port, its value where it goes."""
+    kind, proto, body = mapped.group(1), mapped.group(3), mapped.group(4)
+    elements = maps.get((table, body[1:]), "") if body.startswith("@") else body.strip("{}")
+    if proto == "th":   # the protocol from the rule's own match, else both
+        named = re.search(r"\bl4proto\s+(tcp|udp)\b", line)
+        protos = [named.group(1)] if named else ["tcp", "udp"]
+    else:
+        protos = [proto]
+    for element in elements.split(","):
+        key, colon, value = element.partition(":")
+        low, _, high = key.strip().partition("-")
+        if not colon or not low.isdigit() or (high and not high.isdigit()):
+            continue   # a set or an expression as the key: not followed
+        ports = f"{low}:{high}" if high else low
+        for proto_ in protos:
+            if kind == "redirect":
+                entries += [Entry(proto_, f, int(low)) for f in families]
+                continue
+            address, _, port = (part.strip() for part in value.partition(" . "))
+            _nft_dnat(proto_, ports, address, port or None, line, table, local, entries,
+                      forwards)
 
 
 def _one(rule: SavedRule, chain: str, family: int, local: set[str], entries: list[Entry],

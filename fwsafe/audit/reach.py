@@ -6,14 +6,19 @@ The sandbox of `fwsafe check` (fwsafe.check.sandbox) is built with this host's i
 loopback listens there: the same protocol, address, port and IPV6_V6ONLY. Then the sources
 send real packets, all at once: a TCP connection attempt to each TCP listener (reached when
 the handshake completes) and a UDP datagram to each UDP listener (reached when the copy
-receives it), to every address of this host they would use. With a candidate ruleset the
-same is done again after loading it on top, exactly as `fwsafe apply` would (each attempt
-from a source port of its own, so conntrack knows none of them from the first round).
+receives it), to every address of this host they would use. A batch is over when the
+server's packet tap saw every probe arrive and what the kernel did with it (a SYN-ACK, a RST
+or an ICMP error left, the datagram was received), or GRACE s later for those it dropped
+silently: no probe waits a whole timeout unless its packet never arrives. With a candidate
+ruleset the same is done again after loading it on top, exactly as `fwsafe apply` would
+(each attempt from a source port of its own, so conntrack knows none of them from the first
+round).
 
 The probes cover the space the rules tell apart (fwsafe.audit.space): a source in every
 network a rule names and one anywhere else, an ephemeral source port and every one a rule
 names, every address of this host; rate limits and connection counts are loaded as a quiet
-host answers them (the first connection after idle). The ipsets are copied into the sandbox.
+host answers them (the first connection after idle). The ipsets and the xt_recent lists are
+copied into the sandbox.
 
 What the sandbox cannot reproduce (socket owners, marks, random sampling, ...) is listed in
 ``not_checked``; a listener such a rule may concern that no probe reached is *uncertain*
@@ -23,6 +28,8 @@ not copy is in ``notes``. The firewall of the namespace that runs the audit is o
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import itertools
 import os
 import re
@@ -49,6 +56,8 @@ __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "r
 AGENT = Path(__file__).with_name("agent.py")
 CURRENT, CANDIDATE = "current", "candidate"
 DEFAULT_TIMEOUT = 1.0
+GRACE = 0.15   # s after a probe's packet arrived: its fate is decided in that pass of the kernel,
+               # so one still undecided then was dropped
 _FIRST_PORT, _LAST_PORT = 20000, 60999
 Key = tuple[str, int, str, int]
 
@@ -116,7 +125,9 @@ def reachability(listeners: Sequence[Listener], *,
     avoid = "\n".join(t.current.decode(errors="replace") for t in tools) \
         + native.decode(errors="replace")
     sets = _ipsets()
-    texts = [avoid, sets, *(c.decode(errors="replace") for c, _ in layers.values())]
+    recent = _recent_lists()
+    texts = [avoid, sets, *(c.decode(errors="replace") for c, _ in layers.values()),
+             "\n".join(f"recent {name} {a}" for name, found in recent.items() for a in found)]
     space = named_space(texts)
     _idle(tools, layers)
     native = idle(native.decode(errors="replace")).encode()
@@ -156,6 +167,9 @@ def reachability(listeners: Sequence[Listener], *,
                              *(c for link in plan.links for c in link.clients)]
         rounds_ = _Rounds(sandbox, firewall, plan, timeout)
         rounds_.ipsets = sets
+        rounds_.recent = recent
+        rounds_.knocks = _knocks([avoid, *(c.decode(errors="replace")
+                                           for c, _ in layers.values())])
         rounds_.run(outside, rounds, report, sandbox_addresses)
     return report
 
@@ -170,6 +184,38 @@ def _idle(tools: list[IptTool], layers: dict[str, tuple[bytes, str]]) -> None:
     if "nft" in layers:
         content, source = layers["nft"]
         layers["nft"] = (idle(content.decode(errors="replace")).encode(), source)
+
+
+def _recent_lists(root: Path = Path("/proc/net/xt_recent")) -> dict[str, list[str]]:
+    """The addresses in each xt_recent list of this namespace (`-m recent`): the sandbox gets
+    the same lists, and each address is a source of its own."""
+    found: dict[str, list[str]] = {}
+    try:
+        names = sorted(p.name for p in root.iterdir())
+    except OSError:
+        return found
+    for name in names:
+        try:
+            text = (root / name).read_text()
+        except OSError:
+            continue
+        found[name] = [m.group(1) for m in re.finditer(r"^src=(\S+)", text, re.M)]
+    return found
+
+
+_RECENT_NAME = re.compile(r"--name\s+(\S+)")
+
+
+def _knocks(texts: Sequence[str]) -> dict[str, str]:
+    """list name -> the first rule that adds addresses to it (`-m recent --set`): a packet
+    that rule matches opens whatever checks the list (port knocking)."""
+    found: dict[str, str] = {}
+    for text in texts:
+        for line in text.splitlines():
+            if "-m recent" in line and "--set" in line.split():
+                name = _RECENT_NAME.search(line)
+                found.setdefault(name.group(1) if name else "DEFAULT", line.strip())
+    return found
 
 
 def _ipsets() -> str:
@@ -188,6 +234,8 @@ class _Rounds:
     """The sandbox, its listeners, and one round of attempts per ruleset."""
 
     ipsets = ""
+    recent: dict[str, list[str]] = {}    # xt_recent lists of the host: name -> addresses
+    knocks: dict[str, str] = {}          # lists a rule fills (--set): name -> that rule
 
     def __init__(self, sandbox: Sandbox, firewall: SandboxFirewall, plan: Plan,
                  timeout: float) -> None:
@@ -218,6 +266,7 @@ class _Rounds:
                     report.notes.append("the ipsets could not be copied into the sandbox: "
                                         + loaded.stderr.decode(errors="replace").strip()[:200])
             self.firewall.load_current()
+            self._copy_recent(report)
             placed = [x for x in listeners if problems[x.key()] is None]
             for name in rounds:
                 results = {k: Reach(problem=f"not checked: {p}") for k, p in problems.items()
@@ -230,17 +279,54 @@ class _Rounds:
                                         for x in placed})
                         report.rounds[name] = results
                         break
+                    self._copy_recent(report)
                 results.update(self._attempts(name, placed))
                 report.rounds[name] = results
             self.firewall.read_state()
             known = ["lo", *(link.name for link in self.plan.links)]
-            items = find_not_checked(self.firewall, known)
+            items = [item for item in (dataclasses.replace(i, reasons=self._recent_reasons(i))
+                                       for i in find_not_checked(self.firewall, known))
+                     if item.reasons]
             report.not_checked = [item.text() for item in items]
             for name in rounds:
                 self._uncertain(report.rounds.get(name, {}), placed, items)
         except SandboxError as exc:
             raise EnvironmentProblem(f"the audit's sandbox failed: {exc}") from exc
         report.notes += self.firewall.degraded + self.firewall.notes
+
+    def _copy_recent(self, report: ReachReport) -> None:
+        """The host's xt_recent lists into the sandbox (the rules that check them are loaded,
+        so the lists exist there): whoever is in one now is let in as on the host."""
+        agent = self.sandbox.srv_agent
+        assert agent is not None
+        for name, addresses in self.recent.items():
+            if addresses:
+                answer = agent.request({"op": "recent", "name": name, "addresses": addresses})
+                if not answer.get("ok") and f"the recent list {name}" not in " ".join(
+                        report.notes):
+                    report.notes.append(f"the recent list {name} could not be copied into the "
+                                        f"sandbox: {answer.get('error')}")
+
+    def _recent_reasons(self, item: NotChecked) -> list[str]:
+        """`item`'s reasons, with `recent` decided where the sandbox has the host's lists: a
+        rule that only adds (--set) is reproduced; one that checks a list (--rcheck,
+        --update) is reproduced unless another rule fills that list (port knocking: the
+        sandbox's probes do not knock), which is then said precisely."""
+        if not any(r.startswith("recent:") for r in item.reasons) or item.ipt_key is None:
+            return item.reasons
+        t_index, table, chain, index = item.ipt_key
+        rule = self.firewall.tools[t_index].snapshot[table][chain].rules[index - 1]
+        words = rule.tokens
+        name = rule.option("--name") or "DEFAULT"
+        reasons = [r for r in item.reasons if not r.startswith("recent:")]
+        if not {"--rcheck", "--update"} & set(words):
+            return reasons
+        knock = self.knocks.get(name)
+        if knock is not None:
+            reasons.append(f"recent: port knocking (the list {name} is filled by `{knock}`: "
+                           "whoever first sends what that rule matches is let in; the "
+                           "audit's probes do not knock)")
+        return reasons
 
     def _uncertain(self, results: dict[Key, Reach], listeners: list[Listener],
                    items: list[NotChecked]) -> None:
@@ -279,6 +365,45 @@ class _Rounds:
                                 "device": listener.device, "label": label})
         return None if answer.get("ok") else str(answer.get("error"))
 
+    def _send(self, attempts: list[dict[str, Any]]) -> set[str]:
+        """Send the attempts in batches; the ids that reached their listener. A batch is over
+        as soon as the sandbox's server saw each attempt's packet arrive (its tap) and what
+        the kernel did with it (a SYN-ACK, a RST or an ICMP error left, the datagram was
+        received), or GRACE s after: a dropped probe costs no more than that (only a packet
+        that never arrives waits the whole timeout)."""
+        client, server = self.sandbox.cli_agent, self.sandbox.srv_agent
+        assert client is not None and server is not None
+        reached: set[str] = set()
+        index = 0
+        size = int(client.request({"op": "start", "attempts": []}).get("batch", 400))
+        while index < len(attempts):
+            batch = attempts[index:index + size]
+            tapped = bool(server.request({"op": "tap"}).get("ok"))
+            started = client.request({"op": "start", "attempts": batch})
+            if not started.get("ok"):
+                raise SandboxError(f"the client-side agent failed: {started.get('error')}")
+            index += len(batch)
+            failed: dict[str, str | None] = started["results"]
+            sent = [a for a in batch if failed.get(str(a["id"])) is None]
+            keys = {str(a["id"]): _tap_key(a) for a in sent}
+            settled = server.request(
+                {"op": "settle", "probes": [[i, *k] for i, k in keys.items()],
+                 "wait": self.timeout if tapped else 0, "grace": GRACE if tapped
+                 else self.timeout}, wait=self.timeout + GRACE + 10)
+            reached |= set(settled.get("heard", []))
+            tcp = [str(a["id"]) for a in sent if a["proto"] == "tcp"]
+            if settled.get("arrived"):   # a SYN-ACK left for these: they complete
+                answered = {tuple(k) for k in settled.get("answered", [])}
+                expect, wait = [i for i in tcp if tuple(keys[i]) in answered], self.timeout
+            else:   # no tap, or a packet never came: every connect had the timeout, and more
+                expect, wait = tcp, GRACE
+            finished = client.request({"op": "finish", "expect": expect, "wait": wait},
+                                      wait=wait + 10)
+            if not finished.get("ok"):
+                raise SandboxError(f"the client-side agent failed: {finished.get('error')}")
+            reached |= {i for i, error in finished["results"].items() if error is None}
+        return reached
+
     def _attempts(self, round_name: str, listeners: list[Listener]) -> dict[Key, Reach]:
         """One attempt per listener, source and destination address, all at once."""
         attempts: list[dict[str, Any]] = []
@@ -305,26 +430,8 @@ class _Rounds:
                         attempts.append({"id": ident, "proto": entry.proto,
                                          "src": source.address, "sport": sport,
                                          "dst": destination, "port": entry.port})
-        reached: set[str] = set()
-        attempts_proto = {str(a["id"]): str(a["proto"]) for a in attempts}
-        if attempts:
-            assert self.sandbox.cli_agent is not None and self.sandbox.srv_agent is not None
-            batches = len(attempts) // 400 + 1
-            answer = self.sandbox.cli_agent.request(
-                {"op": "reach", "attempts": attempts, "timeout": self.timeout},
-                wait=batches * (self.timeout + 5) + 10)
-            if not answer.get("ok"):
-                raise SandboxError(f"the client-side agent failed: {answer.get('error')}")
-            results: dict[str, str | None] = answer["results"]
-            reached = {i for i, error in results.items()
-                       if error is None and attempts_proto[i] == "tcp" and who[i][0]}
-            sent = [i for i, error in results.items() if error is None
-                    and attempts_proto[i] == "udp" and who[i][0]]
-            if sent:
-                heard = self.sandbox.srv_agent.request(
-                    {"op": "heard", "ids": sent, "wait": self.timeout},
-                    wait=self.timeout + 10)
-                reached |= set(heard.get("heard", []))
+        reached = self._send(attempts) if attempts else set()
+        reached = {i for i in reached if who[i][0]}
         by_key: dict[Key, set[tuple[str, int]]] = {}
         for ident in reached:
             key, pair = who[ident]
@@ -390,6 +497,13 @@ def _port_in(port: int, spec: str) -> bool:
         except ValueError:
             return True   # a name or a set: it may
     return False
+
+
+def _tap_key(attempt: Mapping[str, Any]) -> list[Any]:
+    """The attempt as the server's tap sees its packet: (proto, src, sport, dst, port)."""
+    return [str(attempt["proto"]), ipaddress.ip_address(str(attempt["src"])).compressed,
+            int(attempt["sport"]), ipaddress.ip_address(str(attempt["dst"])).compressed,
+            int(attempt["port"])]
 
 
 def _label(key: Key) -> str:

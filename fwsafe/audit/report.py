@@ -189,10 +189,17 @@ class ExposureChange:
     closes: list[tuple[Listener, list[tuple[str, int]]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     not_checked: list[str] = field(default_factory=list)
+    # ports forwarded to other hosts (DNAT) that the change adds or opens to everyone / takes
+    # away (the forward as it was: open) or limits (as it will be: not open); read from the
+    # nat rules (nothing stands behind them in the sandbox)
+    forwards_opened: list[Forward] = field(default_factory=list)
+    forwards_closed: list[Forward] = field(default_factory=list)
 
     @classmethod
     def between(cls, listeners: Sequence[Listener], reach: ReachReport) -> ExposureChange:
         change = cls(notes=list(reach.notes), not_checked=list(reach.not_checked))
+        change.forwards_opened, change.forwards_closed = _forward_change(
+            reach.forwards.get(CURRENT, []), reach.forwards.get(CANDIDATE, []))
         for listener in listeners:
             before, after = reach.reach(CURRENT, listener), reach.reach(CANDIDATE, listener)
             if listener.loopback and not (before.reached or after.reached):
@@ -218,6 +225,10 @@ class ExposureChange:
                     for listener, pairs in entries]
 
         return {"opens": items(self.opens), "closes": items(self.closes),
+                "forwards": {"opens": [f.to_json(True if f.open else None)
+                                       for f in self.forwards_opened],
+                             "closes": [f.to_json(False if f.open else None)
+                                        for f in self.forwards_closed]},
                 "notes": self.notes, "not_checked": self.not_checked}
 
     def lines(self) -> list[str]:
@@ -228,7 +239,15 @@ class ExposureChange:
                                     for name, family in pairs)
                 lines.append(f"  {label:<7} {listener.label} on {listener.endpoint} "
                              f"({listener.held_by}): {sources}")
-        if not (self.opens or self.closes):
+        for label, forwards in (("opens", self.forwards_opened),
+                                ("closes", self.forwards_closed)):
+            for forward in forwards:
+                on = f" on {forward.on}" if forward.on else ""
+                who = ("whoever is routed here" if label == "opens" else "no longer forwarded") \
+                    if forward.open else "limited by the rule (source or interface)"
+                lines.append(f"  {label:<7} forward {forward.label}{on} -> {forward.target} "
+                             f"({forward.chain}): {who}")
+        if not (self.opens or self.closes or self.forwards_opened or self.forwards_closed):
             lines.append("  no change: the same services are reachable from the same places")
         return lines
 
@@ -237,3 +256,26 @@ class ExposureChange:
         lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  not checked: {n}" for n in self.not_checked]
         return "\n".join(lines)
+
+
+def _forward_change(before: Sequence[Forward], after: Sequence[Forward]
+                    ) -> tuple[list[Forward], list[Forward]]:
+    """The forwards `after` adds or opens to everyone (its rule no longer limits who), and
+    those it takes away (as in `before`: open) or limits (as in `after`: not open), compared
+    with `before` (by protocol, ports, target and the address they are on)."""
+    def key(f: Forward) -> tuple[str, int, str, str, str | None]:
+        return f.proto, f.family, f.ports, f.target, f.on
+
+    def by_key(forwards: Sequence[Forward]) -> dict[tuple[str, int, str, str, str | None],
+                                                    Forward]:
+        found: dict[tuple[str, int, str, str, str | None], Forward] = {}
+        for f in forwards:   # one open rule of several makes the forward open
+            if key(f) not in found or (f.open and not found[key(f)].open):
+                found[key(f)] = f
+        return found
+
+    old, new = by_key(before), by_key(after)
+    opened = [f for k, f in new.items() if k not in old or (f.open and not old[k].open)]
+    closed = [new.get(k, f) for k, f in old.items()
+              if k not in new or (f.open and not new[k].open)]
+    return opened, closed

@@ -12,10 +12,10 @@ untouched), which a single real connection meets.
   50,000; at most :data:`MAX_CELLS` per family in all.
 * **Source ports.** Every port a rule names as a source port (``--sport``, ``--sports``,
   ``sport``) is a probe's source port too, beside an ephemeral one.
-* **Idle state.** ``-m limit``, ``-m hashlimit``, ``-m connlimit``, nft ``limit rate`` and
-  ``ct count`` are rewritten to the answer they give the first connection after a quiet
-  moment (under every limit, no connection counted), so the simultaneous probes are not
-  taken for a flood.
+* **Idle state.** ``-m limit``, ``-m hashlimit`` (packets or bytes), ``-m connlimit``, nft
+  ``limit rate`` (packets or bytes) and ``ct count`` are rewritten to the answer they give
+  the first connection after a quiet moment (under every limit, no connection counted), so
+  the simultaneous probes are not taken for a flood.
 """
 
 from __future__ import annotations
@@ -101,8 +101,12 @@ def named_space(texts: Iterable[str]) -> NamedSpace:
 
 
 def _local_only(net: Network) -> bool:
-    """Loopback, link-local and multicast: no outside sender carries them."""
-    return net.is_loopback or net.is_link_local or net.is_multicast or net.is_unspecified
+    """Loopback, link-local, multicast, and what no packet comes from (class E with the
+    broadcast address, as in recent's `--mask 255.255.255.255`; 0.0.0.0/8): no outside
+    sender carries them (a probe from one never arrives, and would wait a timeout)."""
+    first = net.network_address
+    return net.is_loopback or net.is_link_local or net.is_multicast or net.is_unspecified \
+        or (first.version == 4 and (net.is_reserved or first.packed[0] == 0))
 
 
 def representative(net: Network, space: NamedSpace, taken: set[str]) -> str | None:
@@ -130,6 +134,9 @@ _IPT_HASHLIMIT_BURST = re.compile(r"--hashlimit-burst\s+\d+")
 _IPT_CONNLIMIT = re.compile(r"(--connlimit-upto|--connlimit-above)\s+\d+")
 _NFT_LIMIT = re.compile(r"\blimit rate (over )?\d+/(second|minute|hour|day|week)"
                         r"(?: burst \d+ packets)?")
+_NFT_BYTES = re.compile(r"\blimit rate (over )?\d+ [kmg]?bytes/(second|minute|hour|day|week)"
+                        r"(?: burst \d+ [kmg]?bytes)?")
+_HASHLIMIT_BYTES = re.compile(r"^\d+[kmg]?b/")   # hashlimit's byte mode: 512b/s, 1kb/s, 2mb/s
 _NFT_COUNT = re.compile(r"\bct count (over )?\d+")
 _HIGH = "10000"
 
@@ -137,6 +144,12 @@ _HIGH = "10000"
 def _hashlimit(line: str) -> str:
     if "--hashlimit" not in line:
         return line
+    rate = _IPT_HASHLIMIT_RATE.search(line)
+    if rate is not None and _HASHLIMIT_BYTES.match(rate.group(0).split()[-1]):
+        # bytes: 100 MB/s with the burst its default (which iptables requires to be at least
+        # a second's worth)
+        line = re.sub(r"\s--hashlimit-burst\s+\S+", "", line)
+        return _IPT_HASHLIMIT_RATE.sub(lambda m: f"{m.group(1)} 100mb/s", line, count=1)
     burst = "--hashlimit-burst" in line
     line = _IPT_HASHLIMIT_BURST.sub(f"--hashlimit-burst {_HIGH}", line)
     return _IPT_HASHLIMIT_RATE.sub(
@@ -145,8 +158,8 @@ def _hashlimit(line: str) -> str:
 
 
 def idle(text: str) -> str:
-    """The rules as they answer after a quiet moment: every rate limit far away, no
-    connection counted (a limit on bytes, and nft's named limits, stay as they are)."""
+    """The rules as they answer after a quiet moment: every rate limit far away (packets or
+    bytes), no connection counted (nft's named limit objects stay as they are)."""
     if "limit" not in text and "ct count" not in text:
         return text
     text = _IPT_LIMIT.sub(f"-m limit --limit {_HIGH}/sec --limit-burst {_HIGH}", text)
@@ -155,4 +168,6 @@ def idle(text: str) -> str:
     text = _IPT_CONNLIMIT.sub(lambda m: f"{m.group(1)} 1000000", text)
     text = _NFT_LIMIT.sub(lambda m: f"limit rate {m.group(1) or ''}{_HIGH}/second "
                                     f"burst {_HIGH} packets", text)
+    text = _NFT_BYTES.sub(lambda m: f"limit rate {m.group(1) or ''}1000 mbytes/second "
+                                    "burst 1000 mbytes", text)
     return _NFT_COUNT.sub(lambda m: f"ct count {m.group(1) or ''}1000000", text)

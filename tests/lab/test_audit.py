@@ -319,6 +319,60 @@ def test_check_says_a_source_port_or_destination_rule_opens_a_service(
     assert reached
 
 
+def test_check_shows_a_forward_the_change_adds_or_takes_away(audit_lab: AuditLab) -> None:
+    """The Exposure section compares the forwards too (issue 29): a change that adds a DNAT of
+    port 8090 to another host says it opens that forward, and a real connection from the
+    world confirms it once the change is live; taking the nat rule away closes it."""
+    al, lab = audit_lab, audit_lab.lab
+    web = lab.cli_popen(["python3", "-m", "http.server", "--bind", lab.cli_ip4, "9000"],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        end = time.monotonic() + 15
+        while ":9000 " not in lab.cli_exec(["ss", "-Hlnt"]).stdout:
+            assert web.poll() is None and time.monotonic() < end, "the web server is not up"
+            time.sleep(0.1)
+        lab.srv_exec(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        assert not al.world_reaches("tcp", 8090)
+        nat = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+               ":POSTROUTING ACCEPT [0:0]\n{rules}COMMIT\n")
+        forward = nat.format(rules=f"-A PREROUTING -p tcp --dport 8090 -j DNAT "
+                                   f"--to-destination {lab.cli_ip4}:9000\n"
+                                   f"-A POSTROUTING -d {lab.cli_ip4}/32 -p tcp --dport 9000 "
+                                   "-j MASQUERADE\n")
+        rules = al.fw.write("forward.rules", BASELINE_V4 + forward)
+
+        def check(path: Path) -> tuple[dict[str, Any], str]:
+            argv = ["env", "-u", "SSH_CONNECTION", FWSAFE, "check", str(path), "--client",
+                    lab.cli_ip4]
+            data = lab.srv_exec([*argv[:5], "--json", *argv[5:]], check=False, timeout=120)
+            text = lab.srv_exec(argv, check=False, timeout=120)
+            assert data.returncode == text.returncode == 0, data.stderr + text.stderr
+            exposure: dict[str, Any] = json.loads(data.stdout)["exposure"]
+            return exposure, text.stdout
+
+        exposure, text = check(rules)
+        (opened,) = exposure["forwards"]["opens"]
+        assert (opened["entry"], opened["address"], opened["port"], opened["exposed"]) == \
+            ("8090/tcp", lab.cli_ip4, 9000, True), exposure
+        assert exposure["forwards"]["closes"] == []
+        assert f"opens   forward 8090/tcp -> {lab.cli_ip4}:9000 (PREROUTING): whoever is " \
+               "routed here" in text, text
+        lab.srv_exec(["iptables-restore"], input=rules.read_text())
+        assert al.world_reaches("tcp", 8090)          # the truth: the world is forwarded
+
+        exposure, text = check(al.fw.write("no-forward.rules",
+                                           BASELINE_V4 + nat.format(rules="")))
+        (closed,) = exposure["forwards"]["closes"]
+        assert (closed["entry"], closed["exposed"]) == ("8090/tcp", False), exposure
+        assert exposure["forwards"]["opens"] == []
+        assert f"closes  forward 8090/tcp -> {lab.cli_ip4}:9000 (PREROUTING): no longer " \
+               "forwarded" in text, text
+        assert not our_namespaces()
+    finally:
+        web.kill()
+        web.wait(timeout=10)
+
+
 def test_apply_shows_what_the_change_closes_before_it_is_live(audit_lab: AuditLab) -> None:
     al = audit_lab
     al.start(HTTP, ["python3", "-m", "http.server", "--bind", "0.0.0.0", str(HTTP)])

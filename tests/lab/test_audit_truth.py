@@ -48,6 +48,14 @@ def test_no_reachable_service_is_reported_closed(truth: AuditTruthLab, name: str
     assert outcome.exit_code == (1 if world_open else 0), outcome.detail()
     for spot in setup.uncertain:
         assert outcome.verdict.get(spot) in ("uncertain", "exposed"), outcome.detail()
+        if setup.reason and outcome.verdict.get(spot) == "uncertain":
+            said = [str(x.get("uncertain")) for x in outcome.audit["listeners"]
+                    if x["port"] == next(s.port for s in truth.spots if s.name == spot)]
+            assert any(setup.reason in text for text in said), said
+    # every layer was copied into the sandbox (a rewrite iptables-restore refuses would lose
+    # it, and the verdicts would be right only by chance)
+    assert not [n for n in outcome.audit.get("notes", []) if "could not be copied" in n], \
+        outcome.audit.get("notes")
 
 
 def test_the_matrix_has_few_false_alarms() -> None:

@@ -476,3 +476,47 @@ def test_nft_nat_rules_entries_and_forwards() -> None:
     assert [(e.proto, e.family, e.port) for e in entries] == [("tcp", 4, 80), ("tcp", 4, 8080)]
     assert [(f.label, f.address, f.target_port, f.open) for f in forwards] == [
         ("8091/tcp", "10.9.0.11", 80, False), ("8090/tcp", "10.9.0.10", 80, True)]
+
+
+def test_nft_port_maps_are_entries_and_forwards() -> None:
+    """`dnat to tcp dport map { ... }` and `redirect to :tcp dport map { ... }`, anonymous or
+    named, as nft 1.0.6 lists them: every key is an entry port or a forward (issue 29)."""
+    listing = ("table ip nat {\n\tmap fwd {\n\t\ttype inet_service : ipv4_addr . inet_service\n"
+               "\t\telements = { 8082 : 127.0.0.1 . 8004,\n\t\t\t     8092 : 10.9.0.12 . 80 }\n"
+               "\t}\n\tchain pre {\n\t\ttype nat hook prerouting priority dstnat; "
+               "policy accept;\n"
+               "\t\tmeta l4proto tcp redirect to :tcp dport map { 80 : 8001, 81-82 : 8002 }\n"
+               "\t\tdnat ip to tcp dport map { 8080 : 127.0.0.1 . 8004, 8090 : 10.9.0.10 . 80 }\n"
+               "\t\tdnat to udp dport map { 5353 : 10.0.0.1, 5354 : 10.9.0.11 }\n"
+               "\t\tiifname \"eth1\" dnat ip to tcp dport map @fwd\n\t}\n}\n")
+    entries, forwards = nat_rules([], {"10.0.0.1"}, listing)
+    assert [(e.proto, e.family, e.port) for e in entries] == [
+        ("tcp", 4, 80), ("tcp", 4, 81), ("tcp", 4, 8080), ("udp", 4, 5353), ("tcp", 4, 8082)]
+    assert [(f.label, f.address, f.target_port, f.open) for f in forwards] == [
+        ("8090/tcp", "10.9.0.10", 80, True), ("5354/udp", "10.9.0.11", None, True),
+        ("8092/tcp", "10.9.0.12", 80, False)]
+
+
+def test_idle_state_rewrites_byte_rate_limits() -> None:
+    """Byte-rate limits (hashlimit's byte mode, nft `bytes/second`) answer the simultaneous
+    probes as they answer one connection after idle, in a form iptables-restore and nft take
+    (a byte burst must be a second's worth at least: hashlimit keeps its default)."""
+    assert idle("-A I -p tcp -m hashlimit --hashlimit-above 1kb/s --hashlimit-burst 2kb "
+                "--hashlimit-name b -j DROP") \
+        == "-A I -p tcp -m hashlimit --hashlimit-above 100mb/s --hashlimit-name b -j DROP"
+    assert idle("-A I -m hashlimit --hashlimit-upto 512b/s --hashlimit-name c -j ACCEPT") \
+        == "-A I -m hashlimit --hashlimit-upto 100mb/s --hashlimit-name c -j ACCEPT"
+    assert idle("meta l4proto tcp limit rate over 400 bytes/second burst 400 bytes drop") \
+        == "meta l4proto tcp limit rate over 1000 mbytes/second burst 1000 mbytes drop"
+    assert idle("limit rate 2 kbytes/minute accept") \
+        == "limit rate 1000 mbytes/second burst 1000 mbytes accept"
+
+
+def test_addresses_no_packet_comes_from_are_not_sources() -> None:
+    """recent's `--mask 255.255.255.255`, class E and 0.0.0.0/8 name no sender: a probe from
+    one never arrives (and its batch would wait the whole timeout)."""
+    space = named_space(["-A INPUT -p tcp -m recent --rcheck --seconds 30 --name k "
+                         "--mask 255.255.255.255 --rsource -j ACCEPT",
+                         "-A INPUT -s 240.0.0.0/4 -j DROP", "-A INPUT -s 0.0.0.0/8 -j DROP",
+                         "-A INPUT -s 1.0.0.0/8 -j DROP"])
+    assert [str(n) for n in space.networks[4]] == ["1.0.0.0/8"]
