@@ -231,15 +231,26 @@ def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
             continue
         live = table.live(addresses)
         shapes: set[str] = set()
+        needed = set(live)   # chains a loaded rule is in or jumps to
         for rule in table.rules:
             if (rule.chain in live and addresses.may_match(rule.options)) \
                     or rule.shape not in shapes:
                 shapes.add(rule.shape)
+                needed.add(rule.chain)
+                if rule.jump is not None:
+                    needed.add(rule.jump)
                 continue
             if out is None:
                 out = list(lines)
             out[rule.line] = ""
             left_out += 1
+        # Chains left empty and never jumped to are not declared either: iptables-nft lists
+        # thousands of empty chains slowly (iptables-save after every attempt).
+        for chain, line in table.declared.items():
+            if chain not in needed:
+                if out is None:
+                    out = list(lines)
+                out[line] = ""
     return Pruned("\n".join(out) if out is not None else text, left_out)
 
 
@@ -264,16 +275,15 @@ class _IptTable:
     user: set[str] = field(default_factory=set)
     rules: list[_IptRule] = field(default_factory=list)
     opaque: bool = False
+    declared: dict[str, int] = field(default_factory=dict)   # user chain -> its line
+    jumps: dict[str, list[_IptRule]] = field(default_factory=dict)   # chain -> its jumps
 
     def live(self, addresses: AddressSet) -> set[str]:
         """The chains some sandbox packet may reach: the built-in ones, and those jumped to by
         a rule of a live chain whose addresses may match."""
         if self.opaque:
             return self.builtin | self.user
-        jumps: dict[str, list[_IptRule]] = {}
-        for rule in self.rules:
-            if rule.jump is not None:
-                jumps.setdefault(rule.chain, []).append(rule)
+        jumps = self.jumps
         live = set(self.builtin)
         stack = list(live)
         while stack:
@@ -333,8 +343,11 @@ def _ipt_table(lines: list[str], block: range, family: int, found: _IptAnalysis)
             m = _IPT_DECLARED.match(line)
             if m is None:
                 table.opaque = True
+            elif m.group(2) == "-":
+                table.user.add(m.group(1))
+                table.declared[m.group(1)] = i
             else:
-                (table.user if m.group(2) == "-" else table.builtin).add(m.group(1))
+                table.builtin.add(m.group(1))
             continue
         body = _IPT_COUNTERS.sub("", line) if line.startswith("[") else line
         if not body.startswith(("-A ", "--append ")):
@@ -382,6 +395,8 @@ def _ipt_table(lines: list[str], block: range, family: int, found: _IptAnalysis)
         if shape is None:
             shape = shapes[(where, rest)] = f"{where} {_NUMBER.sub('#', rest)}"
         table.rules.append(_IptRule(i, shape, options, chain, jump, nat))
+        if jump is not None:
+            table.jumps.setdefault(chain, []).append(table.rules[-1])
     return table
 
 
