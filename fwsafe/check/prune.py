@@ -7,17 +7,27 @@ multicast. A rule whose only way to match is a source or destination address (``
 verdict, no counter and no trace: on a host with 50,000 per-address rules the sandbox then
 loads a handful instead of all of them.
 
+A rule of an iptables user chain that no sandbox packet reaches (every jump to it is from a
+rule ruled out by its addresses, or from such a chain) cannot match either: kube-proxy's
+``KUBE-SVC-*``/``KUBE-SEP-*`` chains behind cluster-IP ``-d`` matches are left out whole, and
+a chain left empty that no loaded rule jumps to is not declared either.
+
 Safety first:
 
 * a rule is left out only when its address options are plain addresses or networks, not
-  negated, and the line has no quotes (a comment could fake an option) and no continuation;
-* one rule of each *shape* (the line with its addresses taken out) is always kept, so the
-  kernel still loads every distinct combination of matches, targets and jumps: a jump to a
-  missing chain or an unknown match is refused in the sandbox as before;
-* an iptables table that inserts, replaces or deletes by position is not touched (positions
-  would move);
-* nothing is left out at all when any layer rewrites addresses (DNAT/SNAT/NETMAP/TPROXY to an
-  address): packets could then carry addresses outside the set.
+  negated; quoted words (comments) are read as one word, a line with single quotes or a
+  continuation is not read and its table is left alone;
+* one rule of each *shape* is always kept, so the kernel still loads every distinct
+  combination of matches, targets and jumps. The shape is the rule without its addresses,
+  numbers (ports, probabilities, marks) and quoted words, with its chain as the built-in
+  chains that reach it (a target valid in one hook may be refused in another) and a jump to a
+  declared user chain as ``*``: a jump to a missing chain keeps its name and is refused in
+  the sandbox as before;
+* an iptables table that inserts, replaces, deletes or renames is not touched;
+* an address translation (DNAT/SNAT/NETMAP/TPROXY to an address) that a sandbox packet may
+  meet widens the set by the addresses it translates to, to a fixed point
+  (:func:`sandbox_addresses`); nothing is left out when an nft layer translates addresses or
+  an iptables translation cannot be read.
 
 Left-out lines are blanked, not removed: line numbers, and so the naming of culprits as
 ``FILE:LINE``, stay as they were.
