@@ -558,7 +558,8 @@ def _nft_rules(lines: list[str]) -> list[_Rule]:
                 if not _NFT_SLOW.search(rest):
                     span = _v4_range(a, b, c, d, prefix)
                     if span is not None:
-                        found.append(_Rule(i, f"ip {way} * {rest}", ((4, (span,)),)))
+                        found.append(_Rule(i, _NUMBER.sub("#", f"ip {way} * {rest}"),
+                                           ((4, (span,)),)))
                         continue
         was_continued, continued = continued, line.rstrip().endswith("\\")
         opens, closes = line.count("{"), line.count("}")
@@ -593,8 +594,8 @@ def _nft_rule(index: int, rule: str) -> _Rule | None:
             options.append((family, ranges))
     if not options:
         return None
-    return _Rule(index, _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule),
-                 tuple(options))
+    shape = _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule)
+    return _Rule(index, _NUMBER.sub("#", shape), tuple(options))
 
 
 def warm(layers: Mapping[str, tuple[bytes, str]]) -> None:

@@ -266,3 +266,15 @@ def test_unreachable_chain_rules_without_addresses_are_left_out_one_shape_kept()
     assert _lines_with(pruned.text, "-A S3 -p tcp -j DROP")        # reached by the client
     assert _lines_with(pruned.text, f"-s {CLIENT}/32 -j S3")
     assert pruned.left_out == 2    # S2's jump and S2's (or S1's) rule: one of each shape stays
+
+
+def test_nft_blocklist_with_varied_ports_is_pruned_but_the_clients_rule_kept() -> None:
+    rules = [f"\t\tip saddr 198.51.{i // 250}.{i % 250 + 1} tcp dport {80 + i % 9} drop"
+             for i in range(2000)]
+    rules.insert(700, f"\t\tip saddr {CLIENT} tcp dport 22 drop")
+    text = "\n".join(["table inet t {", "\tchain input {",
+                      "\t\ttype filter hook input priority 0; policy accept;", *rules,
+                      "\t}", "}", ""])
+    pruned = prune_nft(text, SANDBOX)
+    assert _lines_with(pruned.text, f"ip saddr {CLIENT} tcp dport 22 drop")
+    assert pruned.left_out == 1999
