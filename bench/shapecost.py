@@ -1,6 +1,7 @@
 """Apply and check cost on the shapes real hosts have (issue 27), as ratios in one run.
 
-For each shape of bench/shapes.py (iptables) and size N, the lab holds ruleset A of that shape
+For each shape of bench/shapes.py (iptables; nft for the nft- shapes, whose floor is `nft -f`)
+and size N, the lab holds ruleset A of that shape
 and the change is ruleset B (same shape and size, other addresses). Per round, in an order
 that rotates every round, each over its own SSH login from the lab's client:
 
@@ -23,8 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.labkit import INDEX_SCALE, fwsafe_bin, open_lab
-from bench.scale import ScaleRun, _check
-from bench.shapes import SHAPES, iptables_shape
+from bench.scale import ScaleRun, _check, _restore_argv
+from bench.shapes import NFT_TABLE, SHAPES, backend, iptables_shape
 
 APPLY_TARGET = 2.5
 CHECK_TARGETS_S = {10000: 0.5, 50000: 2.0, 200000: 8.0}
@@ -51,9 +52,11 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
         fw = fwsafe_bin()
         for shape in shapes:
             for n in sizes:
-                a = bl.write(f"{shape}-a{n}.rules", iptables_shape(shape, n, 0))
-                b = bl.write(f"{shape}-b{n}.rules", iptables_shape(shape, n, 1))
-                _check(bl.time1(["iptables-restore", str(a)]), f"loading A ({shape} {n})")
+                be = backend(shape)
+                ext = "nft" if be == "nft" else "rules"
+                a = bl.write(f"{shape}-a{n}.{ext}", iptables_shape(shape, n, 0))
+                b = bl.write(f"{shape}-b{n}.{ext}", iptables_shape(shape, n, 1))
+                _check(bl.time1(_restore_argv(be, a)), f"loading A ({shape} {n})")
                 check = [fw, "check", str(b), "--client", bl.lab.cli_ip4, "--port",
                          str(bl.lab.ssh_port), "--json"]
                 s: dict[str, list[Any]] = {}
@@ -62,7 +65,7 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                     log(f"  shapes round {r + 1}/{rounds}: {shape} {n} rules")
                     for step in steps[r % 4:] + steps[:r % 4]:
                         if step == "floor":
-                            fa, fr = sr.floor("iptables", a, b, True)
+                            fa, fr = sr.floor(be, a, b, True)
                             s.setdefault("floor_apply_s", []).append(fa)
                             s.setdefault("floor_revert_s", []).append(fr)
                         elif step == "apply":
@@ -87,6 +90,8 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                              "revert_ratio": med["revert_s"] / med["floor_revert_s"],
                              "check_rc": s["check_rc"], "left_out": max(
                                  (x for x in s["left_out"] if x is not None), default=None)})
+                if be == "nft":
+                    bl.lab.srv_exec(["nft", "delete", "table", *NFT_TABLE.split()], check=False)
             bl.lab.srv_exec(["iptables-restore"], input=_EMPTY)
     finally:
         bl.close()
@@ -114,10 +119,10 @@ def _growth(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 
 def render(res: dict[str, Any]) -> list[str]:
-    lines = ["", "5. Shapes (issue 27): iptables, A live, change B; apply/floor over SSH, "
+    lines = ["", "5. Shapes (issue 27): A live, change B; apply/floor over SSH, "
              f"medians of {res['rounds']}; check bare (default | --no-exposure)",
              f"   fwsafe: {res['fwsafe']}",
-             f"   {'shape':<10} {'rules':>7} {'floor':>8} {'apply':>8} {'ratio':>7} "
+             f"   {'shape':<13} {'rules':>7} {'floor':>8} {'apply':>8} {'ratio':>7} "
              f"{'revert x':>8} {'check':>8} {'no-exp':>8} {'left out':>9}  targets"]
     for r in res["rows"]:
         ok_apply = r["apply_ratio"] <= APPLY_TARGET
@@ -125,7 +130,7 @@ def render(res: dict[str, Any]) -> list[str]:
         ok_check = None if limit is None else r["check_s"] <= limit
         met = f"apply {'met' if ok_apply else 'MISSED'}" + (
             "" if ok_check is None else f", check {'met' if ok_check else 'MISSED'}")
-        lines.append(f"   {r['shape']:<10} {r['rules']:>7} {r['floor_apply_s']:>7.2f}s "
+        lines.append(f"   {r['shape']:<13} {r['rules']:>7} {r['floor_apply_s']:>7.2f}s "
                      f"{r['apply_s']:>7.2f}s {r['apply_ratio']:>6.2f}x {r['revert_ratio']:>7.2f}x "
                      f"{r['check_s']:>7.2f}s {r['check_ne_s']:>7.2f}s "
                      f"{'-' if r['left_out'] is None else r['left_out']:>9}  {met}")

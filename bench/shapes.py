@@ -16,13 +16,17 @@ variant keeps the lab usable: established connections and SSH (port 22) accepted
 * ``docker``: Docker with hundreds of user networks: FORWARD -> DOCKER-USER,
   DOCKER-ISOLATION-STAGE-1/2, DOCKER; nat DOCKER with published ports (DNAT) and MASQUERADE
   per network.
+* ``nft-blocklist``: the blocklist as one native nft table (replaced atomically);
+* ``nft-set``: an nft set of ``n`` elements used by one rule; B is A with ONE element
+  changed (issue 27: a set changed by one element costs no more than loading it once).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-SHAPES = ("bench", "blocklist", "kube", "ufw", "docker")
+SHAPES = ("bench", "blocklist", "kube", "ufw", "docker", "nft-blocklist", "nft-set")
+NFT_TABLE = "inet fwshape"
 
 _HEAD = [":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
 _KEEP_SSH = ["-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -231,9 +235,46 @@ def docker(n: int, variant: int) -> str:
     return "\n".join(filt + nat + natdock + ["COMMIT"]) + "\n"
 
 
+def _nft_table(body: list[str]) -> str:
+    return "\n".join([f"table {NFT_TABLE}", f"delete table {NFT_TABLE}", f"table {NFT_TABLE} {{",
+                      *body, "}"]) + "\n"
+
+
+def _nft_input(rules: list[str]) -> list[str]:
+    return ["\tchain input {", "\t\ttype filter hook input priority 0; policy accept;",
+            "\t\tct state established,related accept", "\t\ttcp dport 22 accept",
+            *(f"\t\t{r}" for r in rules), "\t}"]
+
+
+def nft_blocklist(n: int, variant: int) -> str:
+    ports = (25, 80, 443, 3306, 5432, 6379, 8080, 8443, 9000, 11211, 27017)
+    return _nft_table(_nft_input([
+        f"ip saddr {_addr(i, variant)} tcp dport {ports[i % len(ports)] + i // 1000 % 7} "
+        + ("drop" if i % 3 else "reject") for i in range(n)]))
+
+
+def nft_set(n: int, variant: int) -> str:
+    """One rule using a set of n addresses (up to 250^3); B (variant 1) changes one element."""
+    def element(i: int) -> str:
+        return f"10.{100 + i // 62500}.{i // 250 % 250}.{i % 250 + 1}"
+    elements = [element(i) for i in range(n)]
+    if variant:
+        elements[0] = "10.99.0.1"
+    lines = ["\tset blocked {", "\t\ttype ipv4_addr", "\t\telements = {"]
+    lines += [f"\t\t\t{', '.join(elements[i:i + 8])}," for i in range(0, n, 8)]
+    lines += ["\t\t}", "\t}"]
+    return _nft_table(lines + _nft_input(["ip saddr @blocked drop"]))
+
+
 GENERATORS: dict[str, Callable[[int, int], str]] = {
-    "bench": bench, "blocklist": blocklist, "kube": kube, "ufw": ufw, "docker": docker}
+    "bench": bench, "blocklist": blocklist, "kube": kube, "ufw": ufw, "docker": docker,
+    "nft-blocklist": nft_blocklist, "nft-set": nft_set}
+
+
+def backend(shape: str) -> str:
+    return "nft" if shape.startswith("nft-") else "iptables"
 
 
 def iptables_shape(shape: str, n: int, variant: int) -> str:
+    """The shape's file (iptables-save, or nft for the nft- shapes)."""
     return GENERATORS[shape](n, variant)
