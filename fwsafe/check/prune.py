@@ -392,6 +392,9 @@ def _ipt_table(lines: list[str], block: range, family: int, found: _IptAnalysis)
             found.unsure_nat = True
             nat = ()
         parsed.append((i, chain, rest, options, jumps, nat))
+    # A chain with rules that is not declared as a user chain is a built-in one (a hand-written
+    # file may append to INPUT without `:INPUT ACCEPT`): packets reach it.
+    table.builtin.update(chain for _, chain, _, _, _, _ in parsed if chain not in table.user)
     hooks = _hooks(table, parsed)
     shapes: dict[tuple[str, str], str] = {}
     for i, chain, rest, options, jumps, nat in parsed:

@@ -278,3 +278,12 @@ def test_nft_blocklist_with_varied_ports_is_pruned_but_the_clients_rule_kept() -
     pruned = prune_nft(text, SANDBOX)
     assert _lines_with(pruned.text, f"ip saddr {CLIENT} tcp dport 22 drop")
     assert pruned.left_out == 1999
+
+
+def test_undeclared_builtin_chain_counts_as_reached() -> None:
+    """`-A INPUT` without `:INPUT ACCEPT` (a hand-written file): INPUT is still reached, and so
+    is the chain it jumps to."""
+    text = "\n".join(["*filter", ":MINE - [0:0]", "-A INPUT -j MINE",
+                      "-A MINE -p tcp --dport 22 -j DROP", "-A MINE -p tcp --dport 23 -j DROP",
+                      "COMMIT", ""])
+    assert prune_iptables(text, SANDBOX, 4).left_out == 0
