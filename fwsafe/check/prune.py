@@ -199,18 +199,24 @@ def _analysed(kind: str, family: int, text: str,
 
 def _apply(lines: list[str], rules: list[_Rule], addresses: AddressSet) -> Pruned:
     """Blank the rules that cannot match, but keep the first of each shape."""
-    out: list[str] | None = None
     shapes: set[str] = set()
-    left_out = 0
+    blank: list[int] = []
     for rule in rules:
         if addresses.may_match(rule.options) or rule.shape not in shapes:
             shapes.add(rule.shape)
-            continue
-        if out is None:
-            out = list(lines)
-        out[rule.line] = ""
-        left_out += 1
-    return Pruned("\n".join(out) if out is not None else "\n".join(lines), left_out)
+        else:
+            blank.append(rule.line)
+    return _blanked(lines, blank, len(blank))
+
+
+def _blanked(lines: list[str], blank: list[int], left_out: int) -> Pruned:
+    """The text with the lines `blank` emptied (line numbers stay)."""
+    if not blank:
+        return Pruned("\n".join(lines), left_out)
+    out = list(lines)
+    for index in blank:
+        out[index] = ""
+    return Pruned("\n".join(out), left_out)
 
 
 @dataclass
@@ -234,7 +240,7 @@ def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
     their addresses rule every sandbox packet out, or their chain is reached by none (every
     jump to it is from such a rule)."""
     lines, found = _ipt_analysed(text, family)
-    out: list[str] | None = None
+    blank: list[int] = []
     left_out = 0
     for table in found.tables:
         if table.opaque:
@@ -250,18 +256,12 @@ def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
                 if rule.jump is not None:
                     needed.add(rule.jump)
                 continue
-            if out is None:
-                out = list(lines)
-            out[rule.line] = ""
+            blank.append(rule.line)
             left_out += 1
         # Chains left empty and never jumped to are not declared either: iptables-nft lists
         # thousands of empty chains slowly (iptables-save after every attempt).
-        for chain, line in table.declared.items():
-            if chain not in needed:
-                if out is None:
-                    out = list(lines)
-                out[line] = ""
-    return Pruned("\n".join(out) if out is not None else text, left_out)
+        blank += [line for chain, line in table.declared.items() if chain not in needed]
+    return _blanked(lines, blank, left_out) if blank else Pruned(text, 0)
 
 
 class _IptRule(NamedTuple):
