@@ -7,7 +7,7 @@ variant keeps the lab usable: established connections and SSH (port 22) accepted
 
 * ``bench``: the bench's own (bench/rules.py): ``-s ADDR -p tcp --dport 22 -j ACCEPT``;
 * ``blocklist``: SSH accepted first, then ``-s ADDR -p tcp --dport P -j DROP|REJECT`` with
-  sources and ports varying (fail2ban / abuse lists);
+  sources and ports varying (nearly every rule its own port: abuse lists);
 * ``kube``: kube-proxy (iptables mode): nat ``KUBE-SERVICES`` -> ``KUBE-SVC-*`` (one
   ``statistic --probability`` rule per endpoint) -> ``KUBE-SEP-*`` (``KUBE-MARK-MASQ`` and a
   DNAT), three endpoints per service, a few NodePorts, and kube-proxy's filter chains;
@@ -38,6 +38,11 @@ def _addr(i: int, variant: int, first: int = 10, second: int = 100) -> str:
     return f"{first}.{second + variant}.{i // 250 % 250}.{i % 250 + 1}"
 
 
+def _port(i: int) -> str:
+    """The i-th rule's port: nearly every rule its own (1..65535), as in abuse lists."""
+    return str(1 + i * 7919 % 65535)
+
+
 def bench(n: int, variant: int) -> str:
     from bench.rules import iptables_rules
     return iptables_rules(n, variant)
@@ -45,11 +50,10 @@ def bench(n: int, variant: int) -> str:
 
 def blocklist(n: int, variant: int) -> str:
     lines = ["*filter", *_HEAD, *_KEEP_SSH]
-    ports = (25, 80, 443, 3306, 5432, 6379, 8080, 8443, 9000, 11211, 27017)
     for i in range(n):
         target = "DROP" if i % 3 else "REJECT --reject-with icmp-port-unreachable"
         lines.append(f"-A INPUT -s {_addr(i, variant)}/32 -p tcp -m tcp "
-                     f"--dport {ports[i % len(ports)] + i // 1000 % 7} -j {target}")
+                     f"--dport {_port(i)} -j {target}")
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -247,9 +251,8 @@ def _nft_input(rules: list[str]) -> list[str]:
 
 
 def nft_blocklist(n: int, variant: int) -> str:
-    ports = (25, 80, 443, 3306, 5432, 6379, 8080, 8443, 9000, 11211, 27017)
     return _nft_table(_nft_input([
-        f"ip saddr {_addr(i, variant)} tcp dport {ports[i % len(ports)] + i // 1000 % 7} "
+        f"ip saddr {_addr(i, variant)} tcp dport {_port(i)} "
         + ("drop" if i % 3 else "reject") for i in range(n)]))
 
 
