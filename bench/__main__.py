@@ -99,7 +99,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--shapes", help="shapes of the shapes section (issue 27), comma-separated "
                                     "(default: all of bench/shapes.py)")
     p.add_argument("--shape-sizes", help="sizes of the shapes section, comma-separated (default "
-                                         "10000,50000; quick 1000)")
+                                         "10000,50000; quick 500)")
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="measure nothing: re-evaluate the targets of an earlier run's JSON "
                         "(written back to it) and print its table")
@@ -118,7 +118,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        .split(",")]
     args.wait = args.wait or (1.0 if q else 5.0)
     args.shapes = [x for x in (args.shapes or ",".join(shapecost.SHAPES)).split(",") if x]
-    args.shape_sizes = [int(x) for x in (args.shape_sizes or ("1000" if q else "10000,50000"))
+    args.shape_sizes = [int(x) for x in (args.shape_sizes or ("500" if q else "10000,50000"))
                         .split(",")]
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
