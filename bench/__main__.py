@@ -8,6 +8,8 @@
    rules one by one;
 3. the guard's footprint (RSS, CPU while waiting, bytes on disk per transaction);
 4. `fwsafe check` time (with sshd listening and a ruleset of the same size live).
+5. apply and check on the shapes real hosts have (bench/shapes.py: blocklist, kube-proxy, ufw,
+   Docker, nft blocklist, an nft set), as ratios to the floor of the same run (issue 27).
 
 Prints a table and writes JSON (bench/results/latest.json unless --json-out). Never asserts on
 time: the targets are reported as met or missed. Needs root; the machine's own network
