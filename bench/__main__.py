@@ -8,6 +8,8 @@
    rules one by one;
 3. the guard's footprint (RSS, CPU while waiting, bytes on disk per transaction);
 4. `fwsafe check` time (with sshd listening and a ruleset of the same size live).
+5. apply and check on the shapes real hosts have (bench/shapes.py: blocklist, kube-proxy, ufw,
+   Docker, nft blocklist, an nft set), as ratios to the floor of the same run (issue 27).
 
 Prints a table and writes JSON (bench/results/latest.json unless --json-out). Never asserts on
 time: the targets are reported as met or missed. Needs root; the machine's own network
@@ -28,11 +30,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import checkcmd, footprint, recovery, report, scale, ufwbench
+from bench import checkcmd, footprint, recovery, report, scale, shapecost, ufwbench
 from fwsafe import __version__
 from fwsafe.lab import require_lab_capable
 
-SECTIONS = ("recovery", "scale", "ufw", "footprint", "check")
+SECTIONS = ("recovery", "scale", "ufw", "footprint", "check", "shapes")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "latest.json"
 
 
@@ -96,6 +98,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                   "section (default 5, quick 1)")
     p.add_argument("--ufw-counts", help="ufw rules to add one by one, comma-separated "
                                         "(default 100,1000; quick 10)")
+    p.add_argument("--shapes", help="shapes of the shapes section (issue 27), comma-separated "
+                                    "(default: all of bench/shapes.py)")
+    p.add_argument("--shape-sizes", help="sizes of the shapes section, comma-separated (default "
+                                         "10000,50000; quick 500)")
     p.add_argument("--report", type=Path, metavar="JSON",
                    help="measure nothing: re-evaluate the targets of an earlier run's JSON "
                         "(written back to it) and print its table")
@@ -113,6 +119,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ufw_counts = [int(x) for x in (args.ufw_counts or ("10" if q else "100,1000"))
                        .split(",")]
     args.wait = args.wait or (1.0 if q else 5.0)
+    args.shapes = [x for x in (args.shapes or ",".join(shapecost.SHAPES)).split(",") if x]
+    args.shape_sizes = [int(x) for x in (args.shape_sizes or ("500" if q else "10000,50000"))
+                        .split(",")]
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
@@ -152,6 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.sizes, args.rounds, _log, pieces_sizes=[max(args.sizes)] if args.quick else None))
     section("ufw", lambda: ufwbench.run_ufw(args.ufw_counts, args.sizes, _log))
     section("check", lambda: checkcmd.run_check(args.check_sizes, args.check_runs, _log))
+    section("shapes", lambda: shapecost.run_shapes(args.shapes, args.shape_sizes, args.rounds,
+                                                   _log))
     results["targets"] = report.evaluate_targets(results)
     results["meta"]["loadavg_end"] = _loadavg()
     results["meta"]["duration_s"] = time.monotonic() - started

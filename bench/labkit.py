@@ -190,7 +190,11 @@ while True:
 
 
 def fwsafe_bin() -> str:
-    """The fwsafe console script next to this interpreter (no shell shims in the timings)."""
+    """The fwsafe console script next to this interpreter (no shell shims in the timings), or
+    $FWSAFE_BENCH_BIN (another build, e.g. main's, measured in the same run: a "before")."""
+    other = os.environ.get("FWSAFE_BENCH_BIN")
+    if other:
+        return other
     here = Path(sys.executable).parent / "fwsafe"
     if here.exists():
         return str(here)

@@ -221,6 +221,9 @@ def render(results: dict[str, Any]) -> str:
     chk = results.get("check")
     if chk:
         lines += _render_check(chk)
+    if results.get("shapes"):
+        from bench.shapecost import render as render_shapes
+        lines += render_shapes(results["shapes"])
     targets = results.get("targets", [])
     if targets:
         lines.append("")

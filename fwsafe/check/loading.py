@@ -12,7 +12,7 @@ from fwsafe.backends.iptables import describe_restore_error
 from fwsafe.backends.nftables import describe_nft_error, split_tables
 from fwsafe.check.host import IptTool, iptables_nft_tables
 from fwsafe.check.naming import NftCandidate, RuleNamer
-from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, rewrites_addresses
+from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, sandbox_addresses
 from fwsafe.check.rules import (
     SavedTables,
     has_tables,
@@ -60,14 +60,15 @@ class SandboxFirewall:
 
     def prune_to(self, addresses: list[str]) -> None:
         """Load only the rules a packet with one of ``addresses`` (the sandbox's own) can match
-        (fwsafe.check.prune); nothing is left out when a layer translates addresses."""
-        texts = [t.current.decode(errors="replace") for t in self.tools]
-        texts += [t.candidate[0].decode(errors="replace") for t in self.tools if t.candidate]
-        texts.append(self.native.decode(errors="replace"))
+        (fwsafe.check.prune), with the addresses reachable translations rewrite them to;
+        nothing is left out when an nft layer translates addresses."""
+        ipt = [(t.current.decode(errors="replace"), t.family) for t in self.tools]
+        ipt += [(t.candidate[0].decode(errors="replace"), t.family) for t in self.tools
+                if t.candidate]
+        nft = [self.native.decode(errors="replace")]
         if "nft" in self.layers:
-            texts.append(self.layers["nft"][0].decode(errors="replace"))
-        if not rewrites_addresses(texts):
-            self.addresses = AddressSet.of(addresses)
+            nft.append(self.layers["nft"][0].decode(errors="replace"))
+        self.addresses = sandbox_addresses(addresses, ipt, nft)
 
     def _ipt(self, tool: IptTool, content: bytes) -> bytes:
         if self.addresses is None:

@@ -7,17 +7,27 @@ multicast. A rule whose only way to match is a source or destination address (``
 verdict, no counter and no trace: on a host with 50,000 per-address rules the sandbox then
 loads a handful instead of all of them.
 
+A rule of an iptables user chain that no sandbox packet reaches (every jump to it is from a
+rule ruled out by its addresses, or from such a chain) cannot match either: kube-proxy's
+``KUBE-SVC-*``/``KUBE-SEP-*`` chains behind cluster-IP ``-d`` matches are left out whole, and
+a chain left empty that no loaded rule jumps to is not declared either.
+
 Safety first:
 
 * a rule is left out only when its address options are plain addresses or networks, not
-  negated, and the line has no quotes (a comment could fake an option) and no continuation;
-* one rule of each *shape* (the line with its addresses taken out) is always kept, so the
-  kernel still loads every distinct combination of matches, targets and jumps: a jump to a
-  missing chain or an unknown match is refused in the sandbox as before;
-* an iptables table that inserts, replaces or deletes by position is not touched (positions
-  would move);
-* nothing is left out at all when any layer rewrites addresses (DNAT/SNAT/NETMAP/TPROXY to an
-  address): packets could then carry addresses outside the set.
+  negated; quoted words (comments) are read as one word, a line with single quotes or a
+  continuation is not read and its table is left alone;
+* one rule of each *shape* is always kept, so the kernel still loads every distinct
+  combination of matches, targets and jumps. The shape is the rule without its addresses,
+  numbers (ports, probabilities, marks) and quoted words, with its chain as the built-in
+  chains that reach it (a target valid in one hook may be refused in another) and a jump to a
+  declared user chain as ``*``: a jump to a missing chain keeps its name and is refused in
+  the sandbox as before;
+* an iptables table that inserts, replaces, deletes or renames is not touched;
+* an address translation (DNAT/SNAT/NETMAP/TPROXY to an address) that a sandbox packet may
+  meet widens the set by the addresses it translates to, to a fixed point
+  (:func:`sandbox_addresses`); nothing is left out when an nft layer translates addresses or
+  an iptables translation cannot be read.
 
 Left-out lines are blanked, not removed: line numbers, and so the naming of culprits as
 ``FILE:LINE``, stay as they were.
@@ -33,7 +43,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 __all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses", "warm"]
 
@@ -54,9 +64,6 @@ _NFT_SIMPLE_LINE = re.compile(r"[ \t]*ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+
                               r"([^{}\";\\#\n]*[^{}\";\\#\s])")
 _NFT_SLOW = re.compile(r"\bip6?\s+[sd]addr\b|[\\;\"#{}]")
 _IPT_COUNTERS = re.compile(r"^\s*\[\d+:\d+\]\s*")
-_IPT_FAST_V4 = re.compile(r"-A (\S+) -s (\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+) (.*)")
-_IPT_SLOW = re.compile(r"""["'\\]|(?:^|\s)(?:-s|-d|--source|--src|--destination|--dst)\s""")
-_IPT_POSITIONAL = re.compile(r"^\s*(-I|--insert|-R|--replace|-D|--delete)\s")
 
 
 _V4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?$")
@@ -171,12 +178,13 @@ class _Rule(NamedTuple):
 
 # The analysis of a text does not depend on the addresses: the lockout check and the exposure
 # (two threads, the same current and candidate texts) share it.
-_CACHE: OrderedDict[tuple[str, int, str], tuple[list[str], list[_Rule]]] = OrderedDict()
+_CACHE: OrderedDict[tuple[str, int, str], tuple[list[str], Any]] = OrderedDict()
 _CACHE_LOCK = threading.Lock()
+_T = TypeVar("_T")
 
 
 def _analysed(kind: str, family: int, text: str,
-              analyse: Callable[[list[str]], list[_Rule]]) -> tuple[list[str], list[_Rule]]:
+              analyse: Callable[[list[str]], _T]) -> tuple[list[str], _T]:
     key = (kind, family, text)
     with _CACHE_LOCK:
         found = _CACHE.get(key)
@@ -191,18 +199,24 @@ def _analysed(kind: str, family: int, text: str,
 
 def _apply(lines: list[str], rules: list[_Rule], addresses: AddressSet) -> Pruned:
     """Blank the rules that cannot match, but keep the first of each shape."""
-    out: list[str] | None = None
     shapes: set[str] = set()
-    left_out = 0
+    blank: list[int] = []
     for rule in rules:
         if addresses.may_match(rule.options) or rule.shape not in shapes:
             shapes.add(rule.shape)
-            continue
-        if out is None:
-            out = list(lines)
-        out[rule.line] = ""
-        left_out += 1
-    return Pruned("\n".join(out) if out is not None else "\n".join(lines), left_out)
+        else:
+            blank.append(rule.line)
+    return _blanked(lines, blank, len(blank))
+
+
+def _blanked(lines: list[str], blank: list[int], left_out: int) -> Pruned:
+    """The text with the lines `blank` emptied (line numbers stay)."""
+    if not blank:
+        return Pruned("\n".join(lines), left_out)
+    out = list(lines)
+    for index in blank:
+        out[index] = ""
+    return Pruned("\n".join(out), left_out)
 
 
 @dataclass
@@ -222,13 +236,98 @@ def rewrites_addresses(texts: Iterable[str]) -> bool:
 
 
 def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
-    """``text`` (iptables-save format) without the ``-A`` rules no sandbox packet can match."""
-    return _apply(*_analysed("ipt", family, text, functools.partial(_ipt_rules, family=family)),
-                  addresses)
+    """``text`` (iptables-save format) without the ``-A`` rules no sandbox packet can match:
+    their addresses rule every sandbox packet out, or their chain is reached by none (every
+    jump to it is from such a rule)."""
+    lines, found = _ipt_analysed(text, family)
+    blank: list[int] = []
+    left_out = 0
+    for table in found.tables:
+        if table.opaque:
+            continue
+        live = table.live(addresses)
+        shapes: set[str] = set()
+        needed = set(live)   # chains a loaded rule is in or jumps to
+        for rule in table.rules:
+            if (rule.chain in live and addresses.may_match(rule.options)) \
+                    or rule.shape not in shapes:
+                shapes.add(rule.shape)
+                needed.add(rule.chain)
+                if rule.jump is not None:
+                    needed.add(rule.jump)
+                continue
+            blank.append(rule.line)
+            left_out += 1
+        # Chains left empty and never jumped to are not declared either: iptables-nft lists
+        # thousands of empty chains slowly (iptables-save after every attempt).
+        blank += [line for chain, line in table.declared.items() if chain not in needed]
+    return _blanked(lines, blank, left_out) if blank else Pruned(text, 0)
 
 
-def _ipt_rules(lines: list[str], family: int) -> list[_Rule]:
-    found: list[_Rule] = []
+class _IptRule(NamedTuple):
+    """One ``-A`` rule: its line, its shape, address options, chain, the user chain it jumps
+    to (if any) and the addresses it translates to (DNAT/SNAT/NETMAP/TPROXY)."""
+
+    line: int
+    shape: str
+    options: tuple[Option, ...]
+    chain: str
+    jump: str | None
+    nat: tuple[str, ...]
+
+
+@dataclass
+class _IptTable:
+    """One ``*table`` block. ``opaque``: it inserts, replaces, deletes, renames or holds a
+    line not read here: nothing in it is left out, every chain counts as reached."""
+
+    builtin: set[str] = field(default_factory=set)
+    user: set[str] = field(default_factory=set)
+    rules: list[_IptRule] = field(default_factory=list)
+    opaque: bool = False
+    declared: dict[str, int] = field(default_factory=dict)   # user chain -> its line
+    jumps: dict[str, list[_IptRule]] = field(default_factory=dict)   # chain -> its jumps
+
+    def live(self, addresses: AddressSet) -> set[str]:
+        """The chains some sandbox packet may reach: the built-in ones, and those jumped to by
+        a rule of a live chain whose addresses may match."""
+        if self.opaque:
+            return self.builtin | self.user
+        jumps = self.jumps
+        live = set(self.builtin)
+        stack = list(live)
+        while stack:
+            for rule in jumps.get(stack.pop(), ()):
+                if rule.jump not in live and addresses.may_match(rule.options):
+                    live.add(rule.jump)   # type: ignore[arg-type]
+                    stack.append(rule.jump)   # type: ignore[arg-type]
+        return live
+
+
+@dataclass
+class _IptAnalysis:
+    tables: list[_IptTable] = field(default_factory=list)
+    unsure_nat: bool = False   # an address translation not read: packets could carry any
+
+
+_IPT_FAST_V4 = re.compile(r"-A (\S+) -s (\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+)( .*)")
+_IPT_SLOW = re.compile(r"""["'\\]|\s(?:-s|-d|--source|--src|--destination|--dst|-g|--goto"""
+                       r"""|--jump)\s""")
+_IPT_QUOTED = re.compile(r'"(?:[^"\\\n]|\\.)*"')
+_IPT_JUMP = re.compile(r"(?:^|\s)(?:-j|--jump|-g|--goto)\s+(\S+)")
+_IPT_NAT_VALUE = re.compile(r"(?:^|\s)(?:--to-destination|--to-source|--to|--on-ip)\s+(\S+)")
+_NUMBER = re.compile(r"(?<=\s)[0-9][0-9.:,/-]*(?=\s|$)")
+_IPT_DECLARED = re.compile(r"^:(\S+)\s+(\S+)")
+_IPT_NEW = re.compile(r"^(?:-N|--new-chain)\s+(\S+)\s*$")
+_IPT_POLICY = re.compile(r"^(?:-P|--policy)\s+\S+\s+\S+\s*$")
+
+
+def _ipt_analysed(text: str, family: int) -> tuple[list[str], _IptAnalysis]:
+    return _analysed("ipt", family, text, functools.partial(_ipt_rules, family=family))
+
+
+def _ipt_rules(lines: list[str], family: int) -> _IptAnalysis:
+    found = _IptAnalysis()
     start = 0
     while start < len(lines):
         if not lines[start].startswith("*"):
@@ -237,38 +336,213 @@ def _ipt_rules(lines: list[str], family: int) -> list[_Rule]:
         end = start + 1
         while end < len(lines) and lines[end].strip() != "COMMIT":
             end += 1
-        block = range(start + 1, end)
-        if not any(_IPT_POSITIONAL.match(lines[i]) for i in block):   # positions would move
-            for i in block:
-                if lines[i].lstrip().startswith(("-A ", "--append ", "[")):
-                    rule = _ipt_rule(i, lines[i], family)
-                    if rule is not None:
-                        found.append(rule)
+        table = _ipt_table(lines, range(start + 1, end), family, found)
+        found.tables.append(table)
         start = end + 1
     return found
 
 
-def _ipt_rule(index: int, line: str, family: int) -> _Rule | None:
-    """The rule's shape and address options; None if it has none the sandbox can rule out."""
-    fast = _IPT_FAST_V4.fullmatch(line) if family == 4 else None
-    if fast and not _IPT_SLOW.search(fast.group(7)):   # "-A C -s a.b.c.d/n REST", iptables-save's
-        span = _v4_range(*fast.group(2, 3, 4, 5, 6))    # own order: most rules of a big set
-        if span is not None:
-            return _Rule(index, f"-A {fast.group(1)} -s * {fast.group(7)}", ((4, (span,)),))
-    body = _IPT_COUNTERS.sub("", line) if line.lstrip().startswith("[") else line
-    if '"' in body or "'" in body or body.rstrip().endswith("\\"):
+def _ipt_table(lines: list[str], block: range, family: int, found: _IptAnalysis) -> _IptTable:
+    table = _IptTable()
+    parsed: list[tuple[int, str, str, tuple[Option, ...], list[str], tuple[str, ...]]] = []
+    for i in block:
+        line = lines[i].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith(":"):
+            m = _IPT_DECLARED.match(line)
+            if m is None:
+                table.opaque = True
+            elif m.group(2) == "-":
+                table.user.add(m.group(1))
+                table.declared[m.group(1)] = i
+            else:
+                table.builtin.add(m.group(1))
+            continue
+        body = _IPT_COUNTERS.sub("", line) if line.startswith("[") else line
+        if not body.startswith(("-A ", "--append ")):
+            m = _IPT_NEW.match(body)
+            if m is not None:
+                table.user.add(m.group(1))
+            elif not _IPT_POLICY.match(body):
+                table.opaque = True   # -I/-R/-D/-E/-F/-X...: positions or chains would move
+            continue
+        fast = _IPT_FAST_V4.fullmatch(body) if family == 4 else None
+        if fast is not None and not _IPT_SLOW.search(fast.group(7)):
+            # "-A C -s a.b.c.d/n REST", iptables-save's own order: most rules of a large set
+            span = _v4_range(*fast.group(2, 3, 4, 5, 6))
+            if span is not None:
+                rest = " -s *" + fast.group(7)
+                at = rest.find(" -j ")
+                nat = _nat_targets(rest, family) if any(
+                    w in rest for w in _IPT_NAT_WORDS) and _IPT_NAT.search(rest) else ()
+                parsed.append((i, fast.group(1), rest, ((4, (span,)),),
+                               [rest[at + 4:].split(" ", 1)[0]] if at >= 0 else [],
+                               () if nat is None else nat))
+                found.unsure_nat = found.unsure_nat or nat is None
+                continue
+        rule = _ipt_parse(body, family)
+        if rule is None:
+            table.opaque = True
+            if any(word in body for word in _IPT_NAT_WORDS) and _IPT_NAT.search(body):
+                found.unsure_nat = True
+            continue
+        chain, rest, options, jumps, nat = rule
+        if nat is None:
+            found.unsure_nat = True
+            nat = ()
+        parsed.append((i, chain, rest, options, jumps, nat))
+    # A chain with rules that is not declared as a user chain is a built-in one (a hand-written
+    # file may append to INPUT without `:INPUT ACCEPT`): packets reach it.
+    table.builtin.update(chain for _, chain, _, _, _, _ in parsed if chain not in table.user)
+    hooks = _hooks(table, parsed)
+    shapes: dict[tuple[str, str], str] = {}
+    for i, chain, rest, options, jumps, nat in parsed:
+        jump = jumps[0] if len(jumps) == 1 and jumps[0] in table.user else None
+        if len(jumps) > 1:
+            table.opaque = True
+        if jump is not None:
+            rest = _IPT_JUMP.sub(lambda m: m.group(0)[:m.start(1) - m.start(0)] + "*", rest)
+        where = chain if chain in table.builtin else hooks.get(chain, "~")
+        shape = shapes.get((where, rest))
+        if shape is None:
+            shape = shapes[(where, rest)] = f"{where} {_NUMBER.sub('#', rest)}"
+        table.rules.append(_IptRule(i, shape, options, chain, jump, nat))
+        if jump is not None:
+            table.jumps.setdefault(chain, []).append(table.rules[-1])
+    return table
+
+
+def _hooks(table: _IptTable, parsed: list[tuple[int, str, str, tuple[Option, ...], list[str],
+                                                 tuple[str, ...]]]) -> dict[str, str]:
+    """Per user chain, the built-in chains it is reached from (whatever the addresses), as a
+    label: rules of user chains reached from the same hooks share a shape (a target valid in
+    one hook may be refused in another)."""
+    jumps: dict[str, set[str]] = {}
+    for _, chain, _, _, targets, _ in parsed:
+        for target in targets:
+            if target in table.user:
+                jumps.setdefault(chain, set()).add(target)
+    reached: dict[str, set[str]] = {}
+    for hook in table.builtin:
+        seen = {hook}
+        stack = [hook]
+        while stack:
+            for target in jumps.get(stack.pop(), ()):
+                if target not in seen:
+                    seen.add(target)
+                    stack.append(target)
+                    reached.setdefault(target, set()).add(hook)
+    return {chain: "~" + ",".join(sorted(found)) for chain, found in reached.items()}
+
+
+def _ipt_parse(body: str, family: int) -> tuple[str, str, tuple[Option, ...], list[str],
+                                                 tuple[str, ...] | None] | None:
+    """(chain, the rule after its chain with quoted words and addresses masked, address
+    options, jump targets, translated-to addresses (None: not readable)); None if the line
+    cannot be read safely (single quotes, an open quote, a continuation)."""
+    _, _, rest = body.partition(" ")
+    chain, _, rest = rest.partition(" ")
+    if not chain:
         return None
-    found = [m for m in _IPT_ADDRESS.finditer(body) if m.group(1) is None]   # not negated
-    options = [(family, r) for r in (_ranges(m.group(3), family) for m in found) if r is not None]
-    if not options:
+    rest = " " + rest
+    if '"' in rest:
+        rest = _IPT_QUOTED.sub('"-"', rest)
+        if '"' in rest.replace('"-"', ""):
+            return None
+    if "'" in rest or "\\" in rest:
         return None
-    shape = _IPT_ADDRESS.sub(lambda m: f" {m.group(1) or ''}{m.group(2)} *", body)
-    return _Rule(index, shape, tuple(options))
+    options: list[Option] = []
+    if "-s" in rest or "-d" in rest:
+        def mask(m: re.Match[str]) -> str:
+            if m.group(1) is None:   # not negated
+                ranges = _ranges(m.group(3), family)
+                if ranges is not None:
+                    options.append((family, ranges))
+            return f" {m.group(1) or ''}{m.group(2)} *"
+        rest = _IPT_ADDRESS.sub(mask, rest)
+    if " -g " in rest or " --g" in rest or " --j" in rest:
+        jumps = _IPT_JUMP.findall(rest)
+    else:
+        at = rest.find(" -j ")
+        jumps = [rest[at + 4:].split(" ", 1)[0]] if at >= 0 else []
+    nat: tuple[str, ...] | None = ()
+    if any(word in rest for word in _IPT_NAT_WORDS) and _IPT_NAT.search(rest):
+        nat = _nat_targets(rest, family)
+    return chain, rest, tuple(options), jumps, nat
+
+
+def _nat_targets(rest: str, family: int) -> tuple[str, ...] | None:
+    """The addresses (networks) a translation rule rewrites to; None if one is not readable."""
+    values = _IPT_NAT_VALUE.findall(rest)
+    if not values and re.search(r"\bNETMAP\b", rest):
+        return None
+    found: list[str] = []
+    for value in values:
+        if value.startswith("["):              # [v6]:port or [a]-[b]:port
+            address = value.split("]:", 1)[0].replace("[", "").replace("]", "")
+        elif family == 4 or value.count(":") == 1:
+            address = value.split(":", 1)[0]
+        else:
+            address = value
+        if not address:
+            continue                            # a port only: the address stays
+        first, _, last = address.partition("-")
+        if not last and _V4.match(first):
+            if _span(first) is None:
+                return None
+            found.append(first)
+            continue
+        try:
+            if last:
+                found += [str(n) for n in ipaddress.summarize_address_range(
+                    ipaddress.ip_address(first), ipaddress.ip_address(last))]
+            else:
+                found.append(str(ipaddress.ip_network(first, strict=False)))
+        except (ValueError, TypeError):
+            return None
+    return tuple(found)
+
+
+def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, int]],
+                      nft: Iterable[str]) -> AddressSet | None:
+    """The addresses sandbox packets may carry: ``addresses`` (the sandbox's own), and those
+    an address translation that such a packet may meet rewrites them to (iptables: DNAT/SNAT
+    rules in chains the packets reach, whose own addresses may match), to a fixed point.
+    None (nothing may be left out) when an nft file translates addresses, or a translation is
+    not readable."""
+    if rewrites_addresses([t for t in nft]):
+        return None
+    base = list(addresses)
+    texts = list(iptables)
+    found = AddressSet.of(base)
+    extra: set[str] = set()
+    for _ in range(16):
+        new: set[str] = set()
+        for text, family in texts:
+            if not (any(word in text for word in _IPT_NAT_WORDS) and _IPT_NAT.search(text)):
+                continue
+            analysis = _ipt_analysed(text, family)[1]
+            if analysis.unsure_nat:
+                return None
+            for table in analysis.tables:
+                nat = [r for r in table.rules if r.nat]
+                if not nat:
+                    continue
+                live = table.live(found)
+                new.update(a for r in nat if r.chain in live and found.may_match(r.options)
+                           for a in r.nat)
+        if new <= extra:
+            return found
+        extra |= new
+        found = AddressSet.of([*base, *sorted(extra)])
+    return None
 
 
 def prune_nft(text: str, addresses: AddressSet) -> Pruned:
     """``text`` (an nft file or listing) without the chain rules no sandbox packet can match."""
-    return _apply(*_analysed("nft", 0, text, _nft_rules), addresses)
+    lines, rules = _analysed("nft", 0, text, _nft_rules)
+    return _apply(lines, rules, addresses)
 
 
 def _nft_rules(lines: list[str]) -> list[_Rule]:
@@ -287,7 +561,8 @@ def _nft_rules(lines: list[str]) -> list[_Rule]:
                 if not _NFT_SLOW.search(rest):
                     span = _v4_range(a, b, c, d, prefix)
                     if span is not None:
-                        found.append(_Rule(i, f"ip {way} * {rest}", ((4, (span,)),)))
+                        found.append(_Rule(i, _NUMBER.sub("#", f"ip {way} * {rest}"),
+                                           ((4, (span,)),)))
                         continue
         was_continued, continued = continued, line.rstrip().endswith("\\")
         opens, closes = line.count("{"), line.count("}")
@@ -322,8 +597,8 @@ def _nft_rule(index: int, rule: str) -> _Rule | None:
             options.append((family, ranges))
     if not options:
         return None
-    return _Rule(index, _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule),
-                 tuple(options))
+    shape = _NFT_ADDRESS.sub(lambda m: f"{m.group(1)} {m.group(2)} *", rule)
+    return _Rule(index, _NUMBER.sub("#", shape), tuple(options))
 
 
 def warm(layers: Mapping[str, tuple[bytes, str]]) -> None:
@@ -334,6 +609,6 @@ def warm(layers: Mapping[str, tuple[bytes, str]]) -> None:
         text = content.decode(errors="replace")
         if name in ("ipv4", "ipv6"):
             family = 4 if name == "ipv4" else 6
-            _analysed("ipt", family, text, functools.partial(_ipt_rules, family=family))
+            _ipt_analysed(text, family)
         elif name == "nft":
             _analysed("nft", 0, text, _nft_rules)

@@ -17,7 +17,7 @@ from fwsafe.lab import require_lab_capable
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-SECTIONS = ("meta", "recovery", "footprint", "scale", "ufw", "check", "targets")
+SECTIONS = ("meta", "recovery", "footprint", "scale", "ufw", "check", "shapes", "targets")
 
 
 def _positive(value: Any) -> bool:
@@ -69,6 +69,17 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
         assert row["apply_phases"] and row["revert_phases"]
     for backend in ("iptables", "nft"):  # quick: the pieces of the largest size only
         assert any(r["pieces"] for r in rows if r["backend"] == backend)
+
+    # issue 27: every shape's A and B load in the kernel, apply and check answer on each
+    from bench.shapes import SHAPES
+
+    shapes = {r["shape"]: r for r in data["shapes"]["rows"]}
+    assert set(shapes) == set(SHAPES)
+    for row in shapes.values():
+        for key in ("floor_apply_s", "apply_s", "apply_ratio", "revert_ratio", "check_s",
+                    "check_ne_s"):
+            assert _positive(row[key]), (key, row)
+        assert row["check_rc"] == [0], row          # no lockout predicted: SSH stays open
 
     ufw = data["ufw"]
     assert all(_positive(v) for v in ufw["measured_s"].values())

@@ -3,6 +3,7 @@ numbers."""
 
 from __future__ import annotations
 
+from fwsafe.check import prune
 from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, rewrites_addresses
 
 SANDBOX = AddressSet.of(["10.0.0.1", "10.0.0.2", "192.168.5.9/24", "fd00::1", "fd00::2"])
@@ -158,3 +159,131 @@ def test_nft_one_address_shortcut_agrees_with_the_full_analysis(monkeypatch) -> 
     monkeypatch.setattr(prune, "_NFT_SIMPLE_LINE", re.compile(r"(?!)"))
     assert prune._nft_rules(lines) == fast
     assert [r.line - 2 for r in fast] == [0, 1, 2, 3, 4, 7, 9, 10, 11]   # {...}: never
+
+
+# -- issue 27: the shapes real hosts have -----------------------------------------------------
+CLIENT, SERVER = "10.0.0.1", "10.0.0.2"
+
+
+def _lines_with(text: str, needle: str) -> list[str]:
+    return [line for line in text.split("\n") if needle in line]
+
+
+def test_blocklist_with_varied_ports_is_pruned_but_the_clients_rule_kept() -> None:
+    """Ports, targets' options and comments vary per rule: they are not part of the shape."""
+    from bench.shapes import blocklist
+
+    text = blocklist(3000, 0).replace(
+        "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT",
+        f'-A INPUT -s {CLIENT}/32 -p tcp -m tcp --dport 22 -m comment --comment "x" -j DROP\n'
+        "-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT")
+    addresses = prune.sandbox_addresses([CLIENT, SERVER], [(text, 4)], [])
+    assert addresses is not None
+    pruned = prune_iptables(text, addresses, 4)
+    assert _lines_with(pruned.text, f"-s {CLIENT}/32")           # the verdict-changing rule
+    assert len(_lines_with(pruned.text, "-A INPUT")) <= 8           # a few shapes, not 3000
+    assert pruned.left_out >= 2990
+
+
+def _kube_with_ssh_service(pod: str) -> str:
+    """bench's kube shape, plus a service on the server's own address and port 22 whose
+    endpoint is `pod`: the client's SSH is translated away (a lockout)."""
+    from bench.shapes import kube
+
+    return kube(2000, 0).replace(
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports",
+        f"-A KUBE-SERVICES -d {SERVER}/32 -p tcp -m tcp --dport 22 -j KUBE-SVC-SSH\n"
+        "-A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports").replace(
+        ":KUBE-NODEPORTS - [0:0]",
+        ":KUBE-NODEPORTS - [0:0]\n:KUBE-SVC-SSH - [0:0]\n:KUBE-SEP-SSH - [0:0]").replace(
+        "-A KUBE-MARK-MASQ -j MARK",
+        "-A KUBE-SVC-SSH -m statistic --mode random --probability 0.5 -j KUBE-SEP-SSH\n"
+        f"-A KUBE-SEP-SSH -s {pod}/32 -j KUBE-MARK-MASQ\n"
+        f"-A KUBE-SEP-SSH -p tcp -m tcp -j DNAT --to-destination {pod}:2222\n"
+        "-A KUBE-MARK-MASQ -j MARK")
+
+
+def test_kube_proxy_services_are_pruned_by_reachability_but_a_service_on_the_path_kept() -> None:
+    pod = "10.244.9.9"
+    text = _kube_with_ssh_service(pod)
+    addresses = prune.sandbox_addresses([CLIENT, SERVER], [(text, 4)], [])
+    assert addresses is not None
+    assert addresses.meets(pod, 4)                    # the reachable DNAT widens the set
+    assert addresses.meets("10.200.0.1", 4)          # service 0 has a NodePort: reached
+    assert not addresses.meets("10.200.0.4", 4)      # service 1 has none: not reached
+    pruned = prune_iptables(text, addresses, 4)
+    for needle in ("-j KUBE-SVC-SSH", "-A KUBE-SVC-SSH ", "-A KUBE-SEP-SSH -p tcp",
+                   f"-A KUBE-SEP-SSH -s {pod}/32", "-j KUBE-NODEPORTS", "-j KUBE-SERVICES"):
+        assert _lines_with(pruned.text, needle), needle
+    loaded = [line for line in pruned.text.split("\n") if line.startswith("-A ")]
+    assert len(loaded) < 400 and pruned.left_out > 1600   # NodePorts stay reachable
+    declared = [line for line in pruned.text.split("\n") if line.startswith(":KUBE-S")]
+    assert ":KUBE-SVC-SSH - [0:0]" in declared and ":KUBE-SEP-SSH - [0:0]" in declared
+    assert len(declared) < 200                  # empty chains no kept rule jumps to: gone
+    for line in loaded:                          # every jump still has its chain
+        target = line.split(" -j ")[-1].split()[0]
+        assert not target.startswith("KUBE-S") or f":{target} - [0:0]" in declared, line
+
+
+def test_a_translation_reached_only_through_pruned_rules_does_not_widen() -> None:
+    text = ipt("-A INPUT -d 198.51.100.1/32 -j DNAT --to-destination 203.0.113.5") \
+        .replace("*filter", "*nat")
+    addresses = prune.sandbox_addresses([CLIENT], [(text, 4)], [])
+    assert addresses is not None and not addresses.meets("203.0.113.5", 4)
+    wide = ipt("-A INPUT -p tcp -j DNAT --to-destination 203.0.113.5-203.0.113.6:22")
+    addresses = prune.sandbox_addresses([CLIENT], [(wide, 4)], [])
+    assert addresses is not None and addresses.meets("203.0.113.6", 4)
+
+
+def test_unreadable_translations_and_nft_translations_switch_pruning_off() -> None:
+    assert prune.sandbox_addresses([CLIENT], [(ipt("-A INPUT -j DNAT --to-destination x"), 4)],
+                                   []) is None
+    assert prune.sandbox_addresses(
+        [CLIENT], [(ipt("-A INPUT -m comment --comment 'a' -j DNAT --to-destination 1.2.3.4"),
+                    4)], []) is None
+    assert prune.sandbox_addresses([CLIENT], [], ["\t\ttcp dport 22 dnat ip to 10.9.9.9"]) is None
+
+
+def test_user_chains_reached_from_other_hooks_keep_a_rule_each() -> None:
+    """A target valid in one hook may be refused in another: the shape carries the hooks."""
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                      ":A - [0:0]", ":B - [0:0]", "-A INPUT -j A", "-A FORWARD -j B",
+                      "-A A -s 198.51.100.1/32 -o eth9 -j DROP",
+                      "-A A -s 198.51.100.2/32 -o eth9 -j DROP",
+                      "-A B -s 198.51.100.3/32 -o eth9 -j DROP", "COMMIT", ""])
+    pruned = prune_iptables(text, SANDBOX, 4)
+    assert pruned.left_out == 1
+    assert _lines_with(pruned.text, "-A B -s 198.51.100.3/32")
+
+
+def test_unreachable_chain_rules_without_addresses_are_left_out_one_shape_kept() -> None:
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":S1 - [0:0]", ":S2 - [0:0]",
+                      ":S3 - [0:0]", "-A INPUT -s 198.51.100.1/32 -j S1",
+                      "-A INPUT -s 198.51.100.2/32 -j S2", f"-A INPUT -s {CLIENT}/32 -j S3",
+                      "-A S1 -p tcp -j DROP", "-A S2 -p tcp -j DROP", "-A S3 -p tcp -j DROP",
+                      "COMMIT", ""])
+    pruned = prune_iptables(text, SANDBOX, 4)
+    assert _lines_with(pruned.text, "-A S3 -p tcp -j DROP")        # reached by the client
+    assert _lines_with(pruned.text, f"-s {CLIENT}/32 -j S3")
+    assert pruned.left_out == 2    # S2's jump and S2's (or S1's) rule: one of each shape stays
+
+
+def test_nft_blocklist_with_varied_ports_is_pruned_but_the_clients_rule_kept() -> None:
+    rules = [f"\t\tip saddr 198.51.{i // 250}.{i % 250 + 1} tcp dport {80 + i % 9} drop"
+             for i in range(2000)]
+    rules.insert(700, f"\t\tip saddr {CLIENT} tcp dport 22 drop")
+    text = "\n".join(["table inet t {", "\tchain input {",
+                      "\t\ttype filter hook input priority 0; policy accept;", *rules,
+                      "\t}", "}", ""])
+    pruned = prune_nft(text, SANDBOX)
+    assert _lines_with(pruned.text, f"ip saddr {CLIENT} tcp dport 22 drop")
+    assert pruned.left_out == 1999
+
+
+def test_undeclared_builtin_chain_counts_as_reached() -> None:
+    """`-A INPUT` without `:INPUT ACCEPT` (a hand-written file): INPUT is still reached, and so
+    is the chain it jumps to."""
+    text = "\n".join(["*filter", ":MINE - [0:0]", "-A INPUT -j MINE",
+                      "-A MINE -p tcp --dport 22 -j DROP", "-A MINE -p tcp --dport 23 -j DROP",
+                      "COMMIT", ""])
+    assert prune_iptables(text, SANDBOX, 4).left_out == 0
