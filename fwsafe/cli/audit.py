@@ -9,7 +9,13 @@ import click
 
 from fwsafe.audit import DEFAULT_TIMEOUT, audit
 from fwsafe.check.precheck import candidate_layers
-from fwsafe.cli.common import CONFIG_HELP, EXIT_CODES_EPILOG, STATE_DIR_HELP
+from fwsafe.cli.common import (
+    CONFIG_HELP,
+    EXIT_CODES_EPILOG,
+    STATE_DIR_HELP,
+    VERBOSITY,
+    echo_styled,
+)
 from fwsafe.config import load_config
 from fwsafe.core.change import change_from_files, resolve_partial, validate_change
 from fwsafe.core.statedir import resolve_state_dir
@@ -71,7 +77,9 @@ def audit_command(rules: tuple[str, ...], rules6: str | None, backend: str, part
     if as_json:
         click.echo(json.dumps(report.to_json(), sort_keys=True))
     else:
-        click.echo(report.describe())
+        first, _, rest = report.describe(VERBOSITY[0] >= 1).partition("\n")
+        echo_styled(first, fg="red" if report.exit_code else "green", bold=True)
+        click.echo(rest)
     if report.exit_code:
         # (click returns, not raises, an Exit when not in standalone mode, so: SystemExit.)
         sys.exit(report.exit_code)
