@@ -16,8 +16,12 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # only for the annotations: fwsafe.check.predict imports this module
     from fwsafe.check.predict import CheckReport, Verdict
 
-__all__ = ["check_lines", "check_text", "left_out_line", "no_client", "plural", "sources_label",
-           "verdict_line"]
+__all__ = ["check_lines", "check_text", "left_out_line", "no_client", "plural",
+           "precheck_summary", "refusal_hint", "sources_label", "verdict_line"]
+
+#: ufw verbs after which SSH is cut by ufw's defaults, not by a rule the command itself adds:
+#: the fix is to allow SSH first.
+_UFW_DEFAULTS_VERBS = ("enable", "default", "reload", "reset")
 
 _LABEL = {True: "ok", False: "LOCKOUT", None: "not checked"}
 _INDENT = " " * 17
@@ -125,3 +129,40 @@ def check_text(report: CheckReport, verbose: bool = False) -> str:
     lines, left_out = check_lines(report, verbose)
     line = left_out_line(left_out)
     return "\n".join(lines + ([line] if line else []))
+
+
+def precheck_summary(report: CheckReport) -> str:
+    """apply's one line on the lockout check that passed (fwsafe.core.apply.lockout_check)."""
+    if report.lockout:
+        return "LOCKOUT PREDICTED (applied with --force): " + report.lockout_message()
+    passed = [v for v in report.verdicts if v.ok]
+    if not passed:
+        return "no SSH path could be tested"
+    text = (f"the SSH path stays open for {', '.join(report.clients)} (port {report.port}; "
+            f"{plural(len(passed), 'path')} tested)")
+    missing = [v.path.rsplit("(", 1)[-1].rstrip(")").replace("ipv", "IPv")
+               for v in report.verdicts if no_client(v)]
+    unknown = [v for v in report.verdicts if v.ok is None and not no_client(v)]
+    if unknown:
+        first = unknown[0]
+        why = (f"it met {first.unverified[0]}" if first.unverified
+               else first.detail.removeprefix("not checked: "))
+        text += f"; NOT checked: {plural(len(unknown), 'path')}, e.g. {first.path}: {why}"
+    if missing:
+        text += f"; {' and '.join(missing)}: no client known"
+    return text
+
+
+def refusal_hint(run: list[str] | None, port: int) -> str:
+    """What to do when apply refuses a predicted lockout: for a ufw command, the exact command
+    that fixes it (with the port the SSH session really uses)."""
+    if run and run[0].rsplit("/", 1)[-1] == "ufw":
+        words = [w for w in run[1:] if not w.startswith("-")]
+        shown = " ".join(run[1:])
+        if words and words[0] in _UFW_DEFAULTS_VERBS:
+            return (f"nothing was changed; allow SSH first: `fwsafe ufw allow {port}/tcp`, "
+                    f"then `fwsafe ufw {shown}` again")
+        return (f"nothing was changed; the rule that `ufw {shown}` adds cuts SSH on port {port}: "
+                "leave it out, or narrow it so that it spares your SSH clients")
+    return ("nothing was changed; fix the rule, or apply anyway with --force (the guard still "
+            "reverts it unless confirmed)")

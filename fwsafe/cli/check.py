@@ -159,8 +159,8 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     echo_styled(first, fg="red" if report.lockout else "yellow" if report.unknown else "green",
                 bold=True)
     click.echo(rest)
-    if report.lockout:
-        raise LockoutPredicted(report.lockout_message(),
+    if report.lockout:  # the report above names the paths and the culprits: not again here
+        raise LockoutPredicted(f"lockout predicted on port {report.port}",
                                hint="nothing was changed; fix the rule named above and check again")
 
 
