@@ -51,9 +51,11 @@ class Terminal:
                        timeout=10, check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def capture(self) -> str:
-        """The screen's lines so far (scrollback included), trailing blanks dropped."""
-        text = self._tmux("capture-pane", "-p", "-J", "-S", "-", "-t", "t")
+    def capture(self, escapes: bool = False) -> str:
+        """The screen's lines so far (scrollback included), trailing blanks dropped;
+        ``escapes``: with the colours as escape sequences."""
+        text = self._tmux("capture-pane", "-p", "-J", *(["-e"] if escapes else []), "-S", "-",
+                          "-t", "t")
         return "\n".join(line.rstrip() for line in text.rstrip("\n").splitlines())
 
     def type(self, text: str) -> None:

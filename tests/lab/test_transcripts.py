@@ -138,6 +138,10 @@ def test_check_on_a_stock_ufw_host_fits_one_screen(fwlab_ufw: FwLab) -> None:
              r"^  ok +new tcp .* \(ipv4\)$", r"^  ok +new tcp .* \(ipv6\)$",
              r"^Left out \(-v\): \d+ unreproducible rules, none able to change the verdict")
         assert "NOT checked" not in screen and "(ipv4) (ipv4)" not in screen
+        # On a terminal the verdict, and only the verdict, is in colour.
+        coloured = [line for line in term.capture(escapes=True).split("\n")
+                    if re.search("\x1b\\[3[1-7]m", line)]
+        assert len(coloured) == 1 and "Result: the management path stays open" in coloured[0]
         sections.append(("check allow 80", "`fwsafe check -- ufw allow 80/tcp` (ufw enabled "
                          "with `allow 22/tcp`)", screen))
         screen = term.run(f"fwsafe check {clients} -- ufw deny 22/tcp")
@@ -150,6 +154,22 @@ def test_check_on_a_stock_ufw_host_fits_one_screen(fwlab_ufw: FwLab) -> None:
         sections.append(("check deny 22", "`fwsafe check -- ufw deny 22/tcp`", screen))
         assert term.run("echo $?").endswith("\n1")
     _write(sections, append=True)
+
+
+def test_refused_enable_names_the_port_sshd_listens_on(fwlab_ufw: FwLab) -> None:
+    """sshd on port 2222: the fix offered is `fwsafe ufw allow 2222/tcp`, and it works."""
+    fw = fwlab_ufw
+    fw.lab.stop_sshd()
+    fw.lab.start_sshd(env={"FWSAFE_STATE_DIR": str(fw.state_dir)}, port=2222)
+    refused = fw.lab.ssh("fwsafe ufw --force enable", timeout=60)
+    assert refused.returncode == 3, refused.stderr
+    assert "allow SSH first: `fwsafe ufw allow 2222/tcp`" in refused.stderr, refused.stderr
+    assert b"ENABLED=no" in fw.ufw_files()["ufw.conf"]
+    assert fw.lab.ssh("fwsafe ufw --detach allow 2222/tcp", timeout=60).returncode == 0
+    assert fw.lab.ssh("fwsafe confirm").returncode == 0
+    enabled = fw.lab.ssh("fwsafe ufw --detach --force enable", timeout=60)
+    assert enabled.returncode == 0, enabled.stderr
+    assert fw.lab.new_login_ok() and fw.lab.ssh("fwsafe confirm").returncode == 0
 
 
 def term_block(term: Terminal, command: str) -> str:
