@@ -72,13 +72,7 @@ def test_the_ufw_users_flow_in_a_terminal(fwlab_ufw: FwLab) -> None:
         assert b"ENABLED=no" in fw.ufw_files()["ufw.conf"]
 
         # The fix it names, confirmed at the countdown.
-        term.start("fwsafe ufw allow 22/tcp", COUNTDOWN)
-        term.type("yes")
-        term.run("")
-        sections.append(("allow 22", "`fwsafe ufw allow 22/tcp`, kept at the countdown",
-                         term_block(term, "fwsafe ufw allow 22/tcp")))
-        _pin("allow 22", sections[-1][2], r"Lockout check: the SSH path stays open",
-             r"confirmed: transaction \S+ stays")
+        sections.append(_kept_at_countdown(term, "allow 22", "fwsafe ufw allow 22/tcp"))
 
         # Enabled now; confirmed from a NEW session, as the guard asks.
         term.start("fwsafe ufw --force enable", COUNTDOWN)
@@ -98,13 +92,7 @@ def test_the_ufw_users_flow_in_a_terminal(fwlab_ufw: FwLab) -> None:
         assert b"ENABLED=yes" in fw.ufw_files()["ufw.conf"]
 
         # A harmless change, and the one that would lock the admin out.
-        term.start("fwsafe ufw allow 80/tcp", COUNTDOWN)
-        term.type("yes")
-        term.run("")
-        sections.append(("allow 80", "`fwsafe ufw allow 80/tcp`",
-                         term_block(term, "fwsafe ufw allow 80/tcp")))
-        _pin("allow 80", sections[-1][2], r"Lockout check: the SSH path stays open",
-             r"confirmed: transaction \S+ stays")
+        sections.append(_kept_at_countdown(term, "allow 80", "fwsafe ufw allow 80/tcp"))
         screen = term.run("fwsafe ufw deny 22/tcp")
         _pin("refused deny", screen, r"lockout predicted on port 22",
              r"dropped by `ufw deny 22/tcp` \(ipv4\):\d+: `-A ufw-user-input -p tcp -m tcp "
@@ -170,6 +158,18 @@ def test_refused_enable_names_the_port_sshd_listens_on(fwlab_ufw: FwLab) -> None
     enabled = fw.lab.ssh("fwsafe ufw --detach --force enable", timeout=60)
     assert enabled.returncode == 0, enabled.stderr
     assert fw.lab.new_login_ok() and fw.lab.ssh("fwsafe confirm").returncode == 0
+
+
+def _kept_at_countdown(term: Terminal, key: str, command: str) -> tuple[str, str, str]:
+    """Run a harmless change, type `yes` at its countdown: its screen, pinned."""
+    term.start(command, COUNTDOWN)
+    term.type("yes")
+    term.run("")
+    screen = term_block(term, command)
+    assert screen.count("left — type 'yes'") == 1, screen   # the countdown: one line, redrawn
+    _pin(key, screen, r"Lockout check: the SSH path stays open", COUNTDOWN,
+         r"confirmed: transaction \S+ stays")
+    return key, f"`{command}`, kept at the countdown", screen
 
 
 def term_block(term: Terminal, command: str) -> str:
