@@ -226,7 +226,7 @@ def show_exposure(complete: Change) -> None:
         layers = candidate_layers(complete)
         if not layers:
             return
-        text = exposure_change(layers).describe()
+        text = exposure_change(layers).describe(VERBOSITY[0] >= 1)
     except FwsafeError as exc:
         progress(f"exposure: not checked ({exc.message})")
         return
