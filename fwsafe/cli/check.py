@@ -73,7 +73,8 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
 
     Where packets are lost, the rule that dropped them is named with its file and line (from
     the kernel's packet counters or nft trace). Rules whose outcome the sandbox cannot
-    reproduce (rate limits, socket owners, marks, time, ...) are listed as NOT checked.
+    reproduce (rate limits, socket owners, marks, time, ...) are listed as NOT checked where
+    the management path's packets meet them and they could decide their fate (-v: all).
     Then, as `fwsafe audit` does, every listening service is tried from the world and the
     local subnets under the current rules and the candidate: the services the change opens
     or closes are listed (JSON: "exposure"). The live firewall is only read.
