@@ -10,6 +10,7 @@ import click
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.check.diff import UnitDiff, diff_change
 from fwsafe.cli.common import RAW_ARGS, VERBOSITY, use_colour
+from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, require_root
 
@@ -75,7 +76,9 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
         change = change_from_files(args, rules6, backend,
                                    limit=load_config(None).max_rules_bytes)
         change.partial = partial
-    diffs = diff_change(change)
+    with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+        tick.step("trying the change on a copy, in a scratch namespace")
+        diffs = diff_change(change)
     if as_json:
         click.echo(json.dumps({"changed": bool(diffs), "units": [d.to_json() for d in diffs]},
                               sort_keys=True))
