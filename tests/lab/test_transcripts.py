@@ -16,6 +16,7 @@ from tests.terminal import Terminal, lab_shell
 
 pytestmark = pytest.mark.lab
 COUNTDOWN = r"left — type 'yes'"
+DONE = r"confirmed: transaction \S+ stays[^\n]*\n\$\Z"   # and the prompt is back
 
 # (the command, the most lines its screen may take, patterns that must be on it)
 FLOW_LIMITS: dict[str, int] = {
@@ -83,8 +84,7 @@ def test_the_ufw_users_flow_in_a_terminal(fwlab_ufw: FwLab) -> None:
         screen = other.run("fwsafe confirm")
         _pin("confirm", screen, r"^confirmed")
         sections.append(("confirm", "`fwsafe confirm` in that NEW session", screen))
-        term.wait_for(r"confirmed: transaction \S+ stays", 30, times=2)
-        term.run("")
+        term.wait_for(DONE, 30)
         sections.append(("enable", "`fwsafe ufw --force enable` once SSH is allowed",
                          term_block(term, "fwsafe ufw --force enable")))
         _pin("enable", sections[-1][2], r"Lockout check: the SSH path stays open",
@@ -164,7 +164,7 @@ def _kept_at_countdown(term: Terminal, key: str, command: str) -> tuple[str, str
     """Run a harmless change, type `yes` at its countdown: its screen, pinned."""
     term.start(command, COUNTDOWN)
     term.type("yes")
-    term.run("")
+    term.wait_for(DONE, 60)
     screen = term_block(term, command)
     assert screen.count("left — type 'yes'") == 1, screen   # the countdown: one line, redrawn
     _pin(key, screen, r"Lockout check: the SSH path stays open", COUNTDOWN,
