@@ -17,6 +17,13 @@ from pathlib import Path
 from types import TracebackType
 
 PROMPT = "$ "
+#: The most lines each screen of docs/transcripts.md may take (the command's line included),
+#: by its key; tests/lab/test_transcripts.py pins the live captures, tests/unit/test_reports.py
+#: the docs.
+TRANSCRIPT_LIMITS: dict[str, int] = {
+    "refused enable": 6, "allow 22": 10, "status": 9, "confirm": 2, "enable": 10,
+    "allow 80": 10, "refused deny": 6, "history": 9, "check allow 80": 12, "check deny 22": 15,
+}
 WIDTH, HEIGHT = 100, 50
 
 

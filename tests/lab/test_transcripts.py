@@ -12,18 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import FwLab
-from tests.terminal import Terminal, lab_shell
+from tests.terminal import TRANSCRIPT_LIMITS, Terminal, lab_shell
 
 pytestmark = pytest.mark.lab
 COUNTDOWN = r"left — type 'yes'"
 DONE = r"confirmed: transaction \S+ stays[^\n]*\n\$\Z"   # and the prompt is back
 
-# (the command, the most lines its screen may take, patterns that must be on it)
-FLOW_LIMITS: dict[str, int] = {
-    "check allow 80": 12, "check deny 22": 15,
-    "refused enable": 6, "allow 22": 10, "enable": 10, "status": 9, "confirm": 2,
-    "allow 80": 10, "refused deny": 6, "history": 9,
-}
 
 
 def _write(sections: list[tuple[str, str, str]], append: bool = False) -> None:
@@ -49,7 +43,7 @@ def _write(sections: list[tuple[str, str, str]], append: bool = False) -> None:
 
 def _pin(key: str, screen: str, *patterns: str) -> None:
     lines = screen.split("\n")
-    assert len(lines) <= FLOW_LIMITS[key], f"{key}: {len(lines)} lines:\n{screen}"
+    assert len(lines) <= TRANSCRIPT_LIMITS[key], f"{key}: {len(lines)} lines:\n{screen}"
     for pattern in patterns:
         assert re.search(pattern, screen, re.M), f"{key}: no {pattern!r} in:\n{screen}"
     assert "\x1b" not in screen

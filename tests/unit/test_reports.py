@@ -3,6 +3,8 @@ line of what was left out, everything with -v; pure rendering, no lab."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from fwsafe.check.diff import UnitDiff
@@ -10,6 +12,7 @@ from fwsafe.check.predict import CheckReport, Verdict
 from fwsafe.check.report import precheck_summary, refusal_hint, sources_label
 from fwsafe.cli.diff import DIFF_SHOWN, _render
 from fwsafe.cli.transaction import format_status
+from tests.terminal import TRANSCRIPT_LIMITS
 
 
 def test_sources_label_names_each_source_and_family_once() -> None:
@@ -85,3 +88,19 @@ def test_status_fits_a_screen_and_shows_what_is_wrong() -> None:
     wrong = format_status(_pending(guard_alive=False, shielded=False, shield_error="EPERM"))
     assert "guard: PID 42 (setsid), GONE: run `fwsafe recover`" in wrong
     assert "guard NOT shielded from the OOM killer: EPERM" in wrong
+
+
+def test_the_transcripts_in_the_docs_fit_their_limits() -> None:
+    """docs/transcripts.md: every screen tests/lab/test_transcripts.py captures is there, within
+    its line limit, with no escape sequence; the check on a stock ufw host says what matters."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "transcripts.md").read_text()
+    screens = dict(re.findall(r"<!-- (.+?) -->\n```\n(.*?)\n```", text, re.S))
+    assert set(screens) == set(TRANSCRIPT_LIMITS)
+    for key, screen in screens.items():
+        assert len(screen.split("\n")) <= TRANSCRIPT_LIMITS[key], key
+        assert "\x1b" not in screen and screen.startswith("$ fwsafe "), key
+    allow = screens["check allow 80"].split("\n")
+    assert allow[1] == "Result: the management path stays open." and "NOT checked" not in allow
+    deny = screens["check deny 22"].split("\n")
+    assert deny[1].startswith("Result: LOCKOUT") and "culprit: `ufw deny 22/tcp`" in "\n".join(deny[:6])
+    assert "`fwsafe ufw allow 22/tcp`" in screens["refused enable"]
