@@ -7,6 +7,11 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fwsafe.audit.findings import expected_ports
+from fwsafe.audit.listeners import Listener
+from fwsafe.audit.plan import Source
+from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
+from fwsafe.audit.report import AuditReport, ExposureChange
 from fwsafe.check.diff import UnitDiff
 from fwsafe.check.predict import CheckReport, Verdict
 from fwsafe.check.report import precheck_summary, refusal_hint, sources_label
@@ -104,3 +109,31 @@ def test_the_transcripts_in_the_docs_fit_their_limits() -> None:
     deny = screens["check deny 22"].split("\n")
     assert deny[1].startswith("Result: LOCKOUT") and "culprit: `ufw deny 22/tcp`" in "\n".join(deny[:6])
     assert "`fwsafe ufw allow 22/tcp`" in screens["refused enable"]
+
+
+def test_audit_and_exposure_count_the_rules_not_checked_and_list_them_with_v() -> None:
+    sshd = Listener("tcp", 4, "0.0.0.0", 22, [12], "sshd", 812)
+    node = Listener("tcp", 4, "0.0.0.0", 5678, [11], "node", 1234)
+    rounds = {CURRENT: {sshd.key(): Reach([("world", 4)]), node.key(): Reach()},
+              CANDIDATE: {sshd.key(): Reach([("world", 4)]), node.key(): Reach([("world", 4)])}}
+    ufw_log = ("current iptables rules: `-A ufw-logging-deny -m limit --limit 3/min -j LOG`: "
+               "limit: a rate limit")
+    reach = ReachReport(sources=[Source("world", 4, "1.2.3.4", "eth0")], rounds=rounds,
+                        notes=["no route to the world over IPv6"], not_checked=[ufw_log] * 3)
+    report = AuditReport([sshd, node], reach, CURRENT, expected_ports(["22/tcp"]))
+    text = report.describe()
+    lines = text.split("\n")
+    assert lines[0] == "Result: nothing unexpected is reachable from the world."
+    assert ufw_log not in text and "Note:" not in text
+    assert lines[-1].startswith("Left out (-v): 3 unreproducible rules (a listener one may hide "
+                                "is marked UNCERTAIN above); 1 note")
+    verbose = report.describe(verbose=True)
+    assert verbose.count(ufw_log) == 3 and "Note: no route" in verbose and "Left out" not in verbose
+    change = ExposureChange.between([sshd, node], reach)
+    section, left_out = change.summary(False)
+    assert section[1].startswith("  opens   5678/tcp on 0.0.0.0:5678 (node, PID 1234): world")
+    assert left_out == ["exposure: 3 unreproducible rules, 1 note"]
+    listed, _ = change.summary(True, rules_listed=True)
+    assert ufw_log not in "\n".join(listed)   # the check's -v listed them already
+    assert "not checked: 3 rules the sandbox cannot reproduce, as listed above" in listed[-1]
+    assert change.to_json()["not_checked"] == [ufw_log] * 3
