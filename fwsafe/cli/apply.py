@@ -20,6 +20,7 @@ from fwsafe.cli.common import (
     config_from,
     config_path_of,
     detail,
+    echo_styled,
     emit,
     manager_for,
     progress,
@@ -311,12 +312,16 @@ def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
     progress(
         f"transaction {tx_id} is live ({what}). The guard "
         f"(PID {record.guard_pid}, {shield}) reverts it at {clock(record.deadline)} unless "
-        "confirmed.\n"
-        f"  Lockout check: {record.options.get('check', {}).get('summary', 'not run')}\n"
-        "  Stronger proof: open a NEW SSH session and run `fwsafe confirm` there; established\n"
-        "  connections survive rules that drop new ones, so this session staying alive proves "
-        "little."
-    )
+        "confirmed.")
+    if VERBOSITY[0] >= 0:  # the verdict, in colour on a terminal
+        check = record.options.get("check", {})
+        echo_styled(f"  Lockout check: {check.get('summary', 'not run')}", err=True,
+                    fg="red" if check.get("lockout") else "green" if check.get("ran")
+                    else "yellow")
+        click.echo(
+            "  Stronger proof: open a NEW SSH session and run `fwsafe confirm` there; "
+            "established\n  connections survive rules that drop new ones, so this session "
+            "staying alive proves little.", err=True)
 
     def still_open() -> bool:
         return manager.view(tx_id).state == transaction.PENDING

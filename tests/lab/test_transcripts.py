@@ -97,6 +97,12 @@ def test_the_ufw_users_flow_in_a_terminal(fwlab_ufw: FwLab) -> None:
                          screen))
         assert fw.lab.new_connection_ok(timeout=1.0)
 
+        # On the terminal the verdicts alone are in colour: the three checks that passed.
+        coloured = [line for line in term.capture(escapes=True).split("\n")
+                    if re.search("\x1b\\[3[1-7]m", line)]
+        assert len(coloured) == 3, coloured
+        assert all("Lockout check: the SSH path stays open" in line for line in coloured)
+
         screen = term.run("fwsafe history")
         _pin("history", screen, r"ufw allow 80/tcp", r"ufw --force enable")
         sections.append(("history", "`fwsafe history`", screen))
