@@ -35,7 +35,8 @@ def _write(sections: list[tuple[str, str, str]], append: bool = False) -> None:
              "a fresh ufw host in the namespace lab (ufw installed, not enabled, no rules yet);",
              "`fwsafe confirm` runs in a second, NEW SSH session. Refresh with",
              "`FWSAFE_TRANSCRIPTS=docs/transcripts.md pytest tests/lab/test_transcripts.py`;",
-             "the test pins each screen's line count and key lines.", ""]
+             "the test pins each screen's line count and key lines. \"NOT shielded from the OOM",
+             "killer\" is the lab machine's (no CAP_SYS_RESOURCE there); a host's guard is.", ""]
     for key, title, screen in sections:
         parts += [f"## {title}", "", f"<!-- {key} -->", "```", screen, "```", ""]
     Path(target).write_text("\n".join(parts))
