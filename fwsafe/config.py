@@ -121,6 +121,8 @@ class Config:
     max_timeout: int = DEFAULT_MAX_TIMEOUT
     max_rules_bytes: int = DEFAULT_MAX_RULES_BYTES
     boot_hook: bool = True   # on systemd hosts, apply installs the boot recovery unit
+    reboot_recovery: bool = True   # the boot unit's recovery by power cycle
+    reboot_recovery_window: float = 600.0   # ... two boots at most this many seconds apart
     expected_open: tuple[str, ...] = DEFAULT_EXPECTED_OPEN   # `fwsafe audit`: "PORT[-PORT]/PROTO"
     stuck_grace: float = DEFAULT_STUCK_GRACE  # the backstop kills a guard stuck this long past
     hatch: bool = True                        # the kernel escape hatch with every apply
@@ -385,6 +387,8 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
     max_timeout = top.take("max_timeout", top.int_min(1), DEFAULT_MAX_TIMEOUT)
     max_rules_bytes = top.take("max_rules_bytes", top.int_min(1), DEFAULT_MAX_RULES_BYTES)
     boot_hook = top.take("boot_hook", top.boolean, True)
+    reboot_recovery = top.take("reboot_recovery", top.boolean, True)
+    reboot_recovery_window = top.take("reboot_recovery_window", top.positive_number, 600.0)
     expected_open = top.take("expected_open", lambda k, v: _check_open_ports(top, k, v),
                              DEFAULT_EXPECTED_OPEN)
     hosts = top.take("hosts", lambda k, v: _check_hosts(path, top, k, v), {})
@@ -407,6 +411,8 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
         max_timeout=max_timeout,
         max_rules_bytes=max_rules_bytes,
         boot_hook=boot_hook,
+        reboot_recovery=reboot_recovery,
+        reboot_recovery_window=reboot_recovery_window,
         expected_open=expected_open,
         stuck_grace=stuck_grace,
         hatch=hatch,

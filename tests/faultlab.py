@@ -179,8 +179,9 @@ class FaultLab:
         """Start argv on the workstation (`ip netns exec` and env(1) exec it: the PID is
         argv's), with SIGHUP, SIGINT and SIGTERM at their defaults as in an admin's terminal:
         a suite started under nohup or as a background job would otherwise pass its ignored
-        signals on, and the client rightly keeps an ignored signal ignored."""
-        argv = ["env", "--default-signal=HUP,INT,TERM", *argv]
+        signals on, and the client rightly keeps an ignored signal ignored. faulthandler is on:
+        a client that hangs prints every thread's stack when sent SIGABRT."""
+        argv = ["env", "--default-signal=HUP,INT,TERM", "PYTHONFAULTHANDLER=1", *argv]
         proc = subprocess.Popen(self.net.exec_argv(self.cli_ns, argv), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)

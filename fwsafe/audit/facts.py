@@ -155,7 +155,19 @@ def pending_findings(state_dir: Path) -> list[Finding]:
     return [pending_finding(record.id, record.state, record.remaining_s())]
 
 
+def shim_findings() -> list[Finding]:
+    """Whether plain `ufw`/`firewall-cmd` typed over SSH run under the guard (fwsafe.shim)."""
+    from fwsafe import shim
+
+    return [Finding("info", f"the shim is active: plain `{e['tool']}` typed in an SSH session "
+                    "runs under the guard" if e["active"] else
+                    f"plain `{e['tool']}` runs without the guard (no shim)",
+                    "`fwsafe shim remove` restores the plain command" if e["active"] else
+                    "`fwsafe shim install` makes it guard itself (opt-in)",
+                    "shim" if e["active"] else "no-shim") for e in shim.status()]
+
+
 def host_findings(state_dir: Path, boot_hook: bool) -> list[Finding]:
-    """sshd, the boot unit and the transaction (Docker's: `docker_facts`)."""
-    return [*sshd_facts(), *boot_unit_findings(state_dir, boot_hook),
+    """sshd, the boot unit, the shim and the transaction (Docker's: `docker_facts`)."""
+    return [*sshd_facts(), *boot_unit_findings(state_dir, boot_hook), *shim_findings(),
             *pending_findings(state_dir)]

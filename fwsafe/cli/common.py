@@ -29,7 +29,7 @@ from fwsafe.errors import EXIT_CODE_HELP
 # The command line as given (click drops the `--` that starts command mode): set by cli.main.
 RAW_ARGS: list[str] = []
 COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
-                   "audit", "sshd")
+                   "audit", "sshd", "shim")
 COMMAND_TABLE = {
     "apply": "apply", "ufw": "apply",
     "confirm": "transaction", "revert": "transaction", "extend": "transaction",
@@ -37,7 +37,7 @@ COMMAND_TABLE = {
     "demo": "demo", "check": "check", "diff": "diff",
     "history": "history", "show": "history", "history-diff": "history", "rollback": "history",
     "probe": "probe", "rescue": "rescue", "install-boot-hook": "rescue",
-    "audit": "audit", "sshd": "sshd",
+    "audit": "audit", "sshd": "sshd", "shim": "shim",
 }
 
 

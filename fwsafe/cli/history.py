@@ -26,8 +26,8 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
 STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else /var/lib/fwsafe)."
 CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
 HISTORY_SHOWN = 10   # the newest states `fwsafe history` lists by default; -v: all
-# Layers a rollback can put back (they take a rules file).
-ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw")
+# Layers a rollback can put back (they take a rules file; sshd: its files, then a reload).
+ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd")
 
 
 def _state(state_dir: str | None, config_path: str | None) -> StateDir:
@@ -234,8 +234,34 @@ def rollback_change(entry: Entry) -> tuple[Any, list[str]]:
             content = _nft_replacement(content)
             if not content.strip():
                 continue  # no native tables then, none now
+        elif name == "sshd":
+            sshd, sshd_notes = _sshd_rollback(content)
+            notes += sshd_notes
+            if sshd is None:
+                continue  # sshd's files are as they were
+            content = sshd
         change.add(name, content, f"history:{entry.id}/{name}")
     return change, notes
+
+
+def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
+    """The sshd change that writes the entry's files that differ now (None: none differ),
+    based on their content now (the guard refuses if one changes meanwhile)."""
+    from fwsafe.ondisk.sshd import SshdFiles, dump, read_file
+    from fwsafe.ondisk.sshd import load as load_sshd
+
+    entry = load_sshd(content)
+    now = {path: read_file(path) for path in entry.files}
+    files = {path: state for path, state in entry.files.items() if now[path] != state}
+    live, _ = history.capture_sshd()
+    added = sorted(set(load_sshd(live).files) - set(entry.files)) if live else []
+    notes = [f"sshd: {path} is read by sshd now but was not then; a rollback leaves it "
+             "(move it aside by hand if it must go)" for path in added]
+    if not files:
+        return None, notes
+    base = {path: (state.digest() if state is not None else None)
+            for path, state in now.items() if path in files}
+    return dump(SshdFiles(entry.config, files, base)), notes
 
 
 def _nft_replacement(content: bytes) -> bytes:
@@ -284,8 +310,9 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     """Put the known-good state ID back, under the guard, like `fwsafe apply`: it reverts
     unless confirmed (`fwsafe confirm` from a NEW SSH session, or `yes` at the countdown).
 
-    The ipv4/ipv6 rules, the native nftables tables and ufw's files of the entry are put
-    back together, so that neither `ufw reload` nor a reboot brings the bad state back."""
+    The ipv4/ipv6 rules, the native nftables tables, ufw's files and sshd's files of the
+    entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
+    state back."""
     from fwsafe.cli.apply import interactive_wait, report_armed
     from fwsafe.core.apply import ApplyOptions
     from fwsafe.core.manager import Manager

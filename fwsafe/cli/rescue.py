@@ -43,7 +43,10 @@ def install_boot_hook(root_dir: str, uninstall: bool, state_dir: str | None,
 
     Writes /etc/systemd/system/fwsafe-recover.service, enables it with the
     sysinit.target.wants symlink (no systemctl needed), and keeps the rescue tool as
-    STATE_DIR/fwsafe.pyz on this disk for a rescue system (docs/rescue.md)."""
+    STATE_DIR/fwsafe.pyz on this disk for a rescue system (docs/rescue.md). The unit also
+    recovers by power cycle (two boots within reboot_recovery_window, no SSH login in
+    between); the login hook it needs (a PAM session module) is enabled with
+    pam-auth-update where there is one."""
     root = Path(root_dir)
     if not root.is_dir():
         raise click.UsageError(f"--root {root_dir}: no such directory")

@@ -23,10 +23,12 @@ from fwsafe.cli.common import (
     state_options,
 )
 from fwsafe.cli.ticker import StepTicker
+from fwsafe.config import Config
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.errors import NoTransactionError, RevertFailedError
 from fwsafe.guard import hatch
+from fwsafe.persistence import powercycle
 
 
 # --------------------------------------------------------------------------------------------
@@ -72,21 +74,46 @@ def extend(seconds: str, tx_id: str | None, as_json: bool, state_dir: str | None
 
 @click.command(epilog=EXIT_CODES_EPILOG)
 @state_options
-def recover(as_json: bool, state_dir: str | None, config_path: str | None) -> None:
+@click.option("--boot", "at_boot", is_flag=True,
+              help="As the boot unit runs it: then count this boot for the recovery by power "
+                   "cycle (two boots within reboot_recovery_window, no SSH login in between: "
+                   "the last known-good state is put back; docs/rescue.md).")
+def recover(as_json: bool, state_dir: str | None, config_path: str | None,
+            at_boot: bool) -> None:
     """Restore the snapshot of a transaction left pending without its guard (after a reboot,
-    power loss or SIGKILL). With nothing pending it does nothing and says so."""
-    manager = manager_for(state_dir, config_from(config_path))
+    power loss or SIGKILL). With nothing pending it does nothing and says so.
+
+    The boot unit runs it with --boot: a host reset twice within reboot_recovery_window
+    (10 minutes) with no SSH login in between gets its last known-good state back before the
+    firewall and sshd start; a single reboot changes nothing (docs/rescue.md)."""
+    config = config_from(config_path)
+    manager = manager_for(state_dir, config)
     try:
         with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
             tick.step("restoring the snapshot")
             record = manager.recover()
     except NoTransactionError as exc:
-        emit({"ok": True, "state": "none", "recovered": False}, as_json, exc.message)
+        power = power_cycle(manager, config) if at_boot else {}
+        emit({"ok": True, "state": "none", "recovered": False, **power}, as_json,
+             "\n".join([exc.message, *power.values()]))
         return
+    power = power_cycle(manager, config) if at_boot else {}
     if record.state == transaction.REVERT_FAILED:
         raise RevertFailedError(f"recovery FAILED: {record.error}")
-    emit({**record_summary(record), "recovered": True}, as_json,
-          f"recovered: transaction {record.id} restored from its snapshot ({record.reason})")
+    emit({**record_summary(record), "recovered": True, **power}, as_json,
+          "\n".join([f"recovered: transaction {record.id} restored from its snapshot "
+                     f"({record.reason})", *power.values()]))
+
+
+def power_cycle(manager: Manager, config: Config) -> dict[str, str]:
+    """The boot unit's count of boots and, when it is due, the recovery by power cycle."""
+    if not manager.state.exists():
+        return {}
+    decision, done = powercycle.at_boot(manager.state, window=config.reboot_recovery_window,
+                                        enabled=config.reboot_recovery)
+    if done is not None:
+        return {"power_cycle": powercycle.describe(done)}
+    return {"power_cycle": f"power-cycle recovery: nothing to do ({decision.why})"}
 
 
 @click.command(epilog=EXIT_CODES_EPILOG)
@@ -112,14 +139,24 @@ def status(as_json: bool, state_dir: str | None, config_path: str | None,
         for warning in report["warnings"]:
             echo_styled(f"warning: {warning}", fg="yellow")
         return
-    info = manager_for(state_dir, config_from(config_path)).status()
+    manager = manager_for(state_dir, config_from(config_path))
+    info = manager.status()
+    info["power_cycle"] = powercycle.status_info(manager.state)
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
         return
     click.echo(format_status(info, verbose=VERBOSITY[0] >= 1))
+    if info["power_cycle"] is not None and info["power_cycle"]["this_boot"]:
+        echo_styled(f"this boot: {powercycle.describe(info['power_cycle'])}", fg="yellow")
+    if VERBOSITY[0] < 1 and info["state"] != "none":
+        click.echo(STATUS_LEFT_OUT)
     if VERBOSITY[0] >= 1:
         for event in info.get("events", []):
             click.echo(f"  {clock(event['t'])}  {event['event']}: {event['detail']}")
+
+
+STATUS_LEFT_OUT = ("Left out (-v): the guard's PID, its backstop, the hatch, every unit touched, "
+                   "the log, the events")
 
 
 def format_status(info: dict[str, Any], verbose: bool = False) -> str:
@@ -178,9 +215,6 @@ def format_status(info: dict[str, Any], verbose: bool = False) -> str:
         lines.append(f"  error: {info['error']}")
     if verbose:
         lines.append(f"  log: {info['log']}")
-    else:
-        lines.append("Left out (-v): the guard's PID, its backstop, the hatch, every unit "
-                     "touched, the log")
     return "\n".join(lines)
 
 

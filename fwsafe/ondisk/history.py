@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fwsafe.ondisk.sshd import load as load_sshd_files
 from fwsafe.ondisk.ufw import UfwFilesError, load_ufw_files
 
 FORMAT = 1
@@ -30,6 +31,9 @@ HISTORY = "history"
 META = "meta.json"
 BASELINE_ID = "baseline"
 BASELINE_MARKER = ".baseline-recorded"   # in history/: the baseline was recorded once
+# The kind of an entry that is kept but was never known good: the files a power-cycle recovery
+# found and replaced (fwsafe.persistence.powercycle), for `rollback` to undo it. Never "last".
+BEFORE_RECOVERY = "before-recovery"
 LAYER_FILES = {
     "ipv4": "ipv4.rules",
     "ipv6": "ipv6.rules",
@@ -37,6 +41,7 @@ LAYER_FILES = {
     "ipv6-legacy": "ipv6-legacy.rules",
     "nft": "nft.conf",
     "ufw": "ufw.json",
+    "sshd": "sshd.json",   # /etc/ssh/sshd_config and what it includes (fwsafe.ondisk.sshd)
 }
 
 _COUNTERS = re.compile(r"\[\d+:\d+\]")
@@ -212,6 +217,8 @@ def read_entry(directory: Path) -> Entry:
                 load_ufw_files(content)
             except UfwFilesError as exc:
                 raise ValueError(str(exc)) from exc
+        if name == "sshd":
+            load_sshd_files(content)   # an SshdFilesError is a ValueError: damaged
         layers[str(name)] = content
     return Entry(id=directory.name, meta=meta, layers=layers, path=directory)
 
@@ -237,6 +244,11 @@ def snapshot_layers(tx_dir: Path) -> dict[str, bytes]:
             load_ufw_files(layers["ufw"])
         except UfwFilesError:
             del layers["ufw"]
+    if "sshd" in layers:
+        try:
+            load_sshd_files(layers["sshd"])
+        except ValueError:
+            del layers["sshd"]
     return layers
 
 
@@ -339,7 +351,9 @@ def find_entry(entries: list[Entry], damaged: list[Damaged], ref: str) -> Entry:
 
 
 def last_good(entries: list[Entry], damaged: list[Damaged]) -> Entry:
-    """The newest intact entry; refused when a damaged entry may be newer than it."""
+    """The newest intact entry that was known good (not a state a power-cycle recovery
+    replaced); refused when a damaged entry may be newer than it."""
+    entries = [e for e in entries if e.kind != BEFORE_RECOVERY]
     if not entries:
         why = "; ".join(f"{d.id}: {d.why}" for d in damaged)
         raise HistoryError("there is no intact known-good snapshot" + (f" ({why})" if why else ""))

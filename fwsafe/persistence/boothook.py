@@ -1,10 +1,12 @@
-"""Boot-time recovery: a systemd unit that runs `fwsafe recover` early at boot.
+"""Boot-time recovery: a systemd unit that runs `fwsafe recover --boot` early at boot.
 
 A reboot while a change is pending must come back with the old rules. The boot files already
 hold them (fwsafe writes them only on confirm, see fwsafe.persistence.bootfiles); the unit undoes the rest:
 before the network and before netfilter-persistent, ufw and nftables load their files, it
 restores the snapshot of a transaction still pending whose guard is gone (ufw's files
-included). With nothing pending it does nothing.
+included). With nothing pending it does nothing. It also counts boots for the recovery by
+power cycle (fwsafe.persistence.powercycle), which needs the login hook that `install()` puts
+in place too (fwsafe.persistence.loginhook). It runs before firewalld and sshd as well.
 
 `install()` writes the unit to /etc/systemd/system (under `root` for tests), enables it by
 creating the wants symlink itself (no systemctl needed), and puts the rescue zipapp in the state
@@ -21,6 +23,7 @@ import sys
 from pathlib import Path
 
 from fwsafe.ondisk.files import local_path, write_file_atomically
+from fwsafe.persistence import loginhook
 from fwsafe.rescue.tool import build_zipapp
 
 UNIT_NAME = "fwsafe-recover.service"
@@ -31,20 +34,23 @@ ZIPAPP_NAME = "fwsafe.pyz"
 
 UNIT_TEMPLATE = """\
 # fwsafe: undo a firewall change that was still pending (unconfirmed) when the machine went
-# down. Installed by `fwsafe install-boot-hook`; removed by `fwsafe install-boot-hook --uninstall`.
+# down, and recover by power cycle (two boots within reboot_recovery_window, no SSH login in
+# between: the last known-good state). Installed by `fwsafe install-boot-hook`; removed by
+# `fwsafe install-boot-hook --uninstall`.
 [Unit]
-Description=fwsafe: restore the firewall if a change was left pending at reboot
+Description=fwsafe: restore the firewall after a reboot during a change or a power-cycle recovery
 DefaultDependencies=no
 After=local-fs.target systemd-modules-load.service
 Wants=network-pre.target
 Before=network-pre.target netfilter-persistent.service ufw.service nftables.service
+Before=firewalld.service ssh.service ssh.socket sshd.service
 Before=shutdown.target
 Conflicts=shutdown.target
 ConditionPathIsDirectory={state_dir}
 
 [Service]
 Type=oneshot
-ExecStart={python} -m fwsafe recover --state-dir {state_dir}
+ExecStart={python} -m fwsafe recover --boot --state-dir {state_dir}
 Environment=PYTHONUNBUFFERED=1
 StandardOutput=journal+console
 TimeoutStartSec=300
@@ -71,6 +77,8 @@ def is_installed(root: Path, state_dir: str, *, python: str | None = None) -> bo
         wanted = render_unit(python or sys.executable, state_dir)
     except ValueError:
         return False
+    if loginhook.wanted(root, state_dir):
+        return False   # the power-cycle recovery needs the login hook too
     if not os.path.lexists(unit):
         return packaged_unit(root, wanted) is not None
     try:
@@ -137,6 +145,7 @@ def install(root: Path, state_dir: str, *, python: str | None = None,
             link.unlink()
         os.symlink(target, link)
         done.append(f"enabled: {link} -> {target}")
+    done += loginhook.install(root, state_dir)
     if with_zipapp:
         state = local_path(root, state_dir)
         if not state.is_dir():
@@ -164,6 +173,7 @@ def uninstall(root: Path, state_dir: str) -> list[str]:
         else:
             unit.unlink()
             done.append(f"removed {unit}")
+    done += loginhook.uninstall(root)
     if not done:
         done.append("nothing to remove: the boot hook is not installed")
     pyz = local_path(root, state_dir) / ZIPAPP_NAME

@@ -60,7 +60,9 @@ from fwsafe.ondisk.history import (
     pending_baseline,
     snapshot_layers,
 )
+from fwsafe.ondisk.sshd import load as load_sshd_files
 from fwsafe.ondisk.ufw import capture_ufw_files, ufw_files_text
+from fwsafe.sshd.config import SSHD_CONFIG
 
 DEFAULT_KEEP = 50
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -96,7 +98,27 @@ def capture_layers(root: Path = Path("/")) -> tuple[dict[str, bytes], dict[str, 
         layers[name] = normalize_layer(name, data)
     if "ufw" not in layers and "ufw" not in errors and uses_ufw(root):
         layers["ufw"] = capture_ufw_files(root)
+    if "sshd" not in layers and root == Path("/"):
+        sshd, error = capture_sshd()
+        if sshd is not None:
+            layers["sshd"] = sshd
+        elif error:
+            errors["sshd"] = error
     return layers, errors
+
+
+def capture_sshd() -> tuple[bytes | None, str | None]:
+    """sshd's effective files (/etc/ssh/sshd_config and what it includes), kept with the
+    firewall (rollback, rescue, power cycle): (layer, None), (None, why), or (None, None)
+    where there is no sshd_config."""
+    from fwsafe.backends import layer_for
+
+    if not os.path.isfile(SSHD_CONFIG):
+        return None, None
+    try:
+        return layer_for("sshd").capture(), None
+    except Exception as exc:  # noqa: BLE001 - an unreadable sshd config stops nothing
+        return None, str(exc) or exc.__class__.__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +196,12 @@ def layer_text(name: str, content: bytes) -> dict[str, str]:
             return {f"ufw {path}": text for path, text in ufw_files_text(content).items()}
         except ValueError:
             pass
+    if name == "sshd":
+        try:
+            return {f"sshd {path}": state.content.decode("utf-8", errors="replace")
+                    for path, state in load_sshd_files(content).files.items()}
+        except ValueError:
+            pass
     return {name: content.decode("utf-8", errors="replace")}
 
 
@@ -191,9 +219,9 @@ def summarize(old: dict[str, bytes] | None, new: dict[str, bytes]) -> tuple[list
             parts.append(f"{name} no longer captured")
             continue
         before, after = layer_text(name, old[name]), layer_text(name, new[name])
-        if name == "ufw":
+        if name in ("ufw", "sshd"):
             files = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
-            parts.append(f"ufw: {len(files)} file(s) changed" + (
+            parts.append(f"{name}: {len(files)} file(s) changed" + (
                 " (" + ", ".join(f.split("/")[-1] for f in files[:4]) + ")" if files else ""))
             continue
         plus = minus = 0

@@ -36,10 +36,7 @@ and the client reports what it recorded (4, 0), or 5 with the command to check.
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from fwsafe.errors import RevertFailedError
@@ -72,33 +69,10 @@ def apply_remote(req: RemoteRequest, progress: Callable[[str], None]) -> dict[st
     `InterruptedBeforeChange` (exit 3, nothing changed), `PendingError` (6), `RevertedError`
     (4: reverted, with the host's reason), `RevertFailedError` (5: the revert failed, or the
     state could not be known). Ctrl-C, SIGTERM and SIGHUP never escape as KeyboardInterrupt:
-    they end in one of these (`fwsafe.remote.interrupt`).
+    they end in one of these (`fwsafe.remote.interrupt`), raised only between steps
+    (`fwsafe.remote.signals`).
     """
     return RemoteApply(req, progress).run()
-
-
-@contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[list[str]]:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt as SIGINT does (a signal ignored when we
-    start stays ignored); the list holds the name of the last one."""
-    caught = ["SIGINT"]
-    if threading.current_thread() is not threading.main_thread():
-        yield caught
-        return
-
-    def handler(signum: int, frame: object) -> None:
-        caught[0] = signal.Signals(signum).name
-        raise KeyboardInterrupt
-
-    previous: dict[signal.Signals, Any] = {}
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, handler)
-    try:
-        yield caught
-    finally:
-        for signum, old in previous.items():
-            signal.signal(signum, old)
 
 
 class RemoteApply:
@@ -109,12 +83,12 @@ class RemoteApply:
 
     def run(self) -> dict[str, Any]:
         job = self.job
-        with signals_as_interrupts() as caught:
+        with job.interrupts.installed() as caught:
             try:
                 try:
                     return self.phases()
                 except KeyboardInterrupt:
-                    return self.interrupted(caught[0])
+                    return self.interrupted(caught.name)
                 except BaseException:
                     if not job.may_have_applied() and job.tmpdir is not None:
                         interrupted_before_change(job, "")  # removes the upload directory
@@ -122,10 +96,10 @@ class RemoteApply:
             except KeyboardInterrupt:  # again, while the first one was handled
                 if job.may_have_applied():
                     raise RevertFailedError(
-                        f"interrupted ({caught[0]}) twice: the change may be live on "
+                        f"interrupted ({caught.name}) twice: the change may be live on "
                         f"{job.where}; its outcome is unknown",
                         hint=f"check with `{job.check_command()}`") from None
-                raise interrupted_before_change(job, caught[0]) from None
+                raise interrupted_before_change(job, caught.name) from None
             finally:
                 try:
                     job.close_first()
@@ -137,8 +111,10 @@ class RemoteApply:
         contents = read_local(job)
         job.first = self.connect_first()
         self.connected(job.first)
+        job.interrupts.check()
         job.tmpdir = make_tmpdir(job)
         upload(job, contents)
+        job.interrupts.check()  # the last moment at which Ctrl-C means "nothing changed"
         start_apply(job)
         return self.confirm_or_report()
 
@@ -155,7 +131,8 @@ class RemoteApply:
         req = job.req
         known = KnownHosts(req.known_hosts)
         job.dialer = Dialer(job.target, known, identity=req.identity,
-                            accept_new=req.accept_new_host_key, on_accept=job.say)
+                            accept_new=req.accept_new_host_key, on_accept=job.say,
+                            interrupts=job.interrupts)
         job.say(f"connecting to {job.where} (host keys: {known.path})")
         try:
             return job.connect(timing.FIRST_CONNECT_TIMEOUT, tcp_timeout=timing.FIRST_TCP_TIMEOUT)

@@ -65,7 +65,7 @@ class NewLoginConfirmer:
                 continue
             if outcome is not None:
                 return outcome
-            time.sleep(max(0.0, min(wait, stop_at - time.monotonic())))
+            self.job.pause(max(0.0, min(wait, stop_at - time.monotonic())))
         job.say("no new SSH login confirmed before the deadline"
                 + (f" (last: {job.last_failure})" if job.last_failure else "")
                 + f"; the guard on {job.where} reverts the change by itself")
@@ -121,7 +121,7 @@ class NewLoginConfirmer:
         return until
 
     def _pause(self, stop_at: float) -> None:
-        time.sleep(max(0.0, min(timing.RETRY_PAUSE, stop_at - time.monotonic())))
+        self.job.pause(max(0.0, min(timing.RETRY_PAUSE, stop_at - time.monotonic())))
 
     def _settle_status(self, conn: Connection) -> dict[str, Any] | None:
         """While the probes settle: stop at once if the guard already decided."""

@@ -113,14 +113,14 @@ class AfterInterrupt:
         while time.monotonic() < end - timing.MIN_ATTEMPT:
             conn, owned = self._reach(end)
             if conn is None:
-                time.sleep(max(0.0, min(timing.RETRY_PAUSE, end - time.monotonic())))
+                job.pause(max(0.0, min(timing.RETRY_PAUSE, end - time.monotonic())))
                 continue
             try:
                 while time.monotonic() < end:
                     outcome, wait = self._over(conn)
                     if outcome is not None:
                         return outcome
-                    time.sleep(max(0.0, min(wait, end - time.monotonic())))
+                    job.pause(max(0.0, min(wait, end - time.monotonic())))
             except ssh_errors() as exc:
                 self.last = f"the connection broke off: {exc or type(exc).__name__}"
                 if not owned:

@@ -15,6 +15,7 @@ from fwsafe.errors import RejectedError
 from fwsafe.remote import timing
 from fwsafe.remote.scripts import REMOTE_NAMES, RUN_AND_CLEAN_SCRIPT, sh
 from fwsafe.remote.session import Connection, Dialer, RemoteCommand, RemoteResult
+from fwsafe.remote.signals import Interrupts
 
 __all__ = ["InterruptedBeforeChange", "RemoteCommandError", "RemoteJob", "RemoteRequest",
            "SSHConnectError"]
@@ -72,6 +73,7 @@ class RemoteJob:
         self.attempts = 0                        # new logins tried
         self.last_failure: str | None = None     # why the last new login did not confirm
         self.until: float | None = None          # no step may run past this (a phase's end)
+        self.interrupts = Interrupts()           # Ctrl-C, raised only between steps
 
     # -- messages -------------------------------------------------------------------------------
     def say(self, message: str) -> None:
@@ -94,6 +96,10 @@ class RemoteJob:
                 if local:
                     text = text.replace(f"{self.tmpdir}/{name}", local)
         return text
+
+    def pause(self, seconds: float) -> None:
+        """Wait between steps; Ctrl-C (SIGTERM, SIGHUP) raises KeyboardInterrupt here."""
+        self.interrupts.pause(seconds)
 
     # -- connections ----------------------------------------------------------------------------
     def connect(self, budget: float, *, tcp_timeout: float) -> Connection:

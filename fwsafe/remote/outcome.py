@@ -60,7 +60,7 @@ class AfterDeadline:
                 conn = job.connect(budget, tcp_timeout=job.link.tcp_timeout(after_deadline=True))
             except (AttemptFailed, HostKeyError) as exc:
                 last = exc.message
-                time.sleep(max(0.0, min(0.1, end - time.monotonic())))
+                job.pause(max(0.0, min(0.1, end - time.monotonic())))
                 continue
             try:
                 with conn:
@@ -74,7 +74,7 @@ class AfterDeadline:
                 return None
             if outcome is not None:
                 return outcome
-            time.sleep(0.2)
+            job.pause(0.2)
         what = (f"{job.where} answered, but gave no outcome" if "answered_s" in job.timings
                 else f"{job.where} did not answer SSH again")
         raise RevertFailedError(

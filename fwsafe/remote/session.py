@@ -28,6 +28,7 @@ from fwsafe.config import HostTarget
 from fwsafe.probes import SocketDeadline, describe_os_error, ssh_log_channel
 from fwsafe.remote import timing
 from fwsafe.remote.hostkeys import KnownHosts
+from fwsafe.remote.signals import Interrupts
 from fwsafe.sshcompat import channel_timeout
 
 __all__ = [
@@ -123,6 +124,7 @@ class RemoteCommand:
         """Open a channel and run `command` (feeding it `stdin`), all within `limit` seconds:
         paramiko's own wait for the exec reply has no limit, so the connection is shut down
         when it passes (`StepTimedOut`)."""
+        self.conn.interrupts.check()  # Ctrl-C before a command starts: it does not start
         with self.conn.bounded(limit, "running a command"):
             channel = self.conn.transport.open_session(timeout=max(limit, 0.05))
             self.channel = channel
@@ -167,7 +169,7 @@ class RemoteCommand:
                     return None
                 self.close()
                 return self._result(None)
-            time.sleep(0.005)
+            self.conn.interrupts.pause(0.005)
 
     def close(self) -> None:
         """Close the channel; a connection that cannot even take that is shut down."""
@@ -187,7 +189,8 @@ class Connection:
     """One SSH login: its own TCP connection, paramiko transport and client."""
 
     def __init__(self, client: Any, sock: socket.socket, tcp_s: float, login_s: float,
-                 server_key: Any) -> None:
+                 server_key: Any, interrupts: Interrupts | None = None) -> None:
+        self.interrupts = interrupts or Interrupts()
         self.client = client
         self.sock = sock
         self.tcp_s = tcp_s
@@ -267,10 +270,14 @@ class Dialer:
 
     `known` checks the host key (`accept_new`: record an unknown host's key, and tell
     `on_accept`); `identity` is the only key offered, else ssh-agent and the default keys.
+    `interrupts`: Ctrl-C is raised before a login starts and while a command is awaited
+    (`fwsafe.remote.signals`), never inside paramiko.
     """
 
     def __init__(self, target: HostTarget, known: KnownHosts, *, identity: str | None,
-                 accept_new: bool, on_accept: Callable[[str], None]) -> None:
+                 accept_new: bool, on_accept: Callable[[str], None],
+                 interrupts: Interrupts | None = None) -> None:
+        self.interrupts = interrupts or Interrupts()
         self.target = target
         self.where = str(target)
         self.known = known
@@ -290,7 +297,9 @@ class Dialer:
         began = time.monotonic()
         connect_timeout = max(min(tcp_timeout, budget), 0.05)
         try:
-            sock = socket.create_connection((target.host, target.port), timeout=connect_timeout)
+            with self.interrupts.interruptible():  # no lock of paramiko's is held here
+                sock = socket.create_connection((target.host, target.port),
+                                                timeout=connect_timeout)
         except (OSError, ValueError) as exc:
             raise AttemptFailed(
                 f"TCP connect to {target.hostport}: {os_error_text(exc, connect_timeout)}"
@@ -328,7 +337,7 @@ class Dialer:
             raise self._login_failure(exc, watchdog.expired, budget) from None
         watchdog.cancel()
         return Connection(client, sock, tcp_s, time.monotonic() - began,
-                          client.get_transport().get_remote_server_key())
+                          client.get_transport().get_remote_server_key(), self.interrupts)
 
     def _login_failure(self, exc: Exception, timed_out: bool, budget: float) -> AttemptFailed:
         import paramiko

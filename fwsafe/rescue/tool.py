@@ -7,7 +7,8 @@ works on that disk, mounted somewhere (``--root /mnt``), without calling netfilt
 * it lists the known-good snapshots that fwsafe keeps (``ROOT/var/lib/fwsafe/history``);
 * it rewrites the files the server loads at boot to one of them (``--to ID``, ``--last-good``):
   ipv4 -> ``etc/iptables/rules.v4``, ipv6 -> ``etc/iptables/rules.v6`` (netfilter-persistent),
-  nft -> ``etc/nftables.conf``, ufw -> ufw's own files;
+  nft -> ``etc/nftables.conf``, ufw -> ufw's own files, sshd -> ``etc/ssh/sshd_config`` and
+  the files it included (a drop-in its Include lines match now but not then is moved aside);
 * or it disables the firewall at boot (``--disable-firewall``): ufw.conf ``ENABLED=no``,
   accept-all rulesets for netfilter-persistent and nftables.
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import glob
 import io
 import json
 import os
@@ -47,6 +49,7 @@ from fwsafe.ondisk.boot import (
 )
 from fwsafe.ondisk.files import BACKUP_SUFFIX, local_path, write_file_atomically
 from fwsafe.ondisk.history import (
+    BEFORE_RECOVERY,
     Damaged,
     Entry,
     HistoryError,
@@ -55,12 +58,15 @@ from fwsafe.ondisk.history import (
     last_good,
     list_history,
 )
+from fwsafe.ondisk.sshd import SshdFiles
+from fwsafe.ondisk.sshd import load as load_sshd_files
 from fwsafe.ondisk.ufw import APPLICATIONS_DIR, UfwFilesError, load_ufw_files, ufw_paths
 
 __all__ = ["FileChange", "Plan", "RescueError", "build_zipapp", "main", "plan_disable",
            "plan_restore", "write_plan"]
 
 DEFAULT_STATE_DIR = "/var/lib/fwsafe"
+SSHD_CONFIG = "/etc/ssh/sshd_config"   # the sshd layer of the history is this sshd's
 _STATE_DIR_KEY = re.compile(r'^\s*state_dir\s*=\s*"([^"]+)"\s*(?:#.*)?$')
 
 ACCEPT_ALL_IPTABLES = (
@@ -147,9 +153,10 @@ def _boot_change(root: Path, layer: str, new: bytes) -> FileChange | None:
 def plan_restore(entry: Entry, root: Path) -> Plan:
     plan = Plan()
     np, nf, uf = uses_netfilter_persistent(root), uses_nftables(root), uses_ufw(root)
-    used = {"ipv4": np, "ipv6": np, "nft": nf, "ufw": uf}
+    used = {"ipv4": np, "ipv6": np, "nft": nf, "ufw": uf,
+            "sshd": local_path(root, SSHD_CONFIG).is_file()}
     what = {"ipv4": "netfilter-persistent (rules.v4)", "ipv6": "netfilter-persistent (rules.v6)",
-            "nft": "nftables (nftables.conf)", "ufw": "ufw"}
+            "nft": "nftables (nftables.conf)", "ufw": "ufw", "sshd": f"sshd ({SSHD_CONFIG})"}
     for layer, content in entry.layers.items():
         if layer not in used:
             plan.notes.append(f"layer {layer}: no file loads it at boot; nothing to write")
@@ -161,12 +168,15 @@ def plan_restore(entry: Entry, root: Path) -> Plan:
         if layer == "ufw":
             plan.changes += _ufw_changes(content, root)
             continue
+        if layer == "sshd":
+            plan.changes += _sshd_changes(content, root)
+            continue
         change = _boot_change(root, layer, boot_file_content(
             layer, content, entry.id, flush_ruleset=not np))
         if change is not None:
             plan.changes.append(change)
     for layer, in_use in used.items():
-        if in_use and layer not in entry.layers:
+        if in_use and layer not in entry.layers and layer != "sshd":   # (older entries)
             plan.warnings.append(
                 f"this server uses {what[layer]} at boot, but snapshot {entry.id} has no "
                 f"{layer} layer: left as it is (--disable-firewall turns it off instead)")
@@ -189,6 +199,46 @@ def _ufw_changes(content: bytes, root: Path) -> list[FileChange]:
         elif old is not None:
             changes.append(FileChange(path, local, "ufw", old, None))
     return changes
+
+
+def _sshd_changes(content: bytes, root: Path) -> list[FileChange]:
+    """sshd's files of the entry, with their mode; and the files its Include patterns match
+    now that the entry did not have (a drop-in added since), moved aside."""
+    try:
+        layer = load_sshd_files(content)
+    except ValueError as exc:
+        raise RescueError(f"the sshd layer is damaged: {exc}") from exc
+    changes = []
+    for path, state in sorted(layer.files.items()):
+        local = local_path(root, path)
+        old, old_mode = _read_existing(local)
+        if old == state.content and old_mode == state.mode:
+            continue
+        changes.append(FileChange(path, local, "sshd", old, state.content, mode=state.mode))
+    for path in sorted(_included_now(layer, root) - set(layer.files)):
+        old, _ = _read_existing(local_path(root, path))
+        if old is not None:
+            changes.append(FileChange(path, local_path(root, path), "sshd", old, None))
+    return changes
+
+
+def _included_now(layer: SshdFiles, root: Path) -> set[str]:
+    """The files the entry's Include lines match on the disk now (server paths)."""
+    found: set[str] = set()
+    base = os.path.dirname(layer.config)
+    for state in layer.files.values():
+        for raw in state.content.decode("utf-8", errors="replace").splitlines():
+            words = raw.split("#", 1)[0].split()
+            if len(words) < 2 or words[0].lower() != "include":
+                continue
+            for pattern in words[1:]:
+                pattern = pattern.strip('"')
+                full = pattern if pattern.startswith("/") else f"{base}/{pattern}"
+                prefix = str(root).rstrip("/")
+                for match in glob.glob(str(local_path(root, full))):
+                    if os.path.isfile(match) and not match.endswith(BACKUP_SUFFIX):
+                        found.add(match[len(prefix):] if prefix else match)
+    return found
 
 
 def plan_disable(root: Path) -> Plan:
@@ -495,7 +545,8 @@ def _print_list(entries: list[Entry], damaged: list[Damaged], out: _Out) -> None
     if not entries and not damaged:
         out.say("no known-good snapshot")
         return
-    newest = entries[-1].id if entries else None
+    good = [e for e in entries if e.kind != BEFORE_RECOVERY]
+    newest = good[-1].id if good else None
     out.say("known-good snapshots, oldest first:")
     for entry in entries:
         mark = "   <- last good" if entry.id == newest else ""
@@ -508,6 +559,7 @@ def _print_list(entries: list[Entry], damaged: list[Damaged], out: _Out) -> None
 # The zipapp
 # --------------------------------------------------------------------------------------------
 ZIPAPP_MODULES = ("errors.py", "ondisk/__init__.py", "ondisk/files.py", "ondisk/ufw.py",
+                  "ondisk/sshd.py",
                   "ondisk/history.py", "ondisk/boot.py", "rescue/__init__.py", "rescue/tool.py")
 ZIPAPP_MAIN = (
     "# fwsafe rescue, as a single file: python3 fwsafe.pyz rescue --root /mnt --list\n"

@@ -104,10 +104,15 @@ def test_the_deb_installs_enables_the_boot_unit_and_runs(debian: SystemdLab) -> 
     fragment = lab.exec(["systemctl", "show", "-P", "FragmentPath", UNIT]).stdout.strip()
     assert fragment in PACKAGED, fragment
     _no_second_unit(lab)
+    # The login hook of the power-cycle recovery is enabled (pam-auth-update): an SSH login
+    # leaves its mark.
+    assert "/usr/lib/fwsafe/login-mark" in lab.read("/etc/pam.d/common-session")
 
     version = lab.ssh("fwsafe --version")  # over SSH: root's PATH finds /usr/bin/fwsafe
     assert version.returncode == 0, version.stderr
     assert version.stdout.startswith("fwsafe, version "), version.stdout
+    mark = lab.read("/var/lib/fwsafe/login-mark").split()
+    assert mark[0] == lab.boot_id(), mark
     assert "installed: deb" in version.stdout, version.stdout
     assert lab.ssh("command -v fwsafe").stdout.strip() == "/usr/bin/fwsafe"
     assert lab.ssh("fwsafe --help").returncode == 0
@@ -218,6 +223,8 @@ def test_removal_refuses_while_pending_and_purge_cleans_up(debian: SystemdLab) -
     removed = lab.exec(["apt-get", "remove", "-y", "fwsafe"], check=False, timeout=120)
     assert removed.returncode == 0, removed.stdout + removed.stderr
     assert lab.exec(["test", "-e", "/usr/bin/fwsafe"], check=False).returncode != 0
+    assert "fwsafe" not in lab.read("/etc/pam.d/common-session"), "the login hook is left"
+    assert lab.ssh("true").returncode == 0   # logins work without it
     assert lab.exec(["test", "-d", "/var/lib/fwsafe/history"], check=False).returncode == 0, \
         "remove keeps the state directory (only purge removes it)"
     assert lab.exec(["test", "-f", "/etc/fwsafe/fwsafe.toml"], check=False).returncode == 0

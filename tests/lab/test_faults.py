@@ -343,12 +343,20 @@ def run_trial(trial: Trial) -> Outcome:
             step.action(lab, proc)
             if step.what.startswith("SIG"):
                 outcome.signal_at = time.monotonic()
+        hang_limit = max(3 * trial.max_wall, 120)
         try:
-            proc.wait(timeout=400)
+            proc.wait(timeout=hang_limit)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            outcome.problems.append("the client did not return within 400 s")
+            # faulthandler (PYTHONFAULTHANDLER, set by client_popen) prints every thread's
+            # stack on SIGABRT: the report then says where the client hung.
+            proc.send_signal(signal.SIGABRT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            outcome.problems.append(f"the client did not return within {hang_limit:.0f} s "
+                                    "(its stacks, from SIGABRT, are in its stderr below)")
         reader.join(10)
         out_reader.join(10)
         out = "".join(stdout)

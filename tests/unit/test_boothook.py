@@ -41,7 +41,8 @@ def test_install_and_uninstall_under_a_root(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     unit = tmp_path / "etc/systemd/system" / UNIT_NAME
     link = tmp_path / "etc/systemd/system/sysinit.target.wants" / UNIT_NAME
-    assert f"ExecStart={sys.executable} -m fwsafe recover --state-dir /var/lib/fwsafe" in unit.read_text()
+    assert (f"ExecStart={sys.executable} -m fwsafe recover --boot --state-dir /var/lib/fwsafe"
+            in unit.read_text())
     assert os.readlink(link) == f"/etc/systemd/system/{UNIT_NAME}"
     pyz = tmp_path / "var/lib/fwsafe/fwsafe.pyz"
     assert pyz.is_file() and (pyz.stat().st_mode & 0o777) == 0o600

@@ -98,6 +98,8 @@ def test_example_covers_every_key() -> None:
         "max_timeout",
         "max_rules_bytes",
         "boot_hook",
+        "reboot_recovery",
+        "reboot_recovery_window",
         "expected_open",
         "stuck_grace",
         "hatch",
@@ -126,6 +128,8 @@ def test_defaults_match_example_values() -> None:
         "stuck_grace",
         "hatch",
         "hatch_grace",
+        "reboot_recovery",
+        "reboot_recovery_window",
     ):
         assert getattr(config, name) == getattr(example, name), name
     assert config.admin_sources == () and example.admin_sources != ()

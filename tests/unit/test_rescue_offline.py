@@ -295,7 +295,7 @@ def test_zipapp_with_a_bare_python(tmp_path: Path) -> None:
     assert sorted(zipfile.ZipFile(pyz).namelist()) == [
         "__main__.py", "fwsafe/__init__.py", "fwsafe/errors.py", "fwsafe/ondisk/__init__.py",
         "fwsafe/ondisk/boot.py", "fwsafe/ondisk/files.py", "fwsafe/ondisk/history.py",
-        "fwsafe/ondisk/ufw.py", "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
+        "fwsafe/ondisk/sshd.py", "fwsafe/ondisk/ufw.py", "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
     assert stat.S_IMODE(pyz.stat().st_mode) == 0o755
     root = server_root(tmp_path)
     pythons = [sys.executable] + [p for p in (os.path.expanduser("~/.pyenv/versions/3.9.18/bin/python3"),

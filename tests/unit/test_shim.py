@@ -1,0 +1,94 @@
+"""The shim (fwsafe.shim): which calls pass straight through, what the script decides without
+Python, and how an SSH session is recognised. The real thing (dpkg-divert, ufw typed over SSH
+on a terminal, the guard): tests/lab/test_shim.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from fwsafe import shim
+
+
+@pytest.mark.parametrize(("tool", "args", "expected"), [
+    ("ufw", [], True),
+    ("ufw", ["status"], True),
+    ("ufw", ["status", "verbose"], True),
+    ("ufw", ["show", "added"], True),
+    ("ufw", ["app", "list"], True),
+    ("ufw", ["app", "info", "OpenSSH"], True),
+    ("ufw", ["--version"], True),
+    ("ufw", ["--dry-run", "deny", "22/tcp"], True),
+    ("ufw", ["deny", "22/tcp"], False),
+    ("ufw", ["--force", "delete", "allow", "22/tcp"], False),
+    ("ufw", ["enable"], False),
+    ("ufw", ["app", "update", "OpenSSH"], False),
+    ("ufw", ["default", "deny", "incoming"], False),
+    ("firewall-cmd", ["--state"], True),
+    ("firewall-cmd", ["--list-all", "--zone=public"], True),
+    ("firewall-cmd", ["--permanent", "--get-services"], True),
+    ("firewall-cmd", ["--query-port=22/tcp"], True),
+    ("firewall-cmd", ["--remove-service=ssh"], False),
+    ("firewall-cmd", ["--permanent", "--add-port=80/tcp"], False),
+    ("firewall-cmd", ["--reload"], False),
+    ("firewall-cmd", ["--list-all", "--panic-on"], False),
+])
+def test_read_only(tool: str, args: list[str], expected: bool) -> None:
+    assert shim.read_only(tool, args) is expected
+
+
+def test_from_ssh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SSH_CONNECTION", "10.0.0.2 5000 10.0.0.1 22")
+    assert shim.from_ssh()
+    monkeypatch.delenv("SSH_CONNECTION")
+    assert not shim.from_ssh(pid=1)
+    # A grandchild of a process named sshd (as under `sudo` in an SSH session, which drops
+    # SSH_CONNECTION): found through the parent chain.
+    sshd = tmp_path / "sshd"
+    sshd.symlink_to("/bin/sh")
+    parent = subprocess.Popen([str(sshd), "-c", "sleep 30; true"])
+    try:
+        children: list[int] = []
+        for _ in range(200):
+            children = [int(c) for c in Path(f"/proc/{parent.pid}/task/{parent.pid}/children")
+                        .read_text().split()]
+            if children:
+                break
+            time.sleep(0.01)
+        assert Path(f"/proc/{parent.pid}/comm").read_text().strip() == "sshd"
+        assert shim.from_ssh(pid=children[0])
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def _script(tmp_path: Path) -> Path:
+    real = tmp_path / "real"
+    real.write_text('#!/bin/sh\necho "REAL $*"\n')
+    python = tmp_path / "python"
+    python.write_text('#!/bin/sh\necho "GUARD $*"\n')
+    script = tmp_path / "ufw"
+    script.write_text(shim.SCRIPT_TEMPLATE.format(mark=shim.MARK, tool="ufw", real=real,
+                                                  python=python))
+    for path in (real, python, script):
+        path.chmod(0o755)
+    return script
+
+
+def test_the_script_without_a_terminal_runs_the_real_command(tmp_path: Path) -> None:
+    script = _script(tmp_path)
+    env = {"PATH": os.environ["PATH"]}
+
+    def run(**extra: str) -> str:
+        return subprocess.run([str(script), "deny", "22/tcp"], env={**env, **extra},
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=30, check=True).stdout
+
+    assert run() == "REAL deny 22/tcp\n"                 # a script: the plain command
+    assert run(FWSAFE_SHIM="off") == "REAL deny 22/tcp\n"
+    assert run(FWSAFE_SHIM="guard") == "GUARD -m fwsafe shim run ufw -- deny 22/tcp\n"
+    assert shim.is_shim(str(script)) and not shim.is_shim(str(tmp_path / "real"))
