@@ -4,7 +4,7 @@ and what a candidate ruleset opens or closes (`ExposureChange`, what `fwsafe che
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fwsafe.audit.findings import SEVERITIES, Finding, is_expected
@@ -12,6 +12,7 @@ from fwsafe.audit.listeners import Listener
 from fwsafe.audit.nat import Forward
 from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
+from fwsafe.check.report import left_out_line, plural, sources_label
 from fwsafe.config import OpenPort
 
 __all__ = ["AuditReport", "ExposureChange"]
@@ -109,12 +110,19 @@ class AuditReport:
             data["exposure"] = self.change.to_json()
         return data
 
-    def describe(self) -> str:
+    def describe(self, verbose: bool = False) -> str:
+        """One screen by default: the result first, the listeners, what the rules change, the
+        findings, then one line of what was left out; ``verbose``: everything."""
         what = ("the live firewall" if not self.rules else
-                ", ".join(f"{src} ({layer})" for layer, src in self.rules.items())
-                + ", before applying")
-        lines = [f"fwsafe audit: {what}; expected open: "
-                 f"{', '.join(str(e) for e in self.expected) or 'nothing'}"]
+                sources_label(self.rules) + ", before applying")
+        unexpected = sum(1 for f in self.findings if f.exposure)
+        if unexpected:
+            lines = [f"Result: {unexpected} unexpected exposure(s): the world reaches what "
+                     "expected_open does not list (exit 1)."]
+        else:
+            lines = ["Result: nothing unexpected is reachable from the world."]
+        lines.append(f"  audited: {what}; expected open: "
+                     f"{', '.join(str(e) for e in self.expected) or 'nothing'}")
         lines += _sources_lines(self.reach)
         lines.append(f"  {'proto':<5} {'address:port':<29} {'process (pid)':<23} reachable from")
         for listener in self.listeners:
@@ -127,26 +135,32 @@ class AuditReport:
             on = f" on {forward.on}" if forward.on else ""
             lines.append(f"  forward {forward.label}{on} -> {forward.target} "
                          f"({forward.chain}): {state}")
+        left_out: list[str] = []
         if self.change is not None:
-            lines += self.change.lines()
-        for note in self.reach.notes:
-            lines.append(f"Note: {note}")
-        if self.reach.not_checked:
-            lines.append("Rules the sandbox cannot reproduce (their effect was NOT checked):")
-            lines += [f"  {item}" for item in self.reach.not_checked]
+            # The rules not checked are the audit's own (listed below with -v), not again here.
+            change_lines, _ = replace(self.change, rules_not_checked=[], notes=[]).summary(
+                verbose)
+            lines += change_lines
         if self.findings:
             lines.append("Findings:")
             order = {s: i for i, s in enumerate(SEVERITIES)}
             for finding in sorted(self.findings, key=lambda f: order.get(f.severity, 9)):
                 lines.append(f"  {finding.severity.upper():<8}{finding.what}")
                 lines.append(f"  {'':<8}fix: {finding.fix}")
-        unexpected = sum(1 for f in self.findings if f.exposure)
-        if unexpected:
-            lines.append(f"Result: {unexpected} unexpected exposure(s): the world reaches what "
-                         "expected_open does not list (exit 1).")
+        if verbose:
+            lines += [f"Note: {note}" for note in self.reach.notes]
+            if self.reach.not_checked:
+                lines.append("Rules the sandbox cannot reproduce (their effect was NOT checked; "
+                             "a listener one may hide is marked UNCERTAIN above):")
+                lines += [f"  {item}" for item in self.reach.not_checked]
         else:
-            lines.append("Result: nothing unexpected is reachable from the world.")
-        return "\n".join(lines)
+            if self.reach.not_checked:
+                left_out.append(f"{plural(len(self.reach.not_checked), 'unreproducible rule')}"
+                                " (a listener one may hide is marked UNCERTAIN above)")
+            if self.reach.notes:
+                left_out.append(plural(len(self.reach.notes), "note"))
+        line = left_out_line(left_out)
+        return "\n".join(lines + ([line] if line else []))
 
     def _reach_cell(self, listener: Listener) -> str:
         result = self.result(listener)
@@ -188,7 +202,8 @@ class ExposureChange:
     opens: list[tuple[Listener, list[tuple[str, int]]]] = field(default_factory=list)
     closes: list[tuple[Listener, list[tuple[str, int]]]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
-    not_checked: list[str] = field(default_factory=list)
+    not_checked: list[str] = field(default_factory=list)    # listeners that could not be tried
+    rules_not_checked: list[str] = field(default_factory=list)  # rules the sandbox cannot reproduce
     # ports forwarded to other hosts (DNAT) that the change adds or opens to everyone / takes
     # away (the forward as it was: open) or limits (as it will be: not open); read from the
     # nat rules (nothing stands behind them in the sandbox)
@@ -197,7 +212,7 @@ class ExposureChange:
 
     @classmethod
     def between(cls, listeners: Sequence[Listener], reach: ReachReport) -> ExposureChange:
-        change = cls(notes=list(reach.notes), not_checked=list(reach.not_checked))
+        change = cls(notes=list(reach.notes), rules_not_checked=list(reach.not_checked))
         change.forwards_opened, change.forwards_closed = _forward_change(
             reach.forwards.get(CURRENT, []), reach.forwards.get(CANDIDATE, []))
         for listener in listeners:
@@ -229,9 +244,11 @@ class ExposureChange:
                                        for f in self.forwards_opened],
                              "closes": [f.to_json(False if f.open else None)
                                         for f in self.forwards_closed]},
-                "notes": self.notes, "not_checked": self.not_checked}
+                "notes": self.notes, "not_checked": self.rules_not_checked + self.not_checked}
 
     def lines(self) -> list[str]:
+        if not (self.opens or self.closes or self.forwards_opened or self.forwards_closed):
+            return ["Exposure: no change: the same services are reachable from the same places"]
         lines = ["Exposure (who outside reaches this host's listeners: now -> with the change):"]
         for label, entries in (("opens", self.opens), ("closes", self.closes)):
             for listener, pairs in entries:
@@ -247,15 +264,36 @@ class ExposureChange:
                     if forward.open else "limited by the rule (source or interface)"
                 lines.append(f"  {label:<7} forward {forward.label}{on} -> {forward.target} "
                              f"({forward.chain}): {who}")
-        if not (self.opens or self.closes or self.forwards_opened or self.forwards_closed):
-            lines.append("  no change: the same services are reachable from the same places")
         return lines
 
-    def describe(self) -> str:
+    def summary(self, verbose: bool, *, rules_listed: bool = False
+                ) -> tuple[list[str], list[str]]:
+        """The section's lines, and (by default) what it left out for the report's one "Left
+        out" line. The listeners that could not be tried are always shown: they may be what
+        the change opens. ``rules_listed``: the report lists the rules the sandbox cannot
+        reproduce already (fwsafe check -v), so this section only counts its own."""
         lines = self.lines()
-        lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  not checked: {n}" for n in self.not_checked]
-        return "\n".join(lines)
+        left_out: list[str] = []
+        rules = self.rules_not_checked
+        if verbose:
+            lines += [f"  note: {n}" for n in self.notes]
+            if rules and rules_listed:
+                lines.append(f"  not checked: {plural(len(rules), 'rule')} the sandbox cannot "
+                             "reproduce, as listed above (--json: exposure.not_checked)")
+            else:
+                lines += [f"  not checked: {n}" for n in rules]
+        else:
+            counted = ([plural(len(rules), "unreproducible rule")] if rules else []) + (
+                [plural(len(self.notes), "note")] if self.notes else [])
+            if counted:
+                left_out.append("exposure: " + ", ".join(counted))
+        return lines, left_out
+
+    def describe(self, verbose: bool = False) -> str:
+        lines, left_out = self.summary(verbose)
+        line = left_out_line(left_out)
+        return "\n".join(lines + ([line] if line else []))
 
 
 def _forward_change(before: Sequence[Forward], after: Sequence[Forward]

@@ -11,6 +11,7 @@ from typing import Any
 
 from fwsafe.check.host import ClientPath
 from fwsafe.check.loading import SandboxFirewall
+from fwsafe.check.relevance import ipt_verdict_free, nft_verdict_free
 from fwsafe.check.rules import (
     NFT_DROP_VERDICTS,
     NFT_TERMINAL_VERDICTS,
@@ -44,6 +45,7 @@ class NotChecked:
     family: int | None          # None: both (nft inet)
     ipt_key: tuple[int, str, str, int] | None = None   # (tool index, table, chain, rule index)
     nft_key: tuple[ChainKey, int] | None = None         # (chain, rule position)
+    verdict_free: bool = False  # matched or not, the packet ends the same (fwsafe.check.relevance)
 
     def text(self) -> str:
         return f"{self.where}: {'; '.join(self.reasons)}"
@@ -54,7 +56,8 @@ class Attempt:
     ok: bool
     error: str | None
     culprits: list[str]
-    relevant: list[str]     # rules it met whose outcome the sandbox cannot reproduce
+    relevant: list[str]     # rules it met whose outcome the sandbox cannot reproduce and that
+                            # could change its verdict
 
 
 def find_not_checked(firewall: SandboxFirewall, known_interfaces: list[str]) -> list[NotChecked]:
@@ -72,7 +75,8 @@ def find_not_checked(firewall: SandboxFirewall, known_interfaces: list[str]) -> 
                 found.append(NotChecked(
                     namer.ipt_where(tool, table, chain, rule.index), reasons,
                     ipt_interface_only(reasons), ipt_excludes_tcp(rule, tool.family),
-                    tool.family, ipt_key=(t_index, table, chain, rule.index)))
+                    tool.family, ipt_key=(t_index, table, chain, rule.index),
+                    verdict_free=ipt_verdict_free(tables[table], chain, rule.index)))
     skip = firewall.ipt_owned | {(f, n) for f, n in listing.tables if n == TRACE_TABLE}
     for key in sorted(nft_reachable(listing, skip)):
         for position, nft_rule in enumerate(listing.chains[key].rules, start=1):
@@ -82,7 +86,8 @@ def find_not_checked(firewall: SandboxFirewall, known_interfaces: list[str]) -> 
             found.append(NotChecked(
                 namer.nft_where(key, nft_rule.handle), reasons,
                 all(r.startswith("interface ") for r in reasons), nft_excludes_tcp(nft_rule),
-                {"ip": 4, "ip6": 6}.get(key[0]), nft_key=(key, position)))
+                {"ip": 4, "ip6": 6}.get(key[0]), nft_key=(key, position),
+                verdict_free=nft_verdict_free(nft_rule)))
     return found
 
 
@@ -121,7 +126,7 @@ class Prober:
                 culprits += self._trace_culprits(events)
         nft_met = self._nft_met(events)
         for item in self.not_checked:
-            if item.interface_only or item.excludes_tcp:
+            if item.interface_only or item.excludes_tcp or item.verdict_free:
                 continue
             if item.family is not None and item.family != path.family:
                 continue

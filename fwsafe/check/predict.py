@@ -86,9 +86,12 @@ class Verdict:
     ok: bool | None
     culprit: str | None = None
     detail: str = ""
+    # Rules the path met that the sandbox cannot reproduce and that could decide its fate.
+    unverified: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "ok": self.ok, "culprit": self.culprit, "detail": self.detail}
+        return {"path": self.path, "ok": self.ok, "culprit": self.culprit, "detail": self.detail,
+                "unverified": self.unverified}
 
 
 @dataclass
@@ -106,6 +109,12 @@ class CheckReport:
     @property
     def unknown(self) -> int:
         return sum(1 for v in self.verdicts if v.ok is None)
+
+    @property
+    def matters(self) -> list[str]:
+        """The rules not checked that could matter: a packet of a management path met them
+        and they could decide its fate (each once); the rest of `not_checked` cannot."""
+        return list(dict.fromkeys(item for v in self.verdicts for item in v.unverified))
 
     def lockout_message(self) -> str:
         failed = [v for v in self.verdicts if v.ok is False]
@@ -130,6 +139,7 @@ class CheckReport:
             "layers": self.layers,
             "verdicts": [v.to_json() for v in self.verdicts],
             "not_checked": self.not_checked,
+            "not_checked_matters": self.matters,
             "unknown": self.unknown,
             "notes": self.notes,
             "limits": LIMITS,
@@ -141,31 +151,12 @@ class CheckReport:
             data["error"] = self.lockout_message()
         return data
 
-    def describe(self) -> str:
-        sources = ", ".join(f"{src} ({layer})" for layer, src in self.layers.items())
-        lines = [f"fwsafe check: {sources}; management port {self.port}; "
-                 f"clients {', '.join(self.clients) or '-'}"]
-        for verdict in self.verdicts:
-            label = {True: "ok", False: "LOCKOUT", None: "not checked"}[verdict.ok]
-            lines.append(f"  {label:<12} {verdict.path}")
-            if verdict.detail:
-                lines.append(f"  {'':<12}   {verdict.detail}")
-            if verdict.culprit:
-                lines.append(f"  {'':<12}   culprit: {verdict.culprit}")
-        if self.not_checked:
-            lines.append("Not checked (the sandbox cannot reproduce these rules; they were NOT "
-                         "verified):")
-            lines.extend(f"  {item}" for item in self.not_checked)
-        for note in self.notes:
-            lines.append(f"Note: {note}")
-        if self.lockout:
-            lines.append("Result: LOCKOUT predicted: do not apply this ruleset as it is.")
-        elif self.unknown:
-            lines.append(f"Result: no lockout found, but {self.unknown} path(s) could NOT be "
-                         "checked (see above).")
-        else:
-            lines.append("Result: the management path stays open.")
-        return "\n".join(lines)
+    def describe(self, verbose: bool = False) -> str:
+        """The report for people: one screen by default, everything with ``verbose``
+        (fwsafe.check.report)."""
+        from fwsafe.check.report import check_text
+
+        return check_text(self, verbose)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +252,7 @@ def _downgrade(verdict: Verdict, relevant: list[str], degraded: list[str]) -> Ve
     if degraded:
         reasons.append("; ".join(degraded))
     verdict.ok = None
+    verdict.unverified = list(relevant)
     verdict.detail += "; but NOT checked: " + "; ".join(reasons)
     return verdict
 

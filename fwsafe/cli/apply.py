@@ -20,6 +20,7 @@ from fwsafe.cli.common import (
     config_from,
     config_path_of,
     detail,
+    echo_styled,
     emit,
     manager_for,
     progress,
@@ -226,7 +227,7 @@ def show_exposure(complete: Change) -> None:
         layers = candidate_layers(complete)
         if not layers:
             return
-        text = exposure_change(layers).describe()
+        text = exposure_change(layers).describe(VERBOSITY[0] >= 1)
     except FwsafeError as exc:
         progress(f"exposure: not checked ({exc.message})")
         return
@@ -242,16 +243,23 @@ def _apply_command(argv: list[str], options: ApplyOptions, *, detach: bool, yes:
     for note in notes:
         progress(note)
     change = Change(run=run, notes=notes)
+    steps = 3 + int(options.check) + int(options.before_apply is not None)
+    started = time.time()
     try:
-        record = manager.apply(change, options)
+        with StepTicker(sys.stderr, total=steps,
+                        enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+            options.step = tick.step
+            record = manager.apply(change, options)
     finally:
-        _show_command_output(manager)
+        _show_command_output(manager, started)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
 
 
-def _show_command_output(manager: Manager) -> None:
+def _show_command_output(manager: Manager, since: float) -> None:
+    """What the command printed, if this apply ran it (a change refused before its
+    transaction began ran it on a copy only: nothing to show, nothing changed)."""
     current = manager.current()
-    if current is None or current.run is None:
+    if current is None or current.run is None or current.created < since:
         return
     out = manager.state.tx_dir(current.id) / "command.out"
     if out.exists():
@@ -300,15 +308,20 @@ def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
     tx_id = record.id
     shield = ("shielded from the OOM killer" if record.shielded
               else f"NOT shielded from the OOM killer: {record.shield_error}")
+    what = ", ".join(record.layers) or " ".join(record.run or [])
     progress(
-        f"transaction {tx_id} is live ({', '.join(record.layers)}). The guard "
+        f"transaction {tx_id} is live ({what}). The guard "
         f"(PID {record.guard_pid}, {shield}) reverts it at {clock(record.deadline)} unless "
-        "confirmed.\n"
-        f"  Lockout check: {record.options.get('check', {}).get('summary', 'not run')}\n"
-        "  Stronger proof: open a NEW SSH session and run `fwsafe confirm` there; established\n"
-        "  connections survive rules that drop new ones, so this session staying alive proves "
-        "little."
-    )
+        "confirmed.")
+    if VERBOSITY[0] >= 0:  # the verdict, in colour on a terminal
+        check = record.options.get("check", {})
+        echo_styled(f"  Lockout check: {check.get('summary', 'not run')}", err=True,
+                    fg="red" if check.get("lockout") else "green" if check.get("ran")
+                    else "yellow")
+        click.echo(
+            "  Stronger proof: open a NEW SSH session and run `fwsafe confirm` there; "
+            "established\n  connections survive rules that drop new ones, so this session "
+            "staying alive proves little.", err=True)
 
     def still_open() -> bool:
         return manager.view(tx_id).state == transaction.PENDING
@@ -373,7 +386,9 @@ def finish(record: Record, as_json: bool) -> None:
     "ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
 @click.option("--detach", is_flag=True, help="Return once the change is live (confirm later).")
-@click.option("--force", is_flag=True, help="Apply even when a lockout is predicted.")
+@click.option("--force", is_flag=True,
+              help="ufw's own --force (no y/n prompt; fwsafe adds it where ufw would ask). It "
+                   "does not override the lockout check: `fwsafe apply --force -- ufw ...` does.")
 @click.option("--no-check", is_flag=True, help="Skip the lockout check.")
 @state_options
 @click.argument("ufw_args", nargs=-1, type=click.UNPROCESSED, metavar="UFW-ARGS...")
@@ -388,8 +403,11 @@ def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_jso
       fwsafe ufw --timeout 120 enable
     """
     config = config_from(config_path)
+    # `fwsafe ufw --force enable` is what ufw's users type: ufw's --force, never fwsafe's.
+    if force:
+        ufw_args = ("--force", *ufw_args)
     options = ApplyOptions(timeout_s=timeout_from(config, timeout_s),
-                           command=list(sys.argv), check=not no_check, force=force,
+                           command=list(sys.argv), check=not no_check, force=False,
                            config_path=config_path_of(config), max_timeout=config.max_timeout,
                            boot_hook=config.boot_hook, **guard_settings(config))
     _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,

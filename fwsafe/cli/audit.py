@@ -9,7 +9,14 @@ import click
 
 from fwsafe.audit import DEFAULT_TIMEOUT, audit
 from fwsafe.check.precheck import candidate_layers
-from fwsafe.cli.common import CONFIG_HELP, EXIT_CODES_EPILOG, STATE_DIR_HELP
+from fwsafe.cli.common import (
+    CONFIG_HELP,
+    EXIT_CODES_EPILOG,
+    STATE_DIR_HELP,
+    VERBOSITY,
+    echo_styled,
+)
+from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
 from fwsafe.core.change import change_from_files, resolve_partial, validate_change
 from fwsafe.core.statedir import resolve_state_dir
@@ -66,12 +73,16 @@ def audit_command(rules: tuple[str, ...], rules6: str | None, backend: str, part
         candidate = candidate_layers(change)
     elif partial:
         raise click.UsageError("--partial needs RULES")
-    report = audit(config, resolve_state_dir(state_dir, config.state_dir), candidate=candidate,
-                   timeout=timeout_s)
+    with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+        tick.step("trying every listener from outside, in a scratch namespace")
+        report = audit(config, resolve_state_dir(state_dir, config.state_dir),
+                       candidate=candidate, timeout=timeout_s)
     if as_json:
         click.echo(json.dumps(report.to_json(), sort_keys=True))
     else:
-        click.echo(report.describe())
+        first, _, rest = report.describe(VERBOSITY[0] >= 1).partition("\n")
+        echo_styled(first, fg="red" if report.exit_code else "green", bold=True)
+        click.echo(rest)
     if report.exit_code:
         # (click returns, not raises, an Exit when not in standalone mode, so: SystemExit.)
         sys.exit(report.exit_code)

@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,11 +19,15 @@ from fwsafe.check.predict import (
     parse_clients,
     predict,
 )
-from fwsafe.cli.common import RAW_ARGS, VERBOSITY
+from fwsafe.check.report import check_lines, left_out_line
+from fwsafe.cli.common import RAW_ARGS, VERBOSITY, echo_styled
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, RejectedError, UsageError
+
+if TYPE_CHECKING:
+    from fwsafe.audit.report import ExposureChange
 
 EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
@@ -69,7 +73,8 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
 
     Where packets are lost, the rule that dropped them is named with its file and line (from
     the kernel's packet counters or nft trace). Rules whose outcome the sandbox cannot
-    reproduce (rate limits, socket owners, marks, time, ...) are listed as NOT checked.
+    reproduce (rate limits, socket owners, marks, time, ...) are listed as NOT checked where
+    the management path's packets meet them and they could decide their fate (-v: all).
     Then, as `fwsafe audit` does, every listening service is tried from the world and the
     local subnets under the current rules and the candidate: the services the change opens
     or closes are listed (JSON: "exposure"). The live firewall is only read.
@@ -140,18 +145,30 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
             sys.exit(int(LockoutPredicted.exit_code))
         return
     tick.step("")
-    click.echo(report.describe())
-    if exposure is not None:
-        click.echo(exposure[1])
-    if report.lockout:
-        raise LockoutPredicted(report.lockout_message(),
+    verbose = VERBOSITY[0] >= 1
+    lines, left_out = check_lines(report, verbose)
+    section = exposure[1] if exposure is not None else None
+    if isinstance(section, str):
+        lines.append(section)
+    elif section is not None:
+        more_lines, more = section.summary(verbose, rules_listed=True)
+        lines += more_lines
+        left_out += more
+    line = left_out_line(left_out)
+    text = "\n".join(lines + ([line] if line else []))
+    first, _, rest = text.partition("\n")
+    echo_styled(first, fg="red" if report.lockout else "yellow" if report.unknown else "green",
+                bold=True)
+    click.echo(rest)
+    if report.lockout:  # the report above names the paths and the culprits: not again here
+        raise LockoutPredicted(f"lockout predicted on port {report.port}",
                                hint="nothing was changed; fix the rule named above and check again")
 
 
 def _predict(tick: StepTicker, pool: ThreadPoolExecutor, change: Change,
              host: Future[dict[str, bytes]], validated: bool, clients: tuple[str, ...],
              port: int | None, timeout_s: float, no_exposure: bool
-             ) -> tuple[CheckReport, tuple[dict[str, Any], str] | None]:
+             ) -> tuple[CheckReport, tuple[dict[str, Any], ExposureChange | str] | None]:
     """The lockout check, and the exposure beside it (each its own sandbox), on the host's
     layers as read; the pruning analysis of those goes on in the pool meanwhile."""
     captured = host.result()
@@ -178,17 +195,17 @@ def _predict(tick: StepTicker, pool: ThreadPoolExecutor, change: Change,
 
 
 def _exposure(layers: dict[str, tuple[bytes, str]], timeout: float,
-              captured: Mapping[str, bytes]) -> tuple[dict[str, Any], str]:
+              captured: Mapping[str, bytes]) -> tuple[dict[str, Any], ExposureChange | str]:
     """What the change opens or closes to outside addresses (fwsafe audit's difference), as
-    JSON and text; a sandbox that cannot be built is reported in the section, never fails the
-    check (an interruption still ends it)."""
+    JSON and for the text; a sandbox that cannot be built is reported in the section, never
+    fails the check (an interruption still ends it)."""
     from fwsafe.audit import exposure_change
 
     try:
         change = exposure_change(layers, timeout=timeout, captured=captured)
     except RejectedError as exc:
         return {"error": exc.message}, f"Exposure: not checked ({exc.message})"
-    return change.to_json(), change.describe()
+    return change.to_json(), change
 
 
 COMMANDS = [check]

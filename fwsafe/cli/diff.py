@@ -9,24 +9,39 @@ import click
 
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.check.diff import UnitDiff, diff_change
-from fwsafe.cli.common import RAW_ARGS, use_colour
+from fwsafe.cli.common import RAW_ARGS, VERBOSITY, use_colour
+from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, require_root
 
+DIFF_SHOWN = 30   # changed lines `fwsafe diff` shows by default; -v: every line, with context
 
-def _render(diffs: list[UnitDiff], color: bool) -> str:
+
+def _render(diffs: list[UnitDiff], color: bool, verbose: bool = False) -> str:
+    """The units that change first; then each unit's changed lines (by default only the
+    added and removed ones, up to DIFF_SHOWN, and one line of what was left out; ``verbose``:
+    the unified diffs whole)."""
     if not diffs:
         return "no change: the live firewall already looks like this"
-    out = []
+    layers = ", ".join(dict.fromkeys(item.layer for item in diffs))
+    out = [f"Result: {len(diffs)} unit(s) would change ({layers}); nothing was changed"]
+    shown = hidden = 0
     for item in diffs:
-        out.append(click.style(f"{item.layer}  {item.unit}  ({item.kind})", bold=True)
-                   if color else f"{item.layer}  {item.unit}  ({item.kind})")
+        head = f"{item.layer}  {item.unit}  ({item.kind})"
+        out.append(click.style(head, bold=True) if color else head)
         for line in item.diff.splitlines():
-            if color and line.startswith("+") and not line.startswith("+++"):
-                line = click.style(line, fg="green")
-            elif color and line.startswith("-") and not line.startswith("---"):
-                line = click.style(line, fg="red")
+            changed = line[:1] in ("+", "-") and not line.startswith(("+++", "---"))
+            if not verbose and (not changed or shown >= DIFF_SHOWN):
+                hidden += changed
+                continue
+            shown += changed
+            if color and changed:
+                line = click.style(line, fg="green" if line.startswith("+") else "red")
             out.append(f"  {line}")
+    if hidden:
+        out.append(f"Left out (-v): {hidden} more changed line(s), and the context of each")
+    elif not verbose:
+        out.append("Left out (-v): the unchanged lines around them")
     return "\n".join(out)
 
 
@@ -61,13 +76,15 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
         change = change_from_files(args, rules6, backend,
                                    limit=load_config(None).max_rules_bytes)
         change.partial = partial
-    diffs = diff_change(change)
+    with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+        tick.step("trying the change on a copy, in a scratch namespace")
+        diffs = diff_change(change)
     if as_json:
         click.echo(json.dumps({"changed": bool(diffs), "units": [d.to_json() for d in diffs]},
                               sort_keys=True))
         return
     colour = use_colour(sys.stdout)
-    click.echo(_render(diffs, color=colour), color=colour)
+    click.echo(_render(diffs, color=colour, verbose=VERBOSITY[0] >= 1), color=colour)
 
 
 COMMANDS = [diff]

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from fwsafe.cli.common import complete_history_ids, use_colour
+from fwsafe.cli.common import VERBOSITY, complete_history_ids, use_colour
 from fwsafe.config import load_config
 from fwsafe.core.recover import converge
 from fwsafe.core.statedir import StateDir, resolve_state_dir
@@ -26,6 +26,7 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
 STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else /var/lib/fwsafe)."
 CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
+HISTORY_SHOWN = 10   # the newest states `fwsafe history` lists by default; -v: all
 # Layers a rollback can put back (they take a rules file; sshd: its files, then a reload).
 ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd")
 
@@ -85,17 +86,35 @@ def history_cmd(as_json: bool, state_dir: str | None, config_path: str | None) -
     if not found and not damaged:
         click.echo("no known-good state recorded yet: nothing was applied with fwsafe here")
         return
-    for entry in found:
+    verbose = VERBOSITY[0] >= 1
+    shown = found if verbose else found[-HISTORY_SHOWN:]
+    for entry in shown:
         mark = "  <- newest" if entry is found[-1] else ""
         pending = " (from the first transaction's snapshot)" if entry.virtual else ""
+        layers = ", ".join(sorted(entry.layers))
+        made_by = _made_by(entry.meta)
         click.echo(f"{entry.id:24} {format_time(entry.time)}  {entry.kind:9} "
-                   f"{', '.join(sorted(entry.layers))}{mark}")
+                   f"{made_by or layers}{mark}")
         who = describe_who(entry.meta.get("who") or {}).strip()
-        details = [d for d in (who, entry.meta.get("summary"), pending.strip()) if d]
+        details = [d for d in (who, entry.meta.get("summary"), pending.strip(),
+                               f"layers: {layers}" if made_by and verbose else "") if d]
         if details:
             click.echo(f"{'':24} {'; '.join(str(d) for d in details)}")
+    if len(shown) < len(found):
+        click.echo(f"Left out (-v): {len(found) - len(shown)} older state(s)")
     for bad in damaged:
         click.echo(f"{bad.id:24} DAMAGED: {bad.why}")
+
+
+def _made_by(meta: dict[str, Any]) -> str:
+    """The command that made a state, as its user typed it ("ufw allow 80/tcp", "fwsafe
+    apply rules.v4"); "" when unknown (the baseline)."""
+    run, command = meta.get("run"), meta.get("command")
+    if run:
+        return " ".join(str(a) for a in run)
+    if command:
+        return " ".join([os.path.basename(str(command[0])), *map(str, command[1:])])
+    return ""
 
 
 @click.command("show", epilog=EPILOG)

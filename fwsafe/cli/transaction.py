@@ -145,15 +145,24 @@ def status(as_json: bool, state_dir: str | None, config_path: str | None,
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
         return
-    click.echo(format_status(info))
+    click.echo(format_status(info, verbose=VERBOSITY[0] >= 1))
     if info["power_cycle"] is not None and info["power_cycle"]["this_boot"]:
         echo_styled(f"this boot: {powercycle.describe(info['power_cycle'])}", fg="yellow")
+    if VERBOSITY[0] < 1 and info["state"] != "none":
+        click.echo(STATUS_LEFT_OUT)
     if VERBOSITY[0] >= 1:
         for event in info.get("events", []):
             click.echo(f"  {clock(event['t'])}  {event['event']}: {event['detail']}")
 
 
-def format_status(info: dict[str, Any]) -> str:
+STATUS_LEFT_OUT = ("Left out (-v): the guard's PID, its backstop, the hatch, every unit touched, "
+                   "the log, the events")
+
+
+def format_status(info: dict[str, Any], verbose: bool = False) -> str:
+    """One screen by default: the state, the time left and how to confirm, what the change
+    touched (counted where long), anything wrong; ``verbose`` adds the guard, its backstop,
+    the hatch, every unit touched and the log."""
     if info["state"] == "none":
         return "no transaction: nothing has been applied with fwsafe here"
     what = ", ".join(info["layers"]) or "command"
@@ -178,33 +187,46 @@ def format_status(info: dict[str, Any]) -> str:
                  "running" if info["guard_alive"] else
                  "gone; taken over (the backstop is reverting)" if info.get("taken_over") else
                  "GONE: run `fwsafe recover`")
-        lines.append(f"  guard: PID {info['guard_pid']} ({info['guard_mode']}), {alive}")
+        if verbose or alive != "running":
+            lines.append(f"  guard: PID {info['guard_pid']} ({info['guard_mode']}), {alive}")
     if info.get("unsaved"):
         lines.append("  the guard cannot write the record (disk full?): this is its own view; "
                      "the record is written once the disk takes it")
     if info.get("lock_holder"):
         lines.append(f"  the xtables lock is held by {info['lock_holder']}: the legacy tables "
                      "wait for it (the nf_tables ones need no lock)")
-    if info.get("backstop") and state in transaction.OPEN_STATES:
+    if info.get("backstop") and state in transaction.OPEN_STATES and verbose:
         lines.append(f"  backstop: {info['backstop'].get('how') or info['backstop'].get('kind')}")
     if info.get("shielded") is False:
         lines.append(f"  guard NOT shielded from the OOM killer: {info['shield_error']}")
-    elif info.get("shielded"):
+    elif info.get("shielded") and verbose:
         lines.append("  guard shielded from the OOM killer (oom_score_adj -1000)")
     hatch_line = hatch.describe(info.get("hatch"), final=state in transaction.FINAL_STATES)
-    if hatch_line:
+    if hatch_line and (verbose or not _hatch_as_planned(hatch_line)):
         lines.append(f"  {hatch_line}")
     if info.get("run"):
         lines.append(f"  command: {' '.join(info['run'])}")
     if info.get("touched"):
-        touched = "; ".join(f"{k}: {', '.join(v)}" for k, v in info["touched"].items())
+        touched = "; ".join(f"{k}: {_units(v, verbose)}" for k, v in info["touched"].items())
         lines.append(f"  touched: {touched}")
     if info.get("reason") and state != transaction.PENDING:
         lines.append(f"  reason: {info['reason']}")
     if info.get("error"):
         lines.append(f"  error: {info['error']}")
-    lines.append(f"  log: {info['log']}")
+    if verbose:
+        lines.append(f"  log: {info['log']}")
     return "\n".join(lines)
+
+
+def _units(units: list[str], verbose: bool) -> str:
+    if verbose or len(units) <= 3:
+        return ", ".join(units)
+    return f"{len(units)} units ({', '.join(units[:2])}, ...)"
+
+
+def _hatch_as_planned(line: str) -> bool:
+    """The kernel escape hatch's usual states, which -v shows; a problem is always shown."""
+    return line.startswith(("hatch: armed:", "hatch: removed")) and "NOT" not in line
 
 
 

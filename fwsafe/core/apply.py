@@ -135,23 +135,12 @@ def lockout_check(change: Change, options: ApplyOptions,
         return {"ran": False, "summary": summary}
     if report is None:
         return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
+    from fwsafe.check.report import precheck_summary, refusal_hint
+
     if report.lockout and not options.force:
-        raise LockoutRefused(
-            report.lockout_message(),
-            hint="nothing was changed; fix the rule, or apply anyway with --force "
-                 "(the guard still reverts it unless confirmed)")
-    if report.lockout:
-        summary = "LOCKOUT PREDICTED (applied with --force): " + report.lockout_message()
-    else:
-        passed = [v.path for v in report.verdicts if v.ok]
-        summary = (f"the SSH path stays open for {', '.join(report.clients)} "
-                   f"(port {report.port}; {len(passed)} path(s) tested)" if passed else
-                   "no SSH path could be tested")
-        unknown = [f"{v.path}: {v.detail}" if v.detail else v.path
-                   for v in report.verdicts if v.ok is None]
-        if unknown:
-            summary += "; NOT checked: " + "; ".join(unknown[:3])
-    return {"ran": True, "lockout": report.lockout, "summary": summary}
+        raise LockoutRefused(report.lockout_message(),
+                             hint=refusal_hint(change.run, report.port))
+    return {"ran": True, "lockout": report.lockout, "summary": precheck_summary(report)}
 
 
 def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,

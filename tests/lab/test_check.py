@@ -253,6 +253,38 @@ def test_rate_limit_is_not_called_safe(fwlab: FwLab) -> None:
     assert any(line.endswith("limited.rules:6") for line in lines), data["not_checked"]
     assert any(line.endswith("limited.rules:7") for line in lines), data["not_checked"]
     assert any("rate limits" in item for item in data["limits"])
+    # Only the hashlimit decides the SSH packets' fate; the ICMP rate limit cannot.
+    matters = [item.split(": ", 1)[0] for item in data["not_checked_matters"]]
+    assert len(matters) == 1 and matters[0].endswith("limited.rules:7"), matters
+    assert new["unverified"] == data["not_checked_matters"]
+    text = fwlab.lab.srv_exec(["env", "-u", "SSH_CONNECTION", FWSAFE, "check", str(rules),
+                               "--client", fwlab.lab.cli_ip4, "--no-exposure"]).stdout
+    lines = text.splitlines()
+    assert lines[0] == "Result: no lockout found, but 1 path could NOT be checked (see below).", text
+    assert any("limited.rules:7" in line and "hashlimit" in line for line in lines), text
+    assert not any("limited.rules:6" in line for line in lines), text
+    assert lines[-1].startswith("Left out (-v): 1 unreproducible rule, none able"), text
+
+
+# Rules the sandbox cannot reproduce on the SSH packets' way, that cannot decide their fate:
+# a rate-limited LOG, and a rate-limited jump into a chain that only logs.
+LOGGED_SSH = HEAD.format(inp="DROP") + (
+    ":logdeny - [0:0]\n"
+    "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n"
+    "-A INPUT -p tcp --dport 22 -m limit --limit 3/min -j LOG --log-prefix \"ssh \"\n"
+    "-A INPUT -m limit --limit 3/min -j logdeny\n"
+    "-A INPUT -p tcp --dport 22 -j ACCEPT\n"
+    "-A logdeny -m limit --limit 3/min -j RETURN\n"
+    "-A logdeny -j LOG\nCOMMIT\n")
+
+
+def test_logging_rules_the_sandbox_cannot_reproduce_leave_the_verdict(fwlab: FwLab) -> None:
+    rules = fwlab.write("logged.rules", LOGGED_SSH)
+    code, data, stderr = check(fwlab, str(rules), "--client", fwlab.lab.cli_ip4)
+    assert code == 0, stderr
+    assert verdict(data, "new", fwlab.lab.cli_ip4)["ok"] is True, data["verdicts"]
+    assert data["not_checked_matters"] == [] and len(data["not_checked"]) == 3
+    assert applied_new_connection_ok(fwlab, rules) is True
 
 
 def test_current_legacy_rules_stay_in_force(fwlab: FwLab) -> None:
@@ -307,7 +339,9 @@ def test_inside_ssh_the_session_client_is_checked(fwlab: FwLab) -> None:
     text = fwlab.lab.ssh(f"fwsafe check {rules}", timeout=60)
     assert text.returncode == 1
     assert f"LOCKOUT      new tcp {fwlab.lab.cli_ip4} -> :22 (ipv4)" in text.stdout
-    assert "drop-new.rules:6" in text.stderr
+    # the culprit within the report's first lines; the error line does not repeat it
+    assert "drop-new.rules:6" in "\n".join(text.stdout.splitlines()[:5]), text.stdout
+    assert "lockout predicted on port 22" in text.stderr
     assert not our_namespaces()
 
 

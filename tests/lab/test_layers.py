@@ -73,7 +73,7 @@ def test_ufw_enable_without_ssh_rule_reverts_to_disabled(fwlab_ufw: FwLab) -> No
     files_before = fw.ufw_files()
     rules_before = fw.lab.ruleset()
     assert b"ENABLED=no" in files_before["ufw.conf"]
-    result = fw.lab.ssh("fwsafe ufw --force --timeout 4 --detach enable")
+    result = fw.lab.ssh("fwsafe apply --force --timeout 4 --detach -- ufw enable")
     assert result.returncode == 0, result.stderr
     assert "--force" in result.stderr and "safety net" in result.stderr  # said, not hidden
     assert b"ENABLED=yes" in fw.ufw_files()["ufw.conf"]

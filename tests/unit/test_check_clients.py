@@ -134,10 +134,33 @@ def test_report_json_and_text() -> None:
     assert data["not_checked"] == report.not_checked
     assert any("rate limits" in item for item in data["limits"])
     text = report.describe()
-    assert "LOCKOUT      new tcp 10.0.0.2 -> :22 (ipv4)" in text
-    assert "culprit: r.rules:6" in text and "not checked  tcp ? -> :22 (ipv6)" in text
-    assert "NOT verified" in text and "Result: LOCKOUT predicted" in text
+    lines = text.splitlines()
+    assert lines[0] == "Result: LOCKOUT predicted: do not apply this as it is."
+    assert "LOCKOUT      new tcp 10.0.0.2 -> :22 (ipv4)" in lines[2]
+    assert "culprit: r.rules:6" in lines[3] and "not checked  tcp ? -> :22 (ipv6)" in text
+    # The rate-limited rule met no packet of the management path: counted, not listed.
+    assert "r.rules:9" not in text
+    assert lines[-1] == "Left out (-v): 1 unreproducible rule, none able to change the verdict"
+    verbose = report.describe(verbose=True)
+    assert "r.rules:9" in verbose and "cannot change these verdicts" in verbose
+    assert "a new connection to 10.0.0.1:22 fails (timed out)" in verbose
+    assert "Left out" not in verbose
     report.lockout = False
     report.verdicts = report.verdicts[1:]
-    assert "could NOT be checked" in report.describe()
+    open_text = report.describe()
+    assert open_text.startswith("Result: the management path stays open for the clients "
+                                "checked; IPv6: no client known")
+    assert "could NOT be checked" not in open_text
+    # A path that met a rule the sandbox cannot reproduce, and which could decide its fate:
+    # the verdict says so, and the rule is listed once, with its file and line.
+    report.verdicts[0] = Verdict("established tcp 10.0.0.2 -> :22 (ipv4)", None, None,
+                                 "carries data; but NOT checked: ...",
+                                 unverified=[report.not_checked[0]])
+    report.verdicts.append(Verdict("new tcp 10.0.0.2 -> :22 (ipv4)", None, None, "...",
+                                   unverified=[report.not_checked[0]]))
+    unknown = report.describe()
+    assert unknown.startswith("Result: no lockout found, but 2 paths could NOT be checked")
+    assert unknown.count("r.rules:9") == 1 and "NOT checked, and it could matter" in unknown
+    assert "Left out" not in unknown
+    assert report.to_json()["not_checked_matters"] == report.not_checked
     assert "exit_code" in report.to_json() and "kind" not in report.to_json()
