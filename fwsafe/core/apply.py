@@ -151,7 +151,9 @@ def lockout_check(change: Change, options: ApplyOptions,
                    for v in report.verdicts if v.ok is None]
         if unknown:
             summary += "; NOT checked: " + "; ".join(unknown[:3])
-    return {"ran": True, "lockout": report.lockout, "summary": summary}
+    # The clients and port are the revert's second proof: they must get in again after it.
+    return {"ran": True, "lockout": report.lockout, "summary": summary,
+            "clients": report.clients, "port": report.port}
 
 
 def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,

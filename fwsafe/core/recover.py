@@ -13,7 +13,7 @@ from fwsafe.backends import layer_for, layer_kind
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.apply import ApplyFlow
 from fwsafe.core.change import require_root
-from fwsafe.core.revert import RevertResult, compute_touched, revert_change
+from fwsafe.core.revert import RevertResult, access_check, compute_touched, revert_change
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
@@ -103,20 +103,23 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             result = RevertResult(attempts=0, notes=[ALREADY_UNDONE]) \
                 if resumed and undone_already(touched, before) else \
                 revert_change(touched, before, after or None, on_attempt=attempt,
-                              give_up_after=give_up_after, after_stamp=record.after_stamp)
+                              give_up_after=give_up_after, after_stamp=record.after_stamp,
+                              access=None if after_reboot else access_check(
+                                  record.options.get("check"), list(before)))
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")
         record.revert_attempts = result.attempts
         record.revert_notes = result.notes
+        record.revert_proofs = result.proofs
+        record.revert_verified = result.verified
         record.reverted_by = by
         if result.problems:
             record.error = "; ".join(result.problems)
             record.transition(transaction.REVERT_FAILED, record.error)
         else:
             record.revert_last_error = None
-            record.transition(transaction.REVERTED, "; ".join(
-                [f"undone and verified (by {by})", *result.notes]))
+            record.transition(transaction.REVERTED, result.summary(by))
         save(state, record)
     return record
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, revert_order
-from fwsafe.backends.base import LEVELS, MERGE
+from fwsafe.backends.base import LEVELS, MERGE, TABLES
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
@@ -28,16 +29,65 @@ Log = Callable[[str], None]
 Attempt = Callable[[int, str], None]   # (attempt number, why the previous one failed)
 
 
+Access = Callable[[], tuple[bool | None, str]]   # the SSH clients get in? (None: not known)
+
+
 @dataclass
 class RevertResult:
-    problems: list[str] = field(default_factory=list)   # [] = done and verified
+    problems: list[str] = field(default_factory=list)   # [] = done, the delta proved gone
     attempts: int = 0
     levels: dict[str, str] = field(default_factory=dict)  # layer -> level that worked
     notes: list[str] = field(default_factory=list)        # fallbacks used, said loudly
+    proofs: dict[str, str] = field(default_factory=dict)  # layer / "access" -> what held
+    access: bool | None = None                            # the kernel's verdict held
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def verified(self) -> bool:
+        """Both proofs held: the change's delta is gone from the kernel's state, and the
+        lockout check's kernel verdict lets the SSH clients in."""
+        return self.ok and self.access is True
+
+    def summary(self, by: str) -> str:
+        """The reason a reverted record gives: "verified" only when both proofs held."""
+        if self.verified:
+            head = f"the change undone and verified (by {by})"
+        else:
+            head = (f"the change undone (by {by}); NOT verified: "
+                    f"{self.proofs.get('access', 'access not checked')}")
+        return "; ".join([head, *self.notes])
+
+
+def _proof_of(level: str) -> str:
+    return ("the change's delta is gone from the kernel's state" if level == MERGE else
+            f"the touched units are as in the snapshot in the kernel ({level})")
+
+
+def access_check(check: Mapping[str, Any] | None, layers: Sequence[str]) -> Access | None:
+    """The lockout check's kernel verdict on the live firewall, for the SSH clients that the
+    check before the change let in (`record.options["check"]`); None when none is known."""
+    clients = list((check or {}).get("clients") or [])
+    port = int((check or {}).get("port") or 22)
+    families = [n for n in ("ipv4", "ipv6") if n in layers]
+    if not clients or not families:
+        return None
+
+    def prove() -> tuple[bool | None, str]:
+        from fwsafe.check.predict import predict
+
+        live = {n: (layer_for(n).capture(), f"the {n} firewall after the revert")
+                for n in families}
+        report = predict(live, clients=clients, port=port, validate=False, captured=None)
+        if report.lockout:
+            return False, "access FAILED: " + report.lockout_message()
+        passed = [v.path for v in report.verdicts if v.ok]
+        if not passed:
+            return None, "access not proved: no SSH path could be tested"
+        return True, f"access: a NEW SSH connection gets in ({'; '.join(passed)})"
+    return prove
 
 
 def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, list[str]]:
@@ -93,10 +143,13 @@ def revert_change(
     give_up_after: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     after_stamp: str | None = None,
+    access: Access | None = None,
 ) -> RevertResult:
     """Undo the change on every touched layer: files first, iptables last (the reverse of the
     capture order). `after` holds the captures taken right after the change (a layer missing
-    there is reverted from the snapshot: CHAINS, then TABLES)."""
+    there is reverted from the snapshot: CHAINS, then TABLES). `access`: the second proof,
+    asked once the delta is proved gone; when it fails, the touched tables are loaded whole
+    from the snapshot (access before fidelity) and it is asked again."""
     say: Log = log or (lambda _message: None)
     result = RevertResult()
     remaining = [n for n in revert_order(touched) if n in before]
@@ -113,6 +166,7 @@ def revert_change(
                 failed[name] = error
                 continue
             result.levels[name] = level
+            result.proofs[name] = _proof_of(level)
             if level != MERGE:
                 note = (f"{name}: the three-way merge could not be loaded; restored "
                         + ("the touched units whole from the snapshot" if level != LEVELS[-1]
@@ -123,6 +177,7 @@ def revert_change(
         remaining = [n for n in remaining if n in failed]
         if not remaining:
             result.problems = []
+            _prove_access(result, access, touched, before, say)
             return result
         reason = "; ".join(f"{n}: {e}" for n, e in failed.items())
         if give_up_after is not None and time.monotonic() - started >= give_up_after:
@@ -133,3 +188,40 @@ def revert_change(
             on_attempt(result.attempts + 1, reason)
         sleep(delay)
         delay = min(delay * 2, BACKOFF_MAX)
+
+
+def _prove_access(result: RevertResult, access: Access | None,
+                  touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes],
+                  say: Log) -> None:
+    if access is None:
+        result.proofs["access"] = "access not checked: no SSH client known from the check"
+        return
+    result.access, result.proofs["access"] = _ask(access)
+    say(result.proofs["access"])
+    if result.access is not False:
+        return
+    note = ("the SSH clients do not get in after the merge: the touched tables loaded whole "
+            "from the snapshot (access before fidelity: rules others added meanwhile are gone)")
+    result.notes.append(note)
+    say(f"FALLBACK {note}")
+    for name in revert_order(touched):
+        if name not in before:
+            continue
+        try:
+            left = layer_for(name).revert(before[name], None, touched[name], level=TABLES)
+        except Exception as exc:  # noqa: BLE001 - said, and the access proof tells the rest
+            left = [str(exc)]
+        if left:
+            say(f"revert of {name} ({TABLES}) failed: {'; '.join(left)}")
+        else:
+            result.levels[name] = TABLES
+            result.proofs[name] = _proof_of(TABLES)
+    result.access, result.proofs["access"] = _ask(access)
+    say(result.proofs["access"])
+
+
+def _ask(access: Access) -> tuple[bool | None, str]:
+    try:
+        return access()
+    except Exception as exc:  # noqa: BLE001 - a proof that cannot run did not hold
+        return None, f"access not proved: the check could not run ({type(exc).__name__}: {exc})"

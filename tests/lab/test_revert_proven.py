@@ -11,6 +11,7 @@ for a failing test).
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -39,21 +40,41 @@ def ipt(fw: FwLab, *args: str) -> None:
 
 
 def apply_detached(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> dict[str, Any]:
+    """`fwsafe apply --force` as the admin logged in from the lab's client (SSH_CONNECTION:
+    the lockout check knows the client, and the revert proves it gets in again)."""
     rules = fw.write("change.rules", text)
-    result = fw.fw("apply", "--detach", "--json", "--force", "--timeout", str(timeout),
-                   *extra, str(rules))
+    lab = fw.lab
+    result = lab.srv_exec(["env", f"FWSAFE_STATE_DIR={fw.state_dir}",
+                           f"SSH_CONNECTION={lab.cli_ip4} 50022 {lab.srv_ip4} 22", FWSAFE,
+                           "apply", "--detach", "--json", "--force", "--timeout", str(timeout),
+                           *extra, str(rules)], check=False, timeout=120)
     print(f"\n$ fwsafe apply --force --timeout {timeout} {rules} -> exit {result.returncode}")
     assert result.returncode == 0, result.stderr
     armed: dict[str, Any] = json.loads(result.stdout)
+    captured_after(fw, armed)       # what others do from now on is not the change's
     return armed
 
 
-def wait_reverted(fw: FwLab, limit_s: float = 40) -> dict[str, Any]:
+def wait_reverted(fw: FwLab, limit_s: float = 40, *, verified: bool = True) -> dict[str, Any]:
+    """Wait for the revert; the record must say which proofs held ("verified": both)."""
     info = fw.wait_state(FINAL, limit_s)
-    print(f"\nstatus: {info['state']}; reason: {info.get('reason')}; "
-          f"revert: {json.dumps(info.get('revert'))}")
+    print(f"\nstatus: {info['state']}; reason: {info.get('reason')}\nproofs: "
+          f"{json.dumps(info.get('revert_proofs'), indent=1)}\nfallbacks: "
+          f"{info.get('revert_notes')}")
     assert info["state"] == "reverted", info
+    if verified:
+        assert info["revert_verified"] is True, info
+        assert info["revert_proofs"]["access"].startswith("access: a NEW SSH connection gets in")
     return info
+
+
+def captured_after(fw: FwLab, armed: dict[str, Any], limit_s: float = 10) -> None:
+    """Wait until the guard has captured the state right after the change."""
+    log = fw.state_dir / "tx" / str(armed["id"]) / "guard.log"
+    end = time.monotonic() + limit_s
+    while "touched:" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < end, "the guard did not capture after the change"
+        time.sleep(0.05)
 
 
 def chain(text: str, name: str) -> list[str]:
@@ -220,8 +241,9 @@ def test_case4_a_timeout_in_the_capture_after_the_change_still_reverts_it(
                                                              first=True))
     result = fwlab.lab.srv_exec(
         ["env", f"PATH={bindir}:/usr/sbin:/usr/bin:/sbin:/bin",
-         f"FWSAFE_STATE_DIR={fwlab.state_dir}", FWSAFE, "apply", "--detach", "--json",
-         "--force", "--timeout", "20", str(rules)], check=False, timeout=90)
+         f"FWSAFE_STATE_DIR={fwlab.state_dir}",
+         f"SSH_CONNECTION={fwlab.lab.cli_ip4} 50022 {fwlab.lab.srv_ip4} 22", FWSAFE, "apply",
+         "--detach", "--json", "--force", "--timeout", "20", str(rules)], check=False, timeout=90)
     assert result.returncode == 0, result.stderr
     assert not fwlab.lab.new_connection_ok(timeout=0.5), "the change's drop is not live"
     record(fwlab, "case 4: during")
@@ -256,11 +278,9 @@ def test_case3_nft_set_elements_are_merged_one_by_one(fwlab: FwLab) -> None:
         "\t\tip saddr @blk tcp dport 22 drop\n\t}\n}\n"))
     before = nft_table(fwlab, "case 3: before")
     assert "\t\t\t     " in before, "the element list is not wrapped"
-    change = fwlab.write("ban-client.nft", (
+    apply_detached(fwlab, (
         "table inet blocker {\n\tset blk {\n\t\ttype ipv4_addr\n\t\tflags interval\n"
         f"\t\telements = {{ {lab.cli_ip4} }}\n\t}}\n}}\n"))
-    result = fwlab.fw("apply", "--detach", "--json", "--force", "--timeout", "6", str(change))
-    assert result.returncode == 0, result.stderr
     assert not lab.new_connection_ok(timeout=0.5), "the change's element is not live"
     lab.srv_exec(["nft", "add", "element", "inet", "blocker", "blk", f"{{ {extra[1]} }}"])
     nft_table(fwlab, "case 3: during (another program banned one more)")
@@ -294,3 +314,23 @@ def test_case2_an_nft_file_writing_an_iptables_nft_table_is_refused(fwlab: FwLab
     listed = fwlab.lab.srv_exec(["nft", "list", "table", "ip", "filter"]).stdout
     assert "tcp dport 22 drop" not in listed
     assert fwlab.lab.new_login_ok()
+
+
+def test_proof_access_failing_after_the_merge_falls_back_to_the_snapshot(fwlab: FwLab) -> None:
+    """Item 4(c): the merge keeps what others did, so a ban of the admin's own client by
+    another program during the window survives it: the access proof fails, the touched
+    table is loaded whole from the snapshot (access before fidelity, said in the record),
+    the proof is asked again, and the client gets in."""
+    lab = fwlab.lab
+    before = record(fwlab, "access proof: before")
+    apply_detached(fwlab, neighbours.with_rule(before, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    ipt(fwlab, "-I", "INPUT", "1", "-s", lab.cli_ip4, "-p", "tcp", "--dport", "22", "-j", "DROP")
+    record(fwlab, "access proof: during (another program bans the admin's client)")
+    info = wait_reverted(fwlab)
+    after = record(fwlab, "access proof: after the revert")
+    assert after == before
+    assert lab.new_login_ok()
+    assert info["revert_proofs"]["ipv4"].endswith("(snapshot tables)"), info["revert_proofs"]
+    assert any("access before fidelity" in note for note in info["revert_notes"])
+    log = (fwlab.state_dir / "tx" / str(info["id"]) / "guard.log").read_text()
+    assert "access FAILED" in log, log
