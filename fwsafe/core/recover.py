@@ -104,8 +104,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 if resumed and undone_already(touched, before) else \
                 revert_change(touched, before, after or None, on_attempt=attempt,
                               give_up_after=give_up_after, after_stamp=record.after_stamp,
-                              access=None if after_reboot else access_check(
-                                  record.options.get("check"), list(before)))
+                              access=None if after_reboot else access_check(record))
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")

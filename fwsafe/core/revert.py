@@ -21,6 +21,7 @@ from typing import Any
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, revert_order
 from fwsafe.backends.base import LEVELS, MERGE, TABLES
+from fwsafe.core.transaction import Record
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
@@ -66,12 +67,13 @@ def _proof_of(level: str) -> str:
             f"the touched units are as in the snapshot in the kernel ({level})")
 
 
-def access_check(check: Mapping[str, Any] | None, layers: Sequence[str]) -> Access | None:
+def access_check(record: Record) -> Access | None:
     """The lockout check's kernel verdict on the live firewall, for the SSH clients that the
     check before the change let in (`record.options["check"]`); None when none is known."""
-    clients = list((check or {}).get("clients") or [])
-    port = int((check or {}).get("port") or 22)
-    families = [n for n in ("ipv4", "ipv6") if n in layers]
+    check: Mapping[str, Any] = record.options.get("check") or {}
+    clients = list(check.get("clients") or [])
+    port = int(check.get("port") or 22)
+    families: list[str] = [n for n in ("ipv4", "ipv6") if n in record.captured]
     if not clients or not families:
         return None
 

@@ -288,15 +288,12 @@ class Guard:
         self.undo_began = True
         result = revert_change(self.record.touched, self.before, self.after, log=self.log,
                                on_attempt=attempt, after_stamp=self.record.after_stamp,
-                               sleep=self.pause,
-                               access=access_check(self.record.options.get("check"),
-                                                   list(self.before)))
+                               sleep=self.pause, access=access_check(self.record))
         self.record.reverted_by = "guard"
         self.record.revert_attempts = result.attempts
         self.record.revert_last_error = None
         self.record.revert_notes = result.notes
-        self.record.revert_proofs = result.proofs
-        self.record.revert_verified = result.verified
+        self.record.revert_proofs, self.record.revert_verified = result.proofs, result.verified
         return result
 
     def confirm(self, by: dict[str, str]) -> None:
