@@ -13,7 +13,13 @@ from fwsafe.backends import layer_for, layer_kind
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.apply import ApplyFlow
 from fwsafe.core.change import require_root
-from fwsafe.core.revert import RevertResult, access_check, compute_touched, revert_change
+from fwsafe.core.revert import (
+    RevertResult,
+    access_check,
+    compute_touched,
+    remove_dead_proofs,
+    revert_change,
+)
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
@@ -67,6 +73,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 hint="use `fwsafe revert` or `fwsafe confirm`")
         if not claimed:   # else the caller holds it (the backstop, until the record is written)
             claim.enter_context(state.tx_claimed(record.id))
+        leftovers = remove_dead_proofs()   # the dead guard's proof sandbox, if it died proving
         before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         after = snapshot.load_optional(state, record.id, snapshot.AFTER, record.watch)
         resumed = record.state == transaction.REVERTING   # someone began; may have finished
@@ -109,7 +116,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 hatch.removed(record)
         failpoints.hit("recover.reverted")
         record.revert_attempts = result.attempts
-        record.revert_notes = result.notes
+        record.revert_notes = result.notes + leftovers
         record.revert_proofs = result.proofs
         record.revert_verified = result.verified
         record.reverted_by = by

@@ -79,10 +79,13 @@ def access_check(record: Record) -> Access | None:
 
     def prove() -> tuple[bool | None, str]:
         from fwsafe.check.predict import predict
+        from fwsafe.check.sandbox import PROOF_PREFIX
 
+        remove_dead_proofs()   # a dead prover's namespaces (its PID in their names) go first
         live = {n: (layer_for(n).capture(), f"the {n} firewall after the revert")
                 for n in families}
-        report = predict(live, clients=clients, port=port, validate=False, captured=None)
+        report = predict(live, clients=clients, port=port, validate=False, captured=None,
+                         sandbox_prefix=PROOF_PREFIX)
         if report.lockout:
             return False, "access FAILED: " + report.lockout_message()
         passed = [v.path for v in report.verdicts if v.ok]
@@ -90,6 +93,16 @@ def access_check(record: Record) -> Access | None:
             return None, "access not proved: no SSH path could be tested"
         return True, f"access: a NEW SSH connection gets in ({'; '.join(passed)})"
     return prove
+
+
+def remove_dead_proofs() -> list[str]:
+    """Remove the access proof's sandbox namespaces whose owner died (a guard or reverter
+    killed during its proof); called by whoever takes over from a dead owner. A note for the
+    record on what could not be removed ([] when nothing was left)."""
+    from fwsafe.check.sandbox import PROOF_PREFIX, remove_orphans
+
+    left = remove_orphans(PROOF_PREFIX)
+    return [f"could not remove the sandbox of a dead proof: {', '.join(left)}"] if left else []
 
 
 def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, list[str]]:
