@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -92,6 +92,45 @@ def watched_layers(change: Change, captured: list[str]) -> list[str]:
     if "nft" in change.layers:  # `flush ruleset` also wipes the tables of iptables-nft
         watch |= {"ipv4", "ipv6"}
     return [name for name in captured if name in watch]
+
+
+def touchable_tables(change: Change, name: str) -> set[str] | None:
+    """The tables of iptables layer `name` the change can write (None: any of them)."""
+    if change.run is not None or "ufw" in change.layers:
+        return None
+    if name in change.layers:
+        from fwsafe.backends.iptables import parse_tables
+
+        return set(parse_tables(change.layers[name].decode(errors="replace")))
+    nft = change.layers.get("nft", b"")
+    return None if b"flush ruleset" in b" ".join(nft.split()) else set()
+
+
+def refuse_lossy_tables(change: Change, captured: Collection[str]) -> None:
+    """A change that can write to a table of iptables-nft that iptables-save does not show
+    exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
+    anything happens, naming the table: its revert would load that lossy text
+    (fwsafe.backends.fidelity)."""
+    from fwsafe.backends.fidelity import FidelityError, lossy_tables
+
+    found: list[str] = []
+    for name in ("ipv4", "ipv6"):
+        tables = touchable_tables(change, name)
+        if name not in captured or tables == set() or not layer_for(name).in_nf_tables():
+            continue
+        try:
+            found += lossy_tables(name, tables)
+        except FidelityError as exc:
+            raise EnvironmentProblem(
+                f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
+                hint="nothing was changed") from exc
+    if found:
+        raise InvalidRulesError(
+            f"table {', '.join(found)} holds what iptables-nft cannot show (nft's own rules, "
+            "sets or base chains): iptables-save prints it differently from the kernel, so "
+            "this change could not be undone exactly; nothing was changed",
+            hint="move nft's own rules and sets out of it, to a table of their own (e.g. "
+                 "`table ip fw_filter`): then iptables-save shows it exactly")
 
 
 def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
@@ -418,6 +457,7 @@ class ApplyFlow:
             if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
                 validating.result()
             captured = collect(captures, list(change.layers))
+            lossy = pool.submit(refuse_lossy_tables, change, list(captured))
             # Written (durably) while the checks run; a layer read again is written again.
             saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
             if options.check:
@@ -428,6 +468,7 @@ class ApplyFlow:
                 validating.result()
                 raise
             validating.result()
+            lossy.result()
             if options.before_apply is not None:
                 options.step("trying what the change exposes, in a scratch namespace")
                 options.before_apply(complete)

@@ -39,7 +39,7 @@ def ipt(fw: FwLab, *args: str) -> None:
     fw.lab.srv_exec(["iptables", "-w", *args])
 
 
-def apply_detached(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> dict[str, Any]:
+def run_apply(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> Any:
     """`fwsafe apply --force` as the admin logged in from the lab's client (SSH_CONNECTION:
     the lockout check knows the client, and the revert proves it gets in again)."""
     rules = fw.write("change.rules", text)
@@ -48,7 +48,14 @@ def apply_detached(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> dict[
                            f"SSH_CONNECTION={lab.cli_ip4} 50022 {lab.srv_ip4} 22", FWSAFE,
                            "apply", "--detach", "--json", "--force", "--timeout", str(timeout),
                            *extra, str(rules)], check=False, timeout=120)
-    print(f"\n$ fwsafe apply --force --timeout {timeout} {rules} -> exit {result.returncode}")
+    print(f"\n$ fwsafe apply --force --timeout {timeout} {rules} -> exit {result.returncode}"
+          f"\n{result.stderr}")
+    return result
+
+
+def apply_detached(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> dict[str, Any]:
+    """run_apply, which must arm the guard."""
+    result = run_apply(fw, text, *extra, timeout=timeout)
     assert result.returncode == 0, result.stderr
     armed: dict[str, Any] = json.loads(result.stdout)
     captured_after(fw, armed)       # what others do from now on is not the change's
@@ -334,3 +341,33 @@ def test_proof_access_failing_after_the_merge_falls_back_to_the_snapshot(fwlab: 
     assert any("access before fidelity" in note for note in info["revert_notes"])
     log = (fwlab.state_dir / "tx" / str(info["id"]) / "guard.log").read_text()
     assert "access FAILED" in log, log
+
+
+def test_case5_a_table_iptables_save_shows_wrongly_is_refused(fwlab: FwLab) -> None:
+    """A native nft rule `ip saddr @blk drop` first in ip filter INPUT: iptables-nft-save
+    1.8.9 prints it as `-A INPUT -j DROP`, so the revert of an unrelated iptables change (a
+    DROP of port 8080) would load a table that drops everything. The change is refused with
+    exit 3 before anything happens, naming the table; the native rule is there and works, a
+    NEW ssh login gets in."""
+    lab = fwlab.lab
+    extra = neighbours.add_client_addresses(lab, count=2)
+    lab.srv_exec(["nft", "add", "set", "ip", "filter", "blk", "{ type ipv4_addr; }"])
+    lab.srv_exec(["nft", "add", "element", "ip", "filter", "blk", f"{{ {extra[0]} }}"])
+    lab.srv_exec(["nft", "insert", "rule", "ip", "filter", "INPUT", "ip", "saddr", "@blk",
+                  "drop"])
+    before = record(fwlab, "case 5: before")
+    native = fwlab.lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout
+    print(f"\n===== case 5: before (nft -s list table ip filter) =====\n{native}")
+    assert chain(before, "INPUT")[0] == "-A INPUT -j DROP", "iptables-save is not lossy here"
+    assert not neighbours.tcp_probe(lab, src=extra[0]).ok
+    assert neighbours.tcp_probe(lab, src=extra[1]).ok
+    change = "\n".join(ln for ln in before.splitlines() if ln != "-A INPUT -j DROP") + "\n"
+    result = run_apply(fwlab, neighbours.with_rule(change, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    assert result.returncode == 3, result.stderr
+    assert "table ip filter holds what iptables-nft cannot show" in result.stderr
+    assert record(fwlab, "case 5: after the refusal") == before
+    assert fwlab.lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout == native
+    assert lab.new_login_ok(), "a NEW ssh login fails"
+    assert not neighbours.tcp_probe(lab, src=extra[0]).ok, "the native ban no longer blocks"
+    assert neighbours.tcp_probe(lab, src=extra[1]).ok
+    assert fwlab.status().get("state") in (None, "none"), fwlab.status()
