@@ -400,7 +400,16 @@ def orphans(prefix: str) -> list[str]:
     except OSError:
         return []
     return [n for n in names if (m := _OWNED.match(n)) and m.group(1) == prefix
-            and not os.path.exists(f"/proc/{m.group(2)}")]
+            and _gone(int(m.group(2)))]
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (killed, not yet reaped: what a pidfd reports)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def remove_orphans(prefix: str) -> list[str]:

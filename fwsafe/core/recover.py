@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, layer_kind
+from fwsafe.backends.base import CHAINS
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.apply import ApplyFlow
 from fwsafe.core.change import require_root
@@ -17,6 +18,8 @@ from fwsafe.core.revert import (
     RevertResult,
     access_check,
     compute_touched,
+    proof_of,
+    prove_access,
     remove_dead_proofs,
     revert_change,
 )
@@ -107,11 +110,16 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         save(state, record)   # reverting, said before the lock is let go
         failpoints.hit("recover.claimed")
         with state.released() if give_up_after is None else contextlib.nullcontext():
-            result = RevertResult(attempts=0, notes=[ALREADY_UNDONE]) \
-                if resumed and undone_already(touched, before) else \
-                revert_change(touched, before, after or None, on_attempt=attempt,
-                              give_up_after=give_up_after, after_stamp=record.after_stamp,
-                              access=None if after_reboot else access_check(record))
+            access = None if after_reboot else access_check(record)
+            if resumed and undone_already(touched, before):
+                # Proved by reading: every touched unit is as in the snapshot; then access.
+                result = RevertResult(attempts=0, notes=[ALREADY_UNDONE],
+                                      proofs={n: proof_of(CHAINS) for n in touched})
+                prove_access(result, access, touched, before, lambda _message: None)
+            else:
+                result = revert_change(touched, before, after or None, on_attempt=attempt,
+                                       give_up_after=give_up_after,
+                                       after_stamp=record.after_stamp, access=access)
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")

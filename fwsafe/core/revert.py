@@ -62,7 +62,7 @@ class RevertResult:
         return "; ".join([head, *self.notes])
 
 
-def _proof_of(level: str) -> str:
+def proof_of(level: str) -> str:
     return ("the change's delta is gone from the kernel's state" if level == MERGE else
             f"the touched units are as in the snapshot in the kernel ({level})")
 
@@ -181,7 +181,7 @@ def revert_change(
                 failed[name] = error
                 continue
             result.levels[name] = level
-            result.proofs[name] = _proof_of(level)
+            result.proofs[name] = proof_of(level)
             if level != MERGE:
                 note = (f"{name}: the three-way merge could not be loaded; restored "
                         + ("the touched units whole from the snapshot" if level != LEVELS[-1]
@@ -192,7 +192,7 @@ def revert_change(
         remaining = [n for n in remaining if n in failed]
         if not remaining:
             result.problems = []
-            _prove_access(result, access, touched, before, say)
+            prove_access(result, access, touched, before, say)
             return result
         reason = "; ".join(f"{n}: {e}" for n, e in failed.items())
         if give_up_after is not None and time.monotonic() - started >= give_up_after:
@@ -205,9 +205,11 @@ def revert_change(
         delay = min(delay * 2, BACKOFF_MAX)
 
 
-def _prove_access(result: RevertResult, access: Access | None,
-                  touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes],
-                  say: Log) -> None:
+def prove_access(result: RevertResult, access: Access | None,
+                 touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes],
+                 say: Log) -> None:
+    """The second proof (see revert_change), into `result`; also for a revert found finished
+    by whoever took over from its dead owner."""
     if access is None:
         result.proofs["access"] = "access not checked: no SSH client known from the check"
         return
@@ -230,7 +232,7 @@ def _prove_access(result: RevertResult, access: Access | None,
             say(f"revert of {name} ({TABLES}) failed: {'; '.join(left)}")
         else:
             result.levels[name] = TABLES
-            result.proofs[name] = _proof_of(TABLES)
+            result.proofs[name] = proof_of(TABLES)
     result.access, result.proofs["access"] = _ask(access)
     say(result.proofs["access"])
 

@@ -11,6 +11,7 @@ for a failing test).
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -371,3 +372,25 @@ def test_case5_a_table_iptables_save_shows_wrongly_is_refused(fwlab: FwLab) -> N
     assert not neighbours.tcp_probe(lab, src=extra[0]).ok, "the native ban no longer blocks"
     assert neighbours.tcp_probe(lab, src=extra[1]).ok
     assert fwlab.status().get("state") in (None, "none"), fwlab.status()
+
+
+def test_a_guard_killed_while_proving_leaves_no_sandbox(fwlab: FwLab) -> None:
+    """Item 4 and the proof's own cleanup: the guard reverts, builds the access proof's sandbox
+    (``fwpr<pid>s/c``, apart from `fwsafe check`'s ``fwck``) and is killed in the middle of
+    it. The backstop takes over: it removes the dead guard's sandbox, finds the change undone,
+    proves access again, and the record says reverted and verified."""
+    before = record(fwlab, "killed while proving: before")
+    armed = apply_detached(fwlab, neighbours.with_rule(before, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    guard = int(armed["guard_pid"])
+    mine = {f"fwpr{guard}s", f"fwpr{guard}c"}
+    end = time.monotonic() + 30
+    while not mine & set(os.listdir("/run/netns") if os.path.isdir("/run/netns") else []):
+        assert time.monotonic() < end, "the guard's proof sandbox never appeared"
+        time.sleep(0.01)
+    fwlab.lab.srv_exec(["kill", "-KILL", str(guard)])   # the guard we started, mid-proof
+    print(f"\nkilled the guard (PID {guard}) while its proof sandbox existed")
+    info = wait_reverted(fwlab)
+    assert info["reverted_by"] == "backstop", info
+    assert record(fwlab, "killed while proving: after the backstop") == before
+    assert not mine & set(os.listdir("/run/netns")), "the dead guard's sandbox was left behind"
+    assert fwlab.lab.new_login_ok()
