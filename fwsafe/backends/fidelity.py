@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 
 from fwsafe.backends import nflist
 from fwsafe.backends.iptables import BUILTIN_CHAINS, FAMILIES
@@ -68,20 +69,12 @@ def _list(argv_prefix: list[str], family: str, table: str) -> Blocks:
     return blocks(result.stdout.decode(errors="replace"))
 
 
-def _live(name: str, tables: list[str]) -> tuple[bytes, dict[str, Blocks]]:
-    """The family's iptables-save text and nft's listing of `tables`, read with nothing
-    committed in between (nf_tables' generation unchanged; read again otherwise)."""
-    family = NFT_FAMILY[name]
-    for _ in range(5):
-        start = nflist.generation()
-        saved = run([require_binary(FAMILIES[name].save)], timeout=120)
-        if saved.returncode != 0:
-            raise FidelityError(f"{FAMILIES[name].save} failed: "
-                                f"{saved.stderr.decode(errors='replace').strip()}")
-        listed = {t: _list([], family, t) for t in tables}
-        if start is not None and nflist.generation() == start:
-            break
-    return saved.stdout, listed
+def _save(name: str) -> bytes:
+    saved = run([require_binary(FAMILIES[name].save)], timeout=120)
+    if saved.returncode != 0:
+        raise FidelityError(f"{FAMILIES[name].save} failed: "
+                            f"{saved.stderr.decode(errors='replace').strip()}")
+    return saved.stdout
 
 
 def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
@@ -105,10 +98,13 @@ def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
         raise FidelityError(f"cannot make a scratch network namespace: {exc}") from exc
 
 
-def lossy_tables(name: str, tables: Collection[str] | None = None) -> list[str]:
+def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: bytes | None = None,
+                 generation: int | None = None) -> list[str]:
     """The tables of iptables layer `name` ("ipv4"/"ipv6"; `tables`: only those, None: all)
     that iptables-save does not show exactly, as "ip filter"; a table that restores to a
-    different one counts too. Raises FidelityError when the test cannot be made."""
+    different one counts too. `saved`: that layer's iptables-save text as read when nf_tables'
+    generation was `generation` (used while it still is). Raises FidelityError when the test
+    cannot be made."""
     family = NFT_FAMILY[name]
     known = nflist.kernel_tables()
     if known is None:
@@ -123,6 +119,17 @@ def lossy_tables(name: str, tables: Collection[str] | None = None) -> list[str]:
                and (tables is None or t in tables)]
     if not present:
         return []
-    text, live = _live(name, present)
-    scratch = _round_trip(name, text, present)
+    for _ in range(5):
+        # The text and nft's listing must show the same kernel state: nothing committed
+        # between them (nf_tables' generation, per network namespace), else read again.
+        start = nflist.generation()
+        text = saved if saved is not None and start is not None and start == generation \
+            else _save(name)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            trip = pool.submit(_round_trip, name, text, present)
+            live = {t: _list([], family, t) for t in present}
+            scratch = trip.result()
+        if start is None or nflist.generation() == start:
+            break
+        saved = None
     return [f"{family} {t}" for t in present if live[t] != scratch[t]]

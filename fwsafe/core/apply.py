@@ -13,7 +13,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -106,11 +106,12 @@ def touchable_tables(change: Change, name: str) -> set[str] | None:
     return None if b"flush ruleset" in b" ".join(nft.split()) else set()
 
 
-def refuse_lossy_tables(change: Change, captured: Collection[str]) -> None:
+def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
+                        generation: int | None) -> None:
     """A change that can write to a table of iptables-nft that iptables-save does not show
     exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
     anything happens, naming the table: its revert would load that lossy text
-    (fwsafe.backends.fidelity)."""
+    (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`."""
     from fwsafe.backends.fidelity import FidelityError, lossy_tables
 
     found: list[str] = []
@@ -119,7 +120,8 @@ def refuse_lossy_tables(change: Change, captured: Collection[str]) -> None:
         if name not in captured or tables == set() or not layer_for(name).in_nf_tables():
             continue
         try:
-            found += lossy_tables(name, tables)
+            found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
+                                  saved=None if hatch.SEEN else captured[name])   # again
         except FidelityError as exc:
             raise EnvironmentProblem(
                 f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
@@ -457,7 +459,7 @@ class ApplyFlow:
             if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
                 validating.result()
             captured = collect(captures, list(change.layers))
-            lossy = pool.submit(refuse_lossy_tables, change, list(captured))
+            lossy = pool.submit(refuse_lossy_tables, change, captured, generation)
             # Written (durably) while the checks run; a layer read again is written again.
             saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
             if options.check:
