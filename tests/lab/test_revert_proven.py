@@ -422,3 +422,24 @@ def test_the_access_proof_does_not_delay_the_way_back(fwlab: FwLab, proof: bool)
     assert proof == info["revert_proofs"]["access"].startswith("access: a NEW SSH")
     assert answered < 3.0
     assert record(fwlab, "lockout: after") == before
+
+
+def test_case2_an_incompatible_base_chain_another_program_made_is_found(fwlab: FwLab) -> None:
+    """Case 2 the other way round: another program made a base chain `input` in ip filter with
+    nft (iptables-save prints "contains incompatible base-chains" and leaves it out). An
+    iptables change to filter is refused with exit 3, naming the table; nft's chain stays."""
+    lab = fwlab.lab
+    lab.srv_exec(["nft", "add", "chain", "ip", "filter", "input",
+                  "{ type filter hook input priority 10; policy accept; }"])
+    lab.srv_exec(["nft", "add", "rule", "ip", "filter", "input", "tcp", "dport", "2323", "drop"])
+    before = record(fwlab, "case 2b: before")
+    native = lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout
+    print(f"\n===== case 2b: before (nft -s list table ip filter) =====\n{native}")
+    assert "tcp dport 2323" not in before
+    result = run_apply(fwlab, neighbours.with_rule(before, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    assert result.returncode == 3, result.stderr
+    assert "table ip filter holds what iptables-nft cannot show" in result.stderr
+    assert record(fwlab, "case 2b: after the refusal") == before
+    assert lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout == native
+    assert lab.new_login_ok()
+    assert fwlab.status()["state"] == "none"
