@@ -183,7 +183,9 @@ def revert_change(
             result.levels[name] = level
             result.proofs[name] = proof_of(level)
             if level != MERGE:
-                note = (f"{name}: the three-way merge could not be loaded; restored "
+                why = ("the three-way merge could not be loaded" if (after or {}).get(name)
+                       is not None else "no capture right after the change, so no merge")
+                note = (f"{name}: {why}; restored "
                         + ("the touched units whole from the snapshot" if level != LEVELS[-1]
                            else "the whole snapshot of the touched tables (access before "
                                 "fidelity: rules others added meanwhile are gone)"))
