@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from fwsafe.backends import nflist
 from fwsafe.backends.iptables import BUILTIN_CHAINS, FAMILIES
-from fwsafe.runner import require_binary, run
+from fwsafe.runner import find_binary, require_binary, run
 
 NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
 SCRATCH_PREFIX = "fwrt"   # fwrt<pid>: the round trip's scratch namespace
@@ -77,6 +77,22 @@ def _save(name: str) -> bytes:
     return saved.stdout
 
 
+def _copy_ipsets(text: bytes, inside: list[str]) -> None:
+    """The ipsets the rules name (`-m set`, `-j SET`) made, empty, in the scratch namespace
+    (ipsets belong to a network namespace; the rules refer to them by name)."""
+    ipset = find_binary("ipset")
+    if ipset is None or (b"--match-set" not in text and b"-set " not in text):
+        return   # (without ipset no set exists; a text naming one does not load: lossy)
+    saved = run([ipset, "save"], timeout=60)
+    if saved.returncode != 0:
+        raise FidelityError(f"ipset save failed: {saved.stderr.decode(errors='replace').strip()}")
+    creates = b"".join(line + b"\n" for line in saved.stdout.splitlines()
+                       if line.startswith(b"create "))
+    made = run([*inside, ipset, "restore"], input=creates, timeout=60)
+    if made.returncode != 0:
+        raise FidelityError(f"ipset restore failed: {made.stderr.decode(errors='replace').strip()}")
+
+
 def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
     """`text` loaded by iptables-restore in a scratch namespace; nft's listing of `tables`
     (a text iptables-restore refuses matches no table)."""
@@ -88,6 +104,7 @@ def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
         with Namespaces(ip=require_binary("ip")) as namespaces:
             namespaces.create(scratch)
             inside = namespaces.exec_argv(scratch, [])
+            _copy_ipsets(text, inside)
             loaded = run([*inside, require_binary(FAMILIES[name].restore)], input=text,
                          timeout=120)
             if loaded.returncode != 0:   # the text does not even load: no table round-trips
