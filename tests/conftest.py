@@ -176,12 +176,13 @@ def our_namespaces(pid: int | None = None) -> list[str]:
     """Sandbox namespaces of fwsafe process `pid`; without it, those left behind: their owner
     (the PID in the name) is gone. Another user's running check on the same machine is not
     ours to count."""
+    from fwsafe.check.sandbox import CHECK_PREFIX, orphans
+
+    if pid is None:
+        return orphans(CHECK_PREFIX)   # the guard's proof (fwpr...) is not the check's
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                            check=True).stdout.split()
-    found = [(n, int(m.group(1))) for n in names if (m := re.match(r"^fwck(\d+)x?[sc]$", n))]
-    if pid is not None:
-        return [n for n, owner in found if owner == pid]
-    return [n for n, owner in found if not os.path.exists(f"/proc/{owner}")]
+    return [n for n in names if (m := re.match(r"^fwck(\d+)x?[sc]$", n)) and int(m[1]) == pid]
 
 
 

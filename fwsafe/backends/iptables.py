@@ -16,12 +16,12 @@ the change's own rules are undone. With `--partial` a file replaces only the cha
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fwsafe.backends import nflist
 from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog, line_starting
-from fwsafe.core.merge import merge_sequences, merge_value
+from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.guard import hatch
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
@@ -200,6 +200,20 @@ def merge_table3(name: str, before: Table | None, after: Table | None,
             name, ()) else "-"), rules)
     complete_references(result, [now, b, a])
     return result
+
+
+def delta_items(tables: Mapping[str, Table], names: Sequence[str]) -> dict[str, list[str]]:
+    """The items the revert's proof counts (fwsafe.core.merge.delta_left): per table its chains
+    with their policies, per chain its rules; an empty table counts as none."""
+    items: dict[str, list[str]] = {}
+    for name in names:
+        table = tables.get(name)
+        if table is None or table.is_empty():
+            continue
+        items[name] = [f":{c.name} {c.policy}" for c in table.chains.values()]
+        for chain in table.chains.values():
+            items[f"{name}/{chain.name}"] = list(chain.rules)
+    return items
 
 
 def complete_references(table: Table, sources: Sequence[Table | None]) -> list[str]:
@@ -394,18 +408,16 @@ class IptablesLayer(Layer):
         if start is not None and commits and nflist.generation() == start + commits:
             # Proved by the kernel: since the live state was read, nf_tables committed our
             # restore (one commit per table) and nothing else, so each table is its target.
-            return []
-        after_load = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
-        problems = []
-        for name, target in targets.items():
-            if same_table(target, after_load.get(name)):
-                continue
-            if level == MERGE and new is not None and same_table(
-                    merge_table3(name, old.get(name), new.get(name), after_load.get(name)),
-                    after_load.get(name)):
-                continue  # others changed the table again meanwhile; the change stays undone
-            problems.append(f"{self.label} table {name} differs from the computed target")
-        return problems
+            after_load = {n: t for n, t in targets.items() if t is not None}
+        else:
+            after_load = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
+        if level == MERGE and new is not None:
+            # The proof: the change's delta is gone from the kernel's state (whatever others
+            # did meanwhile, also after the live state was read), not "as the merge said".
+            return [f"{self.label} {problem}" for problem in delta_left(
+                *(delta_items(t, tables) for t in (old, new, now, after_load)))]
+        return [f"{self.label} table {name} differs from the computed target"
+                for name, target in targets.items() if not same_table(target, after_load.get(name))]
 
     def _load_repairing(self, targets: dict[str, Table | None], old: dict[str, Table],
                         on_retry: RetryLog | None) -> int:

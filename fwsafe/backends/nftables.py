@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fwsafe.backends import libnft, nflist
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog, line_starting
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.backends.nflist import kernel_tables
-from fwsafe.core.merge import merge_sequences, merge_value
+from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.guard import hatch
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
@@ -172,6 +172,22 @@ def canonical_block(block: str | None) -> str | None:
             body = render_set(lines, sorted(elements))
         out[head] = body
     return render_block(header, attrs, out)
+
+
+def delta_items(blocks: Mapping[str, str], units: Sequence[str]) -> dict[str, list[str]]:
+    """The items the revert's proof counts (fwsafe.core.merge.delta_left): per table its own
+    lines and the headers of its objects; per set or map its lines and elements; per chain
+    (and other object) its lines."""
+    items: dict[str, list[str]] = {}
+    for unit in units:
+        if unit not in blocks:
+            continue
+        _header, attrs, objects = parse_block(blocks[unit])
+        items[unit] = [*attrs, *(head.strip() for head in objects)]
+        for head, body in objects.items():
+            lines, elements = set_parts(body) if _is_set(head) else (body, [])
+            items[f"{unit}/{head.strip()}"] = [*lines, *(f"element {e}" for e in elements)]
+    return items
 
 
 def merge_block(before: str | None, after: str | None, live: str | None) -> str | None:
@@ -331,18 +347,16 @@ class NftLayer(Layer):
             if result.returncode != 0:
                 raise ApplyError(f"nft refused the revert target: "
                                  f"{result.stderr.decode(errors='replace').strip()}")
-            if start is not None and nflist.generation() == start + 1:
-                # Proved by the kernel: since the live state was read, nf_tables committed our
-                # one transaction and nothing else, so each table is its target.
-                return []
-        loaded = self.units(self.capture())
-        problems = []
-        for unit, target in targets.items():
-            if canonical_block(loaded.get(unit)) == canonical_block(target):
-                continue
-            if level == MERGE and new is not None and canonical_block(merge_block(
-                    old.get(unit), new.get(unit), loaded.get(unit))) == canonical_block(
-                        loaded.get(unit)):
-                continue  # others changed the table again meanwhile; the change stays undone
-            problems.append(f"nftables table {unit} differs from the computed target")
-        return problems
+        if script and start is not None and nflist.generation() == start + 1:
+            # Proved by the kernel: since the live state was read, nf_tables committed our
+            # one transaction and nothing else, so each table is its target.
+            loaded = {unit: target for unit, target in targets.items() if target is not None}
+        else:
+            loaded = self.units(self.capture())
+        if level == MERGE and new is not None:
+            # The proof: the change's delta is gone from the kernel's state (see iptables).
+            return [f"nftables {problem}" for problem in delta_left(
+                *(delta_items(t, list(targets)) for t in (old, new, now, loaded)))]
+        return [f"nftables table {unit} differs from the computed target"
+                for unit, target in targets.items()
+                if canonical_block(loaded.get(unit)) != canonical_block(target)]

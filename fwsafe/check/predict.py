@@ -48,7 +48,7 @@ from fwsafe.check.host import (
 )
 from fwsafe.check.loading import SandboxFirewall
 from fwsafe.check.rules import LIMITS
-from fwsafe.check.sandbox import AGENT, Sandbox, SandboxError
+from fwsafe.check.sandbox import AGENT, CHECK_PREFIX, Sandbox, SandboxError
 from fwsafe.core.change import Change, validate_change
 from fwsafe.errors import EnvironmentProblem, FwsafeError, UsageError
 from fwsafe.runner import require_binary
@@ -221,12 +221,12 @@ def signals_held() -> Iterator[None]:
 
 
 @contextmanager
-def scratch_sandbox(tag: str) -> Iterator[Sandbox]:
-    """A sandbox (``Sandbox(tag)``) that is removed whatever happens: SIGTERM/SIGHUP raise, and
+def scratch_sandbox(tag: str, prefix: str = CHECK_PREFIX) -> Iterator[Sandbox]:
+    """A sandbox (``Sandbox(tag, prefix)``) that is removed whatever happens: SIGTERM/SIGHUP raise, and
     are held while it is torn down; an interruption becomes a FwsafeError saying so."""
     with signals_raise():
         try:
-            sandbox = Sandbox(tag)
+            sandbox = Sandbox(tag, prefix)
             try:
                 yield sandbox
             finally:
@@ -267,7 +267,8 @@ def _culprit_fields(culprits: list[str]) -> tuple[str | None, str]:
 
 def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: int,
             servers: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT,
-            validate: bool = True, captured: Mapping[str, bytes] | None = None) -> CheckReport:
+            validate: bool = True, captured: Mapping[str, bytes] | None = None,
+            sandbox_prefix: str = CHECK_PREFIX) -> CheckReport:
     """Predict whether applying `layers` would lock the management clients out.
 
     `layers` maps "ipv4" / "ipv6" (iptables-save files) and "nft" (an nftables file) to
@@ -276,7 +277,8 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
     to (default: the source address the host uses towards it); `timeout` is how long one
     connection attempt may take in the sandbox; `validate=False` skips the validation (when
     the caller has validated already); `captured` the host's layers if already read
-    (fwsafe.check.host.capture_host).
+    (fwsafe.check.host.capture_host); `sandbox_prefix` names the sandbox's namespaces
+    (fwsafe.check.sandbox.PROOF_PREFIX for the proof after a revert).
 
     Raises InvalidRulesError (exit 3) for rules the backend refuses, UsageError (exit 2) for
     bad arguments, EnvironmentProblem when the sandbox cannot be built. Never raises for a
@@ -302,7 +304,7 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
 
     report = CheckReport(clients=client_list, port=port,
                          layers={name: layers[name][1] for name in LAYERS if name in layers})
-    with scratch_sandbox(f"{os.getpid()}") as sandbox:
+    with scratch_sandbox(f"{os.getpid()}", sandbox_prefix) as sandbox:
         if validate:
             _validate(layers)
         _run(layers, client_list, hints, port, timeout, report, sandbox, captured)

@@ -2,7 +2,11 @@
 
 A sandbox is two network namespaces, ``fwck<tag>s`` (the server: it gets the host's
 interface name and addresses, the firewall under test and a listener on the management port)
-and ``fwck<tag>c`` (the clients: it holds the clients' addresses). They are joined by one veth
+and ``fwck<tag>c`` (the clients: it holds the clients' addresses); the tag begins with the PID
+of the process that owns them. The access proof after a revert (fwsafe.core.revert) builds
+its sandbox under its own prefix, ``fwpr``: a guard killed during that proof cannot remove it,
+so whoever takes over from a dead owner (the backstop, ``fwsafe recover``) removes
+``fwpr<pid>...`` namespaces whose PID is gone (:func:`remove_orphans`). They are joined by one veth
 pair per host interface that management traffic arrives on; the veth is created directly in
 the two namespaces, so nothing ever appears in the namespace `fwsafe check` runs in, whose
 firewall is only ever read. When one address of the server is reached over several links (the
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import subprocess
 import sys
@@ -29,13 +34,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from fwsafe.check.netns import Namespaces, NetnsError, configuring
+from fwsafe.check.netns import NETNS_DIR, Namespaces, NetnsError, configuring, destroy_netns
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
 AGENT = Path(__file__).with_name("agent.py")
 TRACE_TABLE = "fwsafe_check_trace"
 CANARY_PORTS = "40000-49999"
+CHECK_PREFIX = "fwck"   # `fwsafe check`, the check before `apply`, the audit
+PROOF_PREFIX = "fwpr"   # the access proof after a revert
+_OWNED = re.compile(r"^(fw[a-z]{2})(\d+)[a-z]*[sc]$")
 
 
 class SandboxError(Exception):
@@ -226,9 +234,9 @@ class TraceMonitor:
 class Sandbox:
     """The server/client namespace pair; use it as a context manager."""
 
-    def __init__(self, tag: str) -> None:
-        self.srv = f"fwck{tag}s"
-        self.cli = f"fwck{tag}c"
+    def __init__(self, tag: str, prefix: str = CHECK_PREFIX) -> None:
+        self.srv = f"{prefix}{tag}s"
+        self.cli = f"{prefix}{tag}c"
         self.namespaces = Namespaces(ip=require_binary("ip"))
         self.srv_agent: AgentProcess | None = None
         self.cli_agent: AgentProcess | None = None
@@ -383,3 +391,35 @@ class Sandbox:
             pass
         if errors:
             print("fwsafe: warning: sandbox teardown: " + "; ".join(errors), file=sys.stderr)
+
+
+def orphans(prefix: str) -> list[str]:
+    """The sandbox namespaces named ``<prefix><pid>...`` whose owner (that PID) is gone."""
+    try:
+        names = sorted(os.listdir(NETNS_DIR))
+    except OSError:
+        return []
+    return [n for n in names if (m := _OWNED.match(n)) and m.group(1) == prefix
+            and _gone(int(m.group(2)))]
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (killed, not yet reaped: what a pidfd reports)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def remove_orphans(prefix: str) -> list[str]:
+    """Delete the sandbox namespaces under `prefix` whose owner died (what runs in them is
+    killed by PID first); the names that could not be removed, said by the caller. Never
+    raises: a leftover sandbox is no reason to stop a revert."""
+    left = []
+    for name in orphans(prefix):
+        try:
+            destroy_netns(name)
+        except (NetnsError, OSError):
+            left.append(name)
+    return left

@@ -177,6 +177,11 @@ def format_status(info: dict[str, Any], verbose: bool = False) -> str:
     if state == transaction.REVERTING and info.get("revert_attempts"):
         lines.append(f"  reverting (attempt {info['revert_attempts']}: "
                      f"{info.get('revert_last_error') or 'in progress'})")
+    if info.get("revert_proofs") and state in (transaction.REVERTED,
+                                               transaction.REVERT_FAILED):
+        lines.append("  verified: " + ("yes (the delta is gone; SSH gets in)"
+                                        if info.get("revert_verified") else "NO"))
+        lines += [f"  proof: {layer}: {proof}" for layer, proof in info["revert_proofs"].items()]
     if info.get("revert_notes"):
         lines += [f"  FALLBACK: {note}" for note in info["revert_notes"]]
     if info.get("reverted_by") and state in (transaction.REVERTED, transaction.REVERT_FAILED):

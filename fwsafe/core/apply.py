@@ -94,6 +94,52 @@ def watched_layers(change: Change, captured: list[str]) -> list[str]:
     return [name for name in captured if name in watch]
 
 
+def touchable_tables(change: Change, name: str) -> set[str] | None:
+    """The tables of iptables layer `name` the change can write (None: any of them)."""
+    if change.run is not None or "ufw" in change.layers:
+        return None
+    if name in change.layers:
+        from fwsafe.backends.iptables import parse_tables
+
+        return set(parse_tables(change.layers[name].decode(errors="replace")))
+    nft = change.layers.get("nft", b"")
+    return None if b"flush ruleset" in b" ".join(nft.split()) else set()
+
+
+def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
+                        generation: int | None) -> None:
+    """A change that can write to a table of iptables-nft that iptables-save does not show
+    exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
+    anything happens, naming the table: its revert would load that lossy text
+    (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`."""
+    from fwsafe.backends.fidelity import FidelityError, lossy_tables
+    from fwsafe.runner import find_binary
+
+    checks = {name: tables for name in ("ipv4", "ipv6")
+              if name in captured and (tables := touchable_tables(change, name)) != set()
+              and layer_for(name).in_nf_tables()}
+    if checks and find_binary("nft") is None:   # nothing to compare with; said in the record
+        change.notes.append("not checked whether iptables-save shows the tables exactly "
+                            "(nft is not installed)")
+        return
+    found: list[str] = []
+    for name, tables in checks.items():
+        try:
+            found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
+                                  saved=None if hatch.SEEN else captured[name])   # again
+        except FidelityError as exc:
+            raise EnvironmentProblem(
+                f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
+                hint="nothing was changed") from exc
+    if found:
+        raise InvalidRulesError(
+            f"table {', '.join(found)} holds what iptables-nft cannot show (nft's own rules, "
+            "sets or base chains): iptables-save prints it differently from the kernel, so "
+            "this change could not be undone exactly; nothing was changed",
+            hint="move nft's own rules and sets out of it, to a table of their own (e.g. "
+                 "`table ip fw_filter`): then iptables-save shows it exactly")
+
+
 def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
                                 options: ApplyOptions) -> None:
     """A full rules file that would delete fail2ban's, Docker's, ... chains is refused
@@ -140,7 +186,9 @@ def lockout_check(change: Change, options: ApplyOptions,
     if report.lockout and not options.force:
         raise LockoutRefused(report.lockout_message(),
                              hint=refusal_hint(change.run, report.port))
-    return {"ran": True, "lockout": report.lockout, "summary": precheck_summary(report)}
+    # The clients and port are the revert's second proof: they must get in again after it.
+    return {"ran": True, "lockout": report.lockout, "summary": precheck_summary(report),
+            "clients": report.clients, "port": report.port}
 
 
 def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,
@@ -405,6 +453,7 @@ class ApplyFlow:
             if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
                 validating.result()
             captured = collect(captures, list(change.layers))
+            lossy = pool.submit(refuse_lossy_tables, change, captured, generation)
             # Written (durably) while the checks run; a layer read again is written again.
             saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
             if options.check:
@@ -415,6 +464,7 @@ class ApplyFlow:
                 validating.result()
                 raise
             validating.result()
+            lossy.result()
             if options.before_apply is not None:
                 options.step("trying what the change exposes, in a scratch namespace")
                 options.before_apply(complete)

@@ -318,6 +318,8 @@ class Manager:
             "revert_attempts": record.revert_attempts,
             "revert_last_error": record.revert_last_error,
             "revert_notes": record.revert_notes,
+            "revert_proofs": record.revert_proofs,
+            "revert_verified": record.revert_verified,
             "events": [{"t": e.t, "event": e.event, "detail": e.detail} for e in record.events],
             "log": str(self.state.tx_dir(record.id) / "guard.log"),
         }

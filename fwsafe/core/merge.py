@@ -206,3 +206,29 @@ def merge_value(before: str | None, after: str | None, live: str | None) -> str 
     if before != after and live == after:
         return before
     return live
+
+
+Items = dict[str, list[str]]   # unit (a chain, a set, a table's declarations) -> its items
+
+
+def delta_left(before: Items, after: Items, live: Items, now: Items) -> list[str]:
+    """The proof that a revert undid the change, on a fresh reading of the kernel (`now`),
+    independent of the merge's own prediction: what of the change's delta `before -> after`
+    is still there. An item the change added is gone (counted per unit: at most `before`'s
+    copies, plus the copies others added by the time the revert read the live state); an item
+    it removed is back (at least `before`'s copies, less those others deleted, unless others
+    deleted the whole unit). [] = proved."""
+    problems: list[str] = []
+    for unit in sorted(set(before) | set(after)):
+        b, a = Counter(before.get(unit, ())), Counter(after.get(unit, ()))
+        if b == a:
+            continue
+        n, seen = Counter(now.get(unit, ())), Counter(live.get(unit, ()))
+        unit_gone = unit in after and unit not in live     # its owner deleted it meanwhile
+        for item in dict.fromkeys([*after.get(unit, ()), *before.get(unit, ())]):
+            if a[item] > b[item] and n[item] > b[item] + max(0, seen[item] - a[item]):
+                problems.append(f"{unit}: `{item}` (added by the change) is still there")
+            if a[item] < b[item] and not unit_gone \
+                    and n[item] < b[item] - max(0, a[item] - seen[item]):
+                problems.append(f"{unit}: `{item}` (removed by the change) is not back")
+    return problems

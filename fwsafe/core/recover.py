@@ -14,10 +14,19 @@ from collections.abc import Callable, Mapping
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, layer_kind
+from fwsafe.backends.base import CHAINS
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.apply import ApplyFlow
 from fwsafe.core.change import require_root
-from fwsafe.core.revert import RevertResult, compute_touched, revert_change
+from fwsafe.core.revert import (
+    RevertResult,
+    access_check,
+    compute_touched,
+    proof_of,
+    prove_access,
+    remove_dead_proofs,
+    revert_change,
+)
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
@@ -129,6 +138,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 hint="use `fwsafe revert` or `fwsafe confirm`")
         if not claimed:   # else the caller holds it (the backstop, until the record is written)
             claim.enter_context(state.tx_claimed(record.id))
+        leftovers = remove_dead_proofs()   # the dead guard's proof sandbox, if it died proving
         before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         after = snapshot.load_optional(state, record.id, snapshot.AFTER, record.watch)
         resumed = record.state == transaction.REVERTING   # someone began; may have finished
@@ -162,23 +172,30 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         save(state, record)   # reverting, said before the lock is let go
         failpoints.hit("recover.claimed")
         with state.released() if give_up_after is None else contextlib.nullcontext():
-            result = RevertResult(attempts=0, notes=[ALREADY_UNDONE]) \
-                if resumed and undone_already(touched, before) else \
-                revert_change(touched, before, after or None, on_attempt=attempt,
-                              give_up_after=give_up_after, after_stamp=record.after_stamp)
+            access = None if after_reboot else access_check(record)
+            if resumed and undone_already(touched, before):
+                # Proved by reading: every touched unit is as in the snapshot; then access.
+                result = RevertResult(attempts=0, notes=[ALREADY_UNDONE],
+                                      proofs={n: proof_of(CHAINS) for n in touched})
+                prove_access(result, access, touched, before, lambda _message: None)
+            else:
+                result = revert_change(touched, before, after or None, on_attempt=attempt,
+                                       give_up_after=give_up_after,
+                                       after_stamp=record.after_stamp, access=access)
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")
         record.revert_attempts = result.attempts
-        record.revert_notes = result.notes
+        record.revert_notes = result.notes + leftovers
+        record.revert_proofs = result.proofs
+        record.revert_verified = result.verified
         record.reverted_by = by
         if result.problems:
             record.error = "; ".join(result.problems)
             record.transition(transaction.REVERT_FAILED, record.error)
         else:
             record.revert_last_error = None
-            record.transition(transaction.REVERTED, "; ".join(
-                [f"undone and verified (by {by})", *result.notes]))
+            record.transition(transaction.REVERTED, result.summary(by))
         save(state, record)
     return record
 

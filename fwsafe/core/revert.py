@@ -16,10 +16,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, revert_order
-from fwsafe.backends.base import LEVELS, MERGE
+from fwsafe.backends.base import LEVELS, MERGE, TABLES
+from fwsafe.core.transaction import Record
 
 BACKOFF_FIRST = 0.1
 BACKOFF_MAX = 5.0
@@ -28,16 +30,79 @@ Log = Callable[[str], None]
 Attempt = Callable[[int, str], None]   # (attempt number, why the previous one failed)
 
 
+Access = Callable[[], tuple[bool | None, str]]   # the SSH clients get in? (None: not known)
+
+
 @dataclass
 class RevertResult:
-    problems: list[str] = field(default_factory=list)   # [] = done and verified
+    problems: list[str] = field(default_factory=list)   # [] = done, the delta proved gone
     attempts: int = 0
     levels: dict[str, str] = field(default_factory=dict)  # layer -> level that worked
     notes: list[str] = field(default_factory=list)        # fallbacks used, said loudly
+    proofs: dict[str, str] = field(default_factory=dict)  # layer / "access" -> what held
+    access: bool | None = None                            # the kernel's verdict held
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    @property
+    def verified(self) -> bool:
+        """Both proofs held: the change's delta is gone from the kernel's state, and the
+        lockout check's kernel verdict lets the SSH clients in."""
+        return self.ok and self.access is True
+
+    def summary(self, by: str) -> str:
+        """The reason a reverted record gives: "verified" only when both proofs held."""
+        if self.verified:
+            head = f"the change undone and verified (by {by})"
+        else:
+            head = (f"the change undone (by {by}); NOT verified: "
+                    f"{self.proofs.get('access', 'access not checked')}")
+        return "; ".join([head, *self.notes])
+
+
+def proof_of(level: str) -> str:
+    return ("the change's delta is gone from the kernel's state" if level == MERGE else
+            f"the touched units are as in the snapshot in the kernel ({level})")
+
+
+def access_check(record: Record) -> Access | None:
+    """The lockout check's kernel verdict on the live firewall, for the SSH clients that the
+    check before the change let in (`record.options["check"]`); None when none is known."""
+    check: Mapping[str, Any] = record.options.get("check") or {}
+    clients = list(check.get("clients") or [])
+    port = int(check.get("port") or 22)
+    families: list[str] = [n for n in ("ipv4", "ipv6") if n in record.captured]
+    if not clients or not families:
+        return None
+
+    def prove() -> tuple[bool | None, str]:
+        from fwsafe.check.predict import predict
+        from fwsafe.check.sandbox import PROOF_PREFIX
+
+        remove_dead_proofs()   # a dead prover's namespaces (its PID in their names) go first
+        live = {n: (layer_for(n).capture(), f"the {n} firewall after the revert")
+                for n in families}
+        report = predict(live, clients=clients, port=port, validate=False, captured=None,
+                         sandbox_prefix=PROOF_PREFIX)
+        if report.lockout:
+            return False, "access FAILED: " + report.lockout_message()
+        passed = [v.path for v in report.verdicts if v.ok]
+        if not passed:
+            return None, "access not proved: no SSH path could be tested"
+        return True, f"access: a NEW SSH connection gets in ({'; '.join(passed)})"
+    return prove
+
+
+def remove_dead_proofs() -> list[str]:
+    """Remove the access proof's sandbox namespaces whose owner died (a guard or reverter
+    killed during its proof); called by whoever takes over from a dead owner. A note for the
+    record on what could not be removed ([] when nothing was left)."""
+    from fwsafe.check.sandbox import PROOF_PREFIX, remove_orphans
+
+    left = remove_orphans(PROOF_PREFIX)
+    return [f"could not remove the sandbox of a dead proof: {', '.join(left)}"] if left else []
 
 
 def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, list[str]]:
@@ -93,10 +158,13 @@ def revert_change(
     give_up_after: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
     after_stamp: str | None = None,
+    access: Access | None = None,
 ) -> RevertResult:
     """Undo the change on every touched layer: files first, iptables last (the reverse of the
     capture order). `after` holds the captures taken right after the change (a layer missing
-    there is reverted from the snapshot: CHAINS, then TABLES)."""
+    there is reverted from the snapshot: CHAINS, then TABLES). `access`: the second proof,
+    asked once the delta is proved gone; when it fails, the touched tables are loaded whole
+    from the snapshot (access before fidelity) and it is asked again."""
     say: Log = log or (lambda _message: None)
     result = RevertResult()
     remaining = [n for n in revert_order(touched) if n in before]
@@ -113,8 +181,11 @@ def revert_change(
                 failed[name] = error
                 continue
             result.levels[name] = level
+            result.proofs[name] = proof_of(level)
             if level != MERGE:
-                note = (f"{name}: the three-way merge could not be loaded; restored "
+                why = ("the three-way merge could not be loaded" if (after or {}).get(name)
+                       is not None else "no capture right after the change, so no merge")
+                note = (f"{name}: {why}; restored "
                         + ("the touched units whole from the snapshot" if level != LEVELS[-1]
                            else "the whole snapshot of the touched tables (access before "
                                 "fidelity: rules others added meanwhile are gone)"))
@@ -123,6 +194,7 @@ def revert_change(
         remaining = [n for n in remaining if n in failed]
         if not remaining:
             result.problems = []
+            prove_access(result, access, touched, before, say)
             return result
         reason = "; ".join(f"{n}: {e}" for n, e in failed.items())
         if give_up_after is not None and time.monotonic() - started >= give_up_after:
@@ -133,3 +205,42 @@ def revert_change(
             on_attempt(result.attempts + 1, reason)
         sleep(delay)
         delay = min(delay * 2, BACKOFF_MAX)
+
+
+def prove_access(result: RevertResult, access: Access | None,
+                 touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes],
+                 say: Log) -> None:
+    """The second proof (see revert_change), into `result`; also for a revert found finished
+    by whoever took over from its dead owner."""
+    if access is None:
+        result.proofs["access"] = "access not checked: no SSH client known from the check"
+        return
+    result.access, result.proofs["access"] = _ask(access)
+    say(result.proofs["access"])
+    if result.access is not False:
+        return
+    note = ("the SSH clients do not get in after the merge: the touched tables loaded whole "
+            "from the snapshot (access before fidelity: rules others added meanwhile are gone)")
+    result.notes.append(note)
+    say(f"FALLBACK {note}")
+    for name in revert_order(touched):
+        if name not in before:
+            continue
+        try:
+            left = layer_for(name).revert(before[name], None, touched[name], level=TABLES)
+        except Exception as exc:  # noqa: BLE001 - said, and the access proof tells the rest
+            left = [str(exc)]
+        if left:
+            say(f"revert of {name} ({TABLES}) failed: {'; '.join(left)}")
+        else:
+            result.levels[name] = TABLES
+            result.proofs[name] = proof_of(TABLES)
+    result.access, result.proofs["access"] = _ask(access)
+    say(result.proofs["access"])
+
+
+def _ask(access: Access) -> tuple[bool | None, str]:
+    try:
+        return access()
+    except Exception as exc:  # noqa: BLE001 - a proof that cannot run did not hold
+        return None, f"access not proved: the check could not run ({type(exc).__name__}: {exc})"

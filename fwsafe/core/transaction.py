@@ -113,6 +113,8 @@ class Record:
     revert_last_error: str | None = None  # why the last round failed, while reverting
     revert_notes: list[str] = field(default_factory=list)  # fallbacks used (said loudly)
     hatch: dict[str, Any] | None = None   # the kernel escape hatch: when, who, where, state
+    revert_proofs: dict[str, str] = field(default_factory=dict)  # layer/"access" -> what held
+    revert_verified: bool | None = None   # both proofs held (the delta gone, SSH gets in)
     events: list[Event] = field(default_factory=list)
     format: int = RECORD_FORMAT           # the layout's major version (RECORD_FORMAT)
     # Fields this version does not know (written by another version): kept and written back.

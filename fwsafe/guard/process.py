@@ -40,7 +40,7 @@ from typing import Any, TextIO
 
 from fwsafe import failpoints
 from fwsafe.core import snapshot, transaction
-from fwsafe.core.revert import RevertResult, revert_change
+from fwsafe.core.revert import RevertResult, access_check, revert_change
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
@@ -270,11 +270,10 @@ class Guard:
             return
         result = self._undo()
         failpoints.hit("guard.reverted")
-        self.record.transition(transaction.REVERTED, "; ".join(
-            ["the change undone and verified", *result.notes]))
+        self.record.transition(transaction.REVERTED, result.summary("guard"))
         self.hatch.removing = self.hatch.spec is not None   # whatever happens next
         self.revert_reason = None
-        self.log("reverted; the change's own delta is undone and verified"
+        self.log(f"reverted: {result.summary('guard')}"
                  + (f" after {result.attempts} attempts" if result.attempts > 1 else ""))
         self.hatch.remove()
         self.save()
@@ -294,11 +293,12 @@ class Guard:
         self.undo_began = True
         result = revert_change(self.record.touched, self.before, self.after, log=self.log,
                                on_attempt=attempt, after_stamp=self.record.after_stamp,
-                               sleep=self.pause)
+                               sleep=self.pause, access=access_check(self.record))
         self.record.reverted_by = "guard"
         self.record.revert_attempts = result.attempts
         self.record.revert_last_error = None
         self.record.revert_notes = result.notes
+        self.record.revert_proofs, self.record.revert_verified = result.proofs, result.verified
         return result
 
     def confirm(self, by: dict[str, str]) -> None:

@@ -337,7 +337,8 @@ class Lab:
         if self._closed:
             return
         errors = self._children.stop_all()
-        steps = [("stopping sshd", self._sshd.stop), ("removing namespaces", self._namespaces.close)]
+        steps = [("stopping sshd", self._sshd.stop), ("removing namespaces", self._namespaces.close),
+                 ("removing the sandboxes of dead proofs", _remove_dead_proofs)]
         if self._files is not None:
             steps.insert(1, ("stopping mount holder", self._files.holder.stop))
         errors += teardown(steps)
@@ -351,6 +352,16 @@ class Lab:
             self._lock_fd = None
         if errors:
             raise LabError(f"lab {self.prefix} teardown incomplete: " + "; ".join(errors))
+
+
+def _remove_dead_proofs() -> None:
+    """A guard of this lab killed while it proved a revert leaves its proof's sandbox
+    (``fwpr<pid>s/c``, global like every named namespace): removed once its owner is gone."""
+    from fwsafe.check.sandbox import PROOF_PREFIX, remove_orphans
+
+    left = remove_orphans(PROOF_PREFIX)
+    if left:
+        raise LabError(f"could not remove {', '.join(left)}")
 
 
 def create_lab(

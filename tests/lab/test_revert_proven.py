@@ -11,6 +11,8 @@ for a failing test).
 from __future__ import annotations
 
 import json
+import os
+import time
 from typing import Any
 
 import pytest
@@ -38,22 +40,50 @@ def ipt(fw: FwLab, *args: str) -> None:
     fw.lab.srv_exec(["iptables", "-w", *args])
 
 
-def apply_detached(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> dict[str, Any]:
+def run_apply(fw: FwLab, text: str, *extra: str, timeout: int = 6, ssh: bool = True) -> Any:
+    """`fwsafe apply --force` as the admin logged in from the lab's client (SSH_CONNECTION:
+    the lockout check knows the client, and the revert proves it gets in again; without
+    `ssh`, no client is known and no access proof is made)."""
     rules = fw.write("change.rules", text)
-    result = fw.fw("apply", "--detach", "--json", "--force", "--timeout", str(timeout),
-                   *extra, str(rules))
-    print(f"\n$ fwsafe apply --force --timeout {timeout} {rules} -> exit {result.returncode}")
+    lab = fw.lab
+    client = f"SSH_CONNECTION={lab.cli_ip4} 50022 {lab.srv_ip4} 22" if ssh else "SSH_CONNECTION="
+    result = lab.srv_exec(["env", f"FWSAFE_STATE_DIR={fw.state_dir}", client, FWSAFE,
+                           "apply", "--detach", "--json", "--force", "--timeout", str(timeout),
+                           *extra, str(rules)], check=False, timeout=120)
+    print(f"\n$ fwsafe apply --force --timeout {timeout} {rules} -> exit {result.returncode}"
+          f"\n{result.stderr}")
+    return result
+
+
+def apply_detached(fw: FwLab, text: str, *extra: str, timeout: int = 6) -> dict[str, Any]:
+    """run_apply, which must arm the guard."""
+    result = run_apply(fw, text, *extra, timeout=timeout)
     assert result.returncode == 0, result.stderr
     armed: dict[str, Any] = json.loads(result.stdout)
+    captured_after(fw, armed)       # what others do from now on is not the change's
     return armed
 
 
-def wait_reverted(fw: FwLab, limit_s: float = 40) -> dict[str, Any]:
+def wait_reverted(fw: FwLab, limit_s: float = 40, *, verified: bool = True) -> dict[str, Any]:
+    """Wait for the revert; the record must say which proofs held ("verified": both)."""
     info = fw.wait_state(FINAL, limit_s)
-    print(f"\nstatus: {info['state']}; reason: {info.get('reason')}; "
-          f"revert: {json.dumps(info.get('revert'))}")
+    print(f"\nstatus: {info['state']}; reason: {info.get('reason')}\nproofs: "
+          f"{json.dumps(info.get('revert_proofs'), indent=1)}\nfallbacks: "
+          f"{info.get('revert_notes')}")
     assert info["state"] == "reverted", info
+    if verified:
+        assert info["revert_verified"] is True, info
+        assert info["revert_proofs"]["access"].startswith("access: a NEW SSH connection gets in")
     return info
+
+
+def captured_after(fw: FwLab, armed: dict[str, Any], limit_s: float = 10) -> None:
+    """Wait until the guard has captured the state right after the change."""
+    log = fw.state_dir / "tx" / str(armed["id"]) / "guard.log"
+    end = time.monotonic() + limit_s
+    while "touched:" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < end, "the guard did not capture after the change"
+        time.sleep(0.05)
 
 
 def chain(text: str, name: str) -> list[str]:
@@ -220,8 +250,9 @@ def test_case4_a_timeout_in_the_capture_after_the_change_still_reverts_it(
                                                              first=True))
     result = fwlab.lab.srv_exec(
         ["env", f"PATH={bindir}:/usr/sbin:/usr/bin:/sbin:/bin",
-         f"FWSAFE_STATE_DIR={fwlab.state_dir}", FWSAFE, "apply", "--detach", "--json",
-         "--force", "--timeout", "20", str(rules)], check=False, timeout=90)
+         f"FWSAFE_STATE_DIR={fwlab.state_dir}",
+         f"SSH_CONNECTION={fwlab.lab.cli_ip4} 50022 {fwlab.lab.srv_ip4} 22", FWSAFE, "apply",
+         "--detach", "--json", "--force", "--timeout", "20", str(rules)], check=False, timeout=90)
     assert result.returncode == 0, result.stderr
     assert not fwlab.lab.new_connection_ok(timeout=0.5), "the change's drop is not live"
     record(fwlab, "case 4: during")
@@ -256,11 +287,9 @@ def test_case3_nft_set_elements_are_merged_one_by_one(fwlab: FwLab) -> None:
         "\t\tip saddr @blk tcp dport 22 drop\n\t}\n}\n"))
     before = nft_table(fwlab, "case 3: before")
     assert "\t\t\t     " in before, "the element list is not wrapped"
-    change = fwlab.write("ban-client.nft", (
+    apply_detached(fwlab, (
         "table inet blocker {\n\tset blk {\n\t\ttype ipv4_addr\n\t\tflags interval\n"
         f"\t\telements = {{ {lab.cli_ip4} }}\n\t}}\n}}\n"))
-    result = fwlab.fw("apply", "--detach", "--json", "--force", "--timeout", "6", str(change))
-    assert result.returncode == 0, result.stderr
     assert not lab.new_connection_ok(timeout=0.5), "the change's element is not live"
     lab.srv_exec(["nft", "add", "element", "inet", "blocker", "blk", f"{{ {extra[1]} }}"])
     nft_table(fwlab, "case 3: during (another program banned one more)")
@@ -294,3 +323,123 @@ def test_case2_an_nft_file_writing_an_iptables_nft_table_is_refused(fwlab: FwLab
     listed = fwlab.lab.srv_exec(["nft", "list", "table", "ip", "filter"]).stdout
     assert "tcp dport 22 drop" not in listed
     assert fwlab.lab.new_login_ok()
+
+
+def test_proof_access_failing_after_the_merge_falls_back_to_the_snapshot(fwlab: FwLab) -> None:
+    """Item 4(c): the merge keeps what others did, so a ban of the admin's own client by
+    another program during the window survives it: the access proof fails, the touched
+    table is loaded whole from the snapshot (access before fidelity, said in the record),
+    the proof is asked again, and the client gets in."""
+    lab = fwlab.lab
+    before = record(fwlab, "access proof: before")
+    apply_detached(fwlab, neighbours.with_rule(before, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    ipt(fwlab, "-I", "INPUT", "1", "-s", lab.cli_ip4, "-p", "tcp", "--dport", "22", "-j", "DROP")
+    record(fwlab, "access proof: during (another program bans the admin's client)")
+    info = wait_reverted(fwlab)
+    after = record(fwlab, "access proof: after the revert")
+    assert after == before
+    assert lab.new_login_ok()
+    assert info["revert_proofs"]["ipv4"].endswith("(snapshot tables)"), info["revert_proofs"]
+    assert any("access before fidelity" in note for note in info["revert_notes"])
+    log = (fwlab.state_dir / "tx" / str(info["id"]) / "guard.log").read_text()
+    assert "access FAILED" in log, log
+
+
+def test_case5_a_table_iptables_save_shows_wrongly_is_refused(fwlab: FwLab) -> None:
+    """A native nft rule `ip saddr @blk drop` first in ip filter INPUT: iptables-nft-save
+    1.8.9 prints it as `-A INPUT -j DROP`, so the revert of an unrelated iptables change (a
+    DROP of port 8080) would load a table that drops everything. The change is refused with
+    exit 3 before anything happens, naming the table; the native rule is there and works, a
+    NEW ssh login gets in."""
+    lab = fwlab.lab
+    extra = neighbours.add_client_addresses(lab, count=2)
+    lab.srv_exec(["nft", "add", "set", "ip", "filter", "blk", "{ type ipv4_addr; }"])
+    lab.srv_exec(["nft", "add", "element", "ip", "filter", "blk", f"{{ {extra[0]} }}"])
+    lab.srv_exec(["nft", "insert", "rule", "ip", "filter", "INPUT", "ip", "saddr", "@blk",
+                  "drop"])
+    before = record(fwlab, "case 5: before")
+    native = fwlab.lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout
+    print(f"\n===== case 5: before (nft -s list table ip filter) =====\n{native}")
+    assert chain(before, "INPUT")[0] == "-A INPUT -j DROP", "iptables-save is not lossy here"
+    assert not neighbours.tcp_probe(lab, src=extra[0]).ok
+    assert neighbours.tcp_probe(lab, src=extra[1]).ok
+    change = "\n".join(ln for ln in before.splitlines() if ln != "-A INPUT -j DROP") + "\n"
+    result = run_apply(fwlab, neighbours.with_rule(change, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    assert result.returncode == 3, result.stderr
+    assert "table ip filter holds what iptables-nft cannot show" in result.stderr
+    assert record(fwlab, "case 5: after the refusal") == before
+    assert fwlab.lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout == native
+    assert lab.new_login_ok(), "a NEW ssh login fails"
+    assert not neighbours.tcp_probe(lab, src=extra[0]).ok, "the native ban no longer blocks"
+    assert neighbours.tcp_probe(lab, src=extra[1]).ok
+    assert fwlab.status()["state"] == "none"
+
+
+def test_a_guard_killed_while_proving_leaves_no_sandbox(fwlab: FwLab) -> None:
+    """Item 4 and the proof's own cleanup: the guard reverts, builds the access proof's sandbox
+    (``fwpr<pid>s/c``, apart from `fwsafe check`'s ``fwck``) and is killed in the middle of
+    it. The backstop takes over: it removes the dead guard's sandbox, finds the change undone,
+    proves access again, and the record says reverted and verified."""
+    before = record(fwlab, "killed while proving: before")
+    armed = apply_detached(fwlab, neighbours.with_rule(before, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    guard = int(armed["guard_pid"])
+    mine = {f"fwpr{guard}s", f"fwpr{guard}c"}
+    end = time.monotonic() + 30
+    while not mine & set(os.listdir("/run/netns") if os.path.isdir("/run/netns") else []):
+        assert time.monotonic() < end, "the guard's proof sandbox never appeared"
+        time.sleep(0.01)
+    fwlab.lab.srv_exec(["kill", "-KILL", str(guard)])   # the guard we started, mid-proof
+    print(f"\nkilled the guard (PID {guard}) while its proof sandbox existed")
+    info = wait_reverted(fwlab)
+    assert info["reverted_by"] == "backstop", info
+    assert record(fwlab, "killed while proving: after the backstop") == before
+    assert not mine & set(os.listdir("/run/netns")), "the dead guard's sandbox was left behind"
+    assert fwlab.lab.new_login_ok()
+
+
+@pytest.mark.parametrize("proof", [True, False], ids=["with-access-proof", "without"])
+def test_the_access_proof_does_not_delay_the_way_back(fwlab: FwLab, proof: bool) -> None:
+    """A lockout (NEW SSH dropped) reverted at its deadline: SSH answers a NEW connection as
+    soon as without the proof (the proof runs once the revert is loaded), within 3 s of the
+    deadline; printed both ways, with the time until the record says reverted."""
+    before = record(fwlab, "lockout: before")
+    result = run_apply(fwlab, neighbours.with_rule(before, f"-A INPUT {DROP_NEW}", first=True),
+                       timeout=4, ssh=proof)
+    assert result.returncode == 0, result.stderr
+    deadline = float(json.loads(result.stdout)["deadline"])
+    assert not fwlab.lab.new_connection_ok(timeout=0.5), "the lockout is not live"
+    while time.time() < deadline - 0.5:
+        time.sleep(0.05)
+    while not fwlab.lab.new_connection_ok(timeout=0.3):
+        assert time.time() - deadline < 20, "SSH never came back"
+        time.sleep(0.02)
+    answered = time.time() - deadline
+    info = wait_reverted(fwlab, verified=proof)
+    recorded = info["events"][-1]["t"] - deadline
+    print(f"\naccess proof {'on' if proof else 'off'}: deadline -> SSH answers {answered:.2f} s;"
+          f" deadline -> record reverted {recorded:.2f} s")
+    assert "access" in info["revert_proofs"]
+    assert proof == info["revert_proofs"]["access"].startswith("access: a NEW SSH")
+    assert answered < 3.0
+    assert record(fwlab, "lockout: after") == before
+
+
+def test_case2_an_incompatible_base_chain_another_program_made_is_found(fwlab: FwLab) -> None:
+    """Case 2 the other way round: another program made a base chain `input` in ip filter with
+    nft (iptables-save prints "contains incompatible base-chains" and leaves it out). An
+    iptables change to filter is refused with exit 3, naming the table; nft's chain stays."""
+    lab = fwlab.lab
+    lab.srv_exec(["nft", "add", "chain", "ip", "filter", "input",
+                  "{ type filter hook input priority 10; policy accept; }"])
+    lab.srv_exec(["nft", "add", "rule", "ip", "filter", "input", "tcp", "dport", "2323", "drop"])
+    before = record(fwlab, "case 2b: before")
+    native = lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout
+    print(f"\n===== case 2b: before (nft -s list table ip filter) =====\n{native}")
+    assert "tcp dport 2323" not in before
+    result = run_apply(fwlab, neighbours.with_rule(before, "-A INPUT -p tcp --dport 8080 -j DROP"))
+    assert result.returncode == 3, result.stderr
+    assert "table ip filter holds what iptables-nft cannot show" in result.stderr
+    assert record(fwlab, "case 2b: after the refusal") == before
+    assert lab.srv_exec(["nft", "-s", "list", "table", "ip", "filter"]).stdout == native
+    assert lab.new_login_ok()
+    assert fwlab.status()["state"] == "none"

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fwsafe.backends.iptables import merge_table3, parse_ruleset
 from fwsafe.backends.nftables import merge_block, parse_block, set_parts
-from fwsafe.core.merge import merge_sequences, target_count
+from fwsafe.core.merge import delta_left, merge_sequences, target_count
 
 X = "-A INPUT -p tcp --dport 22 -j DROP"          # the change's rule
 
@@ -119,3 +119,16 @@ def test_case3_nft_set_elements_merged_one_by_one() -> None:
     assert got is not None
     assert set_parts(parse_block(got)[2]["\tset blk {"])[1] == (
         ["10.0.1.1", "10.0.2.7"] + [f"10.0.1.{i}" for i in range(2, 21)])
+
+
+def test_delta_proof_on_the_kernel_state() -> None:
+    """The revert's first proof (delta_left), independent of the merge's prediction."""
+    before, after = {"c": ["A", "B"]}, {"c": ["A", X]}
+    assert delta_left(before, after, {"c": ["A", X, "D"]}, {"c": ["A", "B", "D"]}) == []
+    left = delta_left(before, after, {"c": ["A", X]}, {"c": [X, "A"]})
+    assert left == ["c: `-A INPUT -p tcp --dport 22 -j DROP` (added by the change) is still there",
+                    "c: `B` (removed by the change) is not back"]
+    # others added the same rule meanwhile: one copy is theirs
+    assert delta_left(before, after, {"c": ["A", X, X]}, {"c": ["A", "B", X]}) == []
+    # others deleted the chain the change edited: nothing to bring back
+    assert delta_left(before, after, {}, {}) == []

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fwsafe.backends.iptables import merge_table3, parse_ruleset, same_table
 from fwsafe.backends.nftables import canonical_block, merge_block, parse_block, set_parts
-from fwsafe.core.merge import merge_sequences
+from fwsafe.core.merge import delta_left, merge_sequences
 from tests.merge_strategies import PROPERTY, SEQ, Story, stories
 from tests.nft_strategies import element as nft_element
 from tests.nft_strategies import set_stories
@@ -42,6 +42,7 @@ def test_the_change_is_undone_and_others_work_kept(story: Story) -> None:
     expected = ({b for b in story.before if b not in story.others_deleted}
                 | {o for o in story.live if o.startswith("o")})
     assert Counter(got) == Counter(expected)
+    assert delta_left(*({"u": x} for x in (story.before, story.after, story.live, got))) == []
     again = merge_sequences(story.before, story.after, got)
     # A second revert changes nothing (in content; also in order unless others moved rules:
     # a rule the change moved and others moved back looks as if nobody had moved it)
@@ -64,6 +65,7 @@ def test_others_additions_keep_their_order_and_before_its_order(story: Story) ->
 def test_identical_rules_counted_as_multisets(before: list[str], after: list[str],
                                               live: list[str]) -> None:
     got = merge_sequences(before, after, live)
+    assert delta_left(*({"u": x} for x in (before, after, live, got))) == []   # the proof holds
     cb, ca, cl, cg = Counter(before), Counter(after), Counter(live), Counter(got)
     assert set(cg) <= set(cb) | set(cl)                     # nothing invented
     for item in set(cb) | set(ca) | set(cl):

@@ -1,0 +1,151 @@
+"""Does iptables-save show a table of iptables-nft exactly? (issue 22, case 5)
+
+fwsafe reads and restores the tables iptables-nft owns (ip/ip6 filter, nat, mangle, raw,
+security) through iptables-save and iptables-restore. That text is lossy when nft itself wrote
+to such a table: iptables-nft-save 1.8.9 prints a native ``ip saddr @blk drop`` as
+``-A INPUT -j DROP``, leaves out sets, and prints nothing of a base chain it calls
+"incompatible". A revert that loads such text replaces the real rules by wrong ones (a host
+that drops everything).
+
+The test is a round trip: the family's iptables-save text is loaded by iptables-restore into a
+scratch network namespace, and ``nft -s list table`` there must show each table as the kernel
+shows it here (chains and sets compared by name, rules in order; empty built-in chains with an
+accept policy, which iptables-nft creates only when they are used, left out). A table that
+differs is lossy: the caller refuses a change that could touch it (exit 3, nothing changed).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
+
+from fwsafe.backends import nflist
+from fwsafe.backends.iptables import BUILTIN_CHAINS, FAMILIES
+from fwsafe.runner import find_binary, require_binary, run
+
+NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
+SCRATCH_PREFIX = "fwrt"   # fwrt<pid>: the round trip's scratch namespace
+
+Blocks = dict[str, tuple[str, ...]]
+
+
+class FidelityError(Exception):
+    """The round trip could not be made (a tool failed or timed out)."""
+
+
+def blocks(listing: str) -> Blocks:
+    """``nft list table`` output as {"chain NAME {" / "set NAME {" ...: its lines in order}, with
+    whitespace collapsed; a base chain holding nothing but an accept policy is left out."""
+    found: Blocks = {}
+    current: list[str] | None = None
+    header = ""
+    for raw in listing.splitlines():
+        line = " ".join(raw.split())
+        if not line or line.startswith("#"):
+            continue
+        depth = len(raw) - len(raw.lstrip("\t"))
+        if depth == 1 and line.endswith("{"):
+            header, current = line, []
+        elif depth == 1 and line == "}" and current is not None:
+            trivial = (header.startswith("chain ") and len(current) == 1
+                       and " hook " in f" {current[0]}" and current[0].endswith("policy accept;"))
+            if not trivial:
+                found[header] = tuple(current)
+            current = None
+        elif current is not None and depth >= 2:
+            current.append(line)
+    return found
+
+
+def _list(argv_prefix: list[str], family: str, table: str) -> Blocks:
+    result = run([*argv_prefix, require_binary("nft"), "-s", "list", "table", family, table],
+                 timeout=60)
+    if result.returncode != 0:
+        if b"No such file or directory" in result.stderr:
+            return {}
+        raise FidelityError(f"nft list table {family} {table} failed: "
+                            f"{result.stderr.decode(errors='replace').strip()}")
+    return blocks(result.stdout.decode(errors="replace"))
+
+
+def _save(name: str) -> bytes:
+    saved = run([require_binary(FAMILIES[name].save)], timeout=120)
+    if saved.returncode != 0:
+        raise FidelityError(f"{FAMILIES[name].save} failed: "
+                            f"{saved.stderr.decode(errors='replace').strip()}")
+    return saved.stdout
+
+
+def _copy_ipsets(text: bytes, inside: list[str]) -> None:
+    """The ipsets the rules name (`-m set`, `-j SET`) made, empty, in the scratch namespace
+    (ipsets belong to a network namespace; the rules refer to them by name)."""
+    ipset = find_binary("ipset")
+    if ipset is None or (b"--match-set" not in text and b"-set " not in text):
+        return   # (without ipset no set exists; a text naming one does not load: lossy)
+    saved = run([ipset, "save"], timeout=60)
+    if saved.returncode != 0:
+        raise FidelityError(f"ipset save failed: {saved.stderr.decode(errors='replace').strip()}")
+    creates = b"".join(line + b"\n" for line in saved.stdout.splitlines()
+                       if line.startswith(b"create "))
+    made = run([*inside, ipset, "restore"], input=creates, timeout=60)
+    if made.returncode != 0:
+        raise FidelityError(f"ipset restore failed: {made.stderr.decode(errors='replace').strip()}")
+
+
+def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
+    """`text` loaded by iptables-restore in a scratch namespace; nft's listing of `tables`
+    (a text iptables-restore refuses matches no table)."""
+    from fwsafe.check.netns import Namespaces, NetnsError
+
+    family = NFT_FAMILY[name]
+    scratch = f"{SCRATCH_PREFIX}{os.getpid()}"
+    try:
+        with Namespaces(ip=require_binary("ip")) as namespaces:
+            namespaces.create(scratch)
+            inside = namespaces.exec_argv(scratch, [])
+            _copy_ipsets(text, inside)
+            loaded = run([*inside, require_binary(FAMILIES[name].restore)], input=text,
+                         timeout=120)
+            if loaded.returncode != 0:   # the text does not even load: no table round-trips
+                return {t: {"(iptables-restore refused the text)": ()} for t in tables}
+            return {t: _list(inside, family, t) for t in tables}
+    except NetnsError as exc:
+        raise FidelityError(f"cannot make a scratch network namespace: {exc}") from exc
+
+
+def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: bytes | None = None,
+                 generation: int | None = None) -> list[str]:
+    """The tables of iptables layer `name` ("ipv4"/"ipv6"; `tables`: only those, None: all)
+    that iptables-save does not show exactly, as "ip filter"; a table that restores to a
+    different one counts too. `saved`: that layer's iptables-save text as read when nf_tables'
+    generation was `generation` (used while it still is). Raises FidelityError when the test
+    cannot be made."""
+    family = NFT_FAMILY[name]
+    known = nflist.kernel_tables()
+    if known is None:
+        result = run([require_binary("nft"), "list", "tables"], timeout=60)
+        if result.returncode != 0:
+            raise FidelityError("nft list tables failed: "
+                                f"{result.stderr.decode(errors='replace').strip()}")
+        known = [(w[1], w[2]) for w in (line.split() for line in
+                                        result.stdout.decode(errors="replace").splitlines())
+                 if len(w) >= 3 and w[0] == "table"]
+    present = [t for f, t in known if f == family and t in BUILTIN_CHAINS
+               and (tables is None or t in tables)]
+    if not present:
+        return []
+    for _ in range(5):
+        # The text and nft's listing must show the same kernel state: nothing committed
+        # between them (nf_tables' generation, per network namespace), else read again.
+        start = nflist.generation()
+        text = saved if saved is not None and start is not None and start == generation \
+            else _save(name)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            trip = pool.submit(_round_trip, name, text, present)
+            live = {t: _list([], family, t) for t in present}
+            scratch = trip.result()
+        if start is None or nflist.generation() == start:
+            break
+        saved = None
+    return [f"{family} {t}" for t in present if live[t] != scratch[t]]
