@@ -90,6 +90,14 @@ def stop_stuck_guard(record: Record) -> bool:
     return True
 
 
+# Fields of the record that `status` shows as they are recorded (in this order).
+STATUS_AS_RECORDED = (
+    "reason", "error", "who", "confirmed_by", "probes", "run",
+    "captured", "touched", "notes", "backstop", "reverted_by",
+    "revert_attempts", "revert_last_error", "revert_notes", "revert_proofs", "revert_verified",
+)
+
+
 class Manager:
     def __init__(self, state: StateDir) -> None:
         self.state = state
@@ -304,22 +312,7 @@ class Manager:
             "guard_mode": record.guard_mode,
             "shielded": record.shielded,
             "shield_error": record.shield_error,
-            "reason": record.reason,
-            "error": record.error,
-            "who": record.who,
-            "confirmed_by": record.confirmed_by,
-            "probes": record.probes,
-            "run": record.run,
-            "captured": record.captured,
-            "touched": record.touched,
-            "notes": record.notes,
-            "backstop": record.backstop,
-            "reverted_by": record.reverted_by,
-            "revert_attempts": record.revert_attempts,
-            "revert_last_error": record.revert_last_error,
-            "revert_notes": record.revert_notes,
-            "revert_proofs": record.revert_proofs,
-            "revert_verified": record.revert_verified,
+            **{name: getattr(record, name) for name in STATUS_AS_RECORDED},
             "events": [{"t": e.t, "event": e.event, "detail": e.detail} for e in record.events],
             "log": str(self.state.tx_dir(record.id) / "guard.log"),
         }
