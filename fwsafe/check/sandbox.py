@@ -235,6 +235,7 @@ class Sandbox:
     """The server/client namespace pair; use it as a context manager."""
 
     def __init__(self, tag: str, prefix: str = CHECK_PREFIX) -> None:
+        remove_orphans(prefix)  # a sandbox whose owner was killed (SIGKILL) goes with the next
         self.srv = f"{prefix}{tag}s"
         self.cli = f"{prefix}{tag}c"
         self.namespaces = Namespaces(ip=require_binary("ip"))

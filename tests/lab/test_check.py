@@ -456,3 +456,25 @@ def test_missing_chain_jump_among_left_out_rules_is_refused(fwlab: FwLab) -> Non
     code, _, stderr = check(fwlab, str(rules), "--client", fwlab.lab.cli_ip4)
     assert code == 3, stderr
     assert "nochain.rules:505" in stderr and "NOSUCHCHAIN" in stderr
+
+
+def test_a_sandbox_whose_owner_was_killed_goes_with_the_next_check() -> None:
+    """A check SIGKILLed with its sandbox up cannot remove it: the next sandbox removes the
+    namespaces whose owner PID is gone (never a live owner's)."""
+    from fwsafe.check.sandbox import CHECK_PREFIX, Sandbox
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    alive = os.getpid()
+    names = [f"{CHECK_PREFIX}{dead.pid}s", f"{CHECK_PREFIX}{dead.pid}c",
+             f"{CHECK_PREFIX}{alive}zzs"]
+    try:
+        for name in names:
+            subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
+        with Sandbox(f"{alive}t"):
+            left = set(os.listdir("/run/netns"))
+        assert names[0] not in left and names[1] not in left
+        assert names[2] in left  # its owner (this test) is alive
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "delete", name], capture_output=True, timeout=30)
