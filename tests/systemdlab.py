@@ -107,7 +107,7 @@ REPO = Path(__file__).resolve().parent.parent
 PACKAGES: tuple[str, ...] = (
     "systemd", "systemd-sysv", "dbus", "libpam-systemd", "openssh-server", "iptables",
     "nftables", "ufw", "python3", "python3-venv", "python3-click", "python3-paramiko",
-    "iproute2", "procps", "kmod",
+    "iproute2", "procps", "kmod", "sudo",
 )  # fmt: skip
 RECIPE = "4"
 """Bump when the customization of the root fs changes (part of the cache key)."""

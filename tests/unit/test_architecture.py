@@ -158,3 +158,11 @@ def test_no_class_is_too_large_to_read() -> None:
                 if size > MAX_CLASS_LINES:
                     large.append(f"{name}.{node.name}: {size} lines")
     assert large == []
+
+
+def test_test_files_have_unique_names() -> None:
+    """pytest imports test modules by basename (rootdir-relative, no packages): two files of
+    the same name in tests/unit and tests/lab stop the whole run at collection."""
+    tests = Path(__file__).resolve().parents[1]
+    names = [p.name for p in tests.rglob("test_*.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []

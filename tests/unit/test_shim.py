@@ -1,6 +1,6 @@
 """The shim (fwsafe.shim): which calls pass straight through, what the script decides without
 Python, and how an SSH session is recognised. The real thing (dpkg-divert, ufw typed over SSH
-on a terminal, the guard): tests/lab/test_shim.py."""
+on a terminal, the guard): tests/lab/test_shim_typed.py."""
 
 from __future__ import annotations
 

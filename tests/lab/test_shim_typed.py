@@ -80,6 +80,19 @@ def test_the_shim_guards_plain_ufw_typed_over_ssh(sdlab: SystemdLab) -> None:
     assert "8081" in _rules(lab)
     confirmed = info["id"]
 
+    # Through sudo (its secure_path finds the shim where ufw was; the SSH session is found
+    # through sudo's process): guarded the same way.
+    session = _typed(lab, "sudo ufw deny 8085/tcp")
+    end = time.monotonic() + 60
+    while (info := lab.status())["state"] != "pending" or info["id"] == confirmed:
+        assert time.monotonic() < end, info
+        time.sleep(0.2)
+    assert "8085" in _rules(lab)
+    assert lab.ssh(f"fwsafe revert {info['id']}").returncode == 4
+    assert session.wait(timeout=30) == 4
+    assert "8085" not in _rules(lab)
+    latest = info["id"]
+
     # The lockout itself is refused before anything changes, as with `fwsafe ufw` (exit 3).
     cut = subprocess.run(lab.ssh_argv("ufw delete allow 22/tcp", tty=True), capture_output=True,
                          text=True, timeout=120, check=False)
@@ -89,11 +102,11 @@ def test_the_shim_guards_plain_ufw_typed_over_ssh(sdlab: SystemdLab) -> None:
     # A script (no terminal) gets the plain command; FWSAFE_SHIM=guard chooses the guard.
     plain = lab.ssh("ufw deny 8082/tcp")
     assert plain.returncode == 0 and "8082" in _rules(lab), plain.stdout + plain.stderr
-    assert lab.status()["id"] == confirmed   # no transaction of its own
+    assert lab.status()["id"] == latest   # no transaction of its own
     chosen = lab.ssh("FWSAFE_SHIM=guard ufw deny 8083/tcp")
     assert chosen.returncode == 0, chosen.stdout + chosen.stderr
     info = lab.status()
-    assert info["state"] == "pending" and info["id"] != confirmed, info
+    assert info["state"] == "pending" and info["id"] != latest, info
     assert lab.ssh(f"fwsafe revert {info['id']}").returncode == 4
     assert "8083" not in _rules(lab)
 
