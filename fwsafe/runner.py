@@ -6,6 +6,7 @@ import errno
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -94,3 +95,19 @@ def run_persistently(
                 on_retry(f"attempt {attempt}: {argv[0]} was killed (SIGKILL, out of memory?)")
         time.sleep(delay)
         delay = min(delay * 2, max_delay)
+
+
+# `python -m MODULE` puts the current directory first on sys.path: run as root from a directory
+# someone else can write (/tmp, a user's home), a planted `fwsafe/` there would run instead of
+# fwsafe. This runs MODULE (sys.argv[1]) with the directory taken off the path first (Python
+# 3.11's -P does the same, and fwsafe supports older Pythons). No single quotes: the shim's
+# shell script quotes it in single quotes.
+RUN_MODULE = ('import sys\n'
+              'if sys.path and sys.path[0] == "": del sys.path[0]\n'
+              'import runpy\n'
+              'runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)\n')
+
+
+def module_argv(module: str, *args: str, python: str | None = None) -> list[str]:
+    """argv that runs `python -m module args...` without the current directory on sys.path."""
+    return [python or sys.executable, "-c", RUN_MODULE, module, *args]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from fwsafe.errors import EnvironmentProblem, UsageError
 from fwsafe.ondisk.files import write_file_atomically
+from fwsafe.runner import RUN_MODULE, module_argv
 
 TOOLS = {"ufw": "/usr/sbin/ufw", "firewall-cmd": "/usr/bin/firewall-cmd"}
 REAL_SUFFIX = ".fwsafe-real"
@@ -52,7 +53,7 @@ case "${{FWSAFE_SHIM:-}}" in
     *) [ -t 0 ] && [ -t 1 ] || exec "$real" "$@" ;;
 esac
 [ -x "$python" ] || exec "$real" "$@"
-exec "$python" -m fwsafe shim run {tool} -- "$@"
+exec "$python" -c '{run_module}' fwsafe shim run {tool} -- "$@"
 """
 
 # ufw: subcommands and options that only read.
@@ -64,6 +65,12 @@ FIREWALLD_READ_ONLY_PREFIXES = ("--list-", "--get-", "--query-", "--info-", "--z
                                 "--icmptype=")
 FIREWALLD_READ_ONLY = frozenset({"--state", "--version", "-V", "-h", "--help", "--permanent",
                                  "-q", "--quiet"})
+
+
+def script_text(tool: str, real: str, python: str) -> str:
+    """The shim script put where `tool` was (`real`: where the real command went)."""
+    return SCRIPT_TEMPLATE.format(mark=MARK, tool=tool, real=real, python=python,
+                                  run_module=RUN_MODULE)
 
 
 def real_path(tool: str) -> str:
@@ -112,7 +119,8 @@ def run(tool: str, args: Sequence[str]) -> None:
     if read_only(tool, args) or not guarded:
         os.execv(real, [TOOLS[tool], *args])
     env = {**os.environ, ENV: "off"}
-    os.execve(sys.executable, [sys.executable, "-m", "fwsafe", "apply", "--", tool, *args], env)
+    argv = module_argv("fwsafe", "apply", "--", tool, *args)   # not from the cwd's path
+    os.execve(argv[0], argv, env)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,8 +165,8 @@ def install() -> list[str]:
         if not is_shim(path):
             if not os.path.exists(real):
                 _divert(["--divert", real, "--add", path])
-            write_file_atomically(Path(path), SCRIPT_TEMPLATE.format(
-                mark=MARK, tool=tool, real=real, python=sys.executable).encode(), 0o755)
+            write_file_atomically(Path(path), script_text(tool, real, sys.executable).encode(),
+                                  0o755)
         done.append(f"{tool}: {path} is the shim (the real command: {real}); typed in an SSH "
                     "session on a terminal, a change runs under the guard")
     return done

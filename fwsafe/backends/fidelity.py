@@ -148,4 +148,8 @@ def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: byt
         if start is None or nflist.generation() == start:
             break
         saved = None
+    else:
+        # Reads taken at different moments would tell a busy host's changes for losses.
+        raise FidelityError("another program changed nf_tables during each of 5 readings; "
+                            "the tables could not be compared (try again)")
     return [f"{family} {t}" for t in present if live[t] != scratch[t]]

@@ -28,7 +28,7 @@ from fwsafe.check.isolation import UNSHARE_ARGS, Tripwires, describe, enter, hos
 from fwsafe.check.netns import Namespaces, NetnsError
 from fwsafe.errors import CannotSimulateError, EnvironmentProblem, InvalidRulesError
 from fwsafe.ondisk.ufw import UfwFilesError
-from fwsafe.runner import require_binary
+from fwsafe.runner import module_argv, require_binary
 
 LOADERS = {
     "ipv4": ["iptables-restore"],
@@ -74,7 +74,7 @@ def simulate(
             "sockets": host_sockets(),
         }
         argv = namespaces.exec_argv(name, [require_binary("unshare"), *UNSHARE_ARGS,
-                                           sys.executable, "-m", "fwsafe.check.simulate"])
+                                           *module_argv("fwsafe.check.simulate")])
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
         result = subprocess.run(argv, input=json.dumps(request).encode(), capture_output=True,
                                 timeout=600, check=False, env=env)

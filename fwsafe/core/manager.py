@@ -10,6 +10,7 @@ import math
 import os
 import select
 import signal
+import time
 from typing import Any
 
 from fwsafe import failpoints
@@ -90,6 +91,9 @@ def stop_stuck_guard(record: Record) -> bool:
     return True
 
 
+LATE_CONFIRM = ("its deadline passed with its guard gone: a confirm after the deadline proves "
+                "nothing (the kernel's escape hatch lets any new login in)")
+
 # Fields of the record that `status` shows as they are recorded (in this order).
 STATUS_AS_RECORDED = (
     "reason", "error", "who", "confirmed_by", "probes", "run",
@@ -159,6 +163,10 @@ class Manager:
                 f"transaction {record.id} is still {record.state} and its guard does not "
                 f"answer: {answer.get('error') or 'no answer'}; the change may be live",
                 hint="run `fwsafe status`; `fwsafe revert` stops a stuck guard")
+        if record.deadline is not None and time.time() >= record.deadline:
+            # Past the deadline the kernel's hatch lets any new login in: a confirm proves
+            # nothing now, and the change is reverted as its guard would have done.
+            self._raise_if_final(self.revert(record.id, reason=LATE_CONFIRM), "confirm")
         try:
             with self.state.locked(wait=True), self.state.tx_claimed(record.id):
                 return confirm_without_guard(self, record.id, who, how)

@@ -60,8 +60,12 @@ dir='{state_dir}'
 [ -d "$dir" ] || exit 0
 # A change left open past its deadline with nothing of fwsafe alive (the kernel's escape hatch
 # let this login in): reverted in the background, silently (fwsafe.core.recover.converge).
-[ -e "$dir/current" ] && setsid '{python}' -m fwsafe.guard.backstop --converge "$dir" \
-    </dev/null >/dev/null 2>&1 &
+# Python starts only while the newest transaction is open (not at every login).
+tx=
+read -r tx 2>/dev/null < "$dir/current"
+case "$tx" in ''|*/*|.*) tx= ;; esac
+[ -n "$tx" ] && grep -Eqs '"state": "(applying|pending|reverting)"' "$dir/tx/$tx/record.json" \
+    && setsid '{python}' -m fwsafe.guard.backstop --converge "$dir" </dev/null >/dev/null 2>&1 &
 read -r boot 2>/dev/null < /proc/sys/kernel/random/boot_id || exit 0
 mark="$dir/{mark}"
 seen=

@@ -220,8 +220,14 @@ def test_removal_refuses_while_pending_and_purge_cleans_up(debian: SystemdLab) -
 
     confirmed = lab.ssh(f"fwsafe confirm {tx_id}")   # from a NEW session
     assert confirmed.returncode == 0, confirmed.stdout + confirmed.stderr
+    real_ufw = lab.exec(["sha256sum", "/usr/sbin/ufw"]).stdout.split()[0]
+    lab.exec(["fwsafe", "shim", "install"])
     removed = lab.exec(["apt-get", "remove", "-y", "fwsafe"], check=False, timeout=120)
     assert removed.returncode == 0, removed.stdout + removed.stderr
+    # The shim went with fwsafe: the real ufw is back where it was, and it runs.
+    assert lab.exec(["sha256sum", "/usr/sbin/ufw"]).stdout.split()[0] == real_ufw
+    assert lab.exec(["dpkg-divert", "--list", "/usr/sbin/ufw"]).stdout.strip() == ""
+    assert lab.exec(["ufw", "version"], check=False).returncode == 0
     assert lab.exec(["test", "-e", "/usr/bin/fwsafe"], check=False).returncode != 0
     assert "fwsafe" not in lab.read("/etc/pam.d/common-session"), "the login hook is left"
     assert lab.ssh("true").returncode == 0   # logins work without it

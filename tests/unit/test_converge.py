@@ -5,6 +5,7 @@ disk refuses it (fwsafe.guard.backstop.Unsaved)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def test_a_record_the_disk_refuses_is_answered_from_memory(tmp_path: Path,
 
 def test_the_login_hook_starts_converge_in_the_background(tmp_path: Path) -> None:
     """The PAM session hook (fwsafe.persistence.loginhook) starts `--converge` for the state
-    directory at every SSH login when it has a transaction, in the background: the hook
+    directory at an SSH login while its newest transaction is open, in the background: the hook
     returns at once even while the interpreter still runs."""
     from fwsafe.persistence import loginhook
 
@@ -117,7 +118,15 @@ def test_the_login_hook_starts_converge_in_the_background(tmp_path: Path) -> Non
     assert login() < 1.5
     time.sleep(2.5)
     assert not seen.exists()   # no transaction here ever: nothing started
-    (state / "current").write_text("20260101T000000Z-abcd\n")
+    tx = "20260101T000000Z-abcd"
+    (state / "current").write_text(tx + "\n")
+    (state / "tx" / tx).mkdir(parents=True)
+    record = state / "tx" / tx / "record.json"
+    record.write_text(json.dumps({"id": tx, "state": "confirmed"}, indent=1, sort_keys=True))
+    assert login() < 1.5
+    time.sleep(2.5)
+    assert not seen.exists()   # its newest transaction is settled: no Python at this login
+    record.write_text(json.dumps({"id": tx, "state": "pending"}, indent=1, sort_keys=True))
     assert login() < 1.5       # backgrounded: the login does not wait for it
     end = time.monotonic() + 10
     while not seen.exists() and time.monotonic() < end:
@@ -125,3 +134,34 @@ def test_the_login_hook_starts_converge_in_the_background(tmp_path: Path) -> Non
     assert seen.read_text().split() == ["-m", "fwsafe.guard.backstop", "--converge", str(state)]
     with pytest.raises(ValueError):
         loginhook.render_script(str(state), "python3")   # not an absolute path
+
+
+def test_confirm_after_the_deadline_with_the_guard_gone_reverts_never_keeps(
+        tmp_path: Path, dead_pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the deadline the hatch lets any new login in: such a confirm proves nothing. It
+    reverts (exit 4), never keeps the change as known good. The revert itself is stubbed here
+    (a unit test never touches a firewall); its lab tests are the crash matrix's."""
+    from fwsafe.core.manager import LATE_CONFIRM, Manager
+    from fwsafe.errors import RevertedError
+
+    sd, record = _state(tmp_path, transaction.PENDING, deadline=time.time() - 600,
+                        guard_pid=dead_pid)
+    asked: list[str] = []
+
+    def revert(self: Manager, tx_id: str | None = None, reason: str = "") -> Record:
+        asked.append(reason)
+        done = transaction.load_record(sd, record.id)
+        done.transition(transaction.REVERTING, reason)
+        done.transition(transaction.REVERTED, reason)
+        transaction.save_record(sd, done)
+        return done
+
+    def kept(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the late confirm kept the change")
+
+    monkeypatch.setattr(Manager, "revert", revert)
+    monkeypatch.setattr("fwsafe.core.manager.confirm_without_guard", kept)
+    with pytest.raises(RevertedError):
+        Manager(sd).confirm(record.id)
+    assert asked == [LATE_CONFIRM]
+    assert transaction.load_record(sd, record.id).state == transaction.REVERTED

@@ -4,6 +4,8 @@ write (fwsafe.core.apply.touchable_tables); the round trip itself runs in the la
 
 from __future__ import annotations
 
+import pytest
+
 from fwsafe.backends.fidelity import blocks
 from fwsafe.core.apply import touchable_tables
 from fwsafe.core.change import Change
@@ -78,3 +80,21 @@ def test_the_tables_a_change_can_write() -> None:
     nft = Change(layers={"nft": b"table inet x {\n}\n"})
     assert touchable_tables(nft, "ipv4") == set()
     assert touchable_tables(Change(layers={"nft": b"flush   ruleset\n"}), "ipv4") is None
+
+
+def test_a_host_that_changes_nf_tables_at_every_reading_is_not_called_lossy(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Readings taken at different moments would tell another program's changes for losses:
+    after 5 tries the test says it could not be made (the apply is refused as "cannot tell"),
+    never "lossy". The tools are stubbed: a unit test touches no firewall."""
+    from fwsafe.backends import fidelity
+
+    counter = iter(range(1000))
+    monkeypatch.setattr(fidelity.nflist, "kernel_tables", lambda: [("ip", "filter")])
+    monkeypatch.setattr(fidelity.nflist, "generation", lambda: next(counter))
+    monkeypatch.setattr(fidelity, "_save", lambda name: b"*filter\nCOMMIT\n")
+    monkeypatch.setattr(fidelity, "_list", lambda prefix, family, table: {str(next(counter)): ()})
+    monkeypatch.setattr(fidelity, "_round_trip",
+                        lambda name, text, tables: {t: {"other": ()} for t in tables})
+    with pytest.raises(fidelity.FidelityError, match="could not be compared"):
+        fidelity.lossy_tables("ipv4", ["filter"])

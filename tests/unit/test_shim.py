@@ -70,10 +70,10 @@ def _script(tmp_path: Path) -> Path:
     real = tmp_path / "real"
     real.write_text('#!/bin/sh\necho "REAL $*"\n')
     python = tmp_path / "python"
-    python.write_text('#!/bin/sh\necho "GUARD $*"\n')
+    python.write_text('#!/bin/sh\n[ "$1" = -c ] && shift 2   # the code that runs the module\n'
+                      'echo "GUARD $*"\n')
     script = tmp_path / "ufw"
-    script.write_text(shim.SCRIPT_TEMPLATE.format(mark=shim.MARK, tool="ufw", real=real,
-                                                  python=python))
+    script.write_text(shim.script_text("ufw", real, python))
     for path in (real, python, script):
         path.chmod(0o755)
     return script
@@ -90,5 +90,5 @@ def test_the_script_without_a_terminal_runs_the_real_command(tmp_path: Path) -> 
 
     assert run() == "REAL deny 22/tcp\n"                 # a script: the plain command
     assert run(FWSAFE_SHIM="off") == "REAL deny 22/tcp\n"
-    assert run(FWSAFE_SHIM="guard") == "GUARD -m fwsafe shim run ufw -- deny 22/tcp\n"
+    assert run(FWSAFE_SHIM="guard") == "GUARD fwsafe shim run ufw -- deny 22/tcp\n"
     assert shim.is_shim(str(script)) and not shim.is_shim(str(tmp_path / "real"))
