@@ -54,6 +54,7 @@ def describe_confirmer(who: dict[str, str], applied_by: dict[str, str]) -> str:
 # Against a guard that is reverting, stuck, gone or taken over, confirm, revert and extend
 # answer from the record once it settles: 4 reverted, 5 may still be live, 0 confirmed; never 3
 # ("nothing changed") once a change was live.
+HATCH_WAIT_S = 5.0   # how long a confirm waits for a failing guard to remove its hatch or exit
 CONFIRM_TIMEOUT = 30.0   # a guard answers a confirmation at once (it removes its hatch)
 REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
 
@@ -392,9 +393,17 @@ def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how
 
 
 def hatch_left(state: StateDir, record: Record) -> Record:
-    """A confirmed transaction whose guard died before removing its hatch: remove it."""
-    if (record.hatch or {}).get("state") not in ("armed", "removing") \
-            or transaction.guard_alive(record):
+    """A confirmed transaction whose guard died before removing its hatch: remove it. A guard
+    that failed while answering may still be on its way out: it is given HATCH_WAIT_S to remove
+    the hatch or to exit (a stopped one is left to its backstop)."""
+    end = time.monotonic() + HATCH_WAIT_S
+    while (record.hatch or {}).get("state") in ("armed", "removing") \
+            and transaction.guard_alive(record):
+        if guard_stopped(record) or time.monotonic() > end:
+            return record
+        time.sleep(0.05)
+        record = transaction.load_record(state, record.id)
+    if (record.hatch or {}).get("state") not in ("armed", "removing"):
         return record
     with contextlib.suppress(PendingError), state.locked(wait=True), \
             state.tx_claimed(record.id):

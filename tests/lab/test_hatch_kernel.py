@@ -115,6 +115,25 @@ def test_confirm_removes_it_and_nothing_else_ever_sees_it(fwlab: FwLab) -> None:
             assert b"fwsafe-hatch" not in path.read_bytes(), path
 
 
+def test_a_guard_failing_as_it_confirms_leaves_no_hatch_once_confirm_returns(fwlab: FwLab) -> None:
+    # CI found it (crash matrix, guard.confirmed x raise): the guard's answer failed, `confirm`
+    # returned at once, and the guard removed its hatch a moment later: whoever looked right
+    # after `confirm` saw the hatch still loaded.
+    cfg = config(fwlab)
+    result = fwlab.lab.srv_exec(
+        ["env", f"FWSAFE_STATE_DIR={fwlab.state_dir}", f"FWSAFE_CONFIG={cfg}",
+         "FWSAFE_FAILPOINTS=guard.confirmed=raise", FWSAFE, "apply", "--detach", "--json",
+         "--force", "--no-check", "--timeout", "60", str(fwlab.write("g.rules", GOOD))],
+        check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "fwsafe-hatch:" in raw(fwlab)
+    confirm = run(fwlab, cfg, "confirm")
+    assert confirm.returncode == 0, confirm.stderr
+    assert "fwsafe-hatch" not in raw(fwlab)   # at once: no `status` in between
+    info = fwlab.status()
+    assert info["state"] == "confirmed" and info["hatch"]["state"] == "removed", info
+
+
 def _rules(save: str) -> list[str]:
     return [line for line in save.splitlines() if line and not line.startswith("#")
             and not line.startswith(":")]
