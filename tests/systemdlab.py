@@ -8,6 +8,9 @@ throwaway system container (see /work/shared/notes/systemd-lab.md for the recipe
   sources, cached under /var/tmp keyed by a hash of the package list and the recipe, built
   under a lock (two test processes never build it at once), retried once, time-bounded. It is
   never changed after the build: every instance reads it as the lower layer of an overlay.
+  ``Image.build(extra=("firewalld",))`` boots a variant with more packages (its own cache key;
+  firewalld installed but not enabled: a test that needs it starts it), so that the others'
+  root fs stays as it is.
 * **fwsafe layer** (:class:`Image`, once per test session): a wheel of this repository, built on
   the host, installed inside into a venv at ``/opt/fwsafe`` (``--system-site-packages``: it uses
   Debian's python3-click and python3-paramiko) with ``pip install --no-index --no-deps``, and
@@ -269,9 +272,10 @@ def _host_sources() -> list[Path]:
     return found
 
 
-def rootfs_key() -> str:
+def rootfs_key(extra: Sequence[str] = ()) -> str:
     suite = _os_release().get("VERSION_CODENAME", "bookworm")
-    text = json.dumps({"packages": sorted(PACKAGES), "suite": suite, "recipe": RECIPE})
+    text = json.dumps({"packages": sorted({*PACKAGES, *extra}), "suite": suite,
+                       "recipe": RECIPE})
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -296,6 +300,11 @@ def _customize_rootfs(root: Path) -> None:
     dropin = root / "etc/ssh/sshd_config.d"
     dropin.mkdir(parents=True, exist_ok=True)
     (dropin / "fwsafe-lab.conf").write_text(_SSHD_DROPIN)
+    # firewalld (in a variant) stays off unless a test starts it (its package enables it)
+    for link in [*system.glob("*.wants/firewalld.service"),
+                 system / "dbus-org.fedoraproject.FirewallD1.service"]:
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
     (system / "networking.service").write_text(_NETWORKING_UNIT)
     for target in ("multi-user.target", "network-online.target"):
         wants = system / f"{target}.wants"
@@ -311,7 +320,7 @@ def _customize_rootfs(root: Path) -> None:
         json.dumps({"packages": list(PACKAGES), "recipe": RECIPE}) + "\n")
 
 
-def _build_once(target: Path, log: Path, timeout: float) -> None:
+def _build_once(target: Path, log: Path, timeout: float, extra: Sequence[str] = ()) -> None:
     """One mmdebstrap run into `target` (which must not exist) in a private mount and pid
     namespace, so that nothing it mounts or starts can outlive it, even when it is killed."""
     suite = _os_release().get("VERSION_CODENAME", "bookworm")
@@ -319,7 +328,7 @@ def _build_once(target: Path, log: Path, timeout: float) -> None:
     argv = [
         "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
         "--", "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
-        "--include=" + ",".join(PACKAGES),
+        "--include=" + ",".join((*PACKAGES, *extra)),
         "--aptopt=Acquire::Check-Valid-Until \"false\"",
         "--aptopt=Acquire::Retries \"3\"",
         "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -350,9 +359,10 @@ def _build_once(target: Path, log: Path, timeout: float) -> None:
         raise SystemdLabError(f"mmdebstrap made no systemd in {target}; log {log}")
 
 
-def cached_rootfs(timeout: float = BUILD_TIMEOUT) -> Path:
-    """The root fs for this package list: built once (retried once), then reused."""
-    key = rootfs_key()
+def cached_rootfs(timeout: float = BUILD_TIMEOUT, extra: Sequence[str] = ()) -> Path:
+    """The root fs for this package list (plus `extra`): built once (retried once), then
+    reused."""
+    key = rootfs_key(extra)
     final = CACHE_DIR / f"rootfs-{key}"
     if (final / "etc/fwsafe-sdlab-rootfs").exists():
         return final
@@ -384,7 +394,7 @@ def cached_rootfs(timeout: float = BUILD_TIMEOUT) -> Path:
             started = time.monotonic()
             _say(f"building the root fs {final} (attempt {attempt}; log {log}) ...")
             try:
-                _build_once(tmp, log, timeout)
+                _build_once(tmp, log, timeout, extra)
                 _customize_rootfs(tmp)
             except (SystemdLabError, OSError) as exc:
                 errors.append(f"attempt {attempt}: {exc}")
@@ -392,7 +402,8 @@ def cached_rootfs(timeout: float = BUILD_TIMEOUT) -> Path:
                 continue
             os.rename(tmp, final)
             _say(f"root fs built in {time.monotonic() - started:.1f} s")
-            _sweep_old_rootfs(keep=final)
+            if not extra:  # a variant leaves the others' root fs alone
+                _sweep_old_rootfs(keep=final)
             return final
         raise SystemdLabError("could not build the systemd lab's root fs:\n" + "\n".join(errors))
     finally:
@@ -530,8 +541,8 @@ class Image:
         return f"{self.layer}:{self.rootfs}" if self.layer is not None else str(self.rootfs)
 
     @classmethod
-    def build(cls, *, with_fwsafe: bool = True) -> Image:
-        rootfs = cached_rootfs()
+    def build(cls, *, with_fwsafe: bool = True, extra: Sequence[str] = ()) -> Image:
+        rootfs = cached_rootfs(extra=extra)
         _sweep_stale_instances()
         _sweep_stale_sessions()
         session_dir = Path(tempfile.mkdtemp(prefix="session-", dir=CACHE_DIR))

@@ -1,13 +1,16 @@
 """The interface every firewall backend implements.
 
 A *layer* is one independently captured piece of firewall state: the IPv4 iptables ruleset,
-the IPv6 one, leftover iptables-legacy tables, native nftables tables, ufw's files.
+the IPv6 one, leftover iptables-legacy tables, native nftables tables, ufw's files, firewalld
+(its files and model; it is reverted through firewalld itself: backends/firewalld.py).
 
 Each layer splits its state into *units*, the pieces a revert puts back one by one:
 
     iptables / ip6tables (nft or legacy)  one unit per chain:   "filter/INPUT"
     nftables (native tables)              one unit per table:   "inet fw"
     ufw                                   one unit per file:    "/etc/ufw/user.rules"
+    firewalld (files and its runtime      one unit per file, zone, policy, and for the direct
+    model, through firewall-cmd)          rules and the kernel's tables: "zone public"
     sshd (only for a change involving it) one unit per file:    "/etc/ssh/sshd_config"
 
 A change *touches* the units whose content differs between the snapshot taken before it and a

@@ -415,5 +415,35 @@ def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_jso
 
 
 
+@click.command("firewall-cmd", epilog=EXIT_CODES_EPILOG, context_settings={
+    "ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
+@click.option("--detach", is_flag=True, help="Return once the change is live (confirm later).")
+@state_options
+@click.argument("firewall_cmd_args", nargs=-1, type=click.UNPROCESSED,
+                metavar="FIREWALL-CMD-ARGS...")
+def firewall_cmd(timeout_s: str | None, detach: bool, as_json: bool, state_dir: str | None,
+                 config_path: str | None, firewall_cmd_args: tuple[str, ...]) -> None:
+    """Run `firewall-cmd FIREWALL-CMD-ARGS...` under the guard (same as
+    `fwsafe apply -- firewall-cmd FIREWALL-CMD-ARGS...`).
 
-COMMANDS = [apply, ufw]
+    firewalld's files (/etc/firewalld) and its runtime model are snapshotted first; a revert
+    puts the files back, reloads firewalld and puts the runtime back through firewall-cmd.
+    firewall-cmd talks to the live firewalld, so it is not tried on a copy first: the lockout
+    check does not run. A permanent change and its reload go in one apply:
+    `fwsafe apply -- sh -c 'firewall-cmd --permanent ... && firewall-cmd --reload'`.
+
+    \b
+      fwsafe firewall-cmd --remove-service=dhcpv6-client
+      fwsafe firewall-cmd --timeout 120 --zone=public --add-port=8080/tcp
+    """
+    config = config_from(config_path)
+    options = ApplyOptions(timeout_s=timeout_from(config, timeout_s),
+                           command=list(sys.argv), check=True, force=False,
+                           config_path=config_path_of(config), max_timeout=config.max_timeout,
+                           boot_hook=config.boot_hook, **guard_settings(config))
+    _apply_command(["firewall-cmd", *firewall_cmd_args], options, detach=detach, yes=False,
+                   as_json=as_json, manager=manager_for(state_dir, config, converge=False))
+
+
+COMMANDS = [apply, ufw, firewall_cmd]

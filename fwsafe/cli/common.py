@@ -32,7 +32,7 @@ RAW_ARGS: list[str] = []
 COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
                    "audit", "sshd", "shim")
 COMMAND_TABLE = {
-    "apply": "apply", "ufw": "apply",
+    "apply": "apply", "ufw": "apply", "firewall-cmd": "apply",
     "confirm": "transaction", "revert": "transaction", "extend": "transaction",
     "recover": "transaction", "status": "transaction",
     "demo": "demo", "check": "check", "diff": "diff",

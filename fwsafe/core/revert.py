@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fwsafe import failpoints
-from fwsafe.backends import layer_for, nflist, revert_order
+from fwsafe.backends import layer_for, nflist, owned_elsewhere, revert_order
 from fwsafe.backends.base import LEVELS, MERGE, TABLES
 from fwsafe.core.transaction import Record
 
@@ -110,18 +110,22 @@ def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> 
     touched = {}
     for name in before:
         if name in after:
-            units = layer_for(name).touched(before[name], after[name])
+            skip = owned_elsewhere(name, before)
+            units = [u for u in layer_for(name).touched(before[name], after[name])
+                     if u not in skip]
             if units:
                 touched[name] = units
     return touched
 
 
 def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes | None,
-                  log: Log, after_stamp: str | None = None) -> tuple[str | None, str]:
+                  log: Log, after_stamp: str | None = None,
+                  skip: frozenset[str] = frozenset()) -> tuple[str | None, str]:
     """Try each level once; return (the level that worked, None if none did; the last error).
     While nf_tables is as it was right after the change (`after_stamp`), the live state of an
     nf_tables layer is `after` and is not read again."""
     layer = layer_for(name)
+    units = [u for u in units if u not in skip]
     levels = LEVELS if after is not None else tuple(lv for lv in LEVELS if lv != MERGE)
     if after is None:
         # Nothing says what the change did (no capture right after it): everything that
@@ -130,6 +134,7 @@ def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes |
             units = sorted(set(units) | set(layer.touched(before, layer.capture())))
         except Exception as exc:  # noqa: BLE001 - the levels below read the layer again
             log(f"cannot read {name} to see what differs from the snapshot: {exc}")
+        units = [u for u in units if u not in skip]
     error = ""
     for level in levels:
         try:   # everything inside: a revert must survive anything (even fork failing here)
@@ -176,7 +181,8 @@ def revert_change(
         failed: dict[str, str] = {}
         for name in remaining:
             level, error = _revert_layer(name, touched[name], before[name],
-                                         (after or {}).get(name), say, after_stamp)
+                                         (after or {}).get(name), say, after_stamp,
+                                         owned_elsewhere(name, before))
             if level is None:
                 failed[name] = error
                 continue

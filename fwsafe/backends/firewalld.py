@@ -1,0 +1,338 @@
+"""firewalld: its permanent configuration, its runtime model, and commands run under the guard.
+
+firewalld owns the ruleset on its hosts and keeps a model of it; the kernel's tables
+(`table inet firewalld`, nftables backend) are what it generates from that model. Restoring the
+tables behind its back would leave the model wrong, and the next `firewall-cmd --reload` or
+boot would bring the change back. So the "firewalld" layer holds:
+
+    files     /etc/firewalld, every file and directory with its mode and owner
+              (fwsafe.ondisk.firewalld), one unit per file: "file /etc/firewalld/zones/public.xml"
+    runtime   firewalld's model as `firewall-cmd` lists it: one unit per zone ("zone public":
+              target, services, ports, protocols, sources, interfaces, rich rules, masquerade,
+              forward-ports, source-ports, icmp-blocks, ...) and per policy ("policy NAME"),
+              "direct" (chains, rules, passthroughs), "default-zone", "running"
+    kernel    firewalld's tables as the kernel has them ("kernel": the lines of
+              `nft list table inet firewalld`, sorted, counters left out): the proof that what
+              firewalld generated is what it had before
+
+A revert goes through firewalld: the files back (byte-identical), firewalld started if it was
+running and is not, `firewall-cmd --reload`, then the runtime-only differences (what the
+snapshot's runtime had that the permanent configuration does not) put back with `firewall-cmd`
+runtime commands, and a check that the model, the files and the kernel's tables are as in the
+snapshot. The whole model is put back (runtime changes others made meanwhile are undone too).
+The nft layer leaves firewalld's tables to this layer (backends.owned_elsewhere).
+
+Commands run under the guard in command mode (`fwsafe apply -- firewall-cmd ...`,
+`fwsafe firewall-cmd ...`); firewall-cmd talks to the live daemon over D-Bus, so it is never
+tried on a copy: it runs for the first time under the guard, after the snapshot.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
+from fwsafe.errors import InvalidRulesError
+from fwsafe.ondisk.firewalld import FIREWALLD_DIR, read_tree, restore_tree, tree_from_json, tree_json
+from fwsafe.runner import find_binary, run_persistently
+
+FIREWALL_CMD = "firewall-cmd"
+TOOL_TIMEOUT = 30.0
+RELOAD_TIMEOUT = 90.0
+KERNEL_TABLES = ("inet firewalld", "ip firewalld", "ip6 firewalld")
+NOT_RUNNING = 252   # firewall-cmd's exit code when firewalld is not running
+
+# `--list-all-zones` / `--list-all-policies` keys -> the firewall-cmd option that sets them
+# at runtime (--add-X / --remove-X), lists of values ...
+_LISTS = {"services": "service", "ports": "port", "protocols": "protocol",
+          "source-ports": "source-port", "icmp-blocks": "icmp-block",
+          "forward-ports": "forward-port", "rich rules": "rich-rule",
+          "sources": "source", "interfaces": "interface",
+          "ingress-zones": "ingress-zone", "egress-zones": "egress-zone"}
+# ... and yes/no switches
+_SWITCHES = {"masquerade": "masquerade", "icmp-block-inversion": "icmp-block-inversion",
+             "forward": "forward"}
+# Bound to one zone at a time: added with --change-X (moved from another zone).
+_MOVED = frozenset({"sources", "interfaces"})
+
+
+def is_firewall_cmd(argv: Sequence[str]) -> bool:
+    return bool(argv) and os.path.basename(argv[0]) == FIREWALL_CMD
+
+
+def parse_listing(text: str) -> dict[str, dict[str, list[str]]]:
+    """`firewall-cmd --list-all-zones` (or `--list-all-policies`) output ->
+    {name: {key: [values]}}. A header line is the name (with "(active)"/"(default, active)"
+    left out: those follow from the rest); "  key: a b c" gives words; lines starting with a
+    tab under a key (forward-ports, rich rules) give one value each."""
+    found: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    key = ""
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        if line.startswith("\t"):
+            if current is not None and key:
+                current.setdefault(key, []).append(line.strip())
+            continue
+        if not line.startswith(" "):
+            name = line.split(" (", 1)[0].strip()
+            current = found.setdefault(name, {})
+            key = ""
+            continue
+        if current is None:
+            continue
+        key, _, value = line.strip().partition(":")
+        current[key] = value.split() if key not in ("forward-ports", "rich rules") else (
+            [value.strip()] if value.strip() else [])
+    for entries in found.values():
+        for name in entries:
+            if name in _LISTS:
+                entries[name] = sorted(entries[name])
+    return found
+
+
+def _normal_kernel(text: str) -> list[str]:
+    lines = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        lines.append(" ".join(w for w in line.split() if w))
+    return sorted(lines)
+
+
+class FirewalldLayer(Layer):
+    name = "firewalld"
+    label = "firewalld"
+    tools = (FIREWALL_CMD,)
+
+    def __init__(self, root: Path = Path("/")) -> None:
+        self.root = root
+
+    def available(self) -> bool:
+        return (find_binary(FIREWALL_CMD) is not None
+                and (self.root / FIREWALLD_DIR.lstrip("/")).is_dir())
+
+    # -- reading --------------------------------------------------------------------------
+    def _cmd(self, *args: str, timeout: float = TOOL_TIMEOUT) -> tuple[int, str, str]:
+        result = run_persistently([FIREWALL_CMD, *args], timeout=timeout)
+        return (result.returncode, result.stdout.decode(errors="replace"),
+                result.stderr.decode(errors="replace"))
+
+    def running(self) -> bool:
+        code, out, _ = self._cmd("--state")
+        return code == 0 and out.strip() == "running"
+
+    def runtime(self) -> dict[str, Any] | None:
+        """firewalld's runtime model, None when it is not running."""
+        if not self.running():
+            return None
+        queries = {
+            "default-zone": ("--get-default-zone",),
+            "zones": ("--list-all-zones",),
+            "policies": ("--list-all-policies",),
+            "chains": ("--direct", "--get-all-chains"),
+            "rules": ("--direct", "--get-all-rules"),
+            "passthroughs": ("--direct", "--get-all-passthroughs"),
+        }
+        with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+            futures = {key: pool.submit(self._cmd, *args) for key, args in queries.items()}
+            answers = {key: future.result() for key, future in futures.items()}
+        for key, (code, _out, err) in answers.items():
+            if code != 0:
+                raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
+                                 f"(exit {code}): {err.strip()}")
+        return {
+            "default-zone": answers["default-zone"][1].strip(),
+            "zones": parse_listing(answers["zones"][1]),
+            "policies": parse_listing(answers["policies"][1]),
+            "direct": {key: sorted(ln.strip() for ln in answers[key][1].splitlines()
+                                   if ln.strip())
+                       for key in ("chains", "rules", "passthroughs")},
+        }
+
+    def kernel(self) -> dict[str, str]:
+        """firewalld's tables as the kernel has them (nft text, without counters)."""
+        nft = find_binary("nft")
+        tables: dict[str, str] = {}
+        if nft is None:
+            return tables
+        for table in KERNEL_TABLES:
+            result = run_persistently([nft, "list", "table", *table.split()],
+                                      timeout=TOOL_TIMEOUT)
+            if result.returncode == 0:
+                tables[table] = result.stdout.decode(errors="replace")
+        return tables
+
+    def capture(self) -> bytes:
+        dirs, files = read_tree(self.root)
+        runtime = self.runtime()
+        state = {"running": runtime is not None, "runtime": runtime,
+                 "kernel": self.kernel() if runtime is not None else {},
+                 **tree_json(dirs, files)}
+        return json.dumps(state, sort_keys=True, indent=1).encode() + b"\n"
+
+    def in_nf_tables(self) -> bool:
+        return False   # the files and firewalld's model are not: always read again
+
+    @staticmethod
+    def _load(data: bytes) -> dict[str, Any]:
+        try:
+            state = json.loads(data.decode() if data.strip() else "{}")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidRulesError(f"damaged firewalld snapshot: {exc}") from exc
+        if not isinstance(state, dict):
+            raise InvalidRulesError("damaged firewalld snapshot: not a JSON object")
+        return state
+
+    def units(self, data: bytes) -> dict[str, str]:
+        state = self._load(data)
+        dirs, files = tree_from_json(state)
+        units = {f"file {path}": f"mode {m:o} owner {u}:{g} sha256 "
+                                 f"{hashlib.sha256(c).hexdigest()}"
+                 for path, (m, u, g, c) in files.items()}
+        units.update({f"dir {path}": f"mode {m:o} owner {u}:{g}"
+                      for path, (m, u, g) in dirs.items()})
+        units["running"] = "yes" if state.get("running") else "no"
+        runtime = state.get("runtime")
+        if isinstance(runtime, dict):
+            units["default-zone"] = str(runtime.get("default-zone", ""))
+            for kind, key in (("zone", "zones"), ("policy", "policies")):
+                for name, entries in (runtime.get(key) or {}).items():
+                    units[f"{kind} {name}"] = json.dumps(entries, sort_keys=True)
+            units["direct"] = json.dumps(runtime.get("direct"), sort_keys=True)
+            kernel = state.get("kernel") or {}
+            units["kernel"] = "\n".join(f"{table}\n" + "\n".join(_normal_kernel(text))
+                                        for table, text in sorted(kernel.items()))
+        return units
+
+    def unit_texts(self, data: bytes) -> dict[str, str]:
+        state = self._load(data)
+        _dirs, files = tree_from_json(state)
+        texts = {f"file {path}": c.decode(errors="replace")
+                 for path, (_m, _u, _g, c) in files.items()}
+        runtime = state.get("runtime")
+        if isinstance(runtime, dict):
+            for kind, key in (("zone", "zones"), ("policy", "policies")):
+                for name, entries in (runtime.get(key) or {}).items():
+                    texts[f"{kind} {name}"] = "".join(
+                        f"{k}: {' '.join(v) if k not in ('forward-ports', 'rich rules') else ''}"
+                        + "".join(f"\n\t{x}" for x in v
+                                  if k in ("forward-ports", "rich rules")) + "\n"
+                        for k, v in sorted(entries.items()))
+            texts["direct"] = "".join(f"{k}: {line}\n" for k, lines in
+                                      sorted((runtime.get("direct") or {}).items())
+                                      for line in lines)
+        return texts
+
+    def validate(self, change: bytes, source: str) -> None:
+        try:
+            tree_from_json(self._load(change))
+        except ValueError as exc:
+            raise InvalidRulesError(f"{source}: {exc}", path=source) from exc
+
+    def apply(self, change: bytes, source: str) -> None:
+        """Put firewalld as a whole into the state of a snapshot (a rollback)."""
+        left = self.revert(change, None, sorted(self.units(change)))
+        if left:
+            raise ApplyError("firewalld is not as in the snapshot: " + ", ".join(left))
+
+    # -- the way back -----------------------------------------------------------------------
+    def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
+               level: str = MERGE, on_retry: RetryLog | None = None,
+               live: bytes | None = None) -> list[str]:
+        """The files back, firewalld running (or stopped) as before, `--reload`, the
+        runtime-only differences put back, then compared whole with the snapshot."""
+        say = on_retry or (lambda _message: None)
+        state = self._load(before)
+        dirs, files = tree_from_json(state)
+        if read_tree(self.root) != (dirs, files):
+            restore_tree(dirs, files, self.root)
+        if state.get("running"):
+            self._ensure_running(say)
+            code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
+            if code != 0:
+                raise ApplyError(f"firewall-cmd --reload failed (exit {code}): {err.strip()}")
+            now = self.runtime()
+            if now is None:
+                raise ApplyError("firewalld stopped during its reload")
+            for argv in runtime_commands(now, state.get("runtime") or {}):
+                code, _out, err = self._cmd(*argv)
+                if code != 0:
+                    say(f"firewall-cmd {shlex.join(argv)} failed (exit {code}): "
+                        f"{err.strip()}")
+        elif self.running():
+            self._systemctl("stop", say)
+        old, new = self.units(before), self.units(self.capture())
+        wanted = set(units) | {"running"}
+        return [f"{self.label} {u}" for u in sorted(wanted) if old.get(u) != new.get(u)]
+
+    def _systemctl(self, verb: str, say: RetryLog) -> None:
+        systemctl = find_binary("systemctl")
+        if systemctl is None:
+            raise ApplyError(f"firewalld must be {verb}ed and there is no systemctl")
+        if verb == "start":
+            run_persistently([systemctl, "reset-failed", "firewalld.service"],
+                             timeout=TOOL_TIMEOUT)
+        result = run_persistently([systemctl, verb, "firewalld.service"], timeout=RELOAD_TIMEOUT)
+        if result.returncode != 0:
+            say(f"systemctl {verb} firewalld failed: "
+                f"{result.stderr.decode(errors='replace').strip()}")
+
+    def _ensure_running(self, say: RetryLog) -> None:
+        if self.running():
+            return
+        say("firewalld is not running: starting it")
+        self._systemctl("start", say)
+        end = time.monotonic() + RELOAD_TIMEOUT
+        while not self.running():
+            if time.monotonic() > end:
+                raise ApplyError("firewalld does not start")
+            time.sleep(0.2)
+
+
+def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[list[str]]:
+    """The firewall-cmd runtime commands that turn the model `now` into `want`: every removal
+    first (a source or interface may move between zones), then the additions."""
+    removals: list[list[str]] = []
+    additions: list[list[str]] = []
+    for kind, key in (("zone", "zones"), ("policy", "policies")):
+        have_all, want_all = now.get(key) or {}, want.get(key) or {}
+        for name in sorted(set(have_all) & set(want_all)):
+            scope = f"--{kind}={name}"
+            have, wanted = have_all[name], want_all[name]
+            for field, option in _LISTS.items():
+                old, new = set(have.get(field, [])), set(wanted.get(field, []))
+                gone, added = sorted(old - new), sorted(new - old)
+                if gone:
+                    removals.append([scope, *(f"--remove-{option}={v}" for v in gone)])
+                verb = "change" if field in _MOVED else "add"
+                for value in added:
+                    additions.append([scope, f"--{verb}-{option}={value}"])
+            for field, option in _SWITCHES.items():
+                old_on, new_on = have.get(field), wanted.get(field)
+                if old_on != new_on and new_on in (["yes"], ["no"]):
+                    verb = "add" if new_on == ["yes"] else "remove"
+                    (additions if verb == "add" else removals).append(
+                        [scope, f"--{verb}-{option}"])
+    have_direct, want_direct = now.get("direct") or {}, want.get("direct") or {}
+    for field, option in (("passthroughs", "passthrough"), ("rules", "rule"),
+                          ("chains", "chain")):
+        old, new = set(have_direct.get(field, [])), set(want_direct.get(field, []))
+        removals += [["--direct", f"--remove-{option}", *shlex.split(v)]
+                     for v in sorted(old - new)]
+    for field, option in (("chains", "chain"), ("rules", "rule"),
+                          ("passthroughs", "passthrough")):
+        old, new = set(have_direct.get(field, [])), set(want_direct.get(field, []))
+        additions += [["--direct", f"--add-{option}", *shlex.split(v)]
+                      for v in sorted(new - old)]
+    return removals + additions

@@ -1,0 +1,193 @@
+"""firewalld under the guard, with the real firewalld (Debian's 1.3, nftables backend) in the
+systemd lab (issue 24, item 1).
+
+Three containers boot side by side (the root fs variant with firewalld installed, started here
+with `systemctl enable --now firewalld`) and run one case each at the same time, so the waits
+overlap:
+
+* runtime: `fwsafe firewall-cmd --remove-service=ssh`, not confirmed: by the deadline + 5 s a
+  NEW ssh login gets in, firewalld is running and lists ssh, its tables in the kernel are as
+  before;
+* permanent: `--permanent --remove-service=ssh` then `--reload` in one apply, not confirmed:
+  reverted by the deadline + 5 s, /etc/firewalld byte-identical (content, modes, owners), and a
+  later `firewall-cmd --reload` keeps SSH open;
+* confirmed: `--permanent --add-port=8080/tcp` then `--reload`, confirmed from a NEW
+  connection: it stays, also after `firewall-cmd --reload`.
+
+The seconds between the deadline and the first NEW SSH connection are printed (-s).
+"""
+
+from __future__ import annotations
+
+import shlex
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.crashmatrix import ssh_back
+from tests.systemdlab import Image, SystemdLab
+
+pytestmark = pytest.mark.lab
+
+TIMEOUT = 10          # the guard's timeout (s): short, the cases wait for it in parallel
+LATE_LIMIT = 5.0      # the revert must be done by the deadline + this
+TREE = ("cd /etc/firewalld && find . -printf '%p %y %m %U %G\\n' | sort "
+        "&& find . -type f -print0 | sort -z | xargs -0 -r sha256sum")
+
+
+def start_firewalld(lab: SystemdLab) -> None:
+    lab.exec(["systemctl", "enable", "--now", "firewalld"], timeout=120)
+    state = lab.exec(["firewall-cmd", "--state"], check=False)
+    assert state.stdout.strip() == "running", state.stdout + state.stderr
+    assert lab.new_connection_ok(timeout=2), "SSH is closed with firewalld's defaults"
+
+
+def tree(lab: SystemdLab) -> str:
+    return lab.exec(["sh", "-c", TREE]).stdout
+
+
+def services(lab: SystemdLab, *extra: str) -> list[str]:
+    return lab.exec(["firewall-cmd", *extra, "--list-services"]).stdout.split()
+
+
+def kernel(lab: SystemdLab) -> list[str]:
+    text = lab.exec(["nft", "list", "table", "inet", "firewalld"]).stdout
+    return sorted(line.strip() for line in text.splitlines() if line.strip())
+
+
+def fwsafe_over_ssh(lab: SystemdLab, argv: list[str]) -> dict[str, Any]:
+    """Run fwsafe over a NEW SSH login (the client is known there); the transaction's status."""
+    result = lab.ssh(shlex.join(argv), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = lab.status()
+    assert info["state"] == "pending", info
+    return info
+
+
+def wait_reverted(lab: SystemdLab, info: dict[str, Any], label: str) -> float:
+    """Seconds after the deadline at which a NEW SSH connection got in (printed)."""
+    back = ssh_back(lab, TIMEOUT + 60)
+    assert back is not None, lab.journal("-u", f"fwsafe-guard-{info['id']}.service")
+    late = back - float(info["deadline"])
+    final = lab.wait_state({"reverted", "revert-failed"}, 60)
+    print(f"\n[firewalld] {label}: a NEW SSH login gets in {late:+.2f} s after the deadline; "
+          f"record {final['state']} {final.get('reason', '')!r}")
+    assert final["state"] == "reverted", final
+    return late
+
+
+def case_runtime(lab: SystemdLab) -> dict[str, Any]:
+    before_kernel, before_tree = kernel(lab), tree(lab)
+    info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
+                                 str(TIMEOUT), "--remove-service=ssh"])
+    assert "ssh" not in services(lab), "the change did not run"
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    late = wait_reverted(lab, info, "runtime --remove-service=ssh")
+    return {"late": late, "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout,
+            "services": services(lab), "kernel": kernel(lab) == before_kernel,
+            "tree": tree(lab) == before_tree, "status": lab.status()}
+
+
+def case_permanent(lab: SystemdLab) -> dict[str, Any]:
+    before_tree = tree(lab)
+    script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
+    info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout",
+                                 str(TIMEOUT), "--", "sh", "-c", script])
+    assert "ssh" not in services(lab, "--permanent"), "the permanent change did not run"
+    assert tree(lab) != before_tree
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    late = wait_reverted(lab, info, "--permanent --remove-service=ssh + --reload")
+    result = {"late": late, "tree": tree(lab) == before_tree, "services": services(lab),
+              "permanent": services(lab, "--permanent")}
+    lab.exec(["firewall-cmd", "--reload"])
+    result["after_reload"] = lab.new_connection_ok(timeout=2)
+    result["running"] = lab.exec(["firewall-cmd", "--state"], check=False).stdout
+    return result
+
+
+def case_confirmed(lab: SystemdLab) -> dict[str, Any]:
+    script = "firewall-cmd --permanent --add-port=8080/tcp && firewall-cmd --reload"
+    info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout", "60",
+                                 "--", "sh", "-c", script])
+    started = time.monotonic()
+    confirm = lab.ssh(f"fwsafe confirm {info['id']}", timeout=120)   # a NEW connection
+    took = time.monotonic() - started
+    print(f"\n[firewalld] confirmed from a new SSH login in {took:.2f} s")
+    result = {"confirm": confirm.returncode, "confirm_out": confirm.stdout + confirm.stderr,
+              "status": lab.status(), "ports": lab.exec(["firewall-cmd", "--list-ports"]).stdout}
+    lab.exec(["firewall-cmd", "--reload"])
+    result["ports_after_reload"] = lab.exec(["firewall-cmd", "--list-ports"]).stdout
+    result["ssh_after_reload"] = lab.new_connection_ok(timeout=2)
+    return result
+
+
+CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
+    "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed}
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> Iterator[dict[str, Any]]:
+    """Every case run at the same time, each in a container of its own."""
+    image = Image.build(extra=("firewalld",))
+    labs: dict[str, SystemdLab] = {}
+    found: dict[str, Any] = {}
+
+    def one(name: str) -> None:
+        try:
+            lab = SystemdLab.start(image)
+            labs[name] = lab
+            start_firewalld(lab)
+            found[name] = CASES[name](lab)
+        except BaseException as exc:  # noqa: BLE001 - reported by the case's test
+            found[name] = exc
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in CASES]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        yield found
+    finally:
+        for lab in labs.values():
+            lab.close()
+        image.close()
+
+
+def outcome(outcomes: dict[str, Any], name: str) -> dict[str, Any]:
+    found = outcomes.get(name)
+    if isinstance(found, BaseException):
+        raise found
+    assert isinstance(found, dict), f"case {name} did not run"
+    return found
+
+
+def test_runtime_removal_of_ssh_is_reverted_through_firewalld(outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "runtime")
+    assert got["late"] <= LATE_LIMIT, got
+    assert got["running"].strip() == "running"
+    assert "ssh" in got["services"]
+    assert got["kernel"], "firewalld's table in the kernel is not as before"
+    assert got["tree"], "/etc/firewalld changed"
+
+
+def test_permanent_removal_and_reload_is_reverted_byte_identically(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "permanent")
+    assert got["late"] <= LATE_LIMIT, got
+    assert got["tree"], "/etc/firewalld is not byte-identical (content, modes, owners)"
+    assert "ssh" in got["services"] and "ssh" in got["permanent"]
+    assert got["after_reload"], "a later firewall-cmd --reload shut SSH"
+    assert got["running"].strip() == "running"
+
+
+def test_good_permanent_change_confirmed_stays(outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "confirmed")
+    assert got["confirm"] == 0, got["confirm_out"]
+    assert got["status"]["state"] == "confirmed", got["status"]
+    assert "8080/tcp" in got["ports"].split()
+    assert "8080/tcp" in got["ports_after_reload"].split()
+    assert got["ssh_after_reload"]

@@ -1,0 +1,170 @@
+"""The firewalld layer's pieces that need no firewalld: its listing parser, the runtime
+commands that turn one model into another, /etc/firewalld captured and restored
+byte-identically (modes, owners, files and directories that appeared), and the nft layer
+leaving firewalld's tables to it. The real firewalld: tests/lab/test_firewalld.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from fwsafe.backends import FIREWALLD_TABLES, owned_elsewhere
+from fwsafe.backends.firewalld import FirewalldLayer, parse_listing, runtime_commands
+from fwsafe.core.revert import compute_touched
+from fwsafe.ondisk.firewalld import (
+    FirewalldFilesError,
+    is_firewalld_path,
+    read_tree,
+    restore_tree,
+    tree_from_json,
+    tree_json,
+)
+
+ZONES = """\
+block
+  target: %%REJECT%%
+  icmp-block-inversion: no
+  interfaces: 
+  sources: 
+  services: 
+  ports: 
+  forward: yes
+  masquerade: no
+  forward-ports: 
+  rich rules: 
+
+public (default, active)
+  target: default
+  icmp-block-inversion: no
+  interfaces: eth0 eth1
+  sources: 10.0.0.0/8
+  services: ssh dhcpv6-client
+  ports: 8080/tcp
+  forward: yes
+  masquerade: yes
+  forward-ports: 
+\tport=80:proto=tcp:toport=8080:toaddr=
+  rich rules: 
+\trule family="ipv4" source address="10.9.0.0/16" accept
+\trule family="ipv4" port port="9" protocol="tcp" drop
+"""  # noqa: W291 - firewall-cmd's own trailing spaces
+
+
+def test_listing_parsed_per_zone() -> None:
+    zones = parse_listing(ZONES)
+    assert set(zones) == {"block", "public"}
+    public = zones["public"]
+    assert public["services"] == ["dhcpv6-client", "ssh"]
+    assert public["interfaces"] == ["eth0", "eth1"]
+    assert public["masquerade"] == ["yes"]
+    assert public["forward-ports"] == ["port=80:proto=tcp:toport=8080:toaddr="]
+    assert public["rich rules"] == ['rule family="ipv4" port port="9" protocol="tcp" drop',
+                                    'rule family="ipv4" source address="10.9.0.0/16" accept']
+    assert zones["block"]["services"] == [] and zones["block"]["target"] == ["%%REJECT%%"]
+
+
+def test_runtime_commands_turn_one_model_into_the_other() -> None:
+    want = {"zones": parse_listing(ZONES),
+            "direct": {"rules": ["ipv4 filter INPUT 0 -p tcp --dport 9 -j ACCEPT"],
+                       "chains": [], "passthroughs": []}}
+    now = json.loads(json.dumps(want))
+    public = now["zones"]["public"]
+    public["services"] = ["dhcpv6-client"]                    # ssh removed at runtime
+    public["ports"] = ["8080/tcp", "9090/tcp"]                # a port added
+    public["masquerade"] = ["no"]
+    public["interfaces"] = ["eth0"]
+    public["rich rules"] = []
+    now["direct"]["rules"] = ["ipv4 filter INPUT 0 -p tcp --dport 10 -j DROP"]
+    commands = runtime_commands(now, want)
+    assert commands == [
+        ["--zone=public", "--remove-port=9090/tcp"],
+        ["--direct", "--remove-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport",
+         "10", "-j", "DROP"],
+        ["--zone=public", "--add-service=ssh"],
+        ["--zone=public", '--add-rich-rule=rule family="ipv4" port port="9" protocol="tcp" drop'],
+        ["--zone=public", '--add-rich-rule=rule family="ipv4" source address="10.9.0.0/16" '
+                          'accept'],
+        ["--zone=public", "--change-interface=eth1"],
+        ["--zone=public", "--add-masquerade"],
+        ["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "9",
+         "-j", "ACCEPT"],
+    ]
+    assert runtime_commands(want, want) == []
+
+
+def _make_tree(root: Path) -> None:
+    base = root / "etc/firewalld"
+    (base / "zones").mkdir(parents=True)
+    (base / "services").mkdir()
+    os.chmod(base, 0o750)
+    (base / "firewalld.conf").write_text("DefaultZone=public\n")
+    (base / "zones/public.xml").write_text("<zone/>\n")
+    os.chmod(base / "zones/public.xml", 0o600)
+    os.chown(base / "zones/public.xml", 1, 2)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners can only be set by root")
+def test_tree_restored_byte_identically(tmp_path: Path) -> None:
+    _make_tree(tmp_path)
+    dirs, files = read_tree(tmp_path)
+    data = json.loads(json.dumps(tree_json(dirs, files)))
+    base = tmp_path / "etc/firewalld"
+    # what firewall-cmd --permanent and others do: rewrite, add files and directories,
+    # change modes and owners, remove files
+    (base / "zones/public.xml").write_text("<zone>changed</zone>\n")
+    os.chown(base / "zones/public.xml", 0, 0)
+    (base / "zones/public.xml.old").write_text("<zone/>\n")
+    (base / "policies/x").mkdir(parents=True)
+    (base / "policies/x/p.xml").write_text("<policy/>\n")
+    os.chmod(base / "services", 0o700)
+    (base / "firewalld.conf").unlink()
+    restore_tree(*tree_from_json(data), root=tmp_path)
+    assert read_tree(tmp_path) == (dirs, files)
+    assert not (base / "policies").exists()
+    st = os.stat(base / "zones/public.xml")
+    assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 1, 2)
+
+
+def test_a_snapshot_cannot_write_outside_etc_firewalld() -> None:
+    for path in ("/etc/passwd", "/etc/firewalld/../passwd", "/etc/firewalldx/a",
+                 "/etc/firewalld//a", "/etc/firewalld/./a"):
+        assert not is_firewalld_path(path), path
+        with pytest.raises(FirewalldFilesError):
+            tree_from_json({"files": {path: [0o644, 0, 0, ""]}})
+    assert is_firewalld_path("/etc/firewalld/zones/public.xml")
+
+
+def test_nft_layer_leaves_firewalld_tables_to_the_firewalld_layer() -> None:
+    assert owned_elsewhere("nft", ["nft", "firewalld"]) == FIREWALLD_TABLES
+    assert owned_elsewhere("nft", ["nft"]) == frozenset()
+    before_nft = b"table inet firewalld {\n\tchain a {\n\t}\n}\ntable inet mine {\n}\n"
+    after_nft = (b"table inet firewalld {\n\tchain a {\n\t\ttcp dport 22 reject\n\t}\n}\n"
+                 b"table inet mine {\n\tchain b {\n\t}\n}\n")
+    state = {"running": True, "runtime": {"default-zone": "public", "zones": {}, "policies": {},
+                                          "direct": {}},
+             "kernel": {}, "dirs": {}, "files": {}}
+    fw = json.dumps(state).encode()
+    touched = compute_touched({"nft": before_nft, "firewalld": fw},
+                              {"nft": after_nft, "firewalld": fw})
+    assert touched == {"nft": ["inet mine"]}
+    touched = compute_touched({"nft": before_nft}, {"nft": after_nft})
+    assert touched == {"nft": ["inet firewalld", "inet mine"]}
+
+
+def test_units_of_a_snapshot() -> None:
+    state = {"running": True, "kernel": {"inet firewalld": "table inet firewalld {\n}\n"},
+             "runtime": {"default-zone": "public", "zones": parse_listing(ZONES),
+                         "policies": {}, "direct": {"rules": [], "chains": [],
+                                                    "passthroughs": []}},
+             "dirs": {"/etc/firewalld/zones": [0o755, 0, 0]},
+             "files": {"/etc/firewalld/firewalld.conf": [0o644, 0, 0, "eA=="]}}
+    units = FirewalldLayer().units(json.dumps(state).encode())
+    assert set(units) == {"file /etc/firewalld/firewalld.conf", "dir /etc/firewalld/zones",
+                          "running", "default-zone", "zone block", "zone public", "direct",
+                          "kernel"}
+    stopped = FirewalldLayer().units(json.dumps({**state, "running": False,
+                                                 "runtime": None}).encode())
+    assert stopped["running"] == "no" and "zone public" not in stopped
