@@ -33,6 +33,7 @@ import hashlib
 import json
 import os
 import shlex
+import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -42,13 +43,13 @@ from typing import Any
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk.firewalld import FIREWALLD_DIR, read_tree, restore_tree, tree_from_json, tree_json
-from fwsafe.runner import find_binary, run_persistently
+from fwsafe.runner import find_binary, run, run_persistently
 
 FIREWALL_CMD = "firewall-cmd"
 TOOL_TIMEOUT = 30.0
 RELOAD_TIMEOUT = 90.0
 KERNEL_TABLES = ("inet firewalld", "ip firewalld", "ip6 firewalld")
-NOT_RUNNING = 252   # firewall-cmd's exit code when firewalld is not running
+FILE_UNITS = ("file ", "dir ")   # the units kept on disk; the rest is firewalld's runtime
 
 # `--list-all-zones` / `--list-all-policies` keys -> the firewall-cmd option that sets them
 # at runtime (--add-X / --remove-X), lists of values ...
@@ -257,7 +258,15 @@ class FirewalldLayer(Layer):
         dirs, files = tree_from_json(state)
         if read_tree(self.root) != (dirs, files):
             restore_tree(dirs, files, self.root)
-        if state.get("running"):
+        wanted = set(units)
+        runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
+        if runtime and state.get("running") and not self.running() and booting():
+            # At boot (the boot unit runs before firewalld.service): firewalld starts from
+            # the files put back; starting it from here would wait for ourselves.
+            say("firewalld is not started yet (boot): its files are back, it starts from them")
+            wanted = {u for u in wanted if u.startswith(FILE_UNITS)}
+            runtime = False
+        if runtime and state.get("running"):
             self._ensure_running(say)
             code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
             if code != 0:
@@ -270,10 +279,11 @@ class FirewalldLayer(Layer):
                 if code != 0:
                     say(f"firewall-cmd {shlex.join(argv)} failed (exit {code}): "
                         f"{err.strip()}")
-        elif self.running():
+            wanted.add("running")
+        elif runtime and self.running():
             self._systemctl("stop", say)
+            wanted.add("running")
         old, new = self.units(before), self.units(self.capture())
-        wanted = set(units) | {"running"}
         return [f"{self.label} {u}" for u in sorted(wanted) if old.get(u) != new.get(u)]
 
     def _systemctl(self, verb: str, say: RetryLog) -> None:
@@ -298,6 +308,20 @@ class FirewalldLayer(Layer):
             if time.monotonic() > end:
                 raise ApplyError("firewalld does not start")
             time.sleep(0.2)
+
+
+def booting() -> bool:
+    """systemd is still starting the system (or shutting it down): no unit is started from a
+    unit of the boot."""
+    systemctl = find_binary("systemctl")
+    if systemctl is None:
+        return False
+    try:
+        result = run([systemctl, "is-system-running"], timeout=TOOL_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.stdout.decode(errors="replace").strip() in ("initializing", "starting",
+                                                              "stopping")
 
 
 def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[list[str]]:

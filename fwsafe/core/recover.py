@@ -34,7 +34,8 @@ from fwsafe.guard import hatch
 from fwsafe.guard.applying import ALREADY_UNDONE, undone_already
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
-FILE_LAYERS = ("ufw", "sshd")   # layers kept in files, not in the kernel
+FILE_LAYERS = ("ufw", "sshd", "firewalld")   # layers kept in files, not in the kernel
+                                             # (firewalld's files; it starts from them)
 CONVERGE_WAIT_S = 5.0   # how long a command waits for the late take-over it started
 LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "
                "gone)")

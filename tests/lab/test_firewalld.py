@@ -6,13 +6,16 @@ with `systemctl enable --now firewalld`) and run one case each at the same time,
 overlap:
 
 * runtime: `fwsafe firewall-cmd --remove-service=ssh`, not confirmed: by the deadline + 5 s a
-  NEW ssh login gets in, firewalld is running and lists ssh, its tables in the kernel are as
-  before;
+  NEW ssh login gets in, firewalld is running and lists ssh, its model (with runtime-only
+  ports, rich rules, sources, masquerade and direct rules from before the change, which the
+  revert's reload drops and puts back) and its tables in the kernel are as before;
 * permanent: `--permanent --remove-service=ssh` then `--reload` in one apply, not confirmed:
   reverted by the deadline + 5 s, /etc/firewalld byte-identical (content, modes, owners), and a
   later `firewall-cmd --reload` keeps SSH open;
 * confirmed: `--permanent --add-port=8080/tcp` then `--reload`, confirmed from a NEW
-  connection: it stays, also after `firewall-cmd --reload`.
+  connection: it stays, also after `firewall-cmd --reload`;
+* reboot: the permanent removal and reload, then a hard reboot (`reboot -ff`) mid-window: the
+  boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers.
 
 The seconds between the deadline and the first NEW SSH connection are printed (-s).
 """
@@ -79,8 +82,28 @@ def wait_reverted(lab: SystemdLab, info: dict[str, Any], label: str) -> float:
     return late
 
 
+# Runtime-only state from before the change (not in the permanent config): a reload loses it,
+# the revert must put it back with firewall-cmd.
+RUNTIME_ONLY = (
+    ["--add-port=7000/tcp"],
+    ["--add-rich-rule=rule family=ipv4 source address=198.51.100.0/24 port port=7001 "
+     "protocol=tcp accept"],
+    ["--zone=trusted", "--add-source=192.0.2.0/24"],
+    ["--zone=public", "--add-masquerade"],
+    ["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "7002",
+     "-j", "ACCEPT"],
+)
+
+
+def model(lab: SystemdLab) -> str:
+    return "".join(lab.exec(["firewall-cmd", *argv]).stdout for argv in (
+        ["--list-all-zones"], ["--list-all-policies"], ["--direct", "--get-all-rules"]))
+
+
 def case_runtime(lab: SystemdLab) -> dict[str, Any]:
-    before_kernel, before_tree = kernel(lab), tree(lab)
+    for argv in RUNTIME_ONLY:
+        lab.exec(["firewall-cmd", *argv])
+    before_kernel, before_tree, before_model = kernel(lab), tree(lab), model(lab)
     info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
                                  str(TIMEOUT), "--remove-service=ssh"])
     assert "ssh" not in services(lab), "the change did not run"
@@ -88,6 +111,7 @@ def case_runtime(lab: SystemdLab) -> dict[str, Any]:
     late = wait_reverted(lab, info, "runtime --remove-service=ssh")
     return {"late": late, "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout,
             "services": services(lab), "kernel": kernel(lab) == before_kernel,
+            "model": model(lab) == before_model,
             "tree": tree(lab) == before_tree, "status": lab.status()}
 
 
@@ -124,8 +148,24 @@ def case_confirmed(lab: SystemdLab) -> dict[str, Any]:
     return result
 
 
+def case_reboot(lab: SystemdLab) -> dict[str, Any]:
+    before_tree = tree(lab)
+    script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
+    fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout", "300",
+                          "--", "sh", "-c", script])
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    lab.reboot(hard=True)
+    back = lab.wait_ssh(90)
+    print(f"\n[firewalld] hard reboot mid-window: SSH answers {back:.2f} s after the new boot")
+    lab.wait_booted(90)
+    return {"tree": tree(lab) == before_tree, "status": lab.status(),
+            "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout,
+            "services": services(lab)}
+
+
 CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
-    "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed}
+    "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed,
+    "reboot": case_reboot}
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +210,7 @@ def test_runtime_removal_of_ssh_is_reverted_through_firewalld(outcomes: dict[str
     assert got["late"] <= LATE_LIMIT, got
     assert got["running"].strip() == "running"
     assert "ssh" in got["services"]
+    assert got["model"], "firewalld's runtime model is not as before (runtime-only state)"
     assert got["kernel"], "firewalld's table in the kernel is not as before"
     assert got["tree"], "/etc/firewalld changed"
 
@@ -191,3 +232,13 @@ def test_good_permanent_change_confirmed_stays(outcomes: dict[str, Any]) -> None
     assert "8080/tcp" in got["ports"].split()
     assert "8080/tcp" in got["ports_after_reload"].split()
     assert got["ssh_after_reload"]
+
+
+def test_hard_reboot_mid_window_comes_back_with_the_old_permanent_config(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "reboot")
+    assert got["tree"], "/etc/firewalld is not as before the change after the reboot"
+    assert got["status"]["state"] == "reverted", got["status"]
+    assert got["status"].get("reverted_by") == "boot", got["status"]
+    assert got["running"].strip() == "running"
+    assert "ssh" in got["services"]
