@@ -134,10 +134,10 @@ class FirewalldLayer(Layer):
         return code == 0 and out.strip() == "running"
 
     def runtime(self) -> dict[str, Any] | None:
-        """firewalld's runtime model, None when it is not running."""
-        if not self.running():
-            return None
+        """firewalld's runtime model, None when it is not running. The queries run at once
+        (each firewall-cmd spends most of its time starting Python)."""
         queries = {
+            "state": ("--state",),
             "default-zone": ("--get-default-zone",),
             "zones": ("--list-all-zones",),
             "policies": ("--list-all-policies",),
@@ -148,6 +148,9 @@ class FirewalldLayer(Layer):
         with ThreadPoolExecutor(max_workers=len(queries)) as pool:
             futures = {key: pool.submit(self._cmd, *args) for key, args in queries.items()}
             answers = {key: future.result() for key, future in futures.items()}
+        code, out, _err = answers.pop("state")
+        if code != 0 or out.strip() != "running":
+            return None
         for key, (code, _out, err) in answers.items():
             if code != 0:
                 raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
@@ -260,31 +263,43 @@ class FirewalldLayer(Layer):
             restore_tree(dirs, files, self.root)
         wanted = set(units)
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
-        if runtime and state.get("running") and not self.running() and booting():
+        live_running = runtime and self.running()
+        if runtime and state.get("running") and not live_running and booting():
             # At boot (the boot unit runs before firewalld.service): firewalld starts from
             # the files put back; starting it from here would wait for ourselves.
             say("firewalld is not started yet (boot): its files are back, it starts from them")
             wanted = {u for u in wanted if u.startswith(FILE_UNITS)}
             runtime = False
         if runtime and state.get("running"):
-            self._ensure_running(say)
+            if not live_running:
+                self._ensure_running(say)
+            say("firewalld: its files are as in the snapshot; firewall-cmd --reload")
             code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
             if code != 0:
                 raise ApplyError(f"firewall-cmd --reload failed (exit {code}): {err.strip()}")
             now = self.runtime()
             if now is None:
                 raise ApplyError("firewalld stopped during its reload")
-            for argv in runtime_commands(now, state.get("runtime") or {}):
-                code, _out, err = self._cmd(*argv)
-                if code != 0:
-                    say(f"firewall-cmd {shlex.join(argv)} failed (exit {code}): "
-                        f"{err.strip()}")
+            phases = runtime_commands(now, state.get("runtime") or {})
+            if phases:
+                say(f"firewalld: putting back {sum(map(len, phases))} runtime-only "
+                    "difference(s) with firewall-cmd")
+            for phase in phases:
+                self._run_all(phase, say)
             wanted.add("running")
-        elif runtime and self.running():
+        elif live_running:
             self._systemctl("stop", say)
             wanted.add("running")
         old, new = self.units(before), self.units(self.capture())
         return [f"{self.label} {u}" for u in sorted(wanted) if old.get(u) != new.get(u)]
+
+    def _run_all(self, commands: list[list[str]], say: RetryLog) -> None:
+        """firewall-cmd commands at once (firewalld takes them one by one)."""
+        with ThreadPoolExecutor(max_workers=min(8, len(commands))) as pool:
+            answers = list(pool.map(lambda argv: self._cmd(*argv), commands))
+        for argv, (code, _out, err) in zip(commands, answers, strict=True):
+            if code != 0:
+                say(f"firewall-cmd {shlex.join(argv)} failed (exit {code}): {err.strip()}")
 
     def _systemctl(self, verb: str, say: RetryLog) -> None:
         systemctl = find_binary("systemctl")
@@ -324,9 +339,12 @@ def booting() -> bool:
                                                               "stopping")
 
 
-def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[list[str]]:
-    """The firewall-cmd runtime commands that turn the model `now` into `want`: every removal
-    first (a source or interface may move between zones), then the additions."""
+def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[list[list[str]]]:
+    """The firewall-cmd runtime commands that turn the model `now` into `want`, in phases
+    whose commands may run at once: the removals of direct rules and passthroughs, then every
+    other removal (a source or interface may move between zones), then the additions, then
+    the direct rules and passthroughs (after the chains they use). One command per zone or
+    policy and kind of value (firewall-cmd takes several values of one kind, not two kinds)."""
     removals: list[list[str]] = []
     additions: list[list[str]] = []
     for kind, key in (("zone", "zones"), ("policy", "policies")):
@@ -337,11 +355,11 @@ def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[li
             for field, option in _LISTS.items():
                 old, new = set(have.get(field, [])), set(wanted.get(field, []))
                 gone, added = sorted(old - new), sorted(new - old)
+                verb = "change" if field in _MOVED else "add"
                 if gone:
                     removals.append([scope, *(f"--remove-{option}={v}" for v in gone)])
-                verb = "change" if field in _MOVED else "add"
-                for value in added:
-                    additions.append([scope, f"--{verb}-{option}={value}"])
+                if added:
+                    additions.append([scope, *(f"--{verb}-{option}={v}" for v in added)])
             for field, option in _SWITCHES.items():
                 old_on, new_on = have.get(field), wanted.get(field)
                 if old_on != new_on and new_on in (["yes"], ["no"]):
@@ -349,14 +367,18 @@ def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[li
                     (additions if verb == "add" else removals).append(
                         [scope, f"--{verb}-{option}"])
     have_direct, want_direct = now.get("direct") or {}, want.get("direct") or {}
-    for field, option in (("passthroughs", "passthrough"), ("rules", "rule"),
-                          ("chains", "chain")):
-        old, new = set(have_direct.get(field, [])), set(want_direct.get(field, []))
-        removals += [["--direct", f"--remove-{option}", *shlex.split(v)]
-                     for v in sorted(old - new)]
-    for field, option in (("chains", "chain"), ("rules", "rule"),
-                          ("passthroughs", "passthrough")):
-        old, new = set(have_direct.get(field, [])), set(want_direct.get(field, []))
-        additions += [["--direct", f"--add-{option}", *shlex.split(v)]
-                      for v in sorted(new - old)]
-    return removals + additions
+
+    def direct(verb: str, fields: tuple[tuple[str, str], ...]) -> list[list[str]]:
+        found = []
+        for field, option in fields:
+            old, new = set(have_direct.get(field, [])), set(want_direct.get(field, []))
+            values = old - new if verb == "remove" else new - old
+            found += [["--direct", f"--{verb}-{option}", *shlex.split(v)]
+                      for v in sorted(values)]
+        return found
+
+    rules = (("rules", "rule"), ("passthroughs", "passthrough"))
+    chains = (("chains", "chain"),)
+    phases = [direct("remove", rules), removals + direct("remove", chains),
+              additions + direct("add", chains), direct("add", rules)]
+    return [phase for phase in phases if phase]

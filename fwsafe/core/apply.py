@@ -178,7 +178,12 @@ def lockout_check(change: Change, options: ApplyOptions,
                    f"{exc.reached}); it runs for the first time under the guard, after the "
                    "snapshot")
         change.notes.append(summary)
-        return {"ran": False, "summary": summary}
+        # The clients are still the revert's second proof (the kernel's verdict after it).
+        from fwsafe.check.clients import default_sessions
+
+        sessions, port = default_sessions()
+        return {"ran": False, "summary": summary, "clients": [s.client for s in sessions],
+                "port": port}
     if report is None:
         return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
     from fwsafe.check.report import precheck_summary, refusal_hint

@@ -76,6 +76,8 @@ def access_check(record: Record) -> Access | None:
     families: list[str] = [n for n in ("ipv4", "ipv6") if n in record.captured]
     if not clients or not families:
         return None
+    if "firewalld" in record.captured and "nft" in record.captured:
+        families.append("nft")   # firewalld's rules are its tables there (inet firewalld)
 
     def prove() -> tuple[bool | None, str]:
         from fwsafe.check.predict import predict

@@ -79,6 +79,7 @@ def wait_reverted(lab: SystemdLab, info: dict[str, Any], label: str) -> float:
     print(f"\n[firewalld] {label}: a NEW SSH login gets in {late:+.2f} s after the deadline; "
           f"record {final['state']} {final.get('reason', '')!r}")
     assert final["state"] == "reverted", final
+    assert final.get("reverted_by") == "guard", final   # in time: never killed by the backstop
     return late
 
 
@@ -211,6 +212,9 @@ def test_runtime_removal_of_ssh_is_reverted_through_firewalld(outcomes: dict[str
     assert got["running"].strip() == "running"
     assert "ssh" in got["services"]
     assert got["model"], "firewalld's runtime model is not as before (runtime-only state)"
+    proofs = got["status"].get("revert_proofs") or {}
+    assert "a NEW SSH connection gets in" in proofs.get("access", ""), got["status"]
+    assert got["status"].get("revert_verified"), got["status"]
     assert got["kernel"], "firewalld's table in the kernel is not as before"
     assert got["tree"], "/etc/firewalld changed"
 

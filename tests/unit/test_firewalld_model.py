@@ -78,19 +78,19 @@ def test_runtime_commands_turn_one_model_into_the_other() -> None:
     public["interfaces"] = ["eth0"]
     public["rich rules"] = []
     now["direct"]["rules"] = ["ipv4 filter INPUT 0 -p tcp --dport 10 -j DROP"]
-    commands = runtime_commands(now, want)
-    assert commands == [
-        ["--zone=public", "--remove-port=9090/tcp"],
-        ["--direct", "--remove-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport",
-         "10", "-j", "DROP"],
-        ["--zone=public", "--add-service=ssh"],
-        ["--zone=public", '--add-rich-rule=rule family="ipv4" port port="9" protocol="tcp" drop'],
-        ["--zone=public", '--add-rich-rule=rule family="ipv4" source address="10.9.0.0/16" '
-                          'accept'],
-        ["--zone=public", "--change-interface=eth1"],
-        ["--zone=public", "--add-masquerade"],
-        ["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "9",
-         "-j", "ACCEPT"],
+    phases = runtime_commands(now, want)
+    assert phases == [
+        [["--direct", "--remove-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport",
+          "10", "-j", "DROP"]],
+        [["--zone=public", "--remove-port=9090/tcp"]],
+        [["--zone=public", "--add-service=ssh"],
+         ["--zone=public", '--add-rich-rule=rule family="ipv4" port port="9" protocol="tcp" '
+                           'drop',
+          '--add-rich-rule=rule family="ipv4" source address="10.9.0.0/16" accept'],
+         ["--zone=public", "--change-interface=eth1"],
+         ["--zone=public", "--add-masquerade"]],
+        [["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "9",
+          "-j", "ACCEPT"]],
     ]
     assert runtime_commands(want, want) == []
 
