@@ -42,13 +42,20 @@ from typing import Any
 
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk.firewalld import FIREWALLD_DIR, read_tree, restore_tree, tree_from_json, tree_json
+from fwsafe.ondisk.firewalld import (
+    FIREWALLD_DIR,
+    FIREWALLD_TABLES,
+    read_tree,
+    restore_tree,
+    tree_from_json,
+    tree_json,
+)
 from fwsafe.runner import find_binary, run, run_persistently
 
 FIREWALL_CMD = "firewall-cmd"
 TOOL_TIMEOUT = 30.0
 RELOAD_TIMEOUT = 90.0
-KERNEL_TABLES = ("inet firewalld", "ip firewalld", "ip6 firewalld")
+KERNEL_TABLES = tuple(sorted(FIREWALLD_TABLES))
 FILE_UNITS = ("file ", "dir ")   # the units kept on disk; the rest is firewalld's runtime
 
 # `--list-all-zones` / `--list-all-policies` keys -> the firewall-cmd option that sets them

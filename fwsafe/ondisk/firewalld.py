@@ -29,6 +29,9 @@ from typing import Any
 from fwsafe.ondisk.files import fsync_dir, local_path, write_file_atomically
 
 FIREWALLD_DIR = "/etc/firewalld"
+# firewalld's tables in the kernel: made by firewalld from its model at every start and
+# reload; reverted through firewalld, never loaded by fwsafe (not even from a boot file).
+FIREWALLD_TABLES = frozenset({"inet firewalld", "ip firewalld", "ip6 firewalld"})
 
 Entry = tuple[int, int, int]                     # mode, uid, gid
 FileEntry = tuple[int, int, int, bytes]          # mode, uid, gid, content
@@ -149,3 +152,21 @@ def restore_tree(dirs: dict[str, Entry], files: dict[str, FileEntry],
             local_path(root, path).rmdir()
         except OSError:
             continue   # not empty: something we do not cover (a symlink) is in it
+
+
+def without_tables(nft_text: bytes, tables: frozenset[str]) -> bytes:
+    """`nft list ruleset` text without the blocks of `tables` ("family name")."""
+    out: list[str] = []
+    skipping = False
+    for line in nft_text.decode("utf-8", errors="replace").splitlines(keepends=True):
+        words = line.split()
+        if not skipping and len(words) >= 4 and words[0] == "table" and words[3] == "{" \
+                and f"{words[1]} {words[2]}" in tables and not line[0].isspace():
+            skipping = True
+            continue
+        if skipping:
+            if line.rstrip() == "}":
+                skipping = False
+            continue
+        out.append(line)
+    return "".join(out).encode()

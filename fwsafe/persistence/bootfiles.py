@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fwsafe.ondisk.boot import BOOT_FILE_MODES, BOOT_FILES, boot_file_content, boot_targets
 from fwsafe.ondisk.files import local_path, write_file_atomically
+from fwsafe.ondisk.firewalld import FIREWALLD_TABLES, without_tables
 
 MODES = ("auto", "netfilter-persistent", "nftables", "none")
 NETNS_MARKER = "/etc/fwsafe/persist-in-netns"
@@ -129,7 +130,10 @@ def persist_layers(
         if layer not in layers:
             result.skipped.append(f"{server_path}: the {layer} layer was not captured")
             continue
-        content = boot_file_content(layer, layers[layer], entry_id, flush_ruleset=flush)
+        data = layers[layer]
+        if layer == "nft" and "firewalld" in layers:   # firewalld makes its own at its start
+            data = without_tables(data, FIREWALLD_TABLES)
+        content = boot_file_content(layer, data, entry_id, flush_ruleset=flush)
         target = local_path(root, server_path)
         if root == Path("/"):
             target = Path(os.path.realpath(target))  # a symlinked boot file: write its target

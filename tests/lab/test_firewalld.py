@@ -146,6 +146,7 @@ def case_confirmed(lab: SystemdLab) -> dict[str, Any]:
     lab.exec(["firewall-cmd", "--reload"])
     result["ports_after_reload"] = lab.exec(["firewall-cmd", "--list-ports"]).stdout
     result["ssh_after_reload"] = lab.new_connection_ok(timeout=2)
+    result["nftables_conf"] = lab.exec(["cat", "/etc/nftables.conf"], check=False).stdout
     return result
 
 
@@ -236,6 +237,10 @@ def test_good_permanent_change_confirmed_stays(outcomes: dict[str, Any]) -> None
     assert "8080/tcp" in got["ports"].split()
     assert "8080/tcp" in got["ports_after_reload"].split()
     assert got["ssh_after_reload"]
+    # the confirmed state's boot file (Debian's /etc/nftables.conf) leaves firewalld's tables
+    # to firewalld
+    assert "fwsafe" in got["nftables_conf"], got["nftables_conf"][:300]
+    assert "table inet firewalld" not in got["nftables_conf"]
 
 
 def test_hard_reboot_mid_window_comes_back_with_the_old_permanent_config(

@@ -21,6 +21,7 @@ from fwsafe.ondisk.firewalld import (
     restore_tree,
     tree_from_json,
     tree_json,
+    without_tables,
 )
 
 ZONES = """\
@@ -168,3 +169,11 @@ def test_units_of_a_snapshot() -> None:
     stopped = FirewalldLayer().units(json.dumps({**state, "running": False,
                                                  "runtime": None}).encode())
     assert stopped["running"] == "no" and "zone public" not in stopped
+
+
+def test_boot_file_leaves_firewalld_tables_out() -> None:
+    text = (b"table inet firewalld {\n\tchain filter_INPUT {\n\t\taccept\n\t}\n}\n"
+            b"table inet mine {\n\tchain input {\n\t}\n}\n"
+            b"table ip firewalld {\n}\n")
+    assert without_tables(text, FIREWALLD_TABLES) == b"table inet mine {\n\tchain input {\n\t}\n}\n"
+    assert without_tables(text, frozenset()) == text
