@@ -42,6 +42,7 @@ from typing import Any
 
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
+from fwsafe.guard import hatch
 from fwsafe.ondisk.firewalld import (
     FIREWALLD_DIR,
     FIREWALLD_TABLES,
@@ -56,6 +57,7 @@ FIREWALL_CMD = "firewall-cmd"
 TOOL_TIMEOUT = 30.0
 RELOAD_TIMEOUT = 90.0
 KERNEL_TABLES = tuple(sorted(FIREWALLD_TABLES))
+NOT_RUNNING = 252   # firewall-cmd's exit status when firewalld is not running
 FILE_UNITS = ("file ", "dir ")   # the units kept on disk; the rest is firewalld's runtime
 
 # `--list-all-zones` / `--list-all-policies` keys -> the firewall-cmd option that sets them
@@ -180,13 +182,15 @@ class FirewalldLayer(Layer):
         for table in KERNEL_TABLES:
             result = run_persistently([nft, "list", "table", *table.split()],
                                       timeout=TOOL_TIMEOUT)
-            if result.returncode == 0:
-                tables[table] = result.stdout.decode(errors="replace")
+            if result.returncode == 0:   # the kernel escape hatch is nobody's rule
+                tables[table] = hatch.strip(result.stdout).decode(errors="replace")
         return tables
 
     def capture(self) -> bytes:
+        return self._capture(self.runtime())
+
+    def _capture(self, runtime: dict[str, Any] | None) -> bytes:
         dirs, files = read_tree(self.root)
-        runtime = self.runtime()
         state = {"running": runtime is not None, "runtime": runtime,
                  "kernel": self.kernel() if runtime is not None else {},
                  **tree_json(dirs, files)}
@@ -270,35 +274,51 @@ class FirewalldLayer(Layer):
             restore_tree(dirs, files, self.root)
         wanted = set(units)
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
-        live_running = runtime and self.running()
-        if runtime and state.get("running") and not live_running and booting():
-            # At boot (the boot unit runs before firewalld.service): firewalld starts from
-            # the files put back; starting it from here would wait for ourselves.
-            say("firewalld is not started yet (boot): its files are back, it starts from them")
-            wanted = {u for u in wanted if u.startswith(FILE_UNITS)}
-            runtime = False
+        model: dict[str, Any] | None = None   # the runtime model now, when known
         if runtime and state.get("running"):
-            if not live_running:
-                self._ensure_running(say)
-            say("firewalld: its files are as in the snapshot; firewall-cmd --reload")
-            code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
-            if code != 0:
-                raise ApplyError(f"firewall-cmd --reload failed (exit {code}): {err.strip()}")
-            now = self.runtime()
-            if now is None:
-                raise ApplyError("firewalld stopped during its reload")
-            phases = runtime_commands(now, state.get("runtime") or {})
-            if phases:
-                say(f"firewalld: putting back {sum(map(len, phases))} runtime-only "
-                    "difference(s) with firewall-cmd")
-            for phase in phases:
-                self._run_all(phase, say)
-            wanted.add("running")
-        elif live_running:
+            booted, model = self._reload_and_put_back(state.get("runtime") or {}, say)
+            if not booted:
+                # At boot (the boot unit runs before firewalld.service): firewalld starts
+                # from the files put back; starting it from here would wait for ourselves.
+                say("firewalld is not started yet (boot): its files are back, it starts "
+                    "from them")
+                wanted = {u for u in wanted if u.startswith(FILE_UNITS)}
+            else:
+                wanted.add("running")
+        elif runtime and self.running():
             self._systemctl("stop", say)
             wanted.add("running")
-        old, new = self.units(before), self.units(self.capture())
+        say("firewalld: comparing its files, model and tables with the snapshot")
+        now = self._capture(model) if model is not None else self.capture()
+        old, new = self.units(before), self.units(now)
         return [f"{self.label} {u}" for u in sorted(wanted) if old.get(u) != new.get(u)]
+
+    def _reload_and_put_back(self, want: Mapping[str, Any], say: RetryLog
+                             ) -> tuple[bool, dict[str, Any] | None]:
+        """`--reload` (firewalld started first if it is not running), then the runtime-only
+        differences from `want` put back. (False, None) at boot, when firewalld is not
+        started yet; else (True, the model now if nothing had to be put back, else None)."""
+        say("firewalld: its files are as in the snapshot; firewall-cmd --reload")
+        code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
+        if code != 0 and (code == NOT_RUNNING or not self.running()):
+            if booting():
+                return False, None
+            self._ensure_running(say)
+            code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
+        if code != 0:
+            raise ApplyError(f"firewall-cmd --reload failed (exit {code}): {err.strip()}")
+        say("firewalld: reloaded; reading its runtime model")   # (each line: a heartbeat)
+        now = self.runtime()
+        if now is None:
+            raise ApplyError("firewalld stopped during its reload")
+        phases = runtime_commands(now, want)
+        if not phases:
+            return True, now
+        say(f"firewalld: putting back {sum(map(len, phases))} runtime-only difference(s) "
+            "with firewall-cmd")
+        for phase in phases:
+            self._run_all(phase, say)
+        return True, None
 
     def _run_all(self, commands: list[list[str]], say: RetryLog) -> None:
         """firewall-cmd commands at once (firewalld takes them one by one)."""

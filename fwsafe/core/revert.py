@@ -223,6 +223,7 @@ def prove_access(result: RevertResult, access: Access | None,
     if access is None:
         result.proofs["access"] = "access not checked: no SSH client known from the check"
         return
+    say("access: asking the kernel whether the SSH clients get in")   # (a heartbeat, too)
     result.access, result.proofs["access"] = _ask(access)
     say(result.proofs["access"])
     if result.access is not False:

@@ -17,11 +17,13 @@ overlap:
 * reboot: the permanent removal and reload, then a hard reboot (`reboot -ff`) mid-window: the
   boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers.
 
-The seconds between the deadline and the first NEW SSH connection are printed (-s).
+The seconds between the deadline and the first NEW SSH connection are printed (-s);
+FWSAFE_FIREWALLD_JOURNAL=1 prints the guard's journal of each revert, too.
 """
 
 from __future__ import annotations
 
+import os
 import shlex
 import threading
 import time
@@ -79,7 +81,11 @@ def wait_reverted(lab: SystemdLab, info: dict[str, Any], label: str) -> float:
     print(f"\n[firewalld] {label}: a NEW SSH login gets in {late:+.2f} s after the deadline; "
           f"record {final['state']} {final.get('reason', '')!r}")
     assert final["state"] == "reverted", final
-    assert final.get("reverted_by") == "guard", final   # in time: never killed by the backstop
+    journal = lab.journal("-u", f"fwsafe-guard-{info['id']}.service", "-o", "short-precise",
+                          lines=80)
+    if os.environ.get("FWSAFE_FIREWALLD_JOURNAL"):
+        print(journal)
+    assert final.get("reverted_by") == "guard", journal   # in time: never killed by the backstop
     return late
 
 
@@ -91,6 +97,7 @@ RUNTIME_ONLY = (
      "protocol=tcp accept"],
     ["--zone=trusted", "--add-source=192.0.2.0/24"],
     ["--zone=public", "--add-masquerade"],
+    ["--zone=public", "--add-forward-port=port=8081:proto=tcp:toport=22"],
     ["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "7002",
      "-j", "ACCEPT"],
 )
