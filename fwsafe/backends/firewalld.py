@@ -74,6 +74,72 @@ _SWITCHES = {"masquerade": "masquerade", "icmp-block-inversion": "icmp-block-inv
 _MOVED = frozenset({"sources", "interfaces"})
 
 
+_LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroughs")
+
+# Run with firewall-cmd's own interpreter (-I: nothing from the current directory): the same
+# client and printing code as `firewall-cmd --get-default-zone`, `--list-all-zones`,
+# `--list-all-policies` and `--direct --get-all-chains/-rules/-passthroughs`, in one process.
+READER = r"""
+import contextlib, io, json, sys
+from firewall.client import FirewallClient
+from firewall.command import FirewallCommand
+from firewall.functions import joinArgs
+fw = FirewallClient()
+if not fw.connected or fw.get_property("state") != "RUNNING":
+    print(json.dumps({"state": "not running"}))
+    sys.exit(0)
+cmd = FirewallCommand(False, False)
+cmd.set_fw(fw)
+def text(show):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        show()
+    return out.getvalue()
+def zones():
+    for zone in fw.getZones():
+        cmd.print_zone_info(zone, fw.getZoneSettings(zone))
+        cmd.print_msg("")
+def policies():
+    for policy in fw.getPolicies():
+        cmd.print_policy_info(policy, fw.getPolicySettings(policy))
+        cmd.print_msg("")
+found = {
+    "state": "running",
+    "default-zone": fw.getDefaultZone() + "\n",
+    "zones": text(zones),
+    "policies": text(policies),
+    "chains": "".join("%s %s %s\n" % c for c in fw.getAllChains()),
+    "rules": "".join("%s %s %s %d %s\n" % (ipv, table, chain, priority, joinArgs(args))
+                     for ipv, table, chain, priority, args in fw.getAllRules()),
+    "passthroughs": "".join("%s %s\n" % (ipv, joinArgs(args))
+                            for ipv, args in fw.getAllPassthroughs()),
+}
+print(json.dumps(found))
+"""
+
+
+class _NotRunning(Exception):
+    pass
+
+
+def _interpreter_of(tool: str | None) -> str | None:
+    """The interpreter of a Python script (its #! line), None when it is not one."""
+    if tool is None:
+        return None
+    try:
+        with open(tool, "rb") as handle:
+            first = handle.readline(256)
+    except OSError:
+        return None
+    words = first[2:].decode(errors="replace").split() if first.startswith(b"#!") else []
+    if not words or "python" not in os.path.basename(words[-1] if words[0].endswith("env")
+                                                     else words[0]):
+        return None
+    if words[0].endswith("/env"):
+        return find_binary(words[1]) if len(words) > 1 else None
+    return words[0]
+
+
 def is_firewall_cmd(argv: Sequence[str]) -> bool:
     return bool(argv) and os.path.basename(argv[0]) == FIREWALL_CMD
 
@@ -143,8 +209,48 @@ class FirewalldLayer(Layer):
         return code == 0 and out.strip() == "running"
 
     def runtime(self) -> dict[str, Any] | None:
-        """firewalld's runtime model, None when it is not running. The queries run at once
-        (each firewall-cmd spends most of its time starting Python)."""
+        """firewalld's runtime model, None when it is not running: read in one process with
+        firewall-cmd's own Python and printing code (the same text as its listings); where
+        that cannot run, with one firewall-cmd per listing, at once."""
+        try:
+            answers = self._read_in_one_process()
+        except _NotRunning:
+            return None
+        if answers is None:
+            answers = self._read_with_firewall_cmd()
+        if answers is None:
+            return None
+        return {
+            "default-zone": answers["default-zone"].strip(),
+            "zones": parse_listing(answers["zones"]),
+            "policies": parse_listing(answers["policies"]),
+            "direct": {key: sorted(ln.strip() for ln in answers[key].splitlines()
+                                   if ln.strip())
+                       for key in ("chains", "rules", "passthroughs")},
+        }
+
+    def _read_in_one_process(self) -> dict[str, str] | None:
+        """The listings from one run of READER; None when it cannot run here (then the
+        caller asks firewall-cmd itself), {"state": ...} alone when firewalld is not running."""
+        python = _interpreter_of(find_binary(FIREWALL_CMD))
+        if python is None:
+            return None
+        try:
+            result = run_persistently([python, "-I", "-c", READER], timeout=TOOL_TIMEOUT)
+            answers = json.loads(result.stdout.decode() or "null")
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+        if result.returncode != 0 or not isinstance(answers, dict):
+            return None
+        if answers.get("state") != "running":
+            raise _NotRunning
+        if not all(isinstance(answers.get(k), str) for k in _LISTINGS):
+            return None
+        return {k: answers[k] for k in _LISTINGS}
+
+    def _read_with_firewall_cmd(self) -> dict[str, str] | None:
+        """The listings, one firewall-cmd each, at once (each spends most of its time
+        starting Python); None when firewalld is not running."""
         queries = {
             "state": ("--state",),
             "default-zone": ("--get-default-zone",),
@@ -164,14 +270,7 @@ class FirewalldLayer(Layer):
             if code != 0:
                 raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
                                  f"(exit {code}): {err.strip()}")
-        return {
-            "default-zone": answers["default-zone"][1].strip(),
-            "zones": parse_listing(answers["zones"][1]),
-            "policies": parse_listing(answers["policies"][1]),
-            "direct": {key: sorted(ln.strip() for ln in answers[key][1].splitlines()
-                                   if ln.strip())
-                       for key in ("chains", "rules", "passthroughs")},
-        }
+        return {key: out for key, (_code, out, _err) in answers.items()}
 
     def kernel(self) -> dict[str, str]:
         """firewalld's tables as the kernel has them (nft text, without counters)."""

@@ -23,6 +23,7 @@ FWSAFE_FIREWALLD_JOURNAL=1 prints the guard's journal of each revert, too.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import threading
@@ -108,9 +109,18 @@ def model(lab: SystemdLab) -> str:
         ["--list-all-zones"], ["--list-all-policies"], ["--direct", "--get-all-rules"]))
 
 
+# The layer's two ways to read firewalld's model: in one process (firewall-cmd's own Python
+# and printing code) and one firewall-cmd per listing. They must agree, to the byte.
+READERS = ("import json; from fwsafe.backends.firewalld import FirewalldLayer as L; "
+           "layer = L(); print(json.dumps([layer._read_in_one_process(), "
+           "layer._read_with_firewall_cmd()]))")
+
+
 def case_runtime(lab: SystemdLab) -> dict[str, Any]:
     for argv in RUNTIME_ONLY:
         lab.exec(["firewall-cmd", *argv])
+    one, each = json.loads(lab.exec(["/opt/fwsafe/bin/python", "-c", READERS]).stdout)
+    assert one is not None and one == each, (one, each)
     before_kernel, before_tree, before_model = kernel(lab), tree(lab), model(lab)
     info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
                                  str(TIMEOUT), "--remove-service=ssh"])
