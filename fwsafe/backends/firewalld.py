@@ -199,99 +199,13 @@ class FirewalldLayer(Layer):
                 and (self.root / FIREWALLD_DIR.lstrip("/")).is_dir())
 
     # -- reading --------------------------------------------------------------------------
-    def _cmd(self, *args: str, timeout: float = TOOL_TIMEOUT) -> tuple[int, str, str]:
-        result = run_persistently([FIREWALL_CMD, *args], timeout=timeout)
-        return (result.returncode, result.stdout.decode(errors="replace"),
-                result.stderr.decode(errors="replace"))
-
-    def running(self) -> bool:
-        code, out, _ = self._cmd("--state")
-        return code == 0 and out.strip() == "running"
-
-    def runtime(self) -> dict[str, Any] | None:
-        """firewalld's runtime model, None when it is not running: read in one process with
-        firewall-cmd's own Python and printing code (the same text as its listings); where
-        that cannot run, with one firewall-cmd per listing, at once."""
-        try:
-            answers = self._read_in_one_process()
-        except _NotRunning:
-            return None
-        if answers is None:
-            answers = self._read_with_firewall_cmd()
-        if answers is None:
-            return None
-        return {
-            "default-zone": answers["default-zone"].strip(),
-            "zones": parse_listing(answers["zones"]),
-            "policies": parse_listing(answers["policies"]),
-            "direct": {key: sorted(ln.strip() for ln in answers[key].splitlines()
-                                   if ln.strip())
-                       for key in ("chains", "rules", "passthroughs")},
-        }
-
-    def _read_in_one_process(self) -> dict[str, str] | None:
-        """The listings from one run of READER; None when it cannot run here (then the
-        caller asks firewall-cmd itself), {"state": ...} alone when firewalld is not running."""
-        python = _interpreter_of(find_binary(FIREWALL_CMD))
-        if python is None:
-            return None
-        try:
-            result = run_persistently([python, "-I", "-c", READER], timeout=TOOL_TIMEOUT)
-            answers = json.loads(result.stdout.decode() or "null")
-        except (OSError, ValueError, subprocess.SubprocessError):
-            return None
-        if result.returncode != 0 or not isinstance(answers, dict):
-            return None
-        if answers.get("state") != "running":
-            raise _NotRunning
-        if not all(isinstance(answers.get(k), str) for k in _LISTINGS):
-            return None
-        return {k: answers[k] for k in _LISTINGS}
-
-    def _read_with_firewall_cmd(self) -> dict[str, str] | None:
-        """The listings, one firewall-cmd each, at once (each spends most of its time
-        starting Python); None when firewalld is not running."""
-        queries = {
-            "state": ("--state",),
-            "default-zone": ("--get-default-zone",),
-            "zones": ("--list-all-zones",),
-            "policies": ("--list-all-policies",),
-            "chains": ("--direct", "--get-all-chains"),
-            "rules": ("--direct", "--get-all-rules"),
-            "passthroughs": ("--direct", "--get-all-passthroughs"),
-        }
-        with ThreadPoolExecutor(max_workers=len(queries)) as pool:
-            futures = {key: pool.submit(self._cmd, *args) for key, args in queries.items()}
-            answers = {key: future.result() for key, future in futures.items()}
-        code, out, _err = answers.pop("state")
-        if code != 0 or out.strip() != "running":
-            return None
-        for key, (code, _out, err) in answers.items():
-            if code != 0:
-                raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
-                                 f"(exit {code}): {err.strip()}")
-        return {key: out for key, (_code, out, _err) in answers.items()}
-
-    def kernel(self) -> dict[str, str]:
-        """firewalld's tables as the kernel has them (nft text, without counters)."""
-        nft = find_binary("nft")
-        tables: dict[str, str] = {}
-        if nft is None:
-            return tables
-        for table in KERNEL_TABLES:
-            result = run_persistently([nft, "list", "table", *table.split()],
-                                      timeout=TOOL_TIMEOUT)
-            if result.returncode == 0:   # the kernel escape hatch is nobody's rule
-                tables[table] = hatch.strip(result.stdout).decode(errors="replace")
-        return tables
-
     def capture(self) -> bytes:
-        return self._capture(self.runtime())
+        return self._capture(read_model())
 
     def _capture(self, runtime: dict[str, Any] | None) -> bytes:
         dirs, files = read_tree(self.root)
         state = {"running": runtime is not None, "runtime": runtime,
-                 "kernel": self.kernel() if runtime is not None else {},
+                 "kernel": kernel_tables() if runtime is not None else {},
                  **tree_json(dirs, files)}
         return json.dumps(state, sort_keys=True, indent=1).encode() + b"\n"
 
@@ -384,8 +298,8 @@ class FirewalldLayer(Layer):
                 wanted = {u for u in wanted if u.startswith(FILE_UNITS)}
             else:
                 wanted.add("running")
-        elif runtime and self.running():
-            self._systemctl("stop", say)
+        elif runtime and is_running():
+            systemctl_firewalld("stop", say)
             wanted.add("running")
         say("firewalld: comparing its files, model and tables with the snapshot")
         now = self._capture(model) if model is not None else self.capture()
@@ -398,16 +312,16 @@ class FirewalldLayer(Layer):
         differences from `want` put back. (False, None) at boot, when firewalld is not
         started yet; else (True, the model now if nothing had to be put back, else None)."""
         say("firewalld: its files are as in the snapshot; firewall-cmd --reload")
-        code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
-        if code != 0 and (code == NOT_RUNNING or not self.running()):
+        code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
+        if code != 0 and (code == NOT_RUNNING or not is_running()):
             if booting():
                 return False, None
-            self._ensure_running(say)
-            code, _out, err = self._cmd("--reload", timeout=RELOAD_TIMEOUT)
+            ensure_running(say)
+            code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
         if code != 0:
             raise ApplyError(f"firewall-cmd --reload failed (exit {code}): {err.strip()}")
         say("firewalld: reloaded; reading its runtime model")   # (each line: a heartbeat)
-        now = self.runtime()
+        now = read_model()
         if now is None:
             raise ApplyError("firewalld stopped during its reload")
         phases = runtime_commands(now, want)
@@ -416,39 +330,134 @@ class FirewalldLayer(Layer):
         say(f"firewalld: putting back {sum(map(len, phases))} runtime-only difference(s) "
             "with firewall-cmd")
         for phase in phases:
-            self._run_all(phase, say)
+            run_all(phase, say)
         return True, None
 
-    def _run_all(self, commands: list[list[str]], say: RetryLog) -> None:
-        """firewall-cmd commands at once (firewalld takes them one by one)."""
-        with ThreadPoolExecutor(max_workers=min(8, len(commands))) as pool:
-            answers = list(pool.map(lambda argv: self._cmd(*argv), commands))
-        for argv, (code, _out, err) in zip(commands, answers, strict=True):
-            if code != 0:
-                say(f"firewall-cmd {shlex.join(argv)} failed (exit {code}): {err.strip()}")
 
-    def _systemctl(self, verb: str, say: RetryLog) -> None:
-        systemctl = find_binary("systemctl")
-        if systemctl is None:
-            raise ApplyError(f"firewalld must be {verb}ed and there is no systemctl")
-        if verb == "start":
-            run_persistently([systemctl, "reset-failed", "firewalld.service"],
-                             timeout=TOOL_TIMEOUT)
-        result = run_persistently([systemctl, verb, "firewalld.service"], timeout=RELOAD_TIMEOUT)
-        if result.returncode != 0:
-            say(f"systemctl {verb} firewalld failed: "
-                f"{result.stderr.decode(errors='replace').strip()}")
+def firewall_cmd(*args: str, timeout: float = TOOL_TIMEOUT) -> tuple[int, str, str]:
+    result = run_persistently([FIREWALL_CMD, *args], timeout=timeout)
+    return (result.returncode, result.stdout.decode(errors="replace"),
+            result.stderr.decode(errors="replace"))
 
-    def _ensure_running(self, say: RetryLog) -> None:
-        if self.running():
-            return
-        say("firewalld is not running: starting it")
-        self._systemctl("start", say)
-        end = time.monotonic() + RELOAD_TIMEOUT
-        while not self.running():
-            if time.monotonic() > end:
-                raise ApplyError("firewalld does not start")
-            time.sleep(0.2)
+
+def is_running() -> bool:
+    code, out, _ = firewall_cmd("--state")
+    return code == 0 and out.strip() == "running"
+
+
+def read_model() -> dict[str, Any] | None:
+    """firewalld's runtime model, None when it is not running: read in one process with
+    firewall-cmd's own Python and printing code (the same text as its listings); where
+    that cannot run, with one firewall-cmd per listing, at once."""
+    try:
+        answers = listings_in_one_process()
+    except _NotRunning:
+        return None
+    if answers is None:
+        answers = listings_from_firewall_cmd()
+    if answers is None:
+        return None
+    return {
+        "default-zone": answers["default-zone"].strip(),
+        "zones": parse_listing(answers["zones"]),
+        "policies": parse_listing(answers["policies"]),
+        "direct": {key: sorted(ln.strip() for ln in answers[key].splitlines()
+                               if ln.strip())
+                   for key in ("chains", "rules", "passthroughs")},
+    }
+
+
+def listings_in_one_process() -> dict[str, str] | None:
+    """The listings from one run of READER; None when it cannot run here (then the
+    caller asks firewall-cmd itself), {"state": ...} alone when firewalld is not running."""
+    python = _interpreter_of(find_binary(FIREWALL_CMD))
+    if python is None:
+        return None
+    try:
+        result = run_persistently([python, "-I", "-c", READER], timeout=TOOL_TIMEOUT)
+        answers = json.loads(result.stdout.decode() or "null")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0 or not isinstance(answers, dict):
+        return None
+    if answers.get("state") != "running":
+        raise _NotRunning
+    if not all(isinstance(answers.get(k), str) for k in _LISTINGS):
+        return None
+    return {k: answers[k] for k in _LISTINGS}
+
+
+def listings_from_firewall_cmd() -> dict[str, str] | None:
+    """The listings, one firewall-cmd each, at once (each spends most of its time
+    starting Python); None when firewalld is not running."""
+    queries = {
+        "state": ("--state",),
+        "default-zone": ("--get-default-zone",),
+        "zones": ("--list-all-zones",),
+        "policies": ("--list-all-policies",),
+        "chains": ("--direct", "--get-all-chains"),
+        "rules": ("--direct", "--get-all-rules"),
+        "passthroughs": ("--direct", "--get-all-passthroughs"),
+    }
+    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+        futures = {key: pool.submit(firewall_cmd, *args) for key, args in queries.items()}
+        answers = {key: future.result() for key, future in futures.items()}
+    code, out, _err = answers.pop("state")
+    if code != 0 or out.strip() != "running":
+        return None
+    for key, (code, _out, err) in answers.items():
+        if code != 0:
+            raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
+                             f"(exit {code}): {err.strip()}")
+    return {key: out for key, (_code, out, _err) in answers.items()}
+
+
+def kernel_tables() -> dict[str, str]:
+    """firewalld's tables as the kernel has them (nft text, without counters)."""
+    nft = find_binary("nft")
+    tables: dict[str, str] = {}
+    if nft is None:
+        return tables
+    for table in KERNEL_TABLES:
+        result = run_persistently([nft, "list", "table", *table.split()],
+                                  timeout=TOOL_TIMEOUT)
+        if result.returncode == 0:   # the kernel escape hatch is nobody's rule
+            tables[table] = hatch.strip(result.stdout).decode(errors="replace")
+    return tables
+
+
+def run_all(commands: list[list[str]], say: RetryLog) -> None:
+    """firewall-cmd commands at once (firewalld takes them one by one)."""
+    with ThreadPoolExecutor(max_workers=min(8, len(commands))) as pool:
+        answers = list(pool.map(lambda argv: firewall_cmd(*argv), commands))
+    for argv, (code, _out, err) in zip(commands, answers, strict=True):
+        if code != 0:
+            say(f"firewall-cmd {shlex.join(argv)} failed (exit {code}): {err.strip()}")
+
+
+def systemctl_firewalld(verb: str, say: RetryLog) -> None:
+    systemctl = find_binary("systemctl")
+    if systemctl is None:
+        raise ApplyError(f"firewalld must be {verb}ed and there is no systemctl")
+    if verb == "start":
+        run_persistently([systemctl, "reset-failed", "firewalld.service"],
+                         timeout=TOOL_TIMEOUT)
+    result = run_persistently([systemctl, verb, "firewalld.service"], timeout=RELOAD_TIMEOUT)
+    if result.returncode != 0:
+        say(f"systemctl {verb} firewalld failed: "
+            f"{result.stderr.decode(errors='replace').strip()}")
+
+
+def ensure_running(say: RetryLog) -> None:
+    if is_running():
+        return
+    say("firewalld is not running: starting it")
+    systemctl_firewalld("start", say)
+    end = time.monotonic() + RELOAD_TIMEOUT
+    while not is_running():
+        if time.monotonic() > end:
+            raise ApplyError("firewalld does not start")
+        time.sleep(0.2)
 
 
 def booting() -> bool:

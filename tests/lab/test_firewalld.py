@@ -111,9 +111,8 @@ def model(lab: SystemdLab) -> str:
 
 # The layer's two ways to read firewalld's model: in one process (firewall-cmd's own Python
 # and printing code) and one firewall-cmd per listing. They must agree, to the byte.
-READERS = ("import json; from fwsafe.backends.firewalld import FirewalldLayer as L; "
-           "layer = L(); print(json.dumps([layer._read_in_one_process(), "
-           "layer._read_with_firewall_cmd()]))")
+READERS = ("import json; from fwsafe.backends import firewalld as f; "
+           "print(json.dumps([f.listings_in_one_process(), f.listings_from_firewall_cmd()]))")
 
 
 def case_runtime(lab: SystemdLab) -> dict[str, Any]:
