@@ -48,6 +48,13 @@ from fwsafe.ondisk.boot import (
     uses_ufw,
 )
 from fwsafe.ondisk.files import BACKUP_SUFFIX, local_path, write_file_atomically
+from fwsafe.ondisk.firewalld import (
+    FIREWALLD_DIR,
+    FIREWALLD_TABLES,
+    read_tree,
+    tree_from_json,
+    without_tables,
+)
 from fwsafe.ondisk.history import (
     BEFORE_RECOVERY,
     Damaged,
@@ -154,9 +161,11 @@ def plan_restore(entry: Entry, root: Path) -> Plan:
     plan = Plan()
     np, nf, uf = uses_netfilter_persistent(root), uses_nftables(root), uses_ufw(root)
     used = {"ipv4": np, "ipv6": np, "nft": nf, "ufw": uf,
-            "sshd": local_path(root, SSHD_CONFIG).is_file()}
+            "sshd": local_path(root, SSHD_CONFIG).is_file(),
+            "firewalld": local_path(root, FIREWALLD_DIR).is_dir()}
     what = {"ipv4": "netfilter-persistent (rules.v4)", "ipv6": "netfilter-persistent (rules.v6)",
-            "nft": "nftables (nftables.conf)", "ufw": "ufw", "sshd": f"sshd ({SSHD_CONFIG})"}
+            "nft": "nftables (nftables.conf)", "ufw": "ufw", "sshd": f"sshd ({SSHD_CONFIG})",
+            "firewalld": f"firewalld ({FIREWALLD_DIR})"}
     for layer, content in entry.layers.items():
         if layer not in used:
             plan.notes.append(f"layer {layer}: no file loads it at boot; nothing to write")
@@ -171,12 +180,17 @@ def plan_restore(entry: Entry, root: Path) -> Plan:
         if layer == "sshd":
             plan.changes += _sshd_changes(content, root)
             continue
+        if layer == "firewalld":
+            plan.changes += _firewalld_changes(content, root)
+            continue
+        if layer == "nft" and "firewalld" in entry.layers:   # firewalld makes its own
+            content = without_tables(content, FIREWALLD_TABLES)
         change = _boot_change(root, layer, boot_file_content(
             layer, content, entry.id, flush_ruleset=not np))
         if change is not None:
             plan.changes.append(change)
     for layer, in_use in used.items():
-        if in_use and layer not in entry.layers and layer != "sshd":   # (older entries)
+        if in_use and layer not in entry.layers and layer not in ("sshd", "firewalld"):
             plan.warnings.append(
                 f"this server uses {what[layer]} at boot, but snapshot {entry.id} has no "
                 f"{layer} layer: left as it is (--disable-firewall turns it off instead)")
@@ -198,6 +212,27 @@ def _ufw_changes(content: bytes, root: Path) -> list[FileChange]:
             changes.append(FileChange(path, local, "ufw", old, new, mode=mode))
         elif old is not None:
             changes.append(FileChange(path, local, "ufw", old, None))
+    return changes
+
+
+def _firewalld_changes(content: bytes, root: Path) -> list[FileChange]:
+    """/etc/firewalld as in the entry (firewalld starts from it): its files with their modes;
+    the files that appeared since are removed (kept as backups)."""
+    try:
+        _dirs, files = tree_from_json(json.loads(content.decode("utf-8")))
+    except (UnicodeDecodeError, ValueError) as exc:   # FirewalldFilesError is a ValueError
+        raise RescueError(f"the firewalld layer is damaged: {exc}") from exc
+    _live_dirs, live = read_tree(root)
+    changes = []
+    for path in sorted(set(files) | {p for p in live if not p.endswith(BACKUP_SUFFIX)}):
+        local = local_path(root, path)
+        old, old_mode = _read_existing(local)
+        if path in files:
+            mode, _uid, _gid, new = files[path]
+            if old != new or old_mode != mode:
+                changes.append(FileChange(path, local, "firewalld", old, new, mode=mode))
+        elif old is not None:
+            changes.append(FileChange(path, local, "firewalld", old, None))
     return changes
 
 
@@ -559,7 +594,7 @@ def _print_list(entries: list[Entry], damaged: list[Damaged], out: _Out) -> None
 # The zipapp
 # --------------------------------------------------------------------------------------------
 ZIPAPP_MODULES = ("errors.py", "ondisk/__init__.py", "ondisk/files.py", "ondisk/ufw.py",
-                  "ondisk/sshd.py",
+                  "ondisk/sshd.py", "ondisk/firewalld.py",
                   "ondisk/history.py", "ondisk/boot.py", "rescue/__init__.py", "rescue/tool.py")
 ZIPAPP_MAIN = (
     "# fwsafe rescue, as a single file: python3 fwsafe.pyz rescue --root /mnt --list\n"

@@ -294,7 +294,8 @@ def test_zipapp_with_a_bare_python(tmp_path: Path) -> None:
 
     assert sorted(zipfile.ZipFile(pyz).namelist()) == [
         "__main__.py", "fwsafe/__init__.py", "fwsafe/errors.py", "fwsafe/ondisk/__init__.py",
-        "fwsafe/ondisk/boot.py", "fwsafe/ondisk/files.py", "fwsafe/ondisk/history.py",
+        "fwsafe/ondisk/boot.py", "fwsafe/ondisk/files.py", "fwsafe/ondisk/firewalld.py",
+        "fwsafe/ondisk/history.py",
         "fwsafe/ondisk/sshd.py", "fwsafe/ondisk/ufw.py", "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
     assert stat.S_IMODE(pyz.stat().st_mode) == 0o755
     root = server_root(tmp_path)
@@ -335,3 +336,34 @@ def test_rescue_modules_use_the_standard_library_only(module: str) -> None:
     others = imported - fwsafe_mods - {"__future__"}
     assert all(m in sys.stdlib_module_names for m in others), others
     assert "subprocess" not in imported   # the rescue never runs a netfilter tool
+
+
+def test_firewalld_files_come_back_offline(tmp_path: Path) -> None:
+    """A firewalld server: the entry's /etc/firewalld is written back (a zone file that
+    appeared is moved aside, a changed one replaced with its mode); nftables.conf gets the
+    entry's own tables but never firewalld's (firewalld makes them at its start)."""
+    from fwsafe.ondisk.firewalld import read_tree, tree_json
+
+    root = tmp_path / "mnt"
+    put(root, "/etc/firewalld/firewalld.conf", "DefaultZone=public\n", 0o644)
+    put(root, "/etc/firewalld/zones/internal.xml", "<zone>internal</zone>\n", 0o600)
+    put(root, "/etc/nftables.conf", DEBIAN_NFT_CONF, 0o755)
+    layer = {"running": True, "runtime": None, "kernel": {}, **tree_json(*read_tree(root))}
+    nft = ("table inet firewalld {\n\tchain filter_INPUT {\n\t\ttcp dport 22 accept\n\t}\n}\n"
+           + GOOD_NFT)
+    state = StateDir(root / "var/lib/fwsafe")
+    state.ensure()
+    history.add_entry(state, {"nft": nft.encode(), "firewalld": json.dumps(layer).encode()},
+                      {"tx": "T1"}, now=time.time() - 60, entry_id="20260101T000000Z-good")
+    put(root, "/etc/firewalld/firewalld.conf", "DefaultZone=drop\n", 0o644)
+    put(root, "/etc/firewalld/zones/public.xml", "<zone>no ssh</zone>\n")
+    (root / "etc/firewalld/zones/internal.xml").chmod(0o644)
+    result = run_rescue("--root", str(root), "--last-good", "--yes")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (root / "etc/firewalld/firewalld.conf").read_text() == "DefaultZone=public\n"
+    assert not (root / "etc/firewalld/zones/public.xml").exists()
+    assert (root / "etc/firewalld/zones/internal.xml").stat().st_mode & 0o777 == 0o600
+    conf = (root / "etc/nftables.conf").read_text()
+    assert "table inet fw " in conf and "table inet firewalld" not in conf
+    again = run_rescue("--root", str(root), "--last-good", "--yes")
+    assert again.returncode == 0 and "nothing to write" in again.stdout, again.stdout
