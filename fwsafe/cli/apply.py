@@ -252,7 +252,33 @@ def _apply_command(argv: list[str], options: ApplyOptions, *, detach: bool, yes:
             record = manager.apply(change, options)
     finally:
         _show_command_output(manager, started)
+    if record.state == transaction.PENDING and not record.options.get("check", {}).get("ran"):
+        _live_verdict(record)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
+
+
+def _live_verdict(record: Record) -> None:
+    """A command that could not be tried on a copy (firewall-cmd) ran without a lockout check:
+    ask the kernel now whether the SSH clients still get in through the live rules
+    (firewalld's tables included), and say so. It changes nothing: the guard reverts at the
+    deadline unless confirmed."""
+    from fwsafe.core.revert import access_check
+
+    access = access_check(record)
+    if access is None:
+        return
+    try:
+        ok, text = access()
+    except Exception as exc:  # noqa: BLE001 - only a report; the guard decides
+        progress(f"lockout check of the live change: could not run ({exc})")
+        return
+    if ok is False:
+        echo_styled(f"fwsafe: lockout check of the live change: YOUR SSH CLIENT IS LOCKED OUT "
+                    f"({text.removeprefix('access FAILED: ')}); it is reverted at "
+                    f"{clock(record.deadline)} unless confirmed, `fwsafe revert` reverts now",
+                    err=True, fg="red")
+    else:
+        progress(f"lockout check of the live change: {text.removeprefix('access: ')}")
 
 
 def _show_command_output(manager: Manager, since: float) -> None:

@@ -64,10 +64,16 @@ def kernel(lab: SystemdLab) -> list[str]:
     return sorted(line.strip() for line in text.splitlines() if line.strip())
 
 
-def fwsafe_over_ssh(lab: SystemdLab, argv: list[str]) -> dict[str, Any]:
-    """Run fwsafe over a NEW SSH login (the client is known there); the transaction's status."""
+LOCKED_OUT = "lockout check of the live change: YOUR SSH CLIENT IS LOCKED OUT"
+GETS_IN = "lockout check of the live change: a NEW SSH connection gets in"
+
+
+def fwsafe_over_ssh(lab: SystemdLab, argv: list[str], verdict: str) -> dict[str, Any]:
+    """Run fwsafe over a NEW SSH login (the client is known there); the transaction's status.
+    `verdict`: what the kernel's rules said of the live change (firewalld's tables read)."""
     result = lab.ssh(shlex.join(argv), timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert verdict in result.stderr, result.stderr
     info = lab.status()
     assert info["state"] == "pending", info
     return info
@@ -122,7 +128,7 @@ def case_runtime(lab: SystemdLab) -> dict[str, Any]:
     assert one is not None and one == each, (one, each)
     before_kernel, before_tree, before_model = kernel(lab), tree(lab), model(lab)
     info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
-                                 str(TIMEOUT), "--remove-service=ssh"])
+                                 str(TIMEOUT), "--remove-service=ssh"], LOCKED_OUT)
     assert "ssh" not in services(lab), "the change did not run"
     assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
     late = wait_reverted(lab, info, "runtime --remove-service=ssh")
@@ -136,7 +142,7 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
     before_tree = tree(lab)
     script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
     info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout",
-                                 str(TIMEOUT), "--", "sh", "-c", script])
+                                 str(TIMEOUT), "--", "sh", "-c", script], LOCKED_OUT)
     assert "ssh" not in services(lab, "--permanent"), "the permanent change did not run"
     assert tree(lab) != before_tree
     assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
@@ -152,7 +158,7 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
 def case_confirmed(lab: SystemdLab) -> dict[str, Any]:
     script = "firewall-cmd --permanent --add-port=8080/tcp && firewall-cmd --reload"
     info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout", "60",
-                                 "--", "sh", "-c", script])
+                                 "--", "sh", "-c", script], GETS_IN)
     started = time.monotonic()
     confirm = lab.ssh(f"fwsafe confirm {info['id']}", timeout=120)   # a NEW connection
     took = time.monotonic() - started
@@ -170,7 +176,7 @@ def case_reboot(lab: SystemdLab) -> dict[str, Any]:
     before_tree = tree(lab)
     script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
     fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout", "300",
-                          "--", "sh", "-c", script])
+                          "--", "sh", "-c", script], LOCKED_OUT)
     assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
     lab.reboot(hard=True)
     back = lab.wait_ssh(90)
