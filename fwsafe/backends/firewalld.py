@@ -118,6 +118,29 @@ print(json.dumps(found))
 """
 
 
+# Run with firewall-cmd's own interpreter: firewall-cmd itself (its file, argv[1]) for each
+# command of the JSON list on stdin, in this one process; [[status, stdout, stderr], ...].
+RUNNER = r"""
+import contextlib, io, json, runpy, sys
+tool = sys.argv[1]
+done = []
+for argv in json.load(sys.stdin):
+    sys.argv = [tool] + list(argv)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            runpy.run_path(tool, run_name="__main__")
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except Exception as exc:
+            code = 1
+            err.write(repr(exc))
+    done.append([code, out.getvalue(), err.getvalue()])
+sys.stdout = sys.__stdout__
+print(json.dumps(done))
+"""
+
+
 class _NotRunning(Exception):
     pass
 
@@ -412,6 +435,26 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
     return {key: out for key, (_code, out, _err) in answers.items()}
 
 
+def commands_in_one_process(commands: list[list[str]]) -> list[tuple[int, str, str]] | None:
+    """(exit status, stdout, stderr) of each firewall-cmd command, run one after the other by
+    RUNNER; None when it cannot run here."""
+    tool = find_binary(FIREWALL_CMD)
+    python = _interpreter_of(tool)
+    if tool is None or python is None:
+        return None
+    try:
+        result = run_persistently([python, "-I", "-c", RUNNER, tool],
+                                  input=json.dumps(commands).encode(),
+                                  timeout=TOOL_TIMEOUT + 5 * len(commands))
+        answers = json.loads(result.stdout.decode() or "null")
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    if (result.returncode != 0 or not isinstance(answers, list)
+            or len(answers) != len(commands)):
+        return None
+    return [(int(code), str(out), str(err)) for code, out, err in answers]
+
+
 def kernel_tables() -> dict[str, str]:
     """firewalld's tables as the kernel has them (nft text, without counters)."""
     nft = find_binary("nft")
@@ -427,9 +470,13 @@ def kernel_tables() -> dict[str, str]:
 
 
 def run_all(commands: list[list[str]], say: RetryLog) -> None:
-    """firewall-cmd commands at once (firewalld takes them one by one)."""
-    with ThreadPoolExecutor(max_workers=min(8, len(commands))) as pool:
-        answers = list(pool.map(lambda argv: firewall_cmd(*argv), commands))
+    """firewall-cmd commands, in one process (firewall-cmd itself, run again and again by
+    RUNNER in its own Python: it starts once); where that cannot run, one firewall-cmd each,
+    at once (firewalld takes them one by one)."""
+    answers = commands_in_one_process(commands)
+    if answers is None:
+        with ThreadPoolExecutor(max_workers=min(8, len(commands))) as pool:
+            answers = list(pool.map(lambda argv: firewall_cmd(*argv), commands))
     for argv, (code, _out, err) in zip(commands, answers, strict=True):
         if code != 0:
             say(f"firewall-cmd {shlex.join(argv)} failed (exit {code}): {err.strip()}")
@@ -475,11 +522,12 @@ def booting() -> bool:
 
 
 def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[list[list[str]]]:
-    """The firewall-cmd runtime commands that turn the model `now` into `want`, in phases
-    whose commands may run at once: the removals of direct rules and passthroughs, then every
-    other removal (a source or interface may move between zones), then the additions, then
-    the direct rules and passthroughs (after the chains they use). One command per zone or
-    policy and kind of value (firewall-cmd takes several values of one kind, not two kinds)."""
+    """The firewall-cmd runtime commands that turn the model `now` into `want`, in two phases
+    whose commands may run at once: the removals (a source or interface may move between
+    zones; a direct chain's rules go before it) and the direct chains to add, then the
+    additions (direct rules after the chains they use) and the direct chains to remove. One
+    command per zone or policy and kind of value (firewall-cmd takes several values of one
+    kind, not two kinds)."""
     removals: list[list[str]] = []
     additions: list[list[str]] = []
     for kind, key in (("zone", "zones"), ("policy", "policies")):
@@ -514,6 +562,6 @@ def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[li
 
     rules = (("rules", "rule"), ("passthroughs", "passthrough"))
     chains = (("chains", "chain"),)
-    phases = [direct("remove", rules), removals + direct("remove", chains),
-              additions + direct("add", chains), direct("add", rules)]
+    phases = [removals + direct("remove", rules) + direct("add", chains),
+              additions + direct("add", rules) + direct("remove", chains)]
     return [phase for phase in phases if phase]

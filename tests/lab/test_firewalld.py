@@ -23,6 +23,7 @@ FWSAFE_FIREWALLD_JOURNAL=1 prints the guard's journal of each revert, too.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shlex
@@ -85,8 +86,11 @@ def wait_reverted(lab: SystemdLab, info: dict[str, Any], label: str) -> float:
     assert back is not None, lab.journal("-u", f"fwsafe-guard-{info['id']}.service")
     late = back - float(info["deadline"])
     final = lab.wait_state({"reverted", "revert-failed"}, 60)
+    done = [e["t"] for e in final.get("events", []) if e["event"] == "reverted"]
+    whole = f"{done[-1] - float(info['deadline']):+.2f} s" if done else "?"
     print(f"\n[firewalld] {label}: a NEW SSH login gets in {late:+.2f} s after the deadline; "
-          f"record {final['state']} {final.get('reason', '')!r}")
+          f"the revert with its proofs done {whole}; record {final['state']} "
+          f"{final.get('reason', '')!r}")
     assert final["state"] == "reverted", final
     journal = lab.journal("-u", f"fwsafe-guard-{info['id']}.service", "-o", "short-precise",
                           lines=80)
@@ -107,12 +111,19 @@ RUNTIME_ONLY = (
     ["--zone=public", "--add-forward-port=port=8081:proto=tcp:toport=22"],
     ["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "7002",
      "-j", "ACCEPT"],
+    ["--direct", "--add-chain", "ipv4", "filter", "fwsafe_test"],
+    ["--direct", "--add-rule", "ipv4", "filter", "fwsafe_test", "0", "-p", "tcp", "--dport",
+     "7003", "-j", "ACCEPT"],
 )
 
 
 def model(lab: SystemdLab) -> str:
-    return "".join(lab.exec(["firewall-cmd", *argv]).stdout for argv in (
-        ["--list-all-zones"], ["--list-all-policies"], ["--direct", "--get-all-rules"]))
+    """firewalld's runtime model as firewall-cmd lists it (direct rules of different chains
+    sorted: firewalld lists them in the order they were added)."""
+    listed = [lab.exec(["firewall-cmd", *argv]).stdout for argv in (
+        ["--list-all-zones"], ["--list-all-policies"], ["--direct", "--get-all-chains"])]
+    rules = lab.exec(["firewall-cmd", "--direct", "--get-all-rules"]).stdout
+    return "".join(listed) + "".join(sorted(rules.splitlines(keepends=True)))
 
 
 # The layer's two ways to read firewalld's model: in one process (firewall-cmd's own Python
@@ -121,7 +132,19 @@ READERS = ("import json; from fwsafe.backends import firewalld as f; "
            "print(json.dumps([f.listings_in_one_process(), f.listings_from_firewall_cmd()]))")
 
 
+# The layer runs firewall-cmd commands in one process: the same exit status and output as
+# firewall-cmd run on its own.
+RUNNER_CHECK = ("import json; from fwsafe.backends import firewalld as f; print(json.dumps("
+                "f.commands_in_one_process([['--zone=work', '--add-port=7100/tcp'], "
+                "['--zone=work', '--query-port=7100/tcp'], ['--zone=work', '--add-service=nope'],"
+                " ['--zone=work', '--remove-port=7100/tcp']])))")
+
+
 def case_runtime(lab: SystemdLab) -> dict[str, Any]:
+    ran = json.loads(lab.exec(["/opt/fwsafe/bin/python", "-c", RUNNER_CHECK]).stdout)
+    assert [(code, out.strip()) for code, out, _err in ran] == [
+        (0, "success"), (0, "yes"), (ran[2][0], ""), (0, "success")], ran
+    assert ran[2][0] != 0 and "INVALID_SERVICE" in ran[2][2], ran
     for argv in RUNTIME_ONLY:
         lab.exec(["firewall-cmd", *argv])
     one, each = json.loads(lab.exec(["/opt/fwsafe/bin/python", "-c", READERS]).stdout)
@@ -134,7 +157,8 @@ def case_runtime(lab: SystemdLab) -> dict[str, Any]:
     late = wait_reverted(lab, info, "runtime --remove-service=ssh")
     return {"late": late, "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout,
             "services": services(lab), "kernel": kernel(lab) == before_kernel,
-            "model": model(lab) == before_model,
+            "model": model(lab) == before_model, "model_diff": "".join(difflib.unified_diff(
+                before_model.splitlines(keepends=True), model(lab).splitlines(keepends=True))),
             "tree": tree(lab) == before_tree, "status": lab.status()}
 
 
@@ -234,7 +258,8 @@ def test_runtime_removal_of_ssh_is_reverted_through_firewalld(outcomes: dict[str
     assert got["late"] <= LATE_LIMIT, got
     assert got["running"].strip() == "running"
     assert "ssh" in got["services"]
-    assert got["model"], "firewalld's runtime model is not as before (runtime-only state)"
+    assert got["model"], ("firewalld's runtime model is not as before (runtime-only state):\n"
+                          + got["model_diff"])
     proofs = got["status"].get("revert_proofs") or {}
     assert "a NEW SSH connection gets in" in proofs.get("access", ""), got["status"]
     assert got["status"].get("revert_verified"), got["status"]

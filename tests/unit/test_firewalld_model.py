@@ -81,18 +81,29 @@ def test_runtime_commands_turn_one_model_into_the_other() -> None:
     now["direct"]["rules"] = ["ipv4 filter INPUT 0 -p tcp --dport 10 -j DROP"]
     phases = runtime_commands(now, want)
     assert phases == [
-        [["--direct", "--remove-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport",
+        [["--zone=public", "--remove-port=9090/tcp"],
+         ["--direct", "--remove-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport",
           "10", "-j", "DROP"]],
-        [["--zone=public", "--remove-port=9090/tcp"]],
         [["--zone=public", "--add-service=ssh"],
          ["--zone=public", '--add-rich-rule=rule family="ipv4" port port="9" protocol="tcp" '
                            'drop',
           '--add-rich-rule=rule family="ipv4" source address="10.9.0.0/16" accept'],
          ["--zone=public", "--change-interface=eth1"],
-         ["--zone=public", "--add-masquerade"]],
-        [["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "9",
+         ["--zone=public", "--add-masquerade"],
+         ["--direct", "--add-rule", "ipv4", "filter", "INPUT", "0", "-p", "tcp", "--dport", "9",
           "-j", "ACCEPT"]],
     ]
+    # a direct chain: its rules go before it, and come after it
+    chain = "ipv4 filter mine"
+    rule = "ipv4 filter mine 0 -j ACCEPT"
+    with_chain = {"direct": {"chains": [chain], "rules": [rule], "passthroughs": []}}
+    without = {"direct": {"chains": [], "rules": [], "passthroughs": []}}
+    assert runtime_commands(with_chain, without) == [
+        [["--direct", "--remove-rule", "ipv4", "filter", "mine", "0", "-j", "ACCEPT"]],
+        [["--direct", "--remove-chain", "ipv4", "filter", "mine"]]]
+    assert runtime_commands(without, with_chain) == [
+        [["--direct", "--add-chain", "ipv4", "filter", "mine"]],
+        [["--direct", "--add-rule", "ipv4", "filter", "mine", "0", "-j", "ACCEPT"]]]
     assert runtime_commands(want, want) == []
 
 
