@@ -97,6 +97,7 @@ def wait_reverted(lab: SystemdLab, info: dict[str, Any], label: str) -> float:
     if os.environ.get("FWSAFE_FIREWALLD_JOURNAL"):
         print(journal)
     assert final.get("reverted_by") == "guard", journal   # in time: never killed by the backstop
+    assert done and done[-1] - float(info["deadline"]) <= LATE_LIMIT, (whole, journal)
     return late
 
 
