@@ -15,7 +15,9 @@ overlap:
 * confirmed: `--permanent --add-port=8080/tcp` then `--reload`, confirmed from a NEW
   connection: it stays, also after `firewall-cmd --reload`;
 * reboot: the permanent removal and reload, then a hard reboot (`reboot -ff`) mid-window: the
-  boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers.
+  boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers;
+* stopped: `systemctl stop firewalld` under the guard, not confirmed: firewalld is started
+  again (active, not failed) with its model and tables as before.
 
 The seconds between the deadline and the first NEW SSH connection are printed (-s);
 FWSAFE_FIREWALLD_JOURNAL=1 prints the guard's journal of each revert, too.
@@ -212,7 +214,21 @@ def case_reboot(lab: SystemdLab) -> dict[str, Any]:
             "services": services(lab)}
 
 
+def case_stopped(lab: SystemdLab) -> dict[str, Any]:
+    before_model, before_kernel = model(lab), kernel(lab)
+    # --no-check: systemctl finds no systemd in the check's sandbox (its /run is empty), fails
+    # there, and the check refuses it (exit 3)
+    info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--no-check",
+                                 "--timeout", str(TIMEOUT), "--", "systemctl", "stop",
+                                 "firewalld"], "")
+    assert lab.exec(["firewall-cmd", "--state"], check=False).returncode != 0
+    wait_reverted(lab, info, "systemctl stop firewalld")
+    return {"state": lab.exec(["systemctl", "is-active", "firewalld"], check=False).stdout,
+            "model": model(lab) == before_model, "kernel": kernel(lab) == before_kernel}
+
+
 CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
+    "stopped": case_stopped,
     "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed,
     "reboot": case_reboot}
 
@@ -299,3 +315,10 @@ def test_hard_reboot_mid_window_comes_back_with_the_old_permanent_config(
     assert got["status"].get("reverted_by") == "boot", got["status"]
     assert got["running"].strip() == "running"
     assert "ssh" in got["services"]
+
+
+def test_firewalld_stopped_in_the_window_is_started_again_with_its_model(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "stopped")
+    assert got["state"].strip() == "active"
+    assert got["model"] and got["kernel"], got
