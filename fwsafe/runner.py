@@ -108,6 +108,7 @@ RUN_MODULE = ('import sys\n'
               'runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)\n')
 
 
-def module_argv(module: str, *args: str, python: str | None = None) -> list[str]:
-    """argv that runs `python -m module args...` without the current directory on sys.path."""
-    return [python or sys.executable, "-c", RUN_MODULE, module, *args]
+def module_argv(module: str, *args: str) -> list[str]:
+    """argv that runs fwsafe's own `python -m module args...` without the current directory on
+    sys.path."""
+    return [sys.executable, "-c", RUN_MODULE, module, *args]

@@ -36,6 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fwsafe.core import transaction
 from fwsafe.ondisk.files import local_path, write_file_atomically
 
 MARK = "login-mark"
@@ -64,7 +65,7 @@ dir='{state_dir}'
 tx=
 read -r tx 2>/dev/null < "$dir/current"
 case "$tx" in ''|*/*|.*) tx= ;; esac
-[ -n "$tx" ] && grep -Eqs '"state": "(applying|pending|reverting)"' "$dir/tx/$tx/record.json" \
+[ -n "$tx" ] && grep -Eqs '"state": "({open_states})"' "$dir/tx/$tx/record.json" \
     && setsid '{python}' -m fwsafe.guard.backstop --converge "$dir" </dev/null >/dev/null 2>&1 &
 read -r boot 2>/dev/null < /proc/sys/kernel/random/boot_id || exit 0
 mark="$dir/{mark}"
@@ -97,7 +98,8 @@ def render_script(state_dir: str, python: str = PACKAGED_PYTHON) -> str:
     for what, value in (("state directory", state_dir), ("interpreter", python)):
         if not value.startswith("/") or _UNSAFE.search(value):
             raise ValueError(f"unsuitable {what} for the login hook: {value!r}")
-    return SCRIPT_TEMPLATE.format(state_dir=state_dir, mark=MARK, python=python)
+    return SCRIPT_TEMPLATE.format(state_dir=state_dir, mark=MARK, python=python,
+                                  open_states="|".join(sorted(transaction.OPEN_STATES)))
 
 
 def render_profile(script: str) -> str:

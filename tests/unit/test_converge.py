@@ -165,3 +165,23 @@ def test_confirm_after_the_deadline_with_the_guard_gone_reverts_never_keeps(
         Manager(sd).confirm(record.id)
     assert asked == [LATE_CONFIRM]
     assert transaction.load_record(sd, record.id).state == transaction.REVERTED
+
+
+def test_the_login_hook_filter_knows_every_open_state(tmp_path: Path) -> None:
+    """The hook's shell filter (grep on record.json) matches exactly the open states of
+    fwsafe.core.transaction: a state added there is never missed by the hook."""
+    import re as _re
+
+    from fwsafe.core import transaction
+    from fwsafe.persistence import loginhook
+
+    script = loginhook.render_script(str(tmp_path), "/usr/bin/python3")
+    pattern = _re.search(r"grep -Eqs '([^']+)'", script)
+    assert pattern is not None
+    record = tmp_path / "record.json"
+    finals = {transaction.CONFIRMED, transaction.REVERTED, transaction.ABORTED,
+              transaction.REJECTED, transaction.PREPARING}
+    for state in sorted(transaction.OPEN_STATES | finals):
+        record.write_text(json.dumps({"id": "x", "state": state}, indent=1, sort_keys=True))
+        found = subprocess.run(["grep", "-Eqs", pattern.group(1), str(record)], timeout=10)
+        assert (found.returncode == 0) == (state in transaction.OPEN_STATES), state
