@@ -176,7 +176,8 @@ def our_namespaces(pid: int | None = None) -> list[str]:
     """Sandbox namespaces of fwsafe process `pid`; without it, those left behind: their owner
     (the PID in the name) is gone. Another user's running check on the same machine is not
     ours to count."""
-    from fwsafe.check.sandbox import CHECK_PREFIX, orphans
+    from fwsafe.check.netns import orphans
+    from fwsafe.check.sandbox import CHECK_PREFIX
 
     if pid is None:
         return orphans(CHECK_PREFIX)   # the guard's proof (fwpr...) is not the check's
