@@ -131,6 +131,26 @@ def _hook_scripts(root: Path) -> list[str]:
     return found
 
 
+def sshd_opens_pam_sessions(root: Path) -> tuple[bool, str]:
+    """Whether sshd's logins pass PAM's session stack (where the hook runs): sshd with
+    `UsePAM yes` (Debian's sshd_config says so; sshd's own default is no). Another SSH server
+    (dropbear) or `UsePAM no`: the hook never runs. (yes/no, why)"""
+    from fwsafe.sshd.config import SSHD_CONFIG, SshdConfigError, default_reader, read_tree
+
+    def reader(path: str) -> bytes | None:
+        return default_reader(str(local_path(root, path)))
+
+    try:
+        tree = read_tree(SSHD_CONFIG, reader=reader)
+    except SshdConfigError:
+        return False, f"no {SSHD_CONFIG}: the hook marks logins through sshd only"
+    value = (tree.value("usepam") or "no").lower()
+    if value != "yes":
+        return False, (f"sshd has UsePAM {value}: its logins open no PAM session, so the hook "
+                       "never runs (`fwsafe sshd set UsePAM=yes` turns it on)")
+    return True, "sshd uses PAM"
+
+
 def active(root: Path, state_dir: str) -> tuple[bool, str]:
     """Whether SSH logins leave the mark in `state_dir`: (yes/no, why)."""
     for script in _hook_scripts(root):
@@ -140,6 +160,9 @@ def active(root: Path, state_dir: str) -> tuple[bool, str]:
         except OSError:
             continue
         if os.access(path, os.X_OK) and f"dir='{state_dir}'" in text:
+            pam, why = sshd_opens_pam_sessions(root)
+            if not pam:
+                return False, f"SSH logins are NOT marked: {why}"
             return True, f"SSH logins are marked by {script} (PAM session hook)"
     return False, ("no login hook: no PAM session hook of fwsafe marks SSH logins in "
                    f"{state_dir}, so nothing tells whether anyone got in between two boots "

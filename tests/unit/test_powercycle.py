@@ -68,6 +68,9 @@ def _hook(root: Path, state_dir: str = STATE, where: str = "/etc/pam.d/common-se
     pam.parent.mkdir(parents=True, exist_ok=True)
     pam.write_text("session\trequired\tpam_unix.so\n"
                    f"session\toptional\tpam_exec.so quiet {loginhook.LOCAL_SCRIPT}\n")
+    sshd = root / "etc/ssh/sshd_config"
+    sshd.parent.mkdir(parents=True, exist_ok=True)
+    sshd.write_text("Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\n")
 
 
 def test_login_hook_detection(tmp_path: Path) -> None:
@@ -78,6 +81,17 @@ def test_login_hook_detection(tmp_path: Path) -> None:
     (tmp_path / "etc/pam.d/common-session").write_text(
         f"# session optional pam_exec.so quiet {loginhook.LOCAL_SCRIPT}\n")
     assert not loginhook.active(tmp_path, STATE)[0]           # commented out
+    _hook(tmp_path)
+    sshd = tmp_path / "etc/ssh/sshd_config"
+    sshd.write_text("UsePAM no\n")
+    assert not loginhook.active(tmp_path, STATE)[0]           # sshd passes no PAM session
+    assert "UsePAM no" in loginhook.active(tmp_path, STATE)[1]
+    sshd.write_text("# UsePAM yes\n")
+    assert not loginhook.active(tmp_path, STATE)[0]           # sshd's own default: no
+    sshd.unlink()
+    assert not loginhook.active(tmp_path, STATE)[0]           # no sshd (dropbear)
+    sshd.write_text("usepam YES\nUsePAM no\n")
+    assert loginhook.active(tmp_path, STATE)[0]               # the first value wins
     with pytest.raises(ValueError):
         loginhook.render_script("/var/lib/it's")
 
