@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 import click
 
@@ -16,9 +15,9 @@ from fwsafe.cli.common import (
     RAW_ARGS,
     TIMEOUT_HELP,
     VERBOSITY,
+    apply_options,
     clock,
     config_from,
-    config_path_of,
     detail,
     echo_styled,
     emit,
@@ -26,10 +25,8 @@ from fwsafe.cli.common import (
     progress,
     record_summary,
     state_options,
-    timeout_from,
 )
 from fwsafe.cli.ticker import StepTicker
-from fwsafe.config import Config
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change, change_from_files
@@ -137,8 +134,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
       fwsafe apply --host admin@web1 -i ~/.ssh/id_ed25519 new.rules     (from your laptop)
     """
     config = config_from(config_path)
-    options = ApplyOptions(
-        timeout_s=timeout_from(config, timeout_s),
+    options = apply_options(
+        config, timeout_s,
         probes=list(probes) or list(config.probes),
         probe_interval=probe_interval if probe_interval is not None else config.probe_interval,
         probe_failures=probe_failures if probe_failures is not None else config.probe_failures,
@@ -146,13 +143,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
             config.probe_timeout,
             probe_interval if probe_interval is not None else config.probe_interval),
         confirm_on_probe=confirm_on_probe or 0,
-        command=list(sys.argv),
         check=not no_check,
         force=force,
-        config_path=config_path_of(config),
-        max_timeout=config.max_timeout,
-        boot_hook=config.boot_hook,
-        **guard_settings(config),
     )
     for url in options.probes:
         parse_probe(url)  # a bad probe is a usage error before anything happens
@@ -208,12 +200,6 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         options.step = tick.step
         record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
-
-
-def guard_settings(config: Config) -> dict[str, Any]:
-    """The config's settings of the guard, its backstop and the kernel escape hatch."""
-    return {"stuck_grace": config.stuck_grace, "hatch": config.hatch,
-            "hatch_grace": config.hatch_grace, "admin_sources": list(config.admin_sources)}
 
 
 def show_exposure(complete: Change) -> None:
@@ -406,10 +392,7 @@ def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_jso
     # `fwsafe ufw --force enable` is what ufw's users type: ufw's --force, never fwsafe's.
     if force:
         ufw_args = ("--force", *ufw_args)
-    options = ApplyOptions(timeout_s=timeout_from(config, timeout_s),
-                           command=list(sys.argv), check=not no_check, force=False,
-                           config_path=config_path_of(config), max_timeout=config.max_timeout,
-                           boot_hook=config.boot_hook, **guard_settings(config))
+    options = apply_options(config, timeout_s, check=not no_check, force=False)
     _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
                    manager=manager_for(state_dir, config, converge=False))
 

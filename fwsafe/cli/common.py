@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -26,6 +26,9 @@ from fwsafe.core.recover import converge as converge_orphan
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import EXIT_CODE_HELP
+
+if TYPE_CHECKING:
+    from fwsafe.core.apply import ApplyOptions
 
 # The command line as given (click drops the `--` that starts command mode): set by cli.main.
 RAW_ARGS: list[str] = []
@@ -189,6 +192,20 @@ def timeout_from(config: Config, timeout_s: str | None) -> float:
     if timeout_s is None:
         return config.seconds(config.timeout, "timeout (config)")
     return config.seconds(timeout_s, "--timeout")
+
+
+def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> ApplyOptions:
+    """The options of a change made under the guard, with everything the config decides (the
+    timeout, the config file for the guard, max_timeout, the boot hook, the guard's, backstop's
+    and hatch's settings) taken from it: every command that applies builds them here, so none
+    ignores a setting; `fields` are the command's own (probes, check, force, login_user...)."""
+    from fwsafe.core.apply import ApplyOptions
+
+    return ApplyOptions(
+        timeout_s=timeout_from(config, timeout_s), command=list(sys.argv),
+        config_path=config_path_of(config), max_timeout=config.max_timeout,
+        boot_hook=config.boot_hook, stuck_grace=config.stuck_grace, hatch=config.hatch,
+        hatch_grace=config.hatch_grace, admin_sources=list(config.admin_sources), **fields)
 
 
 def emit(data: dict[str, Any], as_json: bool, text: str) -> None:

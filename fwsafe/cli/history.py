@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from fwsafe.cli.common import VERBOSITY, complete_history_ids, use_colour
+from fwsafe.cli.common import VERBOSITY, apply_options, complete_history_ids, timeout_from, use_colour
 from fwsafe.config import load_config
 from fwsafe.core.recover import converge
 from fwsafe.core.statedir import StateDir, resolve_state_dir
@@ -316,12 +316,10 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
     state back."""
     from fwsafe.cli.apply import interactive_wait, report_armed
-    from fwsafe.core.apply import ApplyOptions
     from fwsafe.core.manager import Manager
 
     config = load_config(config_path)
-    timeout = config.seconds(timeout_s if timeout_s is not None else config.timeout,
-                             "--timeout" if timeout_s is not None else "timeout (config)")
+    timeout_from(config, timeout_s)   # a bad --timeout is a usage error before anything
     state = StateDir(resolve_state_dir(state_dir, config.state_dir))
     state.verify()
     entry = history.find(state, entry_id)
@@ -335,9 +333,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
         click.echo(json.dumps({"ok": True, "id": None, "state": "unchanged", "entry": entry.id})
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")
         return
-    options = ApplyOptions(timeout_s=timeout, command=list(sys.argv),
-                           config_path=os.path.abspath(config.source) if config.source else None,
-                           max_timeout=config.max_timeout)
+    options = apply_options(config, timeout_s)
     manager = Manager(state)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():
