@@ -531,7 +531,7 @@ def _probe_ssh_auth(
         except paramiko.AuthenticationException as exc:
             raise _ProbeFailed(f"authentication failed for {where}: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError, ValueError) as exc:
-            if deadline.expired:
+            if deadline.expired or deadline.passed():   # paramiko's own timers end with ours
                 raise _ProbeFailed(deadline.timed_out()) from None
             if isinstance(exc, OSError):
                 raise _ProbeFailed(describe_os_error(exc, deadline.timeout)) from None
