@@ -16,14 +16,17 @@ from fwsafe.cli.common import (
     TIMEOUT_HELP,
     VERBOSITY,
     apply_options,
+    backend_option,
     clock,
     config_from,
     detail,
     echo_styled,
     emit,
     manager_for,
+    partial_option,
     progress,
     record_summary,
+    rules6_option,
     state_options,
 )
 from fwsafe.cli.ticker import StepTicker
@@ -43,7 +46,7 @@ from fwsafe.probes import parse_probe
 
 @click.command(epilog=EXIT_CODES_EPILOG)
 @click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+@rules6_option
 @click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
 @click.option("--detach", is_flag=True,
               help="Return once the change is live and the guard armed (confirm later).")
@@ -69,15 +72,13 @@ from fwsafe.probes import parse_probe
 @click.option("--accept-new-host-key", is_flag=True,
               help="With --host: trust an unknown host key and record it (a changed key is "
                    "always refused).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@backend_option
 @click.option("--force", is_flag=True,
               help="Apply even when the lockout check predicts that SSH would be cut, or when "
                    "the file would delete chains that fail2ban, Docker, kube-proxy, ... created "
                    "(the guard still reverts unless confirmed).")
-@click.option("--partial", is_flag=True,
-              help="Replace only the chains the file names (nft: the tables it defines); every "
-                   "other chain, such as fail2ban's or Docker's, stays as it is live.")
+@partial_option("Replace only the chains the file names (nft: the tables it defines); every "
+                "other chain, such as fail2ban's or Docker's, stays as it is live.")
 @click.option("--no-check", is_flag=True,
               help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
 @click.option("--exposure/--no-exposure", default=None,

@@ -14,7 +14,10 @@ from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     STATE_DIR_HELP,
     VERBOSITY,
+    backend_option,
     echo_styled,
+    partial_option,
+    rules6_option,
 )
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
@@ -24,11 +27,9 @@ from fwsafe.core.statedir import resolve_state_dir
 
 @click.command(name="audit", epilog=EXIT_CODES_EPILOG)
 @click.argument("rules", nargs=-1, metavar="[RULES...]")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
-@click.option("--partial", is_flag=True,
-              help="The file replaces only the chains (nft: tables) it names, as with apply.")
+@rules6_option
+@backend_option
+@partial_option()
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=60),
               default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds one connection attempt may take in the sandbox.")

@@ -20,7 +20,14 @@ from fwsafe.check.predict import (
     predict,
 )
 from fwsafe.check.report import check_lines, left_out_line
-from fwsafe.cli.common import RAW_ARGS, VERBOSITY, echo_styled
+from fwsafe.cli.common import (
+    RAW_ARGS,
+    VERBOSITY,
+    backend_option,
+    echo_styled,
+    partial_option,
+    rules6_option,
+)
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
@@ -35,20 +42,18 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
 
 @click.command(name="check", epilog=EPILOG)
 @click.argument("rules", nargs=-1, metavar="RULES... | -- COMMAND...")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+@rules6_option
 @click.option("--client", "clients", multiple=True, metavar="IP[,IP...]",
               help="Management client address(es); repeatable. Default: the client of this SSH "
                    "session ($SSH_CONNECTION), else the clients of the established SSH sessions.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Management (SSH) port. Default: this session's server port, else sshd's "
                    "Port/ListenAddress (22).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@backend_option
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=60),
               default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds one connection attempt may take in the sandbox.")
-@click.option("--partial", is_flag=True,
-              help="The file replaces only the chains (nft: tables) it names, as with apply.")
+@partial_option()
 @click.option("--no-exposure", is_flag=True,
               help="Skip the exposure section (which services the change opens or closes to "
                    "the world and the local subnets, as `fwsafe audit` sees them).")

@@ -167,8 +167,18 @@ STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else 
 CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
 TIMEOUT_HELP = ("Seconds until the guard reverts unless confirmed (default 60, or the config); "
                 "1 to max_timeout (24 h by default).")
-LAST_ERROR_LOG = "last-error.log"
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Options every command that reads a rules file shares (apply, check, diff, audit).
+rules6_option = click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+backend_option = click.option(
+    "--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
+    show_default=True, help="How to read RULES: auto recognises nft files by content.")
+PARTIAL_AS_APPLY = "The file replaces only the chains (nft: tables) it names, as with apply."
+
+
+def partial_option(help_text: str = PARTIAL_AS_APPLY) -> Callable[[F], F]:
+    return click.option("--partial", is_flag=True, help=help_text)
 
 
 def state_options(func: F) -> F:

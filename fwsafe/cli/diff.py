@@ -9,7 +9,14 @@ import click
 
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.check.diff import UnitDiff, diff_change
-from fwsafe.cli.common import RAW_ARGS, VERBOSITY, use_colour
+from fwsafe.cli.common import (
+    RAW_ARGS,
+    VERBOSITY,
+    backend_option,
+    partial_option,
+    rules6_option,
+    use_colour,
+)
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
 from fwsafe.core.change import Change, change_from_files, require_root
@@ -47,11 +54,9 @@ def _render(diffs: list[UnitDiff], color: bool, verbose: bool = False) -> str:
 
 @click.command(name="diff")
 @click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
-@click.option("--partial", is_flag=True,
-              help="The file replaces only the chains (nft: tables) it names, as with apply.")
+@rules6_option
+@backend_option
+@partial_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
          as_json: bool) -> None:
