@@ -22,10 +22,10 @@ import click
 from fwsafe.config import Config, load_config
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
-from fwsafe.core.recover import converge as converge_orphan
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import EXIT_CODE_HELP
+from fwsafe.guard.spawn import converge as converge_orphan
 
 if TYPE_CHECKING:
     from fwsafe.core.apply import ApplyOptions
@@ -241,7 +241,7 @@ def manager_for(state_dir: str | None, config: Config | None = None, *,
     """The Manager of the state directory chosen. With `converge` (every command but those
     that revert an orphaned transaction themselves: apply, revert, recover) a transaction left
     open past its deadline with nobody looking after it is taken over first, so that what
-    the command says is the truth (fwsafe.core.recover.converge)."""
+    the command says is the truth (fwsafe.guard.spawn.converge)."""
     configured = config.state_dir if config is not None else None
     state = StateDir(resolve_state_dir(state_dir, configured))
     if converge:

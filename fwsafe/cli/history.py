@@ -25,9 +25,9 @@ from fwsafe.cli.common import (
     use_colour,
 )
 from fwsafe.config import load_config
-from fwsafe.core.recover import converge
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.errors import EnvironmentProblem, UsageError
+from fwsafe.guard.spawn import converge
 from fwsafe.ondisk.history import Entry, describe_who, format_time
 from fwsafe.persistence import history
 from fwsafe.persistence.rollback import rollback_change
@@ -225,7 +225,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     The ipv4/ipv6 rules, the native nftables tables, ufw's files and sshd's files of the
     entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
     state back."""
-    from fwsafe.cli.apply import interactive_wait, report_armed
+    from fwsafe.cli.screens import interactive_wait, report_armed
     from fwsafe.core.manager import Manager
 
     config = load_config(config_path)

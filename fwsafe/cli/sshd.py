@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 
 import click
 
-from fwsafe.cli.apply import after_apply
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     TIMEOUT_HELP,
@@ -20,6 +19,7 @@ from fwsafe.cli.common import (
     state_options,
     timeout_from,
 )
+from fwsafe.cli.screens import after_apply
 from fwsafe.core.change import Change, require_root, validate_change
 from fwsafe.errors import LockoutRefused
 from fwsafe.sshd.change import HARDEN, SshdChange, add_to_change, plan_change

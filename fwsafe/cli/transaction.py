@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from fwsafe.cli import countdown
-from fwsafe.cli.apply import finish
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     VERBOSITY,
@@ -22,6 +21,7 @@ from fwsafe.cli.common import (
     record_summary,
     state_options,
 )
+from fwsafe.cli.screens import finish
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import Config
 from fwsafe.core import transaction

@@ -9,7 +9,7 @@ fwsafe.persistence.powercycle compares the mark with the previous boot's id: equ
 The same hook, at every SSH login, starts ``python -m fwsafe.guard.backstop --converge`` in the
 background when the state directory has a transaction: a change left open past its deadline
 with nothing of fwsafe alive (the kernel's escape hatch let this login in) is reverted
-(fwsafe.core.recover.converge; issue 23).
+(fwsafe.guard.spawn.converge; issue 23).
 
 Why PAM: sshd opens a PAM session for every login that succeeded (Debian's and Ubuntu's sshd
 run with UsePAM yes), whatever the authentication method, and the hook runs as root before the
@@ -60,7 +60,7 @@ SCRIPT_TEMPLATE = """\
 dir='{state_dir}'
 [ -d "$dir" ] || exit 0
 # A change left open past its deadline with nothing of fwsafe alive (the kernel's escape hatch
-# let this login in): reverted in the background, silently (fwsafe.core.recover.converge).
+# let this login in): reverted in the background, silently (fwsafe.guard.spawn.converge).
 # Python starts only while the newest transaction is open (not at every login).
 tx=
 read -r tx 2>/dev/null < "$dir/current"

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from fwsafe.core import transaction
-from fwsafe.core.recover import converge, orphaned
+from fwsafe.core.recover import orphaned
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.guard.backstop import Unsaved, ask_unsaved
+from fwsafe.guard.spawn import converge
 
 
 def _state(tmp_path: Path, state: str, *, deadline: float | None, guard_pid: int | None
