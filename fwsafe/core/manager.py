@@ -190,6 +190,8 @@ class Manager:
                 record = self.recover(reason=reason + " (guard was gone)")
             except PendingError:   # the backstop is reverting it
                 record = guard.settle(self.state, record)
+            except NoTransactionError:   # it ended meanwhile: its guard wrote it and exited
+                record = transaction.load_record(self.state, record.id)
         if record.state == transaction.REVERT_FAILED:
             raise RevertFailedError(f"the revert FAILED: {record.error}",
                                     hint="the firewall may hold the new rules; run `fwsafe recover`")

@@ -186,3 +186,37 @@ def test_the_login_hook_filter_knows_every_open_state(tmp_path: Path) -> None:
         record.write_text(json.dumps({"id": "x", "state": state}, indent=1, sort_keys=True))
         found = subprocess.run(["grep", "-Eqs", pattern.group(1), str(record)], timeout=10)
         assert (found.returncode == 0) == (state in transaction.OPEN_STATES), state
+
+
+def test_a_revert_racing_the_guard_that_just_finished_says_reverted(
+        tmp_path: Path, dead_pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`revert` (and a late `confirm`) read the record as reverting, then found its guard
+    gone: it had written `reverted` and exited in between, so the recover it started found
+    nothing to do. Reverted (exit 4), never "nothing to recover" (exit 3): CI's lab run saw 3."""
+    from fwsafe.core import manager as manager_module
+    from fwsafe.core.manager import Manager
+    from fwsafe.errors import RevertedError
+
+    monkeypatch.setattr("fwsafe.core.recover.require_root", lambda: None)
+    real = manager_module.recover_transaction
+    finished: list[tuple[StateDir, str]] = []
+
+    def guard_finished_first(*args: object, **kwargs: object) -> Record:
+        """The record is final before the real recover reads it: it refuses before it
+        touches anything (NoTransactionError)."""
+        sd, tx_id = finished[-1]
+        done = transaction.load_record(sd, tx_id)
+        done.transition(transaction.REVERTED, "the deadline passed")
+        transaction.save_record(sd, done)
+        return real(*args, **kwargs)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(manager_module, "recover_transaction", guard_finished_first)
+    for verb in ("revert", "confirm"):
+        sd, record = _state(tmp_path / verb, transaction.REVERTING,
+                            deadline=time.time() - 5, guard_pid=dead_pid)
+        finished.append((sd, record.id))
+        if verb == "revert":
+            assert Manager(sd).revert(record.id).state == transaction.REVERTED
+        else:
+            with pytest.raises(RevertedError):
+                Manager(sd).confirm(record.id)
