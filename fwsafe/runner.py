@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from fwsafe.context import RUN
 from fwsafe.errors import EnvironmentProblem
 
 # fork()/exec() can fail transiently when memory or PIDs run out.
@@ -43,15 +44,11 @@ def require_binary(name: str) -> str:
     return path
 
 
-# Set by `fwsafe -vv`: told every command line before it runs (on stderr).
-TRACE: list[Callable[[Sequence[str]], None]] = []
-
-
 def run(
     argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = 120,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `argv`, capture its output; raise nothing for a non-zero exit."""
-    for trace in TRACE:
+    for trace in RUN.trace:
         trace(argv)
     return subprocess.run(
         list(argv), input=input, capture_output=True, timeout=timeout, check=False,

@@ -11,9 +11,7 @@ import click
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
-    RAW_ARGS,
     TIMEOUT_HELP,
-    VERBOSITY,
     apply_options,
     backend_option,
     config_from,
@@ -26,6 +24,7 @@ from fwsafe.cli.common import (
 )
 from fwsafe.cli.screens import after_apply
 from fwsafe.cli.ticker import StepTicker
+from fwsafe.context import RUN
 from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change, change_from_files
 from fwsafe.core.manager import Manager
@@ -142,9 +141,9 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         parse_probe(url)  # a bad probe is a usage error before anything happens
     if options.confirm_on_probe and not options.probes:
         raise click.UsageError("--confirm-on-probe needs at least one --probe")
-    if sshd_set and ("--" in RAW_ARGS or host):
+    if sshd_set and ("--" in RUN.raw_args or host):
         raise click.UsageError("--sshd-set takes rules files on this host, not a command or --host")
-    if "--" in RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
+    if "--" in RUN.raw_args:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
         if partial:
             raise click.UsageError("--partial takes rules files, not a command")
         if host:
@@ -188,7 +187,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
                                                and sys.stderr.isatty()):
         options.before_apply = show_exposure
     steps = 3 + int(options.check) + int(options.before_apply is not None)
-    with StepTicker(sys.stderr, total=steps, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+    with StepTicker(sys.stderr, total=steps, enabled=not as_json and RUN.verbosity >= 0) as tick:
         options.step = tick.step
         record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
@@ -205,7 +204,7 @@ def show_exposure(complete: Change) -> None:
         layers = candidate_layers(complete)
         if not layers:
             return
-        text = exposure_change(layers).describe(VERBOSITY[0] >= 1)
+        text = exposure_change(layers).describe(RUN.verbosity >= 1)
     except FwsafeError as exc:
         progress(f"exposure: not checked ({exc.message})")
         return
@@ -225,7 +224,7 @@ def _apply_command(argv: list[str], options: ApplyOptions, *, detach: bool, yes:
     started = time.time()
     try:
         with StepTicker(sys.stderr, total=steps,
-                        enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+                        enabled=not as_json and RUN.verbosity >= 0) as tick:
             options.step = tick.step
             record = manager.apply(change, options)
     finally:

@@ -21,8 +21,6 @@ from fwsafe.check.predict import (
 )
 from fwsafe.check.report import check_lines, left_out_line
 from fwsafe.cli.common import (
-    RAW_ARGS,
-    VERBOSITY,
     backend_option,
     echo_styled,
     partial_option,
@@ -30,6 +28,7 @@ from fwsafe.cli.common import (
 )
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
+from fwsafe.context import RUN
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, RejectedError, UsageError
 
@@ -93,7 +92,7 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
     """
     # Beside the main thread: reading the host, the validation, the pruning analysis (of the
     # candidate and of the host's layers), the exposure and its sandbox.
-    with StepTicker(sys.stderr, total=2, enabled=not as_json and VERBOSITY[0] >= 0) as tick, \
+    with StepTicker(sys.stderr, total=2, enabled=not as_json and RUN.verbosity >= 0) as tick, \
             ThreadPoolExecutor(max_workers=5) as pool:
         _check(tick, pool, rules, rules6, clients, port, backend, timeout_s, partial,
                no_exposure, as_json)
@@ -107,7 +106,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     tick.step("reading the live firewall and validating the rules")
     host = pool.submit(capture_host)
     validating: Future[None] | None = None
-    if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
+    if "--" in RUN.raw_args:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         from fwsafe.backends.ufw import prepare_command
 
         change = Change(run=prepare_command(list(rules))[0])
@@ -150,7 +149,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
             sys.exit(int(LockoutPredicted.exit_code))
         return
     tick.step("")
-    verbose = VERBOSITY[0] >= 1
+    verbose = RUN.verbosity >= 1
     lines, left_out = check_lines(report, verbose)
     section = exposure[1] if exposure is not None else None
     if isinstance(section, str):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from fwsafe.config import Config, load_config
+from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir, resolve_state_dir
@@ -30,8 +31,6 @@ from fwsafe.guard.spawn import converge as converge_orphan
 if TYPE_CHECKING:
     from fwsafe.core.apply import ApplyOptions
 
-# The command line as given (click drops the `--` that starts command mode): set by cli.main.
-RAW_ARGS: list[str] = []
 COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
                    "audit", "sshd", "shim")
 COMMAND_TABLE = {
@@ -71,23 +70,18 @@ class LazyGroup(click.Group):
 
 
 # -- how much to say ---------------------------------------------------------------------------
-# -1: --quiet (results and errors only); 0: the default; 1: -v (more detail); 2: -vv (also
-# every command line fwsafe runs). Progress goes to stderr, results to stdout, whatever the level.
-VERBOSITY = [0]
 
 
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
-        VERBOSITY[0] = -1
+        RUN.verbosity = -1
 
 
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
     if value:
-        VERBOSITY[0] = max(VERBOSITY[0], 0) + value
-    if VERBOSITY[0] >= 2:
-        from fwsafe import runner
-
-        runner.TRACE[:] = [lambda argv: click.echo("fwsafe: run: " + " ".join(argv), err=True)]
+        RUN.verbosity = max(RUN.verbosity, 0) + value
+    if RUN.verbosity >= 2:
+        RUN.trace[:] = [lambda argv: click.echo("fwsafe: run: " + " ".join(argv), err=True)]
 
 
 def add_output_options(command: click.Command) -> None:
@@ -226,13 +220,13 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
 
 
 def progress(message: str) -> None:
-    if VERBOSITY[0] >= 0:
+    if RUN.verbosity >= 0:
         click.echo(f"fwsafe: {message}", err=True)
 
 
 def detail(message: str) -> None:
     """Said with -v only."""
-    if VERBOSITY[0] >= 1:
+    if RUN.verbosity >= 1:
         click.echo(f"fwsafe: {message}", err=True)
 
 

@@ -17,7 +17,6 @@ import click
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     TIMEOUT_HELP,
-    VERBOSITY,
     apply_options,
     complete_history_ids,
     state_options,
@@ -25,6 +24,7 @@ from fwsafe.cli.common import (
     use_colour,
 )
 from fwsafe.config import load_config
+from fwsafe.context import RUN
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.errors import EnvironmentProblem, UsageError
 from fwsafe.guard.spawn import converge
@@ -84,7 +84,7 @@ def history_cmd(as_json: bool, state_dir: str | None, config_path: str | None) -
     if not found and not damaged:
         click.echo("no known-good state recorded yet: nothing was applied with fwsafe here")
         return
-    verbose = VERBOSITY[0] >= 1
+    verbose = RUN.verbosity >= 1
     shown = found if verbose else found[-HISTORY_SHOWN:]
     for entry in shown:
         mark = "  <- newest" if entry is found[-1] else ""

@@ -11,7 +11,6 @@ import click
 
 from fwsafe.cli import countdown
 from fwsafe.cli.common import (
-    VERBOSITY,
     clock,
     detail,
     echo_styled,
@@ -19,6 +18,7 @@ from fwsafe.cli.common import (
     progress,
     record_summary,
 )
+from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.core.transaction import Record
@@ -72,7 +72,7 @@ def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
         f"transaction {tx_id} is live ({what}). The guard "
         f"(PID {record.guard_pid}, {shield}) reverts it at {clock(record.deadline)} unless "
         "confirmed.")
-    if VERBOSITY[0] >= 0:  # the verdict, in colour on a terminal
+    if RUN.verbosity >= 0:  # the verdict, in colour on a terminal
         check = record.options.get("check", {})
         echo_styled(f"  Lockout check: {check.get('summary', 'not run')}", err=True,
                     fg="red" if check.get("lockout") else "green" if check.get("ran")

@@ -28,6 +28,7 @@ from fwsafe.backends import (
     nflist,
 )
 from fwsafe.config import DEFAULT_MAX_TIMEOUT
+from fwsafe.context import RUN
 from fwsafe.core import prefetch, snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
 from fwsafe.core.statedir import StateDir, make_private_dir
@@ -47,7 +48,6 @@ from fwsafe.errors import (
 )
 from fwsafe.guard import hatch
 from fwsafe.guard import spawn as guard
-from fwsafe.ondisk import hatch as hatch_text
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
 GUARD_APPLY_TIMEOUT = 900.0  # and have finished applying by then
@@ -126,7 +126,7 @@ def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
     for name, tables in checks.items():
         try:
             found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
-                                  saved=None if hatch_text.SEEN else captured[name])   # again
+                                  saved=None if RUN.hatch_seen else captured[name])   # again
         except FidelityError as exc:
             raise EnvironmentProblem(
                 f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
@@ -469,7 +469,7 @@ class ApplyFlow:
                 options.step("trying what the change exposes, in a scratch namespace")
                 options.before_apply(complete)
             options.step("saving the snapshot")
-            if hatch_text.SEEN:   # one left behind (a transaction that ended without removing it)
+            if RUN.hatch_seen:   # one left behind (a transaction that ended without removing it)
                 hatch.sync(None, hatch.available_layers())
             fresh = refresh(pool, captured, generation, list(change.layers))
             saving.result()

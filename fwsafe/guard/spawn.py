@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.recover import orphaned, start_late_take_over
 from fwsafe.core.statedir import StateDir, open_private
@@ -83,10 +84,6 @@ def systemd_run_argv(state_dir: Path, tx_id: str, netns_pid: int,
     ]
 
 
-#: Transactions whose guard this process has told to apply: from then on, an error in this
-#: process may leave a change live (see `fwsafe.cli.main`).
-SPAWNED: list[str] = []
-
 GO_FIFO = "go"          # tx/<id>/go: the named pipe on which a standing-by guard waits
 GO = b"go\n"
 
@@ -108,7 +105,7 @@ class Standby:
         """Tell the guard to arm and apply (the record must be saved, `preparing`). Raises
         GuardError when the guard is known to be gone; the pipe stays open until `close`, so
         that `go` reaches a guard that opens it late."""
-        SPAWNED.append(self.tx_id)
+        RUN.spawned.append(self.tx_id)
         log_path = self.state.tx_dir(self.tx_id) / "guard.log"
         if self.intermediate is not None and self.intermediate.poll() is not None:
             raise GuardError(f"the guard died while standing by (exit "

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import re
 
+from fwsafe.context import RUN
+
 MARK = "fwsafe-hatch"
 _MARK_BYTES = MARK.encode()
 _HATCH_LINE = re.compile(rb"^(?:-A \S+ .*--comment \"?|\s+.*comment \")" + _MARK_BYTES + rb":"
                          rb".*$\n?", re.M)
-
-#: Set when `strip` removed a hatch rule in this process: the live firewall holds one (a
-#: transaction's, or one left behind); `fwsafe apply` removes leftovers before it begins.
-SEEN: list[bool] = []
-
 
 def strip(data: bytes) -> bytes:
     """An iptables-save or nft listing without the hatch's rules (as if it were not loaded)."""
@@ -24,5 +21,5 @@ def strip(data: bytes) -> bytes:
         return data
     stripped = _HATCH_LINE.sub(b"", data)
     if stripped != data:
-        SEEN[:] = [True]
+        RUN.hatch_seen = True   # one is loaded: `fwsafe apply` removes leftovers first
     return stripped

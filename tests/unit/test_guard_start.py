@@ -17,6 +17,7 @@ import fwsafe.cli as cli
 from fwsafe import config as config_module
 from fwsafe.cli import screens
 from fwsafe.cli import transaction as cli_transaction
+from fwsafe.context import RUN
 from fwsafe.core import apply as apply_module
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyFlow, ApplyOptions
@@ -258,9 +259,9 @@ def test_setsid_passes_config_and_environment(tmp_path: Path,
     assert oct(log.stat().st_mode & 0o777) == oct(0o600)
     fifo = state.tx_dir(record.id) / guard.GO_FIFO
     assert oct(fifo.stat().st_mode & 0o777) == oct(0o600)
-    assert record.id not in guard.SPAWNED and fifo_content(fifo) == b""  # nothing said yet
+    assert record.id not in RUN.spawned and fifo_content(fifo) == b""  # nothing said yet
     standby.go()
-    assert record.id in guard.SPAWNED
+    assert record.id in RUN.spawned
     assert fifo_content(fifo) == guard.GO   # kept until closed, for a guard that opens it late
     standby.close()
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 
 from fwsafe.backends.iptables import parse_ruleset
+from fwsafe.context import RUN
 from fwsafe.guard import hatch
 from fwsafe.ondisk import hatch as hatch_text
 from tests.rulesets import BASELINE_V4, DROP_NEW_SSH
@@ -87,11 +88,11 @@ table inet fw {{
 
 
 def test_strip_hides_exactly_the_hatch() -> None:
-    hatch_text.SEEN.clear()
+    RUN.hatch_seen = False
     stripped = hatch_text.strip(SAVED.encode()).decode()
     assert "fwsafe-hatch:" not in stripped
     assert "fwsafe-hatch is a word here" in stripped and "--dport 22 -m conntrack" in stripped
-    assert hatch_text.SEEN == [True]
+    assert RUN.hatch_seen
     nft = hatch_text.strip(NFT.encode()).decode()
     assert "meta time" not in nft and "tcp dport 80 accept" in nft
     plain = BASELINE_V4.encode()
