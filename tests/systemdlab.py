@@ -8,6 +8,9 @@ throwaway system container (see /work/shared/notes/systemd-lab.md for the recipe
   sources, cached under /var/tmp keyed by a hash of the package list and the recipe, built
   under a lock (two test processes never build it at once), retried once, time-bounded. It is
   never changed after the build: every instance reads it as the lower layer of an overlay.
+  Two generations: the host's suite (bookworm: Debian 12) from the host's sources, and trixie
+  (Debian 13: Python 3.13, systemd 257, OpenSSH 10, socket-activatable sshd) from the host's
+  Debian sources with the suite names replaced; each has its own cache entry.
 * **fwsafe layer** (:class:`Image`, once per test session): a wheel of this repository, built on
   the host, installed inside into a venv at ``/opt/fwsafe`` (``--system-site-packages``: it uses
   Debian's python3-click and python3-paramiko) with ``pip install --no-index --no-deps``, and
@@ -32,7 +35,9 @@ ifupdown does, so sshd starts after the firewall loaders), and in the tests that
 Use: the ``sdlab`` fixture (a booted :class:`SystemdLab`, SSH answering; torn down after the
 test) and the session-wide ``sdlab_image``; ``sdlab_bare_image`` is the root fs without the
 fwsafe layer (no /opt/fwsafe), for tests that install fwsafe themselves (tests/lab/test_deb.py:
-``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``); ``exec(argv)`` runs in the container (nsenter),
+``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``). The second generation:
+``sdlab_trixie`` / ``sdlab_trixie_image``; ``sdlab_each`` runs a test once per generation
+(parametrized: ``-k trixie`` picks one). ``exec(argv)`` runs in the container (nsenter),
 ``ssh(cmd)`` is a NEW login from the client namespace, ``ssh_popen(cmd)`` a session left open,
 ``wait_ssh(limit)``, ``reboot(hard)``, ``wait_booted()``, ``status()`` (fwsafe status --json),
 ``ruleset()``, ``close()``. Outside CI a missing capability skips; with CI=true it fails.
@@ -93,12 +98,17 @@ __all__ = [
     "PACKAGES",
     "Image",
     "SystemdLab",
+    "TRIXIE",
     "SystemdLabError",
     "cached_rootfs",
     "require_systemd_lab_capable",
     "sdlab",
     "sdlab_bare_image",
+    "sdlab_each",
+    "sdlab_generation_image",
     "sdlab_image",
+    "sdlab_trixie",
+    "sdlab_trixie_image",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,6 +119,8 @@ PACKAGES: tuple[str, ...] = (
     "nftables", "ufw", "python3", "python3-venv", "python3-click", "python3-paramiko",
     "iproute2", "procps", "kmod", "sudo",
 )  # fmt: skip
+TRIXIE = "trixie"
+"""The second generation (Debian 13): its root fs is built from the host's Debian mirror."""
 RECIPE = "4"
 """Bump when the customization of the root fs changes (part of the cache key)."""
 
@@ -269,13 +281,56 @@ def _host_sources() -> list[Path]:
     return found
 
 
-def rootfs_key() -> str:
-    suite = _os_release().get("VERSION_CODENAME", "bookworm")
+def host_suite() -> str:
+    """The host's Debian suite (its apt sources name it): the first generation's."""
+    return _os_release().get("VERSION_CODENAME", "bookworm")
+
+
+def rootfs_key(suite: str | None = None) -> str:
+    suite = suite or host_suite()
     text = json.dumps({"packages": sorted(PACKAGES), "suite": suite, "recipe": RECIPE})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    # The host's suite keeps the name it always had (a cache made before suites were a
+    # parameter is reused); another suite's name says which it is.
+    return key if suite == host_suite() else f"{suite}-{key}"
 
 
-def _customize_rootfs(root: Path) -> None:
+def _suite_sources(suite: str, out_dir: Path) -> list[Path]:
+    """The apt sources to build `suite` from. The host's suite: the host's own sources. Another
+    suite: the host's Debian sources (deb.debian.org and the security archive, the files that
+    name the host's suite) with the suite names replaced (bookworm -> trixie, bookworm-security
+    -> trixie-security, bookworm-updates -> trixie-updates), written to `out_dir`. Third-party
+    repositories of the host (cloud SDKs, node) are left out: they are not needed and may not
+    exist for that suite."""
+    sources = _host_sources()
+    if suite == host_suite():
+        return sources
+    old = re.compile(rf"(?<![\w.-]){re.escape(host_suite())}(?=$|[\s/-])", re.MULTILINE)
+    found: list[Path] = []
+    for path in sources:
+        text = path.read_text(errors="replace")
+        if "debian.org" not in text or not old.search(text):
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"{suite}-{path.name}"
+        target.write_text(old.sub(suite, text))
+        found.append(target)
+    if not found:
+        raise SystemdLabError(f"no Debian apt source of the host names {host_suite()!r}: "
+                              f"cannot derive the sources of {suite!r}")
+    return found
+
+
+def _rootfs_suite(root: Path) -> str:
+    """The suite a cached root fs was built from (before suites were recorded: the host's)."""
+    try:
+        info = json.loads((root / "etc/fwsafe-sdlab-rootfs").read_text())
+    except (OSError, ValueError):
+        return host_suite()
+    return str(info.get("suite", host_suite())) if isinstance(info, dict) else host_suite()
+
+
+def _customize_rootfs(root: Path, suite: str) -> None:
     """File-level changes to a freshly built root fs (nothing runs inside it)."""
     system = root / "etc/systemd/system"
     system.mkdir(parents=True, exist_ok=True)
@@ -308,14 +363,13 @@ def _customize_rootfs(root: Path) -> None:
             (root / stale).unlink()
     # The container's PID 1 is told by nspawn that it runs in a container; nothing else needed.
     (root / "etc/fwsafe-sdlab-rootfs").write_text(
-        json.dumps({"packages": list(PACKAGES), "recipe": RECIPE}) + "\n")
+        json.dumps({"packages": list(PACKAGES), "recipe": RECIPE, "suite": suite}) + "\n")
 
 
-def _build_once(target: Path, log: Path, timeout: float) -> None:
-    """One mmdebstrap run into `target` (which must not exist) in a private mount and pid
-    namespace, so that nothing it mounts or starts can outlive it, even when it is killed."""
-    suite = _os_release().get("VERSION_CODENAME", "bookworm")
-    sources = [str(p) for p in _host_sources()]
+def _build_once(target: Path, log: Path, timeout: float, suite: str) -> None:
+    """One mmdebstrap run of `suite` into `target` (which must not exist) in a private mount
+    and pid namespace, so that nothing it mounts or starts can outlive it, even when killed."""
+    sources = [str(p) for p in _suite_sources(suite, target.with_name(target.name + ".sources"))]
     argv = [
         "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
         "--", "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
@@ -350,9 +404,11 @@ def _build_once(target: Path, log: Path, timeout: float) -> None:
         raise SystemdLabError(f"mmdebstrap made no systemd in {target}; log {log}")
 
 
-def cached_rootfs(timeout: float = BUILD_TIMEOUT) -> Path:
-    """The root fs for this package list: built once (retried once), then reused."""
-    key = rootfs_key()
+def cached_rootfs(timeout: float = BUILD_TIMEOUT, suite: str | None = None) -> Path:
+    """The root fs of `suite` (default: the host's) for this package list: built once (retried
+    once), then reused."""
+    suite = suite or host_suite()
+    key = rootfs_key(suite)
     final = CACHE_DIR / f"rootfs-{key}"
     if (final / "etc/fwsafe-sdlab-rootfs").exists():
         return final
@@ -381,15 +437,18 @@ def cached_rootfs(timeout: float = BUILD_TIMEOUT) -> Path:
         for attempt in (1, 2):
             tmp = CACHE_DIR / f"rootfs-{key}.tmp{os.getpid()}"
             _safe_rmtree(tmp)
+            _safe_rmtree(tmp.with_name(tmp.name + ".sources"))
             started = time.monotonic()
             _say(f"building the root fs {final} (attempt {attempt}; log {log}) ...")
             try:
-                _build_once(tmp, log, timeout)
-                _customize_rootfs(tmp)
+                _build_once(tmp, log, timeout, suite)
+                _customize_rootfs(tmp, suite)
             except (SystemdLabError, OSError) as exc:
                 errors.append(f"attempt {attempt}: {exc}")
                 _safe_rmtree(tmp)
                 continue
+            finally:
+                _safe_rmtree(tmp.with_name(tmp.name + ".sources"))
             os.rename(tmp, final)
             _say(f"root fs built in {time.monotonic() - started:.1f} s")
             _sweep_old_rootfs(keep=final)
@@ -418,14 +477,16 @@ def _live_session_rootfs() -> set[str]:
 
 
 def _sweep_old_rootfs(keep: Path) -> None:
-    """Remove root fs of other package lists or recipes, unless something still uses them
-    (a mounted overlay, or a live session). Called with the build lock held."""
+    """Remove root fs of the same suite but other package lists or recipes, unless something
+    still uses them (a mounted overlay, or a live session). Called with the build lock held."""
     with open("/proc/self/mountinfo") as handle:
         mounts = handle.read()
     used = _live_session_rootfs()
     for old in CACHE_DIR.glob("rootfs-*"):
         if old == keep or not old.is_dir() or str(old) in mounts or str(old) in used:
             continue
+        if _rootfs_suite(old) != _rootfs_suite(keep):
+            continue  # the other generation's
         _say(f"removing the outdated root fs {old}")
         _safe_rmtree(old)
         with contextlib.suppress(FileNotFoundError):
@@ -523,6 +584,7 @@ class Image:
         self.session_dir = session_dir
         self.layer = layer
         self.wheel = wheel
+        self.suite = _rootfs_suite(rootfs)
         self._lock_fd: int | None = lock_fd
 
     @property
@@ -530,8 +592,8 @@ class Image:
         return f"{self.layer}:{self.rootfs}" if self.layer is not None else str(self.rootfs)
 
     @classmethod
-    def build(cls, *, with_fwsafe: bool = True) -> Image:
-        rootfs = cached_rootfs()
+    def build(cls, *, with_fwsafe: bool = True, suite: str | None = None) -> Image:
+        rootfs = cached_rootfs(suite=suite)
         _sweep_stale_instances()
         _sweep_stale_sessions()
         session_dir = Path(tempfile.mkdtemp(prefix="session-", dir=CACHE_DIR))
@@ -1172,11 +1234,51 @@ def sdlab_bare_image() -> Iterator[Image]:
         image.close()
 
 
-@pytest.fixture
-def sdlab(sdlab_image: Image) -> Iterator[SystemdLab]:
-    """A booted system container (systemd as PID 1) answering SSH; torn down after the test."""
-    lab = SystemdLab.start(sdlab_image)
+def _booted(image: Image) -> Iterator[SystemdLab]:
+    lab = SystemdLab.start(image)
     try:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture
+def sdlab(sdlab_image: Image) -> Iterator[SystemdLab]:
+    """A booted system container (systemd as PID 1) answering SSH; torn down after the test."""
+    yield from _booted(sdlab_image)
+
+
+@pytest.fixture(scope="session")
+def sdlab_trixie_image() -> Iterator[Image]:
+    """The second generation: a Debian 13 (trixie) root fs (cached like the first) and this
+    session's fwsafe layer in it (a venv on trixie's Python 3.13 with its python3-click and
+    python3-paramiko)."""
+    _require_capable()
+    image = Image.build(suite=TRIXIE)
+    try:
+        yield image
+    finally:
+        image.close()
+
+
+@pytest.fixture
+def sdlab_trixie(sdlab_trixie_image: Image) -> Iterator[SystemdLab]:
+    """A booted Debian 13 (trixie) system container answering SSH; torn down after the test."""
+    yield from _booted(sdlab_trixie_image)
+
+
+_GENERATION_IMAGES = {"bookworm": "sdlab_image", TRIXIE: "sdlab_trixie_image"}
+
+
+@pytest.fixture(params=sorted(_GENERATION_IMAGES))
+def sdlab_generation_image(request: pytest.FixtureRequest) -> Image:
+    """The image of each generation in turn (a test using it runs once on bookworm, once on
+    trixie; `-k trixie` or `-k bookworm` picks one)."""
+    image: Image = request.getfixturevalue(_GENERATION_IMAGES[request.param])
+    return image
+
+
+@pytest.fixture
+def sdlab_each(sdlab_generation_image: Image) -> Iterator[SystemdLab]:
+    """`sdlab` on each generation in turn: a test that takes it runs on bookworm and trixie."""
+    yield from _booted(sdlab_generation_image)

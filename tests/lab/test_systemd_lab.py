@@ -138,9 +138,10 @@ def _diagnostics(lab: SystemdLab) -> str:
 # --------------------------------------------------------------------------- the lab itself
 
 
-def test_systemd_lab_boots_and_reboots(sdlab: SystemdLab) -> None:
-    print(f"\n[systemd lab] instance: prepared in {sdlab.prepare_s:.2f} s, booted to SSH "
-          f"answering in {sdlab.boot_s:.2f} s")
+def test_systemd_lab_boots_and_reboots(sdlab_each: SystemdLab) -> None:
+    sdlab = sdlab_each  # on each generation: bookworm, trixie
+    print(f"\n[systemd lab] {sdlab.image.suite} instance: prepared in {sdlab.prepare_s:.2f} s, "
+          f"booted to SSH answering in {sdlab.boot_s:.2f} s")
     result = sdlab.ssh("id -u; systemctl is-system-running --wait; fwsafe --version; "
                        "cat /proc/sys/kernel/random/boot_id")
     assert result.returncode == 0, result.stderr
@@ -157,6 +158,12 @@ def test_systemd_lab_boots_and_reboots(sdlab: SystemdLab) -> None:
                          "paramiko.__version__, fwsafe.__file__)"]).stdout.split()
     assert python[2].startswith("/opt/fwsafe/"), python  # the wheel, Debian's click/paramiko
     print(f"[systemd lab] click {python[0]}, paramiko {python[1]}")
+    versions = sdlab.exec(["sh", "-c", "python3 -c 'import sys; print(sys.version_info[1])'; "
+                           "systemctl --version | head -n 1"]).stdout.split("\n")
+    minor, systemd = int(versions[0]), versions[1].split()[1]
+    want = {"bookworm": (11, "252"), "trixie": (13, "257")}.get(sdlab.image.suite)
+    if want is not None:  # the generation is the one asked for
+        assert (minor, systemd) == want, (sdlab.image.suite, minor, systemd)
 
     seen = {boot_id}
     for hard in (False, True):
@@ -198,7 +205,8 @@ def test_systemd_lab_leaves_nothing_behind(sdlab_image: Image) -> None:
 # --------------------------------------------------------------------------- the guard
 
 
-def test_guard_is_a_transient_unit_and_reverts_at_the_deadline(sdlab: SystemdLab) -> None:
+def test_guard_is_a_transient_unit_and_reverts_at_the_deadline(sdlab_each: SystemdLab) -> None:
+    sdlab = sdlab_each  # on each generation: bookworm, trixie
     _iptables_baseline(sdlab)
     before = sdlab.ruleset()
     sdlab.write("/root/drop-new.rules", DROP_NEW_SSH)
