@@ -1044,37 +1044,54 @@ class SystemdLab:
         """Run `argv` inside the container (all its namespaces, as root), not over SSH."""
         return _run(self.exec_argv(argv), check=check, input=input, timeout=timeout)
 
-    def ssh_argv(self, command: str, *, tty: bool = False, ipv6: bool = False) -> list[str]:
-        """An `ssh root@container command` run from the client namespace."""
+    def _trust_port(self, port: int) -> None:
+        """known_hosts trusts the container's host key on `port` too (`[ip]:port`)."""
+        if port == 22:
+            return
+        names = [f"[{self.ip4}]:{port}", f"[{self.ip6}]:{port}"]
+        line = known_hosts_line([self.ip4, self.ip6], self.workdir / "ssh_host_ed25519_key")
+        known = self.known_hosts.read_text()
+        if names[0] not in known:
+            key = line.split(" ", 1)[1]
+            self.known_hosts.write_text(known + f"{','.join(names)} {key}")
+
+    def ssh_argv(self, command: str, *, tty: bool = False, ipv6: bool = False,
+                 port: int = 22) -> list[str]:
+        """An `ssh root@container command` (to `port`) run from the client namespace."""
+        self._trust_port(port)
         return self._net.exec_argv(self.cli_ns, ssh_client_argv(
             self.key, self.known_hosts, self.ip6 if ipv6 else self.ip4, command, tty=tty,
+            port=port,
             extra_opts=["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]))
 
     def ssh(self, command: str, *, timeout: float = 60, input: str | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+            check: bool = False, port: int = 22) -> subprocess.CompletedProcess[str]:
         """Run `command` over a NEW SSH login from the client; 255 means ssh itself failed."""
-        return _run(self.ssh_argv(command), check=check, input=input, timeout=timeout)
+        return _run(self.ssh_argv(command, port=port), check=check, input=input, timeout=timeout)
 
-    def ssh_popen(self, command: str, *, tty: bool = True, **kwargs: Any) -> subprocess.Popen[bytes]:
+    def ssh_popen(self, command: str, *, tty: bool = True, port: int = 22,
+                  **kwargs: Any) -> subprocess.Popen[bytes]:
         """An SSH session left running (a pty by default); killing it ends the admin's session.
         Tracked: close() stops it."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
-        proc: subprocess.Popen[bytes] = self._children.start(self.ssh_argv(command, tty=tty), kwargs)
+        proc: subprocess.Popen[bytes] = self._children.start(
+            self.ssh_argv(command, tty=tty, port=port), kwargs)
         return proc
 
-    def new_connection_ok(self, timeout: float = 1.0, ipv6: bool = False) -> bool:
-        """A NEW TCP connection from the client to port 22 gets the SSH banner in time."""
-        argv = self._net.exec_argv(self.cli_ns,
-                                   banner_probe_argv(self.ip6 if ipv6 else self.ip4, 22, timeout))
+    def new_connection_ok(self, timeout: float = 1.0, ipv6: bool = False, port: int = 22) -> bool:
+        """A NEW TCP connection from the client to `port` gets the SSH banner in time."""
+        argv = self._net.exec_argv(self.cli_ns, banner_probe_argv(
+            self.ip6 if ipv6 else self.ip4, port, timeout))
         try:
             return _run(argv, check=False, timeout=timeout + 10).returncode == 0
         except SystemdLabError:
             return False
 
-    def wait_ssh(self, limit: float = 60.0) -> float:
-        """Wait for the first NEW connection that gets the SSH banner; seconds waited."""
+    def wait_ssh(self, limit: float = 60.0, port: int = 22) -> float:
+        """Wait for the first NEW connection (to `port`) that gets the SSH banner; seconds
+        waited."""
         started = time.monotonic()
         end = started + limit
         while True:
@@ -1082,7 +1099,7 @@ class SystemdLab:
             if left <= 0:
                 raise SystemdLabError(f"SSH did not answer within {limit:g} s; console:\n"
                                       f"{tail(self.console_log, 25)}")
-            if self.new_connection_ok(timeout=min(1.0, max(left, 0.05))):
+            if self.new_connection_ok(timeout=min(1.0, max(left, 0.05)), port=port):
                 return time.monotonic() - started
             with self._cond:
                 if self._finished:

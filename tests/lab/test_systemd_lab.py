@@ -20,7 +20,14 @@ from typing import Any
 
 import pytest
 
-from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD
+from tests.rulesets import (
+    BASELINE_V4,
+    BASELINE_V6,
+    DROP_NEW_SSH,
+    GOOD,
+    NFT_BASELINE,
+    NFT_DROP_NEW_SSH,
+)
 from tests.systemdlab import Image, SystemdLab, mounts_below
 
 pytestmark = pytest.mark.lab
@@ -29,36 +36,6 @@ pytestmark = pytest.mark.lab
 # this much to any time measured up to SSH answering.
 PROBE_SLACK_S = 0.3
 BACKSTOP_LIMIT_S = 2.0
-
-# Debian's /etc/nftables.conf plus one rule: what nftables.service loads at boot.
-NFT_BASELINE = """\
-#!/usr/sbin/nft -f
-
-flush ruleset
-
-table inet filter {
-	chain input {
-		type filter hook input priority filter; policy accept;
-		ct state established,related accept
-		tcp dport 22 accept
-	}
-	chain forward {
-		type filter hook forward priority filter; policy accept;
-	}
-	chain output {
-		type filter hook output priority filter; policy accept;
-	}
-}
-"""
-# The change: NEW connections to 22 are dropped by a table of its own.
-NFT_DROP_NEW_SSH = """\
-table inet lockout {
-	chain input {
-		type filter hook input priority -10; policy accept;
-		tcp dport 22 ct state new drop
-	}
-}
-"""
 
 # A minimal stand-in for netfilter-persistent (not in the image): loads the boot files
 # /etc/iptables/rules.v4 and rules.v6 early at boot, under the real unit's name, so that
