@@ -231,7 +231,7 @@ class SshdLayer(Layer):
         tree = self.tree()
         reload = Reload(self.config, pidfiles(tree), expected_ports(tree), restart_if_down=True)
         problems = []
-        sock = detect(self.config)
+        sock = detect(self.config, failed_too=True)
         if sock is not None and not sock.accept:
             problems += self._restart_socket(sock, on_retry)
         elif self.config == SSHD_CONFIG and any(map(is_socket_file, units)):

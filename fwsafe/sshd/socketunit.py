@@ -135,12 +135,23 @@ def parse_show(text: str) -> tuple[bool, tuple[str, ...], bool]:
     return accept, tuple(listens), ipv6_only
 
 
-def detect(config: str, *, generator: str = GENERATOR) -> SocketUnit | None:
+def failed_unit(units: tuple[str, ...] = SOCKET_UNITS) -> str | None:
+    """The first of `units` that systemd reports as failed (a socket that could not listen)."""
+    for unit in units:
+        code, out = systemctl("is-failed", unit)
+        if code == 0 and out.splitlines()[:1] == ["failed"]:
+            return unit
+    return None
+
+
+def detect(config: str, *, generator: str = GENERATOR,
+           failed_too: bool = False) -> SocketUnit | None:
     """The socket unit that starts the sshd reading `config`, if there is one (only the
-    system's sshd, /etc/ssh/sshd_config, on a host run by systemd)."""
+    system's sshd, /etc/ssh/sshd_config, on a host run by systemd); with `failed_too`, also a
+    socket unit that failed (a revert brings it back)."""
     if config != SSHD_CONFIG or not systemd_running():
         return None
-    unit = active_unit(SOCKET_UNITS)
+    unit = active_unit(SOCKET_UNITS) or (failed_unit() if failed_too else None)
     if unit is None:
         return None
     code, out = systemctl("show", "-p", "Accept", "-p", "Listen", "-p", "BindIPv6Only", unit)
@@ -204,7 +215,11 @@ def restart(sock: SocketUnit, ports: set[int] | None, wait_s: float = RESTART_WA
     module's doc); what was done. Raises ReloadError."""
     _step("daemon-reload")
     _step("stop", sock.service)          # KillMode=process: the listener only
-    _step("restart", sock.unit)
+    try:
+        _step("restart", sock.unit)
+    except ReloadError:
+        systemctl("start", sock.service)   # sshd alone, on sshd_config's ports, meanwhile
+        raise
     _step("start", sock.service)
     end = time.monotonic() + wait_s
     seen: set[int] = set()

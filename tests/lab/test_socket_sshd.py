@@ -186,3 +186,28 @@ def test_the_check_knows_the_sockets_ports(sdlab_trixie: SystemdLab) -> None:
     assert check.returncode == 1, f"{check.stdout}\n{check.stderr}"
     assert lab.cli_ip4 in check.stdout + check.stderr, check.stdout + check.stderr
     assert admin.poll() is None
+
+
+def test_an_address_the_socket_cannot_listen_on_is_put_back(sdlab_trixie: SystemdLab) -> None:
+    """ListenAddress 10.9.9.9 (not an address of the host): sshd -t accepts it, the socket
+    cannot bind it and fails. The guard puts every file back and brings the socket back up:
+    SSH answers on 22, the open session lives."""
+    lab = sdlab_trixie
+    lab.write(ADMIN_DROPIN, ADMIN_DROPIN_TEXT)
+    _socket_activated(lab)
+    original = _files(lab)
+    admin = lab.ssh_popen("sleep 600")
+    time.sleep(1.0)
+    result = lab.ssh("fwsafe sshd set --json --force --timeout 30 ListenAddress=10.9.9.9",
+                     timeout=120)
+    print(f"\n[socket sshd] unbindable address: exit {result.returncode}; "
+          f"{result.stderr.strip()[-300:]}")
+    assert result.returncode in (3, 4), f"{result.stdout}\n{result.stderr}"
+    lab.wait_ssh(10)
+    assert lab.ssh("true").returncode == 0
+    assert _files(lab) == original
+    assert _listen(lab) == "[::]:22 (Stream)"
+    assert lab.exec(["systemctl", "is-active", "ssh.socket", "ssh.service"],
+                    check=False).stdout.split() == ["active", "active"]
+    assert admin.poll() is None, "the open session ended"
+    assert lab.status()["state"] in ("reverted", "rejected", "failed"), lab.status()
