@@ -65,6 +65,10 @@ def _listen(lab: SystemdLab) -> str:
     return lab.exec(["systemctl", "show", "-p", "Listen", "--value", "ssh.socket"]).stdout.strip()
 
 
+def _listening(lab: SystemdLab) -> set[str]:
+    return {word for word in _listen(lab).split() if word != "(Stream)"}
+
+
 def test_nft_lockout_not_confirmed_is_reverted_on_time(sdlab_trixie: SystemdLab) -> None:
     lab = sdlab_trixie
     _socket_activated(lab)
@@ -211,3 +215,44 @@ def test_an_address_the_socket_cannot_listen_on_is_put_back(sdlab_trixie: System
                     check=False).stdout.split() == ["active", "active"]
     assert admin.poll() is None, "the open session ended"
     assert lab.status()["state"] in ("reverted", "rejected", "failed"), lab.status()
+
+
+# A stand-in for Ubuntu 24.04's sshd-socket-generator (a C program of Ubuntu's openssh-server,
+# not in Debian): at every daemon-reload it turns sshd_config's listen addresses (`sshd -G`)
+# into the socket's ListenStream= lines, in the generator's output directory.
+GENERATOR = "/usr/lib/systemd/system-generators/sshd-socket-generator"
+GENERATOR_SCRIPT = """\
+#!/bin/sh
+out="${1:-/run/systemd/generator}"
+mkdir -p "$out/ssh.socket.d"
+{
+    echo "[Socket]"
+    echo "ListenStream="
+    /usr/sbin/sshd -G 2>/dev/null | awk '$1 == "listenaddress" { print "ListenStream=" $2 }'
+    echo "BindIPv6Only=ipv6-only"
+} > "$out/ssh.socket.d/addresses.conf"
+"""
+
+
+def test_with_the_generator_sshd_config_moves_the_socket(sdlab_trixie: SystemdLab) -> None:
+    lab = sdlab_trixie
+    lab.write(GENERATOR, GENERATOR_SCRIPT, mode="0755")
+    _socket_activated(lab)
+    assert _listening(lab) == {"0.0.0.0:22", "[::]:22"}, _listen(lab)
+    original = _files(lab)
+    admin = lab.ssh_popen("sleep 600")
+    time.sleep(1.0)
+    moved = _json(lab.ssh("fwsafe sshd set --detach --json --timeout 8 Port=2222"))
+    assert _listening(lab) == {"0.0.0.0:2222", "[::]:2222"}
+    assert lab.exec(["test", "-e", FWSAFE_DROPIN], check=False).returncode == 1  # no drop-in
+    assert lab.ssh("true", port=2222).returncode == 0
+    deadline = float(lab.status()["deadline"])
+    lab.wait_ssh(30)
+    answered = time.time()
+    print(f"\n[socket sshd] generator: unconfirmed Port=2222 reverted, SSH on 22 "
+          f"{answered - deadline:+.2f} s from the deadline")
+    assert answered - deadline < 3.0 + PROBE_SLACK_S
+    assert lab.status()["id"] == moved["id"] and lab.status()["state"] == "reverted"
+    assert _files(lab) == original
+    assert _listening(lab) == {"0.0.0.0:22", "[::]:22"}
+    assert admin.poll() is None, "the open session ended"
