@@ -28,6 +28,7 @@ from tests.systemdlab import (  # noqa: F401 - the systemd lab's fixtures
     sdlab_generation_image,
     sdlab_image,
     sdlab_trixie,
+    sdlab_trixie_bare_image,
     sdlab_trixie_image,
 )
 

@@ -108,6 +108,7 @@ __all__ = [
     "sdlab_generation_image",
     "sdlab_image",
     "sdlab_trixie",
+    "sdlab_trixie_bare_image",
     "sdlab_trixie_image",
 ]
 
@@ -1231,20 +1232,19 @@ class SystemdLab:
 @pytest.fixture(scope="session")
 def sdlab_image() -> Iterator[Image]:
     """The root fs (cached across runs) and this session's fwsafe layer."""
-    _require_capable()
-    image = Image.build()
-    try:
-        yield image
-    finally:
-        image.close()
+    yield from _session_image()
 
 
 @pytest.fixture(scope="session")
 def sdlab_bare_image() -> Iterator[Image]:
     """The root fs alone, without this session's fwsafe layer (no /opt/fwsafe venv, no
     /usr/local/bin/fwsafe): for tests that install fwsafe in the container themselves."""
+    yield from _session_image(with_fwsafe=False)
+
+
+def _session_image(*, with_fwsafe: bool = True, suite: str | None = None) -> Iterator[Image]:
     _require_capable()
-    image = Image.build(with_fwsafe=False)
+    image = Image.build(with_fwsafe=with_fwsafe, suite=suite)
     try:
         yield image
     finally:
@@ -1270,18 +1270,19 @@ def sdlab_trixie_image() -> Iterator[Image]:
     """The second generation: a Debian 13 (trixie) root fs (cached like the first) and this
     session's fwsafe layer in it (a venv on trixie's Python 3.13 with its python3-click and
     python3-paramiko)."""
-    _require_capable()
-    image = Image.build(suite=TRIXIE)
-    try:
-        yield image
-    finally:
-        image.close()
+    yield from _session_image(suite=TRIXIE)
 
 
 @pytest.fixture
 def sdlab_trixie(sdlab_trixie_image: Image) -> Iterator[SystemdLab]:
     """A booted Debian 13 (trixie) system container answering SSH; torn down after the test."""
     yield from _booted(sdlab_trixie_image)
+
+
+@pytest.fixture(scope="session")
+def sdlab_trixie_bare_image() -> Iterator[Image]:
+    """The trixie root fs alone, without this session's fwsafe layer (see sdlab_bare_image)."""
+    yield from _session_image(with_fwsafe=False, suite=TRIXIE)
 
 
 _GENERATION_IMAGES = {"bookworm": "sdlab_image", TRIXIE: "sdlab_trixie_image"}
