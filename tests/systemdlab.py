@@ -120,6 +120,8 @@ PACKAGES: tuple[str, ...] = (
     "nftables", "ufw", "python3", "python3-venv", "python3-click", "python3-paramiko",
     "iproute2", "procps", "kmod", "sudo",
 )  # fmt: skip
+SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"trixie": ("python3-pytest", "python3-hypothesis")}
+"""More packages for one suite: trixie also runs the unit tests on its Python (3.13)."""
 TRIXIE = "trixie"
 """The second generation (Debian 13): its root fs is built from the host's Debian mirror."""
 RECIPE = "4"
@@ -282,6 +284,11 @@ def _host_sources() -> list[Path]:
     return found
 
 
+def packages(suite: str) -> tuple[str, ...]:
+    """The packages of `suite`'s root fs."""
+    return PACKAGES + SUITE_PACKAGES.get(suite, ())
+
+
 def host_suite() -> str:
     """The host's Debian suite (its apt sources name it): the first generation's."""
     return _os_release().get("VERSION_CODENAME", "bookworm")
@@ -289,7 +296,7 @@ def host_suite() -> str:
 
 def rootfs_key(suite: str | None = None) -> str:
     suite = suite or host_suite()
-    text = json.dumps({"packages": sorted(PACKAGES), "suite": suite, "recipe": RECIPE})
+    text = json.dumps({"packages": sorted(packages(suite)), "suite": suite, "recipe": RECIPE})
     key = hashlib.sha256(text.encode()).hexdigest()[:16]
     # The host's suite keeps the name it always had (a cache made before suites were a
     # parameter is reused); another suite's name says which it is.
@@ -364,7 +371,7 @@ def _customize_rootfs(root: Path, suite: str) -> None:
             (root / stale).unlink()
     # The container's PID 1 is told by nspawn that it runs in a container; nothing else needed.
     (root / "etc/fwsafe-sdlab-rootfs").write_text(
-        json.dumps({"packages": list(PACKAGES), "recipe": RECIPE, "suite": suite}) + "\n")
+        json.dumps({"packages": list(packages(suite)), "recipe": RECIPE, "suite": suite}) + "\n")
 
 
 def _build_once(target: Path, log: Path, timeout: float, suite: str) -> None:
@@ -374,7 +381,7 @@ def _build_once(target: Path, log: Path, timeout: float, suite: str) -> None:
     argv = [
         "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
         "--", "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
-        "--include=" + ",".join(PACKAGES),
+        "--include=" + ",".join(packages(suite)),
         "--aptopt=Acquire::Check-Valid-Until \"false\"",
         "--aptopt=Acquire::Retries \"3\"",
         "--dpkgopt=path-exclude=/usr/share/man/*",
