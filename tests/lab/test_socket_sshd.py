@@ -242,7 +242,7 @@ def test_with_the_generator_sshd_config_moves_the_socket(sdlab_trixie: SystemdLa
     original = _files(lab)
     admin = lab.ssh_popen("sleep 600")
     time.sleep(1.0)
-    moved = _json(lab.ssh("fwsafe sshd set --detach --json --timeout 8 Port=2222"))
+    moved = _json(lab.ssh("fwsafe sshd set --detach --json --timeout 6 Port=2222"))
     assert _listening(lab) == {"0.0.0.0:2222", "[::]:2222"}
     assert lab.exec(["test", "-e", FWSAFE_DROPIN], check=False).returncode == 1  # no drop-in
     assert lab.ssh("true", port=2222).returncode == 0
