@@ -256,3 +256,26 @@ def test_with_the_generator_sshd_config_moves_the_socket(sdlab_trixie: SystemdLa
     assert _files(lab) == original
     assert _listening(lab) == {"0.0.0.0:22", "[::]:22"}
     assert admin.poll() is None, "the open session ended"
+
+
+def test_a_hard_reboot_mid_window_of_a_port_move_comes_back_on_the_old_port(
+        sdlab_trixie: SystemdLab) -> None:
+    """The boot recovery reverts a pending sshd change before the socket starts: the files are
+    back byte for byte and the socket listens on 22 again."""
+    lab = sdlab_trixie
+    lab.write(ADMIN_DROPIN, ADMIN_DROPIN_TEXT)
+    _socket_activated(lab)
+    original = _files(lab)
+    moved = _json(lab.ssh("fwsafe sshd set --detach --json --timeout 300 Port=2222"))
+    assert _listening(lab) == {"[::]:2222"}
+    issued = time.monotonic()
+    lab.reboot(hard=True)
+    lab.wait_ssh(60)
+    print(f"\n[socket sshd] hard reboot mid-window of Port=2222: SSH on 22 after "
+          f"{time.monotonic() - issued:.2f} s")
+    assert lab.wait_booted() in ("running", "degraded")
+    assert _files(lab) == original
+    assert _listening(lab) == {"[::]:22"}
+    assert not lab.new_connection_ok(timeout=0.5, port=2222)
+    info = lab.status()
+    assert info["id"] == moved["id"] and info["state"] == "reverted", info
