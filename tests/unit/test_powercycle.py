@@ -222,6 +222,33 @@ def test_the_rescue_plan_puts_sshd_files_back_and_moves_new_drop_ins_aside(
     assert rescue_tool.plan_restore(entry, root).changes == []
 
 
+def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_none(
+        tmp_path: Path) -> None:
+    """sshd started by ssh.socket: fwsafe's drop-in moved the socket with sshd_config's Port;
+    an entry from before it goes back to port 22 for both."""
+    root = tmp_path / "root"
+    state = StateDir(root / STATE.lstrip("/"))
+    state.ensure()
+    admin = "/etc/systemd/system/ssh.socket.d/00-admin.conf"
+    good, _ = history.add_entry(state, {"sshd": _sshd_layer({
+        "/etc/ssh/sshd_config": "Port 22\n", admin: "[Socket]\nBacklog=128\n"})}, {"tx": "t1"})
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/sshd_config").write_text("Port 2222\n")
+    sockd = root / "etc/systemd/system/ssh.socket.d"
+    sockd.mkdir(parents=True)
+    (sockd / "00-admin.conf").write_text("[Socket]\nBacklog=128\n")
+    (sockd / "fwsafe-listen.conf").write_text("[Socket]\nListenStream=\nListenStream=2222\n")
+    found, damaged = list_history(state.root)
+    plan = rescue_tool.plan_restore(find_entry(found, damaged, "last"), root)
+    assert sorted((c.server_path, c.action) for c in plan.changes) == [
+        ("/etc/ssh/sshd_config", "replace"),
+        ("/etc/systemd/system/ssh.socket.d/fwsafe-listen.conf", "remove")]
+    rescue_tool.write_plan(plan, root)
+    assert not (sockd / "fwsafe-listen.conf").exists()
+    assert (sockd / "00-admin.conf").read_text() == "[Socket]\nBacklog=128\n"
+    assert good.id
+
+
 def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "state")
     state.ensure()
