@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from fwsafe.errors import ConfigError, UsageError
-from fwsafe.probes import Probe, format_host_port, parse_probe, split_endpoint, validate_host
+from fwsafe.probes import USER_RE, Probe, format_host_port, parse_probe, split_endpoint, validate_host
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,7 +62,6 @@ DEFAULT_EXPECTED_OPEN: tuple[str, ...] = ("22/tcp",)
 _OPEN_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?/(tcp|udp)$")
 
 _HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
 
 
 @dataclass(frozen=True)
@@ -532,7 +531,7 @@ def _check_host_table(path: str, name: str, table: Mapping[str, Any], prefix: st
 
     def user_check(key: str, value: Any) -> str:
         text = reader.string(key, value)
-        if not _USER_RE.match(text):
+        if not USER_RE.match(text):
             raise reader.error(key, f"invalid user name {text!r}")
         return text
 

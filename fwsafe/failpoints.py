@@ -35,6 +35,8 @@ import signal
 import time
 from pathlib import Path
 
+from fwsafe.context import RUN
+
 ENV = "FWSAFE_FAILPOINTS"
 DIR_ENV = "FWSAFE_FAILPOINT_DIR"
 DEFAULT_DIR = "/run/fwsafe-failpoints"
@@ -91,7 +93,6 @@ def _parse(text: str) -> dict[str, str]:
 
 
 _ACTIVE: dict[str, str] = _parse(os.environ.get(ENV, ""))
-_FIRED: set[str] = set()
 
 
 def active() -> dict[str, str]:
@@ -109,9 +110,9 @@ def hit(name: str) -> None:
     every = action.endswith("*")
     action = action.rstrip("*")
     if not every:
-        if name in _FIRED:
+        if name in RUN.fired:
             return
-        _FIRED.add(name)
+        RUN.fired.add(name)
     kind, _, arg = action.partition(":")
     if kind == "raise":
         error = EXCEPTIONS.get(arg, FailpointError) if arg else FailpointError

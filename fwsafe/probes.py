@@ -56,7 +56,8 @@ PROBE_KINDS: tuple[ProbeKind, ...] = ("tcp", "ssh", "ssh-auth", "http", "https",
 _FORMS = "tcp://HOST:PORT, ssh://[USER@]HOST[:PORT], ssh-auth://USER@HOST[:PORT], http://..., https://..., cmd:COMMAND"  # noqa: E501
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-_USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
+#: A login name as probes, the config and the remote commands accept it.
+USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
 
 #: Extra time `run_probes` waits past the timeout before it gives up on a probe thread.
 _JOIN_GRACE_S = 2.0
@@ -146,7 +147,7 @@ def split_endpoint(text: str) -> tuple[str | None, str, int | None]:
         user, _, rest = text.rpartition("@")
         if not user:
             raise ValueError("empty user name before '@'")
-        if not _USER_RE.match(user):
+        if not USER_RE.match(user):
             raise ValueError(f"invalid user name {user!r}")
     port: int | None = None
     if rest.startswith("["):
@@ -531,7 +532,7 @@ def _probe_ssh_auth(
         except paramiko.AuthenticationException as exc:
             raise _ProbeFailed(f"authentication failed for {where}: {exc}") from None
         except (paramiko.SSHException, OSError, EOFError, ValueError) as exc:
-            if deadline.expired:
+            if deadline.expired or deadline.passed():   # paramiko's own timers end with ours
                 raise _ProbeFailed(deadline.timed_out()) from None
             if isinstance(exc, OSError):
                 raise _ProbeFailed(describe_os_error(exc, deadline.timeout)) from None

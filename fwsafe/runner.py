@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from fwsafe.context import RUN
 from fwsafe.errors import EnvironmentProblem
 
 # fork()/exec() can fail transiently when memory or PIDs run out.
@@ -43,15 +44,11 @@ def require_binary(name: str) -> str:
     return path
 
 
-# Set by `fwsafe -vv`: told every command line before it runs (on stderr).
-TRACE: list[Callable[[Sequence[str]], None]] = []
-
-
 def run(
     argv: Sequence[str], *, input: bytes | None = None, timeout: float | None = 120,
 ) -> subprocess.CompletedProcess[bytes]:
     """Run `argv`, capture its output; raise nothing for a non-zero exit."""
-    for trace in TRACE:
+    for trace in RUN.trace:
         trace(argv)
     return subprocess.run(
         list(argv), input=input, capture_output=True, timeout=timeout, check=False,
@@ -108,6 +105,7 @@ RUN_MODULE = ('import sys\n'
               'runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)\n')
 
 
-def module_argv(module: str, *args: str, python: str | None = None) -> list[str]:
-    """argv that runs `python -m module args...` without the current directory on sys.path."""
-    return [python or sys.executable, "-c", RUN_MODULE, module, *args]
+def module_argv(module: str, *args: str) -> list[str]:
+    """argv that runs fwsafe's own `python -m module args...` without the current directory on
+    sys.path."""
+    return [sys.executable, "-c", RUN_MODULE, module, *args]

@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 .venv/bin/ruff check fwsafe tests bench
 .venv/bin/mypy fwsafe
-exec .venv/bin/python -m pytest -v -rs -p no:cacheprovider "$@"
+exec .venv/bin/python -m pytest -v -rs --durations=25 -p no:cacheprovider "$@"

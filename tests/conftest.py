@@ -21,7 +21,16 @@ import pytest
 from fwsafe.lab import Lab, create_lab, require_lab_capable
 from tests.bins import FWSAFE, put_venv_first_on_path
 from tests.rulesets import BASELINE_V4, BASELINE_V6
-from tests.systemdlab import sdlab, sdlab_bare_image, sdlab_image  # noqa: F401 - the systemd lab's fixtures
+from tests.systemdlab import (  # noqa: F401 - the systemd lab's fixtures
+    sdlab,
+    sdlab_bare_image,
+    sdlab_each,
+    sdlab_generation_image,
+    sdlab_image,
+    sdlab_trixie,
+    sdlab_trixie_bare_image,
+    sdlab_trixie_image,
+)
 
 if TYPE_CHECKING:  # imported at run time only by the neighbour fixtures
     from tests.neighbours import Dockerd, Fail2ban
@@ -176,7 +185,8 @@ def our_namespaces(pid: int | None = None) -> list[str]:
     """Sandbox namespaces of fwsafe process `pid`; without it, those left behind: their owner
     (the PID in the name) is gone. Another user's running check on the same machine is not
     ours to count."""
-    from fwsafe.check.sandbox import CHECK_PREFIX, orphans
+    from fwsafe.check.netns import orphans
+    from fwsafe.check.sandbox import CHECK_PREFIX
 
     if pid is None:
         return orphans(CHECK_PREFIX)   # the guard's proof (fwpr...) is not the check's

@@ -53,3 +53,34 @@ GOOD = """\
 -A INPUT -p tcp -m tcp --dport 443 -j ACCEPT
 COMMIT
 """
+
+
+# Debian's /etc/nftables.conf plus one rule: what nftables.service loads at boot.
+NFT_BASELINE = """\
+#!/usr/sbin/nft -f
+
+flush ruleset
+
+table inet filter {
+	chain input {
+		type filter hook input priority filter; policy accept;
+		ct state established,related accept
+		tcp dport 22 accept
+	}
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+	}
+	chain output {
+		type filter hook output priority filter; policy accept;
+	}
+}
+"""
+# The change: NEW connections to 22 are dropped by a table of its own.
+NFT_DROP_NEW_SSH = """\
+table inet lockout {
+	chain input {
+		type filter hook input priority -10; policy accept;
+		tcp dport 22 ct state new drop
+	}
+}
+"""

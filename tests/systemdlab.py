@@ -8,9 +8,12 @@ throwaway system container (see /work/shared/notes/systemd-lab.md for the recipe
   sources, cached under /var/tmp keyed by a hash of the package list and the recipe, built
   under a lock (two test processes never build it at once), retried once, time-bounded. It is
   never changed after the build: every instance reads it as the lower layer of an overlay.
-  ``Image.build(extra=("firewalld",))`` boots a variant with more packages (its own cache key;
-  firewalld installed but not enabled: a test that needs it starts it), so that the others'
-  root fs stays as it is.
+  Two generations: the host's suite (bookworm: Debian 12) from the host's sources, and trixie
+  (Debian 13: Python 3.13, systemd 257, OpenSSH 10, socket-activatable sshd) from the host's
+  Debian sources with the suite names replaced; each has its own cache entry.
+  ``Image.build(extra=("firewalld",))`` boots a variant with more packages (its own cache entry,
+  never swept by the others' builds; firewalld installed but not enabled: a test that needs it
+  starts it), so that the others' root fs stays as it is.
 * **fwsafe layer** (:class:`Image`, once per test session): a wheel of this repository, built on
   the host, installed inside into a venv at ``/opt/fwsafe`` (``--system-site-packages``: it uses
   Debian's python3-click and python3-paramiko) with ``pip install --no-index --no-deps``, and
@@ -35,7 +38,9 @@ ifupdown does, so sshd starts after the firewall loaders), and in the tests that
 Use: the ``sdlab`` fixture (a booted :class:`SystemdLab`, SSH answering; torn down after the
 test) and the session-wide ``sdlab_image``; ``sdlab_bare_image`` is the root fs without the
 fwsafe layer (no /opt/fwsafe), for tests that install fwsafe themselves (tests/lab/test_deb.py:
-``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``); ``exec(argv)`` runs in the container (nsenter),
+``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``). The second generation:
+``sdlab_trixie`` / ``sdlab_trixie_image``; ``sdlab_each`` runs a test once per generation
+(parametrized: ``-k trixie`` picks one). ``exec(argv)`` runs in the container (nsenter),
 ``ssh(cmd)`` is a NEW login from the client namespace, ``ssh_popen(cmd)`` a session left open,
 ``wait_ssh(limit)``, ``reboot(hard)``, ``wait_booted()``, ``status()`` (fwsafe status --json),
 ``ruleset()``, ``close()``. Outside CI a missing capability skips; with CI=true it fails.
@@ -96,12 +101,18 @@ __all__ = [
     "PACKAGES",
     "Image",
     "SystemdLab",
+    "TRIXIE",
     "SystemdLabError",
     "cached_rootfs",
     "require_systemd_lab_capable",
     "sdlab",
     "sdlab_bare_image",
+    "sdlab_each",
+    "sdlab_generation_image",
     "sdlab_image",
+    "sdlab_trixie",
+    "sdlab_trixie_bare_image",
+    "sdlab_trixie_image",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
@@ -112,6 +123,10 @@ PACKAGES: tuple[str, ...] = (
     "nftables", "ufw", "python3", "python3-venv", "python3-click", "python3-paramiko",
     "iproute2", "procps", "kmod", "sudo",
 )  # fmt: skip
+SUITE_PACKAGES: dict[str, tuple[str, ...]] = {"trixie": ("python3-pytest", "python3-hypothesis")}
+"""More packages for one suite: trixie also runs the unit tests on its Python (3.13)."""
+TRIXIE = "trixie"
+"""The second generation (Debian 13): its root fs is built from the host's Debian mirror."""
 RECIPE = "4"
 """Bump when the customization of the root fs changes (part of the cache key)."""
 
@@ -272,14 +287,73 @@ def _host_sources() -> list[Path]:
     return found
 
 
-def rootfs_key(extra: Sequence[str] = ()) -> str:
-    suite = _os_release().get("VERSION_CODENAME", "bookworm")
-    text = json.dumps({"packages": sorted({*PACKAGES, *extra}), "suite": suite,
+def packages(suite: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """The packages of `suite`'s root fs (`extra`: a variant's, e.g. firewalld)."""
+    return PACKAGES + SUITE_PACKAGES.get(suite, ()) + tuple(extra)
+
+
+def host_suite() -> str:
+    """The host's Debian suite (its apt sources name it): the first generation's."""
+    return _os_release().get("VERSION_CODENAME", "bookworm")
+
+
+def rootfs_key(suite: str | None = None, extra: Sequence[str] = ()) -> str:
+    suite = suite or host_suite()
+    text = json.dumps({"packages": sorted(packages(suite, extra)), "suite": suite,
                        "recipe": RECIPE})
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
+    if extra:   # a variant (firewalld installed): a cache entry of its own, named so
+        return f"{suite}+{'+'.join(extra)}-{key}"
+    # The host's suite keeps the name it always had (a cache made before suites were a
+    # parameter is reused); another suite's name says which it is.
+    return key if suite == host_suite() else f"{suite}-{key}"
 
 
-def _customize_rootfs(root: Path) -> None:
+def _suite_sources(suite: str, out_dir: Path) -> list[Path]:
+    """The apt sources to build `suite` from. The host's suite: the host's own sources. Another
+    suite: the host's Debian sources (deb.debian.org and the security archive, the files that
+    name the host's suite) with the suite names replaced (bookworm -> trixie, bookworm-security
+    -> trixie-security, bookworm-updates -> trixie-updates), written to `out_dir`. Third-party
+    repositories of the host (cloud SDKs, node) are left out: they are not needed and may not
+    exist for that suite."""
+    sources = _host_sources()
+    if suite == host_suite():
+        return sources
+    old = re.compile(rf"(?<![\w.-]){re.escape(host_suite())}(?=$|[\s/-])", re.MULTILINE)
+    found: list[Path] = []
+    for path in sources:
+        text = path.read_text(errors="replace")
+        if "debian.org" not in text or not old.search(text):
+            continue
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f"{suite}-{path.name}"
+        target.write_text(old.sub(suite, text))
+        found.append(target)
+    if not found:
+        raise SystemdLabError(f"no Debian apt source of the host names {host_suite()!r}: "
+                              f"cannot derive the sources of {suite!r}")
+    return found
+
+
+def _rootfs_suite(root: Path) -> str:
+    """The suite a cached root fs was built from (before suites were recorded: the host's)."""
+    try:
+        info = json.loads((root / "etc/fwsafe-sdlab-rootfs").read_text())
+    except (OSError, ValueError):
+        return host_suite()
+    return str(info.get("suite", host_suite())) if isinstance(info, dict) else host_suite()
+
+
+def _rootfs_extra(root: Path) -> list[str]:
+    """The extra packages of a cached root fs's variant ([] for the plain one)."""
+    try:
+        info = json.loads((root / "etc/fwsafe-sdlab-rootfs").read_text())
+    except (OSError, ValueError):
+        return []
+    return list(info.get("extra", [])) if isinstance(info, dict) else []
+
+
+def _customize_rootfs(root: Path, suite: str, extra: Sequence[str] = ()) -> None:
     """File-level changes to a freshly built root fs (nothing runs inside it)."""
     system = root / "etc/systemd/system"
     system.mkdir(parents=True, exist_ok=True)
@@ -317,18 +391,19 @@ def _customize_rootfs(root: Path) -> None:
             (root / stale).unlink()
     # The container's PID 1 is told by nspawn that it runs in a container; nothing else needed.
     (root / "etc/fwsafe-sdlab-rootfs").write_text(
-        json.dumps({"packages": list(PACKAGES), "recipe": RECIPE}) + "\n")
+        json.dumps({"packages": list(packages(suite, extra)), "recipe": RECIPE, "suite": suite,
+                    "extra": list(extra)}) + "\n")
 
 
-def _build_once(target: Path, log: Path, timeout: float, extra: Sequence[str] = ()) -> None:
-    """One mmdebstrap run into `target` (which must not exist) in a private mount and pid
-    namespace, so that nothing it mounts or starts can outlive it, even when it is killed."""
-    suite = _os_release().get("VERSION_CODENAME", "bookworm")
-    sources = [str(p) for p in _host_sources()]
+def _build_once(target: Path, log: Path, timeout: float, suite: str,
+                extra: Sequence[str] = ()) -> None:
+    """One mmdebstrap run of `suite` into `target` (which must not exist) in a private mount
+    and pid namespace, so that nothing it mounts or starts can outlive it, even when killed."""
+    sources = [str(p) for p in _suite_sources(suite, target.with_name(target.name + ".sources"))]
     argv = [
         "unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
         "--", "mmdebstrap", "--mode=root", "--variant=minbase", "--format=directory",
-        "--include=" + ",".join((*PACKAGES, *extra)),
+        "--include=" + ",".join(packages(suite, extra)),
         "--aptopt=Acquire::Check-Valid-Until \"false\"",
         "--aptopt=Acquire::Retries \"3\"",
         "--dpkgopt=path-exclude=/usr/share/man/*",
@@ -359,10 +434,12 @@ def _build_once(target: Path, log: Path, timeout: float, extra: Sequence[str] = 
         raise SystemdLabError(f"mmdebstrap made no systemd in {target}; log {log}")
 
 
-def cached_rootfs(timeout: float = BUILD_TIMEOUT, extra: Sequence[str] = ()) -> Path:
-    """The root fs for this package list (plus `extra`): built once (retried once), then
-    reused."""
-    key = rootfs_key(extra)
+def cached_rootfs(timeout: float = BUILD_TIMEOUT, suite: str | None = None,
+                  extra: Sequence[str] = ()) -> Path:
+    """The root fs of `suite` (default: the host's) for this package list (and `extra`): built
+    once (retried once), then reused."""
+    suite = suite or host_suite()
+    key = rootfs_key(suite, extra)
     final = CACHE_DIR / f"rootfs-{key}"
     if (final / "etc/fwsafe-sdlab-rootfs").exists():
         return final
@@ -391,19 +468,21 @@ def cached_rootfs(timeout: float = BUILD_TIMEOUT, extra: Sequence[str] = ()) -> 
         for attempt in (1, 2):
             tmp = CACHE_DIR / f"rootfs-{key}.tmp{os.getpid()}"
             _safe_rmtree(tmp)
+            _safe_rmtree(tmp.with_name(tmp.name + ".sources"))
             started = time.monotonic()
             _say(f"building the root fs {final} (attempt {attempt}; log {log}) ...")
             try:
-                _build_once(tmp, log, timeout, extra)
-                _customize_rootfs(tmp)
+                _build_once(tmp, log, timeout, suite, extra)
+                _customize_rootfs(tmp, suite, extra)
             except (SystemdLabError, OSError) as exc:
                 errors.append(f"attempt {attempt}: {exc}")
                 _safe_rmtree(tmp)
                 continue
+            finally:
+                _safe_rmtree(tmp.with_name(tmp.name + ".sources"))
             os.rename(tmp, final)
             _say(f"root fs built in {time.monotonic() - started:.1f} s")
-            if not extra:  # a variant leaves the others' root fs alone
-                _sweep_old_rootfs(keep=final)
+            _sweep_old_rootfs(keep=final)
             return final
         raise SystemdLabError("could not build the systemd lab's root fs:\n" + "\n".join(errors))
     finally:
@@ -429,14 +508,16 @@ def _live_session_rootfs() -> set[str]:
 
 
 def _sweep_old_rootfs(keep: Path) -> None:
-    """Remove root fs of other package lists or recipes, unless something still uses them
-    (a mounted overlay, or a live session). Called with the build lock held."""
+    """Remove root fs of the same suite but other package lists or recipes, unless something
+    still uses them (a mounted overlay, or a live session). Called with the build lock held."""
     with open("/proc/self/mountinfo") as handle:
         mounts = handle.read()
     used = _live_session_rootfs()
     for old in CACHE_DIR.glob("rootfs-*"):
         if old == keep or not old.is_dir() or str(old) in mounts or str(old) in used:
             continue
+        if _rootfs_suite(old) != _rootfs_suite(keep) or _rootfs_extra(old) != _rootfs_extra(keep):
+            continue  # the other generation's, or another variant's
         _say(f"removing the outdated root fs {old}")
         _safe_rmtree(old)
         with contextlib.suppress(FileNotFoundError):
@@ -534,6 +615,7 @@ class Image:
         self.session_dir = session_dir
         self.layer = layer
         self.wheel = wheel
+        self.suite = _rootfs_suite(rootfs)
         self._lock_fd: int | None = lock_fd
 
     @property
@@ -541,8 +623,9 @@ class Image:
         return f"{self.layer}:{self.rootfs}" if self.layer is not None else str(self.rootfs)
 
     @classmethod
-    def build(cls, *, with_fwsafe: bool = True, extra: Sequence[str] = ()) -> Image:
-        rootfs = cached_rootfs(extra=extra)
+    def build(cls, *, with_fwsafe: bool = True, suite: str | None = None,
+              extra: Sequence[str] = ()) -> Image:
+        rootfs = cached_rootfs(suite=suite, extra=extra)
         _sweep_stale_instances()
         _sweep_stale_sessions()
         session_dir = Path(tempfile.mkdtemp(prefix="session-", dir=CACHE_DIR))
@@ -993,37 +1076,54 @@ class SystemdLab:
         """Run `argv` inside the container (all its namespaces, as root), not over SSH."""
         return _run(self.exec_argv(argv), check=check, input=input, timeout=timeout)
 
-    def ssh_argv(self, command: str, *, tty: bool = False, ipv6: bool = False) -> list[str]:
-        """An `ssh root@container command` run from the client namespace."""
+    def _trust_port(self, port: int) -> None:
+        """known_hosts trusts the container's host key on `port` too (`[ip]:port`)."""
+        if port == 22:
+            return
+        names = [f"[{self.ip4}]:{port}", f"[{self.ip6}]:{port}"]
+        line = known_hosts_line([self.ip4, self.ip6], self.workdir / "ssh_host_ed25519_key")
+        known = self.known_hosts.read_text()
+        if names[0] not in known:
+            key = line.split(" ", 1)[1]
+            self.known_hosts.write_text(known + f"{','.join(names)} {key}")
+
+    def ssh_argv(self, command: str, *, tty: bool = False, ipv6: bool = False,
+                 port: int = 22) -> list[str]:
+        """An `ssh root@container command` (to `port`) run from the client namespace."""
+        self._trust_port(port)
         return self._net.exec_argv(self.cli_ns, ssh_client_argv(
             self.key, self.known_hosts, self.ip6 if ipv6 else self.ip4, command, tty=tty,
+            port=port,
             extra_opts=["-F", "/dev/null", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]))
 
     def ssh(self, command: str, *, timeout: float = 60, input: str | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+            check: bool = False, port: int = 22) -> subprocess.CompletedProcess[str]:
         """Run `command` over a NEW SSH login from the client; 255 means ssh itself failed."""
-        return _run(self.ssh_argv(command), check=check, input=input, timeout=timeout)
+        return _run(self.ssh_argv(command, port=port), check=check, input=input, timeout=timeout)
 
-    def ssh_popen(self, command: str, *, tty: bool = True, **kwargs: Any) -> subprocess.Popen[bytes]:
+    def ssh_popen(self, command: str, *, tty: bool = True, port: int = 22,
+                  **kwargs: Any) -> subprocess.Popen[bytes]:
         """An SSH session left running (a pty by default); killing it ends the admin's session.
         Tracked: close() stops it."""
         kwargs.setdefault("stdin", subprocess.DEVNULL)
         kwargs.setdefault("stdout", subprocess.DEVNULL)
         kwargs.setdefault("stderr", subprocess.DEVNULL)
-        proc: subprocess.Popen[bytes] = self._children.start(self.ssh_argv(command, tty=tty), kwargs)
+        proc: subprocess.Popen[bytes] = self._children.start(
+            self.ssh_argv(command, tty=tty, port=port), kwargs)
         return proc
 
-    def new_connection_ok(self, timeout: float = 1.0, ipv6: bool = False) -> bool:
-        """A NEW TCP connection from the client to port 22 gets the SSH banner in time."""
-        argv = self._net.exec_argv(self.cli_ns,
-                                   banner_probe_argv(self.ip6 if ipv6 else self.ip4, 22, timeout))
+    def new_connection_ok(self, timeout: float = 1.0, ipv6: bool = False, port: int = 22) -> bool:
+        """A NEW TCP connection from the client to `port` gets the SSH banner in time."""
+        argv = self._net.exec_argv(self.cli_ns, banner_probe_argv(
+            self.ip6 if ipv6 else self.ip4, port, timeout))
         try:
             return _run(argv, check=False, timeout=timeout + 10).returncode == 0
         except SystemdLabError:
             return False
 
-    def wait_ssh(self, limit: float = 60.0) -> float:
-        """Wait for the first NEW connection that gets the SSH banner; seconds waited."""
+    def wait_ssh(self, limit: float = 60.0, port: int = 22) -> float:
+        """Wait for the first NEW connection (to `port`) that gets the SSH banner; seconds
+        waited."""
         started = time.monotonic()
         end = started + limit
         while True:
@@ -1031,7 +1131,7 @@ class SystemdLab:
             if left <= 0:
                 raise SystemdLabError(f"SSH did not answer within {limit:g} s; console:\n"
                                       f"{tail(self.console_log, 25)}")
-            if self.new_connection_ok(timeout=min(1.0, max(left, 0.05))):
+            if self.new_connection_ok(timeout=min(1.0, max(left, 0.05)), port=port):
                 return time.monotonic() - started
             with self._cond:
                 if self._finished:
@@ -1163,31 +1263,71 @@ class SystemdLab:
 @pytest.fixture(scope="session")
 def sdlab_image() -> Iterator[Image]:
     """The root fs (cached across runs) and this session's fwsafe layer."""
-    _require_capable()
-    image = Image.build()
-    try:
-        yield image
-    finally:
-        image.close()
+    yield from _session_image()
 
 
 @pytest.fixture(scope="session")
 def sdlab_bare_image() -> Iterator[Image]:
     """The root fs alone, without this session's fwsafe layer (no /opt/fwsafe venv, no
     /usr/local/bin/fwsafe): for tests that install fwsafe in the container themselves."""
+    yield from _session_image(with_fwsafe=False)
+
+
+def _session_image(*, with_fwsafe: bool = True, suite: str | None = None) -> Iterator[Image]:
     _require_capable()
-    image = Image.build(with_fwsafe=False)
+    image = Image.build(with_fwsafe=with_fwsafe, suite=suite)
     try:
         yield image
     finally:
         image.close()
 
 
-@pytest.fixture
-def sdlab(sdlab_image: Image) -> Iterator[SystemdLab]:
-    """A booted system container (systemd as PID 1) answering SSH; torn down after the test."""
-    lab = SystemdLab.start(sdlab_image)
+def _booted(image: Image) -> Iterator[SystemdLab]:
+    lab = SystemdLab.start(image)
     try:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture
+def sdlab(sdlab_image: Image) -> Iterator[SystemdLab]:
+    """A booted system container (systemd as PID 1) answering SSH; torn down after the test."""
+    yield from _booted(sdlab_image)
+
+
+@pytest.fixture(scope="session")
+def sdlab_trixie_image() -> Iterator[Image]:
+    """The second generation: a Debian 13 (trixie) root fs (cached like the first) and this
+    session's fwsafe layer in it (a venv on trixie's Python 3.13 with its python3-click and
+    python3-paramiko)."""
+    yield from _session_image(suite=TRIXIE)
+
+
+@pytest.fixture
+def sdlab_trixie(sdlab_trixie_image: Image) -> Iterator[SystemdLab]:
+    """A booted Debian 13 (trixie) system container answering SSH; torn down after the test."""
+    yield from _booted(sdlab_trixie_image)
+
+
+@pytest.fixture(scope="session")
+def sdlab_trixie_bare_image() -> Iterator[Image]:
+    """The trixie root fs alone, without this session's fwsafe layer (see sdlab_bare_image)."""
+    yield from _session_image(with_fwsafe=False, suite=TRIXIE)
+
+
+_GENERATION_IMAGES = {"bookworm": "sdlab_image", TRIXIE: "sdlab_trixie_image"}
+
+
+@pytest.fixture(params=sorted(_GENERATION_IMAGES))
+def sdlab_generation_image(request: pytest.FixtureRequest) -> Image:
+    """The image of each generation in turn (a test using it runs once on bookworm, once on
+    trixie; `-k trixie` or `-k bookworm` picks one)."""
+    image: Image = request.getfixturevalue(_GENERATION_IMAGES[request.param])
+    return image
+
+
+@pytest.fixture
+def sdlab_each(sdlab_generation_image: Image) -> Iterator[SystemdLab]:
+    """`sdlab` on each generation in turn: a test that takes it runs on bookworm and trixie."""
+    yield from _booted(sdlab_generation_image)

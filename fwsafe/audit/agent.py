@@ -145,15 +145,16 @@ def recent(name: str, addresses: list[str]) -> dict[str, Any]:
 class Prober:
     """The client side: connects started all at once, settled when told."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch: int = BATCH) -> None:
         self.pending: dict[int, tuple[str, socket.socket]] = {}
+        self.batch = batch   # sockets open at once (more where the descriptor limit allows)
 
     def start(self, attempts: list[dict[str, Any]]) -> dict[str, Any]:
-        if len(attempts) + len(self.pending) > BATCH:
-            return {"ok": False, "error": f"at most {BATCH} attempts at once"}
+        if len(attempts) + len(self.pending) > self.batch:
+            return {"ok": False, "error": f"at most {self.batch} attempts at once"}
         results: dict[str, str | None] = {}
         self._batch(attempts, self.pending, results)
-        return {"ok": True, "results": results, "batch": BATCH}
+        return {"ok": True, "results": results, "batch": self.batch}
 
     def finish(self, expect: list[str], wait: float) -> dict[str, Any]:
         """Settle the started connects: those in `expect` within `wait` s, the rest now."""
@@ -220,7 +221,7 @@ class Prober:
 
 
 class Agent:
-    def __init__(self) -> None:
+    def __init__(self, batch: int = BATCH) -> None:
         self.sockets: list[socket.socket] = []
         self.udp: list[tuple[socket.socket, str]] = []
         self.heard: set[str] = set()
@@ -231,7 +232,7 @@ class Agent:
         self.answered: set[TapKey] = set()     # a SYN-ACK left for it
         self.refused: set[TapKey] = set()      # a RST or an ICMP error left for it
         self.quoted: dict[tuple[str, int, str, int], TapKey] = {}   # ICMP errors, by ends
-        self.prober = Prober()
+        self.prober = Prober(batch)
 
     # -- server side --------------------------------------------------------------------------
     def serve(self, proto: str, address: str, port: int, v6only: bool,
@@ -424,14 +425,14 @@ class Agent:
 
 
 def main() -> int:
+    batch = BATCH
     try:   # many attempts at once: as many descriptors as the hard limit allows
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        global BATCH
-        BATCH = max(BATCH, min(hard - 100, 4000))
+        batch = max(BATCH, min(hard - 100, 4000))
     except (OSError, ValueError):
         pass
-    agent = Agent()
+    agent = Agent(batch)
     print(json.dumps({"ok": True, "ready": True, "pid": os.getpid()}), flush=True)
     for line in sys.stdin:
         if not line.strip():

@@ -96,9 +96,10 @@ def _copy_ipsets(text: bytes, inside: list[str]) -> None:
 def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
     """`text` loaded by iptables-restore in a scratch namespace; nft's listing of `tables`
     (a text iptables-restore refuses matches no table)."""
-    from fwsafe.check.netns import Namespaces, NetnsError
+    from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
 
     family = NFT_FAMILY[name]
+    remove_orphans(SCRATCH_PREFIX)   # left by a round trip whose process was killed
     scratch = f"{SCRATCH_PREFIX}{os.getpid()}"
     try:
         with Namespaces(ip=require_binary("ip")) as namespaces:

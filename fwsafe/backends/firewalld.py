@@ -42,7 +42,7 @@ from typing import Any
 
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
-from fwsafe.guard import hatch
+from fwsafe.ondisk import hatch
 from fwsafe.ondisk.firewalld import (
     FIREWALLD_DIR,
     FIREWALLD_TABLES,

@@ -23,7 +23,7 @@ from fwsafe.backends import nflist
 from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog, line_starting
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
-from fwsafe.guard import hatch
+from fwsafe.ondisk import hatch
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {

@@ -26,7 +26,7 @@ from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.backends.nflist import kernel_tables
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
-from fwsafe.guard import hatch
+from fwsafe.ondisk import hatch
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_ERROR = re.compile(r"^(?:/dev/stdin|[^:\s]+):(\d+):(\d+)(?:-\d+)?: Error: (.*)$", re.M)

@@ -15,6 +15,12 @@ guard puts the files back and reloads again.
 revert: the touched files back byte for byte (a file the change created is removed), a reload
 (on a systemd host the system's sshd is started again if it is gone), then a fresh capture
 must show the files as they were.
+
+Socket-activated sshd (ssh.socket, Accept=no: fwsafe.sshd.socketunit): the system's layer also
+holds the socket unit's files under /etc/systemd/system (its drop-ins, fwsafe's own
+fwsafe-listen.conf among them), so the snapshot and the revert cover them byte for byte; a
+change and a revert are put in force by daemon-reload and a restart of the socket and its
+service that keeps the open sessions, instead of a SIGHUP.
 """
 
 from __future__ import annotations
@@ -42,11 +48,19 @@ from fwsafe.sshd.daemon import (
     effective,
     listen_ports,
     pidfiles,
-    socket_activated,
     sshd_binary,
+    systemctl,
     test_config,
 )
-from fwsafe.sshd.ports import port_conflicts
+from fwsafe.sshd.ports import listen_addresses, port_conflicts
+from fwsafe.sshd.socketunit import (
+    SocketUnit,
+    detect,
+    is_socket_file,
+    refusal,
+    restart,
+    socket_files,
+)
 
 SSHD_LAYER = "sshd"
 _PREFIX = SSHD_LAYER + ":"
@@ -104,7 +118,8 @@ class SshdLayer(Layer):
         except SshdConfigError as exc:
             raise ApplyError(str(exc)) from exc
         files: dict[str, FileState] = {}
-        for path in tree.files:
+        extra = socket_files() if self.config == SSHD_CONFIG else []
+        for path in [*tree.files, *extra]:
             state = read_file(path)
             if state is not None:
                 files[path] = state
@@ -143,19 +158,35 @@ class SshdLayer(Layer):
             raise InvalidRulesError(f"sshd refuses the new configuration: {problem}",
                                     path=source, hint="nothing was changed")
         reload = Reload(self.config, pidfiles(current))
-        why = reload.reloadable()
-        if why is not None:
-            raise InvalidRulesError(f"{why}: the new configuration could not be put in force",
-                                    hint="nothing was changed; give --sshd-config the file the "
-                                         "running sshd was started with (-f)")
-        old, new = expected_ports(current), expected_ports(candidate)
-        if old != new and socket_activated(self.config):
-            raise InvalidRulesError(
-                "sshd is socket-activated (ssh.socket): its ports are the socket unit's, and "
-                "fwsafe does not change those yet", hint="nothing was changed")
+        sock = detect(self.config)
+        if sock is not None:
+            self._validate_socket(sock, layer, current, candidate)
+        else:
+            why = reload.reloadable()
+            if why is not None:
+                raise InvalidRulesError(f"{why}: the new configuration could not be put in force",
+                                        hint="nothing was changed; give --sshd-config the file "
+                                             "the running sshd was started with (-f)")
         conflicts = port_conflicts(effective(candidate), reload.daemon())
         if conflicts:
             raise InvalidRulesError("; ".join(conflicts), hint="nothing was changed")
+
+    @staticmethod
+    def _validate_socket(sock: SocketUnit, layer: SshdFiles, current: Tree,
+                         candidate: Tree) -> None:
+        """A socket-activated sshd: the change must be one fwsafe can put in force there."""
+        moved = listen_addresses(effective(current)) != listen_addresses(effective(candidate))
+        if sock.accept and not moved:
+            return  # every connection starts a new sshd that reads the new files
+        why = refusal(sock)
+        if why is not None:
+            raise InvalidRulesError(f"sshd is socket-activated ({sock.unit}): {why}",
+                                    hint="nothing was changed")
+        if moved and not sock.generator and sock.dropin not in layer.files:
+            raise InvalidRulesError(
+                f"sshd is socket-activated ({sock.unit}) and the change moves its ports, but it "
+                f"does not write {sock.dropin}: it was made for a host without the socket",
+                hint="nothing was changed; make the change again here")
 
     # -- under the guard ---------------------------------------------------------------------
     def apply(self, change: bytes, source: str) -> None:
@@ -169,8 +200,12 @@ class SshdLayer(Layer):
         for path, state in sorted(layer.files.items()):
             write_file(path, state)
         new = self.tree()
+        sock = detect(self.config)
         try:
-            Reload(self.config, pidfiles(old) + pidfiles(new), expected_ports(new)).run()
+            if sock is not None and not sock.accept:
+                restart(sock, expected_ports(new))
+            else:
+                Reload(self.config, pidfiles(old) + pidfiles(new), expected_ports(new)).run()
         except ReloadError as exc:
             raise ApplyError(f"sshd did not take the new configuration: {exc}") from exc
 
@@ -196,7 +231,16 @@ class SshdLayer(Layer):
         tree = self.tree()
         reload = Reload(self.config, pidfiles(tree), expected_ports(tree), restart_if_down=True)
         problems = []
-        if reload.reloadable() is not None:
+        sock = detect(self.config, failed_too=True)
+        if sock is not None and not sock.accept:
+            problems += self._restart_socket(sock, on_retry)
+        elif self.config == SSHD_CONFIG and any(map(is_socket_file, units)):
+            # The socket is not up (early in a boot): systemd reads the files back when it
+            # starts it.
+            code, out = systemctl("daemon-reload")
+            if code != 0:
+                problems.append(f"{self.label}: systemctl daemon-reload: {out}")
+        elif reload.reloadable() is not None:
             if on_retry is not None:
                 on_retry(f"sshd files put back; {reload.reloadable()}: it reads them when it "
                          "starts")
@@ -211,3 +255,12 @@ class SshdLayer(Layer):
         old_units = self.units(before)
         return [f"{self.label} {u}" for u in units if now_units.get(u) != old_units.get(u)] \
             + problems
+
+    def _restart_socket(self, sock: SocketUnit, on_retry: RetryLog | None) -> list[str]:
+        try:
+            done = restart(sock, None)
+        except ReloadError as exc:
+            return [f"{self.label}: {sock.unit}: {exc}"]
+        if on_retry is not None:
+            on_retry(f"sshd's socket restarted: {done}")
+        return []

@@ -127,6 +127,17 @@ def _listen_port(value: str) -> int | None:
 
 
 def sshd_ports(config: str = SSHD_CONFIG) -> list[int]:
+    """The ports sshd listens on: those of its socket unit when systemd starts it from one
+    (ssh.socket), else those of its configuration (default [22])."""
+    from fwsafe.sshd.socketunit import detect
+
+    sock = detect(config)
+    if sock is not None and sock.ports():
+        return sock.ports()
+    return config_ports(config)
+
+
+def config_ports(config: str = SSHD_CONFIG) -> list[int]:
     """The ports sshd listens on according to its configuration (default [22])."""
     ports: list[int] = []
     listen_ports: list[int] = []

@@ -43,6 +43,8 @@ __all__ = [
     "kill_until_gone",
     "netns_exists",
     "netns_pids",
+    "orphans",
+    "remove_orphans",
     "run_command",
 ]
 
@@ -276,3 +278,39 @@ class Namespaces:
         self.created = []
         if errors:
             raise NetnsError("; ".join(errors))
+
+
+_OWNED = re.compile(r"^(fw[a-z]{2})(\d+)(?:[a-z]*[sc])?$")
+
+
+def orphans(prefix: str) -> list[str]:
+    """fwsafe's scratch namespaces named ``<prefix><pid>`` (a sandbox's: and a suffix) whose
+    owner (that PID) is gone: killed (SIGKILL) before it could remove them."""
+    try:
+        names = sorted(os.listdir(NETNS_DIR))
+    except OSError:
+        return []
+    return [n for n in names if (m := _OWNED.match(n)) and m.group(1) == prefix
+            and _gone(int(m.group(2)))]
+
+
+def _gone(pid: int) -> bool:
+    """No process `pid`, or only its zombie (killed, not yet reaped: what a pidfd reports)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
+
+
+def remove_orphans(prefix: str) -> list[str]:
+    """Delete the sandbox namespaces under `prefix` whose owner died (what runs in them is
+    killed by PID first); the names that could not be removed, said by the caller. Never
+    raises: a leftover sandbox is no reason to stop a revert."""
+    left = []
+    for name in orphans(prefix):
+        try:
+            destroy_netns(name)
+        except (NetnsError, OSError):
+            left.append(name)
+    return left

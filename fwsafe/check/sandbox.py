@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import select
 import subprocess
 import sys
@@ -34,7 +33,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from fwsafe.check.netns import NETNS_DIR, Namespaces, NetnsError, configuring, destroy_netns
+from fwsafe.check.netns import (
+    Namespaces,
+    NetnsError,
+    configuring,
+    remove_orphans,
+)
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
@@ -43,7 +47,6 @@ TRACE_TABLE = "fwsafe_check_trace"
 CANARY_PORTS = "40000-49999"
 CHECK_PREFIX = "fwck"   # `fwsafe check`, the check before `apply`, the audit
 PROOF_PREFIX = "fwpr"   # the access proof after a revert
-_OWNED = re.compile(r"^(fw[a-z]{2})(\d+)[a-z]*[sc]$")
 
 
 class SandboxError(Exception):
@@ -392,35 +395,3 @@ class Sandbox:
             pass
         if errors:
             print("fwsafe: warning: sandbox teardown: " + "; ".join(errors), file=sys.stderr)
-
-
-def orphans(prefix: str) -> list[str]:
-    """The sandbox namespaces named ``<prefix><pid>...`` whose owner (that PID) is gone."""
-    try:
-        names = sorted(os.listdir(NETNS_DIR))
-    except OSError:
-        return []
-    return [n for n in names if (m := _OWNED.match(n)) and m.group(1) == prefix
-            and _gone(int(m.group(2)))]
-
-
-def _gone(pid: int) -> bool:
-    """No process `pid`, or only its zombie (killed, not yet reaped: what a pidfd reports)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] in (b"Z", b"X")
-    except (OSError, IndexError):
-        return True
-
-
-def remove_orphans(prefix: str) -> list[str]:
-    """Delete the sandbox namespaces under `prefix` whose owner died (what runs in them is
-    killed by PID first); the names that could not be removed, said by the caller. Never
-    raises: a leftover sandbox is no reason to stop a revert."""
-    left = []
-    for name in orphans(prefix):
-        try:
-            destroy_netns(name)
-        except (NetnsError, OSError):
-            left.append(name)
-    return left

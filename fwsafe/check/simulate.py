@@ -25,10 +25,12 @@ from typing import Any
 from fwsafe.backends import layer_for
 from fwsafe.backends.base import ApplyError
 from fwsafe.check.isolation import UNSHARE_ARGS, Tripwires, describe, enter, host_sockets
-from fwsafe.check.netns import Namespaces, NetnsError
+from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
 from fwsafe.errors import CannotSimulateError, EnvironmentProblem, InvalidRulesError
 from fwsafe.ondisk.ufw import UfwFilesError
 from fwsafe.runner import module_argv, require_binary
+
+SIMULATE_PREFIX = "fwsb"   # fwsb<pid>: the scratch namespace of a simulated change
 
 LOADERS = {
     "ipv4": ["iptables-restore"],
@@ -57,7 +59,8 @@ def simulate(
 ) -> dict[str, bytes]:
     """Apply a change to a copy of `before` in a scratch namespace; return the `watch` layers
     captured afterwards. Raises InvalidRulesError when the change is refused there."""
-    name = f"fwsb{os.getpid()}"
+    remove_orphans(SIMULATE_PREFIX)   # left by a simulation whose process was killed
+    name = f"{SIMULATE_PREFIX}{os.getpid()}"
     namespaces = Namespaces(ip=require_binary("ip"))
     try:
         namespaces.create(name)

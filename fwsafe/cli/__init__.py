@@ -9,13 +9,11 @@ from collections.abc import Sequence
 
 import click
 
-from fwsafe import runner
-from fwsafe.cli.common import EXIT_CODES_EPILOG, RAW_ARGS, VERBOSITY, LazyGroup
+from fwsafe.cli.common import EXIT_CODES_EPILOG, LazyGroup
 from fwsafe.cli.failure import fail, internal_error, interrupted, wants_json
 from fwsafe.cli.version import show_version
-from fwsafe.core.statedir import RESOLVED
+from fwsafe.context import RUN
 from fwsafe.errors import ExitCode, FwsafeError
-from fwsafe.guard import spawn as guard
 
 
 @click.group(cls=LazyGroup, epilog=EXIT_CODES_EPILOG,
@@ -41,11 +39,7 @@ def cli() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    RAW_ARGS[:] = args
-    VERBOSITY[0] = 0
-    runner.TRACE.clear()
-    RESOLVED.clear()
-    guard.SPAWNED.clear()
+    RUN.reset(args)
     as_json = wants_json(args)
     try:
         returned = cli.main(args=args, prog_name="fwsafe", standalone_mode=False)

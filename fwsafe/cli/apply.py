@@ -5,48 +5,42 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any
 
 import click
 
 from fwsafe.backends.ufw import prepare_command
-from fwsafe.cli import countdown
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
-    RAW_ARGS,
     TIMEOUT_HELP,
-    VERBOSITY,
+    apply_options,
+    backend_option,
     clock,
     config_from,
-    config_path_of,
-    detail,
     echo_styled,
     emit,
     manager_for,
+    partial_option,
     progress,
-    record_summary,
+    rules6_option,
     state_options,
-    timeout_from,
 )
+from fwsafe.cli.screens import after_apply
 from fwsafe.cli.ticker import StepTicker
-from fwsafe.config import Config
+from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change, change_from_files
 from fwsafe.core.manager import Manager
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (
-    ChangeMayBeLiveError,
     FwsafeError,
-    RevertedError,
-    RevertFailedError,
 )
 from fwsafe.probes import parse_probe
 
 
 @click.command(epilog=EXIT_CODES_EPILOG)
 @click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+@rules6_option
 @click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
 @click.option("--detach", is_flag=True,
               help="Return once the change is live and the guard armed (confirm later).")
@@ -72,15 +66,13 @@ from fwsafe.probes import parse_probe
 @click.option("--accept-new-host-key", is_flag=True,
               help="With --host: trust an unknown host key and record it (a changed key is "
                    "always refused).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@backend_option
 @click.option("--force", is_flag=True,
               help="Apply even when the lockout check predicts that SSH would be cut, or when "
                    "the file would delete chains that fail2ban, Docker, kube-proxy, ... created "
                    "(the guard still reverts unless confirmed).")
-@click.option("--partial", is_flag=True,
-              help="Replace only the chains the file names (nft: the tables it defines); every "
-                   "other chain, such as fail2ban's or Docker's, stays as it is live.")
+@partial_option("Replace only the chains the file names (nft: the tables it defines); every "
+                "other chain, such as fail2ban's or Docker's, stays as it is live.")
 @click.option("--no-check", is_flag=True,
               help="Skip the lockout check (e.g. after running `fwsafe check` yourself).")
 @click.option("--exposure/--no-exposure", default=None,
@@ -137,8 +129,8 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
       fwsafe apply --host admin@web1 -i ~/.ssh/id_ed25519 new.rules     (from your laptop)
     """
     config = config_from(config_path)
-    options = ApplyOptions(
-        timeout_s=timeout_from(config, timeout_s),
+    options = apply_options(
+        config, timeout_s,
         probes=list(probes) or list(config.probes),
         probe_interval=probe_interval if probe_interval is not None else config.probe_interval,
         probe_failures=probe_failures if probe_failures is not None else config.probe_failures,
@@ -146,21 +138,16 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
             config.probe_timeout,
             probe_interval if probe_interval is not None else config.probe_interval),
         confirm_on_probe=confirm_on_probe or 0,
-        command=list(sys.argv),
         check=not no_check,
         force=force,
-        config_path=config_path_of(config),
-        max_timeout=config.max_timeout,
-        boot_hook=config.boot_hook,
-        **guard_settings(config),
     )
     for url in options.probes:
         parse_probe(url)  # a bad probe is a usage error before anything happens
     if options.confirm_on_probe and not options.probes:
         raise click.UsageError("--confirm-on-probe needs at least one --probe")
-    if sshd_set and ("--" in RAW_ARGS or host):
+    if sshd_set and ("--" in RUN.raw_args or host):
         raise click.UsageError("--sshd-set takes rules files on this host, not a command or --host")
-    if "--" in RAW_ARGS:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
+    if "--" in RUN.raw_args:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
         if partial:
             raise click.UsageError("--partial takes rules files, not a command")
         if host:
@@ -204,16 +191,10 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
                                                and sys.stderr.isatty()):
         options.before_apply = show_exposure
     steps = 3 + int(options.check) + int(options.before_apply is not None)
-    with StepTicker(sys.stderr, total=steps, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+    with StepTicker(sys.stderr, total=steps, enabled=not as_json and RUN.verbosity >= 0) as tick:
         options.step = tick.step
         record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=yes, as_json=as_json)
-
-
-def guard_settings(config: Config) -> dict[str, Any]:
-    """The config's settings of the guard, its backstop and the kernel escape hatch."""
-    return {"stuck_grace": config.stuck_grace, "hatch": config.hatch,
-            "hatch_grace": config.hatch_grace, "admin_sources": list(config.admin_sources)}
 
 
 def show_exposure(complete: Change) -> None:
@@ -227,7 +208,7 @@ def show_exposure(complete: Change) -> None:
         layers = candidate_layers(complete)
         if not layers:
             return
-        text = exposure_change(layers).describe(VERBOSITY[0] >= 1)
+        text = exposure_change(layers).describe(RUN.verbosity >= 1)
     except FwsafeError as exc:
         progress(f"exposure: not checked ({exc.message})")
         return
@@ -247,7 +228,7 @@ def _apply_command(argv: list[str], options: ApplyOptions, *, detach: bool, yes:
     started = time.time()
     try:
         with StepTicker(sys.stderr, total=steps,
-                        enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+                        enabled=not as_json and RUN.verbosity >= 0) as tick:
             options.step = tick.step
             record = manager.apply(change, options)
     finally:
@@ -297,117 +278,6 @@ def timestamped_progress(message: str) -> None:
     click.echo(f"{time.strftime('%H:%M:%S')} fwsafe: {message}", err=True)
 
 
-def after_apply(manager: Manager, record: Record, *, detach: bool, yes: bool,
-                 as_json: bool) -> None:
-    """Countdown on a terminal; wait for the probes with --yes; otherwise return armed."""
-    if yes and record.options.get("confirm_on_probe"):
-        if not as_json:
-            progress(f"transaction {record.id} is live; the probes decide "
-                      f"(deadline {clock(record.deadline)})")
-        finish(wait_final(manager, record.id, limit_s=record.timeout_s + 600), as_json)
-        return
-    if detach or yes or not sys.stdin.isatty():
-        report_armed(record, as_json)
-        return
-    interactive_wait(manager, record, as_json)
-
-
-def report_armed(record: Record, as_json: bool) -> None:
-    summary = record_summary(record)
-    text = (
-        f"applied transaction {record.id} ({', '.join(record.layers)})\n"
-        f"  the guard (PID {record.guard_pid}) reverts it at {clock(record.deadline)} "
-        f"(in {countdown.format_duration(record.remaining_s() or 0)}) unless confirmed.\n"
-        f"  confirm from a NEW SSH session:  fwsafe confirm {record.id}\n"
-        f"  revert now:  fwsafe revert    more time:  fwsafe extend SECONDS"
-    )
-    if record.shielded is False:
-        text += f"\n  warning: the guard is NOT shielded from the OOM killer ({record.shield_error})"
-    emit(summary, as_json, text)
-    detail(f"snapshot of {', '.join(record.captured)}; guard {record.guard_mode}; backstop: "
-           f"{(record.backstop or {}).get('how', 'none')}")
-    for note in record.notes:
-        detail(f"note: {note}")
-
-
-def interactive_wait(manager: Manager, record: Record, as_json: bool) -> None:
-    tx_id = record.id
-    shield = ("shielded from the OOM killer" if record.shielded
-              else f"NOT shielded from the OOM killer: {record.shield_error}")
-    what = ", ".join(record.layers) or " ".join(record.run or [])
-    progress(
-        f"transaction {tx_id} is live ({what}). The guard "
-        f"(PID {record.guard_pid}, {shield}) reverts it at {clock(record.deadline)} unless "
-        "confirmed.")
-    if VERBOSITY[0] >= 0:  # the verdict, in colour on a terminal
-        check = record.options.get("check", {})
-        echo_styled(f"  Lockout check: {check.get('summary', 'not run')}", err=True,
-                    fg="red" if check.get("lockout") else "green" if check.get("ran")
-                    else "yellow")
-        click.echo(
-            "  Stronger proof: open a NEW SSH session and run `fwsafe confirm` there; "
-            "established\n  connections survive rules that drop new ones, so this session "
-            "staying alive proves little.", err=True)
-
-    def still_open() -> bool:
-        return manager.view(tx_id).state == transaction.PENDING
-
-    latest = manager.view(tx_id)
-    while True:
-        answer = countdown.run_countdown(latest.deadline or time.time(), still_open)
-        latest = manager.view(tx_id)
-        if answer != countdown.EXTERNAL or latest.state != transaction.PENDING:
-            break
-    if answer == countdown.YES:
-        latest = manager.confirm(tx_id)
-    elif answer in (countdown.NO, countdown.EOF, countdown.INTERRUPT, countdown.HANGUP):
-        why = {
-            countdown.NO: "declined at the countdown ('no')",
-            countdown.EOF: "end of input at the countdown",
-            countdown.INTERRUPT: "interrupted at the countdown (Ctrl-C)",
-            countdown.HANGUP: "the session that ran apply hung up before confirming",
-        }[answer]
-        try:
-            latest = manager.revert(tx_id, reason=why)
-        except RevertedError:
-            latest = manager.view(tx_id)
-    else:
-        latest = wait_final(manager, tx_id)
-    finish(latest, as_json)
-
-
-def wait_final(manager: Manager, tx_id: str, limit_s: float = 600) -> Record:
-    """The transaction left `pending` elsewhere; wait until the guard (or whoever took it
-    over) has finished with it. The guard's own view counts: the disk may refuse the record."""
-    end = time.monotonic() + limit_s
-    record = manager.view(tx_id)
-    while record.state in (transaction.PENDING, transaction.REVERTING) and time.monotonic() < end:
-        time.sleep(0.1)
-        record = manager.view(tx_id)
-    return record
-
-
-def finish(record: Record, as_json: bool) -> None:
-    """Report how the transaction ended; exit codes never lie."""
-    if record.state == transaction.CONFIRMED:
-        emit(record_summary(record), as_json,
-              f"confirmed: transaction {record.id} stays. {record.reason or ''}".rstrip())
-        return
-    if record.state == transaction.REVERTED:
-        raise RevertedError(f"transaction {record.id} was reverted: {record.reason}",
-                            hint="the rules from before the change are back in force")
-    if record.state == transaction.REVERT_FAILED:
-        raise RevertFailedError(
-            f"transaction {record.id}: the revert FAILED ({record.error}); the firewall may "
-            "still hold the new rules", hint="run `fwsafe recover`; check with iptables-save")
-    if record.state in transaction.OPEN_STATES:
-        raise ChangeMayBeLiveError(
-            f"transaction {record.id} is still {record.state}: the change may be live",
-            hint="run `fwsafe status`; `fwsafe recover` if its guard is gone")
-    raise FwsafeError(f"transaction {record.id} is {record.state}")
-
-
-
 @click.command(epilog=EXIT_CODES_EPILOG, context_settings={
     "ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
@@ -432,10 +302,7 @@ def ufw(timeout_s: str | None, detach: bool, force: bool, no_check: bool, as_jso
     # `fwsafe ufw --force enable` is what ufw's users type: ufw's --force, never fwsafe's.
     if force:
         ufw_args = ("--force", *ufw_args)
-    options = ApplyOptions(timeout_s=timeout_from(config, timeout_s),
-                           command=list(sys.argv), check=not no_check, force=False,
-                           config_path=config_path_of(config), max_timeout=config.max_timeout,
-                           boot_hook=config.boot_hook, **guard_settings(config))
+    options = apply_options(config, timeout_s, check=not no_check, force=False)
     _apply_command(["ufw", *ufw_args], options, detach=detach, yes=False, as_json=as_json,
                    manager=manager_for(state_dir, config, converge=False))
 
@@ -464,10 +331,7 @@ def firewall_cmd(timeout_s: str | None, detach: bool, as_json: bool, state_dir: 
       fwsafe firewall-cmd --timeout 120 --zone=public --add-port=8080/tcp
     """
     config = config_from(config_path)
-    options = ApplyOptions(timeout_s=timeout_from(config, timeout_s),
-                           command=list(sys.argv), check=True, force=False,
-                           config_path=config_path_of(config), max_timeout=config.max_timeout,
-                           boot_hook=config.boot_hook, **guard_settings(config))
+    options = apply_options(config, timeout_s, check=True, force=False)
     _apply_command(["firewall-cmd", *firewall_cmd_args], options, detach=detach, yes=False,
                    as_json=as_json, manager=manager_for(state_dir, config, converge=False))
 

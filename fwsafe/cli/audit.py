@@ -13,22 +13,23 @@ from fwsafe.cli.common import (
     CONFIG_HELP,
     EXIT_CODES_EPILOG,
     STATE_DIR_HELP,
-    VERBOSITY,
+    backend_option,
     echo_styled,
+    partial_option,
+    rules6_option,
 )
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
+from fwsafe.context import RUN
 from fwsafe.core.change import change_from_files, resolve_partial, validate_change
 from fwsafe.core.statedir import resolve_state_dir
 
 
 @click.command(name="audit", epilog=EXIT_CODES_EPILOG)
 @click.argument("rules", nargs=-1, metavar="[RULES...]")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
-@click.option("--partial", is_flag=True,
-              help="The file replaces only the chains (nft: tables) it names, as with apply.")
+@rules6_option
+@backend_option
+@partial_option()
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=60),
               default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds one connection attempt may take in the sandbox.")
@@ -73,14 +74,14 @@ def audit_command(rules: tuple[str, ...], rules6: str | None, backend: str, part
         candidate = candidate_layers(change)
     elif partial:
         raise click.UsageError("--partial needs RULES")
-    with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+    with StepTicker(sys.stderr, total=1, enabled=not as_json and RUN.verbosity >= 0) as tick:
         tick.step("trying every listener from outside, in a scratch namespace")
         report = audit(config, resolve_state_dir(state_dir, config.state_dir),
                        candidate=candidate, timeout=timeout_s)
     if as_json:
         click.echo(json.dumps(report.to_json(), sort_keys=True))
     else:
-        first, _, rest = report.describe(VERBOSITY[0] >= 1).partition("\n")
+        first, _, rest = report.describe(RUN.verbosity >= 1).partition("\n")
         echo_styled(first, fg="red" if report.exit_code else "green", bold=True)
         click.echo(rest)
     if report.exit_code:

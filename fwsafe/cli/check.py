@@ -20,9 +20,15 @@ from fwsafe.check.predict import (
     predict,
 )
 from fwsafe.check.report import check_lines, left_out_line
-from fwsafe.cli.common import RAW_ARGS, VERBOSITY, echo_styled
+from fwsafe.cli.common import (
+    backend_option,
+    echo_styled,
+    partial_option,
+    rules6_option,
+)
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
+from fwsafe.context import RUN
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, RejectedError, UsageError
 
@@ -35,20 +41,18 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
 
 @click.command(name="check", epilog=EPILOG)
 @click.argument("rules", nargs=-1, metavar="RULES... | -- COMMAND...")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+@rules6_option
 @click.option("--client", "clients", multiple=True, metavar="IP[,IP...]",
               help="Management client address(es); repeatable. Default: the client of this SSH "
                    "session ($SSH_CONNECTION), else the clients of the established SSH sessions.")
 @click.option("--port", type=click.IntRange(1, 65535), default=None,
               help="Management (SSH) port. Default: this session's server port, else sshd's "
                    "Port/ListenAddress (22).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
+@backend_option
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1, max=60),
               default=DEFAULT_TIMEOUT, show_default=True,
               help="Seconds one connection attempt may take in the sandbox.")
-@click.option("--partial", is_flag=True,
-              help="The file replaces only the chains (nft: tables) it names, as with apply.")
+@partial_option()
 @click.option("--no-exposure", is_flag=True,
               help="Skip the exposure section (which services the change opens or closes to "
                    "the world and the local subnets, as `fwsafe audit` sees them).")
@@ -88,7 +92,7 @@ def check(rules: tuple[str, ...], rules6: str | None, clients: tuple[str, ...],
     """
     # Beside the main thread: reading the host, the validation, the pruning analysis (of the
     # candidate and of the host's layers), the exposure and its sandbox.
-    with StepTicker(sys.stderr, total=2, enabled=not as_json and VERBOSITY[0] >= 0) as tick, \
+    with StepTicker(sys.stderr, total=2, enabled=not as_json and RUN.verbosity >= 0) as tick, \
             ThreadPoolExecutor(max_workers=5) as pool:
         _check(tick, pool, rules, rules6, clients, port, backend, timeout_s, partial,
                no_exposure, as_json)
@@ -102,7 +106,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     tick.step("reading the live firewall and validating the rules")
     host = pool.submit(capture_host)
     validating: Future[None] | None = None
-    if "--" in RAW_ARGS:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
+    if "--" in RUN.raw_args:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         from fwsafe.backends.ufw import prepare_command
 
         change = Change(run=prepare_command(list(rules))[0])
@@ -145,7 +149,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
             sys.exit(int(LockoutPredicted.exit_code))
         return
     tick.step("")
-    verbose = VERBOSITY[0] >= 1
+    verbose = RUN.verbosity >= 1
     lines, left_out = check_lines(report, verbose)
     section = exposure[1] if exposure is not None else None
     if isinstance(section, str):

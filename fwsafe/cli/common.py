@@ -15,20 +15,22 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from fwsafe.config import Config, load_config
+from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
-from fwsafe.core.recover import converge as converge_orphan
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import EXIT_CODE_HELP
+from fwsafe.guard.spawn import converge as converge_orphan
 
-# The command line as given (click drops the `--` that starts command mode): set by cli.main.
-RAW_ARGS: list[str] = []
+if TYPE_CHECKING:
+    from fwsafe.core.apply import ApplyOptions
+
 COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
                    "audit", "sshd", "shim")
 COMMAND_TABLE = {
@@ -68,23 +70,18 @@ class LazyGroup(click.Group):
 
 
 # -- how much to say ---------------------------------------------------------------------------
-# -1: --quiet (results and errors only); 0: the default; 1: -v (more detail); 2: -vv (also
-# every command line fwsafe runs). Progress goes to stderr, results to stdout, whatever the level.
-VERBOSITY = [0]
 
 
 def _set_quiet(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:
-        VERBOSITY[0] = -1
+        RUN.verbosity = -1
 
 
 def _set_verbose(ctx: click.Context, param: click.Parameter, value: int) -> None:
     if value:
-        VERBOSITY[0] = max(VERBOSITY[0], 0) + value
-    if VERBOSITY[0] >= 2:
-        from fwsafe import runner
-
-        runner.TRACE[:] = [lambda argv: click.echo("fwsafe: run: " + " ".join(argv), err=True)]
+        RUN.verbosity = max(RUN.verbosity, 0) + value
+    if RUN.verbosity >= 2:
+        RUN.trace[:] = [lambda argv: click.echo("fwsafe: run: " + " ".join(argv), err=True)]
 
 
 def add_output_options(command: click.Command) -> None:
@@ -164,8 +161,18 @@ STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else 
 CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
 TIMEOUT_HELP = ("Seconds until the guard reverts unless confirmed (default 60, or the config); "
                 "1 to max_timeout (24 h by default).")
-LAST_ERROR_LOG = "last-error.log"
 F = TypeVar("F", bound=Callable[..., Any])
+
+# Options every command that reads a rules file shares (apply, check, diff, audit).
+rules6_option = click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
+backend_option = click.option(
+    "--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
+    show_default=True, help="How to read RULES: auto recognises nft files by content.")
+PARTIAL_AS_APPLY = "The file replaces only the chains (nft: tables) it names, as with apply."
+
+
+def partial_option(help_text: str = PARTIAL_AS_APPLY) -> Callable[[F], F]:
+    return click.option("--partial", is_flag=True, help=help_text)
 
 
 def state_options(func: F) -> F:
@@ -191,6 +198,20 @@ def timeout_from(config: Config, timeout_s: str | None) -> float:
     return config.seconds(timeout_s, "--timeout")
 
 
+def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> ApplyOptions:
+    """The options of a change made under the guard, with everything the config decides (the
+    timeout, the config file for the guard, max_timeout, the boot hook, the guard's, backstop's
+    and hatch's settings) taken from it: every command that applies builds them here, so none
+    ignores a setting; `fields` are the command's own (probes, check, force, login_user...)."""
+    from fwsafe.core.apply import ApplyOptions
+
+    return ApplyOptions(
+        timeout_s=timeout_from(config, timeout_s), command=list(sys.argv),
+        config_path=config_path_of(config), max_timeout=config.max_timeout,
+        boot_hook=config.boot_hook, stuck_grace=config.stuck_grace, hatch=config.hatch,
+        hatch_grace=config.hatch_grace, admin_sources=list(config.admin_sources), **fields)
+
+
 def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
     if as_json:
         click.echo(json.dumps(data, sort_keys=True))
@@ -199,13 +220,13 @@ def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
 
 
 def progress(message: str) -> None:
-    if VERBOSITY[0] >= 0:
+    if RUN.verbosity >= 0:
         click.echo(f"fwsafe: {message}", err=True)
 
 
 def detail(message: str) -> None:
     """Said with -v only."""
-    if VERBOSITY[0] >= 1:
+    if RUN.verbosity >= 1:
         click.echo(f"fwsafe: {message}", err=True)
 
 
@@ -214,7 +235,7 @@ def manager_for(state_dir: str | None, config: Config | None = None, *,
     """The Manager of the state directory chosen. With `converge` (every command but those
     that revert an orphaned transaction themselves: apply, revert, recover) a transaction left
     open past its deadline with nobody looking after it is taken over first, so that what
-    the command says is the truth (fwsafe.core.recover.converge)."""
+    the command says is the truth (fwsafe.guard.spawn.converge)."""
     configured = config.state_dir if config is not None else None
     state = StateDir(resolve_state_dir(state_dir, configured))
     if converge:

@@ -9,9 +9,15 @@ import click
 
 from fwsafe.backends.ufw import prepare_command
 from fwsafe.check.diff import UnitDiff, diff_change
-from fwsafe.cli.common import RAW_ARGS, VERBOSITY, use_colour
+from fwsafe.cli.common import (
+    backend_option,
+    partial_option,
+    rules6_option,
+    use_colour,
+)
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import load_config
+from fwsafe.context import RUN
 from fwsafe.core.change import Change, change_from_files, require_root
 
 DIFF_SHOWN = 30   # changed lines `fwsafe diff` shows by default; -v: every line, with context
@@ -47,11 +53,9 @@ def _render(diffs: list[UnitDiff], color: bool, verbose: bool = False) -> str:
 
 @click.command(name="diff")
 @click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
-@click.option("--rules6", metavar="RULES6", help="An ip6tables-save file (IPv6).")
-@click.option("--backend", type=click.Choice(["auto", "iptables", "nft"]), default="auto",
-              show_default=True, help="How to read RULES: auto recognises nft files by content.")
-@click.option("--partial", is_flag=True,
-              help="The file replaces only the chains (nft: tables) it names, as with apply.")
+@rules6_option
+@backend_option
+@partial_option()
 @click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
 def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
          as_json: bool) -> None:
@@ -67,7 +71,7 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
     the guard).
     """
     require_root()
-    if "--" in RAW_ARGS:
+    if "--" in RUN.raw_args:
         run, _notes = prepare_command(list(args))
         change = Change(run=run)
     else:
@@ -76,7 +80,7 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
         change = change_from_files(args, rules6, backend,
                                    limit=load_config(None).max_rules_bytes)
         change.partial = partial
-    with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+    with StepTicker(sys.stderr, total=1, enabled=not as_json and RUN.verbosity >= 0) as tick:
         tick.step("trying the change on a copy, in a scratch namespace")
         diffs = diff_change(change)
     if as_json:
@@ -84,7 +88,7 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
                               sort_keys=True))
         return
     colour = use_colour(sys.stdout)
-    click.echo(_render(diffs, color=colour, verbose=VERBOSITY[0] >= 1), color=colour)
+    click.echo(_render(diffs, color=colour, verbose=RUN.verbosity >= 1), color=colour)
 
 
 COMMANDS = [diff]

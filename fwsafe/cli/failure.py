@@ -16,10 +16,10 @@ from typing import NoReturn
 import click
 
 from fwsafe import __version__
+from fwsafe.context import RUN
 from fwsafe.core import transaction
-from fwsafe.core.statedir import RESOLVED, StateDir, atomic_write, resolve_state_dir
+from fwsafe.core.statedir import StateDir, atomic_write, resolve_state_dir
 from fwsafe.errors import ExitCode, FwsafeError, InternalError
-from fwsafe.guard import spawn as guard
 
 LAST_ERROR_LOG = "last-error.log"
 
@@ -45,8 +45,8 @@ def fail(exc: FwsafeError, as_json: bool) -> NoReturn:
 def state_dir_of(args: Sequence[str]) -> Path | None:
     """The state directory of this command: the one it resolved, else --state-dir or
     $FWSAFE_STATE_DIR or the default."""
-    if RESOLVED:
-        return RESOLVED[-1]
+    if RUN.state_dir is not None:
+        return RUN.state_dir
     explicit = None
     for index, arg in enumerate(args):
         if arg == "--":
@@ -72,8 +72,8 @@ def may_be_live(state_dir: Path | None, *, any_open: bool = True) -> bool:
     except Exception:  # noqa: BLE001 - cannot tell: only what this process did counts
         record = None
     if record is None:
-        return bool(guard.SPAWNED)
-    if record.id in guard.SPAWNED:
+        return bool(RUN.spawned)
+    if record.id in RUN.spawned:
         return record.state not in (transaction.ABORTED, transaction.REJECTED,
                                     transaction.REVERTED, transaction.CONFIRMED)
     return any_open and (record.state in transaction.OPEN_STATES

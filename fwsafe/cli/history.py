@@ -14,21 +14,25 @@ from typing import Any
 
 import click
 
-from fwsafe.cli.common import VERBOSITY, complete_history_ids, use_colour
+from fwsafe.cli.common import (
+    EXIT_CODES_EPILOG,
+    TIMEOUT_HELP,
+    apply_options,
+    complete_history_ids,
+    state_options,
+    timeout_from,
+    use_colour,
+)
 from fwsafe.config import load_config
-from fwsafe.core.recover import converge
+from fwsafe.context import RUN
 from fwsafe.core.statedir import StateDir, resolve_state_dir
-from fwsafe.errors import EXIT_CODE_HELP, EnvironmentProblem, UsageError
+from fwsafe.errors import EnvironmentProblem, UsageError
+from fwsafe.guard.spawn import converge
 from fwsafe.ondisk.history import Entry, describe_who, format_time
 from fwsafe.persistence import history
+from fwsafe.persistence.rollback import rollback_change
 
-EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
-    f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
-STATE_DIR_HELP = "State directory (default: $FWSAFE_STATE_DIR, the config, else /var/lib/fwsafe)."
-CONFIG_HELP = "Configuration file (default: $FWSAFE_CONFIG, else /etc/fwsafe/fwsafe.toml)."
 HISTORY_SHOWN = 10   # the newest states `fwsafe history` lists by default; -v: all
-# Layers a rollback can put back (they take a rules file; sshd: its files, then a reload).
-ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd")
 
 
 def _state(state_dir: str | None, config_path: str | None) -> StateDir:
@@ -65,14 +69,8 @@ def entry_json(entry: Entry, *, with_layers: bool = False) -> dict[str, Any]:
     return data
 
 
-def _state_options(func: Any) -> Any:
-    func = click.option("--config", "config_path", help=CONFIG_HELP)(func)
-    return click.option("--state-dir", help=STATE_DIR_HELP)(func)
-
-
-@click.command("history", epilog=EPILOG)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@_state_options
+@click.command("history", epilog=EXIT_CODES_EPILOG)
+@state_options
 def history_cmd(as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """List the known-good states, oldest first: every confirmed state, and the baseline
     (the state before the first change)."""
@@ -86,7 +84,7 @@ def history_cmd(as_json: bool, state_dir: str | None, config_path: str | None) -
     if not found and not damaged:
         click.echo("no known-good state recorded yet: nothing was applied with fwsafe here")
         return
-    verbose = VERBOSITY[0] >= 1
+    verbose = RUN.verbosity >= 1
     shown = found if verbose else found[-HISTORY_SHOWN:]
     for entry in shown:
         mark = "  <- newest" if entry is found[-1] else ""
@@ -117,10 +115,9 @@ def _made_by(meta: dict[str, Any]) -> str:
     return ""
 
 
-@click.command("show", epilog=EPILOG)
+@click.command("show", epilog=EXIT_CODES_EPILOG)
 @click.argument("entry_id", metavar="ID", shell_complete=complete_history_ids)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@_state_options
+@state_options
 def show(entry_id: str, as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """Show one known-good state: who confirmed it, what changed, and every layer.
     ID may be a unique prefix, `baseline` or `last`."""
@@ -179,12 +176,11 @@ def diff_layers(old: dict[str, bytes], new: dict[str, bytes], old_name: str,
     return out
 
 
-@click.command("history-diff", epilog=EPILOG)
+@click.command("history-diff", epilog=EXIT_CODES_EPILOG)
 @click.argument("first", metavar="ID", shell_complete=complete_history_ids)
 @click.argument("second", metavar="[ID2]", required=False,
                 shell_complete=complete_history_ids)
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@_state_options
+@state_options
 def history_diff(first: str, second: str | None, as_json: bool, state_dir: str | None,
                  config_path: str | None) -> None:
     """Show how a known-good state differs from another one (ID2) or, without ID2, from the
@@ -215,98 +211,12 @@ def history_diff(first: str, second: str | None, as_json: bool, state_dir: str |
             click.echo(_colour(line, colour), color=colour)
 
 
-def rollback_change(entry: Entry) -> tuple[Any, list[str]]:
-    """The Change that puts `entry` back, and notes on the layers it leaves alone."""
-    from fwsafe.backends import layer_for
-    from fwsafe.core.change import Change
-
-    change = Change()
-    notes = []
-    for name, content in entry.layers.items():
-        if name not in ROLLBACK_LAYERS:
-            continue
-        try:
-            layer_for(name)
-        except UsageError:
-            notes.append(f"layer {name}: this fwsafe cannot apply it; not rolled back")
-            continue
-        if name in ("ipv4", "ipv6"):
-            content = _with_emptied_tables(name, content)
-        elif name == "nft":
-            content = _nft_replacement(content)
-            if not content.strip():
-                continue  # no native tables then, none now
-        elif name == "sshd":
-            sshd, sshd_notes = _sshd_rollback(content)
-            notes += sshd_notes
-            if sshd is None:
-                continue  # sshd's files are as they were
-            content = sshd
-        change.add(name, content, f"history:{entry.id}/{name}")
-    return change, notes
-
-
-def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
-    """The sshd change that writes the entry's files that differ now (None: none differ),
-    based on their content now (the guard refuses if one changes meanwhile)."""
-    from fwsafe.ondisk.sshd import SshdFiles, dump, read_file
-    from fwsafe.ondisk.sshd import load as load_sshd
-
-    entry = load_sshd(content)
-    now = {path: read_file(path) for path in entry.files}
-    files = {path: state for path, state in entry.files.items() if now[path] != state}
-    live, _ = history.capture_sshd()
-    added = sorted(set(load_sshd(live).files) - set(entry.files)) if live else []
-    notes = [f"sshd: {path} is read by sshd now but was not then; a rollback leaves it "
-             "(move it aside by hand if it must go)" for path in added]
-    if not files:
-        return None, notes
-    base = {path: (state.digest() if state is not None else None)
-            for path, state in now.items() if path in files}
-    return dump(SshdFiles(entry.config, files, base)), notes
-
-
-def _nft_replacement(content: bytes) -> bytes:
-    """`nft -f` merges a table definition into an existing table: delete and re-create each
-    table of the entry, and delete the native tables that exist now but not in the entry."""
-    from fwsafe.ondisk.history import nft_tables
-
-    wanted = nft_tables(content.decode(errors="replace"))
-    live, _ = history.capture_layers()
-    now = nft_tables(live.get("nft", b"").decode(errors="replace"))
-    script = "".join(f"add table {fam} {tab}\ndelete table {fam} {tab}\n"
-                     for fam, tab in dict.fromkeys([*wanted, *now]))
-    return (script.encode() + content) if script else b""
-
-
-def _with_emptied_tables(name: str, content: bytes) -> bytes:
-    """iptables-restore replaces only the tables a file names: name the ones that exist now but
-    not in the entry too, empty, so that the rollback gives the entry's state."""
-    from fwsafe.backends import layer_for
-    from fwsafe.backends.iptables import BUILTIN_CHAINS, parse_tables
-
-    wanted = parse_tables(content.decode(errors="replace"))
-    try:
-        live = parse_tables(layer_for(name).capture().decode(errors="replace"))
-    except Exception:  # noqa: BLE001 - without a capture, the entry's tables alone
-        return content
-    extra = []
-    for table in live:
-        if table not in wanted and table in BUILTIN_CHAINS:
-            chains = [f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table]]
-            extra.append("\n".join([f"*{table}", *chains, "COMMIT"]) + "\n")
-    return content + "".join(extra).encode()
-
-
-@click.command("rollback", epilog=EPILOG)
+@click.command("rollback", epilog=EXIT_CODES_EPILOG)
 @click.argument("entry_id", metavar="ID", shell_complete=complete_history_ids)
-@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None,
-              help="Seconds until the guard reverts unless confirmed (default 60, or the config); "
-                   "1 to max_timeout (24 h by default).")
+@click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
 @click.option("--detach", is_flag=True,
               help="Return once the change is live and the guard armed (confirm later).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
-@_state_options
+@state_options
 def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
              state_dir: str | None, config_path: str | None) -> None:
     """Put the known-good state ID back, under the guard, like `fwsafe apply`: it reverts
@@ -315,13 +225,11 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     The ipv4/ipv6 rules, the native nftables tables, ufw's files and sshd's files of the
     entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
     state back."""
-    from fwsafe.cli.apply import interactive_wait, report_armed
-    from fwsafe.core.apply import ApplyOptions
+    from fwsafe.cli.screens import interactive_wait, report_armed
     from fwsafe.core.manager import Manager
 
     config = load_config(config_path)
-    timeout = config.seconds(timeout_s if timeout_s is not None else config.timeout,
-                             "--timeout" if timeout_s is not None else "timeout (config)")
+    timeout_from(config, timeout_s)   # a bad --timeout is a usage error before anything
     state = StateDir(resolve_state_dir(state_dir, config.state_dir))
     state.verify()
     entry = history.find(state, entry_id)
@@ -335,9 +243,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
         click.echo(json.dumps({"ok": True, "id": None, "state": "unchanged", "entry": entry.id})
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")
         return
-    options = ApplyOptions(timeout_s=timeout, command=list(sys.argv),
-                           config_path=os.path.abspath(config.source) if config.source else None,
-                           max_timeout=config.max_timeout)
+    options = apply_options(config, timeout_s)
     manager = Manager(state)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():

@@ -3,25 +3,23 @@ and `fwsafe apply --sshd-set` (see add_sshd_settings)."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
 
-from fwsafe.cli.apply import after_apply
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     TIMEOUT_HELP,
+    apply_options,
     config_from,
-    config_path_of,
     emit,
     manager_for,
     progress,
     state_options,
     timeout_from,
 )
-from fwsafe.core.apply import ApplyOptions
+from fwsafe.cli.screens import after_apply
 from fwsafe.core.change import Change, require_root, validate_change
 from fwsafe.errors import LockoutRefused
 from fwsafe.sshd.change import HARDEN, SshdChange, add_to_change, plan_change
@@ -119,7 +117,7 @@ def run(sshd_change: SshdChange, *, user: str | None, timeout_s: str | None, det
         config_path: str | None) -> None:
     """Apply (or, with dry_run, show) a planned change under the guard."""
     config = config_from(config_path)
-    timeout = timeout_from(config, timeout_s)
+    timeout_from(config, timeout_s)   # a bad --timeout is a usage error before anything
     for line in sshd_change.describe():
         progress(line)
     if sshd_change.content is None:
@@ -141,9 +139,7 @@ def run(sshd_change: SshdChange, *, user: str | None, timeout_s: str | None, det
             sshd_change.plan.files), "diff": diff, "check": verdict.summary()}, as_json,
              f"{diff}dry run: nothing was changed. Lockout check: {verdict.summary()}")
         return
-    options = ApplyOptions(timeout_s=timeout, command=list(sys.argv), force=force,
-                           config_path=config_path_of(config), max_timeout=config.max_timeout,
-                           boot_hook=config.boot_hook, login_user=user)
+    options = apply_options(config, timeout_s, force=force, login_user=user)
     manager = manager_for(state_dir, config)
     record = manager.apply(change, options)
     after_apply(manager, record, detach=detach, yes=False, as_json=as_json)

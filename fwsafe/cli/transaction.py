@@ -9,10 +9,8 @@ from typing import Any
 import click
 
 from fwsafe.cli import countdown
-from fwsafe.cli.apply import finish
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
-    VERBOSITY,
     clock,
     complete_tx_ids,
     config_from,
@@ -22,8 +20,10 @@ from fwsafe.cli.common import (
     record_summary,
     state_options,
 )
+from fwsafe.cli.screens import finish
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.config import Config
+from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.errors import NoTransactionError, RevertFailedError
@@ -50,7 +50,7 @@ def revert(tx_id: str | None, as_json: bool, state_dir: str | None,
            config_path: str | None) -> None:
     """Revert the pending change now (exit 4 once reverted, 5 if the revert failed)."""
     manager = manager_for(state_dir, config_from(config_path), converge=False)
-    with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+    with StepTicker(sys.stderr, total=1, enabled=not as_json and RUN.verbosity >= 0) as tick:
         tick.step("the guard is restoring the rules as they were")
         record = manager.revert(tx_id)
     finish(record, as_json)
@@ -89,7 +89,7 @@ def recover(as_json: bool, state_dir: str | None, config_path: str | None,
     config = config_from(config_path)
     manager = manager_for(state_dir, config, converge=False)
     try:
-        with StepTicker(sys.stderr, total=1, enabled=not as_json and VERBOSITY[0] >= 0) as tick:
+        with StepTicker(sys.stderr, total=1, enabled=not as_json and RUN.verbosity >= 0) as tick:
             tick.step("restoring the snapshot")
             record = manager.recover()
     except NoTransactionError as exc:
@@ -145,12 +145,12 @@ def status(as_json: bool, state_dir: str | None, config_path: str | None,
     if as_json:
         click.echo(json.dumps(info, sort_keys=True))
         return
-    click.echo(format_status(info, verbose=VERBOSITY[0] >= 1))
+    click.echo(format_status(info, verbose=RUN.verbosity >= 1))
     if info["power_cycle"] is not None and info["power_cycle"]["this_boot"]:
         echo_styled(f"this boot: {powercycle.describe(info['power_cycle'])}", fg="yellow")
-    if VERBOSITY[0] < 1 and info["state"] != "none":
+    if RUN.verbosity < 1 and info["state"] != "none":
         click.echo(STATUS_LEFT_OUT)
-    if VERBOSITY[0] >= 1:
+    if RUN.verbosity >= 1:
         for event in info.get("events", []):
             click.echo(f"  {clock(event['t'])}  {event['event']}: {event['detail']}")
 

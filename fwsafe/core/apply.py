@@ -28,6 +28,7 @@ from fwsafe.backends import (
     nflist,
 )
 from fwsafe.config import DEFAULT_MAX_TIMEOUT
+from fwsafe.context import RUN
 from fwsafe.core import prefetch, snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
 from fwsafe.core.statedir import StateDir, make_private_dir
@@ -50,7 +51,6 @@ from fwsafe.guard import spawn as guard
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
 GUARD_APPLY_TIMEOUT = 900.0  # and have finished applying by then
-TX_LOCK_TIMEOUT = 10.0       # the guard holds a transaction's lock only while it arms
 LIVE_HINT = ("run `fwsafe status`; if its guard is gone, `fwsafe recover` puts the old rules "
              "back")
 
@@ -126,7 +126,7 @@ def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
     for name, tables in checks.items():
         try:
             found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
-                                  saved=None if hatch.SEEN else captured[name])   # again
+                                  saved=None if RUN.hatch_seen else captured[name])   # again
         except FidelityError as exc:
             raise EnvironmentProblem(
                 f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
@@ -474,7 +474,7 @@ class ApplyFlow:
                 options.step("trying what the change exposes, in a scratch namespace")
                 options.before_apply(complete)
             options.step("saving the snapshot")
-            if hatch.SEEN:   # one left behind (a transaction that ended without removing it)
+            if RUN.hatch_seen:   # one left behind (a transaction that ended without removing it)
                 hatch.sync(None, hatch.available_layers())
             fresh = refresh(pool, captured, generation, list(change.layers))
             saving.result()
@@ -549,21 +549,8 @@ class ApplyFlow:
             standby.close()   # the guard has read `go` (or has been given up on)
 
     def abort(self, record: Record, why: str) -> Record:
-        """Mark a transaction that is still preparing as aborted, under its lock (the guard
-        moves it to applying under the same lock): a guard that starts later sees `aborted` and
-        applies nothing. Returns the record as it is now: a guard that got there first has
-        moved it on, and then nothing is aborted."""
-        try:
-            with self.state.tx_locked(record.id, timeout=TX_LOCK_TIMEOUT):
-                latest = transaction.load_record(self.state, record.id)
-                if latest.state != transaction.PREPARING:
-                    return latest
-                latest.reason = why
-                latest.transition(transaction.ABORTED, why)
-                transaction.save_record(self.state, latest)
-                return latest
-        except TimeoutError:  # the guard holds the lock: it is arming right now
-            return transaction.load_record(self.state, record.id)
+        """fwsafe.core.transaction.abort_preparing for this flow's state directory."""
+        return transaction.abort_preparing(self.state, record, why)
 
     def _wait_for_guard(self, record: Record) -> Record:
         started = time.monotonic()

@@ -190,6 +190,8 @@ class Manager:
                 record = self.recover(reason=reason + " (guard was gone)")
             except PendingError:   # the backstop is reverting it
                 record = guard.settle(self.state, record)
+            except NoTransactionError:   # it ended meanwhile: its guard wrote it and exited
+                record = transaction.load_record(self.state, record.id)
         if record.state == transaction.REVERT_FAILED:
             raise RevertFailedError(f"the revert FAILED: {record.error}",
                                     hint="the firewall may hold the new rules; run `fwsafe recover`")
@@ -382,12 +384,10 @@ def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how
     record.transition(transaction.CONFIRMED, record.reason)
     transaction.save_record(manager.state, record)
     hatch.removed(record)
-    try:  # keep the state as known good and write the boot files; the confirm stands
-        from fwsafe.persistence.history import on_confirmed
+    # keep the state as known good and write the boot files; the confirm stands
+    from fwsafe.persistence.history import keep_confirmed
 
-        on_confirmed(manager.state, record)
-    except Exception as exc:  # noqa: BLE001 - visible in the record's events
-        record.log("persist-failed", str(exc))
+    keep_confirmed(manager.state, record)
     transaction.save_record(manager.state, record)
     return record
 

@@ -21,7 +21,8 @@ deletes and re-appends its own rule does not shield them); a rule others re-adde
 is not doubled; what others deleted is not brought back. Order is the only thing positions
 decide: a rule the change removed (or moved) returns after its nearest predecessor in
 ``before`` that the result has, else before its nearest such successor (a ban before
-fail2ban's RETURN), else where the change's own lines stand. Reverting what is already
+fail2ban's RETURN), else where the change's own lines stand, else (a rule the change moved)
+where it stands now. Reverting what is already
 reverted changes nothing; with identical copies of one rule on both sides (others added a copy
 of a rule the change added, or deleted a copy of one it removed a copy of) the states cannot be
 told apart, and a second revert may differ in count there.
@@ -124,6 +125,7 @@ def merge_sequences(before: Sequence[str], after: Sequence[str],
         spots.setdefault(item, []).append(i)
     delete: set[int] = set()
     restore: list[int] = []                  # indices of `before` to put back
+    was_at: dict[int, int] = {}              # a move's restored index -> where live had it
     for item in dict.fromkeys([*before, *after]):
         b, a, n = count_b[item], count_a[item], count_l[item]
         target = target_count(b, a, n)
@@ -137,6 +139,9 @@ def merge_sequences(before: Sequence[str], after: Sequence[str],
             delete.update(_pick(drop, spots[item], put_live.get(item, []), mapped_live))
         if back:
             restore.extend(taken.get(item, [])[:back])
+        if moves > 0:
+            was_at.update(zip(taken.get(item, [])[:moves],
+                              [i for i in put_live.get(item, []) if i in delete]))
     # Where the change's own lines of each replaced block stand in live (the last anchor).
     stood: dict[int, int] = {}
     for tag, i1, i2, j1, j2 in _opcodes(before, after):
@@ -149,7 +154,10 @@ def merge_sequences(before: Sequence[str], after: Sequence[str],
         gap_of.append(kept)
         kept += i not in delete
     result = [x for i, x in enumerate(live) if i not in delete]
-    fallback = {i: gap_of[stood[i]] for i in restore if i in stood}
+    # Last anchor: where the change's own lines stand; with none left (others deleted them
+    # too), a moved rule stays where it is (so that reverting again changes nothing).
+    fallback = {i: gap_of[stood[i]] if i in stood else gap_of[was_at[i]]
+                for i in restore if i in stood or i in was_at}
     return _insert(before, result, sorted(restore), fallback)
 
 
@@ -166,8 +174,8 @@ def _insert(before: Sequence[str], result: list[str], restore: list[int],
             fallback: dict[int, int]) -> list[str]:
     """`result` with before[i] for each i in `restore` put back after its nearest predecessor
     in `before` that `result` still has (or that is put back itself), else before its nearest
-    such successor (bans before fail2ban's RETURN), else where the change's own lines stood
-    (`fallback`: i -> gap in `result`), else at the end."""
+    such successor (bans before fail2ban's RETURN), else where the change's own lines stood or,
+    for a moved rule, where it stood (`fallback`: i -> gap in `result`), else at the end."""
     if not restore:
         return result
     back = set(restore)

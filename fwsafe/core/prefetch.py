@@ -17,15 +17,13 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 from fwsafe.backends import available_layers, layer_for, nflist
+from fwsafe.context import RUN
 
 
 @dataclass
 class Reading:
     generation: int | None            # nf_tables' generation before the reading started
     captures: dict[str, Future[bytes]]
-
-
-_AHEAD: list[Reading] = []
 
 
 def start() -> None:
@@ -37,7 +35,7 @@ def start() -> None:
         threading.Thread(target=_capture, args=(name, future), daemon=True,
                          name=f"fwsafe-read-{name}").start()
         captures[name] = future
-    _AHEAD[:] = [Reading(generation, captures)]
+    RUN.ahead = Reading(generation, captures)
 
 
 def _capture(name: str, future: Future[bytes]) -> None:
@@ -52,9 +50,9 @@ def _capture(name: str, future: Future[bytes]) -> None:
 def take() -> Reading | None:
     """The reading started ahead, handed over once; None when there is none or when nf_tables
     changed since it started."""
-    if not _AHEAD:
+    reading, RUN.ahead = RUN.ahead, None
+    if not isinstance(reading, Reading):
         return None
-    reading = _AHEAD.pop()
     return reading if nflist.generation() == reading.generation else None
 
 

@@ -16,7 +16,6 @@ from fwsafe import failpoints
 from fwsafe.backends import layer_for, layer_kind
 from fwsafe.backends.base import CHAINS
 from fwsafe.core import snapshot, transaction
-from fwsafe.core.apply import ApplyFlow
 from fwsafe.core.change import require_root
 from fwsafe.core.revert import (
     RevertResult,
@@ -36,7 +35,6 @@ from fwsafe.guard.applying import ALREADY_UNDONE, undone_already
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
 FILE_LAYERS = ("ufw", "sshd", "firewalld")   # layers kept in files, not in the kernel
                                              # (firewalld's files; it starts from them)
-CONVERGE_WAIT_S = 5.0   # how long a command waits for the late take-over it started
 LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "
                "gone)")
 
@@ -76,27 +74,6 @@ def start_late_take_over(state: StateDir, record: Record) -> None:
             os.close(log)
 
 
-def converge(state: StateDir, wait: float = CONVERGE_WAIT_S) -> Record | None:
-    """What every fwsafe command does first (and the login hook): an open transaction left
-    past its deadline with nobody looking after it is taken over (reverted) now, so that the
-    answer that follows is the truth and nothing waits for a hand. Waits at most `wait`
-    seconds for the take-over to finish; returns the record as it stands then (None when
-    there was nothing to do). Never raises: a command must not fail because of it."""
-    try:
-        if os.geteuid() != 0 or not state.exists():
-            return None
-        record = transaction.load_current(state)
-        if record is None or not orphaned(state, record):
-            return None
-        start_late_take_over(state, record)
-        from fwsafe.guard.spawn import settle
-
-        return settle(state, record, limit=wait)
-    except Exception:  # noqa: BLE001 - best effort: the command goes on and tells what it sees
-        return None
-
-
-
 def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the guard was gone", *,
             by: str = "recover", tx_id: str | None = None,
             give_up_after: float | None = RECOVER_GIVE_UP_S,
@@ -122,9 +99,9 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             raise NoTransactionError(f"transaction {tx_id} is not the current one")
         if record is not None and record.state == transaction.PREPARING \
                 and not transaction.guard_alive(record):
-            # Under the transaction's lock (see ApplyFlow.abort): a guard arming right now wins.
-            latest = ApplyFlow(state).abort(
-                record, "the command that prepared it stopped before the guard armed: nothing was "
+            # Under the transaction's lock: a guard arming right now wins.
+            latest = transaction.abort_preparing(
+                state, record, "the command that prepared it stopped before the guard armed: nothing was "
                         "applied")
             if latest.state == transaction.ABORTED:
                 return latest

@@ -101,7 +101,8 @@ def remove_dead_proofs() -> list[str]:
     """Remove the access proof's sandbox namespaces whose owner died (a guard or reverter
     killed during its proof); called by whoever takes over from a dead owner. A note for the
     record on what could not be removed ([] when nothing was left)."""
-    from fwsafe.check.sandbox import PROOF_PREFIX, remove_orphans
+    from fwsafe.check.netns import remove_orphans
+    from fwsafe.check.sandbox import PROOF_PREFIX
 
     left = remove_orphans(PROOF_PREFIX)
     return [f"could not remove the sandbox of a dead proof: {', '.join(left)}"] if left else []

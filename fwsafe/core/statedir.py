@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from fwsafe.context import RUN
 from fwsafe.errors import PendingError, StateError, UnsafeStateDirError
 from fwsafe.ondisk.files import TempFileError, write_file_atomically
 
@@ -50,12 +51,8 @@ def resolve_state_dir(explicit: str | None, configured: str | None = None) -> Pa
     made absolute at once (the guard runs in /, and the record names files by this path)."""
     chosen = explicit or os.environ.get(ENV_STATE_DIR) or configured or DEFAULT_STATE_DIR
     resolved = Path(os.path.abspath(chosen))
-    RESOLVED[:] = [resolved]
+    RUN.state_dir = resolved
     return resolved
-
-
-#: The state directory this process resolved last (where `cli.main` reports an unexpected error).
-RESOLVED: list[Path] = []
 
 
 def _unsafe(st: os.stat_result, path: Path, as_root: bool) -> str | None:

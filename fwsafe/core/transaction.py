@@ -261,3 +261,24 @@ def who_am_i() -> dict[str, str]:
             who[var] = value
     who["uid"] = str(os.getuid())
     return who
+
+
+TX_LOCK_TIMEOUT = 10.0       # the guard holds a transaction's lock only while it arms
+
+
+def abort_preparing(state: StateDir, record: Record, why: str) -> Record:
+    """Mark a transaction that is still preparing as aborted, under its lock (the guard moves
+    it to applying under the same lock): a guard that starts later sees `aborted` and applies
+    nothing. Returns the record as it is now: a guard that got there first has moved it on,
+    and then nothing is aborted."""
+    try:
+        with state.tx_locked(record.id, timeout=TX_LOCK_TIMEOUT):
+            latest = load_record(state, record.id)
+            if latest.state != PREPARING:
+                return latest
+            latest.reason = why
+            latest.transition(ABORTED, why)
+            save_record(state, latest)
+            return latest
+    except TimeoutError:  # the guard holds the lock: it is arming right now
+        return load_record(state, record.id)

@@ -581,7 +581,7 @@ def _remove_leftover_hatch(record: transaction.Record) -> None:
 
 def late(state: StateDir, tx_id: str | None) -> int:
     """``--take-over`` (started by a command that found the transaction orphaned: see
-    fwsafe.core.recover.converge) and ``--converge`` (the login hook, systemd's limit timer):
+    fwsafe.guard.spawn.converge) and ``--converge`` (the login hook, systemd's limit timer):
     take over the transaction (`tx_id`, else the current one) if it is orphaned: open, past
     its deadline, its guard gone and nobody holding it."""
     from fwsafe.core.recover import LATE_REASON, orphaned

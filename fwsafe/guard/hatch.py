@@ -42,8 +42,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-MARK = "fwsafe-hatch"
-_MARK_BYTES = MARK.encode()
+from fwsafe.ondisk.hatch import MARK  # how its rules are recognised (and stripped from captures)
+
 IPTABLES_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
 NFT_LAYER = "nft"
 HATCH_LAYERS = (*IPTABLES_LAYERS, NFT_LAYER)
@@ -61,11 +61,6 @@ NFT_FAMILIES = ("ip", "ip6", "inet")
 NFT_TYPES = ("filter", "route")   # a nat chain's accept would only skip translation
 TOOL_TIMEOUT = 30.0
 Log = Callable[[str], None]
-
-#: Set when `strip` removed a hatch rule in this process: the live firewall holds one (a
-#: transaction's, or one left behind); `fwsafe apply` removes leftovers before it begins.
-SEEN: list[bool] = []
-
 
 # --------------------------------------------------------------------------------------------
 # What the hatch is
@@ -157,23 +152,6 @@ def nft_rules(spec: Spec, family: str, hook: str) -> list[str]:
                      f"{port} {{ {', '.join(str(p) for p in spec.ports)} }} "
                      f"meta time >= {spec.opens} accept comment \"{spec.tag}\"")
     return rules
-
-
-# --------------------------------------------------------------------------------------------
-# The one filter: nobody but the hatch's own code ever sees it
-# --------------------------------------------------------------------------------------------
-_HATCH_LINE = re.compile(rb"^(?:-A \S+ .*--comment \"?|\s+.*comment \")" + _MARK_BYTES + rb":"
-                         rb".*$\n?", re.M)
-
-
-def strip(data: bytes) -> bytes:
-    """An iptables-save or nft listing without the hatch's rules (as if it were not loaded)."""
-    if _MARK_BYTES not in data:
-        return data
-    stripped = _HATCH_LINE.sub(b"", data)
-    if stripped != data:
-        SEEN[:] = [True]
-    return stripped
 
 
 # --------------------------------------------------------------------------------------------

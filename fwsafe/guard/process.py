@@ -315,14 +315,10 @@ class Guard:
         self.log(f"confirmed: {detail}")
         failpoints.hit("guard.confirmed")
         self.hatch.remove()   # before the boot files are written (they never hold it anyway)
-        try:  # keep the state as known good and write the boot files; the confirm stands
-            from fwsafe.persistence.history import on_confirmed
+        # keep the state as known good and write the boot files; the confirm stands
+        from fwsafe.persistence.history import keep_confirmed
 
-            on_confirmed(self.state, self.record)
-            self.log(self.record.events[-1].detail)
-        except Exception as exc:  # noqa: BLE001 - visible in the log and the record
-            self.log(f"history/persist FAILED: {exc}")
-            self.record.log("persist-failed", str(exc))
+        self.log(keep_confirmed(self.state, self.record))
         self.save()
 
     def pause(self, seconds: float) -> None:

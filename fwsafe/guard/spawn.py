@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fwsafe.context import RUN
 from fwsafe.core import transaction
+from fwsafe.core.recover import orphaned, start_late_take_over
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.errors import GuardError, StateError
@@ -82,10 +84,6 @@ def systemd_run_argv(state_dir: Path, tx_id: str, netns_pid: int,
     ]
 
 
-#: Transactions whose guard this process has told to apply: from then on, an error in this
-#: process may leave a change live (see `fwsafe.cli.main`).
-SPAWNED: list[str] = []
-
 GO_FIFO = "go"          # tx/<id>/go: the named pipe on which a standing-by guard waits
 GO = b"go\n"
 
@@ -107,7 +105,7 @@ class Standby:
         """Tell the guard to arm and apply (the record must be saved, `preparing`). Raises
         GuardError when the guard is known to be gone; the pipe stays open until `close`, so
         that `go` reaches a guard that opens it late."""
-        SPAWNED.append(self.tx_id)
+        RUN.spawned.append(self.tx_id)
         log_path = self.state.tx_dir(self.tx_id) / "guard.log"
         if self.intermediate is not None and self.intermediate.poll() is not None:
             raise GuardError(f"the guard died while standing by (exit "
@@ -250,6 +248,7 @@ def request(state: StateDir, op: str, timeout: float = 30.0, **fields: Any) -> d
 
 
 SETTLE_S = 60.0   # how long `settle` waits for a transaction being decided elsewhere
+CONVERGE_WAIT_S = 5.0   # how long a command waits for the late take-over it started
 NOBODY_S = 5.0    # how long it waits for somebody (the backstop) to take over a dead guard's
 
 
@@ -292,9 +291,8 @@ def looked_after(state: StateDir, record: Record) -> bool:
 def settle(state: StateDir, record: Record, limit: float = SETTLE_S) -> Record:
     """Wait until transaction `record` is no longer open, while somebody looks after it (its
     guard, the backstop; a guard just gone is given NOBODY_S for the backstop to take over;
-    one left past its deadline with nobody on it is taken over: fwsafe.core.recover.converge),
-    at most `limit` seconds; return it as it stands then."""
-    from fwsafe.core.recover import orphaned, start_late_take_over
+    one left past its deadline with nobody on it is taken over, as `converge` does), at most
+    `limit` seconds; return it as it stands then."""
 
     end = time.monotonic() + limit
     nobody_since: float | None = None
@@ -316,3 +314,21 @@ def settle(state: StateDir, record: Record, limit: float = SETTLE_S) -> Record:
         if now > end:
             return current
         time.sleep(0.2)
+
+
+def converge(state: StateDir, wait: float = CONVERGE_WAIT_S) -> Record | None:
+    """What every fwsafe command does first (and the login hook): an open transaction left
+    past its deadline with nobody looking after it is taken over (reverted) now, so that the
+    answer that follows is the truth and nothing waits for a hand. Waits at most `wait`
+    seconds for the take-over to finish; returns the record as it stands then (None when
+    there was nothing to do). Never raises: a command must not fail because of it."""
+    try:
+        if os.geteuid() != 0 or not state.exists():
+            return None
+        record = transaction.load_current(state)
+        if record is None or not orphaned(state, record):
+            return None
+        start_late_take_over(state, record)
+        return settle(state, record, limit=wait)
+    except Exception:  # noqa: BLE001 - best effort: the command goes on and tells what it sees
+        return None

@@ -357,7 +357,8 @@ class Lab:
 def _remove_dead_proofs() -> None:
     """A guard of this lab killed while it proved a revert leaves its proof's sandbox
     (``fwpr<pid>s/c``, global like every named namespace): removed once its owner is gone."""
-    from fwsafe.check.sandbox import PROOF_PREFIX, remove_orphans
+    from fwsafe.check.netns import remove_orphans
+    from fwsafe.check.sandbox import PROOF_PREFIX
 
     left = remove_orphans(PROOF_PREFIX)
     if left:

@@ -376,6 +376,17 @@ def on_confirmed(state: StateDir, record: Record) -> None:
         _on_confirmed(state, record)
 
 
+def keep_confirmed(state: StateDir, record: Record) -> str:
+    """`on_confirmed` for the guard and for `confirm` without it: its failure never undoes the
+    confirm; it is recorded (`persist-failed`). Returns the line for the log."""
+    try:
+        on_confirmed(state, record)
+    except Exception as exc:  # noqa: BLE001 - visible in the log and the record
+        record.log("persist-failed", str(exc))
+        return f"history/persist FAILED: {exc}"
+    return record.events[-1].detail
+
+
 def _on_confirmed(state: StateDir, record: Record) -> None:
     from fwsafe.config import Config, load_config
     from fwsafe.persistence import bootfiles as persist

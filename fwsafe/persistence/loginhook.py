@@ -9,7 +9,7 @@ fwsafe.persistence.powercycle compares the mark with the previous boot's id: equ
 The same hook, at every SSH login, starts ``python -m fwsafe.guard.backstop --converge`` in the
 background when the state directory has a transaction: a change left open past its deadline
 with nothing of fwsafe alive (the kernel's escape hatch let this login in) is reverted
-(fwsafe.core.recover.converge; issue 23).
+(fwsafe.guard.spawn.converge; issue 23).
 
 Why PAM: sshd opens a PAM session for every login that succeeded (Debian's and Ubuntu's sshd
 run with UsePAM yes), whatever the authentication method, and the hook runs as root before the
@@ -36,6 +36,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fwsafe.core import transaction
 from fwsafe.ondisk.files import local_path, write_file_atomically
 
 MARK = "login-mark"
@@ -59,12 +60,12 @@ SCRIPT_TEMPLATE = """\
 dir='{state_dir}'
 [ -d "$dir" ] || exit 0
 # A change left open past its deadline with nothing of fwsafe alive (the kernel's escape hatch
-# let this login in): reverted in the background, silently (fwsafe.core.recover.converge).
+# let this login in): reverted in the background, silently (fwsafe.guard.spawn.converge).
 # Python starts only while the newest transaction is open (not at every login).
 tx=
 read -r tx 2>/dev/null < "$dir/current"
 case "$tx" in ''|*/*|.*) tx= ;; esac
-[ -n "$tx" ] && grep -Eqs '"state": "(applying|pending|reverting)"' "$dir/tx/$tx/record.json" \
+[ -n "$tx" ] && grep -Eqs '"state": "({open_states})"' "$dir/tx/$tx/record.json" \
     && setsid '{python}' -m fwsafe.guard.backstop --converge "$dir" </dev/null >/dev/null 2>&1 &
 read -r boot 2>/dev/null < /proc/sys/kernel/random/boot_id || exit 0
 mark="$dir/{mark}"
@@ -97,7 +98,8 @@ def render_script(state_dir: str, python: str = PACKAGED_PYTHON) -> str:
     for what, value in (("state directory", state_dir), ("interpreter", python)):
         if not value.startswith("/") or _UNSAFE.search(value):
             raise ValueError(f"unsuitable {what} for the login hook: {value!r}")
-    return SCRIPT_TEMPLATE.format(state_dir=state_dir, mark=MARK, python=python)
+    return SCRIPT_TEMPLATE.format(state_dir=state_dir, mark=MARK, python=python,
+                                  open_states="|".join(sorted(transaction.OPEN_STATES)))
 
 
 def render_profile(script: str) -> str:
@@ -129,6 +131,26 @@ def _hook_scripts(root: Path) -> list[str]:
     return found
 
 
+def sshd_opens_pam_sessions(root: Path) -> tuple[bool, str]:
+    """Whether sshd's logins pass PAM's session stack (where the hook runs): sshd with
+    `UsePAM yes` (Debian's sshd_config says so; sshd's own default is no). Another SSH server
+    (dropbear) or `UsePAM no`: the hook never runs. (yes/no, why)"""
+    from fwsafe.sshd.config import SSHD_CONFIG, SshdConfigError, default_reader, read_tree
+
+    def reader(path: str) -> bytes | None:
+        return default_reader(str(local_path(root, path)))
+
+    try:
+        tree = read_tree(SSHD_CONFIG, reader=reader)
+    except SshdConfigError:
+        return False, f"no {SSHD_CONFIG}: the hook marks logins through sshd only"
+    value = (tree.value("usepam") or "no").lower()
+    if value != "yes":
+        return False, (f"sshd has UsePAM {value}: its logins open no PAM session, so the hook "
+                       "never runs (`fwsafe sshd set UsePAM=yes` turns it on)")
+    return True, "sshd uses PAM"
+
+
 def active(root: Path, state_dir: str) -> tuple[bool, str]:
     """Whether SSH logins leave the mark in `state_dir`: (yes/no, why)."""
     for script in _hook_scripts(root):
@@ -138,6 +160,9 @@ def active(root: Path, state_dir: str) -> tuple[bool, str]:
         except OSError:
             continue
         if os.access(path, os.X_OK) and f"dir='{state_dir}'" in text:
+            pam, why = sshd_opens_pam_sessions(root)
+            if not pam:
+                return False, f"SSH logins are NOT marked: {why}"
             return True, f"SSH logins are marked by {script} (PAM session hook)"
     return False, ("no login hook: no PAM session hook of fwsafe marks SSH logins in "
                    f"{state_dir}, so nothing tells whether anyone got in between two boots "

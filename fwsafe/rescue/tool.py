@@ -74,6 +74,7 @@ __all__ = ["FileChange", "Plan", "RescueError", "build_zipapp", "main", "plan_di
 
 DEFAULT_STATE_DIR = "/var/lib/fwsafe"
 SSHD_CONFIG = "/etc/ssh/sshd_config"   # the sshd layer of the history is this sshd's
+SSHD_SOCKETS = ("ssh.socket", "sshd.socket")   # its socket units (socket activation)
 _STATE_DIR_KEY = re.compile(r'^\s*state_dir\s*=\s*"([^"]+)"\s*(?:#.*)?$')
 
 ACCEPT_ALL_IPTABLES = (
@@ -250,7 +251,12 @@ def _sshd_changes(content: bytes, root: Path) -> list[FileChange]:
         if old == state.content and old_mode == state.mode:
             continue
         changes.append(FileChange(path, local, "sshd", old, state.content, mode=state.mode))
-    for path in sorted(_included_now(layer, root) - set(layer.files)):
+    # fwsafe's own drop-in for a socket-activated sshd (fwsafe.sshd.socketunit) that the entry
+    # did not have: sshd_config goes back to the entry's ports, and so must the socket.
+    own = {f"/etc/systemd/system/{unit}.d/fwsafe-listen.conf" for unit in SSHD_SOCKETS}
+    stray = {p for p in own if local_path(root, p).is_file()} if layer.config == SSHD_CONFIG \
+        else set()
+    for path in sorted((_included_now(layer, root) | stray) - set(layer.files)):
         old, _ = _read_existing(local_path(root, path))
         if old is not None:
             changes.append(FileChange(path, local_path(root, path), "sshd", old, None))

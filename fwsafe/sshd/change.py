@@ -13,8 +13,11 @@ from fwsafe.backends.sshd import layer_name
 from fwsafe.core.change import Change
 from fwsafe.errors import InvalidRulesError, UsageError
 from fwsafe.ondisk.sshd import NEW_FILE_MODE, FileState, SshdFiles, dump, read_file
-from fwsafe.sshd.config import SSHD_CONFIG, SshdConfigError, read_tree
+from fwsafe.sshd.config import SSHD_CONFIG, SshdConfigError, Tree, read_tree
+from fwsafe.sshd.daemon import effective
 from fwsafe.sshd.edit import Plan, parse_settings, plan_settings
+from fwsafe.sshd.ports import listen_addresses
+from fwsafe.sshd.socketunit import detect, dropin_content
 
 # `fwsafe sshd harden`: key-only logins, root by key only.
 HARDEN = ("PasswordAuthentication=no", "KbdInteractiveAuthentication=no",
@@ -68,6 +71,7 @@ def plan_change(config: str | None, items: Sequence[str]) -> SshdChange:
     except SshdConfigError as exc:
         raise UsageError(f"sshd config: {exc}") from exc
     plan = plan_settings(tree, settings)
+    _socket_dropin(path, tree, plan)
     files: dict[str, FileState] = {}
     base: dict[str, str | None] = {}
     old: dict[str, bytes | None] = {}
@@ -82,6 +86,34 @@ def plan_change(config: str | None, items: Sequence[str]) -> SshdChange:
             else FileState(NEW_FILE_MODE, os.geteuid(), os.getegid(), content)
     content_ = dump(SshdFiles(path, files, base)) if files else None
     return SshdChange(path, plan, old, content_)
+
+
+def _socket_dropin(config: str, tree: Tree, plan: Plan) -> None:
+    """sshd started by ssh.socket (Accept=no) without Ubuntu's generator: where it listens is
+    the socket's, so a change of Port or ListenAddress also writes fwsafe's drop-in for the
+    socket (with the generator, sshd_config is its input and daemon-reload does it)."""
+    if not plan.files:
+        return
+    sock = detect(config)
+    if sock is None or sock.accept or sock.generator:
+        return
+    try:
+        now, new = effective(tree), effective(read_tree(config, dict(plan.files)))
+    except (InvalidRulesError, SshdConfigError):
+        return  # validate() says why sshd refuses it
+    if listen_addresses(now) == listen_addresses(new):
+        return
+    content = dropin_content(new)
+    live = read_file(sock.dropin)
+    if live is not None and live.content == content:
+        return
+    plan.files[sock.dropin] = content
+    if live is None:
+        plan.created.append(sock.dropin)
+    ports = ", ".join(str(p) for p in sorted({p for _, p in listen_addresses(new)}))
+    plan.notes.append(f"sshd is started by {sock.unit}: it will listen on {ports} through "
+                      f"{sock.dropin}, put in force by daemon-reload and a restart of "
+                      f"{sock.unit} and {sock.service} (open sessions stay)")
 
 
 def add_to_change(change: Change, sshd: SshdChange) -> None:

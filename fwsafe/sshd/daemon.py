@@ -212,7 +212,7 @@ def systemd_running() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
-def _systemctl(*args: str) -> tuple[int, str]:
+def systemctl(*args: str) -> tuple[int, str]:
     tool = find_binary("systemctl")
     if tool is None:
         return 127, "systemctl not found"
@@ -222,20 +222,14 @@ def _systemctl(*args: str) -> tuple[int, str]:
 
 def active_unit(units: Sequence[str]) -> str | None:
     for unit in units:
-        code, out = _systemctl("is-active", unit)
+        code, out = systemctl("is-active", unit)
         if code == 0 and out.splitlines()[:1] == ["active"]:
             return unit
     return None
 
 
-def socket_activated(config: str) -> bool:
-    """Is the system's sshd started by a socket unit (Ubuntu's ssh.socket)? Its ports are
-    then the socket unit's, not sshd_config's."""
-    return config == SSHD_CONFIG and systemd_running() and active_unit(SOCKET_UNITS) is not None
-
-
 def systemd_main_pid(unit: str) -> int | None:
-    code, out = _systemctl("show", "-p", "MainPID", "--value", unit)
+    code, out = systemctl("show", "-p", "MainPID", "--value", unit)
     value = out.splitlines()[0].strip() if code == 0 and out else ""
     return int(value) if value.isdigit() and int(value) > 1 else None
 
@@ -302,7 +296,7 @@ class Reload:
     def _systemctl(verb: str, units: list[str]) -> str:
         out = ""
         for unit in units:
-            code, out = _systemctl(verb, unit)
+            code, out = systemctl(verb, unit)
             if code == 0:
                 return f"systemctl {verb} {unit}"
         raise ReloadError(f"systemctl {verb} {' / '.join(units)} failed: {out}")

@@ -34,6 +34,7 @@ from fwsafe.sshd import access
 from fwsafe.sshd.config import Tree, read_tree
 from fwsafe.sshd.daemon import Effective, effective
 from fwsafe.sshd.ports import WILDCARDS, listen_addresses
+from fwsafe.sshd.socketunit import detect
 
 FIREWALL_LAYERS = ("ipv4", "ipv6", "nft")
 REFUSED_HINT = ("nothing was changed; fix the setting, or apply anyway with --force (the guard "
@@ -108,7 +109,7 @@ class SshdCheck:
                                       "and the firewall")
         targets: list[Session | None] = list(self.sessions) or [None]
         for current, candidate in self.trees:
-            listening = (effective(current), effective(candidate))
+            listening = self._listening_values(current, candidate)
             for session in targets:
                 served = served_ports(listening[1], session.server) if session else []
                 self._login(current, candidate, session, served)
@@ -116,6 +117,18 @@ class SshdCheck:
                     self._listening(served_ports(listening[0], session.server), served,
                                     candidate, session)
         return self.verdict
+
+    @staticmethod
+    def _listening_values(current: Tree, candidate: Tree) -> tuple[Effective, Effective]:
+        """What sshd listens on now and after the change. Started by ssh.socket: now is the
+        socket's (systemd's Listen); after is the socket's too unless the change moves Port or
+        ListenAddress (then the socket follows sshd_config: fwsafe's drop-in or the generator)."""
+        now, new = effective(current), effective(candidate)
+        sock = detect(current.main)
+        if sock is None:
+            return now, new
+        moved = listen_addresses(now) != listen_addresses(new)
+        return sock.as_effective(now), (new if moved else sock.as_effective(new))
 
     def _login(self, current: Tree, candidate: Tree, session: Session | None,
                served: list[int]) -> None:

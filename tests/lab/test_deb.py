@@ -6,7 +6,8 @@ the ``sdlab_bare_image`` fixture) and installed with ``dpkg -i``: its dependenci
 python3-click, python3-paramiko, iptables, nftables) are in the cached root fs, and there is no
 apt mirror in there. Then: the boot unit is enabled, fwsafe runs with Debian's click and
 paramiko, a lockout reverts on time, a hard reboot mid-window comes back with the old rules
-through the packaged unit, and removal refuses while a change is pending.
+through the packaged unit, and removal refuses while a change is pending. The install and the
+lockout test also run on Debian 13 (trixie: its Python 3.13, click 8.1.8, paramiko 3.5).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 
 from tests.lab.test_systemd_lab import NETFILTER_PERSISTENT_UNIT
 from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD
-from tests.systemdlab import IN_CI, Image, SystemdLab
+from tests.systemdlab import IN_CI, TRIXIE, Image, SystemdLab
 
 pytestmark = pytest.mark.lab
 
@@ -55,9 +56,13 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def debian(sdlab_bare_image: Image, deb: Path) -> Iterator[SystemdLab]:
-    """A booted container without fwsafe, then the .deb installed with dpkg -i."""
-    lab = SystemdLab.start(sdlab_bare_image)
+def debian(request: pytest.FixtureRequest, deb: Path) -> Iterator[SystemdLab]:
+    """A booted container without fwsafe, then the .deb installed with dpkg -i. Bookworm;
+    trixie for a test parametrized with ``debian=["trixie"]`` (indirect)."""
+    generation = getattr(request, "param", "bookworm")
+    image: Image = request.getfixturevalue(
+        "sdlab_trixie_bare_image" if generation == TRIXIE else "sdlab_bare_image")
+    lab = SystemdLab.start(image)
     try:
         assert lab.exec(["sh", "-c", "command -v fwsafe || test -e /opt/fwsafe"],
                         check=False).returncode != 0, "the container already has a fwsafe"
@@ -97,6 +102,10 @@ def _no_second_unit(lab: SystemdLab) -> None:
 # --------------------------------------------------------------------------- installed
 
 
+GENERATIONS = pytest.mark.parametrize("debian", ["bookworm", TRIXIE], indirect=True)
+
+
+@GENERATIONS
 def test_the_deb_installs_enables_the_boot_unit_and_runs(debian: SystemdLab) -> None:
     lab = debian
     enabled = lab.exec(["systemctl", "is-enabled", UNIT], check=False).stdout.strip()
@@ -149,6 +158,7 @@ def test_the_deb_installs_enables_the_boot_unit_and_runs(debian: SystemdLab) -> 
 # --------------------------------------------------------------------------- the guard
 
 
+@GENERATIONS
 def test_a_lockout_reverts_on_time(debian: SystemdLab) -> None:
     lab = debian
     _iptables_baseline(lab)

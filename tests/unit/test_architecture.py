@@ -35,10 +35,25 @@ def resolve(importer: str, node: ast.ImportFrom) -> str:
     return ".".join([*base, *([node.module] if node.module else [])])
 
 
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node but those under `if TYPE_CHECKING:` (imports for annotations only)."""
+    found: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        found.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
 def imports(name: str, *, top_level_only: bool) -> set[str]:
-    """The fwsafe modules `name` imports (a `from pkg import mod` counts as mod)."""
+    """The fwsafe modules `name` imports (a `from pkg import mod` counts as mod): at the top
+    level, or anywhere at run time (function-local imports too; not `if TYPE_CHECKING:`)."""
     tree = ast.parse(MODULES[name].read_text())
-    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    nodes = tree.body if top_level_only else _runtime_nodes(tree)
     found: set[str] = set()
     for node in nodes:
         if isinstance(node, ast.Import):
@@ -54,7 +69,9 @@ def imports(name: str, *, top_level_only: bool) -> set[str]:
 
 
 def test_no_import_cycle() -> None:
-    graph = {name: imports(name, top_level_only=True) for name in MODULES}
+    """Function-local imports count: a cycle hidden in a function is still a circle a reader
+    must hold in mind (and a late ImportError waiting for the path that takes it)."""
+    graph = {name: imports(name, top_level_only=False) for name in MODULES}
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -130,7 +147,7 @@ def test_nothing_imports_the_cli(package: str) -> None:
 
 
 def test_rescue_and_ondisk_need_only_the_standard_library() -> None:
-    allowed = ("fwsafe.errors", "fwsafe.ondisk", "fwsafe.rescue", "fwsafe")
+    allowed = ("fwsafe.errors", "fwsafe.ondisk", "fwsafe.rescue", "fwsafe.context", "fwsafe")
     for name, path in MODULES.items():
         if not name.startswith(("fwsafe.rescue", "fwsafe.ondisk")):
             continue
@@ -147,6 +164,59 @@ def test_rescue_and_ondisk_need_only_the_standard_library() -> None:
                 else:
                     top = mod.split(".")[0]
                     assert top in sys.stdlib_module_names or top == "__future__", f"{name}: {mod}"
+
+
+def test_context_needs_only_the_standard_library() -> None:
+    tree = ast.parse(MODULES["fwsafe.context"].read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) \
+                else [node.module or ""]
+            for mod in mods:
+                top = mod.split(".")[0]
+                assert top in sys.stdlib_module_names or top == "__future__", mod
+
+
+MUTATORS = {"append", "extend", "insert", "pop", "remove", "clear", "add", "discard", "update",
+            "setdefault", "popitem", "__setitem__"}
+
+
+def test_no_hidden_channels_outside_the_context_module() -> None:
+    """Module-level lists, dicts and sets that some code changes are process-wide channels
+    between modules: only fwsafe.context keeps such state (`RUN`). Constants (never changed
+    after import) are fine, and so is a module's private cache or lock table (`_NAME`, which
+    no other module may touch: see the private-names test)."""
+    holders: dict[str, set[str]] = {}
+    for name, path in MODULES.items():
+        for node in ast.parse(path.read_text()).body:
+            target, value = None, None
+            if isinstance(node, ast.Assign) and len(node.targets) == 1:
+                target, value = node.targets[0], node.value
+            elif isinstance(node, ast.AnnAssign):
+                target, value = node.target, node.value
+            if isinstance(target, ast.Name) and (
+                    isinstance(value, (ast.List, ast.Dict, ast.Set))
+                    or (isinstance(value, ast.Call) and isinstance(value.func, ast.Name)
+                        and value.func.id in ("list", "dict", "set", "defaultdict"))):
+                holders.setdefault(target.id, set()).add(name)
+    changed = []
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            held = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+                    and node.func.attr in MUTATORS:
+                held = node.func.value
+            elif isinstance(node, (ast.Assign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                held = next((t.value for t in targets if isinstance(t, ast.Subscript)), None)
+            elif isinstance(node, ast.Global):
+                changed += [f"{name}: global {n}" for n in node.names if not n.startswith("_")]
+            if isinstance(held, ast.Attribute):   # module.NAME.append(...)
+                held = ast.Name(id=held.attr)
+            if isinstance(held, ast.Name) and held.id in holders and held.id.isupper() \
+                    and not held.id.startswith("_"):   # a private cache or lock table is no channel
+                changed.append(f"{name}: changes {held.id} (of {sorted(holders[held.id])})")
+    assert changed == [], "\n".join(changed)
 
 
 def test_no_class_is_too_large_to_read() -> None:

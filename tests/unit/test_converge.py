@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from fwsafe.core import transaction
-from fwsafe.core.recover import converge, orphaned
+from fwsafe.core.recover import orphaned
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.guard.backstop import Unsaved, ask_unsaved
+from fwsafe.guard.spawn import converge
 
 
 def _state(tmp_path: Path, state: str, *, deadline: float | None, guard_pid: int | None
@@ -165,3 +166,57 @@ def test_confirm_after_the_deadline_with_the_guard_gone_reverts_never_keeps(
         Manager(sd).confirm(record.id)
     assert asked == [LATE_CONFIRM]
     assert transaction.load_record(sd, record.id).state == transaction.REVERTED
+
+
+def test_the_login_hook_filter_knows_every_open_state(tmp_path: Path) -> None:
+    """The hook's shell filter (grep on record.json) matches exactly the open states of
+    fwsafe.core.transaction: a state added there is never missed by the hook."""
+    import re as _re
+
+    from fwsafe.core import transaction
+    from fwsafe.persistence import loginhook
+
+    script = loginhook.render_script(str(tmp_path), "/usr/bin/python3")
+    pattern = _re.search(r"grep -Eqs '([^']+)'", script)
+    assert pattern is not None
+    record = tmp_path / "record.json"
+    finals = {transaction.CONFIRMED, transaction.REVERTED, transaction.ABORTED,
+              transaction.REJECTED, transaction.PREPARING}
+    for state in sorted(transaction.OPEN_STATES | finals):
+        record.write_text(json.dumps({"id": "x", "state": state}, indent=1, sort_keys=True))
+        found = subprocess.run(["grep", "-Eqs", pattern.group(1), str(record)], timeout=10)
+        assert (found.returncode == 0) == (state in transaction.OPEN_STATES), state
+
+
+def test_a_revert_racing_the_guard_that_just_finished_says_reverted(
+        tmp_path: Path, dead_pid: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`revert` (and a late `confirm`) read the record as reverting, then found its guard
+    gone: it had written `reverted` and exited in between, so the recover it started found
+    nothing to do. Reverted (exit 4), never "nothing to recover" (exit 3): CI's lab run saw 3."""
+    from fwsafe.core import manager as manager_module
+    from fwsafe.core.manager import Manager
+    from fwsafe.errors import RevertedError
+
+    monkeypatch.setattr("fwsafe.core.recover.require_root", lambda: None)
+    real = manager_module.recover_transaction
+    finished: list[tuple[StateDir, str]] = []
+
+    def guard_finished_first(*args: object, **kwargs: object) -> Record:
+        """The record is final before the real recover reads it: it refuses before it
+        touches anything (NoTransactionError)."""
+        sd, tx_id = finished[-1]
+        done = transaction.load_record(sd, tx_id)
+        done.transition(transaction.REVERTED, "the deadline passed")
+        transaction.save_record(sd, done)
+        return real(*args, **kwargs)   # type: ignore[arg-type]
+
+    monkeypatch.setattr(manager_module, "recover_transaction", guard_finished_first)
+    for verb in ("revert", "confirm"):
+        sd, record = _state(tmp_path / verb, transaction.REVERTING,
+                            deadline=time.time() - 5, guard_pid=dead_pid)
+        finished.append((sd, record.id))
+        if verb == "revert":
+            assert Manager(sd).revert(record.id).state == transaction.REVERTED
+        else:
+            with pytest.raises(RevertedError):
+                Manager(sd).confirm(record.id)

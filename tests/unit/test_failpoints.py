@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from fwsafe import failpoints
+from fwsafe.context import RUN
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fwsafe"
 
@@ -34,7 +35,7 @@ def test_raise_once_per_process_and_every_time_with_a_star(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(failpoints, "_ACTIVE", failpoints._parse(
         "guard.pending=raise:MemoryError; guard.waiting=raise*, apply.go = raise:OSError"))
-    monkeypatch.setattr(failpoints, "_FIRED", set())
+    monkeypatch.setattr(RUN, "fired", set())
     with pytest.raises(MemoryError, match="failpoint guard.pending"):
         failpoints.hit("guard.pending")
     failpoints.hit("guard.pending")   # once

@@ -15,8 +15,9 @@ import pytest
 
 import fwsafe.cli as cli
 from fwsafe import config as config_module
-from fwsafe.cli import apply as cli_apply
+from fwsafe.cli import screens
 from fwsafe.cli import transaction as cli_transaction
+from fwsafe.context import RUN
 from fwsafe.core import apply as apply_module
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyFlow, ApplyOptions
@@ -104,7 +105,7 @@ def test_abort_of_a_preparing_transaction(tmp_path: Path) -> None:
 def test_abort_while_the_guard_holds_the_lock_aborts_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state, record = new_tx(tmp_path)
-    monkeypatch.setattr(apply_module, "TX_LOCK_TIMEOUT", 0.1)
+    monkeypatch.setattr(transaction, "TX_LOCK_TIMEOUT", 0.1)
     with state.tx_locked(record.id):
         latest = ApplyFlow(state).abort(record, "gave up")
     assert latest.state == transaction.PREPARING
@@ -188,7 +189,7 @@ def test_finish_of_an_open_transaction_is_exit_5(tmp_path: Path) -> None:
     record.transition(transaction.PENDING)
     record.transition(transaction.REVERTING)
     with pytest.raises(ChangeMayBeLiveError):
-        cli_apply.finish(record, as_json=False)
+        screens.finish(record, as_json=False)
 
 
 # -- 5: what the CLI had reaches the guard ------------------------------------------------------
@@ -258,9 +259,9 @@ def test_setsid_passes_config_and_environment(tmp_path: Path,
     assert oct(log.stat().st_mode & 0o777) == oct(0o600)
     fifo = state.tx_dir(record.id) / guard.GO_FIFO
     assert oct(fifo.stat().st_mode & 0o777) == oct(0o600)
-    assert record.id not in guard.SPAWNED and fifo_content(fifo) == b""  # nothing said yet
+    assert record.id not in RUN.spawned and fifo_content(fifo) == b""  # nothing said yet
     standby.go()
-    assert record.id in guard.SPAWNED
+    assert record.id in RUN.spawned
     assert fifo_content(fifo) == guard.GO   # kept until closed, for a guard that opens it late
     standby.close()
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import re
 
 from fwsafe.backends.iptables import parse_ruleset
+from fwsafe.context import RUN
 from fwsafe.guard import hatch
+from fwsafe.ondisk import hatch as hatch_text
 from tests.rulesets import BASELINE_V4, DROP_NEW_SSH
 
 SPEC = hatch.Spec("20261206T120000Z-abcd", 1796560000, ("10.0.0.2",), ("fd00::2",), (22, 2222))
@@ -86,15 +88,15 @@ table inet fw {{
 
 
 def test_strip_hides_exactly_the_hatch() -> None:
-    hatch.SEEN.clear()
-    stripped = hatch.strip(SAVED.encode()).decode()
+    RUN.hatch_seen = False
+    stripped = hatch_text.strip(SAVED.encode()).decode()
     assert "fwsafe-hatch:" not in stripped
     assert "fwsafe-hatch is a word here" in stripped and "--dport 22 -m conntrack" in stripped
-    assert hatch.SEEN == [True]
-    nft = hatch.strip(NFT.encode()).decode()
+    assert RUN.hatch_seen
+    nft = hatch_text.strip(NFT.encode()).decode()
     assert "meta time" not in nft and "tcp dport 80 accept" in nft
     plain = BASELINE_V4.encode()
-    assert hatch.strip(plain) is plain   # the common case costs one search
+    assert hatch_text.strip(plain) is plain   # the common case costs one search
 
 
 def test_with_iptables_change_puts_it_on_top_of_the_dropping_chains() -> None:

@@ -292,3 +292,23 @@ def test_on_confirmed_after_a_newer_transaction_took_the_lock(
     history.on_confirmed(state, late)
     assert len(history.entries(state)[0]) == 1 and len(confirm_env) == 1
     assert "not recorded" in late.events[-1].detail
+
+
+def test_keep_confirmed_records_a_failure_and_the_confirm_stands(
+        state: StateDir, confirm_env: list[dict[str, bytes]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    ok = _record(state, "20260101T000000Z-aaaa", transaction.CONFIRMED)
+    state.set_current(ok.id)
+    assert history.keep_confirmed(state, ok) == ok.events[-1].detail
+    assert ok.events[-1].event == "history"
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(history, "capture_layers", full)
+    failed = _record(state, "20260101T000100Z-bbbb", transaction.CONFIRMED)
+    state.set_current(failed.id)
+    line = history.keep_confirmed(state, failed)
+    assert line.startswith("history/persist FAILED") and "No space left" in line
+    assert failed.events[-1].event == "persist-failed"
+    assert failed.state == transaction.CONFIRMED

@@ -16,11 +16,11 @@ import pytest
 import fwsafe.cli as cli
 from fwsafe import config as config_module
 from fwsafe.cli.failure import LAST_ERROR_LOG
+from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
-from fwsafe.guard import spawn as guard
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +99,7 @@ def test_error_after_this_command_started_the_guard_is_5(
     assert tx_id is not None
 
     def spawned_then_boom(self: Manager) -> Any:
-        guard.SPAWNED.append(tx_id)  # as guard.spawn does
+        RUN.spawned.append(tx_id)  # as guard.spawn does
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Manager, "status", spawned_then_boom)

@@ -23,6 +23,19 @@ def test_case8_reorder_then_others_delete() -> None:
     assert merge_sequences(["b", "a"], ["a", "b"], ["a", "b", "c"]) == ["b", "a", "c"]
 
 
+def test_a_moved_rule_with_no_anchor_left_stays_where_it_is() -> None:
+    """The change reversed the chain and added a rule; others deleted the moved rule's
+    neighbours and appended their own. Found by a random search (the order property failed
+    once in CI's 2,000 examples): the second revert put b1 after o2, the first before it."""
+    before, after = ["b0", "b1", "b2"], ["b2", "b1", "b0", "c1"]
+    first = merge_sequences(before, after, ["b1", "c1", "o2"])
+    assert first == ["b1", "o2"]
+    assert merge_sequences(before, after, first) == first
+    before, after = ["b0", "b1", "b2"], ["b2", "b0", "b1", "c0"]
+    first = merge_sequences(before, after, ["b2", "c0", "o1"])
+    assert first == ["b2", "o1"] and merge_sequences(before, after, first) == first
+
+
 def test_removed_rules_come_back_before_their_successor() -> None:
     """Bans before RETURN: a re-created fail2ban chain gets the old bans above its RETURN."""
     assert merge_sequences(["ban1", "ban2", "RET"], [], ["RET"]) == ["ban1", "ban2", "RET"]

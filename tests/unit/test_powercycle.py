@@ -68,6 +68,9 @@ def _hook(root: Path, state_dir: str = STATE, where: str = "/etc/pam.d/common-se
     pam.parent.mkdir(parents=True, exist_ok=True)
     pam.write_text("session\trequired\tpam_unix.so\n"
                    f"session\toptional\tpam_exec.so quiet {loginhook.LOCAL_SCRIPT}\n")
+    sshd = root / "etc/ssh/sshd_config"
+    sshd.parent.mkdir(parents=True, exist_ok=True)
+    sshd.write_text("Include /etc/ssh/sshd_config.d/*.conf\nUsePAM yes\n")
 
 
 def test_login_hook_detection(tmp_path: Path) -> None:
@@ -78,6 +81,17 @@ def test_login_hook_detection(tmp_path: Path) -> None:
     (tmp_path / "etc/pam.d/common-session").write_text(
         f"# session optional pam_exec.so quiet {loginhook.LOCAL_SCRIPT}\n")
     assert not loginhook.active(tmp_path, STATE)[0]           # commented out
+    _hook(tmp_path)
+    sshd = tmp_path / "etc/ssh/sshd_config"
+    sshd.write_text("UsePAM no\n")
+    assert not loginhook.active(tmp_path, STATE)[0]           # sshd passes no PAM session
+    assert "UsePAM no" in loginhook.active(tmp_path, STATE)[1]
+    sshd.write_text("# UsePAM yes\n")
+    assert not loginhook.active(tmp_path, STATE)[0]           # sshd's own default: no
+    sshd.unlink()
+    assert not loginhook.active(tmp_path, STATE)[0]           # no sshd (dropbear)
+    sshd.write_text("usepam YES\nUsePAM no\n")
+    assert loginhook.active(tmp_path, STATE)[0]               # the first value wins
     with pytest.raises(ValueError):
         loginhook.render_script("/var/lib/it's")
 
@@ -206,6 +220,33 @@ def test_the_rescue_plan_puts_sshd_files_back_and_moves_new_drop_ins_aside(
     assert (drop_ins / "00-bad.conf.fwsafe-bak").read_text() == "PermitRootLogin no\n"
     assert (drop_ins / "README").exists() and (drop_ins / "10-keep.conf").exists()
     assert rescue_tool.plan_restore(entry, root).changes == []
+
+
+def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_none(
+        tmp_path: Path) -> None:
+    """sshd started by ssh.socket: fwsafe's drop-in moved the socket with sshd_config's Port;
+    an entry from before it goes back to port 22 for both."""
+    root = tmp_path / "root"
+    state = StateDir(root / STATE.lstrip("/"))
+    state.ensure()
+    admin = "/etc/systemd/system/ssh.socket.d/00-admin.conf"
+    good, _ = history.add_entry(state, {"sshd": _sshd_layer({
+        "/etc/ssh/sshd_config": "Port 22\n", admin: "[Socket]\nBacklog=128\n"})}, {"tx": "t1"})
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/sshd_config").write_text("Port 2222\n")
+    sockd = root / "etc/systemd/system/ssh.socket.d"
+    sockd.mkdir(parents=True)
+    (sockd / "00-admin.conf").write_text("[Socket]\nBacklog=128\n")
+    (sockd / "fwsafe-listen.conf").write_text("[Socket]\nListenStream=\nListenStream=2222\n")
+    found, damaged = list_history(state.root)
+    plan = rescue_tool.plan_restore(find_entry(found, damaged, "last"), root)
+    assert sorted((c.server_path, c.action) for c in plan.changes) == [
+        ("/etc/ssh/sshd_config", "replace"),
+        ("/etc/systemd/system/ssh.socket.d/fwsafe-listen.conf", "remove")]
+    rescue_tool.write_plan(plan, root)
+    assert not (sockd / "fwsafe-listen.conf").exists()
+    assert (sockd / "00-admin.conf").read_text() == "[Socket]\nBacklog=128\n"
+    assert good.id
 
 
 def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:

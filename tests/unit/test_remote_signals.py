@@ -22,11 +22,17 @@ def later(delay: float, signum: int = signal.SIGINT) -> threading.Timer:
     return timer
 
 
-def busy_without_pause(seconds: float) -> int:
-    """Library-like work (Python calls, no pause): where paramiko would hold its locks."""
+def busy_without_pause(seconds: float, *timers: threading.Timer) -> int:
+    """Library-like work (Python calls, no pause): where paramiko would hold its locks. At least
+    `seconds`, and until every timer has sent its signal (a loaded machine delays them)."""
     end = time.monotonic() + seconds
+    limit = time.monotonic() + 30
     calls = 0
-    while time.monotonic() < end:
+    while time.monotonic() < end or (any(t.is_alive() for t in timers)
+                                     and time.monotonic() < limit):
+        calls += len(str(calls))
+    settle = time.monotonic() + 0.05   # the handler runs in this thread between bytecodes
+    while time.monotonic() < settle:
         calls += len(str(calls))
     return calls
 
@@ -34,8 +40,8 @@ def busy_without_pause(seconds: float) -> int:
 def test_a_signal_outside_pause_is_noted_and_raised_at_the_next_check() -> None:
     interrupts = Interrupts()
     with interrupts.installed():
-        later(0.05, signal.SIGTERM)
-        busy_without_pause(0.3)  # the signal came meanwhile: nothing raised here
+        sent = later(0.05, signal.SIGTERM)
+        busy_without_pause(0.3, sent)  # the signal came meanwhile: nothing raised here
         with pytest.raises(KeyboardInterrupt):
             interrupts.check()
         interrupts.check()  # raised once only
@@ -56,8 +62,8 @@ def test_a_signal_during_pause_raises_at_once() -> None:
 def test_a_noted_signal_makes_the_next_pause_raise_without_sleeping() -> None:
     interrupts = Interrupts()
     with interrupts.installed():
-        later(0.02)
-        busy_without_pause(0.2)
+        sent = later(0.02)
+        busy_without_pause(0.2, sent)
         began = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
             interrupts.pause(10)
@@ -99,9 +105,8 @@ def test_two_signals_during_one_step_raise_twice() -> None:
     """"Ctrl-C again: stop now" keeps its meaning when both came during one long step."""
     interrupts = Interrupts()
     with interrupts.installed():
-        later(0.02)
-        later(0.1)
-        busy_without_pause(0.4)
+        first, second = later(0.02), later(0.1)
+        busy_without_pause(0.4, first, second)
         for _ in range(2):
             with pytest.raises(KeyboardInterrupt):
                 interrupts.check()

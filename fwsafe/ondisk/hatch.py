@@ -1,0 +1,25 @@
+"""How a rule of the kernel escape hatch (fwsafe.guard.hatch) is recognised in iptables-save
+text and nft listings, and taken out of them: every capture of the backends goes through
+`strip`, so that snapshots, the merge, the boot files, the history, the rescue tool, `check`
+and `diff` never see it. Standard library only (the backends and the rescue tool use it; the
+guard's hatch, which loads and removes the rules, builds on it)."""
+
+from __future__ import annotations
+
+import re
+
+from fwsafe.context import RUN
+
+MARK = "fwsafe-hatch"
+_MARK_BYTES = MARK.encode()
+_HATCH_LINE = re.compile(rb"^(?:-A \S+ .*--comment \"?|\s+.*comment \")" + _MARK_BYTES + rb":"
+                         rb".*$\n?", re.M)
+
+def strip(data: bytes) -> bytes:
+    """An iptables-save or nft listing without the hatch's rules (as if it were not loaded)."""
+    if _MARK_BYTES not in data:
+        return data
+    stripped = _HATCH_LINE.sub(b"", data)
+    if stripped != data:
+        RUN.hatch_seen = True   # one is loaded: `fwsafe apply` removes leftovers first
+    return stripped

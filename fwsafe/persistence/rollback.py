@@ -1,0 +1,96 @@
+"""The change that puts a known-good state back (`fwsafe rollback ID`): the entry's layers as
+a Change for the guard, made complete against what is live now (iptables tables the entry does
+not name are emptied, nft tables are deleted and re-created, sshd's files that differ are
+written back against their content now), and notes on what a rollback leaves alone."""
+
+from __future__ import annotations
+
+from fwsafe.core.change import Change
+from fwsafe.errors import UsageError
+from fwsafe.ondisk.history import Entry
+from fwsafe.persistence import history
+
+# Layers a rollback can put back (they take a rules file; sshd: its files, then a reload).
+ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd")
+
+
+def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
+    """The Change that puts `entry` back, and notes on the layers it leaves alone."""
+    from fwsafe.backends import layer_for
+
+    change = Change()
+    notes = []
+    for name, content in entry.layers.items():
+        if name not in ROLLBACK_LAYERS:
+            continue
+        try:
+            layer_for(name)
+        except UsageError:
+            notes.append(f"layer {name}: this fwsafe cannot apply it; not rolled back")
+            continue
+        if name in ("ipv4", "ipv6"):
+            content = _with_emptied_tables(name, content)
+        elif name == "nft":
+            content = _nft_replacement(content)
+            if not content.strip():
+                continue  # no native tables then, none now
+        elif name == "sshd":
+            sshd, sshd_notes = _sshd_rollback(content)
+            notes += sshd_notes
+            if sshd is None:
+                continue  # sshd's files are as they were
+            content = sshd
+        change.add(name, content, f"history:{entry.id}/{name}")
+    return change, notes
+
+
+def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
+    """The sshd change that writes the entry's files that differ now (None: none differ),
+    based on their content now (the guard refuses if one changes meanwhile)."""
+    from fwsafe.ondisk.sshd import SshdFiles, dump, read_file
+    from fwsafe.ondisk.sshd import load as load_sshd
+
+    entry = load_sshd(content)
+    now = {path: read_file(path) for path in entry.files}
+    files = {path: state for path, state in entry.files.items() if now[path] != state}
+    live, _ = history.capture_sshd()
+    added = sorted(set(load_sshd(live).files) - set(entry.files)) if live else []
+    notes = [f"sshd: {path} is read by sshd now but was not then; a rollback leaves it "
+             "(move it aside by hand if it must go)" for path in added]
+    if not files:
+        return None, notes
+    base = {path: (state.digest() if state is not None else None)
+            for path, state in now.items() if path in files}
+    return dump(SshdFiles(entry.config, files, base)), notes
+
+
+def _nft_replacement(content: bytes) -> bytes:
+    """`nft -f` merges a table definition into an existing table: delete and re-create each
+    table of the entry, and delete the native tables that exist now but not in the entry."""
+    from fwsafe.ondisk.history import nft_tables
+
+    wanted = nft_tables(content.decode(errors="replace"))
+    live, _ = history.capture_layers()
+    now = nft_tables(live.get("nft", b"").decode(errors="replace"))
+    script = "".join(f"add table {fam} {tab}\ndelete table {fam} {tab}\n"
+                     for fam, tab in dict.fromkeys([*wanted, *now]))
+    return (script.encode() + content) if script else b""
+
+
+def _with_emptied_tables(name: str, content: bytes) -> bytes:
+    """iptables-restore replaces only the tables a file names: name the ones that exist now but
+    not in the entry too, empty, so that the rollback gives the entry's state."""
+    from fwsafe.backends import layer_for
+    from fwsafe.backends.iptables import BUILTIN_CHAINS, parse_tables
+
+    wanted = parse_tables(content.decode(errors="replace"))
+    try:
+        live = parse_tables(layer_for(name).capture().decode(errors="replace"))
+    except Exception:  # noqa: BLE001 - without a capture, the entry's tables alone
+        return content
+    extra = []
+    for table in live:
+        if table not in wanted and table in BUILTIN_CHAINS:
+            chains = [f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table]]
+            extra.append("\n".join([f"*{table}", *chains, "COMMIT"]) + "\n")
+    return content + "".join(extra).encode()

@@ -1,0 +1,65 @@
+"""The systemd lab's second generation: the apt sources a trixie root fs is built from are the
+host's Debian sources with the suite names replaced; third-party sources stay out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests import systemdlab
+
+DEBIAN = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
+LEGACY = ("deb http://deb.debian.org/debian bookworm main\n"
+          "deb http://security.debian.org/debian-security bookworm-security/updates main\n")
+THIRD_PARTY = "deb https://packages.cloud.google.com/apt cloud-sdk-bookworm main\n"
+
+
+@pytest.fixture
+def host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    files = []
+    for name, text in (("debian.sources", DEBIAN), ("legacy.list", LEGACY),
+                       ("google.list", THIRD_PARTY)):
+        (tmp_path / name).write_text(text)
+        files.append(tmp_path / name)
+    monkeypatch.setattr(systemdlab, "_host_sources", lambda: files)
+    monkeypatch.setattr(systemdlab, "host_suite", lambda: "bookworm")
+    return files
+
+
+def test_the_hosts_suite_uses_the_hosts_sources(host: list[Path], tmp_path: Path) -> None:
+    assert systemdlab._suite_sources("bookworm", tmp_path / "out") == host
+    assert systemdlab.rootfs_key("bookworm") == systemdlab.rootfs_key()
+    assert not systemdlab.rootfs_key("bookworm").startswith("bookworm")
+
+
+def test_trixie_gets_the_debian_sources_renamed(host: list[Path], tmp_path: Path) -> None:
+    made = systemdlab._suite_sources("trixie", tmp_path / "out")
+    assert [p.name for p in made] == ["trixie-debian.sources", "trixie-legacy.list"]
+    text = made[0].read_text()
+    assert "Suites: trixie trixie-updates\n" in text
+    assert "Suites: trixie-security\n" in text
+    assert "bookworm" not in text
+    assert "debian-archive-keyring.gpg" in text
+    assert made[1].read_text() == LEGACY.replace("bookworm", "trixie")
+    assert systemdlab.rootfs_key("trixie").startswith("trixie-")
+    assert systemdlab.rootfs_key("trixie") != systemdlab.rootfs_key("bookworm")
+
+
+def test_no_debian_source_is_an_error(host: list[Path], tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(systemdlab, "_host_sources", lambda: host[2:])
+    with pytest.raises(systemdlab.SystemdLabError, match="no Debian apt source"):
+        systemdlab._suite_sources("trixie", tmp_path / "out")
