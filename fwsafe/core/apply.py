@@ -532,6 +532,7 @@ class ApplyFlow:
         refused it). Once the guard may have started, an error says "nothing changed" (exit 3)
         only when the record proves it (aborted under the transaction's lock); else the change
         may be live (exit 5)."""
+        saves = guard.watch_saves(self.state, record.id)
         try:
             try:
                 standby.go()
@@ -544,20 +545,23 @@ class ApplyFlow:
                         f"{latest.state} and the change may be live", hint=LIVE_HINT) from exc
                 raise GuardError(exc.message, hint=f"nothing was changed (transaction {record.id} "
                                  "is aborted); try again") from exc
-            return self._wait_for_guard(record)
+            return self._wait_for_guard(record, saves)
         finally:
             standby.close()   # the guard has read `go` (or has been given up on)
+            guard.stop_watching(self.state, record.id, saves)
 
     def abort(self, record: Record, why: str) -> Record:
         """fwsafe.core.transaction.abort_preparing for this flow's state directory."""
         return transaction.abort_preparing(self.state, record, why)
 
-    def _wait_for_guard(self, record: Record) -> Record:
+    def _wait_for_guard(self, record: Record, saves: int | None) -> Record:
+        """Until the guard has applied the change or refused it: the record is read each time
+        the guard says it saved it (`saves`), and at least every SAVED_POLL_S anyway."""
         started = time.monotonic()
         asked = started
         log = self.state.tx_dir(record.id) / "guard.log"
         while True:
-            time.sleep(0.005)
+            guard.wait_saved(saves)
             try:
                 record = transaction.load_record(self.state, record.id)
             except StateError as exc:

@@ -49,7 +49,7 @@ from fwsafe.guard.backstop import BackstopKeeper, quiet_std, stuck_grace, write_
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
 from fwsafe.guard.requests import listen, serve_one
-from fwsafe.guard.spawn import systemd_is_init, wait_for_go
+from fwsafe.guard.spawn import systemd_is_init, tell_saved, wait_for_go
 
 OOM_SHIELD = -1000
 
@@ -157,6 +157,7 @@ class Guard:
         if self.unsaved:
             self.log("the record is written")
         self.unsaved = False
+        tell_saved(self.state.tx_dir(self.record.id))   # the CLI waiting for it reads it now
         return True
 
     # -- life cycle -------------------------------------------------------------------------

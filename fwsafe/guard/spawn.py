@@ -9,6 +9,7 @@ in the state directory; the guard answers with one JSON line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -191,6 +192,58 @@ def _start(state: StateDir, tx_id: str, mode: str,
         raise GuardError(f"the guard could not be started: {exc}") from exc
     finally:
         os.close(log)
+
+
+SAVED_FIFO = "saved"    # tx/<id>/saved: the guard says "record saved" to the CLI waiting for it
+SAVED_POLL_S = 0.25     # the CLI reads the record at least this often anyway
+
+
+def watch_saves(state: StateDir, tx_id: str) -> int | None:
+    """In the CLI, before the guard is told to go: a named pipe on which the guard says each
+    time it has saved the record, so that the CLI reads it then instead of every few
+    milliseconds. None when it cannot be made (the CLI then reads the record at intervals)."""
+    path = state.tx_dir(tx_id) / SAVED_FIFO
+    try:
+        os.mkfifo(path, 0o600)
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def wait_saved(fd: int | None, limit: float = SAVED_POLL_S) -> None:
+    """Until the guard says it saved the record, at most `limit` seconds (without a pipe:
+    a short pause)."""
+    if fd is None:
+        time.sleep(min(limit, 0.005))
+        return
+    with contextlib.suppress(InterruptedError):
+        select.select([fd], [], [], limit)
+    with contextlib.suppress(OSError):
+        while os.read(fd, 4096):
+            pass
+
+
+def stop_watching(state: StateDir, tx_id: str, fd: int | None) -> None:
+    if fd is None:
+        return
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        (state.tx_dir(tx_id) / SAVED_FIFO).unlink()
+
+
+def tell_saved(tx_dir: Path) -> None:
+    """In the guard, after it saved the record: wake the CLI waiting for it (nothing when none
+    waits: no pipe, or nobody reading it)."""
+    try:
+        fd = os.open(tx_dir / SAVED_FIFO, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.write(fd, b".")
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def wait_for_go(tx_dir: Path) -> bool:

@@ -154,7 +154,7 @@ def test_guard_died_while_applying_is_exit_5(tmp_path: Path,
     state, record = new_tx(tmp_path)
     move_to(state, record.id, transaction.APPLYING)  # guard_pid None: not alive
     # Not waited for under the state lock (its backstop needs it to take over) ...
-    waited = ApplyFlow(state)._wait_for_guard(record)
+    waited = ApplyFlow(state)._wait_for_guard(record, None)
     assert waited.state == transaction.APPLYING
     # ... but after it: nobody took it over, so it may be live (exit 5, never 3)
     monkeypatch.setattr(guard, "NOBODY_S", 0.0)
@@ -169,7 +169,7 @@ def test_guard_applying_for_too_long_is_exit_5(tmp_path: Path,
     monkeypatch.setattr(transaction, "guard_alive", lambda record: True)
     monkeypatch.setattr(apply_module, "GUARD_APPLY_TIMEOUT", 0.0)
     with pytest.raises(ChangeMayBeLiveError) as info:
-        ApplyFlow(state)._wait_for_guard(record)
+        ApplyFlow(state)._wait_for_guard(record, None)
     assert info.value.exit_code == 5
 
 
@@ -178,7 +178,7 @@ def test_guard_that_never_armed_is_aborted_and_exit_3(tmp_path: Path,
     state, record = new_tx(tmp_path)
     monkeypatch.setattr(apply_module, "GUARD_ARM_TIMEOUT", 0.0)
     with pytest.raises(GuardError, match="nothing was changed") as info:
-        ApplyFlow(state)._wait_for_guard(record)
+        ApplyFlow(state)._wait_for_guard(record, None)
     assert info.value.exit_code == 3
     assert transaction.load_record(state, record.id).state == transaction.ABORTED
 
@@ -442,3 +442,33 @@ def test_a_reading_ahead_is_handed_over_once_and_only_if_nothing_changed(
     assert prefetch.take() is None           # once
     prefetch.start()                         # read at 8 ...
     assert prefetch.take() is None           # ... now 9: somebody changed nf_tables meanwhile
+
+
+def test_the_cli_reads_the_record_when_the_guard_says_it_saved_it(tmp_path: Path) -> None:
+    """No polling every few milliseconds (issue 26, item 9): the guard writes a byte on the
+    transaction's `saved` pipe after each save; the CLI wakes at once, and reads the record at
+    least every SAVED_POLL_S anyway; a guard with nobody listening loses nothing."""
+    import threading
+    import time
+
+    state, record = new_tx(tmp_path)
+    tx_dir = state.tx_dir(record.id)
+    guard.tell_saved(tx_dir)                       # nobody waits: nothing happens
+    fd = guard.watch_saves(state, record.id)
+    assert fd is not None
+    began = time.monotonic()
+    guard.wait_saved(fd, 0.3)                      # nothing said: the poll interval
+    assert 0.25 <= time.monotonic() - began < 2
+    threading.Timer(0.05, guard.tell_saved, (tx_dir,)).start()
+    began = time.monotonic()
+    guard.wait_saved(fd, 10)
+    assert time.monotonic() - began < 2            # woken by the guard, not the interval
+    for _ in range(3):
+        guard.tell_saved(tx_dir)                   # several saves: one wake-up drains them
+    guard.wait_saved(fd, 10)
+    began = time.monotonic()
+    guard.wait_saved(fd, 0.3)
+    assert time.monotonic() - began >= 0.25
+    guard.stop_watching(state, record.id, fd)
+    assert not (tx_dir / guard.SAVED_FIFO).exists()
+    guard.tell_saved(tx_dir)                       # after the CLI: still harmless
