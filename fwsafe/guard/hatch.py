@@ -433,17 +433,50 @@ def _run(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
 
 
 def read_chains(layer: str) -> list[Chain]:
-    """The chains of `layer` the hatch can be in, as loaded now (its rules included)."""
+    """The chains of `layer` the hatch can be in, as loaded now (its rules included). Where
+    the kernel can list its nf_tables tables (one netlink dump), only the tables the hatch can
+    be in are read: not kube-proxy's nat table of 50,000 rules (seconds of iptables-save), nor
+    iptables-nft's tables through nft."""
+    from fwsafe.backends import nflist
+
+    known = nflist.kernel_tables()
     if layer == NFT_LAYER:
-        code, out, err = _run(["nft", "-a", "list", "ruleset"])
-        if code != 0:
-            raise HatchError(f"nft list ruleset failed: {err}")
-        return [c for c in parse_nft(out) if not _nft_skipped(c.family, c.table)]
+        if known is None:
+            code, out, err = _run(["nft", "-a", "list", "ruleset"])
+            if code != 0:
+                raise HatchError(f"nft list ruleset failed: {err}")
+            return [c for c in parse_nft(out) if not _nft_skipped(c.family, c.table)]
+        chains: list[Chain] = []
+        for family, table in known:
+            if _nft_skipped(family, table):
+                continue
+            code, out, err = _run(["nft", "-a", "list", "table", family, table])
+            if code != 0 and "No such file or directory" not in err:   # (deleted meanwhile)
+                raise HatchError(f"nft list table {family} {table} failed: {err}")
+            chains += parse_nft(out) if code == 0 else []
+        return chains
     save, _ = _iptables_tool(layer)
-    code, out, err = _run([save])
-    if code != 0:
-        raise HatchError(f"{save} failed: {err}")
+    tables = _iptables_tables(layer, known)
+    out = ""
+    for argv in [[save]] if tables is None else [[save, "-t", t] for t in tables]:
+        code, text, err = _run(argv)
+        if code != 0:
+            raise HatchError(f"{save} failed: {err}")
+        out += text
     return parse_iptables(out, layer)
+
+
+def _iptables_tables(layer: str, known: Sequence[tuple[str, str]] | None) -> list[str] | None:
+    """The tables of iptables layer `layer` the hatch can be in that exist (`known`: the
+    kernel's nf_tables tables); None: read every table (legacy iptables, or no list). Only
+    existing ones: `iptables-save -t raw` shows a raw table that does not exist, and the hatch
+    would make it."""
+    from fwsafe.backends.iptables import FAMILIES, uses_nf_tables
+
+    family = FAMILIES[layer]
+    if known is None or family.legacy or not uses_nf_tables(family.save):
+        return None
+    return [t for f, t in known if f == family.nft_family and t in IPTABLES_CHAINS]
 
 
 class HatchError(Exception):
