@@ -8,7 +8,6 @@ listings decide too."""
 
 from __future__ import annotations
 
-import json
 import textwrap
 
 import pytest
@@ -63,12 +62,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_digests_spare_the_listings_only_where_the_kernel_holds_the_same(fwlab: FwLab) -> None:
-    import sys
-
-    result = fwlab.lab.srv_exec([sys.executable, "-c", SCRIPT], check=False, timeout=120)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    print(out)
+    out = fwlab.srv_python(SCRIPT)
     assert out["plain"] == [] and out["listed"] == [] and out["digests_equal_again"]
     assert out["native"] == ["ip filter"]
     assert "filter" in out["native_listed"] and "nat" not in out["native_listed"]

@@ -7,8 +7,6 @@ touched."""
 
 from __future__ import annotations
 
-import json
-import sys
 import textwrap
 
 import pytest
@@ -53,11 +51,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_the_hatch_reads_and_changes_only_the_tables_it_can_be_in(fwlab: FwLab) -> None:
-    lab = fwlab.lab
-    result = lab.srv_exec([sys.executable, "-c", SCRIPT, lab.cli_ip4], check=False, timeout=120)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    print(out)
+    out = fwlab.srv_python(SCRIPT, fwlab.lab.cli_ip4)
     assert out["ipv4_same"] and out["nft_same"]
     assert out["loaded"]["ipv4"] == "loaded" and out["loaded"]["nft"] == "loaded"
     assert "ip raw" not in out["tables"] and "ip mangle" not in out["tables"], out["tables"]

@@ -7,8 +7,6 @@ tests/lab/test_revert_proven.py."""
 
 from __future__ import annotations
 
-import json
-import sys
 import textwrap
 
 import pytest
@@ -53,11 +51,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_the_proof_reads_the_loaded_state_only_while_nothing_else_changed(fwlab: FwLab) -> None:
-    lab = fwlab.lab
-    result = lab.srv_exec([sys.executable, "-c", SCRIPT, lab.cli_ip4], check=False, timeout=120)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    print(out)
+    out = fwlab.srv_python(SCRIPT, fwlab.lab.cli_ip4)
     assert out["ok"] and out["known"] == ["ipv4", "ipv6"]
     for name in ("ipv4", "ipv6"):
         assert out[name + "_kernel"] and out[name + "_as_before"] and out[name + "_reused"]
