@@ -510,11 +510,13 @@ def plan_layer(layer: str, chains: Sequence[Chain], spec: Spec | None) -> str:
                    for table, lines in tables.items() if lines)
 
 
-def sync_layer(layer: str, spec: Spec | None, log: Log | None = None) -> str:
+def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
+               commits: list[int] | None = None) -> str:
     """Make the hatch rules of `layer` exactly those of `spec` (None: remove them all), in one
     transaction, and read the layer back to prove it. Returns what is loaded now: "loaded",
     "none" (no chain there can drop, or no source of this family), "removed". Raises
-    HatchError with the tool's message."""
+    HatchError with the tool's message. `commits`: each load that worked adds its nf_tables
+    commits (one per iptables table, one for nft); one that failed adds -1 (not known)."""
     last = "the hatch does not hold"
     for attempt in range(4):
         chains = read_chains(layer)
@@ -529,6 +531,9 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None) -> str:
         else:
             code, _, err = _run([_iptables_tool(layer)[1], "--noflush", "-w", "5"],
                                 payload.encode())
+        if commits is not None:
+            commits.append(-1 if code != 0 else 1 if layer == NFT_LAYER
+                           else payload.count("\nCOMMIT\n"))
         if code != 0:
             last = err or f"exit {code}"
             if log is not None:
@@ -536,8 +541,8 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None) -> str:
     raise HatchError(f"{layer}: {last}")
 
 
-def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None
-         ) -> dict[str, str]:
+def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None,
+         commits: list[int] | None = None) -> dict[str, str]:
     """`sync_layer` for each layer that can hold the hatch; {layer: state or "error: ..."}.
     Never raises: a layer that fails is reported, the others are still done."""
     states: dict[str, str] = {}
@@ -545,7 +550,7 @@ def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None
         if layer not in HATCH_LAYERS:
             continue
         try:
-            states[layer] = sync_layer(layer, spec, log)
+            states[layer] = sync_layer(layer, spec, log, commits)
         except Exception as exc:  # noqa: BLE001 - reported per layer; the caller retries
             states[layer] = f"error: {exc}"
     return states
@@ -632,11 +637,13 @@ class Keeper:
             "ports": list(self.spec.ports), "layers": {}}
         return self.spec
 
-    def load(self, layers: Sequence[str]) -> None:
-        """Put the hatch where it belongs in `layers` (and nowhere else), proved by reading."""
+    def load(self, layers: Sequence[str]) -> int | None:
+        """Put the hatch where it belongs in `layers` (and nowhere else), proved by reading.
+        Returns the nf_tables commits made (None: not known, a load failed)."""
         if self.spec is None or self.removing:
-            return
-        states = sync(self.spec, layers, self.log)
+            return 0
+        commits: list[int] = []
+        states = sync(self.spec, layers, self.log, commits)
         info = dict(self.record.hatch or {})
         info.update(layers=states, opens=self.spec.opens)
         self.record.hatch = info
@@ -644,6 +651,7 @@ class Keeper:
         self.log(f"hatch: SSH from {', '.join([*self.spec.sources4, *self.spec.sources6])} "
                  f"opens at {time.strftime('%H:%M:%S', time.localtime(self.spec.opens))}: "
                  + ", ".join(f"{k} {v}" for k, v in states.items()))
+        return None if self.dirty or -1 in commits else sum(commits)
 
     def retime(self, deadline: float) -> bool:
         """Make the hatch open at `deadline` + grace (a new deadline, or the wall clock was

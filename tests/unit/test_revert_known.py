@@ -118,3 +118,19 @@ def test_delta_left_is_the_same_with_the_shortcut_for_units_as_before() -> None:
     assert left == ["filter/INPUT: `-A INPUT -j C` (added by the change) is still there"]
     reordered = {"filter/INPUT": ["-A INPUT -j B", "-A INPUT -j A"]}
     assert delta_left(before, after, after, reordered) == []
+
+
+def test_the_after_stamp_moves_past_the_hatch_s_own_commits_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard loads the hatch right after capturing the change's result; captures never
+    show the hatch, so that capture still stands for the live state if only the hatch's own
+    commits came after it; anyone else's commit, or commits not known, and it does not."""
+    from fwsafe.guard.applying import hatch_only
+
+    monkeypatch.setattr(nflist, "ruleset_stamp", lambda: "boot/7/12")
+    assert hatch_only("boot/7/10", 2) == "boot/7/12"
+    assert hatch_only("boot/7/10", 1) is None        # someone else committed too
+    assert hatch_only("boot/7/10", None) is None     # a hatch load failed: not known
+    assert hatch_only("boot/7/10", 0) == "boot/7/10"   # the hatch committed nothing
+    assert hatch_only(None, 2) is None
+    assert hatch_only("boot/8/10", 2) is None        # another namespace or boot
