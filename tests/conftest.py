@@ -11,6 +11,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,16 @@ class FwLab:
         assert result.returncode == 0, result.stderr
         data: dict[str, Any] = json.loads(result.stdout)
         return data
+
+    def srv_python(self, script: str, *args: str, timeout: float = 120) -> Any:
+        """Run a Python `script` (this interpreter, fwsafe importable) in the server namespace;
+        it must succeed and print one JSON value, which is returned (and printed)."""
+        result = self.lab.srv_exec([sys.executable, "-c", script, *args], check=False,
+                                   timeout=timeout)
+        assert result.returncode == 0, result.stderr
+        value = json.loads(result.stdout)
+        print(value)
+        return value
 
     def wait_state(self, states: set[str], limit_s: float) -> dict[str, Any]:
         end = time.monotonic() + limit_s

@@ -47,10 +47,20 @@ class ApplyError(Exception):
         self.line = line
 
 
+# A layer's whole state as the kernel was proved to hold it after a revert's load: nf_tables'
+# generation when the live state was read before the load, its generation right after the
+# load (only the load's own commits between), and the state's text (fwsafe.core.revert).
+Proved = tuple[int, int, bytes]
+
+
 class Layer(abc.ABC):
     name: str
     label: str
     tools: tuple[str, ...] = ()   # binaries needed to change this layer
+    proved: Proved | None = None  # set by `revert` when the kernel proved the whole state
+    # Told the whole state a revert is about to load (what `proved` will hold if the kernel
+    # proves it), to start work on it while the tool loads it; never raises.
+    on_target: Callable[[bytes], None] | None = None
 
     @abc.abstractmethod
     def available(self) -> bool:

@@ -16,9 +16,11 @@ differs is lossy: the caller refuses a change that could touch it (exit 3, nothi
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from fwsafe.backends import nflist
 from fwsafe.backends.iptables import BUILTIN_CHAINS, FAMILIES
@@ -93,9 +95,33 @@ def _copy_ipsets(text: bytes, inside: list[str]) -> None:
         raise FidelityError(f"ipset restore failed: {made.stderr.decode(errors='replace').strip()}")
 
 
-def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
+def _live_digests(family: str) -> dict[str, str]:
+    """nflist.digests of this namespace ({} when the kernel cannot be asked so)."""
+    try:
+        return nflist.digests(family)
+    except nflist.DigestError:
+        return {}
+
+
+def _scratch_digests(inside: list[str], family: str) -> dict[str, str]:
+    """nflist.digests in the scratch namespace ({} when it cannot be had): its module run by
+    this Python, isolated, with only fwsafe's own directory on its path."""
+    package = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (f"import sys; sys.path.insert(0, {package!r}); "
+            "from fwsafe.backends.nflist import digest_main; digest_main()")
+    result = run([*inside, sys.executable, "-I", "-S", "-c", code, family], timeout=60)
+    try:
+        found = json.loads(result.stdout) if result.returncode == 0 else None
+    except ValueError:
+        found = None
+    return found if isinstance(found, dict) else {}
+
+
+def _round_trip(name: str, text: bytes, tables: list[str], sums: Future[dict[str, str]]
+                ) -> dict[str, Blocks | None]:
     """`text` loaded by iptables-restore in a scratch namespace; nft's listing of `tables`
-    (a text iptables-restore refuses matches no table)."""
+    (a text iptables-restore refuses matches no table), None for a table whose digest there
+    (nflist.digests) is the live one (`sums`, read meanwhile): the same in the kernel."""
     from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
 
     family = NFT_FAMILY[name]
@@ -110,7 +136,10 @@ def _round_trip(name: str, text: bytes, tables: list[str]) -> dict[str, Blocks]:
                          timeout=120)
             if loaded.returncode != 0:   # the text does not even load: no table round-trips
                 return {t: {"(iptables-restore refused the text)": ()} for t in tables}
-            return {t: _list(inside, family, t) for t in tables}
+            live = sums.result()
+            there = _scratch_digests(inside, family) if any(live.get(t) for t in tables) else {}
+            return {t: None if live.get(t) and there.get(t) == live[t]
+                    else _list(inside, family, t) for t in tables}
     except NetnsError as exc:
         raise FidelityError(f"cannot make a scratch network namespace: {exc}") from exc
 
@@ -142,10 +171,20 @@ def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: byt
         start = nflist.generation()
         text = saved if saved is not None and start is not None and start == generation \
             else _save(name)
+        # Each table's digest (nflist.digests) here and there first: equal, the kernel holds the same (no
+        # listing); else, or where it cannot tell (sets...), nft's listings decide.
         with ThreadPoolExecutor(max_workers=1) as pool:
-            trip = pool.submit(_round_trip, name, text, present)
-            live = {t: _list([], family, t) for t in present}
+            sums: Future[dict[str, str]] = Future()
+            trip = pool.submit(_round_trip, name, text, present, sums)
+            try:
+                sums.set_result(_live_digests(family))
+            finally:
+                if not sums.done():
+                    sums.set_result({})
+            live = {t: _list([], family, t) for t in present if not sums.result().get(t)}
             scratch = trip.result()
+        live.update({t: _list([], family, t) for t in present
+                     if t not in live and scratch[t] is not None})
         if start is None or nflist.generation() == start:
             break
         saved = None
@@ -153,4 +192,4 @@ def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: byt
         # Reads taken at different moments would tell a busy host's changes for losses.
         raise FidelityError("another program changed nf_tables during each of 5 readings; "
                             "the tables could not be compared (try again)")
-    return [f"{family} {t}" for t in present if live[t] != scratch[t]]
+    return [f"{family} {t}" for t in present if scratch[t] is not None and live[t] != scratch[t]]

@@ -242,6 +242,13 @@ def same_table(one: Table | None, two: Table | None) -> bool:
     return two is not None and one.text() == two.text()
 
 
+def _whole(now: Mapping[str, Table], targets: Mapping[str, Table | None]) -> bytes:
+    """The layer's state once `targets` are loaded over `now` (as _load gives them to the tool:
+    a table without chains as an empty one), as iptables-save text."""
+    loaded = {n: t if t is not None and t.chains else empty_table(n) for n, t in targets.items()}
+    return "".join(t.text() for t in {**now, **loaded}.values()).encode()
+
+
 def compose_partial(live: bytes, change: bytes) -> bytes:
     """`--partial`: the tables the file names, as they are live with only the chains the file
     names (declares, or appends rules to) replaced by the file's: its policy (else the live
@@ -404,11 +411,17 @@ class IptablesLayer(Layer):
                 targets[name] = merged
             else:
                 targets[name] = old.get(name)
+        self.proved = None
+        if start is not None and self.on_target is not None:
+            self.on_target(_whole(now, targets))
         commits = self._load_repairing(targets, old, on_retry)
-        if start is not None and commits and nflist.generation() == start + commits:
+        end = nflist.generation() if start is not None and commits else None
+        if start is not None and end == start + commits:
             # Proved by the kernel: since the live state was read, nf_tables committed our
-            # restore (one commit per table) and nothing else, so each table is its target.
+            # restore (one commit per table) and nothing else, so each table is its target,
+            # and the layer is the live state read with those tables replaced.
             after_load = {n: t for n, t in targets.items() if t is not None}
+            self.proved = (start, end, _whole(now, targets))
         else:
             after_load = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
         if level == MERGE and new is not None:

@@ -249,7 +249,7 @@ def _live_verdict(record: Record) -> None:
     if access is None:
         return
     try:
-        ok, text = access()
+        ok, text = access({})   # nothing known: the layers are read now
     except Exception as exc:  # noqa: BLE001 - only a report; the guard decides
         progress(f"lockout check of the live change: could not run ({exc})")
         return

@@ -228,7 +228,10 @@ def delta_left(before: Items, after: Items, live: Items, now: Items) -> list[str
     deleted the whole unit). [] = proved."""
     problems: list[str] = []
     for unit in sorted(set(before) | set(after)):
-        b, a = Counter(before.get(unit, ())), Counter(after.get(unit, ()))
+        old = before.get(unit, ())
+        if list(now.get(unit, ())) == list(old):
+            continue   # the unit is as before the change, item for item: nothing is left
+        b, a = Counter(old), Counter(after.get(unit, ()))
         if b == a:
             continue
         n, seen = Counter(now.get(unit, ())), Counter(live.get(unit, ()))

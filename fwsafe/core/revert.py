@@ -20,7 +20,7 @@ from typing import Any
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, owned_elsewhere, revert_order
-from fwsafe.backends.base import LEVELS, MERGE, TABLES
+from fwsafe.backends.base import LEVELS, MERGE, TABLES, Proved
 from fwsafe.core.transaction import Record
 
 BACKOFF_FIRST = 0.1
@@ -30,7 +30,9 @@ Log = Callable[[str], None]
 Attempt = Callable[[int, str], None]   # (attempt number, why the previous one failed)
 
 
-Access = Callable[[], tuple[bool | None, str]]   # the SSH clients get in? (None: not known)
+# The SSH clients get in? (None: not known.) Given the layers whose whole state the revert
+# proved by nf_tables' generation: {layer: (generation, state)} (RevertResult.known).
+Access = Callable[[Mapping[str, tuple[int, bytes]]], tuple[bool | None, str]]
 
 
 @dataclass
@@ -41,6 +43,10 @@ class RevertResult:
     notes: list[str] = field(default_factory=list)        # fallbacks used, said loudly
     proofs: dict[str, str] = field(default_factory=dict)  # layer / "access" -> what held
     access: bool | None = None                            # the kernel's verdict held
+    # The whole state of a reverted layer, as nf_tables' generation proved it right after the
+    # load: {layer: (that generation, the state)}. While the generation is still the same, it
+    # is the live state (the access proof reads it instead of capturing the layer again).
+    known: dict[str, tuple[int, bytes]] = field(default_factory=dict, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -79,14 +85,16 @@ def access_check(record: Record) -> Access | None:
     if "firewalld" in record.captured and "nft" in record.captured:
         families.append("nft")   # firewalld's rules are its tables there (inet firewalld)
 
-    def prove() -> tuple[bool | None, str]:
+    def prove(known: Mapping[str, tuple[int, bytes]]) -> tuple[bool | None, str]:
         from fwsafe.check.predict import predict
         from fwsafe.check.sandbox import PROOF_PREFIX
 
         remove_dead_proofs()   # a dead prover's namespaces (its PID in their names) go first
-        live = {n: (layer_for(n).capture(), f"the {n} firewall after the revert")
-                for n in families}
-        report = predict(live, clients=clients, port=port, validate=False, captured=None,
+        state = {n: live_state(n, known) for n in families}
+        live = {n: (data, f"the {n} firewall after the revert") for n, data in state.items()}
+        # The host's current state is the live one: the sandbox starts from it, and the
+        # candidate is that same state (one reading, one pruning analysis).
+        report = predict(live, clients=clients, port=port, validate=False, captured=state,
                          sandbox_prefix=PROOF_PREFIX)
         if report.lockout:
             return False, "access FAILED: " + report.lockout_message()
@@ -95,6 +103,16 @@ def access_check(record: Record) -> Access | None:
             return None, "access not proved: no SSH path could be tested"
         return True, f"access: a NEW SSH connection gets in ({'; '.join(passed)})"
     return prove
+
+
+def live_state(name: str, known: Mapping[str, tuple[int, bytes]]) -> bytes:
+    """Layer `name` as it is live: the state the revert proved loaded (`known`) while nf_tables'
+    generation is still the one of that proof (nothing committed since, by anyone), else a
+    fresh capture."""
+    found = known.get(name)
+    if found is not None and nflist.generation() == found[0]:
+        return found[1]
+    return layer_for(name).capture()
 
 
 def remove_dead_proofs() -> list[str]:
@@ -122,13 +140,18 @@ def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> 
 
 
 def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes | None,
-                  log: Log, after_stamp: str | None = None,
-                  skip: frozenset[str] = frozenset()) -> tuple[str | None, str]:
-    """Try each level once; return (the level that worked, None if none did; the last error).
-    While nf_tables is as it was right after the change (`after_stamp`), the live state of an
-    nf_tables layer is `after` and is not read again."""
+                  log: Log, after_stamp: str | None = None, warm: bool = False,
+                  skip: frozenset[str] = frozenset()) -> tuple[str | None, str, Proved | None]:
+    """Try each level once; return (the level that worked, None if none did; the last error;
+    the layer's whole state when the kernel proved it, see Layer.proved). While nf_tables is
+    as it was right after the change (`after_stamp`), the live state of an nf_tables layer is
+    `after` and is not read again. `warm`: the access proof will follow, so its analysis of the
+    state about to be loaded starts while the tool loads it. `skip`: units another layer owns
+    (firewalld's tables in the nft layer)."""
     layer = layer_for(name)
     units = [u for u in units if u not in skip]
+    if warm:
+        layer.on_target = lambda data: _warm_proof(name, data)
     levels = LEVELS if after is not None else tuple(lv for lv in LEVELS if lv != MERGE)
     if after is None:
         # Nothing says what the change did (no capture right after it): everything that
@@ -144,16 +167,21 @@ def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes |
             live = (after if after is not None and after_stamp is not None
                     and layer.in_nf_tables() and nflist.ruleset_stamp() == after_stamp
                     else None)
+            layer.proved = None
             remaining = layer.revert(before, after, units, level=level, on_retry=log, live=live)
         except Exception as exc:  # noqa: BLE001 - a revert must survive anything a backend raises
             error = f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc)
             log(f"revert of {name} ({level}) refused: {error}")
             continue
         if not remaining:
-            return level, ""
+            proved = layer.proved
+            if proved is not None and live is not None \
+                    and (after_stamp or "").rpartition("/")[2] != str(proved[0]):
+                proved = None   # `after` stood for the live state at another generation
+            return level, "", proved
         error = "still differs: " + ", ".join(remaining)
         log(f"revert of {name} ({level}): {error}")
-    return None, error
+    return None, error, None
 
 
 def revert_change(
@@ -183,12 +211,14 @@ def revert_change(
         failpoints.hit("revert.round")
         failed: dict[str, str] = {}
         for name in remaining:
-            level, error = _revert_layer(name, touched[name], before[name],
-                                         (after or {}).get(name), say, after_stamp,
-                                         owned_elsewhere(name, before))
+            level, error, proved = _revert_layer(name, touched[name], before[name],
+                                                 (after or {}).get(name), say, after_stamp,
+                                                 warm=access is not None,
+                                                 skip=owned_elsewhere(name, before))
             if level is None:
                 failed[name] = error
                 continue
+            _keep_known(result.known, name, proved)
             result.levels[name] = level
             result.proofs[name] = proof_of(level)
             if level != MERGE:
@@ -216,6 +246,36 @@ def revert_change(
         delay = min(delay * 2, BACKOFF_MAX)
 
 
+def _warm_proof(name: str, data: bytes) -> None:
+    """Start the access proof's pruning analysis of layer `name`'s state `data` in a thread
+    (fwsafe.check.precheck.warm_layers: the proof finds it done when that is the state it
+    checks; else it was only a head start lost)."""
+    import threading
+
+    from fwsafe.check.precheck import warm_layers
+
+    try:
+        threading.Thread(target=warm_layers, args=({name: data},), daemon=True).start()
+    except Exception:  # noqa: BLE001 - only a head start (no thread: the proof does it)
+        return
+
+
+def _keep_known(known: dict[str, tuple[int, bytes]], name: str, proved: Proved | None) -> None:
+    """Layer `name` just reverted: its proved state joins `known`; the states known at the
+    generation its load started from stay known at the one it ended with (only that load's
+    own commits came between, and it wrote no other layer); any other is dropped."""
+    if proved is None:
+        known.clear()   # something unproved was loaded: no earlier state is sure any more
+        return
+    start, end, data = proved
+    for other, (generation, state) in list(known.items()):
+        if generation == start:
+            known[other] = (end, state)
+        else:
+            del known[other]
+    known[name] = (end, data)
+
+
 def prove_access(result: RevertResult, access: Access | None,
                  touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes],
                  say: Log) -> None:
@@ -225,7 +285,7 @@ def prove_access(result: RevertResult, access: Access | None,
         result.proofs["access"] = "access not checked: no SSH client known from the check"
         return
     say("access: asking the kernel whether the SSH clients get in")   # (a heartbeat, too)
-    result.access, result.proofs["access"] = _ask(access)
+    result.access, result.proofs["access"] = _ask(access, result.known)
     say(result.proofs["access"])
     if result.access is not False:
         return
@@ -245,12 +305,13 @@ def prove_access(result: RevertResult, access: Access | None,
         else:
             result.levels[name] = TABLES
             result.proofs[name] = proof_of(TABLES)
-    result.access, result.proofs["access"] = _ask(access)
+    result.known.clear()   # the tables loaded whole: read the layers again
+    result.access, result.proofs["access"] = _ask(access, result.known)
     say(result.proofs["access"])
 
 
-def _ask(access: Access) -> tuple[bool | None, str]:
+def _ask(access: Access, known: Mapping[str, tuple[int, bytes]]) -> tuple[bool | None, str]:
     try:
-        return access()
+        return access(known)
     except Exception as exc:  # noqa: BLE001 - a proof that cannot run did not hold
         return None, f"access not proved: the check could not run ({type(exc).__name__}: {exc})"

@@ -113,6 +113,21 @@ def capture_after(state: StateDir, record: Record, before: Mapping[str, bytes],
     return after
 
 
+def hatch_only(stamp: str | None, commits: int | None) -> str | None:
+    """The nf_tables stamp of the capture after the change (`stamp`), moved on past the hatch's
+    own `commits` made right after it: captures never show the hatch, so the state they give is
+    still that capture's. Moved only when the generation is the stamp's plus exactly those
+    commits (nobody else committed in between); None when it is not, or the commits are not
+    known (the revert then reads the layers again)."""
+    if stamp is None or commits == 0:
+        return stamp
+    if commits is None:
+        return None
+    base, _, generation = stamp.rpartition("/")
+    now = nflist.ruleset_stamp()
+    return now if generation.isdigit() and now == f"{base}/{int(generation) + commits}" else None
+
+
 def undone_already(touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes]) -> bool:
     """Every unit the change touched is as in the snapshot again: a revert that finished but
     could not say so (its process died or failed right after). Reverting again would undo the

@@ -411,17 +411,50 @@ def _run(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
 
 
 def read_chains(layer: str) -> list[Chain]:
-    """The chains of `layer` the hatch can be in, as loaded now (its rules included)."""
+    """The chains of `layer` the hatch can be in, as loaded now (its rules included). Where
+    the kernel can list its nf_tables tables (one netlink dump), only the tables the hatch can
+    be in are read: not kube-proxy's nat table of 50,000 rules (seconds of iptables-save), nor
+    iptables-nft's tables through nft."""
+    from fwsafe.backends import nflist
+
+    known = nflist.kernel_tables()
     if layer == NFT_LAYER:
-        code, out, err = _run(["nft", "-a", "list", "ruleset"])
-        if code != 0:
-            raise HatchError(f"nft list ruleset failed: {err}")
-        return [c for c in parse_nft(out) if not _nft_skipped(c.family, c.table)]
+        if known is None:
+            code, out, err = _run(["nft", "-a", "list", "ruleset"])
+            if code != 0:
+                raise HatchError(f"nft list ruleset failed: {err}")
+            return [c for c in parse_nft(out) if not _nft_skipped(c.family, c.table)]
+        chains: list[Chain] = []
+        for family, table in known:
+            if _nft_skipped(family, table):
+                continue
+            code, out, err = _run(["nft", "-a", "list", "table", family, table])
+            if code != 0 and "No such file or directory" not in err:   # (deleted meanwhile)
+                raise HatchError(f"nft list table {family} {table} failed: {err}")
+            chains += parse_nft(out) if code == 0 else []
+        return chains
     save, _ = _iptables_tool(layer)
-    code, out, err = _run([save])
-    if code != 0:
-        raise HatchError(f"{save} failed: {err}")
+    tables = _iptables_tables(layer, known)
+    out = ""
+    for argv in [[save]] if tables is None else [[save, "-t", t] for t in tables]:
+        code, text, err = _run(argv)
+        if code != 0:
+            raise HatchError(f"{save} failed: {err}")
+        out += text
     return parse_iptables(out, layer)
+
+
+def _iptables_tables(layer: str, known: Sequence[tuple[str, str]] | None) -> list[str] | None:
+    """The tables of iptables layer `layer` the hatch can be in that exist (`known`: the
+    kernel's nf_tables tables); None: read every table (legacy iptables, or no list). Only
+    existing ones: `iptables-save -t raw` shows a raw table that does not exist, and the hatch
+    would make it."""
+    from fwsafe.backends.iptables import FAMILIES, uses_nf_tables
+
+    family = FAMILIES[layer]
+    if known is None or family.legacy or not uses_nf_tables(family.save):
+        return None
+    return [t for f, t in known if f == family.nft_family and t in IPTABLES_CHAINS]
 
 
 class HatchError(Exception):
@@ -455,11 +488,13 @@ def plan_layer(layer: str, chains: Sequence[Chain], spec: Spec | None) -> str:
                    for table, lines in tables.items() if lines)
 
 
-def sync_layer(layer: str, spec: Spec | None, log: Log | None = None) -> str:
+def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
+               commits: list[int] | None = None) -> str:
     """Make the hatch rules of `layer` exactly those of `spec` (None: remove them all), in one
     transaction, and read the layer back to prove it. Returns what is loaded now: "loaded",
     "none" (no chain there can drop, or no source of this family), "removed". Raises
-    HatchError with the tool's message."""
+    HatchError with the tool's message. `commits`: each load that worked adds its nf_tables
+    commits (one per iptables table, one for nft); one that failed adds -1 (not known)."""
     last = "the hatch does not hold"
     for attempt in range(4):
         chains = read_chains(layer)
@@ -474,6 +509,9 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None) -> str:
         else:
             code, _, err = _run([_iptables_tool(layer)[1], "--noflush", "-w", "5"],
                                 payload.encode())
+        if commits is not None:
+            commits.append(-1 if code != 0 else 1 if layer == NFT_LAYER
+                           else payload.count("\nCOMMIT\n"))
         if code != 0:
             last = err or f"exit {code}"
             if log is not None:
@@ -481,8 +519,8 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None) -> str:
     raise HatchError(f"{layer}: {last}")
 
 
-def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None
-         ) -> dict[str, str]:
+def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None,
+         commits: list[int] | None = None) -> dict[str, str]:
     """`sync_layer` for each layer that can hold the hatch; {layer: state or "error: ..."}.
     Never raises: a layer that fails is reported, the others are still done."""
     states: dict[str, str] = {}
@@ -490,7 +528,7 @@ def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None
         if layer not in HATCH_LAYERS:
             continue
         try:
-            states[layer] = sync_layer(layer, spec, log)
+            states[layer] = sync_layer(layer, spec, log, commits)
         except Exception as exc:  # noqa: BLE001 - reported per layer; the caller retries
             states[layer] = f"error: {exc}"
     return states
@@ -577,11 +615,13 @@ class Keeper:
             "ports": list(self.spec.ports), "layers": {}}
         return self.spec
 
-    def load(self, layers: Sequence[str]) -> None:
-        """Put the hatch where it belongs in `layers` (and nowhere else), proved by reading."""
+    def load(self, layers: Sequence[str]) -> int | None:
+        """Put the hatch where it belongs in `layers` (and nowhere else), proved by reading.
+        Returns the nf_tables commits made (None: not known, a load failed)."""
         if self.spec is None or self.removing:
-            return
-        states = sync(self.spec, layers, self.log)
+            return 0
+        commits: list[int] = []
+        states = sync(self.spec, layers, self.log, commits)
         info = dict(self.record.hatch or {})
         info.update(layers=states, opens=self.spec.opens)
         self.record.hatch = info
@@ -589,6 +629,7 @@ class Keeper:
         self.log(f"hatch: SSH from {', '.join([*self.spec.sources4, *self.spec.sources6])} "
                  f"opens at {time.strftime('%H:%M:%S', time.localtime(self.spec.opens))}: "
                  + ", ".join(f"{k} {v}" for k, v in states.items()))
+        return None if self.dirty or -1 in commits else sum(commits)
 
     def retime(self, deadline: float) -> bool:
         """Make the hatch open at `deadline` + grace (a new deadline, or the wall clock was

@@ -44,7 +44,13 @@ from fwsafe.core.revert import RevertResult, access_check, revert_change
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
-from fwsafe.guard.applying import ALREADY_UNDONE, capture_after, run_change, undone_already
+from fwsafe.guard.applying import (
+    ALREADY_UNDONE,
+    capture_after,
+    hatch_only,
+    run_change,
+    undone_already,
+)
 from fwsafe.guard.backstop import BackstopKeeper, quiet_std, stuck_grace, write_line
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
@@ -212,7 +218,7 @@ class Guard:
         self.log(f"applied; reverting at {time.ctime(self.record.deadline)} unless confirmed")
         self.capture()
         self.hatch.retime(self.deadline.wall())
-        self.hatch.load(self.record.watch)   # where the change's transactions did not put it
+        self.record.after_stamp = hatch_only(self.record.after_stamp, self.hatch.load(self.record.watch))
         self.save()
         if self.record.probes:
             self.probes = ProbeWatch(self.record, self.wake_w, self.log)

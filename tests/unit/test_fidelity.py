@@ -94,7 +94,32 @@ def test_a_host_that_changes_nf_tables_at_every_reading_is_not_called_lossy(
     monkeypatch.setattr(fidelity.nflist, "generation", lambda: next(counter))
     monkeypatch.setattr(fidelity, "_save", lambda name: b"*filter\nCOMMIT\n")
     monkeypatch.setattr(fidelity, "_list", lambda prefix, family, table: {str(next(counter)): ()})
+    monkeypatch.setattr(fidelity, "_live_digests", lambda family: {})
     monkeypatch.setattr(fidelity, "_round_trip",
-                        lambda name, text, tables: {t: {"other": ()} for t in tables})
+                        lambda name, text, tables, live: {t: {"other": ()} for t in tables})
     with pytest.raises(fidelity.FidelityError, match="could not be compared"):
         fidelity.lossy_tables("ipv4", ["filter"])
+
+
+def test_a_rule_s_digest_leaves_out_only_the_counter_s_values() -> None:
+    """nflist.digests compares two copies of the same rules: a counter's packets and bytes
+    differ between them and are cut out; every other expression's data stays compared."""
+    import struct
+
+    from fwsafe.backends import nflist
+
+    def attr(kind: int, payload: bytes) -> bytes:
+        return struct.pack("=HH", 4 + len(payload), kind) + payload + b"\0" * (-len(payload) % 4)
+
+    def expr(name: bytes, data: bytes) -> bytes:
+        return attr(1, attr(1, name + b"\0") + attr(0x8002, data))
+
+    def counter(packets: int) -> bytes:
+        return expr(b"counter", attr(1, struct.pack(">Q", packets * 60)) +
+                    attr(2, struct.pack(">Q", packets)))
+
+    verdict = expr(b"immediate", attr(1, b"\x00\x00\x00\x00"))
+    other = expr(b"immediate", attr(1, b"\x00\x00\x00\x01"))
+    assert nflist._expressions(counter(0) + verdict) == nflist._expressions(counter(7) + verdict)
+    assert nflist._expressions(counter(0) + verdict) != nflist._expressions(counter(0) + other)
+    assert nflist._expressions(verdict) != nflist._expressions(counter(0) + verdict)
