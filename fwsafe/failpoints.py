@@ -132,9 +132,11 @@ def hit(name: str) -> None:
 def _pause(name: str) -> None:
     directory = Path(os.environ.get(DIR_ENV) or DEFAULT_DIR)
     marker = directory / f"{name}.{os.getpid()}"
+    partial = directory / f".{marker.name}"   # whoever sees the marker sees it whole
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        marker.write_text(f"{os.getpid()}\n")
+        partial.write_text(f"{os.getpid()}\n")
+        os.replace(partial, marker)
     except OSError:
         return   # nowhere to say where we are: go on
     while marker.exists():

@@ -140,7 +140,7 @@ class Host:
     def markers(self) -> list[str]:
         """The failpoint markers there: "NAME.PID"."""
         try:
-            return sorted(os.listdir(self.markers_here))
+            return sorted(m for m in os.listdir(self.markers_here) if not m.startswith("."))
         except FileNotFoundError:
             return []
 

@@ -18,7 +18,7 @@ must show the files as they were.
 
 Socket-activated sshd (ssh.socket, Accept=no: fwsafe.sshd.socketunit): the system's layer also
 holds the socket unit's files under /etc/systemd/system (its drop-ins, fwsafe's own
-fwsafe-listen.conf among them), so the snapshot and the revert cover them byte for byte; a
+zz-fwsafe-listen.conf among them), so the snapshot and the revert cover them byte for byte; a
 change and a revert are put in force by daemon-reload and a restart of the socket and its
 service that keeps the open sessions, instead of a SIGHUP.
 """

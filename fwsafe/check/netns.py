@@ -280,18 +280,31 @@ class Namespaces:
             raise NetnsError("; ".join(errors))
 
 
-_OWNED = re.compile(r"^(fw[a-z]{2})(\d+)(?:[a-z]*[sc])?$")
+_OWNED = re.compile(r"^(fw[a-z]{2})([1-9]\d{0,9})([a-z]*[sc])?$")
+SANDBOX_PREFIXES = ("fwck", "fwpr")   # a sandbox's two namespaces: <prefix><pid><tag>s / c
 
 
 def orphans(prefix: str) -> list[str]:
-    """fwsafe's scratch namespaces named ``<prefix><pid>`` (a sandbox's: and a suffix) whose
-    owner (that PID) is gone: killed (SIGKILL) before it could remove them."""
+    """fwsafe's scratch namespaces named ``<prefix><pid>`` (a sandbox's: and its suffix) whose
+    owner (that PID) is gone: killed (SIGKILL) before it could remove them. A name of another
+    shape (a suffix where none is made, PID 0, a PID above the kernel's limit) is not fwsafe's
+    and is left alone."""
     try:
         names = sorted(os.listdir(NETNS_DIR))
     except OSError:
         return []
+    limit = _pid_max()
     return [n for n in names if (m := _OWNED.match(n)) and m.group(1) == prefix
-            and _gone(int(m.group(2)))]
+            and bool(m.group(3)) == (prefix in SANDBOX_PREFIXES)
+            and int(m.group(2)) <= limit and _gone(int(m.group(2)))]
+
+
+def _pid_max() -> int:
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return 4194304
 
 
 def _gone(pid: int) -> bool:

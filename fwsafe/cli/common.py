@@ -201,15 +201,21 @@ def timeout_from(config: Config, timeout_s: str | None) -> float:
 def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> ApplyOptions:
     """The options of a change made under the guard, with everything the config decides (the
     timeout, the config file for the guard, max_timeout, the boot hook, the guard's, backstop's
-    and hatch's settings) taken from it: every command that applies builds them here, so none
-    ignores a setting; `fields` are the command's own (probes, check, force, login_user...)."""
+    and hatch's settings, the probes) taken from it: every command that applies builds them
+    here, so none ignores a setting; `fields` are the command's own (its options, which win:
+    --probe, check, force, login_user...)."""
     from fwsafe.core.apply import ApplyOptions
 
-    return ApplyOptions(
-        timeout_s=timeout_from(config, timeout_s), command=list(sys.argv),
-        config_path=config_path_of(config), max_timeout=config.max_timeout,
-        boot_hook=config.boot_hook, stuck_grace=config.stuck_grace, hatch=config.hatch,
-        hatch_grace=config.hatch_grace, admin_sources=list(config.admin_sources), **fields)
+    settings: dict[str, Any] = {
+        "timeout_s": timeout_from(config, timeout_s), "command": list(sys.argv),
+        "config_path": config_path_of(config), "max_timeout": config.max_timeout,
+        "boot_hook": config.boot_hook, "stuck_grace": config.stuck_grace, "hatch": config.hatch,
+        "hatch_grace": config.hatch_grace, "admin_sources": list(config.admin_sources),
+        "probes": list(config.probes), "probe_interval": config.probe_interval,
+        "probe_failures": config.probe_failures,
+        "probe_timeout": min(config.probe_timeout, config.probe_interval),
+    }
+    return ApplyOptions(**{**settings, **fields})
 
 
 def emit(data: dict[str, Any], as_json: bool, text: str) -> None:

@@ -17,6 +17,7 @@ from fwsafe.cli.common import (
     echo_styled,
     emit,
     manager_for,
+    progress,
     record_summary,
     state_options,
 )
@@ -40,6 +41,10 @@ def confirm(tx_id: str | None, as_json: bool, state_dir: str | None,
     """Keep the pending change. Run it from a NEW SSH session: that is the proof that new
     connections still get in. Exit 4 if it was already reverted."""
     record = manager_for(state_dir, config_from(config_path)).confirm(tx_id)
+    hatch_state = (record.hatch or {}).get("state")
+    if hatch_state in ("armed", "removing"):
+        progress(f"warning: the escape hatch is still loaded ({hatch_state}): "
+                 "its guard or backstop removes it; `fwsafe status` says when")
     finish(record, as_json)
 
 

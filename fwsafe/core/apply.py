@@ -547,8 +547,10 @@ class ApplyFlow:
                                  "is aborted); try again") from exc
             return self._wait_for_guard(record, saves)
         finally:
-            standby.close()   # the guard has read `go` (or has been given up on)
-            guard.stop_watching(self.state, record.id, saves)
+            try:
+                standby.close()   # the guard has read `go` (or has been given up on)
+            finally:
+                guard.stop_watching(self.state, record.id, saves)
 
     def abort(self, record: Record, why: str) -> Record:
         """fwsafe.core.transaction.abort_preparing for this flow's state directory."""

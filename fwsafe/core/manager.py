@@ -54,7 +54,7 @@ def describe_confirmer(who: dict[str, str], applied_by: dict[str, str]) -> str:
 # Against a guard that is reverting, stuck, gone or taken over, confirm, revert and extend
 # answer from the record once it settles: 4 reverted, 5 may still be live, 0 confirmed; never 3
 # ("nothing changed") once a change was live.
-HATCH_WAIT_S = 5.0   # how long a confirm waits for a failing guard to remove its hatch or exit
+HATCH_WAIT_S = 15.0  # how long a confirm waits for a failing guard to remove its hatch or exit
 CONFIRM_TIMEOUT = 30.0   # a guard answers a confirmation at once (it removes its hatch)
 REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
 

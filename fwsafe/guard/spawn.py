@@ -205,8 +205,13 @@ def watch_saves(state: StateDir, tx_id: str) -> int | None:
     path = state.tx_dir(tx_id) / SAVED_FIFO
     try:
         os.mkfifo(path, 0o600)
+    except OSError:
+        return None
+    try:
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()
         return None
 
 

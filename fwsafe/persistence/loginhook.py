@@ -135,16 +135,23 @@ def sshd_opens_pam_sessions(root: Path) -> tuple[bool, str]:
     """Whether sshd's logins pass PAM's session stack (where the hook runs): sshd with
     `UsePAM yes` (Debian's sshd_config says so; sshd's own default is no). Another SSH server
     (dropbear) or `UsePAM no`: the hook never runs. (yes/no, why)"""
-    from fwsafe.sshd.config import SSHD_CONFIG, SshdConfigError, default_reader, read_tree
+    from fwsafe.sshd.config import (
+        SSHD_CONFIG,
+        SshdConfigError,
+        default_reader,
+        read_tree,
+        split_words,
+    )
 
     def reader(path: str) -> bytes | None:
         return default_reader(str(local_path(root, path)))
 
     try:
         tree = read_tree(SSHD_CONFIG, reader=reader)
-    except SshdConfigError:
-        return False, f"no {SSHD_CONFIG}: the hook marks logins through sshd only"
-    value = (tree.value("usepam") or "no").lower()
+    except SshdConfigError as exc:
+        return False, f"sshd's configuration cannot be read ({exc}): the hook marks sshd logins"
+    words = split_words(tree.value("usepam") or "no")   # sshd's own default is no
+    value = (words[0] if words else "no").lower()
     if value != "yes":
         return False, (f"sshd has UsePAM {value}: its logins open no PAM session, so the hook "
                        "never runs (`fwsafe sshd set UsePAM=yes` turns it on)")

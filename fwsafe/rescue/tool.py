@@ -253,7 +253,7 @@ def _sshd_changes(content: bytes, root: Path) -> list[FileChange]:
         changes.append(FileChange(path, local, "sshd", old, state.content, mode=state.mode))
     # fwsafe's own drop-in for a socket-activated sshd (fwsafe.sshd.socketunit) that the entry
     # did not have: sshd_config goes back to the entry's ports, and so must the socket.
-    own = {f"/etc/systemd/system/{unit}.d/fwsafe-listen.conf" for unit in SSHD_SOCKETS}
+    own = {f"/etc/systemd/system/{unit}.d/zz-fwsafe-listen.conf" for unit in SSHD_SOCKETS}
     stray = {p for p in own if local_path(root, p).is_file()} if layer.config == SSHD_CONFIG \
         else set()
     for path in sorted((_included_now(layer, root) | stray) - set(layer.files)):

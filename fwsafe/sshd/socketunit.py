@@ -8,15 +8,16 @@ sshd-socket-generator present or not. The ports then live in one of two places:
 
 * with the generator (Ubuntu 24.04): sshd_config itself; the generator turns its Port and
   ListenAddress into the socket's `ListenStream=` at every `systemctl daemon-reload`;
-* without it (Debian 13): fwsafe's own drop-in `/etc/systemd/system/ssh.socket.d/fwsafe-listen.conf`
+* without it (Debian 13): fwsafe's own drop-in `/etc/systemd/system/ssh.socket.d/zz-fwsafe-listen.conf`
   (`ListenStream=` reset, then one line per address), written from what `sshd -T` says the
   new sshd_config listens on (`listen_streams`).
 
-Putting a change in force (`restart`): `systemctl daemon-reload`, stop `ssh.service` (its
-`KillMode=process` stops the listener only: the sessions already open live on; a unit that
-would kill them is refused beforehand), `systemctl restart ssh.socket` (refused by systemd while
-the service holds the old sockets, hence the stop), start the service again, and wait until the
-socket and the listener listen on the expected ports.
+Putting a change in force (`restart`): `systemctl daemon-reload`, stop `ssh.socket` (so that
+no connection starts the service meanwhile), stop `ssh.service` (its `KillMode=process` stops
+the listener only: the sessions already open live on; a unit that would kill them is refused
+beforehand), start the socket (systemd refuses while the service holds the old sockets, hence
+the stops), start the service again, and wait until the socket and the listener listen on the
+expected ports.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ from fwsafe.sshd.ports import WILDCARDS, listen_addresses
 
 GENERATOR = "/usr/lib/systemd/system-generators/sshd-socket-generator"
 UNIT_DIR = "/etc/systemd/system"
-DROPIN_NAME = "fwsafe-listen.conf"
+# Last among the socket's drop-ins: its `ListenStream=` reset wins over an `override.conf` that
+# `systemctl edit ssh.socket` wrote (drop-ins apply in file-name order).
+DROPIN_NAME = "zz-fwsafe-listen.conf"
 RESTART_WAIT_S = 15.0
 DROPIN_HEADER = (b"# Written by fwsafe (sshd set): where sshd listens, from sshd_config's Port and\n"
                  b"# ListenAddress. fwsafe rewrites it at the next change of those.\n")
@@ -214,9 +217,13 @@ def restart(sock: SocketUnit, ports: set[int] | None, wait_s: float = RESTART_WA
     """Put new socket settings and sshd_config in force without ending open sessions (see the
     module's doc); what was done. Raises ReloadError."""
     _step("daemon-reload")
+    # The socket first: while it listens, any connection (a scanner, a monitor, a probe)
+    # starts the service again, and systemd then refuses to start the socket anew ("service
+    # already active") and leaves it failed.
+    _step("stop", sock.unit)
     _step("stop", sock.service)          # KillMode=process: the listener only
     try:
-        _step("restart", sock.unit)
+        _step("start", sock.unit)
     except ReloadError:
         systemctl("start", sock.service)   # sshd alone, on sshd_config's ports, meanwhile
         raise
@@ -229,7 +236,8 @@ def restart(sock: SocketUnit, ports: set[int] | None, wait_s: float = RESTART_WA
         if now is not None and pid is not None and is_sshd(pid):
             seen = set(listening(pid).values())
             if seen and (ports is None or (ports <= seen and ports == set(now.ports()))):
-                return (f"systemctl daemon-reload; restart {sock.unit}; sshd (PID {pid}) "
+                return (f"systemctl daemon-reload; stop {sock.unit} and {sock.service}; "
+                        f"start them; sshd (PID {pid}) "
                         f"listens on {', '.join(map(str, sorted(seen)))}")
         if time.monotonic() > end:
             want = f" (expected {', '.join(map(str, sorted(ports)))})" if ports else ""

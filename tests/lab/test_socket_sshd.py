@@ -25,7 +25,7 @@ pytestmark = pytest.mark.lab
 
 PROBE_SLACK_S = 0.3
 DROPIN_DIR = "/etc/systemd/system/ssh.socket.d"
-FWSAFE_DROPIN = f"{DROPIN_DIR}/fwsafe-listen.conf"
+FWSAFE_DROPIN = f"{DROPIN_DIR}/zz-fwsafe-listen.conf"
 # An administrator's own drop-in, there before fwsafe: it must come back byte for byte.
 ADMIN_DROPIN = f"{DROPIN_DIR}/00-admin.conf"
 ADMIN_DROPIN_TEXT = "# the admin's: keep the backlog\n[Socket]\nBacklog=128\n"

@@ -20,7 +20,7 @@ def test_the_config_reaches_the_options(tmp_path: Path) -> None:
     path = tmp_path / "fwsafe.toml"
     path.write_text('timeout = 90\nboot_hook = false\nhatch = false\nhatch_grace = 7\n'
                     'stuck_grace = 11\nadmin_sources = ["192.0.2.7", "2001:db8::7"]\n'
-                    'max_timeout = 7200\n')
+                    'max_timeout = 7200\nprobes = ["tcp://192.0.2.9:443"]\nprobe_failures = 5\n')
     config = load_config(str(path), env={})
     options = apply_options(config, None, force=True)
     assert options.timeout_s == 90 and options.max_timeout == 7200
@@ -28,7 +28,10 @@ def test_the_config_reaches_the_options(tmp_path: Path) -> None:
     assert options.hatch_grace == 7 and options.stuck_grace == 11
     assert list(options.admin_sources) == ["192.0.2.7/32", "2001:db8::7/128"]
     assert options.config_path == str(path) and options.force is True
+    assert options.probes == ["tcp://192.0.2.9:443"] and options.probe_failures == 5
     assert apply_options(config, "30").timeout_s == 30
+    assert apply_options(config, None, probes=["tcp://192.0.2.1:80"]).probes == \
+        ["tcp://192.0.2.1:80"]                       # the command's own option wins
 
 
 @pytest.mark.parametrize("module", sorted(p.name for p in CLI.glob("*.py")))

@@ -24,7 +24,8 @@ def test_orphans_of_every_prefix_and_only_those(tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     dead, live = _dead_pid(), os.getpid()
     names = [f"fwck{dead}as", f"fwck{live}as", f"fwpr{dead}c", f"fwrt{dead}", f"fwrt{live}",
-             f"fwsb{dead}", f"fwsb{dead}x1", f"fwsbx{dead}", "fwsb", f"lab-fwsb{dead}"]
+             f"fwsb{dead}", f"fwsb{dead}x1", f"fwsbx{dead}", "fwsb", f"lab-fwsb{dead}",
+             "fwsb0", f"fwsb{dead}zzs", "fwrt4194305000", "fwck0s", f"fwck{dead}"]
     for name in names:
         (tmp_path / name).touch()
     monkeypatch.setattr(netns, "NETNS_DIR", tmp_path)

@@ -92,6 +92,8 @@ def test_login_hook_detection(tmp_path: Path) -> None:
     assert not loginhook.active(tmp_path, STATE)[0]           # no sshd (dropbear)
     sshd.write_text("usepam YES\nUsePAM no\n")
     assert loginhook.active(tmp_path, STATE)[0]               # the first value wins
+    sshd.write_text('UsePAM "yes" # quoted, as sshd accepts it\n')
+    assert loginhook.active(tmp_path, STATE)[0]
     with pytest.raises(ValueError):
         loginhook.render_script("/var/lib/it's")
 
@@ -237,14 +239,14 @@ def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_no
     sockd = root / "etc/systemd/system/ssh.socket.d"
     sockd.mkdir(parents=True)
     (sockd / "00-admin.conf").write_text("[Socket]\nBacklog=128\n")
-    (sockd / "fwsafe-listen.conf").write_text("[Socket]\nListenStream=\nListenStream=2222\n")
+    (sockd / "zz-fwsafe-listen.conf").write_text("[Socket]\nListenStream=\nListenStream=2222\n")
     found, damaged = list_history(state.root)
     plan = rescue_tool.plan_restore(find_entry(found, damaged, "last"), root)
     assert sorted((c.server_path, c.action) for c in plan.changes) == [
         ("/etc/ssh/sshd_config", "replace"),
-        ("/etc/systemd/system/ssh.socket.d/fwsafe-listen.conf", "remove")]
+        ("/etc/systemd/system/ssh.socket.d/zz-fwsafe-listen.conf", "remove")]
     rescue_tool.write_plan(plan, root)
-    assert not (sockd / "fwsafe-listen.conf").exists()
+    assert not (sockd / "zz-fwsafe-listen.conf").exists()
     assert (sockd / "00-admin.conf").read_text() == "[Socket]\nBacklog=128\n"
     assert good.id
 

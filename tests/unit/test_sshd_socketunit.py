@@ -31,7 +31,7 @@ def test_a_dual_stack_socket_serves_ipv4_too() -> None:
     assert only6.as_effective({"port": ["22"]}) == {
         "port": ["22"], "listenaddress": ["[::]:22", "10.0.0.1:2200"]}
     assert sock.service == "ssh.service"
-    assert sock.dropin == "/etc/systemd/system/ssh.socket.d/fwsafe-listen.conf"
+    assert sock.dropin == "/etc/systemd/system/ssh.socket.d/zz-fwsafe-listen.conf"
 
 
 def test_listen_streams_from_sshd_t() -> None:
