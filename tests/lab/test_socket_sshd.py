@@ -279,3 +279,37 @@ def test_a_hard_reboot_mid_window_of_a_port_move_comes_back_on_the_old_port(
     assert not lab.new_connection_ok(timeout=0.5, port=2222)
     info = lab.status()
     assert info["id"] == moved["id"] and info["state"] == "reverted", info
+
+
+def test_a_port_move_under_a_stream_of_new_connections(sdlab_trixie: SystemdLab) -> None:
+    """Scanners and monitors connect all the time: a connection while the service is stopped
+    and the socket still listens starts the service again, and systemd then refuses to start
+    the socket anew. fwsafe stops the socket first: the move goes through, and an
+    `override.conf` of `systemctl edit` adds no port (fwsafe's drop-in comes last)."""
+    import threading
+
+    lab = sdlab_trixie
+    lab.write(f"{DROPIN_DIR}/override.conf", "[Socket]\nListenStream=2200\n")
+    _socket_activated(lab)
+    stop = threading.Event()
+    knocks = [0]
+
+    def knock() -> None:
+        while not stop.is_set():
+            lab.new_connection_ok(timeout=0.2)
+            knocks[0] += 1
+
+    threads = [threading.Thread(target=knock, daemon=True) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        moved = _json(lab.ssh("fwsafe sshd set --detach --json --timeout 60 Port=2222",
+                              timeout=120))
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    print(f"\n[socket sshd] Port=2222 moved while {knocks[0]} connections knocked")
+    assert moved["state"] == "pending", moved
+    assert _listening(lab) == {"[::]:2222"}
+    assert lab.ssh("true", port=2222).returncode == 0
