@@ -41,9 +41,8 @@ def confirm(tx_id: str | None, as_json: bool, state_dir: str | None,
     """Keep the pending change. Run it from a NEW SSH session: that is the proof that new
     connections still get in. Exit 4 if it was already reverted."""
     record = manager_for(state_dir, config_from(config_path)).confirm(tx_id)
-    hatch_state = (record.hatch or {}).get("state")
-    if hatch_state in ("armed", "removing"):
-        progress(f"warning: the escape hatch is still loaded ({hatch_state}): "
+    if hatch.may_be_loaded(record.hatch):
+        progress("warning: the escape hatch may still be loaded: "
                  "its guard or backstop removes it; `fwsafe status` says when")
     finish(record, as_json)
 

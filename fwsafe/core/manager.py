@@ -397,13 +397,12 @@ def hatch_left(state: StateDir, record: Record) -> Record:
     that failed while answering may still be on its way out: it is given HATCH_WAIT_S to remove
     the hatch or to exit (a stopped one is left to its backstop)."""
     end = time.monotonic() + HATCH_WAIT_S
-    while (record.hatch or {}).get("state") in ("armed", "removing") \
-            and transaction.guard_alive(record):
+    while hatch.may_be_loaded(record.hatch) and transaction.guard_alive(record):
         if guard_stopped(record) or time.monotonic() > end:
             return record
         time.sleep(0.05)
         record = transaction.load_record(state, record.id)
-    if (record.hatch or {}).get("state") not in ("armed", "removing"):
+    if not hatch.may_be_loaded(record.hatch):
         return record
     with contextlib.suppress(PendingError), state.locked(wait=True), \
             state.tx_claimed(record.id):

@@ -570,11 +570,10 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
 def _remove_leftover_hatch(record: transaction.Record) -> None:
     """A transaction that ended while its hatch may still be loaded (its guard died cleaning
     up): remove it (best effort; the next apply removes leftovers too)."""
-    info: dict[str, Any] = record.hatch or {}
-    if info.get("state") not in ("armed", "removing"):
-        return
     from fwsafe.guard import hatch
 
+    if not hatch.may_be_loaded(record.hatch):
+        return
     states = hatch.sync(None, hatch.available_layers(), _log)
     _log(f"hatch left by transaction {record.id}: {states}")
 

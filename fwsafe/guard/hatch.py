@@ -541,12 +541,18 @@ def available_layers() -> list[str]:
     return [name for name in layers() if name in HATCH_LAYERS]
 
 
+def may_be_loaded(info: Mapping[str, Any] | None) -> bool:
+    """A transaction's hatch (its record's `hatch`) may still be in the kernel: armed, or its
+    removal begun and not proved."""
+    return (info or {}).get("state") in ("armed", "removing")
+
+
 def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
     """One line for `fwsafe status` (`final`: the transaction is over)."""
     if not info:
         return None
     state = info.get("state")
-    if final and state in ("armed", "removing"):
+    if final and may_be_loaded(info):
         return ("hatch: STILL LOADED although the transaction is over (its guard ended before "
                 "removing it): the next `fwsafe apply` removes it")
     if state == "off":

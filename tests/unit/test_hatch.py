@@ -214,3 +214,10 @@ def test_no_hatch_is_said_with_the_reason() -> None:
                           lambda _line: None)
     assert keeper.arm(1000.0) is None
     assert keeper.record.hatch == {"state": "off", "why": "hatch = false"}
+
+
+def test_may_be_loaded_while_armed_or_being_removed() -> None:
+    for state, loaded in (("armed", True), ("removing", True), ("removed", False),
+                          ("off", False), ("unsupported", False)):
+        assert hatch.may_be_loaded({"state": state}) is loaded, state
+    assert not hatch.may_be_loaded(None) and not hatch.may_be_loaded({})
