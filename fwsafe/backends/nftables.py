@@ -22,7 +22,8 @@ from collections.abc import Mapping, Sequence
 
 from fwsafe.backends import libnft, nflist
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog, line_starting
-from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
+from fwsafe.backends.iptables import uses_nf_tables
+from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.backends.nflist import kernel_tables
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError

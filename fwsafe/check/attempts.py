@@ -68,7 +68,7 @@ def find_not_checked(firewall: SandboxFirewall, known_interfaces: list[str]) -> 
     for t_index, tool in enumerate(firewall.tools):
         tables = tool.snapshot
         for table, chain in sorted(reachable_chains(tables)):
-            for rule in tables[table][chain].rules:
+            for rule in tables[table].chains[chain].each_rule():
                 reasons = ipt_unreproducible(rule, known_interfaces)
                 if not reasons:
                     continue
@@ -76,7 +76,7 @@ def find_not_checked(firewall: SandboxFirewall, known_interfaces: list[str]) -> 
                     namer.ipt_where(tool, table, chain, rule.index), reasons,
                     ipt_interface_only(reasons), ipt_excludes_tcp(rule, tool.family),
                     tool.family, ipt_key=(t_index, table, chain, rule.index),
-                    verdict_free=ipt_verdict_free(tables[table], chain, rule.index)))
+                    verdict_free=ipt_verdict_free(tables[table].chains, chain, rule.index)))
     skip = firewall.ipt_owned | {(f, n) for f, n in listing.tables if n == TRACE_TABLE}
     for key in sorted(nft_reachable(listing, skip)):
         for position, nft_rule in enumerate(listing.chains[key].rules, start=1):

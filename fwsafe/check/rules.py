@@ -13,11 +13,11 @@ Nothing here runs a program. The kernel's verdict comes from elsewhere (packet c
 
 from __future__ import annotations
 
-import functools
 import re
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+from fwsafe.backends.iptsave import BUILTIN_CHAIN_NAMES, Rule, Tables
 
 # --------------------------------------------------------------------------------------------
 # What the sandbox cannot reproduce
@@ -128,111 +128,6 @@ _CHAIN_DECL = re.compile(r"^:(\S+)\s+(\S+)(?:\s+\[(\d+):(\d+)\])?")
 DROP_TARGETS = frozenset({"DROP", "REJECT", "TARPIT", "NFQUEUE", "QUEUE"})
 TERMINAL_TARGETS = DROP_TARGETS | {"ACCEPT", "RETURN", "DNAT", "SNAT", "MASQUERADE", "REDIRECT",
                                    "NETMAP"}
-BUILTIN_CHAIN_NAMES = frozenset({"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"})
-
-
-_DOUBLE_QUOTED_WORD = re.compile(r'(?:[^\s"]+|"[^"]*")+')
-
-
-def split_rule(text: str) -> list[str]:
-    """The words of a rule line; shlex (slow: 0.8 ms a line) only where single quotes or
-    backslashes make it necessary. Balanced double quotes without a backslash (iptables-save's
-    comments: every kube-proxy rule has one) read as shlex reads them."""
-    if '"' not in text and "'" not in text and "\\" not in text:
-        return text.split()
-    if "'" not in text and "\\" not in text and text.count('"') % 2 == 0:
-        return [word.replace('"', "") for word in _DOUBLE_QUOTED_WORD.findall(text)]
-    try:
-        return shlex.split(text)
-    except ValueError:
-        return text.split()
-
-
-@dataclass
-class SavedRule:
-    index: int          # 1-based position in its chain
-    text: str           # "-A CHAIN ..." as iptables-save prints it
-    packets: int = 0
-
-    @functools.cached_property
-    def tokens(self) -> list[str]:
-        return split_rule(self.text)
-
-    def option(self, *names: str) -> str | None:
-        tokens = self.tokens
-        for i, token in enumerate(tokens[:-1]):
-            if token in names:
-                return tokens[i + 1]
-        return None
-
-    @property
-    def target(self) -> str | None:
-        return self.option("-j", "--jump")
-
-    @property
-    def goto(self) -> str | None:
-        return self.option("-g", "--goto")
-
-    def negated(self, name: str) -> bool:
-        tokens = self.tokens
-        return any(t == "!" and i + 1 < len(tokens) and tokens[i + 1] == name
-                   for i, t in enumerate(tokens))
-
-    def modules(self) -> list[str]:
-        tokens = self.tokens
-        return [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t in ("-m", "--match")]
-
-
-@dataclass
-class SavedChain:
-    name: str
-    policy: str            # "-" for a user-defined chain
-    policy_packets: int = 0
-    rules: list[SavedRule] = field(default_factory=list)
-
-
-SavedTables = dict[str, dict[str, SavedChain]]
-
-
-_HAS_TABLE = re.compile(rb"(?:^|\n)[^\S\n]*\*")
-
-
-def has_tables(save: bytes) -> bool:
-    """Whether iptables-save output has a table (`*filter`...): `parse_save` would not be
-    empty. At once, where parsing 50,000 rules to learn it takes a tenth of a second."""
-    return _HAS_TABLE.search(save) is not None
-
-
-def parse_save(text: str) -> SavedTables:
-    """Parse iptables-save output (with or without ``-c``) into tables of chains of rules."""
-    tables: SavedTables = {}
-    chains: dict[str, SavedChain] | None = None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            chains = tables.setdefault(line[1:].strip(), {})
-            continue
-        if chains is None:
-            continue
-        if line == "COMMIT":
-            chains = None
-            continue
-        declared = _CHAIN_DECL.match(line)
-        if declared:
-            name, policy, packets = declared.group(1), declared.group(2), declared.group(3)
-            chains[name] = SavedChain(name, policy, int(packets or 0))
-            continue
-        packets = 0
-        counted = _COUNTED.match(line)
-        if counted:
-            packets, line = int(counted.group(1)), counted.group(3)
-        head = line.split(None, 2)
-        if len(head) >= 2 and head[0] in ("-A", "--append"):
-            chain = chains.setdefault(head[1], SavedChain(head[1], "-"))
-            chain.rules.append(SavedRule(len(chain.rules) + 1, line, packets))
-    return tables
 
 
 @dataclass
@@ -241,23 +136,26 @@ class ChainDelta:
     rules: dict[int, int] = field(default_factory=dict)  # rule index -> packets counted
 
 
-def counter_delta(before: SavedTables, after: SavedTables) -> dict[tuple[str, str], ChainDelta]:
-    """Packets each rule and chain policy counted between two ``iptables-save -c`` outputs.
+def counter_delta(before: Tables, after: Tables) -> dict[tuple[str, str], ChainDelta]:
+    """Packets each rule and chain policy counted between two ``iptables-save -c`` outputs
+    (parsed with counters).
 
     A chain whose rules changed in between (different rule texts) counts from zero.
     """
     deltas: dict[tuple[str, str], ChainDelta] = {}
-    for table, chains in after.items():
-        for name, chain in chains.items():
-            old = before.get(table, {}).get(name)
-            same = old is not None and [r.text for r in old.rules] == [r.text for r in chain.rules]
+    for table, saved in after.items():
+        old_table = before.get(table)
+        for name, chain in saved.chains.items():
+            old = old_table.chains.get(name) if old_table is not None else None
+            same = old is not None and old.rules == chain.rules
             delta = ChainDelta()
             base_policy = old.policy_packets if (old is not None and same) else 0
             delta.policy_packets = max(0, chain.policy_packets - base_policy)
-            for rule in chain.rules:
-                base = old.rules[rule.index - 1].packets if (old is not None and same) else 0
-                if rule.packets > base:
-                    delta.rules[rule.index] = rule.packets - base
+            bases = old.packets if old is not None and same else []
+            for index, packets in enumerate(chain.packets, start=1):
+                base = bases[index - 1] if index <= len(bases) else 0
+                if packets > base:
+                    delta.rules[index] = packets - base
             deltas[(table, name)] = delta
     return deltas
 
@@ -273,7 +171,7 @@ class CountedDrop:
     packets: int
 
 
-def counted_drops(after: SavedTables, deltas: dict[tuple[str, str], ChainDelta]) -> list[CountedDrop]:
+def counted_drops(after: Tables, deltas: dict[tuple[str, str], ChainDelta]) -> list[CountedDrop]:
     """Rules with a dropping target (DROP, REJECT, ...) and DROP policies that counted packets.
 
     Rules come first (in table and chain order), then policies: a REJECT's answer dropped by a
@@ -281,13 +179,13 @@ def counted_drops(after: SavedTables, deltas: dict[tuple[str, str], ChainDelta])
     """
     rules: list[CountedDrop] = []
     policies: list[CountedDrop] = []
-    for table, chains in after.items():
-        for name, chain in chains.items():
+    for table, saved in after.items():
+        for name, chain in saved.chains.items():
             delta = deltas.get((table, name))
             if delta is None:
                 continue
             for index, packets in delta.rules.items():
-                rule = chain.rules[index - 1]
+                rule = chain.rule(index)
                 if rule.target in DROP_TARGETS:
                     rules.append(CountedDrop(table, name, index, rule.text, packets))
             if chain.policy == "DROP" and delta.policy_packets > 0:
@@ -296,7 +194,7 @@ def counted_drops(after: SavedTables, deltas: dict[tuple[str, str], ChainDelta])
     return rules + policies
 
 
-def evaluated_rules(after: SavedTables, deltas: dict[tuple[str, str], ChainDelta]
+def evaluated_rules(after: Tables, deltas: dict[tuple[str, str], ChainDelta]
                     ) -> set[tuple[str, str, int]]:
     """(table, chain, index) of every rule the traffic between two snapshots may have met.
 
@@ -306,28 +204,29 @@ def evaluated_rules(after: SavedTables, deltas: dict[tuple[str, str], ChainDelta
     no terminal rule counted.
     """
     entered: set[tuple[str, str]] = {
-        (table, name) for table, chains in after.items() for name in chains
+        (table, name) for table, saved in after.items() for name in saved.chains
         if name in BUILTIN_CHAIN_NAMES and name != "FORWARD"
     }
     changed = True
     while changed:
         changed = False
-        for table, chains in after.items():
+        for table, saved in after.items():
+            chains = saved.chains
             for name, chain in chains.items():
                 if (table, name) not in entered:
                     continue
                 delta = deltas.get((table, name), ChainDelta())
                 for index in delta.rules:
-                    rule = chain.rules[index - 1]
+                    rule = chain.rule(index)
                     for jump in (rule.target, rule.goto):
                         if jump and jump in chains and (table, jump) not in entered:
                             entered.add((table, jump))
                             changed = True
     met: set[tuple[str, str, int]] = set()
     for table, name in entered:
-        chain = after[table][name]
+        chain = after[table].chains[name]
         delta = deltas.get((table, name), ChainDelta())
-        terminal = [i for i in delta.rules if chain.rules[i - 1].target in TERMINAL_TARGETS]
+        terminal = [i for i in delta.rules if chain.rule(i).target in TERMINAL_TARGETS]
         bound = len(chain.rules)
         if terminal and delta.policy_packets == 0:
             bound = max(terminal)
@@ -335,25 +234,26 @@ def evaluated_rules(after: SavedTables, deltas: dict[tuple[str, str], ChainDelta
     return met
 
 
-def reachable_chains(tables: SavedTables) -> set[tuple[str, str]]:
+def reachable_chains(tables: Tables) -> set[tuple[str, str]]:
     """Chains a packet to or from this host can reach: built-in chains except FORWARD, and
     the user chains they (transitively) jump or go to."""
     reach: set[tuple[str, str]] = {
-        (table, name) for table, chains in tables.items() for name in chains
+        (table, name) for table, saved in tables.items() for name in saved.chains
         if name in BUILTIN_CHAIN_NAMES and name != "FORWARD"
     }
     todo = list(reach)
     while todo:
         table, name = todo.pop()
-        for rule in tables[table][name].rules:
+        chains = tables[table].chains
+        for rule in chains[name].each_rule():
             for jump in (rule.target, rule.goto):
-                if jump and jump in tables[table] and (table, jump) not in reach:
+                if jump and jump in chains and (table, jump) not in reach:
                     reach.add((table, jump))
                     todo.append((table, jump))
     return reach
 
 
-def ipt_unreproducible(rule: SavedRule, known_interfaces: Iterable[str]) -> list[str]:
+def ipt_unreproducible(rule: Rule, known_interfaces: Iterable[str]) -> list[str]:
     """Why the sandbox cannot reproduce this rule's outcome ([] = it can)."""
     reasons = [IPT_UNREPRODUCIBLE[m] for m in rule.modules() if m in IPT_UNREPRODUCIBLE]
     target = rule.target
@@ -367,7 +267,7 @@ def ipt_unreproducible(rule: SavedRule, known_interfaces: Iterable[str]) -> list
     return reasons
 
 
-def ipt_excludes_tcp(rule: SavedRule, family: int) -> bool:
+def ipt_excludes_tcp(rule: Rule, family: int) -> bool:
     """True when the rule's protocol match can never match the TCP management traffic."""
     proto = rule.option("-p", "--protocol")
     if proto is None:

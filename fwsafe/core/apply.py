@@ -99,9 +99,9 @@ def touchable_tables(change: Change, name: str) -> set[str] | None:
     if change.run is not None or "ufw" in change.layers:
         return None
     if name in change.layers:
-        from fwsafe.backends.iptables import parse_tables
+        from fwsafe.backends.iptsave import table_names
 
-        return set(parse_tables(change.layers[name].decode(errors="replace")))
+        return set(table_names(change.layers[name].decode(errors="replace")))
     nft = change.layers.get("nft", b"")
     return None if b"flush ruleset" in b" ".join(nft.split()) else set()
 

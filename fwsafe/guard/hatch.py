@@ -396,7 +396,8 @@ def _iptables_tool(layer: str) -> tuple[str, str]:
 
 def _nft_skipped(family: str, table: str) -> bool:
     """A table of iptables-nft (the iptables layers hold its hatch)."""
-    from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
+    from fwsafe.backends.iptables import uses_nf_tables
+    from fwsafe.backends.iptsave import BUILTIN_CHAINS
 
     return family in ("ip", "ip6") and table in BUILTIN_CHAINS and uses_nf_tables()
 

@@ -81,16 +81,12 @@ def _with_emptied_tables(name: str, content: bytes) -> bytes:
     """iptables-restore replaces only the tables a file names: name the ones that exist now but
     not in the entry too, empty, so that the rollback gives the entry's state."""
     from fwsafe.backends import layer_for
-    from fwsafe.backends.iptables import BUILTIN_CHAINS, parse_tables
+    from fwsafe.backends.iptsave import BUILTIN_CHAINS, empty_table, render, table_names
 
-    wanted = parse_tables(content.decode(errors="replace"))
+    wanted = table_names(content.decode(errors="replace"))
     try:
-        live = parse_tables(layer_for(name).capture().decode(errors="replace"))
+        live = table_names(layer_for(name).capture().decode(errors="replace"))
     except Exception:  # noqa: BLE001 - without a capture, the entry's tables alone
         return content
-    extra = []
-    for table in live:
-        if table not in wanted and table in BUILTIN_CHAINS:
-            chains = [f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table]]
-            extra.append("\n".join([f"*{table}", *chains, "COMMIT"]) + "\n")
-    return content + "".join(extra).encode()
+    extra = [empty_table(t) for t in live if t not in wanted and t in BUILTIN_CHAINS]
+    return content + render(extra).encode()

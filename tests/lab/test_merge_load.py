@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fwsafe.backends.iptables import merge_table3, parse_ruleset, same_table
+from fwsafe.backends.iptables import merge_table3, same_table
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import canonical_block, merge_block, split_tables
 from tests.conftest import require_capable
 from tests.merge_strategies import Story

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from fwsafe.backends.iptables import parse_ruleset
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.context import RUN
 from fwsafe.guard import hatch
 from fwsafe.ondisk import hatch as hatch_text

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fwsafe.backends.iptables import compose_partial, merge_table3, parse_ruleset, same_table
+from fwsafe.backends.iptables import compose_partial, merge_table3, same_table
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import compose_partial as compose_nft
 from fwsafe.backends.nftables import merge_block
 from fwsafe.core.merge import merge_sequences, merge_value

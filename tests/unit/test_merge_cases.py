@@ -3,7 +3,8 @@ revert whatever others did meanwhile, and what others did must stay."""
 
 from __future__ import annotations
 
-from fwsafe.backends.iptables import merge_table3, parse_ruleset
+from fwsafe.backends.iptables import merge_table3
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import merge_block, parse_block, set_parts
 from fwsafe.core.merge import delta_left, merge_sequences, target_count
 

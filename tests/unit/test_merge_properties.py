@@ -10,7 +10,8 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwsafe.backends.iptables import merge_table3, parse_ruleset, same_table
+from fwsafe.backends.iptables import merge_table3, same_table
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import canonical_block, merge_block, parse_block, set_parts
 from fwsafe.core.merge import delta_left, merge_sequences
 from tests.merge_strategies import PROPERTY, SEQ, Story, stories
