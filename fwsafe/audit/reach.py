@@ -53,7 +53,7 @@ from fwsafe.runner import find_binary, require_binary, run
 
 __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "reachability"]
 
-AGENT = Path(__file__).with_name("agent.py")
+AGENT = Path(__file__).with_name("audit_agent.py")
 CURRENT, CANDIDATE = "current", "candidate"
 DEFAULT_TIMEOUT = 1.0
 GRACE = 0.15   # s after a probe's packet arrived: its fate is decided in that pass of the kernel,

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fwsafe.backends import nflist
-from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog, line_starting
+from fwsafe.backends.base import MERGE, SNAPSHOT_UNITS, ApplyError, Layer, RetryLog, line_starting
 from fwsafe.backends.iptsave import (
     BUILTIN_CHAINS,
     Chain,
@@ -33,7 +33,7 @@ from fwsafe.backends.iptsave import (
 )
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk import hatch
+from fwsafe.ondisk import hatch_rules
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_SYNTAX = re.compile(r"\n[^\S\n]*(?:table\s+(?:ip|ip6|inet|arp|bridge|netdev)\b|"
@@ -63,7 +63,7 @@ FAMILIES = {
 }
 
 
-def merge_table(name: str, before: Table | None, current: Table | None,
+def restore_touched_chains(name: str, before: Table | None, current: Table | None,
                 touched_chains: set[str]) -> Table:
     """The table as it must be after a revert: touched chains as in `before` (or gone if they
     were not there), all other chains as in `current`."""
@@ -83,7 +83,7 @@ def merge_table(name: str, before: Table | None, current: Table | None,
     return result
 
 
-def merge_table3(name: str, before: Table | None, after: Table | None,
+def three_way_undo(name: str, before: Table | None, after: Table | None,
                  live: Table | None) -> Table:
     """The table with the change `before -> after` undone on `live` (fwsafe.core.merge): chains the
     change created go, chains it deleted come back, rules it added go and rules it removed come
@@ -241,7 +241,7 @@ class IptablesLayer(Layer):
         if result.returncode != 0:
             raise ApplyError(
                 f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}")
-        return hatch.strip(result.stdout)   # the kernel escape hatch is nobody's rule
+        return hatch_rules.strip(result.stdout)   # the kernel escape hatch is nobody's rule
 
     def units(self, data: bytes) -> dict[str, str]:
         out = {}
@@ -297,10 +297,10 @@ class IptablesLayer(Layer):
         targets: dict[str, Table | None] = {}
         for name in tables:
             if level == MERGE and new is not None:
-                targets[name] = merge_table3(name, old.get(name), new.get(name), now.get(name))
-            elif level in (MERGE, CHAINS):
+                targets[name] = three_way_undo(name, old.get(name), new.get(name), now.get(name))
+            elif level in (MERGE, SNAPSHOT_UNITS):
                 chains = {u.partition("/")[2] for u in units if u.startswith(name + "/")}
-                merged = merge_table(name, old.get(name), now.get(name), chains)
+                merged = restore_touched_chains(name, old.get(name), now.get(name), chains)
                 complete_references(merged, [now.get(name), old.get(name)])
                 targets[name] = merged
             else:

@@ -4,7 +4,7 @@ namespace, and trying a change on a copy (diff).
 The public API is in the modules (this package imports none of them, so that the namespace
 lab can use :mod:`fwsafe.check.netns` without loading the check): :mod:`~fwsafe.check.predict`
 (``predict``, ``CheckReport``), :mod:`~fwsafe.check.precheck` (what ``fwsafe apply`` runs),
-:mod:`~fwsafe.check.diff` and :mod:`~fwsafe.check.simulate`.
+:mod:`~fwsafe.check.change_diff` and :mod:`~fwsafe.check.simulate`.
 
 The lockout check in phases: :mod:`~fwsafe.check.host` reads the host (interfaces, routes,
 the current firewall) and plans the sandbox; :mod:`~fwsafe.check.sandbox` builds it (with

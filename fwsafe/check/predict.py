@@ -153,8 +153,8 @@ class CheckReport:
 
     def describe(self, verbose: bool = False) -> str:
         """The report for people: one screen by default, everything with ``verbose``
-        (fwsafe.check.report)."""
-        from fwsafe.check.report import check_text
+        (fwsafe.check.check_report)."""
+        from fwsafe.check.check_report import check_text
 
         return check_text(self, verbose)
 

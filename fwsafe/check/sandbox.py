@@ -42,7 +42,7 @@ from fwsafe.check.netns import (
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
-AGENT = Path(__file__).with_name("agent.py")
+AGENT = Path(__file__).with_name("sandbox_agent.py")
 TRACE_TABLE = "fwsafe_check_trace"
 CANARY_PORTS = "40000-49999"
 CHECK_PREFIX = "fwck"   # `fwsafe check`, the check before `apply`, the audit

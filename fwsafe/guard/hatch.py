@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwsafe.ondisk.hatch import MARK  # how its rules are recognised (and stripped from captures)
+from fwsafe.ondisk.hatch_rules import MARK  # how its rules are recognised (and stripped from captures)
 
 IPTABLES_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
 NFT_LAYER = "nft"

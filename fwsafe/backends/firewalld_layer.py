@@ -6,7 +6,7 @@ tables behind its back would leave the model wrong, and the next `firewall-cmd -
 boot would bring the change back. So the "firewalld" layer holds:
 
     files     /etc/firewalld, every file and directory with its mode and owner
-              (fwsafe.ondisk.firewalld), one unit per file: "file /etc/firewalld/zones/public.xml"
+              (fwsafe.ondisk.firewalld_files), one unit per file: "file /etc/firewalld/zones/public.xml"
     runtime   firewalld's model as `firewall-cmd` lists it: one unit per zone ("zone public":
               target, services, ports, protocols, sources, interfaces, rich rules, masquerade,
               forward-ports, source-ports, icmp-blocks, ...) and per policy ("policy NAME"),
@@ -42,8 +42,8 @@ from typing import Any
 
 from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk import hatch
-from fwsafe.ondisk.firewalld import (
+from fwsafe.ondisk import hatch_rules
+from fwsafe.ondisk.firewalld_files import (
     FIREWALLD_DIR,
     FIREWALLD_TABLES,
     read_tree,
@@ -465,7 +465,7 @@ def kernel_tables() -> dict[str, str]:
         result = run_persistently([nft, "list", "table", *table.split()],
                                   timeout=TOOL_TIMEOUT)
         if result.returncode == 0:   # the kernel escape hatch is nobody's rule
-            tables[table] = hatch.strip(result.stdout).decode(errors="replace")
+            tables[table] = hatch_rules.strip(result.stdout).decode(errors="replace")
     return tables
 
 
