@@ -11,7 +11,7 @@ from fwsafe.ondisk.firewalld_files import FIREWALLD_TABLES
 # Capture order; a revert goes in reverse (firewalld and files first, iptables last).
 ALL_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy", "nft", "ufw", "firewalld")
 # Captured only for a change that gives content for them (never in every snapshot); reverted
-# first. A name may carry a path: "sshd:<the config file, percent-encoded>" (backends.sshd).
+# first. A name may carry a path: "sshd:<the config file, percent-encoded>" (backends.sshd_layer).
 ON_DEMAND_LAYERS = ("sshd",)
 
 

@@ -98,7 +98,7 @@ def _by_source(link: LinkPlan, peer: str, table: int) -> list[str]:
 
 
 class AgentProcess:
-    """The check agent (agent.py) running in one namespace; one JSON request and answer per line."""
+    """The check agent (sandbox_agent.py) running in one namespace; one JSON request and answer per line."""
 
     def __init__(self, argv: list[str], label: str) -> None:
         self.label = label
