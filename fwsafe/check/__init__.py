@@ -11,6 +11,9 @@ the current firewall) and plans the sandbox; :mod:`~fwsafe.check.sandbox` builds
 :mod:`~fwsafe.check.netns`, the network-namespace builder shared with ``diff`` and the lab) and
 runs its agents; :mod:`~fwsafe.check.loading` loads the current firewall and the candidate
 into it; :mod:`~fwsafe.check.attempts` sends the packets and reads the kernel's answer;
-:mod:`~fwsafe.check.naming` names the rule responsible; :mod:`~fwsafe.check.rules` parses
-what the tools print.
+:mod:`~fwsafe.check.naming` names the rule responsible, from what the tools print, read by
+:mod:`~fwsafe.check.ipt_counters` (which iptables rule counted), :mod:`~fwsafe.check.ipt_lines`
+and :mod:`~fwsafe.check.nft_lines` (which file line made a rule), :mod:`~fwsafe.check.nft_listing`
+(nft's listing and trace); :mod:`~fwsafe.check.unreproducible` names what the sandbox cannot
+reproduce.
 """

@@ -10,26 +10,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from fwsafe.check.host import ClientPath
+from fwsafe.check.ipt_counters import counted_drops, counter_delta, evaluated_rules, reachable_chains
 from fwsafe.check.loading import SandboxFirewall
-from fwsafe.check.relevance import ipt_verdict_free, nft_verdict_free
-from fwsafe.check.rules import (
+from fwsafe.check.nft_listing import (
     NFT_DROP_VERDICTS,
     NFT_TERMINAL_VERDICTS,
     ChainKey,
     TraceEvent,
-    counted_drops,
-    counter_delta,
-    evaluated_rules,
+    nft_reachable,
+    parse_trace_line,
+)
+from fwsafe.check.relevance import ipt_verdict_free, nft_verdict_free
+from fwsafe.check.sandbox import TRACE_TABLE
+from fwsafe.check.unreproducible import (
     ipt_excludes_tcp,
     ipt_interface_only,
     ipt_unreproducible,
     nft_excludes_tcp,
-    nft_reachable,
     nft_unreproducible,
-    parse_trace_line,
-    reachable_chains,
 )
-from fwsafe.check.sandbox import TRACE_TABLE
 
 __all__ = ["Attempt", "NotChecked", "Prober", "find_not_checked"]
 

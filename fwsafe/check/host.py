@@ -14,7 +14,7 @@ from fwsafe.backends import available_layers, layer_for
 from fwsafe.backends.base import ApplyError
 from fwsafe.backends.iptables import IptablesLayer, uses_nf_tables
 from fwsafe.backends.iptsave import BUILTIN_CHAINS, Tables, has_tables
-from fwsafe.check.rules import IptFileMap
+from fwsafe.check.ipt_lines import IptFileMap
 from fwsafe.check.sandbox import LinkPlan
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run

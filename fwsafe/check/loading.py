@@ -12,9 +12,10 @@ from fwsafe.backends.iptables import describe_restore_error
 from fwsafe.backends.iptsave import Tables, has_tables, parse_ruleset
 from fwsafe.backends.nftables import describe_nft_error, split_tables
 from fwsafe.check.host import IptTool, iptables_nft_tables
+from fwsafe.check.ipt_lines import map_iptables_file
 from fwsafe.check.naming import NftCandidate, RuleNamer
+from fwsafe.check.nft_listing import parse_nft_listing
 from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, sandbox_addresses
-from fwsafe.check.rules import map_iptables_file, parse_nft_listing
 from fwsafe.check.sandbox import TRACE_TABLE, Sandbox, SandboxError
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError
 from fwsafe.runner import require_binary

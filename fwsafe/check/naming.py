@@ -7,14 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwsafe.check.host import IptTool
-from fwsafe.check.rules import (
-    ChainKey,
-    NftFileInfo,
-    NftListing,
-    map_nft_handles,
-    parse_nft_echo,
-    scan_nft_file,
-)
+from fwsafe.check.nft_lines import NftFileInfo, map_nft_handles, parse_nft_echo, scan_nft_file
+from fwsafe.check.nft_listing import ChainKey, NftListing
 
 __all__ = ["NftCandidate", "RuleNamer"]
 

@@ -47,8 +47,8 @@ from fwsafe.check.host import (
     plan_links,
 )
 from fwsafe.check.loading import SandboxFirewall
-from fwsafe.check.rules import LIMITS
 from fwsafe.check.sandbox import AGENT, CHECK_PREFIX, Sandbox, SandboxError
+from fwsafe.check.unreproducible import LIMITS
 from fwsafe.core.change import Change, validate_change
 from fwsafe.errors import EnvironmentProblem, FwsafeError, UsageError
 from fwsafe.runner import require_binary

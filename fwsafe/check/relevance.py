@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 
 from fwsafe.backends.iptsave import Chain
-from fwsafe.check.rules import NftRule
+from fwsafe.check.nft_listing import NftRule
 
 __all__ = ["REPORT_ONLY_TARGETS", "ipt_verdict_free", "nft_verdict_free"]
 

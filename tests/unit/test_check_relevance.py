@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from fwsafe.backends.iptsave import parse_ruleset
+from fwsafe.check.nft_listing import NftRule
 from fwsafe.check.relevance import ipt_verdict_free, nft_verdict_free
-from fwsafe.check.rules import NftRule
 
 UFW_LIKE = """\
 *filter

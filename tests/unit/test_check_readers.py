@@ -4,22 +4,15 @@ the sandbox cannot reproduce."""
 from __future__ import annotations
 
 from fwsafe.backends.iptsave import Rule, Tables, parse_ruleset
-from fwsafe.check.rules import (
-    counted_drops,
-    counter_delta,
-    evaluated_rules,
+from fwsafe.check.ipt_counters import counted_drops, counter_delta, evaluated_rules, reachable_chains
+from fwsafe.check.ipt_lines import map_iptables_file
+from fwsafe.check.nft_lines import map_nft_handles, parse_nft_echo, scan_nft_file
+from fwsafe.check.nft_listing import nft_reachable, parse_nft_listing, parse_trace_line
+from fwsafe.check.unreproducible import (
     interface_known,
     ipt_excludes_tcp,
     ipt_unreproducible,
-    map_iptables_file,
-    map_nft_handles,
-    nft_reachable,
     nft_unreproducible,
-    parse_nft_echo,
-    parse_nft_listing,
-    parse_trace_line,
-    reachable_chains,
-    scan_nft_file,
 )
 
 
@@ -338,7 +331,7 @@ def test_trace_lines() -> None:
 def test_nft_scan_keeps_line_numbers_across_blanked_lines() -> None:
     """A pruned candidate has tens of thousands of blanked lines: one token for each run of
     them, and the rules after it keep their line numbers."""
-    from fwsafe.check.rules import scan_nft_file
+    from fwsafe.check.nft_lines import scan_nft_file
 
     text = ("table inet t {\n\tchain c {\n\t\ttcp dport 22 accept\n" + "\n" * 5000
             + "\t\tip saddr 10.0.0.1 drop\n  \n\t\n\t\tcounter drop # x\n\t}\n}\n"
