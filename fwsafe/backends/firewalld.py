@@ -44,6 +44,7 @@ from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch
 from fwsafe.ondisk.firewalld import (
+    FILES_ONLY,
     FIREWALLD_DIR,
     FIREWALLD_TABLES,
     read_tree,
@@ -253,6 +254,8 @@ class FirewalldLayer(Layer):
                  for path, (m, u, g, c) in files.items()}
         units.update({f"dir {path}": f"mode {m:o} owner {u}:{g}"
                       for path, (m, u, g) in dirs.items()})
+        if state.get(FILES_ONLY):   # the power cycle's: no runtime model
+            return units
         units["running"] = "yes" if state.get("running") else "no"
         runtime = state.get("runtime")
         if isinstance(runtime, dict):
@@ -309,6 +312,15 @@ class FirewalldLayer(Layer):
         if read_tree(self.root) != (dirs, files):
             restore_tree(dirs, files, self.root)
         wanted = set(units)
+        if state.get(FILES_ONLY):   # the files alone (the power cycle's): firewalld follows them
+            wanted = {u for u in wanted if u.startswith(FILE_UNITS)}
+            if is_running():
+                say("firewalld: its files are as in the snapshot (files only); "
+                    "firewall-cmd --reload")
+                code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
+                if code != 0:
+                    raise ApplyError(f"firewall-cmd --reload failed (exit {code}): "
+                                     f"{err.strip()}")
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
         model: dict[str, Any] | None = None   # the runtime model now, when known
         if runtime and state.get("running"):
