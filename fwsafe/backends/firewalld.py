@@ -53,6 +53,7 @@ from fwsafe.ondisk.firewalld import (
     tree_json,
 )
 from fwsafe.runner import find_binary, run, run_persistently
+from fwsafe.shim import REAL_SUFFIX
 
 FIREWALL_CMD = "firewall-cmd"
 TOOL_TIMEOUT = 30.0
@@ -369,8 +370,18 @@ class FirewalldLayer(Layer):
         return True, None
 
 
+def firewall_cmd_path() -> str | None:
+    """firewall-cmd, the real one where `fwsafe shim install` diverted it (PATH.fwsafe-real;
+    the shim in its place is a shell script): the layer's own calls, and its readers run in
+    firewall-cmd's own Python, never go through the shim."""
+    tool = find_binary(FIREWALL_CMD)
+    if tool is not None and os.access(tool + REAL_SUFFIX, os.X_OK):
+        return tool + REAL_SUFFIX
+    return tool
+
+
 def firewall_cmd(*args: str, timeout: float = TOOL_TIMEOUT) -> tuple[int, str, str]:
-    result = run_persistently([FIREWALL_CMD, *args], timeout=timeout)
+    result = run_persistently([firewall_cmd_path() or FIREWALL_CMD, *args], timeout=timeout)
     return (result.returncode, result.stdout.decode(errors="replace"),
             result.stderr.decode(errors="replace"))
 
@@ -405,7 +416,7 @@ def read_model() -> dict[str, Any] | None:
 def listings_in_one_process() -> dict[str, str] | None:
     """The listings from one run of READER; None when it cannot run here (then the
     caller asks firewall-cmd itself), {"state": ...} alone when firewalld is not running."""
-    python = _interpreter_of(find_binary(FIREWALL_CMD))
+    python = _interpreter_of(firewall_cmd_path())
     if python is None:
         return None
     try:
@@ -450,7 +461,7 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
 def commands_in_one_process(commands: list[list[str]]) -> list[tuple[int, str, str]] | None:
     """(exit status, stdout, stderr) of each firewall-cmd command, run one after the other by
     RUNNER; None when it cannot run here."""
-    tool = find_binary(FIREWALL_CMD)
+    tool = firewall_cmd_path()
     python = _interpreter_of(tool)
     if tool is None or python is None:
         return None

@@ -92,3 +92,22 @@ def test_the_script_without_a_terminal_runs_the_real_command(tmp_path: Path) -> 
     assert run(FWSAFE_SHIM="off") == "REAL deny 22/tcp\n"
     assert run(FWSAFE_SHIM="guard") == "GUARD fwsafe shim run ufw -- deny 22/tcp\n"
     assert shim.is_shim(str(script)) and not shim.is_shim(str(tmp_path / "real"))
+
+
+def test_the_firewalld_layer_calls_the_real_firewall_cmd_where_the_shim_is(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Behind the shim (a shell script) the layer still reads firewalld's model in
+    firewall-cmd's own Python, in one process: it finds the diverted real command."""
+    from fwsafe.backends import firewalld
+
+    tool = tmp_path / "firewall-cmd"
+    tool.write_text("#!/usr/bin/python3 -s\nprint('real')\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert firewalld.firewall_cmd_path() == str(tool)
+    os.rename(tool, str(tool) + shim.REAL_SUFFIX)
+    tool.write_text(shim.script_text("firewall-cmd", str(tool) + shim.REAL_SUFFIX, "/nowhere"))
+    tool.chmod(0o755)
+    found = firewalld.firewall_cmd_path()
+    assert found == str(tool) + shim.REAL_SUFFIX
+    assert firewalld._interpreter_of(found) == "/usr/bin/python3"   # noqa: SLF001
