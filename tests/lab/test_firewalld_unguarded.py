@@ -107,13 +107,24 @@ def case_locked(lab: SystemdLab) -> dict[str, Any]:
           f"in through them: {with_rules - pid1:.2f} s")
     info = lab.status()
     power = info["power_cycle"] or {}
-    return {"single": single, "login": lab.ssh("true").returncode,
+    found = {"status_text": lab.ssh("fwsafe status").stdout, "history": _history(lab),
+             "listing": lab.exec(["fwsafe", "history"]).stdout}
+    # Undone by a rollback of the before-recovery entry (its files only): the files found at
+    # boot back and firewalld reloaded, under the guard; reverted here.
+    rolled = lab.ssh(f"fwsafe rollback --detach --json --timeout 120 {power.get('undo')}",
+                     timeout=180)
+    found["rollback"] = (rolled.returncode, rolled.stdout + rolled.stderr, tree(lab) == locked,
+                         lab.new_connection_ok(timeout=1.0))
+    if rolled.returncode == 0:
+        reverted = lab.exec(["fwsafe", "revert", json.loads(rolled.stdout)["id"]], check=False)
+        found["revert"] = (reverted.returncode, reverted.stdout + reverted.stderr,
+                           tree(lab) == good, lab.new_connection_ok(timeout=2.0))
+    return {**found, "single": single, "login": lab.ssh("true").returncode,
             "state": lab.exec(["firewall-cmd", "--state"], check=False).stdout,
             "services": services(lab), "tree": tree(lab) == good, "power": power,
             "order": (started_at(lab, "fwsafe-recover.service"),
                       started_at(lab, "firewalld.service")),
-            "status_text": lab.ssh("fwsafe status").stdout, "history": _history(lab),
-            "listing": lab.exec(["fwsafe", "history"]).stdout, "seconds": answered - pid1,
+            "seconds": answered - pid1,
             "diagnostics": diagnostics(lab)}
 
 
@@ -132,10 +143,10 @@ def case_login(lab: SystemdLab) -> dict[str, Any]:
 
 
 def fingerprint(lab: SystemdLab) -> str:
-    """What the shim touches: firewall-cmd and dpkg's record of diversions."""
-    return lab.exec(["sh", "-c", "sha256sum /usr/bin/firewall-cmd* /var/lib/dpkg/diversions; "
-                     "stat -c '%n %a %U %G %s' /usr/bin/firewall-cmd*; "
-                     "dpkg-divert --list '*firewall*'"]).stdout
+    """What the shim touches: firewall-cmd, ufw (also here) and dpkg's record of diversions."""
+    return lab.exec(["sh", "-c", "sha256sum /usr/bin/firewall-cmd* /usr/sbin/ufw* "
+                     "/var/lib/dpkg/diversions; stat -c '%n %a %U %G %s %i' "
+                     "/usr/bin/firewall-cmd* /usr/sbin/ufw*; dpkg-divert --list"]).stdout
 
 
 def on_terminal(lab: SystemdLab, command: str) -> subprocess.CompletedProcess[str]:
@@ -240,6 +251,10 @@ def test_two_hard_reboots_without_a_login_put_etc_firewalld_back(
     undo = [e for e in got["history"] if e["id"] == power["undo"]]
     assert undo and undo[0]["kind"] == "before-recovery", got["history"]
     assert "before-recovery" in got["listing"] and power["entry"] in got["listing"]
+    code, out, files_back, ssh_open = got["rollback"]
+    assert code == 0 and files_back and not ssh_open, got["rollback"]
+    code, out, good_again, ssh_open = got["revert"]
+    assert code == 4 and good_again and ssh_open, got["revert"]
 
 
 def test_with_a_login_between_the_reboots_firewalld_is_left_alone(

@@ -19,6 +19,7 @@ from fwsafe.ondisk.sshd import FileState, SshdFiles, dump
 from fwsafe.ondisk.ufw import capture_ufw_files, load_ufw_files
 from fwsafe.persistence import history, loginhook, powercycle
 from fwsafe.persistence.powercycle import Boot, decide
+from fwsafe.persistence.rollback import rollback_change
 from fwsafe.rescue import tool as rescue_tool
 
 W = 600.0
@@ -352,3 +353,5 @@ def test_firewalld_files_are_put_back_exactly_and_the_runtime_is_left_to_firewal
     units = FirewalldLayer(root).units(undo.layers["firewalld"])
     assert units and all(u.startswith(("file ", "dir ")) for u in units), units
     assert {u.split(" ", 1)[1] for u in units} == set(found[0]) | set(found[1])
+    change, _notes = rollback_change(undo)
+    assert change.layers["firewalld"] == undo.layers["firewalld"]
