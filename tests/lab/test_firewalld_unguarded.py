@@ -174,7 +174,7 @@ def case_shim(lab: SystemdLab) -> dict[str, Any]:
     # transaction.
     found["passthrough"] = {}
     for args in ("--list-all", "--state", "--get-default-zone", "--get-services",
-                 "--zone=public --list-services"):
+                 "--zone=public --list-services", "--check-config"):
         typed = on_terminal(lab, f"firewall-cmd {args}")
         real = lab.exec([f"{FIREWALL_CMD}.fwsafe-real", *args.split()])
         found["passthrough"][args] = (typed.stdout.replace("\r\n", "\n") == real.stdout,

@@ -32,6 +32,7 @@ from fwsafe import shim
     ("firewall-cmd", ["--list-all", "--zone=public"], True),
     ("firewall-cmd", ["--permanent", "--get-services"], True),
     ("firewall-cmd", ["--query-port=22/tcp"], True),
+    ("firewall-cmd", ["--check-config"], True),
     ("firewall-cmd", ["--remove-service=ssh"], False),
     ("firewall-cmd", ["--permanent", "--add-port=80/tcp"], False),
     ("firewall-cmd", ["--reload"], False),
