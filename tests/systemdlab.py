@@ -74,7 +74,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1280,6 +1280,47 @@ def _session_image(*, with_fwsafe: bool = True, suite: str | None = None) -> Ite
         yield image
     finally:
         image.close()
+
+
+def side_by_side(image: Image, cases: dict[str, Callable[[SystemdLab], Any]],
+                 prepare: Callable[[SystemdLab], None] = lambda _lab: None
+                 ) -> Iterator[dict[str, Any]]:
+    """Every case at the same time, each in a container of its own booted from `image` and
+    prepared by `prepare`: yields {name: what the case returned, or what it raised} (see
+    `case_outcome`), then closes the containers and the image. For a module fixture, so
+    that the cases' waits overlap."""
+    labs: dict[str, SystemdLab] = {}
+    found: dict[str, Any] = {}
+
+    def one(name: str) -> None:
+        try:
+            lab = SystemdLab.start(image)
+            labs[name] = lab
+            prepare(lab)
+            found[name] = cases[name](lab)
+        except BaseException as exc:  # noqa: BLE001 - reported by the case's test
+            found[name] = exc
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in cases]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        yield found
+    finally:
+        for lab in labs.values():
+            lab.close()
+        image.close()
+
+
+def case_outcome(outcomes: dict[str, Any], name: str) -> dict[str, Any]:
+    """One case's result from `side_by_side`: what it raised is raised again here."""
+    found = outcomes.get(name)
+    if isinstance(found, BaseException):
+        raise found
+    assert isinstance(found, dict), f"case {name} did not run"
+    return found
 
 
 def _booted(image: Image) -> Iterator[SystemdLab]:

@@ -1,7 +1,8 @@
 """The change that puts a known-good state back (`fwsafe rollback ID`): the entry's layers as
 a Change for the guard, made complete against what is live now (iptables tables the entry does
 not name are emptied, nft tables are deleted and re-created, sshd's files that differ are
-written back against their content now), and notes on what a rollback leaves alone."""
+written back against their content now, firewalld put back through firewalld), and notes on
+what a rollback leaves alone."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from fwsafe.errors import UsageError
 from fwsafe.ondisk.history_format import Entry
 from fwsafe.persistence import known_good
 
-# Layers a rollback can put back (they take a rules file; sshd: its files, then a reload).
-ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd")
+# Layers a rollback can put back (they take a rules file; sshd: its files, then a reload;
+# firewalld: through firewalld, its files then `--reload` and the runtime model, or the files
+# alone for a files-only layer, the power cycle's).
+ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd", "firewalld")
 
 
 def rollback_change(entry: Entry) -> tuple[Change, list[str]]:

@@ -32,6 +32,7 @@ from fwsafe.persistence import command_shims
     ("firewall-cmd", ["--list-all", "--zone=public"], True),
     ("firewall-cmd", ["--permanent", "--get-services"], True),
     ("firewall-cmd", ["--query-port=22/tcp"], True),
+    ("firewall-cmd", ["--check-config"], True),
     ("firewall-cmd", ["--remove-service=ssh"], False),
     ("firewall-cmd", ["--permanent", "--add-port=80/tcp"], False),
     ("firewall-cmd", ["--reload"], False),
@@ -92,3 +93,23 @@ def test_the_script_without_a_terminal_runs_the_real_command(tmp_path: Path) -> 
     assert run(FWSAFE_SHIM="off") == "REAL deny 22/tcp\n"
     assert run(FWSAFE_SHIM="guard") == "GUARD fwsafe shim run ufw -- deny 22/tcp\n"
     assert command_shims.is_shim(str(script)) and not command_shims.is_shim(str(tmp_path / "real"))
+
+
+def test_the_firewalld_layer_calls_the_real_firewall_cmd_where_the_shim_is(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Behind the shim (a shell script) the layer still reads firewalld's model in
+    firewall-cmd's own Python, in one process: it finds the diverted real command."""
+    from fwsafe.backends import firewalld_layer
+
+    tool = tmp_path / "firewall-cmd"
+    tool.write_text("#!/usr/bin/python3 -s\nprint('real')\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert firewalld_layer.firewall_cmd_path() == str(tool)
+    os.rename(tool, str(tool) + command_shims.REAL_SUFFIX)
+    real = str(tool) + command_shims.REAL_SUFFIX
+    tool.write_text(command_shims.script_text("firewall-cmd", real, "/nowhere"))
+    tool.chmod(0o755)
+    found = firewalld_layer.firewall_cmd_path()
+    assert found == str(tool) + command_shims.REAL_SUFFIX
+    assert firewalld_layer._interpreter_of(found) == "/usr/bin/python3"   # noqa: SLF001
