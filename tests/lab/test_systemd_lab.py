@@ -137,11 +137,16 @@ def test_systemd_lab_boots_and_reboots(sdlab: SystemdLab) -> None:
     assert python[2].startswith("/opt/fwsafe/"), python  # the wheel, Debian's click/paramiko
     print(f"[systemd lab] click {python[0]}, paramiko {python[1]}")
     versions = sdlab.exec(["sh", "-c", "python3 -c 'import sys; print(sys.version_info[1])'; "
-                           "systemctl --version | head -n 1"]).stdout.split("\n")
+                           "systemctl --version | head -n 1; ssh -V 2>&1"]).stdout.split("\n")
     minor, systemd = int(versions[0]), versions[1].split()[1]
-    want = {"bookworm": (11, "252"), "trixie": (13, "257")}.get(sdlab.image.suite)
+    openssh = re.match(r"OpenSSH_(\d+\.\d+)", versions[2])
+    want = {"bookworm": (11, "252", "9.2"), "trixie": (13, "257", "10.0")}.get(sdlab.image.suite)
     if want is not None:  # the generation is the one asked for
-        assert (minor, systemd) == want, (sdlab.image.suite, minor, systemd)
+        assert (minor, systemd, openssh and openssh[1]) == want, (sdlab.image.suite, versions)
+    # The distribution's default arrangement: a plain ssh.service, no socket activation.
+    units = sdlab.exec(["systemctl", "is-active", "ssh.service", "ssh.socket"],
+                       check=False).stdout.split()
+    assert units == ["active", "inactive"], units
 
     seen = {boot_id}
     for hard in (False, True):
