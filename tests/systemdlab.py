@@ -36,11 +36,13 @@ ifupdown does, so sshd starts after the firewall loaders), and in the tests that
 ``netfilter-persistent.service`` that loads /etc/iptables/rules.v4/v6 at boot.
 
 Use: the ``sdlab`` fixture (a booted :class:`SystemdLab`, SSH answering; torn down after the
-test) and the session-wide ``sdlab_image``; ``sdlab_bare_image`` is the root fs without the
+test), parametrized over the two generations: a test that takes it runs once on bookworm and
+once on trixie (``-k bookworm`` or ``-k trixie`` picks one); ``sdlab_generation_image`` is the
+session-wide image of each generation in turn (for a test that starts its containers itself),
+``sdlab_image`` / ``sdlab_trixie_image`` one generation's, ``sdlab_trixie`` a trixie container
+alone (the socket-activated sshd tests); ``sdlab_bare_image`` is the root fs without the
 fwsafe layer (no /opt/fwsafe), for tests that install fwsafe themselves (tests/lab/test_deb.py:
-``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``). The second generation:
-``sdlab_trixie`` / ``sdlab_trixie_image``; ``sdlab_each`` runs a test once per generation
-(parametrized: ``-k trixie`` picks one). ``exec(argv)`` runs in the container (nsenter),
+``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``). ``exec(argv)`` runs in the container (nsenter),
 ``ssh(cmd)`` is a NEW login from the client namespace, ``ssh_popen(cmd)`` a session left open,
 ``wait_ssh(limit)``, ``reboot(hard)``, ``wait_booted()``, ``status()`` (fwsafe status --json),
 ``ruleset()``, ``close()``. Outside CI a missing capability skips; with CI=true it fails.
@@ -107,7 +109,6 @@ __all__ = [
     "require_systemd_lab_capable",
     "sdlab",
     "sdlab_bare_image",
-    "sdlab_each",
     "sdlab_generation_image",
     "sdlab_image",
     "sdlab_trixie",
@@ -1331,12 +1332,6 @@ def _booted(image: Image) -> Iterator[SystemdLab]:
         lab.close()
 
 
-@pytest.fixture
-def sdlab(sdlab_image: Image) -> Iterator[SystemdLab]:
-    """A booted system container (systemd as PID 1) answering SSH; torn down after the test."""
-    yield from _booted(sdlab_image)
-
-
 @pytest.fixture(scope="session")
 def sdlab_trixie_image() -> Iterator[Image]:
     """The second generation: a Debian 13 (trixie) root fs (cached like the first) and this
@@ -1369,6 +1364,8 @@ def sdlab_generation_image(request: pytest.FixtureRequest) -> Image:
 
 
 @pytest.fixture
-def sdlab_each(sdlab_generation_image: Image) -> Iterator[SystemdLab]:
-    """`sdlab` on each generation in turn: a test that takes it runs on bookworm and trixie."""
+def sdlab(sdlab_generation_image: Image) -> Iterator[SystemdLab]:
+    """A booted system container (systemd as PID 1) answering SSH, on each generation in turn
+    (a test that takes it runs on bookworm and on trixie); torn down after the test."""
     yield from _booted(sdlab_generation_image)
+
