@@ -301,18 +301,37 @@ class FirewalldLayer(Layer):
     def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
                level: str = MERGE, on_retry: RetryLog | None = None,
                live: bytes | None = None) -> list[str]:
-        """The files back, firewalld running (or stopped) as before, `--reload`, the
-        runtime-only differences put back, then compared whole with the snapshot."""
+        """The files back, firewalld running (or stopped) as before, its runtime model put
+        back, then compared whole with the snapshot. What others changed in the runtime
+        model during the window (`after` -> live: Docker's bridges in its zone, fail2ban's
+        rich rules) is kept (merge_models). When the files are as in the snapshot, the model
+        is put back with runtime commands alone: no `--reload`, which would make Docker
+        rewrite its iptables chains (and lose DOCKER-USER's place at the top of FORWARD);
+        else `firewall-cmd --reload` and the runtime-only differences put back."""
         say = on_retry or (lambda _message: None)
         state = self._load(before)
         dirs, files = tree_from_json(state)
-        if read_tree(self.root) != (dirs, files):
+        files_back = read_tree(self.root) != (dirs, files)
+        if files_back:
             restore_tree(dirs, files, self.root)
         wanted = set(units)
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
         model: dict[str, Any] | None = None   # the runtime model now, when known
+        want: dict[str, Any] = dict(state.get("runtime") or {})
         if runtime and state.get("running"):
-            booted, model = self._reload_and_put_back(state.get("runtime") or {}, say)
+            now = read_model()
+            after_model = self._load(after).get("runtime") if after is not None else None
+            if now is not None and isinstance(after_model, dict):
+                want, kept = merge_models(want, after_model, now)
+                if kept:
+                    say("firewalld: keeping what others changed in its runtime model during "
+                        "the window: " + "; ".join(kept))
+            if not files_back and now is not None and same_shape(now, want):
+                say("firewalld: its files are as in the snapshot; putting its runtime model "
+                    "back without a reload")
+                booted, model = True, put_back(now, want, say)
+            else:
+                booted, model = self._reload_and_put_back(want, say)
             if not booted:
                 # At boot (the boot unit runs before firewalld.service): firewalld starts
                 # from the files put back; starting it from here would wait for ourselves.
@@ -325,8 +344,15 @@ class FirewalldLayer(Layer):
             systemctl_firewalld("stop", say)
             wanted.add("running")
         say("firewalld: comparing its files, model and tables with the snapshot")
-        now = self._capture(model) if model is not None else self.capture()
-        old, new = self.units(before), self.units(now)
+        now_state = self._capture(model) if model is not None else self.capture()
+        target = before
+        if want != (state.get("runtime") or {}):
+            # others' runtime changes kept: the model is compared with the merged one; the
+            # kernel's tables follow from that model (firewalld generates them), so they are
+            # not compared with the snapshot's
+            target = json.dumps({**state, "runtime": want}).encode()
+            wanted.discard("kernel")
+        old, new = self.units(target), self.units(now_state)
         return [f"{self.label} {u}" for u in sorted(wanted) if old.get(u) != new.get(u)]
 
     def _reload_and_put_back(self, want: Mapping[str, Any], say: RetryLog
@@ -347,14 +373,69 @@ class FirewalldLayer(Layer):
         now = read_model()
         if now is None:
             raise ApplyError("firewalld stopped during its reload")
-        phases = runtime_commands(now, want)
-        if not phases:
-            return True, now
-        say(f"firewalld: putting back {sum(map(len, phases))} runtime-only difference(s) "
-            "with firewall-cmd")
-        for phase in phases:
-            run_all(phase, say)
-        return True, None
+        return True, put_back(now, want, say)
+
+
+def put_back(now: Mapping[str, Any], want: Mapping[str, Any], say: RetryLog
+             ) -> dict[str, Any] | None:
+    """The runtime commands that turn the model `now` into `want`, run; the model now when
+    nothing had to be done (else None: read it again)."""
+    phases = runtime_commands(now, want)
+    if not phases:
+        return dict(now)
+    say(f"firewalld: putting back {sum(map(len, phases))} runtime difference(s) "
+        "with firewall-cmd")
+    for phase in phases:
+        run_all(phase, say)
+    return None
+
+
+def same_shape(now: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """Runtime commands alone can turn `now` into `want`: the same zones, policies and
+    default zone (those change with the permanent configuration and a reload)."""
+    return (now.get("default-zone") == want.get("default-zone")
+            and set(now.get("zones") or {}) == set(want.get("zones") or {})
+            and set(now.get("policies") or {}) == set(want.get("policies") or {}))
+
+
+def merge_models(before: Mapping[str, Any], after: Mapping[str, Any], live: Mapping[str, Any]
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """The three-way merge of firewalld's runtime model: `before` (the snapshot) with what
+    others changed between `after` (right after the change) and `live` (now), value by
+    value: a value others added stays, one they removed stays removed, a switch they turned
+    keeps their setting. Returns the merged model and a note per change kept."""
+    merged: dict[str, Any] = json.loads(json.dumps(before))
+    kept: list[str] = []
+    for kind, key in (("zone", "zones"), ("policy", "policies")):
+        b_all, a_all, l_all = (m.get(key) or {} for m in (before, after, live))
+        for name in sorted(set(b_all) & set(a_all) & set(l_all)):
+            b, a, lv = b_all[name], a_all[name], l_all[name]
+            target = merged[key][name]
+            for field in set(_LISTS) & (set(a) | set(lv)):
+                old, new = set(a.get(field, [])), set(lv.get(field, []))
+                if old == new:
+                    continue
+                values = (set(b.get(field, [])) | (new - old)) - (old - new)
+                target[field] = sorted(values)
+                kept += [f"{kind} {name} {field} +{v}" for v in sorted(new - old)]
+                kept += [f"{kind} {name} {field} -{v}" for v in sorted(old - new)]
+            for field in _SWITCHES:
+                if a.get(field) != lv.get(field) and field in lv:
+                    target[field] = lv[field]
+                    kept.append(f"{kind} {name} {field} {' '.join(lv[field])}")
+    b_direct, a_direct, l_direct = (m.get("direct") or {} for m in (before, after, live))
+    direct = dict(merged.get("direct") or {})
+    for field in ("chains", "rules", "passthroughs"):
+        old, new = set(a_direct.get(field, [])), set(l_direct.get(field, []))
+        if old != new:
+            direct[field] = sorted((set(b_direct.get(field, [])) | (new - old)) - (old - new))
+            kept += [f"direct {v} (+)" for v in sorted(new - old)]
+            kept += [f"direct {v} (-)" for v in sorted(old - new)]
+    merged["direct"] = direct
+    if after.get("default-zone") != live.get("default-zone") and live.get("default-zone"):
+        merged["default-zone"] = live["default-zone"]
+        kept.append(f"default zone {live['default-zone']}")
+    return merged, kept
 
 
 def firewall_cmd(*args: str, timeout: float = TOOL_TIMEOUT) -> tuple[int, str, str]:
