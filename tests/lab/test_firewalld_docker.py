@@ -27,19 +27,30 @@ import glob
 import json
 import os
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from tests.lab.test_firewalld import LOCKED_OUT, TIMEOUT, fwsafe_over_ssh, start_firewalld
+from tests.lab.test_firewalld import (
+    LOCKED_OUT,
+    TIMEOUT,
+    fwsafe_over_ssh,
+    outcome,
+    start_firewalld,
+)
 from tests.lab.test_firewalld import wait_reverted as wait_reverted_firewalld
 from tests.systemdlab import Image, SystemdLab
 
 pytestmark = pytest.mark.lab
 
 EXTRA = ("firewalld", "docker.io", "busybox-static")
-LATE_LIMIT = 5.0
+# The revert with its proofs, done by the deadline + this (a NEW SSH login must get in by the
+# deadline + 5 s, test_firewalld.LATE_LIMIT): a reload, reading firewalld's model three times
+# and putting back what others changed, with two dockerd containers on two shared cores
+WHOLE_LIMIT = 10.0
 RUNC_WRAPPER = """#!/bin/sh
 # runc without a new session keyring: nspawn's seccomp filter refuses keyctl (lab only)
 n=$#; i=0
@@ -97,18 +108,18 @@ GET = ("import sys, urllib.request\n"
        "print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode().strip())")
 
 
-def http_get(lab: SystemdLab, port: int) -> str | None:
+def http_get(lab: SystemdLab, port: int, path: str = "/hostname") -> str | None:
     """A NEW connection from the client to a published port: the container's hostname."""
     result = subprocess.run(["ip", "netns", "exec", lab.cli_ns, "python3", "-c", GET,
-                             f"http://{lab.ip4}:{port}/hostname"], capture_output=True,
+                             f"http://{lab.ip4}:{port}{path}"], capture_output=True,
                             text=True, timeout=10)
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def wait_http(lab: SystemdLab, port: int, limit: float) -> str | None:
+def wait_http(lab: SystemdLab, port: int, limit: float, path: str = "/hostname") -> str | None:
     end = time.monotonic() + limit
     while True:
-        got = http_get(lab, port)
+        got = http_get(lab, port, path)
         if got or time.monotonic() > end:
             return got
         time.sleep(0.3)
@@ -148,70 +159,152 @@ def iptables(lab: SystemdLab) -> str:
     return lab.exec(["iptables-save"]).stdout
 
 
-@pytest.fixture(scope="module")
-def image() -> Iterator[Image]:
-    built = Image.build(extra=EXTRA)
-    try:
-        yield built
-    finally:
-        built.close()
-
-
-@pytest.fixture
-def lab(image: Image) -> Iterator[SystemdLab]:
-    booted = SystemdLab.start(image)
-    try:
-        yield booted
-    finally:
-        name = cgroup_parent(booted)
-        booted.close()
-        remove_docker_cgroups(name)
-
-
-def test_docker_on_a_firewalld_host_survives_a_revert_and_keeps_its_window_changes(
-        lab: SystemdLab) -> None:
+def prepare(lab: SystemdLab) -> dict[str, str]:
+    """firewalld and Docker running, web1 publishing 8080, web3 publishing 8082 behind the
+    admin's DROP in DOCKER-USER."""
     start_firewalld(lab)
     start_docker(lab)
     run_httpd(lab, "web1", 8080)
     first = wait_http(lab, 8080, 15)
     assert first, "the published port does not answer before the change"
     assert "docker0" in docker_zone(lab)
-    # the admin's own filter for containers, in DOCKER-USER: nothing reaches web3's port
     run_httpd(lab, "web3", 8082)
     web3 = lab.exec(["docker", "inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web3"]
                     ).stdout.strip()
     lab.exec(["iptables", "-I", "DOCKER-USER", "-d", web3, "-j", "DROP"])
     assert http_get(lab, 8082) is None, "DOCKER-USER does not filter before the change"
-    info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
-                                 str(TIMEOUT), "--remove-service=ssh"], LOCKED_OUT)
-    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
-    # Docker's own changes during the window: a network and a container with a published port
+    return {"web1": first}
+
+
+def docker_in_the_window(lab: SystemdLab, info: dict[str, Any]) -> str:
+    """Docker's own changes during the window: a network (its bridge joins the docker zone)
+    and a container publishing 8081 on it. The bridge's name."""
     lab.exec(["docker", "network", "create", "win"], timeout=60)
     bridge = "br-" + lab.exec(["docker", "network", "inspect", "-f", "{{.Id}}", "win"]
                               ).stdout.strip()[:12]
     run_httpd(lab, "web2", 8081, network="win")
     assert wait_http(lab, 8081, 15), "the window's published port does not answer"
     assert time.time() < float(info["deadline"]), "the window closed before Docker was done"
+    return bridge
 
-    wait_reverted_firewalld(lab, info, "runtime --remove-service=ssh with Docker busy")
-    assert lab.new_connection_ok(timeout=2), "a NEW ssh login does not get in"
+
+def after_revert(lab: SystemdLab, bridge: str) -> dict[str, Any]:
+    """What a user sees once the revert is done."""
+    got: dict[str, Any] = {"ssh": lab.new_connection_ok(timeout=2)}
     # Docker writes its chains again when firewalld reloads: give it a moment, not more
-    answers = {port: wait_http(lab, port, 10) for port in (8080, 8081)}
-    saved = iptables(lab)
-    zone = docker_zone(lab)
-    out = reaches_out(lab, "web2")
-    filtered = http_get(lab, 8082)
-    forward = lab.exec(["iptables", "-S", "FORWARD"]).stdout.splitlines()
-    assert answers[8080] == first, (answers, saved)
-    assert answers[8081], ("the port published during the window is dead", saved)
-    assert "docker0" in zone and bridge in zone, zone
+    got["answers"] = {port: wait_http(lab, port, 10) for port in (8080, 8081)}
+    got["saved"] = iptables(lab)
+    got["zone"] = docker_zone(lab)
+    got["bridge"] = bridge
+    got["out"] = reaches_out(lab, "web2")
+    got["filtered"] = http_get(lab, 8082)
+    got["forward"] = lab.exec(["iptables", "-S", "FORWARD"]).stdout.splitlines()
+    got["state"] = lab.exec(["firewall-cmd", "--state"], check=False).stdout.strip()
+    got["services"] = lab.exec(["firewall-cmd", "--list-services"]).stdout.split()
+    return got
+
+
+def case_runtime(lab: SystemdLab) -> dict[str, Any]:
+    """A runtime change (the revert needs no reload)."""
+    got = prepare(lab)
+    info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
+                                 str(TIMEOUT), "--remove-service=ssh"], LOCKED_OUT)
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    bridge = docker_in_the_window(lab, info)
+    wait_reverted_firewalld(lab, info, "runtime --remove-service=ssh with Docker busy",
+                            WHOLE_LIMIT)
+    return {**got, **after_revert(lab, bridge)}
+
+
+RICH = 'rule family="ipv4" source address="192.0.2.0/24" reject'
+
+
+def case_permanent(lab: SystemdLab) -> dict[str, Any]:
+    """A permanent change and reload (the revert reloads too), while Docker and a second
+    firewall-cmd writer (a fail2ban-like rich rule, a port opened for a service) change
+    firewalld's runtime model in the window."""
+    got = prepare(lab)
+    lab.exec(["systemd-run", "--unit=web7777", "--working-directory=/etc", "python3", "-m",
+              "http.server", "7777"])
+    script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
+    info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout",
+                                 str(TIMEOUT), "--", "sh", "-c", script], LOCKED_OUT)
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    bridge = docker_in_the_window(lab, info)
+    lab.exec(["firewall-cmd", f"--add-rich-rule={RICH}"])
+    lab.exec(["firewall-cmd", "--add-port=7777/tcp"])
+    assert wait_http(lab, 7777, 10, "/hostname"), "the other writer's port is not open"
+    wait_reverted_firewalld(lab, info, "--permanent --remove-service=ssh + --reload, "
+                                       "Docker and another writer busy", WHOLE_LIMIT)
+    got.update(after_revert(lab, bridge))
+    got["rich"] = lab.exec(["firewall-cmd", "--list-rich-rules"]).stdout.splitlines()
+    got["7777"] = http_get(lab, 7777, "/hostname")
+    return got
+
+
+CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
+    "runtime": case_runtime, "permanent": case_permanent}
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> Iterator[dict[str, Any]]:
+    """Both cases at the same time, each in a container of its own."""
+    image = Image.build(extra=EXTRA)
+    labs: dict[str, SystemdLab] = {}
+    found: dict[str, Any] = {}
+
+    def one(name: str) -> None:
+        try:
+            lab = SystemdLab.start(image)
+            labs[name] = lab
+            found[name] = CASES[name](lab)
+        except BaseException as exc:  # noqa: BLE001 - reported by the case's test
+            found[name] = exc
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in CASES]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        yield found
+    finally:
+        for lab in labs.values():
+            name = cgroup_parent(lab)
+            lab.close()
+            remove_docker_cgroups(name)
+        image.close()
+
+
+def docker_works(got: dict[str, Any]) -> None:
+    saved = got["saved"]
+    assert got["ssh"], "a NEW ssh login does not get in"
+    assert got["state"] == "running" and "ssh" in got["services"], got
+    assert got["answers"][8080] == got["web1"], (got["answers"], saved)
+    assert got["answers"][8081], ("the port published during the window is dead", saved)
+    assert "docker0" in got["zone"] and got["bridge"] in got["zone"], got["zone"]
     for line in (":DOCKER-USER", "-A FORWARD -j DOCKER-USER", ":DOCKER-ISOLATION-STAGE-1",
                  "--dport 8080 -j DNAT", "--dport 8081 -j DNAT"):
         assert line in saved, (line, saved)
-    assert out == "hello from the client", out
-    # DOCKER-USER still comes first in FORWARD, so the admin's filter still works
-    assert forward[1:2] == ["-A FORWARD -j DOCKER-USER"], forward
-    assert filtered is None, ("the admin's DOCKER-USER rule no longer filters", forward)
-    state = lab.exec(["firewall-cmd", "--state"], check=False).stdout.strip()
-    assert state == "running"
-    assert "ssh" in lab.exec(["firewall-cmd", "--list-services"]).stdout.split()
+    assert got["out"] == "hello from the client", got["out"]
+
+
+def test_docker_survives_the_revert_of_a_runtime_change_untouched(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "runtime")
+    docker_works(got)
+    # no reload: Docker's chains are as it left them, DOCKER-USER first in FORWARD, so the
+    # admin's filter still works
+    assert got["forward"][1:2] == ["-A FORWARD -j DOCKER-USER"], got["forward"]
+    assert got["filtered"] is None, ("the admin's DOCKER-USER rule no longer filters",
+                                     got["forward"])
+
+
+def test_docker_and_another_writer_survive_the_revert_of_a_permanent_change_and_reload(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "permanent")
+    print(f"\n[firewalld+docker] after the revert's reload: FORWARD {got['forward'][:3]}; "
+          f"the admin's DOCKER-USER drop {'holds' if got['filtered'] is None else 'LOST'}")
+    docker_works(got)
+    assert RICH in got["rich"], got["rich"]
+    assert got["7777"], "the port the other writer opened in the window is closed again"
