@@ -16,10 +16,12 @@ boot would bring the change back. So the "firewalld" layer holds:
               firewalld generated is what it had before
 
 A revert goes through firewalld: the files back (byte-identical), firewalld started if it was
-running and is not, `firewall-cmd --reload`, then the runtime-only differences (what the
-snapshot's runtime had that the permanent configuration does not) put back with `firewall-cmd`
-runtime commands, and a check that the model, the files and the kernel's tables are as in the
-snapshot. The whole model is put back (runtime changes others made meanwhile are undone too).
+running and is not, then its runtime model put back: with runtime commands alone when the
+files did not change (no `--reload`: Docker rewrites its iptables chains at every reload of
+firewalld), else `firewall-cmd --reload` and the runtime-only differences put back; then a
+check that the model, the files and the kernel's tables are as in the snapshot. What others
+changed in the runtime model during the window (Docker's bridges in its zone, another
+program's rich rules or ports) is kept: a three-way merge of the model (merge_models).
 The nft layer leaves firewalld's tables to this layer (backends.owned_elsewhere).
 
 Commands run under the guard in command mode (`fwsafe apply -- firewall-cmd ...`,
@@ -40,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import MERGE, TABLES, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch
 from fwsafe.ondisk.firewalld import (
@@ -307,7 +309,9 @@ class FirewalldLayer(Layer):
         rich rules) is kept (merge_models). When the files are as in the snapshot, the model
         is put back with runtime commands alone: no `--reload`, which would make Docker
         rewrite its iptables chains (and lose DOCKER-USER's place at the top of FORWARD);
-        else `firewall-cmd --reload` and the runtime-only differences put back."""
+        else `firewall-cmd --reload` and the runtime-only differences put back. When that
+        did not do (the caller tries the next `level`): always the reload; at the last level
+        (TABLES) the snapshot's model alone, others' changes undone too."""
         say = on_retry or (lambda _message: None)
         state = self._load(before)
         dirs, files = tree_from_json(state)
@@ -320,13 +324,14 @@ class FirewalldLayer(Layer):
         want: dict[str, Any] = dict(state.get("runtime") or {})
         if runtime and state.get("running"):
             now = read_model()
-            after_model = self._load(after).get("runtime") if after is not None else None
+            after_model = (self._load(after).get("runtime")
+                           if after is not None and level != TABLES else None)
             if now is not None and isinstance(after_model, dict):
                 want, kept = merge_models(want, after_model, now)
                 if kept:
                     say("firewalld: keeping what others changed in its runtime model during "
                         "the window: " + "; ".join(kept))
-            if not files_back and now is not None and same_shape(now, want):
+            if level == MERGE and not files_back and now is not None and same_shape(now, want):
                 say("firewalld: its files are as in the snapshot; putting its runtime model "
                     "back without a reload")
                 booted, model = True, put_back(now, want, say)
