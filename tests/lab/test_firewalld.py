@@ -31,7 +31,7 @@ import os
 import shlex
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -236,10 +236,11 @@ CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
     "reboot": case_reboot}
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> Iterator[dict[str, Any]]:
-    """Every case run at the same time, each in a container of its own."""
-    image = Image.build(extra=("firewalld",))
+def run_in_parallel(image: Image, cases: Mapping[str, Callable[[SystemdLab], dict[str, Any]]],
+                    close: Callable[[SystemdLab], None] = SystemdLab.close
+                    ) -> Iterator[dict[str, Any]]:
+    """Every case at the same time, each in a container of its own (closed with `close`):
+    {name: what the case returned, or what it raised}."""
     labs: dict[str, SystemdLab] = {}
     found: dict[str, Any] = {}
 
@@ -247,12 +248,11 @@ def outcomes() -> Iterator[dict[str, Any]]:
         try:
             lab = SystemdLab.start(image)
             labs[name] = lab
-            start_firewalld(lab)
-            found[name] = CASES[name](lab)
+            found[name] = cases[name](lab)
         except BaseException as exc:  # noqa: BLE001 - reported by the case's test
             found[name] = exc
 
-    threads = [threading.Thread(target=one, args=(name,)) for name in CASES]
+    threads = [threading.Thread(target=one, args=(name,)) for name in cases]
     try:
         for thread in threads:
             thread.start()
@@ -261,7 +261,23 @@ def outcomes() -> Iterator[dict[str, Any]]:
         yield found
     finally:
         for lab in labs.values():
-            lab.close()
+            close(lab)
+
+
+def with_firewalld(case: Callable[[SystemdLab], dict[str, Any]]
+                   ) -> Callable[[SystemdLab], dict[str, Any]]:
+    def run(lab: SystemdLab) -> dict[str, Any]:
+        start_firewalld(lab)
+        return case(lab)
+    return run
+
+
+@pytest.fixture(scope="module")
+def outcomes() -> Iterator[dict[str, Any]]:
+    image = Image.build(extra=("firewalld",))
+    try:
+        yield from run_in_parallel(image, {n: with_firewalld(c) for n, c in CASES.items()})
+    finally:
         image.close()
 
 

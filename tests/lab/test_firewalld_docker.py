@@ -27,7 +27,6 @@ import glob
 import json
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -39,6 +38,7 @@ from tests.lab.test_firewalld import (
     TIMEOUT,
     fwsafe_over_ssh,
     outcome,
+    run_in_parallel,
     start_firewalld,
 )
 from tests.lab.test_firewalld import wait_reverted as wait_reverted_firewalld
@@ -246,33 +246,19 @@ CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
     "runtime": case_runtime, "permanent": case_permanent}
 
 
+def close(lab: SystemdLab) -> None:
+    name = cgroup_parent(lab)
+    lab.close()
+    remove_docker_cgroups(name)
+
+
 @pytest.fixture(scope="module")
 def outcomes() -> Iterator[dict[str, Any]]:
     """Both cases at the same time, each in a container of its own."""
     image = Image.build(extra=EXTRA)
-    labs: dict[str, SystemdLab] = {}
-    found: dict[str, Any] = {}
-
-    def one(name: str) -> None:
-        try:
-            lab = SystemdLab.start(image)
-            labs[name] = lab
-            found[name] = CASES[name](lab)
-        except BaseException as exc:  # noqa: BLE001 - reported by the case's test
-            found[name] = exc
-
-    threads = [threading.Thread(target=one, args=(name,)) for name in CASES]
     try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        yield found
+        yield from run_in_parallel(image, CASES, close)
     finally:
-        for lab in labs.values():
-            name = cgroup_parent(lab)
-            lab.close()
-            remove_docker_cgroups(name)
         image.close()
 
 
