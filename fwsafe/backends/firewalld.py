@@ -10,7 +10,8 @@ boot would bring the change back. So the "firewalld" layer holds:
     runtime   firewalld's model as `firewall-cmd` lists it: one unit per zone ("zone public":
               target, services, ports, protocols, sources, interfaces, rich rules, masquerade,
               forward-ports, source-ports, icmp-blocks, ...) and per policy ("policy NAME"),
-              "direct" (chains, rules, passthroughs), "default-zone", "running"
+              "direct" (chains, rules, passthroughs), "ipset NAME" (its entries),
+              "default-zone", "running"
     kernel    firewalld's tables as the kernel has them ("kernel": the lines of
               `nft list table inet firewalld`, sorted, counters left out): the proof that what
               firewalld generated is what it had before
@@ -76,7 +77,7 @@ _SWITCHES = {"masquerade": "masquerade", "icmp-block-inversion": "icmp-block-inv
 _MOVED = frozenset({"sources", "interfaces"})
 
 
-_LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroughs")
+_LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroughs", "ipsets")
 
 # Run with firewall-cmd's own interpreter (-I: nothing from the current directory): the same
 # client and printing code as `firewall-cmd --get-default-zone`, `--list-all-zones`,
@@ -105,6 +106,15 @@ def policies():
     for policy in fw.getPolicies():
         cmd.print_policy_info(policy, fw.getPolicySettings(policy))
         cmd.print_msg("")
+def ipsets():
+    lines = []
+    for ipset in fw.getIPSets():
+        try:   # an ipset with a timeout has no entries firewalld keeps: left out
+            entries = fw.getEntries(ipset)
+        except Exception:
+            continue
+        lines.append(" ".join([ipset] + sorted(entries)) + "\n")
+    return "".join(lines)
 found = {
     "state": "running",
     "default-zone": fw.getDefaultZone() + "\n",
@@ -115,6 +125,7 @@ found = {
                      for ipv, table, chain, priority, args in fw.getAllRules()),
     "passthroughs": "".join("%s %s\n" % (ipv, joinArgs(args))
                             for ipv, args in fw.getAllPassthroughs()),
+    "ipsets": ipsets(),
 }
 print(json.dumps(found))
 """
@@ -201,6 +212,16 @@ def parse_listing(text: str) -> dict[str, dict[str, list[str]]]:
     return found
 
 
+def parse_ipsets(text: str) -> dict[str, list[str]]:
+    """The ipsets listing (a line per ipset: its name, then its entries) -> {name: entries}."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words:
+            found[words[0]] = sorted(words[1:])
+    return found
+
+
 def _normal_kernel(text: str) -> list[str]:
     lines = []
     for raw in text.splitlines():
@@ -263,6 +284,8 @@ class FirewalldLayer(Layer):
                 for name, entries in (runtime.get(key) or {}).items():
                     units[f"{kind} {name}"] = json.dumps(entries, sort_keys=True)
             units["direct"] = json.dumps(runtime.get("direct"), sort_keys=True)
+            for name, entries in (runtime.get("ipsets") or {}).items():
+                units[f"ipset {name}"] = " ".join(entries)
             kernel = state.get("kernel") or {}
             units["kernel"] = "\n".join(f"{table}\n" + "\n".join(_normal_kernel(text))
                                         for table, text in sorted(kernel.items()))
@@ -282,6 +305,8 @@ class FirewalldLayer(Layer):
                         + "".join(f"\n\t{x}" for x in v
                                   if k in ("forward-ports", "rich rules")) + "\n"
                         for k, v in sorted(entries.items()))
+            for name, entries in (runtime.get("ipsets") or {}).items():
+                texts[f"ipset {name}"] = "".join(f"{e}\n" for e in entries)
             texts["direct"] = "".join(f"{k}: {line}\n" for k, lines in
                                       sorted((runtime.get("direct") or {}).items())
                                       for line in lines)
@@ -323,15 +348,18 @@ class FirewalldLayer(Layer):
         model: dict[str, Any] | None = None   # the runtime model now, when known
         want: dict[str, Any] = dict(state.get("runtime") or {})
         if runtime and state.get("running"):
-            now = read_model()
             after_model = (self._load(after).get("runtime")
                            if after is not None and level != TABLES else None)
+            in_place = level == MERGE and not files_back
+            # the live model: for the merge and for the runtime commands (about 1 s: read
+            # only when one of them needs it)
+            now = read_model() if in_place or isinstance(after_model, dict) else None
             if now is not None and isinstance(after_model, dict):
                 want, kept = merge_models(want, after_model, now)
                 if kept:
                     say("firewalld: keeping what others changed in its runtime model during "
                         "the window: " + "; ".join(kept))
-            if level == MERGE and not files_back and now is not None and same_shape(now, want):
+            if in_place and now is not None and same_shape(now, want):
                 say("firewalld: its files are as in the snapshot; putting its runtime model "
                     "back without a reload")
                 booted, model = True, put_back(now, want, say)
@@ -400,7 +428,8 @@ def same_shape(now: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
     default zone (those change with the permanent configuration and a reload)."""
     return (now.get("default-zone") == want.get("default-zone")
             and set(now.get("zones") or {}) == set(want.get("zones") or {})
-            and set(now.get("policies") or {}) == set(want.get("policies") or {}))
+            and set(now.get("policies") or {}) == set(want.get("policies") or {})
+            and set(now.get("ipsets") or {}) == set(want.get("ipsets") or {}))
 
 
 def merge_models(before: Mapping[str, Any], after: Mapping[str, Any], live: Mapping[str, Any]
@@ -428,6 +457,13 @@ def merge_models(before: Mapping[str, Any], after: Mapping[str, Any], live: Mapp
                 if a.get(field) != lv.get(field) and field in lv:
                     target[field] = lv[field]
                     kept.append(f"{kind} {name} {field} {' '.join(lv[field])}")
+    b_sets, a_sets, l_sets = (m.get("ipsets") or {} for m in (before, after, live))
+    for name in sorted(set(b_sets) & set(a_sets) & set(l_sets)):
+        old, new = set(a_sets[name]), set(l_sets[name])
+        if old != new:
+            merged["ipsets"][name] = sorted((set(b_sets[name]) | (new - old)) - (old - new))
+            kept += [f"ipset {name} +{v}" for v in sorted(new - old)]
+            kept += [f"ipset {name} -{v}" for v in sorted(old - new)]
     b_direct, a_direct, l_direct = (m.get("direct") or {} for m in (before, after, live))
     direct = dict(merged.get("direct") or {})
     for field in ("chains", "rules", "passthroughs"):
@@ -473,6 +509,7 @@ def read_model() -> dict[str, Any] | None:
         "direct": {key: sorted(ln.strip() for ln in answers[key].splitlines()
                                if ln.strip())
                    for key in ("chains", "rules", "passthroughs")},
+        "ipsets": parse_ipsets(answers["ipsets"]),
     }
 
 
@@ -507,6 +544,7 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
         "chains": ("--direct", "--get-all-chains"),
         "rules": ("--direct", "--get-all-rules"),
         "passthroughs": ("--direct", "--get-all-passthroughs"),
+        "ipset names": ("--get-ipsets",),
     }
     with ThreadPoolExecutor(max_workers=len(queries)) as pool:
         futures = {key: pool.submit(firewall_cmd, *args) for key, args in queries.items()}
@@ -514,11 +552,18 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
     code, out, _err = answers.pop("state")
     if code != 0 or out.strip() != "running":
         return None
+    code, out, _err = answers.pop("ipset names")
+    names = out.split() if code == 0 else []
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        entries = list(pool.map(lambda n: firewall_cmd(f"--ipset={n}", "--get-entries"), names))
+    # an ipset with a timeout has no entries firewalld keeps (the command fails): left out
+    ipsets = "".join(" ".join([name, *sorted(got[1].split())]) + "\n"
+                     for name, got in zip(names, entries, strict=True) if got[0] == 0)
     for key, (code, _out, err) in answers.items():
         if code != 0:
             raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
                              f"(exit {code}): {err.strip()}")
-    return {key: out for key, (_code, out, _err) in answers.items()}
+    return {**{key: out for key, (_code, out, _err) in answers.items()}, "ipsets": ipsets}
 
 
 def commands_in_one_process(commands: list[list[str]]) -> list[tuple[int, str, str]] | None:
@@ -635,6 +680,13 @@ def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[li
                     verb = "add" if new_on == ["yes"] else "remove"
                     (additions if verb == "add" else removals).append(
                         [scope, f"--{verb}-{option}"])
+    have_sets, want_sets = now.get("ipsets") or {}, want.get("ipsets") or {}
+    for name in sorted(set(have_sets) & set(want_sets)):
+        old, new = set(have_sets[name]), set(want_sets[name])
+        if old - new:
+            removals.append([f"--ipset={name}", *(f"--remove-entry={v}" for v in sorted(old - new))])
+        if new - old:
+            additions.append([f"--ipset={name}", *(f"--add-entry={v}" for v in sorted(new - old))])
     have_direct, want_direct = now.get("direct") or {}, want.get("direct") or {}
 
     def direct(verb: str, fields: tuple[tuple[str, str], ...]) -> list[list[str]]:

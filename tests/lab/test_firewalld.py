@@ -146,15 +146,29 @@ RUNNER_CHECK = ("import json; from fwsafe.backends import firewalld as f; print(
                 " ['--zone=work', '--remove-port=7100/tcp']])))")
 
 
+def new_ipset(lab: SystemdLab, entry: str) -> None:
+    """An ipset in the permanent configuration (loaded with a reload) with one runtime-only
+    entry (a reload loses it)."""
+    lab.exec(["firewall-cmd", "--permanent", "--new-ipset=fwsafe_test", "--type=hash:ip"])
+    lab.exec(["firewall-cmd", "--reload"])
+    lab.exec(["firewall-cmd", "--ipset=fwsafe_test", f"--add-entry={entry}"])
+
+
+def ipset_entries(lab: SystemdLab) -> list[str]:
+    return lab.exec(["firewall-cmd", "--ipset=fwsafe_test", "--get-entries"]).stdout.split()
+
+
 def case_runtime(lab: SystemdLab) -> dict[str, Any]:
     ran = json.loads(lab.exec(["/opt/fwsafe/bin/python", "-c", RUNNER_CHECK]).stdout)
     assert [(code, out.strip()) for code, out, _err in ran] == [
         (0, "success"), (0, "yes"), (ran[2][0], ""), (0, "success")], ran
     assert ran[2][0] != 0 and "INVALID_SERVICE" in ran[2][2], ran
+    new_ipset(lab, "192.0.2.7")
     for argv in RUNTIME_ONLY:
         lab.exec(["firewall-cmd", *argv])
     one, each = json.loads(lab.exec(["/opt/fwsafe/bin/python", "-c", READERS]).stdout)
     assert one is not None and one == each, (one, each)
+    assert one["ipsets"] == "fwsafe_test 192.0.2.7\n", one
     before_kernel, before_tree, before_model = kernel(lab), tree(lab), model(lab)
     info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
                                  str(TIMEOUT), "--remove-service=ssh"], LOCKED_OUT)
@@ -169,6 +183,7 @@ def case_runtime(lab: SystemdLab) -> dict[str, Any]:
 
 
 def case_permanent(lab: SystemdLab) -> dict[str, Any]:
+    new_ipset(lab, "192.0.2.7")
     before_tree = tree(lab)
     script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
     info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout",
@@ -178,7 +193,7 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
     assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
     late = wait_reverted(lab, info, "--permanent --remove-service=ssh + --reload")
     result = {"late": late, "tree": tree(lab) == before_tree, "services": services(lab),
-              "permanent": services(lab, "--permanent")}
+              "permanent": services(lab, "--permanent"), "ipset": ipset_entries(lab)}
     lab.exec(["firewall-cmd", "--reload"])
     result["after_reload"] = lab.new_connection_ok(timeout=2)
     result["running"] = lab.exec(["firewall-cmd", "--state"], check=False).stdout
@@ -309,6 +324,8 @@ def test_permanent_removal_and_reload_is_reverted_byte_identically(
     assert got["late"] <= LATE_LIMIT, got
     assert got["tree"], "/etc/firewalld is not byte-identical (content, modes, owners)"
     assert "ssh" in got["services"] and "ssh" in got["permanent"]
+    # the runtime-only entry of an ipset, lost with the reloads, is put back
+    assert got["ipset"] == ["192.0.2.7"], got["ipset"]
     assert got["after_reload"], "a later firewall-cmd --reload shut SSH"
     assert got["running"].strip() == "running"
 

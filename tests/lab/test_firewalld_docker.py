@@ -37,6 +37,8 @@ from tests.lab.test_firewalld import (
     LOCKED_OUT,
     TIMEOUT,
     fwsafe_over_ssh,
+    ipset_entries,
+    new_ipset,
     outcome,
     run_in_parallel,
     start_firewalld,
@@ -221,9 +223,11 @@ RICH = 'rule family="ipv4" source address="192.0.2.0/24" reject'
 
 def case_permanent(lab: SystemdLab) -> dict[str, Any]:
     """A permanent change and reload (the revert reloads too), while Docker and a second
-    firewall-cmd writer (a fail2ban-like rich rule, a port opened for a service) change
+    firewall-cmd writer (a fail2ban-like rich rule, a port opened for a service, an ipset
+    entry) change
     firewalld's runtime model in the window."""
     got = prepare(lab)
+    new_ipset(lab, "192.0.2.7")
     lab.exec(["systemd-run", "--unit=web7777", "--working-directory=/etc", "python3", "-m",
               "http.server", "7777"])
     script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
@@ -233,12 +237,14 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
     bridge = docker_in_the_window(lab, info)
     lab.exec(["firewall-cmd", f"--add-rich-rule={RICH}"])
     lab.exec(["firewall-cmd", "--add-port=7777/tcp"])
+    lab.exec(["firewall-cmd", "--ipset=fwsafe_test", "--add-entry=192.0.2.8"])
     assert wait_http(lab, 7777, 10, "/hostname"), "the other writer's port is not open"
     wait_reverted_firewalld(lab, info, "--permanent --remove-service=ssh + --reload, "
                                        "Docker and another writer busy", WHOLE_LIMIT)
     got.update(after_revert(lab, bridge))
     got["rich"] = lab.exec(["firewall-cmd", "--list-rich-rules"]).stdout.splitlines()
     got["7777"] = http_get(lab, 7777, "/hostname")
+    got["ipset"] = ipset_entries(lab)
     return got
 
 
@@ -294,3 +300,5 @@ def test_docker_and_another_writer_survive_the_revert_of_a_permanent_change_and_
     docker_works(got)
     assert RICH in got["rich"], got["rich"]
     assert got["7777"], "the port the other writer opened in the window is closed again"
+    # the ipset's runtime entry from before (lost with the reloads) and the other writer's
+    assert got["ipset"] == ["192.0.2.7", "192.0.2.8"], got["ipset"]

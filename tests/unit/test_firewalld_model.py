@@ -16,6 +16,7 @@ from fwsafe.backends import FIREWALLD_TABLES, owned_elsewhere
 from fwsafe.backends.firewalld import (
     FirewalldLayer,
     merge_models,
+    parse_ipsets,
     parse_listing,
     runtime_commands,
     same_shape,
@@ -200,7 +201,8 @@ def test_boot_file_leaves_firewalld_tables_out() -> None:
 def _model(public: dict[str, list[str]], docker: dict[str, list[str]],
            rules: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"default-zone": "public", "zones": {"public": public, "docker": docker},
-            "policies": {}, "direct": {"chains": [], "rules": list(rules), "passthroughs": []}}
+            "policies": {}, "direct": {"chains": [], "rules": list(rules), "passthroughs": []},
+            "ipsets": {"banned": ["192.0.2.1"]}}
 
 
 def test_merge_keeps_what_others_changed_during_the_window() -> None:
@@ -215,7 +217,9 @@ def test_merge_keeps_what_others_changed_during_the_window() -> None:
                    "rich rules": ['rule family="ipv4" source address="192.0.2.9" reject']},
                   {"interfaces": ["br-1", "docker0"]},
                   ["ipv4 filter INPUT 0 -s 192.0.2.8 -j DROP"])
+    live["ipsets"] = {"banned": ["192.0.2.1", "192.0.2.3"]}   # a ban added meanwhile
     merged, kept = merge_models(before, after, live)
+    assert merged["ipsets"] == {"banned": ["192.0.2.1", "192.0.2.3"]}
     zones = merged["zones"]
     assert zones["public"]["services"] == ["ssh"]           # the change undone, theirs kept
     assert zones["public"]["masquerade"] == ["yes"]
@@ -235,3 +239,14 @@ def test_runtime_commands_alone_only_within_the_same_zones_and_default_zone() ->
     assert same_shape(one, _model({"services": []}, {"interfaces": ["docker0"]}))
     assert not same_shape(one, {**one, "default-zone": "docker"})
     assert not same_shape(one, {**one, "zones": {"public": {}}})
+
+
+def test_ipsets_listing_and_commands() -> None:
+    assert parse_ipsets("banned 192.0.2.9 192.0.2.1\nempty\n") == {
+        "banned": ["192.0.2.1", "192.0.2.9"], "empty": []}
+    now = {"ipsets": {"banned": ["192.0.2.1", "192.0.2.2"]}}
+    want = {"ipsets": {"banned": ["192.0.2.2", "192.0.2.3"]}}
+    assert runtime_commands(now, want) == [[["--ipset=banned", "--remove-entry=192.0.2.1"]],
+                                           [["--ipset=banned", "--add-entry=192.0.2.3"]]]
+    units = FirewalldLayer().units(json.dumps({"running": True, "runtime": want}).encode())
+    assert units["ipset banned"] == "192.0.2.2 192.0.2.3"
