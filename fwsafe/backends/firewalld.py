@@ -11,7 +11,7 @@ boot would bring the change back. So the "firewalld" layer holds:
               target, services, ports, protocols, sources, interfaces, rich rules, masquerade,
               forward-ports, source-ports, icmp-blocks, ...) and per policy ("policy NAME"),
               "direct" (chains, rules, passthroughs), "ipset NAME" (its entries),
-              "default-zone", "running"
+              "panic" (panic mode: yes/no), "default-zone", "running"
     kernel    firewalld's tables as the kernel has them ("kernel": the lines of
               `nft list table inet firewalld`, sorted, counters left out): the proof that what
               firewalld generated is what it had before
@@ -77,7 +77,8 @@ _SWITCHES = {"masquerade": "masquerade", "icmp-block-inversion": "icmp-block-inv
 _MOVED = frozenset({"sources", "interfaces"})
 
 
-_LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroughs", "ipsets")
+_LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroughs", "ipsets",
+             "panic")
 
 # Run with firewall-cmd's own interpreter (-I: nothing from the current directory): the same
 # client and printing code as `firewall-cmd --get-default-zone`, `--list-all-zones`,
@@ -126,6 +127,7 @@ found = {
     "passthroughs": "".join("%s %s\n" % (ipv, joinArgs(args))
                             for ipv, args in fw.getAllPassthroughs()),
     "ipsets": ipsets(),
+    "panic": "yes\n" if fw.queryPanicMode() else "no\n",
 }
 print(json.dumps(found))
 """
@@ -284,6 +286,8 @@ class FirewalldLayer(Layer):
                 for name, entries in (runtime.get(key) or {}).items():
                     units[f"{kind} {name}"] = json.dumps(entries, sort_keys=True)
             units["direct"] = json.dumps(runtime.get("direct"), sort_keys=True)
+            if "panic" in runtime:
+                units["panic"] = str(runtime["panic"])
             for name, entries in (runtime.get("ipsets") or {}).items():
                 units[f"ipset {name}"] = " ".join(entries)
             kernel = state.get("kernel") or {}
@@ -473,6 +477,9 @@ def merge_models(before: Mapping[str, Any], after: Mapping[str, Any], live: Mapp
             kept += [f"direct {v} (+)" for v in sorted(new - old)]
             kept += [f"direct {v} (-)" for v in sorted(old - new)]
     merged["direct"] = direct
+    if after.get("panic") != live.get("panic") and live.get("panic") in ("yes", "no"):
+        merged["panic"] = live["panic"]
+        kept.append(f"panic mode {live['panic']}")
     if after.get("default-zone") != live.get("default-zone") and live.get("default-zone"):
         merged["default-zone"] = live["default-zone"]
         kept.append(f"default zone {live['default-zone']}")
@@ -510,6 +517,7 @@ def read_model() -> dict[str, Any] | None:
                                if ln.strip())
                    for key in ("chains", "rules", "passthroughs")},
         "ipsets": parse_ipsets(answers["ipsets"]),
+        "panic": answers["panic"].strip(),
     }
 
 
@@ -545,6 +553,7 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
         "rules": ("--direct", "--get-all-rules"),
         "passthroughs": ("--direct", "--get-all-passthroughs"),
         "ipset names": ("--get-ipsets",),
+        "panic": ("--query-panic",),
     }
     with ThreadPoolExecutor(max_workers=len(queries)) as pool:
         futures = {key: pool.submit(firewall_cmd, *args) for key, args in queries.items()}
@@ -552,6 +561,10 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
     code, out, _err = answers.pop("state")
     if code != 0 or out.strip() != "running":
         return None
+    code, out, err = answers.pop("panic")   # `--query-panic`: 0 yes, 1 no
+    if code not in (0, 1):
+        raise ApplyError(f"firewall-cmd --query-panic failed (exit {code}): {err.strip()}")
+    panic = out
     code, out, _err = answers.pop("ipset names")
     names = out.split() if code == 0 else []
     with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
@@ -563,7 +576,8 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
         if code != 0:
             raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
                              f"(exit {code}): {err.strip()}")
-    return {**{key: out for key, (_code, out, _err) in answers.items()}, "ipsets": ipsets}
+    return {**{key: out for key, (_code, out, _err) in answers.items()}, "ipsets": ipsets,
+            "panic": panic}
 
 
 def commands_in_one_process(commands: list[list[str]]) -> list[tuple[int, str, str]] | None:
@@ -702,4 +716,8 @@ def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[li
     chains = (("chains", "chain"),)
     phases = [removals + direct("remove", rules) + direct("add", chains),
               additions + direct("add", rules) + direct("remove", chains)]
-    return [phase for phase in phases if phase]
+    # panic mode (every packet dropped; firewalld refuses most changes in it, and a reload
+    # keeps it): turned off before anything else, on after everything
+    panic_off = [["--panic-off"]] if now.get("panic") == "yes" and want.get("panic") == "no" else []
+    panic_on = [["--panic-on"]] if now.get("panic") == "no" and want.get("panic") == "yes" else []
+    return [phase for phase in (panic_off, *phases, panic_on) if phase]

@@ -31,7 +31,9 @@ from fwsafe.ondisk.files import fsync_dir, local_path, write_file_atomically
 FIREWALLD_DIR = "/etc/firewalld"
 # firewalld's tables in the kernel: made by firewalld from its model at every start and
 # reload; reverted through firewalld, never loaded by fwsafe (not even from a boot file).
-FIREWALLD_TABLES = frozenset({"inet firewalld", "ip firewalld", "ip6 firewalld"})
+# `inet firewalld_policy_drop`: its panic mode (and the drop during a reload).
+FIREWALLD_TABLES = frozenset({"inet firewalld", "ip firewalld", "ip6 firewalld",
+                              "inet firewalld_policy_drop"})
 
 Entry = tuple[int, int, int]                     # mode, uid, gid
 FileEntry = tuple[int, int, int, bytes]          # mode, uid, gid, content

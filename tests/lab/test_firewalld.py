@@ -1,7 +1,7 @@
 """firewalld under the guard, with the real firewalld (Debian's 1.3, nftables backend) in the
 systemd lab (issue 24, item 1).
 
-Three containers boot side by side (the root fs variant with firewalld installed, started here
+Five containers boot side by side (the root fs variant with firewalld installed, started here
 with `systemctl enable --now firewalld`) and run one case each at the same time, so the waits
 overlap:
 
@@ -18,6 +18,9 @@ overlap:
   boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers;
 * stopped: `systemctl stop firewalld` under the guard, not confirmed: firewalld is started
   again (active, not failed) with its model and tables as before.
+
+(The panic mode case, `case_panic`, runs with tests/lab/test_firewalld_docker.py's containers:
+fewer at once here.)
 
 The seconds between the deadline and the first NEW SSH connection are printed (-s);
 FWSAFE_FIREWALLD_JOURNAL=1 prints the guard's journal of each revert, too.
@@ -245,6 +248,26 @@ def case_stopped(lab: SystemdLab) -> dict[str, Any]:
             "model": model(lab) == before_model, "kernel": kernel(lab) == before_kernel}
 
 
+def case_panic(lab: SystemdLab) -> dict[str, Any]:
+    before_model, before_kernel = model(lab), kernel(lab)
+    # panic mode drops every packet, the SSH session running fwsafe's too: it is started and
+    # left (closed with the lab); the transaction is followed from inside the container
+    lab.ssh_popen(shlex.join(["fwsafe", "firewall-cmd", "--detach", "--timeout", str(TIMEOUT),
+                              "--panic-on"]), tty=False)
+    end = time.monotonic() + 120
+    info = lab.status()
+    while info.get("state") != "pending":
+        assert time.monotonic() < end, info
+        time.sleep(0.3)
+        info = lab.status()
+    assert lab.exec(["firewall-cmd", "--query-panic"], check=False).stdout.strip() == "yes"
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    late = wait_reverted(lab, info, "--panic-on")
+    return {"late": late,
+            "panic": lab.exec(["firewall-cmd", "--query-panic"], check=False).stdout.strip(),
+            "model": model(lab) == before_model, "kernel": kernel(lab) == before_kernel}
+
+
 CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
     "stopped": case_stopped,
     "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed,
@@ -358,3 +381,4 @@ def test_firewalld_stopped_in_the_window_is_started_again_with_its_model(
     got = outcome(outcomes, "stopped")
     assert got["state"].strip() == "active"
     assert got["model"] and got["kernel"], got
+

@@ -15,6 +15,9 @@ answer a NEW connection from the client, both bridges are in the `docker` zone, 
 chains and its DNAT rules are there, DOCKER-USER is still the first rule of FORWARD (a DROP
 there still keeps a third container's port shut), and the new container reaches the client.
 
+Beside them, on the same image, tests/lab/test_firewalld.py's panic mode case (`--panic-on`
+reverted: panic mode off again), to keep the containers at once there at five.
+
 Docker inside the nspawn container needs three things set up from here (the lab only): the
 cgroup v1 controller mounts made writable (nspawn mounts them read-only) with a cgroup parent
 named after the lab (removed at the end), runc without a new session keyring (nspawn's
@@ -34,14 +37,17 @@ from typing import Any
 import pytest
 
 from tests.lab.test_firewalld import (
+    LATE_LIMIT,
     LOCKED_OUT,
     TIMEOUT,
+    case_panic,
     fwsafe_over_ssh,
     ipset_entries,
     new_ipset,
     outcome,
     run_in_parallel,
     start_firewalld,
+    with_firewalld,
 )
 from tests.lab.test_firewalld import wait_reverted as wait_reverted_firewalld
 from tests.systemdlab import Image, SystemdLab
@@ -249,7 +255,10 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
 
 
 CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
-    "runtime": case_runtime, "permanent": case_permanent}
+    "runtime": case_runtime, "permanent": case_permanent,
+    # firewalld's panic mode (tests/lab/test_firewalld.py's case, Docker not started): run
+    # here, beside these two, to keep the containers at once there at five
+    "panic": with_firewalld(case_panic)}
 
 
 def close(lab: SystemdLab) -> None:
@@ -260,7 +269,7 @@ def close(lab: SystemdLab) -> None:
 
 @pytest.fixture(scope="module")
 def outcomes() -> Iterator[dict[str, Any]]:
-    """Both cases at the same time, each in a container of its own."""
+    """The cases at the same time, each in a container of its own."""
     image = Image.build(extra=EXTRA)
     try:
         yield from run_in_parallel(image, CASES, close)
@@ -302,3 +311,12 @@ def test_docker_and_another_writer_survive_the_revert_of_a_permanent_change_and_
     assert got["7777"], "the port the other writer opened in the window is closed again"
     # the ipset's runtime entry from before (lost with the reloads) and the other writer's
     assert got["ipset"] == ["192.0.2.7", "192.0.2.8"], got["ipset"]
+
+
+def test_panic_mode_is_turned_off_again(outcomes: dict[str, Any]) -> None:
+    """`--panic-on` drops every packet and firewalld keeps it through a reload: the revert
+    turns it off (a NEW SSH login gets in by the deadline + 5 s)."""
+    got = outcome(outcomes, "panic")
+    assert got["late"] <= LATE_LIMIT, got
+    assert got["panic"] == "no", got
+    assert got["model"] and got["kernel"], got

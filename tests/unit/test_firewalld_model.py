@@ -250,3 +250,13 @@ def test_ipsets_listing_and_commands() -> None:
                                            [["--ipset=banned", "--add-entry=192.0.2.3"]]]
     units = FirewalldLayer().units(json.dumps({"running": True, "runtime": want}).encode())
     assert units["ipset banned"] == "192.0.2.2 192.0.2.3"
+
+
+def test_panic_mode_off_first_and_on_last() -> None:
+    on = {"panic": "yes", "zones": {"public": {"services": []}}}
+    off = {"panic": "no", "zones": {"public": {"services": ["ssh"]}}}
+    assert runtime_commands(on, off) == [[["--panic-off"]],
+                                         [["--zone=public", "--add-service=ssh"]]]
+    assert runtime_commands(off, on) == [[["--zone=public", "--remove-service=ssh"]],
+                                         [["--panic-on"]]]
+    assert runtime_commands({"zones": {}}, off) == []   # a model read without panic mode
