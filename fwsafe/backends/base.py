@@ -2,7 +2,7 @@
 
 A *layer* is one independently captured piece of firewall state: the IPv4 iptables ruleset,
 the IPv6 one, leftover iptables-legacy tables, native nftables tables, ufw's files, firewalld
-(its files and model; it is reverted through firewalld itself: backends/firewalld.py).
+(its files and model; it is reverted through firewalld itself: backends/firewalld_layer.py).
 
 Each layer splits its state into *units*, the pieces a revert puts back one by one:
 
@@ -20,8 +20,8 @@ levels, each a fallback for the one before when the tool refuses the target:
 
     MERGE   the three-way merge of before / after the change / live (fwsafe.core.merge): only the
             change's own rules are undone; what others did meanwhile stays
-    CHAINS  the touched units put back whole from the snapshot, the rest as it is live
-    TABLES  the snapshot of every touched table, whole (access before fidelity)
+    SNAPSHOT_UNITS  the touched units put back whole from the snapshot, the rest as it is live
+    SNAPSHOT_TABLES  the snapshot of every touched table, whole (access before fidelity)
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 RetryLog = Callable[[str], None]
 
 MERGE = "merge"
-CHAINS = "snapshot units"
-TABLES = "snapshot tables"
-LEVELS = (MERGE, CHAINS, TABLES)
+SNAPSHOT_UNITS = "snapshot units"
+SNAPSHOT_TABLES = "snapshot tables"
+LEVELS = (MERGE, SNAPSHOT_UNITS, SNAPSHOT_TABLES)
 
 
 class ApplyError(Exception):
@@ -87,7 +87,7 @@ class Layer(abc.ABC):
         """Undo the change on the live state at `level` (see the module's documentation):
         compute the complete target of each table or file holding one of `units`, load it
         atomically, capture again and compare. `after` is the capture right after the change
-        (None when it was never taken: MERGE then acts as CHAINS). `live`: the live state when
+        (None when it was never taken: MERGE then acts as SNAPSHOT_UNITS). `live`: the live state when
         the caller knows it (nothing changed since `after`), instead of capturing it again.
         Returns what still differs ([] = done and verified); raises ApplyError when the tool
         refuses the target. Keeps

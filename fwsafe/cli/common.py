@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from fwsafe.config import Config, load_config
 from fwsafe.context import RUN
 from fwsafe.core import transaction
+from fwsafe.core.config import Config, load_config
 from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
@@ -29,14 +29,14 @@ from fwsafe.errors import EXIT_CODE_HELP
 from fwsafe.guard.spawn import converge as converge_orphan
 
 if TYPE_CHECKING:
-    from fwsafe.core.apply import ApplyOptions
+    from fwsafe.core.flow import ApplyOptions
 
-COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
+COMMAND_MODULES = ("apply", "pending", "demo", "check", "diff", "history", "probe", "rescue",
                    "audit", "sshd", "shim")
 COMMAND_TABLE = {
     "apply": "apply", "ufw": "apply", "firewall-cmd": "apply",
-    "confirm": "transaction", "revert": "transaction", "extend": "transaction",
-    "recover": "transaction", "status": "transaction",
+    "confirm": "pending", "revert": "pending", "extend": "pending",
+    "recover": "pending", "status": "pending",
     "demo": "demo", "check": "check", "diff": "diff",
     "history": "history", "show": "history", "history-diff": "history", "rollback": "history",
     "probe": "probe", "rescue": "rescue", "install-boot-hook": "rescue",
@@ -204,7 +204,7 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
     and hatch's settings, the probes) taken from it: every command that applies builds them
     here, so none ignores a setting; `fields` are the command's own (its options, which win:
     --probe, check, force, login_user...)."""
-    from fwsafe.core.apply import ApplyOptions
+    from fwsafe.core.flow import ApplyOptions
 
     settings: dict[str, Any] = {
         "timeout_s": timeout_from(config, timeout_s), "command": list(sys.argv),

@@ -58,7 +58,7 @@ def owner_of_table(family_name: str) -> str | None:
 def deleted_by_iptables_file(layer: str, live: bytes, change: bytes) -> list[Neighbour]:
     """Neighbours' chains that exist live in a table the file replaces, and that the file does
     not declare: iptables-restore would delete them."""
-    from fwsafe.backends.iptables import chain_names
+    from fwsafe.backends.iptsave import chain_names
 
     now = chain_names(live.decode(errors="replace"))
     found = []
@@ -77,7 +77,7 @@ _DELETE_TABLE = re.compile(r"^\s*(?:delete|flush|destroy)\s+table\s+(\S+)\s+(\S+
 def deleted_by_nft_file(live: Mapping[str, bytes], change: bytes) -> list[Neighbour]:
     """Neighbours' tables (native nft, and chains in iptables-nft tables) that an nft file
     deletes: every one with `flush ruleset`, the named ones with `delete/flush table`."""
-    from fwsafe.backends.iptables import chain_names
+    from fwsafe.backends.iptsave import chain_names
     from fwsafe.backends.nftables import split_tables
 
     text = change.decode(errors="replace")

@@ -634,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     how, state_dir, tx_id = args
     if how == "--converge" and not state_dir:
-        from fwsafe.config import load_config
+        from fwsafe.core.config import load_config
         from fwsafe.core.statedir import resolve_state_dir
 
         try:

@@ -14,7 +14,7 @@ from typing import Any
 from fwsafe.core.transaction import Record
 
 MIN_SECONDS = 1.0
-DEFAULT_MAX_TIMEOUT = 86400.0  # = fwsafe.config.DEFAULT_MAX_TIMEOUT (not imported: small RSS)
+DEFAULT_MAX_TIMEOUT = 86400.0  # = fwsafe.core.config.DEFAULT_MAX_TIMEOUT (not imported: small RSS)
 DEADLINE_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 

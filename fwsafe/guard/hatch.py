@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwsafe.ondisk.hatch import MARK  # how its rules are recognised (and stripped from captures)
+from fwsafe.ondisk.hatch_rules import MARK  # how its rules are recognised (and stripped from captures)
 
 IPTABLES_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
 NFT_LAYER = "nft"
@@ -396,7 +396,8 @@ def _iptables_tool(layer: str) -> tuple[str, str]:
 
 def _nft_skipped(family: str, table: str) -> bool:
     """A table of iptables-nft (the iptables layers hold its hatch)."""
-    from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
+    from fwsafe.backends.iptables import uses_nf_tables
+    from fwsafe.backends.iptsave import BUILTIN_CHAINS
 
     return family in ("ip", "ip6") and table in BUILTIN_CHAINS and uses_nf_tables()
 

@@ -28,7 +28,7 @@ class ProbeLoop(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
-        from fwsafe.probes import parse_probe, run_probes
+        from fwsafe.core.probes import parse_probe, run_probes
 
         probes = [parse_probe(url) for url in self.urls]
         while not self.stopped.is_set():

@@ -39,9 +39,9 @@ from typing import Any
 
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write
+from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.ondisk.boot import BOOT_FILES
-from fwsafe.ondisk.files import local_path, write_file_atomically
-from fwsafe.ondisk.history import (
+from fwsafe.ondisk.history_format import (
     BEFORE_RECOVERY,
     HistoryError,
     format_time,
@@ -50,8 +50,8 @@ from fwsafe.ondisk.history import (
     list_history,
     normalize_layer,
 )
-from fwsafe.ondisk.ufw import capture_ufw_files
-from fwsafe.persistence import history, loginhook
+from fwsafe.ondisk.ufw_files import capture_ufw_files
+from fwsafe.persistence import known_good, loginhook
 from fwsafe.rescue.tool import plan_restore, write_plan
 
 BOOTS = "boots.json"
@@ -132,7 +132,7 @@ def disk_layers(root: Path = Path("/")) -> dict[str, bytes]:
     if json.loads(ufw).get("files"):
         layers["ufw"] = ufw
     if root == Path("/"):
-        sshd, _ = history.capture_sshd()
+        sshd, _ = known_good.capture_sshd()
         if sshd is not None:
             layers["sshd"] = sshd
     return {name: normalize_layer(name, data) for name, data in layers.items()}
@@ -207,7 +207,7 @@ def _recover(state: StateDir, root: Path, layers: dict[str, bytes],
     replaced = {change.layer for change in plan.changes}
     undo_layers = {name: _undoable(name, data) for name, data in layers.items()
                    if name in replaced}
-    undo, _ = history.add_entry(state, undo_layers, {
+    undo, _ = known_good.add_entry(state, undo_layers, {
         "summary": f"the firewall files found at boot, before the power-cycle recovery put "
                    f"back {entry.id} ({decision.why}); `fwsafe rollback` of this entry undoes "
                    "it", "who": {}, "recovered_to": entry.id},

@@ -25,16 +25,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fwsafe.backends.sshd import SshdLayer
+from fwsafe.backends.sshd_layer import SshdLayer
 from fwsafe.check.clients import Session, default_sessions
 from fwsafe.core.change import Change
 from fwsafe.errors import LockoutRefused
-from fwsafe.ondisk.sshd import load
+from fwsafe.ondisk.sshd_files import load
 from fwsafe.sshd import access
-from fwsafe.sshd.config import Tree, read_tree
 from fwsafe.sshd.daemon import Effective, effective
 from fwsafe.sshd.ports import WILDCARDS, listen_addresses
 from fwsafe.sshd.socketunit import detect
+from fwsafe.sshd.sshd_config import Tree, read_tree
 
 FIREWALL_LAYERS = ("ipv4", "ipv6", "nft")
 REFUSED_HINT = ("nothing was changed; fix the setting, or apply anyway with --force (the guard "

@@ -219,6 +219,13 @@ def test_no_hidden_channels_outside_the_context_module() -> None:
     assert changed == [], "\n".join(changed)
 
 
+def test_every_module_has_a_name_of_its_own() -> None:
+    """A module's file name says what it is without its folder: no two modules share a basename
+    (four sshd.py in four folders made every reader ask which one). Package files aside."""
+    names = [p.name for p in PACKAGE.rglob("*.py") if p.name not in ("__init__.py", "__main__.py")]
+    assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
 def test_no_class_is_too_large_to_read() -> None:
     large = []
     for name, path in MODULES.items():

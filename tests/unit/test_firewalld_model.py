@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from fwsafe.backends import FIREWALLD_TABLES, owned_elsewhere
-from fwsafe.backends.firewalld import (
+from fwsafe.backends.firewalld_layer import (
     FirewalldLayer,
     merge_models,
     parse_ipsets,
@@ -22,7 +22,7 @@ from fwsafe.backends.firewalld import (
     same_shape,
 )
 from fwsafe.core.revert import compute_touched
-from fwsafe.ondisk.firewalld import (
+from fwsafe.ondisk.firewalld_files import (
     FirewalldFilesError,
     is_firewalld_path,
     read_tree,

@@ -14,10 +14,10 @@ import pytest
 
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir
-from fwsafe.ondisk.history import BEFORE_RECOVERY, find_entry, list_history
-from fwsafe.ondisk.sshd import FileState, SshdFiles, dump
-from fwsafe.ondisk.ufw import capture_ufw_files, load_ufw_files
-from fwsafe.persistence import history, loginhook, powercycle
+from fwsafe.ondisk.history_format import BEFORE_RECOVERY, find_entry, list_history
+from fwsafe.ondisk.sshd_files import FileState, SshdFiles, dump
+from fwsafe.ondisk.ufw_files import capture_ufw_files, load_ufw_files
+from fwsafe.persistence import known_good, loginhook, powercycle
 from fwsafe.persistence.powercycle import Boot, decide
 from fwsafe.rescue import tool as rescue_tool
 
@@ -140,7 +140,7 @@ def _host(tmp_path: Path) -> tuple[Path, StateDir]:
 def test_recovery_on_a_fake_root(tmp_path: Path) -> None:
     root, state = _host(tmp_path)
     _ufw(root, "good: allow 22\n")
-    good, _ = history.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
+    good, _ = known_good.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
     _ufw(root, "bad: 22 deleted\n")       # unguarded, saved to ufw's files
 
     # Boot A: the first boot after the change only records it.
@@ -172,7 +172,7 @@ def test_recovery_on_a_fake_root(tmp_path: Path) -> None:
 def test_a_login_between_the_boots_changes_nothing(tmp_path: Path) -> None:
     root, state = _host(tmp_path)
     _ufw(root, "good\n")
-    history.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
+    known_good.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
     _ufw(root, "unguarded\n")
     powercycle.at_boot(state, root=root, now=1000.0)
     record = json.loads((state.root / powercycle.BOOTS).read_text())
@@ -200,7 +200,7 @@ def test_the_rescue_plan_puts_sshd_files_back_and_moves_new_drop_ins_aside(
     state = StateDir(root / STATE.lstrip("/"))
     state.ensure()
     main = "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication no\n"
-    good, _ = history.add_entry(state, {"sshd": _sshd_layer({
+    good, _ = known_good.add_entry(state, {"sshd": _sshd_layer({
         "/etc/ssh/sshd_config": main,
         "/etc/ssh/sshd_config.d/10-keep.conf": "MaxAuthTries 5\n"})}, {"tx": "t1"})
     drop_ins = root / "etc/ssh/sshd_config.d"
@@ -232,7 +232,7 @@ def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_no
     state = StateDir(root / STATE.lstrip("/"))
     state.ensure()
     admin = "/etc/systemd/system/ssh.socket.d/00-admin.conf"
-    good, _ = history.add_entry(state, {"sshd": _sshd_layer({
+    good, _ = known_good.add_entry(state, {"sshd": _sshd_layer({
         "/etc/ssh/sshd_config": "Port 22\n", admin: "[Socket]\nBacklog=128\n"})}, {"tx": "t1"})
     (root / "etc/ssh").mkdir(parents=True)
     (root / "etc/ssh/sshd_config").write_text("Port 2222\n")
@@ -254,7 +254,7 @@ def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_no
 def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "state")
     state.ensure()
-    entry, _ = history.add_entry(state, {"sshd": _sshd_layer({"/etc/ssh/sshd_config": "x\n"})},
+    entry, _ = known_good.add_entry(state, {"sshd": _sshd_layer({"/etc/ssh/sshd_config": "x\n"})},
                                  {"tx": "t1"})
     assert entry.path is not None
     layer = entry.path / "sshd.json"
@@ -267,14 +267,14 @@ def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:
     (entry.path / "meta.json").write_text(json.dumps(meta))
     found, damaged = list_history(state.root)
     assert [d.id for d in damaged] == [entry.id] and "sshd" in damaged[0].why
-    text = history.layer_text("sshd", _sshd_layer({"/etc/ssh/sshd_config": "Port 22\n"}))
+    text = known_good.layer_text("sshd", _sshd_layer({"/etc/ssh/sshd_config": "Port 22\n"}))
     assert text == {"sshd /etc/ssh/sshd_config": "Port 22\n"}
 
 
 def test_a_recovery_that_cannot_write_says_so_and_still_counts_the_boot(tmp_path: Path) -> None:
     root, state = _host(tmp_path)
     _ufw(root, "good\n")
-    history.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
+    known_good.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
     (root / "etc/ufw/user.rules").unlink()
     (root / "etc/ufw/user.rules").mkdir()      # not a file: the plan refuses it
     powercycle.at_boot(state, root=root, now=1000.0)

@@ -11,7 +11,7 @@ Format (JSON, keys sorted, so that equal trees give equal bytes)::
 (zones, policies, services, ipsets, helpers, icmptypes, direct.xml, firewalld.conf, the
 ``*.xml.old`` backups firewall-cmd writes); symlinks and anything else are left alone. A path
 outside /etc/firewalld in a snapshot is refused: a damaged or crafted snapshot can never write
-elsewhere. A restore writes each file atomically (fwsafe.ondisk.files) with its mode and owner,
+elsewhere. A restore writes each file atomically (fwsafe.ondisk.atomic_files) with its mode and owner,
 creates the directories that are missing, and removes the files (and then the empty
 directories) that did not exist when the snapshot was taken: the tree comes back
 byte-identical.
@@ -26,7 +26,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from fwsafe.ondisk.files import fsync_dir, local_path, write_file_atomically
+from fwsafe.ondisk.atomic_files import fsync_dir, local_path, write_file_atomically
 
 FIREWALLD_DIR = "/etc/firewalld"
 # firewalld's tables in the kernel: made by firewalld from its model at every start and

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fwsafe.errors import EnvironmentProblem, UsageError
-from fwsafe.ondisk.files import write_file_atomically
+from fwsafe.ondisk.atomic_files import write_file_atomically
 from fwsafe.runner import RUN_MODULE, module_argv
 
 TOOLS = {"ufw": "/usr/sbin/ufw", "firewall-cmd": "/usr/bin/firewall-cmd"}

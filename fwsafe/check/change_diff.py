@@ -12,8 +12,8 @@ from typing import Any
 
 from fwsafe.backends import available_layers, layer_for
 from fwsafe.check.simulate import simulate
-from fwsafe.core.apply import watched_layers
 from fwsafe.core.change import Change, resolve_partial, validate_change
+from fwsafe.core.flow import watched_layers
 
 
 @dataclass

@@ -6,7 +6,7 @@ tables behind its back would leave the model wrong, and the next `firewall-cmd -
 boot would bring the change back. So the "firewalld" layer holds:
 
     files     /etc/firewalld, every file and directory with its mode and owner
-              (fwsafe.ondisk.firewalld), one unit per file: "file /etc/firewalld/zones/public.xml"
+              (fwsafe.ondisk.firewalld_files), one unit per file: "file /etc/firewalld/zones/public.xml"
     runtime   firewalld's model as `firewall-cmd` lists it: one unit per zone ("zone public":
               target, services, ports, protocols, sources, interfaces, rich rules, masquerade,
               forward-ports, source-ports, icmp-blocks, ...) and per policy ("policy NAME"),
@@ -43,10 +43,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends.base import MERGE, TABLES, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import MERGE, SNAPSHOT_TABLES, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk import hatch
-from fwsafe.ondisk.firewalld import (
+from fwsafe.ondisk import hatch_rules
+from fwsafe.ondisk.firewalld_files import (
     FIREWALLD_DIR,
     FIREWALLD_TABLES,
     read_tree,
@@ -340,7 +340,7 @@ class FirewalldLayer(Layer):
         rewrite its iptables chains (and lose DOCKER-USER's place at the top of FORWARD);
         else `firewall-cmd --reload` and the runtime-only differences put back. When that
         did not do (the caller tries the next `level`): always the reload; at the last level
-        (TABLES) the snapshot's model alone, others' changes undone too."""
+        (SNAPSHOT_TABLES) the snapshot's model alone, others' changes undone too."""
         say = on_retry or (lambda _message: None)
         state = self._load(before)
         dirs, files = tree_from_json(state)
@@ -353,7 +353,7 @@ class FirewalldLayer(Layer):
         want: dict[str, Any] = dict(state.get("runtime") or {})
         if runtime and state.get("running"):
             after_model = (self._load(after).get("runtime")
-                           if after is not None and level != TABLES else None)
+                           if after is not None and level != SNAPSHOT_TABLES else None)
             in_place = level == MERGE and not files_back
             # the live model: for the merge and for the runtime commands (about 1 s: read
             # only when one of them needs it)
@@ -610,7 +610,7 @@ def kernel_tables() -> dict[str, str]:
         result = run_persistently([nft, "list", "table", *table.split()],
                                   timeout=TOOL_TIMEOUT)
         if result.returncode == 0:   # the kernel escape hatch is nobody's rule
-            tables[table] = hatch.strip(result.stdout).decode(errors="replace")
+            tables[table] = hatch_rules.strip(result.stdout).decode(errors="replace")
     return tables
 
 

@@ -23,9 +23,9 @@ from fwsafe.cli.common import (
 )
 from fwsafe.cli.screens import finish
 from fwsafe.cli.ticker import StepTicker
-from fwsafe.config import Config
 from fwsafe.context import RUN
 from fwsafe.core import transaction
+from fwsafe.core.config import Config
 from fwsafe.core.manager import Manager
 from fwsafe.errors import NoTransactionError, RevertFailedError
 from fwsafe.guard import hatch
