@@ -76,7 +76,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -1283,13 +1283,14 @@ def _session_image(*, with_fwsafe: bool = True, suite: str | None = None) -> Ite
         image.close()
 
 
-def side_by_side(image: Image, cases: dict[str, Callable[[SystemdLab], Any]],
-                 prepare: Callable[[SystemdLab], None] = lambda _lab: None
+def side_by_side(image: Image, cases: Mapping[str, Callable[[SystemdLab], Any]],
+                 prepare: Callable[[SystemdLab], None] = lambda _lab: None,
+                 close: Callable[[SystemdLab], None] = SystemdLab.close,
                  ) -> Iterator[dict[str, Any]]:
     """Every case at the same time, each in a container of its own booted from `image` and
     prepared by `prepare`: yields {name: what the case returned, or what it raised} (see
-    `case_outcome`), then closes the containers and the image. For a module fixture, so
-    that the cases' waits overlap."""
+    `case_outcome`), then closes the containers (with `close`) and the image. For a module
+    fixture, so that the cases' waits overlap."""
     labs: dict[str, SystemdLab] = {}
     found: dict[str, Any] = {}
 
@@ -1311,7 +1312,7 @@ def side_by_side(image: Image, cases: dict[str, Callable[[SystemdLab], Any]],
         yield found
     finally:
         for lab in labs.values():
-            lab.close()
+            close(lab)
         image.close()
 
 

@@ -10,16 +10,19 @@ boot would bring the change back. So the "firewalld" layer holds:
     runtime   firewalld's model as `firewall-cmd` lists it: one unit per zone ("zone public":
               target, services, ports, protocols, sources, interfaces, rich rules, masquerade,
               forward-ports, source-ports, icmp-blocks, ...) and per policy ("policy NAME"),
-              "direct" (chains, rules, passthroughs), "default-zone", "running"
+              "direct" (chains, rules, passthroughs), "ipset NAME" (its entries),
+              "panic" (panic mode: yes/no), "default-zone", "running"
     kernel    firewalld's tables as the kernel has them ("kernel": the lines of
               `nft list table inet firewalld`, sorted, counters left out): the proof that what
               firewalld generated is what it had before
 
 A revert goes through firewalld: the files back (byte-identical), firewalld started if it was
-running and is not, `firewall-cmd --reload`, then the runtime-only differences (what the
-snapshot's runtime had that the permanent configuration does not) put back with `firewall-cmd`
-runtime commands, and a check that the model, the files and the kernel's tables are as in the
-snapshot. The whole model is put back (runtime changes others made meanwhile are undone too).
+running and is not, then its runtime model put back: with runtime commands alone when the
+files did not change (no `--reload`: Docker rewrites its iptables chains at every reload of
+firewalld), else `firewall-cmd --reload` and the runtime-only differences put back; then a
+check that the model, the files and the kernel's tables are as in the snapshot. What others
+changed in the runtime model during the window (Docker's bridges in its zone, another
+program's rich rules or ports) is kept: a three-way merge of the model (merge_models).
 The nft layer leaves firewalld's tables to this layer (backends.owned_elsewhere).
 
 Commands run under the guard in command mode (`fwsafe apply -- firewall-cmd ...`,
@@ -40,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import MERGE, SNAPSHOT_TABLES, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch_rules
 from fwsafe.ondisk.firewalld_files import (
@@ -76,7 +79,8 @@ _SWITCHES = {"masquerade": "masquerade", "icmp-block-inversion": "icmp-block-inv
 _MOVED = frozenset({"sources", "interfaces"})
 
 
-_LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroughs")
+_LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroughs", "ipsets",
+             "panic")
 
 # Run with firewall-cmd's own interpreter (-I: nothing from the current directory): the same
 # client and printing code as `firewall-cmd --get-default-zone`, `--list-all-zones`,
@@ -105,6 +109,15 @@ def policies():
     for policy in fw.getPolicies():
         cmd.print_policy_info(policy, fw.getPolicySettings(policy))
         cmd.print_msg("")
+def ipsets():
+    lines = []
+    for ipset in fw.getIPSets():
+        try:   # an ipset with a timeout has no entries firewalld keeps: left out
+            entries = fw.getEntries(ipset)
+        except Exception:
+            continue
+        lines.append(" ".join([ipset] + sorted(entries)) + "\n")
+    return "".join(lines)
 found = {
     "state": "running",
     "default-zone": fw.getDefaultZone() + "\n",
@@ -115,6 +128,8 @@ found = {
                      for ipv, table, chain, priority, args in fw.getAllRules()),
     "passthroughs": "".join("%s %s\n" % (ipv, joinArgs(args))
                             for ipv, args in fw.getAllPassthroughs()),
+    "ipsets": ipsets(),
+    "panic": "yes\n" if fw.queryPanicMode() else "no\n",
 }
 print(json.dumps(found))
 """
@@ -201,6 +216,16 @@ def parse_listing(text: str) -> dict[str, dict[str, list[str]]]:
     return found
 
 
+def parse_ipsets(text: str) -> dict[str, list[str]]:
+    """The ipsets listing (a line per ipset: its name, then its entries) -> {name: entries}."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        words = line.split()
+        if words:
+            found[words[0]] = sorted(words[1:])
+    return found
+
+
 def _normal_kernel(text: str) -> list[str]:
     lines = []
     for raw in text.splitlines():
@@ -265,6 +290,10 @@ class FirewalldLayer(Layer):
                 for name, entries in (runtime.get(key) or {}).items():
                     units[f"{kind} {name}"] = json.dumps(entries, sort_keys=True)
             units["direct"] = json.dumps(runtime.get("direct"), sort_keys=True)
+            if "panic" in runtime:
+                units["panic"] = str(runtime["panic"])
+            for name, entries in (runtime.get("ipsets") or {}).items():
+                units[f"ipset {name}"] = " ".join(entries)
             kernel = state.get("kernel") or {}
             units["kernel"] = "\n".join(f"{table}\n" + "\n".join(_normal_kernel(text))
                                         for table, text in sorted(kernel.items()))
@@ -284,6 +313,8 @@ class FirewalldLayer(Layer):
                         + "".join(f"\n\t{x}" for x in v
                                   if k in ("forward-ports", "rich rules")) + "\n"
                         for k, v in sorted(entries.items()))
+            for name, entries in (runtime.get("ipsets") or {}).items():
+                texts[f"ipset {name}"] = "".join(f"{e}\n" for e in entries)
             texts["direct"] = "".join(f"{k}: {line}\n" for k, lines in
                                       sorted((runtime.get("direct") or {}).items())
                                       for line in lines)
@@ -305,12 +336,20 @@ class FirewalldLayer(Layer):
     def revert(self, before: bytes, after: bytes | None, units: Sequence[str], *,
                level: str = MERGE, on_retry: RetryLog | None = None,
                live: bytes | None = None) -> list[str]:
-        """The files back, firewalld running (or stopped) as before, `--reload`, the
-        runtime-only differences put back, then compared whole with the snapshot."""
+        """The files back, firewalld running (or stopped) as before, its runtime model put
+        back, then compared whole with the snapshot. What others changed in the runtime
+        model during the window (`after` -> live: Docker's bridges in its zone, fail2ban's
+        rich rules) is kept (merge_models). When the files are as in the snapshot, the model
+        is put back with runtime commands alone: no `--reload`, which would make Docker
+        rewrite its iptables chains (and lose DOCKER-USER's place at the top of FORWARD);
+        else `firewall-cmd --reload` and the runtime-only differences put back. When that
+        did not do (the caller tries the next `level`): always the reload; at the last level
+        (SNAPSHOT_TABLES) the snapshot's model alone, others' changes undone too."""
         say = on_retry or (lambda _message: None)
         state = self._load(before)
         dirs, files = tree_from_json(state)
-        if read_tree(self.root) != (dirs, files):
+        files_back = read_tree(self.root) != (dirs, files)
+        if files_back:
             restore_tree(dirs, files, self.root)
         wanted = set(units)
         if state.get(FILES_ONLY):   # the files alone (the power cycle's): firewalld follows them
@@ -324,8 +363,25 @@ class FirewalldLayer(Layer):
                                      f"{err.strip()}")
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
         model: dict[str, Any] | None = None   # the runtime model now, when known
+        want: dict[str, Any] = dict(state.get("runtime") or {})
         if runtime and state.get("running"):
-            booted, model = self._reload_and_put_back(state.get("runtime") or {}, say)
+            after_model = (self._load(after).get("runtime")
+                           if after is not None and level != SNAPSHOT_TABLES else None)
+            in_place = level == MERGE and not files_back
+            # the live model: for the merge and for the runtime commands (about 1 s: read
+            # only when one of them needs it)
+            now = read_model() if in_place or isinstance(after_model, dict) else None
+            if now is not None and isinstance(after_model, dict):
+                want, kept = merge_models(want, after_model, now)
+                if kept:
+                    say("firewalld: keeping what others changed in its runtime model during "
+                        "the window: " + "; ".join(kept))
+            if in_place and now is not None and same_shape(now, want):
+                say("firewalld: its files are as in the snapshot; putting its runtime model "
+                    "back without a reload")
+                booted, model = True, put_back(now, want, say)
+            else:
+                booted, model = self._reload_and_put_back(want, say)
             if not booted:
                 # At boot (the boot unit runs before firewalld.service): firewalld starts
                 # from the files put back; starting it from here would wait for ourselves.
@@ -338,8 +394,15 @@ class FirewalldLayer(Layer):
             systemctl_firewalld("stop", say)
             wanted.add("running")
         say("firewalld: comparing its files, model and tables with the snapshot")
-        now = self._capture(model) if model is not None else self.capture()
-        old, new = self.units(before), self.units(now)
+        now_state = self._capture(model) if model is not None else self.capture()
+        target = before
+        if want != (state.get("runtime") or {}):
+            # others' runtime changes kept: the model is compared with the merged one; the
+            # kernel's tables follow from that model (firewalld generates them), so they are
+            # not compared with the snapshot's
+            target = json.dumps({**state, "runtime": want}).encode()
+            wanted.discard("kernel")
+        old, new = self.units(target), self.units(now_state)
         return [f"{self.label} {u}" for u in sorted(wanted) if old.get(u) != new.get(u)]
 
     def _reload_and_put_back(self, want: Mapping[str, Any], say: RetryLog
@@ -360,14 +423,80 @@ class FirewalldLayer(Layer):
         now = read_model()
         if now is None:
             raise ApplyError("firewalld stopped during its reload")
-        phases = runtime_commands(now, want)
-        if not phases:
-            return True, now
-        say(f"firewalld: putting back {sum(map(len, phases))} runtime-only difference(s) "
-            "with firewall-cmd")
-        for phase in phases:
-            run_all(phase, say)
-        return True, None
+        return True, put_back(now, want, say)
+
+
+def put_back(now: Mapping[str, Any], want: Mapping[str, Any], say: RetryLog
+             ) -> dict[str, Any] | None:
+    """The runtime commands that turn the model `now` into `want`, run; the model now when
+    nothing had to be done (else None: read it again)."""
+    phases = runtime_commands(now, want)
+    if not phases:
+        return dict(now)
+    say(f"firewalld: putting back {sum(map(len, phases))} runtime difference(s) "
+        "with firewall-cmd")
+    for phase in phases:
+        run_all(phase, say)
+    return None
+
+
+def same_shape(now: Mapping[str, Any], want: Mapping[str, Any]) -> bool:
+    """Runtime commands alone can turn `now` into `want`: the same zones, policies and
+    default zone (those change with the permanent configuration and a reload)."""
+    return (now.get("default-zone") == want.get("default-zone")
+            and set(now.get("zones") or {}) == set(want.get("zones") or {})
+            and set(now.get("policies") or {}) == set(want.get("policies") or {})
+            and set(now.get("ipsets") or {}) == set(want.get("ipsets") or {}))
+
+
+def merge_models(before: Mapping[str, Any], after: Mapping[str, Any], live: Mapping[str, Any]
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """The three-way merge of firewalld's runtime model: `before` (the snapshot) with what
+    others changed between `after` (right after the change) and `live` (now), value by
+    value: a value others added stays, one they removed stays removed, a switch they turned
+    keeps their setting. Returns the merged model and a note per change kept."""
+    merged: dict[str, Any] = json.loads(json.dumps(before))
+    kept: list[str] = []
+    for kind, key in (("zone", "zones"), ("policy", "policies")):
+        b_all, a_all, l_all = (m.get(key) or {} for m in (before, after, live))
+        for name in sorted(set(b_all) & set(a_all) & set(l_all)):
+            b, a, lv = b_all[name], a_all[name], l_all[name]
+            target = merged[key][name]
+            for field in set(_LISTS) & (set(a) | set(lv)):
+                old, new = set(a.get(field, [])), set(lv.get(field, []))
+                if old == new:
+                    continue
+                values = (set(b.get(field, [])) | (new - old)) - (old - new)
+                target[field] = sorted(values)
+                kept += [f"{kind} {name} {field} +{v}" for v in sorted(new - old)]
+                kept += [f"{kind} {name} {field} -{v}" for v in sorted(old - new)]
+            for field in _SWITCHES:
+                if a.get(field) != lv.get(field) and field in lv:
+                    target[field] = lv[field]
+                    kept.append(f"{kind} {name} {field} {' '.join(lv[field])}")
+    b_sets, a_sets, l_sets = (m.get("ipsets") or {} for m in (before, after, live))
+    for name in sorted(set(b_sets) & set(a_sets) & set(l_sets)):
+        old, new = set(a_sets[name]), set(l_sets[name])
+        if old != new:
+            merged["ipsets"][name] = sorted((set(b_sets[name]) | (new - old)) - (old - new))
+            kept += [f"ipset {name} +{v}" for v in sorted(new - old)]
+            kept += [f"ipset {name} -{v}" for v in sorted(old - new)]
+    b_direct, a_direct, l_direct = (m.get("direct") or {} for m in (before, after, live))
+    direct = dict(merged.get("direct") or {})
+    for field in ("chains", "rules", "passthroughs"):
+        old, new = set(a_direct.get(field, [])), set(l_direct.get(field, []))
+        if old != new:
+            direct[field] = sorted((set(b_direct.get(field, [])) | (new - old)) - (old - new))
+            kept += [f"direct {v} (+)" for v in sorted(new - old)]
+            kept += [f"direct {v} (-)" for v in sorted(old - new)]
+    merged["direct"] = direct
+    if after.get("panic") != live.get("panic") and live.get("panic") in ("yes", "no"):
+        merged["panic"] = live["panic"]
+        kept.append(f"panic mode {live['panic']}")
+    if after.get("default-zone") != live.get("default-zone") and live.get("default-zone"):
+        merged["default-zone"] = live["default-zone"]
+        kept.append(f"default zone {live['default-zone']}")
+    return merged, kept
 
 
 def firewall_cmd_path() -> str | None:
@@ -410,6 +539,8 @@ def read_model() -> dict[str, Any] | None:
         "direct": {key: sorted(ln.strip() for ln in answers[key].splitlines()
                                if ln.strip())
                    for key in ("chains", "rules", "passthroughs")},
+        "ipsets": parse_ipsets(answers["ipsets"]),
+        "panic": answers["panic"].strip(),
     }
 
 
@@ -444,6 +575,8 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
         "chains": ("--direct", "--get-all-chains"),
         "rules": ("--direct", "--get-all-rules"),
         "passthroughs": ("--direct", "--get-all-passthroughs"),
+        "ipset names": ("--get-ipsets",),
+        "panic": ("--query-panic",),
     }
     with ThreadPoolExecutor(max_workers=len(queries)) as pool:
         futures = {key: pool.submit(firewall_cmd, *args) for key, args in queries.items()}
@@ -451,11 +584,23 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
     code, out, _err = answers.pop("state")
     if code != 0 or out.strip() != "running":
         return None
+    code, out, err = answers.pop("panic")   # `--query-panic`: 0 yes, 1 no
+    if code not in (0, 1):
+        raise ApplyError(f"firewall-cmd --query-panic failed (exit {code}): {err.strip()}")
+    panic = out
+    code, out, _err = answers.pop("ipset names")
+    names = out.split() if code == 0 else []
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(names)))) as pool:
+        entries = list(pool.map(lambda n: firewall_cmd(f"--ipset={n}", "--get-entries"), names))
+    # an ipset with a timeout has no entries firewalld keeps (the command fails): left out
+    ipsets = "".join(" ".join([name, *sorted(got[1].split())]) + "\n"
+                     for name, got in zip(names, entries, strict=True) if got[0] == 0)
     for key, (code, _out, err) in answers.items():
         if code != 0:
             raise ApplyError(f"firewall-cmd {' '.join(queries[key])} failed "
                              f"(exit {code}): {err.strip()}")
-    return {key: out for key, (_code, out, _err) in answers.items()}
+    return {**{key: out for key, (_code, out, _err) in answers.items()}, "ipsets": ipsets,
+            "panic": panic}
 
 
 def commands_in_one_process(commands: list[list[str]]) -> list[tuple[int, str, str]] | None:
@@ -572,6 +717,13 @@ def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[li
                     verb = "add" if new_on == ["yes"] else "remove"
                     (additions if verb == "add" else removals).append(
                         [scope, f"--{verb}-{option}"])
+    have_sets, want_sets = now.get("ipsets") or {}, want.get("ipsets") or {}
+    for name in sorted(set(have_sets) & set(want_sets)):
+        old, new = set(have_sets[name]), set(want_sets[name])
+        if old - new:
+            removals.append([f"--ipset={name}", *(f"--remove-entry={v}" for v in sorted(old - new))])
+        if new - old:
+            additions.append([f"--ipset={name}", *(f"--add-entry={v}" for v in sorted(new - old))])
     have_direct, want_direct = now.get("direct") or {}, want.get("direct") or {}
 
     def direct(verb: str, fields: tuple[tuple[str, str], ...]) -> list[list[str]]:
@@ -587,4 +739,8 @@ def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[li
     chains = (("chains", "chain"),)
     phases = [removals + direct("remove", rules) + direct("add", chains),
               additions + direct("add", rules) + direct("remove", chains)]
-    return [phase for phase in phases if phase]
+    # panic mode (every packet dropped; firewalld refuses most changes in it, and a reload
+    # keeps it): turned off before anything else, on after everything
+    panic_off = [["--panic-off"]] if now.get("panic") == "yes" and want.get("panic") == "no" else []
+    panic_on = [["--panic-on"]] if now.get("panic") == "no" and want.get("panic") == "yes" else []
+    return [phase for phase in (panic_off, *phases, panic_on) if phase]

@@ -32,7 +32,9 @@ from fwsafe.ondisk.atomic_files import fsync_dir, local_path, write_file_atomica
 FIREWALLD_DIR = "/etc/firewalld"
 # firewalld's tables in the kernel: made by firewalld from its model at every start and
 # reload; reverted through firewalld, never loaded by fwsafe (not even from a boot file).
-FIREWALLD_TABLES = frozenset({"inet firewalld", "ip firewalld", "ip6 firewalld"})
+# `inet firewalld_policy_drop`: its panic mode (and the drop during a reload).
+FIREWALLD_TABLES = frozenset({"inet firewalld", "ip firewalld", "ip6 firewalld",
+                              "inet firewalld_policy_drop"})
 
 FILES_ONLY = "files_only"   # a layer without firewalld's runtime (files_only_layer)
 

@@ -8,11 +8,19 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from fwsafe.backends import FIREWALLD_TABLES, owned_elsewhere
-from fwsafe.backends.firewalld_layer import FirewalldLayer, parse_listing, runtime_commands
+from fwsafe.backends.firewalld_layer import (
+    FirewalldLayer,
+    merge_models,
+    parse_ipsets,
+    parse_listing,
+    runtime_commands,
+    same_shape,
+)
 from fwsafe.core.revert import compute_touched
 from fwsafe.ondisk.firewalld_files import (
     FirewalldFilesError,
@@ -188,3 +196,67 @@ def test_boot_file_leaves_firewalld_tables_out() -> None:
             b"table ip firewalld {\n}\n")
     assert without_tables(text, FIREWALLD_TABLES) == b"table inet mine {\n\tchain input {\n\t}\n}\n"
     assert without_tables(text, frozenset()) == text
+
+
+def _model(public: dict[str, list[str]], docker: dict[str, list[str]],
+           rules: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {"default-zone": "public", "zones": {"public": public, "docker": docker},
+            "policies": {}, "direct": {"chains": [], "rules": list(rules), "passthroughs": []},
+            "ipsets": {"banned": ["192.0.2.1"]}}
+
+
+def test_merge_keeps_what_others_changed_during_the_window() -> None:
+    before = _model({"services": ["ssh", "dhcpv6-client"], "masquerade": ["no"]},
+                    {"interfaces": ["docker0"]})
+    # the change: ssh removed
+    after = _model({"services": ["dhcpv6-client"], "masquerade": ["no"]},
+                   {"interfaces": ["docker0"]})
+    # meanwhile others: Docker's new bridge, fail2ban's rich rule, a direct rule; someone
+    # removed dhcpv6-client and turned masquerade on
+    live = _model({"services": [], "masquerade": ["yes"],
+                   "rich rules": ['rule family="ipv4" source address="192.0.2.9" reject']},
+                  {"interfaces": ["br-1", "docker0"]},
+                  ["ipv4 filter INPUT 0 -s 192.0.2.8 -j DROP"])
+    live["ipsets"] = {"banned": ["192.0.2.1", "192.0.2.3"]}   # a ban added meanwhile
+    merged, kept = merge_models(before, after, live)
+    assert merged["ipsets"] == {"banned": ["192.0.2.1", "192.0.2.3"]}
+    zones = merged["zones"]
+    assert zones["public"]["services"] == ["ssh"]           # the change undone, theirs kept
+    assert zones["public"]["masquerade"] == ["yes"]
+    assert zones["public"]["rich rules"] == ['rule family="ipv4" source address="192.0.2.9" '
+                                             'reject']
+    assert zones["docker"]["interfaces"] == ["br-1", "docker0"]
+    assert merged["direct"]["rules"] == ["ipv4 filter INPUT 0 -s 192.0.2.8 -j DROP"]
+    assert "zone docker interfaces +br-1" in kept and "zone public services -dhcpv6-client" in kept
+    # nobody else changed anything: the snapshot's model itself, nothing kept
+    assert merge_models(before, after, after) == (before, [])
+    # the runtime commands from the live model to the merged one: ssh back, nothing else
+    assert runtime_commands(live, merged) == [[["--zone=public", "--add-service=ssh"]]]
+
+
+def test_runtime_commands_alone_only_within_the_same_zones_and_default_zone() -> None:
+    one = _model({"services": ["ssh"]}, {"interfaces": []})
+    assert same_shape(one, _model({"services": []}, {"interfaces": ["docker0"]}))
+    assert not same_shape(one, {**one, "default-zone": "docker"})
+    assert not same_shape(one, {**one, "zones": {"public": {}}})
+
+
+def test_ipsets_listing_and_commands() -> None:
+    assert parse_ipsets("banned 192.0.2.9 192.0.2.1\nempty\n") == {
+        "banned": ["192.0.2.1", "192.0.2.9"], "empty": []}
+    now = {"ipsets": {"banned": ["192.0.2.1", "192.0.2.2"]}}
+    want = {"ipsets": {"banned": ["192.0.2.2", "192.0.2.3"]}}
+    assert runtime_commands(now, want) == [[["--ipset=banned", "--remove-entry=192.0.2.1"]],
+                                           [["--ipset=banned", "--add-entry=192.0.2.3"]]]
+    units = FirewalldLayer().units(json.dumps({"running": True, "runtime": want}).encode())
+    assert units["ipset banned"] == "192.0.2.2 192.0.2.3"
+
+
+def test_panic_mode_off_first_and_on_last() -> None:
+    on = {"panic": "yes", "zones": {"public": {"services": []}}}
+    off = {"panic": "no", "zones": {"public": {"services": ["ssh"]}}}
+    assert runtime_commands(on, off) == [[["--panic-off"]],
+                                         [["--zone=public", "--add-service=ssh"]]]
+    assert runtime_commands(off, on) == [[["--zone=public", "--remove-service=ssh"]],
+                                         [["--panic-on"]]]
+    assert runtime_commands({"zones": {}}, off) == []   # a model read without panic mode
