@@ -477,6 +477,13 @@ class ApplyFlow:
             if RUN.hatch_seen:   # one left behind (a transaction that ended without removing it)
                 hatch.sync(None, hatch.available_layers())
             fresh = refresh(pool, captured, generation, list(change.layers))
+            # nf_tables' layers in the snapshot are its state at this stamp (the generation
+            # they were read at, unchanged since): the guard's revert from the snapshot, for a
+            # change whose layers all live there.
+            stamp = nflist.ruleset_stamp()
+            before_stamp = stamp if generation is not None and stamp is not None \
+                and stamp.rpartition("/")[2] == str(generation) and all(
+                    layer_for(n).in_nf_tables() for n in change.layers) else None
             saving.result()
             refusing = pool.submit(refuse_deleting_neighbours, change, fresh, options)
             save_snapshot(self.state, tx_id, None, fresh, captured)
@@ -499,7 +506,7 @@ class ApplyFlow:
                      "stuck_grace": options.stuck_grace,
                      "hatch": hatch_plan(options),
                      "check": verdict},
-            boot_id=transaction.current_boot_id(),
+            boot_id=transaction.current_boot_id(), before_stamp=before_stamp,
         )
         record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
         need_room(self.state, sum(len(data) for data in captured.values()))
