@@ -454,7 +454,9 @@ class ApplyFlow:
             # The lockout check needs the host's layers, not the validation's verdict: it runs
             # beside the validation, which is heard first (an invalid change is reported as
             # such, whatever the check made of it). sshd's config is checked after it.
-            validating = pool.submit(validate_change, complete)
+            # Without the lockout check, a change that is one nft transaction is validated by
+            # the guard's load itself (all of it or nothing: a refused file changes nothing).
+            validating = pool.submit(validate_change, complete, by_transaction=not options.check)
             if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
                 validating.result()
             captured = collect(captures, list(change.layers))
