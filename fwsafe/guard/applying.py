@@ -55,6 +55,11 @@ def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
             source = str(sources.get(name, name))
             if spec is not None and _applied_with_hatch(layer.apply, name, content, source,
                                                         spec, before or {}, log):
+                # In the kernel with the change (one transaction): said at once, as `status`
+                # may be asked before the hatch is read back (after the capture).
+                info = dict(record.hatch or {})
+                info["layers"] = {**(info.get("layers") or {}), name: "loaded"}
+                record.hatch = info
                 continue
             layer.apply(content, source)
         except Exception as exc:  # noqa: BLE001 - any failure here is a refused change
