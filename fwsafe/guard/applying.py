@@ -54,12 +54,7 @@ def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
                 content = compose_partial(name, content, layer.capture())
             source = str(sources.get(name, name))
             if spec is not None and _applied_with_hatch(layer.apply, name, content, source,
-                                                        spec, before or {}, log):
-                # In the kernel with the change (one transaction): said at once, as `status`
-                # may be asked before the hatch is read back (after the capture).
-                info = dict(record.hatch or {})
-                info["layers"] = {**(info.get("layers") or {}), name: "loaded"}
-                record.hatch = info
+                                                        spec, before or {}, log, record):
                 continue
             layer.apply(content, source)
         except Exception as exc:  # noqa: BLE001 - any failure here is a refused change
@@ -69,9 +64,11 @@ def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
 
 def _applied_with_hatch(load: Callable[[bytes, str], None], name: str, content: bytes,
                         source: str, spec: hatch.Spec, before: Mapping[str, bytes],
-                        log: Log | None) -> bool:
+                        log: Log | None, record: Record) -> bool:
     """Load `content` with the hatch in the same transaction; False when there is none for
-    this layer or the tool refused the two together (nothing was loaded: try it alone)."""
+    this layer or the tool refused the two together (nothing was loaded: try it alone). What
+    became of the hatch is in the record at once (`status` may be asked before the guard reads
+    the hatch back, after the capture after the change)."""
     loaded = hatch.with_change(name, content, spec, before)
     if loaded == content:
         return False
@@ -80,8 +77,16 @@ def _applied_with_hatch(load: Callable[[bytes, str], None], name: str, content: 
     except Exception as exc:  # noqa: BLE001 - tried again without the hatch
         if log is not None:
             log(f"{name}: the change with the hatch was refused ({exc}); loading it alone")
+        _hatch_state(record, name, f"error: {exc}")
         return False
+    _hatch_state(record, name, "loaded")   # in the kernel with the change: one transaction
     return True
+
+
+def _hatch_state(record: Record, name: str, state: str) -> None:
+    info = dict(record.hatch or {})
+    info["layers"] = {**(info.get("layers") or {}), name: state}
+    record.hatch = info
 
 
 @dataclass

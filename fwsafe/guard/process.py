@@ -315,11 +315,11 @@ class Guard:
 
     def confirm(self, by: dict[str, str]) -> None:
         failpoints.hit("guard.confirming")
+        self.after.now()   # what it touched, kept for the history (still being read: waited)
         self.done = True
         if self.probes:
             self.probes.stop()
-        self.record.confirmed_by = by
-        detail = by.get("how", "confirmed")
+        self.record.confirmed_by, detail = by, by.get("how", "confirmed")
         self.record.reason = detail
         self.record.transition(transaction.CONFIRMED, detail)
         self.hatch.removing = self.hatch.spec is not None   # whatever happens next
