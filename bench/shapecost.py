@@ -8,6 +8,7 @@ that rotates every round, each over its own SSH login from the lab's client:
 * floor: `iptables-restore B` then `iptables-restore A`;
 * fwsafe: `fwsafe apply --detach --json --timeout 3600 --force B` (validation, the lockout check for
   the session's client, snapshot, apply, guard armed) then `fwsafe revert`;
+* nft shapes also `--no-check` (issue 27 item 3: one nft transaction validates itself);
 
 and, bare in the server namespace with A live (as the check section does), `fwsafe check B
 --client CLIENT --port 22 --json` with its default options and with --no-exposure. Reported:
@@ -65,9 +66,11 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                          str(bl.lab.ssh_port), "--json"]
                 s: dict[str, list[Any]] = {}
                 steps = ["floor", "apply", "check", "check_ne"]
+                if be == "nft":   # issue 27 item 3: one nft transaction validates itself
+                    steps.append("apply_nc")
                 for r in range(rounds):
                     log(f"  shapes round {r + 1}/{rounds}: {shape} {n} rules")
-                    for step in steps[r % 4:] + steps[:r % 4]:
+                    for step in steps[r % len(steps):] + steps[:r % len(steps)]:
                         if step == "floor":
                             fa, fr = sr.floor(be, a, b, True)
                             s.setdefault("floor_apply_s", []).append(fa)
@@ -78,6 +81,9 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                             got = sr.fwsafe(b, ("--force",), True)
                             s.setdefault("apply_s", []).append(got["apply_s"])
                             s.setdefault("revert_s", []).append(got["revert_s"])
+                        elif step == "apply_nc":
+                            got = sr.fwsafe(b, ("--force", "--no-check"), True)
+                            s.setdefault("apply_nc_s", []).append(got["apply_s"])
                         else:
                             argv = check if step == "check" else [*check, "--no-exposure"]
                             t = bl.time1(argv)
@@ -92,6 +98,8 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                 rows.append({"shape": shape, "rules": n, "rounds": rounds, **med,
                              "apply_ratio": med["apply_s"] / med["floor_apply_s"],
                              "revert_ratio": med["revert_s"] / med["floor_revert_s"],
+                             **({"apply_nc_ratio": med["apply_nc_s"] / med["floor_apply_s"]}
+                                if "apply_nc_s" in med else {}),
                              "check_rc": s["check_rc"], "left_out": max(
                                  (x for x in s["left_out"] if x is not None), default=None)})
                 if be == "nft":
@@ -137,7 +145,9 @@ def render(res: dict[str, Any]) -> list[str]:
         lines.append(f"   {r['shape']:<13} {r['rules']:>7} {r['floor_apply_s']:>7.2f}s "
                      f"{r['apply_s']:>7.2f}s {r['apply_ratio']:>6.2f}x {r['revert_ratio']:>7.2f}x "
                      f"{r['check_s']:>7.2f}s {r['check_ne_s']:>7.2f}s "
-                     f"{'-' if r['left_out'] is None else r['left_out']:>9}  {met}")
+                     f"{'-' if r['left_out'] is None else r['left_out']:>9}  {met}"
+                     + (f"; --no-check {r['apply_nc_ratio']:.2f}x" if "apply_nc_ratio" in r
+                        else ""))
     for shape, k in sorted(res.get("growth", {}).items()):
         lines.append(f"   growth {shape:<10} " + ", ".join(
             f"{key.removesuffix('_s')} k={v:.2f}" for key, v in k.items()))

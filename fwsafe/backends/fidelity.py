@@ -104,6 +104,31 @@ def _live_digests(family: str) -> dict[str, str]:
         return {}
 
 
+Ahead = Future[tuple[int | None, dict[str, str]]]
+
+
+def digests_ahead(family: str) -> tuple[int | None, dict[str, str]]:
+    """nflist.digests of `family`, read ahead (beside the reading of the layers, before the
+    text the round trip needs is there), with nf_tables' generation they hold at (None: the
+    ruleset changed during the dumps, or they could not be had)."""
+    start = nflist.generation()
+    found = _live_digests(family)
+    return (start if found and start is not None and nflist.generation() == start
+            else None), found
+
+
+def _digests_now(family: str, ahead: Ahead | None, generation: int | None) -> dict[str, str]:
+    """The live digests at `generation`: those read ahead when they hold at it, else now."""
+    if ahead is not None and generation is not None:
+        try:
+            held, found = ahead.result()
+        except Exception:  # noqa: BLE001 - read now instead
+            held, found = None, {}
+        if held == generation:
+            return found
+    return _live_digests(family)
+
+
 def _scratch_digests(inside: list[str], family: str) -> dict[str, str]:
     """nflist.digests in the scratch namespace ({} when it cannot be had): its module run by
     this Python, isolated, with only fwsafe's own directory on its path."""
@@ -146,12 +171,13 @@ def _round_trip(name: str, text: bytes, tables: list[str], sums: Future[dict[str
 
 
 def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: bytes | None = None,
-                 generation: int | None = None) -> list[str]:
+                 generation: int | None = None, ahead: Ahead | None = None) -> list[str]:
     """The tables of iptables layer `name` ("ipv4"/"ipv6"; `tables`: only those, None: all)
     that iptables-save does not show exactly, as "ip filter"; a table that restores to a
     different one counts too. `saved`: that layer's iptables-save text as read when nf_tables'
-    generation was `generation` (used while it still is). Raises FidelityError when the test
-    cannot be made."""
+    generation was `generation` (used while it still is); `ahead`: the live digests read
+    ahead (`digests_ahead`, used when they hold at the same generation). Raises FidelityError
+    when the test cannot be made."""
     family = NFT_FAMILY[name]
     known = nflist.kernel_tables()
     if known is None:
@@ -178,7 +204,7 @@ def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: byt
             sums: Future[dict[str, str]] = Future()
             trip = pool.submit(_round_trip, name, text, present, sums)
             try:
-                sums.set_result(_live_digests(family))
+                sums.set_result(_digests_now(family, ahead, start))
             finally:
                 if not sums.done():
                     sums.set_result({})

@@ -359,7 +359,7 @@ class IptablesLayer(Layer):
               on_retry: RetryLog | None) -> int:
         """Load every target table in one iptables-restore; remove (nf_tables) the tables that
         did not exist before the change and are empty now. Returns the nf_tables commits made
-        (one per table restored or removed)."""
+        (one per table restored or removed; 0: not known)."""
         payload: list[Table] = []
         drop: list[str] = []
         for name, target in targets.items():
@@ -372,10 +372,15 @@ class IptablesLayer(Layer):
             payload.append(target)
         if payload:
             self._restore(render(payload).encode(), on_retry)
+        deleted = 0
+        known = nflist.kernel_tables() if drop else None   # (one netlink dump, not a listing)
         for name in drop:
-            listed = run_persistently([require_binary("nft"), "list", "table",
-                                       self.family.nft_family, name], timeout=60, on_retry=on_retry)
-            if listed.returncode != 0:
+            if known is not None and (self.family.nft_family, name) not in known:
+                continue  # already gone
+            listed = None if known is not None else run_persistently(
+                [require_binary("nft"), "list", "table", self.family.nft_family, name],
+                timeout=60, on_retry=on_retry)
+            if listed is not None and listed.returncode != 0:
                 continue  # already gone
             result = run_persistently(
                 [require_binary("nft"), "delete", "table", self.family.nft_family, name],
@@ -384,7 +389,11 @@ class IptablesLayer(Layer):
                 raise ApplyError(
                     f"cannot remove table {self.family.nft_family} {name} that the change "
                     f"created: {result.stderr.decode(errors='replace').strip()}")
-        return 0 if drop else len(payload)   # removals: not counted, the result is read back
+            deleted += 1
+        # One commit per table restored, one per table deleted (`nft delete table`: one
+        # transaction); a table found gone already is not counted, so the proof fails then
+        # (someone else removed it) and the result is read back.
+        return len(payload) + deleted if deleted == len(drop) else 0
 
     def _restore(self, payload: bytes, on_retry: RetryLog | None) -> None:
         result = run_persistently([require_binary(self.family.restore), "-w", "10"],

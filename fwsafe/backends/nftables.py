@@ -277,7 +277,7 @@ class NftLayer(Layer):
     def units(self, data: bytes) -> dict[str, str]:
         return split_tables(data.decode(errors="replace"))
 
-    def validate(self, change: bytes, source: str) -> None:
+    def validate_text(self, change: bytes, source: str) -> None:
         text = change.decode(errors="replace")
         if not text.strip():
             raise InvalidRulesError(f"{source}: the file is empty; refusing to apply nothing",
@@ -287,6 +287,11 @@ class NftLayer(Layer):
         if line is not None and not looks_like_nft(change):
             raise InvalidRulesError(f"{source}:{line}: this is iptables-save syntax, not nft",
                                     path=source, line=line)
+
+    def validate(self, change: bytes, source: str) -> None:
+        """The text's checks, then the kernel's verdict: `nft -c` runs the whole transaction
+        and throws it away."""
+        self.validate_text(change, source)
         result = run([require_binary("nft"), "-c", "-f", "-"], input=change, timeout=120)
         if result.returncode != 0:
             message, line_no = describe_nft_error(result.stderr.decode(errors="replace"), change,

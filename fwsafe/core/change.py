@@ -174,8 +174,17 @@ def require_root() -> None:
             "fwsafe must run as root to change the firewall (try: sudo fwsafe ...)")
 
 
-def validate_change(change: Change) -> None:
-    """Refuse a change that cannot work, before anything is captured or changed (exit 3)."""
+def one_transaction(change: Change) -> bool:
+    """The change is one nft file, loaded by the guard as one `nft -f` transaction: the kernel
+    applies all of it or nothing (a refused file changes nothing)."""
+    return change.run is None and list(change.layers) == ["nft"]
+
+
+def validate_change(change: Change, *, by_transaction: bool = False) -> None:
+    """Refuse a change that cannot work, before anything is captured or changed (exit 3).
+    `by_transaction`: a change that is one nft transaction (`one_transaction`) is validated by
+    that transaction itself, under the guard (`apply --no-check`, issue 27): its text is
+    checked here, not loaded a first time with `nft -c`."""
     if change.run is not None:
         if not change.run:
             raise UsageError("give the command to run after `--`, e.g. -- ufw deny 23/tcp")
@@ -185,6 +194,9 @@ def validate_change(change: Change) -> None:
     for name, content in change.layers.items():
         layer = layer_for(name)
         layer.check_tools()
-        layer.validate(content, change.sources[name])
+        if by_transaction and one_transaction(change):
+            layer.validate_text(content, change.sources[name])
+        else:
+            layer.validate(content, change.sources[name])
 
 

@@ -105,18 +105,27 @@ def touchable_tables(change: Change, name: str) -> set[str] | None:
     return None if b"flush ruleset" in b" ".join(nft.split()) else set()
 
 
+def fidelity_layers(change: Change, layers: list[str]) -> dict[str, set[str] | None]:
+    """The iptables-nft layers (of `layers`) whose tables the change can write, with those
+    tables (None: any): the fidelity test's (`refuse_lossy_tables`)."""
+    return {name: tables for name in ("ipv4", "ipv6")
+            if name in layers and (tables := touchable_tables(change, name)) != set()
+            and layer_for(name).in_nf_tables()}
+
+
 def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
-                        generation: int | None) -> None:
+                        generation: int | None,
+                        ahead: Mapping[str, Future[tuple[int | None, dict[str, str]]]] | None
+                        = None) -> None:
     """A change that can write to a table of iptables-nft that iptables-save does not show
     exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
     anything happens, naming the table: its revert would load that lossy text
-    (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`."""
+    (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`; `ahead`:
+    each layer's live digests read beside that reading (fidelity.digests_ahead)."""
     from fwsafe.backends.fidelity import FidelityError, lossy_tables
     from fwsafe.runner import find_binary
 
-    checks = {name: tables for name in ("ipv4", "ipv6")
-              if name in captured and (tables := touchable_tables(change, name)) != set()
-              and layer_for(name).in_nf_tables()}
+    checks = fidelity_layers(change, list(captured))
     if checks and find_binary("nft") is None:   # nothing to compare with; said in the record
         change.notes.append("not checked whether iptables-save shows the tables exactly "
                             "(nft is not installed)")
@@ -125,7 +134,8 @@ def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
     for name, tables in checks.items():
         try:
             found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
-                                  saved=None if RUN.hatch_seen else captured[name])   # again
+                                  saved=None if RUN.hatch_seen else captured[name],   # again
+                                  ahead=(ahead or {}).get(name))
         except FidelityError as exc:
             raise EnvironmentProblem(
                 f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
@@ -193,6 +203,20 @@ def lockout_check(change: Change, options: ApplyOptions,
     # The clients and port are the revert's second proof: they must get in again after it.
     return {"ran": True, "lockout": report.lockout, "summary": precheck_summary(report),
             "clients": report.clients, "port": report.port}
+
+
+def digests_ahead(pool: ThreadPoolExecutor, change: Change, layers: list[str]
+                  ) -> dict[str, Future[tuple[int | None, dict[str, str]]]]:
+    """The fidelity test's live digests (fwsafe.backends.fidelity.digests_ahead), read in
+    `pool` while the layers are: used only when they hold at the reading's generation."""
+    from fwsafe.backends.fidelity import NFT_FAMILY
+    from fwsafe.backends.fidelity import digests_ahead as read_ahead
+    from fwsafe.runner import find_binary
+
+    if find_binary("nft") is None:
+        return {}
+    return {name: pool.submit(read_ahead, NFT_FAMILY[name])
+            for name in fidelity_layers(change, layers)}
 
 
 def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,
@@ -441,6 +465,7 @@ class ApplyFlow:
             options.step("reading the live firewall and validating the change")
             # The reading the `fwsafe` command started before this was loaded, if any.
             generation, captures = prefetch.read(pool, layers)
+            ahead = digests_ahead(pool, change, layers)
             if options.check and not change.partial:
                 from fwsafe.check.precheck import warm_current, warm_up
 
@@ -453,11 +478,13 @@ class ApplyFlow:
             # The lockout check needs the host's layers, not the validation's verdict: it runs
             # beside the validation, which is heard first (an invalid change is reported as
             # such, whatever the check made of it). sshd's config is checked after it.
-            validating = pool.submit(validate_change, complete)
+            # Without the lockout check, a change that is one nft transaction is validated by
+            # the guard's load itself (all of it or nothing: a refused file changes nothing).
+            validating = pool.submit(validate_change, complete, by_transaction=not options.check)
             if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
                 validating.result()
             captured = collect(captures, list(change.layers))
-            lossy = pool.submit(refuse_lossy_tables, change, captured, generation)
+            lossy = pool.submit(refuse_lossy_tables, change, captured, generation, ahead)
             # Written (durably) while the checks run; a layer read again is written again.
             saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
             if options.check:
@@ -476,6 +503,13 @@ class ApplyFlow:
             if RUN.hatch_seen:   # one left behind (a transaction that ended without removing it)
                 hatch.sync(None, hatch.available_layers())
             fresh = refresh(pool, captured, generation, list(change.layers))
+            # nf_tables' layers in the snapshot are its state at this stamp (the generation
+            # they were read at, unchanged since): the guard's revert from the snapshot, for a
+            # change whose layers all live there.
+            stamp = nflist.ruleset_stamp()
+            before_stamp = stamp if generation is not None and stamp is not None \
+                and stamp.rpartition("/")[2] == str(generation) and all(
+                    layer_for(n).in_nf_tables() for n in change.layers) else None
             saving.result()
             refusing = pool.submit(refuse_deleting_neighbours, change, fresh, options)
             save_snapshot(self.state, tx_id, None, fresh, captured)
@@ -498,7 +532,7 @@ class ApplyFlow:
                      "stuck_grace": options.stuck_grace,
                      "hatch": hatch_plan(options),
                      "check": verdict},
-            boot_id=transaction.current_boot_id(),
+            boot_id=transaction.current_boot_id(), before_stamp=before_stamp,
         )
         record.log(transaction.PREPARING, "validated; snapshot of " + ", ".join(sorted(captured)))
         need_room(self.state, sum(len(data) for data in captured.values()))

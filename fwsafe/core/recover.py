@@ -159,7 +159,8 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             else:
                 result = revert_change(touched, before, after or None, on_attempt=attempt,
                                        give_up_after=give_up_after,
-                                       after_stamp=record.after_stamp, access=access)
+                                       after_stamp=record.after_stamp, access=access,
+                                       unchanged_since=record.change_stamp)
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")

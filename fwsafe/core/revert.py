@@ -20,7 +20,7 @@ from typing import Any
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, owned_elsewhere, revert_order
-from fwsafe.backends.base import LEVELS, MERGE, SNAPSHOT_TABLES, Proved
+from fwsafe.backends.base import LEVELS, MERGE, SNAPSHOT_TABLES, Layer, Proved
 from fwsafe.core.transaction import Record
 
 BACKOFF_FIRST = 0.1
@@ -139,19 +139,54 @@ def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> 
     return touched
 
 
+def _from_snapshot(name: str, layer: Layer, units: Sequence[str], before: bytes, log: Log,
+                   unchanged_since: str) -> tuple[str | None, str, Proved | None]:
+    """The revert while nf_tables is still as the change left it (`unchanged_since`: nothing
+    but the change committed since the snapshot, fwsafe.guard.applying.change_stamp): the
+    layer is its snapshot with the tables of `units` loaded whole by the change, so the
+    three-way merge's target is those tables as in the snapshot, and the rest of the layer is
+    the snapshot's. Loaded with no reading; the kernel's generation proves it held (MERGE: the
+    delta is gone, the whole layer is the snapshot); when another commit came in between, the
+    tables are the snapshot's all the same (SNAPSHOT_TABLES, said as such). (None, ...) when nf_tables
+    moved on before the load: the caller takes the usual way."""
+    if not layer.in_nf_tables() or nflist.ruleset_stamp() != unchanged_since:
+        return None, "nf_tables changed since the change", None
+    log(f"revert of {name}: nothing but the change committed since the snapshot (nf_tables' "
+        "generation): its tables go back as in the snapshot, nothing read")
+    layer.proved = None
+    remaining = layer.revert(before, None, units, level=SNAPSHOT_TABLES, on_retry=log, live=before)
+    proved = layer.proved
+    if remaining:
+        return None, "still differs: " + ", ".join(remaining), None
+    if proved is None or unchanged_since.rpartition("/")[2] != str(proved[0]):
+        return SNAPSHOT_TABLES, "", None   # somebody else committed right before the load
+    return MERGE, "", proved
+
+
 def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes | None,
                   log: Log, after_stamp: str | None = None, warm: bool = False,
-                  skip: frozenset[str] = frozenset()) -> tuple[str | None, str, Proved | None]:
+                  skip: frozenset[str] = frozenset(),
+                  unchanged_since: str | None = None) -> tuple[str | None, str, Proved | None]:
     """Try each level once; return (the level that worked, None if none did; the last error;
     the layer's whole state when the kernel proved it, see Layer.proved). While nf_tables is
     as it was right after the change (`after_stamp`), the live state of an nf_tables layer is
-    `after` and is not read again. `warm`: the access proof will follow, so its analysis of the
+    `after` and is not read again; while it is as the change left it and nothing else wrote
+    since the snapshot (`unchanged_since`), the layer goes back from the snapshot alone
+    (`_from_snapshot`). `warm`: the access proof will follow, so its analysis of the
     state about to be loaded starts while the tool loads it. `skip`: units another layer owns
     (firewalld's tables in the nft layer)."""
     layer = layer_for(name)
     units = [u for u in units if u not in skip]
     if warm:
         layer.on_target = lambda data: _warm_proof(name, data)
+    if unchanged_since is not None:
+        try:
+            level, error, proved = _from_snapshot(name, layer, units, before, log,
+                                                    unchanged_since)
+            if level is not None:
+                return level, error, proved
+        except Exception as exc:  # noqa: BLE001 - the usual levels follow
+            log(f"revert of {name} from the snapshot refused: {exc}")
     levels = LEVELS if after is not None else tuple(lv for lv in LEVELS if lv != MERGE)
     if after is None:
         # Nothing says what the change did (no capture right after it): everything that
@@ -195,10 +230,14 @@ def revert_change(
     sleep: Callable[[float], None] = time.sleep,
     after_stamp: str | None = None,
     access: Access | None = None,
+    unchanged_since: str | None = None,
 ) -> RevertResult:
     """Undo the change on every touched layer: files first, iptables last (the reverse of the
     capture order). `after` holds the captures taken right after the change (a layer missing
-    there is reverted from the snapshot: SNAPSHOT_UNITS, then SNAPSHOT_TABLES). `access`: the second proof,
+    there is reverted from the snapshot: SNAPSHOT_UNITS, then SNAPSHOT_TABLES). `unchanged_since`: nf_tables'
+    stamp at which the touched layers were their snapshot with the touched tables loaded whole
+    by the change, nothing else (fwsafe.guard.applying.change_stamp); while it holds, they go
+    back from the snapshot without being read. `access`: the second proof,
     asked once the delta is proved gone; when it fails, the touched tables are loaded whole
     from the snapshot (access before fidelity) and it is asked again."""
     say: Log = log or (lambda _message: None)
@@ -214,7 +253,12 @@ def revert_change(
             level, error, proved = _revert_layer(name, touched[name], before[name],
                                                  (after or {}).get(name), say, after_stamp,
                                                  warm=access is not None,
-                                                 skip=owned_elsewhere(name, before))
+                                                 skip=owned_elsewhere(name, before),
+                                                 unchanged_since=unchanged_since)
+            # The next layer's stamp: this one's load (its own commits) moved it on.
+            unchanged_since = (None if unchanged_since is None or proved is None
+                               or unchanged_since.rpartition("/")[2] != str(proved[0])
+                               else f"{unchanged_since.rpartition('/')[0]}/{proved[1]}")
             if level is None:
                 failed[name] = error
                 continue

@@ -107,6 +107,10 @@ class Record:
     boot_id: str | None = None            # the kernel boot the change was applied in
     after_stamp: str | None = None        # nf_tables as captured after the change
                                           # (fwsafe.backends.nflist.ruleset_stamp)
+    before_stamp: str | None = None       # nf_tables when the snapshot was its state
+    change_stamp: str | None = None       # nf_tables right after the change, when only the
+                                          # change committed since the snapshot (see
+                                          # fwsafe.guard.applying.change_stamp)
     reverted_by: str | None = None        # guard | backstop | recover | boot
     backstop: dict[str, Any] | None = None  # what reverts if the guard dies: kind, pid/unit
     revert_attempts: int = 0              # rounds tried so far (each one every level)

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fwsafe import failpoints
+from fwsafe.backends import nflist
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.revert import RevertResult, access_check, revert_change
 from fwsafe.core.statedir import StateDir, open_private
@@ -46,7 +47,8 @@ from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
 from fwsafe.guard.applying import (
     ALREADY_UNDONE,
-    capture_after,
+    AfterChange,
+    change_stamp,
     hatch_only,
     run_change,
     undone_already,
@@ -115,8 +117,8 @@ class Guard:
         # Everything needed to revert is read into memory before anything is changed.
         self.before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         self.change = snapshot.load(state, record.id, snapshot.CHANGE, record.layers)
-        self.after: dict[str, bytes] | None = None   # captured right after the change
-        self.captured = False
+        self.wake_r, self.wake_w = os.pipe()
+        self.after = AfterChange(state, record, self.before, self.log, self.wake_w)
         self.undo_began = False       # a revert was begun (an error may have cut it short)
         self.deadline = Deadline(record)
         self.backstop = BackstopKeeper(state, record, mode, self.log)
@@ -126,7 +128,6 @@ class Guard:
         self.revert_reason: str | None = None   # a revert to do (again, after an error)
         self.unsaved = False          # the record in memory is newer than on disk
         self.quit = False             # taken over by someone else: leave it alone
-        self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.terminate = False
         self.server: socket.socket | None = None
@@ -204,11 +205,13 @@ class Guard:
         if self.record.run and spec is not None:   # a command makes its own transactions
             self.hatch.load(self.record.watch)
         self.applied = True
+        stamp = nflist.ruleset_stamp()
         error = run_change(self.state, self.record, self.change, spec, self.before, self.log)
         failpoints.hit("guard.applied")
         if error is not None:
             self._refused(error)
             return False
+        self.record.change_stamp = change_stamp(self.record, self.change, stamp)
         self.deadline.set(time.time() + timeout)
         self.backstop.deadline(self.deadline.at_boot)
         self.backstop.set_limit(self.deadline.left() + self.limit_margin())   # before pending
@@ -216,21 +219,21 @@ class Guard:
         self.save()  # the CLI returns now; what the change touched is worked out meanwhile
         failpoints.hit("guard.pending")
         self.log(f"applied; reverting at {time.ctime(self.record.deadline)} unless confirmed")
-        self.capture()
-        self.hatch.retime(self.deadline.wall())
-        self.record.after_stamp = hatch_only(self.record.after_stamp, self.hatch.load(self.record.watch))
-        self.save()
+        if not self.after.start():   # (in a thread when a revert needs none of it)
+            self.after_capture()
         if self.record.probes:
             self.probes = ProbeWatch(self.record, self.wake_w, self.log)
             self.probes.start()
         failpoints.hit("guard.waiting")
         return True
 
-    def capture(self) -> None:
-        """What the change touched (and its own delta, for the merge), captured once."""
-        if not self.captured:
-            self.after = capture_after(self.state, self.record, self.before, self.log)
-            self.captured = True
+    def after_capture(self) -> None:
+        """The hatch moved to the deadline now known; stamps moved past its commits; saved."""
+        self.hatch.retime(self.deadline.wall())
+        commits = self.hatch.load(self.record.watch)
+        self.record.after_stamp = hatch_only(self.record.after_stamp, commits)
+        self.record.change_stamp = hatch_only(self.record.change_stamp, commits)
+        self.save()
 
     def limit_margin(self) -> float:
         """systemd's own limit comes this long after the deadline: after the backstop's
@@ -241,7 +244,7 @@ class Guard:
 
     def _refused(self, error: str) -> None:
         """The tool refused the change: undo whatever part of it is live; `rejected`."""
-        self.capture()
+        self.after.now()
         self.log(f"change refused: {error}")
         self.record.error = error
         self.done = True
@@ -293,14 +296,16 @@ class Guard:
             self.record.revert_last_error = why
             self.save()
 
-        self.capture()   # an error may have come between the change and its capture
+        quiet = self.after.skip(self.change)   # (a revert from the snapshot reads nothing)
+        self.after.now()   # an error may have come between the change and its capture
         if self.undo_began and undone_already(self.record.touched, self.before):
             self.record.reverted_by = "guard"
             return RevertResult(notes=[ALREADY_UNDONE])
         self.undo_began = True
-        result = revert_change(self.record.touched, self.before, self.after, log=self.log,
+        result = revert_change(self.record.touched, self.before, self.after.after, log=self.log,
                                on_attempt=attempt, after_stamp=self.record.after_stamp,
-                               sleep=self.pause, access=access_check(self.record))
+                               sleep=self.pause, access=access_check(self.record),
+                               unchanged_since=quiet)
         self.record.reverted_by = "guard"
         self.record.revert_attempts = result.attempts
         self.record.revert_last_error = None
@@ -310,11 +315,11 @@ class Guard:
 
     def confirm(self, by: dict[str, str]) -> None:
         failpoints.hit("guard.confirming")
+        self.after.now()   # what it touched, kept for the history (still being read: waited)
         self.done = True
         if self.probes:
             self.probes.stop()
-        self.record.confirmed_by = by
-        detail = by.get("how", "confirmed")
+        self.record.confirmed_by, detail = by, by.get("how", "confirmed")
         self.record.reason = detail
         self.record.transition(transaction.CONFIRMED, detail)
         self.hatch.removing = self.hatch.spec is not None   # whatever happens next
@@ -419,6 +424,8 @@ class Loop:
         elif self.g.record.state == transaction.APPLYING:
             self.g.revert_reason = "the guard lost track of the change while applying it"
         elif self.g.record.state == transaction.PENDING:
+            if self.g.after.adopt(wanted=not self.g.done):
+                self.g.after_capture()
             self.wait_once()
         else:   # over: what is left to do
             if self.g.hatch.removing:
@@ -451,7 +458,8 @@ class Loop:
                 + (" (deadline extended)" if any(e.event == "extended"
                                                  for e in self.g.record.events) else ""))
             return
-        self.g.hatch.follow(self.g.deadline.wall(), self.g.record.watch)   # a wall-clock step
+        if self.g.after.reading is None:   # (its commits would make the capture's stamp stale)
+            self.g.hatch.follow(self.g.deadline.wall(), self.g.record.watch)   # a clock step
         if self.g.unsaved:
             self.g.save()
         if self.g.backstop.missing:

@@ -1,0 +1,46 @@
+"""Issue 27: what the guard knows right after the change when nothing else committed since the
+snapshot (fwsafe.guard.applying: change_commits, change_stamp, snapshot_touched). The revert
+from the snapshot with the real kernel: tests/lab/test_revert_snapshot.py."""
+
+from __future__ import annotations
+
+from fwsafe.core.transaction import Record
+from fwsafe.guard.applying import change_commits, change_stamp, snapshot_touched
+
+TWO = (b"*filter\n:INPUT ACCEPT [0:0]\n:NEW - [0:0]\n-A INPUT -j NEW\nCOMMIT\n"
+       b"*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n")
+BEFORE = b"*filter\n:INPUT ACCEPT [0:0]\n:OLD - [0:0]\n-A INPUT -j OLD\nCOMMIT\n" \
+         b"*mangle\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"
+
+
+def record(**kw: object) -> Record:
+    base: dict[str, object] = {"id": "t", "state": "pending", "created": 0.0, "timeout_s": 60.0,
+                               "backend": "rules", "layers": ["ipv4"]}
+    return Record(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_one_commit_per_table_block_of_each_iptables_file() -> None:
+    assert change_commits(record(), {"ipv4": TWO}) == 2
+    assert change_commits(record(layers=["ipv4", "ipv6"]), {"ipv4": TWO, "ipv6": TWO}) == 4
+    twice = TWO + b"*filter\n:INPUT ACCEPT [0:0]\nCOMMIT\n"
+    assert change_commits(record(), {"ipv4": twice}) == 3          # restored as written
+    assert change_commits(record(options={"partial": True}), {"ipv4": twice}) == 2  # composed
+
+
+def test_nothing_is_known_for_what_is_not_whole_iptables_tables() -> None:
+    assert change_commits(record(run=["ufw", "allow", "22"]), {}) is None
+    assert change_commits(record(layers=["nft"]), {"nft": b"table inet t {}\n"}) is None
+    assert change_commits(record(layers=["ipv4-legacy"]), {"ipv4-legacy": TWO}) is None
+    assert change_commits(record(layers=["ufw"]), {"ufw": b""}) is None
+
+
+def test_a_snapshot_not_taken_at_the_stamp_before_the_load_gives_none() -> None:
+    assert change_stamp(record(before_stamp=None), {"ipv4": TWO}, "b/1/5") is None
+    assert change_stamp(record(before_stamp="b/1/4"), {"ipv4": TWO}, "b/1/5") is None
+
+
+def test_what_the_revert_from_the_snapshot_puts_back() -> None:
+    touched = snapshot_touched(record(), {"ipv4": TWO}, {"ipv4": BEFORE})["ipv4"]
+    # every chain of each table the change loaded, the snapshot's and the change's; not mangle
+    assert touched == sorted(["filter/", "filter/INPUT", "filter/NEW", "filter/OLD", "nat/",
+                              "nat/PREROUTING"])
