@@ -23,6 +23,8 @@ from fwsafe.core.revert import (
     compute_touched,
     proof_of,
     prove_access,
+    record_revert,
+    recording_attempts,
     remove_dead_proofs,
     revert_change,
 )
@@ -142,11 +144,6 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 + (f"; put back {', '.join(u for us in touched.values() for u in us)}"
                    if touched else ""))
 
-        def attempt(number: int, why: str) -> None:
-            record.revert_attempts = number
-            record.revert_last_error = why
-            save(state, record)
-
         save(state, record)   # reverting, said before the lock is let go
         failpoints.hit("recover.claimed")
         with state.released() if give_up_after is None else contextlib.nullcontext():
@@ -157,22 +154,19 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                                       proofs={n: proof_of(CHAINS) for n in touched})
                 prove_access(result, access, touched, before, lambda _message: None)
             else:
-                result = revert_change(touched, before, after or None, on_attempt=attempt,
+                result = revert_change(touched, before, after or None,
+                                       on_attempt=recording_attempts(
+                                           record, lambda: save(state, record)),
                                        give_up_after=give_up_after,
                                        after_stamp=record.after_stamp, access=access)
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")
-        record.revert_attempts = result.attempts
-        record.revert_notes = result.notes + leftovers
-        record.revert_proofs = result.proofs
-        record.revert_verified = result.verified
-        record.reverted_by = by
+        record_revert(record, result, by, leftovers)
         if result.problems:
             record.error = "; ".join(result.problems)
             record.transition(transaction.REVERT_FAILED, record.error)
         else:
-            record.revert_last_error = None
             record.transition(transaction.REVERTED, result.summary(by))
         save(state, record)
     return record

@@ -68,6 +68,30 @@ class RevertResult:
         return "; ".join([head, *self.notes])
 
 
+def recording_attempts(record: Record, save: Callable[[], object]) -> Callable[[int, str], None]:
+    """`revert_change`'s `on_attempt` for the guard and for recover: each failed attempt's
+    number and error in the record, saved at once (`status` shows them while it retries)."""
+    def attempt(number: int, why: str) -> None:
+        record.revert_attempts = number
+        record.revert_last_error = why
+        save()
+    return attempt
+
+
+def record_revert(record: Record, result: RevertResult, by: str,
+                  leftovers: Sequence[str] = ()) -> None:
+    """What a finished revert (`result`, by the guard, the backstop, recover, the boot unit)
+    leaves in `record`: who, how many attempts, the fallbacks (and `leftovers`), the proofs.
+    The state transition is the caller's (reverted, or revert-failed with `result.problems`)."""
+    record.reverted_by = by
+    record.revert_attempts = result.attempts
+    record.revert_notes = result.notes + list(leftovers)
+    record.revert_proofs = result.proofs
+    record.revert_verified = result.verified
+    if result.ok:
+        record.revert_last_error = None
+
+
 def proof_of(level: str) -> str:
     return ("the change's delta is gone from the kernel's state" if level == MERGE else
             f"the touched units are as in the snapshot in the kernel ({level})")

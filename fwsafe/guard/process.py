@@ -40,7 +40,13 @@ from typing import Any, TextIO
 
 from fwsafe import failpoints
 from fwsafe.core import snapshot, transaction
-from fwsafe.core.revert import RevertResult, access_check, revert_change
+from fwsafe.core.revert import (
+    RevertResult,
+    access_check,
+    record_revert,
+    recording_attempts,
+    revert_change,
+)
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
@@ -288,24 +294,16 @@ class Guard:
     def _undo(self) -> RevertResult:
         """Undo what the change touched; retry for as long as it takes (the change may be
         live: there is no giving up), saving each attempt in the record for `status`."""
-        def attempt(number: int, why: str) -> None:
-            self.record.revert_attempts = number
-            self.record.revert_last_error = why
-            self.save()
-
         self.capture()   # an error may have come between the change and its capture
         if self.undo_began and undone_already(self.record.touched, self.before):
             self.record.reverted_by = "guard"
             return RevertResult(notes=[ALREADY_UNDONE])
         self.undo_began = True
         result = revert_change(self.record.touched, self.before, self.after, log=self.log,
-                               on_attempt=attempt, after_stamp=self.record.after_stamp,
+                               on_attempt=recording_attempts(self.record, self.save),
+                               after_stamp=self.record.after_stamp,
                                sleep=self.pause, access=access_check(self.record))
-        self.record.reverted_by = "guard"
-        self.record.revert_attempts = result.attempts
-        self.record.revert_last_error = None
-        self.record.revert_notes = result.notes
-        self.record.revert_proofs, self.record.revert_verified = result.proofs, result.verified
+        record_revert(self.record, result, "guard")
         return result
 
     def confirm(self, by: dict[str, str]) -> None:
