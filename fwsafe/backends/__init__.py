@@ -1,10 +1,25 @@
-"""Firewall backends behind one small interface (see `fwsafe.backends.base.Layer`)."""
+"""Firewall backends behind one small interface (see `fwsafe.backends.base.Layer`), and the
+registry of layers: their names, in capture order, and what each is (`Layer.facts`: netfilter,
+files, iptables-save text, checked for a lockout, ...). Every other module asks it
+(`layers_with`, `layer_has`) instead of keeping a tuple of layer names (an architecture test
+keeps it so)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 
-from fwsafe.backends.base import ApplyError, Layer
+from fwsafe.backends.base import (
+    FILES,
+    IPTABLES_SAVE,
+    NETFILTER,
+    ON_DEMAND,
+    PREDICTED,
+    ROLLBACK,
+    RULES_FILE,
+    ApplyError,
+    Layer,
+)
 from fwsafe.errors import UsageError
 from fwsafe.ondisk.firewalld import FIREWALLD_TABLES
 
@@ -30,7 +45,8 @@ def revert_order(names: Iterable[str]) -> list[str]:
 
 def layer_for(name: str) -> Layer:
     """The layer object for a layer name stored in a transaction record."""
-    if name in ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy"):
+    if name in ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy"):   # IPTABLES_SAVE
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.iptables import IptablesLayer
 
         return IptablesLayer(name)
@@ -53,6 +69,17 @@ def layer_for(name: str) -> Layer:
     raise UsageError(f"unknown firewall layer {name!r}")
 
 
+@functools.cache
+def layers_with(*facts: str) -> tuple[str, ...]:
+    """The layers (kinds, for an on-demand one) that have every one of `facts`
+    (fwsafe.backends.base: NETFILTER, FILES, ...), in capture order, on-demand ones last."""
+    return tuple(name for name in (*ALL_LAYERS, *ON_DEMAND_LAYERS)
+                 if set(facts) <= layer_for(name).facts)
+
+
+def layer_has(name: str, fact: str) -> bool:
+    """Whether layer `name` (also "sshd:<path>") has `fact`; an unknown name has none."""
+    return layer_kind(name) in layers_with(fact)
 
 
 def owned_elsewhere(name: str, layers: Iterable[str]) -> frozenset[str]:
@@ -77,10 +104,24 @@ def compose_partial(name: str, content: bytes, live: bytes | None) -> bytes:
     return compose_iptables(live or b"", content)
 
 
+def watched_layers(changed: Iterable[str] | None, captured: Iterable[str]) -> list[str]:
+    """The layers of `captured` that a change giving content for layers `changed` (None: a
+    command, which can alter any) can alter: compared after the apply to find what it
+    touched."""
+    if changed is None:
+        return list(captured)
+    watch = set(changed)
+    if "nft" in watch:  # `flush ruleset` also wipes the tables of iptables-nft
+        watch |= set(layers_with(RULES_FILE))
+    return [name for name in captured if name in watch]
+
+
 def available_layers() -> list[str]:
     """The layers that exist on this system (each is captured in every snapshot)."""
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
-__all__ = ["ALL_LAYERS", "FIREWALLD_TABLES", "ON_DEMAND_LAYERS", "ApplyError", "Layer", "available_layers",
-           "compose_partial", "layer_for", "layer_kind", "owned_elsewhere", "revert_order"]
+__all__ = ["ALL_LAYERS", "FILES", "FIREWALLD_TABLES", "IPTABLES_SAVE", "NETFILTER", "ON_DEMAND",
+           "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "ApplyError", "Layer",
+           "available_layers", "compose_partial", "layer_for", "layer_has", "layer_kind",
+           "layers_with", "owned_elsewhere", "revert_order", "watched_layers"]

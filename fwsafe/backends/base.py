@@ -37,6 +37,18 @@ CHAINS = "snapshot units"
 TABLES = "snapshot tables"
 LEVELS = (MERGE, CHAINS, TABLES)
 
+# What a layer is and what the rest of fwsafe does with it (`Layer.facts`): every module asks
+# the registry (fwsafe.backends: `layers_with`, `layer_has`), none keeps a list of layer names.
+NETFILTER = "netfilter"          # its own tool loads its rules into netfilter (iptables, nft)
+IPTABLES_SAVE = "iptables-save"  # its state is iptables-save text (v4, v6, nft or legacy)
+FILES = "files"                  # its state is files another program loads (ufw, firewalld,
+                                 # sshd): after a reboot only these are put back
+ON_DEMAND = "on-demand"          # captured only for a change that gives content for it
+PREDICTED = "predicted"          # the lockout check loads it in its sandbox
+RULES_FILE = "rules-file"        # what --rules / --rules6 give; a command tried on a copy is
+                                 # judged by what it leaves here
+ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the history
+
 
 class ApplyError(Exception):
     """A backend's tool refused (the kernel's answer, not a parse of ours)."""
@@ -57,6 +69,7 @@ class Layer(abc.ABC):
     name: str
     label: str
     tools: tuple[str, ...] = ()   # binaries needed to change this layer
+    facts: frozenset[str] = frozenset()   # NETFILTER, FILES, ... (above)
     proved: Proved | None = None  # set by `revert` when the kernel proved the whole state
     # Told the whole state a revert is about to load (what `proved` will hold if the kernel
     # proves it), to start work on it while the tool loads it; never raises.

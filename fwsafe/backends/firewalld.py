@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import FILES, MERGE, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch
 from fwsafe.ondisk.firewalld import (
@@ -213,6 +213,7 @@ class FirewalldLayer(Layer):
     name = "firewalld"
     label = "firewalld"
     tools = (FIREWALL_CMD,)
+    facts = frozenset({FILES})   # firewalld's files; it starts from them
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root

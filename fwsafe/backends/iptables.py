@@ -20,7 +20,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fwsafe.backends import nflist
-from fwsafe.backends.base import CHAINS, MERGE, ApplyError, Layer, RetryLog, line_starting
+from fwsafe.backends.base import (
+    CHAINS,
+    IPTABLES_SAVE,
+    MERGE,
+    NETFILTER,
+    PREDICTED,
+    ROLLBACK,
+    RULES_FILE,
+    ApplyError,
+    Layer,
+    RetryLog,
+    line_starting,
+)
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch
@@ -325,6 +337,8 @@ class IptablesLayer(Layer):
         self.name = name
         self.label = self.family.label
         self.tools = (self.family.save, self.family.restore)
+        self.facts = frozenset({NETFILTER, IPTABLES_SAVE} if self.family.legacy else
+                               {NETFILTER, IPTABLES_SAVE, PREDICTED, RULES_FILE, ROLLBACK})
 
     # -- tools --------------------------------------------------------------------------
     def available(self) -> bool:

@@ -21,7 +21,16 @@ import re
 from collections.abc import Mapping, Sequence
 
 from fwsafe.backends import libnft, nflist
-from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog, line_starting
+from fwsafe.backends.base import (
+    MERGE,
+    NETFILTER,
+    PREDICTED,
+    ROLLBACK,
+    ApplyError,
+    Layer,
+    RetryLog,
+    line_starting,
+)
 from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 from fwsafe.backends.nflist import kernel_tables
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
@@ -235,6 +244,7 @@ class NftLayer(Layer):
     name = "nft"
     label = "nftables"
     tools = ("nft",)
+    facts = frozenset({NETFILTER, PREDICTED, ROLLBACK})
 
     def available(self) -> bool:
         return find_binary("nft") is not None

@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwsafe.backends import available_layers, layer_for
+from fwsafe.backends import (
+    IPTABLES_SAVE,
+    NETFILTER,
+    available_layers,
+    layer_for,
+    layer_has,
+    layers_with,
+)
 from fwsafe.backends.base import ApplyError
 from fwsafe.backends.iptables import BUILTIN_CHAINS, IptablesLayer, uses_nf_tables
 from fwsafe.check.rules import IptFileMap, SavedTables, has_tables
@@ -19,7 +26,6 @@ from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
 __all__ = [
-    "IPT_LAYERS",
     "ClientPath",
     "Interface",
     "IptTool",
@@ -138,9 +144,6 @@ def host_families(interfaces: dict[str, Interface]) -> set[int]:
     return families
 
 
-IPT_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
-
-
 def capture_host(pool_size: int = 4) -> dict[str, bytes]:
     """Every firewall layer the check reads ({layer: capture}), read in parallel; a layer that
     cannot be read is left out (``current_state`` then reads it itself and says why)."""
@@ -148,7 +151,7 @@ def capture_host(pool_size: int = 4) -> dict[str, bytes]:
 
     from fwsafe.core import prefetch
 
-    names = [n for n in available_layers() if n in (*IPT_LAYERS, "nft")]
+    names = [n for n in available_layers() if layer_has(n, NETFILTER)]
     found: dict[str, bytes] = {}
     with ThreadPoolExecutor(max_workers=pool_size) as pool:
         # The reading `fwsafe check` started before the CLI was loaded, if any.
@@ -169,7 +172,7 @@ def current_state(layers: Mapping[str, tuple[bytes, str]],
     captured = captured or {}
     present = set(available_layers())
     tools: list[IptTool] = []
-    for name in IPT_LAYERS:
+    for name in layers_with(IPTABLES_SAVE):
         if name not in present and name not in layers:
             continue
         layer = IptablesLayer(name)

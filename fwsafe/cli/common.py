@@ -27,6 +27,7 @@ from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import EXIT_CODE_HELP
 from fwsafe.guard.spawn import converge as converge_orphan
+from fwsafe.steps import on_confirmed
 
 if TYPE_CHECKING:
     from fwsafe.core.apply import ApplyOptions
@@ -205,6 +206,7 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
     here, so none ignores a setting; `fields` are the command's own (its options, which win:
     --probe, check, force, login_user...)."""
     from fwsafe.core.apply import ApplyOptions
+    from fwsafe.steps import apply_steps
 
     settings: dict[str, Any] = {
         "timeout_s": timeout_from(config, timeout_s), "command": list(sys.argv),
@@ -215,7 +217,7 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
         "probe_failures": config.probe_failures,
         "probe_timeout": min(config.probe_timeout, config.probe_interval),
     }
-    return ApplyOptions(**{**settings, **fields})
+    return ApplyOptions(**{**settings, **apply_steps(), **fields})
 
 
 def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
@@ -246,7 +248,7 @@ def manager_for(state_dir: str | None, config: Config | None = None, *,
     state = StateDir(resolve_state_dir(state_dir, configured))
     if converge:
         converge_orphan(state)
-    return Manager(state)
+    return Manager(state, on_confirmed=on_confirmed)
 
 
 def clock(t: float | None) -> str:

@@ -227,6 +227,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     state back."""
     from fwsafe.cli.screens import interactive_wait, report_armed
     from fwsafe.core.manager import Manager
+    from fwsafe.steps import on_confirmed
 
     config = load_config(config_path)
     timeout_from(config, timeout_s)   # a bad --timeout is a usage error before anything
@@ -244,7 +245,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")
         return
     options = apply_options(config, timeout_s)
-    manager = Manager(state)
+    manager = Manager(state, on_confirmed=on_confirmed)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():
         report_armed(record, as_json)

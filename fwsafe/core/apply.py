@@ -16,31 +16,31 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fwsafe import failpoints
 from fwsafe.backends import (
     ON_DEMAND_LAYERS,
+    RULES_FILE,
     ApplyError,
     available_layers,
     layer_for,
     layer_kind,
+    layers_with,
     nflist,
+    watched_layers,
 )
-from fwsafe.config import DEFAULT_MAX_TIMEOUT
 from fwsafe.context import RUN
 from fwsafe.core import prefetch, snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
 from fwsafe.core.statedir import StateDir, make_private_dir
-from fwsafe.core.transaction import Record
+from fwsafe.core.transaction import DEFAULT_MAX_TIMEOUT, Record
 from fwsafe.errors import (
-    CannotSimulateError,
     ChangeMayBeLiveError,
     EnvironmentProblem,
     FwsafeError,
     GuardError,
     InvalidRulesError,
-    LockoutRefused,
     PendingError,
     RevertedError,
     RevertFailedError,
@@ -82,16 +82,29 @@ class ApplyOptions:
     hatch_grace: float = 30.0      # ... opening this long after the deadline
     stuck_grace: float = 5.0       # the backstop kills a stuck guard this long after it
     admin_sources: list[str] = field(default_factory=list)   # who the hatch lets in, too
+    # The steps that live above core, given by the caller (fwsafe.steps.apply_steps): core
+    # names no package above it. Asked for and missing: an InternalError, never a silent skip.
+    lockout_check: Callable[[Change, ApplyOptions, Mapping[str, bytes] | None],
+                            dict[str, Any]] | None = field(default=None, repr=False)
+    warm_change: Callable[[Change], None] | None = field(default=None, repr=False)
+    warm_captures: Callable[[Mapping[str, Future[bytes]]], None] | None = field(
+        default=None, repr=False)
+    # (the SSH clients, the ports) the kernel escape hatch lets in
+    ssh_access: Callable[[], tuple[list[str], list[int]]] | None = field(default=None,
+                                                                         repr=False)
+    # Installs the boot recovery unit if need be (a systemd host); the note when it did.
+    install_boot_hook: Callable[[str], str | None] | None = field(default=None, repr=False)
 
 
-def watched_layers(change: Change, captured: list[str]) -> list[str]:
-    """The layers the change can alter, compared after the apply to find what it touched."""
-    if change.run is not None:
-        return list(captured)
-    watch = set(change.layers)
-    if "nft" in change.layers:  # `flush ruleset` also wipes the tables of iptables-nft
-        watch |= {"ipv4", "ipv6"}
-    return [name for name in captured if name in watch]
+Step = TypeVar("Step")
+
+
+def step(given: Step | None, name: str) -> Step:
+    """A step of ApplyOptions the flow needs: the caller forgot it is a bug, said as such."""
+    if given is None:
+        raise TypeError(f"ApplyOptions.{name} is needed and was not given "
+                            "(fwsafe.steps.apply_steps gives every step)")
+    return given
 
 
 def touchable_tables(change: Change, name: str) -> set[str] | None:
@@ -115,7 +128,7 @@ def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
     from fwsafe.backends.fidelity import FidelityError, lossy_tables
     from fwsafe.runner import find_binary
 
-    checks = {name: tables for name in ("ipv4", "ipv6")
+    checks = {name: tables for name in layers_with(RULES_FILE)
               if name in captured and (tables := touchable_tables(change, name)) != set()
               and layer_for(name).in_nf_tables()}
     if checks and find_binary("nft") is None:   # nothing to compare with; said in the record
@@ -159,41 +172,11 @@ def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
 
 def lockout_check(change: Change, options: ApplyOptions,
                   captured: Mapping[str, bytes] | None = None) -> dict[str, Any]:
-    """Run the lockout check; refuse a predicted lockout unless forced (exit 3)."""
+    """Run the lockout check (the caller's step: fwsafe.steps.lockout_check); it refuses a
+    predicted lockout unless forced (exit 3)."""
     if not options.check:
         return {"ran": False, "summary": "lockout check skipped (--no-check)"}
-    if any(layer_kind(name) in ON_DEMAND_LAYERS for name in change.layers):  # sshd's config
-        from fwsafe.sshd.lockout import check_sshd_change
-
-        return check_sshd_change(change, force=options.force, user=options.login_user)
-    from fwsafe.check.precheck import precheck
-
-    try:
-        report = precheck(change, captured=captured)
-    except CannotSimulateError as exc:
-        # A command that acts on a live daemon (firewall-cmd: firewalld over D-Bus) cannot be
-        # tried on a copy, and was not run: the snapshot, taken before it, stays the state
-        # before it; the guard runs it for the first time and reverts it unless confirmed.
-        summary = (f"lockout NOT checked: the command cannot be tried on a copy (it reaches "
-                   f"{exc.reached}); it runs for the first time under the guard, after the "
-                   "snapshot")
-        change.notes.append(summary)
-        # The clients are still the revert's second proof (the kernel's verdict after it).
-        from fwsafe.check.clients import default_sessions
-
-        sessions, port = default_sessions()
-        return {"ran": False, "summary": summary, "clients": [s.client for s in sessions],
-                "port": port}
-    if report is None:
-        return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
-    from fwsafe.check.report import precheck_summary, refusal_hint
-
-    if report.lockout and not options.force:
-        raise LockoutRefused(report.lockout_message(),
-                             hint=refusal_hint(change.run, report.port))
-    # The clients and port are the revert's second proof: they must get in again after it.
-    return {"ran": True, "lockout": report.lockout, "summary": precheck_summary(report),
-            "clients": report.clients, "port": report.port}
+    return step(options.lockout_check, "lockout_check")(change, options, captured)
 
 
 def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,
@@ -299,13 +282,10 @@ def hatch_plan(options: ApplyOptions) -> dict[str, Any]:
     sshd's), how long after the deadline. Off: why not."""
     if not options.hatch:
         return {"on": False, "why": "hatch = false in the config"}
-    from fwsafe.check.clients import default_sessions, sshd_ports
-
-    sessions, port = default_sessions()
-    four, six = hatch.split_sources([*(s.client for s in sessions), *options.admin_sources])
+    clients, ports = step(options.ssh_access, "ssh_access")()
+    four, six = hatch.split_sources([*clients, *options.admin_sources])
     if not four and not six:
         return {"on": False, "why": "no SSH client known and no admin_sources in the config"}
-    ports = sorted({port, *(s.server_port for s in sessions), *sshd_ports()})
     return {"on": True, "grace": options.hatch_grace, "sources4": four, "sources6": six,
             "ports": ports}
 
@@ -443,10 +423,8 @@ class ApplyFlow:
             # The reading the `fwsafe` command started before this was loaded, if any.
             generation, captures = prefetch.read(pool, layers)
             if options.check and not change.partial:
-                from fwsafe.check.precheck import warm_current, warm_up
-
-                pool.submit(warm_up, change)
-                pool.submit(warm_current, captures)
+                pool.submit(step(options.warm_change, "warm_change"), change)
+                pool.submit(step(options.warm_captures, "warm_captures"), captures)
             if change.partial:
                 complete = resolve_partial(change, collect(captures, list(change.layers)))
             else:
@@ -486,7 +464,8 @@ class ApplyFlow:
             id=tx_id, state=transaction.PREPARING, created=time.time(),
             timeout_s=options.timeout_s, backend="command" if change.run else "rules",
             layers=list(change.layers), run=change.run, captured=sorted(captured),
-            watch=watched_layers(change, list(captured)), notes=change.notes,
+            watch=watched_layers(None if change.run is not None else change.layers,
+                                 captured), notes=change.notes,
             who=transaction.who_am_i(), command=options.command, probes=options.probes,
             options={"probe_interval": options.probe_interval,
                      "probe_failures": options.probe_failures,
@@ -510,21 +489,13 @@ class ApplyFlow:
     def _ensure_boot_hook(self, change: Change, options: ApplyOptions) -> None:
         """A reboot while a change is pending must come back with the old rules: on a systemd
         host the boot recovery unit is installed before the first change (unless the config
-        says boot_hook = false); if it cannot be, nothing is changed."""
-        if not options.boot_hook or not guard.systemd_is_init():
+        says boot_hook = false; the caller's step: fwsafe.steps.install_boot_hook); if it
+        cannot be, nothing is changed."""
+        if not options.boot_hook:
             return
-        from fwsafe.persistence import boothook
-
-        try:
-            done = boothook.ensure_on_systemd(str(self.state.root))
-        except (OSError, ValueError) as exc:
-            raise EnvironmentProblem(
-                f"cannot install the boot recovery unit ({boothook.UNIT_NAME}): {exc}",
-                hint="nothing was changed; fix that, or set boot_hook = false in the config "
-                     "to apply without a way back after a reboot") from exc
-        if done:
-            change.notes.append(f"installed the boot recovery unit {boothook.UNIT_NAME}: a "
-                                "reboot while a change is pending comes back with the old rules")
+        note = step(options.install_boot_hook, "install_boot_hook")(str(self.state.root))
+        if note:
+            change.notes.append(note)
 
     def _start_guard(self, record: Record, options: ApplyOptions,
                      standby: guard.Standby) -> Record:

@@ -11,10 +11,11 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fwsafe import failpoints
-from fwsafe.backends import ALL_LAYERS, ApplyError, layer_for
+from fwsafe.backends import ALL_LAYERS, RULES_FILE, ApplyError, layer_for, layers_with
 from fwsafe.core import transaction
 from fwsafe.core.apply import ApplyFlow, ApplyOptions
 from fwsafe.core.change import Change
@@ -104,8 +105,15 @@ STATUS_AS_RECORDED = (
 
 
 class Manager:
-    def __init__(self, state: StateDir) -> None:
+    """confirm / revert / extend / status, and the entry points to apply and recover.
+    `on_confirmed` keeps a confirmed state (the history, the boot files: the caller's step,
+    fwsafe.steps.on_confirmed; core names no package above it): called by a confirm made
+    without the guard (the guard, alive, calls it itself); never raises."""
+
+    def __init__(self, state: StateDir, *,
+                 on_confirmed: Callable[[StateDir, Record], object] | None = None) -> None:
         self.state = state
+        self.on_confirmed = on_confirmed
 
     # -- reading ------------------------------------------------------------------------------
     def current(self) -> Record | None:
@@ -268,7 +276,7 @@ class Manager:
             in_use[name] = bool(entry["in_use"])
             entries.append(entry)
         warnings = []
-        for family in ("ipv4", "ipv6"):
+        for family in layers_with(RULES_FILE):
             if in_use.get(f"{family}-legacy") and in_use.get(family):
                 warnings.append(
                     f"{family}: both iptables-legacy and iptables-nf_tables tables hold rules; "
@@ -374,6 +382,9 @@ def xtables_lock_holder(record: Record) -> str | None:
 def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how: str) -> Record:
     """Confirm a transaction whose guard is gone (the caller holds the state lock and has
     claimed the transaction)."""
+    if manager.on_confirmed is None:
+        raise TypeError("Manager(on_confirmed=...) is needed to confirm without the guard "
+                        "(fwsafe.steps.on_confirmed)")
     record = transaction.load_record(manager.state, tx_id)
     if record.state == transaction.CONFIRMED:
         return record
@@ -385,9 +396,7 @@ def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how
     transaction.save_record(manager.state, record)
     hatch.removed(record)
     # keep the state as known good and write the boot files; the confirm stands
-    from fwsafe.persistence.history import keep_confirmed
-
-    keep_confirmed(manager.state, record)
+    manager.on_confirmed(manager.state, record)
     transaction.save_record(manager.state, record)
     return record
 

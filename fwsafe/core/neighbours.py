@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fwsafe.backends import RULES_FILE, layers_with
+
 # (owner, patterns of iptables chain names, patterns of native nft tables "family name")
 OWNERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("fail2ban", ("f2b-*", "fail2ban-*"), ("* f2b-table", "* fail2ban*")),
@@ -89,7 +91,7 @@ def deleted_by_nft_file(live: Mapping[str, bytes], change: bytes) -> list[Neighb
         if owner and (flush_all or unit in named):
             found.append(Neighbour(owner, "nft", unit))
     if flush_all:  # `flush ruleset` also wipes the tables iptables-nft keeps
-        for layer in ("ipv4", "ipv6"):
+        for layer in layers_with(RULES_FILE):
             for name, chains in chain_names(live.get(layer, b"").decode(errors="replace")).items():
                 for chain in sorted(chains):
                     owner = owner_of_chain(chain)

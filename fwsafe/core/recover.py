@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from fwsafe import failpoints
-from fwsafe.backends import layer_for, layer_kind
+from fwsafe.backends import FILES, layer_for, layer_has
 from fwsafe.backends.base import CHAINS
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import require_root
@@ -35,8 +35,6 @@ from fwsafe.guard import hatch
 from fwsafe.guard.applying import ALREADY_UNDONE, undone_already
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
-FILE_LAYERS = ("ufw", "sshd", "firewalld")   # layers kept in files, not in the kernel
-                                             # (firewalld's files; it starts from them)
 LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "
                "gone)")
 
@@ -130,13 +128,13 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         if not touched:
             # The guard died before it recorded what the change touched: compare now
             # (whatever differs from the snapshot is undone whole).
-            watch = [n for n in record.watch if not after_reboot or layer_kind(n) in FILE_LAYERS]
+            watch = [n for n in record.watch if not after_reboot or layer_has(n, FILES)]
             now = {name: layer_for(name).capture() for name in watch}
             touched = compute_touched(before, now)
             record.touched = touched
             after = {}
         if after_reboot:
-            touched = {n: u for n, u in touched.items() if layer_kind(n) in FILE_LAYERS}
+            touched = {n: u for n, u in touched.items() if layer_has(n, FILES)}
             by = "boot"
             record.reason = reason = (
                 "reboot: the change was still pending when the machine went down; the "
@@ -180,7 +178,7 @@ def rebooted(record: Record, before: Mapping[str, bytes]) -> bool:
     now_id = transaction.current_boot_id()
     if record.boot_id and now_id:
         return record.boot_id != now_id
-    kernel = [n for n in record.captured if layer_kind(n) not in FILE_LAYERS and n in before]
+    kernel = [n for n in record.captured if not layer_has(n, FILES) and n in before]
     if not any(layer_for(n).units(before[n]) for n in kernel):
         return False
     try:

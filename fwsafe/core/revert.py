@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fwsafe import failpoints
-from fwsafe.backends import layer_for, nflist, owned_elsewhere, revert_order
+from fwsafe.backends import RULES_FILE, layer_for, layers_with, nflist, owned_elsewhere, revert_order
 from fwsafe.backends.base import LEVELS, MERGE, TABLES, Proved
 from fwsafe.core.transaction import Record
 
@@ -103,7 +103,7 @@ def access_check(record: Record) -> Access | None:
     check: Mapping[str, Any] = record.options.get("check") or {}
     clients = list(check.get("clients") or [])
     port = int(check.get("port") or 22)
-    families: list[str] = [n for n in ("ipv4", "ipv6") if n in record.captured]
+    families: list[str] = [n for n in layers_with(RULES_FILE) if n in record.captured]
     if not clients or not families:
         return None
     if "firewalld" in record.captured and "nft" in record.captured:

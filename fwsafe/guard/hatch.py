@@ -42,11 +42,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fwsafe import backends
+from fwsafe.backends import IPTABLES_SAVE, NETFILTER, layer_has
 from fwsafe.ondisk.hatch import MARK  # how its rules are recognised (and stripped from captures)
 
-IPTABLES_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
 NFT_LAYER = "nft"
-HATCH_LAYERS = (*IPTABLES_LAYERS, NFT_LAYER)
 IN_HOOKS = ("prerouting", "input")
 OUT_HOOKS = ("output", "postrouting")
 # iptables tables whose rules can drop, and their chains on the hooks SSH traverses (nat
@@ -272,7 +272,7 @@ def with_change(layer: str, content: bytes, spec: Spec,
                 before: Mapping[str, bytes]) -> bytes:
     """`content` (a layer's complete change, as loaded) with the hatch in the same
     transaction; unchanged for layers without one."""
-    if layer in IPTABLES_LAYERS:
+    if layer_has(layer, IPTABLES_SAVE):
         return with_iptables_change(content, spec, _v6(layer))
     if layer == NFT_LAYER:
         return with_nft_change(content, spec, before.get(NFT_LAYER))
@@ -525,7 +525,7 @@ def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None,
     Never raises: a layer that fails is reported, the others are still done."""
     states: dict[str, str] = {}
     for layer in layers:
-        if layer not in HATCH_LAYERS:
+        if not layer_has(layer, NETFILTER):
             continue
         try:
             states[layer] = sync_layer(layer, spec, log, commits)
@@ -536,9 +536,7 @@ def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None,
 
 def available_layers() -> list[str]:
     """The layers of this system that can hold a hatch (for removing every last one)."""
-    from fwsafe.backends import available_layers as layers
-
-    return [name for name in layers() if name in HATCH_LAYERS]
+    return [name for name in backends.available_layers() if layer_has(name, NETFILTER)]
 
 
 def may_be_loaded(info: Mapping[str, Any] | None) -> bool:

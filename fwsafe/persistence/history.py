@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fwsafe.backends import available_layers, layer_for
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write, make_private_dir
 from fwsafe.core.transaction import Record
@@ -80,13 +81,7 @@ def capture_layers(root: Path = Path("/")) -> tuple[dict[str, bytes], dict[str, 
 
     Returns (layers, errors): a layer that cannot be read is left out and its error reported.
     """
-    from fwsafe.backends import layer_for
-
-    try:
-        from fwsafe.backends import available_layers
-        names = list(available_layers())
-    except ImportError:  # an older backends package: iptables only
-        names = ["ipv4", "ipv6"]
+    names = available_layers()
     layers: dict[str, bytes] = {}
     errors: dict[str, str] = {}
     for name in names:
@@ -219,7 +214,7 @@ def summarize(old: dict[str, bytes] | None, new: dict[str, bytes]) -> tuple[list
             parts.append(f"{name} no longer captured")
             continue
         before, after = layer_text(name, old[name]), layer_text(name, new[name])
-        if name in ("ufw", "sshd"):
+        if set(before) | set(after) != {name}:   # split into files (ufw, sshd)
             files = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             parts.append(f"{name}: {len(files)} file(s) changed" + (
                 " (" + ", ".join(f.split("/")[-1] for f in files[:4]) + ")" if files else ""))

@@ -5,13 +5,13 @@ written back against their content now), and notes on what a rollback leaves alo
 
 from __future__ import annotations
 
+from fwsafe.backends import ROLLBACK, RULES_FILE, layer_has, layers_with
 from fwsafe.core.change import Change
 from fwsafe.errors import UsageError
 from fwsafe.ondisk.history import Entry
 from fwsafe.persistence import history
 
 # Layers a rollback can put back (they take a rules file; sshd: its files, then a reload).
-ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd")
 
 
 def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
@@ -21,14 +21,14 @@ def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
     change = Change()
     notes = []
     for name, content in entry.layers.items():
-        if name not in ROLLBACK_LAYERS:
+        if name not in layers_with(ROLLBACK):   # (a name as given: "sshd", not "sshd:<path>")
             continue
         try:
             layer_for(name)
         except UsageError:
             notes.append(f"layer {name}: this fwsafe cannot apply it; not rolled back")
             continue
-        if name in ("ipv4", "ipv6"):
+        if layer_has(name, RULES_FILE):
             content = _with_emptied_tables(name, content)
         elif name == "nft":
             content = _nft_replacement(content)

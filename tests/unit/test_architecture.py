@@ -236,3 +236,26 @@ def test_test_files_have_unique_names() -> None:
     tests = Path(__file__).resolve().parents[1]
     names = [p.name for p in tests.rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+LAYER_NAMES = {"ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy", "nft", "ufw", "firewalld", "sshd"}
+# The registry itself, and the standard-library-only modules for the offline rescue tool (which
+# cannot import it: they know the on-disk formats' own layer names).
+LAYER_REGISTRY = ("fwsafe.backends", "fwsafe.rescue", "fwsafe.ondisk")
+
+
+def test_layer_facts_live_in_the_registry() -> None:
+    """Which layers are netfilter, files, checked for a lockout, ... is asked of the registry
+    (fwsafe.backends: `layers_with`, `layer_has`; the facts on each Layer class): a tuple, list
+    or set of two or more layer names anywhere else is a second copy of a fact that drifts."""
+    found = []
+    for name, path in MODULES.items():
+        if name in LAYER_REGISTRY or name.startswith(LAYER_REGISTRY[1:]):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = [e.value for e in node.elts if isinstance(e, ast.Constant)
+                         and e.value in LAYER_NAMES]
+                if len(names) >= 2:
+                    found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert found == [], "\n".join(found)
