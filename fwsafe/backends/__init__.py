@@ -7,7 +7,7 @@ keeps it so)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 from fwsafe.backends.base import (
     FILES,
@@ -18,6 +18,7 @@ from fwsafe.backends.base import (
     ROLLBACK,
     RULES_FILE,
     ApplyError,
+    FidelityError,
     Layer,
 )
 from fwsafe.errors import UsageError
@@ -116,12 +117,28 @@ def watched_layers(changed: Iterable[str] | None, captured: Iterable[str]) -> li
     return [name for name in captured if name in watch]
 
 
+def lossy_tables(name: str, tables: Collection[str] | None, *, saved: bytes | None,
+                 generation: int | None) -> list[str]:
+    """The tables of layer `name` (of `tables`; None: all) whose capture does not show the
+    kernel's state exactly, so that loading it back would not restore them: iptables-nft's
+    (fwsafe.backends.fidelity); [] for every other layer. `saved`: the capture read at
+    nf_tables' `generation`. Raises FidelityError when it cannot tell."""
+    if not layer_has(name, IPTABLES_SAVE):
+        return []
+    # fidelity tries the tables in a scratch namespace (fwsafe.check.netns): loaded only for
+    # a change that can write to a table of iptables-nft
+    from fwsafe.backends.fidelity import lossy_tables as lossy
+
+    return lossy(name, tables, saved=saved, generation=generation)
+
+
 def available_layers() -> list[str]:
     """The layers that exist on this system (each is captured in every snapshot)."""
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
 __all__ = ["ALL_LAYERS", "FILES", "FIREWALLD_TABLES", "IPTABLES_SAVE", "NETFILTER", "ON_DEMAND",
-           "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "ApplyError", "Layer",
-           "available_layers", "compose_partial", "layer_for", "layer_has", "layer_kind",
+           "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "ApplyError", "FidelityError",
+           "Layer",
+           "available_layers", "compose_partial", "layer_for", "layer_has", "layer_kind", "lossy_tables",
            "layers_with", "owned_elsewhere", "revert_order", "watched_layers"]

@@ -50,6 +50,11 @@ RULES_FILE = "rules-file"        # what --rules / --rules6 give; a command tried
 ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the history
 
 
+class FidelityError(Exception):
+    """Whether a capture shows the kernel's state exactly could not be told (a tool failed or
+    timed out: `Layer.lossy_tables`)."""
+
+
 class ApplyError(Exception):
     """A backend's tool refused (the kernel's answer, not a parse of ours)."""
 
@@ -106,7 +111,16 @@ class Layer(abc.ABC):
         refuses the target. Keeps
         trying while processes cannot be started for lack of memory."""
 
+    def declared(self, data: bytes) -> dict[str, set[str]]:
+        """{table: the units it declares (iptables: its chains)}, from the declarations alone
+        (fast: no rule is read); a layer whose units are whole tables or files: {unit: set()}."""
+        return {unit: set() for unit in self.units(data)}
+
     # -- content changes (iptables / nft files); layers that take none keep these defaults --
+    def recognises(self, content: bytes) -> bool:
+        """A rules file written for this layer, told by its content (`--backend auto`)."""
+        return False
+
     def check_tools(self) -> None:
         """Raise EnvironmentProblem when the tools needed to change this layer are missing."""
         from fwsafe.runner import require_binary

@@ -23,6 +23,7 @@ from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from fwsafe.backends import nflist
+from fwsafe.backends.base import FidelityError
 from fwsafe.backends.iptables import BUILTIN_CHAINS, FAMILIES
 from fwsafe.runner import find_binary, require_binary, run
 
@@ -30,10 +31,6 @@ NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
 SCRATCH_PREFIX = "fwrt"   # fwrt<pid>: the round trip's scratch namespace
 
 Blocks = dict[str, tuple[str, ...]]
-
-
-class FidelityError(Exception):
-    """The round trip could not be made (a tool failed or timed out)."""
 
 
 def blocks(listing: str) -> Blocks:

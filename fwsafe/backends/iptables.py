@@ -363,6 +363,9 @@ class IptablesLayer(Layer):
                 f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}")
         return hatch.strip(result.stdout)   # the kernel escape hatch is nobody's rule
 
+    def declared(self, data: bytes) -> dict[str, set[str]]:
+        return chain_names(data.decode(errors="replace"))
+
     def units(self, data: bytes) -> dict[str, str]:
         out = {}
         for name, table in parse_ruleset(data.decode(errors="replace")).items():

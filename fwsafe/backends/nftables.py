@@ -286,6 +286,9 @@ class NftLayer(Layer):
     def units(self, data: bytes) -> dict[str, str]:
         return split_tables(data.decode(errors="replace"))
 
+    def recognises(self, content: bytes) -> bool:
+        return looks_like_nft(content)
+
     def validate(self, change: bytes, source: str) -> None:
         text = change.decode(errors="replace")
         if not text.strip():

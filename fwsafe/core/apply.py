@@ -23,10 +23,12 @@ from fwsafe.backends import (
     ON_DEMAND_LAYERS,
     RULES_FILE,
     ApplyError,
+    FidelityError,
     available_layers,
     layer_for,
     layer_kind,
     layers_with,
+    lossy_tables,
     nflist,
     watched_layers,
 )
@@ -48,6 +50,7 @@ from fwsafe.errors import (
 )
 from fwsafe.guard import hatch
 from fwsafe.guard import spawn as guard
+from fwsafe.runner import find_binary
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
 GUARD_APPLY_TIMEOUT = 900.0  # and have finished applying by then
@@ -112,9 +115,7 @@ def touchable_tables(change: Change, name: str) -> set[str] | None:
     if change.run is not None or "ufw" in change.layers:
         return None
     if name in change.layers:
-        from fwsafe.backends.iptables import parse_tables
-
-        return set(parse_tables(change.layers[name].decode(errors="replace")))
+        return set(layer_for(name).declared(change.layers[name]))
     nft = change.layers.get("nft", b"")
     return None if b"flush ruleset" in b" ".join(nft.split()) else set()
 
@@ -125,9 +126,6 @@ def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
     exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
     anything happens, naming the table: its revert would load that lossy text
     (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`."""
-    from fwsafe.backends.fidelity import FidelityError, lossy_tables
-    from fwsafe.runner import find_binary
-
     checks = {name: tables for name in layers_with(RULES_FILE)
               if name in captured and (tables := touchable_tables(change, name)) != set()
               and layer_for(name).in_nf_tables()}
@@ -138,8 +136,8 @@ def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
     found: list[str] = []
     for name, tables in checks.items():
         try:
-            found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
-                                  saved=None if RUN.hatch_seen else captured[name])   # again
+            found += lossy_tables(   # the hatch stripped: read again
+                name, tables, generation=generation, saved=None if RUN.hatch_seen else captured[name])
         except FidelityError as exc:
             raise EnvironmentProblem(
                 f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",

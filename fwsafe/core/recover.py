@@ -18,6 +18,7 @@ from fwsafe.backends.base import CHAINS
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import require_root
 from fwsafe.core.revert import (
+    ALREADY_UNDONE,
     RevertResult,
     access_check,
     compute_touched,
@@ -27,12 +28,12 @@ from fwsafe.core.revert import (
     recording_attempts,
     remove_dead_proofs,
     revert_change,
+    undone_already,
 )
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
 from fwsafe.guard import hatch
-from fwsafe.guard.applying import ALREADY_UNDONE, undone_already
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
 LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "

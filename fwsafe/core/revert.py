@@ -68,6 +68,29 @@ class RevertResult:
         return "; ".join([head, *self.notes])
 
 
+ALREADY_UNDONE = ("the change was already undone (a revert that ended before it could say so): "
+                  "not undone twice")
+
+
+def undone_already(touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes]) -> bool:
+    """Every unit the change touched is as in the snapshot again: a revert that finished but
+    could not say so (its process died or failed right after). Reverting again would undo the
+    change's delta a second time; it is recorded as reverted instead."""
+    if not touched:
+        return False
+    try:
+        for name, units in touched.items():
+            if name not in before:
+                return False
+            layer = layer_for(name)
+            old, now = layer.units(before[name]), layer.units(layer.capture())
+            if any(old.get(unit) != now.get(unit) for unit in units):
+                return False
+    except Exception:  # noqa: BLE001 - cannot tell: revert as usual
+        return False
+    return True
+
+
 def recording_attempts(record: Record, save: Callable[[], object]) -> Callable[[int, str], None]:
     """`revert_change`'s `on_attempt` for the guard and for recover: each failed attempt's
     number and error in the record, saved at once (`status` shows them while it retries)."""

@@ -4,7 +4,7 @@ or the command run under it), then capture what it touched."""
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 
 from fwsafe.backends import compose_partial, layer_for, nflist
 from fwsafe.core import snapshot
@@ -14,10 +14,6 @@ from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
 
 Log = Callable[[str], None]
-ALREADY_UNDONE = ("the change was already undone (a revert that ended before it could say so): "
-                  "not undone twice")
-
-
 def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
                spec: hatch.Spec | None = None, before: Mapping[str, bytes] | None = None,
                log: Log | None = None) -> str | None:
@@ -128,20 +124,3 @@ def hatch_only(stamp: str | None, commits: int | None) -> str | None:
     return now if generation.isdigit() and now == f"{base}/{int(generation) + commits}" else None
 
 
-def undone_already(touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes]) -> bool:
-    """Every unit the change touched is as in the snapshot again: a revert that finished but
-    could not say so (its process died or failed right after). Reverting again would undo the
-    change's delta a second time; it is recorded as reverted instead."""
-    if not touched:
-        return False
-    try:
-        for name, units in touched.items():
-            if name not in before:
-                return False
-            layer = layer_for(name)
-            old, now = layer.units(before[name]), layer.units(layer.capture())
-            if any(old.get(unit) != now.get(unit) for unit in units):
-                return False
-    except Exception:  # noqa: BLE001 - cannot tell: revert as usual
-        return False
-    return True

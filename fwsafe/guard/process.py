@@ -41,22 +41,18 @@ from typing import Any, TextIO
 from fwsafe import failpoints
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.revert import (
+    ALREADY_UNDONE,
     RevertResult,
     access_check,
     record_revert,
     recording_attempts,
     revert_change,
+    undone_already,
 )
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
-from fwsafe.guard.applying import (
-    ALREADY_UNDONE,
-    capture_after,
-    hatch_only,
-    run_change,
-    undone_already,
-)
+from fwsafe.guard.applying import capture_after, hatch_only, run_change
 from fwsafe.guard.backstop import BackstopKeeper, quiet_std, stuck_grace, write_line
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
