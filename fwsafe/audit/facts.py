@@ -157,6 +157,7 @@ def pending_findings(state_dir: Path) -> list[Finding]:
 
 def shim_findings() -> list[Finding]:
     """Whether plain `ufw`/`firewall-cmd` typed over SSH run under the guard (fwsafe.shim)."""
+    # the shim's module is needed only when ufw/firewall-cmd's diversions are looked at
     from fwsafe import shim
 
     return [Finding("info", f"the shim is active: plain `{e['tool']}` typed in an SSH session "

@@ -52,18 +52,22 @@ def layer_for(name: str) -> Layer:
 
         return IptablesLayer(name)
     if name == "nft":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.nftables import NftLayer
 
         return NftLayer()
     if name == "ufw":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.ufw import UfwLayer
 
         return UfwLayer()
     if name == "firewalld":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.firewalld import FirewalldLayer
 
         return FirewalldLayer()
     if layer_kind(name) == "sshd":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.sshd import SshdLayer
 
         return SshdLayer.for_name(name)
@@ -97,9 +101,11 @@ def compose_partial(name: str, content: bytes, live: bytes | None) -> bytes:
     if layer_kind(name) in ON_DEMAND_LAYERS:  # files given whole
         return content
     if name == "nft":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.nftables import compose_partial as compose_nft
 
         return compose_nft(content)
+    # each backend is imported when first asked for (the CLI starts faster)
     from fwsafe.backends.iptables import compose_partial as compose_iptables
 
     return compose_iptables(live or b"", content)

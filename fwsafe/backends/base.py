@@ -123,6 +123,7 @@ class Layer(abc.ABC):
 
     def check_tools(self) -> None:
         """Raise EnvironmentProblem when the tools needed to change this layer are missing."""
+        # the tools' runner is needed only to check a layer's tools (the interface stays light)
         from fwsafe.runner import require_binary
 
         for tool in self.tools:

@@ -119,6 +119,8 @@ def _round_trip(name: str, text: bytes, tables: list[str], sums: Future[dict[str
     """`text` loaded by iptables-restore in a scratch namespace; nft's listing of `tables`
     (a text iptables-restore refuses matches no table), None for a table whose digest there
     (nflist.digests) is the live one (`sums`, read meanwhile): the same in the kernel."""
+    # check.netns builds namespaces: needed only when a round trip is tried (fidelity stays a
+    # backend, not a check)
     from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
 
     family = NFT_FAMILY[name]

@@ -147,6 +147,7 @@ def host_families(interfaces: dict[str, Interface]) -> set[int]:
 def capture_host(pool_size: int = 4) -> dict[str, bytes]:
     """Every firewall layer the check reads ({layer: capture}), read in parallel; a layer that
     cannot be read is left out (``current_state`` then reads it itself and says why)."""
+    # the early firewall read (core.prefetch) and its pool: only when the host is read here
     from concurrent.futures import ThreadPoolExecutor
 
     from fwsafe.core import prefetch

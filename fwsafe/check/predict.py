@@ -153,6 +153,7 @@ class CheckReport:
     def describe(self, verbose: bool = False) -> str:
         """The report for people: one screen by default, everything with ``verbose``
         (fwsafe.check.report)."""
+        # the report's text is needed only when a verdict is described (predict starts faster)
         from fwsafe.check.report import check_text
 
         return check_text(self, verbose)

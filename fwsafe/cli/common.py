@@ -205,6 +205,7 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
     and hatch's settings, the probes) taken from it: every command that applies builds them
     here, so none ignores a setting; `fields` are the command's own (its options, which win:
     --probe, check, force, login_user...)."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.core.apply import ApplyOptions
     from fwsafe.steps import apply_steps
 

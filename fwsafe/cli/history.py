@@ -225,6 +225,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     The ipv4/ipv6 rules, the native nftables tables, ufw's files and sshd's files of the
     entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
     state back."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.cli.screens import interactive_wait, report_armed
     from fwsafe.core.manager import Manager
     from fwsafe.steps import on_confirmed

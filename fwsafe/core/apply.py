@@ -155,6 +155,7 @@ def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
                                 options: ApplyOptions) -> None:
     """A full rules file that would delete fail2ban's, Docker's, ... chains is refused
     (exit 3) unless --force: it was most likely written before they created them."""
+    # who else writes rules is looked up only for a change that could delete theirs
     from fwsafe.core.neighbours import deleted_neighbours, refusal_message
 
     found = deleted_neighbours(change.layers, captured, change.partial)
@@ -309,6 +310,7 @@ def refuse_if_open(state: StateDir) -> str | None:
                 "backstop is reverting it", hint="wait a moment, then try again")
     elif record.state != transaction.REVERT_FAILED:
         return None
+    # recover is needed only when a transaction was left open without its guard
     from fwsafe.core.recover import recover
 
     done = recover(state, f"`fwsafe apply` found transaction {record.id} "

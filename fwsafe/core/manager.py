@@ -62,6 +62,7 @@ REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
 
 def guard_stopped(record: Record) -> bool:
     """The guard is stopped (SIGSTOP) or blocked in the kernel: it cannot answer."""
+    # the backstop's module: loaded only when a guard's process state is asked
     from fwsafe.guard.backstop import process_state
 
     return bool(record.guard_pid) and process_state(record.guard_pid or 0) in ("T", "t", "D")
@@ -71,6 +72,7 @@ def stop_stuck_guard(record: Record) -> bool:
     """A guard that does not answer because it is stopped (SIGSTOP) or blocked in the kernel
     is killed (SIGKILL), so that its backstop, or this command, takes over. False when it
     seems to be working (it answers later, or reverts)."""
+    # the backstop's module: loaded only when a stuck guard is stopped
     from fwsafe.guard.backstop import pidfd_of
 
     pid = record.guard_pid
@@ -105,10 +107,8 @@ STATUS_AS_RECORDED = (
 
 
 class Manager:
-    """confirm / revert / extend / status, and the entry points to apply and recover.
-    `on_confirmed` keeps a confirmed state (the history, the boot files: the caller's step,
-    fwsafe.steps.on_confirmed; core names no package above it): called by a confirm made
-    without the guard (the guard, alive, calls it itself); never raises."""
+    """confirm / revert / extend / status, apply and recover. `on_confirmed` (the caller's
+    step, fwsafe.steps.on_confirmed) keeps what a confirm without the guard confirmed."""
 
     def __init__(self, state: StateDir, *,
                  on_confirmed: Callable[[StateDir, Record], object] | None = None) -> None:
@@ -309,6 +309,7 @@ class Manager:
             record.state = transaction.REVERTING
             record.reason = "its guard is gone: the backstop took the transaction over"
             remaining, remaining_from = None, None
+        # the backstop's module: loaded only when a guard's process state is asked
         from fwsafe.guard.backstop import process_state
 
         return {

@@ -133,6 +133,8 @@ def access_check(record: Record) -> Access | None:
         families.append("nft")   # firewalld's rules are its tables there (inet firewalld)
 
     def prove(known: Mapping[str, tuple[int, bytes]]) -> tuple[bool | None, str]:
+        # the lockout check's sandbox and analysis are heavy to import: loaded only when used (the
+        # access proof, after a revert)
         from fwsafe.check.predict import predict
         from fwsafe.check.sandbox import PROOF_PREFIX
 
@@ -166,6 +168,8 @@ def remove_dead_proofs() -> list[str]:
     """Remove the access proof's sandbox namespaces whose owner died (a guard or reverter
     killed during its proof); called by whoever takes over from a dead owner. A note for the
     record on what could not be removed ([] when nothing was left)."""
+    # the lockout check's sandbox and analysis are heavy to import: loaded only when used (a dead
+    # guard's proof sandbox)
     from fwsafe.check.netns import remove_orphans
     from fwsafe.check.sandbox import PROOF_PREFIX
 
@@ -297,6 +301,8 @@ def _warm_proof(name: str, data: bytes) -> None:
     """Start the access proof's pruning analysis of layer `name`'s state `data` in a thread
     (fwsafe.check.precheck.warm_layers: the proof finds it done when that is the state it
     checks; else it was only a head start lost)."""
+    # the lockout check's sandbox and analysis are heavy to import: loaded only when used (the
+    # access proof's head start)
     import threading
 
     from fwsafe.check.precheck import warm_layers

@@ -388,6 +388,8 @@ def _in_place(chain: Chain, wanted: list[str], tag: str) -> bool:
 
 
 def _iptables_tool(layer: str) -> tuple[str, str]:
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends.iptables import FAMILIES
 
     family = FAMILIES[layer]
@@ -396,12 +398,16 @@ def _iptables_tool(layer: str) -> tuple[str, str]:
 
 def _nft_skipped(family: str, table: str) -> bool:
     """A table of iptables-nft (the iptables layers hold its hatch)."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
 
     return family in ("ip", "ip6") and table in BUILTIN_CHAINS and uses_nf_tables()
 
 
 def _run(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.runner import require_binary, run_persistently
 
     result = run_persistently([require_binary(argv[0]), *argv[1:]], input=payload,
@@ -415,6 +421,8 @@ def read_chains(layer: str) -> list[Chain]:
     the kernel can list its nf_tables tables (one netlink dump), only the tables the hatch can
     be in are read: not kube-proxy's nat table of 50,000 rules (seconds of iptables-save), nor
     iptables-nft's tables through nft."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends import nflist
 
     known = nflist.kernel_tables()
@@ -449,6 +457,8 @@ def _iptables_tables(layer: str, known: Sequence[tuple[str, str]] | None) -> lis
     kernel's nf_tables tables); None: read every table (legacy iptables, or no list). Only
     existing ones: `iptables-save -t raw` shows a raw table that does not exist, and the hatch
     would make it."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends.iptables import FAMILIES, uses_nf_tables
 
     family = FAMILIES[layer]

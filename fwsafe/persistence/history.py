@@ -106,6 +106,7 @@ def capture_sshd() -> tuple[bytes | None, str | None]:
     """sshd's effective files (/etc/ssh/sshd_config and what it includes), kept with the
     firewall (rollback, rescue, power cycle): (layer, None), (None, why), or (None, None)
     where there is no sshd_config."""
+    # the backends: only when sshd's files are captured for the history
     from fwsafe.backends import layer_for
 
     if not os.path.isfile(SSHD_CONFIG):
@@ -383,6 +384,7 @@ def keep_confirmed(state: StateDir, record: Record) -> str:
 
 
 def _on_confirmed(state: StateDir, record: Record) -> None:
+    # the config and the boot files' writer: only on a confirm
     from fwsafe.config import Config, load_config
     from fwsafe.persistence import bootfiles as persist
 

@@ -16,6 +16,7 @@ from fwsafe.persistence import history
 
 def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
     """The Change that puts `entry` back, and notes on the layers it leaves alone."""
+    # loaded only when used (this module is imported by commands that never need it)
     from fwsafe.backends import layer_for
 
     change = Change()
@@ -47,6 +48,8 @@ def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
 def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
     """The sshd change that writes the entry's files that differ now (None: none differ),
     based on their content now (the guard refuses if one changes meanwhile)."""
+    # loaded only when used (this module is imported by commands that never need it) (a rollback of
+    # sshd's files)
     from fwsafe.ondisk.sshd import SshdFiles, dump, read_file
     from fwsafe.ondisk.sshd import load as load_sshd
 
@@ -67,6 +70,8 @@ def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
 def _nft_replacement(content: bytes) -> bytes:
     """`nft -f` merges a table definition into an existing table: delete and re-create each
     table of the entry, and delete the native tables that exist now but not in the entry."""
+    # loaded only when used (this module is imported by commands that never need it) (a rollback of
+    # nft's tables)
     from fwsafe.ondisk.history import nft_tables
 
     wanted = nft_tables(content.decode(errors="replace"))
@@ -80,6 +85,8 @@ def _nft_replacement(content: bytes) -> bytes:
 def _with_emptied_tables(name: str, content: bytes) -> bytes:
     """iptables-restore replaces only the tables a file names: name the ones that exist now but
     not in the entry too, empty, so that the rollback gives the entry's state."""
+    # loaded only when used (this module is imported by commands that never need it) (a rollback of
+    # iptables' tables)
     from fwsafe.backends import layer_for
     from fwsafe.backends.iptables import BUILTIN_CHAINS, parse_tables
 

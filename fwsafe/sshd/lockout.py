@@ -186,6 +186,8 @@ class SshdCheck:
 
     def _firewall(self, ports: list[int], moved: bool) -> None:
         """Try the firewall with `ports` (one that lets the clients in is enough)."""
+        # the lockout check's sandbox and analysis are heavy to import: loaded only when used (only
+        # when sshd's change meets a firewall)
         from fwsafe.check.precheck import precheck
 
         if self.tried & set(ports):
@@ -228,6 +230,7 @@ def firewall_change(change: Change) -> Change:
             out.add(name, change.layers[name], change.sources.get(name, name))
     if out.layers:
         return out
+    # the live layers are read only when the change gives no rules file
     from fwsafe.backends import available_layers, layer_for
 
     for name in available_layers():

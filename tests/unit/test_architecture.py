@@ -298,3 +298,49 @@ def test_layer_facts_live_in_the_registry() -> None:
                 if len(names) >= 2:
                     found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
     assert found == [], "\n".join(found)
+
+
+def _import_blocks(body: list[ast.stmt]) -> list[list[ast.stmt]]:
+    """The runs of import statements one after the other in a statement list (blank lines
+    between them or not: one block, as isort groups them)."""
+    blocks: list[list[ast.stmt]] = []
+    previous: ast.stmt | None = None
+    for statement in body:
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
+            if isinstance(previous, (ast.Import, ast.ImportFrom)):
+                blocks[-1].append(statement)
+            else:
+                blocks.append([statement])
+        previous = statement
+    return blocks
+
+
+def test_every_function_local_import_says_why() -> None:
+    """An import inside a function is a choice (the CLI starts faster, the guard stays small,
+    paramiko is slow to load): a comment on the line above the block of imports (or on one of
+    its lines) says which, so that nobody moves it up, or adds one out of habit."""
+    silent = []
+    for name, path in MODULES.items():
+        text = path.read_text()
+        lines = text.splitlines()
+        for function in ast.walk(ast.parse(text)):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            todo: list[ast.AST] = [function]
+            while todo:
+                node = todo.pop()
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    body = getattr(node, field, None)
+                    if not isinstance(body, list):
+                        continue
+                    for block in _import_blocks([s for s in body if isinstance(s, ast.stmt)]):
+                        first, last = block[0], block[-1]
+                        said = lines[first.lineno - 2].strip().startswith("#") or any(
+                            "#" in lines[n - 1]
+                            for n in range(first.lineno, (last.end_lineno or last.lineno) + 1))
+                        if not said:
+                            silent.append(f"{name}:{first.lineno}: {ast.unparse(first)}")
+                    todo += [s for s in body if isinstance(s, ast.AST) and not isinstance(
+                        s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    assert silent == [], "function-local imports without a comment saying why:\n" + \
+        "\n".join(silent)
