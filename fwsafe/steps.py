@@ -13,6 +13,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from fwsafe.backends import ON_DEMAND, layer_has
+from fwsafe.check.proof import PROVER
 from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change
 from fwsafe.core.statedir import StateDir
@@ -126,4 +127,4 @@ def apply_steps() -> dict[str, Any]:
     """The `ApplyOptions` fields of the steps above: every caller that applies passes them."""
     return {"lockout_check": lockout_check, "warm_change": warm_change,
             "warm_captures": warm_captures, "ssh_access": ssh_access,
-            "install_boot_hook": install_boot_hook}
+            "install_boot_hook": install_boot_hook, "prover": PROVER}

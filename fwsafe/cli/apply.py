@@ -247,7 +247,7 @@ def _live_verdict(record: Record) -> None:
     (firewalld's tables included), and say so. It changes nothing: the guard reverts at the
     deadline unless confirmed."""
     # loaded by the command that uses it only: every other command (and --help) starts faster
-    from fwsafe.core.revert import access_check
+    from fwsafe.check.proof import access_check
 
     access = access_check(record)
     if access is None:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from fwsafe.check.proof import PROVER
 from fwsafe.config import Config, load_config
 from fwsafe.context import RUN
 from fwsafe.core import transaction
@@ -249,7 +250,7 @@ def manager_for(state_dir: str | None, config: Config | None = None, *,
     state = StateDir(resolve_state_dir(state_dir, configured))
     if converge:
         converge_orphan(state)
-    return Manager(state, on_confirmed=on_confirmed)
+    return Manager(state, on_confirmed=on_confirmed, prover=PROVER)
 
 
 def clock(t: float | None) -> str:

@@ -226,6 +226,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
     state back."""
     # loaded by the command that uses it only: every other command (and --help) starts faster
+    from fwsafe.check.proof import PROVER
     from fwsafe.cli.screens import interactive_wait, report_armed
     from fwsafe.core.manager import Manager
     from fwsafe.steps import on_confirmed
@@ -246,7 +247,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")
         return
     options = apply_options(config, timeout_s)
-    manager = Manager(state, on_confirmed=on_confirmed)
+    manager = Manager(state, on_confirmed=on_confirmed, prover=PROVER)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():
         report_armed(record, as_json)

@@ -35,6 +35,7 @@ from fwsafe.backends import (
 from fwsafe.context import RUN
 from fwsafe.core import prefetch, snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
+from fwsafe.core.revert import Prover
 from fwsafe.core.statedir import StateDir, make_private_dir
 from fwsafe.core.transaction import DEFAULT_MAX_TIMEOUT, Record
 from fwsafe.errors import (
@@ -97,6 +98,8 @@ class ApplyOptions:
                                                                          repr=False)
     # Installs the boot recovery unit if need be (a systemd host); the note when it did.
     install_boot_hook: Callable[[str], str | None] | None = field(default=None, repr=False)
+    # The revert's access proof, for a transaction left open that apply reverts first.
+    prover: Prover | None = field(default=None, repr=False)
 
 
 Step = TypeVar("Step")
@@ -289,7 +292,7 @@ def hatch_plan(options: ApplyOptions) -> dict[str, Any]:
             "ports": ports}
 
 
-def refuse_if_open(state: StateDir) -> str | None:
+def refuse_if_open(state: StateDir, prover: Prover | None) -> str | None:
     """Refuse while a transaction is open and looked after (its guard lives, or someone
     is reverting it). One left open with nobody on it (its guard and backstop were killed
     together; a one-shot recover gave up) is reverted first, as its guard would have:
@@ -315,7 +318,7 @@ def refuse_if_open(state: StateDir) -> str | None:
 
     done = recover(state, f"`fwsafe apply` found transaction {record.id} "
                    f"{record.state} with nobody looking after it: reverted it first",
-                   tx_id=record.id)
+                   tx_id=record.id, prover=prover)
     if done.state == transaction.REVERT_FAILED:
         raise PendingError(
             f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
@@ -370,7 +373,7 @@ class ApplyFlow:
         self.state.ensure()
         with self.state.locked():
             failpoints.hit("apply.locked")
-            settled = refuse_if_open(self.state)
+            settled = refuse_if_open(self.state, options.prover)
             if settled:
                 change.notes.append(settled)
             self._ensure_boot_hook(change, options)

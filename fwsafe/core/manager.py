@@ -21,6 +21,7 @@ from fwsafe.core.apply import ApplyFlow, ApplyOptions
 from fwsafe.core.change import Change
 from fwsafe.core.recover import RECOVER_GIVE_UP_S
 from fwsafe.core.recover import recover as recover_transaction
+from fwsafe.core.revert import Prover
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (
@@ -107,13 +108,13 @@ STATUS_AS_RECORDED = (
 
 
 class Manager:
-    """confirm / revert / extend / status, apply and recover. `on_confirmed` (the caller's
-    step, fwsafe.steps.on_confirmed) keeps what a confirm without the guard confirmed."""
+    """confirm / revert / extend / status, apply and recover. Steps from above core:
+    `on_confirmed` (fwsafe.steps) for a confirm without the guard, `prover` (the access proof,
+    fwsafe.check.proof.PROVER) for recover."""
 
-    def __init__(self, state: StateDir, *,
+    def __init__(self, state: StateDir, *, prover: Prover | None = None,
                  on_confirmed: Callable[[StateDir, Record], object] | None = None) -> None:
-        self.state = state
-        self.on_confirmed = on_confirmed
+        self.state, self.prover, self.on_confirmed = state, prover, on_confirmed
 
     # -- reading ------------------------------------------------------------------------------
     def current(self) -> Record | None:
@@ -145,7 +146,7 @@ class Manager:
                 give_up_after: float | None = RECOVER_GIVE_UP_S) -> Record:
         """Undo a transaction still open without a guard (fwsafe.core.recover)."""
         return recover_transaction(self.state, reason, by=by, tx_id=tx_id,
-                                   give_up_after=give_up_after)
+                                   give_up_after=give_up_after, prover=self.prover)
 
     # -- confirm / revert / extend (exit codes in races: see CONFIRM_TIMEOUT) -------------------
     def confirm(self, tx_id: str | None = None) -> Record:

@@ -19,14 +19,13 @@ from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import require_root
 from fwsafe.core.revert import (
     ALREADY_UNDONE,
+    Prover,
     RevertResult,
-    access_check,
     compute_touched,
     proof_of,
     prove_access,
     record_revert,
     recording_attempts,
-    remove_dead_proofs,
     revert_change,
     undone_already,
 )
@@ -79,7 +78,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             by: str = "recover", tx_id: str | None = None,
             give_up_after: float | None = RECOVER_GIVE_UP_S,
             save: Callable[[StateDir, Record], None] = transaction.save_record,
-            claimed: bool = False) -> Record:
+            claimed: bool = False, prover: Prover | None) -> Record:
     """Undo a transaction that is still open but has no guard (the guard died, the machine
     rebooted, or the CLI was killed before the guard armed).
 
@@ -90,7 +89,11 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
     The transaction is claimed first (PendingError while its guard or another reverter holds
     it). Without `give_up_after` (the backstop, which never gives up) the state lock is let go
     while reverting, so that other commands answer meanwhile (the record says reverting).
-    `save` writes the record (the backstop's keeps it in memory when the disk refuses)."""
+    `save` writes the record (the backstop's keeps it in memory when the disk refuses).
+    `prover`: the revert's access proof (fwsafe.check.proof.PROVER; given by every caller)."""
+    if prover is None:
+        raise TypeError("recover(prover=...) is needed: the revert's access proof "
+                        "(fwsafe.check.proof.PROVER)")
     require_root()
     if not state.exists():
         raise NoTransactionError("nothing to recover: fwsafe has no state here")
@@ -117,7 +120,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 hint="use `fwsafe revert` or `fwsafe confirm`")
         if not claimed:   # else the caller holds it (the backstop, until the record is written)
             claim.enter_context(state.tx_claimed(record.id))
-        leftovers = remove_dead_proofs()   # the dead guard's proof sandbox, if it died proving
+        leftovers = prover.remove_dead()   # the dead guard's proof sandbox, if it died proving
         before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         after = snapshot.load_optional(state, record.id, snapshot.AFTER, record.watch)
         resumed = record.state == transaction.REVERTING   # someone began; may have finished
@@ -146,7 +149,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         save(state, record)   # reverting, said before the lock is let go
         failpoints.hit("recover.claimed")
         with state.released() if give_up_after is None else contextlib.nullcontext():
-            access = None if after_reboot else access_check(record)
+            access = None if after_reboot else prover.access(record)
             if resumed and undone_already(touched, before):
                 # Proved by reading: every touched unit is as in the snapshot; then access.
                 result = RevertResult(attempts=0, notes=[ALREADY_UNDONE],
@@ -157,7 +160,8 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                                        on_attempt=recording_attempts(
                                            record, lambda: save(state, record)),
                                        give_up_after=give_up_after,
-                                       after_stamp=record.after_stamp, access=access)
+                                       after_stamp=record.after_stamp, access=access,
+                                       warm=prover.warm)
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")

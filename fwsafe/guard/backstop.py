@@ -522,6 +522,7 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
     while it is; exit status 0 once nothing is left to do."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
+    from fwsafe.check.proof import PROVER
     from fwsafe.core.recover import recover
     from fwsafe.errors import FwsafeError, PendingError
 
@@ -547,7 +548,7 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
             with state.tx_claimed(tx_id):   # held until the record is written
                 done = recover(state, reason=f"{why}; the {by} reverted the change",
                                by=by, tx_id=tx_id, give_up_after=None,
-                               save=unsaved.save, claimed=True)
+                               save=unsaved.save, claimed=True, prover=PROVER)
                 unsaved.flush(state)
             _log(f"transaction {tx_id} is {done.state}: {done.reason}")
             return 0

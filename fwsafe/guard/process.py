@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fwsafe import failpoints
+from fwsafe.check.proof import PROVER
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.revert import (
     ALREADY_UNDONE,
     RevertResult,
-    access_check,
     record_revert,
     recording_attempts,
     revert_change,
@@ -298,7 +298,8 @@ class Guard:
         result = revert_change(self.record.touched, self.before, self.after, log=self.log,
                                on_attempt=recording_attempts(self.record, self.save),
                                after_stamp=self.record.after_stamp,
-                               sleep=self.pause, access=access_check(self.record))
+                               sleep=self.pause, access=PROVER.access(self.record),
+                               warm=PROVER.warm)
         record_revert(self.record, result, "guard")
         return result
 
