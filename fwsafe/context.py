@@ -31,7 +31,7 @@ class Run:
     spawned: list[str] = field(default_factory=list)
     #: The firewall read started before the command was parsed (fwsafe.core.prefetch).
     ahead: Any = None
-    #: A capture stripped a rule of the kernel escape hatch: one is loaded (fwsafe.ondisk.hatch).
+    #: A capture stripped a rule of the kernel escape hatch: one is loaded (fwsafe.ondisk.hatch_rules).
     hatch_seen: bool = False
     #: Failpoints that fired in this process (fwsafe.failpoints: each fires once unless `*`).
     fired: set[str] = field(default_factory=set)

@@ -14,8 +14,8 @@ from typing import Any
 
 from fwsafe.backends import ON_DEMAND, layer_has
 from fwsafe.check.proof import PROVER
-from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change
+from fwsafe.core.flow import ApplyOptions
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import CannotSimulateError, EnvironmentProblem, LockoutRefused
@@ -37,9 +37,9 @@ def lockout_check(change: Change, options: ApplyOptions,
 
         return check_sshd_change(change, force=options.force, user=options.login_user)
     # loaded only when used (above)
+    from fwsafe.check.check_report import precheck_summary, refusal_hint
     from fwsafe.check.clients import default_sessions
     from fwsafe.check.precheck import precheck
-    from fwsafe.check.report import precheck_summary, refusal_hint
 
     try:
         report = precheck(change, captured=captured)
@@ -100,9 +100,9 @@ def install_boot_hook(state_root: str) -> str | None:
 
 def on_confirmed(state: StateDir, record: Record) -> str:
     """What a confirm keeps (the state as known good, the boot files); never raises: the
-    confirm stands (fwsafe.persistence.history.keep_confirmed)."""
+    confirm stands (fwsafe.persistence.known_good.keep_confirmed)."""
     # the history and boot files' writers are needed on a confirm only
-    from fwsafe.persistence.history import keep_confirmed
+    from fwsafe.persistence.known_good import keep_confirmed
 
     return keep_confirmed(state, record)
 

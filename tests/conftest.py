@@ -25,7 +25,6 @@ from tests.rulesets import BASELINE_V4, BASELINE_V6
 from tests.systemdlab import (  # noqa: F401 - the systemd lab's fixtures
     sdlab,
     sdlab_bare_image,
-    sdlab_each,
     sdlab_generation_image,
     sdlab_image,
     sdlab_trixie,

@@ -36,11 +36,13 @@ ifupdown does, so sshd starts after the firewall loaders), and in the tests that
 ``netfilter-persistent.service`` that loads /etc/iptables/rules.v4/v6 at boot.
 
 Use: the ``sdlab`` fixture (a booted :class:`SystemdLab`, SSH answering; torn down after the
-test) and the session-wide ``sdlab_image``; ``sdlab_bare_image`` is the root fs without the
+test), parametrized over the two generations: a test that takes it runs once on bookworm and
+once on trixie (``-k bookworm`` or ``-k trixie`` picks one); ``sdlab_generation_image`` is the
+session-wide image of each generation in turn (for a test that starts its containers itself),
+``sdlab_image`` / ``sdlab_trixie_image`` one generation's, ``sdlab_trixie`` a trixie container
+alone (the socket-activated sshd tests); ``sdlab_bare_image`` is the root fs without the
 fwsafe layer (no /opt/fwsafe), for tests that install fwsafe themselves (tests/lab/test_deb.py:
-``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``). The second generation:
-``sdlab_trixie`` / ``sdlab_trixie_image``; ``sdlab_each`` runs a test once per generation
-(parametrized: ``-k trixie`` picks one). ``exec(argv)`` runs in the container (nsenter),
+``SystemdLab.start(sdlab_bare_image)``, then ``dpkg -i``). ``exec(argv)`` runs in the container (nsenter),
 ``ssh(cmd)`` is a NEW login from the client namespace, ``ssh_popen(cmd)`` a session left open,
 ``wait_ssh(limit)``, ``reboot(hard)``, ``wait_booted()``, ``status()`` (fwsafe status --json),
 ``ruleset()``, ``close()``. Outside CI a missing capability skips; with CI=true it fails.
@@ -74,7 +76,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +109,6 @@ __all__ = [
     "require_systemd_lab_capable",
     "sdlab",
     "sdlab_bare_image",
-    "sdlab_each",
     "sdlab_generation_image",
     "sdlab_image",
     "sdlab_trixie",
@@ -1282,18 +1283,53 @@ def _session_image(*, with_fwsafe: bool = True, suite: str | None = None) -> Ite
         image.close()
 
 
+def side_by_side(image: Image, cases: dict[str, Callable[[SystemdLab], Any]],
+                 prepare: Callable[[SystemdLab], None] = lambda _lab: None
+                 ) -> Iterator[dict[str, Any]]:
+    """Every case at the same time, each in a container of its own booted from `image` and
+    prepared by `prepare`: yields {name: what the case returned, or what it raised} (see
+    `case_outcome`), then closes the containers and the image. For a module fixture, so
+    that the cases' waits overlap."""
+    labs: dict[str, SystemdLab] = {}
+    found: dict[str, Any] = {}
+
+    def one(name: str) -> None:
+        try:
+            lab = SystemdLab.start(image)
+            labs[name] = lab
+            prepare(lab)
+            found[name] = cases[name](lab)
+        except BaseException as exc:  # noqa: BLE001 - reported by the case's test
+            found[name] = exc
+
+    threads = [threading.Thread(target=one, args=(name,)) for name in cases]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        yield found
+    finally:
+        for lab in labs.values():
+            lab.close()
+        image.close()
+
+
+def case_outcome(outcomes: dict[str, Any], name: str) -> dict[str, Any]:
+    """One case's result from `side_by_side`: what it raised is raised again here."""
+    found = outcomes.get(name)
+    if isinstance(found, BaseException):
+        raise found
+    assert isinstance(found, dict), f"case {name} did not run"
+    return found
+
+
 def _booted(image: Image) -> Iterator[SystemdLab]:
     lab = SystemdLab.start(image)
     try:
         yield lab
     finally:
         lab.close()
-
-
-@pytest.fixture
-def sdlab(sdlab_image: Image) -> Iterator[SystemdLab]:
-    """A booted system container (systemd as PID 1) answering SSH; torn down after the test."""
-    yield from _booted(sdlab_image)
 
 
 @pytest.fixture(scope="session")
@@ -1328,6 +1364,8 @@ def sdlab_generation_image(request: pytest.FixtureRequest) -> Image:
 
 
 @pytest.fixture
-def sdlab_each(sdlab_generation_image: Image) -> Iterator[SystemdLab]:
-    """`sdlab` on each generation in turn: a test that takes it runs on bookworm and trixie."""
+def sdlab(sdlab_generation_image: Image) -> Iterator[SystemdLab]:
+    """A booted system container (systemd as PID 1) answering SSH, on each generation in turn
+    (a test that takes it runs on bookworm and on trixie); torn down after the test."""
     yield from _booted(sdlab_generation_image)
+

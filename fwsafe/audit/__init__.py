@@ -5,9 +5,9 @@ The phases: :mod:`~fwsafe.audit.listeners` reads the listening sockets from /pro
 holds them); :mod:`~fwsafe.audit.plan` decides who sends from where (the world, each local
 subnet) and to which address; :mod:`~fwsafe.audit.reach` builds the sandbox
 (fwsafe.check.sandbox) with the current firewall (and a candidate on top), mirrors the
-listeners there and sends the packets (:mod:`~fwsafe.audit.agent` runs inside);
+listeners there and sends the packets (:mod:`~fwsafe.audit.audit_agent` runs inside);
 :mod:`~fwsafe.audit.findings` (with :mod:`~fwsafe.audit.facts` and
-:mod:`~fwsafe.audit.docker`) says what is wrong; :mod:`~fwsafe.audit.report` holds the answer.
+:mod:`~fwsafe.audit.docker`) says what is wrong; :mod:`~fwsafe.audit.audit_report` holds the answer.
 
 The API: :func:`audit` (what `fwsafe audit` prints) and :func:`exposure_change` (what
 `fwsafe check` adds: the services a candidate ruleset opens or closes). Both only read.
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from fwsafe.audit.audit_report import AuditReport, ExposureChange
 from fwsafe.audit.facts import docker_facts, host_findings
 from fwsafe.audit.findings import (
     SEVERITIES,
@@ -27,8 +28,7 @@ from fwsafe.audit.findings import (
 )
 from fwsafe.audit.listeners import Listener, read_listeners
 from fwsafe.audit.reach import CANDIDATE, CURRENT, DEFAULT_TIMEOUT, reachability
-from fwsafe.audit.report import AuditReport, ExposureChange
-from fwsafe.config import Config
+from fwsafe.core.config import Config
 
 __all__ = ["DEFAULT_TIMEOUT", "AuditReport", "ExposureChange", "Listener", "audit",
            "exposure_change", "read_listeners"]

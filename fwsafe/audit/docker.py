@@ -13,7 +13,7 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from fwsafe.check.rules import SavedTables, parse_save
+from fwsafe.backends.iptsave import Tables, parse_ruleset
 
 __all__ = ["DockerState", "Published", "docker_state"]
 
@@ -67,16 +67,17 @@ def docker_state(saves: Mapping[int, str] | Iterable[tuple[int, str]]) -> Docker
     state = DockerState()
     items = sorted(saves.items()) if isinstance(saves, Mapping) else list(saves)
     for family, text in items:
-        tables = parse_save(text)
+        tables = parse_ruleset(text)
         state.published += _published(tables, family)
         _order(tables, state)
     return state
 
 
-def _published(tables: SavedTables, family: int) -> list[Published]:
-    chain = tables.get("nat", {}).get("DOCKER")
+def _published(tables: Tables, family: int) -> list[Published]:
+    nat = tables.get("nat")
+    chain = nat.chains.get("DOCKER") if nat is not None else None
     found: list[Published] = []
-    for rule in chain.rules if chain else []:
+    for rule in chain.each_rule() if chain else []:
         if rule.target != "DNAT":
             continue
         ports = rule.option("--dport", "--destination-port")
@@ -94,11 +95,12 @@ def _published(tables: SavedTables, family: int) -> list[Published]:
     return found
 
 
-def _order(tables: SavedTables, state: DockerState) -> None:
-    filter_table = tables.get("filter", {})
+def _order(tables: Tables, state: DockerState) -> None:
+    saved = tables.get("filter")
+    filter_table = saved.chains if saved is not None else {}
     forward = filter_table.get("FORWARD")
     docker_at = ufw_at = None
-    for rule in forward.rules if forward else []:
+    for rule in forward.each_rule() if forward else []:
         target = rule.target or rule.goto or ""
         if target in _DOCKER_CHAINS and docker_at is None:
             docker_at = rule.index
@@ -110,4 +112,4 @@ def _order(tables: SavedTables, state: DockerState) -> None:
             state.before_ufw = True
     user = filter_table.get("DOCKER-USER")
     if user:
-        state.docker_user_rules += sum(1 for r in user.rules if r.target != "RETURN")
+        state.docker_user_rules += sum(1 for r in user.each_rule() if r.target != "RETURN")

@@ -20,8 +20,8 @@ from fwsafe.audit.findings import (
 )
 from fwsafe.backends import available_layers, layer_for
 from fwsafe.backends.base import ApplyError
-from fwsafe.config import OpenPort
 from fwsafe.core import transaction
+from fwsafe.core.config import OpenPort
 from fwsafe.core.statedir import StateDir
 from fwsafe.errors import FwsafeError
 from fwsafe.guard.spawn import systemd_is_init
@@ -156,16 +156,17 @@ def pending_findings(state_dir: Path) -> list[Finding]:
 
 
 def shim_findings() -> list[Finding]:
-    """Whether plain `ufw`/`firewall-cmd` typed over SSH run under the guard (fwsafe.shim)."""
+    """Whether plain `ufw`/`firewall-cmd` typed over SSH run under the guard
+    (fwsafe.persistence.command_shims)."""
     # the shim's module is needed only when ufw/firewall-cmd's diversions are looked at
-    from fwsafe import shim
+    from fwsafe.persistence import command_shims
 
     return [Finding("info", f"the shim is active: plain `{e['tool']}` typed in an SSH session "
                     "runs under the guard" if e["active"] else
                     f"plain `{e['tool']}` runs without the guard (no shim)",
                     "`fwsafe shim remove` restores the plain command" if e["active"] else
                     "`fwsafe shim install` makes it guard itself (opt-in)",
-                    "shim" if e["active"] else "no-shim") for e in shim.status()]
+                    "shim" if e["active"] else "no-shim") for e in command_shims.status()]
 
 
 def host_findings(state_dir: Path, boot_hook: bool) -> list[Finding]:

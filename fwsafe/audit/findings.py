@@ -18,7 +18,7 @@ from fwsafe.audit.listeners import Listener
 from fwsafe.audit.nat import Forward
 from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import Reach
-from fwsafe.config import OpenPort, parse_open_port
+from fwsafe.core.config import OpenPort, parse_open_port
 
 __all__ = [
     "SEVERITIES",

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from fwsafe.check.rules import SavedRule, parse_save
+from fwsafe.backends.iptsave import Rule, parse_ruleset
 
 __all__ = ["Entry", "Forward", "nat_rules"]
 
@@ -87,9 +87,9 @@ def nat_rules(saves: Iterable[tuple[int, str]], local: set[str], nft: str = ""
     entries: list[Entry] = []
     forwards: list[Forward] = []
     for family, text in saves:
-        nat = parse_save(text).get("nat", {})
-        for chain in nat.values():
-            for rule in chain.rules:
+        nat = parse_ruleset(text).get("nat")
+        for chain in nat.chains.values() if nat is not None else []:
+            for rule in chain.each_rule():
                 _one(rule, chain.name, family, local, entries, forwards)
     _nft(nft, local, entries, forwards)
     return list(dict.fromkeys(entries)), list(dict.fromkeys(forwards))
@@ -193,7 +193,7 @@ def _nft_port_map(mapped: re.Match[str], line: str, table: str, families: list[i
                       forwards)
 
 
-def _one(rule: SavedRule, chain: str, family: int, local: set[str], entries: list[Entry],
+def _one(rule: Rule, chain: str, family: int, local: set[str], entries: list[Entry],
          forwards: list[Forward]) -> None:
     target = rule.target
     if target not in ("DNAT", "REDIRECT"):

@@ -53,7 +53,7 @@ from fwsafe.runner import find_binary, require_binary, run
 
 __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "reachability"]
 
-AGENT = Path(__file__).with_name("agent.py")
+AGENT = Path(__file__).with_name("audit_agent.py")
 CURRENT, CANDIDATE = "current", "candidate"
 DEFAULT_TIMEOUT = 1.0
 GRACE = 0.15   # s after a probe's packet arrived: its fate is decided in that pass of the kernel,
@@ -315,7 +315,7 @@ class _Rounds:
         if not any(r.startswith("recent:") for r in item.reasons) or item.ipt_key is None:
             return item.reasons
         t_index, table, chain, index = item.ipt_key
-        rule = self.firewall.tools[t_index].snapshot[table][chain].rules[index - 1]
+        rule = self.firewall.tools[t_index].snapshot[table].chains[chain].rule(index)
         words = rule.tokens
         name = rule.option("--name") or "DEFAULT"
         reasons = [r for r in item.reasons if not r.startswith("recent:")]
@@ -466,7 +466,7 @@ def _concerns(item: NotChecked, firewall: SandboxFirewall, listener: Listener,
         return False
     if item.ipt_key is not None:
         t_index, table, chain, index = item.ipt_key
-        rule = firewall.tools[t_index].snapshot[table][chain].rules[index - 1]
+        rule = firewall.tools[t_index].snapshot[table].chains[chain].rule(index)
         proto = rule.option("-p", "--protocol")
         if proto and not rule.negated("-p") and proto.lower() not in (listener.proto, "all"):
             return False

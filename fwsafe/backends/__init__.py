@@ -22,12 +22,12 @@ from fwsafe.backends.base import (
     Layer,
 )
 from fwsafe.errors import UsageError
-from fwsafe.ondisk.firewalld import FIREWALLD_TABLES
+from fwsafe.ondisk.firewalld_files import FIREWALLD_TABLES
 
 # Capture order; a revert goes in reverse (firewalld and files first, iptables last).
 ALL_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy", "nft", "ufw", "firewalld")
 # Captured only for a change that gives content for them (never in every snapshot); reverted
-# first. A name may carry a path: "sshd:<the config file, percent-encoded>" (backends.sshd).
+# first. A name may carry a path: "sshd:<the config file, percent-encoded>" (backends.sshd_layer).
 ON_DEMAND_LAYERS = ("sshd",)
 
 
@@ -58,17 +58,17 @@ def layer_for(name: str) -> Layer:
         return NftLayer()
     if name == "ufw":
         # each backend is imported when first asked for (the CLI starts faster)
-        from fwsafe.backends.ufw import UfwLayer
+        from fwsafe.backends.ufw_layer import UfwLayer
 
         return UfwLayer()
     if name == "firewalld":
         # each backend is imported when first asked for (the CLI starts faster)
-        from fwsafe.backends.firewalld import FirewalldLayer
+        from fwsafe.backends.firewalld_layer import FirewalldLayer
 
         return FirewalldLayer()
     if layer_kind(name) == "sshd":
         # each backend is imported when first asked for (the CLI starts faster)
-        from fwsafe.backends.sshd import SshdLayer
+        from fwsafe.backends.sshd_layer import SshdLayer
 
         return SshdLayer.for_name(name)
     raise UsageError(f"unknown firewall layer {name!r}")

@@ -2,7 +2,7 @@
 
 A *layer* is one independently captured piece of firewall state: the IPv4 iptables ruleset,
 the IPv6 one, leftover iptables-legacy tables, native nftables tables, ufw's files, firewalld
-(its files and model; it is reverted through firewalld itself: backends/firewalld.py).
+(its files and model; it is reverted through firewalld itself: backends/firewalld_layer.py).
 
 Each layer splits its state into *units*, the pieces a revert puts back one by one:
 
@@ -20,8 +20,8 @@ levels, each a fallback for the one before when the tool refuses the target:
 
     MERGE   the three-way merge of before / after the change / live (fwsafe.core.merge): only the
             change's own rules are undone; what others did meanwhile stays
-    CHAINS  the touched units put back whole from the snapshot, the rest as it is live
-    TABLES  the snapshot of every touched table, whole (access before fidelity)
+    SNAPSHOT_UNITS  the touched units put back whole from the snapshot, the rest as it is live
+    SNAPSHOT_TABLES  the snapshot of every touched table, whole (access before fidelity)
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 RetryLog = Callable[[str], None]
 
 MERGE = "merge"
-CHAINS = "snapshot units"
-TABLES = "snapshot tables"
-LEVELS = (MERGE, CHAINS, TABLES)
+SNAPSHOT_UNITS = "snapshot units"
+SNAPSHOT_TABLES = "snapshot tables"
+LEVELS = (MERGE, SNAPSHOT_UNITS, SNAPSHOT_TABLES)
 
 # What a layer is and what the rest of fwsafe does with it (`Layer.facts`): every module asks
 # the registry (fwsafe.backends: `layers_with`, `layer_has`), none keeps a list of layer names.
@@ -47,7 +47,10 @@ ON_DEMAND = "on-demand"          # captured only for a change that gives content
 PREDICTED = "predicted"          # the lockout check loads it in its sandbox
 RULES_FILE = "rules-file"        # what --rules / --rules6 give; a command tried on a copy is
                                  # judged by what it leaves here
-ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the history
+ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the history (a rules file;
+                                 # sshd: its files, then a reload; firewalld: through firewalld,
+                                 # its files then `--reload` and the runtime model, or the files
+                                 # alone for a files-only layer, the power cycle's)
 
 
 class FidelityError(Exception):
@@ -105,7 +108,7 @@ class Layer(abc.ABC):
         """Undo the change on the live state at `level` (see the module's documentation):
         compute the complete target of each table or file holding one of `units`, load it
         atomically, capture again and compare. `after` is the capture right after the change
-        (None when it was never taken: MERGE then acts as CHAINS). `live`: the live state when
+        (None when it was never taken: MERGE then acts as SNAPSHOT_UNITS). `live`: the live state when
         the caller knows it (nothing changed since `after`), instead of capturing it again.
         Returns what still differs ([] = done and verified); raises ApplyError when the tool
         refuses the target. Keeps

@@ -24,7 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from fwsafe.backends import nflist
 from fwsafe.backends.base import FidelityError
-from fwsafe.backends.iptables import BUILTIN_CHAINS, FAMILIES
+from fwsafe.backends.iptables import FAMILIES
+from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.runner import find_binary, require_binary, run
 
 NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}

@@ -17,40 +17,42 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fwsafe.backends import nflist
 from fwsafe.backends.base import (
-    CHAINS,
     IPTABLES_SAVE,
     MERGE,
     NETFILTER,
     PREDICTED,
     ROLLBACK,
     RULES_FILE,
+    SNAPSHOT_UNITS,
     ApplyError,
     Layer,
     RetryLog,
     line_starting,
 )
+from fwsafe.backends.iptsave import (
+    BUILTIN_CHAINS,
+    Chain,
+    Table,
+    Tables,
+    chain_names,
+    empty_table,
+    has_tables,
+    parse_ruleset,
+    render,
+)
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk import hatch
+from fwsafe.ondisk import hatch_rules
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
-BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
-    "filter": ("INPUT", "FORWARD", "OUTPUT"),
-    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
-    "mangle": ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"),
-    "raw": ("PREROUTING", "OUTPUT"),
-    "security": ("INPUT", "FORWARD", "OUTPUT"),
-}
-_COUNTERS = re.compile(r"\[\d+:\d+\]")
 _NFT_SYNTAX = re.compile(r"\n[^\S\n]*(?:table\s+(?:ip|ip6|inet|arp|bridge|netdev)\b|"
                          r"flush\s+ruleset|define\s|include\s|#!/usr/sbin/nft)")   # line_starting
 _ERROR_LINE = re.compile(r"(?:Error occurred at line:\s*|line\s+)(\d+)")
 _MISSING_CHAIN = re.compile(r"Chain '([^']+)' does not exist")
-_RULE_CHAIN = re.compile(r"^-[AI]\s+(\S+)")
 _JUMP = re.compile(r"\s-[jg]\s+(\S+)")
 
 
@@ -74,105 +76,7 @@ FAMILIES = {
 }
 
 
-def parse_tables(text: str) -> dict[str, list[str]]:
-    """Split iptables-save output into {table: [lines from '*table' to 'COMMIT']}.
-
-    Comment and blank lines are dropped; chain counters are zeroed so that two captures of
-    the same ruleset compare equal whatever traffic passed in between.
-    """
-    tables: dict[str, list[str]] = {}
-    current: list[str] | None = None
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if not line or line.lstrip().startswith("#"):
-            continue
-        if line.startswith("*"):
-            current = [line]
-            tables[line[1:].strip()] = current
-            continue
-        if current is None:
-            continue
-        if line.startswith(":"):
-            line = _COUNTERS.sub("[0:0]", line)
-        current.append(line)
-        if line == "COMMIT":
-            current = None
-    return tables
-
-
-# A declaration line: `*table`, `:chain ...` or COMMIT. Matched after the newline that starts
-# it (a literal the regex engine searches for fast), on the text with "\n" put in front.
-_DECLARATION = re.compile(r"\n(?:\*(?P<table>[^\n]*)|:(?P<chain>\S+)[^\n]*|(?P<commit>COMMIT)"
-                          r"[ \t\r\f\v]*(?=\n|\Z))")
-
-
-def chain_names(text: str) -> dict[str, set[str]]:
-    """{table: the chains it declares}: what `parse_ruleset` finds, from the `*table`, `:chain`
-    and COMMIT lines alone (a fraction of the time on a large ruleset: no rule is looked at)."""
-    tables: dict[str, set[str]] = {}
-    current: set[str] | None = None
-    for match in _DECLARATION.finditer("\n" + text):
-        if match.group("table") is not None:
-            current = tables[match.group("table").strip()] = set()
-        elif match.group("commit") is not None:
-            current = None
-        elif current is not None:
-            current.add(match.group("chain"))
-    return tables
-
-
-@dataclass
-class Chain:
-    name: str
-    policy: str                      # "ACCEPT"/"DROP" for built-in chains, "-" for user chains
-    rules: list[str] = field(default_factory=list)
-
-    def text(self) -> str:
-        return "\n".join([f":{self.name} {self.policy} [0:0]", *self.rules])
-
-
-@dataclass
-class Table:
-    name: str
-    chains: dict[str, Chain] = field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, name: str, lines: list[str]) -> Table:
-        table = cls(name)
-        for line in lines[1:]:
-            if line.startswith(":"):
-                parts = line[1:].split()
-                table.chains[parts[0]] = Chain(parts[0], parts[1] if len(parts) > 1 else "-")
-            elif line != "COMMIT":
-                match = _RULE_CHAIN.match(line)
-                if match and match.group(1) in table.chains:
-                    table.chains[match.group(1)].rules.append(line)
-        return table
-
-    def is_empty(self) -> bool:
-        """Only built-in chains, policy ACCEPT, no rules: the same as no table at all."""
-        builtins = BUILTIN_CHAINS.get(self.name, ())
-        return all(c.name in builtins and c.policy == "ACCEPT" and not c.rules
-                   for c in self.chains.values())
-
-    def text(self) -> str:
-        builtins = BUILTIN_CHAINS.get(self.name, ())
-        order = [c for c in builtins if c in self.chains] + sorted(
-            c for c in self.chains if c not in builtins)
-        decls = [f":{c} {self.chains[c].policy} [0:0]" for c in order]
-        rules = [r for c in order for r in self.chains[c].rules]
-        return "\n".join([f"*{self.name}", *decls, *rules, "COMMIT"]) + "\n"
-
-
-def parse_ruleset(text: str) -> dict[str, Table]:
-    return {name: Table.parse(name, lines) for name, lines in parse_tables(text).items()}
-
-
-def empty_table(name: str) -> Table:
-    return Table(name, {c: Chain(c, "ACCEPT") for c in BUILTIN_CHAINS.get(name, ())})
-
-
-def merge_table(name: str, before: Table | None, current: Table | None,
+def restore_touched_chains(name: str, before: Table | None, current: Table | None,
                 touched_chains: set[str]) -> Table:
     """The table as it must be after a revert: touched chains as in `before` (or gone if they
     were not there), all other chains as in `current`."""
@@ -192,7 +96,7 @@ def merge_table(name: str, before: Table | None, current: Table | None,
     return result
 
 
-def merge_table3(name: str, before: Table | None, after: Table | None,
+def three_way_undo(name: str, before: Table | None, after: Table | None,
                  live: Table | None) -> Table:
     """The table with the change `before -> after` undone on `live` (fwsafe.core.merge): chains the
     change created go, chains it deleted come back, rules it added go and rules it removed come
@@ -258,7 +162,7 @@ def _whole(now: Mapping[str, Table], targets: Mapping[str, Table | None]) -> byt
     """The layer's state once `targets` are loaded over `now` (as _load gives them to the tool:
     a table without chains as an empty one), as iptables-save text."""
     loaded = {n: t if t is not None and t.chains else empty_table(n) for n, t in targets.items()}
-    return "".join(t.text() for t in {**now, **loaded}.values()).encode()
+    return render({**now, **loaded}).encode()
 
 
 def compose_partial(live: bytes, change: bytes) -> bytes:
@@ -267,26 +171,17 @@ def compose_partial(live: bytes, change: bytes) -> bytes:
     one) and its rules. Every other chain stays as it is."""
     now = parse_ruleset(live.decode(errors="replace"))
     out = []
-    for name, lines in parse_tables(change.decode(errors="replace")).items():
+    for name, table in parse_ruleset(change.decode(errors="replace")).items():
         merged = Table(name, dict(now[name].chains) if name in now else {})
         for chain in BUILTIN_CHAINS.get(name, ()):
             merged.chains.setdefault(chain, Chain(chain, "ACCEPT"))
-        named: dict[str, Chain] = {}
-        for line in lines[1:]:
-            if line.startswith(":"):
-                parts = line[1:].split()
-                named[parts[0]] = Chain(parts[0], parts[1] if len(parts) > 1 else "-")
-                continue
-            match = _RULE_CHAIN.match(line)
-            if match:
-                chain = match.group(1)
-                if chain not in named:
-                    live_chain = merged.chains.get(chain)
-                    named[chain] = Chain(chain, live_chain.policy if live_chain else "-")
-                named[chain].rules.append(line)
+        named = dict(table.chains)
+        for chain, rules in table.stray.items():   # rules appended to a chain not declared
+            live_chain = merged.chains.get(chain)
+            named[chain] = Chain(chain, live_chain.policy if live_chain else "-", list(rules))
         merged.chains.update(named)
-        out.append(merged.text())
-    return "".join(out).encode()
+        out.append(merged)
+    return render(out).encode()
 
 
 def describe_restore_error(stderr: str, change: bytes, source: str) -> tuple[str, int | None]:
@@ -361,7 +256,7 @@ class IptablesLayer(Layer):
         if result.returncode != 0:
             raise ApplyError(
                 f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}")
-        return hatch.strip(result.stdout)   # the kernel escape hatch is nobody's rule
+        return hatch_rules.strip(result.stdout)   # the kernel escape hatch is nobody's rule
 
     def declared(self, data: bytes) -> dict[str, set[str]]:
         return chain_names(data.decode(errors="replace"))
@@ -387,7 +282,7 @@ class IptablesLayer(Layer):
                 path=source, line=nft_line,
                 hint="apply nftables rulesets with the nftables backend (a .nft file)",
             )
-        if not (text.startswith("*") or "\n*" in text):   # no `*table` line (parse_tables)
+        if not has_tables(change):
             raise InvalidRulesError(
                 f"{source}: no table found (expected iptables-save format: '*filter' ... 'COMMIT')",
                 path=source,
@@ -420,10 +315,10 @@ class IptablesLayer(Layer):
         targets: dict[str, Table | None] = {}
         for name in tables:
             if level == MERGE and new is not None:
-                targets[name] = merge_table3(name, old.get(name), new.get(name), now.get(name))
-            elif level in (MERGE, CHAINS):
+                targets[name] = three_way_undo(name, old.get(name), new.get(name), now.get(name))
+            elif level in (MERGE, SNAPSHOT_UNITS):
                 chains = {u.partition("/")[2] for u in units if u.startswith(name + "/")}
-                merged = merge_table(name, old.get(name), now.get(name), chains)
+                merged = restore_touched_chains(name, old.get(name), now.get(name), chains)
                 complete_references(merged, [now.get(name), old.get(name)])
                 targets[name] = merged
             else:
@@ -449,7 +344,7 @@ class IptablesLayer(Layer):
         return [f"{self.label} table {name} differs from the computed target"
                 for name, target in targets.items() if not same_table(target, after_load.get(name))]
 
-    def _load_repairing(self, targets: dict[str, Table | None], old: dict[str, Table],
+    def _load_repairing(self, targets: dict[str, Table | None], old: Tables,
                         on_retry: RetryLog | None) -> int:
         """Load the targets; when the tool names a chain that a kept rule jumps to but that
         exists nowhere any more, add it (the snapshot's copy, else empty) and load again.
@@ -478,12 +373,12 @@ class IptablesLayer(Layer):
                     on_retry(f"{self.label}: re-created chain {chain} that the target needs")
         return self._load(targets, old, on_retry)
 
-    def _load(self, targets: dict[str, Table | None], old: dict[str, Table],
+    def _load(self, targets: dict[str, Table | None], old: Tables,
               on_retry: RetryLog | None) -> int:
         """Load every target table in one iptables-restore; remove (nf_tables) the tables that
         did not exist before the change and are empty now. Returns the nf_tables commits made
         (one per table restored or removed)."""
-        payload: list[str] = []
+        payload: list[Table] = []
         drop: list[str] = []
         for name, target in targets.items():
             if (target is None or target.is_empty()) and self.in_nf_tables() \
@@ -492,9 +387,9 @@ class IptablesLayer(Layer):
                 continue
             if target is None or not target.chains:
                 target = empty_table(name)
-            payload.append(target.text())
+            payload.append(target)
         if payload:
-            self._restore("".join(payload).encode(), on_retry)
+            self._restore(render(payload).encode(), on_retry)
         for name in drop:
             listed = run_persistently([require_binary("nft"), "list", "table",
                                        self.family.nft_family, name], timeout=60, on_retry=on_retry)

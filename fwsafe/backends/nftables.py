@@ -31,11 +31,12 @@ from fwsafe.backends.base import (
     RetryLog,
     line_starting,
 )
-from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
+from fwsafe.backends.iptables import uses_nf_tables
+from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.backends.nflist import kernel_tables
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk import hatch
+from fwsafe.ondisk import hatch_rules
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_ERROR = re.compile(r"^(?:/dev/stdin|[^:\s]+):(\d+):(\d+)(?:-\d+)?: Error: (.*)$", re.M)
@@ -281,7 +282,7 @@ class NftLayer(Layer):
                                      f"{result.stderr.decode(errors='replace').strip()}")
                 listed = result.stdout
             parts.append(listed.decode(errors="replace").rstrip("\n") + "\n")
-        return hatch.strip("".join(parts).encode())   # the kernel escape hatch is nobody's rule
+        return hatch_rules.strip("".join(parts).encode())   # the kernel escape hatch is nobody's rule
 
     def units(self, data: bytes) -> dict[str, str]:
         return split_tables(data.decode(errors="replace"))

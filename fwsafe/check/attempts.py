@@ -10,26 +10,25 @@ from dataclasses import dataclass
 from typing import Any
 
 from fwsafe.check.host import ClientPath
+from fwsafe.check.ipt_counters import counted_drops, counter_delta, evaluated_rules, reachable_chains
 from fwsafe.check.loading import SandboxFirewall
-from fwsafe.check.relevance import ipt_verdict_free, nft_verdict_free
-from fwsafe.check.rules import (
+from fwsafe.check.nft_listing import (
     NFT_DROP_VERDICTS,
     NFT_TERMINAL_VERDICTS,
     ChainKey,
     TraceEvent,
-    counted_drops,
-    counter_delta,
-    evaluated_rules,
+    nft_reachable,
+    parse_trace_line,
+)
+from fwsafe.check.relevance import ipt_verdict_free, nft_verdict_free
+from fwsafe.check.sandbox import TRACE_TABLE
+from fwsafe.check.unreproducible import (
     ipt_excludes_tcp,
     ipt_interface_only,
     ipt_unreproducible,
     nft_excludes_tcp,
-    nft_reachable,
     nft_unreproducible,
-    parse_trace_line,
-    reachable_chains,
 )
-from fwsafe.check.sandbox import TRACE_TABLE
 
 __all__ = ["Attempt", "NotChecked", "Prober", "find_not_checked"]
 
@@ -68,7 +67,7 @@ def find_not_checked(firewall: SandboxFirewall, known_interfaces: list[str]) -> 
     for t_index, tool in enumerate(firewall.tools):
         tables = tool.snapshot
         for table, chain in sorted(reachable_chains(tables)):
-            for rule in tables[table][chain].rules:
+            for rule in tables[table].chains[chain].each_rule():
                 reasons = ipt_unreproducible(rule, known_interfaces)
                 if not reasons:
                     continue
@@ -76,7 +75,7 @@ def find_not_checked(firewall: SandboxFirewall, known_interfaces: list[str]) -> 
                     namer.ipt_where(tool, table, chain, rule.index), reasons,
                     ipt_interface_only(reasons), ipt_excludes_tcp(rule, tool.family),
                     tool.family, ipt_key=(t_index, table, chain, rule.index),
-                    verdict_free=ipt_verdict_free(tables[table], chain, rule.index)))
+                    verdict_free=ipt_verdict_free(tables[table].chains, chain, rule.index)))
     skip = firewall.ipt_owned | {(f, n) for f, n in listing.tables if n == TRACE_TABLE}
     for key in sorted(nft_reachable(listing, skip)):
         for position, nft_rule in enumerate(listing.chains[key].rules, start=1):

@@ -19,8 +19,9 @@ from fwsafe.backends import (
     layers_with,
 )
 from fwsafe.backends.base import ApplyError
-from fwsafe.backends.iptables import BUILTIN_CHAINS, IptablesLayer, uses_nf_tables
-from fwsafe.check.rules import IptFileMap, SavedTables, has_tables
+from fwsafe.backends.iptables import IptablesLayer, uses_nf_tables
+from fwsafe.backends.iptsave import BUILTIN_CHAINS, Tables, has_tables
+from fwsafe.check.ipt_lines import IptFileMap
 from fwsafe.check.sandbox import LinkPlan
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
@@ -76,7 +77,7 @@ class IptTool:
     current: bytes = b""
     candidate: tuple[bytes, str] | None = None
     fmap: IptFileMap | None = None
-    snapshot: SavedTables = field(default_factory=dict)
+    snapshot: Tables = field(default_factory=dict)
 
 
 def ip_json(args: list[str]) -> Any:

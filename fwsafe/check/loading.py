@@ -9,17 +9,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fwsafe.backends.iptables import describe_restore_error
+from fwsafe.backends.iptsave import Tables, has_tables, parse_ruleset
 from fwsafe.backends.nftables import describe_nft_error, split_tables
 from fwsafe.check.host import IptTool, iptables_nft_tables
+from fwsafe.check.ipt_lines import map_iptables_file
 from fwsafe.check.naming import NftCandidate, RuleNamer
+from fwsafe.check.nft_listing import parse_nft_listing
 from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, sandbox_addresses
-from fwsafe.check.rules import (
-    SavedTables,
-    has_tables,
-    map_iptables_file,
-    parse_nft_listing,
-    parse_save,
-)
 from fwsafe.check.sandbox import TRACE_TABLE, Sandbox, SandboxError
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError
 from fwsafe.runner import require_binary
@@ -162,13 +158,13 @@ class SandboxFirewall:
                               "cannot reproduce are not weighed against each path")
 
     # -- reading --------------------------------------------------------------------------------
-    def snapshot(self, tool: IptTool) -> SavedTables:
+    def snapshot(self, tool: IptTool) -> Tables:
         """``tool``'s tables in the sandbox, with packet counters."""
         result = self.sandbox.srv_run([tool.save, "-c"], timeout=120)
         if result.returncode != 0:
             raise SandboxError(f"{tool.save} -c failed in the sandbox: "
                                f"{result.stderr.decode(errors='replace').strip()}")
-        return parse_save(result.stdout.decode(errors="replace"))
+        return parse_ruleset(result.stdout.decode(errors="replace"), counters=True)
 
     def read_state(self) -> None:
         """Every tool's snapshot, and the listing (with handles) of the native nft tables."""

@@ -7,14 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwsafe.check.host import IptTool
-from fwsafe.check.rules import (
-    ChainKey,
-    NftFileInfo,
-    NftListing,
-    map_nft_handles,
-    parse_nft_echo,
-    scan_nft_file,
-)
+from fwsafe.check.nft_lines import NftFileInfo, map_nft_handles, parse_nft_echo, scan_nft_file
+from fwsafe.check.nft_listing import ChainKey, NftListing
 
 __all__ = ["NftCandidate", "RuleNamer"]
 
@@ -55,7 +49,8 @@ class RuleNamer:
     @staticmethod
     def ipt_where(tool: IptTool, table: str, chain: str, index: int | None) -> str:
         """Rule ``index`` (None: the policy) of ``chain`` in ``table``, loaded by ``tool``."""
-        saved = tool.snapshot.get(table, {}).get(chain)
+        saved_table = tool.snapshot.get(table)
+        saved = saved_table.chains.get(chain) if saved_table is not None else None
         if tool.fmap is not None and table in tool.fmap.tables:
             fmap = tool.fmap
             if index is None:
@@ -67,12 +62,12 @@ class RuleNamer:
             line = fmap.rule_line(table, chain, index, count)
             if line:
                 return f"{fmap.source}:{line}: `{fmap.text(line)}`"
-            text = saved.rules[index - 1].text if saved and index <= len(saved.rules) else "?"
+            text = saved.rules[index - 1] if saved and index <= len(saved.rules) else "?"
             return f"{fmap.source} (table {table}, rule {index} of chain {chain}): `{text}`"
         origin = f"current {tool.label} rules (table {table}, not replaced by the candidate)"
         if index is None:
             return f"{origin}: `:{chain} DROP` (chain policy)"
-        text = saved.rules[index - 1].text if saved and index <= len(saved.rules) else "?"
+        text = saved.rules[index - 1] if saved and index <= len(saved.rules) else "?"
         return f"{origin}: `{text}`"
 
     def nft_where(self, chain: ChainKey, handle: int | None) -> str:

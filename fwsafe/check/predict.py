@@ -48,8 +48,8 @@ from fwsafe.check.host import (
     plan_links,
 )
 from fwsafe.check.loading import SandboxFirewall
-from fwsafe.check.rules import LIMITS
 from fwsafe.check.sandbox import AGENT, CHECK_PREFIX, Sandbox, SandboxError
+from fwsafe.check.unreproducible import LIMITS
 from fwsafe.core.change import Change, validate_change
 from fwsafe.errors import EnvironmentProblem, FwsafeError, UsageError
 from fwsafe.runner import require_binary
@@ -152,9 +152,9 @@ class CheckReport:
 
     def describe(self, verbose: bool = False) -> str:
         """The report for people: one screen by default, everything with ``verbose``
-        (fwsafe.check.report)."""
+        (fwsafe.check.check_report)."""
         # the report's text is needed only when a verdict is described (predict starts faster)
-        from fwsafe.check.report import check_text
+        from fwsafe.check.check_report import check_text
 
         return check_text(self, verbose)
 

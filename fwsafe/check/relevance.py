@@ -22,7 +22,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-from fwsafe.check.rules import NftRule, SavedChain
+from fwsafe.backends.iptsave import Chain
+from fwsafe.check.nft_listing import NftRule
 
 __all__ = ["REPORT_ONLY_TARGETS", "ipt_verdict_free", "nft_verdict_free"]
 
@@ -37,15 +38,15 @@ _NFT_COMMENT = re.compile(r'\bcomment\s+"(?:[^"\\]|\\.)*"')
 _NFT_LOG_PREFIX = re.compile(r'\bprefix\s+"(?:[^"\\]|\\.)*"')
 
 
-def ipt_verdict_free(chains: Mapping[str, SavedChain], chain: str, index: int) -> bool:
+def ipt_verdict_free(chains: Mapping[str, Chain], chain: str, index: int) -> bool:
     """Whether rule ``index`` (1-based) of ``chains[chain]`` (one table) leaves every
     packet's fate as it was, matched or not."""
     return _ipt_free(chains, chain, index, frozenset())
 
 
-def _ipt_free(chains: Mapping[str, SavedChain], chain: str, index: int,
+def _ipt_free(chains: Mapping[str, Chain], chain: str, index: int,
               seen: frozenset[str]) -> bool:
-    rules = chains[chain].rules
+    rules = chains[chain].each_rule()
     rule = rules[index - 1]
     if rule.goto is not None:
         return False
@@ -63,7 +64,7 @@ def _ipt_free(chains: Mapping[str, SavedChain], chain: str, index: int,
         return False
     inside = seen | {chain}
     # In the chain entered, a RETURN ends that chain only: free when the rest of it is.
-    return all(_ipt_free(chains, target, r.index, inside) for r in sub.rules)
+    return all(_ipt_free(chains, target, r.index, inside) for r in sub.each_rule())
 
 
 def nft_verdict_free(rule: NftRule) -> bool:

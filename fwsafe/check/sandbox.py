@@ -42,7 +42,7 @@ from fwsafe.check.netns import (
 from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
-AGENT = Path(__file__).with_name("agent.py")
+AGENT = Path(__file__).with_name("sandbox_agent.py")
 TRACE_TABLE = "fwsafe_check_trace"
 CANARY_PORTS = "40000-49999"
 CHECK_PREFIX = "fwck"   # `fwsafe check`, the check before `apply`, the audit
@@ -98,7 +98,7 @@ def _by_source(link: LinkPlan, peer: str, table: int) -> list[str]:
 
 
 class AgentProcess:
-    """The check agent (agent.py) running in one namespace; one JSON request and answer per line."""
+    """The check agent (sandbox_agent.py) running in one namespace; one JSON request and answer per line."""
 
     def __init__(self, argv: list[str], label: str) -> None:
         self.label = label

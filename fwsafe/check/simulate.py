@@ -27,7 +27,7 @@ from fwsafe.backends.base import ApplyError
 from fwsafe.check.isolation import UNSHARE_ARGS, Tripwires, describe, enter, host_sockets
 from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
 from fwsafe.errors import CannotSimulateError, EnvironmentProblem, InvalidRulesError
-from fwsafe.ondisk.ufw import UfwFilesError
+from fwsafe.ondisk.ufw_files import UfwFilesError
 from fwsafe.runner import module_argv, require_binary
 
 SIMULATE_PREFIX = "fwsb"   # fwsb<pid>: the scratch namespace of a simulated change
@@ -113,7 +113,7 @@ def simulate(
 def _inside(request: dict[str, Any], wires: Tripwires) -> dict[str, Any]:
     if request.get("ufw"):   # the sandbox starts from ufw's files as captured
         # ufw's files are put back only in a sandbox that has them
-        from fwsafe.ondisk.ufw import restore_ufw_files
+        from fwsafe.ondisk.ufw_files import restore_ufw_files
 
         restore_ufw_files(_unb64(request["ufw"]), Path("/"))
     for name, data in request["load"].items():

@@ -8,7 +8,7 @@ import time
 
 import click
 
-from fwsafe.backends.ufw import prepare_command
+from fwsafe.backends.ufw_layer import prepare_command
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     TIMEOUT_HELP,
@@ -28,14 +28,14 @@ from fwsafe.cli.screens import after_apply
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.context import RUN
 from fwsafe.core import transaction
-from fwsafe.core.apply import ApplyOptions
 from fwsafe.core.change import Change, change_from_files
+from fwsafe.core.flow import ApplyOptions
 from fwsafe.core.manager import Manager
+from fwsafe.core.probes import parse_probe
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (
     FwsafeError,
 )
-from fwsafe.probes import parse_probe
 
 
 @click.command(epilog=EXIT_CODES_EPILOG)
@@ -163,7 +163,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6")
     if host:
         # loaded by the command that uses it only: every other command (and --help) starts faster
-        from fwsafe.remote.apply import RemoteRequest, apply_remote
+        from fwsafe.remote.remote_apply import RemoteRequest, apply_remote
 
         if detach:
             raise click.UsageError("--detach does not go with --host: the workstation's job is "

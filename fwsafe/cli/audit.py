@@ -19,9 +19,9 @@ from fwsafe.cli.common import (
     rules6_option,
 )
 from fwsafe.cli.ticker import StepTicker
-from fwsafe.config import load_config
 from fwsafe.context import RUN
 from fwsafe.core.change import change_from_files, resolve_partial, validate_change
+from fwsafe.core.config import load_config
 from fwsafe.core.statedir import resolve_state_dir
 
 

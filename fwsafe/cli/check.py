@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from fwsafe.check.check_report import check_lines, left_out_line
 from fwsafe.check.host import capture_host
 from fwsafe.check.precheck import candidate_layers, warm_layers, warm_up
 from fwsafe.check.predict import (
@@ -19,7 +20,6 @@ from fwsafe.check.predict import (
     parse_clients,
     predict,
 )
-from fwsafe.check.report import check_lines, left_out_line
 from fwsafe.cli.common import (
     backend_option,
     echo_styled,
@@ -27,13 +27,13 @@ from fwsafe.cli.common import (
     rules6_option,
 )
 from fwsafe.cli.ticker import StepTicker
-from fwsafe.config import load_config
 from fwsafe.context import RUN
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
+from fwsafe.core.config import load_config
 from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, RejectedError, UsageError
 
 if TYPE_CHECKING:
-    from fwsafe.audit.report import ExposureChange
+    from fwsafe.audit.audit_report import ExposureChange
 
 EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
@@ -108,7 +108,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     validating: Future[None] | None = None
     if "--" in RUN.raw_args:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         # loaded by the command that uses it only: every other command (and --help) starts faster
-        from fwsafe.backends.ufw import prepare_command
+        from fwsafe.backends.ufw_layer import prepare_command
 
         change = Change(run=prepare_command(list(rules))[0])
         validate_change(change)

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from fwsafe.check.proof import PROVER
-from fwsafe.config import Config, load_config
 from fwsafe.context import RUN
 from fwsafe.core import transaction
+from fwsafe.core.config import Config, load_config
 from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
@@ -31,14 +31,14 @@ from fwsafe.guard.spawn import converge as converge_orphan
 from fwsafe.steps import on_confirmed
 
 if TYPE_CHECKING:
-    from fwsafe.core.apply import ApplyOptions
+    from fwsafe.core.flow import ApplyOptions
 
-COMMAND_MODULES = ("apply", "transaction", "demo", "check", "diff", "history", "probe", "rescue",
+COMMAND_MODULES = ("apply", "pending", "demo", "check", "diff", "history", "probe", "rescue",
                    "audit", "sshd", "shim")
 COMMAND_TABLE = {
     "apply": "apply", "ufw": "apply", "firewall-cmd": "apply",
-    "confirm": "transaction", "revert": "transaction", "extend": "transaction",
-    "recover": "transaction", "status": "transaction",
+    "confirm": "pending", "revert": "pending", "extend": "pending",
+    "recover": "pending", "status": "pending",
     "demo": "demo", "check": "check", "diff": "diff",
     "history": "history", "show": "history", "history-diff": "history", "rollback": "history",
     "probe": "probe", "rescue": "rescue", "install-boot-hook": "rescue",
@@ -207,7 +207,7 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
     here, so none ignores a setting; `fields` are the command's own (its options, which win:
     --probe, check, force, login_user...)."""
     # loaded by the command that uses it only: every other command (and --help) starts faster
-    from fwsafe.core.apply import ApplyOptions
+    from fwsafe.core.flow import ApplyOptions
     from fwsafe.steps import apply_steps
 
     settings: dict[str, Any] = {

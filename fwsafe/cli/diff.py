@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from fwsafe.backends.ufw import prepare_command
-from fwsafe.check.diff import UnitDiff, diff_change
+from fwsafe.backends.ufw_layer import prepare_command
+from fwsafe.check.change_diff import UnitDiff, diff_change
 from fwsafe.cli.common import (
     backend_option,
     partial_option,
@@ -16,9 +16,9 @@ from fwsafe.cli.common import (
     use_colour,
 )
 from fwsafe.cli.ticker import StepTicker
-from fwsafe.config import load_config
 from fwsafe.context import RUN
 from fwsafe.core.change import Change, change_from_files, require_root
+from fwsafe.core.config import load_config
 
 DIFF_SHOWN = 30   # changed lines `fwsafe diff` shows by default; -v: every line, with context
 

@@ -1,6 +1,6 @@
 """`fwsafe history`, `show`, `history-diff` and `rollback`: the known-good states.
 
-Every confirmed state is kept (see fwsafe.persistence.history). `rollback ID` puts one back, itself as a
+Every confirmed state is kept (see fwsafe.persistence.known_good). `rollback ID` puts one back, itself as a
 change under the guard, exactly like `fwsafe apply`.
 """
 
@@ -23,13 +23,13 @@ from fwsafe.cli.common import (
     timeout_from,
     use_colour,
 )
-from fwsafe.config import load_config
 from fwsafe.context import RUN
+from fwsafe.core.config import load_config
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.errors import EnvironmentProblem, UsageError
 from fwsafe.guard.spawn import converge
-from fwsafe.ondisk.history import Entry, describe_who, format_time
-from fwsafe.persistence import history
+from fwsafe.ondisk.history_format import Entry, describe_who, format_time
+from fwsafe.persistence import known_good
 from fwsafe.persistence.rollback import rollback_change
 
 HISTORY_SHOWN = 10   # the newest states `fwsafe history` lists by default; -v: all
@@ -64,7 +64,7 @@ def entry_json(entry: Entry, *, with_layers: bool = False) -> dict[str, Any]:
     }
     if with_layers:
         data["content"] = {name: {label: text for label, text in
-                                  history.layer_text(name, content).items()}
+                                  known_good.layer_text(name, content).items()}
                            for name, content in entry.layers.items()}
     return data
 
@@ -75,7 +75,7 @@ def history_cmd(as_json: bool, state_dir: str | None, config_path: str | None) -
     """List the known-good states, oldest first: every confirmed state, and the baseline
     (the state before the first change)."""
     state = _state(state_dir, config_path)
-    found, damaged = history.entries(state)
+    found, damaged = known_good.entries(state)
     if as_json:
         click.echo(json.dumps({"ok": True, "entries": [entry_json(e) for e in found],
                                "damaged": [{"id": d.id, "why": d.why} for d in damaged]},
@@ -121,7 +121,7 @@ def _made_by(meta: dict[str, Any]) -> str:
 def show(entry_id: str, as_json: bool, state_dir: str | None, config_path: str | None) -> None:
     """Show one known-good state: who confirmed it, what changed, and every layer.
     ID may be a unique prefix, `baseline` or `last`."""
-    entry = history.find(_state(state_dir, config_path), entry_id)
+    entry = known_good.find(_state(state_dir, config_path), entry_id)
     if as_json:
         click.echo(json.dumps({"ok": True, **entry_json(entry, with_layers=True)},
                               sort_keys=True))
@@ -141,7 +141,7 @@ def show(entry_id: str, as_json: bool, state_dir: str | None, config_path: str |
     if meta.get("summary"):
         click.echo(f"  summary: {meta['summary']}")
     for name, content in entry.layers.items():
-        for label, text in history.layer_text(name, content).items():
+        for label, text in known_good.layer_text(name, content).items():
             click.echo(f"\n=== {label}")
             click.echo(text.rstrip("\n"))
 
@@ -165,8 +165,8 @@ def diff_layers(old: dict[str, bytes], new: dict[str, bytes], old_name: str,
     """[(label, unified diff lines)] per layer (ufw: per file) that differs."""
     out = []
     for name in sorted(set(old) | set(new)):
-        a = history.layer_text(name, old[name]) if name in old else {}
-        b = history.layer_text(name, new[name]) if name in new else {}
+        a = known_good.layer_text(name, old[name]) if name in old else {}
+        b = known_good.layer_text(name, new[name]) if name in new else {}
         for label in sorted(set(a) | set(b)):
             lines = list(difflib.unified_diff(
                 a.get(label, "").splitlines(), b.get(label, "").splitlines(),
@@ -186,12 +186,12 @@ def history_diff(first: str, second: str | None, as_json: bool, state_dir: str |
     """Show how a known-good state differs from another one (ID2) or, without ID2, from the
     live firewall now: a unified diff per layer (ufw: per file)."""
     state = _state(state_dir, config_path)
-    old = history.find(state, first)
+    old = known_good.find(state, first)
     if second is not None:
-        other = history.find(state, second)
+        other = known_good.find(state, second)
         new_layers, new_name = other.layers, other.id
     else:
-        new_layers, errors = history.capture_layers()
+        new_layers, errors = known_good.capture_layers()
         if not new_layers:
             raise EnvironmentProblem("cannot read the live firewall: " + "; ".join(
                 f"{k}: {v}" for k, v in errors.items()), hint="run as root")
@@ -235,13 +235,13 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     timeout_from(config, timeout_s)   # a bad --timeout is a usage error before anything
     state = StateDir(resolve_state_dir(state_dir, config.state_dir))
     state.verify()
-    entry = history.find(state, entry_id)
+    entry = known_good.find(state, entry_id)
     change, notes = rollback_change(entry)
     for note in notes:
         click.echo(f"fwsafe: {note}", err=True)
     if not change.layers:
         raise UsageError(f"{entry.id} has no layer that a rollback can apply")
-    live, _ = history.capture_layers()
+    live, _ = known_good.capture_layers()
     if all(live.get(n) == entry.layers.get(n) for n in change.layers):
         click.echo(json.dumps({"ok": True, "id": None, "state": "unchanged", "entry": entry.id})
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")

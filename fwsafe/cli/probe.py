@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from fwsafe.probes import ProbeResult, parse_probe, run_probes
+from fwsafe.core.probes import ProbeResult, parse_probe, run_probes
 
 PROBE_EPILOG = """\b
 Probe forms:

@@ -1,5 +1,5 @@
 """`fwsafe shim install|remove|status` (and `shim run`, what the shim execs): plain `ufw` and
-`firewall-cmd` typed in an SSH session run under the guard (fwsafe.shim)."""
+`firewall-cmd` typed in an SSH session run under the guard (fwsafe.persistence.command_shims)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 
 import click
 
-from fwsafe import shim as shim_module
 from fwsafe.cli.common import EXIT_CODES_EPILOG
 from fwsafe.core.change import require_root
+from fwsafe.persistence import command_shims as shim_module
 
 
 def _report(done: list[str], as_json: bool, **data: object) -> None:

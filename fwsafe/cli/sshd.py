@@ -22,9 +22,9 @@ from fwsafe.cli.common import (
 from fwsafe.cli.screens import after_apply
 from fwsafe.core.change import Change, require_root, validate_change
 from fwsafe.errors import LockoutRefused
-from fwsafe.sshd.change import HARDEN, SshdChange, add_to_change, plan_change
-from fwsafe.sshd.config import SSHD_CONFIG
 from fwsafe.sshd.lockout import REFUSED_HINT, key_check, predict_sshd
+from fwsafe.sshd.sshd_change import HARDEN, SshdChange, add_to_change, plan_change
+from fwsafe.sshd.sshd_config import SSHD_CONFIG
 
 F = TypeVar("F", bound=Callable[..., Any])
 SSHD_CONFIG_HELP = (f"The sshd configuration to change: the file sshd is started with (-f), "

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fwsafe.backends import compose_partial, layer_for
-from fwsafe.config import DEFAULT_MAX_RULES_BYTES
+from fwsafe.core.config import DEFAULT_MAX_RULES_BYTES
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError, UsageError
 from fwsafe.runner import find_binary
 

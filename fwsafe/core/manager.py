@@ -1,6 +1,6 @@
 """The transaction manager: what `apply`, `confirm`, `revert`, `extend`, `status` and `recover`
 do, independent of the command line and of any one firewall backend. `apply` is
-fwsafe.core.apply, `recover` fwsafe.core.recover; this module ties them to the rest.
+fwsafe.core.flow, `recover` fwsafe.core.recover; this module ties them to the rest.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from typing import Any
 from fwsafe import failpoints
 from fwsafe.backends import ALL_LAYERS, RULES_FILE, ApplyError, layer_for, layers_with
 from fwsafe.core import transaction
-from fwsafe.core.apply import ApplyFlow, ApplyOptions
 from fwsafe.core.change import Change
+from fwsafe.core.flow import ApplyFlow, ApplyOptions
 from fwsafe.core.recover import RECOVER_GIVE_UP_S
 from fwsafe.core.recover import recover as recover_transaction
 from fwsafe.core.revert import Prover
@@ -33,8 +33,7 @@ from fwsafe.errors import (
     RevertFailedError,
     StateError,
 )
-from fwsafe.guard import hatch
-from fwsafe.guard import spawn as guard
+from fwsafe.guard import hatch, spawn
 
 
 def same_ssh_connection(a: dict[str, str], b: dict[str, str]) -> bool:
@@ -134,7 +133,7 @@ class Manager:
     def view(self, tx_id: str) -> Record:
         """Transaction `tx_id` as it stands: its living guard's view (the truth even while
         the disk refuses the record), else the record on disk."""
-        return guard.view(self.state, transaction.load_record(self.state, tx_id), timeout=1.0)
+        return spawn.view(self.state, transaction.load_record(self.state, tx_id), timeout=1.0)
 
     # -- apply / recover ------------------------------------------------------------------------
     def apply(self, change: Change, options: ApplyOptions) -> Record:
@@ -159,13 +158,13 @@ class Manager:
         if transaction.guard_alive(record):
             failpoints.hit("confirm.asking")
             try:   # a stopped guard cannot take it: its backstop decides
-                answer = {} if guard_stopped(record) else guard.request(
+                answer = {} if guard_stopped(record) else spawn.request(
                     self.state, "confirm", by={**who, "how": how}, timeout=CONFIRM_TIMEOUT)
             except GuardError:
                 answer = {}
             failpoints.hit("confirm.answered")
-            record = guard.settle(self.state, record, limit=0 if answer.get("ok") else
-                                  guard.SETTLE_S)
+            record = spawn.settle(self.state, record, limit=0 if answer.get("ok") else
+                                  spawn.SETTLE_S)
             if record.state == transaction.CONFIRMED:
                 return hatch_left(self.state, record)
             self._raise_if_final(record, "confirm")
@@ -181,7 +180,7 @@ class Manager:
             with self.state.locked(wait=True), self.state.tx_claimed(record.id):
                 return confirm_without_guard(self, record.id, who, how)
         except PendingError:   # the backstop is reverting it
-            self.settled_or_live(guard.settle(self.state, record), "confirm")
+            self.settled_or_live(spawn.settle(self.state, record), "confirm")
             raise
 
     def revert(self, tx_id: str | None = None, reason: str = "reverted by `fwsafe revert`") -> Record:
@@ -191,14 +190,14 @@ class Manager:
         if transaction.guard_alive(record) and not stop_stuck_guard(record):
             failpoints.hit("revert.asking")
             with contextlib.suppress(GuardError):
-                guard.request(self.state, "revert", timeout=REVERT_TIMEOUT, reason=reason)
+                spawn.request(self.state, "revert", timeout=REVERT_TIMEOUT, reason=reason)
             failpoints.hit("revert.answered")
-            record = guard.settle(self.state, record)
+            record = spawn.settle(self.state, record)
         if record.state in transaction.OPEN_STATES and not transaction.guard_alive(record):
             try:
                 record = self.recover(reason=reason + " (guard was gone)")
             except PendingError:   # the backstop is reverting it
-                record = guard.settle(self.state, record)
+                record = spawn.settle(self.state, record)
             except NoTransactionError:   # it ended meanwhile: its guard wrote it and exited
                 record = transaction.load_record(self.state, record.id)
         if record.state == transaction.REVERT_FAILED:
@@ -211,7 +210,7 @@ class Manager:
         record = self._pending(tx_id)
         self._raise_if_final(record, "extend")
         if not transaction.guard_alive(record):
-            self.settled_or_live(guard.settle(self.state, record), "extend")
+            self.settled_or_live(spawn.settle(self.state, record), "extend")
             raise ChangeMayBeLiveError(
                 f"the guard of transaction {record.id} is gone and nobody reverts it: the "
                 "change may be live; nothing to extend",
@@ -219,15 +218,15 @@ class Manager:
         try:
             if guard_stopped(record):
                 raise GuardError("the guard is stopped (SIGSTOP?)")
-            answer = guard.request(self.state, "extend", seconds=seconds,
+            answer = spawn.request(self.state, "extend", seconds=seconds,
                                    by=transaction.who_am_i().get("SSH_CONNECTION", "local"))
         except GuardError as exc:
             answer = {"ok": False, "error": f"the guard does not answer: {exc.message}"}
-        record = guard.view(self.state, record)
+        record = spawn.view(self.state, record)
         if not answer.get("ok"):
             if record.state == transaction.PENDING and "seconds must" in str(answer.get("error")):
                 raise GuardError(f"the guard refused to extend: {answer.get('error')}")
-            self.settled_or_live(guard.settle(self.state, record), "extend")
+            self.settled_or_live(spawn.settle(self.state, record), "extend")
         return record
 
     def settled_or_live(self, record: Record, verb: str, *, final_ok: bool = False) -> None:
@@ -302,7 +301,7 @@ class Manager:
                 record, remaining, remaining_from)
         open_ = record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING
         taken_over = open_ and not alive and self.state.tx_held(record.id)
-        kept = guard.ask_record(self.state, record, 1.0) if taken_over else None  # disk full
+        kept = spawn.ask_record(self.state, record, 1.0) if taken_over else None  # disk full
         record, unsaved = (kept, True) if kept is not None else (record, unsaved)
         if taken_over and record.state in (transaction.APPLYING, transaction.PENDING):
             # Its guard is gone and the backstop holds it: reverting, or reverted and waiting
@@ -344,7 +343,7 @@ class Manager:
         (CLOCK_BOOTTIME: suspend counts, wall-clock steps do not). Falls back to the record on
         disk when the guard does not answer at once (busy reverting, or not ours to ask)."""
         try:
-            answer = guard.request(self.state, "status", timeout=2.0)
+            answer = spawn.request(self.state, "status", timeout=2.0)
             live = Record.from_json(dict(answer["record"]))
         except (GuardError, StateError, KeyError, TypeError, ValueError):
             return record, remaining, source, False

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 from fwsafe import failpoints
 from fwsafe.backends import FILES, layer_for, layer_has
-from fwsafe.backends.base import CHAINS
+from fwsafe.backends.base import SNAPSHOT_UNITS
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import require_root
 from fwsafe.core.revert import (
@@ -153,7 +153,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             if resumed and undone_already(touched, before):
                 # Proved by reading: every touched unit is as in the snapshot; then access.
                 result = RevertResult(attempts=0, notes=[ALREADY_UNDONE],
-                                      proofs={n: proof_of(CHAINS) for n in touched})
+                                      proofs={n: proof_of(SNAPSHOT_UNITS) for n in touched})
                 prove_access(result, access, touched, before, lambda _message: None)
             else:
                 result = revert_change(touched, before, after or None,

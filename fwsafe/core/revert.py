@@ -3,7 +3,7 @@
 Shared by the guard (which holds the snapshots in memory), its backstop and `fwsafe recover`
 (which read them from disk). For each layer the change touched, the layer loads a complete
 computed target per table and verifies it (fwsafe.backends.base.Layer.revert), going through
-the levels MERGE -> CHAINS -> TABLES when a target is refused: the three-way merge, then the
+the levels MERGE -> SNAPSHOT_UNITS -> SNAPSHOT_TABLES when a target is refused: the three-way merge, then the
 touched units whole from the snapshot, then the snapshot of every touched table (access before
 fidelity, said in the log and the record). When every level fails, the whole round is tried
 again after a pause that doubles from 0.1 s to 5 s, for as long as it takes (the guard), or
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, owned_elsewhere, revert_order
-from fwsafe.backends.base import LEVELS, MERGE, TABLES, Proved
+from fwsafe.backends.base import LEVELS, MERGE, SNAPSHOT_TABLES, Proved
 from fwsafe.core.transaction import Record
 
 BACKOFF_FIRST = 0.1
@@ -212,7 +212,7 @@ def revert_change(
 ) -> RevertResult:
     """Undo the change on every touched layer: files first, iptables last (the reverse of the
     capture order). `after` holds the captures taken right after the change (a layer missing
-    there is reverted from the snapshot: CHAINS, then TABLES). `access`: the second proof,
+    there is reverted from the snapshot: SNAPSHOT_UNITS, then SNAPSHOT_TABLES). `access`: the second proof,
     asked once the delta is proved gone; when it fails, the touched tables are loaded whole
     from the snapshot (access before fidelity) and it is asked again; `warm`, its head start
     (both from a Prover: fwsafe.check.proof.PROVER)."""
@@ -298,14 +298,14 @@ def prove_access(result: RevertResult, access: Access | None,
         if name not in before:
             continue
         try:
-            left = layer_for(name).revert(before[name], None, touched[name], level=TABLES)
+            left = layer_for(name).revert(before[name], None, touched[name], level=SNAPSHOT_TABLES)
         except Exception as exc:  # noqa: BLE001 - said, and the access proof tells the rest
             left = [str(exc)]
         if left:
-            say(f"revert of {name} ({TABLES}) failed: {'; '.join(left)}")
+            say(f"revert of {name} ({SNAPSHOT_TABLES}) failed: {'; '.join(left)}")
         else:
-            result.levels[name] = TABLES
-            result.proofs[name] = proof_of(TABLES)
+            result.levels[name] = SNAPSHOT_TABLES
+            result.proofs[name] = proof_of(SNAPSHOT_TABLES)
     result.known.clear()   # the tables loaded whole: read the layers again
     result.access, result.proofs["access"] = _ask(access, result.known)
     say(result.proofs["access"])

@@ -13,7 +13,7 @@ Layout (default /var/lib/fwsafe, or --state-dir, or FWSAFE_STATE_DIR)::
 Directories are 0700 and files 0600. Every write goes to a temporary file in the same directory
 (a new random name, created with O_EXCL|O_NOFOLLOW), is fsync'ed, renamed over the target, and
 the directory is fsync'ed: after a crash a file holds either its old or its new content, never
-a mix (fwsafe.ondisk.files, the one writer, which the boot and ufw files use too).
+a mix (fwsafe.ondisk.atomic_files, the one writer, which the boot and ufw files use too).
 
 fwsafe acts as root on what it reads here (`recover` restores the snapshot it finds), so the
 directory must be root's alone: a state directory that is a symlink, or that it or any existing
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from fwsafe.context import RUN
 from fwsafe.errors import PendingError, StateError, UnsafeStateDirError
-from fwsafe.ondisk.files import TempFileError, write_file_atomically
+from fwsafe.ondisk.atomic_files import TempFileError, write_file_atomically
 
 DEFAULT_STATE_DIR = "/var/lib/fwsafe"
 ENV_STATE_DIR = "FWSAFE_STATE_DIR"

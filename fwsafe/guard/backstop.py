@@ -643,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if how == "--converge" and not state_dir:
         # imported by the guard and backstop processes, which keep their imports small: loaded when
         # used
-        from fwsafe.config import load_config
+        from fwsafe.core.config import load_config
         from fwsafe.core.statedir import resolve_state_dir
 
         try:

@@ -44,7 +44,7 @@ from typing import Any
 
 from fwsafe import backends
 from fwsafe.backends import IPTABLES_SAVE, NETFILTER, layer_has
-from fwsafe.ondisk.hatch import MARK  # how its rules are recognised (and stripped from captures)
+from fwsafe.ondisk.hatch_rules import MARK  # how its rules are recognised (and stripped from captures)
 
 NFT_LAYER = "nft"
 IN_HOOKS = ("prerouting", "input")
@@ -400,7 +400,8 @@ def _nft_skipped(family: str, table: str) -> bool:
     """A table of iptables-nft (the iptables layers hold its hatch)."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
-    from fwsafe.backends.iptables import BUILTIN_CHAINS, uses_nf_tables
+    from fwsafe.backends.iptables import uses_nf_tables
+    from fwsafe.backends.iptsave import BUILTIN_CHAINS
 
     return family in ("ip", "ip6") and table in BUILTIN_CHAINS and uses_nf_tables()
 

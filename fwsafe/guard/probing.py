@@ -30,7 +30,7 @@ class ProbeLoop(threading.Thread):
     def run(self) -> None:
         # imported by the guard and backstop processes, which keep their imports small: loaded when
         # used (probes: only with --probe)
-        from fwsafe.probes import parse_probe, run_probes
+        from fwsafe.core.probes import parse_probe, run_probes
 
         probes = [parse_probe(url) for url in self.urls]
         while not self.stopped.is_set():

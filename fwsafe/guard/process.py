@@ -318,7 +318,7 @@ class Guard:
         failpoints.hit("guard.confirmed")
         self.hatch.remove()   # before the boot files are written (they never hold it anyway)
         # keep the state as known good and write the boot files; the confirm stands
-        from fwsafe.persistence.history import keep_confirmed
+        from fwsafe.persistence.known_good import keep_confirmed
 
         self.log(keep_confirmed(self.state, self.record))
         self.save()

@@ -50,7 +50,18 @@ from typing import Any, cast
 
 from fwsafe.check.netns import Namespaces, kill_until_gone
 from fwsafe.lab.cgroups import MemoryCgroup, PidsCgroup, remove_cgroup_tree
-from fwsafe.lab.files import MountHolder, PrivateFiles
+from fwsafe.lab.lab_files import MountHolder, PrivateFiles
+from fwsafe.lab.lab_sshd import (
+    SSHD,
+    SshClient,
+    SshServer,
+    banner_probe_argv,
+    default_session_path,
+    known_hosts_line,
+    pub_path,
+    ssh_client_argv,
+    ssh_keygen,
+)
 from fwsafe.lab.network import LabNetwork, acquire_prefix_lock, require_lab_capable
 from fwsafe.lab.procs import (
     Children,
@@ -63,17 +74,6 @@ from fwsafe.lab.procs import (
     wait_answering,
 )
 from fwsafe.lab.rulesets import normalize_nft, normalize_save, ruleset_text
-from fwsafe.lab.sshd import (
-    SSHD,
-    SshClient,
-    SshServer,
-    banner_probe_argv,
-    default_session_path,
-    known_hosts_line,
-    pub_path,
-    ssh_client_argv,
-    ssh_keygen,
-)
 
 __all__ = [
     "SSHD",

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fwsafe.check.netns import Namespaces, NetnsError
+from fwsafe.lab.lab_sshd import SSHD
 from fwsafe.lab.procs import LabError
-from fwsafe.lab.sshd import SSHD
 
 __all__ = ["LOCK_DIR", "LabNetwork", "acquire_prefix_lock", "require_lab_capable"]
 

@@ -6,7 +6,7 @@ rescue (fwsafe.rescue.tool), so that both give the same bytes for the same state
 
 * netfilter-persistent: ipv4 -> ``/etc/iptables/rules.v4``, ipv6 -> ``/etc/iptables/rules.v6``;
 * nftables: nft -> ``/etc/nftables.conf``;
-* ufw: ufw's own files (fwsafe.ondisk.ufw).
+* ufw: ufw's own files (fwsafe.ondisk.ufw_files).
 
 All paths are server paths; `root` maps them onto a mounted disk (``root=/mnt``).
 """
@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fwsafe.ondisk.files import local_path
-from fwsafe.ondisk.history import nft_tables, normalize_layer
-from fwsafe.ondisk.ufw import UFW_DIR
+from fwsafe.ondisk.atomic_files import local_path
+from fwsafe.ondisk.history_format import nft_tables, normalize_layer
+from fwsafe.ondisk.ufw_files import UFW_DIR
 
 # The files the system loads at boot, per layer (server paths).
 BOOT_FILES = {

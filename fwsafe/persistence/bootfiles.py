@@ -2,8 +2,8 @@
 
 A change under the guard lives in the kernel only; the boot files keep the old rules until it
 is confirmed, so that a reboot during a pending change comes back with the old rules. On
-confirm (fwsafe.persistence.history.on_confirmed) the confirmed layers are written, atomically
-(fwsafe.ondisk.files; mode and owner kept), to whichever boot files the host uses (their
+confirm (fwsafe.persistence.known_good.on_confirmed) the confirmed layers are written, atomically
+(fwsafe.ondisk.atomic_files; mode and owner kept), to whichever boot files the host uses (their
 detection and content: fwsafe.ondisk.boot, shared with the rescue):
 
 * netfilter-persistent (``/etc/iptables/rules.v4`` / ``rules.v6`` exist, or
@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fwsafe.backends import RULES_FILE, layers_with
+from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.ondisk.boot import BOOT_FILE_MODES, BOOT_FILES, boot_file_content, boot_targets
-from fwsafe.ondisk.files import local_path, write_file_atomically
-from fwsafe.ondisk.firewalld import FIREWALLD_TABLES, without_tables
+from fwsafe.ondisk.firewalld_files import FIREWALLD_TABLES, without_tables
 
 MODES = ("auto", "netfilter-persistent", "nftables", "none")
 NETNS_MARKER = "/etc/fwsafe/persist-in-netns"

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fwsafe.ondisk.files import local_path, write_file_atomically
+from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.persistence import loginhook
 from fwsafe.rescue.tool import build_zipapp
 

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 from fwsafe.core import transaction
-from fwsafe.ondisk.files import local_path, write_file_atomically
+from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 
 MARK = "login-mark"
 PACKAGED_SCRIPT = "/usr/lib/fwsafe/login-mark"
@@ -136,7 +136,7 @@ def sshd_opens_pam_sessions(root: Path) -> tuple[bool, str]:
     `UsePAM yes` (Debian's sshd_config says so; sshd's own default is no). Another SSH server
     (dropbear) or `UsePAM no`: the hook never runs. (yes/no, why)"""
     # sshd's configuration reader: only when PAM sessions are asked
-    from fwsafe.sshd.config import (
+    from fwsafe.sshd.sshd_config import (
         SSHD_CONFIG,
         SshdConfigError,
         default_reader,

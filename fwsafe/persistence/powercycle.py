@@ -6,13 +6,22 @@ back. The power button is what is left. So the boot unit (`fwsafe recover --boot
 firewall loaders and before sshd) counts boots:
 
 * at every boot it records ``STATE_DIR/boots.json``: this boot's id, the wall-clock time, a
-  digest of the firewall files on the disk (the boot files, ufw's files, sshd's) as the boot
-  found them, and whether SSH logins are being marked (fwsafe.persistence.loginhook);
+  digest of the firewall files on the disk (the boot files, ufw's files, /etc/firewalld,
+  sshd's) as the boot found them, and whether SSH logins are being marked
+  (fwsafe.persistence.loginhook);
 * when the host boots twice within `reboot_recovery_window` (default 10 minutes), no SSH
   login succeeded during the boot in between (no login mark of that boot), and the firewall
   files are still what that boot found, it puts back the last known-good state of the history
-  (the boot files and ufw's files, with the rescue tool's own plan: fwsafe.rescue.tool) before
-  ufw, netfilter-persistent, nftables.service, firewalld and sshd start.
+  (the boot files, ufw's and sshd's files with the rescue tool's own plan, fwsafe.rescue.tool;
+  /etc/firewalld as the entry has it, byte-identical with modes and owners,
+  fwsafe.ondisk.firewalld_files) before ufw, netfilter-persistent, nftables.service, firewalld and
+  sshd start.
+
+firewalld's runtime model is not on the disk: at boot firewalld builds it from /etc/firewalld.
+So the power cycle knows /etc/firewalld only: its firewalld layer (the digest, and the
+``before-recovery`` entry) is the files alone (``files_only_layer``; a rollback of it puts the
+files back and reloads firewalld), and from a known-good entry, whose firewalld layer has the
+runtime model too, it takes the files.
 
 A single reboot never changes a state fwsafe did not guard: the state must have survived one
 whole boot unchanged, with nobody getting in over SSH, and the host be power-cycled again
@@ -39,10 +48,18 @@ from typing import Any
 
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write
+from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.ondisk.boot import BOOT_FILES
-from fwsafe.ondisk.files import local_path, write_file_atomically
-from fwsafe.ondisk.history import (
+from fwsafe.ondisk.firewalld_files import (
+    FIREWALLD_DIR,
+    files_only_layer,
+    read_tree,
+    restore_tree,
+    tree_from_json,
+)
+from fwsafe.ondisk.history_format import (
     BEFORE_RECOVERY,
+    Entry,
     HistoryError,
     format_time,
     last_good,
@@ -50,8 +67,8 @@ from fwsafe.ondisk.history import (
     list_history,
     normalize_layer,
 )
-from fwsafe.ondisk.ufw import capture_ufw_files
-from fwsafe.persistence import history, loginhook
+from fwsafe.ondisk.ufw_files import capture_ufw_files
+from fwsafe.persistence import known_good, loginhook
 from fwsafe.rescue.tool import plan_restore, write_plan
 
 BOOTS = "boots.json"
@@ -121,7 +138,8 @@ def decide(previous: Boot | None, now: Boot, login_boot: str | None, window: flo
 # --------------------------------------------------------------------------------------------
 def disk_layers(root: Path = Path("/")) -> dict[str, bytes]:
     """The files the next start of the loaders and of sshd reads, as history layers: the boot
-    files that exist (ipv4, ipv6, nft), ufw's files and sshd's (on `/` only)."""
+    files that exist (ipv4, ipv6, nft), ufw's files, /etc/firewalld (files only) and sshd's
+    (on `/` only)."""
     layers: dict[str, bytes] = {}
     for layer, path in BOOT_FILES.items():
         try:
@@ -131,8 +149,10 @@ def disk_layers(root: Path = Path("/")) -> dict[str, bytes]:
     ufw = capture_ufw_files(root)
     if json.loads(ufw).get("files"):
         layers["ufw"] = ufw
+    if local_path(root, FIREWALLD_DIR).is_dir():
+        layers["firewalld"] = files_only_layer(root)
     if root == Path("/"):
-        sshd, _ = history.capture_sshd()
+        sshd, _ = known_good.capture_sshd()
         if sshd is not None:
             layers["sshd"] = sshd
     return {name: normalize_layer(name, data) for name, data in layers.items()}
@@ -201,24 +221,46 @@ def _recover(state: StateDir, root: Path, layers: dict[str, bytes],
         return None, Decision(False, f"{decision.why}, but no known-good state to put back: "
                                      f"{exc.message}")
     plan = plan_restore(entry, root)
-    if not plan.changes:
+    # /etc/firewalld exactly as the entry has it (modes, owners, the directories; the files
+    # that appeared since removed): not with the rescue plan's backups next to the files, as
+    # the state found is kept whole in the history (`undo`) anyway.
+    plan.changes = [change for change in plan.changes if change.layer != "firewalld"]
+    firewalld = _firewalld_changed(entry, root)
+    if not plan.changes and not firewalld:
         return None, Decision(False, f"{decision.why}, but the files already hold the last "
                                      f"known-good state {entry.id}")
-    replaced = {change.layer for change in plan.changes}
+    replaced = {change.layer for change in plan.changes} | ({"firewalld"} if firewalld else set())
     undo_layers = {name: _undoable(name, data) for name, data in layers.items()
                    if name in replaced}
-    undo, _ = history.add_entry(state, undo_layers, {
+    undo, _ = known_good.add_entry(state, undo_layers, {
         "summary": f"the firewall files found at boot, before the power-cycle recovery put "
                    f"back {entry.id} ({decision.why}); `fwsafe rollback` of this entry undoes "
                    "it", "who": {}, "recovered_to": entry.id},
         dedup=False, kind=BEFORE_RECOVERY)
     written = [change.server_path for change in write_plan(plan, root)]
+    if firewalld:
+        restore_tree(*tree_from_json(json.loads(entry.layers["firewalld"])), root)
+        written += firewalld
     info = {"format": FORMAT, "time": time.time(), "boot_id": transaction.current_boot_id(),
             "why": decision.why, "entry": entry.id, "undo": undo.id, "written": written,
             "notes": plan.notes + plan.warnings}
     atomic_write(state.root / RECOVERY, json.dumps(info, sort_keys=True).encode())
     _announce(root, info)
     return info, Decision(True, decision.why)
+
+
+def _firewalld_changed(entry: Entry, root: Path) -> list[str]:
+    """The paths below /etc/firewalld that differ from `entry` (content, mode, owner, there or
+    not), when this host has firewalld and the entry a firewalld layer."""
+    if "firewalld" not in entry.layers or not local_path(root, FIREWALLD_DIR).is_dir():
+        return []
+    try:
+        dirs, files = tree_from_json(json.loads(entry.layers["firewalld"]))
+    except ValueError as exc:   # FirewalldFilesError, JSONDecodeError
+        raise HistoryError(f"the firewalld layer of {entry.id} is damaged: {exc}") from exc
+    live_dirs, live_files = read_tree(root)
+    return sorted({p for p in set(files) | set(live_files) if files.get(p) != live_files.get(p)}
+                  | {p for p in set(dirs) | set(live_dirs) if dirs.get(p) != live_dirs.get(p)})
 
 
 def _undoable(name: str, data: bytes) -> bytes:

@@ -1,17 +1,16 @@
 """The change that puts a known-good state back (`fwsafe rollback ID`): the entry's layers as
 a Change for the guard, made complete against what is live now (iptables tables the entry does
 not name are emptied, nft tables are deleted and re-created, sshd's files that differ are
-written back against their content now), and notes on what a rollback leaves alone."""
+written back against their content now, firewalld put back through firewalld), and notes on
+what a rollback leaves alone."""
 
 from __future__ import annotations
 
 from fwsafe.backends import ROLLBACK, RULES_FILE, layer_has, layers_with
 from fwsafe.core.change import Change
 from fwsafe.errors import UsageError
-from fwsafe.ondisk.history import Entry
-from fwsafe.persistence import history
-
-# Layers a rollback can put back (they take a rules file; sshd: its files, then a reload).
+from fwsafe.ondisk.history_format import Entry
+from fwsafe.persistence import known_good
 
 
 def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
@@ -50,13 +49,13 @@ def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
     based on their content now (the guard refuses if one changes meanwhile)."""
     # loaded only when used (this module is imported by commands that never need it) (a rollback of
     # sshd's files)
-    from fwsafe.ondisk.sshd import SshdFiles, dump, read_file
-    from fwsafe.ondisk.sshd import load as load_sshd
+    from fwsafe.ondisk.sshd_files import SshdFiles, dump, read_file
+    from fwsafe.ondisk.sshd_files import load as load_sshd
 
     entry = load_sshd(content)
     now = {path: read_file(path) for path in entry.files}
     files = {path: state for path, state in entry.files.items() if now[path] != state}
-    live, _ = history.capture_sshd()
+    live, _ = known_good.capture_sshd()
     added = sorted(set(load_sshd(live).files) - set(entry.files)) if live else []
     notes = [f"sshd: {path} is read by sshd now but was not then; a rollback leaves it "
              "(move it aside by hand if it must go)" for path in added]
@@ -72,10 +71,10 @@ def _nft_replacement(content: bytes) -> bytes:
     table of the entry, and delete the native tables that exist now but not in the entry."""
     # loaded only when used (this module is imported by commands that never need it) (a rollback of
     # nft's tables)
-    from fwsafe.ondisk.history import nft_tables
+    from fwsafe.ondisk.history_format import nft_tables
 
     wanted = nft_tables(content.decode(errors="replace"))
-    live, _ = history.capture_layers()
+    live, _ = known_good.capture_layers()
     now = nft_tables(live.get("nft", b"").decode(errors="replace"))
     script = "".join(f"add table {fam} {tab}\ndelete table {fam} {tab}\n"
                      for fam, tab in dict.fromkeys([*wanted, *now]))
@@ -88,16 +87,12 @@ def _with_emptied_tables(name: str, content: bytes) -> bytes:
     # loaded only when used (this module is imported by commands that never need it) (a rollback of
     # iptables' tables)
     from fwsafe.backends import layer_for
-    from fwsafe.backends.iptables import BUILTIN_CHAINS, parse_tables
+    from fwsafe.backends.iptsave import BUILTIN_CHAINS, empty_table, render, table_names
 
-    wanted = parse_tables(content.decode(errors="replace"))
+    wanted = table_names(content.decode(errors="replace"))
     try:
-        live = parse_tables(layer_for(name).capture().decode(errors="replace"))
+        live = table_names(layer_for(name).capture().decode(errors="replace"))
     except Exception:  # noqa: BLE001 - without a capture, the entry's tables alone
         return content
-    extra = []
-    for table in live:
-        if table not in wanted and table in BUILTIN_CHAINS:
-            chains = [f":{c} ACCEPT [0:0]" for c in BUILTIN_CHAINS[table]]
-            extra.append("\n".join([f"*{table}", *chains, "COMMIT"]) + "\n")
-    return content + "".join(extra).encode()
+    extra = [empty_table(t) for t in live if t not in wanted and t in BUILTIN_CHAINS]
+    return content + render(extra).encode()

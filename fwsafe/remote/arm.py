@@ -1,4 +1,4 @@
-"""Step 3 of `fwsafe apply --host` (see `fwsafe.remote.apply`): run ``fwsafe apply --detach
+"""Step 3 of `fwsafe apply --host` (see `fwsafe.remote.remote_apply`): run ``fwsafe apply --detach
 --json`` on the host over the first connection. The host's guard is armed before anything
 changes and reverts by itself at the deadline unless confirmed.
 

@@ -1,4 +1,4 @@
-"""Step 4 of `fwsafe apply --host` (see `fwsafe.remote.apply`): confirm only through NEW logins.
+"""Step 4 of `fwsafe apply --host` (see `fwsafe.remote.remote_apply`): confirm only through NEW logins.
 
 Every attempt is a new TCP connection and a full SSH login with a new paramiko client and
 transport - never the first connection, which may have survived rules that drop new ones.

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fwsafe.config import HostTarget
-from fwsafe.core.apply import ApplyOptions
+from fwsafe.core.config import HostTarget
+from fwsafe.core.flow import ApplyOptions
 from fwsafe.errors import RejectedError
 from fwsafe.remote import timing
 from fwsafe.remote.scripts import REMOTE_NAMES, RUN_AND_CLEAN_SCRIPT, sh
@@ -35,7 +35,7 @@ class InterruptedBeforeChange(RejectedError):
 
 @dataclass
 class RemoteRequest:
-    target: HostTarget            # fwsafe.config.HostTarget: host, port, user, key, known_hosts, name
+    target: HostTarget            # fwsafe.core.config.HostTarget: host, port, user, key, known_hosts, name
     rules: str | None             # local IPv4 iptables-save file
     rules6: str | None            # local IPv6 file
     options: ApplyOptions         # timeout_s, probes, probe_interval, probe_failures, confirm_on_probe

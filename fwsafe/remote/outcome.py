@@ -1,4 +1,4 @@
-"""Step 5 of `fwsafe apply --host` (see `fwsafe.remote.apply`): no new login confirmed in
+"""Step 5 of `fwsafe apply --host` (see `fwsafe.remote.remote_apply`): no new login confirmed in
 time, so the host's guard reverts by itself. The workstation waits (up to the deadline +
 `timing.AFTER_DEADLINE_S`) for SSH to answer again, reads ``fwsafe status`` and reports what
 the guard did: `RevertedError` (exit 4) with the host's reason, or `RevertFailedError`

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fwsafe.config import HostTarget
-from fwsafe.probes import SocketDeadline, describe_os_error, ssh_log_channel
+from fwsafe.core.config import HostTarget
+from fwsafe.core.probes import SocketDeadline, describe_os_error, ssh_log_channel
 from fwsafe.remote import timing
 from fwsafe.remote.hostkeys import KnownHosts
 from fwsafe.remote.signals import Interrupts

@@ -1,4 +1,4 @@
-"""Step 2 of `fwsafe apply --host` (see `fwsafe.remote.apply`): read the local rules, make a
+"""Step 2 of `fwsafe apply --host` (see `fwsafe.remote.remote_apply`): read the local rules, make a
 private ``mktemp -d`` directory on the host and upload the rules into it (SFTP, else ``cat``)
 over the first connection, every file 0600 from its creation. Nothing has changed on the host
 yet; every failure says so, and the whole upload runs under one overall limit

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fwsafe.errors import ExitCode
+from fwsafe.ondisk.atomic_files import BACKUP_SUFFIX, local_path, write_file_atomically
 from fwsafe.ondisk.boot import (
     BOOT_FILE_MODES,
     BOOT_FILES,
@@ -47,15 +48,14 @@ from fwsafe.ondisk.boot import (
     uses_nftables,
     uses_ufw,
 )
-from fwsafe.ondisk.files import BACKUP_SUFFIX, local_path, write_file_atomically
-from fwsafe.ondisk.firewalld import (
+from fwsafe.ondisk.firewalld_files import (
     FIREWALLD_DIR,
     FIREWALLD_TABLES,
     read_tree,
     tree_from_json,
     without_tables,
 )
-from fwsafe.ondisk.history import (
+from fwsafe.ondisk.history_format import (
     BEFORE_RECOVERY,
     Damaged,
     Entry,
@@ -65,9 +65,9 @@ from fwsafe.ondisk.history import (
     last_good,
     list_history,
 )
-from fwsafe.ondisk.sshd import SshdFiles
-from fwsafe.ondisk.sshd import load as load_sshd_files
-from fwsafe.ondisk.ufw import APPLICATIONS_DIR, UfwFilesError, load_ufw_files, ufw_paths
+from fwsafe.ondisk.sshd_files import SshdFiles
+from fwsafe.ondisk.sshd_files import load as load_sshd_files
+from fwsafe.ondisk.ufw_files import APPLICATIONS_DIR, UfwFilesError, load_ufw_files, ufw_paths
 
 __all__ = ["FileChange", "Plan", "RescueError", "build_zipapp", "main", "plan_disable",
            "plan_restore", "write_plan"]
@@ -143,7 +143,7 @@ def _read_existing(path: Path) -> tuple[bytes | None, int | None]:
     except FileNotFoundError:
         return None, None
     if stat.S_ISLNK(st.st_mode):
-        return b"", None   # a symlink is replaced by a file (never followed: see fwsafe.ondisk.files)
+        return b"", None   # a symlink is replaced by a file (never followed: see fwsafe.ondisk.atomic_files)
     if not stat.S_ISREG(st.st_mode):
         raise RescueError(f"{path} is not a regular file; fix it by hand")
     return path.read_bytes(), stat.S_IMODE(st.st_mode)
@@ -599,9 +599,9 @@ def _print_list(entries: list[Entry], damaged: list[Damaged], out: _Out) -> None
 # --------------------------------------------------------------------------------------------
 # The zipapp
 # --------------------------------------------------------------------------------------------
-ZIPAPP_MODULES = ("errors.py", "ondisk/__init__.py", "ondisk/files.py", "ondisk/ufw.py",
-                  "ondisk/sshd.py", "ondisk/firewalld.py",
-                  "ondisk/history.py", "ondisk/boot.py", "rescue/__init__.py", "rescue/tool.py")
+ZIPAPP_MODULES = ("errors.py", "ondisk/__init__.py", "ondisk/atomic_files.py", "ondisk/ufw_files.py",
+                  "ondisk/sshd_files.py", "ondisk/firewalld_files.py",
+                  "ondisk/history_format.py", "ondisk/boot.py", "rescue/__init__.py", "rescue/tool.py")
 ZIPAPP_MAIN = (
     "# fwsafe rescue, as a single file: python3 fwsafe.pyz rescue --root /mnt --list\n"
     "import sys\n\n"

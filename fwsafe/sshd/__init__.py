@@ -4,5 +4,5 @@ who must still get in and whether they would (`access`, `lockout`), and the chan
 `fwsafe sshd set|harden` and `fwsafe apply --sshd-set` hand to the apply flow (`change`).
 
 The layer itself (capture, apply = write + reload, revert = the files back + reload) is
-fwsafe.backends.sshd; its serialised form is fwsafe.ondisk.sshd.
+fwsafe.backends.sshd_layer; its serialised form is fwsafe.ondisk.sshd_files.
 """

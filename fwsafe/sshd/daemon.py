@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError
 from fwsafe.runner import find_binary, run
-from fwsafe.sshd.config import SSHD_CONFIG, Tree
+from fwsafe.sshd.sshd_config import SSHD_CONFIG, Tree
 
 DEFAULT_PIDFILE = "/run/sshd.pid"
 RELOAD_WAIT_S = 10.0

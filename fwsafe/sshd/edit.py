@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fwsafe.errors import UsageError
-from fwsafe.sshd.config import (
+from fwsafe.sshd.sshd_config import (
     ACCUMULATING,
     STRUCTURAL,
     Directive,

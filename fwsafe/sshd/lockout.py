@@ -26,16 +26,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fwsafe.backends import PREDICTED, layer_has, layers_with
-from fwsafe.backends.sshd import SshdLayer
+from fwsafe.backends.sshd_layer import SshdLayer
 from fwsafe.check.clients import Session, default_sessions
 from fwsafe.core.change import Change
 from fwsafe.errors import LockoutRefused
-from fwsafe.ondisk.sshd import load
+from fwsafe.ondisk.sshd_files import load
 from fwsafe.sshd import access
-from fwsafe.sshd.config import Tree, read_tree
 from fwsafe.sshd.daemon import Effective, effective
 from fwsafe.sshd.ports import WILDCARDS, listen_addresses
 from fwsafe.sshd.socketunit import detect
+from fwsafe.sshd.sshd_config import Tree, read_tree
 
 REFUSED_HINT = ("nothing was changed; fix the setting, or apply anyway with --force (the guard "
                 "still reverts it unless confirmed)")

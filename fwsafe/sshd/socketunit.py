@@ -26,7 +26,6 @@ import os
 import time
 from dataclasses import dataclass
 
-from fwsafe.sshd.config import SSHD_CONFIG
 from fwsafe.sshd.daemon import (
     SOCKET_UNITS,
     Effective,
@@ -39,6 +38,7 @@ from fwsafe.sshd.daemon import (
     systemd_running,
 )
 from fwsafe.sshd.ports import WILDCARDS, listen_addresses
+from fwsafe.sshd.sshd_config import SSHD_CONFIG
 
 GENERATOR = "/usr/lib/systemd/system-generators/sshd-socket-generator"
 UNIT_DIR = "/etc/systemd/system"

@@ -6,8 +6,8 @@ the ``sdlab_bare_image`` fixture) and installed with ``dpkg -i``: its dependenci
 python3-click, python3-paramiko, iptables, nftables) are in the cached root fs, and there is no
 apt mirror in there. Then: the boot unit is enabled, fwsafe runs with Debian's click and
 paramiko, a lockout reverts on time, a hard reboot mid-window comes back with the old rules
-through the packaged unit, and removal refuses while a change is pending. The install and the
-lockout test also run on Debian 13 (trixie: its Python 3.13, click 8.1.8, paramiko 3.5).
+through the packaged unit, and removal refuses while a change is pending. Every test also runs
+on Debian 13 (trixie: its Python 3.13, click 8.1.8, paramiko 3.5, systemd 257).
 """
 
 from __future__ import annotations
@@ -180,6 +180,7 @@ def test_a_lockout_reverts_on_time(debian: SystemdLab) -> None:
     assert lab.ruleset() == before
 
 
+@GENERATIONS
 def test_a_hard_reboot_mid_window_reverts_through_the_packaged_unit(debian: SystemdLab) -> None:
     lab = debian
     lab.write("/etc/iptables/rules.v4", BASELINE_V4, mode="0640")
@@ -213,6 +214,7 @@ def test_a_hard_reboot_mid_window_reverts_through_the_packaged_unit(debian: Syst
 # --------------------------------------------------------------------------- removal
 
 
+@GENERATIONS
 def test_removal_refuses_while_pending_and_purge_cleans_up(debian: SystemdLab) -> None:
     lab = debian
     _iptables_baseline(lab)

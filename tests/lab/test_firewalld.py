@@ -29,7 +29,6 @@ import difflib
 import json
 import os
 import shlex
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,7 +36,7 @@ from typing import Any
 import pytest
 
 from tests.crashmatrix import ssh_back
-from tests.systemdlab import Image, SystemdLab
+from tests.systemdlab import Image, SystemdLab, case_outcome, side_by_side
 
 pytestmark = pytest.mark.lab
 
@@ -236,38 +235,10 @@ CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
 @pytest.fixture(scope="module")
 def outcomes() -> Iterator[dict[str, Any]]:
     """Every case run at the same time, each in a container of its own."""
-    image = Image.build(extra=("firewalld",))
-    labs: dict[str, SystemdLab] = {}
-    found: dict[str, Any] = {}
-
-    def one(name: str) -> None:
-        try:
-            lab = SystemdLab.start(image)
-            labs[name] = lab
-            start_firewalld(lab)
-            found[name] = CASES[name](lab)
-        except BaseException as exc:  # noqa: BLE001 - reported by the case's test
-            found[name] = exc
-
-    threads = [threading.Thread(target=one, args=(name,)) for name in CASES]
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        yield found
-    finally:
-        for lab in labs.values():
-            lab.close()
-        image.close()
+    yield from side_by_side(Image.build(extra=("firewalld",)), CASES, start_firewalld)
 
 
-def outcome(outcomes: dict[str, Any], name: str) -> dict[str, Any]:
-    found = outcomes.get(name)
-    if isinstance(found, BaseException):
-        raise found
-    assert isinstance(found, dict), f"case {name} did not run"
-    return found
+outcome = case_outcome
 
 
 def test_runtime_removal_of_ssh_is_reverted_through_firewalld(outcomes: dict[str, Any]) -> None:

@@ -13,7 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fwsafe.backends.iptables import merge_table3, parse_ruleset, same_table
+from fwsafe.backends.iptables import same_table, three_way_undo
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import canonical_block, merge_block, split_tables
 from tests.conftest import require_capable
 from tests.merge_strategies import Story
@@ -51,7 +52,7 @@ def test_merged_tables_load_and_read_back(scratch_ns: str) -> None:
         story = data.draw(table_stories())
         old, new, now = (parse_ruleset(table_text(t, counters=True)).get("filter")
                          for t in (story.before, story.after, story.live))
-        target = merge_table3("filter", old, new, now)
+        target = three_way_undo("filter", old, new, now)
         text = target.text()
         _in_ns(scratch_ns, ["iptables-restore", "--test"], text)
         _in_ns(scratch_ns, ["iptables-restore"], text)

@@ -27,7 +27,7 @@ import pytest
 
 from fwsafe.lab import Lab, create_lab, require_lab_capable
 from fwsafe.ondisk.boot import boot_file_content
-from fwsafe.ondisk.ufw import capture_ufw_files
+from fwsafe.ondisk.ufw_files import capture_ufw_files
 from tests.bins import FWSAFE
 from tests.conftest import IN_CI, FwLab
 from tests.rulesets import BASELINE_V4, BASELINE_V6, DROP_NEW_SSH, GOOD

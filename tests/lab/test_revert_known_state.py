@@ -18,7 +18,7 @@ pytestmark = pytest.mark.lab
 SCRIPT = textwrap.dedent("""
     import json, subprocess, sys
     from fwsafe.backends import layer_for
-    from fwsafe.backends.iptables import parse_ruleset
+    from fwsafe.backends.iptsave import parse_ruleset
     from fwsafe.core.revert import compute_touched, live_state, revert_change
 
     def ipt(tool, *args):

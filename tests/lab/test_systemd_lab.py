@@ -4,7 +4,9 @@ What only a real systemd shows: the guard as a transient unit (`systemd-run`), l
 KillUserProcesses, `systemctl kill` of the guard, and reboots (graceful and `reboot -ff`) while a
 change is pending, with the boot recovery unit the first apply installs. The container, its
 network namespaces and its disk are made per test by tests/systemdlab.py; the firewall of this
-machine's own network namespace is never touched. Times are printed (run with -s to see them).
+machine's own network namespace is never touched. Every test runs on both generations (the
+`sdlab` fixture: bookworm with systemd 252 and OpenSSH 9.2, trixie with systemd 257 and OpenSSH
+10.0, each with its distribution's plain ssh.service). Times are printed (run with -s).
 """
 
 from __future__ import annotations
@@ -115,8 +117,7 @@ def _diagnostics(lab: SystemdLab) -> str:
 # --------------------------------------------------------------------------- the lab itself
 
 
-def test_systemd_lab_boots_and_reboots(sdlab_each: SystemdLab) -> None:
-    sdlab = sdlab_each  # on each generation: bookworm, trixie
+def test_systemd_lab_boots_and_reboots(sdlab: SystemdLab) -> None:
     print(f"\n[systemd lab] {sdlab.image.suite} instance: prepared in {sdlab.prepare_s:.2f} s, "
           f"booted to SSH answering in {sdlab.boot_s:.2f} s")
     result = sdlab.ssh("id -u; systemctl is-system-running --wait; fwsafe --version; "
@@ -136,11 +137,16 @@ def test_systemd_lab_boots_and_reboots(sdlab_each: SystemdLab) -> None:
     assert python[2].startswith("/opt/fwsafe/"), python  # the wheel, Debian's click/paramiko
     print(f"[systemd lab] click {python[0]}, paramiko {python[1]}")
     versions = sdlab.exec(["sh", "-c", "python3 -c 'import sys; print(sys.version_info[1])'; "
-                           "systemctl --version | head -n 1"]).stdout.split("\n")
+                           "systemctl --version | head -n 1; ssh -V 2>&1"]).stdout.split("\n")
     minor, systemd = int(versions[0]), versions[1].split()[1]
-    want = {"bookworm": (11, "252"), "trixie": (13, "257")}.get(sdlab.image.suite)
+    openssh = re.match(r"OpenSSH_(\d+\.\d+)", versions[2])
+    want = {"bookworm": (11, "252", "9.2"), "trixie": (13, "257", "10.0")}.get(sdlab.image.suite)
     if want is not None:  # the generation is the one asked for
-        assert (minor, systemd) == want, (sdlab.image.suite, minor, systemd)
+        assert (minor, systemd, openssh and openssh[1]) == want, (sdlab.image.suite, versions)
+    # The distribution's default arrangement: a plain ssh.service, no socket activation.
+    units = sdlab.exec(["systemctl", "is-active", "ssh.service", "ssh.socket"],
+                       check=False).stdout.split()
+    assert units == ["active", "inactive"], units
 
     seen = {boot_id}
     for hard in (False, True):
@@ -161,8 +167,8 @@ def test_systemd_lab_boots_and_reboots(sdlab_each: SystemdLab) -> None:
     assert sdlab.exit_codes == [133, 133]
 
 
-def test_systemd_lab_leaves_nothing_behind(sdlab_image: Image) -> None:
-    lab = SystemdLab.start(sdlab_image)
+def test_systemd_lab_leaves_nothing_behind(sdlab_generation_image: Image) -> None:
+    lab = SystemdLab.start(sdlab_generation_image)
     try:
         session = lab.ssh_popen("sleep 600")
         pids = {lab.leader, lab.nspawn_pid, session.pid}

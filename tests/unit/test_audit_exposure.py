@@ -4,9 +4,9 @@ of both rounds (fwsafe.audit.nat, as `fwsafe audit` lists forwards)."""
 
 from __future__ import annotations
 
+from fwsafe.audit.audit_report import ExposureChange
 from fwsafe.audit.nat import nat_rules
 from fwsafe.audit.reach import CANDIDATE, CURRENT, ReachReport
-from fwsafe.audit.report import ExposureChange
 
 NAT = ("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
        ":POSTROUTING ACCEPT [0:0]\n{rules}COMMIT\n")

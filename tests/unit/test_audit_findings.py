@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fwsafe.audit import facts, plan
+from fwsafe.audit.audit_report import AuditReport, ExposureChange
 from fwsafe.audit.docker import docker_state
 from fwsafe.audit.findings import (
     docker_findings,
@@ -25,10 +26,9 @@ from fwsafe.audit.listeners import Listener
 from fwsafe.audit.nat import nat_rules
 from fwsafe.audit.plan import Source, make_plan
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
-from fwsafe.audit.report import AuditReport, ExposureChange
 from fwsafe.audit.space import PER_SHAPE, idle, named_space, representative
 from fwsafe.check.host import ClientPath, Interface
-from fwsafe.config import Config, load_config, parse_open_port
+from fwsafe.core.config import Config, load_config, parse_open_port
 from fwsafe.errors import ConfigError
 
 NODE = Listener("tcp", 4, "0.0.0.0", 5678, [11], "node", 1234)

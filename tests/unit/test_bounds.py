@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from fwsafe import config as config_module
-from fwsafe.config import Config, check_seconds, load_config
+from fwsafe.core import config as config_module
 from fwsafe.core import transaction
+from fwsafe.core.config import Config, check_seconds, load_config
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import ConfigError, ExitCode, UsageError

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from fwsafe.backends.iptsave import parse_ruleset
+from fwsafe.check.nft_listing import NftRule
 from fwsafe.check.relevance import ipt_verdict_free, nft_verdict_free
-from fwsafe.check.rules import NftRule, parse_save
 
 UFW_LIKE = """\
 *filter
@@ -49,8 +50,8 @@ COMMIT
     ("ufw-mark", 1, False),                 # a mark changes what later rules see
 ])
 def test_ipt_verdict_free(chain: str, index: int, free: bool) -> None:
-    tables = parse_save(UFW_LIKE)
-    assert ipt_verdict_free(tables["filter"], chain, index) is free
+    tables = parse_ruleset(UFW_LIKE)
+    assert ipt_verdict_free(tables["filter"].chains, chain, index) is free
 
 
 @pytest.mark.parametrize("text,free", [

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fwsafe.cli.common import apply_options
-from fwsafe.config import load_config
+from fwsafe.core.config import load_config
 
 CLI = Path(__file__).resolve().parents[2] / "fwsafe" / "cli"
 

@@ -1,4 +1,4 @@
-"""Tests for fwsafe.config: loading, validation errors, resolution order, resolve_host."""
+"""Tests for fwsafe.core.config: loading, validation errors, resolution order, resolve_host."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fwsafe import config as config_module  # noqa: E402
-from fwsafe.config import (  # noqa: E402
+from fwsafe.core import config as config_module  # noqa: E402
+from fwsafe.core.config import (  # noqa: E402
     Config,
     HostConfig,
     HostTarget,

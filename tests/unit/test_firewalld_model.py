@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from fwsafe.backends import FIREWALLD_TABLES, owned_elsewhere
-from fwsafe.backends.firewalld import FirewalldLayer, parse_listing, runtime_commands
+from fwsafe.backends.firewalld_layer import FirewalldLayer, parse_listing, runtime_commands
 from fwsafe.core.revert import compute_touched
-from fwsafe.ondisk.firewalld import (
+from fwsafe.ondisk.firewalld_files import (
     FirewalldFilesError,
     is_firewalld_path,
     read_tree,

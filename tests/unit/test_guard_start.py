@@ -14,19 +14,18 @@ from typing import Any
 import pytest
 
 import fwsafe.cli as cli
-from fwsafe import config as config_module
+from fwsafe.cli import pending as cli_transaction
 from fwsafe.cli import screens
-from fwsafe.cli import transaction as cli_transaction
 from fwsafe.context import RUN
-from fwsafe.core import apply as apply_module
+from fwsafe.core import config as config_module
+from fwsafe.core import flow as apply_module
 from fwsafe.core import transaction
-from fwsafe.core.apply import ApplyFlow, ApplyOptions
+from fwsafe.core.flow import ApplyFlow, ApplyOptions
 from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import ChangeMayBeLiveError, ExitCode, GuardError
-from fwsafe.guard import clock, process
-from fwsafe.guard import spawn as guard
+from fwsafe.guard import clock, process, spawn
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -157,7 +156,7 @@ def test_guard_died_while_applying_is_exit_5(tmp_path: Path,
     waited = ApplyFlow(state)._wait_for_guard(record, None)
     assert waited.state == transaction.APPLYING
     # ... but after it: nobody took it over, so it may be live (exit 5, never 3)
-    monkeypatch.setattr(guard, "NOBODY_S", 0.0)
+    monkeypatch.setattr(spawn, "NOBODY_S", 0.0)
     with pytest.raises(ChangeMayBeLiveError, match="died while applying"):
         apply_module.reported(state, waited)
 
@@ -206,7 +205,7 @@ def test_systemd_run_passes_config_and_environment(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("PATH", "/custom/bin:/usr/bin")
     monkeypatch.setenv("LANG", "C.UTF-8")
     monkeypatch.setenv("UNRELATED_SECRET", "no")
-    argv = guard.systemd_run_argv(Path("/s"), "TX", 1, config_path="/etc/x.toml")
+    argv = spawn.systemd_run_argv(Path("/s"), "TX", 1, config_path="/etc/x.toml")
     setenv = {a.split("=", 1)[1].split("=", 1)[0]: a.split("=", 2)[2]
               for a in argv if a.startswith("--setenv=")}
     assert setenv["FWSAFE_CONFIG"] == "/etc/x.toml"
@@ -250,19 +249,19 @@ def test_setsid_passes_config_and_environment(tmp_path: Path,
     monkeypatch.setenv("FWSAFE_GUARD_MODE", "setsid")
     monkeypatch.setenv("LANG", "de_DE.UTF-8")
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
-    standby = guard.standby(state, record.id, config_path="/etc/fw.toml")
+    standby = spawn.standby(state, record.id, config_path="/etc/fw.toml")
     assert standby.mode == "setsid"
     env = FakePopen.seen["env"]
     assert env["FWSAFE_CONFIG"] == "/etc/fw.toml" and env["LANG"] == "de_DE.UTF-8"
     assert FakePopen.seen["argv"][-3:] == [str(state.root), record.id, "--standby"]
     log = state.tx_dir(record.id) / "guard.log"
     assert oct(log.stat().st_mode & 0o777) == oct(0o600)
-    fifo = state.tx_dir(record.id) / guard.GO_FIFO
+    fifo = state.tx_dir(record.id) / spawn.GO_FIFO
     assert oct(fifo.stat().st_mode & 0o777) == oct(0o600)
     assert record.id not in RUN.spawned and fifo_content(fifo) == b""  # nothing said yet
     standby.go()
     assert record.id in RUN.spawned
-    assert fifo_content(fifo) == guard.GO   # kept until closed, for a guard that opens it late
+    assert fifo_content(fifo) == spawn.GO   # kept until closed, for a guard that opens it late
     standby.close()
 
 
@@ -271,7 +270,7 @@ def test_go_to_a_guard_that_died_standing_by_is_refused(tmp_path: Path,
     state, record = new_tx(tmp_path)
     monkeypatch.setenv("FWSAFE_GUARD_MODE", "setsid")
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
-    standby = guard.standby(state, record.id)
+    standby = spawn.standby(state, record.id)
     assert standby.intermediate is not None
     standby.intermediate.returncode = -9   # type: ignore[misc]
     with pytest.raises(GuardError, match="died while standing by"):
@@ -288,7 +287,7 @@ def test_standby_refuses_a_symlinked_log(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("FWSAFE_GUARD_MODE", "setsid")
     monkeypatch.setattr(subprocess, "Popen", FakePopen)
     with pytest.raises(GuardError, match="cannot open"):
-        guard.standby(state, record.id)
+        spawn.standby(state, record.id)
     assert victim.read_text() == "keep" and victim.stat().st_mode & 0o777 == 0o644
 
 
@@ -300,10 +299,10 @@ def test_a_guard_standing_by_goes_only_when_told(tmp_path: Path) -> None:
     def waits(writes: bytes) -> bool:
         tx_dir = tmp_path / f"tx{len(writes)}"
         tx_dir.mkdir()
-        os.mkfifo(tx_dir / guard.GO_FIFO, 0o600)
-        writer = os.open(tx_dir / guard.GO_FIFO, os.O_RDWR)
+        os.mkfifo(tx_dir / spawn.GO_FIFO, 0o600)
+        writer = os.open(tx_dir / spawn.GO_FIFO, os.O_RDWR)
         answer: list[bool] = []
-        waiter = threading.Thread(target=lambda: answer.append(guard.wait_for_go(tx_dir)))
+        waiter = threading.Thread(target=lambda: answer.append(spawn.wait_for_go(tx_dir)))
         waiter.start()
         time.sleep(0.2)
         assert waiter.is_alive()   # nothing said yet: it waits
@@ -314,10 +313,10 @@ def test_a_guard_standing_by_goes_only_when_told(tmp_path: Path) -> None:
         assert not waiter.is_alive()
         return answer[0]
 
-    assert waits(guard.GO) is True
+    assert waits(spawn.GO) is True
     assert waits(b"") is False           # called off: closed without a word
     assert waits(b"stop\n") is False
-    assert guard.wait_for_go(tmp_path / "gone") is False
+    assert spawn.wait_for_go(tmp_path / "gone") is False
 
 
 def test_cli_records_the_config_path_and_an_absolute_state_dir(
@@ -383,7 +382,7 @@ def test_status_takes_the_living_guards_count(tmp_path: Path,
     live = transaction.load_record(state, record.id)
     live.deadline = time.time() + 12.3
     monkeypatch.setattr(transaction, "guard_alive", lambda record: True)
-    monkeypatch.setattr(guard, "request", lambda state, op, timeout=30.0, **f: {
+    monkeypatch.setattr(spawn, "request", lambda state, op, timeout=30.0, **f: {
         "ok": True, "record": live.to_json(), "remaining_s": 12.3, "clock": "boottime"})
     info = Manager(state).status()
     assert info["remaining_s"] == 12.3 and info["remaining_from"] == "guard"
@@ -399,7 +398,7 @@ def test_status_falls_back_to_the_record(tmp_path: Path, monkeypatch: pytest.Mon
         raise GuardError("busy")
 
     monkeypatch.setattr(transaction, "guard_alive", lambda record: True)
-    monkeypatch.setattr(guard, "request", no_answer)
+    monkeypatch.setattr(spawn, "request", no_answer)
     info = Manager(state).status()
     assert info["remaining_from"] == "record" and 95 < info["remaining_s"] <= 100
 
@@ -453,22 +452,22 @@ def test_the_cli_reads_the_record_when_the_guard_says_it_saved_it(tmp_path: Path
 
     state, record = new_tx(tmp_path)
     tx_dir = state.tx_dir(record.id)
-    guard.tell_saved(tx_dir)                       # nobody waits: nothing happens
-    fd = guard.watch_saves(state, record.id)
+    spawn.tell_saved(tx_dir)                       # nobody waits: nothing happens
+    fd = spawn.watch_saves(state, record.id)
     assert fd is not None
     began = time.monotonic()
-    guard.wait_saved(fd, 0.3)                      # nothing said: the poll interval
+    spawn.wait_saved(fd, 0.3)                      # nothing said: the poll interval
     assert 0.25 <= time.monotonic() - began < 2
-    threading.Timer(0.05, guard.tell_saved, (tx_dir,)).start()
+    threading.Timer(0.05, spawn.tell_saved, (tx_dir,)).start()
     began = time.monotonic()
-    guard.wait_saved(fd, 10)
+    spawn.wait_saved(fd, 10)
     assert time.monotonic() - began < 2            # woken by the guard, not the interval
     for _ in range(3):
-        guard.tell_saved(tx_dir)                   # several saves: one wake-up drains them
-    guard.wait_saved(fd, 10)
+        spawn.tell_saved(tx_dir)                   # several saves: one wake-up drains them
+    spawn.wait_saved(fd, 10)
     began = time.monotonic()
-    guard.wait_saved(fd, 0.3)
+    spawn.wait_saved(fd, 0.3)
     assert time.monotonic() - began >= 0.25
-    guard.stop_watching(state, record.id, fd)
-    assert not (tx_dir / guard.SAVED_FIFO).exists()
-    guard.tell_saved(tx_dir)                       # after the CLI: still harmless
+    spawn.stop_watching(state, record.id, fd)
+    assert not (tx_dir / spawn.SAVED_FIFO).exists()
+    spawn.tell_saved(tx_dir)                       # after the CLI: still harmless

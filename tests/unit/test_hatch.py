@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import re
 
-from fwsafe.backends.iptables import parse_ruleset
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.context import RUN
 from fwsafe.guard import hatch
-from fwsafe.ondisk import hatch as hatch_text
+from fwsafe.ondisk import hatch_rules as hatch_text
 from tests.rulesets import BASELINE_V4, DROP_NEW_SSH
 
 SPEC = hatch.Spec("20261206T120000Z-abcd", 1796560000, ("10.0.0.2",), ("fd00::2",), (22, 2222))

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 import fwsafe.cli as cli
-from fwsafe import config as config_module
 from fwsafe.cli.failure import LAST_ERROR_LOG
 from fwsafe.context import RUN
+from fwsafe.core import config as config_module
 from fwsafe.core import transaction
 from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from fwsafe.backends.iptables import compose_partial, merge_table3, parse_ruleset, same_table
+from fwsafe.backends.iptables import compose_partial, same_table, three_way_undo
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import compose_partial as compose_nft
 from fwsafe.backends.nftables import merge_block
 from fwsafe.core.merge import merge_sequences, merge_value
@@ -82,7 +83,7 @@ def _filter(text: str) -> str:
 
 def _merge(before: str, after: str, live: str) -> str:
     old, new, now = (parse_ruleset(t).get("filter") for t in (before, after, live))
-    return merge_table3("filter", old, new, now).text()
+    return three_way_undo("filter", old, new, now).text()
 
 
 def test_fail2ban_stopped_during_the_window() -> None:

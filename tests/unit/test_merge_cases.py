@@ -3,7 +3,8 @@ revert whatever others did meanwhile, and what others did must stay."""
 
 from __future__ import annotations
 
-from fwsafe.backends.iptables import merge_table3, parse_ruleset
+from fwsafe.backends.iptables import three_way_undo
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import merge_block, parse_block, set_parts
 from fwsafe.core.merge import delta_left, merge_sequences, target_count
 
@@ -75,7 +76,7 @@ RETURN = "-A f2b-sshd -j RETURN"
 
 def _merge(before: str, after: str, live: str) -> str:
     old, new, now = (parse_ruleset(t).get("filter") for t in (before, after, live))
-    return merge_table3("filter", old, new, now).text()
+    return three_way_undo("filter", old, new, now).text()
 
 
 def _table(*lines: str, chain: bool = True) -> str:

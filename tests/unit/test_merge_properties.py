@@ -10,7 +10,8 @@ from collections import Counter
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwsafe.backends.iptables import merge_table3, parse_ruleset, same_table
+from fwsafe.backends.iptables import same_table, three_way_undo
+from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.backends.nftables import canonical_block, merge_block, parse_block, set_parts
 from fwsafe.core.merge import delta_left, merge_sequences
 from tests.merge_strategies import PROPERTY, SEQ, Story, stories
@@ -98,7 +99,7 @@ def test_tables_chains_created_and_deleted_by_either_side(data: st.DataObject) -
     story: TableStory = data.draw(table_stories())
     old, new, now = (parse_ruleset(table_text(t)).get("filter")
                      for t in (story.before, story.after, story.live))
-    got = merge_table3("filter", old, new, now)
+    got = three_way_undo("filter", old, new, now)
     chains = set(got.chains)
     for chain in got.chains.values():
         for rule in chain.rules:
@@ -112,8 +113,8 @@ def test_tables_chains_created_and_deleted_by_either_side(data: st.DataObject) -
         if name not in story.live:
             assert name not in chains or any(r.endswith(f"-j {name}")
                                              for c in got.chains.values() for r in c.rules)
-    assert same_table(merge_table3("filter", old, new, new), old)
-    assert same_table(merge_table3("filter", old, new, old), old)
+    assert same_table(three_way_undo("filter", old, new, new), old)
+    assert same_table(three_way_undo("filter", old, new, old), old)
 
 
 @PROPERTY

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fwsafe.persistence.command_shims import script_text
 from fwsafe.runner import module_argv
-from fwsafe.shim import script_text
 
 
 def planted(tmp_path: Path) -> Path:

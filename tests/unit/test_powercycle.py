@@ -14,11 +14,12 @@ import pytest
 
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir
-from fwsafe.ondisk.history import BEFORE_RECOVERY, find_entry, list_history
-from fwsafe.ondisk.sshd import FileState, SshdFiles, dump
-from fwsafe.ondisk.ufw import capture_ufw_files, load_ufw_files
-from fwsafe.persistence import history, loginhook, powercycle
+from fwsafe.ondisk.history_format import BEFORE_RECOVERY, find_entry, list_history
+from fwsafe.ondisk.sshd_files import FileState, SshdFiles, dump
+from fwsafe.ondisk.ufw_files import capture_ufw_files, load_ufw_files
+from fwsafe.persistence import known_good, loginhook, powercycle
 from fwsafe.persistence.powercycle import Boot, decide
+from fwsafe.persistence.rollback import rollback_change
 from fwsafe.rescue import tool as rescue_tool
 
 W = 600.0
@@ -128,6 +129,13 @@ def _ufw(root: Path, rules: str) -> None:
     (root / "etc/ufw/ufw.conf").write_text("ENABLED=yes\n")
 
 
+def _previous_boot(state: StateDir) -> None:
+    """Make the boot record another boot's (the next boot is the same kernel here)."""
+    record = json.loads((state.root / powercycle.BOOTS).read_text())
+    record["boot_id"] = "a-previous-boot"
+    (state.root / powercycle.BOOTS).write_text(json.dumps(record))
+
+
 def _host(tmp_path: Path) -> tuple[Path, StateDir]:
     """A fake root with a state directory and the login hook enabled for it."""
     root = tmp_path / "root"
@@ -140,17 +148,14 @@ def _host(tmp_path: Path) -> tuple[Path, StateDir]:
 def test_recovery_on_a_fake_root(tmp_path: Path) -> None:
     root, state = _host(tmp_path)
     _ufw(root, "good: allow 22\n")
-    good, _ = history.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
+    good, _ = known_good.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
     _ufw(root, "bad: 22 deleted\n")       # unguarded, saved to ufw's files
 
     # Boot A: the first boot after the change only records it.
     first, done = powercycle.at_boot(state, root=root, now=1000.0)
     assert not first.recover and done is None
     assert "no earlier boot" in first.why
-    # The next boot is the same kernel here: make the record another boot's.
-    record = json.loads((state.root / powercycle.BOOTS).read_text())
-    record["boot_id"] = "a-previous-boot"
-    (state.root / powercycle.BOOTS).write_text(json.dumps(record))
+    _previous_boot(state)
 
     # Boot B, 5 minutes later, no login mark of boot A: the files of `good` come back.
     second, done = powercycle.at_boot(state, root=root, now=1300.0)
@@ -172,13 +177,11 @@ def test_recovery_on_a_fake_root(tmp_path: Path) -> None:
 def test_a_login_between_the_boots_changes_nothing(tmp_path: Path) -> None:
     root, state = _host(tmp_path)
     _ufw(root, "good\n")
-    history.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
+    known_good.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
     _ufw(root, "unguarded\n")
     powercycle.at_boot(state, root=root, now=1000.0)
-    record = json.loads((state.root / powercycle.BOOTS).read_text())
-    record["boot_id"] = "a-previous-boot"   # and a login during that boot:
+    _previous_boot(state)   # and a login during that boot:
     (state.root / loginhook.MARK).write_text("a-previous-boot 1001\n")
-    (state.root / powercycle.BOOTS).write_text(json.dumps(record))
     decision, done = powercycle.at_boot(state, root=root, now=1100.0)
     assert not decision.recover and done is None
     assert "login succeeded" in decision.why
@@ -200,7 +203,7 @@ def test_the_rescue_plan_puts_sshd_files_back_and_moves_new_drop_ins_aside(
     state = StateDir(root / STATE.lstrip("/"))
     state.ensure()
     main = "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication no\n"
-    good, _ = history.add_entry(state, {"sshd": _sshd_layer({
+    good, _ = known_good.add_entry(state, {"sshd": _sshd_layer({
         "/etc/ssh/sshd_config": main,
         "/etc/ssh/sshd_config.d/10-keep.conf": "MaxAuthTries 5\n"})}, {"tx": "t1"})
     drop_ins = root / "etc/ssh/sshd_config.d"
@@ -232,7 +235,7 @@ def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_no
     state = StateDir(root / STATE.lstrip("/"))
     state.ensure()
     admin = "/etc/systemd/system/ssh.socket.d/00-admin.conf"
-    good, _ = history.add_entry(state, {"sshd": _sshd_layer({
+    good, _ = known_good.add_entry(state, {"sshd": _sshd_layer({
         "/etc/ssh/sshd_config": "Port 22\n", admin: "[Socket]\nBacklog=128\n"})}, {"tx": "t1"})
     (root / "etc/ssh").mkdir(parents=True)
     (root / "etc/ssh/sshd_config").write_text("Port 2222\n")
@@ -254,7 +257,7 @@ def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_no
 def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "state")
     state.ensure()
-    entry, _ = history.add_entry(state, {"sshd": _sshd_layer({"/etc/ssh/sshd_config": "x\n"})},
+    entry, _ = known_good.add_entry(state, {"sshd": _sshd_layer({"/etc/ssh/sshd_config": "x\n"})},
                                  {"tx": "t1"})
     assert entry.path is not None
     layer = entry.path / "sshd.json"
@@ -267,20 +270,18 @@ def test_a_damaged_sshd_layer_makes_the_entry_damaged(tmp_path: Path) -> None:
     (entry.path / "meta.json").write_text(json.dumps(meta))
     found, damaged = list_history(state.root)
     assert [d.id for d in damaged] == [entry.id] and "sshd" in damaged[0].why
-    text = history.layer_text("sshd", _sshd_layer({"/etc/ssh/sshd_config": "Port 22\n"}))
+    text = known_good.layer_text("sshd", _sshd_layer({"/etc/ssh/sshd_config": "Port 22\n"}))
     assert text == {"sshd /etc/ssh/sshd_config": "Port 22\n"}
 
 
 def test_a_recovery_that_cannot_write_says_so_and_still_counts_the_boot(tmp_path: Path) -> None:
     root, state = _host(tmp_path)
     _ufw(root, "good\n")
-    history.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
+    known_good.add_entry(state, {"ufw": capture_ufw_files(root)}, {"tx": "t1"})
     (root / "etc/ufw/user.rules").unlink()
     (root / "etc/ufw/user.rules").mkdir()      # not a file: the plan refuses it
     powercycle.at_boot(state, root=root, now=1000.0)
-    record = json.loads((state.root / powercycle.BOOTS).read_text())
-    record["boot_id"] = "a-previous-boot"
-    (state.root / powercycle.BOOTS).write_text(json.dumps(record))
+    _previous_boot(state)
     decision, done = powercycle.at_boot(state, root=root, now=1100.0)
     assert not decision.recover and done is None
     assert "recovery FAILED" in decision.why and "not a regular file" in decision.why
@@ -299,3 +300,58 @@ def test_the_hook_is_wanted_until_installed_or_tried(tmp_path: Path) -> None:
     assert loginhook.active(tmp_path, STATE)[0]
     assert loginhook.uninstall(tmp_path)
     assert not (tmp_path / "usr/share/pam-configs/fwsafe-local").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# firewalld: its files only (the runtime model is not on the disk), put back exactly.
+def _firewalld(root: Path, zone: str) -> None:
+    zones = root / "etc/firewalld/zones"
+    zones.mkdir(parents=True, exist_ok=True)
+    (root / "etc/firewalld/firewalld.conf").write_text("DefaultZone=public\n")
+    (zones / "public.xml").write_text(zone)
+    os.chmod(zones / "public.xml", 0o600)
+
+
+def test_firewalld_files_are_put_back_exactly_and_the_runtime_is_left_to_firewalld(
+        tmp_path: Path) -> None:
+    from fwsafe.backends.firewalld_layer import FirewalldLayer
+    from fwsafe.ondisk.firewalld_files import FILES_ONLY, read_tree, tree_json
+
+    root, state = _host(tmp_path)
+    _firewalld(root, "<zone><service name='ssh'/></zone>\n")
+    good_tree = read_tree(root)
+    # A confirmed state's firewalld layer has the runtime model and the kernel's tables too.
+    full = json.dumps({"running": True, "runtime": {"default-zone": "public"},
+                       "kernel": {"inet firewalld": "table inet firewalld {\n}\n"},
+                       **tree_json(*good_tree)}, sort_keys=True).encode()
+    good, _ = known_good.add_entry(state, {"firewalld": full}, {"tx": "t1"})
+    layers = powercycle.disk_layers(root)
+    assert json.loads(layers["firewalld"])[FILES_ONLY] is True
+    assert "runtime" not in json.loads(layers["firewalld"])
+
+    # Unguarded: ssh removed from the zone (firewall-cmd keeps the old file as .old), its mode
+    # and owner changed, a new directory with a file.
+    _firewalld(root, "<zone/>\n")
+    (root / "etc/firewalld/zones/public.xml.old").write_text("<zone><service name='ssh'/>\n")
+    os.chown(root / "etc/firewalld/zones/public.xml", 1000, 1000)
+    (root / "etc/firewalld/policies").mkdir()
+    (root / "etc/firewalld/policies/p.xml").write_text("<policy/>\n")
+    found = read_tree(root)
+    powercycle.at_boot(state, root=root, now=1000.0)
+    _previous_boot(state)
+    decision, done = powercycle.at_boot(state, root=root, now=1100.0)
+    assert decision.recover, decision.why
+    assert done is not None and done["entry"] == good.id
+    assert read_tree(root) == good_tree          # byte-identical, modes, owners; no backups
+    assert "/etc/firewalld/zones/public.xml" in done["written"]
+    assert "/etc/firewalld/policies" in done["written"]
+
+    # The state found is kept, files only: undone by a rollback that leaves the runtime to
+    # firewalld (no "running" unit: a rollback never stops or starts it for this layer).
+    undo = find_entry(*list_history(state.root), done["undo"])
+    assert json.loads(undo.layers["firewalld"])[FILES_ONLY] is True
+    units = FirewalldLayer(root).units(undo.layers["firewalld"])
+    assert units and all(u.startswith(("file ", "dir ")) for u in units), units
+    assert {u.split(" ", 1)[1] for u in units} == set(found[0]) | set(found[1])
+    change, _notes = rollback_change(undo)
+    assert change.layers["firewalld"] == undo.layers["firewalld"]

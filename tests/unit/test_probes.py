@@ -1,4 +1,4 @@
-"""Tests for fwsafe.probes: URL parsing, and real probes against loopback servers."""
+"""Tests for fwsafe.core.probes: URL parsing, and real probes against loopback servers."""
 
 from __future__ import annotations
 
@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) run from elsewhere
     sys.path.insert(0, str(ROOT))
 
-from fwsafe.errors import UsageError  # noqa: E402
-from fwsafe.probes import (  # noqa: E402
+from fwsafe.core.probes import (  # noqa: E402
     PROBE_KINDS,
     Probe,
     ProbeResult,
@@ -33,6 +32,7 @@ from fwsafe.probes import (  # noqa: E402
     run_probes,
     split_endpoint,
 )
+from fwsafe.errors import UsageError  # noqa: E402
 from fwsafe.sshcompat import fingerprint  # noqa: E402
 from tests.sshserver import CommandResult, SSHTestServer, TestKey  # noqa: E402
 
@@ -720,7 +720,7 @@ def test_run_probe_rejects_bad_timeout() -> None:
 
 def test_import_is_light() -> None:
     code = (
-        "import sys, fwsafe.probes\n"
+        "import sys, fwsafe.core.probes\n"
         "heavy = [m for m in ('paramiko', 'cryptography', 'urllib.request', 'subprocess')"
         " if m in sys.modules]\n"
         "print(','.join(heavy))\n"

@@ -18,8 +18,8 @@ import pytest
 
 from fwsafe.errors import ExitCode, RevertedError
 from fwsafe.remote import timing
-from fwsafe.remote.apply import RemoteCommandError, apply_remote
 from fwsafe.remote.job import InterruptedBeforeChange
+from fwsafe.remote.remote_apply import RemoteCommandError, apply_remote
 from fwsafe.remote.scripts import CALLED_OFF_NOW
 from fwsafe.remote.session import StepTimedOut
 from fwsafe.remote.timing import Link
@@ -132,7 +132,7 @@ def test_link_budgets_have_floors_scale_and_ceilings() -> None:
 def test_an_exec_reply_that_never_comes_is_cut_at_the_limit(
         server: SSHTestServer, host: StatefulHost, client_key: TestKey, tmp_path: Path) -> None:
     """paramiko waits for the exec reply without any limit; the step's own limit ends it."""
-    from fwsafe.config import HostTarget
+    from fwsafe.core.config import HostTarget
     from fwsafe.remote.hostkeys import KnownHosts
     from fwsafe.remote.session import Dialer
 

@@ -15,10 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fwsafe.config import HostTarget  # noqa: E402
-from fwsafe.core.apply import ApplyOptions  # noqa: E402
+from fwsafe.core.config import HostTarget  # noqa: E402
+from fwsafe.core.flow import ApplyOptions  # noqa: E402
 from fwsafe.errors import ExitCode  # noqa: E402
-from fwsafe.remote.apply import RemoteRequest, apply_remote  # noqa: E402
 from fwsafe.remote.hostkeys import (  # noqa: E402
     ChangedHostKeyError,
     KnownHosts,
@@ -26,6 +25,7 @@ from fwsafe.remote.hostkeys import (  # noqa: E402
     UnknownHostKeyError,
     host_key_name,
 )
+from fwsafe.remote.remote_apply import RemoteRequest, apply_remote  # noqa: E402
 from fwsafe.sshcompat import fingerprint  # noqa: E402
 from tests.sshserver import SSHTestServer, TestKey  # noqa: E402
 

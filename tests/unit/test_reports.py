@@ -7,16 +7,16 @@ import re
 from pathlib import Path
 from typing import Any
 
+from fwsafe.audit.audit_report import AuditReport, ExposureChange
 from fwsafe.audit.findings import expected_ports
 from fwsafe.audit.listeners import Listener
 from fwsafe.audit.plan import Source
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
-from fwsafe.audit.report import AuditReport, ExposureChange
-from fwsafe.check.diff import UnitDiff
+from fwsafe.check.change_diff import UnitDiff
+from fwsafe.check.check_report import precheck_summary, refusal_hint, sources_label
 from fwsafe.check.predict import CheckReport, Verdict
-from fwsafe.check.report import precheck_summary, refusal_hint, sources_label
 from fwsafe.cli.diff import DIFF_SHOWN, _render
-from fwsafe.cli.transaction import STATUS_LEFT_OUT, format_status
+from fwsafe.cli.pending import STATUS_LEFT_OUT, format_status
 from tests.terminal import TRANSCRIPT_LIMITS
 
 

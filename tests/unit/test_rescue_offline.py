@@ -21,8 +21,8 @@ import pytest
 from fwsafe.core.statedir import StateDir
 from fwsafe.errors import ExitCode
 from fwsafe.ondisk import boot
-from fwsafe.ondisk.ufw import capture_ufw_files
-from fwsafe.persistence import history
+from fwsafe.ondisk.ufw_files import capture_ufw_files
+from fwsafe.persistence import known_good
 from fwsafe.rescue import tool as rescue
 
 GOOD_V4 = (
@@ -97,7 +97,7 @@ def server_root(tmp_path: Path) -> Path:
     put(root, "/etc/nftables.conf", DEBIAN_NFT_CONF, 0o755)
     state = StateDir(root / "var/lib/fwsafe")
     state.ensure()
-    history.add_entry(state, {"ipv4": GOOD_V4.encode(), "ipv6": V6.encode(), "nft": GOOD_NFT.encode(),
+    known_good.add_entry(state, {"ipv4": GOOD_V4.encode(), "ipv6": V6.encode(), "nft": GOOD_NFT.encode(),
                               "ufw": capture_ufw_files(root)},
                       {"tx": "T1", "who": {"SUDO_USER": "alice"}}, now=time.time() - 60,
                       entry_id="20260101T000000Z-good")
@@ -263,7 +263,7 @@ def test_only_files_the_server_uses(tmp_path: Path) -> None:
     put(root, "/etc/nftables.conf", DEBIAN_NFT_CONF, 0o755)
     state = StateDir(root / "var/lib/fwsafe")
     state.ensure()
-    history.add_entry(state, {"ipv4": GOOD_V4.encode(), "nft": GOOD_NFT.encode()}, {}, now=1.0)
+    known_good.add_entry(state, {"ipv4": GOOD_V4.encode(), "nft": GOOD_NFT.encode()}, {}, now=1.0)
     result = run_rescue("--root", str(root), "--last-good", "--yes")
     assert result.returncode == 0, result.stderr
     assert not (root / "etc/iptables").exists() and not (root / "etc/ufw").exists()
@@ -294,9 +294,9 @@ def test_zipapp_with_a_bare_python(tmp_path: Path) -> None:
 
     assert sorted(zipfile.ZipFile(pyz).namelist()) == [
         "__main__.py", "fwsafe/__init__.py", "fwsafe/errors.py", "fwsafe/ondisk/__init__.py",
-        "fwsafe/ondisk/boot.py", "fwsafe/ondisk/files.py", "fwsafe/ondisk/firewalld.py",
-        "fwsafe/ondisk/history.py",
-        "fwsafe/ondisk/sshd.py", "fwsafe/ondisk/ufw.py", "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
+        "fwsafe/ondisk/atomic_files.py", "fwsafe/ondisk/boot.py", "fwsafe/ondisk/firewalld_files.py",
+        "fwsafe/ondisk/history_format.py", "fwsafe/ondisk/sshd_files.py", "fwsafe/ondisk/ufw_files.py",
+        "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
     assert stat.S_IMODE(pyz.stat().st_mode) == 0o755
     root = server_root(tmp_path)
     pythons = [sys.executable] + [p for p in (os.path.expanduser("~/.pyenv/versions/3.9.18/bin/python3"),
@@ -342,7 +342,7 @@ def test_firewalld_files_come_back_offline(tmp_path: Path) -> None:
     """A firewalld server: the entry's /etc/firewalld is written back (a zone file that
     appeared is moved aside, a changed one replaced with its mode); nftables.conf gets the
     entry's own tables but never firewalld's (firewalld makes them at its start)."""
-    from fwsafe.ondisk.firewalld import read_tree, tree_json
+    from fwsafe.ondisk.firewalld_files import read_tree, tree_json
 
     root = tmp_path / "mnt"
     put(root, "/etc/firewalld/firewalld.conf", "DefaultZone=public\n", 0o644)
@@ -353,7 +353,7 @@ def test_firewalld_files_come_back_offline(tmp_path: Path) -> None:
            + GOOD_NFT)
     state = StateDir(root / "var/lib/fwsafe")
     state.ensure()
-    history.add_entry(state, {"nft": nft.encode(), "firewalld": json.dumps(layer).encode()},
+    known_good.add_entry(state, {"nft": nft.encode(), "firewalld": json.dumps(layer).encode()},
                       {"tx": "T1"}, now=time.time() - 60, entry_id="20260101T000000Z-good")
     put(root, "/etc/firewalld/firewalld.conf", "DefaultZone=drop\n", 0o644)
     put(root, "/etc/firewalld/zones/public.xml", "<zone>no ssh</zone>\n")

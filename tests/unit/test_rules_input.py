@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe import config as config_module
+from fwsafe.core import config as config_module
 from fwsafe.core.change import _read_capped, change_from_files, read_rules_file
 from fwsafe.errors import ExitCode, InvalidRulesError
 

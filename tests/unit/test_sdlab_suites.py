@@ -1,8 +1,12 @@
 """The systemd lab's second generation: the apt sources a trixie root fs is built from are the
-host's Debian sources with the suite names replaced; third-party sources stay out."""
+host's Debian sources with the suite names replaced; third-party sources stay out; and the
+tests that need systemd are collected once per generation."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,3 +67,25 @@ def test_no_debian_source_is_an_error(host: list[Path], tmp_path: Path,
     monkeypatch.setattr(systemdlab, "_host_sources", lambda: host[2:])
     with pytest.raises(systemdlab.SystemdLabError, match="no Debian apt source"):
         systemdlab._suite_sources("trixie", tmp_path / "out")
+
+
+def test_every_systemd_test_is_collected_on_both_generations() -> None:
+    """Each test of the systemd lab's own files runs on bookworm and on trixie, and anywhere a
+    test runs on bookworm through the generation fixtures it has its trixie twin."""
+    lab = systemdlab.REPO / "tests" / "lab"
+    collected = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "--collect-only",
+         str(lab)], capture_output=True, text=True, timeout=120, cwd=systemdlab.REPO,
+        check=False)
+    ids = [line for line in collected.stdout.splitlines() if "::" in line]
+    assert ids, collected.stdout + collected.stderr
+    generations = ("bookworm", systemdlab.TRIXIE)
+    for name in ("test_systemd_lab.py", "test_systemd_guard.py"):
+        mine = [i for i in ids if f"/{name}::" in i]
+        assert mine, name
+        assert all(re.search(r"\[(bookworm|trixie)\b", i) for i in mine), mine
+    for test in ids:
+        if "[bookworm" in test:
+            assert test.replace("[bookworm", f"[{systemdlab.TRIXIE}") in ids, test
+    for generation in generations:
+        assert any(f"[{generation}" in i for i in ids), generation

@@ -1,6 +1,6 @@
-"""The shim (fwsafe.shim): which calls pass straight through, what the script decides without
-Python, and how an SSH session is recognised. The real thing (dpkg-divert, ufw typed over SSH
-on a terminal, the guard): tests/lab/test_shim_typed.py."""
+"""The shim (fwsafe.persistence.command_shims): which calls pass straight through, what the
+script decides without Python, and how an SSH session is recognised. The real thing
+(dpkg-divert, ufw typed over SSH on a terminal, the guard): tests/lab/test_shim_typed.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe import shim
+from fwsafe.persistence import command_shims
 
 
 @pytest.mark.parametrize(("tool", "args", "expected"), [
@@ -32,20 +32,21 @@ from fwsafe import shim
     ("firewall-cmd", ["--list-all", "--zone=public"], True),
     ("firewall-cmd", ["--permanent", "--get-services"], True),
     ("firewall-cmd", ["--query-port=22/tcp"], True),
+    ("firewall-cmd", ["--check-config"], True),
     ("firewall-cmd", ["--remove-service=ssh"], False),
     ("firewall-cmd", ["--permanent", "--add-port=80/tcp"], False),
     ("firewall-cmd", ["--reload"], False),
     ("firewall-cmd", ["--list-all", "--panic-on"], False),
 ])
 def test_read_only(tool: str, args: list[str], expected: bool) -> None:
-    assert shim.read_only(tool, args) is expected
+    assert command_shims.read_only(tool, args) is expected
 
 
 def test_from_ssh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SSH_CONNECTION", "10.0.0.2 5000 10.0.0.1 22")
-    assert shim.from_ssh()
+    assert command_shims.from_ssh()
     monkeypatch.delenv("SSH_CONNECTION")
-    assert not shim.from_ssh(pid=1)
+    assert not command_shims.from_ssh(pid=1)
     # A grandchild of a process named sshd (as under `sudo` in an SSH session, which drops
     # SSH_CONNECTION): found through the parent chain.
     sshd = tmp_path / "sshd"
@@ -60,7 +61,7 @@ def test_from_ssh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
                 break
             time.sleep(0.01)
         assert Path(f"/proc/{parent.pid}/comm").read_text().strip() == "sshd"
-        assert shim.from_ssh(pid=children[0])
+        assert command_shims.from_ssh(pid=children[0])
     finally:
         parent.kill()
         parent.wait()
@@ -73,7 +74,7 @@ def _script(tmp_path: Path) -> Path:
     python.write_text('#!/bin/sh\n[ "$1" = -c ] && shift 2   # the code that runs the module\n'
                       'echo "GUARD $*"\n')
     script = tmp_path / "ufw"
-    script.write_text(shim.script_text("ufw", real, python))
+    script.write_text(command_shims.script_text("ufw", real, python))
     for path in (real, python, script):
         path.chmod(0o755)
     return script
@@ -91,4 +92,24 @@ def test_the_script_without_a_terminal_runs_the_real_command(tmp_path: Path) -> 
     assert run() == "REAL deny 22/tcp\n"                 # a script: the plain command
     assert run(FWSAFE_SHIM="off") == "REAL deny 22/tcp\n"
     assert run(FWSAFE_SHIM="guard") == "GUARD fwsafe shim run ufw -- deny 22/tcp\n"
-    assert shim.is_shim(str(script)) and not shim.is_shim(str(tmp_path / "real"))
+    assert command_shims.is_shim(str(script)) and not command_shims.is_shim(str(tmp_path / "real"))
+
+
+def test_the_firewalld_layer_calls_the_real_firewall_cmd_where_the_shim_is(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Behind the shim (a shell script) the layer still reads firewalld's model in
+    firewall-cmd's own Python, in one process: it finds the diverted real command."""
+    from fwsafe.backends import firewalld_layer
+
+    tool = tmp_path / "firewall-cmd"
+    tool.write_text("#!/usr/bin/python3 -s\nprint('real')\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert firewalld_layer.firewall_cmd_path() == str(tool)
+    os.rename(tool, str(tool) + command_shims.REAL_SUFFIX)
+    real = str(tool) + command_shims.REAL_SUFFIX
+    tool.write_text(command_shims.script_text("firewall-cmd", real, "/nowhere"))
+    tool.chmod(0o755)
+    found = firewalld_layer.firewall_cmd_path()
+    assert found == str(tool) + command_shims.REAL_SUFFIX
+    assert firewalld_layer._interpreter_of(found) == "/usr/bin/python3"   # noqa: SLF001

@@ -1,4 +1,4 @@
-"""sshd_config read as sshd reads it, and changed so that the new values win (fwsafe.sshd.config,
+"""sshd_config read as sshd reads it, and changed so that the new values win (fwsafe.sshd.sshd_config,
 fwsafe.sshd.edit): Includes, Match blocks, the drop-in, the lines commented out."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fwsafe.errors import UsageError
-from fwsafe.sshd.config import Tree, pattern_matches, read_tree
 from fwsafe.sshd.edit import DROPIN_STEM, Plan, dropin_path, parse_settings, plan_settings
+from fwsafe.sshd.sshd_config import Tree, pattern_matches, read_tree
 
 
 def _write(path: Path, text: str) -> Path:

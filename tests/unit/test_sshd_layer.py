@@ -11,14 +11,14 @@ import pytest
 
 from fwsafe.backends import compose_partial, layer_for, layer_kind, revert_order
 from fwsafe.backends.base import ApplyError
-from fwsafe.backends.sshd import SshdLayer, config_path, layer_name
+from fwsafe.backends.sshd_layer import SshdLayer, config_path, layer_name
 from fwsafe.core.change import Change
 from fwsafe.core.neighbours import deleted_neighbours
 from fwsafe.errors import InvalidRulesError, UsageError
-from fwsafe.ondisk.sshd import FileState, SshdFiles, SshdFilesError, dump, load, write_file
-from fwsafe.sshd.change import add_to_change, plan_change
+from fwsafe.ondisk.sshd_files import FileState, SshdFiles, SshdFilesError, dump, load, write_file
 from fwsafe.sshd.daemon import config_of
 from fwsafe.sshd.ports import listeners, port_conflicts
+from fwsafe.sshd.sshd_change import add_to_change, plan_change
 
 
 def _layout(tmp_path: Path) -> Path:

@@ -19,7 +19,7 @@ from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write, check_state_dir, make_private_dir, open_private
 from fwsafe.core.transaction import RECORD_FORMAT, Record
 from fwsafe.errors import ExitCode, RecordFormatError, StateError, UnsafeStateDirError
-from fwsafe.ondisk import files
+from fwsafe.ondisk import atomic_files
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="ownership checks apply to root")
@@ -45,7 +45,7 @@ def test_atomic_write_never_follows_a_planted_temp_symlink(
     victim.write_text("precious")
     victim.chmod(0o644)
     names: Iterator[str] = iter(["aaaa", "bbbb"])
-    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))
+    monkeypatch.setattr(atomic_files.secrets, "token_hex", lambda n: next(names))
     planted = base / ".record.json.aaaa.tmp"
     planted.symlink_to(victim)
     target = base / "record.json"
@@ -58,7 +58,7 @@ def test_atomic_write_never_follows_a_planted_temp_symlink(
 
 def test_atomic_write_gives_up_when_every_name_is_taken(
         base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(files.secrets, "token_hex", lambda n: "same")
+    monkeypatch.setattr(atomic_files.secrets, "token_hex", lambda n: "same")
     (base / ".f.same.tmp").symlink_to(base / "elsewhere")
     with pytest.raises(StateError, match="temporary file"):
         atomic_write(base / "f", b"x")
@@ -84,7 +84,7 @@ def test_temp_names_are_random(base: Path, monkeypatch: pytest.MonkeyPatch) -> N
             assert flags & os.O_EXCL and flags & os.O_NOFOLLOW
         return real_open(path, flags, mode)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(files.os, "open", spy)
+    monkeypatch.setattr(atomic_files.os, "open", spy)
     atomic_write(base / "f", b"1")
     atomic_write(base / "f", b"2")
     assert len(seen) == 2 and seen[0] != seen[1]

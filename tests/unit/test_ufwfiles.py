@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fwsafe.ondisk.files import write_file_atomically
-from fwsafe.ondisk.ufw import (
+from fwsafe.ondisk.atomic_files import write_file_atomically
+from fwsafe.ondisk.ufw_files import (
     UfwFilesError,
     capture_ufw_files,
     dump_ufw_files,

@@ -11,7 +11,7 @@ Format (JSON, keys sorted, so that equal trees give equal bytes)::
 (zones, policies, services, ipsets, helpers, icmptypes, direct.xml, firewalld.conf, the
 ``*.xml.old`` backups firewall-cmd writes); symlinks and anything else are left alone. A path
 outside /etc/firewalld in a snapshot is refused: a damaged or crafted snapshot can never write
-elsewhere. A restore writes each file atomically (fwsafe.ondisk.files) with its mode and owner,
+elsewhere. A restore writes each file atomically (fwsafe.ondisk.atomic_files) with its mode and owner,
 creates the directories that are missing, and removes the files (and then the empty
 directories) that did not exist when the snapshot was taken: the tree comes back
 byte-identical.
@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import stat
 from pathlib import Path
 from typing import Any
 
-from fwsafe.ondisk.files import fsync_dir, local_path, write_file_atomically
+from fwsafe.ondisk.atomic_files import fsync_dir, local_path, write_file_atomically
 
 FIREWALLD_DIR = "/etc/firewalld"
 # firewalld's tables in the kernel: made by firewalld from its model at every start and
 # reload; reverted through firewalld, never loaded by fwsafe (not even from a boot file).
 FIREWALLD_TABLES = frozenset({"inet firewalld", "ip firewalld", "ip6 firewalld"})
+
+FILES_ONLY = "files_only"   # a layer without firewalld's runtime (files_only_layer)
 
 Entry = tuple[int, int, int]                     # mode, uid, gid
 FileEntry = tuple[int, int, int, bytes]          # mode, uid, gid, content
@@ -83,6 +86,14 @@ def tree_json(dirs: dict[str, Entry], files: dict[str, FileEntry]) -> dict[str, 
     return {"dirs": {p: list(e) for p, e in sorted(dirs.items())},
             "files": {p: [m, u, g, base64.b64encode(c).decode("ascii")]
                       for p, (m, u, g, c) in sorted(files.items())}}
+
+
+def files_only_layer(root: Path = Path("/")) -> bytes:
+    """A firewalld layer of the files alone (``"files_only": true``, no runtime model): what
+    the power-cycle recovery knows (firewalld's runtime is not on the disk). A rollback of
+    it puts the files back and reloads firewalld (fwsafe.backends.firewalld_layer)."""
+    state = {FILES_ONLY: True, **tree_json(*read_tree(root))}
+    return json.dumps(state, sort_keys=True, indent=1).encode() + b"\n"
 
 
 def _ints(value: Any, count: int, path: str) -> list[int]:

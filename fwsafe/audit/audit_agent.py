@@ -1,6 +1,6 @@
 """The agent `fwsafe audit` runs in each namespace of the check's sandbox.
 
-Run as a script (``python3 -I -S agent.py``) by ``ip netns exec``, so it imports nothing from
+Run as a script (``python3 -I -S audit_agent.py``) by ``ip netns exec``, so it imports nothing from
 fwsafe. It reads one JSON request per line on stdin and answers with one JSON line; end of
 input makes it close every socket and exit, so it never outlives the audit that started it.
 

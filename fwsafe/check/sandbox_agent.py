@@ -1,6 +1,6 @@
 """The small agent that `fwsafe check` runs inside each sandbox network namespace.
 
-It is run as a script (``python3 -I -S agent.py``) by ``ip netns exec``, so it imports
+It is run as a script (``python3 -I -S sandbox_agent.py``) by ``ip netns exec``, so it imports
 nothing from fwsafe. It reads one JSON request per line on stdin and answers with one JSON
 line on stdout. End of input makes it close every socket and exit, so it never outlives the
 check that started it (even when that check is killed with SIGKILL).

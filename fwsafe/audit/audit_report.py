@@ -12,8 +12,8 @@ from fwsafe.audit.listeners import Listener
 from fwsafe.audit.nat import Forward
 from fwsafe.audit.plan import WORLD, is_world
 from fwsafe.audit.reach import CANDIDATE, CURRENT, Reach, ReachReport
-from fwsafe.check.report import left_out_line, plural, sources_label
-from fwsafe.config import OpenPort
+from fwsafe.check.check_report import left_out_line, plural, sources_label
+from fwsafe.core.config import OpenPort
 
 __all__ = ["AuditReport", "ExposureChange"]
 

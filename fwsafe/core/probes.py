@@ -62,7 +62,7 @@ USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
 #: Extra time `run_probes` waits past the timeout before it gives up on a probe thread.
 _JOIN_GRACE_S = 2.0
 #: paramiko's log channel for probe connections (see `ssh_log_channel`).
-_SSH_LOG_CHANNEL = "fwsafe.probes.ssh"
+_SSH_LOG_CHANNEL = "fwsafe.core.probes.ssh"
 #: How many bytes of a would-be SSH banner line we look at.
 _BANNER_MAX = 255
 

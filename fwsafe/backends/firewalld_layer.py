@@ -6,7 +6,7 @@ tables behind its back would leave the model wrong, and the next `firewall-cmd -
 boot would bring the change back. So the "firewalld" layer holds:
 
     files     /etc/firewalld, every file and directory with its mode and owner
-              (fwsafe.ondisk.firewalld), one unit per file: "file /etc/firewalld/zones/public.xml"
+              (fwsafe.ondisk.firewalld_files), one unit per file: "file /etc/firewalld/zones/public.xml"
     runtime   firewalld's model as `firewall-cmd` lists it: one unit per zone ("zone public":
               target, services, ports, protocols, sources, interfaces, rich rules, masquerade,
               forward-ports, source-ports, icmp-blocks, ...) and per policy ("policy NAME"),
@@ -40,10 +40,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends.base import FILES, MERGE, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import FILES, MERGE, ROLLBACK, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk import hatch
-from fwsafe.ondisk.firewalld import (
+from fwsafe.ondisk import hatch_rules
+from fwsafe.ondisk.firewalld_files import (
+    FILES_ONLY,
     FIREWALLD_DIR,
     FIREWALLD_TABLES,
     read_tree,
@@ -51,6 +52,7 @@ from fwsafe.ondisk.firewalld import (
     tree_from_json,
     tree_json,
 )
+from fwsafe.persistence.command_shims import REAL_SUFFIX
 from fwsafe.runner import find_binary, run, run_persistently
 
 FIREWALL_CMD = "firewall-cmd"
@@ -213,7 +215,7 @@ class FirewalldLayer(Layer):
     name = "firewalld"
     label = "firewalld"
     tools = (FIREWALL_CMD,)
-    facts = frozenset({FILES})   # firewalld's files; it starts from them
+    facts = frozenset({FILES, ROLLBACK})   # firewalld's files; it starts from them
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root
@@ -254,6 +256,8 @@ class FirewalldLayer(Layer):
                  for path, (m, u, g, c) in files.items()}
         units.update({f"dir {path}": f"mode {m:o} owner {u}:{g}"
                       for path, (m, u, g) in dirs.items()})
+        if state.get(FILES_ONLY):   # the power cycle's: no runtime model
+            return units
         units["running"] = "yes" if state.get("running") else "no"
         runtime = state.get("runtime")
         if isinstance(runtime, dict):
@@ -310,6 +314,15 @@ class FirewalldLayer(Layer):
         if read_tree(self.root) != (dirs, files):
             restore_tree(dirs, files, self.root)
         wanted = set(units)
+        if state.get(FILES_ONLY):   # the files alone (the power cycle's): firewalld follows them
+            wanted = {u for u in wanted if u.startswith(FILE_UNITS)}
+            if is_running():
+                say("firewalld: its files are as in the snapshot (files only); "
+                    "firewall-cmd --reload")
+                code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
+                if code != 0:
+                    raise ApplyError(f"firewall-cmd --reload failed (exit {code}): "
+                                     f"{err.strip()}")
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
         model: dict[str, Any] | None = None   # the runtime model now, when known
         if runtime and state.get("running"):
@@ -358,8 +371,18 @@ class FirewalldLayer(Layer):
         return True, None
 
 
+def firewall_cmd_path() -> str | None:
+    """firewall-cmd, the real one where `fwsafe shim install` diverted it (PATH.fwsafe-real;
+    the shim in its place is a shell script): the layer's own calls, and its readers run in
+    firewall-cmd's own Python, never go through the shim."""
+    tool = find_binary(FIREWALL_CMD)
+    if tool is not None and os.access(tool + REAL_SUFFIX, os.X_OK):
+        return tool + REAL_SUFFIX
+    return tool
+
+
 def firewall_cmd(*args: str, timeout: float = TOOL_TIMEOUT) -> tuple[int, str, str]:
-    result = run_persistently([FIREWALL_CMD, *args], timeout=timeout)
+    result = run_persistently([firewall_cmd_path() or FIREWALL_CMD, *args], timeout=timeout)
     return (result.returncode, result.stdout.decode(errors="replace"),
             result.stderr.decode(errors="replace"))
 
@@ -394,7 +417,7 @@ def read_model() -> dict[str, Any] | None:
 def listings_in_one_process() -> dict[str, str] | None:
     """The listings from one run of READER; None when it cannot run here (then the
     caller asks firewall-cmd itself), {"state": ...} alone when firewalld is not running."""
-    python = _interpreter_of(find_binary(FIREWALL_CMD))
+    python = _interpreter_of(firewall_cmd_path())
     if python is None:
         return None
     try:
@@ -439,7 +462,7 @@ def listings_from_firewall_cmd() -> dict[str, str] | None:
 def commands_in_one_process(commands: list[list[str]]) -> list[tuple[int, str, str]] | None:
     """(exit status, stdout, stderr) of each firewall-cmd command, run one after the other by
     RUNNER; None when it cannot run here."""
-    tool = find_binary(FIREWALL_CMD)
+    tool = firewall_cmd_path()
     python = _interpreter_of(tool)
     if tool is None or python is None:
         return None
@@ -466,7 +489,7 @@ def kernel_tables() -> dict[str, str]:
         result = run_persistently([nft, "list", "table", *table.split()],
                                   timeout=TOOL_TIMEOUT)
         if result.returncode == 0:   # the kernel escape hatch is nobody's rule
-            tables[table] = hatch.strip(result.stdout).decode(errors="replace")
+            tables[table] = hatch_rules.strip(result.stdout).decode(errors="replace")
     return tables
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fwsafe.backends.base import FILES, MERGE, ROLLBACK, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
-from fwsafe.ondisk.ufw import capture_ufw_files, load_ufw_files, restore_ufw_files
+from fwsafe.ondisk.ufw_files import capture_ufw_files, load_ufw_files, restore_ufw_files
 
 PROMPTING = frozenset({"enable", "reset", "delete"})
 FORCE_NOTE = ("fwsafe answered ufw's 'may disrupt existing ssh connections' prompt with "

@@ -9,15 +9,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fwsafe.backends.sshd import layer_name
+from fwsafe.backends.sshd_layer import layer_name
 from fwsafe.core.change import Change
 from fwsafe.errors import InvalidRulesError, UsageError
-from fwsafe.ondisk.sshd import NEW_FILE_MODE, FileState, SshdFiles, dump, read_file
-from fwsafe.sshd.config import SSHD_CONFIG, SshdConfigError, Tree, read_tree
+from fwsafe.ondisk.sshd_files import NEW_FILE_MODE, FileState, SshdFiles, dump, read_file
 from fwsafe.sshd.daemon import effective
 from fwsafe.sshd.edit import Plan, parse_settings, plan_settings
 from fwsafe.sshd.ports import listen_addresses
 from fwsafe.sshd.socketunit import detect, dropin_content
+from fwsafe.sshd.sshd_config import SSHD_CONFIG, SshdConfigError, Tree, read_tree
 
 # `fwsafe sshd harden`: key-only logins, root by key only.
 HARDEN = ("PasswordAuthentication=no", "KbdInteractiveAuthentication=no",

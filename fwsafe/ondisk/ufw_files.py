@@ -12,7 +12,7 @@ It covers the files ufw reads (and its own commands write): ``/etc/ufw/*.rules``
 (``root=/mnt`` reads ``/mnt/etc/ufw/user.rules``). Only regular files are captured; symlinks
 and anything else are left alone, both by a capture and by a restore.
 
-A restore writes each file atomically (fwsafe.ondisk.files: temporary file, fsync, rename,
+A restore writes each file atomically (fwsafe.ondisk.atomic_files: temporary file, fsync, rename,
 fsync of the directory) with the mode from the snapshot, keeping the owner of the file it
 replaces, and removes the
 covered files that did not exist when the snapshot was taken. A path in a snapshot that is not
@@ -29,7 +29,7 @@ import re
 import stat
 from pathlib import Path
 
-from fwsafe.ondisk.files import BACKUP_SUFFIX, fsync_dir, local_path, write_file_atomically
+from fwsafe.ondisk.atomic_files import BACKUP_SUFFIX, fsync_dir, local_path, write_file_atomically
 
 UFW_DIR = "/etc/ufw"
 DEFAULT_FILE = "/etc/default/ufw"

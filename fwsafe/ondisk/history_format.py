@@ -1,7 +1,7 @@
 """The history of known-good states on disk: its format, reading and verifying it.
 
 Standard library only, Python 3.9+: the rescue zipapp reads the history with this module, and
-fwsafe.persistence.history writes it with the same names and checks. The layout::
+fwsafe.persistence.known_good writes it with the same names and checks. The layout::
 
     STATE_DIR/history/<id>/meta.json     {"format": 1, "id": <id>, "time": ..., "layers":
                                           {"ipv4": {"file": "ipv4.rules", "sha256": ...}}, ...}
@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fwsafe.ondisk.sshd import load as load_sshd_files
-from fwsafe.ondisk.ufw import UfwFilesError, load_ufw_files
+from fwsafe.ondisk.sshd_files import load as load_sshd_files
+from fwsafe.ondisk.ufw_files import UfwFilesError, load_ufw_files
 
 FORMAT = 1
 HISTORY = "history"
@@ -41,7 +41,7 @@ LAYER_FILES = {
     "ipv6-legacy": "ipv6-legacy.rules",
     "nft": "nft.conf",
     "ufw": "ufw.json",
-    "sshd": "sshd.json",   # /etc/ssh/sshd_config and what it includes (fwsafe.ondisk.sshd)
+    "sshd": "sshd.json",   # /etc/ssh/sshd_config and what it includes (fwsafe.ondisk.sshd_files)
 }
 
 _COUNTERS = re.compile(r"\[\d+:\d+\]")

@@ -11,10 +11,12 @@ shim) and replaced by a small shell script, ``SCRIPT_TEMPLATE``:
   choose the guard anyway (it then arms and returns: confirm with `fwsafe confirm`);
 * otherwise ``fwsafe shim run TOOL -- ARGS`` (`run`): a read-only invocation (``ufw status``,
   ``show``, ``app list``, ``--version``, ``--dry-run``; ``firewall-cmd --list-*``, ``--get-*``,
-  ``--query-*``, ``--state``, ...) and one that does not come from an SSH session (an sshd
-  among its ancestors, or SSH_CONNECTION) run the real command; anything else is ``fwsafe apply
-  -- TOOL ARGS`` (countdown, confirmation from a new session, a predicted lockout refused, as
-  with `fwsafe ufw`), with FWSAFE_SHIM=off for the command it runs.
+  ``--query-*``, ``--state``, ``--check-config``, ...) and one that does not come from an SSH
+  session (an sshd among its ancestors, or SSH_CONNECTION) run the real command; anything
+  else is ``fwsafe apply -- TOOL ARGS`` (countdown, confirmation from a new session, a
+  predicted lockout refused, as with `fwsafe ufw`), with FWSAFE_SHIM=off for the command it
+  runs. firewall-cmd cannot be tried on a copy: its change runs under the guard unchecked
+  and is reverted through firewalld (tests/lab/test_firewalld_unguarded.py).
 
 It works for root's PATH and through sudo alike, since it is the file at the command's own
 path. `remove` deletes the shim and removes the diversion with ``--rename``: the real binary is
@@ -31,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from fwsafe.errors import EnvironmentProblem, UsageError
-from fwsafe.ondisk.files import write_file_atomically
+from fwsafe.ondisk.atomic_files import write_file_atomically
 from fwsafe.runner import RUN_MODULE, module_argv
 
 TOOLS = {"ufw": "/usr/sbin/ufw", "firewall-cmd": "/usr/bin/firewall-cmd"}
@@ -64,7 +66,7 @@ FIREWALLD_READ_ONLY_PREFIXES = ("--list-", "--get-", "--query-", "--info-", "--z
                                 "--policy=", "--ipset=", "--service=", "--helper=",
                                 "--icmptype=")
 FIREWALLD_READ_ONLY = frozenset({"--state", "--version", "-V", "-h", "--help", "--permanent",
-                                 "-q", "--quiet"})
+                                 "-q", "--quiet", "--check-config"})
 
 
 def script_text(tool: str, real: str, python: str) -> str:

@@ -17,7 +17,7 @@ rescue reads it from that transaction's snapshot).
 Entries are deduplicated by content: a state equal to an existing entry updates that entry's
 meta data (its time moves to now) instead of adding one. At most `history_keep` entries and
 about 64 MiB are kept; the oldest (by the time they were last known good) go first, never the
-newest. The format is fwsafe.ondisk.history's: the rescue tool (standard library only) reads
+newest. The format is fwsafe.ondisk.history_format's: the rescue tool (standard library only) reads
 it with the same module, which verifies the checksums.
 
 Writers hold the state directory's one lock (`StateDir.locked`, the lock `apply` and `recover`
@@ -41,9 +41,9 @@ from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write, make_private_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import ConfigError, NoTransactionError, StateError
+from fwsafe.ondisk.atomic_files import fsync_dir
 from fwsafe.ondisk.boot import uses_ufw
-from fwsafe.ondisk.files import fsync_dir
-from fwsafe.ondisk.history import (
+from fwsafe.ondisk.history_format import (
     BASELINE_ID,
     BASELINE_MARKER,
     FORMAT,
@@ -61,9 +61,9 @@ from fwsafe.ondisk.history import (
     pending_baseline,
     snapshot_layers,
 )
-from fwsafe.ondisk.sshd import load as load_sshd_files
-from fwsafe.ondisk.ufw import capture_ufw_files, ufw_files_text
-from fwsafe.sshd.config import SSHD_CONFIG
+from fwsafe.ondisk.sshd_files import load as load_sshd_files
+from fwsafe.ondisk.ufw_files import capture_ufw_files, ufw_files_text
+from fwsafe.sshd.sshd_config import SSHD_CONFIG
 
 DEFAULT_KEEP = 50
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
@@ -385,7 +385,7 @@ def keep_confirmed(state: StateDir, record: Record) -> str:
 
 def _on_confirmed(state: StateDir, record: Record) -> None:
     # the config and the boot files' writer: only on a confirm
-    from fwsafe.config import Config, load_config
+    from fwsafe.core.config import Config, load_config
     from fwsafe.persistence import bootfiles as persist
 
     config_error: ConfigError | None = None

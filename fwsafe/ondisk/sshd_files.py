@@ -14,7 +14,7 @@ file and the files it includes. A change holds the new content of the files it w
 `base` the content each had when the change was made (sha256, or null for a file that did not
 exist), so that the guard never overwrites an edit made in the meantime.
 
-Files are written atomically (fwsafe.ondisk.files) with the mode and owner recorded. Paths must
+Files are written atomically (fwsafe.ondisk.atomic_files) with the mode and owner recorded. Paths must
 be absolute and normal: a damaged or crafted layer is refused before anything is written.
 """
 
@@ -29,7 +29,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fwsafe.ondisk.files import fsync_dir, write_file_atomically
+from fwsafe.ondisk.atomic_files import fsync_dir, write_file_atomically
 
 NEW_FILE_MODE = 0o644
 

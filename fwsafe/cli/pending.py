@@ -23,9 +23,9 @@ from fwsafe.cli.common import (
 )
 from fwsafe.cli.screens import finish
 from fwsafe.cli.ticker import StepTicker
-from fwsafe.config import Config
 from fwsafe.context import RUN
 from fwsafe.core import transaction
+from fwsafe.core.config import Config
 from fwsafe.core.manager import Manager
 from fwsafe.errors import NoTransactionError, RevertFailedError
 from fwsafe.guard import hatch
@@ -88,8 +88,10 @@ def recover(as_json: bool, state_dir: str | None, config_path: str | None,
     power loss or SIGKILL). With nothing pending it does nothing and says so.
 
     The boot unit runs it with --boot: a host reset twice within reboot_recovery_window
-    (10 minutes) with no SSH login in between gets its last known-good state back before the
-    firewall and sshd start; a single reboot changes nothing (docs/rescue.md)."""
+    (10 minutes) with no SSH login in between gets its last known-good state back (the boot
+    files of netfilter-persistent and nftables, ufw's files, /etc/firewalld, sshd's
+    configuration) before the firewall and sshd start; a single reboot changes nothing
+    (docs/rescue.md)."""
     config = config_from(config_path)
     manager = manager_for(state_dir, config, converge=False)
     try:

@@ -3,25 +3,22 @@ the sandbox cannot reproduce."""
 
 from __future__ import annotations
 
-from fwsafe.check.rules import (
-    SavedRule,
-    counted_drops,
-    counter_delta,
-    evaluated_rules,
+from fwsafe.backends.iptsave import Rule, Tables, parse_ruleset
+from fwsafe.check.ipt_counters import counted_drops, counter_delta, evaluated_rules, reachable_chains
+from fwsafe.check.ipt_lines import map_iptables_file
+from fwsafe.check.nft_lines import map_nft_handles, parse_nft_echo, scan_nft_file
+from fwsafe.check.nft_listing import nft_reachable, parse_nft_listing, parse_trace_line
+from fwsafe.check.unreproducible import (
     interface_known,
     ipt_excludes_tcp,
     ipt_unreproducible,
-    map_iptables_file,
-    map_nft_handles,
-    nft_reachable,
     nft_unreproducible,
-    parse_nft_echo,
-    parse_nft_listing,
-    parse_save,
-    parse_trace_line,
-    reachable_chains,
-    scan_nft_file,
 )
+
+
+def counted(text: str) -> Tables:
+    """iptables-save -c output as the check reads it."""
+    return parse_ruleset(text, counters=True)
 
 # A candidate file with comments, a user chain and an -I that changes positions.
 RULES = """\
@@ -78,7 +75,7 @@ def test_rule_position_maps_back_to_the_file_line() -> None:
 
 
 def test_counted_drop_is_the_culprit_with_its_line() -> None:
-    before, after = parse_save(SAVE_BEFORE), parse_save(SAVE_AFTER)
+    before, after = counted(SAVE_BEFORE), counted(SAVE_AFTER)
     deltas = counter_delta(before, after)
     assert deltas[("filter", "INPUT")].rules == {3: 1}
     assert deltas[("filter", "OUTPUT")].policy_packets == 1
@@ -86,13 +83,13 @@ def test_counted_drop_is_the_culprit_with_its_line() -> None:
     assert [(d.chain, d.index, d.packets) for d in drops] == [("SSH", 2, 1)]
     fmap = map_iptables_file(RULES, "new.rules")
     line = fmap.rule_line("filter", drops[0].chain, drops[0].index,
-                          len(after["filter"]["SSH"].rules))
+                          len(after["filter"].chains["SSH"].rules))
     assert line == 12
 
 
 def test_drop_policy_counts_as_culprit_after_rules() -> None:
-    before = parse_save(SAVE_BEFORE)
-    after = parse_save(SAVE_BEFORE.replace(":INPUT DROP [0:0]", ":INPUT DROP [2:120]")
+    before = counted(SAVE_BEFORE)
+    after = counted(SAVE_BEFORE.replace(":INPUT DROP [0:0]", ":INPUT DROP [2:120]")
                        .replace("[0:0] -A SSH -j REJECT", "[1:60] -A SSH -j REJECT"))
     drops = counted_drops(after, counter_delta(before, after))
     assert [(d.chain, d.index) for d in drops] == [("SSH", 2), ("INPUT", None)]
@@ -100,8 +97,8 @@ def test_drop_policy_counts_as_culprit_after_rules() -> None:
 
 
 def test_counters_of_a_replaced_chain_count_from_zero() -> None:
-    before = parse_save("*filter\n:INPUT ACCEPT [9:9]\n[5:300] -A INPUT -j ACCEPT\nCOMMIT\n")
-    after = parse_save("*filter\n:INPUT DROP [2:100]\n[0:0] -A INPUT -p udp -j ACCEPT\nCOMMIT\n")
+    before = counted("*filter\n:INPUT ACCEPT [9:9]\n[5:300] -A INPUT -j ACCEPT\nCOMMIT\n")
+    after = counted("*filter\n:INPUT DROP [2:100]\n[0:0] -A INPUT -p udp -j ACCEPT\nCOMMIT\n")
     delta = counter_delta(before, after)[("filter", "INPUT")]
     assert delta.policy_packets == 2 and delta.rules == {}
 
@@ -129,26 +126,26 @@ def test_evaluated_rules_stop_at_the_accepting_rule() -> None:
             "[0:0] -A INPUT -m recent --rcheck -j DROP\n"
             "[0:0] -A U -m owner --uid-owner 0 -j ACCEPT\n"
             "[0:0] -A FORWARD -m mark --mark 1 -j ACCEPT\nCOMMIT\n")
-    after = parse_save(save)
+    after = counted(save)
     met = evaluated_rules(after, counter_delta({}, after))
     assert ("filter", "INPUT", 1) in met and ("filter", "INPUT", 2) in met
     assert ("filter", "INPUT", 3) not in met          # after the ACCEPT that counted
     assert ("filter", "U", 1) not in met              # nobody jumped there
     assert ("filter", "FORWARD", 1) not in met        # not on the local path
     # a policy that counted: the whole chain was walked
-    walked = parse_save(save.replace(":INPUT DROP [0:0]", ":INPUT DROP [1:60]"))
+    walked = counted(save.replace(":INPUT DROP [0:0]", ":INPUT DROP [1:60]"))
     assert ("filter", "INPUT", 3) in evaluated_rules(walked, counter_delta({}, walked))
 
 
 def test_reachable_chains_skip_forward_only_chains() -> None:
-    tables = parse_save("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:A - [0:0]\n"
+    tables = counted("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:A - [0:0]\n"
                         ":B - [0:0]\n:C - [0:0]\n-A INPUT -j A\n-A A -g C\n-A FORWARD -j B\n"
                         "COMMIT\n")
     assert reachable_chains(tables) == {("filter", "INPUT"), ("filter", "A"), ("filter", "C")}
 
 
-def rule(text: str) -> SavedRule:
-    return SavedRule(1, text)
+def rule(text: str) -> Rule:
+    return Rule(1, text)
 
 
 def test_unreproducible_iptables_matches_are_named() -> None:
@@ -331,19 +328,10 @@ def test_trace_lines() -> None:
     assert parse_trace_line("# new generation 5") is None
 
 
-def test_has_tables_says_what_parse_save_finds() -> None:
-    from fwsafe.check.rules import has_tables, parse_save
-
-    for text in ["", "# Generated by iptables-save\n", "*filter\nCOMMIT\n", "  *nat\nCOMMIT\n",
-                 "# a\n*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", "-A INPUT -j DROP\n",
-                 "# *filter\n", "\n\n*mangle\n"]:
-        assert has_tables(text.encode()) is bool(parse_save(text)), text
-
-
 def test_nft_scan_keeps_line_numbers_across_blanked_lines() -> None:
     """A pruned candidate has tens of thousands of blanked lines: one token for each run of
     them, and the rules after it keep their line numbers."""
-    from fwsafe.check.rules import scan_nft_file
+    from fwsafe.check.nft_lines import scan_nft_file
 
     text = ("table inet t {\n\tchain c {\n\t\ttcp dport 22 accept\n" + "\n" * 5000
             + "\t\tip saddr 10.0.0.1 drop\n  \n\t\n\t\tcounter drop # x\n\t}\n}\n"
@@ -360,7 +348,7 @@ def test_split_rule_reads_double_quotes_as_shlex_does() -> None:
     import random
     import shlex
 
-    from fwsafe.check.rules import split_rule
+    from fwsafe.backends.iptsave import split_rule
 
     rng = random.Random(27)
     alphabet = ['"', '"', " ", " ", "\t", "a", "b", "-", "/", ":", "0", "#", "é"]

@@ -31,7 +31,7 @@ from urllib.parse import quote, unquote
 
 from fwsafe.backends.base import FILES, MERGE, ON_DEMAND, ROLLBACK, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError, UsageError
-from fwsafe.ondisk.sshd import (
+from fwsafe.ondisk.sshd_files import (
     FileState,
     SshdFiles,
     SshdFilesError,
@@ -41,7 +41,6 @@ from fwsafe.ondisk.sshd import (
     remove_file,
     write_file,
 )
-from fwsafe.sshd.config import SSHD_CONFIG, SshdConfigError, Tree, read_tree
 from fwsafe.sshd.daemon import (
     Reload,
     ReloadError,
@@ -61,6 +60,7 @@ from fwsafe.sshd.socketunit import (
     restart,
     socket_files,
 )
+from fwsafe.sshd.sshd_config import SSHD_CONFIG, SshdConfigError, Tree, read_tree
 
 SSHD_LAYER = "sshd"
 _PREFIX = SSHD_LAYER + ":"

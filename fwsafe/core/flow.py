@@ -49,8 +49,7 @@ from fwsafe.errors import (
     RevertFailedError,
     StateError,
 )
-from fwsafe.guard import hatch
-from fwsafe.guard import spawn as guard
+from fwsafe.guard import hatch, spawn
 from fwsafe.runner import find_binary
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
@@ -219,7 +218,7 @@ def remove_abandoned(state: StateDir) -> None:
     state directory's lock nobody else is preparing one."""
     try:
         found = [p for p in state.tx_root.iterdir()
-                 if p.is_dir() and not p.is_symlink() and (p / guard.GO_FIFO).is_fifo()
+                 if p.is_dir() and not p.is_symlink() and (p / spawn.GO_FIFO).is_fifo()
                  and not transaction.record_path(state, p.name).exists()]
     except FileNotFoundError:
         return
@@ -332,7 +331,7 @@ def reported(state: StateDir, record: Record) -> Record:
     (pending); else the typed error (exit 3 only when nothing changed). A guard that died while
     applying is waited for here, once the state lock is let go: its backstop takes over."""
     if record.state == transaction.APPLYING and not transaction.guard_alive(record):
-        record = guard.settle(state, record)   # the guard died while applying
+        record = spawn.settle(state, record)   # the guard died while applying
         if record.state in transaction.OPEN_STATES:
             raise ChangeMayBeLiveError(
                 f"the guard of transaction {record.id} died while applying and nobody "
@@ -385,12 +384,12 @@ class ApplyFlow:
             remove_abandoned(self.state)
             tx_id = transaction.new_tx_id()
             tx_dir = self.state.tx_dir(tx_id)
-            standby: guard.Standby | None = None
+            standby: spawn.Standby | None = None
             was_current = self.state.current_id()
             try:
                 with disk_refusal(self.state):
                     make_private_dir(tx_dir)
-                    standby = guard.standby(self.state, tx_id, config_path=options.config_path)
+                    standby = spawn.standby(self.state, tx_id, config_path=options.config_path)
                     failpoints.hit("apply.standby")
                     record = self._prepare(tx_id, change, options, layers)
                 failpoints.hit("apply.prepared")
@@ -501,12 +500,12 @@ class ApplyFlow:
             change.notes.append(note)
 
     def _start_guard(self, record: Record, options: ApplyOptions,
-                     standby: guard.Standby) -> Record:
+                     standby: spawn.Standby) -> Record:
         """Tell the standing-by guard to go and wait until it has applied the change (or
         refused it). Once the guard may have started, an error says "nothing changed" (exit 3)
         only when the record proves it (aborted under the transaction's lock); else the change
         may be live (exit 5)."""
-        saves = guard.watch_saves(self.state, record.id)
+        saves = spawn.watch_saves(self.state, record.id)
         try:
             try:
                 standby.go()
@@ -524,7 +523,7 @@ class ApplyFlow:
             try:
                 standby.close()   # the guard has read `go` (or has been given up on)
             finally:
-                guard.stop_watching(self.state, record.id, saves)
+                spawn.stop_watching(self.state, record.id, saves)
 
     def abort(self, record: Record, why: str) -> Record:
         """fwsafe.core.transaction.abort_preparing for this flow's state directory."""
@@ -537,7 +536,7 @@ class ApplyFlow:
         asked = started
         log = self.state.tx_dir(record.id) / "guard.log"
         while True:
-            guard.wait_saved(saves)
+            spawn.wait_saved(saves)
             try:
                 record = transaction.load_record(self.state, record.id)
             except StateError as exc:
@@ -546,7 +545,7 @@ class ApplyFlow:
                     "the change may be live", hint=f"{LIVE_HINT} (log: {log})") from exc
             if record.state == transaction.APPLYING and time.monotonic() > asked + 0.5:
                 asked = time.monotonic()   # the disk may refuse what the guard writes
-                record = guard.ask_record(self.state, record, timeout=1.0) or record
+                record = spawn.ask_record(self.state, record, timeout=1.0) or record
             undoing = (record.state == transaction.REVERTING and record.deadline is None
                        and transaction.guard_alive(record))   # a change refused part-way
             if record.state not in (transaction.PREPARING, transaction.APPLYING) \
