@@ -83,8 +83,15 @@ def layers_with(*facts: str) -> tuple[str, ...]:
 
 
 def layer_has(name: str, fact: str) -> bool:
-    """Whether layer `name` (also "sshd:<path>") has `fact`; an unknown name has none."""
-    return layer_kind(name) in layers_with(fact)
+    """Whether layer `name` (also "sshd:<path>") has `fact`; an unknown name has none. Only
+    that layer's backend is imported (the guard and backstop ask it while the clock runs)."""
+    kind = layer_kind(name)
+    return kind in (*ALL_LAYERS, *ON_DEMAND_LAYERS) and fact in _facts(kind)
+
+
+@functools.cache
+def _facts(kind: str) -> frozenset[str]:
+    return layer_for(kind).facts
 
 
 def owned_elsewhere(name: str, layers: Iterable[str]) -> frozenset[str]:
