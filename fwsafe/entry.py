@@ -20,6 +20,7 @@ def reads_the_firewall(args: list[str]) -> bool:
 
 def main() -> None:
     if reads_the_firewall(sys.argv[1:]):
+        # the early firewall read is started only for an apply or a check on this host
         from fwsafe.backends import libnft
         from fwsafe.core import prefetch
 
@@ -29,6 +30,7 @@ def main() -> None:
             prefetch.start()
         except Exception:  # noqa: BLE001 - the apply reads the firewall itself, and reports
             pass
+    # the CLI is loaded after the firewall read has started (that is the point of entry.py)
     from fwsafe.cli import main as run
 
     try:

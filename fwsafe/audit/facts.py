@@ -158,6 +158,7 @@ def pending_findings(state_dir: Path) -> list[Finding]:
 def shim_findings() -> list[Finding]:
     """Whether plain `ufw`/`firewall-cmd` typed over SSH run under the guard
     (fwsafe.persistence.command_shims)."""
+    # the shim's module is needed only when ufw/firewall-cmd's diversions are looked at
     from fwsafe.persistence import command_shims
 
     return [Finding("info", f"the shim is active: plain `{e['tool']}` typed in an SSH session "

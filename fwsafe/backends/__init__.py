@@ -1,10 +1,27 @@
-"""Firewall backends behind one small interface (see `fwsafe.backends.base.Layer`)."""
+"""Firewall backends behind one small interface (see `fwsafe.backends.base.Layer`), and the
+registry of layers: their names, in capture order, and what each is (`Layer.facts`: netfilter,
+files, iptables-save text, checked for a lockout, ...). Every other module asks it
+(`layers_with`, `layer_has`) instead of keeping a tuple of layer names (an architecture test
+keeps it so)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Collection, Iterable
+from concurrent.futures import Future
 
-from fwsafe.backends.base import ApplyError, Layer
+from fwsafe.backends.base import (
+    FILES,
+    IPTABLES_SAVE,
+    NETFILTER,
+    ON_DEMAND,
+    PREDICTED,
+    ROLLBACK,
+    RULES_FILE,
+    ApplyError,
+    FidelityError,
+    Layer,
+)
 from fwsafe.errors import UsageError
 from fwsafe.ondisk.firewalld_files import FIREWALLD_TABLES
 
@@ -30,29 +47,52 @@ def revert_order(names: Iterable[str]) -> list[str]:
 
 def layer_for(name: str) -> Layer:
     """The layer object for a layer name stored in a transaction record."""
-    if name in ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy"):
+    if name in ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy"):   # IPTABLES_SAVE
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.iptables import IptablesLayer
 
         return IptablesLayer(name)
     if name == "nft":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.nftables import NftLayer
 
         return NftLayer()
     if name == "ufw":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.ufw_layer import UfwLayer
 
         return UfwLayer()
     if name == "firewalld":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.firewalld_layer import FirewalldLayer
 
         return FirewalldLayer()
     if layer_kind(name) == "sshd":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.sshd_layer import SshdLayer
 
         return SshdLayer.for_name(name)
     raise UsageError(f"unknown firewall layer {name!r}")
 
 
+@functools.cache
+def layers_with(*facts: str) -> tuple[str, ...]:
+    """The layers (kinds, for an on-demand one) that have every one of `facts`
+    (fwsafe.backends.base: NETFILTER, FILES, ...), in capture order, on-demand ones last."""
+    return tuple(name for name in (*ALL_LAYERS, *ON_DEMAND_LAYERS)
+                 if set(facts) <= layer_for(name).facts)
+
+
+def layer_has(name: str, fact: str) -> bool:
+    """Whether layer `name` (also "sshd:<path>") has `fact`; an unknown name has none. Only
+    that layer's backend is imported (the guard and backstop ask it while the clock runs)."""
+    kind = layer_kind(name)
+    return kind in (*ALL_LAYERS, *ON_DEMAND_LAYERS) and fact in _facts(kind)
+
+
+@functools.cache
+def _facts(kind: str) -> frozenset[str]:
+    return layer_for(kind).facts
 
 
 def owned_elsewhere(name: str, layers: Iterable[str]) -> frozenset[str]:
@@ -69,12 +109,52 @@ def compose_partial(name: str, content: bytes, live: bytes | None) -> bytes:
     if layer_kind(name) in ON_DEMAND_LAYERS:  # files given whole
         return content
     if name == "nft":
+        # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.nftables import compose_partial as compose_nft
 
         return compose_nft(content)
+    # each backend is imported when first asked for (the CLI starts faster)
     from fwsafe.backends.iptables import compose_partial as compose_iptables
 
     return compose_iptables(live or b"", content)
+
+
+def watched_layers(changed: Iterable[str] | None, captured: Iterable[str]) -> list[str]:
+    """The layers of `captured` that a change giving content for layers `changed` (None: a
+    command, which can alter any) can alter: compared after the apply to find what it
+    touched."""
+    if changed is None:
+        return list(captured)
+    watch = set(changed)
+    if "nft" in watch:  # `flush ruleset` also wipes the tables of iptables-nft
+        watch |= set(layers_with(RULES_FILE))
+    return [name for name in captured if name in watch]
+
+
+def lossy_tables(name: str, tables: Collection[str] | None, *, saved: bytes | None,
+                 generation: int | None,
+                 ahead: Future[tuple[int | None, dict[str, str]]] | None = None) -> list[str]:
+    """The tables of layer `name` (of `tables`; None: all) whose capture does not show the
+    kernel's state exactly, so that loading it back would not restore them: iptables-nft's
+    (fwsafe.backends.fidelity); [] for every other layer. `saved`: the capture read at
+    nf_tables' `generation`; `ahead`: `fidelity_digests_ahead(name)` run beside it. Raises
+    FidelityError when it cannot tell."""
+    if not layer_has(name, IPTABLES_SAVE):
+        return []
+    # fidelity tries the tables in a scratch namespace (fwsafe.check.netns): loaded only for
+    # a change that can write to a table of iptables-nft
+    from fwsafe.backends.fidelity import lossy_tables as lossy
+
+    return lossy(name, tables, saved=saved, generation=generation, ahead=ahead)
+
+
+def fidelity_digests_ahead(name: str) -> tuple[int | None, dict[str, str]]:
+    """The live digests `lossy_tables` compares for iptables layer `name`, read ahead (beside
+    the reading of the layers) with the nf_tables generation they hold at."""
+    # fidelity's module is loaded only for a change that can write to iptables-nft's tables
+    from fwsafe.backends.fidelity import NFT_FAMILY, digests_ahead
+
+    return digests_ahead(NFT_FAMILY[name])
 
 
 def available_layers() -> list[str]:
@@ -82,5 +162,8 @@ def available_layers() -> list[str]:
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
-__all__ = ["ALL_LAYERS", "FIREWALLD_TABLES", "ON_DEMAND_LAYERS", "ApplyError", "Layer", "available_layers",
-           "compose_partial", "layer_for", "layer_kind", "owned_elsewhere", "revert_order"]
+__all__ = ["ALL_LAYERS", "FILES", "FIREWALLD_TABLES", "IPTABLES_SAVE", "NETFILTER", "ON_DEMAND",
+           "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "ApplyError", "FidelityError",
+           "Layer",
+           "available_layers", "compose_partial", "layer_for", "layer_has", "layer_kind", "lossy_tables",
+           "layers_with", "owned_elsewhere", "revert_order", "watched_layers"]

@@ -37,6 +37,26 @@ SNAPSHOT_UNITS = "snapshot units"
 SNAPSHOT_TABLES = "snapshot tables"
 LEVELS = (MERGE, SNAPSHOT_UNITS, SNAPSHOT_TABLES)
 
+# What a layer is and what the rest of fwsafe does with it (`Layer.facts`): every module asks
+# the registry (fwsafe.backends: `layers_with`, `layer_has`), none keeps a list of layer names.
+NETFILTER = "netfilter"          # its own tool loads its rules into netfilter (iptables, nft)
+IPTABLES_SAVE = "iptables-save"  # its state is iptables-save text (v4, v6, nft or legacy)
+FILES = "files"                  # its state is files another program loads (ufw, firewalld,
+                                 # sshd): after a reboot only these are put back
+ON_DEMAND = "on-demand"          # captured only for a change that gives content for it
+PREDICTED = "predicted"          # the lockout check loads it in its sandbox
+RULES_FILE = "rules-file"        # what --rules / --rules6 give; a command tried on a copy is
+                                 # judged by what it leaves here
+ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the history (a rules file;
+                                 # sshd: its files, then a reload; firewalld: through firewalld,
+                                 # its files then `--reload` and the runtime model, or the files
+                                 # alone for a files-only layer, the power cycle's)
+
+
+class FidelityError(Exception):
+    """Whether a capture shows the kernel's state exactly could not be told (a tool failed or
+    timed out: `Layer.lossy_tables`)."""
+
 
 class ApplyError(Exception):
     """A backend's tool refused (the kernel's answer, not a parse of ours)."""
@@ -57,6 +77,7 @@ class Layer(abc.ABC):
     name: str
     label: str
     tools: tuple[str, ...] = ()   # binaries needed to change this layer
+    facts: frozenset[str] = frozenset()   # NETFILTER, FILES, ... (above)
     proved: Proved | None = None  # set by `revert` when the kernel proved the whole state
     # Told the whole state a revert is about to load (what `proved` will hold if the kernel
     # proves it), to start work on it while the tool loads it; never raises.
@@ -93,9 +114,19 @@ class Layer(abc.ABC):
         refuses the target. Keeps
         trying while processes cannot be started for lack of memory."""
 
+    def declared(self, data: bytes) -> dict[str, set[str]]:
+        """{table: the units it declares (iptables: its chains)}, from the declarations alone
+        (fast: no rule is read); a layer whose units are whole tables or files: {unit: set()}."""
+        return {unit: set() for unit in self.units(data)}
+
     # -- content changes (iptables / nft files); layers that take none keep these defaults --
+    def recognises(self, content: bytes) -> bool:
+        """A rules file written for this layer, told by its content (`--backend auto`)."""
+        return False
+
     def check_tools(self) -> None:
         """Raise EnvironmentProblem when the tools needed to change this layer are missing."""
+        # the tools' runner is needed only to check a layer's tools (the interface stays light)
         from fwsafe.runner import require_binary
 
         for tool in self.tools:

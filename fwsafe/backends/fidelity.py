@@ -23,6 +23,7 @@ from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from fwsafe.backends import nflist
+from fwsafe.backends.base import FidelityError
 from fwsafe.backends.iptables import FAMILIES
 from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.runner import find_binary, require_binary, run
@@ -31,10 +32,6 @@ NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
 SCRATCH_PREFIX = "fwrt"   # fwrt<pid>: the round trip's scratch namespace
 
 Blocks = dict[str, tuple[str, ...]]
-
-
-class FidelityError(Exception):
-    """The round trip could not be made (a tool failed or timed out)."""
 
 
 def blocks(listing: str) -> Blocks:
@@ -148,6 +145,8 @@ def _round_trip(name: str, text: bytes, tables: list[str], sums: Future[dict[str
     """`text` loaded by iptables-restore in a scratch namespace; nft's listing of `tables`
     (a text iptables-restore refuses matches no table), None for a table whose digest there
     (nflist.digests) is the live one (`sums`, read meanwhile): the same in the kernel."""
+    # check.netns builds namespaces: needed only when a round trip is tried (fidelity stays a
+    # backend, not a check)
     from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
 
     family = NFT_FAMILY[name]

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends.base import MERGE, SNAPSHOT_TABLES, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import FILES, MERGE, ROLLBACK, SNAPSHOT_TABLES, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch_rules
 from fwsafe.ondisk.firewalld_files import (
@@ -240,6 +240,7 @@ class FirewalldLayer(Layer):
     name = "firewalld"
     label = "firewalld"
     tools = (FIREWALL_CMD,)
+    facts = frozenset({FILES, ROLLBACK})   # firewalld's files; it starts from them
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root

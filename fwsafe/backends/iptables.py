@@ -20,12 +20,25 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fwsafe.backends import nflist
-from fwsafe.backends.base import MERGE, SNAPSHOT_UNITS, ApplyError, Layer, RetryLog, line_starting
+from fwsafe.backends.base import (
+    IPTABLES_SAVE,
+    MERGE,
+    NETFILTER,
+    PREDICTED,
+    ROLLBACK,
+    RULES_FILE,
+    SNAPSHOT_UNITS,
+    ApplyError,
+    Layer,
+    RetryLog,
+    line_starting,
+)
 from fwsafe.backends.iptsave import (
     BUILTIN_CHAINS,
     Chain,
     Table,
     Tables,
+    chain_names,
     empty_table,
     has_tables,
     parse_ruleset,
@@ -219,6 +232,8 @@ class IptablesLayer(Layer):
         self.name = name
         self.label = self.family.label
         self.tools = (self.family.save, self.family.restore)
+        self.facts = frozenset({NETFILTER, IPTABLES_SAVE} if self.family.legacy else
+                               {NETFILTER, IPTABLES_SAVE, PREDICTED, RULES_FILE, ROLLBACK})
 
     # -- tools --------------------------------------------------------------------------
     def available(self) -> bool:
@@ -242,6 +257,9 @@ class IptablesLayer(Layer):
             raise ApplyError(
                 f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}")
         return hatch_rules.strip(result.stdout)   # the kernel escape hatch is nobody's rule
+
+    def declared(self, data: bytes) -> dict[str, set[str]]:
+        return chain_names(data.decode(errors="replace"))
 
     def units(self, data: bytes) -> dict[str, str]:
         out = {}

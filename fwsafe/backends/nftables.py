@@ -21,7 +21,16 @@ import re
 from collections.abc import Mapping, Sequence
 
 from fwsafe.backends import libnft, nflist
-from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog, line_starting
+from fwsafe.backends.base import (
+    MERGE,
+    NETFILTER,
+    PREDICTED,
+    ROLLBACK,
+    ApplyError,
+    Layer,
+    RetryLog,
+    line_starting,
+)
 from fwsafe.backends.iptables import uses_nf_tables
 from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.backends.nflist import kernel_tables
@@ -236,6 +245,7 @@ class NftLayer(Layer):
     name = "nft"
     label = "nftables"
     tools = ("nft",)
+    facts = frozenset({NETFILTER, PREDICTED, ROLLBACK})
 
     def available(self) -> bool:
         return find_binary("nft") is not None
@@ -276,6 +286,9 @@ class NftLayer(Layer):
 
     def units(self, data: bytes) -> dict[str, str]:
         return split_tables(data.decode(errors="replace"))
+
+    def recognises(self, content: bytes) -> bool:
+        return looks_like_nft(content)
 
     def validate_text(self, change: bytes, source: str) -> None:
         text = change.decode(errors="replace")

@@ -29,7 +29,7 @@ import os
 from collections.abc import Sequence
 from urllib.parse import quote, unquote
 
-from fwsafe.backends.base import MERGE, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import FILES, MERGE, ON_DEMAND, ROLLBACK, ApplyError, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError, UsageError
 from fwsafe.ondisk.sshd_files import (
     FileState,
@@ -97,6 +97,7 @@ def expected_ports(tree: Tree) -> set[int] | None:
 class SshdLayer(Layer):
     label = "sshd config"
     tools = ("sshd",)
+    facts = frozenset({FILES, ON_DEMAND, ROLLBACK})
 
     def __init__(self, config: str = SSHD_CONFIG) -> None:
         self.config = config

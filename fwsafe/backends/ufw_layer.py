@@ -15,7 +15,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fwsafe.backends.base import MERGE, Layer, RetryLog
+from fwsafe.backends.base import FILES, MERGE, ROLLBACK, Layer, RetryLog
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk.ufw_files import capture_ufw_files, load_ufw_files, restore_ufw_files
 
@@ -27,6 +27,7 @@ FORCE_NOTE = ("fwsafe answered ufw's 'may disrupt existing ssh connections' prom
 class UfwLayer(Layer):
     name = "ufw"
     label = "ufw files"
+    facts = frozenset({FILES, ROLLBACK})
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root

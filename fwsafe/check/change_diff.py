@@ -10,10 +10,9 @@ import difflib
 from dataclasses import dataclass
 from typing import Any
 
-from fwsafe.backends import available_layers, layer_for
+from fwsafe.backends import available_layers, layer_for, watched_layers
 from fwsafe.check.simulate import simulate
 from fwsafe.core.change import Change, resolve_partial, validate_change
-from fwsafe.core.flow import watched_layers
 
 
 @dataclass
@@ -48,7 +47,7 @@ def diff_change(change: Change) -> list[UnitDiff]:
     captured = {name: layer_for(name).capture() for name in available_layers()}
     change = resolve_partial(change, captured)
     validate_change(change)
-    watch = watched_layers(change, list(captured))
+    watch = watched_layers(None if change.run is not None else change.layers, captured)
     after = simulate(captured, layers=change.layers, sources=change.sources, run=change.run,
                      watch=watch)
     result: list[UnitDiff] = []

@@ -129,6 +129,7 @@ def _listen_port(value: str) -> int | None:
 def sshd_ports(config: str = SSHD_CONFIG) -> list[int]:
     """The ports sshd listens on: those of its socket unit when systemd starts it from one
     (ssh.socket), else those of its configuration (default [22])."""
+    # sshd's socket unit is read only when sshd's ports are asked (the check starts faster)
     from fwsafe.sshd.socketunit import detect
 
     sock = detect(config)

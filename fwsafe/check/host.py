@@ -10,7 +10,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fwsafe.backends import available_layers, layer_for
+from fwsafe.backends import (
+    IPTABLES_SAVE,
+    NETFILTER,
+    available_layers,
+    layer_for,
+    layer_has,
+    layers_with,
+)
 from fwsafe.backends.base import ApplyError
 from fwsafe.backends.iptables import IptablesLayer, uses_nf_tables
 from fwsafe.backends.iptsave import BUILTIN_CHAINS, Tables, has_tables
@@ -20,7 +27,6 @@ from fwsafe.errors import EnvironmentProblem
 from fwsafe.runner import require_binary, run
 
 __all__ = [
-    "IPT_LAYERS",
     "ClientPath",
     "Interface",
     "IptTool",
@@ -139,17 +145,15 @@ def host_families(interfaces: dict[str, Interface]) -> set[int]:
     return families
 
 
-IPT_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
-
-
 def capture_host(pool_size: int = 4) -> dict[str, bytes]:
     """Every firewall layer the check reads ({layer: capture}), read in parallel; a layer that
     cannot be read is left out (``current_state`` then reads it itself and says why)."""
+    # the early firewall read (core.prefetch) and its pool: only when the host is read here
     from concurrent.futures import ThreadPoolExecutor
 
     from fwsafe.core import prefetch
 
-    names = [n for n in available_layers() if n in (*IPT_LAYERS, "nft")]
+    names = [n for n in available_layers() if layer_has(n, NETFILTER)]
     found: dict[str, bytes] = {}
     with ThreadPoolExecutor(max_workers=pool_size) as pool:
         # The reading `fwsafe check` started before the CLI was loaded, if any.
@@ -170,7 +174,7 @@ def current_state(layers: Mapping[str, tuple[bytes, str]],
     captured = captured or {}
     present = set(available_layers())
     tools: list[IptTool] = []
-    for name in IPT_LAYERS:
+    for name in layers_with(IPTABLES_SAVE):
         if name not in present and name not in layers:
             continue
         layer = IptablesLayer(name)

@@ -10,15 +10,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from concurrent.futures import Future
 
-from fwsafe.backends import available_layers, layer_for
+from fwsafe.backends import PREDICTED, RULES_FILE, available_layers, layer_for, layer_has, layers_with
 from fwsafe.check.clients import default_sessions
 from fwsafe.check.predict import CheckReport, predict
 from fwsafe.check.prune import warm
 from fwsafe.check.simulate import simulate
 from fwsafe.core.change import Change
-
-COMMAND_LAYERS = ("ipv4", "ipv6")
-CHECKED_LAYERS = ("ipv4", "ipv6", "nft")
 
 
 def candidate_layers(change: Change, captured: Mapping[str, bytes] | None = None
@@ -27,11 +24,11 @@ def candidate_layers(change: Change, captured: Mapping[str, bytes] | None = None
     layers if already read."""
     if change.run is None:  # ufw's files (a rollback) carry no rules the kernel sees
         return {name: (content, change.sources[name]) for name, content in change.layers.items()
-                if name in CHECKED_LAYERS}
+                if layer_has(name, PREDICTED)}
     known = captured or {}
     captured = {name: known[name] if name in known else layer_for(name).capture()
                 for name in available_layers()}
-    watch = [name for name in COMMAND_LAYERS if name in captured]
+    watch = [name for name in layers_with(RULES_FILE) if name in captured]
     after = simulate(captured, run=change.run, watch=watch)
     label = " ".join(change.run)
     return {name: (after[name], f"`{label}` ({name})") for name in watch}
@@ -68,7 +65,7 @@ def warm_layers(captured: Mapping[str, bytes]) -> None:
     """The same head start for the host's layers as read; never raises."""
     try:
         warm({name: (content, name) for name, content in captured.items()
-              if name in CHECKED_LAYERS})
+              if layer_has(name, PREDICTED)})
     except Exception:  # noqa: BLE001 - only a head start
         return
 
@@ -76,7 +73,7 @@ def warm_layers(captured: Mapping[str, bytes]) -> None:
 def warm_current(captures: Mapping[str, Future[bytes]]) -> None:
     """The same, each layer as soon as it is read; never raises."""
     for name, future in captures.items():
-        if name in CHECKED_LAYERS:
+        if layer_has(name, PREDICTED):
             try:
                 content = future.result()
             except Exception:  # noqa: BLE001 - the snapshot says why, not this head start

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+from fwsafe.backends import PREDICTED, RULES_FILE, layer_has, layers_with
 from fwsafe.check.attempts import Prober, find_not_checked
 from fwsafe.check.clients import (
     default_clients_and_port,
@@ -55,7 +56,6 @@ from fwsafe.runner import require_binary
 
 __all__ = [
     "DEFAULT_TIMEOUT",
-    "LAYERS",
     "LIMITS",
     "CheckReport",
     "Verdict",
@@ -66,7 +66,6 @@ __all__ = [
     "predict",
 ]
 
-LAYERS = ("ipv4", "ipv6", "nft")
 DEFAULT_TIMEOUT = 1.0
 
 
@@ -154,6 +153,7 @@ class CheckReport:
     def describe(self, verbose: bool = False) -> str:
         """The report for people: one screen by default, everything with ``verbose``
         (fwsafe.check.check_report)."""
+        # the report's text is needed only when a verdict is described (predict starts faster)
         from fwsafe.check.check_report import check_text
 
         return check_text(self, verbose)
@@ -164,7 +164,7 @@ class CheckReport:
 # --------------------------------------------------------------------------------------------
 def _validate(layers: Mapping[str, tuple[bytes, str]]) -> None:
     change = Change()
-    for name in LAYERS:
+    for name in layers_with(PREDICTED):
         if name in layers:
             change.add(name, *layers[name])
     validate_change(change)
@@ -285,9 +285,9 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
     lockout: the report says so (`lockout`); the caller raises LockoutPredicted.
     """
     started = time.monotonic()
-    unknown = sorted(set(layers) - set(LAYERS))
+    unknown = sorted(set(layers) - set(layers_with(PREDICTED)))
     if unknown or not layers:
-        raise UsageError(f"layers must be some of {', '.join(LAYERS)}; got "
+        raise UsageError(f"layers must be some of {', '.join(layers_with(PREDICTED))}; got "
                          f"{', '.join(sorted(layers)) or 'none'}")
     if not clients:
         raise UsageError("no management client known: give --client IP")
@@ -303,7 +303,7 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
                                  hint="try: sudo fwsafe check ...")
 
     report = CheckReport(clients=client_list, port=port,
-                         layers={name: layers[name][1] for name in LAYERS if name in layers})
+                         layers={name: layers[name][1] for name in layers_with(PREDICTED) if name in layers})
     with scratch_sandbox(f"{os.getpid()}", sandbox_prefix) as sandbox:
         if validate:
             _validate(layers)
@@ -368,7 +368,7 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
     wanted = host_families(interfaces)
     if "nft" in layers:
         wanted |= {4, 6}
-    wanted |= {4 if name == "ipv4" else 6 for name in layers if name in ("ipv4", "ipv6")}
+    wanted |= {4 if name == "ipv4" else 6 for name in layers if layer_has(name, RULES_FILE)}
     for family in sorted(wanted - have):
         report.verdicts.append(Verdict(
             f"tcp ? -> :{port} (ipv{family})", None, None,

@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
+from fwsafe.backends import RULES_FILE, layer_has
+
 __all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses", "warm"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -607,7 +609,7 @@ def warm(layers: Mapping[str, tuple[bytes, str]]) -> None:
     the sandbox's pruning then finds the work done."""
     for name, (content, _) in layers.items():
         text = content.decode(errors="replace")
-        if name in ("ipv4", "ipv6"):
+        if layer_has(name, RULES_FILE):
             family = 4 if name == "ipv4" else 6
             _ipt_analysed(text, family)
         elif name == "nft":

@@ -112,6 +112,7 @@ def simulate(
 # --------------------------------------------------------------------------------------------
 def _inside(request: dict[str, Any], wires: Tripwires) -> dict[str, Any]:
     if request.get("ufw"):   # the sandbox starts from ufw's files as captured
+        # ufw's files are put back only in a sandbox that has them
         from fwsafe.ondisk.ufw_files import restore_ufw_files
 
         restore_ufw_files(_unb64(request["ufw"]), Path("/"))

@@ -162,6 +162,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
     if not rules and not rules6 and not sshd_set:
         raise click.UsageError("give RULES (IPv4 or nft) and/or --rules6 RULES6")
     if host:
+        # loaded by the command that uses it only: every other command (and --help) starts faster
         from fwsafe.remote.remote_apply import RemoteRequest, apply_remote
 
         if detach:
@@ -183,6 +184,7 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         progress(note)
     change.partial = partial
     if sshd_set:
+        # loaded by the command that uses it only: every other command (and --help) starts faster
         from fwsafe.cli.sshd import add_sshd_settings
 
         add_sshd_settings(change, sshd_config, sshd_set)
@@ -201,6 +203,7 @@ def show_exposure(complete: Change) -> None:
     """Once the change is validated and passed the lockout check, before it is live: which
     services it newly exposes to, or closes for, outside addresses (`fwsafe audit`'s
     difference), on stderr. A sandbox that cannot be built is said in one line."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.audit import exposure_change
     from fwsafe.check.precheck import candidate_layers
 
@@ -243,7 +246,8 @@ def _live_verdict(record: Record) -> None:
     ask the kernel now whether the SSH clients still get in through the live rules
     (firewalld's tables included), and say so. It changes nothing: the guard reverts at the
     deadline unless confirmed."""
-    from fwsafe.core.revert import access_check
+    # loaded by the command that uses it only: every other command (and --help) starts faster
+    from fwsafe.check.proof import access_check
 
     access = access_check(record)
     if access is None:

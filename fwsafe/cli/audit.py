@@ -65,6 +65,8 @@ def audit_command(rules: tuple[str, ...], rules6: str | None, backend: str, part
     if rules or rules6:
         change = change_from_files(rules, rules6, backend, limit=config.max_rules_bytes)
         if partial:
+            # loaded by the command that uses it only: every other command (and --help) starts
+            # faster
             from fwsafe.backends import layer_for
 
             change.partial = True

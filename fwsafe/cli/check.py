@@ -107,6 +107,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     host = pool.submit(capture_host)
     validating: Future[None] | None = None
     if "--" in RUN.raw_args:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
+        # loaded by the command that uses it only: every other command (and --help) starts faster
         from fwsafe.backends.ufw_layer import prepare_command
 
         change = Change(run=prepare_command(list(rules))[0])
@@ -117,6 +118,8 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
         change = change_from_files(rules, rules6, backend,
                                    limit=load_config(None).max_rules_bytes)
         if partial:
+            # loaded by the command that uses it only: every other command (and --help) starts
+            # faster
             from fwsafe.backends import layer_for
 
             change.partial = True
@@ -203,6 +206,7 @@ def _exposure(layers: dict[str, tuple[bytes, str]], timeout: float,
     """What the change opens or closes to outside addresses (fwsafe audit's difference), as
     JSON and for the text; a sandbox that cannot be built is reported in the section, never
     fails the check (an interruption still ends it)."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.audit import exposure_change
 
     try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
+from fwsafe.check.proof import PROVER
 from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.config import Config, load_config
@@ -27,6 +28,7 @@ from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import EXIT_CODE_HELP
 from fwsafe.guard.spawn import converge as converge_orphan
+from fwsafe.steps import on_confirmed
 
 if TYPE_CHECKING:
     from fwsafe.core.flow import ApplyOptions
@@ -204,7 +206,9 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
     and hatch's settings, the probes) taken from it: every command that applies builds them
     here, so none ignores a setting; `fields` are the command's own (its options, which win:
     --probe, check, force, login_user...)."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.core.flow import ApplyOptions
+    from fwsafe.steps import apply_steps
 
     settings: dict[str, Any] = {
         "timeout_s": timeout_from(config, timeout_s), "command": list(sys.argv),
@@ -215,7 +219,7 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
         "probe_failures": config.probe_failures,
         "probe_timeout": min(config.probe_timeout, config.probe_interval),
     }
-    return ApplyOptions(**{**settings, **fields})
+    return ApplyOptions(**{**settings, **apply_steps(), **fields})
 
 
 def emit(data: dict[str, Any], as_json: bool, text: str) -> None:
@@ -246,7 +250,7 @@ def manager_for(state_dir: str | None, config: Config | None = None, *,
     state = StateDir(resolve_state_dir(state_dir, configured))
     if converge:
         converge_orphan(state)
-    return Manager(state)
+    return Manager(state, on_confirmed=on_confirmed, prover=PROVER)
 
 
 def clock(t: float | None) -> str:

@@ -19,6 +19,7 @@ def demo(timeout_s: float, keep: bool, as_json: bool) -> None:
     """Show fwsafe's main job in a throwaway lab (two network namespaces, a real sshd):
     a lockout applied from an SSH session, the session dying, the automatic revert, and a
     new SSH login working again. Your own firewall is never touched."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.lab.lab_demo import run_demo
 
     result = run_demo(timeout_s=timeout_s, keep=keep, quiet=as_json)

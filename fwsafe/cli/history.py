@@ -225,8 +225,11 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     The ipv4/ipv6 rules, the native nftables tables, ufw's files and sshd's files of the
     entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
     state back."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
+    from fwsafe.check.proof import PROVER
     from fwsafe.cli.screens import interactive_wait, report_armed
     from fwsafe.core.manager import Manager
+    from fwsafe.steps import on_confirmed
 
     config = load_config(config_path)
     timeout_from(config, timeout_s)   # a bad --timeout is a usage error before anything
@@ -244,7 +247,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")
         return
     options = apply_options(config, timeout_s)
-    manager = Manager(state)
+    manager = Manager(state, on_confirmed=on_confirmed, prover=PROVER)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():
         report_armed(record, as_json)

@@ -22,6 +22,7 @@ def rescue(args: tuple[str, ...]) -> None:
     a known-good state (--to ID, --last-good) or turn the firewall off at boot
     (--disable-firewall). `fwsafe rescue --help` lists the options. The same tool runs with
     nothing but python3 as `python3 fwsafe.pyz rescue ...` (see docs/rescue.md)."""
+    # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.rescue.tool import main
 
     sys.exit(main(["rescue", *args]))

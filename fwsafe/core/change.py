@@ -152,12 +152,10 @@ def change_from_files(paths: Sequence[str], rules6: str | None, backend: str = "
     """A Change from rules files: iptables-save (IPv4) or nft files (recognised by content, or
     `backend`), at most one of each, and an ip6tables-save file. Every read error is exit 3;
     `limit` is max_rules_bytes."""
-    from fwsafe.backends.nftables import looks_like_nft
-
     change = Change()
     for path in paths:
         content = read_rules_file(path, limit, notes=change.notes)
-        nft = backend == "nft" or (backend == "auto" and looks_like_nft(content))
+        nft = backend == "nft" or (backend == "auto" and layer_for("nft").recognises(content))
         layer = "nft" if nft else "ipv4"
         if layer in change.layers:
             raise UsageError(f"{path}: a second {'nft' if nft else 'IPv4'} rules file; give at most "

@@ -16,37 +16,42 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from fwsafe import failpoints
 from fwsafe.backends import (
     ON_DEMAND_LAYERS,
+    RULES_FILE,
     ApplyError,
+    FidelityError,
     available_layers,
+    fidelity_digests_ahead,
     layer_for,
     layer_kind,
+    layers_with,
+    lossy_tables,
     nflist,
+    watched_layers,
 )
 from fwsafe.context import RUN
 from fwsafe.core import prefetch, snapshot, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
-from fwsafe.core.config import DEFAULT_MAX_TIMEOUT
+from fwsafe.core.revert import Prover
 from fwsafe.core.statedir import StateDir, make_private_dir
-from fwsafe.core.transaction import Record
+from fwsafe.core.transaction import DEFAULT_MAX_TIMEOUT, Record
 from fwsafe.errors import (
-    CannotSimulateError,
     ChangeMayBeLiveError,
     EnvironmentProblem,
     FwsafeError,
     GuardError,
     InvalidRulesError,
-    LockoutRefused,
     PendingError,
     RevertedError,
     RevertFailedError,
     StateError,
 )
 from fwsafe.guard import hatch, spawn
+from fwsafe.runner import find_binary
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
 GUARD_APPLY_TIMEOUT = 900.0  # and have finished applying by then
@@ -81,16 +86,31 @@ class ApplyOptions:
     hatch_grace: float = 30.0      # ... opening this long after the deadline
     stuck_grace: float = 5.0       # the backstop kills a stuck guard this long after it
     admin_sources: list[str] = field(default_factory=list)   # who the hatch lets in, too
+    # The steps that live above core, given by the caller (fwsafe.steps.apply_steps): core
+    # names no package above it. Asked for and missing: an InternalError, never a silent skip.
+    lockout_check: Callable[[Change, ApplyOptions, Mapping[str, bytes] | None],
+                            dict[str, Any]] | None = field(default=None, repr=False)
+    warm_change: Callable[[Change], None] | None = field(default=None, repr=False)
+    warm_captures: Callable[[Mapping[str, Future[bytes]]], None] | None = field(
+        default=None, repr=False)
+    # (the SSH clients, the ports) the kernel escape hatch lets in
+    ssh_access: Callable[[], tuple[list[str], list[int]]] | None = field(default=None,
+                                                                         repr=False)
+    # Installs the boot recovery unit if need be (a systemd host); the note when it did.
+    install_boot_hook: Callable[[str], str | None] | None = field(default=None, repr=False)
+    # The revert's access proof, for a transaction left open that apply reverts first.
+    prover: Prover | None = field(default=None, repr=False)
 
 
-def watched_layers(change: Change, captured: list[str]) -> list[str]:
-    """The layers the change can alter, compared after the apply to find what it touched."""
-    if change.run is not None:
-        return list(captured)
-    watch = set(change.layers)
-    if "nft" in change.layers:  # `flush ruleset` also wipes the tables of iptables-nft
-        watch |= {"ipv4", "ipv6"}
-    return [name for name in captured if name in watch]
+Step = TypeVar("Step")
+
+
+def step(given: Step | None, name: str) -> Step:
+    """A step of ApplyOptions the flow needs: the caller forgot it is a bug, said as such."""
+    if given is None:
+        raise TypeError(f"ApplyOptions.{name} is needed and was not given "
+                            "(fwsafe.steps.apply_steps gives every step)")
+    return given
 
 
 def touchable_tables(change: Change, name: str) -> set[str] | None:
@@ -98,9 +118,7 @@ def touchable_tables(change: Change, name: str) -> set[str] | None:
     if change.run is not None or "ufw" in change.layers:
         return None
     if name in change.layers:
-        from fwsafe.backends.iptsave import table_names
-
-        return set(table_names(change.layers[name].decode(errors="replace")))
+        return set(layer_for(name).declared(change.layers[name]))
     nft = change.layers.get("nft", b"")
     return None if b"flush ruleset" in b" ".join(nft.split()) else set()
 
@@ -108,7 +126,7 @@ def touchable_tables(change: Change, name: str) -> set[str] | None:
 def fidelity_layers(change: Change, layers: list[str]) -> dict[str, set[str] | None]:
     """The iptables-nft layers (of `layers`) whose tables the change can write, with those
     tables (None: any): the fidelity test's (`refuse_lossy_tables`)."""
-    return {name: tables for name in ("ipv4", "ipv6")
+    return {name: tables for name in layers_with(RULES_FILE)
             if name in layers and (tables := touchable_tables(change, name)) != set()
             and layer_for(name).in_nf_tables()}
 
@@ -121,10 +139,7 @@ def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
     exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
     anything happens, naming the table: its revert would load that lossy text
     (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`; `ahead`:
-    each layer's live digests read beside that reading (fidelity.digests_ahead)."""
-    from fwsafe.backends.fidelity import FidelityError, lossy_tables
-    from fwsafe.runner import find_binary
-
+    each layer's live digests read beside that reading (`digests_ahead`)."""
     checks = fidelity_layers(change, list(captured))
     if checks and find_binary("nft") is None:   # nothing to compare with; said in the record
         change.notes.append("not checked whether iptables-save shows the tables exactly "
@@ -153,6 +168,7 @@ def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
                                 options: ApplyOptions) -> None:
     """A full rules file that would delete fail2ban's, Docker's, ... chains is refused
     (exit 3) unless --force: it was most likely written before they created them."""
+    # who else writes rules is looked up only for a change that could delete theirs
     from fwsafe.core.neighbours import deleted_neighbours, refusal_message
 
     found = deleted_neighbours(change.layers, captured, change.partial)
@@ -168,54 +184,20 @@ def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
 
 def lockout_check(change: Change, options: ApplyOptions,
                   captured: Mapping[str, bytes] | None = None) -> dict[str, Any]:
-    """Run the lockout check; refuse a predicted lockout unless forced (exit 3)."""
+    """Run the lockout check (the caller's step: fwsafe.steps.lockout_check); it refuses a
+    predicted lockout unless forced (exit 3)."""
     if not options.check:
         return {"ran": False, "summary": "lockout check skipped (--no-check)"}
-    if any(layer_kind(name) in ON_DEMAND_LAYERS for name in change.layers):  # sshd's config
-        from fwsafe.sshd.lockout import check_sshd_change
-
-        return check_sshd_change(change, force=options.force, user=options.login_user)
-    from fwsafe.check.precheck import precheck
-
-    try:
-        report = precheck(change, captured=captured)
-    except CannotSimulateError as exc:
-        # A command that acts on a live daemon (firewall-cmd: firewalld over D-Bus) cannot be
-        # tried on a copy, and was not run: the snapshot, taken before it, stays the state
-        # before it; the guard runs it for the first time and reverts it unless confirmed.
-        summary = (f"lockout NOT checked: the command cannot be tried on a copy (it reaches "
-                   f"{exc.reached}); it runs for the first time under the guard, after the "
-                   "snapshot")
-        change.notes.append(summary)
-        # The clients are still the revert's second proof (the kernel's verdict after it).
-        from fwsafe.check.clients import default_sessions
-
-        sessions, port = default_sessions()
-        return {"ran": False, "summary": summary, "clients": [s.client for s in sessions],
-                "port": port}
-    if report is None:
-        return {"ran": False, "summary": "lockout check skipped: no SSH client known"}
-    from fwsafe.check.check_report import precheck_summary, refusal_hint
-
-    if report.lockout and not options.force:
-        raise LockoutRefused(report.lockout_message(),
-                             hint=refusal_hint(change.run, report.port))
-    # The clients and port are the revert's second proof: they must get in again after it.
-    return {"ran": True, "lockout": report.lockout, "summary": precheck_summary(report),
-            "clients": report.clients, "port": report.port}
+    return step(options.lockout_check, "lockout_check")(change, options, captured)
 
 
 def digests_ahead(pool: ThreadPoolExecutor, change: Change, layers: list[str]
                   ) -> dict[str, Future[tuple[int | None, dict[str, str]]]]:
     """The fidelity test's live digests (fwsafe.backends.fidelity.digests_ahead), read in
     `pool` while the layers are: used only when they hold at the reading's generation."""
-    from fwsafe.backends.fidelity import NFT_FAMILY
-    from fwsafe.backends.fidelity import digests_ahead as read_ahead
-    from fwsafe.runner import find_binary
-
     if find_binary("nft") is None:
         return {}
-    return {name: pool.submit(read_ahead, NFT_FAMILY[name])
+    return {name: pool.submit(fidelity_digests_ahead, name)
             for name in fidelity_layers(change, layers)}
 
 
@@ -322,18 +304,15 @@ def hatch_plan(options: ApplyOptions) -> dict[str, Any]:
     sshd's), how long after the deadline. Off: why not."""
     if not options.hatch:
         return {"on": False, "why": "hatch = false in the config"}
-    from fwsafe.check.clients import default_sessions, sshd_ports
-
-    sessions, port = default_sessions()
-    four, six = hatch.split_sources([*(s.client for s in sessions), *options.admin_sources])
+    clients, ports = step(options.ssh_access, "ssh_access")()
+    four, six = hatch.split_sources([*clients, *options.admin_sources])
     if not four and not six:
         return {"on": False, "why": "no SSH client known and no admin_sources in the config"}
-    ports = sorted({port, *(s.server_port for s in sessions), *sshd_ports()})
     return {"on": True, "grace": options.hatch_grace, "sources4": four, "sources6": six,
             "ports": ports}
 
 
-def refuse_if_open(state: StateDir) -> str | None:
+def refuse_if_open(state: StateDir, prover: Prover | None) -> str | None:
     """Refuse while a transaction is open and looked after (its guard lives, or someone
     is reverting it). One left open with nobody on it (its guard and backstop were killed
     together; a one-shot recover gave up) is reverted first, as its guard would have:
@@ -354,11 +333,12 @@ def refuse_if_open(state: StateDir) -> str | None:
                 "backstop is reverting it", hint="wait a moment, then try again")
     elif record.state != transaction.REVERT_FAILED:
         return None
+    # recover is needed only when a transaction was left open without its guard
     from fwsafe.core.recover import recover
 
     done = recover(state, f"`fwsafe apply` found transaction {record.id} "
                    f"{record.state} with nobody looking after it: reverted it first",
-                   tx_id=record.id)
+                   tx_id=record.id, prover=prover)
     if done.state == transaction.REVERT_FAILED:
         raise PendingError(
             f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
@@ -413,7 +393,7 @@ class ApplyFlow:
         self.state.ensure()
         with self.state.locked():
             failpoints.hit("apply.locked")
-            settled = refuse_if_open(self.state)
+            settled = refuse_if_open(self.state, options.prover)
             if settled:
                 change.notes.append(settled)
             self._ensure_boot_hook(change, options)
@@ -467,10 +447,8 @@ class ApplyFlow:
             generation, captures = prefetch.read(pool, layers)
             ahead = digests_ahead(pool, change, layers)
             if options.check and not change.partial:
-                from fwsafe.check.precheck import warm_current, warm_up
-
-                pool.submit(warm_up, change)
-                pool.submit(warm_current, captures)
+                pool.submit(step(options.warm_change, "warm_change"), change)
+                pool.submit(step(options.warm_captures, "warm_captures"), captures)
             if change.partial:
                 complete = resolve_partial(change, collect(captures, list(change.layers)))
             else:
@@ -519,7 +497,8 @@ class ApplyFlow:
             id=tx_id, state=transaction.PREPARING, created=time.time(),
             timeout_s=options.timeout_s, backend="command" if change.run else "rules",
             layers=list(change.layers), run=change.run, captured=sorted(captured),
-            watch=watched_layers(change, list(captured)), notes=change.notes,
+            watch=watched_layers(None if change.run is not None else change.layers,
+                                 captured), notes=change.notes,
             who=transaction.who_am_i(), command=options.command, probes=options.probes,
             options={"probe_interval": options.probe_interval,
                      "probe_failures": options.probe_failures,
@@ -543,21 +522,13 @@ class ApplyFlow:
     def _ensure_boot_hook(self, change: Change, options: ApplyOptions) -> None:
         """A reboot while a change is pending must come back with the old rules: on a systemd
         host the boot recovery unit is installed before the first change (unless the config
-        says boot_hook = false); if it cannot be, nothing is changed."""
-        if not options.boot_hook or not spawn.systemd_is_init():
+        says boot_hook = false; the caller's step: fwsafe.steps.install_boot_hook); if it
+        cannot be, nothing is changed."""
+        if not options.boot_hook:
             return
-        from fwsafe.persistence import boothook
-
-        try:
-            done = boothook.ensure_on_systemd(str(self.state.root))
-        except (OSError, ValueError) as exc:
-            raise EnvironmentProblem(
-                f"cannot install the boot recovery unit ({boothook.UNIT_NAME}): {exc}",
-                hint="nothing was changed; fix that, or set boot_hook = false in the config "
-                     "to apply without a way back after a reboot") from exc
-        if done:
-            change.notes.append(f"installed the boot recovery unit {boothook.UNIT_NAME}: a "
-                                "reboot while a change is pending comes back with the old rules")
+        note = step(options.install_boot_hook, "install_boot_hook")(str(self.state.root))
+        if note:
+            change.notes.append(note)
 
     def _start_guard(self, record: Record, options: ApplyOptions,
                      standby: spawn.Standby) -> Record:

@@ -11,15 +11,17 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fwsafe import failpoints
-from fwsafe.backends import ALL_LAYERS, ApplyError, layer_for
+from fwsafe.backends import ALL_LAYERS, RULES_FILE, ApplyError, layer_for, layers_with
 from fwsafe.core import transaction
 from fwsafe.core.change import Change
 from fwsafe.core.flow import ApplyFlow, ApplyOptions
 from fwsafe.core.recover import RECOVER_GIVE_UP_S
 from fwsafe.core.recover import recover as recover_transaction
+from fwsafe.core.revert import Prover
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (
@@ -60,6 +62,7 @@ REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
 
 def guard_stopped(record: Record) -> bool:
     """The guard is stopped (SIGSTOP) or blocked in the kernel: it cannot answer."""
+    # the backstop's module: loaded only when a guard's process state is asked
     from fwsafe.guard.backstop import process_state
 
     return bool(record.guard_pid) and process_state(record.guard_pid or 0) in ("T", "t", "D")
@@ -69,6 +72,7 @@ def stop_stuck_guard(record: Record) -> bool:
     """A guard that does not answer because it is stopped (SIGSTOP) or blocked in the kernel
     is killed (SIGKILL), so that its backstop, or this command, takes over. False when it
     seems to be working (it answers later, or reverts)."""
+    # the backstop's module: loaded only when a stuck guard is stopped
     from fwsafe.guard.backstop import pidfd_of
 
     pid = record.guard_pid
@@ -103,8 +107,13 @@ STATUS_AS_RECORDED = (
 
 
 class Manager:
-    def __init__(self, state: StateDir) -> None:
-        self.state = state
+    """confirm / revert / extend / status, apply and recover. Steps from above core:
+    `on_confirmed` (fwsafe.steps) for a confirm without the guard, `prover` (the access proof,
+    fwsafe.check.proof.PROVER) for recover."""
+
+    def __init__(self, state: StateDir, *, prover: Prover | None = None,
+                 on_confirmed: Callable[[StateDir, Record], object] | None = None) -> None:
+        self.state, self.prover, self.on_confirmed = state, prover, on_confirmed
 
     # -- reading ------------------------------------------------------------------------------
     def current(self) -> Record | None:
@@ -136,7 +145,7 @@ class Manager:
                 give_up_after: float | None = RECOVER_GIVE_UP_S) -> Record:
         """Undo a transaction still open without a guard (fwsafe.core.recover)."""
         return recover_transaction(self.state, reason, by=by, tx_id=tx_id,
-                                   give_up_after=give_up_after)
+                                   give_up_after=give_up_after, prover=self.prover)
 
     # -- confirm / revert / extend (exit codes in races: see CONFIRM_TIMEOUT) -------------------
     def confirm(self, tx_id: str | None = None) -> Record:
@@ -267,7 +276,7 @@ class Manager:
             in_use[name] = bool(entry["in_use"])
             entries.append(entry)
         warnings = []
-        for family in ("ipv4", "ipv6"):
+        for family in layers_with(RULES_FILE):
             if in_use.get(f"{family}-legacy") and in_use.get(family):
                 warnings.append(
                     f"{family}: both iptables-legacy and iptables-nf_tables tables hold rules; "
@@ -300,6 +309,7 @@ class Manager:
             record.state = transaction.REVERTING
             record.reason = "its guard is gone: the backstop took the transaction over"
             remaining, remaining_from = None, None
+        # the backstop's module: loaded only when a guard's process state is asked
         from fwsafe.guard.backstop import process_state
 
         return {
@@ -373,6 +383,9 @@ def xtables_lock_holder(record: Record) -> str | None:
 def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how: str) -> Record:
     """Confirm a transaction whose guard is gone (the caller holds the state lock and has
     claimed the transaction)."""
+    if manager.on_confirmed is None:
+        raise TypeError("Manager(on_confirmed=...) is needed to confirm without the guard "
+                        "(fwsafe.steps.on_confirmed)")
     record = transaction.load_record(manager.state, tx_id)
     if record.state == transaction.CONFIRMED:
         return record
@@ -384,9 +397,7 @@ def confirm_without_guard(manager: Manager, tx_id: str, who: dict[str, str], how
     transaction.save_record(manager.state, record)
     hatch.removed(record)
     # keep the state as known good and write the boot files; the confirm stands
-    from fwsafe.persistence.known_good import keep_confirmed
-
-    keep_confirmed(manager.state, record)
+    manager.on_confirmed(manager.state, record)
     transaction.save_record(manager.state, record)
     return record
 

@@ -14,6 +14,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from fwsafe.backends import RULES_FILE, layer_for, layers_with
+
 # (owner, patterns of iptables chain names, patterns of native nft tables "family name")
 OWNERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("fail2ban", ("f2b-*", "fail2ban-*"), ("* f2b-table", "* fail2ban*")),
@@ -58,11 +60,10 @@ def owner_of_table(family_name: str) -> str | None:
 def deleted_by_iptables_file(layer: str, live: bytes, change: bytes) -> list[Neighbour]:
     """Neighbours' chains that exist live in a table the file replaces, and that the file does
     not declare: iptables-restore would delete them."""
-    from fwsafe.backends.iptsave import chain_names
-
-    now = chain_names(live.decode(errors="replace"))
+    tables = layer_for(layer)
+    now = tables.declared(live)
     found = []
-    for name, chains in chain_names(change.decode(errors="replace")).items():
+    for name, chains in tables.declared(change).items():
         for chain in sorted(now.get(name, ())):
             owner = owner_of_chain(chain)
             if owner and chain not in chains:
@@ -77,20 +78,17 @@ _DELETE_TABLE = re.compile(r"^\s*(?:delete|flush|destroy)\s+table\s+(\S+)\s+(\S+
 def deleted_by_nft_file(live: Mapping[str, bytes], change: bytes) -> list[Neighbour]:
     """Neighbours' tables (native nft, and chains in iptables-nft tables) that an nft file
     deletes: every one with `flush ruleset`, the named ones with `delete/flush table`."""
-    from fwsafe.backends.iptsave import chain_names
-    from fwsafe.backends.nftables import split_tables
-
     text = change.decode(errors="replace")
     flush_all = bool(_FLUSH_RULESET.search(text))
     named = {f"{m.group(1)} {m.group(2)}" for m in _DELETE_TABLE.finditer(text)}
     found = []
-    for unit in split_tables(live.get("nft", b"").decode(errors="replace")):
+    for unit in layer_for("nft").units(live.get("nft", b"")):
         owner = owner_of_table(unit)
         if owner and (flush_all or unit in named):
             found.append(Neighbour(owner, "nft", unit))
     if flush_all:  # `flush ruleset` also wipes the tables iptables-nft keeps
-        for layer in ("ipv4", "ipv6"):
-            for name, chains in chain_names(live.get(layer, b"").decode(errors="replace")).items():
+        for layer in layers_with(RULES_FILE):
+            for name, chains in layer_for(layer).declared(live.get(layer, b"")).items():
                 for chain in sorted(chains):
                     owner = owner_of_chain(chain)
                     if owner:

@@ -205,6 +205,8 @@ def _parse_network(url: str, kind: ProbeKind, rest: str) -> Probe:
 
 
 def _parse_http(url: str, kind: ProbeKind) -> Probe:
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used (by the http probe)
     import urllib.parse
 
     if any(c.isspace() for c in url):
@@ -425,6 +427,7 @@ def _read_banner(sock: socket.socket, deadline: SocketDeadline) -> str:
 
 
 def _probe_ssh(probe: Probe, deadline: SocketDeadline) -> str | None:
+    # paramiko takes long to import: loaded only when an SSH connection is made
     import paramiko
 
     assert probe.host is not None and probe.port is not None
@@ -459,6 +462,8 @@ def ssh_log_channel(name: str = _SSH_LOG_CHANNEL) -> str:
     The handler keeps paramiko's tracebacks (e.g. after a timeout shut the socket down) off
     stderr unless the application configures logging; records still propagate to the root.
     """
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used (by the ssh probes)
     import logging
 
     logger = logging.getLogger(name)
@@ -469,6 +474,7 @@ def ssh_log_channel(name: str = _SSH_LOG_CHANNEL) -> str:
 
 def _accept_any_policy() -> Any:
     """A paramiko host key policy that accepts any key without storing it anywhere."""
+    # paramiko takes long to import: loaded only when an SSH connection is made
     import paramiko
 
     class _AcceptAny(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
@@ -485,6 +491,7 @@ def _probe_ssh_auth(
     key_filename: str | None,
     known_hosts: str | None,
 ) -> str | None:
+    # paramiko takes long to import: loaded only when an SSH connection is made
     import paramiko
 
     assert probe.host is not None and probe.port is not None and probe.user is not None
@@ -578,6 +585,8 @@ def _probe_ssh_auth(
 
 
 def _probe_http(probe: Probe, timeout: float, *, verify_tls: bool) -> str | None:
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used (by the http probe)
     import http.client
     import ssl
     import urllib.error
@@ -632,6 +641,8 @@ def _last_line(data: bytes) -> str | None:
 
 
 def _probe_cmd(probe: Probe, timeout: float) -> str | None:
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used (by the command probe)
     import signal
     import subprocess
 

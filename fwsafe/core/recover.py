@@ -13,28 +13,28 @@ import time
 from collections.abc import Callable, Mapping
 
 from fwsafe import failpoints
-from fwsafe.backends import layer_for, layer_kind
+from fwsafe.backends import FILES, layer_for, layer_has
 from fwsafe.backends.base import SNAPSHOT_UNITS
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import require_root
 from fwsafe.core.revert import (
+    ALREADY_UNDONE,
+    Prover,
     RevertResult,
-    access_check,
     compute_touched,
     proof_of,
     prove_access,
-    remove_dead_proofs,
+    record_revert,
+    recording_attempts,
     revert_change,
+    undone_already,
 )
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
 from fwsafe.guard import hatch
-from fwsafe.guard.applying import ALREADY_UNDONE, undone_already
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
-FILE_LAYERS = ("ufw", "sshd", "firewalld")   # layers kept in files, not in the kernel
-                                             # (firewalld's files; it starts from them)
 LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "
                "gone)")
 
@@ -78,7 +78,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             by: str = "recover", tx_id: str | None = None,
             give_up_after: float | None = RECOVER_GIVE_UP_S,
             save: Callable[[StateDir, Record], None] = transaction.save_record,
-            claimed: bool = False) -> Record:
+            claimed: bool = False, prover: Prover | None) -> Record:
     """Undo a transaction that is still open but has no guard (the guard died, the machine
     rebooted, or the CLI was killed before the guard armed).
 
@@ -89,7 +89,11 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
     The transaction is claimed first (PendingError while its guard or another reverter holds
     it). Without `give_up_after` (the backstop, which never gives up) the state lock is let go
     while reverting, so that other commands answer meanwhile (the record says reverting).
-    `save` writes the record (the backstop's keeps it in memory when the disk refuses)."""
+    `save` writes the record (the backstop's keeps it in memory when the disk refuses).
+    `prover`: the revert's access proof (fwsafe.check.proof.PROVER; given by every caller)."""
+    if prover is None:
+        raise TypeError("recover(prover=...) is needed: the revert's access proof "
+                        "(fwsafe.check.proof.PROVER)")
     require_root()
     if not state.exists():
         raise NoTransactionError("nothing to recover: fwsafe has no state here")
@@ -116,7 +120,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 hint="use `fwsafe revert` or `fwsafe confirm`")
         if not claimed:   # else the caller holds it (the backstop, until the record is written)
             claim.enter_context(state.tx_claimed(record.id))
-        leftovers = remove_dead_proofs()   # the dead guard's proof sandbox, if it died proving
+        leftovers = prover.remove_dead()   # the dead guard's proof sandbox, if it died proving
         before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
         after = snapshot.load_optional(state, record.id, snapshot.AFTER, record.watch)
         resumed = record.state == transaction.REVERTING   # someone began; may have finished
@@ -128,13 +132,13 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         if not touched:
             # The guard died before it recorded what the change touched: compare now
             # (whatever differs from the snapshot is undone whole).
-            watch = [n for n in record.watch if not after_reboot or layer_kind(n) in FILE_LAYERS]
+            watch = [n for n in record.watch if not after_reboot or layer_has(n, FILES)]
             now = {name: layer_for(name).capture() for name in watch}
             touched = compute_touched(before, now)
             record.touched = touched
             after = {}
         if after_reboot:
-            touched = {n: u for n, u in touched.items() if layer_kind(n) in FILE_LAYERS}
+            touched = {n: u for n, u in touched.items() if layer_has(n, FILES)}
             by = "boot"
             record.reason = reason = (
                 "reboot: the change was still pending when the machine went down; the "
@@ -142,38 +146,30 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                 + (f"; put back {', '.join(u for us in touched.values() for u in us)}"
                    if touched else ""))
 
-        def attempt(number: int, why: str) -> None:
-            record.revert_attempts = number
-            record.revert_last_error = why
-            save(state, record)
-
         save(state, record)   # reverting, said before the lock is let go
         failpoints.hit("recover.claimed")
         with state.released() if give_up_after is None else contextlib.nullcontext():
-            access = None if after_reboot else access_check(record)
+            access = None if after_reboot else prover.access(record)
             if resumed and undone_already(touched, before):
                 # Proved by reading: every touched unit is as in the snapshot; then access.
                 result = RevertResult(attempts=0, notes=[ALREADY_UNDONE],
                                       proofs={n: proof_of(SNAPSHOT_UNITS) for n in touched})
                 prove_access(result, access, touched, before, lambda _message: None)
             else:
-                result = revert_change(touched, before, after or None, on_attempt=attempt,
+                result = revert_change(touched, before, after or None,
+                                       on_attempt=recording_attempts(
+                                           record, lambda: save(state, record)),
                                        give_up_after=give_up_after,
                                        after_stamp=record.after_stamp, access=access,
-                                       unchanged_since=record.change_stamp)
+                                       unchanged_since=record.change_stamp, warm=prover.warm)
             if not result.problems:
                 hatch.removed(record)
         failpoints.hit("recover.reverted")
-        record.revert_attempts = result.attempts
-        record.revert_notes = result.notes + leftovers
-        record.revert_proofs = result.proofs
-        record.revert_verified = result.verified
-        record.reverted_by = by
+        record_revert(record, result, by, leftovers)
         if result.problems:
             record.error = "; ".join(result.problems)
             record.transition(transaction.REVERT_FAILED, record.error)
         else:
-            record.revert_last_error = None
             record.transition(transaction.REVERTED, result.summary(by))
         save(state, record)
     return record
@@ -187,7 +183,7 @@ def rebooted(record: Record, before: Mapping[str, bytes]) -> bool:
     now_id = transaction.current_boot_id()
     if record.boot_id and now_id:
         return record.boot_id != now_id
-    kernel = [n for n in record.captured if layer_kind(n) not in FILE_LAYERS and n in before]
+    kernel = [n for n in record.captured if not layer_has(n, FILES) and n in before]
     if not any(layer_for(n).units(before[n]) for n in kernel):
         return False
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from fwsafe import failpoints
 from fwsafe.backends import layer_for, nflist, owned_elsewhere, revert_order
@@ -33,6 +32,15 @@ Attempt = Callable[[int, str], None]   # (attempt number, why the previous one f
 # The SSH clients get in? (None: not known.) Given the layers whose whole state the revert
 # proved by nf_tables' generation: {layer: (generation, state)} (RevertResult.known).
 Access = Callable[[Mapping[str, tuple[int, bytes]]], tuple[bool | None, str]]
+
+
+@dataclass(frozen=True)
+class Prover:
+    """The revert's second proof, access, from above core (the lockout check's kernel verdict:
+    fwsafe.check.proof.PROVER), handed in by whoever reverts (the guard, recover's callers)."""
+    access: Callable[[Record], Access | None]   # the proof for a transaction (None: none known)
+    warm: Callable[[str, bytes], None]          # its head start on a state about to be loaded
+    remove_dead: Callable[[], list[str]]        # a dead prover's sandbox removed (notes)
 
 
 @dataclass
@@ -68,41 +76,56 @@ class RevertResult:
         return "; ".join([head, *self.notes])
 
 
+ALREADY_UNDONE = ("the change was already undone (a revert that ended before it could say so): "
+                  "not undone twice")
+
+
+def undone_already(touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes]) -> bool:
+    """Every unit the change touched is as in the snapshot again: a revert that finished but
+    could not say so (its process died or failed right after). Reverting again would undo the
+    change's delta a second time; it is recorded as reverted instead."""
+    if not touched:
+        return False
+    try:
+        for name, units in touched.items():
+            if name not in before:
+                return False
+            layer = layer_for(name)
+            old, now = layer.units(before[name]), layer.units(layer.capture())
+            if any(old.get(unit) != now.get(unit) for unit in units):
+                return False
+    except Exception:  # noqa: BLE001 - cannot tell: revert as usual
+        return False
+    return True
+
+
+def recording_attempts(record: Record, save: Callable[[], object]) -> Callable[[int, str], None]:
+    """`revert_change`'s `on_attempt` for the guard and for recover: each failed attempt's
+    number and error in the record, saved at once (`status` shows them while it retries)."""
+    def attempt(number: int, why: str) -> None:
+        record.revert_attempts = number
+        record.revert_last_error = why
+        save()
+    return attempt
+
+
+def record_revert(record: Record, result: RevertResult, by: str,
+                  leftovers: Sequence[str] = ()) -> None:
+    """What a finished revert (`result`, by the guard, the backstop, recover, the boot unit)
+    leaves in `record`: who, how many attempts, the fallbacks (and `leftovers`), the proofs.
+    The state transition is the caller's (reverted, or revert-failed with `result.problems`)."""
+    record.reverted_by = by
+    record.revert_attempts = result.attempts
+    record.revert_notes = result.notes + list(leftovers)
+    record.revert_proofs = result.proofs
+    record.revert_verified = result.verified
+    if result.ok:
+        record.revert_last_error = None
+
+
 def proof_of(level: str) -> str:
     return ("the change's delta is gone from the kernel's state" if level == MERGE else
             f"the touched units are as in the snapshot in the kernel ({level})")
-
-
-def access_check(record: Record) -> Access | None:
-    """The lockout check's kernel verdict on the live firewall, for the SSH clients that the
-    check before the change let in (`record.options["check"]`); None when none is known."""
-    check: Mapping[str, Any] = record.options.get("check") or {}
-    clients = list(check.get("clients") or [])
-    port = int(check.get("port") or 22)
-    families: list[str] = [n for n in ("ipv4", "ipv6") if n in record.captured]
-    if not clients or not families:
-        return None
-    if "firewalld" in record.captured and "nft" in record.captured:
-        families.append("nft")   # firewalld's rules are its tables there (inet firewalld)
-
-    def prove(known: Mapping[str, tuple[int, bytes]]) -> tuple[bool | None, str]:
-        from fwsafe.check.predict import predict
-        from fwsafe.check.sandbox import PROOF_PREFIX
-
-        remove_dead_proofs()   # a dead prover's namespaces (its PID in their names) go first
-        state = {n: live_state(n, known) for n in families}
-        live = {n: (data, f"the {n} firewall after the revert") for n, data in state.items()}
-        # The host's current state is the live one: the sandbox starts from it, and the
-        # candidate is that same state (one reading, one pruning analysis).
-        report = predict(live, clients=clients, port=port, validate=False, captured=state,
-                         sandbox_prefix=PROOF_PREFIX)
-        if report.lockout:
-            return False, "access FAILED: " + report.lockout_message()
-        passed = [v.path for v in report.verdicts if v.ok]
-        if not passed:
-            return None, "access not proved: no SSH path could be tested"
-        return True, f"access: a NEW SSH connection gets in ({'; '.join(passed)})"
-    return prove
 
 
 def live_state(name: str, known: Mapping[str, tuple[int, bytes]]) -> bytes:
@@ -113,17 +136,6 @@ def live_state(name: str, known: Mapping[str, tuple[int, bytes]]) -> bytes:
     if found is not None and nflist.generation() == found[0]:
         return found[1]
     return layer_for(name).capture()
-
-
-def remove_dead_proofs() -> list[str]:
-    """Remove the access proof's sandbox namespaces whose owner died (a guard or reverter
-    killed during its proof); called by whoever takes over from a dead owner. A note for the
-    record on what could not be removed ([] when nothing was left)."""
-    from fwsafe.check.netns import remove_orphans
-    from fwsafe.check.sandbox import PROOF_PREFIX
-
-    left = remove_orphans(PROOF_PREFIX)
-    return [f"could not remove the sandbox of a dead proof: {', '.join(left)}"] if left else []
 
 
 def compute_touched(before: Mapping[str, bytes], after: Mapping[str, bytes]) -> dict[str, list[str]]:
@@ -164,7 +176,8 @@ def _from_snapshot(name: str, layer: Layer, units: Sequence[str], before: bytes,
 
 
 def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes | None,
-                  log: Log, after_stamp: str | None = None, warm: bool = False,
+                  log: Log, after_stamp: str | None = None,
+                  warm: Callable[[str, bytes], None] | None = None,
                   skip: frozenset[str] = frozenset(),
                   unchanged_since: str | None = None) -> tuple[str | None, str, Proved | None]:
     """Try each level once; return (the level that worked, None if none did; the last error;
@@ -172,13 +185,13 @@ def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes |
     as it was right after the change (`after_stamp`), the live state of an nf_tables layer is
     `after` and is not read again; while it is as the change left it and nothing else wrote
     since the snapshot (`unchanged_since`), the layer goes back from the snapshot alone
-    (`_from_snapshot`). `warm`: the access proof will follow, so its analysis of the
-    state about to be loaded starts while the tool loads it. `skip`: units another layer owns
-    (firewalld's tables in the nft layer)."""
+    (`_from_snapshot`). `warm`: the access proof will follow, so its analysis of the state
+    about to be loaded starts while the tool loads it (Prover.warm). `skip`: units another
+    layer owns (firewalld's tables in the nft layer)."""
     layer = layer_for(name)
     units = [u for u in units if u not in skip]
-    if warm:
-        layer.on_target = lambda data: _warm_proof(name, data)
+    if warm is not None:
+        layer.on_target = lambda data: warm(name, data)
     if unchanged_since is not None:
         try:
             level, error, proved = _from_snapshot(name, layer, units, before, log,
@@ -231,6 +244,7 @@ def revert_change(
     after_stamp: str | None = None,
     access: Access | None = None,
     unchanged_since: str | None = None,
+    warm: Callable[[str, bytes], None] | None = None,
 ) -> RevertResult:
     """Undo the change on every touched layer: files first, iptables last (the reverse of the
     capture order). `after` holds the captures taken right after the change (a layer missing
@@ -239,7 +253,8 @@ def revert_change(
     by the change, nothing else (fwsafe.guard.applying.change_stamp); while it holds, they go
     back from the snapshot without being read. `access`: the second proof,
     asked once the delta is proved gone; when it fails, the touched tables are loaded whole
-    from the snapshot (access before fidelity) and it is asked again."""
+    from the snapshot (access before fidelity) and it is asked again; `warm`, its head start
+    (both from a Prover: fwsafe.check.proof.PROVER)."""
     say: Log = log or (lambda _message: None)
     result = RevertResult()
     remaining = [n for n in revert_order(touched) if n in before]
@@ -252,7 +267,7 @@ def revert_change(
         for name in remaining:
             level, error, proved = _revert_layer(name, touched[name], before[name],
                                                  (after or {}).get(name), say, after_stamp,
-                                                 warm=access is not None,
+                                                 warm=warm if access is not None else None,
                                                  skip=owned_elsewhere(name, before),
                                                  unchanged_since=unchanged_since)
             # The next layer's stamp: this one's load (its own commits) moved it on.
@@ -288,20 +303,6 @@ def revert_change(
             on_attempt(result.attempts + 1, reason)
         sleep(delay)
         delay = min(delay * 2, BACKOFF_MAX)
-
-
-def _warm_proof(name: str, data: bytes) -> None:
-    """Start the access proof's pruning analysis of layer `name`'s state `data` in a thread
-    (fwsafe.check.precheck.warm_layers: the proof finds it done when that is the state it
-    checks; else it was only a head start lost)."""
-    import threading
-
-    from fwsafe.check.precheck import warm_layers
-
-    try:
-        threading.Thread(target=warm_layers, args=({name: data},), daemon=True).start()
-    except Exception:  # noqa: BLE001 - only a head start (no thread: the proof does it)
-        return
 
 
 def _keep_known(known: dict[str, tuple[int, bytes]], name: str, proved: Proved | None) -> None:

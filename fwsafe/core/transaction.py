@@ -32,6 +32,9 @@ from typing import Any
 from fwsafe.core.statedir import StateDir, atomic_write
 from fwsafe.errors import RecordFormatError, StateError
 
+DEFAULT_MAX_TIMEOUT = 86400.0   # the longest deadline `extend` may set, unless the config says
+                                # (= fwsafe.core.config.DEFAULT_MAX_TIMEOUT)
+
 #: The major version of the record's layout, written as `format`. Fields may be added without
 #: changing it (older code keeps unknown fields); a newer major version is refused.
 RECORD_FORMAT = 1

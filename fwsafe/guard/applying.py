@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from fwsafe.backends import compose_partial, layer_for, nflist
@@ -20,10 +20,6 @@ from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
 
 Log = Callable[[str], None]
-ALREADY_UNDONE = ("the change was already undone (a revert that ended before it could say so): "
-                  "not undone twice")
-
-
 def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
                spec: hatch.Spec | None = None, before: Mapping[str, bytes] | None = None,
                log: Log | None = None) -> str | None:
@@ -307,20 +303,3 @@ def hatch_only(stamp: str | None, commits: int | None) -> str | None:
     return now if generation.isdigit() and now == f"{base}/{int(generation) + commits}" else None
 
 
-def undone_already(touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes]) -> bool:
-    """Every unit the change touched is as in the snapshot again: a revert that finished but
-    could not say so (its process died or failed right after). Reverting again would undo the
-    change's delta a second time; it is recorded as reverted instead."""
-    if not touched:
-        return False
-    try:
-        for name, units in touched.items():
-            if name not in before:
-                return False
-            layer = layer_for(name)
-            old, now = layer.units(before[name]), layer.units(layer.capture())
-            if any(old.get(unit) != now.get(unit) for unit in units):
-                return False
-    except Exception:  # noqa: BLE001 - cannot tell: revert as usual
-        return False
-    return True

@@ -520,6 +520,9 @@ class Unsaved:
 def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> int:
     """The guard is gone: undo the change if its transaction is still open. Never gives up
     while it is; exit status 0 once nothing is left to do."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
+    from fwsafe.check.proof import PROVER
     from fwsafe.core.recover import recover
     from fwsafe.errors import FwsafeError, PendingError
 
@@ -545,7 +548,7 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
             with state.tx_claimed(tx_id):   # held until the record is written
                 done = recover(state, reason=f"{why}; the {by} reverted the change",
                                by=by, tx_id=tx_id, give_up_after=None,
-                               save=unsaved.save, claimed=True)
+                               save=unsaved.save, claimed=True, prover=PROVER)
                 unsaved.flush(state)
             _log(f"transaction {tx_id} is {done.state}: {done.reason}")
             return 0
@@ -570,6 +573,8 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
 def _remove_leftover_hatch(record: transaction.Record) -> None:
     """A transaction that ended while its hatch may still be loaded (its guard died cleaning
     up): remove it (best effort; the next apply removes leftovers too)."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.guard import hatch
 
     if not hatch.may_be_loaded(record.hatch):
@@ -583,6 +588,8 @@ def late(state: StateDir, tx_id: str | None) -> int:
     fwsafe.guard.spawn.converge) and ``--converge`` (the login hook, systemd's limit timer):
     take over the transaction (`tx_id`, else the current one) if it is orphaned: open, past
     its deadline, its guard gone and nobody holding it."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.core.recover import LATE_REASON, orphaned
 
     try:
@@ -634,6 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     how, state_dir, tx_id = args
     if how == "--converge" and not state_dir:
+        # imported by the guard and backstop processes, which keep their imports small: loaded when
+        # used
         from fwsafe.core.config import load_config
         from fwsafe.core.statedir import resolve_state_dir
 

@@ -11,10 +11,9 @@ import math
 import time
 from typing import Any
 
-from fwsafe.core.transaction import Record
+from fwsafe.core.transaction import DEFAULT_MAX_TIMEOUT, Record
 
 MIN_SECONDS = 1.0
-DEFAULT_MAX_TIMEOUT = 86400.0  # = fwsafe.core.config.DEFAULT_MAX_TIMEOUT (not imported: small RSS)
 DEADLINE_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
 
 

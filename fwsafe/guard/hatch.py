@@ -42,11 +42,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from fwsafe import backends
+from fwsafe.backends import IPTABLES_SAVE, NETFILTER, layer_has
 from fwsafe.ondisk.hatch_rules import MARK  # how its rules are recognised (and stripped from captures)
 
-IPTABLES_LAYERS = ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy")
 NFT_LAYER = "nft"
-HATCH_LAYERS = (*IPTABLES_LAYERS, NFT_LAYER)
 IN_HOOKS = ("prerouting", "input")
 OUT_HOOKS = ("output", "postrouting")
 # iptables tables whose rules can drop, and their chains on the hooks SSH traverses (nat
@@ -272,7 +272,7 @@ def with_change(layer: str, content: bytes, spec: Spec,
                 before: Mapping[str, bytes]) -> bytes:
     """`content` (a layer's complete change, as loaded) with the hatch in the same
     transaction; unchanged for layers without one."""
-    if layer in IPTABLES_LAYERS:
+    if layer_has(layer, IPTABLES_SAVE):
         return with_iptables_change(content, spec, _v6(layer))
     if layer == NFT_LAYER:
         return with_nft_change(content, spec, before.get(NFT_LAYER))
@@ -388,6 +388,8 @@ def _in_place(chain: Chain, wanted: list[str], tag: str) -> bool:
 
 
 def _iptables_tool(layer: str) -> tuple[str, str]:
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends.iptables import FAMILIES
 
     family = FAMILIES[layer]
@@ -396,6 +398,8 @@ def _iptables_tool(layer: str) -> tuple[str, str]:
 
 def _nft_skipped(family: str, table: str) -> bool:
     """A table of iptables-nft (the iptables layers hold its hatch)."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends.iptables import uses_nf_tables
     from fwsafe.backends.iptsave import BUILTIN_CHAINS
 
@@ -403,6 +407,8 @@ def _nft_skipped(family: str, table: str) -> bool:
 
 
 def _run(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.runner import require_binary, run_persistently
 
     result = run_persistently([require_binary(argv[0]), *argv[1:]], input=payload,
@@ -416,6 +422,8 @@ def read_chains(layer: str) -> list[Chain]:
     the kernel can list its nf_tables tables (one netlink dump), only the tables the hatch can
     be in are read: not kube-proxy's nat table of 50,000 rules (seconds of iptables-save), nor
     iptables-nft's tables through nft."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends import nflist
 
     known = nflist.kernel_tables()
@@ -450,6 +458,8 @@ def _iptables_tables(layer: str, known: Sequence[tuple[str, str]] | None) -> lis
     kernel's nf_tables tables); None: read every table (legacy iptables, or no list). Only
     existing ones: `iptables-save -t raw` shows a raw table that does not exist, and the hatch
     would make it."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
     from fwsafe.backends.iptables import FAMILIES, uses_nf_tables
 
     family = FAMILIES[layer]
@@ -526,7 +536,7 @@ def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None,
     Never raises: a layer that fails is reported, the others are still done."""
     states: dict[str, str] = {}
     for layer in layers:
-        if layer not in HATCH_LAYERS:
+        if not layer_has(layer, NETFILTER):
             continue
         try:
             states[layer] = sync_layer(layer, spec, log, commits)
@@ -537,9 +547,7 @@ def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None,
 
 def available_layers() -> list[str]:
     """The layers of this system that can hold a hatch (for removing every last one)."""
-    from fwsafe.backends import available_layers as layers
-
-    return [name for name in layers() if name in HATCH_LAYERS]
+    return [name for name in backends.available_layers() if layer_has(name, NETFILTER)]
 
 
 def may_be_loaded(info: Mapping[str, Any] | None) -> bool:

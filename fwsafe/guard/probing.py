@@ -28,6 +28,8 @@ class ProbeLoop(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        # imported by the guard and backstop processes, which keep their imports small: loaded when
+        # used (probes: only with --probe)
         from fwsafe.core.probes import parse_probe, run_probes
 
         probes = [parse_probe(url) for url in self.urls]

@@ -40,19 +40,20 @@ from typing import Any, TextIO
 
 from fwsafe import failpoints
 from fwsafe.backends import nflist
+from fwsafe.check.proof import PROVER
 from fwsafe.core import snapshot, transaction
-from fwsafe.core.revert import RevertResult, access_check, revert_change
+from fwsafe.core.revert import (
+    ALREADY_UNDONE,
+    RevertResult,
+    record_revert,
+    recording_attempts,
+    revert_change,
+    undone_already,
+)
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
-from fwsafe.guard.applying import (
-    ALREADY_UNDONE,
-    AfterChange,
-    change_stamp,
-    hatch_only,
-    run_change,
-    undone_already,
-)
+from fwsafe.guard.applying import AfterChange, change_stamp, hatch_only, run_change
 from fwsafe.guard.backstop import BackstopKeeper, quiet_std, stuck_grace, write_line
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
@@ -291,11 +292,6 @@ class Guard:
     def _undo(self) -> RevertResult:
         """Undo what the change touched; retry for as long as it takes (the change may be
         live: there is no giving up), saving each attempt in the record for `status`."""
-        def attempt(number: int, why: str) -> None:
-            self.record.revert_attempts = number
-            self.record.revert_last_error = why
-            self.save()
-
         quiet = self.after.skip(self.change)   # (a revert from the snapshot reads nothing)
         self.after.now()   # an error may have come between the change and its capture
         if self.undo_began and undone_already(self.record.touched, self.before):
@@ -303,14 +299,11 @@ class Guard:
             return RevertResult(notes=[ALREADY_UNDONE])
         self.undo_began = True
         result = revert_change(self.record.touched, self.before, self.after.after, log=self.log,
-                               on_attempt=attempt, after_stamp=self.record.after_stamp,
-                               sleep=self.pause, access=access_check(self.record),
+                               on_attempt=recording_attempts(self.record, self.save),
+                               after_stamp=self.record.after_stamp, sleep=self.pause,
+                               access=PROVER.access(self.record), warm=PROVER.warm,
                                unchanged_since=quiet)
-        self.record.reverted_by = "guard"
-        self.record.revert_attempts = result.attempts
-        self.record.revert_last_error = None
-        self.record.revert_notes = result.notes
-        self.record.revert_proofs, self.record.revert_verified = result.proofs, result.verified
+        record_revert(self.record, result, "guard")
         return result
 
     def confirm(self, by: dict[str, str]) -> None:

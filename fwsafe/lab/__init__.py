@@ -357,6 +357,8 @@ class Lab:
 def _remove_dead_proofs() -> None:
     """A guard of this lab killed while it proved a revert leaves its proof's sandbox
     (``fwpr<pid>s/c``, global like every named namespace): removed once its owner is gone."""
+    # the lockout check's sandbox and analysis are heavy to import: loaded only when used (only to
+    # clear a dead sandbox)
     from fwsafe.check.netns import remove_orphans
     from fwsafe.check.sandbox import PROOF_PREFIX
 

@@ -67,6 +67,7 @@ def _pump(stream: IO[bytes], prefix: bytes) -> None:
 
 def run_demo(*, timeout_s: float = 12.0, keep: bool = False, quiet: bool = False
              ) -> dict[str, object]:
+    # the lab itself: loaded when the demo runs, not when it is listed
     from fwsafe.lab import create_lab, require_lab_capable
 
     _QUIET["on"] = quiet
@@ -158,6 +159,7 @@ def run_demo(*, timeout_s: float = 12.0, keep: bool = False, quiet: bool = False
 
 
 def _wait_for_pending(state_dir: Path, limit_s: float = 30) -> float:
+    # the state directory's readers: only while the demo waits for its change
     from fwsafe.core.statedir import StateDir
     from fwsafe.core.transaction import PENDING, load_current
     from fwsafe.errors import StateError

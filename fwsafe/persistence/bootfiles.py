@@ -28,6 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fwsafe.backends import RULES_FILE, layers_with
 from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.ondisk.boot import BOOT_FILE_MODES, BOOT_FILES, boot_file_content, boot_targets
 from fwsafe.ondisk.firewalld_files import FIREWALLD_TABLES, without_tables
@@ -62,7 +63,7 @@ def targets_for_mode(mode: str, root: Path = Path("/")) -> list[str]:
     if mode == "auto":
         return boot_targets(root)
     if mode == "netfilter-persistent":
-        return ["ipv4", "ipv6"]
+        return list(layers_with(RULES_FILE))
     if mode == "nftables":
         return ["nft"]
     if mode == "none":

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fwsafe.backends import available_layers, layer_for
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write, make_private_dir
 from fwsafe.core.transaction import Record
@@ -80,13 +81,7 @@ def capture_layers(root: Path = Path("/")) -> tuple[dict[str, bytes], dict[str, 
 
     Returns (layers, errors): a layer that cannot be read is left out and its error reported.
     """
-    from fwsafe.backends import layer_for
-
-    try:
-        from fwsafe.backends import available_layers
-        names = list(available_layers())
-    except ImportError:  # an older backends package: iptables only
-        names = ["ipv4", "ipv6"]
+    names = available_layers()
     layers: dict[str, bytes] = {}
     errors: dict[str, str] = {}
     for name in names:
@@ -111,6 +106,7 @@ def capture_sshd() -> tuple[bytes | None, str | None]:
     """sshd's effective files (/etc/ssh/sshd_config and what it includes), kept with the
     firewall (rollback, rescue, power cycle): (layer, None), (None, why), or (None, None)
     where there is no sshd_config."""
+    # the backends: only when sshd's files are captured for the history
     from fwsafe.backends import layer_for
 
     if not os.path.isfile(SSHD_CONFIG):
@@ -219,7 +215,7 @@ def summarize(old: dict[str, bytes] | None, new: dict[str, bytes]) -> tuple[list
             parts.append(f"{name} no longer captured")
             continue
         before, after = layer_text(name, old[name]), layer_text(name, new[name])
-        if name in ("ufw", "sshd"):
+        if set(before) | set(after) != {name}:   # split into files (ufw, sshd)
             files = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             parts.append(f"{name}: {len(files)} file(s) changed" + (
                 " (" + ", ".join(f.split("/")[-1] for f in files[:4]) + ")" if files else ""))
@@ -388,6 +384,7 @@ def keep_confirmed(state: StateDir, record: Record) -> str:
 
 
 def _on_confirmed(state: StateDir, record: Record) -> None:
+    # the config and the boot files' writer: only on a confirm
     from fwsafe.core.config import Config, load_config
     from fwsafe.persistence import bootfiles as persist
 

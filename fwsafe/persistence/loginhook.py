@@ -135,6 +135,7 @@ def sshd_opens_pam_sessions(root: Path) -> tuple[bool, str]:
     """Whether sshd's logins pass PAM's session stack (where the hook runs): sshd with
     `UsePAM yes` (Debian's sshd_config says so; sshd's own default is no). Another SSH server
     (dropbear) or `UsePAM no`: the hook never runs. (yes/no, why)"""
+    # sshd's configuration reader: only when PAM sessions are asked
     from fwsafe.sshd.sshd_config import (
         SSHD_CONFIG,
         SshdConfigError,

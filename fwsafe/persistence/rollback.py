@@ -6,32 +6,29 @@ what a rollback leaves alone."""
 
 from __future__ import annotations
 
+from fwsafe.backends import ROLLBACK, RULES_FILE, layer_has, layers_with
 from fwsafe.core.change import Change
 from fwsafe.errors import UsageError
 from fwsafe.ondisk.history_format import Entry
 from fwsafe.persistence import known_good
 
-# Layers a rollback can put back (they take a rules file; sshd: its files, then a reload;
-# firewalld: through firewalld, its files then `--reload` and the runtime model, or the files
-# alone for a files-only layer, the power cycle's).
-ROLLBACK_LAYERS = ("ipv4", "ipv6", "nft", "ufw", "sshd", "firewalld")
-
 
 def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
     """The Change that puts `entry` back, and notes on the layers it leaves alone."""
+    # loaded only when used (this module is imported by commands that never need it)
     from fwsafe.backends import layer_for
 
     change = Change()
     notes = []
     for name, content in entry.layers.items():
-        if name not in ROLLBACK_LAYERS:
+        if name not in layers_with(ROLLBACK):   # (a name as given: "sshd", not "sshd:<path>")
             continue
         try:
             layer_for(name)
         except UsageError:
             notes.append(f"layer {name}: this fwsafe cannot apply it; not rolled back")
             continue
-        if name in ("ipv4", "ipv6"):
+        if layer_has(name, RULES_FILE):
             content = _with_emptied_tables(name, content)
         elif name == "nft":
             content = _nft_replacement(content)
@@ -50,6 +47,8 @@ def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
 def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
     """The sshd change that writes the entry's files that differ now (None: none differ),
     based on their content now (the guard refuses if one changes meanwhile)."""
+    # loaded only when used (this module is imported by commands that never need it) (a rollback of
+    # sshd's files)
     from fwsafe.ondisk.sshd_files import SshdFiles, dump, read_file
     from fwsafe.ondisk.sshd_files import load as load_sshd
 
@@ -70,6 +69,8 @@ def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
 def _nft_replacement(content: bytes) -> bytes:
     """`nft -f` merges a table definition into an existing table: delete and re-create each
     table of the entry, and delete the native tables that exist now but not in the entry."""
+    # loaded only when used (this module is imported by commands that never need it) (a rollback of
+    # nft's tables)
     from fwsafe.ondisk.history_format import nft_tables
 
     wanted = nft_tables(content.decode(errors="replace"))
@@ -83,6 +84,8 @@ def _nft_replacement(content: bytes) -> bytes:
 def _with_emptied_tables(name: str, content: bytes) -> bytes:
     """iptables-restore replaces only the tables a file names: name the ones that exist now but
     not in the entry too, empty, so that the rollback gives the entry's state."""
+    # loaded only when used (this module is imported by commands that never need it) (a rollback of
+    # iptables' tables)
     from fwsafe.backends import layer_for
     from fwsafe.backends.iptsave import BUILTIN_CHAINS, empty_table, render, table_names
 

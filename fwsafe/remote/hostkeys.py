@@ -89,6 +89,7 @@ class KnownHosts:
 
     def _load(self) -> None:
         """Read the file line by line (paramiko's own loader stops at marker lines)."""
+        # paramiko takes long to import: loaded only when an SSH connection is made
         from paramiko.hostkeys import HostKeyEntry
 
         try:
@@ -131,6 +132,7 @@ class KnownHosts:
 
     def known(self, host: str, port: int) -> dict[str, Any]:
         """The keys known for ``host:port``, by key type (empty if the host is unknown)."""
+        # paramiko takes long to import: loaded only when an SSH connection is made
         import paramiko
 
         name = host_key_name(host, port)
@@ -153,6 +155,7 @@ class KnownHosts:
     def record(self, host: str, port: int, key: Any) -> None:
         """Append ``key`` for ``host:port`` to the file (and remember it)."""
         name = host_key_name(host, port)
+        # paramiko takes long to import: loaded only when an SSH connection is made
         import paramiko
 
         with self._lock:
@@ -216,6 +219,7 @@ class KnownHosts:
 
     def translate(self, exc: BaseException, host: str, port: int) -> HostKeyError | None:
         """The typed error for a paramiko host key exception (None if it is none)."""
+        # paramiko takes long to import: loaded only when an SSH connection is made
         import paramiko
 
         if isinstance(exc, HostKeyError):
@@ -242,6 +246,7 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def _parse_key(key_type: str, data: str) -> Any | None:
+    # paramiko takes long to import: loaded only when an SSH connection is made
     from paramiko.hostkeys import HostKeyEntry
 
     try:  # the known_hosts parser of every paramiko version (PKey.from_type_string is 3.2+)

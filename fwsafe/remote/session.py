@@ -57,6 +57,7 @@ class AttemptFailed(Exception):
 
 def ssh_errors() -> tuple[type[BaseException], ...]:
     """What a broken SSH connection raises while it is used."""
+    # paramiko takes long to import: loaded only when an SSH connection is made
     import paramiko
 
     return (paramiko.SSHException, OSError, EOFError)
@@ -290,6 +291,7 @@ class Dialer:
 
         Raises HostKeyError for a refused host key, AttemptFailed for anything else.
         """
+        # paramiko takes long to import: loaded only when an SSH connection is made
         import paramiko
 
         target = self.target
@@ -340,6 +342,7 @@ class Dialer:
                           client.get_transport().get_remote_server_key(), self.interrupts)
 
     def _login_failure(self, exc: Exception, timed_out: bool, budget: float) -> AttemptFailed:
+        # paramiko takes long to import: loaded only when an SSH connection is made
         import paramiko
 
         where = self.where

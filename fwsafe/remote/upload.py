@@ -49,6 +49,7 @@ def make_tmpdir(job: RemoteJob) -> str:
 
 def upload(job: RemoteJob, contents: dict[str, bytes]) -> None:
     """Write `contents` into the upload directory, each file 0600 before any byte is in it."""
+    # paramiko takes long to import: loaded only when an SSH connection is made
     import paramiko
 
     assert job.first is not None and job.tmpdir is not None

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fwsafe.backends import PREDICTED, layer_has, layers_with
 from fwsafe.backends.sshd_layer import SshdLayer
 from fwsafe.check.clients import Session, default_sessions
 from fwsafe.core.change import Change
@@ -36,7 +37,6 @@ from fwsafe.sshd.ports import WILDCARDS, listen_addresses
 from fwsafe.sshd.socketunit import detect
 from fwsafe.sshd.sshd_config import Tree, read_tree
 
-FIREWALL_LAYERS = ("ipv4", "ipv6", "nft")
 REFUSED_HINT = ("nothing was changed; fix the setting, or apply anyway with --force (the guard "
                 "still reverts it unless confirmed)")
 
@@ -164,7 +164,7 @@ class SshdCheck:
 
     def _listening(self, now_served: list[int], served: list[int], candidate: Tree,
                    session: Session) -> None:
-        firewall = any(n in FIREWALL_LAYERS for n in self.change.layers)
+        firewall = any(layer_has(n, PREDICTED) for n in self.change.layers)
         if session.server_port not in now_served:
             self.verdict.notes.append(
                 f"sshd's configuration alone does not make it listen on {session.server}:"
@@ -186,6 +186,8 @@ class SshdCheck:
 
     def _firewall(self, ports: list[int], moved: bool) -> None:
         """Try the firewall with `ports` (one that lets the clients in is enough)."""
+        # the lockout check's sandbox and analysis are heavy to import: loaded only when used (only
+        # when sshd's change meets a firewall)
         from fwsafe.check.precheck import precheck
 
         if self.tried & set(ports):
@@ -223,15 +225,16 @@ def firewall_change(change: Change) -> Change:
     """The firewall a new SSH connection would meet: the change's rules files, else the live
     rules (tried as they are)."""
     out = Change(partial=change.partial)
-    for name in FIREWALL_LAYERS:
+    for name in layers_with(PREDICTED):
         if name in change.layers:
             out.add(name, change.layers[name], change.sources.get(name, name))
     if out.layers:
         return out
+    # the live layers are read only when the change gives no rules file
     from fwsafe.backends import available_layers, layer_for
 
     for name in available_layers():
-        if name in FIREWALL_LAYERS:
+        if layer_has(name, PREDICTED):
             content = layer_for(name).capture()
             if content.strip():
                 out.add(name, content, f"the live {name} rules")

@@ -347,6 +347,7 @@ def test_check_of_a_ufw_command_matches_reality(fwlab_ufw: FwLab) -> None:
 _BAN_DURING_CHECK = r"""
 import json, subprocess, sys
 from fwsafe.core.flow import ApplyFlow, ApplyOptions
+from fwsafe.steps import apply_steps
 from fwsafe.core.change import change_from_files
 from fwsafe.core.statedir import StateDir
 from fwsafe.core import snapshot
@@ -355,7 +356,8 @@ def ban(change):   # what fail2ban does while the lockout check runs
     subprocess.run(["iptables", "-I", "INPUT", "-s", "192.0.2.77/32", "-j", "REJECT"], check=True)
 
 state = StateDir(sys.argv[1])
-options = ApplyOptions(timeout_s=3600, check=False, boot_hook=False, before_apply=ban)
+options = ApplyOptions(timeout_s=3600, check=False, boot_hook=False, before_apply=ban,
+                       **apply_steps())
 record = ApplyFlow(state).run(change_from_files([sys.argv[2]], None, "auto"), options)
 print(json.dumps({"id": record.id,
                   "before": snapshot.load(state, record.id, snapshot.BEFORE, ["ipv4"])["ipv4"].decode()}))

@@ -146,6 +146,45 @@ def test_nothing_imports_the_cli(package: str) -> None:
             assert not bad, f"{name} imports {bad}"
 
 
+# What fwsafe.core may import (function-local imports count): itself, the backends' registry and
+# interface (fwsafe.backends, .base) and nf_tables' generation (.nflist), never a specific
+# backend; the tools (runner), the on-disk formats (ondisk), the typed errors, the run's
+# context, the failpoints (a leaf on context), paramiko's compatibility layer (sshcompat, a
+# leaf: core.probes' ssh probes).
+CORE_MAY_IMPORT = ("fwsafe.core", "fwsafe.backends", "fwsafe.backends.base",
+                   "fwsafe.backends.nflist", "fwsafe.runner", "fwsafe.ondisk", "fwsafe.errors",
+                   "fwsafe.context", "fwsafe.failpoints", "fwsafe.sshcompat")
+# The edges upwards that are left, each to be cut (and then struck off here: the test fails on
+# one that is gone, so that the list only shrinks). The apply flow and the Manager start and
+# ask the guard (spawn), load and remove the escape hatch (hatch), read its backstop's process
+# state (backstop).
+CORE_UPWARD_LEFT = {
+    ("fwsafe.core.flow", "fwsafe.guard.hatch"), ("fwsafe.core.flow", "fwsafe.guard.spawn"),
+    ("fwsafe.core.manager", "fwsafe.guard.backstop"), ("fwsafe.core.manager", "fwsafe.guard.hatch"),
+    ("fwsafe.core.manager", "fwsafe.guard.spawn"), ("fwsafe.core.recover", "fwsafe.guard.hatch"),
+}
+
+
+def _allowed_in_core(module: str) -> bool:
+    return module in CORE_MAY_IMPORT or module.startswith(
+        tuple(p + "." for p in CORE_MAY_IMPORT if p in ("fwsafe.core", "fwsafe.ondisk")))
+
+
+def test_core_depends_on_nothing_above_it() -> None:
+    """`core` is the spine the rest stands on: what lives above it (the lockout check, sshd's
+    lockout check, the boot unit, the history) is handed to it by its callers as steps
+    (ApplyOptions, Manager(on_confirmed=..., prover=...): fwsafe/steps.py, the revert's
+    access proof fwsafe/check/proof.py), a backend's knowledge is
+    asked through the Layer interface or the registry."""
+    upward = set()
+    for name in MODULES:
+        if name == "fwsafe.core" or name.startswith("fwsafe.core."):
+            upward |= {(name, m) for m in imports(name, top_level_only=False)
+                       if not _allowed_in_core(m)}
+    assert sorted(upward - CORE_UPWARD_LEFT) == [], "core imports from above it"
+    assert sorted(CORE_UPWARD_LEFT - upward) == [], "cut: strike these off CORE_UPWARD_LEFT"
+
+
 def test_rescue_and_ondisk_need_only_the_standard_library() -> None:
     allowed = ("fwsafe.errors", "fwsafe.ondisk", "fwsafe.rescue", "fwsafe.context", "fwsafe")
     for name, path in MODULES.items():
@@ -243,3 +282,72 @@ def test_test_files_have_unique_names() -> None:
     tests = Path(__file__).resolve().parents[1]
     names = [p.name for p in tests.rglob("test_*.py")]
     assert sorted({n for n in names if names.count(n) > 1}) == []
+
+
+LAYER_NAMES = {"ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy", "nft", "ufw", "firewalld", "sshd"}
+# The registry itself, and the standard-library-only modules for the offline rescue tool (which
+# cannot import it: they know the on-disk formats' own layer names).
+LAYER_REGISTRY = ("fwsafe.backends", "fwsafe.rescue", "fwsafe.ondisk")
+
+
+def test_layer_facts_live_in_the_registry() -> None:
+    """Which layers are netfilter, files, checked for a lockout, ... is asked of the registry
+    (fwsafe.backends: `layers_with`, `layer_has`; the facts on each Layer class): a tuple, list
+    or set of two or more layer names anywhere else is a second copy of a fact that drifts."""
+    found = []
+    for name, path in MODULES.items():
+        if name in LAYER_REGISTRY or name.startswith(LAYER_REGISTRY[1:]):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = [e.value for e in node.elts if isinstance(e, ast.Constant)
+                         and e.value in LAYER_NAMES]
+                if len(names) >= 2:
+                    found.append(f"{name}:{node.lineno}: {ast.unparse(node)}")
+    assert found == [], "\n".join(found)
+
+
+def _import_blocks(body: list[ast.stmt]) -> list[list[ast.stmt]]:
+    """The runs of import statements one after the other in a statement list (blank lines
+    between them or not: one block, as isort groups them)."""
+    blocks: list[list[ast.stmt]] = []
+    previous: ast.stmt | None = None
+    for statement in body:
+        if isinstance(statement, (ast.Import, ast.ImportFrom)):
+            if isinstance(previous, (ast.Import, ast.ImportFrom)):
+                blocks[-1].append(statement)
+            else:
+                blocks.append([statement])
+        previous = statement
+    return blocks
+
+
+def test_every_function_local_import_says_why() -> None:
+    """An import inside a function is a choice (the CLI starts faster, the guard stays small,
+    paramiko is slow to load): a comment on the line above the block of imports (or on one of
+    its lines) says which, so that nobody moves it up, or adds one out of habit."""
+    silent = []
+    for name, path in MODULES.items():
+        text = path.read_text()
+        lines = text.splitlines()
+        for function in ast.walk(ast.parse(text)):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            todo: list[ast.AST] = [function]
+            while todo:
+                node = todo.pop()
+                for field in ("body", "orelse", "finalbody", "handlers"):
+                    body = getattr(node, field, None)
+                    if not isinstance(body, list):
+                        continue
+                    for block in _import_blocks([s for s in body if isinstance(s, ast.stmt)]):
+                        first, last = block[0], block[-1]
+                        said = lines[first.lineno - 2].strip().startswith("#") or any(
+                            "#" in lines[n - 1]
+                            for n in range(first.lineno, (last.end_lineno or last.lineno) + 1))
+                        if not said:
+                            silent.append(f"{name}:{first.lineno}: {ast.unparse(first)}")
+                    todo += [s for s in body if isinstance(s, ast.AST) and not isinstance(
+                        s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    assert silent == [], "function-local imports without a comment saying why:\n" + \
+        "\n".join(silent)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fwsafe.check.proof import PROVER
 from fwsafe.core import transaction
 from fwsafe.core.recover import orphaned
 from fwsafe.core.statedir import StateDir
@@ -163,7 +164,7 @@ def test_confirm_after_the_deadline_with_the_guard_gone_reverts_never_keeps(
     monkeypatch.setattr(Manager, "revert", revert)
     monkeypatch.setattr("fwsafe.core.manager.confirm_without_guard", kept)
     with pytest.raises(RevertedError):
-        Manager(sd).confirm(record.id)
+        Manager(sd, prover=PROVER).confirm(record.id)
     assert asked == [LATE_CONFIRM]
     assert transaction.load_record(sd, record.id).state == transaction.REVERTED
 
@@ -216,7 +217,7 @@ def test_a_revert_racing_the_guard_that_just_finished_says_reverted(
                             deadline=time.time() - 5, guard_pid=dead_pid)
         finished.append((sd, record.id))
         if verb == "revert":
-            assert Manager(sd).revert(record.id).state == transaction.REVERTED
+            assert Manager(sd, prover=PROVER).revert(record.id).state == transaction.REVERTED
         else:
             with pytest.raises(RevertedError):
-                Manager(sd).confirm(record.id)
+                Manager(sd, prover=PROVER).confirm(record.id)
