@@ -236,6 +236,31 @@ def _normal_kernel(text: str) -> list[str]:
     return sorted(lines)
 
 
+def _kernel_lines(state: Mapping[str, Any]) -> set[str]:
+    """firewalld's tables in a capture as "table / chain / rule" lines (set elements and
+    declarations included), for a three-way comparison."""
+    lines: set[str] = set()
+    for table, text in (state.get("kernel") or {}).items():
+        where = ""
+        for raw in text.splitlines():
+            line = " ".join(raw.split())
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith(("chain ", "set ", "map ")) and line.endswith("{"):
+                where = line[:-1].strip()
+            lines.add(f"{table} / {where} / {line}")
+    return lines
+
+
+def kernel_delta_left(before: Mapping[str, Any], after: Mapping[str, Any],
+                      now: Mapping[str, Any]) -> list[str]:
+    """The change's own delta in firewalld's tables (before -> after) that is still live in
+    `now`: lines it added still there, lines it removed still missing."""
+    old, changed, live = _kernel_lines(before), _kernel_lines(after), _kernel_lines(now)
+    return sorted({f"added {line}" for line in changed - old if line in live}
+                  | {f"removed {line}" for line in old - changed if line not in live})
+
+
 class FirewalldLayer(Layer):
     name = "firewalld"
     label = "firewalld"
@@ -402,6 +427,14 @@ class FirewalldLayer(Layer):
             # kernel's tables follow from that model (firewalld generates them), so they are
             # not compared with the snapshot's
             target = json.dumps({**state, "runtime": want}).encode()
+            if "kernel" in wanted and after is not None:
+                # ... but the change's own delta in them (an `nft add rule inet firewalld
+                # ...` behind firewalld's back: no model explains it) must be gone
+                left = kernel_delta_left(state, self._load(after), self._load(now_state))
+                if left:
+                    say("firewalld: the change's own lines are still in its tables: "
+                        + "; ".join(left[:5]))
+                    return [f"{self.label} kernel"]
             wanted.discard("kernel")
         old, new = self.units(target), self.units(now_state)
         return [f"{self.label} {u}" for u in sorted(wanted) if old.get(u) != new.get(u)]

@@ -11,8 +11,9 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from fwsafe.backends import compose_partial, layer_for, nflist
-from fwsafe.backends.iptsave import chain_names
+from fwsafe.backends import compose_partial, layer_for, layer_has, nflist
+from fwsafe.backends.base import RULES_FILE
+from fwsafe.backends.iptsave import BUILTIN_CHAINS, chain_names
 from fwsafe.core import snapshot
 from fwsafe.core.revert import compute_touched
 from fwsafe.core.statedir import StateDir
@@ -248,7 +249,7 @@ def change_commits(record: Record, change: Mapping[str, bytes]) -> int | None:
         return None
     commits = 0
     for name in record.layers:
-        if name not in ("ipv4", "ipv6") or name not in change:
+        if not layer_has(name, RULES_FILE) or name not in change:   # iptables-nft's
             return None
         text = change[name].decode(errors="replace")
         commits += len(chain_names(text)) if record.options.get("partial") else \
@@ -274,16 +275,36 @@ def change_stamp(record: Record, change: Mapping[str, bytes], before: str | None
         else None
 
 
+def _rule_chains(text: str) -> dict[str, set[str]]:
+    """{table: the chains its `-A`/`-I` lines name}, declared or not."""
+    found: dict[str, set[str]] = {}
+    table: str | None = None
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+        elif table is not None and line.startswith(("-A ", "-I ")):
+            parts = line.split(None, 2)
+            if len(parts) > 1:
+                found.setdefault(table, set()).add(parts[1])
+    return found
+
+
 def snapshot_touched(record: Record, change: Mapping[str, bytes],
                      before: Mapping[str, bytes]) -> dict[str, list[str]]:
     """What a revert from the snapshot puts back: every chain that the snapshot or the change
     has in each table the change loaded whole (a superset of what it changed)."""
     touched: dict[str, list[str]] = {}
     for name in record.layers:
-        loaded = chain_names(change[name].decode(errors="replace"))
+        text = change[name].decode(errors="replace")
+        loaded = chain_names(text)
         old = chain_names(before.get(name, b"").decode(errors="replace"))
+        # a table's built-in chains need no declaration (`*raw`, `-A PREROUTING ...`,
+        # `COMMIT` loads), and `undone_already` compares chains: each one the table can have
+        for table, chains in _rule_chains(text).items():
+            loaded.setdefault(table, set()).update(chains)
         touched[name] = sorted({f"{table}/{chain}" for table in loaded
-                                for chain in loaded[table] | old.get(table, set())}
+                                for chain in loaded[table] | old.get(table, set())
+                                | set(BUILTIN_CHAINS.get(table, ()))}
                                | {f"{table}/" for table in loaded})
     return touched
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from fwsafe.backends import FIREWALLD_TABLES, owned_elsewhere
+from fwsafe.backends.base import MERGE
 from fwsafe.backends.firewalld_layer import (
     FirewalldLayer,
     merge_models,
@@ -260,3 +261,40 @@ def test_panic_mode_off_first_and_on_last() -> None:
     assert runtime_commands(off, on) == [[["--zone=public", "--remove-service=ssh"]],
                                          [["--panic-on"]]]
     assert runtime_commands({"zones": {}}, off) == []   # a model read without panic mode
+
+
+def test_a_rule_put_into_firewalld_tables_behind_its_back_is_not_taken_as_reverted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The change is only in firewalld's kernel tables (`nft add rule inet firewalld ...`),
+    and another program changed the runtime model meanwhile (fail2ban's ipset entry): the
+    merged model differs from the snapshot, so the tables are not compared whole with it,
+    but the change's own line must still be gone (the review's finding: it stayed live and
+    the revert said the delta was gone). Then the next level (a reload) takes it out."""
+    import fwsafe.backends.firewalld_layer as layer_module
+
+    def model(ipset: list[str]) -> dict[str, Any]:
+        return {"default-zone": "public", "zones": {"public": {"services": ["ssh"]}},
+                "policies": {}, "ipsets": {"f2b": ipset}, "direct": {}, "panic": "no"}
+
+    layer = FirewalldLayer()
+    monkeypatch.setattr(layer_module, "read_tree", lambda _root: ({}, {}))
+    kernel = {"inet firewalld": "table inet firewalld {\n chain filter_INPUT {\n"
+                                "  tcp dport 22 accept\n }\n}"}
+    monkeypatch.setattr(layer_module, "kernel_tables", lambda: dict(kernel))
+    before = layer._capture(model([]))   # noqa: SLF001
+    kernel["inet firewalld"] = kernel["inet firewalld"].replace(
+        "tcp dport 22 accept", "tcp dport 22 accept\n  tcp dport 443 drop")
+    after = layer._capture(model([]))   # noqa: SLF001
+    assert layer.touched(before, after) == ["kernel"]
+    monkeypatch.setattr(layer_module, "read_model", lambda: model(["192.0.2.9"]))
+    monkeypatch.setattr(layer_module, "is_running", lambda: True)
+
+    def no_command(*argv: str, **_kw: Any) -> None:
+        raise AssertionError(f"no firewall-cmd expected in place: {argv}")
+
+    monkeypatch.setattr(layer_module, "firewall_cmd", no_command)
+    assert layer.revert(before, after, ["kernel"], level=MERGE) == ["firewalld kernel"]
+    # once the rule is gone (firewalld's reload regenerates its tables), the delta is gone
+    # although the table is not the snapshot's (the kept ipset entry)
+    kernel["inet firewalld"] = kernel["inet firewalld"].replace("\n  tcp dport 443 drop", "")
+    assert layer.revert(before, after, ["kernel"], level=MERGE) == []
