@@ -241,10 +241,20 @@ def _kernel_lines(state: Mapping[str, Any]) -> set[str]:
     declarations included), for a three-way comparison."""
     lines: set[str] = set()
     for table, text in (state.get("kernel") or {}).items():
-        where = ""
+        where, elements = "", ""
         for raw in text.splitlines():
             line = " ".join(raw.split())
             if not line or line.startswith("#"):
+                continue
+            if elements or line.startswith("elements = {"):
+                # a set's elements, one by one (others add theirs to the same line)
+                elements += " " + line.removeprefix("elements = {")
+                if not line.endswith("}"):
+                    continue
+                for element in elements.rstrip("}").split(","):
+                    if element.strip():
+                        lines.add(f"{table} / {where} / element {element.strip()}")
+                elements = ""
                 continue
             if line.startswith(("chain ", "set ", "map ")) and line.endswith("{"):
                 where = line[:-1].strip()
@@ -389,6 +399,7 @@ class FirewalldLayer(Layer):
                                      f"{err.strip()}")
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
         model: dict[str, Any] | None = None   # the runtime model now, when known
+        regenerated = True   # firewalld made its tables again from its model (a reload)
         want: dict[str, Any] = dict(state.get("runtime") or {})
         if runtime and state.get("running"):
             after_model = (self._load(after).get("runtime")
@@ -406,6 +417,7 @@ class FirewalldLayer(Layer):
                 say("firewalld: its files are as in the snapshot; putting its runtime model "
                     "back without a reload")
                 booted, model = True, put_back(now, want, say)
+                regenerated = False
             else:
                 booted, model = self._reload_and_put_back(want, say)
             if not booted:
@@ -427,9 +439,10 @@ class FirewalldLayer(Layer):
             # kernel's tables follow from that model (firewalld generates them), so they are
             # not compared with the snapshot's
             target = json.dumps({**state, "runtime": want}).encode()
-            if "kernel" in wanted and after is not None:
-                # ... but the change's own delta in them (an `nft add rule inet firewalld
-                # ...` behind firewalld's back: no model explains it) must be gone
+            if "kernel" in wanted and after is not None and not regenerated:
+                # ... but without a reload, the change's own delta in them (an `nft add rule
+                # inet firewalld ...` behind firewalld's back: no model explains it) must be
+                # gone (a reload makes the tables from the model alone)
                 left = kernel_delta_left(state, self._load(after), self._load(now_state))
                 if left:
                     say("firewalld: the change's own lines are still in its tables: "

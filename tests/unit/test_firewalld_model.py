@@ -298,3 +298,20 @@ def test_a_rule_put_into_firewalld_tables_behind_its_back_is_not_taken_as_revert
     # although the table is not the snapshot's (the kept ipset entry)
     kernel["inet firewalld"] = kernel["inet firewalld"].replace("\n  tcp dport 443 drop", "")
     assert layer.revert(before, after, ["kernel"], level=MERGE) == []
+
+
+def test_the_changes_own_kernel_delta_counts_set_elements_one_by_one() -> None:
+    """An element the change removed and the revert put back is back even where another
+    program added its own to the same set (nft prints them on one line, or several)."""
+    from fwsafe.backends.firewalld_layer import kernel_delta_left
+
+    def state(elements: str) -> dict[str, Any]:
+        return {"kernel": {"inet firewalld": "table inet firewalld {\n set f2b {\n"
+                                             "  type ipv4_addr\n" + elements + " }\n}"}}
+
+    before = state("  elements = { 10.0.0.1 }\n")
+    after = state("")                                   # the change's reload lost it
+    back = state("  elements = { 10.0.0.1,\n               192.0.2.9 }\n")  # + another's
+    assert kernel_delta_left(before, after, back) == []
+    assert kernel_delta_left(before, after, state("  elements = { 192.0.2.9 }\n")) == [
+        "removed inet firewalld / set f2b / element 10.0.0.1"]
