@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from fwsafe.backends import compose_partial, layer_for, layer_has, nflist
 from fwsafe.backends.base import RULES_FILE
-from fwsafe.backends.iptsave import BUILTIN_CHAINS, chain_names
+from fwsafe.backends.iptsave import BUILTIN_CHAINS, chain_names, parse_ruleset
 from fwsafe.core import snapshot
 from fwsafe.core.revert import compute_touched
 from fwsafe.core.statedir import StateDir
@@ -275,33 +275,18 @@ def change_stamp(record: Record, change: Mapping[str, bytes], before: str | None
         else None
 
 
-def _rule_chains(text: str) -> dict[str, set[str]]:
-    """{table: the chains its `-A`/`-I` lines name}, declared or not."""
-    found: dict[str, set[str]] = {}
-    table: str | None = None
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-        elif table is not None and line.startswith(("-A ", "-I ")):
-            parts = line.split(None, 2)
-            if len(parts) > 1:
-                found.setdefault(table, set()).add(parts[1])
-    return found
-
-
 def snapshot_touched(record: Record, change: Mapping[str, bytes],
                      before: Mapping[str, bytes]) -> dict[str, list[str]]:
     """What a revert from the snapshot puts back: every chain that the snapshot or the change
     has in each table the change loaded whole (a superset of what it changed)."""
     touched: dict[str, list[str]] = {}
     for name in record.layers:
-        text = change[name].decode(errors="replace")
-        loaded = chain_names(text)
+        # the chains each table declares and those its rules name undeclared (`stray`: a
+        # table's built-in chains need none, `*raw` / `-A PREROUTING ...` / `COMMIT` loads);
+        # `undone_already` compares chains: each one the table can have
+        loaded = {table.name: set(table.chains) | set(table.stray) for table in
+                  parse_ruleset(change[name].decode(errors="replace")).values()}
         old = chain_names(before.get(name, b"").decode(errors="replace"))
-        # a table's built-in chains need no declaration (`*raw`, `-A PREROUTING ...`,
-        # `COMMIT` loads), and `undone_already` compares chains: each one the table can have
-        for table, chains in _rule_chains(text).items():
-            loaded.setdefault(table, set()).update(chains)
         touched[name] = sorted({f"{table}/{chain}" for table in loaded
                                 for chain in loaded[table] | old.get(table, set())
                                 | set(BUILTIN_CHAINS.get(table, ()))}

@@ -64,6 +64,9 @@ def test_a_table_created_with_undeclared_builtin_chains_is_not_taken_as_undone(
                      b"-A PREROUTING -p tcp -m tcp --dport 22 -j DROP\nCOMMIT\n")
     touched = snapshot_touched(record(), {"ipv4": change}, {"ipv4": before})
     assert {"raw/PREROUTING", "raw/OUTPUT", "raw/"} <= set(touched["ipv4"])
+    # a rule in a user chain of the kernel's, by iptables-restore's long option: named too
+    spelled = b"*mangle\n--append KEEP -j MARK --set-mark 1\nCOMMIT\n"
+    assert "mangle/KEEP" in snapshot_touched(record(), {"ipv4": spelled}, {"ipv4": before})["ipv4"]
     monkeypatch.setattr(IptablesLayer, "capture", lambda _self, *_a, **_k: live)
     assert not undone_already(touched, {"ipv4": before})
     monkeypatch.setattr(IptablesLayer, "capture", lambda _self, *_a, **_k: before)
