@@ -12,6 +12,7 @@ from concurrent.futures import Future
 
 from fwsafe.backends.base import (
     FILES,
+    FLUSHES_IPTABLES,
     IPTABLES_SAVE,
     NETFILTER,
     ON_DEMAND,
@@ -162,7 +163,8 @@ def available_layers() -> list[str]:
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
-__all__ = ["ALL_LAYERS", "FILES", "FIREWALLD_TABLES", "IPTABLES_SAVE", "NETFILTER", "ON_DEMAND",
+__all__ = ["ALL_LAYERS", "FILES", "FIREWALLD_TABLES", "FLUSHES_IPTABLES", "IPTABLES_SAVE",
+           "NETFILTER", "ON_DEMAND",
            "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "ApplyError", "FidelityError",
            "Layer",
            "available_layers", "compose_partial", "layer_for", "layer_has", "layer_kind", "lossy_tables",

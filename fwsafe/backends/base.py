@@ -47,6 +47,10 @@ ON_DEMAND = "on-demand"          # captured only for a change that gives content
 PREDICTED = "predicted"          # the lockout check loads it in its sandbox
 RULES_FILE = "rules-file"        # what --rules / --rules6 give; a command tried on a copy is
                                  # judged by what it leaves here
+FLUSHES_IPTABLES = "flushes-iptables"   # its revert may reload a daemon that flushes the
+                                 # iptables tables and makes others write theirs again
+                                 # (firewalld's reload; Docker): core reverts the iptables
+                                 # layers from what others had left before it (core.revert)
 ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the history (a rules file;
                                  # sshd: its files, then a reload; firewalld: through firewalld,
                                  # its files then `--reload` and the runtime model, or the files
@@ -82,6 +86,9 @@ class Layer(abc.ABC):
     # Told the whole state a revert is about to load (what `proved` will hold if the kernel
     # proves it), to start work on it while the tool loads it; never raises.
     on_target: Callable[[bytes], None] | None = None
+    # Set by `revert` when its work flushed the iptables tables and made others write theirs
+    # again (a FLUSHES_IPTABLES layer that reloaded its daemon).
+    disturbed: bool = False
 
     @abc.abstractmethod
     def available(self) -> bool:
@@ -90,6 +97,12 @@ class Layer(abc.ABC):
     @abc.abstractmethod
     def capture(self) -> bytes:
         """The layer's current state, serialised (iptables-save text, nft text, JSON)."""
+
+    def settle(self, log: RetryLog) -> None:
+        """Wait (bounded) until the programs that answer a change of this layer with changes
+        of their own are done, so that a capture read next is the state they leave (firewalld:
+        Docker writes its iptables chains again after every reload). Nothing for most layers."""
+        del log
 
     def in_nf_tables(self) -> bool:
         """Whether the layer's state lives in nf_tables, whose generation number moves on with

@@ -38,12 +38,22 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends.base import FILES, MERGE, ROLLBACK, SNAPSHOT_TABLES, ApplyError, Layer, RetryLog
+from fwsafe.backends import nflist
+from fwsafe.backends.base import (
+    FILES,
+    FLUSHES_IPTABLES,
+    MERGE,
+    ROLLBACK,
+    SNAPSHOT_TABLES,
+    ApplyError,
+    Layer,
+    RetryLog,
+)
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch_rules
 from fwsafe.ondisk.firewalld_files import (
@@ -64,6 +74,14 @@ RELOAD_TIMEOUT = 90.0
 KERNEL_TABLES = tuple(sorted(FIREWALLD_TABLES))
 NOT_RUNNING = 252   # firewall-cmd's exit status when firewalld is not running
 FILE_UNITS = ("file ", "dir ")   # the units kept on disk; the rest is firewalld's runtime
+# After a reload: firewalld flushes every iptables table (ip/ip6 filter, nat, mangle, raw:
+# Docker's chains and the admin's rules in DOCKER-USER), says "Reloaded" on D-Bus, and Docker
+# writes its chains again, one firewall-cmd passthrough at a time (about 0.1 s apart, done
+# 0.2-0.5 s after the reload here). Others are done when nf_tables' generation has not moved
+# for SETTLE_QUIET s; waited for at most SETTLE_LIMIT s (a program that commits all the time).
+SETTLE_QUIET = 1.0
+SETTLE_LIMIT = 6.0
+SETTLE_POLL = 0.05
 
 # `--list-all-zones` / `--list-all-policies` keys -> the firewall-cmd option that sets them
 # at runtime (--add-X / --remove-X), lists of values ...
@@ -271,11 +289,52 @@ def kernel_delta_left(before: Mapping[str, Any], after: Mapping[str, Any],
                   | {f"removed {line}" for line in old - changed if line not in live})
 
 
+def wait_quiet(generation: Callable[[], int | None] = nflist.generation, *,
+               quiet: float = SETTLE_QUIET, limit: float = SETTLE_LIMIT,
+               clock: Callable[[], float] = time.monotonic,
+               sleep: Callable[[float], None] = time.sleep) -> tuple[bool, int]:
+    """Wait until nf_tables' generation has not moved for `quiet` seconds, `limit` seconds at
+    most: (quiet reached, the commits seen meanwhile). (False, 0) at once when the generation
+    cannot be read."""
+    start = clock()
+    first = generation()
+    if first is None:
+        return False, 0
+    last, moved = first, start
+    while True:
+        now = clock()
+        if now - moved >= quiet:
+            return True, last - first
+        if now - start >= limit:
+            return False, last - first
+        sleep(SETTLE_POLL)
+        got = generation()
+        if got is None:
+            return False, last - first
+        if got != last:
+            last, moved = got, clock()
+
+
+def settle_after_reload() -> str:
+    """Wait for the programs that answer firewalld's reload (Docker: its iptables chains
+    written again) to be done, so that what is read next (the iptables layers' three-way
+    merge) is the state they leave, and nothing they write lands after it. What to log."""
+    started = time.monotonic()
+    quiet, commits = wait_quiet()
+    waited = time.monotonic() - started
+    if quiet:
+        return (f"firewalld: others done answering its reload ({commits} commit(s) in "
+                f"{waited:.1f} s, the last {SETTLE_QUIET:g} s quiet)")
+    return (f"firewalld: nf_tables still moving {waited:.1f} s after the reload "
+            f"({commits} commit(s)); going on")
+
+
 class FirewalldLayer(Layer):
     name = "firewalld"
     label = "firewalld"
     tools = (FIREWALL_CMD,)
-    facts = frozenset({FILES, ROLLBACK})   # firewalld's files; it starts from them
+    # firewalld's files (it starts from them); its reload flushes the iptables tables
+    facts = frozenset({FILES, ROLLBACK, FLUSHES_IPTABLES})
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root
@@ -297,6 +356,15 @@ class FirewalldLayer(Layer):
 
     def in_nf_tables(self) -> bool:
         return False   # the files and firewalld's model are not: always read again
+
+    def settle(self, log: RetryLog) -> None:
+        """A change of firewalld may have reloaded it (`firewall-cmd --reload`): the capture
+        after it waits until Docker has written its chains again (settle_after_reload). Only
+        while firewalld's tables are there (firewalld running)."""
+        tables = nflist.kernel_tables()
+        if tables is None or any(f"{family} {name}" in FIREWALLD_TABLES
+                                 for family, name in tables):
+            log(settle_after_reload())
 
     @staticmethod
     def _load(data: bytes) -> dict[str, Any]:
@@ -397,6 +465,8 @@ class FirewalldLayer(Layer):
                 if code != 0:
                     raise ApplyError(f"firewall-cmd --reload failed (exit {code}): "
                                      f"{err.strip()}")
+                self.disturbed = True
+                say(settle_after_reload())
         runtime = any(not u.startswith(FILE_UNITS) for u in wanted)
         model: dict[str, Any] | None = None   # the runtime model now, when known
         regenerated = True   # firewalld made its tables again from its model (a reload)
@@ -420,6 +490,7 @@ class FirewalldLayer(Layer):
                 regenerated = False
             else:
                 booted, model = self._reload_and_put_back(want, say)
+                self.disturbed = booted
             if not booted:
                 # At boot (the boot unit runs before firewalld.service): firewalld starts
                 # from the files put back; starting it from here would wait for ourselves.
@@ -467,7 +538,14 @@ class FirewalldLayer(Layer):
         if code != 0:
             raise ApplyError(f"firewall-cmd --reload failed (exit {code}): {err.strip()}")
         say("firewalld: reloaded; reading its runtime model")   # (each line: a heartbeat)
-        now = read_model()
+        # The reload flushed the iptables tables and Docker writes its chains again: waited
+        # for while the model is read (that commits nothing; the runtime commands do, and
+        # Docker answers a reload only), so that the iptables layers' revert, next, reads
+        # what Docker leaves and nothing it writes lands after it.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            settled = pool.submit(settle_after_reload)
+            now = read_model()
+            say(settled.result())
         if now is None:
             raise ApplyError("firewalld stopped during its reload")
         return True, put_back(now, want, say)

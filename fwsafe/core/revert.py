@@ -18,7 +18,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fwsafe import failpoints
-from fwsafe.backends import layer_for, nflist, owned_elsewhere, revert_order
+from fwsafe.backends import (
+    FLUSHES_IPTABLES,
+    IPTABLES_SAVE,
+    layer_for,
+    layer_has,
+    nflist,
+    owned_elsewhere,
+    revert_order,
+)
 from fwsafe.backends.base import LEVELS, MERGE, SNAPSHOT_TABLES, Layer, Proved
 from fwsafe.core.transaction import Record
 
@@ -179,7 +187,8 @@ def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes |
                   log: Log, after_stamp: str | None = None,
                   warm: Callable[[str, bytes], None] | None = None,
                   skip: frozenset[str] = frozenset(),
-                  unchanged_since: str | None = None) -> tuple[str | None, str, Proved | None]:
+                  unchanged_since: str | None = None, layer: Layer | None = None,
+                  others_left: bytes | None = None) -> tuple[str | None, str, Proved | None]:
     """Try each level once; return (the level that worked, None if none did; the last error;
     the layer's whole state when the kernel proved it, see Layer.proved). While nf_tables is
     as it was right after the change (`after_stamp`), the live state of an nf_tables layer is
@@ -187,8 +196,10 @@ def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes |
     since the snapshot (`unchanged_since`), the layer goes back from the snapshot alone
     (`_from_snapshot`). `warm`: the access proof will follow, so its analysis of the state
     about to be loaded starts while the tool loads it (Prover.warm). `skip`: units another
-    layer owns (firewalld's tables in the nft layer)."""
-    layer = layer_for(name)
+    layer owns (firewalld's tables in the nft layer). `others_left`: the layer as others left it,
+    read before the revert of another layer flushed it (`flushed_bystanders`): the live state
+    its merge starts from instead of the kernel's."""
+    layer = layer if layer is not None else layer_for(name)
     units = [u for u in units if u not in skip]
     if warm is not None:
         layer.on_target = lambda data: warm(name, data)
@@ -212,9 +223,9 @@ def _revert_layer(name: str, units: Sequence[str], before: bytes, after: bytes |
     error = ""
     for level in levels:
         try:   # everything inside: a revert must survive anything (even fork failing here)
-            live = (after if after is not None and after_stamp is not None
-                    and layer.in_nf_tables() and nflist.ruleset_stamp() == after_stamp
-                    else None)
+            live = others_left if others_left is not None else (
+                after if after is not None and after_stamp is not None
+                and layer.in_nf_tables() and nflist.ruleset_stamp() == after_stamp else None)
             layer.proved = None
             remaining = layer.revert(before, after, units, level=level, on_retry=log, live=live)
         except Exception as exc:  # noqa: BLE001 - a revert must survive anything a backend raises
@@ -257,19 +268,31 @@ def revert_change(
     (both from a Prover: fwsafe.check.proof.PROVER)."""
     say: Log = log or (lambda _message: None)
     result = RevertResult()
-    remaining = [n for n in revert_order(touched) if n in before]
+    units_of = {name: list(units) for name, units in touched.items()}  # (+ flushed ones)
+    remaining = [n for n in revert_order(units_of) if n in before]
     started = time.monotonic()
     delay = BACKOFF_FIRST
+    bystanders: dict[str, bytes] = {}   # the iptables layers as others left them ...
+    others_left: dict[str, bytes] = {}  # ... those a layer's revert flushed since
     while True:
         result.attempts += 1
         failpoints.hit("revert.round")
         failed: dict[str, str] = {}
-        for name in remaining:
-            level, error, proved = _revert_layer(name, touched[name], before[name],
+        for name in remaining:   # (a flushed iptables layer joins it: reverted in this round)
+            layer = layer_for(name)
+            if layer_has(name, FLUSHES_IPTABLES) and not bystanders:
+                bystanders = read_bystanders(before, say)
+            level, error, proved = _revert_layer(name, units_of[name], before[name],
                                                  (after or {}).get(name), say, after_stamp,
                                                  warm=warm if access is not None else None,
                                                  skip=owned_elsewhere(name, before),
-                                                 unchanged_since=unchanged_since)
+                                                 unchanged_since=unchanged_since, layer=layer,
+                                                 others_left=others_left.get(name))
+            if layer.disturbed:
+                flushed = flushed_bystanders(bystanders, units_of, say)
+                others_left.update(flushed)
+                remaining += [n for n in revert_order(flushed) if n not in remaining]
+                unchanged_since = None if flushed else unchanged_since
             # The next layer's stamp: this one's load (its own commits) moved it on.
             unchanged_since = (None if unchanged_since is None or proved is None
                                or unchanged_since.rpartition("/")[2] != str(proved[0])
@@ -292,7 +315,7 @@ def revert_change(
         remaining = [n for n in remaining if n in failed]
         if not remaining:
             result.problems = []
-            prove_access(result, access, touched, before, say)
+            prove_access(result, access, units_of, before, say)
             return result
         reason = "; ".join(f"{n}: {e}" for n, e in failed.items())
         if give_up_after is not None and time.monotonic() - started >= give_up_after:
@@ -303,6 +326,46 @@ def revert_change(
             on_attempt(result.attempts + 1, reason)
         sleep(delay)
         delay = min(delay * 2, BACKOFF_MAX)
+
+
+def read_bystanders(before: Mapping[str, bytes], say: Log) -> dict[str, bytes]:
+    """The iptables layers of the snapshot as they are now, read before the revert of a layer
+    that may flush them (FLUSHES_IPTABLES: firewalld's reload flushes every iptables table,
+    and Docker writes its chains again in its own order, without the admin's rules in
+    DOCKER-USER). What others did in the window is there, in their order."""
+    found: dict[str, bytes] = {}
+    for name in before:
+        if layer_has(name, IPTABLES_SAVE):
+            try:
+                found[name] = layer_for(name).capture()
+            except Exception as exc:  # noqa: BLE001 - that layer is reverted as usual
+                say(f"cannot read {name} before a revert that may flush it: {exc}")
+    return found
+
+
+def flushed_bystanders(bystanders: Mapping[str, bytes], touched: dict[str, list[str]],
+                       say: Log) -> dict[str, bytes]:
+    """After a revert that flushed the iptables tables (Layer.disturbed): the layers of
+    `bystanders` that differ now from what others had left ({name: that state}). Each is
+    reverted next from that state (its three-way merge's live state), every table it has
+    loaded whole (`touched` gets all their units): Docker's rules in the order it had them
+    (DOCKER-USER first in FORWARD), the admin's rules back, the change's delta undone."""
+    flushed: dict[str, bytes] = {}
+    for name, left in bystanders.items():
+        layer = layer_for(name)
+        try:
+            now = layer.capture()
+        except Exception as exc:  # noqa: BLE001 - read again by its own revert
+            say(f"cannot read {name} after the revert that may have flushed it: {exc}")
+            now = b""
+        if now == left:
+            continue
+        units = set(layer.units(left)) | set(layer.units(now))
+        touched[name] = sorted(set(touched.get(name, [])) | units)
+        flushed[name] = left
+        say(f"{name}: flushed by that revert and written again by others: put back as others "
+            "had left it, the change's delta undone (its three-way merge)")
+    return flushed
 
 
 def _keep_known(known: dict[str, tuple[int, bytes]], name: str, proved: Proved | None) -> None:
