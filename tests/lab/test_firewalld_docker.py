@@ -110,15 +110,25 @@ def run_httpd(lab: SystemdLab, name: str, port: int, network: str = "bridge") ->
               "bb", "/bin/busybox", "httpd", "-f", "-p", "80", "-h", "/etc"], timeout=120)
 
 
-GET = ("import sys, urllib.request\n"
-       "print(urllib.request.urlopen(sys.argv[1], timeout=2).read().decode().strip())")
+GET = ("import http.client, sys\n"
+       "c = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=2,\n"
+       "                               source_address=(sys.argv[4], 0) if sys.argv[4:] else None)\n"
+       "c.request('GET', sys.argv[3]); r = c.getresponse(); assert r.status == 200, r.status\n"
+       "print(r.read().decode().strip())")
 
 
-def http_get(lab: SystemdLab, port: int, path: str = "/hostname") -> str | None:
-    """A NEW connection from the client to a published port: the container's hostname."""
-    result = subprocess.run(["ip", "netns", "exec", lab.cli_ns, "python3", "-c", GET,
-                             f"http://{lab.ip4}:{port}{path}"], capture_output=True,
-                            text=True, timeout=10)
+def other_source(lab: SystemdLab) -> str:
+    """The client's second address (the first, lab.cli_ip4, is the one the admin blocks)."""
+    return lab.cli_ip4.rpartition(".")[0] + ".3"
+
+
+def http_get(lab: SystemdLab, port: int, path: str = "/hostname",
+             source: str | None = None) -> str | None:
+    """A NEW connection from the client (from `source`, else its first address) to a
+    published port: the container's hostname."""
+    result = subprocess.run(["ip", "netns", "exec", lab.cli_ns, "python3", "-c", GET, lab.ip4,
+                             str(port), path, *([source] if source else [])],
+                            capture_output=True, text=True, timeout=10)
     return result.stdout.strip() if result.returncode == 0 else None
 
 
@@ -165,10 +175,14 @@ def iptables(lab: SystemdLab) -> str:
     return lab.exec(["iptables-save"]).stdout
 
 
-def prepare(lab: SystemdLab) -> dict[str, str]:
+def prepare(lab: SystemdLab, ipset: str | None = None) -> dict[str, str]:
     """firewalld and Docker running, web1 publishing 8080, web3 publishing 8082 behind the
-    admin's DROP in DOCKER-USER."""
+    admin's DROP in DOCKER-USER for the client's first address (its second gets in).
+    `ipset`: a permanent ipset made first with this runtime entry (its reload flushes the
+    iptables tables: before Docker and the admin's rule)."""
     start_firewalld(lab)
+    if ipset is not None:
+        new_ipset(lab, ipset)
     start_docker(lab)
     run_httpd(lab, "web1", 8080)
     first = wait_http(lab, 8080, 15)
@@ -177,9 +191,26 @@ def prepare(lab: SystemdLab) -> dict[str, str]:
     run_httpd(lab, "web3", 8082)
     web3 = lab.exec(["docker", "inspect", "-f", "{{.NetworkSettings.IPAddress}}", "web3"]
                     ).stdout.strip()
-    lab.exec(["iptables", "-I", "DOCKER-USER", "-d", web3, "-j", "DROP"])
+    subprocess.run(["ip", "-n", lab.cli_ns, "addr", "add", f"{other_source(lab)}/24", "dev",
+                    "eth0"], check=True, timeout=15, capture_output=True)
+    lab.exec(["iptables", "-I", "DOCKER-USER", "-s", lab.cli_ip4, "-d", web3, "-j", "DROP"])
     assert http_get(lab, 8082) is None, "DOCKER-USER does not filter before the change"
+    assert wait_http_from(lab, 8082, other_source(lab), 10), "web3 shut for every source"
     return {"web1": first}
+
+
+def wait_http_from(lab: SystemdLab, port: int, source: str, limit: float) -> str | None:
+    end = time.monotonic() + limit
+    while True:
+        got = http_get(lab, port, source=source)
+        if got or time.monotonic() > end:
+            return got
+        time.sleep(0.3)
+
+
+def forward(lab: SystemdLab) -> list[str]:
+    """FORWARD's rules (its policy line left out)."""
+    return lab.exec(["iptables", "-S", "FORWARD"]).stdout.splitlines()[1:]
 
 
 def docker_in_the_window(lab: SystemdLab, info: dict[str, Any]) -> str:
@@ -204,7 +235,8 @@ def after_revert(lab: SystemdLab, bridge: str) -> dict[str, Any]:
     got["bridge"] = bridge
     got["out"] = reaches_out(lab, "web2")
     got["filtered"] = http_get(lab, 8082)
-    got["forward"] = lab.exec(["iptables", "-S", "FORWARD"]).stdout.splitlines()
+    got["unfiltered"] = wait_http_from(lab, 8082, other_source(lab), 5)
+    got["forward"] = forward(lab)
     got["state"] = lab.exec(["firewall-cmd", "--state"], check=False).stdout.strip()
     got["services"] = lab.exec(["firewall-cmd", "--list-services"]).stdout.split()
     return got
@@ -230,8 +262,7 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
     firewall-cmd writer (a fail2ban-like rich rule, a port opened for a service, an ipset
     entry) change
     firewalld's runtime model in the window."""
-    got = prepare(lab)
-    new_ipset(lab, "192.0.2.7")
+    got = prepare(lab, ipset="192.0.2.7")
     lab.exec(["systemd-run", "--unit=web7777", "--working-directory=/etc", "python3", "-m",
               "http.server", "7777"])
     script = "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"
@@ -239,6 +270,9 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
                                  str(TIMEOUT), "--", "sh", "-c", script], LOCKED_OUT)
     assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
     bridge = docker_in_the_window(lab, info)
+    # what the change's own reload did (firewalld flushed the iptables tables, Docker wrote
+    # its chains again): the admin's DROP gone, DOCKER-USER no longer first
+    got["window"] = {"forward": forward(lab), "filtered": http_get(lab, 8082)}
     lab.exec(["firewall-cmd", f"--add-rich-rule={RICH}"])
     lab.exec(["firewall-cmd", "--add-port=7777/tcp"])
     lab.exec(["firewall-cmd", "--ipset=fwsafe_test", "--add-entry=192.0.2.8"])
@@ -276,6 +310,16 @@ def outcomes() -> Iterator[dict[str, Any]]:
     yield from side_by_side(Image.build(extra=EXTRA), CASES, close=close)
 
 
+def admin_filter_holds(got: dict[str, Any]) -> None:
+    """DOCKER-USER first in FORWARD, the admin's DROP in it: web3 shut for the blocked
+    address, open for the other."""
+    assert got["forward"][:1] == ["-A FORWARD -j DOCKER-USER"], got["forward"]
+    assert got["filtered"] is None, ("the admin's DOCKER-USER rule no longer filters",
+                                     got["forward"], got["saved"])
+    assert got["unfiltered"], ("web3 does not answer the address the admin did not block",
+                               got["saved"])
+
+
 def docker_works(got: dict[str, Any]) -> None:
     saved = got["saved"]
     assert got["ssh"], "a NEW ssh login does not get in"
@@ -295,17 +339,22 @@ def test_docker_survives_the_revert_of_a_runtime_change_untouched(
     docker_works(got)
     # no reload: Docker's chains are as it left them, DOCKER-USER first in FORWARD, so the
     # admin's filter still works
-    assert got["forward"][1:2] == ["-A FORWARD -j DOCKER-USER"], got["forward"]
-    assert got["filtered"] is None, ("the admin's DOCKER-USER rule no longer filters",
-                                     got["forward"])
+    admin_filter_holds(got)
 
 
 def test_docker_and_another_writer_survive_the_revert_of_a_permanent_change_and_reload(
         outcomes: dict[str, Any]) -> None:
     got = outcome(outcomes, "permanent")
-    print(f"\n[firewalld+docker] after the revert's reload: FORWARD {got['forward'][:3]}; "
-          f"the admin's DOCKER-USER drop {'holds' if got['filtered'] is None else 'LOST'}")
+    window = got["window"]
+    print(f"\n[firewalld+docker] after the change's reload: FORWARD {window['forward'][:2]}, "
+          f"the admin's DOCKER-USER drop {'holds' if window['filtered'] is None else 'LOST'}; "
+          f"after the revert: FORWARD {got['forward'][:2]}, the drop "
+          f"{'holds' if got['filtered'] is None else 'LOST'}")
     docker_works(got)
+    # firewalld's reloads (the change's and the revert's) flushed the iptables tables and
+    # Docker wrote its chains again: the revert puts the admin's DROP and DOCKER-USER's place
+    # back (the iptables layer's three-way merge, read once Docker is done)
+    admin_filter_holds(got)
     assert RICH in got["rich"], got["rich"]
     assert got["7777"], "the port the other writer opened in the window is closed again"
     # the ipset's runtime entry from before (lost with the reloads) and the other writer's
