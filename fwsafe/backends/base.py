@@ -98,11 +98,12 @@ class Layer(abc.ABC):
     def capture(self) -> bytes:
         """The layer's current state, serialised (iptables-save text, nft text, JSON)."""
 
-    def settle(self, log: RetryLog) -> None:
-        """Wait (bounded) until the programs that answer a change of this layer with changes
-        of their own are done, so that a capture read next is the state they leave (firewalld:
-        Docker writes its iptables chains again after every reload). Nothing for most layers."""
-        del log
+    def settle(self, before: bytes | None, log: RetryLog) -> None:
+        """Wait (bounded) until the programs that answer a change of this layer (from its
+        capture `before`) with changes of their own are done, so that a capture read next is
+        the state they leave (firewalld: Docker writes its iptables chains again after every
+        reload). Nothing for most layers."""
+        del before, log
 
     def in_nf_tables(self) -> bool:
         """Whether the layer's state lives in nf_tables, whose generation number moves on with

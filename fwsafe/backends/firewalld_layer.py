@@ -79,6 +79,7 @@ FILE_UNITS = ("file ", "dir ")   # the units kept on disk; the rest is firewalld
 # writes its chains again, one firewall-cmd passthrough at a time (about 0.1 s apart, done
 # 0.2-0.5 s after the reload here). Others are done when nf_tables' generation has not moved
 # for SETTLE_QUIET s; waited for at most SETTLE_LIMIT s (a program that commits all the time).
+HANDLE_TABLE = "inet firewalld"   # its handle is new after every reload
 SETTLE_QUIET = 1.0
 SETTLE_LIMIT = 6.0
 SETTLE_POLL = 0.05
@@ -352,19 +353,28 @@ class FirewalldLayer(Layer):
         state = {"running": runtime is not None, "runtime": runtime,
                  "kernel": kernel_tables() if runtime is not None else {},
                  **tree_json(dirs, files)}
+        handles = nflist.table_handles() if runtime is not None else None
+        if handles and handles.get(HANDLE_TABLE) is not None:
+            state["handle"] = handles[HANDLE_TABLE]   # made again at each reload: settle
         return json.dumps(state, sort_keys=True, indent=1).encode() + b"\n"
 
     def in_nf_tables(self) -> bool:
         return False   # the files and firewalld's model are not: always read again
 
-    def settle(self, log: RetryLog) -> None:
-        """A change of firewalld may have reloaded it (`firewall-cmd --reload`): the capture
-        after it waits until Docker has written its chains again (settle_after_reload). Only
-        while firewalld's tables are there (firewalld running)."""
-        tables = nflist.kernel_tables()
-        if tables is None or any(f"{family} {name}" in FIREWALLD_TABLES
-                                 for family, name in tables):
-            log(settle_after_reload())
+    def settle(self, before: bytes | None, log: RetryLog) -> None:
+        """A change that reloaded firewalld (`firewall-cmd --reload`: its table made again, a
+        new handle since the capture `before`): the capture after it waits until Docker has
+        written its chains again (settle_after_reload). Not after a runtime change (the same
+        table): what others do right after it stays theirs."""
+        try:
+            old = self._load(before).get("handle") if before else None
+        except InvalidRulesError:
+            old = None
+        handles = nflist.table_handles()
+        now = handles.get(HANDLE_TABLE) if handles is not None else None
+        if now is not None and old == now:
+            return
+        log(settle_after_reload())
 
     @staticmethod
     def _load(data: bytes) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Iterator
 
 __all__ = ["FAMILIES", "UNSURE", "DigestError", "digest_main", "digests", "generation",
-           "kernel_tables", "ruleset_stamp"]
+           "kernel_tables", "ruleset_stamp", "table_handles"]
 
 NETLINK_NETFILTER = 12
 _NFNL_SUBSYS_NFTABLES = 10
@@ -34,6 +34,7 @@ _NLM_F_DUMP_INTR = 0x10
 _NLMSG_ERROR = 2
 _NLMSG_DONE = 3
 _NFTA_TABLE_NAME = 1
+_NFTA_TABLE_HANDLE = 4
 _HEADER = struct.Struct("=IHHII")    # nlmsghdr: len, type, flags, seq, pid
 _NFGEN = struct.Struct("=BBH")       # nfgenmsg: family, version, res_id
 _ATTR = struct.Struct("=HH")         # nlattr: len, type
@@ -103,9 +104,9 @@ def generation() -> int | None:
     return None
 
 
-def _dump_once() -> list[tuple[str, str]] | None:
+def _dump_once() -> list[tuple[str, str, int | None]] | None:
     sock, seq = _request(_NFT_MSG_GETTABLE, _NLM_F_DUMP)
-    tables: list[tuple[str, str]] = []
+    tables: list[tuple[str, str, int | None]] = []
     with sock:
         while True:
             for mtype, flags, body in _messages(sock.recv(1 << 16), seq):
@@ -119,15 +120,31 @@ def _dump_once() -> list[tuple[str, str]] | None:
                         or len(body) < _NFGEN.size:
                     continue
                 family = FAMILIES.get(_NFGEN.unpack_from(body)[0])
-                name = _attrs(body[_NFGEN.size:]).get(_NFTA_TABLE_NAME)
+                attrs = _attrs(body[_NFGEN.size:])
+                name, handle = attrs.get(_NFTA_TABLE_NAME), attrs.get(_NFTA_TABLE_HANDLE)
                 if family is None or name is None:
                     return None                  # a family or answer this code does not know
-                tables.append((family, name.rstrip(b"\0").decode(errors="replace")))
+                tables.append((family, name.rstrip(b"\0").decode(errors="replace"),
+                               struct.unpack(">Q", handle[:8])[0]
+                               if handle is not None and len(handle) >= 8 else None))
 
 
 def kernel_tables() -> list[tuple[str, str]] | None:
     """[(family, name)] of every nftables table, in the kernel's order; None if netlink could
     not answer (then ask ``nft``)."""
+    found = _dump_tables()
+    return None if found is None else [(family, name) for family, name, _handle in found]
+
+
+def table_handles() -> dict[str, int | None] | None:
+    """{"family name": its handle} of every nftables table (a table deleted and made again,
+    as firewalld does at every reload, gets a new handle); None if netlink could not answer."""
+    found = _dump_tables()
+    return None if found is None else {f"{family} {name}": handle
+                                       for family, name, handle in found}
+
+
+def _dump_tables() -> list[tuple[str, str, int | None]] | None:
     for _ in range(3):
         try:
             found = _dump_once()

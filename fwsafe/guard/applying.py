@@ -106,7 +106,7 @@ def take_capture(record: Record, before: Mapping[str, bytes]) -> Capture:
         for name in record.watch:
             layer_for(name).in_nf_tables()
         for name in record.watch:   # others answering the change (Docker, a firewalld reload)
-            layer_for(name).settle(lambda _message: None)
+            layer_for(name).settle(before.get(name), lambda _message: None)
         stamp = nflist.ruleset_stamp()
         after = {name: layer_for(name).capture() for name in record.watch}
         held = stamp if stamp is not None and nflist.ruleset_stamp() == stamp else None
