@@ -78,10 +78,11 @@ FILE_UNITS = ("file ", "dir ")   # the units kept on disk; the rest is firewalld
 # Docker's chains and the admin's rules in DOCKER-USER), says "Reloaded" on D-Bus, and Docker
 # writes its chains again, one firewall-cmd passthrough at a time (about 0.1 s apart, done
 # 0.2-0.5 s after the reload here). Others are done when nf_tables' generation has not moved
-# for SETTLE_QUIET s; waited for at most SETTLE_LIMIT s (a program that commits all the time).
+# for SETTLE_QUIET s; waited for at most SETTLE_LIMIT s (a program that commits all the time),
+# less than the backstop's grace for a guard that says nothing (guard/backstop.py, 5 s).
 HANDLE_TABLE = "inet firewalld"   # its handle is new after every reload
 SETTLE_QUIET = 1.0
-SETTLE_LIMIT = 6.0
+SETTLE_LIMIT = 4.0
 SETTLE_POLL = 0.05
 
 # `--list-all-zones` / `--list-all-policies` keys -> the firewall-cmd option that sets them
