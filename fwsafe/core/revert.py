@@ -358,9 +358,10 @@ def flushed_bystanders(bystanders: Mapping[str, bytes], touched: dict[str, list[
         except Exception as exc:  # noqa: BLE001 - read again by its own revert
             say(f"cannot read {name} after the revert that may have flushed it: {exc}")
             now = b""
-        if now == left:
+        was, new = layer.units(left), layer.units(now)
+        if was == new:   # (chain by chain: iptables-save's comments carry the time)
             continue
-        units = set(layer.units(left)) | set(layer.units(now))
+        units = set(was) | set(new)
         touched[name] = sorted(set(touched.get(name, [])) | units)
         flushed[name] = left
         say(f"{name}: flushed by that revert and written again by others: put back as others "
