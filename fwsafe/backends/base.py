@@ -87,8 +87,11 @@ class Layer(abc.ABC):
     # proves it), to start work on it while the tool loads it; never raises.
     on_target: Callable[[bytes], None] | None = None
     # Set by `revert` when its work flushed the iptables tables and made others write theirs
-    # again (a FLUSHES_IPTABLES layer that reloaded its daemon).
+    # again (a FLUSHES_IPTABLES layer that reloaded its daemon); `before_flush` is run by such
+    # a revert, done before anything that may flush them (core.revert reads them there).
     disturbed: bool = False
+    before_flush: Callable[[], None] | None = None
+    ready_to_flush: Callable[[], None] = staticmethod(lambda: None)
 
     @abc.abstractmethod
     def available(self) -> bool:

@@ -317,6 +317,21 @@ def wait_quiet(generation: Callable[[], int | None] = nflist.generation, *,
             last, moved = got, clock()
 
 
+def in_thread(task: Callable[[], None] | None) -> Callable[[], None]:
+    """`task` started in a thread; the call returned waits until it is done (again: at once)."""
+    if task is None:
+        return lambda: None
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(task)
+
+    def wait() -> None:
+        try:
+            future.result()
+        finally:
+            pool.shutdown(wait=True)
+    return wait
+
+
 def settle_after_reload() -> str:
     """Wait for the programs that answer firewalld's reload (Docker: its iptables chains
     written again) to be done, so that what is read next (the iptables layers' three-way
@@ -461,6 +476,16 @@ class FirewalldLayer(Layer):
         did not do (the caller tries the next `level`): always the reload; at the last level
         (SNAPSHOT_TABLES) the snapshot's model alone, others' changes undone too."""
         say = on_retry or (lambda _message: None)
+        # read while this revert reads firewalld's model; waited for before anything that
+        # flushes the iptables tables (a reload, firewalld started or stopped)
+        self.ready_to_flush = in_thread(self.before_flush)
+        try:
+            return self._revert(before, after, units, level, say)
+        finally:
+            self.ready_to_flush()
+
+    def _revert(self, before: bytes, after: bytes | None, units: Sequence[str], level: str,
+                say: RetryLog) -> list[str]:
         state = self._load(before)
         dirs, files = tree_from_json(state)
         files_back = read_tree(self.root) != (dirs, files)
@@ -472,6 +497,7 @@ class FirewalldLayer(Layer):
             if is_running():
                 say("firewalld: its files are as in the snapshot (files only); "
                     "firewall-cmd --reload")
+                self.ready_to_flush()
                 code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
                 if code != 0:
                     raise ApplyError(f"firewall-cmd --reload failed (exit {code}): "
@@ -511,6 +537,8 @@ class FirewalldLayer(Layer):
             else:
                 wanted.add("running")
         elif runtime and is_running():
+            self.ready_to_flush()
+            self.disturbed = True
             systemctl_firewalld("stop", say)
             wanted.add("running")
         say("firewalld: comparing its files, model and tables with the snapshot")
@@ -540,6 +568,7 @@ class FirewalldLayer(Layer):
         differences from `want` put back. (False, None) at boot, when firewalld is not
         started yet; else (True, the model now if nothing had to be put back, else None)."""
         say("firewalld: its files are as in the snapshot; firewall-cmd --reload")
+        self.ready_to_flush()
         code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
         if code != 0 and (code == NOT_RUNNING or not is_running()):
             if booting():

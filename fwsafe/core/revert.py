@@ -13,6 +13,7 @@ Every exception is caught and logged: nothing a backend raises can end the attem
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -280,14 +281,19 @@ def revert_change(
         failed: dict[str, str] = {}
         for name in remaining:   # (a flushed iptables layer joins it: reverted in this round)
             layer = layer_for(name)
+            heard: list[str] = []
             if layer_has(name, FLUSHES_IPTABLES) and not bystanders:
-                bystanders = read_bystanders(before, say)
+                # read by the layer's revert (in a thread) before it may flush them
+                layer.before_flush = functools.partial(_read_into, bystanders, before,
+                                                       heard.append)
             level, error, proved = _revert_layer(name, units_of[name], before[name],
                                                  (after or {}).get(name), say, after_stamp,
                                                  warm=warm if access is not None else None,
                                                  skip=owned_elsewhere(name, before),
                                                  unchanged_since=unchanged_since, layer=layer,
                                                  others_left=others_left.get(name))
+            for message in heard:
+                say(message)
             if layer.disturbed:
                 flushed = flushed_bystanders(bystanders, units_of, say)
                 others_left.update(flushed)
@@ -341,6 +347,10 @@ def read_bystanders(before: Mapping[str, bytes], say: Log) -> dict[str, bytes]:
             except Exception as exc:  # noqa: BLE001 - that layer is reverted as usual
                 say(f"cannot read {name} before a revert that may flush it: {exc}")
     return found
+
+
+def _read_into(found: dict[str, bytes], before: Mapping[str, bytes], say: Log) -> None:
+    found.update(read_bystanders(before, say))
 
 
 def flushed_bystanders(bystanders: Mapping[str, bytes], touched: dict[str, list[str]],

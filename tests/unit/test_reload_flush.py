@@ -110,6 +110,8 @@ class Recording(Layer):
                level: str = MERGE, on_retry: RetryLog | None = None,
                live: bytes | None = None) -> list[str]:
         self.asked.append((self.name, ",".join(sorted(units)), (live or b"").decode()))
+        if self.before_flush is not None:   # the contract: run before anything may flush
+            self.before_flush()
         if self.name == "firewalld" and self.world.get("reloads") == b"yes":
             self.world["ipv4"] = FLUSHED   # the reload; Docker wrote its chains again
             self.disturbed = True
