@@ -23,6 +23,10 @@ firewalld), else `firewall-cmd --reload` and the runtime-only differences put ba
 check that the model, the files and the kernel's tables are as in the snapshot. What others
 changed in the runtime model during the window (Docker's bridges in its zone, another
 program's rich rules or ports) is kept: a three-way merge of the model (merge_models).
+A reload (or firewalld started, stopped) flushes every iptables table, and Docker writes its
+chains again: the layer says so (FLUSHES_IPTABLES, Layer.disturbed), runs `before_flush` first
+(core reads the iptables layers there) and waits until Docker is done (settle_after_reload);
+core then reverts the iptables layers from what others had left (core.revert).
 The nft layer leaves firewalld's tables to this layer (backends.owned_elsewhere).
 
 Commands run under the guard in command mode (`fwsafe apply -- firewall-cmd ...`,

@@ -266,7 +266,11 @@ def revert_change(
     back from the snapshot without being read. `access`: the second proof,
     asked once the delta is proved gone; when it fails, the touched tables are loaded whole
     from the snapshot (access before fidelity) and it is asked again; `warm`, its head start
-    (both from a Prover: fwsafe.check.proof.PROVER)."""
+    (both from a Prover: fwsafe.check.proof.PROVER). A layer whose revert may flush the
+    iptables tables (FLUSHES_IPTABLES: firewalld's reload, after which Docker writes its chains
+    again in its own order and the admin's rules in DOCKER-USER are gone) has them read first
+    (`read_bystanders`); when it did flush them, each iptables layer that differs is reverted
+    from that reading, as others had left it (`flushed_bystanders`), touched or not."""
     say: Log = log or (lambda _message: None)
     result = RevertResult()
     units_of = {name: list(units) for name, units in touched.items()}  # (+ flushed ones)
