@@ -330,6 +330,11 @@ def docker_works(got: dict[str, Any]) -> None:
     for line in (":DOCKER-USER", "-A FORWARD -j DOCKER-USER", ":DOCKER-ISOLATION-STAGE-1",
                  "--dport 8080 -j DNAT", "--dport 8081 -j DNAT"):
         assert line in saved, (line, saved)
+    for bridge in ("docker0", got["bridge"]):   # the networks stay apart (Docker's isolation)
+        for line in (f"-A DOCKER-ISOLATION-STAGE-1 -i {bridge} ! -o {bridge} "
+                     "-j DOCKER-ISOLATION-STAGE-2",
+                     f"-A DOCKER-ISOLATION-STAGE-2 -o {bridge} -j DROP"):
+            assert line in saved, (line, saved)
     assert got["out"] == "hello from the client", got["out"]
 
 
