@@ -31,10 +31,10 @@ from typing import Any
 import pytest
 
 from tests.crashmatrix import ssh_back
-from tests.lab.test_firewalld import services, start_firewalld, tree
+from tests.lab.test_firewalld import firewalld_outcomes, services, tree
 from tests.lab.test_power_cycle import _diagnostics, _hard_reboot, _history
 from tests.lab.test_shim_typed import _typed, _wait_state
-from tests.systemdlab import Image, SystemdLab, case_outcome, side_by_side
+from tests.systemdlab import GENERATIONS, SystemdLab, case_outcome
 
 pytestmark = pytest.mark.lab
 
@@ -221,10 +221,10 @@ CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
     "locked": case_locked, "login": case_login, "shim": case_shim}
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> Iterator[dict[str, Any]]:
-    """Every case run at the same time, each in a container of its own."""
-    yield from side_by_side(Image.build(extra=("firewalld",)), CASES, start_firewalld)
+@pytest.fixture(scope="module", params=GENERATIONS)
+def outcomes(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Every case run at the same time, each in a container of its own, on each generation."""
+    yield from firewalld_outcomes(request, CASES)
 
 
 outcome = case_outcome
