@@ -1,9 +1,10 @@
-"""firewalld under the guard, with the real firewalld (Debian's 1.3, nftables backend) in the
-systemd lab (issue 24, item 1).
+"""firewalld under the guard, with the real firewalld (nftables backend) in the systemd lab
+(issue 24, item 1), on both generations: Debian 12's firewalld 1.3.3, then Debian 13's 2.3.1
+(its table owned by firewalld, `flags owner,persist`).
 
-Five containers boot side by side (the root fs variant with firewalld installed, started here
-with `systemctl enable --now firewalld`) and run one case each at the same time, so the waits
-overlap:
+On each generation, five containers boot side by side (the root fs variant with firewalld
+installed, started here with `systemctl enable --now firewalld`) and run one case each at the
+same time, so the waits overlap:
 
 * runtime: `fwsafe firewall-cmd --remove-service=ssh`, not confirmed: by the deadline + 5 s a
   NEW ssh login gets in, firewalld is running and lists ssh, its model (with runtime-only

@@ -1,8 +1,10 @@
-"""firewalld changed WITHOUT fwsafe (issue 25), with the real firewalld (Debian's 1.3, the
-firewalld root fs variant of the systemd lab): the recovery by power cycle, and the shim that
-makes a plain `firewall-cmd` typed over SSH guard itself.
+"""firewalld changed WITHOUT fwsafe (issue 25), with the real firewalld (the firewalld root fs
+variant of the systemd lab, on both generations: Debian 12's 1.3.3, then Debian 13's 2.3.1):
+the recovery by power cycle, and the shim that makes a plain `firewall-cmd` typed over SSH
+guard itself.
 
-Three containers boot side by side and run one case each at the same time (the waits overlap):
+On each generation, three containers boot side by side and run one case each at the same time
+(the waits overlap):
 
 * locked: a confirmed good state, then an unguarded `firewall-cmd --permanent
   --remove-service=ssh && firewall-cmd --reload`: one hard reboot changes nothing (still
