@@ -2,7 +2,7 @@
 (issue 24, item 1), on both generations: Debian 12's firewalld 1.3.3, then Debian 13's 2.3.1
 (its table owned by firewalld, `flags owner,persist`).
 
-On each generation, five containers boot side by side (the root fs variant with firewalld
+On each generation, six containers boot side by side (the root fs variant with firewalld
 installed, started here with `systemctl enable --now firewalld`) and run one case each at the
 same time, so the waits overlap:
 
@@ -18,7 +18,11 @@ same time, so the waits overlap:
 * reboot: the permanent removal and reload, then a hard reboot (`reboot -ff`) mid-window: the
   boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers;
 * stopped: `systemctl stop firewalld` under the guard, not confirmed: firewalld is started
-  again (active, not failed) with its model and tables as before.
+  again (active, not failed) with its model and tables as before;
+* nft_file: an nft file of the admin's own (a table that drops SSH) applied with --force
+  beside firewalld, not confirmed: reverted, firewalld's table untouched; the kernel escape
+  hatch is in the file's table, and in firewalld's only where firewalld does not own it (2.x:
+  `flags owner`, status says the hatch cannot open SSH through it).
 
 (The panic mode case, `case_panic`, runs with tests/lab/test_firewalld_docker.py's containers:
 fewer at once here.)
@@ -276,10 +280,35 @@ def case_panic(lab: SystemdLab) -> dict[str, Any]:
             "model": model(lab) == before_model, "kernel": kernel(lab) == before_kernel}
 
 
+MINE = ("table inet mine {\n\tchain input {\n\t\ttype filter hook input priority 0; "
+        "policy accept;\n\t\ttcp dport 22 drop\n\t}\n}\n")
+
+
+def case_nft_file(lab: SystemdLab) -> dict[str, Any]:
+    """An nft file of the admin's own beside firewalld (a table of its own that shuts SSH),
+    applied with --force, not confirmed: the hatch is loaded with it in its table and never in
+    firewalld's where firewalld owns it (nft would refuse the whole transaction); the revert
+    leaves firewalld's table alone."""
+    before_kernel = kernel(lab)
+    lab.write("/root/mine.nft", MINE)
+    info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--force",
+                                 "--timeout", str(TIMEOUT), "/root/mine.nft"], "")
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    hatch = lab.status().get("hatch") or {}
+    mine = lab.exec(["nft", "list", "table", "inet", "mine"]).stdout
+    theirs = lab.exec(["nft", "list", "table", "inet", "firewalld"]).stdout
+    late = wait_reverted(lab, info, "an nft file beside firewalld (--force)")
+    return {"late": late, "hatch": hatch, "hatch_in_mine": "fwsafe-hatch" in mine,
+            "hatch_in_firewalld": "fwsafe-hatch" in theirs, "owned": "flags owner" in theirs,
+            "kernel": kernel(lab) == before_kernel,
+            "tables": lab.exec(["nft", "list", "tables"]).stdout.split("\n"),
+            "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout}
+
+
 CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
     "stopped": case_stopped,
     "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed,
-    "reboot": case_reboot}
+    "reboot": case_reboot, "nft_file": case_nft_file}
 
 
 def firewalld_outcomes(request: pytest.FixtureRequest,
@@ -360,3 +389,18 @@ def test_firewalld_stopped_in_the_window_is_started_again_with_its_model(
     assert got["state"].strip() == "active"
     assert got["model"] and got["kernel"], got
 
+
+
+def test_an_nft_file_beside_firewalld_is_reverted_and_firewalds_table_left_alone(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "nft_file")
+    assert got["late"] <= LATE_LIMIT, got
+    assert got["running"].strip() == "running"
+    assert got["kernel"], "firewalld's table in the kernel is not as before"
+    assert "table inet mine" not in got["tables"], got["tables"]
+    nft = str((got["hatch"].get("layers") or {}).get("nft"))
+    assert got["hatch_in_mine"] and nft.startswith("loaded"), got["hatch"]
+    # firewalld 2.x owns its table: the hatch is not there, and status says it cannot open
+    # SSH through it; 1.x's table takes it like any other
+    assert got["hatch_in_firewalld"] != got["owned"], got
+    assert ("not in inet firewalld" in nft) == got["owned"], (nft, got["owned"])
