@@ -1354,6 +1354,9 @@ def sdlab_trixie_bare_image() -> Iterator[Image]:
 
 
 _GENERATION_IMAGES = {"bookworm": "sdlab_image", TRIXIE: "sdlab_trixie_image"}
+GENERATIONS = tuple(sorted(_GENERATION_IMAGES))
+"""The suites of the two generations (a parameter of a module fixture that builds its own image
+variant, e.g. firewalld's: `Image.build(suite=..., extra=...)`)."""
 
 
 @pytest.fixture(params=sorted(_GENERATION_IMAGES))

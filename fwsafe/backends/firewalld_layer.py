@@ -110,7 +110,7 @@ _LISTINGS = ("default-zone", "zones", "policies", "chains", "rules", "passthroug
 # client and printing code as `firewall-cmd --get-default-zone`, `--list-all-zones`,
 # `--list-all-policies` and `--direct --get-all-chains/-rules/-passthroughs`, in one process.
 READER = r"""
-import contextlib, io, json, sys
+import contextlib, inspect, io, json, sys
 from firewall.client import FirewallClient
 from firewall.command import FirewallCommand
 from firewall.functions import joinArgs
@@ -125,13 +125,24 @@ def text(show):
     with contextlib.redirect_stdout(out):
         show()
     return out.getvalue()
+# firewalld 2.x's firewall-cmd marks the default and active zones and the active policies
+# ("public (default, active)", "allow-host-ipv6 (active)"); 1.x's neither (its printing code
+# takes no active_*): what the installed one does
+def marks(show, active, **wanted):
+    if active not in inspect.signature(show).parameters:
+        return {}
+    return {key: get() for key, get in wanted.items()}
 def zones():
+    extra = marks(cmd.print_zone_info, "active_zones", default_zone=fw.getDefaultZone,
+                  active_zones=fw.getActiveZones)
     for zone in fw.getZones():
-        cmd.print_zone_info(zone, fw.getZoneSettings(zone))
+        cmd.print_zone_info(zone, fw.getZoneSettings(zone), **extra)
         cmd.print_msg("")
 def policies():
+    extra = marks(cmd.print_policy_info, "active_policies",
+                  active_policies=fw.getActivePolicies)
     for policy in fw.getPolicies():
-        cmd.print_policy_info(policy, fw.getPolicySettings(policy))
+        cmd.print_policy_info(policy, fw.getPolicySettings(policy), **extra)
         cmd.print_msg("")
 def ipsets():
     lines = []

@@ -39,7 +39,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fwsafe import backends
@@ -239,7 +239,7 @@ def nft_declared_base_chains(text: str) -> list[tuple[str, str, str, str, str]]:
 
 def _nft_live_base_chains(listing: str) -> list[tuple[str, str, str, str, str]]:
     return [(c.family, c.table, c.name, c.type, c.hook) for c in parse_nft(listing)
-            if c.hook]
+            if c.hook and not c.owned]   # an owned table refuses the whole script
 
 
 def with_nft_change(script: bytes, spec: Spec, before: bytes | None) -> bytes:
@@ -294,6 +294,8 @@ class Chain:
     policy: str = "accept"
     rules: list[str] = field(default_factory=list)        # iptables: rule specs; nft: rule text
     handles: list[int | None] = field(default_factory=list)   # nft: each rule's handle
+    owned: bool = False   # nft: its table has `flags owner`: only the program that made it may
+    #                       write there (firewalld 2.x's table, NftablesTableOwner=yes)
 
     def hatch_positions(self) -> list[int]:
         return [i for i, rule in enumerate(self.rules) if f"{MARK}:" in rule]
@@ -329,22 +331,30 @@ _NFT_TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{")
 _NFT_CHAIN_LINE = re.compile(r"^\tchain (\S+) \{")
 _NFT_HANDLE = re.compile(r" # handle (\d+)$")
 _NFT_POLICY = re.compile(r"policy (\w+);")
+_NFT_TABLE_FLAGS = re.compile(r"^\tflags (\S+)")
+OWNED = ("owned by the program that made it (`flags owner`: firewalld 2.x's NftablesTableOwner="
+         "yes): nothing else may write there, and its drops stand")
 
 
 def parse_nft(listing: str) -> list[Chain]:
     """Every chain of `nft -a list ruleset` (or `nft list`) output, with rules and handles."""
     chains: list[Chain] = []
     family = table = ""
+    owned = False
     current: Chain | None = None
     for raw in listing.splitlines():
         line = raw.rstrip()
         opened = _NFT_TABLE_LINE.match(line)
         if opened:
-            family, table, current = opened.group(1), opened.group(2), None
+            family, table, current, owned = opened.group(1), opened.group(2), None, False
+            continue
+        flags = _NFT_TABLE_FLAGS.match(line)
+        if flags and current is None:
+            owned = "owner" in flags.group(1).split(",")
             continue
         chain = _NFT_CHAIN_LINE.match(line)
         if chain:
-            current = Chain(family, table, chain.group(1))
+            current = Chain(family, table, chain.group(1), owned=owned)
             chains.append(current)
             continue
         if current is None:
@@ -368,8 +378,9 @@ def parse_nft(listing: str) -> list[Chain]:
 
 
 def _wanted(chain: Chain, spec: Spec | None, layer: str) -> list[str]:
-    """The hatch rules `chain` must start with (none: it must hold none)."""
-    if spec is None or not chain.can_drop():
+    """The hatch rules `chain` must start with (none: it must hold none, or it cannot: its
+    table is owned, see `_owned_tables`)."""
+    if spec is None or not chain.can_drop() or chain.owned:
         return []
     if layer == NFT_LAYER:
         if chain.family not in NFT_FAMILIES or chain.type not in NFT_TYPES \
@@ -377,6 +388,14 @@ def _wanted(chain: Chain, spec: Spec | None, layer: str) -> list[str]:
             return []
         return nft_rules(spec, chain.family, chain.hook)
     return iptables_rules(spec, _v6(layer), chain.name)
+
+
+def _owned_tables(chains: Sequence[Chain], spec: Spec | None, layer: str) -> list[str]:
+    """The owned tables (`flags owner`) with a chain that would need the hatch: it cannot be
+    put there, and what they drop the kernel drops (an accept in another table does not
+    override it)."""
+    return sorted({f"{c.family} {c.table}" for c in chains
+                   if c.owned and _wanted(replace(c, owned=False), spec, layer)})
 
 
 def _in_place(chain: Chain, wanted: list[str], tag: str) -> bool:
@@ -503,7 +522,8 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
                commits: list[int] | None = None) -> str:
     """Make the hatch rules of `layer` exactly those of `spec` (None: remove them all), in one
     transaction, and read the layer back to prove it. Returns what is loaded now: "loaded",
-    "none" (no chain there can drop, or no source of this family), "removed". Raises
+    "none" (no chain there can drop, or no source of this family), "removed"; followed by
+    "; not in TABLES (...)" where owned tables would need it (`_owned_tables`). Raises
     HatchError with the tool's message. `commits`: each load that worked adds its nf_tables
     commits (one per iptables table, one for nft); one that failed adds -1 (not known)."""
     last = "the hatch does not hold"
@@ -512,7 +532,9 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
         payload = plan_layer(layer, chains, spec)
         if not payload:
             wanted = any(_wanted(c, spec, layer) for c in chains)
-            return "loaded" if wanted else ("none" if spec is not None else "removed")
+            state = "loaded" if wanted else ("none" if spec is not None else "removed")
+            owned = _owned_tables(chains, spec, layer)
+            return f"{state}; not in {', '.join(owned)} ({OWNED})" if owned else state
         if attempt == 3:
             break
         if layer == NFT_LAYER:
@@ -568,7 +590,8 @@ def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
         return f"hatch: none ({info.get('why', 'off')})"
     layers = info.get("layers") or {}
     failed = {k: v for k, v in layers.items() if str(v).startswith("error")}
-    where = ", ".join(k for k, v in layers.items() if v == "loaded") or "no layer"
+    where = ", ".join(k for k, v in layers.items() if str(v).split(";")[0] == "loaded") \
+        or "no layer"
     opens = info.get("opens")
     when = time.strftime("%H:%M:%S", time.localtime(opens)) if opens else "?"
     who = ", ".join([*info.get("sources4", []), *info.get("sources6", [])])
@@ -583,6 +606,10 @@ def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
         text = f"hatch: {state}"
     if failed:
         text += "; NOT loaded in " + "; ".join(f"{k} ({v[7:]})" for k, v in failed.items())
+    owned = [str(v).split("; not in ", 1)[1].split(" (", 1)[0] for v in layers.values()
+             if "; not in " in str(v)]
+    if owned and state in ("removing", "armed"):
+        text += f"; it CANNOT open SSH through {', '.join(owned)} ({OWNED})"
     return text
 
 

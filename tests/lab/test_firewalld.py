@@ -1,9 +1,10 @@
-"""firewalld under the guard, with the real firewalld (Debian's 1.3, nftables backend) in the
-systemd lab (issue 24, item 1).
+"""firewalld under the guard, with the real firewalld (nftables backend) in the systemd lab
+(issue 24, item 1), on both generations: Debian 12's firewalld 1.3.3, then Debian 13's 2.3.1
+(its table owned by firewalld, `flags owner,persist`).
 
-Five containers boot side by side (the root fs variant with firewalld installed, started here
-with `systemctl enable --now firewalld`) and run one case each at the same time, so the waits
-overlap:
+On each generation, six containers boot side by side (the root fs variant with firewalld
+installed, started here with `systemctl enable --now firewalld`) and run one case each at the
+same time, so the waits overlap:
 
 * runtime: `fwsafe firewall-cmd --remove-service=ssh`, not confirmed: by the deadline + 5 s a
   NEW ssh login gets in, firewalld is running and lists ssh, its model (with runtime-only
@@ -17,7 +18,11 @@ overlap:
 * reboot: the permanent removal and reload, then a hard reboot (`reboot -ff`) mid-window: the
   boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers;
 * stopped: `systemctl stop firewalld` under the guard, not confirmed: firewalld is started
-  again (active, not failed) with its model and tables as before.
+  again (active, not failed) with its model and tables as before;
+* nft_file: an nft file of the admin's own (a table that drops SSH) applied with --force
+  beside firewalld, not confirmed: reverted, firewalld's table untouched; the kernel escape
+  hatch is in the file's table, and in firewalld's only where firewalld does not own it (2.x:
+  `flags owner`, status says the hatch cannot open SSH through it).
 
 (The panic mode case, `case_panic`, runs with tests/lab/test_firewalld_docker.py's containers:
 fewer at once here.)
@@ -39,7 +44,7 @@ from typing import Any
 import pytest
 
 from tests.crashmatrix import ssh_back
-from tests.systemdlab import Image, SystemdLab, case_outcome, side_by_side
+from tests.systemdlab import GENERATIONS, Image, SystemdLab, case_outcome, side_by_side
 
 pytestmark = pytest.mark.lab
 
@@ -68,6 +73,11 @@ def kernel(lab: SystemdLab) -> list[str]:
     text = lab.exec(["nft", "list", "table", "inet", "firewalld"]).stdout
     return sorted(line.strip() for line in text.splitlines() if line.strip())
 
+
+# The variant's packages: firewalld and what `apt install firewalld` brings with it that
+# matters here (its Recommends: ipset; firewalld 2.x runs `ipset list -terse` for a direct rule
+# and fails without it).
+FIREWALLD = ("firewalld", "ipset")
 
 LOCKED_OUT = "lockout check of the live change: YOUR SSH CLIENT IS LOCKED OUT"
 GETS_IN = "lockout check of the live change: a NEW SSH connection gets in"
@@ -176,12 +186,15 @@ def case_runtime(lab: SystemdLab) -> dict[str, Any]:
                                  str(TIMEOUT), "--remove-service=ssh"], LOCKED_OUT)
     assert "ssh" not in services(lab), "the change did not run"
     assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    hatch = lab.status().get("hatch") or {}
     late = wait_reverted(lab, info, "runtime --remove-service=ssh")
     return {"late": late, "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout,
             "services": services(lab), "kernel": kernel(lab) == before_kernel,
             "model": model(lab) == before_model, "model_diff": "".join(difflib.unified_diff(
                 before_model.splitlines(keepends=True), model(lab).splitlines(keepends=True))),
-            "tree": tree(lab) == before_tree, "status": lab.status()}
+            "tree": tree(lab) == before_tree, "status": lab.status(), "hatch": hatch,
+            "owned": "flags owner" in lab.exec(["nft", "list", "table", "inet",
+                                                "firewalld"]).stdout}
 
 
 def case_permanent(lab: SystemdLab) -> dict[str, Any]:
@@ -267,16 +280,50 @@ def case_panic(lab: SystemdLab) -> dict[str, Any]:
             "model": model(lab) == before_model, "kernel": kernel(lab) == before_kernel}
 
 
+MINE = ("table inet mine {\n\tchain input {\n\t\ttype filter hook input priority 0; "
+        "policy accept;\n\t\ttcp dport 22 drop\n\t}\n}\n")
+
+
+def case_nft_file(lab: SystemdLab) -> dict[str, Any]:
+    """An nft file of the admin's own beside firewalld (a table of its own that shuts SSH),
+    applied with --force, not confirmed: the hatch is loaded with it in its table and never in
+    firewalld's where firewalld owns it (nft would refuse the whole transaction); the revert
+    leaves firewalld's table alone."""
+    before_kernel = kernel(lab)
+    lab.write("/root/mine.nft", MINE)
+    info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--force",
+                                 "--timeout", str(TIMEOUT), "/root/mine.nft"], "")
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    hatch = lab.status().get("hatch") or {}
+    mine = lab.exec(["nft", "list", "table", "inet", "mine"]).stdout
+    theirs = lab.exec(["nft", "list", "table", "inet", "firewalld"]).stdout
+    late = wait_reverted(lab, info, "an nft file beside firewalld (--force)")
+    return {"late": late, "hatch": hatch, "hatch_in_mine": "fwsafe-hatch" in mine,
+            "hatch_in_firewalld": "fwsafe-hatch" in theirs, "owned": "flags owner" in theirs,
+            "kernel": kernel(lab) == before_kernel,
+            "tables": lab.exec(["nft", "list", "tables"]).stdout.split("\n"),
+            "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout}
+
+
 CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
     "stopped": case_stopped,
     "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed,
-    "reboot": case_reboot}
+    "reboot": case_reboot, "nft_file": case_nft_file}
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> Iterator[dict[str, Any]]:
-    """Every case run at the same time, each in a container of its own."""
-    yield from side_by_side(Image.build(extra=("firewalld",)), CASES, start_firewalld)
+def firewalld_outcomes(request: pytest.FixtureRequest,
+                       cases: dict[str, Callable[[SystemdLab], dict[str, Any]]]
+                       ) -> Iterator[dict[str, Any]]:
+    """Every case run at the same time, each in a container of its own booted from the firewalld
+    variant of the generation `request.param` (a module fixture parametrized over GENERATIONS:
+    the cases run on bookworm, then on trixie)."""
+    yield from side_by_side(Image.build(suite=request.param, extra=FIREWALLD), cases,
+                            start_firewalld)
+
+
+@pytest.fixture(scope="module", params=GENERATIONS)
+def outcomes(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    yield from firewalld_outcomes(request, CASES)
 
 
 outcome = case_outcome
@@ -294,6 +341,11 @@ def test_runtime_removal_of_ssh_is_reverted_through_firewalld(outcomes: dict[str
     assert got["status"].get("revert_verified"), got["status"]
     assert got["kernel"], "firewalld's table in the kernel is not as before"
     assert got["tree"], "/etc/firewalld changed"
+    # the kernel escape hatch: never an error; not in firewalld's table where firewalld owns it
+    # (2.x: `flags owner`, nft refuses anyone else), and said so
+    nft = str((got["hatch"].get("layers") or {}).get("nft"))
+    assert got["hatch"].get("state") == "armed" and not nft.startswith("error"), got["hatch"]
+    assert ("not in inet firewalld" in nft) == got["owned"], (nft, got["owned"])
 
 
 def test_permanent_removal_and_reload_is_reverted_byte_identically(
@@ -337,3 +389,18 @@ def test_firewalld_stopped_in_the_window_is_started_again_with_its_model(
     assert got["state"].strip() == "active"
     assert got["model"] and got["kernel"], got
 
+
+
+def test_an_nft_file_beside_firewalld_is_reverted_and_firewalds_table_left_alone(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "nft_file")
+    assert got["late"] <= LATE_LIMIT, got
+    assert got["running"].strip() == "running"
+    assert got["kernel"], "firewalld's table in the kernel is not as before"
+    assert "table inet mine" not in got["tables"], got["tables"]
+    nft = str((got["hatch"].get("layers") or {}).get("nft"))
+    assert got["hatch_in_mine"] and nft.startswith("loaded"), got["hatch"]
+    # firewalld 2.x owns its table: the hatch is not there, and status says it cannot open
+    # SSH through it; 1.x's table takes it like any other
+    assert got["hatch_in_firewalld"] != got["owned"], got
+    assert ("not in inet firewalld" in nft) == got["owned"], (nft, got["owned"])

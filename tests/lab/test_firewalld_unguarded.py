@@ -1,8 +1,10 @@
-"""firewalld changed WITHOUT fwsafe (issue 25), with the real firewalld (Debian's 1.3, the
-firewalld root fs variant of the systemd lab): the recovery by power cycle, and the shim that
-makes a plain `firewall-cmd` typed over SSH guard itself.
+"""firewalld changed WITHOUT fwsafe (issue 25), with the real firewalld (the firewalld root fs
+variant of the systemd lab, on both generations: Debian 12's 1.3.3, then Debian 13's 2.3.1):
+the recovery by power cycle, and the shim that makes a plain `firewall-cmd` typed over SSH
+guard itself.
 
-Three containers boot side by side and run one case each at the same time (the waits overlap):
+On each generation, three containers boot side by side and run one case each at the same time
+(the waits overlap):
 
 * locked: a confirmed good state, then an unguarded `firewall-cmd --permanent
   --remove-service=ssh && firewall-cmd --reload`: one hard reboot changes nothing (still
@@ -31,10 +33,10 @@ from typing import Any
 import pytest
 
 from tests.crashmatrix import ssh_back
-from tests.lab.test_firewalld import services, start_firewalld, tree
+from tests.lab.test_firewalld import firewalld_outcomes, services, tree
 from tests.lab.test_power_cycle import _diagnostics, _hard_reboot, _history
 from tests.lab.test_shim_typed import _typed, _wait_state
-from tests.systemdlab import Image, SystemdLab, case_outcome, side_by_side
+from tests.systemdlab import GENERATIONS, SystemdLab, case_outcome
 
 pytestmark = pytest.mark.lab
 
@@ -221,10 +223,10 @@ CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
     "locked": case_locked, "login": case_login, "shim": case_shim}
 
 
-@pytest.fixture(scope="module")
-def outcomes() -> Iterator[dict[str, Any]]:
-    """Every case run at the same time, each in a container of its own."""
-    yield from side_by_side(Image.build(extra=("firewalld",)), CASES, start_firewalld)
+@pytest.fixture(scope="module", params=GENERATIONS)
+def outcomes(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """Every case run at the same time, each in a container of its own, on each generation."""
+    yield from firewalld_outcomes(request, CASES)
 
 
 outcome = case_outcome

@@ -211,7 +211,14 @@ def test_guard_is_a_transient_unit_and_reverts_at_the_deadline(sdlab: SystemdLab
     assert final["state"] == "reverted", final
     assert "timeout" in final["reason"]
     assert sdlab.ruleset() == before
-    gone = sdlab.exec(["systemctl", "is-active", _unit(tx_id)], check=False).stdout.strip()
+    # the record says "reverted" before the guard's process has exited: its unit may still
+    # be "deactivating" for a moment; it must be gone soon after, not linger
+    ends = time.time() + 15
+    while True:
+        gone = sdlab.exec(["systemctl", "is-active", _unit(tx_id)], check=False).stdout.strip()
+        if gone in ("inactive", "unknown", "failed") or time.time() > ends:
+            break
+        time.sleep(0.2)
     assert gone in ("inactive", "unknown", "failed"), gone
 
 

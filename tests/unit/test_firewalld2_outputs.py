@@ -1,0 +1,110 @@
+"""firewalld 2.x (Debian 13's 2.3.1, nftables backend) as its tools print it: outputs captured in
+the systemd lab's trixie container (tests/unit/data/firewalld-2.3.1/, with the runtime-only
+state of tests/lab/test_firewalld.py's runtime case: a port, a rich rule, a source in trusted,
+masquerade, a forward port, direct rules and a chain, an ipset entry). What differs from 1.3:
+zones list `ingress-priority`/`egress-priority`, policies `priority`; `--list-all-zones`
+marks the default and active zones, `--list-all-policies` the active policies; and firewalld's
+table is owned (`flags owner,persist`, NftablesTableOwner=yes): only firewalld may write
+there, so the kernel escape hatch cannot be put in it (nft refuses the whole transaction)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fwsafe.backends.firewalld_layer import parse_listing, runtime_commands
+from fwsafe.guard import hatch
+
+DATA = Path(__file__).parent / "data" / "firewalld-2.3.1"
+SPEC = hatch.Spec("20261207T063000Z-abcd", 1796625083, ("10.232.2.2",), (), (22,))
+
+
+def captured(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+def test_the_capture_is_firewalld_2() -> None:
+    assert captured("version.txt").strip() == "2.3.1"
+    assert captured("nft-list-tables.txt").splitlines() == ["table inet firewalld",
+                                                            "table ip filter"]
+
+
+def test_zones_of_firewalld_2_parsed_with_their_priorities() -> None:
+    zones = parse_listing(captured("list-all-zones.txt"))
+    assert set(zones) == {"block", "dmz", "drop", "external", "home", "internal", "public",
+                          "trusted", "work"}   # "public (default, active)": the name alone
+    public = zones["public"]
+    assert public["ingress-priority"] == ["0"] and public["egress-priority"] == ["0"]
+    assert public["services"] == ["dhcpv6-client", "ssh"]
+    assert public["ports"] == ["7000/tcp"]
+    assert public["masquerade"] == ["yes"]
+    assert public["forward-ports"] == ["port=8081:proto=tcp:toport=22:toaddr="]
+    assert public["rich rules"] == [
+        'rule family="ipv4" source address="198.51.100.0/24" port port="7001" protocol="tcp" '
+        'accept']
+    assert zones["trusted"]["sources"] == ["192.0.2.0/24"]
+    assert zones["block"]["target"] == ["%%REJECT%%"]
+
+
+def test_policies_of_firewalld_2_parsed() -> None:
+    policies = parse_listing(captured("list-all-policies.txt"))
+    assert list(policies) == ["allow-host-ipv6"]   # "allow-host-ipv6 (active)"
+    policy = policies["allow-host-ipv6"]
+    assert policy["priority"] == ["-15000"]
+    assert policy["ingress-zones"] == ["ANY"] and policy["egress-zones"] == ["HOST"]
+    assert len(policy["rich rules"]) == 4
+
+
+def model(zones: str) -> dict[str, Any]:
+    return {"zones": parse_listing(captured(zones)),
+            "policies": parse_listing(captured("list-all-policies.txt")),
+            "default": "public"}
+
+
+def test_runtime_commands_between_two_firewalld_2_models() -> None:
+    """`--remove-service=ssh` undone: one command; the priorities (set only in the permanent
+    configuration) are no runtime difference and give no command."""
+    before, after = model("list-all-zones.txt"), model("list-all-zones-without-ssh.txt")
+    assert after["zones"]["public"]["services"] == ["dhcpv6-client"]
+    assert runtime_commands(after, before) == [[["--zone=public", "--add-service=ssh"]]]
+    assert runtime_commands(before, before) == []
+    higher = model("list-all-zones.txt")
+    higher["zones"]["public"]["ingress-priority"] = ["-10"]
+    assert runtime_commands(higher, before) == []
+
+
+def test_firewalld_2s_table_is_owned_and_gets_no_hatch() -> None:
+    listing = captured("nft-a-list-table-inet-firewalld.txt")
+    chains = hatch.parse_nft(listing)
+    assert chains and all(c.owned for c in chains)
+    base = {c.name: c.hook for c in chains if c.hook}
+    assert base["filter_INPUT"] == "input" and base["filter_PREROUTING"] == "prerouting"
+    assert hatch.plan_layer("nft", chains, SPEC) == ""       # nothing nft would refuse
+    # the same table without `flags owner` (firewalld 1.x, or NftablesTableOwner=no): in it
+    unowned = hatch.parse_nft(listing.replace("\tflags owner,persist\n", ""))
+    assert not any(c.owned for c in unowned)
+    planned = hatch.plan_layer("nft", unowned, SPEC)
+    assert "insert rule inet firewalld filter_INPUT ip saddr { 10.232.2.2 }" in planned
+    # an nft file applied beside it: the hatch goes into the file's chains, not firewalld's
+    script = (b"table inet mine {\n\tchain input {\n\t\ttype filter hook input priority 0; "
+              b"policy accept;\n\t\ttcp dport 23 drop\n\t}\n}\n")
+    loaded = hatch.with_nft_change(script, SPEC, listing.encode()).decode()
+    assert "insert rule inet mine input " in loaded
+    assert "inet firewalld" not in loaded
+
+
+def test_the_hatch_says_it_cannot_open_ssh_through_an_owned_table(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    chains = hatch.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
+    monkeypatch.setattr(hatch, "read_chains", lambda _layer: chains)
+    state = hatch.sync_layer("nft", SPEC)
+    assert state.startswith("none; not in inet firewalld (owned by the program"), state
+    assert hatch.sync_layer("nft", None) == "removed"   # removal: nothing of it to find there
+    info = {"state": "armed", "opens": SPEC.opens, "grace": 30, "sources4": ["10.232.2.2"],
+            "sources6": [], "ports": [22], "layers": {"ipv4": "loaded", "nft": state}}
+    text = hatch.describe(info) or ""
+    assert "in ipv4" in text and "NOT loaded" not in text
+    assert "CANNOT open SSH through inet firewalld" in text
+    assert "CANNOT" not in (hatch.describe({**info, "state": "removed"}) or "")
