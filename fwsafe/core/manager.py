@@ -56,16 +56,32 @@ def describe_confirmer(who: dict[str, str], applied_by: dict[str, str]) -> str:
 # answer from the record once it settles: 4 reverted, 5 may still be live, 0 confirmed; never 3
 # ("nothing changed") once a change was live.
 HATCH_WAIT_S = 15.0  # how long a confirm waits for a failing guard to remove its hatch or exit
+STUCK_D_S = 1.0  # how long a guard must stay blocked in the kernel (D) to count as stuck
 CONFIRM_TIMEOUT = 30.0   # a guard answers a confirmation at once (it removes its hatch)
 REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
 
 
 def guard_stopped(record: Record) -> bool:
-    """The guard is stopped (SIGSTOP) or blocked in the kernel: it cannot answer."""
+    """The guard is stopped (SIGSTOP) or blocked in the kernel for longer than a moment: it
+    cannot answer. A working guard is in D for an instant too (its record synced to disk, a
+    netlink call): one look at D alone would take it for stuck, and a confirm would not ask it
+    or a revert would kill it (STUCK_D_S)."""
     # the backstop's module: loaded only when a guard's process state is asked
     from fwsafe.guard.backstop import process_state
 
-    return bool(record.guard_pid) and process_state(record.guard_pid or 0) in ("T", "t", "D")
+    pid = record.guard_pid
+    if not pid:
+        return False
+    end = time.monotonic() + STUCK_D_S
+    while True:
+        state = process_state(pid)
+        if state in ("T", "t"):
+            return True
+        if state != "D":
+            return False
+        if time.monotonic() >= end:
+            return True
+        time.sleep(0.05)
 
 
 def stop_stuck_guard(record: Record) -> bool:
