@@ -32,7 +32,6 @@ from fwsafe.core.revert import (
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
-from fwsafe.guard import hatch
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
 LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "
@@ -78,7 +77,8 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
             by: str = "recover", tx_id: str | None = None,
             give_up_after: float | None = RECOVER_GIVE_UP_S,
             save: Callable[[StateDir, Record], None] = transaction.save_record,
-            claimed: bool = False, prover: Prover | None) -> Record:
+            claimed: bool = False, prover: Prover | None,
+            remove_hatch: Callable[[Record], object]) -> Record:
     """Undo a transaction that is still open but has no guard (the guard died, the machine
     rebooted, or the CLI was killed before the guard armed).
 
@@ -90,7 +90,9 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
     it). Without `give_up_after` (the backstop, which never gives up) the state lock is let go
     while reverting, so that other commands answer meanwhile (the record says reverting).
     `save` writes the record (the backstop's keeps it in memory when the disk refuses).
-    `prover`: the revert's access proof (fwsafe.check.proof.PROVER; given by every caller)."""
+    `prover`: the revert's access proof (fwsafe.check.proof.PROVER; given by every caller).
+    `remove_hatch`: takes the kernel escape hatch out of every layer once the revert worked,
+    and says so in `record.hatch` (fwsafe.guard.hatch.removed; given by every caller)."""
     if prover is None:
         raise TypeError("recover(prover=...) is needed: the revert's access proof "
                         "(fwsafe.check.proof.PROVER)")
@@ -163,7 +165,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                                        after_stamp=record.after_stamp, access=access,
                                        unchanged_since=record.change_stamp, warm=prover.warm)
             if not result.problems:
-                hatch.removed(record)
+                remove_hatch(record)
         failpoints.hit("recover.reverted")
         record_revert(record, result, by, leftovers)
         if result.problems:

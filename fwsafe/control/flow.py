@@ -338,7 +338,7 @@ def refuse_if_open(state: StateDir, prover: Prover | None) -> str | None:
 
     done = recover(state, f"`fwsafe apply` found transaction {record.id} "
                    f"{record.state} with nobody looking after it: reverted it first",
-                   tx_id=record.id, prover=prover)
+                   tx_id=record.id, prover=prover, remove_hatch=hatch.removed)
     if done.state == transaction.REVERT_FAILED:
         raise PendingError(
             f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
