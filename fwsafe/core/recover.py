@@ -6,9 +6,6 @@ armed).
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -51,26 +48,6 @@ def orphaned(state: StateDir, record: Record, now: float | None = None) -> bool:
     if record.state == transaction.REVERTING or record.deadline is None:
         return True
     return (now if now is not None else time.time()) >= record.deadline
-
-
-def start_late_take_over(state: StateDir, record: Record) -> None:
-    """Start the take-over of an orphaned transaction in a session of its own (it outlives
-    the command that saw it, never gives up, and does not hold the state lock across its
-    attempts: fwsafe.guard.backstop.take_over); its log goes to the transaction's guard.log."""
-    log: int | None = None
-    with contextlib.suppress(OSError):
-        log = os.open(state.tx_dir(record.id) / "guard.log",
-                      os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        subprocess.Popen(
-            [sys.executable, "-m", "fwsafe.guard.backstop", "--take-over", str(state.root),
-             record.id],
-            stdin=subprocess.DEVNULL, stdout=log if log is not None else subprocess.DEVNULL,
-            stderr=log if log is not None else subprocess.DEVNULL, cwd="/",
-            start_new_session=True, close_fds=True)
-    finally:
-        if log is not None:
-            os.close(log)
 
 
 def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the guard was gone", *,
