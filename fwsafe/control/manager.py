@@ -1,6 +1,6 @@
 """The transaction manager: what `apply`, `confirm`, `revert`, `extend`, `status` and `recover`
 do, independent of the command line and of any one firewall backend. `apply` is
-fwsafe.core.flow, `recover` fwsafe.core.recover; this module ties them to the rest.
+fwsafe.control.flow, `recover` fwsafe.core.recover; this module ties them to the rest.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 from fwsafe import failpoints
 from fwsafe.backends import ALL_LAYERS, RULES_FILE, ApplyError, layer_for, layers_with
+from fwsafe.control.flow import ApplyFlow, ApplyOptions
 from fwsafe.core import transaction
 from fwsafe.core.change import Change
-from fwsafe.core.flow import ApplyFlow, ApplyOptions
 from fwsafe.core.recover import RECOVER_GIVE_UP_S
 from fwsafe.core.recover import recover as recover_transaction
 from fwsafe.core.revert import Prover
@@ -161,7 +161,8 @@ class Manager:
                 give_up_after: float | None = RECOVER_GIVE_UP_S) -> Record:
         """Undo a transaction still open without a guard (fwsafe.core.recover)."""
         return recover_transaction(self.state, reason, by=by, tx_id=tx_id,
-                                   give_up_after=give_up_after, prover=self.prover)
+                                   give_up_after=give_up_after, prover=self.prover,
+                                   remove_hatch=hatch.removed)
 
     # -- confirm / revert / extend (exit codes in races: see CONFIRM_TIMEOUT) -------------------
     def confirm(self, tx_id: str | None = None) -> Record:
