@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fwsafe.core import manager
+from fwsafe.control import manager
 from fwsafe.core.transaction import PENDING, Record
 
 
