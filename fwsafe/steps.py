@@ -14,8 +14,8 @@ from typing import Any
 
 from fwsafe.backends import ON_DEMAND, layer_has
 from fwsafe.check.proof import PROVER
+from fwsafe.control.flow import ApplyOptions
 from fwsafe.core.change import Change
-from fwsafe.core.flow import ApplyOptions
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import CannotSimulateError, EnvironmentProblem, LockoutRefused

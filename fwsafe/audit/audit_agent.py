@@ -1,8 +1,10 @@
 """The agent `fwsafe audit` runs in each namespace of the check's sandbox.
 
 Run as a script (``python3 -I -S audit_agent.py``) by ``ip netns exec``, so it imports nothing from
-fwsafe. It reads one JSON request per line on stdin and answers with one JSON line; end of
-input makes it close every socket and exit, so it never outlives the audit that started it.
+fwsafe but the serve loop it shares with the check's agent (:mod:`fwsafe.check.agent_loop`,
+standard library only). It reads one JSON request per line on stdin and answers with one JSON
+line; end of input makes it close every socket and exit, so it never outlives the audit that
+started it.
 
 Requests (``op``):
     serve  {"proto", "address", "port", "v6only", "device"}  a listener like the host's
@@ -39,7 +41,6 @@ Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import resource
 import select
@@ -425,6 +426,9 @@ class Agent:
 
 
 def main() -> int:
+    # importable once run by path: `__main__` below put fwsafe's folder on sys.path
+    from fwsafe.check.agent_loop import serve
+
     batch = BATCH
     try:   # many attempts at once: as many descriptors as the hard limit allows
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -433,21 +437,14 @@ def main() -> int:
     except (OSError, ValueError):
         pass
     agent = Agent(batch)
-    print(json.dumps({"ok": True, "ready": True, "pid": os.getpid()}), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            answer = agent.handle(json.loads(line))
-        except (ValueError, KeyError, TypeError) as exc:
-            answer = {"ok": False, "error": f"bad request: {exc}"}
-        print(json.dumps(answer), flush=True)
-    for sock in agent.sockets:
-        sock.close()
-    return 0
+    return serve(agent.handle, lambda: agent.sockets)
 
 
 if __name__ == "__main__":
+    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
+    # goes on sys.path, for the shared serve loop (fwsafe.check.agent_loop, standard library)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.realpath(__file__)))))
     code = main()
     sys.stdout.flush()
     os._exit(code)   # no interpreter teardown: the sandbox waits for this exit

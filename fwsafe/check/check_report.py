@@ -132,7 +132,7 @@ def check_text(report: CheckReport, verbose: bool = False) -> str:
 
 
 def precheck_summary(report: CheckReport) -> str:
-    """apply's one line on the lockout check that passed (fwsafe.core.flow.lockout_check)."""
+    """apply's one line on the lockout check that passed (fwsafe.control.flow.lockout_check)."""
     if report.lockout:
         return "LOCKOUT PREDICTED (applied with --force): " + report.lockout_message()
     passed = [v for v in report.verdicts if v.ok]

@@ -1,9 +1,11 @@
 """The small agent that `fwsafe check` runs inside each sandbox network namespace.
 
 It is run as a script (``python3 -I -S sandbox_agent.py``) by ``ip netns exec``, so it imports
-nothing from fwsafe. It reads one JSON request per line on stdin and answers with one JSON
-line on stdout. End of input makes it close every socket and exit, so it never outlives the
-check that started it (even when that check is killed with SIGKILL).
+nothing from fwsafe but the serve loop it shares with the audit's agent
+(:mod:`fwsafe.check.agent_loop`, standard library only). It reads one JSON request per line on
+stdin and answers with one JSON line on stdout. End of input makes it close every socket and
+exit, so it never outlives the check that started it (even when that check is killed with
+SIGKILL).
 
 Requests (``op``):
     listen  {"port"}                              echo server on 0.0.0.0 and [::] at `port`
@@ -17,7 +19,6 @@ Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import struct
@@ -209,22 +210,18 @@ class Agent:
 
 
 def main() -> int:
+    # importable once run by path: `__main__` below put fwsafe's folder on sys.path
+    from fwsafe.check.agent_loop import serve
+
     agent = Agent()
-    print(json.dumps({"ok": True, "ready": True, "pid": os.getpid()}), flush=True)
-    for line in sys.stdin:
-        if not line.strip():
-            continue
-        try:
-            answer = agent.handle(json.loads(line))
-        except (ValueError, KeyError, TypeError) as exc:
-            answer = {"ok": False, "error": f"bad request: {exc}"}
-        print(json.dumps(answer), flush=True)
-    for sock in [*agent.kept.values(), *agent.listeners]:
-        sock.close()
-    return 0
+    return serve(agent.handle, lambda: [*agent.kept.values(), *agent.listeners])
 
 
 if __name__ == "__main__":
+    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
+    # goes on sys.path, for the shared serve loop (fwsafe.check.agent_loop, standard library)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.realpath(__file__)))))
     code = main()
     sys.stdout.flush()
     os._exit(code)   # no interpreter teardown: the sandbox waits for this exit

@@ -1,4 +1,4 @@
-"""The command line: a thin layer over `fwsafe.core.manager`. Results go to stdout, progress and
+"""The command line: a thin layer over `fwsafe.control.manager`. Results go to stdout, progress and
 prompts to stderr; every error becomes one exit code, in `main()` alone."""
 
 from __future__ import annotations

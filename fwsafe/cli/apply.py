@@ -27,10 +27,10 @@ from fwsafe.cli.common import (
 from fwsafe.cli.screens import after_apply
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.context import RUN
+from fwsafe.control.flow import ApplyOptions
+from fwsafe.control.manager import Manager
 from fwsafe.core import transaction
 from fwsafe.core.change import Change, change_from_files
-from fwsafe.core.flow import ApplyOptions
-from fwsafe.core.manager import Manager
 from fwsafe.core.probes import parse_probe
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (

@@ -21,9 +21,9 @@ import click
 
 from fwsafe.check.proof import PROVER
 from fwsafe.context import RUN
+from fwsafe.control.manager import Manager
 from fwsafe.core import transaction
 from fwsafe.core.config import Config, load_config
-from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import EXIT_CODE_HELP
@@ -31,7 +31,7 @@ from fwsafe.guard.spawn import converge as converge_orphan
 from fwsafe.steps import on_confirmed
 
 if TYPE_CHECKING:
-    from fwsafe.core.flow import ApplyOptions
+    from fwsafe.control.flow import ApplyOptions
 
 COMMAND_MODULES = ("apply", "pending", "demo", "check", "diff", "history", "probe", "rescue",
                    "audit", "sshd", "shim")
@@ -207,7 +207,7 @@ def apply_options(config: Config, timeout_s: str | None, **fields: Any) -> Apply
     here, so none ignores a setting; `fields` are the command's own (its options, which win:
     --probe, check, force, login_user...)."""
     # loaded by the command that uses it only: every other command (and --help) starts faster
-    from fwsafe.core.flow import ApplyOptions
+    from fwsafe.control.flow import ApplyOptions
     from fwsafe.steps import apply_steps
 
     settings: dict[str, Any] = {

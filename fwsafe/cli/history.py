@@ -228,7 +228,7 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.check.proof import PROVER
     from fwsafe.cli.screens import interactive_wait, report_armed
-    from fwsafe.core.manager import Manager
+    from fwsafe.control.manager import Manager
     from fwsafe.steps import on_confirmed
 
     config = load_config(config_path)

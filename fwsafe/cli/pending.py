@@ -24,9 +24,9 @@ from fwsafe.cli.common import (
 from fwsafe.cli.screens import finish
 from fwsafe.cli.ticker import StepTicker
 from fwsafe.context import RUN
+from fwsafe.control.manager import Manager
 from fwsafe.core import transaction
 from fwsafe.core.config import Config
-from fwsafe.core.manager import Manager
 from fwsafe.errors import NoTransactionError, RevertFailedError
 from fwsafe.guard import hatch
 from fwsafe.persistence import powercycle

@@ -19,8 +19,8 @@ from fwsafe.cli.common import (
     record_summary,
 )
 from fwsafe.context import RUN
+from fwsafe.control.manager import Manager
 from fwsafe.core import transaction
-from fwsafe.core.manager import Manager
 from fwsafe.core.transaction import Record
 from fwsafe.errors import (
     ChangeMayBeLiveError,

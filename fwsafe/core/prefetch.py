@@ -1,12 +1,12 @@
 """Reading the live firewall ahead: `fwsafe apply` (and `fwsafe check`) need every layer read
 before anything else can happen, so the `fwsafe` command starts that read first of all
 (`fwsafe.entry`), while Python still loads the command line interface (about 50 ms), and the
-apply takes it over (`fwsafe.core.flow`; the check: `fwsafe.check.host.capture_host`).
+apply takes it over (`fwsafe.control.flow`; the check: `fwsafe.check.host.capture_host`).
 
 The reading is only used when nf_tables' generation number, taken before it started, is still
 the same when it is taken over (for the apply: once it holds the state directory's lock), so
 nothing changed in between; files and legacy tables are read again before the snapshot in any
-case (`fwsafe.core.flow.refresh`).
+case (`fwsafe.control.flow.refresh`).
 It only reads; a command that does not take it over (`apply --help`, a usage error) just exits.
 """
 
@@ -65,7 +65,7 @@ def start_capture(pool: Executor, layers: list[str]) -> dict[str, Future[bytes]]
 def read(pool: Executor, layers: list[str]) -> tuple[int | None, dict[str, Future[bytes]]]:
     """`layers` being read: from the reading started ahead where it has them (and nothing
     changed since), the others now in `pool`; with nf_tables' generation as of before the
-    reading (for `fwsafe.core.flow.refresh`)."""
+    reading (for `fwsafe.control.flow.refresh`)."""
     ahead = take()
     if ahead is None:
         return nflist.generation(), start_capture(pool, layers)

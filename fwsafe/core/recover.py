@@ -6,9 +6,6 @@ armed).
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 
@@ -32,7 +29,6 @@ from fwsafe.core.revert import (
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import NoTransactionError, PendingError
-from fwsafe.guard import hatch
 
 RECOVER_GIVE_UP_S = 120.0    # a one-shot recover retries this long before it says revert-failed
 LATE_REASON = ("its deadline passed with nobody looking after it (its guard and backstop were "
@@ -54,31 +50,12 @@ def orphaned(state: StateDir, record: Record, now: float | None = None) -> bool:
     return (now if now is not None else time.time()) >= record.deadline
 
 
-def start_late_take_over(state: StateDir, record: Record) -> None:
-    """Start the take-over of an orphaned transaction in a session of its own (it outlives
-    the command that saw it, never gives up, and does not hold the state lock across its
-    attempts: fwsafe.guard.backstop.take_over); its log goes to the transaction's guard.log."""
-    log: int | None = None
-    with contextlib.suppress(OSError):
-        log = os.open(state.tx_dir(record.id) / "guard.log",
-                      os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        subprocess.Popen(
-            [sys.executable, "-m", "fwsafe.guard.backstop", "--take-over", str(state.root),
-             record.id],
-            stdin=subprocess.DEVNULL, stdout=log if log is not None else subprocess.DEVNULL,
-            stderr=log if log is not None else subprocess.DEVNULL, cwd="/",
-            start_new_session=True, close_fds=True)
-    finally:
-        if log is not None:
-            os.close(log)
-
-
 def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the guard was gone", *,
             by: str = "recover", tx_id: str | None = None,
             give_up_after: float | None = RECOVER_GIVE_UP_S,
             save: Callable[[StateDir, Record], None] = transaction.save_record,
-            claimed: bool = False, prover: Prover | None) -> Record:
+            claimed: bool = False, prover: Prover | None,
+            remove_hatch: Callable[[Record], object]) -> Record:
     """Undo a transaction that is still open but has no guard (the guard died, the machine
     rebooted, or the CLI was killed before the guard armed).
 
@@ -90,7 +67,9 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
     it). Without `give_up_after` (the backstop, which never gives up) the state lock is let go
     while reverting, so that other commands answer meanwhile (the record says reverting).
     `save` writes the record (the backstop's keeps it in memory when the disk refuses).
-    `prover`: the revert's access proof (fwsafe.check.proof.PROVER; given by every caller)."""
+    `prover`: the revert's access proof (fwsafe.check.proof.PROVER; given by every caller).
+    `remove_hatch`: takes the kernel escape hatch out of every layer once the revert worked,
+    and says so in `record.hatch` (fwsafe.guard.hatch.removed; given by every caller)."""
     if prover is None:
         raise TypeError("recover(prover=...) is needed: the revert's access proof "
                         "(fwsafe.check.proof.PROVER)")
@@ -163,7 +142,7 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
                                        after_stamp=record.after_stamp, access=access,
                                        unchanged_since=record.change_stamp, warm=prover.warm)
             if not result.problems:
-                hatch.removed(record)
+                remove_hatch(record)
         failpoints.hit("recover.reverted")
         record_revert(record, result, by, leftovers)
         if result.problems:

@@ -245,7 +245,7 @@ def change_commits(record: Record, change: Mapping[str, bytes]) -> int | None:
     goes into the same blocks). None when the change is not only whole tables of iptables-nft
     (a command, nft, ufw, legacy tables, sshd's files): then nothing is known this way. (The
     snapshot's stamp, without which this is not asked, is there only when the layers the change
-    loads live in nf_tables: fwsafe.core.flow; nothing is run here, before the record says
+    loads live in nf_tables: fwsafe.control.flow; nothing is run here, before the record says
     pending.)"""
     if record.run or not record.layers:
         return None

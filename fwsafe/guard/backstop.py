@@ -525,6 +525,7 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
     from fwsafe.check.proof import PROVER
     from fwsafe.core.recover import recover
     from fwsafe.errors import FwsafeError, PendingError
+    from fwsafe.guard.hatch import removed
 
     unsaved = Unsaved()
     delay = 0.1
@@ -548,7 +549,8 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
             with state.tx_claimed(tx_id):   # held until the record is written
                 done = recover(state, reason=f"{why}; the {by} reverted the change",
                                by=by, tx_id=tx_id, give_up_after=None,
-                               save=unsaved.save, claimed=True, prover=PROVER)
+                               save=unsaved.save, claimed=True, prover=PROVER,
+                               remove_hatch=removed)
                 unsaved.flush(state)
             _log(f"transaction {tx_id} is {done.state}: {done.reason}")
             return 0

@@ -421,9 +421,10 @@ class Loop:
                 self.g.after_capture()
             self.wait_once()
         else:   # over: what is left to do
-            if self.g.hatch.removing:
+            if self.g.hatch.removing:   # (it changes the record: its hatch removed, or not)
                 self.g.hatch.remove()
-            if self.g.unsaved:
+                self.g.save()
+            elif self.g.unsaved:
                 self.g.save()
             if not self.finished():
                 self.pause(1.0)

@@ -22,7 +22,7 @@ from typing import Any
 
 from fwsafe.context import RUN
 from fwsafe.core import transaction
-from fwsafe.core.recover import orphaned, start_late_take_over
+from fwsafe.core.recover import orphaned
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.errors import GuardError, StateError
@@ -344,6 +344,26 @@ def looked_after(state: StateDir, record: Record) -> bool:
     """Someone decides the transaction: its guard lives, or a process holds it (the backstop
     or a recover that took it over)."""
     return transaction.guard_alive(record) or state.tx_held(record.id)
+
+
+def start_late_take_over(state: StateDir, record: Record) -> None:
+    """Start the take-over of an orphaned transaction in a session of its own (it outlives
+    the command that saw it, never gives up, and does not hold the state lock across its
+    attempts: fwsafe.guard.backstop.take_over); its log goes to the transaction's guard.log."""
+    log: int | None = None
+    with contextlib.suppress(OSError):
+        log = os.open(state.tx_dir(record.id) / "guard.log",
+                      os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "fwsafe.guard.backstop", "--take-over", str(state.root),
+             record.id],
+            stdin=subprocess.DEVNULL, stdout=log if log is not None else subprocess.DEVNULL,
+            stderr=log if log is not None else subprocess.DEVNULL, cwd="/",
+            start_new_session=True, close_fds=True)
+    finally:
+        if log is not None:
+            os.close(log)
 
 
 def settle(state: StateDir, record: Record, limit: float = SETTLE_S) -> Record:

@@ -9,8 +9,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from fwsafe.control.flow import ApplyOptions
 from fwsafe.core.config import HostTarget
-from fwsafe.core.flow import ApplyOptions
 from fwsafe.errors import RejectedError
 from fwsafe.remote import timing
 from fwsafe.remote.scripts import REMOTE_NAMES, RUN_AND_CLEAN_SCRIPT, sh

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fwsafe.core.flow import ApplyOptions
+from fwsafe.control.flow import ApplyOptions
 
 #: The first connection (before anything is measured): TCP connect, then the whole login.
 FIRST_TCP_TIMEOUT = 10.0

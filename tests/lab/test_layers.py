@@ -346,7 +346,7 @@ def test_check_of_a_ufw_command_matches_reality(fwlab_ufw: FwLab) -> None:
 # --------------------------------------------------------------------------------------------
 _BAN_DURING_CHECK = r"""
 import json, subprocess, sys
-from fwsafe.core.flow import ApplyFlow, ApplyOptions
+from fwsafe.control.flow import ApplyFlow, ApplyOptions
 from fwsafe.steps import apply_steps
 from fwsafe.core.change import change_from_files
 from fwsafe.core.statedir import StateDir

@@ -143,7 +143,7 @@ def test_confirm_after_the_deadline_with_the_guard_gone_reverts_never_keeps(
     """Past the deadline the hatch lets any new login in: such a confirm proves nothing. It
     reverts (exit 4), never keeps the change as known good. The revert itself is stubbed here
     (a unit test never touches a firewall); its lab tests are the crash matrix's."""
-    from fwsafe.core.manager import LATE_CONFIRM, Manager
+    from fwsafe.control.manager import LATE_CONFIRM, Manager
     from fwsafe.errors import RevertedError
 
     sd, record = _state(tmp_path, transaction.PENDING, deadline=time.time() - 600,
@@ -162,7 +162,7 @@ def test_confirm_after_the_deadline_with_the_guard_gone_reverts_never_keeps(
         raise AssertionError("the late confirm kept the change")
 
     monkeypatch.setattr(Manager, "revert", revert)
-    monkeypatch.setattr("fwsafe.core.manager.confirm_without_guard", kept)
+    monkeypatch.setattr("fwsafe.control.manager.confirm_without_guard", kept)
     with pytest.raises(RevertedError):
         Manager(sd, prover=PROVER).confirm(record.id)
     assert asked == [LATE_CONFIRM]
@@ -194,8 +194,8 @@ def test_a_revert_racing_the_guard_that_just_finished_says_reverted(
     """`revert` (and a late `confirm`) read the record as reverting, then found its guard
     gone: it had written `reverted` and exited in between, so the recover it started found
     nothing to do. Reverted (exit 4), never "nothing to recover" (exit 3): CI's lab run saw 3."""
-    from fwsafe.core import manager as manager_module
-    from fwsafe.core.manager import Manager
+    from fwsafe.control import manager as manager_module
+    from fwsafe.control.manager import Manager
     from fwsafe.errors import RevertedError
 
     monkeypatch.setattr("fwsafe.core.recover.require_root", lambda: None)

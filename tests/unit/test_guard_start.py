@@ -17,11 +17,11 @@ import fwsafe.cli as cli
 from fwsafe.cli import pending as cli_transaction
 from fwsafe.cli import screens
 from fwsafe.context import RUN
+from fwsafe.control import flow as apply_module
+from fwsafe.control.flow import ApplyFlow, ApplyOptions
+from fwsafe.control.manager import Manager
 from fwsafe.core import config as config_module
-from fwsafe.core import flow as apply_module
 from fwsafe.core import transaction
-from fwsafe.core.flow import ApplyFlow, ApplyOptions
-from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir, resolve_state_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import ChangeMayBeLiveError, ExitCode, GuardError

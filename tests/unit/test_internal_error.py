@@ -16,9 +16,9 @@ import pytest
 import fwsafe.cli as cli
 from fwsafe.cli.failure import LAST_ERROR_LOG
 from fwsafe.context import RUN
+from fwsafe.control.manager import Manager
 from fwsafe.core import config as config_module
 from fwsafe.core import transaction
-from fwsafe.core.manager import Manager
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
 

@@ -255,7 +255,7 @@ def test_click_abort_from_ctrl_c_is_never_a_usage_error(monkeypatch: pytest.Monk
     """click turns KeyboardInterrupt into Abort; the CLI must still exit 3 (nothing of this
     command is live), never 2."""
     from fwsafe import cli
-    from fwsafe.core import manager
+    from fwsafe.control import manager
 
     def interrupted(self: Any) -> dict[str, Any]:
         raise KeyboardInterrupt

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from fwsafe.control.flow import ApplyOptions  # noqa: E402
 from fwsafe.core.config import HostTarget  # noqa: E402
-from fwsafe.core.flow import ApplyOptions  # noqa: E402
 from fwsafe.errors import (  # noqa: E402
     ExitCode,
     InvalidRulesError,

@@ -86,8 +86,9 @@ class ApplyOptions:
     hatch_grace: float = 30.0      # ... opening this long after the deadline
     stuck_grace: float = 5.0       # the backstop kills a stuck guard this long after it
     admin_sources: list[str] = field(default_factory=list)   # who the hatch lets in, too
-    # The steps that live above core, given by the caller (fwsafe.steps.apply_steps): core
-    # names no package above it. Asked for and missing: an InternalError, never a silent skip.
+    # The steps that live above core, given by the caller (fwsafe.steps.apply_steps): the flow
+    # names none of the packages they come from (check, sshd, persistence). Asked for and
+    # missing: a TypeError (a bug), never a silent skip.
     lockout_check: Callable[[Change, ApplyOptions, Mapping[str, bytes] | None],
                             dict[str, Any]] | None = field(default=None, repr=False)
     warm_change: Callable[[Change], None] | None = field(default=None, repr=False)
@@ -338,7 +339,7 @@ def refuse_if_open(state: StateDir, prover: Prover | None) -> str | None:
 
     done = recover(state, f"`fwsafe apply` found transaction {record.id} "
                    f"{record.state} with nobody looking after it: reverted it first",
-                   tx_id=record.id, prover=prover)
+                   tx_id=record.id, prover=prover, remove_hatch=hatch.removed)
     if done.state == transaction.REVERT_FAILED:
         raise PendingError(
             f"the revert of transaction {record.id} failed: the firewall is in an unknown state",

@@ -1,6 +1,6 @@
 """The transaction manager: what `apply`, `confirm`, `revert`, `extend`, `status` and `recover`
 do, independent of the command line and of any one firewall backend. `apply` is
-fwsafe.core.flow, `recover` fwsafe.core.recover; this module ties them to the rest.
+fwsafe.control.flow, `recover` fwsafe.core.recover; this module ties them to the rest.
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Any
 
 from fwsafe import failpoints
 from fwsafe.backends import ALL_LAYERS, RULES_FILE, ApplyError, layer_for, layers_with
+from fwsafe.control.flow import ApplyFlow, ApplyOptions
 from fwsafe.core import transaction
 from fwsafe.core.change import Change
-from fwsafe.core.flow import ApplyFlow, ApplyOptions
 from fwsafe.core.recover import RECOVER_GIVE_UP_S
 from fwsafe.core.recover import recover as recover_transaction
 from fwsafe.core.revert import Prover
@@ -56,16 +56,32 @@ def describe_confirmer(who: dict[str, str], applied_by: dict[str, str]) -> str:
 # answer from the record once it settles: 4 reverted, 5 may still be live, 0 confirmed; never 3
 # ("nothing changed") once a change was live.
 HATCH_WAIT_S = 15.0  # how long a confirm waits for a failing guard to remove its hatch or exit
+STUCK_D_S = 1.0  # how long a guard must stay blocked in the kernel (D) to count as stuck
 CONFIRM_TIMEOUT = 30.0   # a guard answers a confirmation at once (it removes its hatch)
 REVERT_TIMEOUT = 600.0   # a revert may take long (it never gives up)
 
 
 def guard_stopped(record: Record) -> bool:
-    """The guard is stopped (SIGSTOP) or blocked in the kernel: it cannot answer."""
+    """The guard is stopped (SIGSTOP) or blocked in the kernel for longer than a moment: it
+    cannot answer. A working guard is in D for an instant too (its record synced to disk, a
+    netlink call): one look at D alone would take it for stuck, and a confirm would not ask it
+    or a revert would kill it (STUCK_D_S)."""
     # the backstop's module: loaded only when a guard's process state is asked
     from fwsafe.guard.backstop import process_state
 
-    return bool(record.guard_pid) and process_state(record.guard_pid or 0) in ("T", "t", "D")
+    pid = record.guard_pid
+    if not pid:
+        return False
+    end = time.monotonic() + STUCK_D_S
+    while True:
+        state = process_state(pid)
+        if state in ("T", "t"):
+            return True
+        if state != "D":
+            return False
+        if time.monotonic() >= end:
+            return True
+        time.sleep(0.05)
 
 
 def stop_stuck_guard(record: Record) -> bool:
@@ -145,7 +161,8 @@ class Manager:
                 give_up_after: float | None = RECOVER_GIVE_UP_S) -> Record:
         """Undo a transaction still open without a guard (fwsafe.core.recover)."""
         return recover_transaction(self.state, reason, by=by, tx_id=tx_id,
-                                   give_up_after=give_up_after, prover=self.prover)
+                                   give_up_after=give_up_after, prover=self.prover,
+                                   remove_hatch=hatch.removed)
 
     # -- confirm / revert / extend (exit codes in races: see CONFIRM_TIMEOUT) -------------------
     def confirm(self, tx_id: str | None = None) -> Record:
