@@ -119,6 +119,8 @@ def _is_set(header: str) -> bool:
 
 def split_elements(text: str) -> list[str]:
     """`a, b . c, 22 : accept` -> its elements (commas inside braces or quotes do not split)."""
+    if not any(mark in text for mark in '"{('):   # plain elements (a 100k set): no scanning
+        return [" ".join(e.split()) for e in text.split(",") if e.strip()]
     out: list[str] = []
     depth, quoted, start = 0, False, 0
     for index, char in enumerate(text):
@@ -144,11 +146,12 @@ def set_parts(body: list[str]) -> tuple[list[str], list[str]]:
     while index < len(body):
         line = body[index]
         if line.strip().startswith("elements = {"):
-            text = line.strip()[len("elements = {"):]
-            while not text.rstrip().endswith("}") and index + 1 < len(body):
+            # joined once at the end: a set of 100k elements spans thousands of lines
+            pieces = [line.strip()[len("elements = {"):]]
+            while not pieces[-1].rstrip().endswith("}") and index + 1 < len(body):
                 index += 1
-                text += " " + body[index].strip()
-            elements += split_elements(text.rstrip().removesuffix("}"))
+                pieces.append(body[index].strip())
+            elements += split_elements(" ".join(pieces).rstrip().removesuffix("}"))
         else:
             lines.append(line)
         index += 1
