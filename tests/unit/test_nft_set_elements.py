@@ -7,7 +7,7 @@ import time
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fwsafe.backends.nftables import merge_set, set_parts, split_elements
+from fwsafe.backends.nftables import change_tables, merge_set, set_parts, split_elements
 
 _PLAIN = st.lists(st.from_regex(r"10\.[0-9]{1,3}\.[0-9]{1,3}\.[0-9]{1,3}", fullmatch=True),
                   max_size=30)
@@ -52,3 +52,21 @@ def test_a_wrapped_set_of_100k_elements_is_read_in_linear_time() -> None:
     assert set_parts(merged)[1] == elements
     # quadratic joining took ~5 s here; linear is ~0.3 s (CPU time: load does not count)
     assert spent < 2.5, spent
+
+
+def test_the_tables_an_nft_file_writes_to() -> None:
+    text = (b"# header { not a brace\n"
+            b"table foo {\n\tchain x { type filter hook input priority 0; } # c {\n}\n"
+            b'add element inet f2b blocked { 1.2.3.4 }; delete table ip6 zz # "x\n'
+            b'add rule bridge b c meta mark 1 comment "a ; b } {"\n'
+            b"add table netdev n\n")
+    assert change_tables(text) == ["ip foo", "inet f2b", "ip6 zz", "bridge b", "netdev n"]
+    assert change_tables(b"\n# nothing\n") == []
+
+
+def test_an_nft_file_that_does_not_name_its_tables_gives_none() -> None:
+    for text in (b"flush ruleset\n", b'include "/x.nft"\n', b"define X = 1\n",
+                 b"add rule inet $t c accept\n", b"delete table inet handle 4\n",
+                 b"table inet x {\n", b"table inet x }\n", b'add rule inet t c comment "x\n',
+                 b"list ruleset\n"):
+        assert change_tables(text) is None, text
