@@ -104,6 +104,18 @@ def owned_elsewhere(name: str, layers: Iterable[str]) -> frozenset[str]:
     return frozenset()
 
 
+def one_transaction_tables(name: str, content: bytes) -> list[str] | None:
+    """The nft layer's change `content` (one `nft -f` transaction: one nf_tables commit) as
+    the tables it writes to, its units; None when its statements do not all name their table,
+    and for every other layer."""
+    if name != "nft":
+        return None
+    # each backend is imported when first asked for (the CLI starts faster)
+    from fwsafe.backends.nftables import change_tables
+
+    return change_tables(content)
+
+
 def compose_partial(name: str, content: bytes, live: bytes | None) -> bytes:
     """A `--partial` file of one layer as the complete content it stands for, given the live
     state: the chains (nft: tables) it names replaced, everything else as it is."""

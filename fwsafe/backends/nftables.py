@@ -119,6 +119,8 @@ def _is_set(header: str) -> bool:
 
 def split_elements(text: str) -> list[str]:
     """`a, b . c, 22 : accept` -> its elements (commas inside braces or quotes do not split)."""
+    if not any(mark in text for mark in '"{('):   # plain elements (a 100k set): no scanning
+        return [" ".join(e.split()) for e in text.split(",") if e.strip()]
     out: list[str] = []
     depth, quoted, start = 0, False, 0
     for index, char in enumerate(text):
@@ -144,11 +146,12 @@ def set_parts(body: list[str]) -> tuple[list[str], list[str]]:
     while index < len(body):
         line = body[index]
         if line.strip().startswith("elements = {"):
-            text = line.strip()[len("elements = {"):]
-            while not text.rstrip().endswith("}") and index + 1 < len(body):
+            # joined once at the end: a set of 100k elements spans thousands of lines
+            pieces = [line.strip()[len("elements = {"):]]
+            while not pieces[-1].rstrip().endswith("}") and index + 1 < len(body):
                 index += 1
-                text += " " + body[index].strip()
-            elements += split_elements(text.rstrip().removesuffix("}"))
+                pieces.append(body[index].strip())
+            elements += split_elements(" ".join(pieces).rstrip().removesuffix("}"))
         else:
             lines.append(line)
         index += 1
@@ -219,6 +222,12 @@ def merge_block(before: str | None, after: str | None, live: str | None) -> str 
     return render_block(header, attrs, objects)
 
 
+def _whole(now: Mapping[str, str], targets: Mapping[str, str | None]) -> bytes:
+    """The layer's state once `targets` are loaded over `now`, as `capture` gives it."""
+    blocks = {**now, **targets}
+    return "".join(block + "\n" for block in blocks.values() if block is not None).encode()
+
+
 def compose_partial(change: bytes) -> bytes:
     """`--partial`: each table the file defines replaces the live table of that name."""
     text = change.decode(errors="replace")
@@ -229,6 +238,92 @@ def compose_partial(change: bytes) -> bytes:
         r"^\s*(?:add\s+)?table\s+(\S+)\s+([^\s{]+)", text, re.M))
     prefix = "".join(f"add table {n}\ndelete table {n}\n" for n in names)
     return (prefix + text).encode()
+
+
+_FAMILIES = ("ip", "ip6", "inet", "arp", "bridge", "netdev")
+# A top-level statement that writes to one named table: `[verb] object [family] table ...`.
+_WRITES = re.compile(r"(?:(?:add|create|flush|delete|destroy|insert|replace|reset)\s+)?"
+                     r"(?:table|chain|rule|set|map|element|flowtable|counter|quota|limit|"
+                     r"secmark|synproxy|ct\s+(?:helper|timeout|expectation))\s+(.*)", re.S)
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-/]*")
+
+
+_MARKS = re.compile(r'["#{}\n;]')
+
+
+def _statements(text: str) -> list[str] | None:
+    """An nft file's top-level statements (a `table X { ... }` block is one), comments left
+    out; None when its braces or quotes do not balance. (Only the marks are visited: a set of
+    100k elements is read at regex speed.)"""
+    out: list[str] = []
+    current: list[str] = []
+    depth, quoted, start = 0, False, 0
+    comment = -1                     # where the comment being skipped began
+    for mark in _MARKS.finditer(text):
+        char, at = mark.group(), mark.start()
+        if comment >= 0:
+            if char != "\n":
+                continue
+            comment, start = -1, at
+        if char == '"':
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif char == "#":
+            current.append(text[start:at])
+            comment = at
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth < 0:
+                return None
+        elif depth == 0:             # a newline or `;` ends a top-level statement
+            current.append(text[start:at])
+            out.append("".join(current).strip())
+            current, start = [], at + 1
+    if depth or quoted:
+        return None
+    if comment < 0:
+        current.append(text[start:])
+    out.append("".join(current).strip())
+    return [s for s in out if s]
+
+
+def change_tables(change: bytes) -> list[str] | None:
+    """The tables an nft file writes to ("family name"), when every top-level statement names
+    its table (`table inet x { ... }`, `add element ip t s { ... }`, `delete table x`: family
+    ip when left out); None when one does not say (`flush ruleset`, `include`, `define`,
+    variables, handles): then what the change touches is known only by reading the kernel."""
+    statements = _statements(change.decode(errors="replace"))
+    if statements is None:
+        return None
+    tables: dict[str, None] = {}
+    for statement in statements:
+        found = _WRITES.fullmatch(statement)
+        if found is None:
+            return None
+        words = found.group(1).replace("{", " { ").split()
+        family = words.pop(0) if words and words[0] in _FAMILIES else "ip"
+        name = words[0] if words else ""
+        if not _NAME.fullmatch(name) or name == "handle":
+            return None
+        tables[f"{family} {name}"] = None
+    return list(tables)
+
+
+def replaced_tables(change: bytes) -> list[str] | None:
+    """The tables an nft file writes to when it deletes each of them first (`table x` /
+    `delete table x` / `table x { ... }`): once loaded, each is exactly what the file says
+    after its delete. None otherwise."""
+    statements = _statements(change.decode(errors="replace"))
+    tables = change_tables(change)
+    if statements is None or tables is None:
+        return None
+    deleted = {" ".join(words[2:4]) if len(words) > 3 and words[2] in _FAMILIES
+               else f"ip {words[2]}" for words in (s.split() for s in statements)
+               if len(words) > 2 and words[0] in ("delete", "destroy") and words[1] == "table"}
+    return tables if all(t in deleted for t in tables) else None
 
 
 def describe_nft_error(stderr: str, change: bytes, source: str) -> tuple[str, int | None]:
@@ -353,12 +448,18 @@ class NftLayer(Layer):
                 targets[unit] = old.get(unit)
         script = []
         for unit, target in targets.items():
-            if target is None and unit not in now:
+            # (`live` given: it may be the snapshot standing for the live state, without the
+            # tables the change created; `add table` first makes the delete safe either way)
+            if target is None and unit not in now and live is None:
                 continue
             family, name = unit.split(" ", 1)
             script.append(f"add table {family} {name}\ndelete table {family} {name}\n")
             if target is not None:
                 script.append(target + "\n")
+        self.proved = None
+        whole = _whole(now, targets)
+        if script and start is not None and self.on_target is not None:
+            self.on_target(whole)
         if script:
             result = run_persistently([require_binary("nft"), "-f", "-"],
                                       input="".join(script).encode(), timeout=600,
@@ -366,10 +467,13 @@ class NftLayer(Layer):
             if result.returncode != 0:
                 raise ApplyError(f"nft refused the revert target: "
                                  f"{result.stderr.decode(errors='replace').strip()}")
-        if script and start is not None and nflist.generation() == start + 1:
+        end = nflist.generation() if script and start is not None else None
+        if start is not None and end == start + 1:
             # Proved by the kernel: since the live state was read, nf_tables committed our
-            # one transaction and nothing else, so each table is its target.
+            # one transaction and nothing else, so each table is its target, and the layer is
+            # the live state read with those tables replaced.
             loaded = {unit: target for unit, target in targets.items() if target is not None}
+            self.proved = (start, end, whole)
         else:
             loaded = self.units(self.capture())
         if level == MERGE and new is not None:

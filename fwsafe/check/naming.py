@@ -7,7 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fwsafe.check.host import IptTool
-from fwsafe.check.nft_lines import NftFileInfo, map_nft_handles, parse_nft_echo, scan_nft_file
+from fwsafe.check.nft_lines import (
+    EchoedRule,
+    NftFileInfo,
+    map_nft_handles,
+    parse_nft_echo,
+    scan_nft_file,
+)
 from fwsafe.check.nft_listing import ChainKey, NftListing
 
 __all__ = ["NftCandidate", "RuleNamer"]
@@ -33,6 +39,19 @@ class NftCandidate:
         tables |= {(c[0], c[1]) for c in info.policies}
         return cls(source, text.splitlines(), info, map_nft_handles(info, parse_nft_echo(echo)),
                    tables)
+
+    @classmethod
+    def listed(cls, content: bytes, source: str, listing: NftListing) -> NftCandidate:
+        """From the file and the sandbox's listing (with handles) of the tables it replaced
+        whole (it deleted each first): their rules are the file's, as `nft --echo` would
+        print them; at 100k set elements the echo overflows netlink's buffer."""
+        echoed = [EchoedRule(key, rule.handle, rule.text)
+                  for key, chain in listing.chains.items() for rule in chain.rules]
+        text = content.decode(errors="replace")
+        info = scan_nft_file(text)
+        tables = {(r.chain[0], r.chain[1]) for r in info.rules}
+        tables |= {(c[0], c[1]) for c in info.policies}
+        return cls(source, text.splitlines(), info, map_nft_handles(info, echoed), tables)
 
     def line(self, number: int) -> str:
         return self.lines[number - 1].strip() if 0 < number <= len(self.lines) else ""

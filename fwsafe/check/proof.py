@@ -37,8 +37,12 @@ def access_check(record: Record) -> Access | None:
         state = {n: live_state(n, known) for n in families}
         live = {n: (data, f"the {n} firewall after the revert") for n, data in state.items()}
         # The host's current state is the live one: the sandbox starts from it, and the
-        # candidate is that same state (one reading, one pruning analysis).
-        report = predict(live, clients=clients, port=port, validate=False, captured=state,
+        # candidate is that same state (one reading, one pruning analysis). The native nft
+        # tables as the revert proved them loaded, when it did (not read again: a set of 100k
+        # elements takes a second to list).
+        nft = known.get("nft")
+        captured = {**state, **({"nft": live_state("nft", known)} if nft is not None else {})}
+        report = predict(live, clients=clients, port=port, validate=False, captured=captured,
                          sandbox_prefix=PROOF_PREFIX)
         if report.lockout:
             return False, "access FAILED: " + report.lockout_message()

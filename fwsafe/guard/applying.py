@@ -11,7 +11,13 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from fwsafe.backends import compose_partial, layer_for, layer_has, nflist
+from fwsafe.backends import (
+    compose_partial,
+    layer_for,
+    layer_has,
+    nflist,
+    one_transaction_tables,
+)
 from fwsafe.backends.base import RULES_FILE
 from fwsafe.backends.iptsave import BUILTIN_CHAINS, chain_names, parse_ruleset
 from fwsafe.core import snapshot
@@ -251,7 +257,12 @@ def change_commits(record: Record, change: Mapping[str, bytes]) -> int | None:
         return None
     commits = 0
     for name in record.layers:
-        if not layer_has(name, RULES_FILE) or name not in change:   # iptables-nft's
+        if name not in change:
+            return None
+        if one_transaction_tables(name, change[name]) is not None:   # nft: one `nft -f`
+            commits += 1
+            continue
+        if not layer_has(name, RULES_FILE):   # iptables-nft's
             return None
         text = change[name].decode(errors="replace")
         commits += len(chain_names(text)) if record.options.get("partial") else \
@@ -283,6 +294,10 @@ def snapshot_touched(record: Record, change: Mapping[str, bytes],
     has in each table the change loaded whole (a superset of what it changed)."""
     touched: dict[str, list[str]] = {}
     for name in record.layers:
+        tables = one_transaction_tables(name, change[name])
+        if tables is not None:   # nft: the tables its one transaction wrote to
+            touched[name] = sorted(tables)
+            continue
         # the chains each table declares and those its rules name undeclared (`stray`: a
         # table's built-in chains need none, `*raw` / `-A PREROUTING ...` / `COMMIT` loads);
         # `undone_already` compares chains: each one the table can have

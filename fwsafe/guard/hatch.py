@@ -448,7 +448,7 @@ def read_chains(layer: str) -> list[Chain]:
     known = nflist.kernel_tables()
     if layer == NFT_LAYER:
         if known is None:
-            code, out, err = _run(["nft", "-a", "list", "ruleset"])
+            code, out, err = _run(["nft", "-a", "-t", "list", "ruleset"])
             if code != 0:
                 raise HatchError(f"nft list ruleset failed: {err}")
             return [c for c in parse_nft(out) if not _nft_skipped(c.family, c.table)]
@@ -456,7 +456,8 @@ def read_chains(layer: str) -> list[Chain]:
         for family, table in known:
             if _nft_skipped(family, table):
                 continue
-            code, out, err = _run(["nft", "-a", "list", "table", family, table])
+            # -t: sets without their elements (a set of 100k: a second to print and parse)
+            code, out, err = _run(["nft", "-a", "-t", "list", "table", family, table])
             if code != 0 and "No such file or directory" not in err:   # (deleted meanwhile)
                 raise HatchError(f"nft list table {family} {table} failed: {err}")
             chains += parse_nft(out) if code == 0 else []

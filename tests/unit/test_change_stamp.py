@@ -31,11 +31,26 @@ def test_one_commit_per_table_block_of_each_iptables_file() -> None:
     assert change_commits(record(options={"partial": True}), {"ipv4": twice}) == 2  # composed
 
 
-def test_nothing_is_known_for_what_is_not_whole_iptables_tables() -> None:
+def test_nothing_is_known_for_a_command_legacy_tables_or_files() -> None:
     assert change_commits(record(run=["ufw", "allow", "22"]), {}) is None
-    assert change_commits(record(layers=["nft"]), {"nft": b"table inet t {}\n"}) is None
     assert change_commits(record(layers=["ipv4-legacy"]), {"ipv4-legacy": TWO}) is None
     assert change_commits(record(layers=["ufw"]), {"ufw": b""}) is None
+
+
+NFT = (b"table inet fw {\n\tset blocked { type ipv4_addr; elements = { 10.0.0.1 } }\n}\n"
+       b"add element inet f2b banned { 10.9.9.9 } # fail2ban's\n")
+
+
+def test_an_nft_file_is_one_commit_when_each_statement_names_its_table() -> None:
+    """One `nft -f` is one transaction (one commit), with the hatch in it or not, and beside
+    an iptables file's commits; what it touches is the tables its statements name."""
+    assert change_commits(record(layers=["nft"]), {"nft": NFT}) == 1
+    assert change_commits(record(layers=["ipv4", "nft"]), {"ipv4": TWO, "nft": NFT}) == 3
+    assert snapshot_touched(record(layers=["nft"]), {"nft": NFT}, {"nft": b""}) == {
+        "nft": ["inet f2b", "inet fw"]}
+    for unknown in (b"flush ruleset\n" + NFT, b'include "/etc/x.nft"\n',
+                    b"define T = fw\nadd rule inet $T input drop\n", b"table inet x {\n"):
+        assert change_commits(record(layers=["nft"]), {"nft": unknown}) is None
 
 
 def test_a_snapshot_not_taken_at_the_stamp_before_the_load_gives_none() -> None:
