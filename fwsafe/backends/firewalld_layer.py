@@ -579,20 +579,25 @@ class FirewalldLayer(Layer):
 
     def _reload_and_put_back(self, want: Mapping[str, Any], say: RetryLog
                              ) -> tuple[bool, dict[str, Any] | None]:
-        """`--reload` (firewalld started first if it is not running), then the runtime-only
+        """`--reload`, or firewalld started when it is not running (it reads the files put
+        back: no reload after the start), then the runtime-only
         differences from `want` put back. (False, None) at boot, when firewalld is not
         started yet; else (True, the model now if nothing had to be put back, else None)."""
-        say("firewalld: its files are as in the snapshot; firewall-cmd --reload")
         self.ready_to_flush()
-        code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
+        code, err = NOT_RUNNING, ""
+        if unit_active() is not False:
+            say("firewalld: its files are as in the snapshot; firewall-cmd --reload")
+            code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
         if code != 0 and (code == NOT_RUNNING or not is_running()):
             if booting():
                 return False, None
+            # started, it reads the files put back: no reload after it (a firewall-cmd
+            # --reload is a second start of its model, and one more flush for Docker)
             ensure_running(say)
-            code, _out, err = firewall_cmd("--reload", timeout=RELOAD_TIMEOUT)
+            code = 0
         if code != 0:
             raise ApplyError(f"firewall-cmd --reload failed (exit {code}): {err.strip()}")
-        say("firewalld: reloaded; reading its runtime model")   # (each line: a heartbeat)
+        say("firewalld: running with its files; reading its runtime model")   # (a heartbeat)
         # The reload flushed the iptables tables and Docker writes its chains again: waited
         # for while the model is read (that commits nothing; the runtime commands do, and
         # Docker answers a reload only), so that the iptables layers' revert, next, reads
@@ -853,6 +858,20 @@ def ensure_running(say: RetryLog) -> None:
         if time.monotonic() > end:
             raise ApplyError("firewalld does not start")
         time.sleep(0.2)
+
+
+def unit_active() -> bool | None:
+    """firewalld.service active, as systemd says (no Python started: `firewall-cmd --state`
+    takes a second on a small host); None without systemctl or an answer."""
+    systemctl = find_binary("systemctl")
+    if systemctl is None:
+        return None
+    try:
+        result = run([systemctl, "is-active", "firewalld.service"], timeout=TOOL_TIMEOUT)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    state = result.stdout.decode(errors="replace").strip()
+    return {"active": True, "reloading": True, "inactive": False, "failed": False}.get(state)
 
 
 def booting() -> bool:

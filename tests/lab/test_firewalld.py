@@ -13,8 +13,10 @@ same time, so the waits overlap:
 * permanent: `--permanent --remove-service=ssh` then `--reload` in one apply, not confirmed:
   reverted by the deadline + 5 s, /etc/firewalld byte-identical (content, modes, owners), and a
   later `firewall-cmd --reload` keeps SSH open;
-* confirmed: `--permanent --add-port=8080/tcp` then `--reload`, confirmed from a NEW
-  connection: it stays, also after `firewall-cmd --reload`;
+* confirmed: first `fwsafe check`/`fwsafe diff` of firewall-cmd commands (runtime, permanent,
+  a script with a reload) over NEW logins: each exits 3, firewalld's model, its table and
+  /etc/firewalld are as before (item 0); then `--permanent --add-port=8080/tcp` and
+  `--reload`, confirmed from a NEW connection: it stays, also after `firewall-cmd --reload`;
 * reboot: the permanent removal and reload, then a hard reboot (`reboot -ff`) mid-window: the
   boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers;
 * stopped: `systemctl stop firewalld` under the guard, not confirmed: firewalld is started
@@ -215,7 +217,35 @@ def case_permanent(lab: SystemdLab) -> dict[str, Any]:
     return result
 
 
+# What check and diff are asked about (issue 24, item 0): firewall-cmd talks to the live
+# firewalld over the system D-Bus, so neither may run it; each must exit 3 and leave firewalld's
+# model, its table in the kernel and /etc/firewalld as they were.
+NOT_ON_A_COPY = (
+    ["check", "--", "firewall-cmd", "--remove-service=ssh"],
+    ["diff", "--", "firewall-cmd", "--add-port=7777/tcp"],
+    ["check", "--", "sh", "-c",
+     "firewall-cmd --permanent --remove-service=ssh && firewall-cmd --reload"],
+    ["diff", "--", "firewall-cmd", "--permanent", "--add-port=7777/tcp"],
+)
+
+
+def check_and_diff_untouched(lab: SystemdLab) -> dict[str, Any]:
+    """`fwsafe check` and `fwsafe diff` of firewall-cmd commands, over NEW SSH logins: their
+    exit codes and messages, and whether the live firewalld is exactly as before."""
+    before = (model(lab), kernel(lab), tree(lab))
+    ran = []
+    for argv in NOT_ON_A_COPY:
+        result = lab.ssh(shlex.join(["fwsafe", *argv]), timeout=120)
+        ran.append({"argv": argv, "code": result.returncode,
+                    "err": result.stdout + result.stderr})
+    return {"ran": ran, "same": (model(lab), kernel(lab), tree(lab)) == before,
+            "ports": lab.exec(["firewall-cmd", "--list-ports"]).stdout.split()
+            + lab.exec(["firewall-cmd", "--permanent", "--list-ports"]).stdout.split(),
+            "ssh": lab.new_connection_ok(timeout=2)}
+
+
 def case_confirmed(lab: SystemdLab) -> dict[str, Any]:
+    untouched = check_and_diff_untouched(lab)
     script = "firewall-cmd --permanent --add-port=8080/tcp && firewall-cmd --reload"
     info = fwsafe_over_ssh(lab, ["fwsafe", "apply", "--detach", "--json", "--timeout", "60",
                                  "--", "sh", "-c", script], GETS_IN)
@@ -223,7 +253,8 @@ def case_confirmed(lab: SystemdLab) -> dict[str, Any]:
     confirm = lab.ssh(f"fwsafe confirm {info['id']}", timeout=120)   # a NEW connection
     took = time.monotonic() - started
     print(f"\n[firewalld] confirmed from a new SSH login in {took:.2f} s")
-    result = {"confirm": confirm.returncode, "confirm_out": confirm.stdout + confirm.stderr,
+    result = {"untouched": untouched,
+              "confirm": confirm.returncode, "confirm_out": confirm.stdout + confirm.stderr,
               "status": lab.status(), "ports": lab.exec(["firewall-cmd", "--list-ports"]).stdout}
     lab.exec(["firewall-cmd", "--reload"])
     result["ports_after_reload"] = lab.exec(["firewall-cmd", "--list-ports"]).stdout
@@ -371,6 +402,18 @@ def test_good_permanent_change_confirmed_stays(outcomes: dict[str, Any]) -> None
     # to firewalld
     assert "fwsafe" in got["nftables_conf"], got["nftables_conf"][:300]
     assert "table inet firewalld" not in got["nftables_conf"]
+
+
+def test_check_and_diff_of_firewall_cmd_leave_the_live_firewalld_untouched(
+        outcomes: dict[str, Any]) -> None:
+    got = outcome(outcomes, "confirmed")["untouched"]
+    for ran in got["ran"]:
+        assert ran["code"] == 3, ran
+        assert "cannot be tried on a copy" in ran["err"], ran
+        assert "it was not run on the live host" in ran["err"], ran
+    assert got["same"], "check/diff changed firewalld's model, its table or /etc/firewalld"
+    assert "7777/tcp" not in got["ports"], got["ports"]
+    assert got["ssh"], "a NEW SSH connection no longer gets in after check/diff"
 
 
 def test_hard_reboot_mid_window_comes_back_with_the_old_permanent_config(

@@ -315,3 +315,31 @@ def test_the_changes_own_kernel_delta_counts_set_elements_one_by_one() -> None:
     assert kernel_delta_left(before, after, back) == []
     assert kernel_delta_left(before, after, state("  elements = { 192.0.2.9 }\n")) == [
         "removed inet firewalld / set f2b / element 10.0.0.1"]
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_a_stopped_firewalld_is_started_not_reloaded(monkeypatch: pytest.MonkeyPatch,
+                                                     active: bool) -> None:
+    """The revert's way back to firewalld's model: reloaded when it runs; started when it is
+    stopped (it reads the files put back), without a `--reload` tried first (that failed, a
+    second wasted on a small host) or after the start (one more flush of Docker's chains)."""
+    import fwsafe.backends.firewalld_layer as layer_module
+    calls: list[str] = []
+    monkeypatch.setattr(layer_module, "unit_active", lambda: active)
+    monkeypatch.setattr(layer_module, "is_running", lambda: active)
+    monkeypatch.setattr(layer_module, "booting", lambda: False)
+    monkeypatch.setattr(layer_module, "ensure_running", lambda _say: calls.append("start"))
+    monkeypatch.setattr(layer_module, "settle_after_reload", lambda: "quiet")
+    monkeypatch.setattr(layer_module, "read_model", lambda: {"zones": {}})
+    monkeypatch.setattr(layer_module, "put_back", lambda now, want, say: dict(now))
+
+    def firewall_cmd(*argv: str, **_kw: Any) -> tuple[int, str, str]:
+        calls.append(" ".join(argv))
+        return 0, "success", ""
+
+    monkeypatch.setattr(layer_module, "firewall_cmd", firewall_cmd)
+    layer = FirewalldLayer()
+    said: list[str] = []
+    booted, now = layer._reload_and_put_back({"zones": {}}, said.append)  # noqa: SLF001
+    assert booted and now == {"zones": {}}
+    assert calls == (["--reload"] if active else ["start"]), calls
