@@ -23,6 +23,7 @@ import base64
 import binascii
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,17 @@ def restore_tree(dirs: dict[str, Entry], files: dict[str, FileEntry],
     live_dirs, live_files = read_tree(root)
     for path, (mode, uid, gid, content) in sorted(files.items()):
         if live_files.get(path) != (mode, uid, gid, content):
-            write_file_atomically(local_path(root, path), content, mode, owner=(uid, gid))
+            local = local_path(root, path)
+            if local.is_dir() and not local.is_symlink():
+                # a directory where the snapshot has a file: the rename onto it would fail
+                # on every retry
+                shutil.rmtree(local)
+                fsync_dir(local.parent)
+            write_file_atomically(local, content, mode, owner=(uid, gid))
     for path in sorted(set(live_files) - set(files)):
         local = local_path(root, path)
+        if not os.path.lexists(local):   # in a directory removed above
+            continue
         local.unlink()
         fsync_dir(local.parent)
     for path in sorted(set(live_dirs) - set(dirs), reverse=True):   # children first

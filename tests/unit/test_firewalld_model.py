@@ -149,6 +149,20 @@ def test_tree_restored_byte_identically(tmp_path: Path) -> None:
     assert (st.st_mode & 0o777, st.st_uid, st.st_gid) == (0o600, 1, 2)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="owners can only be set by root")
+def test_a_file_turned_into_a_directory_is_a_file_again(tmp_path: Path) -> None:
+    _make_tree(tmp_path)
+    dirs, files = read_tree(tmp_path)
+    base = tmp_path / "etc/firewalld"
+    (base / "zones/public.xml").unlink()
+    (base / "zones/public.xml/x").mkdir(parents=True)
+    (base / "zones/public.xml/x/y.xml").write_text("<zone/>\n")
+    (base / "services").rmdir()   # and a directory turned into a file
+    (base / "services").write_text("not a directory\n")
+    restore_tree(dirs, files, root=tmp_path)
+    assert read_tree(tmp_path) == (dirs, files)
+
+
 def test_a_snapshot_cannot_write_outside_etc_firewalld() -> None:
     for path in ("/etc/passwd", "/etc/firewalld/../passwd", "/etc/firewalldx/a",
                  "/etc/firewalld//a", "/etc/firewalld/./a"):
