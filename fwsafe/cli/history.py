@@ -222,9 +222,9 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     """Put the known-good state ID back, under the guard, like `fwsafe apply`: it reverts
     unless confirmed (`fwsafe confirm` from a NEW SSH session, or `yes` at the countdown).
 
-    The ipv4/ipv6 rules, the native nftables tables, ufw's files and sshd's files of the
-    entry are put back together, so that neither `ufw reload` nor a reboot brings the bad
-    state back."""
+    The ipv4/ipv6 rules, the native nftables tables, ufw's files, /etc/firewalld (then
+    `firewall-cmd --reload`) and sshd's files of the entry are put back together, so that
+    neither `ufw reload`, `firewall-cmd --reload` nor a reboot brings the bad state back."""
     # loaded by the command that uses it only: every other command (and --help) starts faster
     from fwsafe.check.proof import PROVER
     from fwsafe.cli.screens import interactive_wait, report_armed
