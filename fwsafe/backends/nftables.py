@@ -354,14 +354,16 @@ class NftLayer(Layer):
     def native_tables(self) -> list[tuple[str, str]]:
         known = kernel_tables()   # a netlink dump: `nft list tables` builds its whole cache
         if known is not None:
-            return [t for t in known if not self._is_iptables_table(*t)]
+            return [t for t in known if not self._is_iptables_table(*t)
+                    and not hatch_rules.is_bridge(*t)]   # the hatch's lo bridge: nobody's
         result = run_persistently([require_binary("nft"), "-j", "list", "tables"], timeout=60)
         if result.returncode != 0:
             raise ApplyError(f"nft list tables failed: {result.stderr.decode(errors='replace')}")
         tables = []
         for item in json.loads(result.stdout or b"{}").get("nftables", []):
             table = item.get("table")
-            if table and not self._is_iptables_table(table["family"], table["name"]):
+            if table and not self._is_iptables_table(table["family"], table["name"]) \
+                    and not hatch_rules.is_bridge(table["family"], table["name"]):
                 tables.append((str(table["family"]), str(table["name"])))
         return tables
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,7 +45,12 @@ from typing import Any
 
 from fwsafe import backends
 from fwsafe.backends import IPTABLES_SAVE, NETFILTER, layer_has
-from fwsafe.ondisk.hatch_rules import MARK  # how its rules are recognised (and stripped from captures)
+from fwsafe.ondisk.hatch_rules import (  # how its rules are recognised (and stripped from captures)
+    BRIDGE_FAMILY,
+    BRIDGE_TABLE,
+    MARK,
+    is_bridge,
+)
 
 NFT_LAYER = "nft"
 IN_HOOKS = ("prerouting", "input")
@@ -416,13 +422,128 @@ def _iptables_tool(layer: str) -> tuple[str, str]:
 
 
 def _nft_skipped(family: str, table: str) -> bool:
-    """A table of iptables-nft (the iptables layers hold its hatch)."""
+    """A table of iptables-nft (the iptables layers hold its hatch), or the hatch's own lo
+    bridge (planned on its own: `bridge_plan`)."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
     from fwsafe.backends.iptables import uses_nf_tables
     from fwsafe.backends.iptsave import BUILTIN_CHAINS
 
+    if is_bridge(family, table):
+        return True
     return family in ("ip", "ip6") and table in BUILTIN_CHAINS and uses_nf_tables()
+
+
+# --------------------------------------------------------------------------------------------
+# The lo bridge: past a table the hatch cannot be put in
+# --------------------------------------------------------------------------------------------
+# A table owned by another program (`flags owner`, firewalld 2.x) takes no rule of ours, and
+# an accept in another table does not override its reject. It accepts what arrives on `lo`
+# (firewalld: `iifname "lo" accept`, before its zones; its IPv6 reverse-path filter passes
+# `lo`). So from the moment the hatch opens, the SSH packets of its sources are looped through
+# `lo` in an ingress chain of each Ethernet device: their destination MAC set to lo's (zero)
+# and forwarded to lo, they are received again on lo, for the same local address, and answered
+# as usual. IPv4 needs reverse-path filtering off or loose (rp_filter 0 or 2, the default of
+# systemd, Ubuntu and the RHEL family) for lo: strict (1) drops them, and status says so.
+BRIDGE_PRIORITY = -500
+BRIDGE_PASSED = "through lo past"
+_NFT_DEVICE = re.compile(r'hook\s+ingress\s+device\s+"?([^"\s;]+)"?')
+_SYS_NET = "/sys/class/net"
+
+
+def bridge_devices(root: str = _SYS_NET) -> list[str]:
+    """The Ethernet devices that are up (ARPHRD_ETHER, IFF_UP), but lo: where SSH comes in."""
+    found = []
+    for name in sorted(os.listdir(root)):
+        try:
+            with open(os.path.join(root, name, "type"), encoding="ascii") as f:
+                kind = int(f.read().strip())
+            with open(os.path.join(root, name, "flags"), encoding="ascii") as f:
+                flags = int(f.read().strip(), 16)
+        except (OSError, ValueError):
+            continue
+        if kind == 1 and flags & 1 and name != "lo":
+            found.append(name)
+    return found
+
+
+def strict_rp_filter(root: str = "/proc/sys/net/ipv4/conf") -> bool:
+    """IPv4 reverse-path filtering is strict for lo (the larger of `all` and `lo`: 1)."""
+    values = []
+    for name in ("all", "lo"):
+        try:
+            with open(os.path.join(root, name, "rp_filter"), encoding="ascii") as f:
+                values.append(int(f.read().strip()))
+        except (OSError, ValueError):
+            values.append(0)
+    return max(values) == 1
+
+
+def bridge_rules(spec: Spec) -> list[str]:
+    """The lo bridge's rules for one ingress chain."""
+    rules = []
+    for proto, v6 in (("ip", False), ("ip6", True)):
+        if not spec.sources(v6):
+            continue
+        rules.append(f"{proto} saddr {{ {', '.join(spec.sources(v6))} }} "
+                     f"tcp dport {{ {', '.join(str(p) for p in spec.ports)} }} "
+                     f"meta time >= {spec.opens} ether daddr set 00:00:00:00:00:00 "
+                     f"fwd to \"lo\" comment \"{spec.tag}\"")
+    return rules
+
+
+def read_bridge() -> dict[str, list[str]] | None:
+    """The lo bridge as loaded: {device: its chain's rules}; None when there is none."""
+    code, out, err = _run(["nft", "list", "table", BRIDGE_FAMILY, BRIDGE_TABLE])
+    if code != 0:
+        if "No such file or directory" in err:
+            return None
+        raise HatchError(f"nft list table {BRIDGE_FAMILY} {BRIDGE_TABLE} failed: {err}")
+    chains: dict[str, list[str]] = {}
+    rules: list[str] | None = None
+    for line in out.splitlines():
+        body = line.strip()
+        device = _NFT_DEVICE.search(body)
+        if device and body.startswith("type "):
+            rules = chains.setdefault(device.group(1), [])
+        elif rules is not None and body and body != "}" and not body.startswith("chain "):
+            rules.append(body)
+    return chains
+
+
+def bridge_plan(spec: Spec | None, live: dict[str, list[str]] | None,
+                devices: Sequence[str]) -> str:
+    """The nft statements that make the lo bridge that of `spec` on `devices` (None: none),
+    the whole table made again in the same transaction; "" when it is as wanted."""
+    wanted = bridge_rules(spec) if spec is not None and devices else []
+    tag = spec.tag if spec is not None else ""
+    if not wanted:
+        return f"delete table {BRIDGE_FAMILY} {BRIDGE_TABLE}\n" if live is not None else ""
+    if live is not None and sorted(live) == sorted(devices) and all(
+            len(rules) == len(wanted) and all(tag in r for r in rules)
+            for rules in live.values()):
+        return ""
+    lines = [f"table {BRIDGE_FAMILY} {BRIDGE_TABLE}",
+             f"delete table {BRIDGE_FAMILY} {BRIDGE_TABLE}",
+             f"table {BRIDGE_FAMILY} {BRIDGE_TABLE} {{"]
+    for i, device in enumerate(devices):
+        lines += [f"\tchain ingress{i} {{",
+                  f"\t\ttype filter hook ingress device \"{device}\" priority "
+                  f"{BRIDGE_PRIORITY}; policy accept;",
+                  *(f"\t\t{rule}" for rule in wanted), "\t}"]
+    lines.append("}")
+    return "".join(line + "\n" for line in lines)
+
+
+def bridge_state(owned: Sequence[str], bridged: bool) -> str:
+    """What the hatch can do past `owned` tables: through the lo bridge, or nothing."""
+    if not owned:
+        return ""
+    if not bridged:
+        return f"; not in {', '.join(owned)} ({OWNED})"
+    caveat = (" (IPv4: NOT while rp_filter is strict (1) for lo)" if strict_rp_filter()
+              else "")
+    return f"; {BRIDGE_PASSED} {', '.join(owned)}{caveat}"
 
 
 def _run(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
@@ -531,11 +652,15 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
     for attempt in range(4):
         chains = read_chains(layer)
         payload = plan_layer(layer, chains, spec)
+        owned = _owned_tables(chains, spec, layer)
+        devices: list[str] = []
+        if layer == NFT_LAYER:
+            devices = bridge_devices() if owned else []
+            payload += bridge_plan(spec if owned else None, read_bridge(), devices)
         if not payload:
-            wanted = any(_wanted(c, spec, layer) for c in chains)
+            wanted = any(_wanted(c, spec, layer) for c in chains) or bool(owned and devices)
             state = "loaded" if wanted else ("none" if spec is not None else "removed")
-            owned = _owned_tables(chains, spec, layer)
-            return f"{state}; not in {', '.join(owned)} ({OWNED})" if owned else state
+            return state + bridge_state(owned, bool(devices))
         if attempt == 3:
             break
         if layer == NFT_LAYER:
@@ -611,6 +736,11 @@ def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
              if "; not in " in str(v)]
     if owned and state in ("removing", "armed"):
         text += f"; it CANNOT open SSH through {', '.join(owned)} ({OWNED})"
+    bridged = [str(v).split(f"; {BRIDGE_PASSED} ", 1)[1] for v in layers.values()
+               if f"; {BRIDGE_PASSED} " in str(v)]
+    if bridged and state in ("removing", "armed"):
+        text += (f"; past {', '.join(bridged)} (owned by another program) it loops SSH "
+                 f"through lo, which that table accepts")
     return text
 
 

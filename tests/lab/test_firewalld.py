@@ -21,6 +21,9 @@ same time, so the waits overlap:
   boot unit puts /etc/firewalld back before firewalld.service starts; SSH answers;
 * stopped: `systemctl stop firewalld` under the guard, not confirmed: firewalld is started
   again (active, not failed) with its model and tables as before;
+* hatch_alone: `--remove-service=ssh` with the guard and its watcher frozen (SIGSTOP): a NEW
+  SSH login gets in by the kernel alone at the deadline + hatch_grace (firewalld 2.x: through
+  the lo bridge past its owned table); resumed, the guard reverts and the bridge is gone;
 * nft_file: an nft file of the admin's own (a table that drops SSH) applied with --force
   beside firewalld, not confirmed: reverted, firewalld's table untouched; the kernel escape
   hatch is in the file's table, and in firewalld's only where firewalld does not own it (2.x:
@@ -336,7 +339,41 @@ def case_nft_file(lab: SystemdLab) -> dict[str, Any]:
             "running": lab.exec(["firewall-cmd", "--state"], check=False).stdout}
 
 
+HATCH_GRACE = 3
+
+
+def case_hatch_alone(lab: SystemdLab) -> dict[str, Any]:
+    """`--remove-service=ssh`, not confirmed, the guard and its watcher frozen (SIGSTOP): SSH
+    comes back by the kernel alone at the deadline + hatch_grace, in firewalld 1.x's table,
+    and past firewalld 2.x's owned table through the lo bridge; resumed, the guard reverts
+    and the bridge is gone."""
+    lab.write("/etc/fwsafe/fwsafe.toml", f"stuck_grace = 60\nhatch_grace = {HATCH_GRACE}\n")
+    info = fwsafe_over_ssh(lab, ["fwsafe", "firewall-cmd", "--detach", "--json", "--timeout",
+                                 str(TIMEOUT), "--remove-service=ssh"], LOCKED_OUT)
+    assert not lab.new_connection_ok(timeout=1), "the lockout is not live"
+    pids = [str(info["guard_pid"]), str(info["backstop"]["pid"])]
+    hatch = lab.status().get("hatch") or {}
+    lab.exec(["kill", "-STOP", *pids])
+    try:
+        back = ssh_back(lab, TIMEOUT + 30)
+        tables = lab.exec(["nft", "list", "tables"]).stdout
+        text = lab.exec(["fwsafe", "status"], check=False).stdout
+    finally:
+        lab.exec(["kill", "-CONT", *pids], check=False)
+    after = None if back is None else back - float(info["deadline"])
+    print(f"\n[firewalld] guard and watcher SIGSTOPped: a NEW SSH login gets in "
+          f"{after if after is None else f'{after:+.2f}'} s after the deadline (the kernel's "
+          f"hatch alone, hatch_grace {HATCH_GRACE} s)")
+    final = lab.wait_state({"reverted", "revert-failed"}, 90)
+    return {"after": after, "hatch": hatch, "tables_frozen": tables, "status_text": text,
+            "final": final, "tables": lab.exec(["nft", "list", "tables"]).stdout,
+            "services": services(lab), "ssh": lab.new_connection_ok(timeout=2),
+            "owned": "flags owner" in lab.exec(["nft", "list", "table", "inet",
+                                                "firewalld"]).stdout}
+
+
 CASES: dict[str, Callable[[SystemdLab], dict[str, Any]]] = {
+    "hatch_alone": case_hatch_alone,
     "stopped": case_stopped,
     "runtime": case_runtime, "permanent": case_permanent, "confirmed": case_confirmed,
     "reboot": case_reboot, "nft_file": case_nft_file}
@@ -373,10 +410,10 @@ def test_runtime_removal_of_ssh_is_reverted_through_firewalld(outcomes: dict[str
     assert got["kernel"], "firewalld's table in the kernel is not as before"
     assert got["tree"], "/etc/firewalld changed"
     # the kernel escape hatch: never an error; not in firewalld's table where firewalld owns it
-    # (2.x: `flags owner`, nft refuses anyone else), and said so
+    # (2.x: `flags owner`, nft refuses anyone else): past it through lo (the bridge), said so
     nft = str((got["hatch"].get("layers") or {}).get("nft"))
     assert got["hatch"].get("state") == "armed" and not nft.startswith("error"), got["hatch"]
-    assert ("not in inet firewalld" in nft) == got["owned"], (nft, got["owned"])
+    assert ("through lo past inet firewalld" in nft) == got["owned"], (nft, got["owned"])
 
 
 def test_permanent_removal_and_reload_is_reverted_byte_identically(
@@ -443,7 +480,27 @@ def test_an_nft_file_beside_firewalld_is_reverted_and_firewalds_table_left_alone
     assert "table inet mine" not in got["tables"], got["tables"]
     nft = str((got["hatch"].get("layers") or {}).get("nft"))
     assert got["hatch_in_mine"] and nft.startswith("loaded"), got["hatch"]
-    # firewalld 2.x owns its table: the hatch is not there, and status says it cannot open
-    # SSH through it; 1.x's table takes it like any other
+    # firewalld 2.x owns its table: the hatch is not there but passes it through lo (the
+    # bridge); 1.x's table takes it like any other
     assert got["hatch_in_firewalld"] != got["owned"], got
-    assert ("not in inet firewalld" in nft) == got["owned"], (nft, got["owned"])
+    assert ("through lo past inet firewalld" in nft) == got["owned"], (nft, got["owned"])
+
+
+def test_the_kernel_alone_lets_ssh_in_with_the_guard_frozen(outcomes: dict[str, Any]) -> None:
+    """The last line of defence on a firewalld host: no fwsafe process runs, and a NEW SSH
+    login gets in at the deadline + hatch_grace; on firewalld 2.x past its owned table
+    (through lo, the bridge), on 1.x through the hatch in firewalld's table."""
+    got = outcome(outcomes, "hatch_alone")
+    assert got["after"] is not None, ("SSH did not come back by the kernel alone", got)
+    assert got["after"] <= HATCH_GRACE + 5, got
+    nft = str((got["hatch"].get("layers") or {}).get("nft"))
+    assert nft.startswith("loaded"), got["hatch"]
+    assert ("through lo past inet firewalld" in nft) == got["owned"], nft
+    assert ("fwsafe_hatch" in got["tables_frozen"]) == got["owned"], got["tables_frozen"]
+    if got["owned"]:
+        assert "loops SSH through lo" in got["status_text"], got["status_text"]
+    # resumed: the guard reverts; the hatch and its bridge are gone, firewalld lists ssh
+    assert got["final"]["state"] == "reverted", got["final"]
+    assert (got["final"].get("hatch") or {}).get("state") == "removed", got["final"]
+    assert "fwsafe_hatch" not in got["tables"], got["tables"]
+    assert "ssh" in got["services"] and got["ssh"]

@@ -97,8 +97,11 @@ def test_firewalld_2s_table_is_owned_and_gets_no_hatch() -> None:
 
 def test_the_hatch_says_it_cannot_open_ssh_through_an_owned_table(
         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a device for the lo bridge (no Ethernet device up), an owned table stands."""
     chains = hatch.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
     monkeypatch.setattr(hatch, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch, "bridge_devices", lambda: [])
+    monkeypatch.setattr(hatch, "read_bridge", lambda: None)
     state = hatch.sync_layer("nft", SPEC)
     assert state.startswith("none; not in inet firewalld (owned by the program"), state
     assert hatch.sync_layer("nft", None) == "removed"   # removal: nothing of it to find there
@@ -108,3 +111,82 @@ def test_the_hatch_says_it_cannot_open_ssh_through_an_owned_table(
     assert "in ipv4" in text and "NOT loaded" not in text
     assert "CANNOT open SSH through inet firewalld" in text
     assert "CANNOT" not in (hatch.describe({**info, "state": "removed"}) or "")
+
+
+def test_past_an_owned_table_the_hatch_loops_ssh_through_lo(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """firewalld 2.x's owned table: the lo bridge, one ingress chain per Ethernet device,
+    loaded in the same nft transaction, read back, then removed with the hatch. (The kernel's
+    side, a NEW SSH login with the guard frozen: tests/lab/test_firewalld.py.)"""
+    chains = hatch.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
+    monkeypatch.setattr(hatch, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch, "bridge_devices", lambda: ["host0", "eth1"])
+    monkeypatch.setattr(hatch, "strict_rp_filter", lambda: False)
+    loaded: dict[str, list[str]] | None = None
+    scripts: list[str] = []
+
+    def nft(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
+        nonlocal loaded
+        assert argv == ["nft", "-f", "-"], argv
+        script = (payload or b"").decode()
+        scripts.append(script)
+        if script.startswith("delete table netdev fwsafe_hatch"):
+            loaded = None
+        else:   # what nft lists back: one chain per device, the rules with their tag
+            rules = sorted({line.strip() for line in script.splitlines() if "fwd to" in line})
+            loaded = {"host0": rules, "eth1": rules}
+        return 0, "", ""
+
+    monkeypatch.setattr(hatch, "_run", nft)
+    monkeypatch.setattr(hatch, "read_bridge", lambda: loaded)
+    state = hatch.sync_layer("nft", SPEC)
+    assert state == "loaded; through lo past inet firewalld", state
+    script = scripts[0]
+    assert "inet firewalld" not in script              # nothing nft would refuse
+    assert script.startswith("table netdev fwsafe_hatch\ndelete table netdev fwsafe_hatch\n")
+    assert 'type filter hook ingress device "host0" priority -500; policy accept;' in script
+    assert 'type filter hook ingress device "eth1" priority -500; policy accept;' in script
+    assert (f"ip saddr {{ 10.232.2.2 }} tcp dport {{ 22 }} meta time >= {SPEC.opens} "
+            f'ether daddr set 00:00:00:00:00:00 fwd to "lo" comment "{SPEC.tag}"') in script
+    assert hatch.sync_layer("nft", SPEC) == state and len(scripts) == 1   # in place: no load
+    info = {"state": "armed", "opens": SPEC.opens, "grace": 30, "sources4": ["10.232.2.2"],
+            "sources6": [], "ports": [22], "layers": {"nft": state}}
+    text = hatch.describe(info) or ""
+    assert "loops SSH through lo" in text and "CANNOT" not in text, text
+    moved = SPEC.moved(SPEC.opens + 60)                 # extend: the bridge made again
+    hatch.sync_layer("nft", moved)
+    assert f"meta time >= {moved.opens} " in scripts[-1]
+    assert hatch.sync_layer("nft", None) == "removed"   # removal: the whole table goes
+    assert scripts[-1] == "delete table netdev fwsafe_hatch\n" and loaded is None
+
+
+def test_the_lo_bridge_is_nobodys_rule() -> None:
+    """Captures never see the bridge's table (nor its rules), like the hatch's own rules."""
+    from fwsafe.ondisk import hatch_rules
+    listing = (b"table inet mine {\n\tchain input {\n\t\ttcp dport 22 accept\n\t}\n}\n"
+               b"table netdev fwsafe_hatch { # handle 9\n\tchain ingress0 { # handle 1\n"
+               b'\t\ttype filter hook ingress device "host0" priority -500; policy accept;\n'
+               b'\t\tip saddr 10.232.2.2 tcp dport 22 fwd to "lo" comment "fwsafe-hatch:t:1:a"'
+               b"\n\t}\n}\ntable inet other {\n}\n")
+    assert hatch_rules.strip(listing) == (b"table inet mine {\n\tchain input {\n\t\ttcp "
+                                          b"dport 22 accept\n\t}\n}\ntable inet other {\n}\n")
+    assert hatch_rules.is_bridge("netdev", "fwsafe_hatch")
+    assert not hatch_rules.is_bridge("inet", "fwsafe_hatch")
+
+
+def test_bridge_devices_and_rp_filter_from_sys(tmp_path: Path) -> None:
+    for name, kind, flags in (("lo", 772, "0x9"), ("host0", 1, "0x1003"), ("wg0", 65534, "0x91"),
+                              ("eth1", 1, "0x1002")):   # eth1: down
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "type").write_text(f"{kind}\n")
+        (tmp_path / name / "flags").write_text(f"{flags}\n")
+    assert hatch.bridge_devices(str(tmp_path)) == ["host0"]
+    conf = tmp_path / "conf"
+    for name, value in (("all", 0), ("lo", 2)):
+        (conf / name).mkdir(parents=True)
+        (conf / name / "rp_filter").write_text(f"{value}\n")
+    assert not hatch.strict_rp_filter(str(conf))
+    (conf / "all" / "rp_filter").write_text("1\n")   # the larger of the two counts: loose
+    assert not hatch.strict_rp_filter(str(conf))
+    (conf / "lo" / "rp_filter").write_text("0\n")
+    assert hatch.strict_rp_filter(str(conf))
