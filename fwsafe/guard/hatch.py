@@ -494,6 +494,13 @@ def bridge_rules(spec: Spec) -> list[str]:
 
 def read_bridge() -> dict[str, list[str]] | None:
     """The lo bridge as loaded: {device: its chain's rules}; None when there is none."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
+    from fwsafe.backends import nflist
+
+    known = nflist.kernel_tables()   # one netlink dump: no nft started where there is none
+    if known is not None and (BRIDGE_FAMILY, BRIDGE_TABLE) not in known:
+        return None
     code, out, err = _run(["nft", "list", "table", BRIDGE_FAMILY, BRIDGE_TABLE])
     if code != 0:
         if "No such file or directory" in err:

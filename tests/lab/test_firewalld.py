@@ -357,7 +357,7 @@ def case_hatch_alone(lab: SystemdLab) -> dict[str, Any]:
     try:
         back = ssh_back(lab, TIMEOUT + 30)
         tables = lab.exec(["nft", "list", "tables"]).stdout
-        text = lab.exec(["fwsafe", "status"], check=False).stdout
+        text = lab.exec(["fwsafe", "status", "-v"], check=False).stdout
     finally:
         lab.exec(["kill", "-CONT", *pids], check=False)
     after = None if back is None else back - float(info["deadline"])
