@@ -541,7 +541,7 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
                                 payload.encode())
         if commits is not None:
             commits.append(-1 if code != 0 else 1 if layer == NFT_LAYER
-                           else payload.count("\nCOMMIT\n"))
+                           else len(iptsave.blocks(payload.splitlines())))
         if code != 0:
             last = err or f"exit {code}"
             if log is not None:
