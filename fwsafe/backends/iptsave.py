@@ -35,14 +35,15 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
 #: The names of built-in chains, in whatever table.
 BUILTIN_CHAIN_NAMES = frozenset(c for chains in BUILTIN_CHAINS.values() for c in chains)
 
-_DECLARED = re.compile(r":(\S+)(?:\s+(\S+))?(?:\s+\[(\d+):\d+\])?")
+# iptables-restore reads the chain name after `:` as strtok does: blanks before it are skipped
+_DECLARED = re.compile(r":[ \t]*(\S+)(?:\s+(\S+))?(?:\s+\[(\d+):\d+\])?")
 # iptables-restore starts the command right after the `]` of the counters: no space needed
 _COUNTED = re.compile(r"\[(\d+):\d+\]\s*")
 _APPEND = frozenset({"-A", "--append", "-I", "--insert"})
 _HAS_TABLE = re.compile(rb"(?:^|\n)\*")
 # A declaration line: `*table`, `:chain ...` or COMMIT. Matched after the newline that starts
 # it (a literal the regex engine searches for fast), on the text with "\n" put in front.
-_DECLARATION = re.compile(r"\n(?:\*(?P<table>[^\n]*)|:(?P<chain>\S+)[^\n]*|(?P<commit>COMMIT)"
+_DECLARATION = re.compile(r"\n(?:\*(?P<table>[^\n]*)|:[ \t]*(?P<chain>\S+)[^\n]*|(?P<commit>COMMIT)"
                           r"[ \t\r\f\v]*(?=\n|\Z))")
 
 

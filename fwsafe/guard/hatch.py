@@ -167,9 +167,9 @@ def _iptables_block_chains(table: str, lines: Iterable[str]) -> list[str]:
     dropping: list[str] = []
     for line in lines:
         if line.startswith(":"):
-            parts = line[1:].split()
-            if parts and parts[0] in relevant and len(parts) > 1 and parts[1] != "ACCEPT":
-                dropping.append(parts[0])
+            declared = iptsave.declaration(line)
+            if declared and declared[0] in relevant and declared[1] not in (None, "ACCEPT"):
+                dropping.append(declared[0])
         else:
             match = _RULE.match(line)
             if match and match.group(1) in relevant:
