@@ -2,8 +2,10 @@
 
 Every reader of iptables-save text uses this module: the iptables backend (capture, merge,
 revert, `--partial`), the rollback of a history entry, `fwsafe check` (which rule counted
-packets: ``iptables-save -c``) and `fwsafe audit` (Docker's and other NAT). Nothing here runs a
-program.
+packets: ``iptables-save -c``; which file line made a rule and which rules pruning may leave
+out: `blocks`), `fwsafe audit` (Docker's and other NAT), the guard (a change's commits) and the
+kernel escape hatch (its iptables-restore payloads: `blocks`, `table_text`). Nothing here runs
+a program.
 
 The format, as iptables-save prints it and iptables-restore reads it: a `*table` line opens a
 table, `:CHAIN POLICY [packets:bytes]` declares a chain (policy "-" for a user chain), rule
