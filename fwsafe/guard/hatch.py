@@ -170,8 +170,8 @@ def _iptables_block_chains(table: str, lines: Iterable[str]) -> list[str]:
             declared = iptsave.declaration(line)
             if declared and declared[0] in relevant and declared[1] not in (None, "ACCEPT"):
                 dropping.append(declared[0])
-        else:
-            match = _RULE.match(line)
+        else:   # a file saved with `iptables-save -c`: iptables-restore skips the counters
+            match = _RULE.match(iptsave.uncounted(line))
             if match and match.group(1) in relevant:
                 dropping.append(match.group(1))
     return [c for c in relevant if c in dropping]

@@ -116,7 +116,7 @@ def old_block_chains(lines: list[str]) -> list[str]:
             if parts and parts[0] in relevant and len(parts) > 1 and parts[1] != "ACCEPT":
                 dropping.append(parts[0])
         else:
-            match = re.match(r"^-[AI]\s+(\S+)", line)
+            match = re.match(r"^-[AI]\s+(\S+)", iptsave.uncounted(line))   # fixed since
             if match and match.group(1) in relevant:
                 dropping.append(match.group(1))
     return [c for c in relevant if c in dropping]
@@ -221,6 +221,15 @@ def test_hatch_reads_and_writes_tables_as_before(text: str, spec: hatch.Spec | N
         chains = hatch.parse_iptables(saved, "ipv4")
         assert chains == old_parse_iptables(saved, "ipv4")
         assert hatch.plan_layer("ipv4", chains, spec) == old_plan_iptables(chains, spec)
+
+
+def test_hatch_goes_in_a_chain_whose_rules_carry_counters() -> None:
+    """A change saved with `iptables-save -c`: iptables-restore loads its rules (counters
+    skipped), so a chain with policy ACCEPT and counted rules can drop: the hatch goes in."""
+    payload = b"*filter\n:INPUT ACCEPT [0:0]\n[5:100] -A INPUT -p tcp --dport 22 -j DROP\nCOMMIT\n"
+    out = hatch.with_iptables_change(payload, SPEC, False).decode().splitlines()
+    assert out[:3] == payload.decode().splitlines()[:3] and out[-1] == "COMMIT"
+    assert [line.split()[:3] for line in out[3:-1]] == [["-I", "INPUT", "1"]]
 
 
 def test_line_map_reads_what_iptables_restore_reads_more() -> None:
