@@ -2,8 +2,10 @@
 
 Every reader of iptables-save text uses this module: the iptables backend (capture, merge,
 revert, `--partial`), the rollback of a history entry, `fwsafe check` (which rule counted
-packets: ``iptables-save -c``) and `fwsafe audit` (Docker's and other NAT). Nothing here runs a
-program.
+packets: ``iptables-save -c``; which file line made a rule and which rules pruning may leave
+out: `blocks`), `fwsafe audit` (Docker's and other NAT), the guard (a change's commits) and the
+kernel escape hatch (its iptables-restore payloads: `blocks`, `table_text`). Nothing here runs
+a program.
 
 The format, as iptables-save prints it and iptables-restore reads it: a `*table` line opens a
 table, `:CHAIN POLICY [packets:bytes]` declares a chain (policy "-" for a user chain), rule
@@ -22,6 +24,7 @@ from __future__ import annotations
 import functools
 import re
 import shlex
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
@@ -34,13 +37,15 @@ BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
 #: The names of built-in chains, in whatever table.
 BUILTIN_CHAIN_NAMES = frozenset(c for chains in BUILTIN_CHAINS.values() for c in chains)
 
-_DECLARED = re.compile(r":(\S+)(?:\s+(\S+))?(?:\s+\[(\d+):\d+\])?")
-_COUNTED = re.compile(r"\[(\d+):\d+\]\s+")
+# iptables-restore reads the chain name after `:` as strtok does: blanks before it are skipped
+_DECLARED = re.compile(r":[ \t]*(\S+)(?:\s+(\S+))?(?:\s+\[(\d+):\d+\])?")
+# iptables-restore starts the command right after the `]` of the counters: no space needed
+_COUNTED = re.compile(r"\[(\d+):\d+\]\s*")
 _APPEND = frozenset({"-A", "--append", "-I", "--insert"})
 _HAS_TABLE = re.compile(rb"(?:^|\n)\*")
 # A declaration line: `*table`, `:chain ...` or COMMIT. Matched after the newline that starts
 # it (a literal the regex engine searches for fast), on the text with "\n" put in front.
-_DECLARATION = re.compile(r"\n(?:\*(?P<table>[^\n]*)|:(?P<chain>\S+)[^\n]*|(?P<commit>COMMIT)"
+_DECLARATION = re.compile(r"\n(?:\*(?P<table>[^\n]*)|:[ \t]*(?P<chain>\S+)[^\n]*|(?P<commit>COMMIT)"
                           r"[ \t\r\f\v]*(?=\n|\Z))")
 
 
@@ -150,8 +155,7 @@ class Table:
         order = [c for c in builtins if c in self.chains] + sorted(
             c for c in self.chains if c not in builtins)
         decls = [f":{c} {self.chains[c].policy} [0:0]" for c in order]
-        rules = [r for c in order for r in self.chains[c].rules]
-        return "\n".join([f"*{self.name}", *decls, *rules, "COMMIT"]) + "\n"
+        return table_text(self.name, [*decls, *(r for c in order for r in self.chains[c].rules)])
 
 
 Tables = dict[str, Table]
@@ -188,11 +192,11 @@ def parse_ruleset(text: str, counters: bool = False) -> Tables:
         if table is None or first == "#":
             continue
         if first == ":":
-            declared = _DECLARED.match(line)
+            declared = declaration(line)
             if declared:
-                name, policy, packets = declared.groups()
-                chains[name] = Chain(name, policy or "-", policy_packets=(
-                                     int(packets) if counters and packets else 0))
+                name, policy, packets = declared
+                chains[name] = Chain(name, policy or "-",
+                                     policy_packets=packets if counters else 0)
             continue
         if line == "COMMIT":
             table = None
@@ -214,6 +218,12 @@ def parse_ruleset(text: str, counters: bool = False) -> Tables:
         if counters:
             chain.packets.append(packets)
     return tables
+
+
+def table_text(table: str, lines: Iterable[str]) -> str:
+    """One table block as iptables-restore reads it: `*table`, `lines`, COMMIT (with
+    ``--noflush``, `lines` may be commands: ``-I CHAIN 1 ...``, ``-D CHAIN ...``)."""
+    return f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
 
 
 def render(tables: Tables | list[Table]) -> str:
@@ -245,3 +255,63 @@ def chain_names(text: str) -> dict[str, set[str]]:
 def table_names(text: str) -> list[str]:
     """The tables iptables-save text names, in order (what iptables-restore replaces)."""
     return list(chain_names(text))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading a file line by line (line numbers kept: check's maps and pruning, the hatch's payload)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Block:
+    """One table of iptables-save lines: the index of its `*table` line (`start`) and of the
+    line that ends it (`end`: its COMMIT, the next `*table` line, or the number of lines);
+    `closed`: it ended with COMMIT."""
+
+    table: str
+    start: int
+    end: int
+    closed: bool
+
+    def body(self, lines: Sequence[str]) -> Iterator[tuple[int, str]]:
+        """(index, line stripped) of each line of the table; blank and comment lines left
+        out."""
+        for index in range(self.start + 1, self.end):
+            line = lines[index].strip()
+            if line and line[0] != "#":
+                yield index, line
+
+
+def blocks(lines: Sequence[str]) -> list[Block]:
+    """The tables of iptables-save text split into `lines`, in order. Lines are read stripped
+    (a file written by hand may indent them; `parse_ruleset` reads iptables-save's own output,
+    which does not); lines outside a table are no part of one."""
+    found: list[Block] = []
+    table: str | None = None
+    start = 0
+    for index, raw in enumerate(lines):
+        line = raw.strip()
+        if line.startswith("*"):
+            if table is not None:
+                found.append(Block(table, start, index, False))
+            table, start = line[1:].strip(), index
+        elif table is not None and line == "COMMIT":
+            found.append(Block(table, start, index, True))
+            table = None
+    if table is not None:
+        found.append(Block(table, start, len(lines), False))
+    return found
+
+
+def declaration(line: str) -> tuple[str, str | None, int] | None:
+    """A `:CHAIN POLICY [packets:bytes]` line read: (chain, its policy, "-" for a user chain,
+    or None when the line has none, the policy's packets); None for any other line."""
+    declared = _DECLARED.match(line)
+    if declared is None:
+        return None
+    name, policy, packets = declared.groups()
+    return name, policy, int(packets) if packets else 0
+
+
+def uncounted(line: str) -> str:
+    """A rule line without the `[packets:bytes]` that ``iptables-save -c`` puts in front."""
+    counted = _COUNTED.match(line) if line.startswith("[") else None
+    return line if counted is None else line[counted.end():]

@@ -3,14 +3,9 @@ iptables-restore reads it (-A, -I, -R, -D, -F, -P, -X), line numbers kept. Pure.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
-# --------------------------------------------------------------------------------------------
-# iptables-save files: which line made the Nth rule of a chain
-# --------------------------------------------------------------------------------------------
-_COUNTED = re.compile(r"^\[(\d+):(\d+)\]\s+(.*)$")
-_CHAIN_DECL = re.compile(r"^:(\S+)\s+(\S+)(?:\s+\[(\d+):(\d+)\])?")
+from fwsafe.backends import iptsave
 
 
 @dataclass
@@ -52,57 +47,50 @@ def map_iptables_file(text: str, source: str) -> IptFileMap:
     """
     lines = text.splitlines()
     fmap = IptFileMap(source, lines)
-    table: str | None = None
-    for number, raw in enumerate(lines, start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("*"):
-            table = line[1:].strip()
-            if table not in fmap.tables:
-                fmap.tables.append(table)
-            continue
-        if table is None:
-            continue
-        if line == "COMMIT":
-            table = None
-            continue
-        declared = _CHAIN_DECL.match(line)
-        if declared:
-            fmap.rules.setdefault((table, declared.group(1)), [])
-            if declared.group(2) != "-":
-                fmap.policies[(table, declared.group(1))] = number
-            continue
-        counted = _COUNTED.match(line)
-        if counted:
-            line = counted.group(3)
-        tokens = line.split(None, 3)  # the command, the chain, maybe a position
-        if not tokens:
-            continue
-        command, chain = tokens[0], (tokens[1] if len(tokens) > 1 else "")
-        key = (table, chain)
-        rules = fmap.rules.setdefault(key, [])
-        position = tokens[2] if len(tokens) > 2 and tokens[2].isdigit() else None
-        if command in ("-A", "--append"):
-            rules.append(number)
-        elif command in ("-I", "--insert"):
-            at = int(position) - 1 if position else 0
-            rules.insert(min(max(at, 0), len(rules)), number)
-        elif command in ("-R", "--replace") and position and 0 < int(position) <= len(rules):
-            rules[int(position) - 1] = number
-        elif command in ("-D", "--delete") and position and 0 < int(position) <= len(rules):
-            del rules[int(position) - 1]
-        elif command in ("-D", "--delete", "-R", "--replace"):
-            fmap.uncertain.add(key)
-        elif command in ("-F", "--flush"):
-            if not chain or chain.startswith("-"):
-                fmap.rules.pop(key, None)
-                for other in [k for k in fmap.rules if k[0] == table]:
-                    fmap.rules[other] = []
-            else:
-                rules.clear()
-        elif command in ("-P", "--policy"):
-            fmap.policies[key] = number
-        elif command in ("-X", "--delete-chain"):
-            fmap.rules.pop(key, None)
+    for block in iptsave.blocks(lines):
+        if block.table not in fmap.tables:
+            fmap.tables.append(block.table)
+        for index, line in block.body(lines):
+            _follow(fmap, block.table, index + 1, line)
     return fmap
+
+
+def _follow(fmap: IptFileMap, table: str, number: int, line: str) -> None:
+    """Line `number` of the file, in `table`: a declaration, or a command on a chain."""
+    declared = iptsave.declaration(line) if line.startswith(":") else None
+    if declared is not None:
+        name, policy, _ = declared
+        fmap.rules.setdefault((table, name), [])
+        if policy not in (None, "-"):
+            fmap.policies[(table, name)] = number
+        return
+    line = iptsave.uncounted(line)
+    tokens = line.split(None, 3)  # the command, the chain, maybe a position
+    if not tokens:
+        return
+    command, chain = tokens[0], (tokens[1] if len(tokens) > 1 else "")
+    key = (table, chain)
+    rules = fmap.rules.setdefault(key, [])
+    position = tokens[2] if len(tokens) > 2 and tokens[2].isdigit() else None
+    if command in ("-A", "--append"):
+        rules.append(number)
+    elif command in ("-I", "--insert"):
+        at = int(position) - 1 if position else 0
+        rules.insert(min(max(at, 0), len(rules)), number)
+    elif command in ("-R", "--replace") and position and 0 < int(position) <= len(rules):
+        rules[int(position) - 1] = number
+    elif command in ("-D", "--delete") and position and 0 < int(position) <= len(rules):
+        del rules[int(position) - 1]
+    elif command in ("-D", "--delete", "-R", "--replace"):
+        fmap.uncertain.add(key)
+    elif command in ("-F", "--flush"):
+        if not chain or chain.startswith("-"):
+            fmap.rules.pop(key, None)
+            for other in [k for k in fmap.rules if k[0] == table]:
+                fmap.rules[other] = []
+        else:
+            rules.clear()
+    elif command in ("-P", "--policy"):
+        fmap.policies[key] = number
+    elif command in ("-X", "--delete-chain"):
+        fmap.rules.pop(key, None)

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from fwsafe.backends import RULES_FILE, layer_has
+from fwsafe.backends import RULES_FILE, iptsave, layer_has
 
 __all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses", "warm"]
 
@@ -65,7 +65,6 @@ _NFT_CHAIN = re.compile(r"^\s*chain\s+\S+\s*\{\s*$")
 _NFT_SIMPLE_LINE = re.compile(r"[ \t]*ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+)(?:/(\d+))? "
                               r"([^{}\";\\#\n]*[^{}\";\\#\s])")
 _NFT_SLOW = re.compile(r"\bip6?\s+[sd]addr\b|[\\;\"#{}]")
-_IPT_COUNTERS = re.compile(r"^\s*\[\d+:\d+\]\s*")
 
 
 _V4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?$")
@@ -319,7 +318,6 @@ _IPT_QUOTED = re.compile(r'"(?:[^"\\\n]|\\.)*"')
 _IPT_JUMP = re.compile(r"(?:^|\s)(?:-j|--jump|-g|--goto)\s+(\S+)")
 _IPT_NAT_VALUE = re.compile(r"(?:^|\s)(?:--to-destination|--to-source|--to|--on-ip)\s+(\S+)")
 _NUMBER = re.compile(r"(?<=\s)[0-9][0-9.:,/-]*(?=\s|$)")
-_IPT_DECLARED = re.compile(r"^:(\S+)\s+(\S+)")
 _IPT_NEW = re.compile(r"^(?:-N|--new-chain)\s+(\S+)\s*$")
 _IPT_POLICY = re.compile(r"^(?:-P|--policy)\s+\S+\s+\S+\s*$")
 
@@ -330,38 +328,29 @@ def _ipt_analysed(text: str, family: int) -> tuple[list[str], _IptAnalysis]:
 
 def _ipt_rules(lines: list[str], family: int) -> _IptAnalysis:
     found = _IptAnalysis()
-    start = 0
-    while start < len(lines):
-        if not lines[start].startswith("*"):
-            start += 1
-            continue
-        end = start + 1
-        while end < len(lines) and lines[end].strip() != "COMMIT":
-            end += 1
-        table = _ipt_table(lines, range(start + 1, end), family, found)
-        found.tables.append(table)
-        start = end + 1
+    for block in iptsave.blocks(lines):
+        found.tables.append(_ipt_table(lines, block, family, found))
     return found
 
 
-def _ipt_table(lines: list[str], block: range, family: int, found: _IptAnalysis) -> _IptTable:
+def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptAnalysis
+               ) -> _IptTable:
     table = _IptTable()
+    # a table that another `*table` line opens inside is not read (iptables-restore refuses it)
+    table.opaque = not block.closed and block.end < len(lines)
     parsed: list[tuple[int, str, str, tuple[Option, ...], list[str], tuple[str, ...]]] = []
-    for i in block:
-        line = lines[i].strip()
-        if not line or line.startswith("#"):
-            continue
+    for i, line in block.body(lines):
         if line.startswith(":"):
-            m = _IPT_DECLARED.match(line)
-            if m is None:
+            declared = iptsave.declaration(line)
+            if declared is None or declared[1] is None:
                 table.opaque = True
-            elif m.group(2) == "-":
-                table.user.add(m.group(1))
-                table.declared[m.group(1)] = i
+            elif declared[1] == "-":
+                table.user.add(declared[0])
+                table.declared[declared[0]] = i
             else:
-                table.builtin.add(m.group(1))
+                table.builtin.add(declared[0])
             continue
-        body = _IPT_COUNTERS.sub("", line) if line.startswith("[") else line
+        body = iptsave.uncounted(line)
         if not body.startswith(("-A ", "--append ")):
             m = _IPT_NEW.match(body)
             if m is not None:

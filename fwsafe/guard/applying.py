@@ -19,7 +19,7 @@ from fwsafe.backends import (
     one_transaction_tables,
 )
 from fwsafe.backends.base import RULES_FILE
-from fwsafe.backends.iptsave import BUILTIN_CHAINS, chain_names, parse_ruleset
+from fwsafe.backends.iptsave import BUILTIN_CHAINS, blocks, chain_names, parse_ruleset
 from fwsafe.core import snapshot
 from fwsafe.core.revert import compute_touched
 from fwsafe.core.statedir import StateDir
@@ -266,7 +266,7 @@ def change_commits(record: Record, change: Mapping[str, bytes]) -> int | None:
             return None
         text = change[name].decode(errors="replace")
         commits += len(chain_names(text)) if record.options.get("partial") else \
-            sum(1 for line in text.splitlines() if line.lstrip().startswith("*"))
+            len(blocks(text.splitlines()))
     return commits
 
 

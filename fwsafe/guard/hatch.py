@@ -44,7 +44,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fwsafe import backends
-from fwsafe.backends import IPTABLES_SAVE, NETFILTER, layer_has
+from fwsafe.backends import IPTABLES_SAVE, NETFILTER, iptsave, layer_has
 from fwsafe.ondisk.hatch_rules import (  # how its rules are recognised (and stripped from captures)
     BRIDGE_FAMILY,
     BRIDGE_TABLE,
@@ -166,18 +166,18 @@ def nft_rules(spec: Spec, family: str, hook: str) -> list[str]:
 _RULE = re.compile(r"^-[AI]\s+(\S+)")
 
 
-def _iptables_block_chains(lines: Sequence[str]) -> list[str]:
-    """The chains of one `*table` block that can drop: a policy other than ACCEPT, or rules."""
-    table = lines[0][1:].strip()
+def _iptables_block_chains(table: str, lines: Iterable[str]) -> list[str]:
+    """The chains of one `*table` block (its lines) that can drop: a policy other than
+    ACCEPT, or rules."""
     relevant = IPTABLES_CHAINS.get(table, ())
     dropping: list[str] = []
-    for line in lines[1:]:
+    for line in lines:
         if line.startswith(":"):
-            parts = line[1:].split()
-            if parts and parts[0] in relevant and len(parts) > 1 and parts[1] != "ACCEPT":
-                dropping.append(parts[0])
-        else:
-            match = _RULE.match(line)
+            declared = iptsave.declaration(line)
+            if declared and declared[0] in relevant and declared[1] not in (None, "ACCEPT"):
+                dropping.append(declared[0])
+        else:   # a file saved with `iptables-save -c`: iptables-restore skips the counters
+            match = _RULE.match(iptsave.uncounted(line))
             if match and match.group(1) in relevant:
                 dropping.append(match.group(1))
     return [c for c in relevant if c in dropping]
@@ -188,18 +188,16 @@ def with_iptables_change(payload: bytes, spec: Spec, v6: bool) -> bytes:
     tables that can drop (`-I CHAIN 1` right before each COMMIT: atomic with the change)."""
     if not spec.sources(v6):
         return payload
+    lines = payload.decode(errors="replace").splitlines()
+    before: dict[int, list[str]] = {}   # a COMMIT line's index -> the hatch loaded before it
+    for block in iptsave.blocks(lines):
+        if block.closed:
+            chains = _iptables_block_chains(block.table, (line for _, line in block.body(lines)))
+            before[block.end] = [f"-I {chain} 1 {rule}" for chain in chains
+                                 for rule in reversed(iptables_rules(spec, v6, chain))]
     out: list[str] = []
-    block: list[str] | None = None
-    for line in payload.decode(errors="replace").splitlines():
-        stripped = line.strip()
-        if stripped.startswith("*"):
-            block = [stripped]
-        elif block is not None and stripped == "COMMIT":
-            for chain in _iptables_block_chains(block):
-                out += [f"-I {chain} 1 {rule}" for rule in reversed(iptables_rules(spec, v6, chain))]
-            block = None
-        elif block is not None and stripped and not stripped.startswith("#"):
-            block.append(stripped)
+    for index, line in enumerate(lines):
+        out += before.get(index, ())
         out.append(line)
     return ("\n".join(out) + "\n").encode()
 
@@ -314,22 +312,21 @@ class Chain:
 def parse_iptables(text: str, layer: str) -> list[Chain]:
     """The chains the hatch goes in (by table), from iptables-save output."""
     chains: dict[tuple[str, str], Chain] = {}
-    table = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if line.startswith("*"):
-            table = line[1:]
-        elif line.startswith(":") and table in IPTABLES_CHAINS:
-            parts = line[1:].split()
-            if parts[0] in IPTABLES_CHAINS[table]:
-                chains[(table, parts[0])] = Chain(layer, table, parts[0], hook=parts[0].lower(),
-                                                  policy=parts[1] if len(parts) > 1 else "-")
-        elif line.startswith("-A "):
-            name, _, spec = line[3:].partition(" ")
-            found = chains.get((table, name))
-            if found is not None:
-                found.rules.append(spec)
-                found.handles.append(None)
+    lines = text.splitlines()
+    for block in iptsave.blocks(lines):
+        table, hooked = block.table, IPTABLES_CHAINS.get(block.table, ())
+        for _, line in block.body(lines):
+            declared = iptsave.declaration(line) if line.startswith(":") else None
+            if declared is not None and declared[0] in hooked:
+                name, policy, _ = declared
+                chains[(table, name)] = Chain(layer, table, name, hook=name.lower(),
+                                              policy=policy or "-")
+            elif line.startswith("-A "):
+                name, _, spec = line[3:].partition(" ")
+                found = chains.get((table, name))
+                if found is not None:
+                    found.rules.append(spec)
+                    found.handles.append(None)
     return list(chains.values())
 
 
@@ -643,8 +640,7 @@ def plan_layer(layer: str, chains: Sequence[Chain], spec: Spec | None) -> str:
         block = tables.setdefault(chain.table, [])
         block += [f"-D {chain.name} {chain.rules[i]}" for i in chain.hatch_positions()]
         block += [f"-I {chain.name} 1 {rule}" for rule in reversed(wanted)]
-    return "".join(f"*{table}\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
-                   for table, lines in tables.items() if lines)
+    return "".join(iptsave.table_text(table, lines) for table, lines in tables.items() if lines)
 
 
 def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
@@ -677,7 +673,7 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
                                 payload.encode())
         if commits is not None:
             commits.append(-1 if code != 0 else 1 if layer == NFT_LAYER
-                           else payload.count("\nCOMMIT\n"))
+                           else len(iptsave.blocks(payload.splitlines())))
         if code != 0:
             last = err or f"exit {code}"
             if log is not None:

@@ -360,3 +360,48 @@ def test_every_function_local_import_says_why() -> None:
                         s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
     assert silent == [], "function-local imports without a comment saying why:\n" + \
         "\n".join(silent)
+
+
+#: Readers or writers of iptables-save text allowed outside fwsafe/backends/iptsave.py: the
+#: rescue tool (standard library only, by rule) and the lab's demo script.
+IPTSAVE_ELSEWHERE = ("fwsafe.rescue.tool", "fwsafe.lab.lab_demo")
+_IPTSAVE_LITERALS = ("COMMIT", "^\\*", "\\n\\*", "^:(", "^\\[(")
+
+
+def _iptsave_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """The string literals (docstrings aside) of a module that read or write iptables-save's
+    frame: COMMIT, a regex for `*table`, `:CHAIN` or `[counters]` at a line's start, an
+    f-string that starts `*{table}`."""
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                       ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) \
+                and id(node) not in docstrings \
+                and any(part in node.value for part in _IPTSAVE_LITERALS):
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.JoinedStr) and len(node.values) > 1 \
+                and isinstance(node.values[0], ast.Constant) \
+                and node.values[0].value in ("*", "\n*") \
+                and isinstance(node.values[1], ast.FormattedValue):
+            found.append((node.lineno, "f'*{...}'"))
+    return sorted(found)
+
+
+def test_one_reader_and_writer_of_iptables_save_text() -> None:
+    """iptables-save text is parsed and written by fwsafe.backends.iptsave (its blocks,
+    declaration, uncounted, parse_ruleset, table_text, render): no second parser comes back."""
+    for name, path in MODULES.items():
+        if name.startswith("fwsafe.backends") or name in IPTSAVE_ELSEWHERE:
+            continue
+        assert not _iptsave_literals(ast.parse(path.read_text())), \
+            f"{name}: read or write iptables-save text with fwsafe.backends.iptsave"
+
+
+def test_the_iptables_save_check_sees_a_second_parser() -> None:
+    code = 'import re\nX = re.compile(r"^:(\\S+)")\nif line == "COMMIT":\n    pass\n' \
+           'y = f"*{table}\\n"\n'
+    assert [line for line, _ in _iptsave_literals(ast.parse(code))] == [2, 3, 5]
+    assert not _iptsave_literals(ast.parse('"""A docstring on COMMIT."""\nz = f"a*{b}"\n'))

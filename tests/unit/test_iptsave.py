@@ -4,14 +4,19 @@ same, on the shapes iptables-nft 1.8.9 prints (recorded from it in a network nam
 from __future__ import annotations
 
 from fwsafe.backends.iptsave import (
+    Block,
     Rule,
+    blocks,
     chain_names,
+    declaration,
     empty_table,
     has_tables,
     parse_ruleset,
     render,
     split_rule,
     table_names,
+    table_text,
+    uncounted,
 )
 
 # iptables-nft 1.8.9, `iptables-save -c` after one connection to 127.0.0.1:22
@@ -154,3 +159,33 @@ def test_split_rule_reads_comments_with_quotes() -> None:
     assert split_rule('-A X -m comment --comment "a b" -j ACCEPT') == [
         "-A", "X", "-m", "comment", "--comment", "a b", "-j", "ACCEPT"]
     assert split_rule("-A X -j ACCEPT") == ["-A", "X", "-j", "ACCEPT"]
+
+
+def test_blocks_follow_a_hand_written_file_with_its_line_numbers() -> None:
+    lines = ["# made by hand", "  *filter", "", ":INPUT DROP [0:0]", "  # note",
+             "  -A INPUT -j ACCEPT", " COMMIT", "-A INPUT -j DROP", "*nat", "*raw", "-A X"]
+    assert blocks(lines) == [Block("filter", 1, 6, True), Block("nat", 8, 9, False),
+                             Block("raw", 9, 11, False)]
+    assert list(blocks(lines)[0].body(lines)) == [(3, ":INPUT DROP [0:0]"),
+                                                  (5, "-A INPUT -j ACCEPT")]
+
+
+def test_declarations_and_counters_read_as_iptables_restore_reads_them() -> None:
+    assert declaration(":INPUT DROP [5:6]") == ("INPUT", "DROP", 5)
+    assert declaration(": INPUT DROP") == ("INPUT", "DROP", 0)   # strtok skips the blank
+    assert declaration(":FOO") == ("FOO", None, 0)
+    assert declaration(":") is None and declaration("-A INPUT") is None
+    assert uncounted("[1:2] -A INPUT -j DROP") == uncounted("[1:2]-A INPUT -j DROP") == \
+        "-A INPUT -j DROP"
+    assert uncounted("[x] -A INPUT") == "[x] -A INPUT"
+    text = "*filter\n: INPUT DROP [0:0]\n[1:2]-A INPUT -j ACCEPT\nCOMMIT\n"
+    parsed = parse_ruleset(text)
+    assert parsed["filter"].chains["INPUT"].rules == ["-A INPUT -j ACCEPT"]
+    assert chain_names(text) == {"filter": {"INPUT"}}
+
+
+def test_table_text_is_the_frame_every_writer_uses() -> None:
+    assert table_text("filter", ["-I INPUT 1 -j ACCEPT"]) == \
+        "*filter\n-I INPUT 1 -j ACCEPT\nCOMMIT\n"
+    assert empty_table("raw").text() == table_text(
+        "raw", [":PREROUTING ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"])
