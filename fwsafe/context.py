@@ -1,5 +1,5 @@
 """The state of one run of fwsafe, in one place (issue 26): every process-wide value that one
-module sets and another reads. `RUN` is the only instance; `RUN.reset(args)` starts a command
+module sets and another reads. `RUN` is the only instance; `RUN.reset()` starts a command
 (`fwsafe.cli.main` calls it first, so that a test calling main twice in one process starts
 clean; `fwsafe.entry` may have started reading the firewall before that). Nothing else in the
 package keeps mutable state at module level (tests/unit/test_architecture.py checks it).
@@ -17,8 +17,6 @@ from typing import Any
 
 @dataclass
 class Run:
-    #: The command line as typed (click drops the `--` that starts command mode).
-    raw_args: list[str] = field(default_factory=list)
     #: -1 --quiet (results and errors only); 0 the default; 1 -v (more detail); 2 -vv (also
     #: every command line fwsafe runs). Progress goes to stderr, results to stdout.
     verbosity: int = 0
@@ -36,11 +34,10 @@ class Run:
     #: Failpoints that fired in this process (fwsafe.failpoints: each fires once unless `*`).
     fired: set[str] = field(default_factory=set)
 
-    def reset(self, args: Sequence[str] = ()) -> None:
-        """A new command line `args`: what a command sets starts afresh; what this process
+    def reset(self) -> None:
+        """A new command line: what a command sets starts afresh; what this process
         has learned stays (the firewall read started before the command line was parsed, a
         hatch rule seen by that read, the failpoints that fired)."""
-        self.raw_args = list(args)
         self.verbosity = 0
         self.trace = []
         self.state_dir = None

@@ -1,10 +1,10 @@
 """The agent `fwsafe audit` runs in each namespace of the check's sandbox.
 
-Run as a script (``python3 -I -S audit_agent.py``) by ``ip netns exec``, so it imports nothing from
-fwsafe but the serve loop it shares with the check's agent (:mod:`fwsafe.check.agent_loop`,
-standard library only). It reads one JSON request per line on stdin and answers with one JSON
-line; end of input makes it close every socket and exit, so it never outlives the audit that
-started it.
+Run as a script (``python3 -I -S audit_agent.py``) by ``ip netns exec``, so it imports nothing
+from fwsafe but what it shares with the check's agent (:mod:`fwsafe.check.agent_loop`, standard
+library only: the serve loop, the socket helpers, the `sysctl` request). It reads one JSON
+request per line on stdin and answers with one JSON line; end of input makes it close every
+socket and exit, so it never outlives the audit that started it.
 
 Requests (``op``):
     serve  {"proto", "address", "port", "v6only", "device"}  a listener like the host's
@@ -51,23 +51,18 @@ import threading
 import time
 from typing import Any
 
+if __name__ == "__main__":
+    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
+    # goes on sys.path first, for what the agents share (standard library only)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.realpath(__file__)))))
+
+from fwsafe.check.agent_loop import abort, family, serve, sysctl  # noqa: E402 - after the path
+
 BATCH = 400   # sockets open at once: 400 under the usual limit of 1024 descriptors, more
               # where the hard limit allows (main)
 ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
 TapKey = tuple[str, str, int, str, int]   # (proto, src, sport, dst, dport) as the probe sends
-
-
-def _family(address: str) -> int:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
-
-
-def _abort(sock: socket.socket) -> None:
-    """Close with RST: nothing lingers in the sandbox after an attempt."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
 
 
 def _error(number: int) -> str:
@@ -120,16 +115,6 @@ def _parse(data: bytes, inner: bool = False) -> tuple[str, str, int, str, int, i
             socket.inet_ntop(family, dst), dport, flags)
 
 
-def sysctl(name: str, value: str) -> dict[str, Any]:
-    if ".." in name or name.startswith("/"):
-        return {"ok": False, "error": f"bad sysctl name {name!r}"}
-    try:
-        with open(os.path.join("/proc/sys/net", name), "w") as handle:
-            handle.write(value)
-    except OSError as exc:
-        return {"ok": False, "error": f"{name}: {exc.strerror or exc}"}
-    return {"ok": True}
-
 def recent(name: str, addresses: list[str]) -> dict[str, Any]:
     if not name or "/" in name or name.startswith("."):
         return {"ok": False, "error": f"bad list name {name!r}"}
@@ -174,7 +159,7 @@ class Prober:
         for attempt in attempts:
             ident = str(attempt["id"])
             kind = socket.SOCK_STREAM if attempt["proto"] == "tcp" else socket.SOCK_DGRAM
-            sock = socket.socket(_family(str(attempt["dst"])), kind)
+            sock = socket.socket(family(str(attempt["dst"])), kind)
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.bind((str(attempt["src"]), int(attempt["sport"])))
@@ -188,11 +173,11 @@ class Prober:
                 code = sock.connect_ex(destination)
             except OSError as exc:
                 results[ident] = (exc.strerror or str(exc)).lower()
-                _abort(sock)
+                abort(sock)
                 continue
             if code not in (0, errno.EINPROGRESS):
                 results[ident] = _error(code)
-                _abort(sock)
+                abort(sock)
                 continue
             pending[sock.fileno()] = (ident, sock)
 
@@ -214,10 +199,10 @@ class Prober:
                 code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 # reset after the handshake completed: the listener was reached all the same
                 results[ident] = None if code in (0, errno.ECONNRESET) else _error(code)
-                _abort(sock)
+                abort(sock)
         for ident, sock in pending.values():
             results[ident] = "timed out"
-            _abort(sock)
+            abort(sock)
         pending.clear()
 
 
@@ -239,7 +224,7 @@ class Agent:
     def serve(self, proto: str, address: str, port: int, v6only: bool,
               device: str | None = None, label: str = "") -> dict[str, Any]:
         kind = socket.SOCK_STREAM if proto == "tcp" else socket.SOCK_DGRAM
-        sock = socket.socket(_family(address), kind)
+        sock = socket.socket(family(address), kind)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if device:
@@ -426,9 +411,6 @@ class Agent:
 
 
 def main() -> int:
-    # importable once run by path: `__main__` below put fwsafe's folder on sys.path
-    from fwsafe.check.agent_loop import serve
-
     batch = BATCH
     try:   # many attempts at once: as many descriptors as the hard limit allows
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -441,10 +423,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
-    # goes on sys.path, for the shared serve loop (fwsafe.check.agent_loop, standard library)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.realpath(__file__)))))
     code = main()
     sys.stdout.flush()
     os._exit(code)   # no interpreter teardown: the sandbox waits for this exit

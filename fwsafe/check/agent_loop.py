@@ -1,12 +1,12 @@
-"""The loop both sandbox agents serve (check/sandbox_agent.py, audit/audit_agent.py): say
-ready, then one JSON request per line on stdin, one JSON answer per line on stdout; end of
-input closes the agent's sockets, so that it never outlives the command that started it (even
-one killed with SIGKILL).
+"""What both sandbox agents share (check/sandbox_agent.py, audit/audit_agent.py): the loop
+they serve (say ready, then one JSON request per line on stdin, one JSON answer per line on
+stdout; end of input closes the agent's sockets, so that it never outlives the command that
+started it, even one killed with SIGKILL), their socket helpers and the `sysctl` request.
 
 Standard library only, like the agents: they are run by path (``python3 -I -S
 sandbox_agent.py``, by ``ip netns exec`` in the sandbox's namespaces: no site, neither their
 folder nor fwsafe on sys.path) and put the folder that holds their fwsafe package on sys.path
-first.
+first, before they import this module.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import struct
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -36,3 +37,31 @@ def serve(handle: Handler, sockets: Callable[[], Iterable[socket.socket]]) -> in
     for sock in sockets():
         sock.close()
     return 0
+
+
+def family(address: str) -> int:
+    """The socket family of an IPv4 or IPv6 address."""
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
+def abort(sock: socket.socket) -> None:
+    """Close with RST: no retransmissions linger in the sandbox after an attempt."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    sock.close()
+
+
+def sysctl(name: str, value: str) -> dict[str, Any]:
+    """The `sysctl` request: write `value` to /proc/sys/net/NAME (NAME: `ipv4/ip_forward`,
+    never absolute, with no empty, `.` or `..` part)."""
+    parts = name.split("/")
+    if not name or any(part in ("", ".", "..") for part in parts):
+        return {"ok": False, "error": f"bad sysctl name {name!r}"}
+    try:
+        with open(os.path.join("/proc/sys/net", *parts), "w") as handle:
+            handle.write(value)
+    except OSError as exc:
+        return {"ok": False, "error": f"{name}: {(exc.strerror or str(exc)).lower()}"}
+    return {"ok": True}

@@ -1,11 +1,11 @@
 """The small agent that `fwsafe check` runs inside each sandbox network namespace.
 
 It is run as a script (``python3 -I -S sandbox_agent.py``) by ``ip netns exec``, so it imports
-nothing from fwsafe but the serve loop it shares with the audit's agent
-(:mod:`fwsafe.check.agent_loop`, standard library only). It reads one JSON request per line on
-stdin and answers with one JSON line on stdout. End of input makes it close every socket and
-exit, so it never outlives the check that started it (even when that check is killed with
-SIGKILL).
+nothing from fwsafe but what it shares with the audit's agent (:mod:`fwsafe.check.agent_loop`,
+standard library only: the serve loop, the socket helpers, the `sysctl` request). It reads one
+JSON request per line on stdin and answers with one JSON line on stdout. End of input makes it
+close every socket and exit, so it never outlives the check that started it (even when that
+check is killed with SIGKILL).
 
 Requests (``op``):
     listen  {"port"}                              echo server on 0.0.0.0 and [::] at `port`
@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import sys
 import threading
 import time
 from typing import Any
 
+if __name__ == "__main__":
+    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
+    # goes on sys.path first, for what the agents share (standard library only)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
+        os.path.realpath(__file__)))))
+
+from fwsafe.check.agent_loop import abort, family, serve, sysctl  # noqa: E402 - after the path
+
 PAYLOAD = b"fwsafe-check-ping\n"
-
-
-def _family(address: str) -> int:
-    return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
 def _describe(exc: BaseException) -> str:
@@ -44,15 +47,6 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or exc.__class__.__name__
-
-
-def _abort(sock: socket.socket) -> None:
-    """Close with RST: no retransmissions linger on after a failed attempt."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
-    sock.close()
 
 
 def _exchange(sock: socket.socket, deadline: float) -> None:
@@ -74,14 +68,14 @@ def _exchange(sock: socket.socket, deadline: float) -> None:
 
 def _connect(src: str, dst: str, port: int, timeout: float) -> socket.socket:
     deadline = time.monotonic() + timeout
-    sock = socket.socket(_family(dst), socket.SOCK_STREAM)
+    sock = socket.socket(family(dst), socket.SOCK_STREAM)
     try:
         sock.bind((src, 0))
         sock.settimeout(timeout)
         sock.connect((dst, port))
         _exchange(sock, deadline)
     except BaseException:
-        _abort(sock)
+        abort(sock)
         raise
     return sock
 
@@ -94,19 +88,19 @@ class Agent:
     # -- server side --------------------------------------------------------------------------
     def listen(self, port: int) -> dict[str, Any]:
         bound = []
-        for family, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        for af, address in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
             try:
-                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock = socket.socket(af, socket.SOCK_STREAM)
             except OSError:
                 continue  # IPv6 disabled in this namespace
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
+            if af == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:
                 sock.bind((address, port))
             except OSError as exc:
                 sock.close()
-                if family == socket.AF_INET:
+                if af == socket.AF_INET:
                     return {"ok": False, "error": f"cannot listen on port {port}: {_describe(exc)}"}
                 continue
             sock.listen(64)
@@ -154,7 +148,7 @@ class Agent:
             _exchange(sock, started + timeout)
         except OSError as exc:
             del self.kept[ident]
-            _abort(sock)
+            abort(sock)
             return {"ok": False, "error": _describe(exc), "seconds": time.monotonic() - started}
         return {"ok": True, "seconds": time.monotonic() - started}
 
@@ -178,18 +172,6 @@ class Agent:
             sock.close()
         return {"ok": True}
 
-    @staticmethod
-    def sysctl(name: str, value: str) -> dict[str, Any]:
-        parts = name.split("/")
-        if not name or any(p in ("", ".", "..") for p in parts):
-            return {"ok": False, "error": f"bad sysctl name {name!r}"}
-        try:
-            with open(os.path.join("/proc/sys/net", *parts), "w") as handle:
-                handle.write(value)
-        except OSError as exc:
-            return {"ok": False, "error": _describe(exc)}
-        return {"ok": True}
-
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
         if op == "listen":
@@ -205,23 +187,16 @@ class Agent:
         if op == "canary":
             return self.canary(int(request["port"]))
         if op == "sysctl":
-            return self.sysctl(str(request["name"]), str(request["value"]))
+            return sysctl(str(request["name"]), str(request["value"]))
         return {"ok": False, "error": f"unknown op {op!r}"}
 
 
 def main() -> int:
-    # importable once run by path: `__main__` below put fwsafe's folder on sys.path
-    from fwsafe.check.agent_loop import serve
-
     agent = Agent()
     return serve(agent.handle, lambda: [*agent.kept.values(), *agent.listeners])
 
 
 if __name__ == "__main__":
-    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
-    # goes on sys.path, for the shared serve loop (fwsafe.check.agent_loop, standard library)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.realpath(__file__)))))
     code = main()
     sys.stdout.flush()
     os._exit(code)   # no interpreter teardown: the sandbox waits for this exit

@@ -39,7 +39,7 @@ def cli() -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    RUN.reset(args)
+    RUN.reset()
     as_json = wants_json(args)
     try:
         returned = cli.main(args=args, prog_name="fwsafe", standalone_mode=False)

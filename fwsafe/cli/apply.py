@@ -12,6 +12,8 @@ from fwsafe.backends.ufw_layer import prepare_command
 from fwsafe.cli.common import (
     EXIT_CODES_EPILOG,
     TIMEOUT_HELP,
+    SeparatorCommand,
+    after_separator,
     apply_options,
     backend_option,
     clock,
@@ -38,7 +40,7 @@ from fwsafe.errors import (
 )
 
 
-@click.command(epilog=EXIT_CODES_EPILOG)
+@click.command(cls=SeparatorCommand, epilog=EXIT_CODES_EPILOG)
 @click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
 @rules6_option
 @click.option("--timeout", "timeout_s", metavar="SECONDS", default=None, help=TIMEOUT_HELP)
@@ -145,9 +147,9 @@ def apply(args: tuple[str, ...], rules6: str | None, timeout_s: str | None, deta
         parse_probe(url)  # a bad probe is a usage error before anything happens
     if options.confirm_on_probe and not options.probes:
         raise click.UsageError("--confirm-on-probe needs at least one --probe")
-    if sshd_set and ("--" in RUN.raw_args or host):
+    if sshd_set and (after_separator() or host):
         raise click.UsageError("--sshd-set takes rules files on this host, not a command or --host")
-    if "--" in RUN.raw_args:  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
+    if after_separator():  # command mode: `fwsafe apply [OPTIONS] -- ufw deny 22/tcp`
         if partial:
             raise click.UsageError("--partial takes rules files, not a command")
         if host:

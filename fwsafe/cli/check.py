@@ -21,6 +21,8 @@ from fwsafe.check.predict import (
     predict,
 )
 from fwsafe.cli.common import (
+    SeparatorCommand,
+    after_separator,
     backend_option,
     echo_styled,
     partial_option,
@@ -39,7 +41,7 @@ EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
     f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
 
 
-@click.command(name="check", epilog=EPILOG)
+@click.command(name="check", cls=SeparatorCommand, epilog=EPILOG)
 @click.argument("rules", nargs=-1, metavar="RULES... | -- COMMAND...")
 @rules6_option
 @click.option("--client", "clients", multiple=True, metavar="IP[,IP...]",
@@ -106,7 +108,7 @@ def _check(tick: StepTicker, pool: ThreadPoolExecutor, rules: tuple[str, ...],
     tick.step("reading the live firewall and validating the rules")
     host = pool.submit(capture_host)
     validating: Future[None] | None = None
-    if "--" in RUN.raw_args:  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
+    if after_separator():  # `fwsafe check -- ufw deny 22/tcp`: run on a copy, check the result
         # loaded by the command that uses it only: every other command (and --help) starts faster
         from fwsafe.backends.ufw_layer import prepare_command
 

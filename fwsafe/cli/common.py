@@ -71,6 +71,48 @@ class LazyGroup(click.Group):
             load_module(self, name)
 
 
+AFTER_SEPARATOR = "fwsafe.after_separator"
+
+
+class SeparatorCommand(click.Command):
+    """A command whose arguments may follow `--` (`fwsafe apply -- ufw deny 22/tcp`).
+
+    click's parser drops the `--` that ends the options; this command's own parse records in
+    `ctx.meta[AFTER_SEPARATOR]` how many of its arguments came before it (absent: no `--`).
+    A `--` taken as an option's value (`--rules6 --`, a file named `--`) is not one.
+    click has no public hook for this: the parser's two steps (the loop over the arguments,
+    one option with its values) are wrapped on the parser instance, the same methods from
+    click 8.0 to 8.5."""
+
+    def make_parser(self, ctx: click.Context) -> Any:
+        parser = super().make_parser(ctx)
+        read_args, read_option = parser._process_args_for_options, parser._process_opts
+        option_end = [-1]   # len(state.rargs) after the last option and its values
+
+        def one_option(arg: str, state: Any) -> None:
+            read_option(arg, state)
+            option_end[0] = len(state.rargs)
+
+        def all_options(state: Any) -> None:
+            given = list(state.rargs)
+            read_args(state)
+            left = len(state.rargs)
+            # The loop pops one argument at a time and stops at `--` (which it drops): the
+            # argument before the rest is that `--`, unless an option took it as its value.
+            if left < len(given) and option_end[0] != left and given[-left - 1] == "--":
+                ctx.meta[AFTER_SEPARATOR] = len(state.largs)
+
+        setattr(parser, "_process_opts", one_option)  # noqa: B010 - a method of the instance
+        setattr(parser, "_process_args_for_options", all_options)  # noqa: B010
+        return parser
+
+
+def after_separator(ctx: click.Context | None = None) -> bool:
+    """Whether the command line of `ctx` (default: the current one) had a `--` that ended the
+    options: its arguments are a command to run, not rules files."""
+    return AFTER_SEPARATOR in (ctx or click.get_current_context()).meta
+
+
 # -- how much to say ---------------------------------------------------------------------------
 
 

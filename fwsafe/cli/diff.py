@@ -10,6 +10,8 @@ import click
 from fwsafe.backends.ufw_layer import prepare_command
 from fwsafe.check.change_diff import UnitDiff, diff_change
 from fwsafe.cli.common import (
+    SeparatorCommand,
+    after_separator,
     backend_option,
     partial_option,
     rules6_option,
@@ -51,7 +53,7 @@ def _render(diffs: list[UnitDiff], color: bool, verbose: bool = False) -> str:
     return "\n".join(out)
 
 
-@click.command(name="diff")
+@click.command(name="diff", cls=SeparatorCommand)
 @click.argument("args", nargs=-1, metavar="[RULES] | -- COMMAND...")
 @rules6_option
 @backend_option
@@ -71,7 +73,7 @@ def diff(args: tuple[str, ...], rules6: str | None, backend: str, partial: bool,
     the guard).
     """
     require_root()
-    if "--" in RUN.raw_args:
+    if after_separator():
         run, _notes = prepare_command(list(args))
         change = Change(run=run)
     else:

@@ -19,6 +19,7 @@ from fwsafe.cli.common import (
     TIMEOUT_HELP,
     apply_options,
     complete_history_ids,
+    manager_for,
     state_options,
     timeout_from,
     use_colour,
@@ -26,11 +27,11 @@ from fwsafe.cli.common import (
 from fwsafe.context import RUN
 from fwsafe.core.config import load_config
 from fwsafe.core.statedir import StateDir, resolve_state_dir
-from fwsafe.errors import EnvironmentProblem, UsageError
+from fwsafe.errors import EnvironmentProblem
 from fwsafe.guard.spawn import converge
 from fwsafe.ondisk.history_format import Entry, describe_who, format_time
 from fwsafe.persistence import known_good
-from fwsafe.persistence.rollback import rollback_change
+from fwsafe.persistence.rollback import already_live, rollback_change
 
 HISTORY_SHOWN = 10   # the newest states `fwsafe history` lists by default; -v: all
 
@@ -226,28 +227,21 @@ def rollback(entry_id: str, timeout_s: str | None, detach: bool, as_json: bool,
     `firewall-cmd --reload`) and sshd's files of the entry are put back together, so that
     neither `ufw reload`, `firewall-cmd --reload` nor a reboot brings the bad state back."""
     # loaded by the command that uses it only: every other command (and --help) starts faster
-    from fwsafe.check.proof import PROVER
     from fwsafe.cli.screens import interactive_wait, report_armed
-    from fwsafe.control.manager import Manager
-    from fwsafe.steps import on_confirmed
 
     config = load_config(config_path)
     timeout_from(config, timeout_s)   # a bad --timeout is a usage error before anything
-    state = StateDir(resolve_state_dir(state_dir, config.state_dir))
-    state.verify()
-    entry = known_good.find(state, entry_id)
+    manager = manager_for(state_dir, config, converge=False)
+    manager.state.verify()
+    entry = known_good.find(manager.state, entry_id)
     change, notes = rollback_change(entry)
     for note in notes:
         click.echo(f"fwsafe: {note}", err=True)
-    if not change.layers:
-        raise UsageError(f"{entry.id} has no layer that a rollback can apply")
-    live, _ = known_good.capture_layers()
-    if all(live.get(n) == entry.layers.get(n) for n in change.layers):
+    if already_live(entry, change):
         click.echo(json.dumps({"ok": True, "id": None, "state": "unchanged", "entry": entry.id})
                    if as_json else f"the live rules already equal {entry.id}: nothing to do")
         return
     options = apply_options(config, timeout_s)
-    manager = Manager(state, on_confirmed=on_confirmed, prover=PROVER)
     record = manager.apply(change, options)
     if detach or not sys.stdin.isatty():
         report_armed(record, as_json)

@@ -11,20 +11,15 @@ from collections.abc import Callable, Mapping
 
 from fwsafe import failpoints
 from fwsafe.backends import FILES, layer_for, layer_has
-from fwsafe.backends.base import SNAPSHOT_UNITS
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.change import require_root
 from fwsafe.core.revert import (
-    ALREADY_UNDONE,
     Prover,
-    RevertResult,
     compute_touched,
-    proof_of,
-    prove_access,
+    finished_revert,
     record_revert,
     recording_attempts,
     revert_change,
-    undone_already,
 )
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
@@ -129,12 +124,11 @@ def recover(state: StateDir, reason: str = "recovered by `fwsafe recover`: the g
         failpoints.hit("recover.claimed")
         with state.released() if give_up_after is None else contextlib.nullcontext():
             access = None if after_reboot else prover.access(record)
-            if resumed and undone_already(touched, before):
-                # Proved by reading: every touched unit is as in the snapshot; then access.
-                result = RevertResult(attempts=0, notes=[ALREADY_UNDONE],
-                                      proofs={n: proof_of(SNAPSHOT_UNITS) for n in touched})
-                prove_access(result, access, touched, before, lambda _message: None)
-            else:
+            # A revert that ended before it could say so is found, with its proofs, not
+            # done twice.
+            result = (finished_revert(touched, before, access, lambda _message: None)
+                      if resumed else None)
+            if result is None:
                 result = revert_change(touched, before, after or None,
                                        on_attempt=recording_attempts(
                                            record, lambda: save(state, record)),

@@ -28,7 +28,7 @@ from fwsafe.backends import (
     owned_elsewhere,
     revert_order,
 )
-from fwsafe.backends.base import LEVELS, MERGE, SNAPSHOT_TABLES, Layer, Proved
+from fwsafe.backends.base import LEVELS, MERGE, SNAPSHOT_TABLES, SNAPSHOT_UNITS, Layer, Proved
 from fwsafe.core.transaction import Record
 
 BACKOFF_FIRST = 0.1
@@ -431,6 +431,20 @@ def prove_access(result: RevertResult, access: Access | None,
     result.known.clear()   # the tables loaded whole: read the layers again
     result.access, result.proofs["access"] = _ask(access, result.known)
     say(result.proofs["access"])
+
+
+def finished_revert(touched: Mapping[str, Sequence[str]], before: Mapping[str, bytes],
+                    access: Access | None, say: Log) -> RevertResult | None:
+    """A revert that already ended before it could say so (every touched unit as in the
+    snapshot again: `undone_already`): its result, with both proofs (the units', by that
+    reading; then access), for whoever took it up again (the guard's next attempt, recover).
+    None: not undone, revert as usual."""
+    if not undone_already(touched, before):
+        return None
+    result = RevertResult(attempts=0, notes=[ALREADY_UNDONE],
+                          proofs={name: proof_of(SNAPSHOT_UNITS) for name in touched})
+    prove_access(result, access, touched, before, say)
+    return result
 
 
 def _ask(access: Access, known: Mapping[str, tuple[int, bytes]]) -> tuple[bool | None, str]:

@@ -43,12 +43,11 @@ from fwsafe.backends import nflist
 from fwsafe.check.proof import PROVER
 from fwsafe.core import snapshot, transaction
 from fwsafe.core.revert import (
-    ALREADY_UNDONE,
     RevertResult,
+    finished_revert,
     record_revert,
     recording_attempts,
     revert_change,
-    undone_already,
 )
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
@@ -294,15 +293,17 @@ class Guard:
         live: there is no giving up), saving each attempt in the record for `status`."""
         quiet = self.after.skip(self.change)   # (a revert from the snapshot reads nothing)
         self.after.now()   # an error may have come between the change and its capture
-        if self.undo_began and undone_already(self.record.touched, self.before):
-            self.record.reverted_by = "guard"
-            return RevertResult(notes=[ALREADY_UNDONE])
+        access = PROVER.access(self.record)
+        # A later attempt may find the change undone by one that died before it could say so.
+        result = (finished_revert(self.record.touched, self.before, access, self.log)
+                  if self.undo_began else None)
         self.undo_began = True
-        result = revert_change(self.record.touched, self.before, self.after.after, log=self.log,
-                               on_attempt=recording_attempts(self.record, self.save),
-                               after_stamp=self.record.after_stamp, sleep=self.pause,
-                               access=PROVER.access(self.record), warm=PROVER.warm,
-                               unchanged_since=quiet)
+        if result is None:
+            result = revert_change(self.record.touched, self.before, self.after.after,
+                                   log=self.log,
+                                   on_attempt=recording_attempts(self.record, self.save),
+                                   after_stamp=self.record.after_stamp, sleep=self.pause,
+                                   access=access, warm=PROVER.warm, unchanged_since=quiet)
         record_revert(self.record, result, "guard")
         return result
 

@@ -44,6 +44,16 @@ def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
     return change, notes
 
 
+def already_live(entry: Entry, change: Change) -> bool:
+    """Whether the live layers already equal `entry` in every layer `change` (its rollback)
+    would apply: then a rollback has nothing to do. A rollback that applies no layer at all
+    is a usage error."""
+    if not change.layers:
+        raise UsageError(f"{entry.id} has no layer that a rollback can apply")
+    live, _ = known_good.capture_layers()
+    return all(live.get(name) == entry.layers.get(name) for name in change.layers)
+
+
 def _sshd_rollback(content: bytes) -> tuple[bytes | None, list[str]]:
     """The sshd change that writes the entry's files that differ now (None: none differ),
     based on their content now (the guard refuses if one changes meanwhile)."""

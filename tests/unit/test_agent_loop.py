@@ -29,3 +29,19 @@ def test_an_agent_run_by_path_serves_one_json_line_per_request(agent: Path) -> N
     assert answers[1]["error"].startswith("bad request: ")
     assert answers[2]["error"] == "unknown op 'no-such-op'"
     assert answers[3]["error"] == "bad request: 'name'"   # a request missing its field
+
+
+@pytest.mark.parametrize("agent", [sandbox.AGENT, reach.AGENT], ids=["check", "audit"])
+def test_both_agents_refuse_a_sysctl_outside_net_alike(agent: Path) -> None:
+    """One `sysctl` request (fwsafe.check.agent_loop.sysctl), the stricter name check for both
+    agents: nothing outside /proc/sys/net is written (only refusals are asked here: this
+    process runs in the machine's own namespace)."""
+    names = ["", "/proc/sys/kernel/panic", "../kernel/panic", "ipv4/conf/../../../kernel/x",
+             "ipv4/./ip_forward", "ipv4//ip_forward", "ipv4/ip_forward/"]
+    requests = "".join(json.dumps({"op": "sysctl", "name": n, "value": "1"}) + "\n"
+                       for n in names)
+    result = subprocess.run([sys.executable, "-I", "-S", str(agent)], input=requests,
+                            capture_output=True, text=True, cwd="/", timeout=30, check=False)
+    assert result.returncode == 0, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()][1:]
+    assert [a["error"] for a in answers] == [f"bad sysctl name {n!r}" for n in names]

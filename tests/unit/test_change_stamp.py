@@ -86,3 +86,41 @@ def test_a_table_created_with_undeclared_builtin_chains_is_not_taken_as_undone(
     assert not undone_already(touched, {"ipv4": before})
     monkeypatch.setattr(IptablesLayer, "capture", lambda _self, *_a, **_k: before)
     assert undone_already(touched, {"ipv4": before})
+
+
+def test_a_revert_found_finished_is_recorded_with_its_proofs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guard's next attempt and recover take up a revert that ended before it could say so
+    by one path (fwsafe.core.revert.finished_revert): the record says who, the note, each
+    layer's proof and the access proof, as after any revert (the guard once set only
+    `reverted_by`)."""
+    from pathlib import Path
+
+    from fwsafe.core.revert import ALREADY_UNDONE, finished_revert, record_revert
+
+    touched = snapshot_touched(record(), {"ipv4": TWO}, {"ipv4": BEFORE})
+    asked: list[object] = []
+
+    def access(known: object) -> tuple[bool | None, str]:
+        asked.append(known)
+        return True, "the SSH clients get in (kernel verdict)"
+
+    monkeypatch.setattr(IptablesLayer, "capture", lambda _self, *_a, **_k: BEFORE + TWO)
+    assert finished_revert(touched, {"ipv4": BEFORE}, access, lambda _m: None) is None
+    assert not asked                                     # not undone: the revert runs as usual
+    monkeypatch.setattr(IptablesLayer, "capture", lambda _self, *_a, **_k: BEFORE)
+    said: list[str] = []
+    result = finished_revert(touched, {"ipv4": BEFORE}, access, said.append)
+    assert result is not None and len(asked) == 1
+    done = record()
+    record_revert(done, result, "guard")
+    assert done.reverted_by == "guard" and done.revert_notes == [ALREADY_UNDONE]
+    assert set(done.revert_proofs) == {"ipv4", "access"} and done.revert_verified is True
+    assert said[-1] == "the SSH clients get in (kernel verdict)"
+    unknown = finished_revert(touched, {"ipv4": BEFORE}, None, said.append)
+    assert unknown is not None and unknown.access is None and not unknown.verified
+    # both callers use it; neither builds the result itself
+    fwsafe = Path(__file__).resolve().parents[2] / "fwsafe"
+    for caller in ("guard/process.py", "core/recover.py"):
+        text = (fwsafe / caller).read_text()
+        assert "finished_revert(" in text and "ALREADY_UNDONE" not in text, caller

@@ -312,3 +312,24 @@ def test_keep_confirmed_records_a_failure_and_the_confirm_stands(
     assert line.startswith("history/persist FAILED") and "No space left" in line
     assert failed.events[-1].event == "persist-failed"
     assert failed.state == transaction.CONFIRMED
+
+
+def test_a_rollback_to_what_is_live_has_nothing_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fwsafe rollback` asks fwsafe.persistence.rollback, not the live layers itself."""
+    from fwsafe.core.change import Change
+    from fwsafe.errors import UsageError
+    from fwsafe.ondisk.history_format import Entry
+    from fwsafe.persistence.rollback import already_live
+
+    live = {"now": layers(V4_B)}
+    monkeypatch.setattr(known_good, "capture_layers", lambda root=None: (live["now"], {}))
+    entry = Entry("20260101T000000Z-aaaa", {}, layers(V4_B))
+    change = Change()
+    change.add("ipv4", entry.layers["ipv4"], "history:x/ipv4")
+    assert already_live(entry, change)
+    live["now"] = layers(V4_A)
+    assert not already_live(entry, change)
+    live["now"] = {**layers(V4_B), "ipv6": b"*filter\nCOMMIT\n"}   # a layer it does not apply
+    assert already_live(entry, change)
+    with pytest.raises(UsageError, match="no layer that a rollback can apply"):
+        already_live(entry, Change())
