@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) run from elsewhere
     sys.path.insert(0, str(ROOT))
 
-from fwsafe.core.probes import (  # noqa: E402
+from fwsafe.core.probe_kinds import (  # noqa: E402
     PROBE_KINDS,
     Probe,
     ProbeResult,
