@@ -17,14 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
-from fwsafe.core.probe_kinds import (
-    USER_RE,
-    Probe,
-    format_host_port,
-    parse_probe,
-    split_endpoint,
-    validate_host,
-)
+from fwsafe.core.endpoints import USER_RE, format_host_port, split_endpoint, validate_host
+from fwsafe.core.probes import Probe, parse_probe
 from fwsafe.errors import ConfigError, UsageError
 
 if sys.version_info >= (3, 11):

@@ -151,7 +151,7 @@ def test_nothing_imports_the_cli(package: str) -> None:
 # interface (fwsafe.backends, .base) and nf_tables' generation (.nflist), never a specific
 # backend; the tools (runner), the on-disk formats (ondisk), the typed errors, the run's
 # context, the failpoints (a leaf on context), paramiko's compatibility layer (sshcompat, a
-# leaf: core.probes' ssh probes).
+# leaf: core.probe_kinds' ssh probes).
 CORE_MAY_IMPORT = ("fwsafe.core", "fwsafe.backends", "fwsafe.backends.base",
                    "fwsafe.backends.nflist", "fwsafe.runner", "fwsafe.ondisk", "fwsafe.errors",
                    "fwsafe.context", "fwsafe.failpoints", "fwsafe.sshcompat")
