@@ -15,6 +15,7 @@ from fwsafe.backends.base import (
     FLUSHES_IPTABLES,
     IPTABLES_SAVE,
     NETFILTER,
+    NFT_TABLES,
     ON_DEMAND,
     PREDICTED,
     ROLLBACK,
@@ -23,6 +24,7 @@ from fwsafe.backends.base import (
     FidelityError,
     Layer,
 )
+from fwsafe.backends.families import FAMILIES
 from fwsafe.errors import UsageError
 from fwsafe.ondisk.firewalld_files import FIREWALLD_TABLES
 
@@ -48,7 +50,7 @@ def revert_order(names: Iterable[str]) -> list[str]:
 
 def layer_for(name: str) -> Layer:
     """The layer object for a layer name stored in a transaction record."""
-    if name in ("ipv4", "ipv6", "ipv4-legacy", "ipv6-legacy"):   # IPTABLES_SAVE
+    if name in FAMILIES:   # the iptables layers (fwsafe.backends.families)
         # each backend is imported when first asked for (the CLI starts faster)
         from fwsafe.backends.iptables import IptablesLayer
 
@@ -94,6 +96,21 @@ def layer_has(name: str, fact: str) -> bool:
 @functools.cache
 def _facts(kind: str) -> frozenset[str]:
     return layer_for(kind).facts
+
+
+def restore_command(name: str) -> tuple[str, ...]:
+    """The command that loads layer `name`'s whole capture, read on stdin, into an empty
+    network namespace (`Layer.restore_command`: iptables-restore, nft -f); () for a layer
+    (or an unknown name) that is not loaded so."""
+    kind = layer_kind(name)
+    if kind not in (*ALL_LAYERS, *ON_DEMAND_LAYERS):
+        return ()
+    return _restore_command(kind)
+
+
+@functools.cache
+def _restore_command(kind: str) -> tuple[str, ...]:
+    return layer_for(kind).restore_command
 
 
 def owned_elsewhere(name: str, layers: Iterable[str]) -> frozenset[str]:
@@ -176,8 +193,8 @@ def available_layers() -> list[str]:
 
 
 __all__ = ["ALL_LAYERS", "FILES", "FIREWALLD_TABLES", "FLUSHES_IPTABLES", "IPTABLES_SAVE",
-           "NETFILTER", "ON_DEMAND",
+           "NETFILTER", "NFT_TABLES", "ON_DEMAND",
            "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "ApplyError", "FidelityError",
            "Layer",
            "available_layers", "compose_partial", "layer_for", "layer_has", "layer_kind", "lossy_tables",
-           "layers_with", "owned_elsewhere", "revert_order", "watched_layers"]
+           "layers_with", "owned_elsewhere", "restore_command", "revert_order", "watched_layers"]

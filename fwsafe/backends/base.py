@@ -51,6 +51,8 @@ FLUSHES_IPTABLES = "flushes-iptables"   # its revert may reload a daemon that fl
                                  # iptables tables and makes others write theirs again
                                  # (firewalld's reload; Docker): core reverts the iptables
                                  # layers from what others had left before it (core.revert)
+NFT_TABLES = "nft-tables"        # its state is native nftables tables (`nft list ruleset`),
+                                 # a change an nft script
 ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the history (a rules file;
                                  # sshd: its files, then a reload; firewalld: through firewalld,
                                  # its files then `--reload` and the runtime model, or the files
@@ -82,6 +84,10 @@ class Layer(abc.ABC):
     label: str
     tools: tuple[str, ...] = ()   # binaries needed to change this layer
     facts: frozenset[str] = frozenset()   # NETFILTER, FILES, ... (above)
+    # The command that loads the layer's whole capture, read on stdin, into an empty network
+    # namespace (the lockout check's sandbox: fwsafe.check.simulate); () for a layer whose
+    # state is not loaded so.
+    restore_command: tuple[str, ...] = ()
     proved: Proved | None = None  # set by `revert` when the kernel proved the whole state
     # Told the whole state a revert is about to load (what `proved` will hold if the kernel
     # proves it), to start work on it while the tool loads it; never raises.

@@ -24,11 +24,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from fwsafe.backends import nflist
 from fwsafe.backends.base import FidelityError
-from fwsafe.backends.iptables import FAMILIES
+from fwsafe.backends.families import FAMILIES
 from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.runner import find_binary, require_binary, run
 
-NFT_FAMILY = {"ipv4": "ip", "ipv6": "ip6"}
+# nf_tables' family of each iptables layer whose tables live in nf_tables (not the legacy ones)
+NFT_FAMILY = {name: f.nft_family for name, f in FAMILIES.items() if not f.legacy}
 SCRATCH_PREFIX = "fwrt"   # fwrt<pid>: the round trip's scratch namespace
 
 Blocks = dict[str, tuple[str, ...]]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 from fwsafe.backends import nflist
 from fwsafe.backends.base import (
@@ -33,6 +32,7 @@ from fwsafe.backends.base import (
     RetryLog,
     line_starting,
 )
+from fwsafe.backends.families import FAMILIES as FAMILIES  # the iptables layers' facts
 from fwsafe.backends.iptsave import (
     BUILTIN_CHAINS,
     Chain,
@@ -54,26 +54,6 @@ _NFT_SYNTAX = re.compile(r"\n[^\S\n]*(?:table\s+(?:ip|ip6|inet|arp|bridge|netdev
 _ERROR_LINE = re.compile(r"(?:Error occurred at line:\s*|line\s+)(\d+)")
 _MISSING_CHAIN = re.compile(r"Chain '([^']+)' does not exist")
 _JUMP = re.compile(r"\s-[jg]\s+(\S+)")
-
-
-@dataclass(frozen=True)
-class Family:
-    layer: str
-    save: str
-    restore: str
-    nft_family: str
-    label: str
-    legacy: bool
-
-
-FAMILIES = {
-    "ipv4": Family("ipv4", "iptables-save", "iptables-restore", "ip", "IPv4", False),
-    "ipv6": Family("ipv6", "ip6tables-save", "ip6tables-restore", "ip6", "IPv6", False),
-    "ipv4-legacy": Family("ipv4-legacy", "iptables-legacy-save", "iptables-legacy-restore",
-                          "ip", "IPv4 (legacy)", True),
-    "ipv6-legacy": Family("ipv6-legacy", "ip6tables-legacy-save", "ip6tables-legacy-restore",
-                          "ip6", "IPv6 (legacy)", True),
-}
 
 
 def restore_touched_chains(name: str, before: Table | None, current: Table | None,
@@ -232,6 +212,7 @@ class IptablesLayer(Layer):
         self.name = name
         self.label = self.family.label
         self.tools = (self.family.save, self.family.restore)
+        self.restore_command = (self.family.restore,)
         self.facts = frozenset({NETFILTER, IPTABLES_SAVE} if self.family.legacy else
                                {NETFILTER, IPTABLES_SAVE, PREDICTED, RULES_FILE, ROLLBACK})
 

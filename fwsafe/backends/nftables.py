@@ -24,6 +24,7 @@ from fwsafe.backends import libnft, nflist
 from fwsafe.backends.base import (
     MERGE,
     NETFILTER,
+    NFT_TABLES,
     PREDICTED,
     ROLLBACK,
     ApplyError,
@@ -340,7 +341,8 @@ class NftLayer(Layer):
     name = "nft"
     label = "nftables"
     tools = ("nft",)
-    facts = frozenset({NETFILTER, PREDICTED, ROLLBACK})
+    facts = frozenset({NETFILTER, NFT_TABLES, PREDICTED, ROLLBACK})
+    restore_command = ("nft", "-f", "-")
 
     def available(self) -> bool:
         return find_binary("nft") is not None

@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from fwsafe.backends import PREDICTED, RULES_FILE, layer_has, layers_with
+from fwsafe.backends import NFT_TABLES, PREDICTED, RULES_FILE, layer_has, layers_with
+from fwsafe.backends.families import FAMILIES
 from fwsafe.check.attempts import Prober, find_not_checked
 from fwsafe.check.clients import (
     default_clients_and_port,
@@ -366,9 +367,9 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
                 report.verdicts.append(verdict)
     have = {p.family for p in paths}
     wanted = host_families(interfaces)
-    if "nft" in layers:
+    if any(layer_has(name, NFT_TABLES) for name in layers):   # an nft table may be inet
         wanted |= {4, 6}
-    wanted |= {4 if name == "ipv4" else 6 for name in layers if layer_has(name, RULES_FILE)}
+    wanted |= {FAMILIES[name].ip_version for name in layers if layer_has(name, RULES_FILE)}
     for family in sorted(wanted - have):
         report.verdicts.append(Verdict(
             f"tcp ? -> :{port} (ipv{family})", None, None,

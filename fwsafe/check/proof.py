@@ -9,7 +9,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from fwsafe.backends import RULES_FILE, layers_with
+from fwsafe.backends import NFT_TABLES, RULES_FILE, layers_with, owned_elsewhere
 from fwsafe.core.revert import Access, Prover, live_state
 from fwsafe.core.transaction import Record
 
@@ -25,8 +25,8 @@ def access_check(record: Record) -> Access | None:
     families: list[str] = [n for n in layers_with(RULES_FILE) if n in record.captured]
     if not clients or not families:
         return None
-    if "firewalld" in record.captured and "nft" in record.captured:
-        families.append("nft")   # firewalld's rules are its tables there (inet firewalld)
+    # firewalld's rules are its tables in the nft layer (inet firewalld)
+    families += [n for n in record.captured if owned_elsewhere(n, record.captured)]
 
     def prove(known: Mapping[str, tuple[int, bytes]]) -> tuple[bool | None, str]:
         # heavy: only when used (above)
@@ -40,8 +40,8 @@ def access_check(record: Record) -> Access | None:
         # candidate is that same state (one reading, one pruning analysis). The native nft
         # tables as the revert proved them loaded, when it did (not read again: a set of 100k
         # elements takes a second to list).
-        nft = known.get("nft")
-        captured = {**state, **({"nft": live_state("nft", known)} if nft is not None else {})}
+        captured = {**state, **{n: live_state(n, known) for n in layers_with(NFT_TABLES)
+                                if n in known}}
         report = predict(live, clients=clients, port=port, validate=False, captured=captured,
                          sandbox_prefix=PROOF_PREFIX)
         if report.lockout:

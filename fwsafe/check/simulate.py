@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends import layer_for
+from fwsafe.backends import layer_for, restore_command
 from fwsafe.backends.base import ApplyError
 from fwsafe.check.isolation import UNSHARE_ARGS, Tripwires, describe, enter, host_sockets
 from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
@@ -32,13 +32,6 @@ from fwsafe.runner import module_argv, require_binary
 
 SIMULATE_PREFIX = "fwsb"   # fwsb<pid>: the scratch namespace of a simulated change
 
-LOADERS = {
-    "ipv4": ["iptables-restore"],
-    "ipv6": ["ip6tables-restore"],
-    "ipv4-legacy": ["iptables-legacy-restore"],
-    "ipv6-legacy": ["ip6tables-legacy-restore"],
-    "nft": ["nft", "-f", "-"],
-}
 
 
 def _b64(data: bytes) -> str:
@@ -68,7 +61,7 @@ def simulate(
         raise EnvironmentProblem(f"cannot create a scratch network namespace: {exc}") from exc
     try:
         request = {
-            "load": {k: _b64(v) for k, v in before.items() if k in LOADERS},
+            "load": {k: _b64(v) for k, v in before.items() if restore_command(k)},
             "ufw": _b64(before["ufw"]) if "ufw" in before else None,
             "layers": {k: _b64(v) for k, v in (layers or {}).items()},
             "sources": dict(sources or {}),
@@ -120,7 +113,8 @@ def _inside(request: dict[str, Any], wires: Tripwires) -> dict[str, Any]:
         content = _unb64(data)
         if not content.strip():
             continue
-        result = subprocess.run(LOADERS[name], input=content, capture_output=True, check=False)
+        result = subprocess.run(list(restore_command(name)), input=content, capture_output=True,
+                                check=False)
         if result.returncode != 0:
             return {"error": f"cannot load the current {name} state into the sandbox: "
                              f"{result.stderr.decode(errors='replace').strip()}"}

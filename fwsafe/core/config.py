@@ -3,21 +3,38 @@
 Every key is optional; see ``examples/fwsafe.toml`` for an annotated example.  Unknown keys and
 wrong types are errors (with a "did you mean" suggestion), so that a typo never silently falls
 back to a default.
+
+This module finds and loads the file (`load_config`) and holds what it gives: the defaults,
+`Config`, the hosts' targets, the ports `audit` expects open. Each key is read and checked by
+fwsafe.core.config_checks.
 """
 
 from __future__ import annotations
 
 import difflib
-import ipaddress
 import math
 import os
 import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
-from fwsafe.core.probes import USER_RE, Probe, format_host_port, parse_probe, split_endpoint, validate_host
+from fwsafe.core.config_checks import (
+    DEFAULT_PORT,
+    HostConfig,
+    PersistMode,
+    Reader,
+    check_hosts,
+    check_list,
+    check_persist,
+    check_probes,
+    check_sources,
+    check_state_dir,
+    toml_error,
+)
+from fwsafe.core.endpoints import format_host_port, split_endpoint
+from fwsafe.core.probes import Probe, parse_probe
 from fwsafe.errors import ConfigError, UsageError
 
 if sys.version_info >= (3, 11):
@@ -27,12 +44,9 @@ else:  # pragma: no cover - exercised on Python < 3.11 only
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "DEFAULT_PORT",
     "DEFAULT_USER",
     "ENV_VAR",
-    "PERSIST_MODES",
     "Config",
-    "HostConfig",
     "HostTarget",
     "OpenPort",
     "load_config",
@@ -43,7 +57,6 @@ __all__ = [
 DEFAULT_CONFIG_PATH = "/etc/fwsafe/fwsafe.toml"
 ENV_VAR = "FWSAFE_CONFIG"
 DEFAULT_USER = "root"
-DEFAULT_PORT = 22
 #: The longest window `apply --timeout` and `extend` accept by default (`max_timeout`): 24 h.
 DEFAULT_MAX_TIMEOUT = 86400
 #: The largest rules file read by default (`max_rules_bytes`): 64 MiB.
@@ -54,27 +67,11 @@ DEFAULT_STUCK_GRACE = 5.0
 #: The kernel escape hatch opens this many seconds after the deadline (`hatch_grace`).
 DEFAULT_HATCH_GRACE = 30.0
 
-PersistMode = Literal["auto", "netfilter-persistent", "nftables", "none"]
-PERSIST_MODES: tuple[PersistMode, ...] = ("auto", "netfilter-persistent", "nftables", "none")
+
 
 #: What `fwsafe audit` expects the world to reach when the config names nothing (`expected_open`).
 DEFAULT_EXPECTED_OPEN: tuple[str, ...] = ("22/tcp",)
 _OPEN_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?/(tcp|udp)$")
-
-_HOST_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-@dataclass(frozen=True)
-class HostConfig:
-    """A ``[hosts.NAME]`` table.  `user`, `key`, `known_hosts` are None when not given."""
-
-    name: str
-    host: str
-    user: str | None = None
-    port: int = DEFAULT_PORT
-    key: str | None = None
-    known_hosts: str | None = None
-
 
 @dataclass(frozen=True)
 class HostTarget:
@@ -262,127 +259,22 @@ def _load_file(path: str, *, origin: str) -> Config:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not valid UTF-8 ({exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
-        raise _toml_error(path, exc) from None
+        raise toml_error(path, exc) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return _build(path, data)
 
 
-_AT_LINE_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
-_AT_EOF_RE = re.compile(r"\s*\(at end of document\)$")
-
-
-def _toml_error(path: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
-    message = str(exc)
-    line: int | None = getattr(exc, "lineno", None)
-    column: int | None = getattr(exc, "colno", None)
-    msg = getattr(exc, "msg", None)
-    match = _AT_LINE_RE.search(message)
-    if match:
-        line, column = line or int(match.group(1)), column or int(match.group(2))
-        message = message[: match.start()]
-    elif _AT_EOF_RE.search(message):
-        message = _AT_EOF_RE.sub("", message) + " (at end of file)"
-    if isinstance(msg, str) and msg:
-        message = msg
-    where = f"{path}:{line}" if line is not None else path
-    col = f", column {column}" if column is not None and line is not None else ""
-    return ConfigError(f"{where}: invalid TOML: {message}{col}")
-
-
-class _Reader:
-    """Validates one table: each `take` pops a key; `finish` reports what is left."""
-
-    def __init__(self, path: str, table: Mapping[str, Any], prefix: str) -> None:
-        self.path = path
-        self.table = dict(table)
-        self.prefix = prefix
-        self.known: list[str] = []
-
-    def keypath(self, key: str) -> str:
-        return f"{self.prefix}{key}"
-
-    def error(self, key: str, what: str, hint: str | None = None) -> ConfigError:
-        return ConfigError(f"{self.path}: {self.keypath(key)}: {what}", hint=hint)
-
-    def take(self, key: str, check: Callable[[str, Any], Any], default: Any) -> Any:
-        self.known.append(key)
-        if key not in self.table:
-            return default
-        return check(key, self.table.pop(key))
-
-    def finish(self) -> None:
-        for key in self.table:
-            close = difflib.get_close_matches(key, self.known, n=1, cutoff=0.6)
-            suggestion = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(
-                f"{self.path}: unknown key {self.keypath(key)!r}{suggestion}",
-                hint=f"valid keys here: {', '.join(self.known)}",
-            )
-
-    # -- type checks --------------------------------------------------------------------------
-
-    def type_error(self, key: str, expected: str, value: Any) -> ConfigError:
-        return self.error(key, f"expected {expected}, got {_describe(value)}")
-
-    def int_min(self, minimum: int) -> Callable[[str, Any], int]:
-        def check(key: str, value: Any) -> int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise self.type_error(key, "an integer", value)
-            if value < minimum:
-                raise self.error(key, f"must be >= {minimum}, got {value}")
-            return value
-
-        return check
-
-    def boolean(self, key: str, value: Any) -> bool:
-        if not isinstance(value, bool):
-            raise self.type_error(key, "a boolean", value)
-        return value
-
-    def positive_number(self, key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.type_error(key, "a number", value)
-        if not value > 0 or value != value or value == float("inf"):
-            raise self.error(key, f"must be a positive number, got {value}")
-        return float(value)
-
-    def string(self, key: str, value: Any) -> str:
-        if not isinstance(value, str):
-            raise self.type_error(key, "a string", value)
-        if not value:
-            raise self.error(key, "must not be empty")
-        return value
-
-
-def _describe(value: Any) -> str:
-    kinds = {
-        bool: "a boolean",
-        int: "an integer",
-        float: "a float",
-        str: "a string",
-        list: "an array",
-        dict: "a table",
-    }
-    kind = kinds.get(type(value), type(value).__name__)
-    if isinstance(value, (dict, list)):
-        return kind
-    text = repr(value) if not isinstance(value, bool) else str(value).lower()
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{kind} ({text})"
-
-
 def _build(path: str, data: Mapping[str, Any]) -> Config:
-    top = _Reader(path, data, "")
+    top = Reader(path, data, "")
     timeout = top.take("timeout", top.int_min(1), 60)
-    state_dir = top.take("state_dir", lambda k, v: _check_state_dir(top, k, v), "/var/lib/fwsafe")
+    state_dir = top.take("state_dir", lambda k, v: check_state_dir(top, k, v), "/var/lib/fwsafe")
     probe_interval = top.take("probe_interval", top.positive_number, 2.0)
     probe_failures = top.take("probe_failures", top.int_min(1), 3)
     probe_timeout = top.take("probe_timeout", top.positive_number, 3.0)
-    probes = top.take("probes", lambda k, v: _check_probes(top, k, v), ())
+    probes = top.take("probes", lambda k, v: check_probes(top, k, v), ())
     history_keep = top.take("history_keep", top.int_min(1), 50)
-    persist = top.take("persist", lambda k, v: _check_persist(top, k, v), "auto")
+    persist = top.take("persist", lambda k, v: check_persist(top, k, v), "auto")
     max_timeout = top.take("max_timeout", top.int_min(1), DEFAULT_MAX_TIMEOUT)
     max_rules_bytes = top.take("max_rules_bytes", top.int_min(1), DEFAULT_MAX_RULES_BYTES)
     boot_hook = top.take("boot_hook", top.boolean, True)
@@ -390,11 +282,11 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
     reboot_recovery_window = top.take("reboot_recovery_window", top.positive_number, 600.0)
     expected_open = top.take("expected_open", lambda k, v: _check_open_ports(top, k, v),
                              DEFAULT_EXPECTED_OPEN)
-    hosts = top.take("hosts", lambda k, v: _check_hosts(path, top, k, v), {})
+    hosts = top.take("hosts", lambda k, v: check_hosts(path, top, k, v), {})
     stuck_grace = top.take("stuck_grace", top.positive_number, DEFAULT_STUCK_GRACE)
     hatch = top.take("hatch", top.boolean, True)
     hatch_grace = top.take("hatch_grace", top.positive_number, DEFAULT_HATCH_GRACE)
-    admin_sources = top.take("admin_sources", lambda k, v: _check_sources(top, k, v), ())
+    admin_sources = top.take("admin_sources", lambda k, v: check_sources(top, k, v), ())
     top.finish()
     if timeout > max_timeout:
         raise top.error("timeout", f"must be <= max_timeout ({max_timeout}), got {timeout}")
@@ -422,131 +314,6 @@ def _build(path: str, data: Mapping[str, Any]) -> Config:
     )
 
 
-def _check_state_dir(reader: _Reader, key: str, value: Any) -> str:
-    text = os.path.expanduser(reader.string(key, value))
-    if not os.path.isabs(text):
-        raise reader.error(key, f"must be an absolute path, got {value!r}")
-    return os.path.normpath(text)
-
-
-def _check_probes(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list):
-        raise reader.type_error(key, "an array of probe URLs", value)
-    urls: list[str] = []
-    for index, item in enumerate(value):
-        item_key = f"{key}[{index}]"
-        if not isinstance(item, str):
-            raise reader.type_error(item_key, "a probe URL string", item)
-        try:
-            parse_probe(item)
-        except UsageError as exc:
-            raise reader.error(item_key, exc.message, hint=exc.hint) from None
-        urls.append(item.strip())
-    return tuple(urls)
-
-
-def _check_list(reader: _Reader, key: str, value: Any, array: str, item_kind: str,
-                parse: Callable[[str], str]) -> tuple[str, ...]:
-    """An array of strings, each read by `parse` (a ValueError says what is wrong)."""
-    if not isinstance(value, list):
-        raise reader.type_error(key, array, value)
-    entries: list[str] = []
-    for index, item in enumerate(value):
-        item_key = f"{key}[{index}]"
-        if not isinstance(item, str):
-            raise reader.type_error(item_key, item_kind, item)
-        try:
-            entries.append(parse(item))
-        except ValueError as exc:
-            raise reader.error(item_key, str(exc)) from None
-    return tuple(entries)
-
-
-def _check_open_ports(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
-    return _check_list(reader, key, value, 'an array of "PORT/PROTO" strings',
+def _check_open_ports(reader: Reader, key: str, value: Any) -> tuple[str, ...]:
+    return check_list(reader, key, value, 'an array of "PORT/PROTO" strings',
                        'a "PORT/PROTO" string', lambda item: str(parse_open_port(item)))
-
-
-def _source(text: str) -> str:
-    try:
-        return str(ipaddress.ip_network(text.strip(), strict=False))
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IP address or network") from None
-
-
-def _check_sources(reader: _Reader, key: str, value: Any) -> tuple[str, ...]:
-    return _check_list(reader, key, value, 'an array of addresses or networks '
-                       '("203.0.113.7", "2001:db8::/64")', "an address or network string",
-                       _source)
-
-
-def _check_persist(reader: _Reader, key: str, value: Any) -> PersistMode:
-    text = reader.string(key, value)
-    for mode in PERSIST_MODES:
-        if text == mode:
-            return mode
-    close = difflib.get_close_matches(text, PERSIST_MODES, n=1)
-    suggestion = f"; did you mean {close[0]!r}?" if close else ""
-    raise reader.error(
-        key,
-        f"unknown value {text!r}{suggestion}",
-        hint=f"one of: {', '.join(PERSIST_MODES)}",
-    )
-
-
-def _check_hosts(path: str, reader: _Reader, key: str, value: Any) -> dict[str, HostConfig]:
-    if not isinstance(value, dict):
-        raise reader.type_error(key, "a table of [hosts.NAME] tables", value)
-    hosts: dict[str, HostConfig] = {}
-    for name, table in value.items():
-        name_key = f"{key}.{name}"
-        if not _HOST_NAME_RE.match(name):
-            raise reader.error(
-                name_key,
-                "invalid host name (use letters, digits, '.', '_' and '-')",
-            )
-        if not isinstance(table, dict):
-            raise reader.type_error(name_key, "a table", table)
-        hosts[name] = _check_host_table(path, name, table, f"{name_key}.")
-    return hosts
-
-
-def _check_host_table(path: str, name: str, table: Mapping[str, Any], prefix: str) -> HostConfig:
-    reader = _Reader(path, table, prefix)
-
-    def host_check(key: str, value: Any) -> str:
-        text = reader.string(key, value)
-        if text.startswith("[") and text.endswith("]"):
-            text = text[1:-1]
-        if "@" in text or text.count(":") == 1:
-            raise reader.error(
-                key,
-                f"invalid host name {text!r}",
-                hint="only the host goes here: the user goes in 'user', the port in 'port'",
-            )
-        try:
-            return validate_host(text, allow_bare_ipv6=True)
-        except ValueError as exc:
-            raise reader.error(key, str(exc)) from None
-
-    def user_check(key: str, value: Any) -> str:
-        text = reader.string(key, value)
-        if not USER_RE.match(text):
-            raise reader.error(key, f"invalid user name {text!r}")
-        return text
-
-    def port_check(key: str, value: Any) -> int:
-        port: int = reader.int_min(1)(key, value)
-        if port > 65535:
-            raise reader.error(key, f"port {port} out of range 1-65535")
-        return port
-
-    host = reader.take("host", host_check, None)
-    user = reader.take("user", user_check, None)
-    port = reader.take("port", port_check, DEFAULT_PORT)
-    key = reader.take("key", reader.string, None)
-    known_hosts = reader.take("known_hosts", reader.string, None)
-    reader.finish()
-    if host is None:
-        raise ConfigError(f"{path}: {prefix}host: missing (required in every [hosts.NAME])")
-    return HostConfig(name=name, host=host, user=user, port=port, key=key, known_hosts=known_hosts)

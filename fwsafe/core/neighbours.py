@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from fwsafe.backends import RULES_FILE, layer_for, layers_with
+from fwsafe.backends import NFT_TABLES, RULES_FILE, layer_for, layer_has, layers_with
 
 # (owner, patterns of iptables chain names, patterns of native nft tables "family name")
 OWNERS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
@@ -75,17 +75,19 @@ _FLUSH_RULESET = re.compile(r"^\s*flush\s+ruleset\b", re.M)
 _DELETE_TABLE = re.compile(r"^\s*(?:delete|flush|destroy)\s+table\s+(\S+)\s+(\S+)", re.M)
 
 
-def deleted_by_nft_file(live: Mapping[str, bytes], change: bytes) -> list[Neighbour]:
-    """Neighbours' tables (native nft, and chains in iptables-nft tables) that an nft file
-    deletes: every one with `flush ruleset`, the named ones with `delete/flush table`."""
+def deleted_by_nft_file(layer: str, live: Mapping[str, bytes], change: bytes
+                        ) -> list[Neighbour]:
+    """Neighbours' tables (native nft, and chains in iptables-nft tables) that an nft file of
+    layer `layer` (an NFT_TABLES one) deletes: every one with `flush ruleset`, the named ones
+    with `delete/flush table`."""
     text = change.decode(errors="replace")
     flush_all = bool(_FLUSH_RULESET.search(text))
     named = {f"{m.group(1)} {m.group(2)}" for m in _DELETE_TABLE.finditer(text)}
     found = []
-    for unit in layer_for("nft").units(live.get("nft", b"")):
+    for unit in layer_for(layer).units(live.get(layer, b"")):
         owner = owner_of_table(unit)
         if owner and (flush_all or unit in named):
-            found.append(Neighbour(owner, "nft", unit))
+            found.append(Neighbour(owner, layer, unit))
     if flush_all:  # `flush ruleset` also wipes the tables iptables-nft keeps
         for layer in layers_with(RULES_FILE):
             for name, chains in layer_for(layer).declared(live.get(layer, b"")).items():
@@ -103,8 +105,8 @@ def deleted_neighbours(change_layers: Mapping[str, bytes], live: Mapping[str, by
         return []
     found: list[Neighbour] = []
     for layer, content in change_layers.items():
-        if layer == "nft":
-            found += deleted_by_nft_file(live, content)
+        if layer_has(layer, NFT_TABLES):
+            found += deleted_by_nft_file(layer, live, content)
         elif layer in live:
             found += deleted_by_iptables_file(layer, live[layer], content)
     return found

@@ -10,42 +10,44 @@ A probe is written as a URL:
 
 IPv6 literals go in brackets: ``tcp://[fd00::1]:22``.
 
-The guard imports this module and runs the probes periodically while a change is pending, so
-the import is kept light: paramiko, urllib.request and subprocess are imported only inside the
-functions that need them.  `run_probe` never raises for a network failure; it reports it in a
-`ProbeResult`.
+This module parses the URLs (`parse_probe`) and runs probes (`run_probe`, `run_probes`, at
+the same time, each bounded); how each kind is tried is in fwsafe.core.probe_kinds, the host
+and port syntax in fwsafe.core.endpoints. The guard imports it and runs the probes
+periodically while a change is pending, so the import is kept light (paramiko, urllib.request
+and subprocess are loaded by the kinds that need them). `run_probe` never raises for a network
+failure; it reports it in a `ProbeResult`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import re
 import shlex
-import socket
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from fwsafe.core.endpoints import split_endpoint, validate_host
+from fwsafe.core.probe_kinds import (
+    ProbeFailed,
+    SocketDeadline,
+    probe_cmd,
+    probe_http,
+    probe_ssh,
+    probe_ssh_auth,
+    probe_tcp,
+)
 from fwsafe.errors import UsageError
-from fwsafe.sshcompat import channel_timeout, fingerprint
 
 __all__ = [
     "PROBE_KINDS",
     "Probe",
     "ProbeKind",
     "ProbeResult",
-    "SocketDeadline",
-    "describe_os_error",
-    "format_host_port",
     "parse_probe",
     "run_probe",
     "run_probes",
-    "split_endpoint",
-    "ssh_log_channel",
-    "validate_host",
 ]
 
 ProbeKind = Literal["tcp", "ssh", "ssh-auth", "http", "https", "cmd"]
@@ -55,16 +57,8 @@ PROBE_KINDS: tuple[ProbeKind, ...] = ("tcp", "ssh", "ssh-auth", "http", "https",
 
 _FORMS = "tcp://HOST:PORT, ssh://[USER@]HOST[:PORT], ssh-auth://USER@HOST[:PORT], http://..., https://..., cmd:COMMAND"  # noqa: E501
 
-_LABEL_RE = re.compile(r"^[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?$")
-#: A login name as probes, the config and the remote commands accept it.
-USER_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._$-]*$")
-
 #: Extra time `run_probes` waits past the timeout before it gives up on a probe thread.
 _JOIN_GRACE_S = 2.0
-#: paramiko's log channel for probe connections (see `ssh_log_channel`).
-_SSH_LOG_CHANNEL = "fwsafe.core.probes.ssh"
-#: How many bytes of a would-be SSH banner line we look at.
-_BANNER_MAX = 255
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,94 +85,6 @@ class Probe:
 
     def __str__(self) -> str:
         return self.url
-
-
-def validate_host(host: str, *, allow_bare_ipv6: bool = True) -> str:
-    """Check that `host` is a hostname, an IPv4 address or (bare) IPv6 address; return it.
-
-    Brackets are not accepted here (see `split_endpoint`).  Raises ValueError with a short
-    reason.
-    """
-    if not host:
-        raise ValueError("empty host")
-    if ":" in host:
-        if not allow_bare_ipv6:
-            raise ValueError(f"IPv6 address {host!r} must be written in brackets, e.g. [{host}]")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"invalid IPv6 address {host!r}") from None
-        return host
-    name = host[:-1] if host.endswith(".") else host
-    labels = name.split(".")
-    if all(label.isdigit() for label in labels):
-        try:
-            ipaddress.IPv4Address(name)
-        except ValueError:
-            raise ValueError(f"invalid IPv4 address {host!r}") from None
-        return host
-    if len(name) > 253 or not all(_LABEL_RE.match(label) for label in labels):
-        raise ValueError(f"invalid host name {host!r}")
-    return host
-
-
-def _parse_port(text: str) -> int:
-    if not text.isdigit() or not text.isascii():
-        raise ValueError(f"invalid port {text!r}")
-    port = int(text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"port {port} out of range 1-65535")
-    return port
-
-
-def split_endpoint(text: str) -> tuple[str | None, str, int | None]:
-    """Split ``[USER@]HOST[:PORT]`` into ``(user, host, port)``; missing parts are None.
-
-    IPv6 literals must be bracketed (``root@[fd00::1]:2222``); the brackets are removed from
-    the returned host.  Raises ValueError with a short reason when the text is malformed.
-    """
-    if not text:
-        raise ValueError("empty host")
-    if any(c.isspace() for c in text):
-        raise ValueError("whitespace is not allowed")
-    user: str | None = None
-    rest = text
-    if "@" in text:
-        user, _, rest = text.rpartition("@")
-        if not user:
-            raise ValueError("empty user name before '@'")
-        if not USER_RE.match(user):
-            raise ValueError(f"invalid user name {user!r}")
-    port: int | None = None
-    if rest.startswith("["):
-        end = rest.find("]")
-        if end < 0:
-            raise ValueError("missing ']' after IPv6 address")
-        host = rest[1:end]
-        after = rest[end + 1 :]
-        if not host:
-            raise ValueError("empty IPv6 address in brackets")
-        try:
-            ipaddress.IPv6Address(host)
-        except ValueError:
-            raise ValueError(f"invalid IPv6 address [{host}]") from None
-        if after:
-            if not after.startswith(":"):
-                raise ValueError(f"unexpected {after!r} after ']'")
-            port = _parse_port(after[1:])
-        return user, host, port
-    if rest.count(":") > 1:
-        raise ValueError(f"IPv6 address must be written in brackets, e.g. [{rest}]:PORT")
-    host, sep, port_text = rest.partition(":")
-    if sep:
-        port = _parse_port(port_text)
-    validate_host(host, allow_bare_ipv6=False)
-    return user, host, port
-
-
-def format_host_port(host: str, port: int) -> str:
-    """``host:port``, with an IPv6 host put in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _bad(url: str, why: str, hint: str | None = None) -> UsageError:
@@ -299,394 +205,6 @@ class ProbeResult:
         }
 
 
-class _ProbeFailed(Exception):
-    """Internal: a probe failed; the message is the user-facing error."""
-
-    def __init__(self, error: str, detail: str | None = None) -> None:
-        super().__init__(error)
-        self.error = error
-        self.detail = detail
-
-
-def describe_os_error(exc: BaseException, timeout: float) -> str:
-    """A short lower-case reason for a failed socket operation (`timeout`: the limit it had)."""
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (TimeoutError, socket.timeout)):
-        return f"timed out after {timeout:g}s"
-    if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host: {exc.strerror or exc}"
-    if isinstance(exc, ConnectionResetError):
-        return "connection reset by peer"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[:1].lower() + exc.strerror[1:]
-    text = str(exc) or type(exc).__name__
-    return text
-
-
-class SocketDeadline:
-    """A hard deadline for a socket: when it passes, the socket is shut down.
-
-    Shutting the socket down wakes up whatever thread is blocked on it (paramiko's transport
-    thread, our own recv), so a probe or an SSH login cannot outlive its timeout by much.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.end = time.monotonic() + timeout
-        self.expired = False
-        self._sock: socket.socket | None = None
-        self._timer: threading.Timer | None = None
-        self._lock = threading.Lock()  # so that `_fire` never touches a socket being closed
-
-    def remaining(self) -> float:
-        """Seconds left (at least a small positive value, for APIs that reject 0)."""
-        return max(self.end - time.monotonic(), 0.001)
-
-    def passed(self) -> bool:
-        return time.monotonic() >= self.end
-
-    def arm(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._timer = threading.Timer(self.remaining(), self._fire)
-        self._timer.daemon = True
-        self._timer.start()
-
-    def _fire(self) -> None:
-        with self._lock:
-            if self._sock is None:
-                return  # cancelled meanwhile
-            self.expired = True
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def cancel(self) -> None:
-        """Disarm; after this returns the timer will not touch the socket any more."""
-        with self._lock:
-            self._sock = None
-            if self._timer is not None:
-                self._timer.cancel()
-
-    def timed_out(self) -> str:
-        return f"timed out after {self.timeout:g}s"
-
-
-def _connect(host: str, port: int, deadline: SocketDeadline) -> socket.socket:
-    try:
-        return socket.create_connection((host, port), timeout=deadline.remaining())
-    except (OSError, ValueError) as exc:
-        raise _ProbeFailed(describe_os_error(exc, deadline.timeout)) from None
-
-
-# --------------------------------------------------------------------------------------------
-# The probe kinds
-# --------------------------------------------------------------------------------------------
-
-
-def _probe_tcp(probe: Probe, deadline: SocketDeadline) -> str | None:
-    assert probe.host is not None and probe.port is not None
-    sock = _connect(probe.host, probe.port, deadline)
-    try:
-        peer = sock.getpeername()
-        return f"connected to {format_host_port(str(peer[0]), int(peer[1]))}"
-    except OSError:
-        return None
-    finally:
-        sock.close()
-
-
-def _read_banner(sock: socket.socket, deadline: SocketDeadline) -> str:
-    """Peek at the server's first line (left in the socket buffer for paramiko)."""
-    while True:
-        if deadline.passed():
-            raise _ProbeFailed(f"no SSH banner: {deadline.timed_out()}")
-        sock.settimeout(deadline.remaining())
-        try:
-            data = sock.recv(_BANNER_MAX, socket.MSG_PEEK)
-        except OSError as exc:
-            if deadline.expired:
-                raise _ProbeFailed(f"no SSH banner: {deadline.timed_out()}") from None
-            why = describe_os_error(exc, deadline.timeout)
-            raise _ProbeFailed(f"no SSH banner: {why}") from None
-        if not data:
-            if deadline.expired:
-                raise _ProbeFailed(f"no SSH banner: {deadline.timed_out()}")
-            raise _ProbeFailed("connection closed before the SSH banner")
-        newline = data.find(b"\n")
-        if newline >= 0 or len(data) >= _BANNER_MAX:
-            line = data[: newline if newline >= 0 else len(data)]
-            text = line.decode("ascii", "replace").rstrip("\r")
-            if not text.startswith("SSH-"):
-                raise _ProbeFailed(f"not an SSH server: first line is {text[:80]!r}")
-            if newline < 0:
-                raise _ProbeFailed("SSH banner line too long")
-            return text
-        time.sleep(0.01)  # a partial line: wait for the rest (MSG_PEEK would not block)
-
-
-def _probe_ssh(probe: Probe, deadline: SocketDeadline) -> str | None:
-    # paramiko takes long to import: loaded only when an SSH connection is made
-    import paramiko
-
-    assert probe.host is not None and probe.port is not None
-    sock = _connect(probe.host, probe.port, deadline)
-    deadline.arm(sock)
-    transport: Any = None
-    try:
-        banner = _read_banner(sock, deadline)
-        sock.settimeout(None)
-        transport = paramiko.Transport(sock)
-        transport.set_log_channel(ssh_log_channel())
-        transport.banner_timeout = deadline.remaining()
-        transport.handshake_timeout = deadline.remaining()
-        try:
-            transport.start_client(timeout=deadline.remaining())
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            if deadline.expired or deadline.passed():
-                raise _ProbeFailed(f"SSH key exchange {deadline.timed_out()}", banner) from None
-            raise _ProbeFailed(f"SSH key exchange failed: {exc}", banner) from None
-        key = transport.get_remote_server_key()
-        return f"{banner}; host key {key.get_name()} {fingerprint(key)}"
-    finally:
-        deadline.cancel()
-        if transport is not None:
-            transport.close()
-        sock.close()
-
-
-def ssh_log_channel(name: str = _SSH_LOG_CHANNEL) -> str:
-    """paramiko's logger `name` (the probes' one by default), with a NullHandler.
-
-    The handler keeps paramiko's tracebacks (e.g. after a timeout shut the socket down) off
-    stderr unless the application configures logging; records still propagate to the root.
-    """
-    # imported by the guard and backstop processes, which keep their imports small: loaded when
-    # used (by the ssh probes)
-    import logging
-
-    logger = logging.getLogger(name)
-    if not any(isinstance(h, logging.NullHandler) for h in logger.handlers):
-        logger.addHandler(logging.NullHandler())
-    return name
-
-
-def _accept_any_policy() -> Any:
-    """A paramiko host key policy that accepts any key without storing it anywhere."""
-    # paramiko takes long to import: loaded only when an SSH connection is made
-    import paramiko
-
-    class _AcceptAny(paramiko.MissingHostKeyPolicy):  # type: ignore[misc]
-        def missing_host_key(self, client: Any, hostname: str, key: Any) -> None:
-            return None
-
-    return _AcceptAny()
-
-
-def _probe_ssh_auth(
-    probe: Probe,
-    deadline: SocketDeadline,
-    *,
-    key_filename: str | None,
-    known_hosts: str | None,
-) -> str | None:
-    # paramiko takes long to import: loaded only when an SSH connection is made
-    import paramiko
-
-    assert probe.host is not None and probe.port is not None and probe.user is not None
-    notes: list[str] = []
-    client = paramiko.SSHClient()
-    client.set_log_channel(ssh_log_channel())
-    if known_hosts is not None:
-        path = os.path.expanduser(known_hosts)
-        try:
-            client.load_host_keys(path)
-        except (OSError, UnicodeDecodeError) as exc:
-            raise _ProbeFailed(f"cannot read known_hosts {path}: {exc}") from None
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
-    else:
-        client.set_missing_host_key_policy(_accept_any_policy())
-        notes.append("host key not verified")
-    key_path = os.path.expanduser(key_filename) if key_filename is not None else None
-    sock = _connect(probe.host, probe.port, deadline)
-    deadline.arm(sock)
-    where = f"{probe.user}@{format_host_port(probe.host, probe.port)}"
-    try:
-        remaining = deadline.remaining()
-        try:
-            client.connect(
-                probe.host,
-                port=probe.port,
-                username=probe.user,
-                password=None,
-                key_filename=key_path,
-                # An explicit key is the only one tried: deterministic, and no risk of
-                # hitting the server's MaxAuthTries with a crowded agent.
-                allow_agent=key_path is None,
-                look_for_keys=key_path is None,
-                sock=sock,
-                timeout=remaining,
-                banner_timeout=remaining,
-                auth_timeout=remaining,
-                **channel_timeout(client, remaining),
-            )
-        except paramiko.BadHostKeyException as exc:
-            raise _ProbeFailed(
-                f"host key mismatch for {where}: got {exc.key.get_name()} "
-                f"{fingerprint(exc.key)}, known_hosts has {fingerprint(exc.expected_key)}"
-            ) from None
-        except paramiko.AuthenticationException as exc:
-            raise _ProbeFailed(f"authentication failed for {where}: {exc}") from None
-        except (paramiko.SSHException, OSError, EOFError, ValueError) as exc:
-            if deadline.expired or deadline.passed():   # paramiko's own timers end with ours
-                raise _ProbeFailed(deadline.timed_out()) from None
-            if isinstance(exc, OSError):
-                raise _ProbeFailed(describe_os_error(exc, deadline.timeout)) from None
-            text = str(exc)
-            if "No authentication methods available" in text:
-                text = "no SSH key to offer (pass a key file, or load a key into the agent)"
-            elif "not found in known_hosts" in text and known_hosts is not None:
-                text = f"host key not found in {known_hosts}"
-            raise _ProbeFailed(f"SSH login to {where} failed: {text}") from None
-        transport = client.get_transport()
-        remote_version = getattr(transport, "remote_version", None)
-        try:
-            channel = transport.open_session(timeout=deadline.remaining())
-            channel.settimeout(deadline.remaining())
-            channel.exec_command("true")
-            while not channel.exit_status_ready():
-                if deadline.passed() or deadline.expired:
-                    raise _ProbeFailed(f"remote 'true' did not finish: {deadline.timed_out()}")
-                if not transport.is_active():
-                    raise _ProbeFailed("connection closed before 'true' exited")
-                time.sleep(0.01)
-            if deadline.expired:
-                raise _ProbeFailed(f"remote 'true' did not finish: {deadline.timed_out()}")
-            status = channel.recv_exit_status()
-            if status == -1:  # paramiko's value when the channel closed without a status
-                raise _ProbeFailed("connection closed before 'true' exited")
-        except (paramiko.SSHException, OSError, EOFError) as exc:
-            if deadline.expired:
-                raise _ProbeFailed(deadline.timed_out()) from None
-            raise _ProbeFailed(f"cannot run 'true' on {where}: {exc}") from None
-        if status != 0:
-            raise _ProbeFailed(
-                f"remote 'true' exited with status {status}", "; ".join(notes) or None
-            )
-        if remote_version:
-            notes.insert(0, str(remote_version))
-        notes.insert(0, f"logged in as {probe.user}")
-        return "; ".join(notes)
-    finally:
-        deadline.cancel()
-        client.close()
-        sock.close()
-
-
-def _probe_http(probe: Probe, timeout: float, *, verify_tls: bool) -> str | None:
-    # imported by the guard and backstop processes, which keep their imports small: loaded when
-    # used (by the http probe)
-    import http.client
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    class _NoRedirect(urllib.request.HTTPRedirectHandler):
-        """Do not follow redirects: a 3xx already proves the server answered."""
-
-        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-            return None
-
-    handlers: list[urllib.request.BaseHandler] = [
-        urllib.request.ProxyHandler({}),  # the probe is about the direct path, not a proxy
-        _NoRedirect(),
-    ]
-    if probe.kind == "https":
-        context = ssl.create_default_context()
-        if not verify_tls:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    opener = urllib.request.build_opener(*handlers)
-    request = urllib.request.Request(
-        probe.url, method="GET", headers={"User-Agent": "fwsafe-probe", "Connection": "close"}
-    )
-    try:
-        with opener.open(request, timeout=timeout) as response:
-            status, reason = int(response.status), str(response.reason)
-    except urllib.error.HTTPError as exc:
-        status, reason = int(exc.code), str(exc.reason)
-        exc.close()
-    except urllib.error.URLError as exc:
-        cause = exc.reason
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            raise _ProbeFailed(f"TLS certificate not accepted: {cause.verify_message}") from None
-        if isinstance(cause, BaseException):
-            raise _ProbeFailed(describe_os_error(cause, timeout)) from None
-        raise _ProbeFailed(str(cause)) from None
-    except (OSError, http.client.HTTPException, ValueError) as exc:
-        raise _ProbeFailed(describe_os_error(exc, timeout)) from None
-    detail = f"HTTP {status} {reason}".rstrip()
-    if status >= 500:
-        raise _ProbeFailed(detail, detail)
-    return detail
-
-
-def _last_line(data: bytes) -> str | None:
-    for line in reversed(data.decode("utf-8", "replace").splitlines()):
-        if line.strip():
-            return line.strip()
-    return None
-
-
-def _probe_cmd(probe: Probe, timeout: float) -> str | None:
-    # imported by the guard and backstop processes, which keep their imports small: loaded when
-    # used (by the command probe)
-    import signal
-    import subprocess
-
-    assert probe.command is not None
-    argv = list(probe.command)
-    try:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,  # so that a timeout kills the whole process group
-        )
-    except FileNotFoundError:
-        raise _ProbeFailed(f"command not found: {argv[0]}") from None
-    except OSError as exc:
-        raise _ProbeFailed(f"cannot run {argv[0]}: {describe_os_error(exc, timeout)}") from None
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        try:
-            proc.communicate(timeout=1.0)
-        except subprocess.TimeoutExpired:
-            # Something outside the group still holds the pipes: stop waiting for them.
-            for stream in (proc.stdout, proc.stderr):
-                if stream is not None:
-                    stream.close()
-            proc.wait()
-        raise _ProbeFailed(f"command timed out after {timeout:g}s") from None
-    if proc.returncode != 0:
-        status = (
-            f"killed by signal {-proc.returncode}"
-            if proc.returncode < 0
-            else f"exit status {proc.returncode}"
-        )
-        raise _ProbeFailed(_last_line(stderr) or status, status)
-    out = _last_line(stdout)
-    return f"exit status 0: {out}" if out else "exit status 0"
-
-
 def run_probe(
     probe: Probe,
     *,
@@ -710,20 +228,20 @@ def run_probe(
     detail: str | None = None
     try:
         if probe.kind == "tcp":
-            detail = _probe_tcp(probe, deadline)
+            detail = probe_tcp(probe, deadline)
         elif probe.kind == "ssh":
-            detail = _probe_ssh(probe, deadline)
+            detail = probe_ssh(probe, deadline)
         elif probe.kind == "ssh-auth":
-            detail = _probe_ssh_auth(
+            detail = probe_ssh_auth(
                 probe, deadline, key_filename=key_filename, known_hosts=known_hosts
             )
         elif probe.kind in ("http", "https"):
-            detail = _probe_http(probe, timeout, verify_tls=verify_tls)
+            detail = probe_http(probe, timeout, verify_tls=verify_tls)
         elif probe.kind == "cmd":
-            detail = _probe_cmd(probe, timeout)
+            detail = probe_cmd(probe, timeout)
         else:  # pragma: no cover - Probe.kind is a Literal
             error = f"unknown probe kind {probe.kind!r}"
-    except _ProbeFailed as exc:
+    except ProbeFailed as exc:
         error, detail = exc.error, exc.detail
     except Exception as exc:  # a probe must never take the guard down
         error = f"{type(exc).__name__}: {exc}"

@@ -28,10 +28,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fwsafe.backends import RULES_FILE, layers_with
+from fwsafe.backends import RULES_FILE, layers_with, owned_elsewhere
 from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.ondisk.boot import BOOT_FILE_MODES, BOOT_FILES, boot_file_content, boot_targets
-from fwsafe.ondisk.firewalld_files import FIREWALLD_TABLES, without_tables
+from fwsafe.ondisk.firewalld_files import without_tables
 
 MODES = ("auto", "netfilter-persistent", "nftables", "none")
 NETNS_MARKER = "/etc/fwsafe/persist-in-netns"
@@ -132,8 +132,9 @@ def persist_layers(
             result.skipped.append(f"{server_path}: the {layer} layer was not captured")
             continue
         data = layers[layer]
-        if layer == "nft" and "firewalld" in layers:   # firewalld makes its own at its start
-            data = without_tables(data, FIREWALLD_TABLES)
+        owned = owned_elsewhere(layer, layers)   # firewalld makes its own at its start
+        if owned:
+            data = without_tables(data, owned)
         content = boot_file_content(layer, data, entry_id, flush_ruleset=flush)
         target = local_path(root, server_path)
         if root == Path("/"):

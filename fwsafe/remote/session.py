@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fwsafe.core.config import HostTarget
-from fwsafe.core.probes import SocketDeadline, describe_os_error, ssh_log_channel
+from fwsafe.core.probe_kinds import SocketDeadline, describe_os_error, ssh_log_channel
 from fwsafe.remote import timing
 from fwsafe.remote.hostkeys import KnownHosts
 from fwsafe.remote.signals import Interrupts

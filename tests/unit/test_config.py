@@ -16,10 +16,10 @@ if str(ROOT) not in sys.path:
 from fwsafe.core import config as config_module  # noqa: E402
 from fwsafe.core.config import (  # noqa: E402
     Config,
-    HostConfig,
     HostTarget,
     load_config,
 )
+from fwsafe.core.config_checks import HostConfig  # noqa: E402
 from fwsafe.errors import ConfigError, ExitCode, UsageError  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "fwsafe.toml"

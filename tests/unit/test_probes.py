@@ -1,4 +1,5 @@
-"""Tests for fwsafe.core.probes: URL parsing, and real probes against loopback servers."""
+"""Tests for fwsafe.core.probes (and its kinds, fwsafe.core.probe_kinds, and the host syntax,
+fwsafe.core.endpoints): URL parsing, and real probes against loopback servers."""
 
 from __future__ import annotations
 
@@ -22,15 +23,14 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `pytest` (not `python -m pytest`) run from elsewhere
     sys.path.insert(0, str(ROOT))
 
+from fwsafe.core.endpoints import format_host_port, split_endpoint  # noqa: E402
 from fwsafe.core.probes import (  # noqa: E402
     PROBE_KINDS,
     Probe,
     ProbeResult,
-    format_host_port,
     parse_probe,
     run_probe,
     run_probes,
-    split_endpoint,
 )
 from fwsafe.errors import UsageError  # noqa: E402
 from fwsafe.sshcompat import fingerprint  # noqa: E402
