@@ -145,19 +145,25 @@ def iptables_rules(spec: Spec, v6: bool, chain: str) -> list[str]:
             f"-m comment --comment \"{spec.tag}\" -j ACCEPT" for source in spec.sources(v6)]
 
 
-def nft_rules(spec: Spec, family: str, hook: str) -> list[str]:
-    """The hatch's rules for one nft base chain of `family` on `hook`."""
-    inbound = hook in IN_HOOKS
-    rules = []
+def _nft_matches(spec: Spec, family: str, inbound: bool) -> list[str]:
+    """What the hatch's nft rules match, per IP version its sources have in `family`: SSH
+    from (`inbound`) or to them, from its moment on."""
+    matches = []
     for proto, v6 in (("ip", False), ("ip6", True)):
-        if family not in (proto, "inet") or not spec.sources(v6):
+        if family not in (proto, "inet", BRIDGE_FAMILY) or not spec.sources(v6):
             continue
         peer = f"{proto} {'saddr' if inbound else 'daddr'}"
         port = f"tcp {'dport' if inbound else 'sport'}"
-        rules.append(f"{peer} {{ {', '.join(spec.sources(v6))} }} "
-                     f"{port} {{ {', '.join(str(p) for p in spec.ports)} }} "
-                     f"meta time >= {spec.opens} accept comment \"{spec.tag}\"")
-    return rules
+        matches.append(f"{peer} {{ {', '.join(spec.sources(v6))} }} "
+                       f"{port} {{ {', '.join(str(p) for p in spec.ports)} }} "
+                       f"meta time >= {spec.opens}")
+    return matches
+
+
+def nft_rules(spec: Spec, family: str, hook: str) -> list[str]:
+    """The hatch's rules for one nft base chain of `family` on `hook`."""
+    return [f"{match} accept comment \"{spec.tag}\""
+            for match in _nft_matches(spec, family, hook in IN_HOOKS)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -478,15 +484,8 @@ def strict_rp_filter(root: str = "/proc/sys/net/ipv4/conf") -> bool:
 
 def bridge_rules(spec: Spec) -> list[str]:
     """The lo bridge's rules for one ingress chain."""
-    rules = []
-    for proto, v6 in (("ip", False), ("ip6", True)):
-        if not spec.sources(v6):
-            continue
-        rules.append(f"{proto} saddr {{ {', '.join(spec.sources(v6))} }} "
-                     f"tcp dport {{ {', '.join(str(p) for p in spec.ports)} }} "
-                     f"meta time >= {spec.opens} ether daddr set 00:00:00:00:00:00 "
-                     f"fwd to \"lo\" comment \"{spec.tag}\"")
-    return rules
+    return [f"{match} ether daddr set 00:00:00:00:00:00 fwd to \"lo\" comment \"{spec.tag}\""
+            for match in _nft_matches(spec, BRIDGE_FAMILY, inbound=True)]
 
 
 def read_bridge() -> dict[str, list[str]] | None:
