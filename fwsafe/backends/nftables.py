@@ -350,22 +350,24 @@ class NftLayer(Layer):
     def _is_iptables_table(self, family: str, name: str) -> bool:
         return family in IPTABLES_FAMILIES and name in BUILTIN_CHAINS and uses_nf_tables()
 
+    def _not_native(self, family: str, name: str) -> bool:
+        """Not this layer's table: iptables-nft's, or the hatch's lo bridge (nobody's)."""
+        return self._is_iptables_table(family, name) or hatch_rules.is_bridge(family, name)
+
     def in_nf_tables(self) -> bool:
         return True
 
     def native_tables(self) -> list[tuple[str, str]]:
         known = kernel_tables()   # a netlink dump: `nft list tables` builds its whole cache
         if known is not None:
-            return [t for t in known if not self._is_iptables_table(*t)
-                    and not hatch_rules.is_bridge(*t)]   # the hatch's lo bridge: nobody's
+            return [t for t in known if not self._not_native(*t)]
         result = run_persistently([require_binary("nft"), "-j", "list", "tables"], timeout=60)
         if result.returncode != 0:
             raise ApplyError(f"nft list tables failed: {result.stderr.decode(errors='replace')}")
         tables = []
         for item in json.loads(result.stdout or b"{}").get("nftables", []):
             table = item.get("table")
-            if table and not self._is_iptables_table(table["family"], table["name"]) \
-                    and not hatch_rules.is_bridge(table["family"], table["name"]):
+            if table and not self._not_native(table["family"], table["name"]):
                 tables.append((str(table["family"]), str(table["name"])))
         return tables
 

@@ -12,6 +12,8 @@ from fwsafe.context import RUN
 
 MARK = "fwsafe-hatch"
 _MARK_BYTES = MARK.encode()
+_HATCH_LINE = re.compile(rb"^(?:-A \S+ .*--comment \"?|\s+.*comment \")" + _MARK_BYTES + rb":"
+                         rb".*$\n?", re.M)
 # The lo bridge: where a table on SSH's path is owned by another program (`flags owner`:
 # firewalld 2.x), the hatch cannot be put in it; from the same moment, SSH packets from the
 # hatch's sources are looped through `lo` from this table's ingress chains instead, which the
@@ -25,8 +27,6 @@ _BRIDGE_BLOCK = re.compile(rb"^table " + BRIDGE_FAMILY.encode() + rb" " + BRIDGE
 def is_bridge(family: str, table: str) -> bool:
     """The lo bridge's table (nobody's rules: never captured, compared or loaded back)."""
     return family == BRIDGE_FAMILY and table == BRIDGE_TABLE
-_HATCH_LINE = re.compile(rb"^(?:-A \S+ .*--comment \"?|\s+.*comment \")" + _MARK_BYTES + rb":"
-                         rb".*$\n?", re.M)
 
 def strip(data: bytes) -> bytes:
     """An iptables-save or nft listing without the hatch's rules (as if it were not loaded)."""
