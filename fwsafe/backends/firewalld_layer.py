@@ -849,8 +849,7 @@ def systemctl_firewalld(verb: str, say: RetryLog) -> None:
 
 
 def ensure_running(say: RetryLog) -> None:
-    if is_running():
-        return
+    """Start firewalld (its caller found it not running) and wait until it answers."""
     say("firewalld is not running: starting it")
     systemctl_firewalld("start", say)
     end = time.monotonic() + RELOAD_TIMEOUT
@@ -860,32 +859,31 @@ def ensure_running(say: RetryLog) -> None:
         time.sleep(0.2)
 
 
-def unit_active() -> bool | None:
-    """firewalld.service active, as systemd says (no Python started: `firewall-cmd --state`
-    takes a second on a small host); None without systemctl or an answer."""
+def _systemd_says(*args: str) -> str | None:
+    """systemctl's one-word answer (`is-active UNIT`, `is-system-running`); None without
+    systemctl or an answer."""
     systemctl = find_binary("systemctl")
     if systemctl is None:
         return None
     try:
-        result = run([systemctl, "is-active", "firewalld.service"], timeout=TOOL_TIMEOUT)
+        result = run([systemctl, *args], timeout=TOOL_TIMEOUT)
     except (OSError, subprocess.SubprocessError):
         return None
-    state = result.stdout.decode(errors="replace").strip()
-    return {"active": True, "reloading": True, "inactive": False, "failed": False}.get(state)
+    return result.stdout.decode(errors="replace").strip()
+
+
+def unit_active() -> bool | None:
+    """firewalld.service active, as systemd says (no Python started: `firewall-cmd --state`
+    takes a second on a small host); None without systemctl or an answer."""
+    state = _systemd_says("is-active", "firewalld.service")
+    return {"active": True, "reloading": True, "inactive": False, "failed": False}.get(
+        state or "")
 
 
 def booting() -> bool:
     """systemd is still starting the system (or shutting it down): no unit is started from a
     unit of the boot."""
-    systemctl = find_binary("systemctl")
-    if systemctl is None:
-        return False
-    try:
-        result = run([systemctl, "is-system-running"], timeout=TOOL_TIMEOUT)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return result.stdout.decode(errors="replace").strip() in ("initializing", "starting",
-                                                              "stopping")
+    return _systemd_says("is-system-running") in ("initializing", "starting", "stopping")
 
 
 def runtime_commands(now: Mapping[str, Any], want: Mapping[str, Any]) -> list[list[list[str]]]:
