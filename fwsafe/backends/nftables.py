@@ -35,6 +35,7 @@ from fwsafe.backends.base import (
 from fwsafe.backends.iptables import uses_nf_tables
 from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.backends.nflist import kernel_tables
+from fwsafe.context import RUN
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch_rules
@@ -351,8 +352,13 @@ class NftLayer(Layer):
         return family in IPTABLES_FAMILIES and name in BUILTIN_CHAINS and uses_nf_tables()
 
     def _not_native(self, family: str, name: str) -> bool:
-        """Not this layer's table: iptables-nft's, or the hatch's lo bridge (nobody's)."""
-        return self._is_iptables_table(family, name) or hatch_rules.is_bridge(family, name)
+        """Not this layer's table: iptables-nft's, or the hatch's lo bridge (nobody's; seen,
+        it is a hatch left behind for `fwsafe apply` to remove first, like its rules that
+        `hatch_rules.strip` finds)."""
+        if hatch_rules.is_bridge(family, name):
+            RUN.hatch_seen = True
+            return True
+        return self._is_iptables_table(family, name)
 
     def in_nf_tables(self) -> bool:
         return True

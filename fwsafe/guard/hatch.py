@@ -482,10 +482,15 @@ def strict_rp_filter(root: str = "/proc/sys/net/ipv4/conf") -> bool:
     return max(values) == 1
 
 
-def bridge_rules(spec: Spec) -> list[str]:
-    """The lo bridge's rules for one ingress chain."""
-    return [f"{match} ether daddr set 00:00:00:00:00:00 fwd to \"lo\" comment \"{spec.tag}\""
-            for match in _nft_matches(spec, BRIDGE_FAMILY, inbound=True)]
+def bridge_rules(spec: Spec, ipv4: bool = True) -> list[str]:
+    """The lo bridge's rules for one ingress chain: only packets for this host (`fib daddr
+    type local`: not SSH to the VMs, containers or networks it forwards to); IPv4 only where
+    `ipv4` (not with strict rp_filter: there lo would drop what it loops, every packet of the
+    admin's IPv4 SSH sessions too)."""
+    loop = "fib daddr type local ether daddr set 00:00:00:00:00:00 fwd to \"lo\""
+    return [f"{match} {loop} comment \"{spec.tag}\""
+            for match in _nft_matches(spec, BRIDGE_FAMILY, inbound=True)
+            if ipv4 or not match.startswith("ip ")]
 
 
 def read_bridge() -> dict[str, list[str]] | None:
@@ -515,10 +520,10 @@ def read_bridge() -> dict[str, list[str]] | None:
 
 
 def bridge_plan(spec: Spec | None, live: dict[str, list[str]] | None,
-                devices: Sequence[str]) -> str:
+                devices: Sequence[str], ipv4: bool = True) -> str:
     """The nft statements that make the lo bridge that of `spec` on `devices` (None: none),
     the whole table made again in the same transaction; "" when it is as wanted."""
-    wanted = bridge_rules(spec) if spec is not None and devices else []
+    wanted = bridge_rules(spec, ipv4) if spec is not None and devices else []
     tag = spec.tag if spec is not None else ""
     if not wanted:
         return f"delete table {BRIDGE_FAMILY} {BRIDGE_TABLE}\n" if live is not None else ""
@@ -538,14 +543,13 @@ def bridge_plan(spec: Spec | None, live: dict[str, list[str]] | None,
     return "".join(line + "\n" for line in lines)
 
 
-def bridge_state(owned: Sequence[str], bridged: bool) -> str:
+def bridge_state(owned: Sequence[str], bridged: bool, ipv4_left_out: bool = False) -> str:
     """What the hatch can do past `owned` tables: through the lo bridge, or nothing."""
     if not owned:
         return ""
     if not bridged:
         return f"; not in {', '.join(owned)} ({OWNED})"
-    caveat = (" (IPv4: NOT while rp_filter is strict (1) for lo)" if strict_rp_filter()
-              else "")
+    caveat = " (IPv4: NOT, rp_filter is strict (1) for lo)" if ipv4_left_out else ""
     return f"; {BRIDGE_PASSED} {', '.join(owned)}{caveat}"
 
 
@@ -651,22 +655,34 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
     HatchError with the tool's message. `commits`: each load that worked adds its nf_tables
     commits (one per iptables table, one for nft); one that failed adds -1 (not known)."""
     last = "the hatch does not hold"
+    bridge_refused = False   # nft refused the lo bridge: the hatch is loaded without it
     for attempt in range(4):
         chains = read_chains(layer)
         payload = plan_layer(layer, chains, spec)
         owned = _owned_tables(chains, spec, layer)
-        devices: list[str] = []
+        bridged = ipv4_left_out = False
+        bridge = ""
         if layer == NFT_LAYER:
-            devices = bridge_devices() if owned else []
-            payload += bridge_plan(spec if owned else None, read_bridge(), devices)
-        if not payload:
-            wanted = any(_wanted(c, spec, layer) for c in chains) or bool(owned and devices)
+            devices = bridge_devices() if owned and not bridge_refused else []
+            ipv4 = not (devices and spec is not None and spec.sources4 and strict_rp_filter())
+            ipv4_left_out = not ipv4
+            bridged = bool(devices and spec is not None and bridge_rules(spec, ipv4))
+            bridge = bridge_plan(spec if owned else None, read_bridge(), devices, ipv4)
+        if not (payload + bridge):
+            wanted = any(_wanted(c, spec, layer) for c in chains) or bridged
             state = "loaded" if wanted else ("none" if spec is not None else "removed")
-            return state + bridge_state(owned, bool(devices))
+            return state + bridge_state(owned, bridged, ipv4_left_out)
         if attempt == 3:
             break
         if layer == NFT_LAYER:
-            code, _, err = _run(["nft", "-f", "-"], payload.encode())
+            code, _, err = _run(["nft", "-f", "-"], (payload + bridge).encode())
+            if code != 0 and bridge and not bridge_refused:
+                # the bridge may be what nft refuses (no nft_fwd_netdev, a device gone): the
+                # hatch in the tables must not go with it
+                bridge_refused = True
+                if log is not None:
+                    log(f"hatch: nft refused the lo bridge with it ({err or code}): "
+                        "loading the hatch without the bridge")
         else:
             code, _, err = _run([_iptables_tool(layer)[1], "--noflush", "-w", "5"],
                                 payload.encode())

@@ -147,7 +147,8 @@ def test_past_an_owned_table_the_hatch_loops_ssh_through_lo(
     assert 'type filter hook ingress device "host0" priority -500; policy accept;' in script
     assert 'type filter hook ingress device "eth1" priority -500; policy accept;' in script
     assert (f"ip saddr {{ 10.232.2.2 }} tcp dport {{ 22 }} meta time >= {SPEC.opens} "
-            f'ether daddr set 00:00:00:00:00:00 fwd to "lo" comment "{SPEC.tag}"') in script
+            f'fib daddr type local ether daddr set 00:00:00:00:00:00 fwd to "lo" '
+            f'comment "{SPEC.tag}"') in script
     assert hatch.sync_layer("nft", SPEC) == state and len(scripts) == 1   # in place: no load
     info = {"state": "armed", "opens": SPEC.opens, "grace": 30, "sources4": ["10.232.2.2"],
             "sources6": [], "ports": [22], "layers": {"nft": state}}
@@ -190,3 +191,75 @@ def test_bridge_devices_and_rp_filter_from_sys(tmp_path: Path) -> None:
     assert not hatch.strict_rp_filter(str(conf))
     (conf / "lo" / "rp_filter").write_text("0\n")
     assert hatch.strict_rp_filter(str(conf))
+
+
+def test_the_lo_bridge_leaves_ipv4_out_with_strict_rp_filter(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Strict reverse-path filtering for lo drops what the bridge loops: its IPv4 rule would
+    cut every IPv4 SSH packet of the admin from the moment on, so it is left out (IPv6 stays),
+    and the state says so; with only IPv4 sources there is no bridge, and status says the
+    owned table stands."""
+    chains = hatch.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
+    monkeypatch.setattr(hatch, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch, "bridge_devices", lambda: ["host0"])
+    monkeypatch.setattr(hatch, "strict_rp_filter", lambda: True)
+    monkeypatch.setattr(hatch, "read_bridge", lambda: None)
+    scripts: list[str] = []
+
+    def nft(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
+        scripts.append((payload or b"").decode())
+        return 0, "", ""
+
+    monkeypatch.setattr(hatch, "_run", nft)
+    both = hatch.Spec(SPEC.tx, SPEC.opens, ("10.232.2.2",), ("fd00::2",), (22,))
+    rules = hatch.bridge_rules(both, ipv4=False)
+    assert len(rules) == 1 and rules[0].startswith("ip6 saddr { fd00::2 }"), rules
+    with pytest.raises(hatch.HatchError):   # (read back: none, the stub loads nothing)
+        hatch.sync_layer("nft", both)
+    assert scripts and all("ip saddr" not in s and "ip6 saddr { fd00::2 }" in s
+                           for s in scripts), scripts
+    assert hatch.sync_layer("nft", SPEC) == (   # IPv4 sources only: no bridge at all
+        "none; not in inet firewalld (" + hatch.OWNED + ")")
+
+
+def test_a_refused_lo_bridge_does_not_take_the_hatch_with_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """nft refuses the bridge (no nft_fwd_netdev, a device gone): the hatch in the tables that
+    take it is loaded without it, and the owned table is said to stand."""
+    listing = captured("nft-a-list-table-inet-firewalld.txt") + (
+        "table inet mine { # handle 99\n\tchain input { # handle 1\n\t\ttype filter hook "
+        "input priority filter; policy accept;\n\t\ttcp dport 23 drop # handle 2\n\t}\n}\n")
+    loaded: list[str] = []
+    monkeypatch.setattr(hatch, "read_chains", lambda _layer: hatch.parse_nft(
+        listing.replace("tcp dport 23 drop", "\n\t\t".join([*loaded, "tcp dport 23 drop"]))))
+    monkeypatch.setattr(hatch, "bridge_devices", lambda: ["host0"])
+    monkeypatch.setattr(hatch, "strict_rp_filter", lambda: False)
+    monkeypatch.setattr(hatch, "read_bridge", lambda: None)
+    said: list[str] = []
+
+    def nft(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
+        script = (payload or b"").decode()
+        if "fwd to" in script:
+            return 1, "", "Error: Could not process rule: No such file or directory"
+        loaded.extend(line.split(" input ", 1)[1] for line in script.splitlines()
+                      if line.startswith("insert rule inet mine input "))
+        return 0, "", ""
+
+    monkeypatch.setattr(hatch, "_run", nft)
+    state = hatch.sync_layer("nft", SPEC, said.append)
+    assert state == "loaded; not in inet firewalld (" + hatch.OWNED + ")", state
+    assert loaded and SPEC.tag in loaded[0]
+    assert any("refused the lo bridge" in line for line in said), said
+
+
+def test_a_lo_bridge_left_behind_is_seen_as_a_hatch_to_remove(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The nft layer never lists the bridge's table, and seeing it says a hatch is loaded, so
+    that `fwsafe apply` removes one left behind first (as the rules `strip` finds)."""
+    from fwsafe.backends import nftables
+    from fwsafe.context import RUN
+    monkeypatch.setattr(nftables, "kernel_tables",
+                        lambda: [("inet", "mine"), ("netdev", "fwsafe_hatch")])
+    monkeypatch.setattr(RUN, "hatch_seen", False)
+    assert nftables.NftLayer().native_tables() == [("inet", "mine")]
+    assert RUN.hatch_seen
