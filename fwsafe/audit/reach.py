@@ -43,6 +43,7 @@ from fwsafe.audit.listeners import Listener
 from fwsafe.audit.nat import Forward, nat_rules
 from fwsafe.audit.plan import Plan, Source, is_world, make_plan
 from fwsafe.audit.space import MAX_CELLS, PER_SHAPE, idle, named_space
+from fwsafe.backends import NFT_TABLES, first_with
 from fwsafe.check.attempts import NotChecked, find_not_checked
 from fwsafe.check.host import IptTool, current_state, host_interfaces
 from fwsafe.check.loading import SandboxFirewall
@@ -119,7 +120,7 @@ def reachability(listeners: Sequence[Listener], *,
                                  "and reads every process's sockets)",
                                  hint="try: sudo fwsafe audit")
     layers = dict(candidate or {})
-    if "nft" in layers:
+    if first_with(NFT_TABLES, layers) is not None:   # an nft script to load
         require_binary("nft")
     tools, native = current_state(layers, captured)
     avoid = "\n".join(t.current.decode(errors="replace") for t in tools) \
@@ -140,7 +141,8 @@ def reachability(listeners: Sequence[Listener], *,
                                    for t in tools], local, native_text)
     forwards_by_round = {CURRENT: forwards}
     if candidate is not None:
-        nft_candidate = layers["nft"][0].decode(errors="replace") if "nft" in layers else ""
+        nft = first_with(NFT_TABLES, layers)
+        nft_candidate = layers[nft][0].decode(errors="replace") if nft is not None else ""
         more, forwards_by_round[CANDIDATE] = nat_rules(
             [(t.family, (t.candidate[0] if t.candidate else t.current).decode(errors="replace"))
              for t in tools], local, native_text + "\n" + nft_candidate)
@@ -181,9 +183,10 @@ def _idle(tools: list[IptTool], layers: dict[str, tuple[bytes, str]]) -> None:
         if tool.candidate is not None:
             content, source = tool.candidate
             tool.candidate = (idle(content.decode(errors="replace")).encode(), source)
-    if "nft" in layers:
-        content, source = layers["nft"]
-        layers["nft"] = (idle(content.decode(errors="replace")).encode(), source)
+    nft = first_with(NFT_TABLES, layers)
+    if nft is not None:
+        content, source = layers[nft]
+        layers[nft] = (idle(content.decode(errors="replace")).encode(), source)
 
 
 def _recent_lists(root: Path = Path("/proc/net/xt_recent")) -> dict[str, list[str]]:

@@ -11,6 +11,8 @@ from collections.abc import Collection, Iterable
 from concurrent.futures import Future
 
 from fwsafe.backends.base import (
+    BASED_CHANGE,
+    FILE_SET,
     FILES,
     FLUSHES_IPTABLES,
     IPTABLES_SAVE,
@@ -20,6 +22,7 @@ from fwsafe.backends.base import (
     PREDICTED,
     ROLLBACK,
     RULES_FILE,
+    SANDBOX_FILES,
     ApplyError,
     FidelityError,
     Layer,
@@ -96,6 +99,12 @@ def layer_has(name: str, fact: str) -> bool:
 @functools.cache
 def _facts(kind: str) -> frozenset[str]:
     return layer_for(kind).facts
+
+
+def first_with(fact: str, names: Iterable[str]) -> str | None:
+    """The first of `names` (layers as given, also "sshd:<path>") that has `fact`, or None: a
+    change's nft layer for NFT_TABLES."""
+    return next((name for name in names if layer_has(name, fact)), None)
 
 
 def restore_command(name: str) -> tuple[str, ...]:
@@ -192,9 +201,10 @@ def available_layers() -> list[str]:
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
-__all__ = ["ALL_LAYERS", "FILES", "FIREWALLD_TABLES", "FLUSHES_IPTABLES", "IPTABLES_SAVE",
-           "NETFILTER", "NFT_TABLES", "ON_DEMAND",
-           "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "ApplyError", "FidelityError",
-           "Layer",
-           "available_layers", "compose_partial", "layer_for", "layer_has", "layer_kind", "lossy_tables",
-           "layers_with", "owned_elsewhere", "restore_command", "revert_order", "watched_layers"]
+__all__ = ["ALL_LAYERS", "BASED_CHANGE", "FILE_SET", "FILES", "FIREWALLD_TABLES",
+           "FLUSHES_IPTABLES", "IPTABLES_SAVE", "NETFILTER", "NFT_TABLES", "ON_DEMAND",
+           "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "SANDBOX_FILES",
+           "ApplyError", "FidelityError", "Layer",
+           "available_layers", "compose_partial", "first_with", "layer_for", "layer_has",
+           "layer_kind", "lossy_tables", "layers_with", "owned_elsewhere", "restore_command",
+           "revert_order", "watched_layers"]

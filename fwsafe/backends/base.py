@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 RetryLog = Callable[[str], None]
 
@@ -57,6 +58,15 @@ ROLLBACK = "rollback"            # `fwsafe rollback` puts it back from the histo
                                  # sshd: its files, then a reload; firewalld: through firewalld,
                                  # its files then `--reload` and the runtime model, or the files
                                  # alone for a files-only layer, the power cycle's)
+FILE_SET = "file-set"            # its capture is whole files by path (ufw's, sshd's; not
+                                 # firewalld's, which holds its runtime model too): the history
+                                 # shows a change of it file by file (`Layer.unit_texts`)
+SANDBOX_FILES = "sandbox-files"  # its files are written into the lockout check's sandbox (its
+                                 # own mounts) before a command is tried there, which reads them
+                                 # (ufw's commands): put there by `Layer.apply`
+BASED_CHANGE = "based-change"    # its change names what each file it writes holds now, and is
+                                 # refused when one changed since (sshd): a rollback writes only
+                                 # the files that differ, against their content now
 
 
 class FidelityError(Exception):
@@ -118,6 +128,21 @@ class Layer(abc.ABC):
         """Whether the layer's state lives in nf_tables, whose generation number moves on with
         every change (fwsafe.backends.nflist.generation): then a capture stays exact for as
         long as the generation is the same."""
+        return False
+
+    def capture_under(self, root: Path) -> bytes:
+        """The layer's state for the history of the system mounted at `root` ("/": this one,
+        else a rescue system's mount): what `capture` reads from the running system, unless
+        its state is files it reads under `root` (ufw's)."""
+        del root
+        return self.capture()
+
+    def kept_under(self, root: Path) -> bool:
+        """Whether the system at `root` keeps this layer's files though the layer is not
+        available here (not in `available_layers`): the history captures them all the same
+        (`capture_under`): ufw's files under a rescue system's mount, sshd's (this system's
+        only: its capture reads the running sshd's configuration)."""
+        del root
         return False
 
     @abc.abstractmethod

@@ -27,9 +27,20 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from urllib.parse import quote, unquote
 
-from fwsafe.backends.base import FILES, MERGE, ON_DEMAND, ROLLBACK, ApplyError, Layer, RetryLog
+from fwsafe.backends.base import (
+    BASED_CHANGE,
+    FILE_SET,
+    FILES,
+    MERGE,
+    ON_DEMAND,
+    ROLLBACK,
+    ApplyError,
+    Layer,
+    RetryLog,
+)
 from fwsafe.errors import InvalidRulesError, UsageError
 from fwsafe.ondisk.sshd_files import (
     FileState,
@@ -72,6 +83,11 @@ def layer_name(config: str) -> str:
     return SSHD_LAYER if path == SSHD_CONFIG else _PREFIX + quote(path, safe="")
 
 
+def is_sshd_layer(name: str) -> bool:
+    """Whether `name` is an sshd layer's ("sshd", "sshd:<path>"; see layer_name)."""
+    return name == SSHD_LAYER or name.startswith(_PREFIX)
+
+
 def config_path(name: str) -> str:
     """The main configuration file of a layer name (see layer_name)."""
     if name == SSHD_LAYER:
@@ -97,7 +113,7 @@ def expected_ports(tree: Tree) -> set[int] | None:
 class SshdLayer(Layer):
     label = "sshd config"
     tools = ("sshd",)
-    facts = frozenset({FILES, ON_DEMAND, ROLLBACK})
+    facts = frozenset({FILES, ON_DEMAND, ROLLBACK, FILE_SET, BASED_CHANGE})
 
     def __init__(self, config: str = SSHD_CONFIG) -> None:
         self.config = config
@@ -109,6 +125,10 @@ class SshdLayer(Layer):
 
     def available(self) -> bool:
         return False   # captured only for a change that involves it (see the module's doc)
+
+    def kept_under(self, root: Path) -> bool:
+        # its capture reads the running sshd's configuration: on this system only
+        return root == Path("/") and os.path.isfile(self.config)
 
     def tree(self, layer: SshdFiles | None = None) -> Tree:
         return read_tree(self.config, overlay_of(layer) if layer is not None else None)

@@ -15,8 +15,17 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from fwsafe.backends.base import FILES, MERGE, ROLLBACK, Layer, RetryLog
+from fwsafe.backends.base import (
+    FILE_SET,
+    FILES,
+    MERGE,
+    ROLLBACK,
+    SANDBOX_FILES,
+    Layer,
+    RetryLog,
+)
 from fwsafe.errors import InvalidRulesError
+from fwsafe.ondisk.boot import uses_ufw
 from fwsafe.ondisk.ufw_files import capture_ufw_files, load_ufw_files, restore_ufw_files
 
 PROMPTING = frozenset({"enable", "reset", "delete"})
@@ -27,7 +36,7 @@ FORCE_NOTE = ("fwsafe answered ufw's 'may disrupt existing ssh connections' prom
 class UfwLayer(Layer):
     name = "ufw"
     label = "ufw files"
-    facts = frozenset({FILES, ROLLBACK})
+    facts = frozenset({FILES, ROLLBACK, FILE_SET, SANDBOX_FILES})
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root
@@ -37,6 +46,12 @@ class UfwLayer(Layer):
 
     def capture(self) -> bytes:
         return capture_ufw_files(self.root)
+
+    def capture_under(self, root: Path) -> bytes:
+        return capture_ufw_files(root)
+
+    def kept_under(self, root: Path) -> bool:
+        return uses_ufw(root)   # /etc/ufw there: ufw loads its files at that system's boot
 
     def units(self, data: bytes) -> dict[str, str]:
         return {path: f"mode {mode:o} sha256 {hashlib.sha256(content).hexdigest()}"

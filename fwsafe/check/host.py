@@ -13,7 +13,9 @@ from typing import Any
 from fwsafe.backends import (
     IPTABLES_SAVE,
     NETFILTER,
+    NFT_TABLES,
     available_layers,
+    first_with,
     layer_for,
     layer_has,
     layers_with,
@@ -195,9 +197,10 @@ def current_state(layers: Mapping[str, tuple[bytes, str]],
             continue  # nothing of this flavour here, nor in the candidate: nothing to copy
         tools.append(tool)
     native = b""
-    if "nft" in present:
+    nft = first_with(NFT_TABLES, present)
+    if nft is not None:
         try:
-            native = captured["nft"] if "nft" in captured else layer_for("nft").capture()
+            native = captured[nft] if nft in captured else layer_for(nft).capture()
         except ApplyError as exc:
             raise EnvironmentProblem(f"cannot read the current nftables tables: "
                                      f"{exc.message}") from exc

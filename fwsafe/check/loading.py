@@ -8,6 +8,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
+from fwsafe.backends import NFT_TABLES, first_with
 from fwsafe.backends.iptables import describe_restore_error
 from fwsafe.backends.iptsave import Tables, has_tables, parse_ruleset
 from fwsafe.backends.nftables import describe_nft_error, replaced_tables, split_tables
@@ -62,8 +63,9 @@ class SandboxFirewall:
         ipt += [(t.candidate[0].decode(errors="replace"), t.family) for t in self.tools
                 if t.candidate]
         nft = [self.native.decode(errors="replace")]
-        if "nft" in self.layers:
-            nft.append(self.layers["nft"][0].decode(errors="replace"))
+        candidate = first_with(NFT_TABLES, self.layers)
+        if candidate is not None:
+            nft.append(self.layers[candidate][0].decode(errors="replace"))
         self.addresses = sandbox_addresses(addresses, ipt, nft)
 
     def _ipt(self, tool: IptTool, content: bytes) -> bytes:
@@ -132,8 +134,9 @@ class SandboxFirewall:
                     message, path=source, line=line,
                     hint="refused when loaded for real in the check sandbox, on a copy of this "
                          "host's current firewall; nothing was changed")
-        if "nft" in self.layers:
-            content, source = self.layers["nft"]
+        candidate = first_with(NFT_TABLES, self.layers)
+        if candidate is not None:
+            content, source = self.layers[candidate]
             assert self.nft is not None
             content = self._nft(content)
             # Tables the file replaces whole are read back (terse: without set elements) for

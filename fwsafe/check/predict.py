@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from fwsafe.backends import NFT_TABLES, PREDICTED, RULES_FILE, layer_has, layers_with
+from fwsafe.backends import NFT_TABLES, PREDICTED, RULES_FILE, first_with, layer_has, layers_with
 from fwsafe.backends.families import FAMILIES
 from fwsafe.check.attempts import Prober, find_not_checked
 from fwsafe.check.clients import (
@@ -316,7 +316,7 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
 def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dict[str, str],
          port: int, timeout: float, report: CheckReport, sandbox: Sandbox,
          captured: Mapping[str, bytes] | None = None) -> None:
-    if "nft" in layers:
+    if first_with(NFT_TABLES, layers) is not None:   # an nft script to load
         require_binary("nft")
     interfaces = host_interfaces()
     paths = [client_path(c, hints.get(c), interfaces) for c in clients]

@@ -45,7 +45,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
-from fwsafe.backends import RULES_FILE, iptsave, layer_has
+from fwsafe.backends import NFT_TABLES, RULES_FILE, iptsave, layer_has
+from fwsafe.backends.families import FAMILIES
 
 __all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses", "warm"]
 
@@ -599,7 +600,6 @@ def warm(layers: Mapping[str, tuple[bytes, str]]) -> None:
     for name, (content, _) in layers.items():
         text = content.decode(errors="replace")
         if layer_has(name, RULES_FILE):
-            family = 4 if name == "ipv4" else 6
-            _ipt_analysed(text, family)
-        elif name == "nft":
+            _ipt_analysed(text, FAMILIES[name].ip_version)
+        elif layer_has(name, NFT_TABLES):
             _analysed("nft", 0, text, _nft_rules)

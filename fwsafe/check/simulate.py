@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends import layer_for, restore_command
+from fwsafe.backends import SANDBOX_FILES, layer_for, layer_has, restore_command
 from fwsafe.backends.base import ApplyError
 from fwsafe.check.isolation import UNSHARE_ARGS, Tripwires, describe, enter, host_sockets
 from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
@@ -62,7 +62,7 @@ def simulate(
     try:
         request = {
             "load": {k: _b64(v) for k, v in before.items() if restore_command(k)},
-            "ufw": _b64(before["ufw"]) if "ufw" in before else None,
+            "files": {k: _b64(v) for k, v in before.items() if layer_has(k, SANDBOX_FILES)},
             "layers": {k: _b64(v) for k, v in (layers or {}).items()},
             "sources": dict(sources or {}),
             "run": list(run) if run else None,
@@ -104,11 +104,9 @@ def simulate(
 # Inside the scratch namespace
 # --------------------------------------------------------------------------------------------
 def _inside(request: dict[str, Any], wires: Tripwires) -> dict[str, Any]:
-    if request.get("ufw"):   # the sandbox starts from ufw's files as captured
-        # ufw's files are put back only in a sandbox that has them
-        from fwsafe.ondisk.ufw_files import restore_ufw_files
-
-        restore_ufw_files(_unb64(request["ufw"]), Path("/"))
+    for name, data in request["files"].items():   # the sandbox starts from these as captured
+        if data:   # (ufw's files: a ufw command reads them)
+            layer_for(name).apply(_unb64(data), name)
     for name, data in request["load"].items():
         content = _unb64(data)
         if not content.strip():

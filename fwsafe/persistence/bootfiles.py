@@ -28,7 +28,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fwsafe.backends import RULES_FILE, layers_with, owned_elsewhere
+from fwsafe.backends import IPTABLES_SAVE, RULES_FILE, layer_has, layers_with, owned_elsewhere
 from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.ondisk.boot import BOOT_FILE_MODES, BOOT_FILES, boot_file_content, boot_targets
 from fwsafe.ondisk.firewalld_files import without_tables
@@ -125,7 +125,8 @@ def persist_layers(
             result.skipped.append(f"{why} ({NETNS_MARKER} allows it)")
             result.targets = []
             return result
-    flush = "ipv4" not in result.targets and "ipv6" not in result.targets
+    # nftables.conf flushes the ruleset only where no iptables-save boot file is loaded too
+    flush = not any(layer_has(target, IPTABLES_SAVE) for target in result.targets)
     for layer in result.targets:
         server_path = BOOT_FILES[layer]
         if layer not in layers:

@@ -36,13 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fwsafe.backends import available_layers, layer_for
+from fwsafe.backends import FILE_SET, FILES, available_layers, layer_for, layer_has, layers_with
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write, make_private_dir
 from fwsafe.core.transaction import Record
 from fwsafe.errors import ConfigError, NoTransactionError, StateError
 from fwsafe.ondisk.atomic_files import fsync_dir
-from fwsafe.ondisk.boot import uses_ufw
 from fwsafe.ondisk.history_format import (
     BASELINE_ID,
     BASELINE_MARKER,
@@ -61,8 +60,6 @@ from fwsafe.ondisk.history_format import (
     pending_baseline,
     snapshot_layers,
 )
-from fwsafe.ondisk.sshd_files import load as load_sshd_files
-from fwsafe.ondisk.ufw_files import capture_ufw_files, ufw_files_text
 from fwsafe.sshd.sshd_config import SSHD_CONFIG
 
 DEFAULT_KEEP = 50
@@ -77,7 +74,9 @@ def history_root(state: StateDir) -> Path:
 # Capture
 # --------------------------------------------------------------------------------------------
 def capture_layers(root: Path = Path("/")) -> tuple[dict[str, bytes], dict[str, str]]:
-    """Capture every firewall layer this system has, normalised for the history.
+    """Capture every firewall layer this system has, normalised for the history; and the
+    files of a layer that is not available here but kept under `root` (`Layer.kept_under`:
+    ufw's files on a rescue system's mount, sshd's).
 
     Returns (layers, errors): a layer that cannot be read is left out and its error reported.
     """
@@ -86,19 +85,19 @@ def capture_layers(root: Path = Path("/")) -> tuple[dict[str, bytes], dict[str, 
     errors: dict[str, str] = {}
     for name in names:
         try:
-            data = capture_ufw_files(root) if name == "ufw" else layer_for(name).capture()
+            data = layer_for(name).capture_under(root)
         except Exception as exc:  # noqa: BLE001 - one unreadable layer must not stop the rest
             errors[name] = str(exc) or exc.__class__.__name__
             continue
         layers[name] = normalize_layer(name, data)
-    if "ufw" not in layers and "ufw" not in errors and uses_ufw(root):
-        layers["ufw"] = capture_ufw_files(root)
-    if "sshd" not in layers and root == Path("/"):
-        sshd, error = capture_sshd()
-        if sshd is not None:
-            layers["sshd"] = sshd
-        elif error:
-            errors["sshd"] = error
+    for name in layers_with(FILES):
+        layer = layer_for(name)
+        if name in layers or name in errors or not layer.kept_under(root):
+            continue
+        try:
+            layers[name] = layer.capture_under(root)
+        except Exception as exc:  # noqa: BLE001 - one unreadable layer must not stop the rest
+            errors[name] = str(exc) or exc.__class__.__name__
     return layers, errors
 
 
@@ -186,16 +185,12 @@ def _meta_bytes(meta: dict[str, Any]) -> bytes:
 
 
 def layer_text(name: str, content: bytes) -> dict[str, str]:
-    """A layer as {label: text} for diffs: ufw's files one by one, other layers whole."""
-    if name == "ufw":
+    """A layer as {label: text} for diffs: a layer of whole files (FILE_SET: ufw's, sshd's)
+    file by file, other layers whole."""
+    if layer_has(name, FILE_SET):
         try:
-            return {f"ufw {path}": text for path, text in ufw_files_text(content).items()}
-        except ValueError:
-            pass
-    if name == "sshd":
-        try:
-            return {f"sshd {path}": state.content.decode("utf-8", errors="replace")
-                    for path, state in load_sshd_files(content).files.items()}
+            return {f"{name} {path}": text
+                    for path, text in layer_for(name).unit_texts(content).items()}
         except ValueError:
             pass
     return {name: content.decode("utf-8", errors="replace")}
@@ -215,7 +210,7 @@ def summarize(old: dict[str, bytes] | None, new: dict[str, bytes]) -> tuple[list
             parts.append(f"{name} no longer captured")
             continue
         before, after = layer_text(name, old[name]), layer_text(name, new[name])
-        if set(before) | set(after) != {name}:   # split into files (ufw, sshd)
+        if set(before) | set(after) != {name}:   # split into files (FILE_SET)
             files = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
             parts.append(f"{name}: {len(files)} file(s) changed" + (
                 " (" + ", ".join(f.split("/")[-1] for f in files[:4]) + ")" if files else ""))

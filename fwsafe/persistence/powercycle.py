@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fwsafe.backends import NFT_TABLES, layer_has
 from fwsafe.core import transaction
 from fwsafe.core.statedir import StateDir, atomic_write
 from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
@@ -266,7 +267,7 @@ def _firewalld_changed(entry: Entry, root: Path) -> list[str]:
 def _undoable(name: str, data: bytes) -> bytes:
     """A boot file as a layer `rollback` can apply: nftables.conf without `flush ruleset`
     (a rollback replaces the native tables it names; a flush would take iptables-nft's too)."""
-    if name != "nft":
+    if not layer_has(name, NFT_TABLES):   # an nft script: nftables.conf
         return data
     return b"".join(line for line in data.splitlines(keepends=True)
                     if line.strip() != b"flush ruleset")

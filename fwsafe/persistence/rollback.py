@@ -6,7 +6,7 @@ what a rollback leaves alone."""
 
 from __future__ import annotations
 
-from fwsafe.backends import ROLLBACK, RULES_FILE, layer_has, layers_with
+from fwsafe.backends import BASED_CHANGE, NFT_TABLES, ROLLBACK, RULES_FILE, layer_has, layers_with
 from fwsafe.core.change import Change
 from fwsafe.errors import UsageError
 from fwsafe.ondisk.history_format import Entry
@@ -30,11 +30,11 @@ def rollback_change(entry: Entry) -> tuple[Change, list[str]]:
             continue
         if layer_has(name, RULES_FILE):
             content = _with_emptied_tables(name, content)
-        elif name == "nft":
+        elif layer_has(name, NFT_TABLES):
             content = _nft_replacement(content)
             if not content.strip():
                 continue  # no native tables then, none now
-        elif name == "sshd":
+        elif layer_has(name, BASED_CHANGE):
             sshd, sshd_notes = _sshd_rollback(content)
             notes += sshd_notes
             if sshd is None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fwsafe.backends import PREDICTED, layer_has, layers_with
-from fwsafe.backends.sshd_layer import SshdLayer
+from fwsafe.backends.sshd_layer import SshdLayer, is_sshd_layer
 from fwsafe.check.clients import Session, default_sessions
 from fwsafe.core.change import Change
 from fwsafe.errors import LockoutRefused
@@ -96,7 +96,7 @@ class SshdCheck:
         self.verdict = Verdict()
         self.trees: list[tuple[Tree, Tree]] = []
         for name, content in change.layers.items():
-            if name.split(":", 1)[0] == "sshd":
+            if is_sshd_layer(name):
                 layer = SshdLayer.for_name(name)
                 self.trees.append((layer.tree(), layer.tree(load(content))))
         self.sessions, _ = default_sessions()
