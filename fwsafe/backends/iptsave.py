@@ -5,7 +5,9 @@ revert, `--partial`), the rollback of a history entry, `fwsafe check` (which rul
 packets: ``iptables-save -c``; which file line made a rule and which rules pruning may leave
 out: `blocks`), `fwsafe audit` (Docker's and other NAT), the guard (a change's commits) and the
 kernel escape hatch (its iptables-restore payloads: `blocks`, `table_text`). Nothing here runs
-a program.
+a program. What a line is (a table, a declaration, COMMIT, a rule, nothing) is told by the
+lowest level, fwsafe.ondisk.iptsave_lines (standard library only: the history's normal form is
+made with it too), on which the parser builds.
 
 The format, as iptables-save prints it and iptables-restore reads it: a `*table` line opens a
 table, `:CHAIN POLICY [packets:bytes]` declares a chain (policy "-" for a user chain), rule
@@ -26,6 +28,8 @@ import re
 import shlex
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+
+from fwsafe.ondisk.iptsave_lines import CHAIN, COMMIT, TABLE, save_lines
 
 BUILTIN_CHAINS: dict[str, tuple[str, ...]] = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
@@ -179,30 +183,26 @@ def parse_ruleset(text: str, counters: bool = False) -> Tables:
     tables: Tables = {}
     table: Table | None = None
     chains: dict[str, Chain] = {}
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if not line:
-            continue
-        first = line[0]
-        if first == "*":
+    for kind, line in save_lines(text):
+        if kind == TABLE:
             name = line[1:].strip()
             table = tables[name] = Table(name)
             chains = table.chains
             continue
-        if table is None or first == "#":
+        if table is None:
             continue
-        if first == ":":
+        if kind == CHAIN:
             declared = declaration(line)
             if declared:
                 name, policy, packets = declared
                 chains[name] = Chain(name, policy or "-",
                                      policy_packets=packets if counters else 0)
             continue
-        if line == "COMMIT":
+        if kind == COMMIT:
             table = None
             continue
         packets = 0
-        if first == "[":
+        if line[0] == "[":
             counted = _COUNTED.match(line)
             if counted is None:
                 continue

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fwsafe.ondisk.iptsave_lines import CHAIN, save_lines, zero_counters
 from fwsafe.ondisk.sshd_files import load as load_sshd_files
 from fwsafe.ondisk.ufw_files import UfwFilesError, load_ufw_files
 
@@ -44,7 +45,6 @@ LAYER_FILES = {
     "sshd": "sshd.json",   # /etc/ssh/sshd_config and what it includes (fwsafe.ondisk.sshd_files)
 }
 
-_COUNTERS = re.compile(r"\[\d+:\d+\]")
 _NFT_COUNTERS = re.compile(r"counter packets \d+ bytes \d+")
 _NFT_TABLE = re.compile(r"^\s*table\s+(ip|ip6|inet|arp|bridge|netdev)\s+(\S+)(?:\s*\{|\s*$)", re.M)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -67,16 +67,10 @@ class StateMissing(HistoryError):
 # Layer contents
 # --------------------------------------------------------------------------------------------
 def normalize_iptables(text: str) -> str:
-    """iptables-save text without comments and blank lines, chain counters zeroed."""
-    out = []
-    for raw in text.splitlines():
-        line = raw.rstrip()
-        if not line or line.lstrip().startswith("#"):
-            continue
-        if line.startswith(":"):
-            line = _COUNTERS.sub("[0:0]", line)
-        out.append(line)
-    return "".join(f"{line}\n" for line in out)
+    """iptables-save text without comments and blank lines, chain counters zeroed (read with
+    the format's one line reader, fwsafe.ondisk.iptsave_lines)."""
+    return "".join(f"{zero_counters(line) if kind == CHAIN else line}\n"
+                   for kind, line in save_lines(text))
 
 
 def normalize_nft(text: str) -> str:

@@ -458,9 +458,11 @@ def test_every_function_local_import_says_why() -> None:
         "\n".join(silent)
 
 
-#: Readers or writers of iptables-save text allowed outside fwsafe/backends/iptsave.py: the
-#: rescue tool (standard library only, by rule) and the lab's demo script.
-IPTSAVE_ELSEWHERE = ("fwsafe.rescue.tool", "fwsafe.lab.lab_demo")
+#: Readers or writers of iptables-save text allowed outside fwsafe/backends/iptsave.py: its
+#: lowest level, the line reader (fwsafe.ondisk.iptsave_lines: standard library only, for the
+#: history's normal form too), the rescue tool (standard library only, by rule: an empty table)
+#: and the lab's demo script.
+IPTSAVE_ELSEWHERE = ("fwsafe.ondisk.iptsave_lines", "fwsafe.rescue.tool", "fwsafe.lab.lab_demo")
 _IPTSAVE_LITERALS = ("COMMIT", "^\\*", "\\n\\*", "^:(", "^\\[(")
 
 
@@ -488,7 +490,9 @@ def _iptsave_literals(tree: ast.AST) -> list[tuple[int, str]]:
 
 def test_one_reader_and_writer_of_iptables_save_text() -> None:
     """iptables-save text is parsed and written by fwsafe.backends.iptsave (its blocks,
-    declaration, uncounted, parse_ruleset, table_text, render): no second parser comes back."""
+    declaration, uncounted, parse_ruleset, table_text, render) on the line reader of
+    fwsafe.ondisk.iptsave_lines (which the history's normal form uses too): no second parser
+    comes back."""
     for name, path in MODULES.items():
         if name.startswith("fwsafe.backends") or name in IPTSAVE_ELSEWHERE:
             continue
