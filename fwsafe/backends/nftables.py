@@ -39,6 +39,7 @@ from fwsafe.context import RUN
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch_rules
+from fwsafe.ondisk.nft_text import TABLE_LINE, zero_counters
 from fwsafe.runner import find_binary, require_binary, run, run_persistently
 
 _NFT_ERROR = re.compile(r"^(?:/dev/stdin|[^:\s]+):(\d+):(\d+)(?:-\d+)?: Error: (.*)$", re.M)
@@ -46,8 +47,6 @@ _IPTABLES_SYNTAX = re.compile(r"\n[^\S\n]*(?:\*(?:filter|nat|mangle|raw|security
                               r":[A-Z]+ (?:ACCEPT|DROP) |-A [A-Z])", re.M)   # line_starting
 _NFT_STATEMENT = re.compile(r"\n[^\S\n]*(?:table\s+\S+\s+\S+|flush\s+ruleset|"
                             r"add\s+(?:table|rule|chain)\s)")                 # line_starting
-_COUNTER = re.compile(r"counter packets \d+ bytes \d+")
-_TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{")
 # A table an nft file writes to: `table ip filter {`, `add rule ip filter INPUT ...`, ...
 _TABLE_NAMED = re.compile(r"^[^\S\n]*(?:(?:add|create|flush|delete|insert|replace)\s+)?"
                           r"(?:table|chain|rule|set|map|element)\s+(ip6?)\s+([^\s{;]+)", re.M)
@@ -67,7 +66,7 @@ def split_tables(text: str) -> dict[str, str]:
     key = ""
     for raw in text.splitlines():
         line = raw.rstrip()
-        match = _TABLE_LINE.match(line)
+        match = TABLE_LINE.match(line)
         if match:
             if current is not None:  # an unterminated block: keep what it had
                 blocks[key] = "\n".join(current)
@@ -77,8 +76,7 @@ def split_tables(text: str) -> dict[str, str]:
         if current is None:
             continue
         if line.strip():
-            current.append(_COUNTER.sub("counter packets 0 bytes 0", line)
-                           if "counter packets" in line else line)
+            current.append(zero_counters(line))
         if line == "}":
             blocks[key] = "\n".join(current)
             current = None

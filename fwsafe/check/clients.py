@@ -11,17 +11,16 @@ from __future__ import annotations
 import glob
 import ipaddress
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from fwsafe.errors import UsageError
+from fwsafe.sshd.sshd_config import parse_line
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"
 PROC_NET = "/proc/net"
 TCP_ESTABLISHED = "01"
-_CONFIG_LINE = re.compile(r"^([^\s=]+)(?:\s*=\s*|\s+|$)(.*)$")
 
 
 @dataclass(frozen=True)
@@ -94,13 +93,10 @@ def _config_lines(path: str, depth: int = 0) -> list[tuple[str, str]]:
         return []
     out: list[tuple[str, str]] = []
     for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
+        parsed = parse_line(raw)
+        if parsed is None:
             continue
-        m = _CONFIG_LINE.match(line)
-        if not m:
-            continue
-        keyword, value = m.group(1).lower(), m.group(2).strip()
+        keyword, value = parsed[0].lower(), parsed[1]
         if keyword == "match":
             break  # Port and ListenAddress are not allowed in Match blocks
         if keyword == "include":

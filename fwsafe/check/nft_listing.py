@@ -6,6 +6,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from fwsafe.ondisk.nft_text import CHAIN_LINE, TABLE_LINE
+
 # --------------------------------------------------------------------------------------------
 # nft -a list ruleset
 # --------------------------------------------------------------------------------------------
@@ -43,8 +45,6 @@ class NftListing:
     table_text: dict[tuple[str, str], str] = field(default_factory=dict)
 
 
-_LIST_TABLE = re.compile(r"^table (\S+) (\S+) \{")
-_LIST_CHAIN = re.compile(r"^\tchain (\S+) \{")
 _LIST_SET = re.compile(r"^\t(?:set|map) (\S+) \{")
 _LIST_HOOK = re.compile(r"\bhook (\w+)\b.*?(?:policy (\w+);)?\s*$")
 _LIST_RULE = re.compile(r"^\t\t(.*?)\s*# handle (\d+)\s*$")
@@ -61,7 +61,7 @@ def parse_nft_listing(text: str) -> NftListing:
     for raw in text.splitlines():
         line = raw.rstrip()
         if table is None:
-            m = _LIST_TABLE.match(line)
+            m = TABLE_LINE.match(line)
             if m:
                 table = (m.group(1), m.group(2))
                 listing.tables.append(table)
@@ -75,7 +75,7 @@ def parse_nft_listing(text: str) -> NftListing:
         if line == "\t}":
             chain, current_set = None, None
             continue
-        m = _LIST_CHAIN.match(line)
+        m = CHAIN_LINE.match(line)
         if m:
             key = (table[0], table[1], m.group(1))
             chain = listing.chains.setdefault(key, NftChain(key))

@@ -21,6 +21,7 @@ from fwsafe.check.predict import (
     predict,
 )
 from fwsafe.cli.common import (
+    EXIT_CODES_EPILOG,
     SeparatorCommand,
     after_separator,
     backend_option,
@@ -32,16 +33,12 @@ from fwsafe.cli.ticker import StepTicker
 from fwsafe.context import RUN
 from fwsafe.core.change import Change, change_from_files, resolve_partial, validate_change
 from fwsafe.core.config import load_config
-from fwsafe.errors import EXIT_CODE_HELP, LockoutPredicted, RejectedError, UsageError
+from fwsafe.errors import LockoutPredicted, RejectedError, UsageError
 
 if TYPE_CHECKING:
     from fwsafe.audit.audit_report import ExposureChange
 
-EPILOG = "\b\nExit codes (the same for every command):\n" + "\n".join(
-    f"  {int(code)}  {text}" for code, text in EXIT_CODE_HELP.items())
-
-
-@click.command(name="check", cls=SeparatorCommand, epilog=EPILOG)
+@click.command(name="check", cls=SeparatorCommand, epilog=EXIT_CODES_EPILOG)
 @click.argument("rules", nargs=-1, metavar="RULES... | -- COMMAND...")
 @rules6_option
 @click.option("--client", "clients", multiple=True, metavar="IP[,IP...]",

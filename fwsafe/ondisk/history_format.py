@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fwsafe.ondisk.iptsave_lines import CHAIN, save_lines, zero_counters
+from fwsafe.ondisk.nft_text import zero_counters as zero_nft_counters
 from fwsafe.ondisk.sshd_files import load as load_sshd_files
 from fwsafe.ondisk.ufw_files import UfwFilesError, load_ufw_files
 
@@ -45,7 +46,6 @@ LAYER_FILES = {
     "sshd": "sshd.json",   # /etc/ssh/sshd_config and what it includes (fwsafe.ondisk.sshd_files)
 }
 
-_NFT_COUNTERS = re.compile(r"counter packets \d+ bytes \d+")
 _NFT_TABLE = re.compile(r"^\s*table\s+(ip|ip6|inet|arp|bridge|netdev)\s+(\S+)(?:\s*\{|\s*$)", re.M)
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
@@ -75,7 +75,7 @@ def normalize_iptables(text: str) -> str:
 
 def normalize_nft(text: str) -> str:
     """nft ruleset text without comment lines, counters zeroed."""
-    out = [_NFT_COUNTERS.sub("counter packets 0 bytes 0", raw.rstrip())
+    out = [zero_nft_counters(raw.rstrip())
            for raw in text.splitlines()
            if raw.strip() and not raw.lstrip().startswith("#")]
     return "".join(f"{line}\n" for line in out)

@@ -601,7 +601,8 @@ def _print_list(entries: list[Entry], damaged: list[Damaged], out: _Out) -> None
 # --------------------------------------------------------------------------------------------
 ZIPAPP_MODULES = ("errors.py", "ondisk/__init__.py", "ondisk/atomic_files.py", "ondisk/ufw_files.py",
                   "ondisk/sshd_files.py", "ondisk/firewalld_files.py", "ondisk/iptsave_lines.py",
-                  "ondisk/history_format.py", "ondisk/boot.py", "rescue/__init__.py", "rescue/tool.py")
+                  "ondisk/history_format.py", "ondisk/nft_text.py", "ondisk/boot.py",
+                  "rescue/__init__.py", "rescue/tool.py")
 ZIPAPP_MAIN = (
     "# fwsafe rescue, as a single file: python3 fwsafe.pyz rescue --root /mnt --list\n"
     "import sys\n\n"

@@ -296,7 +296,7 @@ def test_zipapp_with_a_bare_python(tmp_path: Path) -> None:
         "__main__.py", "fwsafe/__init__.py", "fwsafe/errors.py", "fwsafe/ondisk/__init__.py",
         "fwsafe/ondisk/atomic_files.py", "fwsafe/ondisk/boot.py", "fwsafe/ondisk/firewalld_files.py",
         "fwsafe/ondisk/history_format.py", "fwsafe/ondisk/iptsave_lines.py",
-        "fwsafe/ondisk/sshd_files.py", "fwsafe/ondisk/ufw_files.py",
+        "fwsafe/ondisk/nft_text.py", "fwsafe/ondisk/sshd_files.py", "fwsafe/ondisk/ufw_files.py",
         "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
     assert stat.S_IMODE(pyz.stat().st_mode) == 0o755
     root = server_root(tmp_path)
