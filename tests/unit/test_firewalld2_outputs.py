@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from fwsafe.backends.firewalld_layer import parse_listing, runtime_commands
+from fwsafe.backends.firewalld_model import parse_listing, runtime_commands
 from fwsafe.guard import hatch
 
 DATA = Path(__file__).parent / "data" / "firewalld-2.3.1"
