@@ -50,7 +50,7 @@ from fwsafe.errors import (
     RevertFailedError,
     StateError,
 )
-from fwsafe.guard import hatch, spawn
+from fwsafe.guard import hatch, hatch_spec, hatch_sync, spawn
 from fwsafe.runner import find_binary
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
@@ -306,7 +306,7 @@ def hatch_plan(options: ApplyOptions) -> dict[str, Any]:
     if not options.hatch:
         return {"on": False, "why": "hatch = false in the config"}
     clients, ports = step(options.ssh_access, "ssh_access")()
-    four, six = hatch.split_sources([*clients, *options.admin_sources])
+    four, six = hatch_spec.split_sources([*clients, *options.admin_sources])
     if not four and not six:
         return {"on": False, "why": "no SSH client known and no admin_sources in the config"}
     return {"on": True, "grace": options.hatch_grace, "sources4": four, "sources6": six,
@@ -480,7 +480,7 @@ class ApplyFlow:
                 options.before_apply(complete)
             options.step("saving the snapshot")
             if RUN.hatch_seen:   # one left behind (a transaction that ended without removing it)
-                hatch.sync(None, hatch.available_layers())
+                hatch_sync.sync(None, hatch_sync.available_layers())
             fresh = refresh(pool, captured, generation, list(change.layers))
             # nf_tables' layers in the snapshot are its state at this stamp (the generation
             # they were read at, unchanged since): the guard's revert from the snapshot, for a

@@ -577,11 +577,11 @@ def _remove_leftover_hatch(record: transaction.Record) -> None:
     up): remove it (best effort; the next apply removes leftovers too)."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
-    from fwsafe.guard import hatch
+    from fwsafe.guard import hatch, hatch_sync
 
     if not hatch.may_be_loaded(record.hatch):
         return
-    states = hatch.sync(None, hatch.available_layers(), _log)
+    states = hatch_sync.sync(None, hatch_sync.available_layers(), _log)
     _log(f"hatch left by transaction {record.id}: {states}")
 
 
