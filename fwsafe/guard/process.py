@@ -53,7 +53,8 @@ from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.guard import hatch
 from fwsafe.guard.applying import AfterChange, change_stamp, hatch_only, run_change
-from fwsafe.guard.backstop import BackstopKeeper, quiet_std, stuck_grace, write_line
+from fwsafe.guard.backstop_keeper import BackstopKeeper
+from fwsafe.guard.backstop_tools import quiet_std, stuck_grace, write_line
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.probing import ProbeWatch
 from fwsafe.guard.requests import listen, serve_one
