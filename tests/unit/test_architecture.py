@@ -437,7 +437,7 @@ def test_every_function_local_import_says_why() -> None:
 
 #: Readers or writers of iptables-save text allowed outside fwsafe/backends/iptsave.py: the
 #: rescue tool (standard library only, by rule) and the lab's demo script.
-IPTSAVE_ELSEWHERE = ("fwsafe.rescue.tool", "fwsafe.lab.lab_demo")
+IPTSAVE_ELSEWHERE = ("fwsafe.rescue.rescue_plan", "fwsafe.lab.lab_demo")
 _IPTSAVE_LITERALS = ("COMMIT", "^\\*", "\\n\\*", "^:(", "^\\[(")
 
 
