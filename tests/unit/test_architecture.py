@@ -13,6 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fwsafe"
 MAX_CLASS_LINES = 250
+MAX_MODULE_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -283,6 +284,23 @@ def test_no_class_is_too_large_to_read() -> None:
                 if size > MAX_CLASS_LINES:
                     large.append(f"{name}.{node.name}: {size} lines")
     assert large == []
+
+
+# Modules over MAX_MODULE_LINES left for now, each with why (take it off once it is split).
+LONG_MODULES_LEFT = {
+    "fwsafe.check.prune": "split after lay26d's merge",   # another helper's file in this session
+}
+
+
+def test_no_module_is_too_long_to_read() -> None:
+    """A module is one role a newcomer reads in one sitting: none over MAX_MODULE_LINES lines
+    (split along its seams, each part named for its role), but for those listed with why."""
+    long = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    over = sorted(f"{name}: {lines} lines" for name, lines in long.items()
+                  if lines > MAX_MODULE_LINES and name not in LONG_MODULES_LEFT)
+    assert over == [], "\n".join(over)
+    short = sorted(name for name in LONG_MODULES_LEFT if long.get(name, 0) <= MAX_MODULE_LINES)
+    assert short == [], "short enough now: take it off LONG_MODULES_LEFT"
 
 
 def test_test_files_have_unique_names() -> None:
