@@ -16,6 +16,7 @@ from fwsafe.backends.base import (
     FILES,
     FLUSHES_IPTABLES,
     IPTABLES_SAVE,
+    LOADS_IPTABLES,
     NETFILTER,
     NFT_TABLES,
     ON_DEMAND,
@@ -201,7 +202,7 @@ def available_layers() -> list[str]:
     return [name for name in ALL_LAYERS if layer_for(name).available()]
 
 
-__all__ = ["ALL_LAYERS", "BASED_CHANGE", "FILE_SET", "FILES", "FIREWALLD_TABLES",
+__all__ = ["ALL_LAYERS", "BASED_CHANGE", "FILE_SET", "FILES", "FIREWALLD_TABLES", "LOADS_IPTABLES",
            "FLUSHES_IPTABLES", "IPTABLES_SAVE", "NETFILTER", "NFT_TABLES", "ON_DEMAND",
            "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "SANDBOX_FILES",
            "ApplyError", "FidelityError", "Layer",

@@ -64,6 +64,9 @@ FILE_SET = "file-set"            # its capture is whole files by path (ufw's, ss
 SANDBOX_FILES = "sandbox-files"  # its files are written into the lockout check's sandbox (its
                                  # own mounts) before a command is tried there, which reads them
                                  # (ufw's commands): put there by `Layer.apply`
+LOADS_IPTABLES = "loads-iptables"  # its files are loaded into iptables tables by a program
+                                 # of its own (ufw's rules files, through iptables-restore): a
+                                 # change of them can write any table of the iptables layers
 BASED_CHANGE = "based-change"    # its change names what each file it writes holds now, and is
                                  # refused when one changed since (sshd): a rollback writes only
                                  # the files that differ, against their content now

@@ -18,6 +18,7 @@ from pathlib import Path
 from fwsafe.backends.base import (
     FILE_SET,
     FILES,
+    LOADS_IPTABLES,
     MERGE,
     ROLLBACK,
     SANDBOX_FILES,
@@ -36,7 +37,7 @@ FORCE_NOTE = ("fwsafe answered ufw's 'may disrupt existing ssh connections' prom
 class UfwLayer(Layer):
     name = "ufw"
     label = "ufw files"
-    facts = frozenset({FILES, ROLLBACK, FILE_SET, SANDBOX_FILES})
+    facts = frozenset({FILES, ROLLBACK, FILE_SET, SANDBOX_FILES, LOADS_IPTABLES})
 
     def __init__(self, root: Path = Path("/")) -> None:
         self.root = root

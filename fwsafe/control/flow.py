@@ -3,17 +3,18 @@ guard applies -> wait until it reports the change live (or refused).
 
 Once the guard may have started, an error says "nothing changed" (exit 3) only when the record
 proves it; otherwise the change may be live (exit 5).
+
+The refusals before anything changes are fwsafe.control.refusals, the snapshot's reading and
+writing fwsafe.control.apply_snapshot; this module is the flow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -21,37 +22,37 @@ from typing import Any, TypeVar
 from fwsafe import failpoints
 from fwsafe.backends import (
     ON_DEMAND_LAYERS,
-    RULES_FILE,
-    ApplyError,
-    FidelityError,
     available_layers,
-    fidelity_digests_ahead,
     layer_for,
     layer_kind,
-    layers_with,
-    lossy_tables,
     nflist,
     watched_layers,
 )
 from fwsafe.context import RUN
-from fwsafe.core import prefetch, snapshot, transaction
+from fwsafe.control.apply_snapshot import collect, refresh, remove_abandoned, save_snapshot
+from fwsafe.control.refusals import (
+    digests_ahead,
+    disk_refusal,
+    need_room,
+    refuse_deleting_neighbours,
+    refuse_if_open,
+    refuse_lossy_tables,
+)
+from fwsafe.core import prefetch, transaction
 from fwsafe.core.change import Change, require_root, resolve_partial, validate_change
 from fwsafe.core.revert import Prover
 from fwsafe.core.statedir import StateDir, make_private_dir
 from fwsafe.core.transaction import DEFAULT_MAX_TIMEOUT, Record
 from fwsafe.errors import (
     ChangeMayBeLiveError,
-    EnvironmentProblem,
     FwsafeError,
     GuardError,
     InvalidRulesError,
-    PendingError,
     RevertedError,
     RevertFailedError,
     StateError,
 )
-from fwsafe.guard import hatch, spawn
-from fwsafe.runner import find_binary
+from fwsafe.guard import hatch_spec, hatch_sync, spawn
 
 GUARD_ARM_TIMEOUT = 30.0     # the guard must have started applying by then
 GUARD_APPLY_TIMEOUT = 900.0  # and have finished applying by then
@@ -114,75 +115,6 @@ def step(given: Step | None, name: str) -> Step:
     return given
 
 
-def touchable_tables(change: Change, name: str) -> set[str] | None:
-    """The tables of iptables layer `name` the change can write (None: any of them)."""
-    if change.run is not None or "ufw" in change.layers:
-        return None
-    if name in change.layers:
-        return set(layer_for(name).declared(change.layers[name]))
-    nft = change.layers.get("nft", b"")
-    return None if b"flush ruleset" in b" ".join(nft.split()) else set()
-
-
-def fidelity_layers(change: Change, layers: list[str]) -> dict[str, set[str] | None]:
-    """The iptables-nft layers (of `layers`) whose tables the change can write, with those
-    tables (None: any): the fidelity test's (`refuse_lossy_tables`)."""
-    return {name: tables for name in layers_with(RULES_FILE)
-            if name in layers and (tables := touchable_tables(change, name)) != set()
-            and layer_for(name).in_nf_tables()}
-
-
-def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
-                        generation: int | None,
-                        ahead: Mapping[str, Future[tuple[int | None, dict[str, str]]]] | None
-                        = None) -> None:
-    """A change that can write to a table of iptables-nft that iptables-save does not show
-    exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
-    anything happens, naming the table: its revert would load that lossy text
-    (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`; `ahead`:
-    each layer's live digests read beside that reading (`digests_ahead`)."""
-    checks = fidelity_layers(change, list(captured))
-    if checks and find_binary("nft") is None:   # nothing to compare with; said in the record
-        change.notes.append("not checked whether iptables-save shows the tables exactly "
-                            "(nft is not installed)")
-        return
-    found: list[str] = []
-    for name, tables in checks.items():
-        try:
-            found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
-                                  saved=None if RUN.hatch_seen else captured[name],   # again
-                                  ahead=(ahead or {}).get(name))
-        except FidelityError as exc:
-            raise EnvironmentProblem(
-                f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
-                hint="nothing was changed") from exc
-    if found:
-        raise InvalidRulesError(
-            f"table {', '.join(found)} holds what iptables-nft cannot show (nft's own rules, "
-            "sets or base chains): iptables-save prints it differently from the kernel, so "
-            "this change could not be undone exactly; nothing was changed",
-            hint="move nft's own rules and sets out of it, to a table of their own (e.g. "
-                 "`table ip fw_filter`): then iptables-save shows it exactly")
-
-
-def refuse_deleting_neighbours(change: Change, captured: Mapping[str, bytes],
-                                options: ApplyOptions) -> None:
-    """A full rules file that would delete fail2ban's, Docker's, ... chains is refused
-    (exit 3) unless --force: it was most likely written before they created them."""
-    # who else writes rules is looked up only for a change that could delete theirs
-    from fwsafe.core.neighbours import deleted_neighbours, refusal_message
-
-    found = deleted_neighbours(change.layers, captured, change.partial)
-    if not found:
-        return
-    if not options.force:
-        raise InvalidRulesError(
-            refusal_message(found),
-            hint="nothing was changed; apply only the chains the file names with "
-                 "--partial, add them to the file, or delete them anyway with --force")
-    change.notes.append("--force: " + refusal_message(found))
-
-
 def lockout_check(change: Change, options: ApplyOptions,
                   captured: Mapping[str, bytes] | None = None) -> dict[str, Any]:
     """Run the lockout check (the caller's step: fwsafe.steps.lockout_check); it refuses a
@@ -192,113 +124,6 @@ def lockout_check(change: Change, options: ApplyOptions,
     return step(options.lockout_check, "lockout_check")(change, options, captured)
 
 
-def digests_ahead(pool: ThreadPoolExecutor, change: Change, layers: list[str]
-                  ) -> dict[str, Future[tuple[int | None, dict[str, str]]]]:
-    """The fidelity test's live digests (fwsafe.backends.fidelity.digests_ahead), read in
-    `pool` while the layers are: used only when they hold at the reading's generation."""
-    if find_binary("nft") is None:
-        return {}
-    return {name: pool.submit(fidelity_digests_ahead, name)
-            for name in fidelity_layers(change, layers)}
-
-
-def refresh(pool: ThreadPoolExecutor, captured: dict[str, bytes], generation: int | None,
-            needed: list[str]) -> dict[str, bytes]:
-    """The snapshot as of now. A layer kept in nf_tables is read again only if the ruleset's
-    generation moved on since `captured` was taken (somebody changed something meanwhile, e.g.
-    fail2ban banned an address during the lockout check); files and legacy tables always."""
-    now = nflist.generation() if generation is not None else None
-    stale = [name for name in captured
-             if now is None or now != generation or not layer_for(name).in_nf_tables()]
-    if not stale:
-        return captured
-    fresh = collect(prefetch.start_capture(pool, stale), [n for n in needed if n in stale])
-    return {name: fresh.get(name, captured[name]) for name in captured
-            if name in fresh or name not in stale}
-
-
-def collect(captures: dict[str, Future[bytes]], needed: list[str]) -> dict[str, bytes]:
-    """A layer the change gives content for must be captured; another that cannot be read
-    is left out of the snapshot (and of the revert)."""
-    captured = {}
-    for name, future in captures.items():
-        try:
-            captured[name] = future.result()
-        except (OSError, ApplyError, ValueError) as exc:
-            if name in needed:
-                raise EnvironmentProblem(f"cannot capture the {name} layer: {exc}") from exc
-    missing = [n for n in needed if n not in captured]
-    if missing:
-        raise EnvironmentProblem(f"cannot capture {', '.join(missing)}: tools missing")
-    return captured
-
-
-def remove_abandoned(state: StateDir) -> None:
-    """Transactions whose preparation was cut short (the CLI was killed while it read or
-    checked): a directory with the guard's pipe still in it and no record, so its guard
-    never went (the record is written before that, the pipe removed after). Under the
-    state directory's lock nobody else is preparing one."""
-    try:
-        found = [p for p in state.tx_root.iterdir()
-                 if p.is_dir() and not p.is_symlink() and (p / spawn.GO_FIFO).is_fifo()
-                 and not transaction.record_path(state, p.name).exists()]
-    except FileNotFoundError:
-        return
-    for path in found:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def save_snapshot(state: StateDir, tx_id: str, change: Change | None, captured: dict[str, bytes],
-                  written: dict[str, bytes] | None = None) -> None:
-    """Write the snapshot (and the change) into the transaction's directory; with
-    `written`, only what differs from what was written before (and remove a layer that is
-    no longer part of it)."""
-    if change is not None:
-        snapshot.save(state, tx_id, snapshot.CHANGE, change.layers)
-    old = written or {}
-    snapshot.save(state, tx_id, snapshot.BEFORE,
-                  {name: data for name, data in captured.items() if old.get(name) != data})
-    for name in set(old) - set(captured):
-        snapshot.remove(state, tx_id, snapshot.BEFORE, name)
-
-
-MIN_ROOM = 1024 * 1024   # the state directory must keep this much free, and room for the
-                          # guard's capture after the change and its records, or apply refuses
-
-
-def need_room(state: StateDir, snapshot_bytes: int) -> None:
-    """Refuse (exit 3, nothing changed) when the state directory has no room for what the way
-    back writes after the change: the capture after it and the record, a few times over."""
-    try:
-        info = os.statvfs(state.root)
-    except OSError:
-        return
-    free = info.f_bavail * info.f_frsize
-    needed = MIN_ROOM + 2 * snapshot_bytes
-    if free < needed:
-        raise EnvironmentProblem(
-            f"the state directory {state.root} has {free // 1024} KiB free; fwsafe needs "
-            f"{needed // 1024} KiB to record the change and its way back",
-            hint="nothing was changed; free some space there (or use another --state-dir)")
-
-
-@contextlib.contextmanager
-def disk_refusal(state: StateDir) -> Iterator[None]:
-    """What cannot be written before the change (the snapshot, the record) is a clear refusal
-    (exit 3, nothing changed), not an unexpected error."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES,
-                         errno.EPERM):
-            why = f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else "")
-            raise EnvironmentProblem(
-                f"cannot write what the change needs in the state directory {state.root} "
-                f"({why})", hint="nothing was changed; free some space there, or use another "
-                "--state-dir") from exc
-        raise
-
-
 def hatch_plan(options: ApplyOptions) -> dict[str, Any]:
     """The kernel escape hatch asked of the guard: who it lets in (this SSH session's client,
     or the established SSH sessions', and `admin_sources`), on which ports (this session's,
@@ -306,46 +131,11 @@ def hatch_plan(options: ApplyOptions) -> dict[str, Any]:
     if not options.hatch:
         return {"on": False, "why": "hatch = false in the config"}
     clients, ports = step(options.ssh_access, "ssh_access")()
-    four, six = hatch.split_sources([*clients, *options.admin_sources])
+    four, six = hatch_spec.split_sources([*clients, *options.admin_sources])
     if not four and not six:
         return {"on": False, "why": "no SSH client known and no admin_sources in the config"}
     return {"on": True, "grace": options.hatch_grace, "sources4": four, "sources6": six,
             "ports": ports}
-
-
-def refuse_if_open(state: StateDir, prover: Prover | None) -> str | None:
-    """Refuse while a transaction is open and looked after (its guard lives, or someone
-    is reverting it). One left open with nobody on it (its guard and backstop were killed
-    together; a one-shot recover gave up) is reverted first, as its guard would have:
-    nothing needs a hand. Returns what was done then, for the change's notes."""
-    record = transaction.load_current(state) if state.exists() else None
-    if record is None:
-        return None
-    if record.state in transaction.OPEN_STATES or record.state == transaction.PREPARING:
-        if transaction.guard_alive(record):
-            raise PendingError(
-                f"transaction {record.id} is {record.state} (guard PID {record.guard_pid})",
-                hint="confirm it (`fwsafe confirm`), revert it (`fwsafe revert`) "
-                     "or wait for its deadline",
-            )
-        if state.tx_held(record.id):
-            raise PendingError(
-                f"transaction {record.id} is {record.state}: its guard is gone and the "
-                "backstop is reverting it", hint="wait a moment, then try again")
-    elif record.state != transaction.REVERT_FAILED:
-        return None
-    # recover is needed only when a transaction was left open without its guard
-    from fwsafe.core.recover import recover
-
-    done = recover(state, f"`fwsafe apply` found transaction {record.id} "
-                   f"{record.state} with nobody looking after it: reverted it first",
-                   tx_id=record.id, prover=prover, remove_hatch=hatch.removed)
-    if done.state == transaction.REVERT_FAILED:
-        raise PendingError(
-            f"the revert of transaction {record.id} failed: the firewall is in an unknown state",
-            hint="run `fwsafe recover` to retry the restore, then check `fwsafe status`",
-        )
-    return f"transaction {record.id} was left {record.state} without its guard: {done.state} first"
 
 
 def reported(state: StateDir, record: Record) -> Record:
@@ -480,7 +270,7 @@ class ApplyFlow:
                 options.before_apply(complete)
             options.step("saving the snapshot")
             if RUN.hatch_seen:   # one left behind (a transaction that ended without removing it)
-                hatch.sync(None, hatch.available_layers())
+                hatch_sync.sync(None, hatch_sync.available_layers())
             fresh = refresh(pool, captured, generation, list(change.layers))
             # nf_tables' layers in the snapshot are its state at this stamp (the generation
             # they were read at, unchanged since): the guard's revert from the snapshot, for a

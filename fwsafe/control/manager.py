@@ -67,7 +67,7 @@ def guard_stopped(record: Record) -> bool:
     netlink call): one look at D alone would take it for stuck, and a confirm would not ask it
     or a revert would kill it (STUCK_D_S)."""
     # the backstop's module: loaded only when a guard's process state is asked
-    from fwsafe.guard.backstop import process_state
+    from fwsafe.guard.watcher import process_state
 
     pid = record.guard_pid
     if not pid:
@@ -89,7 +89,7 @@ def stop_stuck_guard(record: Record) -> bool:
     is killed (SIGKILL), so that its backstop, or this command, takes over. False when it
     seems to be working (it answers later, or reverts)."""
     # the backstop's module: loaded only when a stuck guard is stopped
-    from fwsafe.guard.backstop import pidfd_of
+    from fwsafe.guard.backstop_tools import pidfd_of
 
     pid = record.guard_pid
     if not pid or not guard_stopped(record) or not transaction.guard_alive(record):
@@ -327,7 +327,7 @@ class Manager:
             record.reason = "its guard is gone: the backstop took the transaction over"
             remaining, remaining_from = None, None
         # the backstop's module: loaded only when a guard's process state is asked
-        from fwsafe.guard.backstop import process_state
+        from fwsafe.guard.watcher import process_state
 
         return {
             "state": record.state,

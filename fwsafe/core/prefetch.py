@@ -6,7 +6,7 @@ apply takes it over (`fwsafe.control.flow`; the check: `fwsafe.check.host.captur
 The reading is only used when nf_tables' generation number, taken before it started, is still
 the same when it is taken over (for the apply: once it holds the state directory's lock), so
 nothing changed in between; files and legacy tables are read again before the snapshot in any
-case (`fwsafe.control.flow.refresh`).
+case (`fwsafe.control.apply_snapshot.refresh`).
 It only reads; a command that does not take it over (`apply --help`, a usage error) just exits.
 """
 
@@ -65,7 +65,7 @@ def start_capture(pool: Executor, layers: list[str]) -> dict[str, Future[bytes]]
 def read(pool: Executor, layers: list[str]) -> tuple[int | None, dict[str, Future[bytes]]]:
     """`layers` being read: from the reading started ahead where it has them (and nothing
     changed since), the others now in `pool`; with nf_tables' generation as of before the
-    reading (for `fwsafe.control.flow.refresh`)."""
+    reading (for `fwsafe.control.apply_snapshot.refresh`)."""
     ahead = take()
     if ahead is None:
         return nflist.generation(), start_capture(pool, layers)

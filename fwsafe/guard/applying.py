@@ -24,11 +24,12 @@ from fwsafe.core import snapshot
 from fwsafe.core.revert import compute_touched
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
-from fwsafe.guard import hatch
+from fwsafe.guard.hatch_change import with_change
+from fwsafe.guard.hatch_spec import Spec
 
 Log = Callable[[str], None]
 def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
-               spec: hatch.Spec | None = None, before: Mapping[str, bytes] | None = None,
+               spec: Spec | None = None, before: Mapping[str, bytes] | None = None,
                log: Log | None = None) -> str | None:
     """Apply the rules files, or run the command; return the error, None when it worked.
     With `spec`, each rules file is loaded together with the hatch, in one transaction; a
@@ -66,13 +67,13 @@ def run_change(state: StateDir, record: Record, change: Mapping[str, bytes],
 
 
 def _applied_with_hatch(load: Callable[[bytes, str], None], name: str, content: bytes,
-                        source: str, spec: hatch.Spec, before: Mapping[str, bytes],
+                        source: str, spec: Spec, before: Mapping[str, bytes],
                         log: Log | None, record: Record) -> bool:
     """Load `content` with the hatch in the same transaction; False when there is none for
     this layer or the tool refused the two together (nothing was loaded: try it alone). What
     became of the hatch is in the record at once (`status` may be asked before the guard reads
     the hatch back, after the capture after the change)."""
-    loaded = hatch.with_change(name, content, spec, before)
+    loaded = with_change(name, content, spec, before)
     if loaded == content:
         return False
     try:

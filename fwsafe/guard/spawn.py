@@ -26,7 +26,8 @@ from fwsafe.core.recover import orphaned
 from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.errors import GuardError, StateError
-from fwsafe.guard.backstop import after_stop_command, ask_unsaved
+from fwsafe.guard.backstop_tools import after_stop_command
+from fwsafe.guard.takeover import ask_unsaved
 
 GUARD_MODULE = "fwsafe.guard"
 
@@ -349,7 +350,7 @@ def looked_after(state: StateDir, record: Record) -> bool:
 def start_late_take_over(state: StateDir, record: Record) -> None:
     """Start the take-over of an orphaned transaction in a session of its own (it outlives
     the command that saw it, never gives up, and does not hold the state lock across its
-    attempts: fwsafe.guard.backstop.take_over); its log goes to the transaction's guard.log."""
+    attempts: fwsafe.guard.takeover.take_over); its log goes to the transaction's guard.log."""
     log: int | None = None
     with contextlib.suppress(OSError):
         log = os.open(state.tx_dir(record.id) / "guard.log",

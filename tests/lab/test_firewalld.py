@@ -151,13 +151,13 @@ def model(lab: SystemdLab) -> str:
 
 # The layer's two ways to read firewalld's model: in one process (firewall-cmd's own Python
 # and printing code) and one firewall-cmd per listing. They must agree, to the byte.
-READERS = ("import json; from fwsafe.backends import firewalld_layer as f; "
+READERS = ("import json; from fwsafe.backends import firewalld_client as f; "
            "print(json.dumps([f.listings_in_one_process(), f.listings_from_firewall_cmd()]))")
 
 
 # The layer runs firewall-cmd commands in one process: the same exit status and output as
 # firewall-cmd run on its own.
-RUNNER_CHECK = ("import json; from fwsafe.backends import firewalld_layer as f; print(json.dumps("
+RUNNER_CHECK = ("import json; from fwsafe.backends import firewalld_client as f; print(json.dumps("
                 "f.commands_in_one_process([['--zone=work', '--add-port=7100/tcp'], "
                 "['--zone=work', '--query-port=7100/tcp'], ['--zone=work', '--add-service=nope'],"
                 " ['--zone=work', '--remove-port=7100/tcp']])))")

@@ -18,7 +18,8 @@ pytestmark = pytest.mark.lab
 SCRIPT = textwrap.dedent("""
     import json, subprocess, sys, time
     from fwsafe.backends import nflist
-    from fwsafe.guard import hatch
+    from fwsafe.guard import hatch_chains, hatch_spec, hatch_sync
+    from fwsafe.ondisk.hatch_rules import MARK
 
     def sh(argv, data=None):
         return subprocess.run(argv, input=data, capture_output=True, text=True, check=True,
@@ -32,20 +33,20 @@ SCRIPT = textwrap.dedent("""
     before_nat = sh(["iptables-save", "-t", "nat"])
     out = {}
     for layer in ("ipv4", "nft"):
-        whole = (hatch.parse_iptables(sh(["iptables-save"]), layer) if layer == "ipv4" else
-                 [c for c in hatch.parse_nft(sh(["nft", "-a", "list", "ruleset"]))
-                  if not hatch._nft_skipped(c.family, c.table)])
-        out[layer + "_same"] = sorted(map(repr, hatch.read_chains(layer))) == sorted(
+        whole = (hatch_chains.parse_iptables(sh(["iptables-save"]), layer) if layer == "ipv4" else
+                 [c for c in hatch_chains.parse_nft(sh(["nft", "-a", "list", "ruleset"]))
+                  if not hatch_sync._nft_skipped(c.family, c.table)])
+        out[layer + "_same"] = sorted(map(repr, hatch_sync.read_chains(layer))) == sorted(
             map(repr, whole))
-    spec = hatch.Spec("t27", int(time.time()) + 3600, (sys.argv[1],), (), (22,))
-    out["loaded"] = hatch.sync(spec, ["ipv4", "ipv6", "nft"])
+    spec = hatch_spec.Spec("t27", int(time.time()) + 3600, (sys.argv[1],), (), (22,))
+    out["loaded"] = hatch_sync.sync(spec, ["ipv4", "ipv6", "nft"])
     out["tables"] = sorted(f"{f} {t}" for f, t in nflist.kernel_tables())
-    out["filter_has"] = hatch.MARK in sh(["iptables-save", "-t", "filter"])
-    out["nft_has"] = hatch.MARK in sh(["nft", "list", "table", "inet", "lockout"])
+    out["filter_has"] = MARK in sh(["iptables-save", "-t", "filter"])
+    out["nft_has"] = MARK in sh(["nft", "list", "table", "inet", "lockout"])
     out["nat_same"] = sh(["iptables-save", "-t", "nat"]).split("\\n")[2:-2] == \\
         before_nat.split("\\n")[2:-2]
-    out["removed"] = hatch.sync(None, ["ipv4", "ipv6", "nft"])
-    out["left"] = hatch.MARK in sh(["iptables-save"]) + sh(["nft", "list", "ruleset"])
+    out["removed"] = hatch_sync.sync(None, ["ipv4", "ipv6", "nft"])
+    out["left"] = MARK in sh(["iptables-save"]) + sh(["nft", "list", "ruleset"])
     print(json.dumps(out))
 """)
 

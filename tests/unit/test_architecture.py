@@ -13,6 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "fwsafe"
 MAX_CLASS_LINES = 250
+MAX_MODULE_LINES = 600
 
 
 def module_name(path: Path) -> str:
@@ -285,6 +286,23 @@ def test_no_class_is_too_large_to_read() -> None:
     assert large == []
 
 
+# Modules over MAX_MODULE_LINES left for now, each with why (take it off once it is split).
+LONG_MODULES_LEFT = {
+    "fwsafe.check.prune": "split after lay26d's merge",   # another helper's file in this session
+}
+
+
+def test_no_module_is_too_long_to_read() -> None:
+    """A module is one role a newcomer reads in one sitting: none over MAX_MODULE_LINES lines
+    (split along its seams, each part named for its role), but for those listed with why."""
+    long = {name: len(path.read_text().splitlines()) for name, path in MODULES.items()}
+    over = sorted(f"{name}: {lines} lines" for name, lines in long.items()
+                  if lines > MAX_MODULE_LINES and name not in LONG_MODULES_LEFT)
+    assert over == [], "\n".join(over)
+    short = sorted(name for name in LONG_MODULES_LEFT if long.get(name, 0) <= MAX_MODULE_LINES)
+    assert short == [], "short enough now: take it off LONG_MODULES_LEFT"
+
+
 def test_test_files_have_unique_names() -> None:
     """pytest imports test modules by basename (rootdir-relative, no packages): two files of
     the same name in tests/unit and tests/lab stop the whole run at collection."""
@@ -353,9 +371,6 @@ LAYER_NAME_BRANCHES_LEFT = {
     ("fwsafe.persistence.powercycle", "change.layer != 'firewalld'"),
     ("fwsafe.persistence.powercycle", "'firewalld' not in entry.layers"),
     ("fwsafe.persistence.powercycle", "entry.layers['firewalld']"),
-    # a change of ufw's files can write any iptables table (ufw loads them there): control/flow.py
-    # is being split on another branch (lay26f) in this session; its fact moves after the merge
-    ("fwsafe.control.flow", "'ufw' in change.layers"),
 }
 
 
@@ -462,7 +477,7 @@ def test_every_function_local_import_says_why() -> None:
 #: lowest level, the line reader (fwsafe.ondisk.iptsave_lines: standard library only, for the
 #: history's normal form too), the rescue tool (standard library only, by rule: an empty table)
 #: and the lab's demo script.
-IPTSAVE_ELSEWHERE = ("fwsafe.ondisk.iptsave_lines", "fwsafe.rescue.tool", "fwsafe.lab.lab_demo")
+IPTSAVE_ELSEWHERE = ("fwsafe.ondisk.iptsave_lines", "fwsafe.rescue.rescue_plan", "fwsafe.lab.lab_demo")
 _IPTSAVE_LITERALS = ("COMMIT", "^\\*", "\\n\\*", "^:(", "^\\[(")
 
 

@@ -1,7 +1,7 @@
 """Who converges a transaction nobody looks after (fwsafe.core.recover.orphaned): only an open
 one a guard armed, whose guard is gone and which no process holds, past its deadline (or
 being reverted, or never given one); and the take-over's record answered from memory when the
-disk refuses it (fwsafe.guard.backstop.Unsaved)."""
+disk refuses it (fwsafe.guard.takeover.Unsaved)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from fwsafe.core import transaction
 from fwsafe.core.recover import orphaned
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
-from fwsafe.guard.backstop import Unsaved, ask_unsaved
 from fwsafe.guard.spawn import converge
+from fwsafe.guard.takeover import Unsaved, ask_unsaved
 
 
 def _state(tmp_path: Path, state: str, *, deadline: float | None, guard_pid: int | None

@@ -1,5 +1,5 @@
 """What the round trip of fwsafe.backends.fidelity compares, and which tables a change can
-write (fwsafe.control.flow.touchable_tables); the round trip itself runs in the lab
+write (fwsafe.control.refusals.touchable_tables); the round trip itself runs in the lab
 (tests/lab/test_revert_proven.py, case 5)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from fwsafe.backends.fidelity import blocks
-from fwsafe.control.flow import touchable_tables
+from fwsafe.control.refusals import touchable_tables
 from fwsafe.core.change import Change
 
 LIVE = """table ip filter {

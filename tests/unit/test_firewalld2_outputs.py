@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from fwsafe.backends.firewalld_layer import parse_listing, runtime_commands
-from fwsafe.guard import hatch
+from fwsafe.backends.firewalld_model import parse_listing, runtime_commands
+from fwsafe.guard import hatch, hatch_bridge, hatch_chains, hatch_change, hatch_spec, hatch_sync
 
 DATA = Path(__file__).parent / "data" / "firewalld-2.3.1"
-SPEC = hatch.Spec("20261207T063000Z-abcd", 1796625083, ("10.232.2.2",), (), (22,))
+SPEC = hatch_spec.Spec("20261207T063000Z-abcd", 1796625083, ("10.232.2.2",), (), (22,))
 
 
 def captured(name: str) -> str:
@@ -77,20 +77,20 @@ def test_runtime_commands_between_two_firewalld_2_models() -> None:
 
 def test_firewalld_2s_table_is_owned_and_gets_no_hatch() -> None:
     listing = captured("nft-a-list-table-inet-firewalld.txt")
-    chains = hatch.parse_nft(listing)
+    chains = hatch_chains.parse_nft(listing)
     assert chains and all(c.owned for c in chains)
     base = {c.name: c.hook for c in chains if c.hook}
     assert base["filter_INPUT"] == "input" and base["filter_PREROUTING"] == "prerouting"
-    assert hatch.plan_layer("nft", chains, SPEC) == ""       # nothing nft would refuse
+    assert hatch_sync.plan_layer("nft", chains, SPEC) == ""       # nothing nft would refuse
     # the same table without `flags owner` (firewalld 1.x, or NftablesTableOwner=no): in it
-    unowned = hatch.parse_nft(listing.replace("\tflags owner,persist\n", ""))
+    unowned = hatch_chains.parse_nft(listing.replace("\tflags owner,persist\n", ""))
     assert not any(c.owned for c in unowned)
-    planned = hatch.plan_layer("nft", unowned, SPEC)
+    planned = hatch_sync.plan_layer("nft", unowned, SPEC)
     assert "insert rule inet firewalld filter_INPUT ip saddr { 10.232.2.2 }" in planned
     # an nft file applied beside it: the hatch goes into the file's chains, not firewalld's
     script = (b"table inet mine {\n\tchain input {\n\t\ttype filter hook input priority 0; "
               b"policy accept;\n\t\ttcp dport 23 drop\n\t}\n}\n")
-    loaded = hatch.with_nft_change(script, SPEC, listing.encode()).decode()
+    loaded = hatch_change.with_nft_change(script, SPEC, listing.encode()).decode()
     assert "insert rule inet mine input " in loaded
     assert "inet firewalld" not in loaded
 
@@ -98,13 +98,13 @@ def test_firewalld_2s_table_is_owned_and_gets_no_hatch() -> None:
 def test_the_hatch_says_it_cannot_open_ssh_through_an_owned_table(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a device for the lo bridge (no Ethernet device up), an owned table stands."""
-    chains = hatch.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
-    monkeypatch.setattr(hatch, "read_chains", lambda _layer: chains)
-    monkeypatch.setattr(hatch, "bridge_devices", lambda: [])
-    monkeypatch.setattr(hatch, "read_bridge", lambda: None)
-    state = hatch.sync_layer("nft", SPEC)
+    chains = hatch_chains.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: [])
+    monkeypatch.setattr(hatch_sync, "read_bridge", lambda: None)
+    state = hatch_sync.sync_layer("nft", SPEC)
     assert state.startswith("none; not in inet firewalld (owned by the program"), state
-    assert hatch.sync_layer("nft", None) == "removed"   # removal: nothing of it to find there
+    assert hatch_sync.sync_layer("nft", None) == "removed"   # removal: nothing of it to find there
     info = {"state": "armed", "opens": SPEC.opens, "grace": 30, "sources4": ["10.232.2.2"],
             "sources6": [], "ports": [22], "layers": {"ipv4": "loaded", "nft": state}}
     text = hatch.describe(info) or ""
@@ -118,10 +118,10 @@ def test_past_an_owned_table_the_hatch_loops_ssh_through_lo(
     """firewalld 2.x's owned table: the lo bridge, one ingress chain per Ethernet device,
     loaded in the same nft transaction, read back, then removed with the hatch. (The kernel's
     side, a NEW SSH login with the guard frozen: tests/lab/test_firewalld.py.)"""
-    chains = hatch.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
-    monkeypatch.setattr(hatch, "read_chains", lambda _layer: chains)
-    monkeypatch.setattr(hatch, "bridge_devices", lambda: ["host0", "eth1"])
-    monkeypatch.setattr(hatch, "strict_rp_filter", lambda: False)
+    chains = hatch_chains.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: ["host0", "eth1"])
+    monkeypatch.setattr(hatch_sync, "strict_rp_filter", lambda: False)
     loaded: dict[str, list[str]] | None = None
     scripts: list[str] = []
 
@@ -137,9 +137,9 @@ def test_past_an_owned_table_the_hatch_loops_ssh_through_lo(
             loaded = {"host0": rules, "eth1": rules}
         return 0, "", ""
 
-    monkeypatch.setattr(hatch, "_run", nft)
-    monkeypatch.setattr(hatch, "read_bridge", lambda: loaded)
-    state = hatch.sync_layer("nft", SPEC)
+    monkeypatch.setattr(hatch_sync, "_run", nft)
+    monkeypatch.setattr(hatch_sync, "read_bridge", lambda: loaded)
+    state = hatch_sync.sync_layer("nft", SPEC)
     assert state == "loaded; through lo past inet firewalld", state
     script = scripts[0]
     assert "inet firewalld" not in script              # nothing nft would refuse
@@ -149,15 +149,15 @@ def test_past_an_owned_table_the_hatch_loops_ssh_through_lo(
     assert (f"ip saddr {{ 10.232.2.2 }} tcp dport {{ 22 }} meta time >= {SPEC.opens} "
             f'fib daddr type local ether daddr set 00:00:00:00:00:00 fwd to "lo" '
             f'comment "{SPEC.tag}"') in script
-    assert hatch.sync_layer("nft", SPEC) == state and len(scripts) == 1   # in place: no load
+    assert hatch_sync.sync_layer("nft", SPEC) == state and len(scripts) == 1   # in place: no load
     info = {"state": "armed", "opens": SPEC.opens, "grace": 30, "sources4": ["10.232.2.2"],
             "sources6": [], "ports": [22], "layers": {"nft": state}}
     text = hatch.describe(info) or ""
     assert "loops SSH through lo" in text and "CANNOT" not in text, text
     moved = SPEC.moved(SPEC.opens + 60)                 # extend: the bridge made again
-    hatch.sync_layer("nft", moved)
+    hatch_sync.sync_layer("nft", moved)
     assert f"meta time >= {moved.opens} " in scripts[-1]
-    assert hatch.sync_layer("nft", None) == "removed"   # removal: the whole table goes
+    assert hatch_sync.sync_layer("nft", None) == "removed"   # removal: the whole table goes
     assert scripts[-1] == "delete table netdev fwsafe_hatch\n" and loaded is None
 
 
@@ -181,16 +181,16 @@ def test_bridge_devices_and_rp_filter_from_sys(tmp_path: Path) -> None:
         (tmp_path / name).mkdir()
         (tmp_path / name / "type").write_text(f"{kind}\n")
         (tmp_path / name / "flags").write_text(f"{flags}\n")
-    assert hatch.bridge_devices(str(tmp_path)) == ["host0"]
+    assert hatch_bridge.bridge_devices(str(tmp_path)) == ["host0"]
     conf = tmp_path / "conf"
     for name, value in (("all", 0), ("lo", 2)):
         (conf / name).mkdir(parents=True)
         (conf / name / "rp_filter").write_text(f"{value}\n")
-    assert not hatch.strict_rp_filter(str(conf))
+    assert not hatch_bridge.strict_rp_filter(str(conf))
     (conf / "all" / "rp_filter").write_text("1\n")   # the larger of the two counts: loose
-    assert not hatch.strict_rp_filter(str(conf))
+    assert not hatch_bridge.strict_rp_filter(str(conf))
     (conf / "lo" / "rp_filter").write_text("0\n")
-    assert hatch.strict_rp_filter(str(conf))
+    assert hatch_bridge.strict_rp_filter(str(conf))
 
 
 def test_the_lo_bridge_leaves_ipv4_out_with_strict_rp_filter(
@@ -199,27 +199,27 @@ def test_the_lo_bridge_leaves_ipv4_out_with_strict_rp_filter(
     cut every IPv4 SSH packet of the admin from the moment on, so it is left out (IPv6 stays),
     and the state says so; with only IPv4 sources there is no bridge, and status says the
     owned table stands."""
-    chains = hatch.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
-    monkeypatch.setattr(hatch, "read_chains", lambda _layer: chains)
-    monkeypatch.setattr(hatch, "bridge_devices", lambda: ["host0"])
-    monkeypatch.setattr(hatch, "strict_rp_filter", lambda: True)
-    monkeypatch.setattr(hatch, "read_bridge", lambda: None)
+    chains = hatch_chains.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: ["host0"])
+    monkeypatch.setattr(hatch_sync, "strict_rp_filter", lambda: True)
+    monkeypatch.setattr(hatch_sync, "read_bridge", lambda: None)
     scripts: list[str] = []
 
     def nft(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
         scripts.append((payload or b"").decode())
         return 0, "", ""
 
-    monkeypatch.setattr(hatch, "_run", nft)
-    both = hatch.Spec(SPEC.tx, SPEC.opens, ("10.232.2.2",), ("fd00::2",), (22,))
-    rules = hatch.bridge_rules(both, ipv4=False)
+    monkeypatch.setattr(hatch_sync, "_run", nft)
+    both = hatch_spec.Spec(SPEC.tx, SPEC.opens, ("10.232.2.2",), ("fd00::2",), (22,))
+    rules = hatch_spec.bridge_rules(both, ipv4=False)
     assert len(rules) == 1 and rules[0].startswith("ip6 saddr { fd00::2 }"), rules
-    with pytest.raises(hatch.HatchError):   # (read back: none, the stub loads nothing)
-        hatch.sync_layer("nft", both)
+    with pytest.raises(hatch_sync.HatchError):   # (read back: none, the stub loads nothing)
+        hatch_sync.sync_layer("nft", both)
     assert scripts and all("ip saddr" not in s and "ip6 saddr { fd00::2 }" in s
                            for s in scripts), scripts
-    assert hatch.sync_layer("nft", SPEC) == (   # IPv4 sources only: no bridge at all
-        "none; not in inet firewalld (" + hatch.OWNED + ")")
+    assert hatch_sync.sync_layer("nft", SPEC) == (   # IPv4 sources only: no bridge at all
+        "none; not in inet firewalld (" + hatch_chains.OWNED + ")")
 
 
 def test_a_refused_lo_bridge_does_not_take_the_hatch_with_it(
@@ -230,11 +230,11 @@ def test_a_refused_lo_bridge_does_not_take_the_hatch_with_it(
         "table inet mine { # handle 99\n\tchain input { # handle 1\n\t\ttype filter hook "
         "input priority filter; policy accept;\n\t\ttcp dport 23 drop # handle 2\n\t}\n}\n")
     loaded: list[str] = []
-    monkeypatch.setattr(hatch, "read_chains", lambda _layer: hatch.parse_nft(
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: hatch_chains.parse_nft(
         listing.replace("tcp dport 23 drop", "\n\t\t".join([*loaded, "tcp dport 23 drop"]))))
-    monkeypatch.setattr(hatch, "bridge_devices", lambda: ["host0"])
-    monkeypatch.setattr(hatch, "strict_rp_filter", lambda: False)
-    monkeypatch.setattr(hatch, "read_bridge", lambda: None)
+    monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: ["host0"])
+    monkeypatch.setattr(hatch_sync, "strict_rp_filter", lambda: False)
+    monkeypatch.setattr(hatch_sync, "read_bridge", lambda: None)
     said: list[str] = []
 
     def nft(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
@@ -245,9 +245,9 @@ def test_a_refused_lo_bridge_does_not_take_the_hatch_with_it(
                       if line.startswith("insert rule inet mine input "))
         return 0, "", ""
 
-    monkeypatch.setattr(hatch, "_run", nft)
-    state = hatch.sync_layer("nft", SPEC, said.append)
-    assert state == "loaded; not in inet firewalld (" + hatch.OWNED + ")", state
+    monkeypatch.setattr(hatch_sync, "_run", nft)
+    state = hatch_sync.sync_layer("nft", SPEC, said.append)
+    assert state == "loaded; not in inet firewalld (" + hatch_chains.OWNED + ")", state
     assert loaded and SPEC.tag in loaded[0]
     assert any("refused the lo bridge" in line for line in said), said
 

@@ -14,8 +14,8 @@ import pytest
 
 from fwsafe.backends import FIREWALLD_TABLES, owned_elsewhere
 from fwsafe.backends.base import MERGE
-from fwsafe.backends.firewalld_layer import (
-    FirewalldLayer,
+from fwsafe.backends.firewalld_layer import FirewalldLayer
+from fwsafe.backends.firewalld_model import (
     merge_models,
     parse_ipsets,
     parse_listing,
@@ -285,6 +285,7 @@ def test_a_rule_put_into_firewalld_tables_behind_its_back_is_not_taken_as_revert
     but the change's own line must still be gone (the review's finding: it stayed live and
     the revert said the delta was gone). Then the next level (a reload) takes it out."""
     import fwsafe.backends.firewalld_layer as layer_module
+    from fwsafe.backends import firewalld_client
 
     def model(ipset: list[str]) -> dict[str, Any]:
         return {"default-zone": "public", "zones": {"public": {"services": ["ssh"]}},
@@ -307,6 +308,7 @@ def test_a_rule_put_into_firewalld_tables_behind_its_back_is_not_taken_as_revert
         raise AssertionError(f"no firewall-cmd expected in place: {argv}")
 
     monkeypatch.setattr(layer_module, "firewall_cmd", no_command)
+    monkeypatch.setattr(firewalld_client, "firewall_cmd", no_command)   # run_all's
     assert layer.revert(before, after, ["kernel"], level=MERGE) == ["firewalld kernel"]
     # once the rule is gone (firewalld's reload regenerates its tables), the delta is gone
     # although the table is not the snapshot's (the kept ipset entry)
@@ -317,7 +319,7 @@ def test_a_rule_put_into_firewalld_tables_behind_its_back_is_not_taken_as_revert
 def test_the_changes_own_kernel_delta_counts_set_elements_one_by_one() -> None:
     """An element the change removed and the revert put back is back even where another
     program added its own to the same set (nft prints them on one line, or several)."""
-    from fwsafe.backends.firewalld_layer import kernel_delta_left
+    from fwsafe.backends.firewalld_model import kernel_delta_left
 
     def state(elements: str) -> dict[str, Any]:
         return {"kernel": {"inet firewalld": "table inet firewalld {\n set f2b {\n"

@@ -51,12 +51,12 @@ def test_no_pid_is_not_stuck() -> None:
 def test_a_moment_in_d_is_not_stuck(monkeypatch: pytest.MonkeyPatch) -> None:
     # the kernel's D state cannot be had on demand here: the states /proc would show in turn
     states = iter(["D", "D", "S"])
-    monkeypatch.setattr("fwsafe.guard.backstop.process_state", lambda _pid: next(states))
+    monkeypatch.setattr("fwsafe.guard.watcher.process_state", lambda _pid: next(states))
     assert not manager.guard_stopped(_record(4242))
 
 
 def test_d_that_lasts_is_stuck(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("fwsafe.guard.backstop.process_state",
+    monkeypatch.setattr("fwsafe.guard.watcher.process_state",
                         lambda _pid: "D")
     began = time.monotonic()
     assert manager.guard_stopped(_record(4242))

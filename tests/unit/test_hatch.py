@@ -8,51 +8,51 @@ import re
 
 from fwsafe.backends.iptsave import parse_ruleset
 from fwsafe.context import RUN
-from fwsafe.guard import hatch
+from fwsafe.guard import hatch, hatch_chains, hatch_change, hatch_spec, hatch_sync
 from fwsafe.ondisk import hatch_rules as hatch_text
 from tests.rulesets import BASELINE_V4, DROP_NEW_SSH
 
-SPEC = hatch.Spec("20261206T120000Z-abcd", 1796560000, ("10.0.0.2",), ("fd00::2",), (22, 2222))
+SPEC = hatch_spec.Spec("20261206T120000Z-abcd", 1796560000, ("10.0.0.2",), ("fd00::2",), (22, 2222))
 
 
 def test_spec_tag_names_the_transaction_moment_and_who() -> None:
     assert SPEC.tag.startswith("fwsafe-hatch:20261206T120000Z-abcd:1796560000:")
     assert SPEC.moved(1796560100).tag != SPEC.tag
-    other = hatch.Spec(SPEC.tx, SPEC.opens, ("10.0.0.3",), SPEC.sources6, SPEC.ports)
+    other = hatch_spec.Spec(SPEC.tx, SPEC.opens, ("10.0.0.3",), SPEC.sources6, SPEC.ports)
     assert other.tag != SPEC.tag
 
 
 def test_spec_from_the_plan_opens_at_deadline_plus_grace() -> None:
     plan = {"on": True, "grace": 30, "sources4": ["10.0.0.2"], "sources6": [], "ports": [22]}
-    spec = hatch.spec_for("tx", plan, 1000.2)
+    spec = hatch_spec.spec_for("tx", plan, 1000.2)
     assert spec.opens == 1031 and spec.sources4 == ("10.0.0.2",) and spec.ports == (22,)
-    assert hatch.plan_from_options({"hatch": {"on": False, "why": "off"}}) is None
-    assert hatch.plan_from_options({}) is None
+    assert hatch_spec.plan_from_options({"hatch": {"on": False, "why": "off"}}) is None
+    assert hatch_spec.plan_from_options({}) is None
 
 
 def test_sources_are_split_by_family_and_canonical() -> None:
-    four, six = hatch.split_sources(["10.0.0.2", "::ffff:10.0.0.2", "fd00::2%eth0",
+    four, six = hatch_spec.split_sources(["10.0.0.2", "::ffff:10.0.0.2", "fd00::2%eth0",
                                      "2001:db8::/64", "192.0.2.0/24", "bogus"])
     assert four == ["10.0.0.2", "192.0.2.0/24"]
     assert six == ["fd00::2", "2001:db8::/64"]
 
 
 def test_iptables_rules_both_directions() -> None:
-    inbound = hatch.iptables_rules(SPEC, False, "INPUT")
+    inbound = hatch_spec.iptables_rules(SPEC, False, "INPUT")
     assert inbound == ['-s 10.0.0.2 -p tcp -m multiport --dports 22,2222 -m time --datestart '
                        f'2026-12-06T12:26:40 -m comment --comment "{SPEC.tag}" -j ACCEPT']
-    outbound = hatch.iptables_rules(SPEC, True, "OUTPUT")
+    outbound = hatch_spec.iptables_rules(SPEC, True, "OUTPUT")
     assert outbound[0].startswith("-d fd00::2 -p tcp -m multiport --sports 22,2222 ")
 
 
 def test_nft_rules_per_family_and_hook() -> None:
-    inet = hatch.nft_rules(SPEC, "inet", "input")
+    inet = hatch_spec.nft_rules(SPEC, "inet", "input")
     assert inet == [
         f'ip saddr {{ 10.0.0.2 }} tcp dport {{ 22, 2222 }} meta time >= 1796560000 accept '
         f'comment "{SPEC.tag}"',
         f'ip6 saddr {{ fd00::2 }} tcp dport {{ 22, 2222 }} meta time >= 1796560000 accept '
         f'comment "{SPEC.tag}"']
-    assert hatch.nft_rules(SPEC, "ip", "output") == [
+    assert hatch_spec.nft_rules(SPEC, "ip", "output") == [
         f'ip daddr {{ 10.0.0.2 }} tcp sport {{ 22, 2222 }} meta time >= 1796560000 accept '
         f'comment "{SPEC.tag}"']
 
@@ -100,14 +100,14 @@ def test_strip_hides_exactly_the_hatch() -> None:
 
 
 def test_with_iptables_change_puts_it_on_top_of_the_dropping_chains() -> None:
-    payload = hatch.with_iptables_change(DROP_NEW_SSH.encode(), SPEC, False).decode()
+    payload = hatch_change.with_iptables_change(DROP_NEW_SSH.encode(), SPEC, False).decode()
     lines = payload.splitlines()
     commit = lines.index("COMMIT")
     assert lines[commit - 1].startswith("-I INPUT 1 -s 10.0.0.2 ")
     assert not any(line.startswith("-I OUTPUT") for line in lines)   # nothing can drop there
     table = parse_ruleset(payload)["filter"]
     assert table.chains["INPUT"].rules[-1].startswith("-I INPUT 1")
-    assert hatch.with_iptables_change(DROP_NEW_SSH.encode(), hatch.Spec("t", 1), False) == \
+    assert hatch_change.with_iptables_change(DROP_NEW_SSH.encode(), hatch_spec.Spec("t", 1), False) == \
         DROP_NEW_SSH.encode()   # no source of the family: no hatch
 
 
@@ -115,7 +115,7 @@ def test_with_iptables_change_covers_raw_mangle_and_drop_policies() -> None:
     payload = ("*raw\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
                "-A PREROUTING -p tcp --dport 22 -j DROP\nCOMMIT\n"
                "*filter\n:INPUT DROP [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT DROP [0:0]\nCOMMIT\n")
-    out = hatch.with_iptables_change(payload.encode(), SPEC, True).decode()
+    out = hatch_change.with_iptables_change(payload.encode(), SPEC, True).decode()
     inserted = [line.split()[1] for line in out.splitlines() if line.startswith("-I ")]
     assert inserted == ["PREROUTING", "INPUT", "OUTPUT"]
 
@@ -136,42 +136,42 @@ add chain ip extra nat { type nat hook postrouting priority 100; }
 
 
 def test_nft_declared_base_chains() -> None:
-    assert hatch.nft_declared_base_chains(NFT_CHANGE) == [
+    assert hatch_chains.nft_declared_base_chains(NFT_CHANGE) == [
         ("inet", "lockout", "input", "filter", "input"),
         ("ip", "extra", "out", "filter", "output"),
         ("ip", "extra", "nat", "nat", "postrouting")]
 
 
 def test_with_nft_change_inserts_into_the_base_chains_after_it() -> None:
-    script = hatch.with_nft_change(NFT_CHANGE.encode(), SPEC, NFT.encode()).decode()
+    script = hatch_change.with_nft_change(NFT_CHANGE.encode(), SPEC, NFT.encode()).decode()
     added = [line for line in script.splitlines() if line.startswith("insert rule")]
     assert [" ".join(line.split()[2:5]) for line in added] == [
         "inet lockout input", "inet lockout input", "ip extra out"]   # not the nat chain
     assert not any("inet fw" in line for line in added)   # flush ruleset: it is gone
-    kept = hatch.with_nft_change(b"add rule inet fw input tcp dport 81 drop\n", SPEC,
+    kept = hatch_change.with_nft_change(b"add rule inet fw input tcp dport 81 drop\n", SPEC,
                                  NFT.encode()).decode()
     assert "insert rule inet fw input ip saddr" in kept   # the live base chain stays
 
 
 def test_plan_layer_iptables_moves_and_removes() -> None:
-    chains = hatch.parse_iptables(SAVED, "ipv4")
+    chains = hatch_chains.parse_iptables(SAVED, "ipv4")
     assert [c.name for c in chains] == ["INPUT", "OUTPUT"]
-    assert hatch.plan_layer("ipv4", chains, SPEC.moved(SPEC.opens)) == ""   # where it belongs
-    moved = hatch.plan_layer("ipv4", chains, SPEC.moved(SPEC.opens + 60))
+    assert hatch_sync.plan_layer("ipv4", chains, SPEC.moved(SPEC.opens)) == ""   # where it belongs
+    moved = hatch_sync.plan_layer("ipv4", chains, SPEC.moved(SPEC.opens + 60))
     assert moved.splitlines()[0] == "*filter"
     assert moved.splitlines()[1].startswith("-D INPUT -s 10.0.0.2/32 ")
     assert moved.splitlines()[2].startswith("-I INPUT 1 -s 10.0.0.2 ")
-    removed = hatch.plan_layer("ipv4", chains, None)
+    removed = hatch_sync.plan_layer("ipv4", chains, None)
     assert re.fullmatch(r"\*filter\n-D INPUT [^\n]+\nCOMMIT\n", removed)
 
 
 def test_plan_layer_nft_by_handle() -> None:
-    chains = hatch.parse_nft(NFT)
+    chains = hatch_chains.parse_nft(NFT)
     assert [(c.name, c.hook, c.policy) for c in chains] == [("input", "input", "drop"),
                                                            ("helper", "", "accept")]
-    removed = hatch.plan_layer("nft", chains, None)
+    removed = hatch_sync.plan_layer("nft", chains, None)
     assert removed == "delete rule inet fw input handle 7\n"
-    wanted = hatch.plan_layer("nft", chains, SPEC)
+    wanted = hatch_sync.plan_layer("nft", chains, SPEC)
     assert wanted.startswith("delete rule inet fw input handle 7\n")
     assert wanted.count("insert rule inet fw input ") == 2   # ip and ip6: an inet chain
 

@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from fwsafe.backends import iptsave
 from fwsafe.check.ipt_lines import map_iptables_file
 from fwsafe.check.prune import AddressSet, prune_iptables
-from fwsafe.guard import hatch
+from fwsafe.guard import hatch_chains, hatch_change, hatch_spec, hatch_sync
 
-SPEC = hatch.Spec("20261206T120000Z-abcd", 1796560000, ("10.0.0.2",), ("fd00::2",), (22, 2222))
+SPEC = hatch_spec.Spec("20261206T120000Z-abcd", 1796560000, ("10.0.0.2",), ("fd00::2",), (22, 2222))
 
 LINES = ["*filter", "*nat", "*raw", " *mangle", "*security", "COMMIT", " COMMIT ", "", "  ",
          "# a comment", "# Table `x' is incompatible, use 'nft' tool.", ":INPUT ACCEPT [0:0]",
@@ -108,7 +108,7 @@ def old_commits(text: str) -> int:
 
 def old_block_chains(lines: list[str]) -> list[str]:
     table = lines[0][1:].strip()
-    relevant = hatch.IPTABLES_CHAINS.get(table, ())
+    relevant = hatch_spec.IPTABLES_CHAINS.get(table, ())
     dropping: list[str] = []
     for line in lines[1:]:
         if line.startswith(":"):
@@ -122,7 +122,7 @@ def old_block_chains(lines: list[str]) -> list[str]:
     return [c for c in relevant if c in dropping]
 
 
-def old_with_iptables_change(payload: bytes, spec: hatch.Spec, v6: bool) -> bytes:
+def old_with_iptables_change(payload: bytes, spec: hatch_spec.Spec, v6: bool) -> bytes:
     if not spec.sources(v6):
         return payload
     out: list[str] = []
@@ -134,7 +134,7 @@ def old_with_iptables_change(payload: bytes, spec: hatch.Spec, v6: bool) -> byte
         elif block is not None and stripped == "COMMIT":
             for chain in old_block_chains(block):
                 out += [f"-I {chain} 1 {rule}"
-                        for rule in reversed(hatch.iptables_rules(spec, v6, chain))]
+                        for rule in reversed(hatch_spec.iptables_rules(spec, v6, chain))]
             block = None
         elif block is not None and stripped and not stripped.startswith("#"):
             block.append(stripped)
@@ -142,17 +142,17 @@ def old_with_iptables_change(payload: bytes, spec: hatch.Spec, v6: bool) -> byte
     return ("\n".join(out) + "\n").encode()
 
 
-def old_parse_iptables(text: str, layer: str) -> list[hatch.Chain]:
-    chains: dict[tuple[str, str], hatch.Chain] = {}
+def old_parse_iptables(text: str, layer: str) -> list[hatch_chains.Chain]:
+    chains: dict[tuple[str, str], hatch_chains.Chain] = {}
     table = ""
     for raw in text.splitlines():
         line = raw.strip()
         if line.startswith("*"):
             table = line[1:]
-        elif line.startswith(":") and table in hatch.IPTABLES_CHAINS:
+        elif line.startswith(":") and table in hatch_spec.IPTABLES_CHAINS:
             parts = line[1:].split()
-            if parts[0] in hatch.IPTABLES_CHAINS[table]:
-                chains[(table, parts[0])] = hatch.Chain(
+            if parts[0] in hatch_spec.IPTABLES_CHAINS[table]:
+                chains[(table, parts[0])] = hatch_chains.Chain(
                     layer, table, parts[0], hook=parts[0].lower(),
                     policy=parts[1] if len(parts) > 1 else "-")
         elif line.startswith("-A "):
@@ -164,12 +164,12 @@ def old_parse_iptables(text: str, layer: str) -> list[hatch.Chain]:
     return list(chains.values())
 
 
-def old_plan_iptables(chains: list[hatch.Chain], spec: hatch.Spec | None) -> str:
+def old_plan_iptables(chains: list[hatch_chains.Chain], spec: hatch_spec.Spec | None) -> str:
     tag = spec.tag if spec is not None else ""
     tables: dict[str, list[str]] = {}
     for chain in chains:
-        wanted = hatch._wanted(chain, spec, "ipv4")
-        if hatch._in_place(chain, wanted, tag):
+        wanted = hatch_sync._wanted(chain, spec, "ipv4")
+        if hatch_sync._in_place(chain, wanted, tag):
             continue
         block = tables.setdefault(chain.table, [])
         block += [f"-D {chain.name} {chain.rules[i]}" for i in chain.hatch_positions()]
@@ -207,27 +207,27 @@ def test_table_count_as_before(text: str) -> None:
 @given(HATCH_FILES, st.booleans())
 def test_hatch_payload_byte_identical(text: str, v6: bool) -> None:
     for payload in (text, text + "\n", text.replace("\n", "\r\n")):
-        assert hatch.with_iptables_change(payload.encode(), SPEC, v6) == \
+        assert hatch_change.with_iptables_change(payload.encode(), SPEC, v6) == \
             old_with_iptables_change(payload.encode(), SPEC, v6)
 
 
 @settings(max_examples=300, deadline=None)
 @given(SAVED, st.sampled_from([SPEC, None, SPEC.moved(SPEC.opens + 60)]))
-def test_hatch_reads_and_writes_tables_as_before(text: str, spec: hatch.Spec | None) -> None:
+def test_hatch_reads_and_writes_tables_as_before(text: str, spec: hatch_spec.Spec | None) -> None:
     # as iptables-save prints it once loaded: the hatch's rules appended (-A) to the chains
-    with_hatch = re.sub(r"^-I (\S+) 1 ", r"-A \1 ", hatch.with_iptables_change(
+    with_hatch = re.sub(r"^-I (\S+) 1 ", r"-A \1 ", hatch_change.with_iptables_change(
         text.encode(), SPEC, False).decode(), flags=re.M)
     for saved in (text, with_hatch):
-        chains = hatch.parse_iptables(saved, "ipv4")
+        chains = hatch_chains.parse_iptables(saved, "ipv4")
         assert chains == old_parse_iptables(saved, "ipv4")
-        assert hatch.plan_layer("ipv4", chains, spec) == old_plan_iptables(chains, spec)
+        assert hatch_sync.plan_layer("ipv4", chains, spec) == old_plan_iptables(chains, spec)
 
 
 def test_hatch_goes_in_a_chain_whose_rules_carry_counters() -> None:
     """A change saved with `iptables-save -c`: iptables-restore loads its rules (counters
     skipped), so a chain with policy ACCEPT and counted rules can drop: the hatch goes in."""
     payload = b"*filter\n:INPUT ACCEPT [0:0]\n[5:100] -A INPUT -p tcp --dport 22 -j DROP\nCOMMIT\n"
-    out = hatch.with_iptables_change(payload, SPEC, False).decode().splitlines()
+    out = hatch_change.with_iptables_change(payload, SPEC, False).decode().splitlines()
     assert out[:3] == payload.decode().splitlines()[:3] and out[-1] == "COMMIT"
     assert [line.split()[:3] for line in out[3:-1]] == [["-I", "INPUT", "1"]]
 

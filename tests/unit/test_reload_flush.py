@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fwsafe.backends import firewalld_layer, nflist
+from fwsafe.backends import firewalld_layer, firewalld_settle, nflist
 from fwsafe.backends.base import MERGE, Layer, RetryLog
 from fwsafe.backends.iptables import three_way_undo
 from fwsafe.backends.iptsave import parse_ruleset
@@ -44,7 +44,7 @@ class Clock:
 def test_others_are_done_once_the_generation_stood_still_long_enough() -> None:
     # Docker's burst: a commit every poll for 10 polls (0.5 s), then nothing
     clock = Clock([5, *range(6, 16)])
-    quiet, commits = firewalld_layer.wait_quiet(clock.generation, quiet=1.0, limit=6.0,
+    quiet, commits = firewalld_settle.wait_quiet(clock.generation, quiet=1.0, limit=6.0,
                                                 clock=clock.time, sleep=clock.sleep)
     assert (quiet, commits) == (True, 10)
     assert 1.5 <= clock.now <= 1.6   # the burst, then one quiet second
@@ -52,7 +52,7 @@ def test_others_are_done_once_the_generation_stood_still_long_enough() -> None:
 
 def test_the_wait_ends_at_its_limit_when_someone_commits_all_the_time() -> None:
     clock = Clock(range(1000))
-    quiet, commits = firewalld_layer.wait_quiet(clock.generation, quiet=1.0, limit=2.0,
+    quiet, commits = firewalld_settle.wait_quiet(clock.generation, quiet=1.0, limit=2.0,
                                                 clock=clock.time, sleep=clock.sleep)
     assert not quiet and commits > 30
     assert clock.now <= 2.1
@@ -60,7 +60,7 @@ def test_the_wait_ends_at_its_limit_when_someone_commits_all_the_time() -> None:
 
 def test_no_wait_when_the_generation_cannot_be_read() -> None:
     clock = Clock([None])
-    assert firewalld_layer.wait_quiet(clock.generation, clock=clock.time,
+    assert firewalld_settle.wait_quiet(clock.generation, clock=clock.time,
                                       sleep=clock.sleep) == (False, 0)
     assert clock.now == 0.0
 

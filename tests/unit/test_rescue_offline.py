@@ -23,6 +23,7 @@ from fwsafe.errors import ExitCode
 from fwsafe.ondisk import boot
 from fwsafe.ondisk.ufw_files import capture_ufw_files
 from fwsafe.persistence import known_good
+from fwsafe.rescue import rescue_plan, rescue_zipapp
 from fwsafe.rescue import tool as rescue
 
 GOOD_V4 = (
@@ -211,8 +212,8 @@ def test_disable_firewall(tmp_path: Path) -> None:
     assert "ENABLED=no\n" in conf and "ENABLED=yes" not in conf and "LOGLEVEL=low" in conf
     for name in ("rules.v4", "rules.v6"):
         text = (root / "etc/iptables" / name).read_text()
-        assert text == rescue.ACCEPT_ALL_IPTABLES
-    assert (root / "etc/nftables.conf").read_text() == rescue.ACCEPT_ALL_NFT
+        assert text == rescue_plan.ACCEPT_ALL_IPTABLES
+    assert (root / "etc/nftables.conf").read_text() == rescue_plan.ACCEPT_ALL_NFT
     assert (root / "etc/nftables.conf").stat().st_mode & 0o777 == 0o755
     assert "WITHOUT a firewall" in result.stdout
     assert run_rescue("--root", str(root), "--disable-firewall", "--to", "x").returncode == 2
@@ -297,7 +298,8 @@ def test_zipapp_with_a_bare_python(tmp_path: Path) -> None:
         "fwsafe/ondisk/atomic_files.py", "fwsafe/ondisk/boot.py", "fwsafe/ondisk/firewalld_files.py",
         "fwsafe/ondisk/history_format.py", "fwsafe/ondisk/iptsave_lines.py",
         "fwsafe/ondisk/nft_text.py", "fwsafe/ondisk/sshd_files.py", "fwsafe/ondisk/ufw_files.py",
-        "fwsafe/rescue/__init__.py", "fwsafe/rescue/tool.py"]
+        "fwsafe/rescue/__init__.py", "fwsafe/rescue/rescue_plan.py", "fwsafe/rescue/rescue_write.py",
+        "fwsafe/rescue/rescue_zipapp.py", "fwsafe/rescue/tool.py"]
     assert stat.S_IMODE(pyz.stat().st_mode) == 0o755
     root = server_root(tmp_path)
     pythons = [sys.executable] + [p for p in (os.path.expanduser("~/.pyenv/versions/3.9.18/bin/python3"),
@@ -320,7 +322,7 @@ def _module_name(bundled: str) -> str:
     return name[:-len(".__init__")] if name.endswith(".__init__") else name
 
 
-@pytest.mark.parametrize("module", rescue.ZIPAPP_MODULES)
+@pytest.mark.parametrize("module", rescue_zipapp.ZIPAPP_MODULES)
 def test_rescue_modules_use_the_standard_library_only(module: str) -> None:
     """Every module the zipapp bundles imports the standard library and bundled modules only
     (so that the zipapp runs under `python3 -I -S`, and nothing it needs is left out)."""
@@ -333,7 +335,7 @@ def test_rescue_modules_use_the_standard_library_only(module: str) -> None:
             imported.add(node.module if node.module.startswith("fwsafe") else
                          node.module.split(".")[0])
     fwsafe_mods = {m for m in imported if m.startswith("fwsafe")}
-    assert fwsafe_mods <= {_module_name(m) for m in rescue.ZIPAPP_MODULES}, fwsafe_mods
+    assert fwsafe_mods <= {_module_name(m) for m in rescue_zipapp.ZIPAPP_MODULES}, fwsafe_mods
     others = imported - fwsafe_mods - {"__future__"}
     assert all(m in sys.stdlib_module_names for m in others), others
     assert "subprocess" not in imported   # the rescue never runs a netfilter tool

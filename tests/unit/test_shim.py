@@ -99,17 +99,17 @@ def test_the_firewalld_layer_calls_the_real_firewall_cmd_where_the_shim_is(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Behind the shim (a shell script) the layer still reads firewalld's model in
     firewall-cmd's own Python, in one process: it finds the diverted real command."""
-    from fwsafe.backends import firewalld_layer
+    from fwsafe.backends import firewalld_client
 
     tool = tmp_path / "firewall-cmd"
     tool.write_text("#!/usr/bin/python3 -s\nprint('real')\n")
     tool.chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert firewalld_layer.firewall_cmd_path() == str(tool)
+    assert firewalld_client.firewall_cmd_path() == str(tool)
     os.rename(tool, str(tool) + command_shims.REAL_SUFFIX)
     real = str(tool) + command_shims.REAL_SUFFIX
     tool.write_text(command_shims.script_text("firewall-cmd", real, "/nowhere"))
     tool.chmod(0o755)
-    found = firewalld_layer.firewall_cmd_path()
+    found = firewalld_client.firewall_cmd_path()
     assert found == str(tool) + command_shims.REAL_SUFFIX
-    assert firewalld_layer._interpreter_of(found) == "/usr/bin/python3"   # noqa: SLF001
+    assert firewalld_client._interpreter_of(found) == "/usr/bin/python3"   # noqa: SLF001

@@ -1,0 +1,55 @@
+"""What the guard asks of its host: whether systemd is shutting the machine down (a SIGTERM
+then is a shutdown, not a revert asked for), and its shield from the OOM killer.
+
+Imported by the guard process: it keeps its imports small.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from fwsafe.guard.spawn import systemd_is_init
+
+OOM_SHIELD = -1000
+
+
+SHUTDOWN_TARGETS = ("shutdown.target", "reboot.target", "poweroff.target", "halt.target",
+                    "kexec.target", "final.target")
+
+
+def _systemctl(*args: str) -> str:
+    try:
+        return subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=10,
+                              check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def system_stopping() -> bool:
+    """True while systemd is shutting the machine down (or rebooting it): the manager says
+    `stopping`, or a shutdown target is queued or starting."""
+    if not systemd_is_init():
+        return False
+    if _systemctl("is-system-running").strip() == "stopping":
+        return True
+    jobs = _systemctl("list-jobs", "--no-legend", "--no-pager")
+    return any(target in jobs for target in SHUTDOWN_TARGETS)
+
+
+def set_oom_shield(value: int = OOM_SHIELD) -> tuple[bool, str | None]:
+    """Lower our oom_score_adj; children inherit it. Returns (shielded, why not)."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as handle:
+            handle.write(str(value))
+    except OSError as exc:
+        return False, f"cannot set oom_score_adj to {value}: {exc.strerror} (needs CAP_SYS_RESOURCE)"
+    try:
+        current = int(Path("/proc/self/oom_score_adj").read_text().strip())
+    except (OSError, ValueError) as exc:
+        return False, f"cannot read oom_score_adj back: {exc}"
+    if current != value:
+        return False, f"oom_score_adj is {current}, not {value}"
+    return True, None
+
+
