@@ -35,7 +35,6 @@ Left-out lines are blanked, not removed: line numbers, and so the naming of culp
 
 from __future__ import annotations
 
-import bisect
 import functools
 import ipaddress
 import re
@@ -47,14 +46,16 @@ from typing import Any, NamedTuple, TypeVar
 
 from fwsafe.backends import NFT_TABLES, RULES_FILE, iptsave, layer_has
 from fwsafe.backends.families import FAMILIES
+from fwsafe.check.address_set import (
+    V4_NETWORK,
+    AddressSet,
+    Option,
+    address_span,
+    option_ranges,
+    v4_range,
+)
 
 __all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses", "warm"]
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-#: Always in the set: what a namespace's own stack may send or receive by itself.
-_ALWAYS = ("127.0.0.0/8", "0.0.0.0/32", "255.255.255.255/32", "224.0.0.0/4", "::1/128",
-           "::/128", "fe80::/10", "ff00::/8")
 
 _IPT_ADDRESS = re.compile(r"(?:^|\s)(!\s+)?(-s|--source|--src|-d|--destination|--dst)\s+(\S+)")
 _IPT_NAT = re.compile(r"--to-destination|--to-source|--to\s|\bNETMAP\b|\bTPROXY\b|--on-ip")
@@ -66,108 +67,6 @@ _NFT_CHAIN = re.compile(r"^\s*chain\s+\S+\s*\{\s*$")
 _NFT_SIMPLE_LINE = re.compile(r"[ \t]*ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+)(?:/(\d+))? "
                               r"([^{}\";\\#\n]*[^{}\";\\#\s])")
 _NFT_SLOW = re.compile(r"\bip6?\s+[sd]addr\b|[\\;\"#{}]")
-
-
-_V4 = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?$")
-
-
-@dataclass
-class AddressSet:
-    """Every address a packet in the sandbox may carry."""
-
-    networks: list[Network] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
-        for net in self.networks:
-            spans[net.version].append((int(net.network_address), int(net.broadcast_address)))
-        # Per family, the spans merged and sorted: (starts, ends), for a bisection (asked once
-        # per address option of every rule: 100,000 times for two rulesets of 50,000 rules).
-        self.merged: dict[int, tuple[list[int], list[int]]] = {}
-        for family, found in spans.items():
-            starts: list[int] = []
-            ends: list[int] = []
-            for lo, hi in sorted(found):
-                if ends and lo <= ends[-1] + 1:
-                    ends[-1] = max(ends[-1], hi)
-                else:
-                    starts.append(lo)
-                    ends.append(hi)
-            self.merged[family] = (starts, ends)
-
-    @classmethod
-    def of(cls, addresses: Iterable[str]) -> AddressSet:
-        found = [ipaddress.ip_network(a, strict=False) for a in _ALWAYS]
-        for address in addresses:
-            try:
-                found.append(ipaddress.ip_network(address, strict=False))
-            except ValueError:
-                continue
-        return cls(found)
-
-    def overlaps(self, family: int, ranges: Ranges) -> bool:
-        starts, ends = self.merged[family]
-        for first, last in ranges:
-            # The first span that ends at or after `first` is the only one that can start
-            # before `last` ends (the spans are disjoint and sorted).
-            i = bisect.bisect_left(ends, first)
-            if i < len(ends) and starts[i] <= last:
-                return True
-        return False
-
-    def may_match(self, options: tuple[Option, ...]) -> bool:
-        """Whether a rule with these address options (all must match) may match a packet."""
-        for option in options:  # noqa: SIM110 - no generator per call: 100,000 calls
-            if option is not None and not self.overlaps(option[0], option[1]):
-                return False
-        return True
-
-    def meets(self, value: str, family: int) -> bool:
-        """Whether the option value (``a``, ``a/n``, ``a/mask``, comma-separated) may match an
-        address of the set; True when it cannot be read."""
-        ranges = _ranges(value, family)
-        return ranges is None or self.overlaps(family, ranges)
-
-
-Ranges = tuple[tuple[int, int], ...]      # (first, last) of each address of one option
-Option = tuple[int, Ranges] | None        # (family, ranges); None: unreadable, may match
-
-
-def _v4_range(a: str, b: str, c: str, d: str, prefix: str | None) -> tuple[int, int] | None:
-    """(first, last) of the IPv4 network a.b.c.d/prefix (digits as matched); None if invalid.
-    (Called once per rule of a large ruleset: plain arithmetic, no list.)"""
-    w, x, y, z = int(a), int(b), int(c), int(d)
-    bits = 32 if prefix is None else int(prefix)
-    if w > 255 or x > 255 or y > 255 or z > 255 or bits > 32:
-        return None
-    host = (1 << (32 - bits)) - 1
-    first = ((w << 24) | (x << 16) | (y << 8) | z) & (0xFFFFFFFF ^ host)
-    return first, first | host
-
-
-def _span(item: str) -> tuple[int, int, int] | None:
-    """(family, first, last) of an address or network; None if it is not one."""
-    m = _V4.match(item)
-    if m:
-        found = _v4_range(*m.group(1, 2, 3, 4, 5))
-        return (4, *found) if found is not None else None
-    try:
-        net = ipaddress.ip_network(item, strict=False)
-    except ValueError:
-        return None
-    return net.version, int(net.network_address), int(net.broadcast_address)
-
-
-def _ranges(value: str, family: int) -> Ranges | None:
-    """The ranges of a comma-separated option value; None if any part cannot be read (a host
-    name, a range, a set, a variable) or is of another family."""
-    found = []
-    for item in value.split(","):
-        span = _span(item)
-        if span is None or span[0] != family:
-            return None
-        found.append((span[1], span[2]))
-    return tuple(found)
 
 
 class _Rule(NamedTuple):
@@ -362,7 +261,7 @@ def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptA
         fast = _IPT_FAST_V4.fullmatch(body) if family == 4 else None
         if fast is not None and not _IPT_SLOW.search(fast.group(7)):
             # "-A C -s a.b.c.d/n REST", iptables-save's own order: most rules of a large set
-            span = _v4_range(*fast.group(2, 3, 4, 5, 6))
+            span = v4_range(*fast.group(2, 3, 4, 5, 6))
             if span is not None:
                 rest = " -s *" + fast.group(7)
                 at = rest.find(" -j ")
@@ -448,7 +347,7 @@ def _ipt_parse(body: str, family: int) -> tuple[str, str, tuple[Option, ...], li
     if "-s" in rest or "-d" in rest:
         def mask(m: re.Match[str]) -> str:
             if m.group(1) is None:   # not negated
-                ranges = _ranges(m.group(3), family)
+                ranges = option_ranges(m.group(3), family)
                 if ranges is not None:
                     options.append((family, ranges))
             return f" {m.group(1) or ''}{m.group(2)} *"
@@ -480,8 +379,8 @@ def _nat_targets(rest: str, family: int) -> tuple[str, ...] | None:
         if not address:
             continue                            # a port only: the address stays
         first, _, last = address.partition("-")
-        if not last and _V4.match(first):
-            if _span(first) is None:
+        if not last and V4_NETWORK.match(first):
+            if address_span(first) is None:
                 return None
             found.append(first)
             continue
@@ -551,7 +450,7 @@ def _nft_rules(lines: list[str]) -> list[_Rule]:
             if m is not None:
                 way, a, b, c, d, prefix, rest = m.groups()
                 if not _NFT_SLOW.search(rest):
-                    span = _v4_range(a, b, c, d, prefix)
+                    span = v4_range(a, b, c, d, prefix)
                     if span is not None:
                         found.append(_Rule(i, _NUMBER.sub("#", f"ip {way} * {rest}"),
                                            ((4, (span,)),)))
@@ -584,7 +483,7 @@ def _nft_rule(index: int, rule: str) -> _Rule | None:
         if value in ("!=", "==", "ne", "eq") or value.startswith(("@", "$")):
             continue
         family = 6 if m.group(1) == "ip6" else 4
-        ranges = _ranges(value, family)
+        ranges = option_ranges(value, family)
         if ranges is not None:
             options.append((family, ranges))
     if not options:
