@@ -13,7 +13,6 @@ import os
 import shlex
 import subprocess
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -140,10 +139,6 @@ def _interpreter_of(tool: str | None) -> str | None:
     if words[0].endswith("/env"):
         return find_binary(words[1]) if len(words) > 1 else None
     return words[0]
-
-
-def is_firewall_cmd(argv: Sequence[str]) -> bool:
-    return bool(argv) and os.path.basename(argv[0]) == FIREWALL_CMD
 
 
 def firewall_cmd_path() -> str | None:

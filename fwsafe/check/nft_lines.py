@@ -14,6 +14,7 @@ from fwsafe.check.nft_listing import ChainKey
 NFT_FAMILIES = frozenset({"ip", "ip6", "inet", "arp", "bridge", "netdev"})
 _CHAIN_PROPERTIES = frozenset({"type", "policy", "comment", "devices", "priority", "hook"})
 
+
 @dataclass(frozen=True)
 class NftFileRule:
     chain: ChainKey

@@ -16,6 +16,7 @@ from fwsafe.core.transaction import Record
 # The sandbox and the analysis are heavy to import (and the guard keeps its imports small):
 # they are imported in the functions that use them ("heavy: only when used" below).
 
+
 def access_check(record: Record) -> Access | None:
     """The lockout check's kernel verdict on the live firewall, for the SSH clients that the
     check before the change let in (`record.options["check"]`); None when none is known."""

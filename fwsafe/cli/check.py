@@ -38,6 +38,7 @@ from fwsafe.errors import LockoutPredicted, RejectedError, UsageError
 if TYPE_CHECKING:
     from fwsafe.audit.audit_report import ExposureChange
 
+
 @click.command(name="check", cls=SeparatorCommand, epilog=EXIT_CODES_EPILOG)
 @click.argument("rules", nargs=-1, metavar="RULES... | -- COMMAND...")
 @rules6_option

@@ -73,6 +73,7 @@ DEFAULT_HATCH_GRACE = 30.0
 DEFAULT_EXPECTED_OPEN: tuple[str, ...] = ("22/tcp",)
 _OPEN_PORT_RE = re.compile(r"^(\d{1,5})(?:-(\d{1,5}))?/(tcp|udp)$")
 
+
 @dataclass(frozen=True)
 class HostTarget:
     """Where to connect: the result of `Config.resolve_host`.  Paths have ``~`` expanded.

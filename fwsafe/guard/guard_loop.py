@@ -20,6 +20,7 @@ from fwsafe.guard.requests import serve_one
 if TYPE_CHECKING:
     from fwsafe.guard.process import Guard
 
+
 class Loop:
     """The guard's loop: wait, revert, clean up, answer requests meanwhile. It never ends
     while the transaction is open: every exception is logged and the step tried again with

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from fwsafe.backends import iptsave
 from fwsafe.guard.hatch_spec import IPTABLES_CHAINS
 from fwsafe.ondisk.hatch_rules import MARK
+from fwsafe.ondisk.nft_text import CHAIN_LINE, TABLE_LINE
 
-_NFT_TABLE = re.compile(r"^\s*(?:add\s+|create\s+)?table\s+(\S+)\s+([^\s{]+)\s*\{?", re.M)
 _NFT_BASE_CHAIN = re.compile(r"type\s+(\w+)\s+hook\s+(\w+)")
 
 
@@ -95,8 +95,6 @@ def parse_iptables(text: str, layer: str) -> list[Chain]:
     return list(chains.values())
 
 
-_NFT_TABLE_LINE = re.compile(r"^table (\S+) (\S+) \{")
-_NFT_CHAIN_LINE = re.compile(r"^\tchain (\S+) \{")
 _NFT_HANDLE = re.compile(r" # handle (\d+)$")
 _NFT_POLICY = re.compile(r"policy (\w+);")
 _NFT_TABLE_FLAGS = re.compile(r"^\tflags (\S+)")
@@ -112,7 +110,7 @@ def parse_nft(listing: str) -> list[Chain]:
     current: Chain | None = None
     for raw in listing.splitlines():
         line = raw.rstrip()
-        opened = _NFT_TABLE_LINE.match(line)
+        opened = TABLE_LINE.match(line)
         if opened:
             family, table, current, owned = opened.group(1), opened.group(2), None, False
             continue
@@ -120,7 +118,7 @@ def parse_nft(listing: str) -> list[Chain]:
         if flags and current is None:
             owned = "owner" in flags.group(1).split(",")
             continue
-        chain = _NFT_CHAIN_LINE.match(line)
+        chain = CHAIN_LINE.match(line)
         if chain:
             current = Chain(family, table, chain.group(1), owned=owned)
             chains.append(current)

@@ -28,6 +28,7 @@ def is_bridge(family: str, table: str) -> bool:
     """The lo bridge's table (nobody's rules: never captured, compared or loaded back)."""
     return family == BRIDGE_FAMILY and table == BRIDGE_TABLE
 
+
 def strip(data: bytes) -> bytes:
     """An iptables-save or nft listing without the hatch's rules (as if it were not loaded)."""
     if _MARK_BYTES not in data and BRIDGE_TABLE.encode() not in data:

@@ -46,6 +46,7 @@ _COVERED = re.compile(
 # Editors' and package managers' leftovers in applications.d are not profiles of the system.
 _IGNORED_SUFFIXES = (BACKUP_SUFFIX, ".dpkg-old", ".dpkg-new", ".dpkg-dist", ".ucf-old", "~")
 
+
 class UfwFilesError(ValueError):
     """A serialised ufw layer that is damaged or names a path outside ufw's files."""
 

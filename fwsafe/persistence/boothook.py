@@ -24,7 +24,7 @@ from pathlib import Path
 
 from fwsafe.ondisk.atomic_files import local_path, write_file_atomically
 from fwsafe.persistence import loginhook
-from fwsafe.rescue.tool import build_zipapp
+from fwsafe.rescue.rescue_zipapp import build_zipapp
 
 UNIT_NAME = "fwsafe-recover.service"
 UNIT_DIR = "/etc/systemd/system"

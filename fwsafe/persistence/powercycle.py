@@ -70,7 +70,8 @@ from fwsafe.ondisk.history_format import (
 )
 from fwsafe.ondisk.ufw_files import capture_ufw_files
 from fwsafe.persistence import known_good, loginhook
-from fwsafe.rescue.tool import plan_restore, write_plan
+from fwsafe.rescue.rescue_plan import plan_restore
+from fwsafe.rescue.rescue_write import write_plan
 
 BOOTS = "boots.json"
 RECOVERY = "power-cycle.json"

@@ -48,15 +48,15 @@ from fwsafe.ondisk.history_format import (
     list_history,
 )
 from fwsafe.ondisk.ufw_files import UfwFilesError
-from fwsafe.rescue.rescue_plan import FileChange, Plan, RescueError, plan_disable, plan_restore
+from fwsafe.rescue.rescue_plan import RescueError, plan_disable, plan_restore
 from fwsafe.rescue.rescue_write import write_plan
 from fwsafe.rescue.rescue_zipapp import build_zipapp
 
-__all__ = ["FileChange", "Plan", "RescueError", "build_zipapp", "main", "plan_disable",
-           "plan_restore", "write_plan"]
+__all__ = ["main"]
 
 DEFAULT_STATE_DIR = "/var/lib/fwsafe"
 _STATE_DIR_KEY = re.compile(r'^\s*state_dir\s*=\s*"([^"]+)"\s*(?:#.*)?$')
+
 
 def configured_state_dir(root: Path) -> str | None:
     """state_dir from ROOT/etc/fwsafe/fwsafe.toml (top-level key), if set."""

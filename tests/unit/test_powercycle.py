@@ -20,7 +20,7 @@ from fwsafe.ondisk.ufw_files import capture_ufw_files, load_ufw_files
 from fwsafe.persistence import known_good, loginhook, powercycle
 from fwsafe.persistence.powercycle import Boot, decide
 from fwsafe.persistence.rollback import rollback_change
-from fwsafe.rescue import tool as rescue_tool
+from fwsafe.rescue import rescue_plan, rescue_write
 
 W = 600.0
 
@@ -216,15 +216,15 @@ def test_the_rescue_plan_puts_sshd_files_back_and_moves_new_drop_ins_aside(
     found, damaged = list_history(state.root)
     entry = find_entry(found, damaged, "last")
     assert entry.id == good.id and "sshd" in entry.layers
-    plan = rescue_tool.plan_restore(entry, root)
+    plan = rescue_plan.plan_restore(entry, root)
     assert sorted((c.server_path, c.action) for c in plan.changes) == [
         ("/etc/ssh/sshd_config", "replace"), ("/etc/ssh/sshd_config.d/00-bad.conf", "remove")]
-    rescue_tool.write_plan(plan, root)
+    rescue_write.write_plan(plan, root)
     assert (root / "etc/ssh/sshd_config").read_text() == main
     assert not (drop_ins / "00-bad.conf").exists()
     assert (drop_ins / "00-bad.conf.fwsafe-bak").read_text() == "PermitRootLogin no\n"
     assert (drop_ins / "README").exists() and (drop_ins / "10-keep.conf").exists()
-    assert rescue_tool.plan_restore(entry, root).changes == []
+    assert rescue_plan.plan_restore(entry, root).changes == []
 
 
 def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_none(
@@ -244,11 +244,11 @@ def test_the_rescue_plan_moves_fwsafes_socket_dropin_aside_when_the_entry_had_no
     (sockd / "00-admin.conf").write_text("[Socket]\nBacklog=128\n")
     (sockd / "zz-fwsafe-listen.conf").write_text("[Socket]\nListenStream=\nListenStream=2222\n")
     found, damaged = list_history(state.root)
-    plan = rescue_tool.plan_restore(find_entry(found, damaged, "last"), root)
+    plan = rescue_plan.plan_restore(find_entry(found, damaged, "last"), root)
     assert sorted((c.server_path, c.action) for c in plan.changes) == [
         ("/etc/ssh/sshd_config", "replace"),
         ("/etc/systemd/system/ssh.socket.d/zz-fwsafe-listen.conf", "remove")]
-    rescue_tool.write_plan(plan, root)
+    rescue_write.write_plan(plan, root)
     assert not (sockd / "zz-fwsafe-listen.conf").exists()
     assert (sockd / "00-admin.conf").read_text() == "[Socket]\nBacklog=128\n"
     assert good.id
