@@ -28,11 +28,11 @@ import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from fwsafe.audit.listeners import Listener
 from fwsafe.audit.nat import Entry
-from fwsafe.audit.space import NamedSpace, representative
+from fwsafe.audit.space import NamedSpace, Network, representative
 from fwsafe.check.host import Interface, client_path
 from fwsafe.check.sandbox import LinkPlan
 
@@ -40,7 +40,6 @@ __all__ = ["WORLD", "Plan", "Source", "is_world", "make_plan"]
 
 WORLD = "world"
 _WORLD_BASE = {4: "1.2.3.", 6: "2a00:f00d::"}
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 @dataclass(frozen=True)
@@ -133,7 +132,7 @@ def _usable(address: str) -> bool:
     return not (ip.is_link_local or ip.is_loopback or ip.is_multicast)
 
 
-def _networks(interfaces: Iterable[Interface]) -> list[IPNetwork]:
+def _networks(interfaces: Iterable[Interface]) -> list[Network]:
     return [ipaddress.ip_network(f"{a}/{p}", strict=False)
             for iface in interfaces for a, p, _ in iface.addresses]
 
@@ -146,7 +145,7 @@ def _world_candidates(family: int) -> Iterable[str]:
         yield from (f"{a:x}::77" for a in range(0x2001, 0x4000))
 
 
-def _world_address(family: int, index: int, taken: list[IPNetwork], avoid: str,
+def _world_address(family: int, index: int, taken: list[Network], avoid: str,
                    space: NamedSpace | None = None) -> str | None:
     """The `index`th address standing for the world at large: in no local subnet, named by
     no rule of the current firewall, in no network a rule names (a ban of it would speak for
@@ -166,7 +165,7 @@ def _world_address(family: int, index: int, taken: list[IPNetwork], avoid: str,
     return None
 
 
-def _observer(network: IPNetwork, taken: set[str]) -> str | None:
+def _observer(network: Network, taken: set[str]) -> str | None:
     """An address of `network` that is not this host's (nor a v4 network or broadcast one)."""
     size = network.num_addresses
     offsets = [size - 2, size - 3, 1, 2] if size >= 4 else list(range(size))
@@ -225,7 +224,7 @@ def make_plan(interfaces: dict[str, Interface], avoid: str = "",
 
 
 def _add_named(plan: Plan, space: NamedSpace, interfaces: dict[str, Interface],
-               links: dict[str, LinkPlan], taken_nets: list[IPNetwork], taken: set[str]) -> None:
+               links: dict[str, LinkPlan], taken_nets: list[Network], taken: set[str]) -> None:
     """A source in every network the rules name, arriving where this host routes it."""
     for family in (4, 6):
         if not plan.host_addresses(family):
@@ -250,7 +249,7 @@ def _is_loopback(address: str) -> bool:
 
 
 def _add_world(plan: Plan, family: int, interfaces: dict[str, Interface],
-               links: dict[str, LinkPlan], taken: list[IPNetwork], avoid: str,
+               links: dict[str, LinkPlan], taken: list[Network], avoid: str,
                space: NamedSpace | None) -> None:
     if not any(_family(a) == family for items in plan.addresses.values() for a, _ in items):
         return   # no address of this family to be reached at: nothing to say

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Union
 
-__all__ = ["MAX_CELLS", "PER_SHAPE", "NamedSpace", "idle", "named_space", "representative"]
+__all__ = ["MAX_CELLS", "PER_SHAPE", "NamedSpace", "Network", "idle", "named_space", "representative"]
 
 Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 PER_SHAPE = 2

@@ -32,6 +32,18 @@ from pathlib import Path
 from fwsafe.ondisk.atomic_files import fsync_dir, write_file_atomically
 
 NEW_FILE_MODE = 0o644
+# sshd's socket units (socket activation: Ubuntu 24.04, Debian 13), and fwsafe's own drop-in of
+# each (`sshd set` on a socket-activated sshd): last among the socket's drop-ins, so that its
+# `ListenStream=` reset wins over an `override.conf` that `systemctl edit ssh.socket` wrote
+# (drop-ins apply in file-name order)
+SOCKET_UNITS = ("ssh.socket", "sshd.socket")
+UNIT_DIR = "/etc/systemd/system"
+DROPIN_NAME = "zz-fwsafe-listen.conf"
+
+
+def listen_dropins() -> set[str]:
+    """The paths of fwsafe's drop-in of every sshd socket unit (see DROPIN_NAME)."""
+    return {f"{UNIT_DIR}/{unit}.d/{DROPIN_NAME}" for unit in SOCKET_UNITS}
 
 
 class SshdFilesError(ValueError):

@@ -33,12 +33,11 @@ from fwsafe.ondisk.firewalld_files import (
     without_tables,
 )
 from fwsafe.ondisk.history_format import Entry, HistoryError
-from fwsafe.ondisk.sshd_files import SshdFiles
+from fwsafe.ondisk.sshd_files import SshdFiles, listen_dropins
 from fwsafe.ondisk.sshd_files import load as load_sshd_files
 from fwsafe.ondisk.ufw_files import load_ufw_files, ufw_paths
 
 SSHD_CONFIG = "/etc/ssh/sshd_config"   # the sshd layer of the history is this sshd's
-SSHD_SOCKETS = ("ssh.socket", "sshd.socket")   # its socket units (socket activation)
 
 ACCEPT_ALL_IPTABLES = (
     "# fwsafe rescue --disable-firewall: no filtering (every policy ACCEPT, no rules)\n"
@@ -213,7 +212,7 @@ def _sshd_changes(content: bytes, root: Path) -> list[FileChange]:
         changes.append(FileChange(path, local, "sshd", old, state.content, mode=state.mode))
     # fwsafe's own drop-in for a socket-activated sshd (fwsafe.sshd.socketunit) that the entry
     # did not have: sshd_config goes back to the entry's ports, and so must the socket.
-    own = {f"/etc/systemd/system/{unit}.d/zz-fwsafe-listen.conf" for unit in SSHD_SOCKETS}
+    own = listen_dropins()
     stray = {p for p in own if local_path(root, p).is_file()} if layer.config == SSHD_CONFIG \
         else set()
     for path in sorted((_included_now(layer, root) | stray) - set(layer.files)):

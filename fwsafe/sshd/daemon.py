@@ -29,7 +29,6 @@ from fwsafe.sshd.sshd_config import SSHD_CONFIG, Tree
 DEFAULT_PIDFILE = "/run/sshd.pid"
 RELOAD_WAIT_S = 10.0
 SYSTEMD_UNITS = ("ssh.service", "sshd.service")
-SOCKET_UNITS = ("ssh.socket", "sshd.socket")
 TCP_LISTEN = "0A"
 
 Effective = dict[str, list[str]]

@@ -26,8 +26,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from fwsafe.ondisk.sshd_files import DROPIN_NAME, SOCKET_UNITS, UNIT_DIR
 from fwsafe.sshd.daemon import (
-    SOCKET_UNITS,
     Effective,
     ReloadError,
     active_unit,
@@ -41,10 +41,6 @@ from fwsafe.sshd.ports import WILDCARDS, listen_addresses
 from fwsafe.sshd.sshd_config import SSHD_CONFIG
 
 GENERATOR = "/usr/lib/systemd/system-generators/sshd-socket-generator"
-UNIT_DIR = "/etc/systemd/system"
-# Last among the socket's drop-ins: its `ListenStream=` reset wins over an `override.conf` that
-# `systemctl edit ssh.socket` wrote (drop-ins apply in file-name order).
-DROPIN_NAME = "zz-fwsafe-listen.conf"
 RESTART_WAIT_S = 15.0
 DROPIN_HEADER = (b"# Written by fwsafe (sshd set): where sshd listens, from sshd_config's Port and\n"
                  b"# ListenAddress. fwsafe rewrites it at the next change of those.\n")
