@@ -5,7 +5,7 @@ The phases: :mod:`~fwsafe.audit.listeners` reads the listening sockets from /pro
 holds them); :mod:`~fwsafe.audit.plan` decides who sends from where (the world, each local
 subnet) and to which address; :mod:`~fwsafe.audit.reach` builds the sandbox
 (fwsafe.check.sandbox) with the current firewall (and a candidate on top), mirrors the
-listeners there and sends the packets (:mod:`~fwsafe.audit.audit_agent` runs inside);
+listeners there and sends the packets (:mod:`fwsafe.netns_agent` runs inside);
 :mod:`~fwsafe.audit.findings` (with :mod:`~fwsafe.audit.facts` and
 :mod:`~fwsafe.audit.docker`) says what is wrong; :mod:`~fwsafe.audit.audit_report` holds the answer.
 

@@ -54,7 +54,6 @@ from fwsafe.runner import find_binary, require_binary, run
 
 __all__ = ["CANDIDATE", "CURRENT", "DEFAULT_TIMEOUT", "Reach", "ReachReport", "reachability"]
 
-AGENT = Path(__file__).with_name("audit_agent.py")
 CURRENT, CANDIDATE = "current", "candidate"
 DEFAULT_TIMEOUT = 1.0
 GRACE = 0.15   # s after a probe's packet arrived: its fate is decided in that pass of the kernel,
@@ -254,7 +253,8 @@ class _Rounds:
             addresses: list[str]) -> None:
         problems = {x.key(): self.plan.unplaced(x) for x in listeners}
         try:
-            self.sandbox.build(self.plan.links, self.plan.lo_addresses, agents=(True, AGENT))
+            self.sandbox.build(self.plan.links, self.plan.lo_addresses, agents=True,
+                               client_agent=True)
             # After the build: the pruning analysis may still be running ahead in a thread.
             self.firewall.prune_to(addresses)
             for listener in listeners:

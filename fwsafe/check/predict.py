@@ -49,7 +49,7 @@ from fwsafe.check.host import (
     plan_links,
 )
 from fwsafe.check.loading import SandboxFirewall
-from fwsafe.check.sandbox import AGENT, CHECK_PREFIX, Sandbox, SandboxError
+from fwsafe.check.sandbox import CHECK_PREFIX, Sandbox, SandboxError
 from fwsafe.check.unreproducible import LIMITS
 from fwsafe.core.change import Change, validate_change
 from fwsafe.errors import EnvironmentProblem, FwsafeError, UsageError
@@ -339,8 +339,8 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
         firewall = SandboxFirewall(sandbox, layers, tools, native)
         prober = Prober(firewall, timeout)
         try:
-            sandbox.build(links, lo_addresses,
-                          agents=(any(not p.local for p in testable), AGENT))
+            sandbox.build(links, lo_addresses, agents=True,
+                          client_agent=any(not p.local for p in testable))
             # After the build: the pruning analysis of a large ruleset (fwsafe.check.prune,
             # perhaps still running ahead in a thread) goes on while the namespaces are made.
             firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),

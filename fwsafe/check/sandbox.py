@@ -40,9 +40,9 @@ from fwsafe.check.netns import (
     remove_orphans,
 )
 from fwsafe.errors import EnvironmentProblem
+from fwsafe.netns_agent import AGENT
 from fwsafe.runner import require_binary, run
 
-AGENT = Path(__file__).with_name("sandbox_agent.py")
 TRACE_TABLE = "fwsafe_check_trace"
 CANARY_PORTS = "40000-49999"
 CHECK_PREFIX = "fwck"   # `fwsafe check`, the check before `apply`, the audit
@@ -98,7 +98,8 @@ def _by_source(link: LinkPlan, peer: str, table: int) -> list[str]:
 
 
 class AgentProcess:
-    """The check agent (sandbox_agent.py) running in one namespace; one JSON request and answer per line."""
+    """The sandbox agent (fwsafe/netns_agent/agent.py) running in one namespace; one JSON
+    request and answer per line."""
 
     def __init__(self, argv: list[str], label: str) -> None:
         self.label = label
@@ -268,10 +269,10 @@ class Sandbox:
 
     # -- building ----------------------------------------------------------------------------------
     def build(self, links: list[LinkPlan], lo_addresses: list[str], *,
-              agents: tuple[bool, Path] | None = None) -> None:
+              agents: bool = False, client_agent: bool = False) -> None:
         """Create both namespaces, the veth pairs, addresses, routes and neighbour entries.
-        `agents` (client_side, script): start the agents too, while the links are wired (they
-        start in moments of their own; then they are waited for)."""
+        `agents`: start the agent too (and one on the client side: `client_agent`), while the
+        links are wired (they start in moments of their own; then they are waited for)."""
         self.links = links
         for name in (self.srv, self.cli):
             try:
@@ -281,13 +282,13 @@ class Sandbox:
                     f"cannot create the sandbox network namespace {name}: {exc}",
                     hint="fwsafe check needs root and network namespaces (`ip netns add`)",
                 ) from exc
-        if agents is not None:
-            self.launch_agents(*agents)
+        if agents:
+            self.launch_agents(client_agent)
         try:
             self._wire(links, lo_addresses)
         except NetnsError as exc:
             raise SandboxError(str(exc)) from exc
-        if agents is not None:
+        if agents:
             self.wait_agents()
 
     def _wire(self, links: list[LinkPlan], lo_addresses: list[str]) -> None:
@@ -313,14 +314,14 @@ class Sandbox:
         ns.batch(self.srv, srv_lines)
         ns.batch(self.cli, cli_lines)
 
-    def start_agents(self, client_side: bool, *, script: Path = AGENT) -> None:
-        """An agent in the server namespace (and one in the client's): the check's own, or
-        another `script` speaking the same one-JSON-line protocol (the audit's)."""
-        self.launch_agents(client_side, script)
+    def start_agents(self, client_side: bool) -> None:
+        """The agent in the server namespace (and one in the client's), serving the check's
+        requests and the audit's alike."""
+        self.launch_agents(client_side)
         self.wait_agents()
 
-    def launch_agents(self, client_side: bool, script: Path = AGENT) -> None:
-        argv = [sys.executable, "-I", "-S", str(script)]   # stdlib only: no site (10 ms)
+    def launch_agents(self, client_side: bool) -> None:
+        argv = [sys.executable, "-I", "-S", AGENT]   # stdlib only: no site (10 ms)
         self.srv_agent = AgentProcess(self.in_srv(argv), "server-side")
         if client_side:
             self.cli_agent = AgentProcess(self.in_cli(argv), "client-side")

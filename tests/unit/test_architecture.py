@@ -1,6 +1,6 @@
 """The package's shape: no import cycles, no module reaching into another's private names, the
-core free of the CLI, the rescue tool free of everything but the standard library, and no
-class so large that a newcomer cannot read it."""
+core free of the CLI, the rescue tool and the sandbox agent free of everything but the standard
+library, and no class so large that a newcomer cannot read it."""
 
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def test_no_module_reaches_into_another_modules_private_names() -> None:
                                      "fwsafe.guard", "fwsafe.check", "fwsafe.persistence",
                                      "fwsafe.remote",
                                      "fwsafe.rescue", "fwsafe.ondisk", "fwsafe.lab",
-                                     "fwsafe.audit", "fwsafe.sshd"])
+                                     "fwsafe.audit", "fwsafe.sshd", "fwsafe.netns_agent"])
 def test_nothing_imports_the_cli(package: str) -> None:
     """The CLI is a thin layer that nothing imports (so that the Ansible collection, the lab
     or a script can drive the library)."""
@@ -213,6 +213,26 @@ def test_rescue_and_ondisk_need_only_the_standard_library() -> None:
                 else:
                     top = mod.split(".")[0]
                     assert top in sys.stdlib_module_names or top == "__future__", f"{name}: {mod}"
+
+
+def test_the_sandbox_agent_needs_only_the_standard_library() -> None:
+    """fwsafe.netns_agent runs by path in the sandbox's namespaces (``python3 -I -S``: no site,
+    nothing but the standard library and its own package): it imports nothing else of fwsafe,
+    so that the check and the audit may both start it from below them."""
+    for name, path in MODULES.items():
+        if not name.startswith("fwsafe.netns_agent"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                mods = [resolve(name, node)]
+            else:
+                continue
+            for mod in mods:
+                top = mod.split(".")[0]
+                assert mod.startswith("fwsafe.netns_agent") or top in sys.stdlib_module_names \
+                    or top == "__future__", f"{name}: {mod}"
 
 
 def test_context_needs_only_the_standard_library() -> None:

@@ -1,12 +1,13 @@
-"""What both sandbox agents share (check/sandbox_agent.py, audit/audit_agent.py): the loop
-they serve (say ready, then one JSON request per line on stdin, one JSON answer per line on
-stdout; end of input closes the agent's sockets, so that it never outlives the command that
-started it, even one killed with SIGKILL), their socket helpers and the `sysctl` request.
+"""The sandbox agent's loop (fwsafe/netns_agent/agent.py): say ready, then one JSON request
+per line on stdin, one JSON answer per line on stdout; end of input closes the agent's
+sockets, so that it never outlives the command that started it, even one killed with SIGKILL.
+Beside it the socket helpers both halves of the agent use (:mod:`.echo_paths`, the check's;
+:mod:`.reach_probes`, the audit's) and the `sysctl` request.
 
-Standard library only, like the agents: they are run by path (``python3 -I -S
-sandbox_agent.py``, by ``ip netns exec`` in the sandbox's namespaces: no site, neither their
-folder nor fwsafe on sys.path) and put the folder that holds their fwsafe package on sys.path
-first, before they import this module.
+Standard library only, like the agent: it is run by path (``python3 -I -S agent.py``, by ``ip
+netns exec`` in the sandbox's namespaces: no site, neither its folder nor fwsafe on sys.path)
+and puts the folder that holds its fwsafe package on sys.path first, before it imports this
+module.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The audit's agent (fwsafe/audit/audit_agent.py): its tap reads the probes' packets from raw IPv4
-and IPv6 headers, and a batch of connects is settled without waiting out the timeout for the
-probes the server did not answer (loopback sockets here; the sandbox's tap in the lab tests)."""
+"""The audit's half of the sandbox agent (fwsafe/netns_agent/reach_probes.py): its tap reads
+the probes' packets from raw IPv4 and IPv6 headers, and a batch of connects is settled without
+waiting out the timeout for the probes the server did not answer (loopback sockets here; the
+sandbox's tap in the lab tests)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import socket
 import struct
 import time
 
-from fwsafe.audit import audit_agent
+from fwsafe.netns_agent import reach_probes
 
 
 def ipv4(proto: int, src: str, dst: str, transport: bytes, frag: int = 0) -> bytes:
@@ -30,24 +31,24 @@ def tcp(sport: int, dport: int, flags: int) -> bytes:
 
 def test_a_syn_a_syn_ack_and_a_datagram_are_read_from_their_headers() -> None:
     syn = ipv4(6, "1.2.3.4", "10.0.0.1", tcp(20001, 22, 0x02))
-    assert audit_agent._parse(syn) == ("tcp", "1.2.3.4", 20001, "10.0.0.1", 22, 0x02)
+    assert reach_probes._parse(syn) == ("tcp", "1.2.3.4", 20001, "10.0.0.1", 22, 0x02)
     syn_ack = ipv6(6, "fd00::1", "2a00:f00d::4", tcp(443, 20002, 0x12))
-    assert audit_agent._parse(syn_ack) == ("tcp", "fd00::1", 443, "2a00:f00d::4", 20002, 0x12)
+    assert reach_probes._parse(syn_ack) == ("tcp", "fd00::1", 443, "2a00:f00d::4", 20002, 0x12)
     datagram = ipv4(17, "1.2.3.4", "10.0.0.1", struct.pack("!HHHH", 67, 68, 8, 0))
-    assert audit_agent._parse(datagram) == ("udp", "1.2.3.4", 67, "10.0.0.1", 68, 0)
+    assert reach_probes._parse(datagram) == ("udp", "1.2.3.4", 67, "10.0.0.1", 68, 0)
 
 
 def test_fragments_echoes_and_short_packets_are_not_probes() -> None:
     later = ipv4(6, "1.2.3.4", "10.0.0.1", tcp(1, 2, 0x02), frag=0x0010)
-    assert audit_agent._parse(later) is None
-    assert audit_agent._parse(ipv4(1, "1.2.3.4", "10.0.0.1", b"\x08\x00" + bytes(6))) is None
-    assert audit_agent._parse(b"\x45\x00") is None
+    assert reach_probes._parse(later) is None
+    assert reach_probes._parse(ipv4(1, "1.2.3.4", "10.0.0.1", b"\x08\x00" + bytes(6))) is None
+    assert reach_probes._parse(b"\x45\x00") is None
 
 
 def test_an_icmp_error_names_the_probe_it_quotes() -> None:
     quoted = ipv6(17, "2a00:f00d::4", "fd00::1", struct.pack("!HHHH", 20002, 53, 8, 0))
     error = ipv6(58, "fd00::1", "2a00:f00d::4", bytes([1, 4, 0, 0, 0, 0, 0, 0]) + quoted)
-    assert audit_agent._parse(error) == ("icmp", "2a00:f00d::4", 20002, "fd00::1", 53, 0)
+    assert reach_probes._parse(error) == ("icmp", "2a00:f00d::4", 20002, "fd00::1", 53, 0)
 
 
 class Tap:
@@ -65,7 +66,7 @@ class Tap:
 def test_the_tap_records_probes_in_and_what_left_for_them() -> None:
     """SYNs and datagrams in; SYN-ACKs (reached), RSTs and ICMP errors (refused) out: every
     probe decided, the batch ends at once, without the grace."""
-    a = audit_agent.Agent()
+    a = reach_probes.ProbeTargets()
     udp = struct.pack("!HHHH", 20002, 53, 8, 0)
     quoted = ipv4(17, "1.2.3.4", "10.0.0.1", udp)
     a.tap_socket = Tap([   # type: ignore[assignment]
@@ -90,7 +91,7 @@ def test_the_tap_records_probes_in_and_what_left_for_them() -> None:
 
 
 def test_a_dropped_probe_is_waited_for_the_grace_only() -> None:
-    a = audit_agent.Agent()
+    a = reach_probes.ProbeTargets()
     a.tap_socket = Tap([   # type: ignore[assignment]
         (ipv6(6, "2a00:f00d::4", "fd00::1", tcp(20001, 22, 0x02)), ("eth0", 0x86DD, 0))])
     began = time.monotonic()
@@ -108,7 +109,7 @@ def test_finish_waits_for_the_expected_connects_only() -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port, closed_port = server.getsockname()[1], closed.getsockname()[1]
-    a = audit_agent.Prober()
+    a = reach_probes.Prober()
     started = a.start([
         {"id": "open", "proto": "tcp", "src": "127.0.0.1", "sport": 0, "dst": "127.0.0.1",
          "port": port},

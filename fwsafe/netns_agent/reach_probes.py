@@ -1,41 +1,8 @@
-"""The agent `fwsafe audit` runs in each namespace of the check's sandbox.
-
-Run as a script (``python3 -I -S audit_agent.py``) by ``ip netns exec``, so it imports nothing
-from fwsafe but what it shares with the check's agent (:mod:`fwsafe.check.agent_loop`, standard
-library only: the serve loop, the socket helpers, the `sysctl` request). It reads one JSON
-request per line on stdin and answers with one JSON line; end of input makes it close every
-socket and exit, so it never outlives the audit that started it.
-
-Requests (``op``):
-    serve  {"proto", "address", "port", "v6only", "device"}  a listener like the host's
-                                                (server side; bound to `device` if given):
-                                                TCP accepts and closes, UDP records each
-                                                datagram's payload
-    tap    {}                                   (server side) watch every packet of the
-                                                namespace's links: which probes arrived (a TCP
-                                                SYN, a UDP datagram) and which TCP probes a
-                                                SYN-ACK left for; forget what was seen before
-    start  {"attempts": [{"id", "proto", "src", "sport", "dst", "port"}]}
-                                                (client side) send them all at once: a TCP
-                                                connect started, or one UDP datagram carrying
-                                                the attempt's id (sent); answers the attempts
-                                                that failed at once
-    settle {"probes": [[id, proto, src, sport, dst, port]], "wait", "grace"}
-                                                (server side) wait up to `wait` s until every
-                                                probe arrived, then up to `grace` s until the
-                                                kernel decided each; answers whether all
-                                                arrived, the keys a SYN-ACK left for, and
-                                                the UDP ids the listeners received
-    finish {"expect", "wait"}                   (client side) the started connects: wait up
-                                                to `wait` s for those in `expect` (a SYN-ACK
-                                                is on its way), the others are settled now
-    peers  {"settle"}                           the source addresses each listener (by the
-                                                "label" it was served with) received from
-                                                since the last time asked, after `settle` s
-    sysctl {"name", "value"}                    write /proc/sys/net/NAME (server side)
-    recent {"name", "addresses"}                add them to the xt_recent list NAME (server
-                                                side, once a rule created it)
-Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
+"""The audit's half of the sandbox agent (fwsafe/netns_agent/agent.py): on the server side,
+listeners like the host's, a packet tap that ends a batch once every probe arrived and was
+decided, the peers each listener heard from, the xt_recent lists; on the client side, the
+probes (:class:`Prober`: connects started all at once, settled when told). The requests are
+listed in the agent's docstring.
 """
 
 from __future__ import annotations
@@ -46,21 +13,14 @@ import resource
 import select
 import socket
 import struct
-import sys
 import threading
 import time
 from typing import Any
 
-if __name__ == "__main__":
-    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
-    # goes on sys.path first, for what the agents share (standard library only)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.realpath(__file__)))))
-
-from fwsafe.check.agent_loop import abort, family, serve, sysctl  # noqa: E402 - after the path
+from fwsafe.netns_agent.agent_loop import abort, family
 
 BATCH = 400   # sockets open at once: 400 under the usual limit of 1024 descriptors, more
-              # where the hard limit allows (main)
+              # where the hard limit allows (batch_size)
 ETH_P_ALL, PACKET_OUTGOING = 0x0003, 4
 TapKey = tuple[str, str, int, str, int]   # (proto, src, sport, dst, dport) as the probe sends
 
@@ -206,9 +166,12 @@ class Prober:
         pending.clear()
 
 
-class Agent:
+class ProbeTargets:
+    """The audit's requests: `serve`, `tap`, `settle`, `peers` (server side), `start`, `finish`
+    (client side, by its :class:`Prober`)."""
+
     def __init__(self, batch: int = BATCH) -> None:
-        self.sockets: list[socket.socket] = []
+        self.served: list[socket.socket] = []
         self.udp: list[tuple[socket.socket, str]] = []
         self.heard: set[str] = set()
         self.peers: dict[str, set[str]] = {}
@@ -238,7 +201,7 @@ class Agent:
             sock.close()
             return {"ok": False, "error": f"cannot listen on {address} port {port}/{proto}: "
                                           f"{(exc.strerror or str(exc)).lower()}"}
-        self.sockets.append(sock)
+        self.served.append(sock)
         if proto == "udp":
             sock.setblocking(False)
             self.udp.append((sock, label))
@@ -384,45 +347,17 @@ class Agent:
             self.peers = {}
         return {"ok": True, "peers": peers}
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
-        if op == "serve":
-            return self.serve(str(request["proto"]), str(request["address"]),
-                              int(request["port"]), bool(request.get("v6only")),
-                              request.get("device") or None, str(request.get("label", "")))
-        if op == "peers":
-            return self.take_peers(float(request.get("settle", 0)))
-        if op == "sysctl":
-            return sysctl(str(request["name"]), str(request["value"]))
-        if op == "recent":
-            return recent(str(request["name"]), [str(a) for a in request["addresses"]])
-        if op == "tap":
-            return self.tap()
-        if op == "start":
-            return self.prober.start(list(request["attempts"]))
-        if op == "settle":
-            return self.settle([(str(p[0]), (str(p[1]), str(p[2]), int(p[3]), str(p[4]),
-                                             int(p[5]))) for p in request["probes"]],
-                               float(request["wait"]), float(request["grace"]))
-        if op == "finish":
-            return self.prober.finish([str(i) for i in request["expect"]],
-                                      float(request["wait"]))
-        return {"ok": False, "error": f"unknown op {op!r}"}
+    def sockets(self) -> list[socket.socket]:
+        """What end of input closes: the listeners."""
+        return self.served
 
 
-def main() -> int:
-    batch = BATCH
-    try:   # many attempts at once: as many descriptors as the hard limit allows
+def batch_size() -> int:
+    """Many attempts at once: the descriptor limit raised to the hard limit, the sockets a
+    batch may hold open under it."""
+    try:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        batch = max(BATCH, min(hard - 100, 4000))
+        return max(BATCH, min(hard - 100, 4000))
     except (OSError, ValueError):
-        pass
-    agent = Agent(batch)
-    return serve(agent.handle, lambda: agent.sockets)
-
-
-if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)   # no interpreter teardown: the sandbox waits for this exit
+        return BATCH

@@ -1,38 +1,17 @@
-"""The small agent that `fwsafe check` runs inside each sandbox network namespace.
-
-It is run as a script (``python3 -I -S sandbox_agent.py``) by ``ip netns exec``, so it imports
-nothing from fwsafe but what it shares with the audit's agent (:mod:`fwsafe.check.agent_loop`,
-standard library only: the serve loop, the socket helpers, the `sysctl` request). It reads one
-JSON request per line on stdin and answers with one JSON line on stdout. End of input makes it
-close every socket and exit, so it never outlives the check that started it (even when that
-check is killed with SIGKILL).
-
-Requests (``op``):
-    listen  {"port"}                              echo server on 0.0.0.0 and [::] at `port`
-    open    {"id", "src", "dst", "port", "timeout"} connect from `src`, exchange data, keep it
-    ping    {"id", "timeout"}                     exchange data on the kept connection `id`
-    new     {"src", "dst", "port", "timeout"}     connect, exchange data, close
-    canary  {"port"}                              one UDP datagram to 127.0.0.1:`port`
-    sysctl  {"name", "value"}                     write /proc/sys/net/<name>
-Answers: {"ok": true, ...} or {"ok": false, "error": "..."}.
+"""The check's half of the sandbox agent (fwsafe/netns_agent/agent.py): an echo server on the
+management port, and the connections the check tries against it, each exchanging data (kept
+open across the switch to the candidate, or opened new), and the canary datagram that tells
+when the trace has caught up. The requests are listed in the agent's docstring.
 """
 
 from __future__ import annotations
 
-import os
 import socket
-import sys
 import threading
 import time
 from typing import Any
 
-if __name__ == "__main__":
-    # Run by path with -I -S (see the docstring): the folder that holds this fwsafe package
-    # goes on sys.path first, for what the agents share (standard library only)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(
-        os.path.realpath(__file__)))))
-
-from fwsafe.check.agent_loop import abort, family, serve, sysctl  # noqa: E402 - after the path
+from fwsafe.netns_agent.agent_loop import abort, family
 
 PAYLOAD = b"fwsafe-check-ping\n"
 
@@ -80,7 +59,9 @@ def _connect(src: str, dst: str, port: int, timeout: float) -> socket.socket:
     return sock
 
 
-class Agent:
+class EchoPaths:
+    """The check's requests: `listen` (server side), `open`, `ping`, `new`, `canary`."""
+
     def __init__(self) -> None:
         self.kept: dict[str, socket.socket] = {}
         self.listeners: list[socket.socket] = []
@@ -172,31 +153,6 @@ class Agent:
             sock.close()
         return {"ok": True}
 
-    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        op = request.get("op")
-        if op == "listen":
-            return self.listen(int(request["port"]))
-        if op == "open":
-            return self.open(str(request["id"]), str(request["src"]), str(request["dst"]),
-                             int(request["port"]), float(request["timeout"]))
-        if op == "ping":
-            return self.ping(str(request["id"]), float(request["timeout"]))
-        if op == "new":
-            return self.new(str(request["src"]), str(request["dst"]), int(request["port"]),
-                            float(request["timeout"]))
-        if op == "canary":
-            return self.canary(int(request["port"]))
-        if op == "sysctl":
-            return sysctl(str(request["name"]), str(request["value"]))
-        return {"ok": False, "error": f"unknown op {op!r}"}
-
-
-def main() -> int:
-    agent = Agent()
-    return serve(agent.handle, lambda: [*agent.kept.values(), *agent.listeners])
-
-
-if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)   # no interpreter teardown: the sandbox waits for this exit
+    def sockets(self) -> list[socket.socket]:
+        """What end of input closes: the kept connections, the listeners."""
+        return [*self.kept.values(), *self.listeners]
