@@ -112,7 +112,9 @@ def _v4_cell(text: str, prefix: str | None) -> tuple[int, int, int] | None:
     """(4, first address, prefix length) of `text`[/`prefix`] as ipaddress.ip_network(...,
     strict=False) reads it (what _V4 matched: four groups of 1-3 digits, a prefix of 1-2);
     None where ipaddress refuses it (an octet over 255 or with a leading zero, a prefix over
-    32)."""
+    32, digits that are not ASCII)."""
+    if not text.isascii() or (prefix and not prefix.isascii()):
+        return None   # \d and int() take other scripts' digits too; ipaddress does not
     value = 0
     for octet in text.split("."):
         if octet[0] == "0" and octet != "0":

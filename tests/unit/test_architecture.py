@@ -382,7 +382,7 @@ LAYER_NAME_BRANCHES_LEFT = {
     # names (fwsafe.ondisk.history_format's, which the rescue tool reads without the
     # registry); it puts /etc/firewalld back as that tree (fwsafe.ondisk.firewalld_files:
     # modes, owners, directories, files that appeared since removed) in place of the rescue
-    # plan's (fwsafe.rescue.tool) writes for that on-disk layer
+    # plan's (fwsafe.rescue.rescue_plan) writes for that on-disk layer
     ("fwsafe.persistence.powercycle", "layers['ufw']"),
     ("fwsafe.persistence.powercycle", "layers['firewalld']"),
     ("fwsafe.persistence.powercycle", "layers['sshd']"),

@@ -54,13 +54,14 @@ def _oracle(texts: Iterable[str]) -> NamedSpace:
 # the octets that matter: the special ranges' edges, leading zeros, over 255
 _OCTET = st.one_of(st.integers(0, 255).map(str),
                    st.sampled_from(["0", "00", "01", "007", "127", "169", "254", "224", "239",
-                                    "240", "255", "256", "999", "10", "192", "168"]))
+                                    "240", "255", "256", "999", "10", "192", "168",
+                                    "\u0661\u0660", "\uff13", "1\u0668"]))
 _V4 = st.one_of(st.tuples(_OCTET, _OCTET, _OCTET, _OCTET).map(".".join),
                 st.tuples(st.sampled_from(["127", "169.254", "224", "239", "240", "0", "1"]),
                           _OCTET, _OCTET).map(lambda t: f"{t[0]}.{t[1]}.{t[2]}.1"
                                               if t[0] == "169.254" else f"{t[0]}.{t[1]}.{t[2]}.0"))
 _PREFIX = st.one_of(st.just(""), st.integers(0, 40).map(lambda n: f"/{n}"),
-                    st.sampled_from(["/00", "/08", "/99"]))
+                    st.sampled_from(["/00", "/08", "/99", "/\u0668", "/\uff12\uff14"]))
 _V6 = st.sampled_from(["2001:db8::1", "2001:db8::/32", "fe80::1", "::1", "ff02::1", "::",
                        "2001:db8:0:1::/64", "::ffff:10.0.0.1"])
 _ADDRESS = st.one_of(st.tuples(_V4, _PREFIX).map("".join), _V6)
@@ -102,3 +103,12 @@ def test_a_blocklist_set_of_many_shapes_collapses_to_a_few_cells() -> None:
     fast = named_space([text])
     assert fast.networks == _oracle([text]).networks
     assert len(fast.networks[4]) <= PER_SHAPE * 2 and fast.collapsed > 2900
+
+
+def test_digits_of_other_scripts_are_not_an_address() -> None:
+    """\\d and int() read Arabic-Indic or full-width digits; ipaddress does not, nor do the
+    rules' tools: a comment holding such text names no network."""
+    for line in ['-A INPUT -s \u0661\u0660.\u0660.\u0660.\u0661 -j DROP',
+                 '-A INPUT -s 10.0.0.0/\u0668 -j DROP',
+                 '-A INPUT -m comment --comment "\uff13.\uff13.\uff13.\uff13" -j ACCEPT']:
+        assert named_space([line]).networks == _oracle([line]).networks == {4: [], 6: []}
