@@ -74,7 +74,7 @@ def named_space(texts: Iterable[str]) -> NamedSpace:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             # an IPv4 network as (4, first address, prefix length), read without ipaddress
-            # (a set of 100,000 elements: 0.2 s instead of 1.1 s); an IPv6 one as parsed
+            # (a set of 100,000 elements: 0.4 s of CPU instead of 1.0 s); an IPv6 one as parsed
             found: list[tuple[int, int, int] | Network] = []
             for match in _V4.finditer(line):
                 cell = _v4_cell(match.group(1), match.group(2))

@@ -27,7 +27,12 @@ from fwsafe.backends.base import (
 )
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk.boot import uses_ufw
-from fwsafe.ondisk.ufw_files import capture_ufw_files, load_ufw_files, restore_ufw_files
+from fwsafe.ondisk.ufw_files import (
+    capture_ufw_files,
+    load_ufw_files,
+    restore_ufw_files,
+    ufw_files_text,
+)
 
 PROMPTING = frozenset({"enable", "reset", "delete"})
 FORCE_NOTE = ("fwsafe answered ufw's 'may disrupt existing ssh connections' prompt with "
@@ -59,8 +64,7 @@ class UfwLayer(Layer):
                 for path, (mode, content) in load_ufw_files(data).items()}
 
     def unit_texts(self, data: bytes) -> dict[str, str]:
-        return {path: content.decode(errors="replace")
-                for path, (_mode, content) in load_ufw_files(data).items()}
+        return ufw_files_text(data)
 
     def validate(self, change: bytes, source: str) -> None:
         try:

@@ -314,13 +314,9 @@ class Sandbox:
         ns.batch(self.srv, srv_lines)
         ns.batch(self.cli, cli_lines)
 
-    def start_agents(self, client_side: bool) -> None:
-        """The agent in the server namespace (and one in the client's), serving the check's
-        requests and the audit's alike."""
-        self.launch_agents(client_side)
-        self.wait_agents()
-
     def launch_agents(self, client_side: bool) -> None:
+        """Start the agent in the server namespace (and one in the client's), serving the
+        check's requests and the audit's alike; `wait_agents` waits for them to be ready."""
         argv = [sys.executable, "-I", "-S", AGENT]   # stdlib only: no site (10 ms)
         self.srv_agent = AgentProcess(self.in_srv(argv), "server-side")
         if client_side:
