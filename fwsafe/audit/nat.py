@@ -87,6 +87,8 @@ def nat_rules(saves: Iterable[tuple[int, str]], local: set[str], nft: str = ""
     entries: list[Entry] = []
     forwards: list[Forward] = []
     for family, text in saves:
+        if "*nat" not in text:
+            continue   # no nat table: not read (100,000 filter rules: 0.1 s)
         nat = parse_ruleset(text).get("nat")
         for chain in nat.chains.values() if nat is not None else []:
             for rule in chain.each_rule():

@@ -256,7 +256,7 @@ class _Rounds:
             self.sandbox.build(self.plan.links, self.plan.lo_addresses, agents=True,
                                client_agent=True)
             # After the build: the pruning analysis may still be running ahead in a thread.
-            self.firewall.prune_to(addresses)
+            self.firewall.prune_to(addresses, ["lo", *(link.name for link in self.plan.links)])
             for listener in listeners:
                 if problems[listener.key()] is None:
                     problems[listener.key()] = self._serve(listener)

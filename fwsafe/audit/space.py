@@ -33,7 +33,9 @@ PER_SHAPE = 2
 MAX_CELLS = 64
 MAX_SPORTS = 16
 
-_V4 = re.compile(r"(?<![\w.:/-])(\d{1,3}(?:\.\d{1,3}){3})(?:/(\d{1,2}))?(?![\w.])")
+# (?<![\w.:/-]) before the first digit, written after it: a pattern that starts with a digit
+# skips the other characters fast (a third of the time over a 7 MB ruleset)
+_V4 = re.compile(r"(\d(?<![\w.:/-]\d)\d{0,2}(?:\.\d{1,3}){3})(?:/(\d{1,2}))?(?![\w.])")
 _V6 = re.compile(r"(?<![\w:./-])([0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7})(?:/(\d{1,3}))?"
                  r"(?![\w:.])")
 _SPORT = re.compile(r"(?:--sport|--source-port|--sports|--source-ports|\bsport)\s+"
@@ -68,44 +70,59 @@ def named_space(texts: Iterable[str]) -> NamedSpace:
     `ipset save`), bounded as the module says."""
     space = NamedSpace()
     seen: set[tuple[int, int, int] | Network] = set()
-    per_shape: dict[str, int] = {}
+    per_shape: dict[tuple[int, str], int] = {}
+    networks = space.networks
     for text in texts:
-        for line in text.splitlines():
-            if not line.strip() or line.lstrip().startswith("#"):
+        # Each line with its IPv4 addresses as "A", all lines at once: the pattern matches no
+        # line break, and its look-arounds see one as they see a line's end.
+        for line, shape in zip(text.splitlines(), _V4.sub("A", text).splitlines()):
+            stripped = line.lstrip()
+            if not stripped or stripped[0] == "#":
                 continue
+            if "sport" in line or "source-port" in line:
+                _add_sports(line, space.sports)
+            v6 = line.count(":") > 1   # an IPv6 address has two at least
+            if shape == line and not v6:
+                continue   # no address
             # an IPv4 network as (4, first address, prefix length), read without ipaddress
             # (a set of 100,000 elements: 0.4 s of CPU instead of 1.0 s); an IPv6 one as parsed
             found: list[tuple[int, int, int] | Network] = []
-            for match in _V4.finditer(line):
-                cell = _v4_cell(match.group(1), match.group(2))
-                if cell is not None and cell[2] > 0 and not _v4_local_only(cell[1], cell[2]):
-                    found.append(cell)
-            for match in _V6.finditer(line):
-                net = _network(match.group(1), match.group(2))
-                if net is not None and net.prefixlen > 0 and not _local_only(net):
-                    found.append(net)
-            if found:
-                shape = _V6.sub("A", _V4.sub("A", line))
-                for key in found:
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    version = 4 if isinstance(key, tuple) else key.version
-                    count_key = f"{version} {shape}"
-                    count = per_shape.get(count_key, 0)
-                    if count >= PER_SHAPE or len(space.networks[version]) >= MAX_CELLS:
-                        space.collapsed += 1
-                        continue
-                    per_shape[count_key] = count + 1
-                    space.networks[version].append(
-                        ipaddress.IPv4Network(key[1:]) if isinstance(key, tuple) else key)
-            for match in _SPORT.finditer(line):
-                for port in _PORT.findall(match.group(1))[:MAX_SPORTS]:
-                    number = int(port)
-                    if 0 < number < 65536 and number not in space.sports \
-                            and len(space.sports) < MAX_SPORTS:
-                        space.sports.append(number)
+            if shape != line:
+                for match in _V4.finditer(line):
+                    cell = _v4_cell(match.group(1), match.group(2))
+                    if cell is not None and cell[2] > 0 \
+                            and not _v4_local_only(cell[1], cell[2]):
+                        found.append(cell)
+            if v6:
+                for match in _V6.finditer(line):
+                    net = _network(match.group(1), match.group(2))
+                    if net is not None and net.prefixlen > 0 and not _local_only(net):
+                        found.append(net)
+                if found:
+                    shape = _V6.sub("A", shape)
+            for key in found:
+                if key in seen:
+                    continue
+                seen.add(key)
+                version = 4 if isinstance(key, tuple) else key.version
+                count_key = (version, shape)
+                count = per_shape.get(count_key, 0)
+                if count >= PER_SHAPE or len(networks[version]) >= MAX_CELLS:
+                    space.collapsed += 1
+                    continue
+                per_shape[count_key] = count + 1
+                networks[version].append(
+                    ipaddress.IPv4Network(key[1:]) if isinstance(key, tuple) else key)
     return space
+
+
+def _add_sports(line: str, sports: list[int]) -> None:
+    """The source ports `line` names, to `sports` (at most MAX_SPORTS in all)."""
+    for match in _SPORT.finditer(line):
+        for port in _PORT.findall(match.group(1))[:MAX_SPORTS]:
+            number = int(port)
+            if 0 < number < 65536 and number not in sports and len(sports) < MAX_SPORTS:
+                sports.append(number)
 
 
 def _v4_cell(text: str, prefix: str | None) -> tuple[int, int, int] | None:

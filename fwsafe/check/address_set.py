@@ -23,9 +23,11 @@ V4_NETWORK = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2
 
 @dataclass
 class AddressSet:
-    """Every address a packet in the sandbox may carry."""
+    """Every address a packet in the sandbox may carry, and the interfaces it may arrive on
+    or leave by (``interfaces``; None: any)."""
 
     networks: list[Network] = field(default_factory=list)
+    interfaces: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
@@ -46,14 +48,15 @@ class AddressSet:
             self.merged[family] = (starts, ends)
 
     @classmethod
-    def of(cls, addresses: Iterable[str]) -> AddressSet:
+    def of(cls, addresses: Iterable[str], interfaces: Iterable[str] | None = None
+           ) -> AddressSet:
         found = [ipaddress.ip_network(a, strict=False) for a in _ALWAYS]
         for address in addresses:
             try:
                 found.append(ipaddress.ip_network(address, strict=False))
             except ValueError:
                 continue
-        return cls(found)
+        return cls(found, None if interfaces is None else frozenset(interfaces))
 
     def overlaps(self, family: int, ranges: Ranges) -> bool:
         starts, ends = self.merged[family]
@@ -69,6 +72,20 @@ class AddressSet:
         """Whether a rule with these address options (all must match) may match a packet."""
         for option in options:  # noqa: SIM110 - no generator per call: 100,000 calls
             if option is not None and not self.overlaps(option[0], option[1]):
+                return False
+        return True
+
+    def may_pass(self, names: tuple[str, ...]) -> bool:
+        """Whether a rule whose interface options (``-i``/``-o``, not negated; all must match)
+        name these may match a packet: each is one of the sandbox's interfaces, or a prefix
+        of one (``eth+``). Names not read as plain ones are never given (they may match)."""
+        if not names or self.interfaces is None:
+            return True
+        for name in names:
+            if name.endswith("+"):
+                if not any(i.startswith(name[:-1]) for i in self.interfaces):
+                    return False
+            elif name not in self.interfaces:
                 return False
         return True
 

@@ -55,10 +55,11 @@ class SandboxFirewall:
         self.addresses: AddressSet | None = None
         self.left_out = 0          # rules not loaded: no sandbox packet can match them
 
-    def prune_to(self, addresses: list[str]) -> None:
+    def prune_to(self, addresses: list[str], interfaces: list[str] | None = None) -> None:
         """Load only the rules a packet with one of ``addresses`` (the sandbox's own) can match
-        (fwsafe.check.prune), with the addresses reachable translations rewrite them to;
-        nothing is left out when an nft layer translates addresses."""
+        (fwsafe.check.prune), with the addresses reachable translations rewrite them to, on
+        one of ``interfaces`` (the sandbox's; None: any); nothing is left out when an nft
+        layer translates addresses."""
         ipt = [(t.current.decode(errors="replace"), t.family) for t in self.tools]
         ipt += [(t.candidate[0].decode(errors="replace"), t.family) for t in self.tools
                 if t.candidate]
@@ -66,7 +67,7 @@ class SandboxFirewall:
         candidate = first_with(NFT_TABLES, self.layers)
         if candidate is not None:
             nft.append(self.layers[candidate][0].decode(errors="replace"))
-        self.addresses = sandbox_addresses(addresses, ipt, nft)
+        self.addresses = sandbox_addresses(addresses, ipt, nft, interfaces)
 
     def _ipt(self, tool: IptTool, content: bytes) -> bytes:
         if self.addresses is None:
@@ -205,7 +206,9 @@ class SandboxFirewall:
         """Every tool's snapshot, and the listing (with handles) of the native nft tables."""
         for tool in self.tools:
             tool.snapshot = self.snapshot(tool)
-        if not self.nft:
+        if not self.nft or not (self.native.strip() or first_with(NFT_TABLES, self.layers)):
+            # No native table was loaded (nor the trace's yet): the listing would render
+            # iptables-nft's rules only to drop them (2 s for 100,000 unpruned Docker rules).
             return
         # only the native tables: iptables-nft's own are read through iptables-save
         self.namer.listing = parse_nft_listing("".join(self._native_listed(None)))

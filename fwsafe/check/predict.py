@@ -343,16 +343,16 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
                           client_agent=any(not p.local for p in testable))
             # After the build: the pruning analysis of a large ruleset (fwsafe.check.prune,
             # perhaps still running ahead in a thread) goes on while the namespaces are made.
+            known_interfaces = ["lo", *(link.name for link in links)]
             firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
                                *clients, *(p.server for p in paths if p.server),
-                               *lo_addresses])
+                               *lo_addresses], known_interfaces)
             assert sandbox.srv_agent is not None
             listening = sandbox.srv_agent.request({"op": "listen", "port": port})
             if not listening.get("ok"):
                 raise SandboxError(str(listening.get("error")))
             firewall.copy_sysctls()
             firewall.load_current()
-            known_interfaces = ["lo", *(link.name for link in links)]
             _check_paths(prober, testable, port, known_interfaces, verdicts, path_name)
         except SandboxError as exc:
             raise EnvironmentProblem(f"the check sandbox failed: {exc}") from exc

@@ -150,8 +150,7 @@ def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
         shapes: set[str] = set()
         needed = set(live)   # chains a loaded rule is in or jumps to
         for rule in table.rules:
-            if (rule.chain in live and addresses.may_match(rule.options)) \
-                    or rule.shape not in shapes:
+            if (rule.chain in live and rule.may_match(addresses)) or rule.shape not in shapes:
                 shapes.add(rule.shape)
                 needed.add(rule.chain)
                 if rule.jump is not None:
@@ -175,6 +174,10 @@ class _IptRule(NamedTuple):
     chain: str
     jump: str | None
     nat: tuple[str, ...]
+    ifaces: tuple[str, ...] = ()   # the interfaces its -i/-o options name (not negated)
+
+    def may_match(self, addresses: AddressSet) -> bool:
+        return addresses.may_match(self.options) and addresses.may_pass(self.ifaces)
 
 
 @dataclass
@@ -199,7 +202,7 @@ class _IptTable:
         stack = list(live)
         while stack:
             for rule in jumps.get(stack.pop(), ()):
-                if rule.jump not in live and addresses.may_match(rule.options):
+                if rule.jump not in live and rule.may_match(addresses):
                     live.add(rule.jump)   # type: ignore[arg-type]
                     stack.append(rule.jump)   # type: ignore[arg-type]
         return live
@@ -213,13 +216,23 @@ class _IptAnalysis:
 
 _IPT_FAST_V4 = re.compile(r"-A (\S+) -s (\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+)( .*)")
 _IPT_SLOW = re.compile(r"""["'\\]|\s(?:-s|-d|--source|--src|--destination|--dst|-g|--goto"""
-                       r"""|--jump)\s""")
+                       r"""|--jump|-i|-o|--in-interface|--out-interface)\s""")
+_IPT_IFACE = re.compile(r"(?:^|\s)(!\s+)?(-i|--in-interface|-o|--out-interface)\s+(\S+)")
+# an interface name as the kernel allows it (1-15 characters) from the letters iptables-save
+# prints plainly, or such a prefix with iptables' wildcard "+"; not one that starts with "-"
+# (`--comment -o -j DROP`: "-o" is the comment, "-j" no interface)
+_IFACE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,14}\+?")
 _IPT_QUOTED = re.compile(r'"(?:[^"\\\n]|\\.)*"')
 _IPT_JUMP = re.compile(r"(?:^|\s)(?:-j|--jump|-g|--goto)\s+(\S+)")
 _IPT_NAT_VALUE = re.compile(r"(?:^|\s)(?:--to-destination|--to-source|--to|--on-ip)\s+(\S+)")
 _NUMBER = re.compile(r"(?<=\s)[0-9][0-9.:,/-]*(?=\s|$)")
 _IPT_NEW = re.compile(r"^(?:-N|--new-chain)\s+(\S+)\s*$")
 _IPT_POLICY = re.compile(r"^(?:-P|--policy)\s+\S+\s+\S+\s*$")
+
+
+# one -A rule as read: line, chain, the rule after its chain (addresses, interfaces and quoted
+# words masked), address options, jump targets, translated-to addresses, interfaces named
+_Parsed = tuple[int, str, str, tuple[Option, ...], list[str], tuple[str, ...], tuple[str, ...]]
 
 
 def _ipt_analysed(text: str, family: int) -> tuple[list[str], _IptAnalysis]:
@@ -238,7 +251,7 @@ def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptA
     table = _IptTable()
     # a table that another `*table` line opens inside is not read (iptables-restore refuses it)
     table.opaque = not block.closed and block.end < len(lines)
-    parsed: list[tuple[int, str, str, tuple[Option, ...], list[str], tuple[str, ...]]] = []
+    parsed: list[_Parsed] = []
     for i, line in block.body(lines):
         if line.startswith(":"):
             declared = iptsave.declaration(line)
@@ -269,7 +282,7 @@ def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptA
                     w in rest for w in _IPT_NAT_WORDS) and _IPT_NAT.search(rest) else ()
                 parsed.append((i, fast.group(1), rest, ((4, (span,)),),
                                [rest[at + 4:].split(" ", 1)[0]] if at >= 0 else [],
-                               () if nat is None else nat))
+                               () if nat is None else nat, ()))
                 found.unsure_nat = found.unsure_nat or nat is None
                 continue
         rule = _ipt_parse(body, family)
@@ -278,17 +291,17 @@ def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptA
             if any(word in body for word in _IPT_NAT_WORDS) and _IPT_NAT.search(body):
                 found.unsure_nat = True
             continue
-        chain, rest, options, jumps, nat = rule
+        chain, rest, options, jumps, nat, ifaces = rule
         if nat is None:
             found.unsure_nat = True
             nat = ()
-        parsed.append((i, chain, rest, options, jumps, nat))
+        parsed.append((i, chain, rest, options, jumps, nat, ifaces))
     # A chain with rules that is not declared as a user chain is a built-in one (a hand-written
     # file may append to INPUT without `:INPUT ACCEPT`): packets reach it.
-    table.builtin.update(chain for _, chain, _, _, _, _ in parsed if chain not in table.user)
+    table.builtin.update(p[1] for p in parsed if p[1] not in table.user)
     hooks = _hooks(table, parsed)
     shapes: dict[tuple[str, str], str] = {}
-    for i, chain, rest, options, jumps, nat in parsed:
+    for i, chain, rest, options, jumps, nat, ifaces in parsed:
         jump = jumps[0] if len(jumps) == 1 and jumps[0] in table.user else None
         if len(jumps) > 1:
             table.opaque = True
@@ -298,19 +311,18 @@ def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptA
         shape = shapes.get((where, rest))
         if shape is None:
             shape = shapes[(where, rest)] = f"{where} {_NUMBER.sub('#', rest)}"
-        table.rules.append(_IptRule(i, shape, options, chain, jump, nat))
+        table.rules.append(_IptRule(i, shape, options, chain, jump, nat, ifaces))
         if jump is not None:
             table.jumps.setdefault(chain, []).append(table.rules[-1])
     return table
 
 
-def _hooks(table: _IptTable, parsed: list[tuple[int, str, str, tuple[Option, ...], list[str],
-                                                 tuple[str, ...]]]) -> dict[str, str]:
+def _hooks(table: _IptTable, parsed: list[_Parsed]) -> dict[str, str]:
     """Per user chain, the built-in chains it is reached from (whatever the addresses), as a
     label: rules of user chains reached from the same hooks share a shape (a target valid in
     one hook may be refused in another)."""
     jumps: dict[str, set[str]] = {}
-    for _, chain, _, _, targets, _ in parsed:
+    for _, chain, _, _, targets, _, _ in parsed:
         for target in targets:
             if target in table.user:
                 jumps.setdefault(chain, set()).add(target)
@@ -328,9 +340,10 @@ def _hooks(table: _IptTable, parsed: list[tuple[int, str, str, tuple[Option, ...
 
 
 def _ipt_parse(body: str, family: int) -> tuple[str, str, tuple[Option, ...], list[str],
-                                                 tuple[str, ...] | None] | None:
-    """(chain, the rule after its chain with quoted words and addresses masked, address
-    options, jump targets, translated-to addresses (None: not readable)); None if the line
+                                                 tuple[str, ...] | None, tuple[str, ...]] | None:
+    """(chain, the rule after its chain with quoted words, addresses and interfaces masked,
+    address options, jump targets, translated-to addresses (None: not readable), the
+    interfaces its -i/-o options name (not negated, plain names only)); None if the line
     cannot be read safely (single quotes, an open quote, a continuation)."""
     _, _, rest = body.partition(" ")
     chain, _, rest = rest.partition(" ")
@@ -346,12 +359,23 @@ def _ipt_parse(body: str, family: int) -> tuple[str, str, tuple[Option, ...], li
     options: list[Option] = []
     if "-s" in rest or "-d" in rest:
         def mask(m: re.Match[str]) -> str:
+            if m.group(3).startswith("-"):   # `--comment -s -j X`: "-s" a comment's word
+                return m.group(0)
             if m.group(1) is None:   # not negated
                 ranges = option_ranges(m.group(3), family)
                 if ranges is not None:
                     options.append((family, ranges))
             return f" {m.group(1) or ''}{m.group(2)} *"
         rest = _IPT_ADDRESS.sub(mask, rest)
+    ifaces: list[str] = []
+    if "-i" in rest or "-o" in rest or "-interface" in rest:
+        def hide(m: re.Match[str]) -> str:
+            if not _IFACE_NAME.fullmatch(m.group(3)):
+                return m.group(0)   # not read (quoted, odd, `--comment -o -j X`): may match
+            if m.group(1) is None:
+                ifaces.append(m.group(3))
+            return f" {m.group(1) or ''}{m.group(2)} *"
+        rest = _IPT_IFACE.sub(hide, rest)
     if " -g " in rest or " --g" in rest or " --j" in rest:
         jumps = _IPT_JUMP.findall(rest)
     else:
@@ -360,7 +384,7 @@ def _ipt_parse(body: str, family: int) -> tuple[str, str, tuple[Option, ...], li
     nat: tuple[str, ...] | None = ()
     if any(word in rest for word in _IPT_NAT_WORDS) and _IPT_NAT.search(rest):
         nat = _nat_targets(rest, family)
-    return chain, rest, tuple(options), jumps, nat
+    return chain, rest, tuple(options), jumps, nat, tuple(ifaces)
 
 
 def _nat_targets(rest: str, family: int) -> tuple[str, ...] | None:
@@ -396,17 +420,20 @@ def _nat_targets(rest: str, family: int) -> tuple[str, ...] | None:
 
 
 def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, int]],
-                      nft: Iterable[str]) -> AddressSet | None:
+                      nft: Iterable[str], interfaces: Iterable[str] | None = None
+                      ) -> AddressSet | None:
     """The addresses sandbox packets may carry: ``addresses`` (the sandbox's own), and those
     an address translation that such a packet may meet rewrites them to (iptables: DNAT/SNAT
     rules in chains the packets reach, whose own addresses may match), to a fixed point.
     None (nothing may be left out) when an nft file translates addresses, or a translation is
-    not readable."""
+    not readable. ``interfaces``: the sandbox's (its packets arrive and leave by no other);
+    None: any."""
     if rewrites_addresses([t for t in nft]):
         return None
     base = list(addresses)
     texts = list(iptables)
-    found = AddressSet.of(base)
+    names = None if interfaces is None else sorted(interfaces)
+    found = AddressSet.of(base, names)
     extra: set[str] = set()
     for _ in range(16):
         new: set[str] = set()
@@ -421,12 +448,12 @@ def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, in
                 if not nat:
                     continue
                 live = table.live(found)
-                new.update(a for r in nat if r.chain in live and found.may_match(r.options)
+                new.update(a for r in nat if r.chain in live and r.may_match(found)
                            for a in r.nat)
         if new <= extra:
             return found
         extra |= new
-        found = AddressSet.of([*base, *sorted(extra)])
+        found = AddressSet.of([*base, *sorted(extra)], names)
     return None
 
 

@@ -119,7 +119,8 @@ def ipt_unreproducible(rule: Rule, known_interfaces: Iterable[str]) -> list[str]
     known = list(known_interfaces)
     for option in ("-i", "-o", "--in-interface", "--out-interface"):
         name = rule.option(option)
-        if name and not interface_known(name, known):
+        # `! -i docker0`: a packet of the sandbox's interfaces matches it as on the host
+        if name and not interface_known(name, known) and not rule.negated(option):
             reasons.append(f"interface {name}: not in the sandbox")
     return reasons
 
@@ -151,9 +152,11 @@ def nft_unreproducible(rule: NftRule, chain: ChainKey, listing: NftListing,
             reasons.append(f"set @{name}: its contents change at run time")
             break
     known = list(known_interfaces)
-    for m in re.finditer(r'\b(?:meta\s+)?(iifname|oifname|iif|oif)\s+(?:!=\s*)?(\{[^}]*\}|"[^"]*"|\S+)',
+    for m in re.finditer(r'\b(?:meta\s+)?(iifname|oifname|iif|oif)\s+(!=\s*)?(\{[^}]*\}|"[^"]*"|\S+)',
                          text):
-        for name in re.findall(r'"([^"]*)"|([\w.*+-]+)', m.group(2)):
+        if m.group(2):   # `iifname != "docker0"`: matched in the sandbox as on the host
+            continue
+        for name in re.findall(r'"([^"]*)"|([\w.*+-]+)', m.group(3)):
             value = name[0] or name[1]
             if value and not interface_known(value, known):
                 reasons.append(f"interface {value}: not in the sandbox")

@@ -362,3 +362,23 @@ def test_split_rule_reads_double_quotes_as_shlex_does() -> None:
     line = ('-A KUBE-SERVICES -d 10.96.0.1/32 -p tcp -m comment --comment "ns/a b:http cluster '
             'IP" -m tcp --dport 80 -j KUBE-SVC-X')
     assert split_rule(line) == shlex.split(line)
+
+
+def test_a_negated_interface_the_sandbox_lacks_is_reproduced() -> None:
+    """`! -i docker0` / `iifname != "docker0"`: a packet on the sandbox's interfaces (named as
+    the host's) matches it as it does on the host; `-i docker0` is not reproduced."""
+    known = ["lo", "eth0"]
+    rules = parse_ruleset("*filter\n:INPUT ACCEPT [0:0]\n-A INPUT ! -i docker0 -j DROP\n"
+                          "-A INPUT -i docker0 -j DROP\n-A INPUT ! -i br-1 -o br-2 -j DROP\n"
+                          "COMMIT\n")["filter"].chains["INPUT"].each_rule()
+    assert ipt_unreproducible(rules[0], known) == []
+    assert ipt_unreproducible(rules[1], known) == ["interface docker0: not in the sandbox"]
+    assert ipt_unreproducible(rules[2], known) == ["interface br-2: not in the sandbox"]
+    listing = parse_nft_listing('table inet t {\n\tchain input {\n'
+                                '\t\ttype filter hook input priority 0; policy accept;\n'
+                                '\t\tiifname != "docker0" drop # handle 4\n'
+                                '\t\tiifname "docker0" drop # handle 5\n'
+                                '\t\tiifname != { "br-1", "br-2" } drop # handle 6\n\t}\n}\n')
+    chain = listing.chains[("inet", "t", "input")]
+    assert [nft_unreproducible(r, ("inet", "t", "input"), listing, known)
+            for r in chain.rules] == [[], ["interface docker0: not in the sandbox"], []]

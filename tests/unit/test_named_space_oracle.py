@@ -5,6 +5,7 @@ cells in the same order, the same count of networks left without a cell of their
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Iterable
 
 from hypothesis import given, settings
@@ -13,9 +14,12 @@ from hypothesis import strategies as st
 from fwsafe.audit import space as space_module
 from fwsafe.audit.space import MAX_CELLS, PER_SHAPE, NamedSpace, named_space
 
+# the IPv4 pattern as it was written before (its look-behind first), line by line
+_OLD_V4 = re.compile(r"(?<![\w.:/-])(\d{1,3}(?:\.\d{1,3}){3})(?:/(\d{1,2}))?(?![\w.])")
+
 
 def _oracle(texts: Iterable[str]) -> NamedSpace:
-    """The reading before: every address through ipaddress.ip_network."""
+    """The reading before: every address through ipaddress.ip_network, each line apart."""
     space = NamedSpace()
     seen: set[object] = set()
     per_shape: dict[str, int] = {}
@@ -24,13 +28,13 @@ def _oracle(texts: Iterable[str]) -> NamedSpace:
             if not line.strip() or line.lstrip().startswith("#"):
                 continue
             found = []
-            for pattern in (space_module._V4, space_module._V6):
+            for pattern in (_OLD_V4, space_module._V6):
                 for match in pattern.finditer(line):
                     net = space_module._network(match.group(1), match.group(2))
                     if net is not None and net.prefixlen > 0 and not space_module._local_only(net):
                         found.append(net)
             if found:
-                shape = space_module._V6.sub("A", space_module._V4.sub("A", line))
+                shape = space_module._V6.sub("A", _OLD_V4.sub("A", line))
                 for net in found:
                     if net in seen:
                         continue
@@ -70,11 +74,16 @@ _LINE = st.one_of(
     st.tuples(_ADDRESS, st.integers(1, 70000)).map(
         lambda t: f"-A INPUT -s {t[0]} -p tcp --sport {t[1]} -j DROP"),
     st.tuples(_ADDRESS, _ADDRESS).map(lambda t: f"ip saddr {t[0]} ip daddr {t[1]} drop"),
-    st.just("# -s 10.0.0.1 a comment"), st.just(""))
+    st.just("# -s 10.0.0.1 a comment"), st.just(""),
+    st.just(":KUBE-SEP-0000000000000081 - [0:0]"),   # two colons, no address
+    st.tuples(_ADDRESS, _ADDRESS).map(lambda t: f"x{t[0]} {t[1]}:{t[0]}:1 -{t[1]}"))
+# what splits lines besides "\n" (str.splitlines): the look-arounds see them as a line's end
+_JOIN = st.sampled_from(["\n", "\r\n", "\r", "\x0b", "\x1c", "\x85", "\u2028"])
 
 
 @settings(max_examples=400, deadline=None)
-@given(st.lists(st.lists(_LINE, max_size=40).map("\n".join), max_size=3))
+@given(st.lists(st.tuples(_JOIN, st.lists(_LINE, max_size=40)).map(lambda t: t[0].join(t[1])),
+                max_size=3))
 def test_named_space_reads_as_ipaddress_did(texts: list[str]) -> None:
     fast, slow = named_space(texts), _oracle(texts)
     assert fast.networks == slow.networks

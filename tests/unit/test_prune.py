@@ -287,3 +287,66 @@ def test_undeclared_builtin_chain_counts_as_reached() -> None:
                       "-A MINE -p tcp --dport 22 -j DROP", "-A MINE -p tcp --dport 23 -j DROP",
                       "COMMIT", ""])
     assert prune_iptables(text, SANDBOX, 4).left_out == 0
+
+
+ON_ETH0 = AddressSet.of(["10.0.0.1", "10.0.0.2", "192.168.5.9/24"], ["lo", "eth0"])
+
+
+def test_rules_on_interfaces_the_sandbox_lacks_are_left_out_one_shape_kept() -> None:
+    """Docker's FORWARD and isolation rules name its bridges: no sandbox packet arrives on one
+    or leaves by one, so only one rule of each shape is loaded."""
+    text = ipt("-A INPUT -i br-0a1 -j DROP", "-A INPUT -i br-0a2 -j DROP",
+               "-A INPUT -o br-0a3 -p tcp -j DROP",     # -o: another shape, kept
+               "-A INPUT -o br-0a4 -p tcp -j DROP",
+               "-A INPUT -i eth0 -j DROP",              # the sandbox's interface: kept
+               "-A INPUT -i eth+ -j DROP",              # a prefix of it: kept
+               "-A INPUT -i br+ -j DROP",               # a prefix of none: left out
+               "-A INPUT ! -i br-0a5 -j DROP",          # negated: may match, kept
+               "-A INPUT ! -i br-0a6 -j DROP",
+               '-A INPUT -i "br-0a7" -j DROP',          # quoted: not read, kept
+               "-A INPUT -i br-0a8 -s 10.0.0.1/32 -j DROP",   # the client, but not on br-0a8
+               "-A INPUT -i br-0a9 -s 10.0.0.1/32 -j DROP")
+    pruned = prune_iptables(text, ON_ETH0, 4)
+    for needle in ("-i br-0a1 ", "-o br-0a3 ", "-i eth0 ", "-i eth+ ", "! -i br-0a5 ",
+                   "! -i br-0a6 ", '"br-0a7"', "-i br-0a8 "):
+        assert _lines_with(pruned.text, needle), needle
+    for needle in ("-i br-0a2 ", "-o br-0a4 ", "-i br+ ", "-i br-0a9 "):
+        assert not _lines_with(pruned.text, needle), needle
+    assert pruned.left_out == 4
+    # without the sandbox's interfaces, none is left out for its interface
+    assert prune_iptables(text, SANDBOX, 4).left_out == 0
+
+
+def test_a_chain_reached_only_on_other_interfaces_is_left_out() -> None:
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":OPEN - [0:0]", ":DOCKER - [0:0]",
+                      "-A INPUT -i eth0 -j OPEN", "-A INPUT -i docker0 -j DOCKER",
+                      "-A OPEN -p tcp --dport 82 -j DROP", "-A OPEN -p tcp --dport 83 -j DROP",
+                      "-A DOCKER -p tcp --dport 80 -j DROP", "-A DOCKER -p tcp --dport 81 -j DROP",
+                      "COMMIT", ""])
+    pruned = prune_iptables(text, ON_ETH0, 4)
+    assert _lines_with(pruned.text, "--dport 82") and _lines_with(pruned.text, "--dport 83")
+    assert not _lines_with(pruned.text, "DOCKER")   # reached by no sandbox packet: its jump,
+    assert pruned.left_out == 3                      # its rules, its declaration left out
+    assert len(_lines_with(prune_iptables(text, SANDBOX, 4).text, "-A DOCKER ")) == 2
+
+
+def test_a_translation_on_another_interface_does_not_widen() -> None:
+    text = ipt("-A INPUT -i br-1 -p tcp -j DNAT --to-destination 203.0.113.5:80",
+               "-A INPUT ! -i br-2 -p tcp -j DNAT --to-destination 203.0.113.6:80") \
+        .replace("*filter", "*nat")
+    found = prune.sandbox_addresses([CLIENT], [(text, 4)], [], ["lo", "eth0"])
+    assert found is not None
+    assert not found.meets("203.0.113.5", 4) and found.meets("203.0.113.6", 4)
+
+
+def test_words_after_a_comment_are_not_taken_for_options() -> None:
+    """`--comment -s` (or `-o`) printed unquoted: the next word is the jump, not a value."""
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", ":C - [0:0]",
+                      "-A INPUT -m comment --comment -s -j C",
+                      "-A INPUT -m comment --comment -o -j C",
+                      "-A C -s 198.51.100.1/32 -j DROP", "-A C -s 198.51.100.2/32 -j DROP",
+                      "-A C -p tcp -j DROP", "COMMIT", ""])
+    pruned = prune_iptables(text, ON_ETH0, 4)
+    assert _lines_with(pruned.text, "-A C -p tcp -j DROP")    # C is reached
+    assert _lines_with(pruned.text, "--comment -s -j C") and _lines_with(pruned.text, "--comment -o -j C")
+    assert pruned.left_out == 1                                 # 198.51.100.2's, one shape
