@@ -26,7 +26,9 @@ from fwsafe.backends.base import (
     SANDBOX_FILES,
     ApplyError,
     FidelityError,
+    FidelityProofs,
     Layer,
+    ProofKey,
 )
 from fwsafe.backends.families import FAMILIES
 from fwsafe.errors import UsageError
@@ -173,11 +175,13 @@ def watched_layers(changed: Iterable[str] | None, captured: Iterable[str]) -> li
 
 def lossy_tables(name: str, tables: Collection[str] | None, *, saved: bytes | None,
                  generation: int | None,
-                 ahead: Future[tuple[int | None, dict[str, str]]] | None = None) -> list[str]:
+                 ahead: Future[tuple[int | None, dict[str, str]]] | None = None,
+                 proofs: FidelityProofs | None = None) -> list[str]:
     """The tables of layer `name` (of `tables`; None: all) whose capture does not show the
     kernel's state exactly, so that loading it back would not restore them: iptables-nft's
     (fwsafe.backends.fidelity); [] for every other layer. `saved`: the capture read at
-    nf_tables' `generation`; `ahead`: `fidelity_digests_ahead(name)` run beside it. Raises
+    nf_tables' `generation`; `ahead`: `fidelity_digests_ahead(name)` run beside it; `proofs`:
+    the tables proven exact before (not tried again), and those proven now. Raises
     FidelityError when it cannot tell."""
     if not layer_has(name, IPTABLES_SAVE):
         return []
@@ -185,7 +189,7 @@ def lossy_tables(name: str, tables: Collection[str] | None, *, saved: bytes | No
     # a change that can write to a table of iptables-nft
     from fwsafe.backends.fidelity import lossy_tables as lossy
 
-    return lossy(name, tables, saved=saved, generation=generation, ahead=ahead)
+    return lossy(name, tables, saved=saved, generation=generation, ahead=ahead, proofs=proofs)
 
 
 def fidelity_digests_ahead(name: str) -> tuple[int | None, dict[str, str]]:
@@ -205,7 +209,7 @@ def available_layers() -> list[str]:
 __all__ = ["ALL_LAYERS", "BASED_CHANGE", "FILE_SET", "FILES", "FIREWALLD_TABLES", "LOADS_IPTABLES",
            "FLUSHES_IPTABLES", "IPTABLES_SAVE", "NETFILTER", "NFT_TABLES", "ON_DEMAND",
            "ON_DEMAND_LAYERS", "PREDICTED", "ROLLBACK", "RULES_FILE", "SANDBOX_FILES",
-           "ApplyError", "FidelityError", "Layer",
+           "ApplyError", "FidelityError", "FidelityProofs", "Layer", "ProofKey",
            "available_layers", "compose_partial", "first_with", "layer_for", "layer_has",
            "layer_kind", "lossy_tables", "layers_with", "owned_elsewhere", "restore_command",
            "revert_order", "watched_layers"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 RetryLog = Callable[[str], None]
@@ -75,6 +76,21 @@ BASED_CHANGE = "based-change"    # its change names what each file it writes hol
 class FidelityError(Exception):
     """Whether a capture shows the kernel's state exactly could not be told (a tool failed or
     timed out: `Layer.lossy_tables`)."""
+
+
+# A table proven to round-trip exactly (fwsafe.backends.fidelity): (nf_tables family, table,
+# its digest (nflist.digests), the identity of the family's iptables-save and -restore tools)
+ProofKey = tuple[str, str, str, str]
+
+
+@dataclass
+class FidelityProofs:
+    """The fidelity test's memory: `known`, the tables proven to round-trip exactly before
+    (given); `found`, those the round trip proved now (to remember); `skipped`, the tables
+    ("ip filter") it did not round-trip because their live digest was in `known`."""
+    known: frozenset[ProofKey] = frozenset()
+    found: list[ProofKey] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
 
 
 class ApplyError(Exception):

@@ -12,6 +12,10 @@ scratch network namespace, and ``nft -s list table`` there must show each table 
 shows it here (chains and sets compared by name, rules in order; empty built-in chains with an
 accept policy, which iptables-nft creates only when they are used, left out). A table that
 differs is lossy: the caller refuses a change that could touch it (exit 3, nothing changed).
+
+A table whose live digest was proven exact before, with the same iptables-save and -restore
+binaries (`tools_identity`), is not tried again: the caller passes what it remembers and keeps
+what is proven now (FidelityProofs; fwsafe.core.fidelity_proofs keeps them on disk).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from fwsafe.backends import nflist
-from fwsafe.backends.base import FidelityError
+from fwsafe.backends.base import FidelityError, FidelityProofs
 from fwsafe.backends.families import FAMILIES
 from fwsafe.backends.iptsave import BUILTIN_CHAINS
 from fwsafe.runner import find_binary, require_binary, run
@@ -78,11 +82,17 @@ def _save(name: str) -> bytes:
     return saved.stdout
 
 
+def names_ipsets(text: bytes) -> bool:
+    """Whether iptables-save text names ipsets (`-m set --match-set`, `-j SET --add-set` /
+    `--del-set`): it prints a set by the name ipset's state gives its index."""
+    return b"--match-set" in text or b"-set " in text
+
+
 def _copy_ipsets(text: bytes, inside: list[str]) -> None:
     """The ipsets the rules name (`-m set`, `-j SET`) made, empty, in the scratch namespace
     (ipsets belong to a network namespace; the rules refer to them by name)."""
     ipset = find_binary("ipset")
-    if ipset is None or (b"--match-set" not in text and b"-set " not in text):
+    if ipset is None or not names_ipsets(text):
         return   # (without ipset no set exists; a text naming one does not load: lossy)
     saved = run([ipset, "save"], timeout=60)
     if saved.returncode != 0:
@@ -170,14 +180,60 @@ def _round_trip(name: str, text: bytes, tables: list[str], sums: Future[dict[str
         raise FidelityError(f"cannot make a scratch network namespace: {exc}") from exc
 
 
+def tools_identity(name: str) -> str | None:
+    """Which iptables-save and iptables-restore of layer `name` make and load the text: each
+    file's (resolved through its symlinks) device, inode, size and modification time (None:
+    a tool is not there). A proof holds only for the tools that made it (an upgrade changes
+    them)."""
+    found = []
+    for tool in (FAMILIES[name].save, FAMILIES[name].restore):
+        path = find_binary(tool)
+        if path is None:
+            return None
+        try:
+            st = os.stat(os.path.realpath(path))
+        except OSError:
+            return None
+        found.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    return " ".join(found)
+
+
+def _compare(name: str, text: bytes, tables: list[str], ahead: Ahead | None,
+             start: int | None, sums_now: dict[str, str] | None
+             ) -> tuple[dict[str, Blocks | None], dict[str, Blocks], dict[str, str]]:
+    """One reading of `tables`: the round trip's listings (None: the digests are equal), the
+    live listings it needs, and the live digests (`sums_now`, or read at `start` meanwhile)."""
+    family = NFT_FAMILY[name]
+    # Each table's digest (nflist.digests) here and there first: equal, the kernel holds the
+    # same (no listing); else, or where it cannot tell (sets...), nft's listings decide.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        sums: Future[dict[str, str]] = Future()
+        trip = pool.submit(_round_trip, name, text, tables, sums)
+        try:
+            sums.set_result(sums_now if sums_now is not None
+                            else _digests_now(family, ahead, start))
+        finally:
+            if not sums.done():
+                sums.set_result({})
+        live = {t: _list([], family, t) for t in tables if not sums.result().get(t)}
+        scratch = trip.result()
+    live.update({t: _list([], family, t) for t in tables
+                 if t not in live and scratch[t] is not None})
+    return scratch, live, sums.result()
+
+
 def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: bytes | None = None,
-                 generation: int | None = None, ahead: Ahead | None = None) -> list[str]:
+                 generation: int | None = None, ahead: Ahead | None = None,
+                 proofs: FidelityProofs | None = None) -> list[str]:
     """The tables of iptables layer `name` ("ipv4"/"ipv6"; `tables`: only those, None: all)
     that iptables-save does not show exactly, as "ip filter"; a table that restores to a
     different one counts too. `saved`: that layer's iptables-save text as read when nf_tables'
     generation was `generation` (used while it still is); `ahead`: the live digests read
-    ahead (`digests_ahead`, used when they hold at the same generation). Raises FidelityError
-    when the test cannot be made."""
+    ahead (`digests_ahead`, used when they hold at the same generation). `proofs`: a table
+    whose live digest (with these tools) is in `proofs.known` is exact without a round trip
+    (`proofs.skipped`); one the round trip proves exact goes to `proofs.found`; never for a
+    text that names ipsets (their names come from ipset's state, not the digest's). Raises
+    FidelityError when the test cannot be made."""
     family = NFT_FAMILY[name]
     known = nflist.kernel_tables()
     if known is None:
@@ -192,26 +248,25 @@ def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: byt
                and (tables is None or t in tables)]
     if not present:
         return []
+    tools = tools_identity(name) if proofs is not None else None
     for _ in range(5):
         # The text and nft's listing must show the same kernel state: nothing committed
         # between them (nf_tables' generation, per network namespace), else read again.
         start = nflist.generation()
         text = saved if saved is not None and start is not None and start == generation \
             else _save(name)
-        # Each table's digest (nflist.digests) here and there first: equal, the kernel holds the same (no
-        # listing); else, or where it cannot tell (sets...), nft's listings decide.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            sums: Future[dict[str, str]] = Future()
-            trip = pool.submit(_round_trip, name, text, present, sums)
-            try:
-                sums.set_result(_digests_now(family, ahead, start))
-            finally:
-                if not sums.done():
-                    sums.set_result({})
-            live = {t: _list([], family, t) for t in present if not sums.result().get(t)}
-            scratch = trip.result()
-        live.update({t: _list([], family, t) for t in present
-                     if t not in live and scratch[t] is not None})
+        provable = (proofs is not None and tools is not None and start is not None
+                    and not names_ipsets(text))
+        sums: dict[str, str] | None = None
+        proven: list[str] = []
+        if provable and proofs is not None and any(k[0] == family and k[3] == tools
+                                                   for k in proofs.known):
+            sums = _digests_now(family, ahead, start)
+            proven = [t for t in present
+                      if sums.get(t) and (family, t, sums[t], tools) in proofs.known]
+        rest = [t for t in present if t not in proven]
+        scratch, live, sums = _compare(name, text, rest, ahead, start, sums) if rest \
+            else ({}, {}, sums or {})
         if start is None or nflist.generation() == start:
             break
         saved = None
@@ -219,4 +274,8 @@ def lossy_tables(name: str, tables: Collection[str] | None = None, *, saved: byt
         # Reads taken at different moments would tell a busy host's changes for losses.
         raise FidelityError("another program changed nf_tables during each of 5 readings; "
                             "the tables could not be compared (try again)")
-    return [f"{family} {t}" for t in present if scratch[t] is not None and live[t] != scratch[t]]
+    if provable and proofs is not None and tools is not None:
+        proofs.skipped += [f"{family} {t}" for t in proven]
+        proofs.found += [(family, t, sums[t], tools) for t in rest
+                         if scratch[t] is None and sums.get(t)]
+    return [f"{family} {t}" for t in rest if scratch[t] is not None and live[t] != scratch[t]]

@@ -253,7 +253,8 @@ class ApplyFlow:
             if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
                 validating.result()
             captured = collect(captures, list(change.layers))
-            lossy = pool.submit(refuse_lossy_tables, change, captured, generation, ahead)
+            lossy = pool.submit(refuse_lossy_tables, change, captured, generation, ahead,
+                                self.state)
             # Written (durably) while the checks run; a layer read again is written again.
             saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
             if options.check:

@@ -18,6 +18,7 @@ from fwsafe.backends import (
     NFT_TABLES,
     RULES_FILE,
     FidelityError,
+    FidelityProofs,
     fidelity_digests_ahead,
     first_with,
     layer_for,
@@ -27,6 +28,7 @@ from fwsafe.backends import (
 from fwsafe.context import RUN
 from fwsafe.core import transaction
 from fwsafe.core.change import Change
+from fwsafe.core.fidelity_proofs import read_proofs, remember_proofs
 from fwsafe.core.revert import Prover
 from fwsafe.core.statedir import StateDir
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError, PendingError
@@ -58,27 +60,36 @@ def fidelity_layers(change: Change, layers: list[str]) -> dict[str, set[str] | N
 def refuse_lossy_tables(change: Change, captured: Mapping[str, bytes],
                         generation: int | None,
                         ahead: Mapping[str, Future[tuple[int | None, dict[str, str]]]] | None
-                        = None) -> None:
+                        = None, state: StateDir | None = None) -> None:
     """A change that can write to a table of iptables-nft that iptables-save does not show
     exactly (nft's native rules, sets or base chains in it) is refused (exit 3) before
     anything happens, naming the table: its revert would load that lossy text
     (fwsafe.backends.fidelity). `captured` was read at nf_tables' `generation`; `ahead`:
-    each layer's live digests read beside that reading (`digests_ahead`)."""
+    each layer's live digests read beside that reading (`digests_ahead`). `state` (its lock
+    held): where the tables proven exact are remembered (fwsafe.core.fidelity_proofs), so that
+    the same table is not tried again."""
     checks = fidelity_layers(change, list(captured))
     if checks and find_binary("nft") is None:   # nothing to compare with; said in the record
         change.notes.append("not checked whether iptables-save shows the tables exactly "
                             "(nft is not installed)")
         return
+    remembered = read_proofs(state) if state is not None and checks else []
+    proofs = FidelityProofs(known=frozenset(remembered))
     found: list[str] = []
     for name, tables in checks.items():
         try:
             found += lossy_tables(name, tables, generation=generation,  # hatch stripped: read
                                   saved=None if RUN.hatch_seen else captured[name],   # again
-                                  ahead=(ahead or {}).get(name))
+                                  ahead=(ahead or {}).get(name), proofs=proofs)
         except FidelityError as exc:
             raise EnvironmentProblem(
                 f"cannot tell whether iptables-save shows the {name} tables exactly: {exc}",
                 hint="nothing was changed") from exc
+    if proofs.skipped:
+        change.notes.append(f"iptables-save round trip skipped for {', '.join(proofs.skipped)}"
+                            ": the same digest was proven exact before")
+    if state is not None and proofs.found:
+        remember_proofs(state, proofs.found, remembered)
     if found:
         raise InvalidRulesError(
             f"table {', '.join(found)} holds what iptables-nft cannot show (nft's own rules, "

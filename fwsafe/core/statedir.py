@@ -9,6 +9,7 @@ Layout (default /var/lib/fwsafe, or --state-dir, or FWSAFE_STATE_DIR)::
     tx/<id>/before.*     snapshot of every captured layer before the change
     tx/<id>/change.*     the new rules as given
     tx/<id>/guard.log    the guard's log
+    fidelity-proven.json the tables proven to round-trip exactly (fwsafe.core.fidelity_proofs)
 
 Directories are 0700 and files 0600. Every write goes to a temporary file in the same directory
 (a new random name, created with O_EXCL|O_NOFOLLOW), is fsync'ed, renamed over the target, and
