@@ -20,6 +20,8 @@ what is proven now (FidelityProofs; fwsafe.core.fidelity_proofs keeps them on di
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import sys
@@ -182,9 +184,9 @@ def _round_trip(name: str, text: bytes, tables: list[str], sums: Future[dict[str
 
 def tools_identity(name: str) -> str | None:
     """Which iptables-save and iptables-restore of layer `name` make and load the text: each
-    file's (resolved through its symlinks) device, inode, size and modification time (None:
-    a tool is not there). A proof holds only for the tools that made it (an upgrade changes
-    them)."""
+    file's (resolved through its symlinks) device, inode, size and modification time, with
+    the xtables extension directories' (an upgrade replaces files there) and the kernel's
+    release (None: a tool is not there). A proof holds only for what made it."""
     found = []
     for tool in (FAMILIES[name].save, FAMILIES[name].restore):
         path = find_binary(tool)
@@ -195,6 +197,11 @@ def tools_identity(name: str) -> str | None:
         except OSError:
             return None
         found.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
+    # the matches' and targets' libraries print and parse the text, the kernel stores it
+    for extensions in sorted(glob.glob("/usr/lib*/xtables") + glob.glob("/usr/lib/*/xtables")):
+        with contextlib.suppress(OSError):
+            found.append(f"{extensions}:{os.stat(extensions).st_mtime_ns}")
+    found.append(os.uname().release)
     return " ".join(found)
 
 
