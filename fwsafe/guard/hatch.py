@@ -98,11 +98,13 @@ def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
 # --------------------------------------------------------------------------------------------
 # Keeping it: the guard's side, and the way back's
 # --------------------------------------------------------------------------------------------
-def removed(record: Any, log: Log | None = None) -> bool:
+def removed(record: Any, log: Log | None = None,
+            proved: Mapping[str, tuple[int, bytes]] | None = None) -> bool:
     """Remove every hatch rule (this transaction's and any left behind) from every layer of
-    this system, and prove it by reading them back; `record.hatch` says how it went. True when
-    none is left."""
-    states = sync(None, available_layers(), log)
+    this system, and prove it by reading them back (or by the layers' states a revert just
+    proved, `proved`: RevertResult.known); `record.hatch` says how it went. True when none is
+    left."""
+    states = sync(None, available_layers(), log, proved=proved)
     failed = any(state.startswith("error") for state in states.values())
     if record.hatch or failed:
         info = dict(record.hatch or {})
@@ -174,10 +176,11 @@ class Keeper:
             self.retry_at = time.monotonic() + 5.0
             self.load(layers)
 
-    def remove(self) -> bool:
-        """The transaction ended: remove the hatch (and any left behind), proved by reading."""
+    def remove(self, proved: Mapping[str, tuple[int, bytes]] | None = None) -> bool:
+        """The transaction ended: remove the hatch (and any left behind), proved by reading
+        (`proved`: the layers' states a revert just proved, see `removed`)."""
         self.removing = True
-        done = removed(self.record, self.log)
+        done = removed(self.record, self.log, proved)
         self.log("hatch: removed (checked: none left)" if done else
                  f"hatch: NOT removed yet: {self.record.hatch}")
         self.removing = not done

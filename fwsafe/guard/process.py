@@ -246,7 +246,7 @@ class Guard:
         self.revert_reason = None
         self.log(f"reverted: {result.summary('guard')}"
                  + (f" after {result.attempts} attempts" if result.attempts > 1 else ""))
-        self.hatch.remove()
+        self.hatch.remove(result.known)   # the states the revert proved: not read again
         self.save()
 
     def _undo(self) -> RevertResult:

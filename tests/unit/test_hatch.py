@@ -221,3 +221,31 @@ def test_may_be_loaded_while_armed_or_being_removed() -> None:
                           ("off", False), ("unsupported", False)):
         assert hatch.may_be_loaded({"state": state}) is loaded, state
     assert not hatch.may_be_loaded(None) and not hatch.may_be_loaded({})
+
+
+def test_a_state_the_revert_proved_is_read_instead_of_the_layer(monkeypatch) -> None:
+    """After a revert, the hatch's removal takes the layer's state the revert proved (its
+    snapshot, which never holds the hatch) while nf_tables' generation is still the one after
+    that load; otherwise, or when that state holds a hatch rule, the layer is read."""
+    from fwsafe.backends import nflist
+
+    reads: list[list[str]] = []
+
+    def tool(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
+        reads.append(argv)
+        return 0, BASELINE_V4, ""
+
+    monkeypatch.setattr(hatch_sync, "_run", tool)
+    monkeypatch.setattr(nflist, "generation", lambda: 7)
+    monkeypatch.setattr(nflist, "kernel_tables", lambda: [("ip", "filter")])
+    proved = (7, BASELINE_V4.encode())
+    chains = hatch_sync.read_chains("ipv4", proved)
+    assert not reads and {c.name for c in chains} >= {"INPUT", "OUTPUT"}
+    assert chains == hatch_sync.read_chains("ipv4")          # what reading gives
+    assert len(reads) == 1
+    hatch_sync.read_chains("ipv4", (6, BASELINE_V4.encode()))   # committed since: read
+    assert len(reads) == 2
+    held = BASELINE_V4.replace("-A INPUT ", f"-A INPUT -m comment --comment {hatch_text.MARK}:x "
+                               "-j ACCEPT\n-A INPUT ", 1)
+    hatch_sync.read_chains("ipv4", (7, held.encode()))      # a hatch rule in it: read
+    assert len(reads) == 3
