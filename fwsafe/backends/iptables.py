@@ -291,8 +291,12 @@ class IptablesLayer(Layer):
         start = nflist.generation() if self.in_nf_tables() else None
         old = parse_ruleset(before.decode(errors="replace"))
         new = parse_ruleset(after.decode(errors="replace")) if after is not None else None
-        now = (new if live is not None and live == after and new is not None
-               else parse_ruleset((live or self.capture(on_retry)).decode(errors="replace")))
+        if live is not None and live == after and new is not None:
+            now = new
+        elif live is not None and live == before:
+            now = old   # the revert from the snapshot: the live state is the snapshot's
+        else:
+            now = parse_ruleset((live or self.capture(on_retry)).decode(errors="replace"))
         targets: dict[str, Table | None] = {}
         for name in tables:
             if level == MERGE and new is not None:
@@ -305,16 +309,20 @@ class IptablesLayer(Layer):
             else:
                 targets[name] = old.get(name)
         self.proved = None
+        whole = None
         if start is not None and self.on_target is not None:
-            self.on_target(_whole(now, targets))
-        commits = self._load_repairing(targets, old, on_retry)
+            whole = _whole(now, targets)
+            self.on_target(whole)
+        repairs: list[str] = []
+        commits = self._load_repairing(targets, old, on_retry, repairs)
         end = nflist.generation() if start is not None and commits else None
         if start is not None and end == start + commits:
             # Proved by the kernel: since the live state was read, nf_tables committed our
             # restore (one commit per table) and nothing else, so each table is its target,
             # and the layer is the live state read with those tables replaced.
             after_load = {n: t for n, t in targets.items() if t is not None}
-            self.proved = (start, end, _whole(now, targets))
+            self.proved = (start, end, whole if whole is not None and not repairs
+                           else _whole(now, targets))
         else:
             after_load = parse_ruleset(self.capture(on_retry).decode(errors="replace"))
         if level == MERGE and new is not None:
@@ -326,10 +334,11 @@ class IptablesLayer(Layer):
                 for name, target in targets.items() if not same_table(target, after_load.get(name))]
 
     def _load_repairing(self, targets: dict[str, Table | None], old: Tables,
-                        on_retry: RetryLog | None) -> int:
+                        on_retry: RetryLog | None, repairs: list[str] | None = None) -> int:
         """Load the targets; when the tool names a chain that a kept rule jumps to but that
-        exists nowhere any more, add it (the snapshot's copy, else empty) and load again.
-        Returns the nf_tables commits of the load that worked."""
+        exists nowhere any more, add it (the snapshot's copy, else empty) and load again
+        (`repairs`: each chain so added). Returns the nf_tables commits of the load that
+        worked."""
         for _ in range(8):
             try:
                 return self._load(targets, old, on_retry)
@@ -350,6 +359,8 @@ class IptablesLayer(Layer):
                     repaired = True
                 if not repaired:
                     raise
+                if repairs is not None:
+                    repairs.append(chain)
                 if on_retry:
                     on_retry(f"{self.label}: re-created chain {chain} that the target needs")
         return self._load(targets, old, on_retry)

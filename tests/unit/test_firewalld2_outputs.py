@@ -99,7 +99,7 @@ def test_the_hatch_says_it_cannot_open_ssh_through_an_owned_table(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a device for the lo bridge (no Ethernet device up), an owned table stands."""
     chains = hatch_chains.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
-    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer, _proved=None: chains)
     monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: [])
     monkeypatch.setattr(hatch_sync, "read_bridge", lambda: None)
     state = hatch_sync.sync_layer("nft", SPEC)
@@ -119,7 +119,7 @@ def test_past_an_owned_table_the_hatch_loops_ssh_through_lo(
     loaded in the same nft transaction, read back, then removed with the hatch. (The kernel's
     side, a NEW SSH login with the guard frozen: tests/lab/test_firewalld.py.)"""
     chains = hatch_chains.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
-    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer, _proved=None: chains)
     monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: ["host0", "eth1"])
     monkeypatch.setattr(hatch_sync, "strict_rp_filter", lambda: False)
     loaded: dict[str, list[str]] | None = None
@@ -200,7 +200,7 @@ def test_the_lo_bridge_leaves_ipv4_out_with_strict_rp_filter(
     and the state says so; with only IPv4 sources there is no bridge, and status says the
     owned table stands."""
     chains = hatch_chains.parse_nft(captured("nft-a-list-table-inet-firewalld.txt"))
-    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: chains)
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer, _proved=None: chains)
     monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: ["host0"])
     monkeypatch.setattr(hatch_sync, "strict_rp_filter", lambda: True)
     monkeypatch.setattr(hatch_sync, "read_bridge", lambda: None)
@@ -230,7 +230,7 @@ def test_a_refused_lo_bridge_does_not_take_the_hatch_with_it(
         "table inet mine { # handle 99\n\tchain input { # handle 1\n\t\ttype filter hook "
         "input priority filter; policy accept;\n\t\ttcp dport 23 drop # handle 2\n\t}\n}\n")
     loaded: list[str] = []
-    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer: hatch_chains.parse_nft(
+    monkeypatch.setattr(hatch_sync, "read_chains", lambda _layer, _proved=None: hatch_chains.parse_nft(
         listing.replace("tcp dport 23 drop", "\n\t\t".join([*loaded, "tcp dport 23 drop"]))))
     monkeypatch.setattr(hatch_sync, "bridge_devices", lambda: ["host0"])
     monkeypatch.setattr(hatch_sync, "strict_rp_filter", lambda: False)
