@@ -172,17 +172,18 @@ def established_sessions(ports: list[int], proc_net: str = PROC_NET) -> list[Ses
 
 
 def default_sessions(env: Mapping[str, str] | None = None, *, sshd_config: str = SSHD_CONFIG,
-                     proc_net: str = PROC_NET) -> tuple[list[Session], int]:
+                     proc_net: str = PROC_NET, port: int | None = None
+                     ) -> tuple[list[Session], int]:
     """The SSH sessions to protect and the management port.
 
     Inside an SSH session: that session alone. Otherwise: the established connections to
-    sshd's port (the most used one when sshd listens on several).
+    sshd's port (the most used one when sshd listens on several; `port`: that one, given).
     """
     environ = os.environ if env is None else env
     own = parse_ssh_connection(environ.get("SSH_CONNECTION"))
     if own is not None:
         return [own], own.server_port
-    ports = sshd_ports(sshd_config)
+    ports = [port] if port is not None else sshd_ports(sshd_config)
     sessions = established_sessions(ports, proc_net)
     if not sessions:
         return [], ports[0]

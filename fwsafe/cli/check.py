@@ -181,7 +181,7 @@ def _predict(tick: StepTicker, pool: ThreadPoolExecutor, change: Change,
     captured = host.result()
     pool.submit(warm_layers, captured)   # the sandboxes are built meanwhile
     layers = candidate_layers(change, captured)
-    sessions, default_port = default_sessions()
+    sessions, default_port = default_sessions(port=port)   # --port: sshd's not looked up
     chosen = parse_clients(list(clients))
     if not chosen:
         chosen = [s.client for s in sessions]

@@ -316,10 +316,12 @@ def _interfaces() -> dict[str, Interface]:
 
 
 def test_plan(monkeypatch: pytest.MonkeyPatch) -> None:
-    def route(client: str, hint: str | None, interfaces: object) -> ClientPath:
+    def route(client: str, hint: str | None, interfaces: object,
+              routes: object = None) -> ClientPath:
         return ClientPath(client, 6 if ":" in client else 4, dev="eth0")
 
     monkeypatch.setattr(plan, "client_path", route)
+    monkeypatch.setattr(plan, "routes_to", lambda addresses: {})
     made = make_plan(_interfaces(), avoid="-A INPUT -s 1.2.3.4/32 -j DROP")
     assert [link.name for link in made.links] == ["docker0", "eth0"]   # veth1: link-local only
     names = [(s.name, s.address, s.link) for s in made.sources]
@@ -361,10 +363,12 @@ def test_no_route_to_the_world(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_plan_tries_every_network_the_rules_name(monkeypatch: pytest.MonkeyPatch) -> None:
     """A ban of 1.0.0.0/8 must not hide the world (issue 29 point 2): the world at large is
     an address outside it, and the banned network and an allow-listed office are tried too."""
-    def route(client: str, hint: str | None, interfaces: object) -> ClientPath:
+    def route(client: str, hint: str | None, interfaces: object,
+              routes: object = None) -> ClientPath:
         return ClientPath(client, 6 if ":" in client else 4, dev="eth0")
 
     monkeypatch.setattr(plan, "client_path", route)
+    monkeypatch.setattr(plan, "routes_to", lambda addresses: {})
     rules = ("-A INPUT -s 1.0.0.0/8 -j DROP\n-A INPUT -s 192.0.2.0/24 -j ACCEPT\n"
              "-A INPUT -s 2001:db8:99::/48 -j ACCEPT\n")
     made = make_plan(_interfaces(), avoid=rules, space=named_space([rules]))
@@ -520,3 +524,15 @@ def test_addresses_no_packet_comes_from_are_not_sources() -> None:
                          "-A INPUT -s 240.0.0.0/4 -j DROP", "-A INPUT -s 0.0.0.0/8 -j DROP",
                          "-A INPUT -s 1.0.0.0/8 -j DROP"])
     assert [str(n) for n in space.networks[4]] == ["1.0.0.0/8"]
+
+
+def test_routes_asked_in_one_batch_are_the_routes_asked_one_by_one() -> None:
+    """`routes_to` (one `ip -batch`) gives for each address what `ip route get` gives alone
+    (read only: this host's own routes)."""
+    from fwsafe.check.host import ip_json, routes_to
+
+    wanted = ["127.0.0.1", "127.0.0.2", "::1"]
+    found = routes_to(wanted)
+    for address in wanted:
+        assert found[address] == ip_json(["route", "get", address]), address
+    assert routes_to([]) == {}

@@ -81,6 +81,10 @@ def test_outside_ssh_the_sessions_to_sshd_port(tmp_path: Path) -> None:
     assert default_clients_and_port({}, sshd_config=str(config), proc_net=str(proc)) == ([], 2200)
     sessions, port = default_sessions({}, sshd_config=str(config), proc_net=str(tmp_path / "x"))
     assert sessions == [] and port == 2200
+    # --port given: the sessions to that port, sshd's own ports not looked up
+    sessions, port = default_sessions({}, sshd_config=str(tmp_path / "missing"),
+                                      proc_net=str(proc), port=2222)
+    assert [s.client for s in sessions] == ["127.0.0.1"] and port == 2222
 
 
 def test_sshd_config_ports(tmp_path: Path) -> None:
