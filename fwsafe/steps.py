@@ -8,7 +8,7 @@ them from here (`apply_steps`, `on_confirmed`)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from typing import Any
 
@@ -27,7 +27,8 @@ from fwsafe.guard.spawn import systemd_is_init
 
 
 def lockout_check(change: Change, options: ApplyOptions,
-                  captured: Mapping[str, bytes] | None = None) -> dict[str, Any]:
+                  captured: Mapping[str, bytes] | Callable[[], Mapping[str, bytes]] | None
+                  = None) -> dict[str, Any]:
     """Predict a lockout (`options.check` is on); refuse a predicted one unless forced
     (exit 3). Returns the verdict kept in the record (its clients and port are the revert's
     second proof)."""

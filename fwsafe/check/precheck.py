@@ -12,7 +12,7 @@ from concurrent.futures import Future
 
 from fwsafe.backends import PREDICTED, RULES_FILE, available_layers, layer_for, layer_has, layers_with
 from fwsafe.check.clients import default_sessions
-from fwsafe.check.predict import CheckReport, predict
+from fwsafe.check.predict import Captured, CheckReport, predict
 from fwsafe.check.prune import warm
 from fwsafe.check.simulate import simulate
 from fwsafe.core.change import Change
@@ -35,14 +35,16 @@ def candidate_layers(change: Change, captured: Mapping[str, bytes] | None = None
 
 
 def precheck(change: Change, *, clients: list[str] | None = None, port: int | None = None,
-             captured: Mapping[str, bytes] | None = None) -> CheckReport | None:
+             captured: Captured = None) -> CheckReport | None:
     """Predict whether `change` cuts the SSH path of the known clients. None when no client is
-    known (not in an SSH session and no established SSH connection), so nothing to protect."""
+    known (not in an SSH session and no established SSH connection), so nothing to protect.
+    `captured`: the host's layers, or what gives them (`predict`)."""
     sessions, default_port = default_sessions()
     chosen = clients or [s.client for s in sessions]
     if not chosen:
         return None
-    layers = candidate_layers(change, captured)
+    layers = candidate_layers(change, None if change.run is None else
+                              captured() if callable(captured) else captured)
     if not layers:
         return None
     servers = {s.client: s.server for s in sessions if s.client in chosen}

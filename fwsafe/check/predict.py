@@ -266,9 +266,12 @@ def _culprit_fields(culprits: list[str]) -> tuple[str | None, str]:
     return culprits[0], extra
 
 
+Captured = Mapping[str, bytes] | Callable[[], Mapping[str, bytes]] | None
+
+
 def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: int,
             servers: Mapping[str, str] | None = None, timeout: float = DEFAULT_TIMEOUT,
-            validate: bool = True, captured: Mapping[str, bytes] | None = None,
+            validate: bool = True, captured: Captured = None,
             sandbox_prefix: str = CHECK_PREFIX) -> CheckReport:
     """Predict whether applying `layers` would lock the management clients out.
 
@@ -278,7 +281,8 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
     to (default: the source address the host uses towards it); `timeout` is how long one
     connection attempt may take in the sandbox; `validate=False` skips the validation (when
     the caller has validated already); `captured` the host's layers if already read
-    (fwsafe.check.host.capture_host); `sandbox_prefix` names the sandbox's namespaces
+    (fwsafe.check.host.capture_host), or what gives them once they are (called after the
+    sandbox is built: the reading goes on meanwhile); `sandbox_prefix` names the sandbox's namespaces
     (fwsafe.check.sandbox.PROOF_PREFIX for the proof after a revert).
 
     Raises InvalidRulesError (exit 3) for rules the backend refuses, UsageError (exit 2) for
@@ -315,12 +319,11 @@ def predict(layers: dict[str, tuple[bytes, str]], *, clients: list[str], port: i
 
 def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dict[str, str],
          port: int, timeout: float, report: CheckReport, sandbox: Sandbox,
-         captured: Mapping[str, bytes] | None = None) -> None:
+         captured: Captured = None) -> None:
     if first_with(NFT_TABLES, layers) is not None:   # an nft script to load
         require_binary("nft")
     interfaces = host_interfaces()
     paths = [client_path(c, hints.get(c), interfaces) for c in clients]
-    tools, native = current_state(layers, captured)
     links, lo_addresses = plan_links(paths, interfaces)
     testable = [p for p in paths if p.problem is None]
 
@@ -336,11 +339,16 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
                                                         f"not checked: {path.problem}")
 
     if testable:
-        firewall = SandboxFirewall(sandbox, layers, tools, native)
-        prober = Prober(firewall, timeout)
         try:
             sandbox.build(links, lo_addresses, agents=True,
                           client_agent=any(not p.local for p in testable))
+        except SandboxError as exc:
+            raise EnvironmentProblem(f"the check sandbox failed: {exc}") from exc
+        # The host's layers, read meanwhile (when `captured` gives them)
+        tools, native = current_state(layers, captured() if callable(captured) else captured)
+        firewall = SandboxFirewall(sandbox, layers, tools, native)
+        prober = Prober(firewall, timeout)
+        try:
             # After the build: the pruning analysis of a large ruleset (fwsafe.check.prune,
             # perhaps still running ahead in a thread) goes on while the namespaces are made.
             known_interfaces = ["lo", *(link.name for link in links)]

@@ -178,9 +178,10 @@ def _predict(tick: StepTicker, pool: ThreadPoolExecutor, change: Change,
              ) -> tuple[CheckReport, tuple[dict[str, Any], ExposureChange | str] | None]:
     """The lockout check, and the exposure beside it (each its own sandbox), on the host's
     layers as read; the pruning analysis of those goes on in the pool meanwhile."""
-    captured = host.result()
-    pool.submit(warm_layers, captured)   # the sandboxes are built meanwhile
-    layers = candidate_layers(change, captured)
+    # A rules file is checked without the host's reading: each sandbox is built while it
+    # goes on, and waits for it then (a command runs on a copy of the host's layers: first).
+    pool.submit(lambda: warm_layers(host.result()))   # the sandboxes are built meanwhile
+    layers = candidate_layers(change, host.result() if change.run is not None else None)
     sessions, default_port = default_sessions(port=port)   # --port: sshd's not looked up
     chosen = parse_clients(list(clients))
     if not chosen:
@@ -193,11 +194,12 @@ def _predict(tick: StepTicker, pool: ThreadPoolExecutor, change: Change,
     tick.step("predicting a lockout" + ("" if no_exposure else " and the exposure")
               + " in scratch namespaces")
     pending = None if no_exposure or not validated else pool.submit(
-        _exposure, layers, timeout_s, captured)
+        lambda: _exposure(layers, timeout_s, host.result()))
     report = predict(layers, clients=chosen, port=port or default_port, servers=servers,
-                     timeout=timeout_s, validate=not validated, captured=captured)
+                     timeout=timeout_s, validate=not validated, captured=host.result)
     exposure = None if no_exposure else (
-        pending.result() if pending is not None else _exposure(layers, timeout_s, captured))
+        pending.result() if pending is not None else _exposure(layers, timeout_s,
+                                                                host.result()))
     return report, exposure
 
 

@@ -90,7 +90,8 @@ class ApplyOptions:
     # The steps that live above core, given by the caller (fwsafe.steps.apply_steps): the flow
     # names none of the packages they come from (check, sshd, persistence). Asked for and
     # missing: a TypeError (a bug), never a silent skip.
-    lockout_check: Callable[[Change, ApplyOptions, Mapping[str, bytes] | None],
+    lockout_check: Callable[[Change, ApplyOptions,
+                             Mapping[str, bytes] | Callable[[], Mapping[str, bytes]] | None],
                             dict[str, Any]] | None = field(default=None, repr=False)
     warm_change: Callable[[Change], None] | None = field(default=None, repr=False)
     warm_captures: Callable[[Mapping[str, Future[bytes]]], None] | None = field(
@@ -116,9 +117,11 @@ def step(given: Step | None, name: str) -> Step:
 
 
 def lockout_check(change: Change, options: ApplyOptions,
-                  captured: Mapping[str, bytes] | None = None) -> dict[str, Any]:
+                  captured: Mapping[str, bytes] | Callable[[], Mapping[str, bytes]] | None
+                  = None) -> dict[str, Any]:
     """Run the lockout check (the caller's step: fwsafe.steps.lockout_check); it refuses a
-    predicted lockout unless forced (exit 3)."""
+    predicted lockout unless forced (exit 3). `captured`: the host's layers, or what waits for
+    them (the check's sandbox is built meanwhile)."""
     if not options.check:
         return {"ran": False, "summary": "lockout check skipped (--no-check)"}
     return step(options.lockout_check, "lockout_check")(change, options, captured)
@@ -252,18 +255,24 @@ class ApplyFlow:
             validating = pool.submit(validate_change, complete, by_transaction=not options.check)
             if any(layer_kind(name) in ON_DEMAND_LAYERS for name in complete.layers):
                 validating.result()
-            captured = collect(captures, list(change.layers))
-            lossy = pool.submit(refuse_lossy_tables, change, captured, generation, ahead,
-                                self.state)
-            # Written (durably) while the checks run; a layer read again is written again.
-            saving = pool.submit(save_snapshot, self.state, tx_id, change, captured)
+            def collected() -> tuple[dict[str, bytes], Future[None], Future[None]]:
+                """The layers once read; then the fidelity test and the snapshot's writing
+                (durably, while the checks run; a layer read again is written again)."""
+                captured = collect(captures, list(change.layers))
+                return captured, pool.submit(refuse_lossy_tables, change, captured,
+                                             generation, ahead, self.state), \
+                    pool.submit(save_snapshot, self.state, tx_id, change, captured)
+
+            # (the capture futures are in the pool before it, or in threads of their own)
+            collecting = pool.submit(collected)
             if options.check:
                 options.step("predicting a lockout in a scratch namespace")
-            try:
-                verdict = lockout_check(complete, options, captured)
+            try:   # its sandbox is built while the layers are still being read
+                verdict = lockout_check(complete, options, lambda: collecting.result()[0])
             except FwsafeError:
                 validating.result()
                 raise
+            captured, lossy, saving = collecting.result()
             validating.result()
             lossy.result()
             if options.before_apply is not None:
