@@ -28,6 +28,7 @@ class AddressSet:
 
     networks: list[Network] = field(default_factory=list)
     interfaces: frozenset[str] | None = None
+    translated: int = 0   # of the networks: those address translations lead packets to
 
     def __post_init__(self) -> None:
         spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}

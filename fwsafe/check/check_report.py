@@ -98,6 +98,7 @@ def check_lines(report: CheckReport, verbose: bool) -> tuple[list[str], list[str
                          "or matched or not they leave its fate as it is):")
             lines += [f"  {item}" for item in rest]
         lines += [f"Note: {note}" for note in report.notes]
+        lines += sandbox_lines(report)
     else:
         if rest:
             left_out.append(f"{plural(len(rest), 'unreproducible rule')}, none able to change "
@@ -105,6 +106,20 @@ def check_lines(report: CheckReport, verbose: bool) -> tuple[list[str], list[str
         if report.notes:
             left_out.append(plural(len(report.notes), "note"))
     return lines, left_out
+
+
+def sandbox_lines(report: CheckReport) -> list[str]:
+    """What the sandbox loaded (`-v`): the rules it left out, and what it loaded whole, why."""
+    if not report.left_out and not report.pruning:
+        return []
+    if report.left_out:
+        rules = "rule" if report.left_out == 1 else "rules"
+        head = (f"Sandbox: {report.left_out:,} {rules} left out (no packet of the sandbox "
+                "can match them: addresses or interfaces outside its own, or chains only such "
+                "rules reach; one rule of each shape is loaded all the same)")
+    else:
+        head = "Sandbox: every rule loaded"
+    return [head, *(f"  {why}" for why in report.pruning)]
 
 
 def _verdict_detail(verdict: Verdict, verbose: bool) -> list[str]:

@@ -16,7 +16,13 @@ from fwsafe.check.host import IptTool, iptables_nft_tables
 from fwsafe.check.ipt_lines import map_iptables_file
 from fwsafe.check.naming import NftCandidate, RuleNamer
 from fwsafe.check.nft_listing import parse_nft_listing
-from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, sandbox_addresses
+from fwsafe.check.prune import (
+    AddressSet,
+    prune_iptables,
+    prune_nft,
+    sandbox_addresses,
+    unpruned_why,
+)
 from fwsafe.check.sandbox import TRACE_TABLE, Sandbox, SandboxError
 from fwsafe.errors import EnvironmentProblem, InvalidRulesError
 from fwsafe.runner import require_binary
@@ -54,6 +60,7 @@ class SandboxFirewall:
         self.notes: list[str] = []
         self.addresses: AddressSet | None = None
         self.left_out = 0          # rules not loaded: no sandbox packet can match them
+        self.pruning: list[str] = []   # what was loaded whole, and why (`check -v`)
 
     def prune_to(self, addresses: list[str], interfaces: list[str] | None = None) -> None:
         """Load only the rules a packet with one of ``addresses`` (the sandbox's own) can match
@@ -68,12 +75,21 @@ class SandboxFirewall:
         if candidate is not None:
             nft.append(self.layers[candidate][0].decode(errors="replace"))
         self.addresses = sandbox_addresses(addresses, ipt, nft, interfaces)
+        if self.addresses is None:
+            self.pruning.append(unpruned_why(ipt, nft))
+        elif self.addresses.translated:
+            self.pruning.append(
+                f"{self.addresses.translated} address(es) that reachable translations (DNAT, "
+                "SNAT, ...) lead packets to count as the sandbox's own: rules naming them are "
+                "loaded")
 
     def _ipt(self, tool: IptTool, content: bytes) -> bytes:
         if self.addresses is None:
             return content
         pruned = prune_iptables(content.decode(errors="replace"), self.addresses, tool.family)
         self.left_out += pruned.left_out
+        self.pruning += [f"{tool.label} {why}" for why in pruned.whole
+                         if f"{tool.label} {why}" not in self.pruning]
         return pruned.text.encode() if pruned.left_out else content
 
     def _nft(self, content: bytes) -> bytes:

@@ -105,6 +105,7 @@ class CheckReport:
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
     left_out: int = 0       # rules the sandbox did not load: none of its packets can match them
+    pruning: list[str] = field(default_factory=list)   # what it loaded whole, and why
 
     @property
     def unknown(self) -> int:
@@ -144,7 +145,7 @@ class CheckReport:
             "notes": self.notes,
             "limits": LIMITS,
             "duration_s": round(self.duration_s, 3),
-            "sandbox": {"rules_left_out": self.left_out},
+            "sandbox": {"rules_left_out": self.left_out, "pruning": self.pruning},
         }
         if self.lockout:
             data["kind"] = "LockoutPredicted"
@@ -366,6 +367,7 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
             raise EnvironmentProblem(f"the check sandbox failed: {exc}") from exc
         report.not_checked = [item.text() for item in prober.not_checked]
         report.left_out = firewall.left_out
+        report.pruning = firewall.pruning
         report.notes += firewall.degraded + firewall.notes
 
     for path in paths:

@@ -55,7 +55,8 @@ from fwsafe.check.address_set import (
     v4_range,
 )
 
-__all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses", "warm"]
+__all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses",
+           "unpruned_why", "warm"]
 
 _IPT_ADDRESS = re.compile(r"(?:^|\s)(!\s+)?(-s|--source|--src|-d|--destination|--dst)\s+(\S+)")
 _IPT_NAT = re.compile(r"--to-destination|--to-source|--to\s|\bNETMAP\b|\bTPROXY\b|--on-ip")
@@ -124,6 +125,7 @@ def _blanked(lines: list[str], blank: list[int], left_out: int) -> Pruned:
 class Pruned:
     text: str
     left_out: int = 0
+    whole: list[str] = field(default_factory=list)   # tables loaded whole, and why
 
 
 def rewrites_addresses(texts: Iterable[str]) -> bool:
@@ -143,6 +145,9 @@ def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
     lines, found = _ipt_analysed(text, family)
     blank: list[int] = []
     left_out = 0
+    whole = [f"table {t.name or '?'}: loaded whole (it inserts, replaces, deletes or renames, "
+             "or holds a line that is not read here: single quotes, a continuation)"
+             for t in found.tables if t.opaque]
     for table in found.tables:
         if table.opaque:
             continue
@@ -161,7 +166,9 @@ def prune_iptables(text: str, addresses: AddressSet, family: int) -> Pruned:
         # Chains left empty and never jumped to are not declared either: iptables-nft lists
         # thousands of empty chains slowly (iptables-save after every attempt).
         blank += [line for chain, line in table.declared.items() if chain not in needed]
-    return _blanked(lines, blank, left_out) if blank else Pruned(text, 0)
+    pruned = _blanked(lines, blank, left_out) if blank else Pruned(text, 0)
+    pruned.whole = whole
+    return pruned
 
 
 class _IptRule(NamedTuple):
@@ -189,6 +196,7 @@ class _IptTable:
     user: set[str] = field(default_factory=set)
     rules: list[_IptRule] = field(default_factory=list)
     opaque: bool = False
+    name: str = ""
     declared: dict[str, int] = field(default_factory=dict)   # user chain -> its line
     jumps: dict[str, list[_IptRule]] = field(default_factory=dict)   # chain -> its jumps
 
@@ -248,7 +256,7 @@ def _ipt_rules(lines: list[str], family: int) -> _IptAnalysis:
 
 def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptAnalysis
                ) -> _IptTable:
-    table = _IptTable()
+    table = _IptTable(name=block.table)
     # a table that another `*table` line opens inside is not read (iptables-restore refuses it)
     table.opaque = not block.closed and block.end < len(lines)
     parsed: list[_Parsed] = []
@@ -419,6 +427,15 @@ def _nat_targets(rest: str, family: int) -> tuple[str, ...] | None:
     return tuple(found)
 
 
+def unpruned_why(iptables: Iterable[tuple[str, int]], nft: Iterable[str]) -> str:
+    """Why `sandbox_addresses` gave None for these texts: what `check -v` says."""
+    if rewrites_addresses(list(nft)):
+        return ("an nft table translates addresses (dnat, snat, ...): the addresses its packets "
+                "carry after it are not read, so every rule is loaded")
+    return ("an iptables address translation could not be read (a --to-destination that is "
+            "not an address, NETMAP, a quoted or continued line): every rule is loaded")
+
+
 def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, int]],
                       nft: Iterable[str], interfaces: Iterable[str] | None = None
                       ) -> AddressSet | None:
@@ -451,6 +468,7 @@ def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, in
                 new.update(a for r in nat if r.chain in live and r.may_match(found)
                            for a in r.nat)
         if new <= extra:
+            found.translated = len(extra)
             return found
         extra |= new
         found = AddressSet.of([*base, *sorted(extra)], names)

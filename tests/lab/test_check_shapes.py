@@ -4,10 +4,12 @@ and the rule that changes the verdict is still loaded and named; reality agrees.
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 
+from tests.bins import FWSAFE
 from tests.conftest import FwLab
 from tests.lab.test_check import HEAD, applied_new_connection_ok, check, verdict
 
@@ -113,3 +115,58 @@ def test_missing_chain_jump_in_an_unreached_chain_is_refused(fwlab: FwLab) -> No
     code, _, stderr = check(fwlab, str(path), "--client", fwlab.lab.cli_ip4, "--no-exposure")
     assert code == 3, stderr
     assert "NOSUCHCHAIN" in stderr
+
+
+def _docker(networks: int, drop_on: str | None = None) -> str:
+    """Docker's chains for `networks` user networks (a bridge each, a published port each:
+    FORWARD, DOCKER-ISOLATION-STAGE-1/2, nat DOCKER DNAT and MASQUERADE); `drop_on`: one
+    more rule that drops SSH arriving on that interface (the management path's own)."""
+    filt = [":DOCKER - [0:0]", ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
+            ":DOCKER-ISOLATION-STAGE-2 - [0:0]", ":DOCKER-USER - [0:0]",
+            "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+            "-A FORWARD -j DOCKER-USER", "-A FORWARD -j DOCKER-ISOLATION-STAGE-1"]
+    nat = [":DOCKER - [0:0]", "-A PREROUTING -m addrtype --dst-type LOCAL -j DOCKER"]
+    for k in range(networks):
+        br, net = f"br-{k:012x}", f"172.{20 + k // 250}.{k % 250}"
+        filt += [f"-A FORWARD -o {br} -j DOCKER", f"-A FORWARD -i {br} ! -o {br} -j ACCEPT",
+                 f"-A DOCKER -d {net}.2/32 ! -i {br} -o {br} -p tcp -m tcp --dport 80 -j ACCEPT",
+                 f"-A DOCKER-ISOLATION-STAGE-1 -i {br} ! -o {br} -j DOCKER-ISOLATION-STAGE-2",
+                 f"-A DOCKER-ISOLATION-STAGE-2 -o {br} -j DROP",
+                 f"-A INPUT -i {br} -p tcp -m tcp --dport 22 -j DROP"]
+        nat += [f"-A POSTROUTING -s {net}.0/24 ! -o {br} -j MASQUERADE",
+                f"-A DOCKER -i {br} -j RETURN",
+                f"-A DOCKER ! -i {br} -p tcp -m tcp --dport {10000 + k} -j DNAT "
+                f"--to-destination {net}.2:80"]
+    if drop_on is not None:
+        filt.append(f"-A INPUT -i {drop_on} -p tcp -m tcp --dport 22 -j DROP")
+    filt += ["-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT"]
+    return (HEAD.format(inp="ACCEPT") + "\n".join(filt) + "\nCOMMIT\n*nat\n"
+            ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
+            ":POSTROUTING ACCEPT [0:0]\n" + "\n".join(nat) + "\nCOMMIT\n")
+
+
+def test_docker_bridges_left_out_by_interface_and_the_management_interface_kept(
+        fwlab: FwLab) -> None:
+    """Rules on Docker's bridges (`-i/-o br-...`) meet no packet of the sandbox, whose
+    interfaces are the host's management ones: left out, one of each shape loaded; a drop on
+    the management interface itself is loaded, named, and reality agrees."""
+    client = fwlab.lab.cli_ip4
+    path = fwlab.write("docker.rules", _docker(300))
+    code, data, stderr = check(fwlab, str(path), "--client", client, "--no-exposure")
+    assert code == 0, stderr
+    assert verdict(data, "new", client)["ok"] is True
+    assert data["sandbox"]["rules_left_out"] >= 1500, data["sandbox"]
+    assert any("translations" in why for why in data["sandbox"]["pruning"]), data["sandbox"]
+    assert not [n for n in data["not_checked"] if "! -i br-" in n or "! -o br-" in n]
+    assert applied_new_connection_ok(fwlab, path) is True
+
+    dev = fwlab.lab.srv_exec(["ip", "-j", "route", "get", client]).stdout
+    iface = json.loads(dev)[0]["dev"]
+    path = fwlab.write("docker-drop.rules", _docker(300, drop_on=iface))
+    code, data, stderr = check(fwlab, str(path), "--client", client, "--no-exposure")
+    assert code == 1, stderr
+    assert f"-i {iface} " in verdict(data, "new", client)["culprit"]
+    assert applied_new_connection_ok(fwlab, path) is False
+    shown = fwlab.lab.srv_exec(["env", "-u", "SSH_CONNECTION", FWSAFE, "check", "-v", str(path),
+                                "--client", client, "--no-exposure"], check=False)
+    assert re.search(r"^Sandbox: [\d,]+ rules left out", shown.stdout, re.M), shown.stdout

@@ -350,3 +350,23 @@ def test_words_after_a_comment_are_not_taken_for_options() -> None:
     assert _lines_with(pruned.text, "-A C -p tcp -j DROP")    # C is reached
     assert _lines_with(pruned.text, "--comment -s -j C") and _lines_with(pruned.text, "--comment -o -j C")
     assert pruned.left_out == 1                                 # 198.51.100.2's, one shape
+
+
+def test_what_is_loaded_whole_is_said() -> None:
+    """`check -v` and --json's sandbox.pruning: a table that deletes is loaded whole; no
+    pruning at all names its reason; the addresses translations lead to are counted."""
+    text = "\n".join(["*filter", ":INPUT ACCEPT [0:0]", "-D INPUT -s 198.51.100.1/32 -j DROP",
+                      "-A INPUT -s 198.51.100.2/32 -j DROP", "COMMIT",
+                      "*raw", ":PREROUTING ACCEPT [0:0]",
+                      "-A PREROUTING -s 198.51.100.3/32 -j DROP",
+                      "-A PREROUTING -s 198.51.100.4/32 -j DROP", "COMMIT", ""])
+    pruned = prune_iptables(text, SANDBOX, 4)
+    assert pruned.left_out == 1 and len(pruned.whole) == 1
+    assert pruned.whole[0].startswith("table filter: loaded whole")
+    assert "nft table translates" in prune.unpruned_why([], ["\t\tdnat ip to 10.9.9.9"])
+    assert "could not be read" in prune.unpruned_why(
+        [(ipt("-A INPUT -j DNAT --to-destination x"), 4)], [])
+    nat = ipt("-A INPUT -p tcp -j DNAT --to-destination 203.0.113.5:22").replace("*filter", "*nat")
+    found = prune.sandbox_addresses([CLIENT], [(nat, 4)], [])
+    assert found is not None and found.translated == 1
+    assert prune.sandbox_addresses([CLIENT], [(ipt("-A INPUT -j DROP"), 4)], []).translated == 0

@@ -138,3 +138,19 @@ def test_audit_and_exposure_count_the_rules_not_checked_and_list_them_with_v() -
     assert ufw_log not in "\n".join(listed)   # the check's -v listed them already
     assert "not checked: 3 rules the sandbox cannot reproduce, as listed above" in listed[-1]
     assert change.to_json()["not_checked"] == [ufw_log] * 3
+
+
+def test_check_v_says_what_the_sandbox_left_out_and_loaded_whole() -> None:
+    from fwsafe.check.check_report import check_lines
+
+    report = CheckReport(verdicts=[Verdict("new tcp 10.0.0.2 -> :22 (ipv4)", True)],
+                         clients=["10.0.0.2"], port=22, left_out=49990,
+                         pruning=["IPv4 table nat: loaded whole (it inserts, ...)"])
+    verbose, _ = check_lines(report, True)
+    assert "Sandbox: 49,990 rules left out" in "\n".join(verbose)
+    assert "  IPv4 table nat: loaded whole (it inserts, ...)" in verbose
+    quiet, _ = check_lines(report, False)
+    assert not any(line.startswith("Sandbox:") for line in quiet)   # -v only
+    report.left_out, report.pruning = 0, []
+    assert not any(line.startswith("Sandbox:") for line in check_lines(report, True)[0])
+    assert report.to_json()["sandbox"] == {"rules_left_out": 0, "pruning": []}
