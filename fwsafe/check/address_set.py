@@ -29,6 +29,9 @@ class AddressSet:
     networks: list[Network] = field(default_factory=list)
     interfaces: frozenset[str] | None = None
     translated: int = 0   # of the networks: those address translations lead packets to
+    # the TCP destination ports of the connections its packets open (None: any); the nat
+    # table sees a connection's first packet only
+    ports: frozenset[int] | None = None
 
     def __post_init__(self) -> None:
         spans: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
@@ -49,15 +52,16 @@ class AddressSet:
             self.merged[family] = (starts, ends)
 
     @classmethod
-    def of(cls, addresses: Iterable[str], interfaces: Iterable[str] | None = None
-           ) -> AddressSet:
+    def of(cls, addresses: Iterable[str], interfaces: Iterable[str] | None = None,
+           ports: Iterable[int] | None = None) -> AddressSet:
         found = [ipaddress.ip_network(a, strict=False) for a in _ALWAYS]
         for address in addresses:
             try:
                 found.append(ipaddress.ip_network(address, strict=False))
             except ValueError:
                 continue
-        return cls(found, None if interfaces is None else frozenset(interfaces))
+        return cls(found, None if interfaces is None else frozenset(interfaces),
+                   ports=None if ports is None else frozenset(ports))
 
     def overlaps(self, family: int, ranges: Ranges) -> bool:
         starts, ends = self.merged[family]
@@ -89,6 +93,14 @@ class AddressSet:
             elif name not in self.interfaces:
                 return False
         return True
+
+    def may_open(self, dports: tuple[tuple[int, int], ...] | None) -> bool:
+        """Whether a nat rule matching these TCP destination port ranges (None: any port, or
+        not a TCP match read here) may see the first packet of a connection the sandbox
+        opens."""
+        if dports is None or self.ports is None:
+            return True
+        return any(first <= port <= last for first, last in dports for port in self.ports)
 
     def meets(self, value: str, family: int) -> bool:
         """Whether the option value (``a``, ``a/n``, ``a/mask``, comma-separated) may match an

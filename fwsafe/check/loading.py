@@ -62,11 +62,13 @@ class SandboxFirewall:
         self.left_out = 0          # rules not loaded: no sandbox packet can match them
         self.pruning: list[str] = []   # what was loaded whole, and why (`check -v`)
 
-    def prune_to(self, addresses: list[str], interfaces: list[str] | None = None) -> None:
+    def prune_to(self, addresses: list[str], interfaces: list[str] | None = None,
+                 ports: list[int] | None = None) -> None:
         """Load only the rules a packet with one of ``addresses`` (the sandbox's own) can match
         (fwsafe.check.prune), with the addresses reachable translations rewrite them to, on
-        one of ``interfaces`` (the sandbox's; None: any); nothing is left out when an nft
-        layer translates addresses."""
+        one of ``interfaces`` (the sandbox's; None: any), opening TCP connections to
+        ``ports`` only (None: any); nothing is left out when an nft layer translates
+        addresses."""
         ipt = [(t.current.decode(errors="replace"), t.family) for t in self.tools]
         ipt += [(t.candidate[0].decode(errors="replace"), t.family) for t in self.tools
                 if t.candidate]
@@ -74,7 +76,7 @@ class SandboxFirewall:
         candidate = first_with(NFT_TABLES, self.layers)
         if candidate is not None:
             nft.append(self.layers[candidate][0].decode(errors="replace"))
-        self.addresses = sandbox_addresses(addresses, ipt, nft, interfaces)
+        self.addresses = sandbox_addresses(addresses, ipt, nft, interfaces, ports)
         if self.addresses is None:
             self.pruning.append(unpruned_why(ipt, nft))
         elif self.addresses.translated:

@@ -355,7 +355,7 @@ def _run(layers: Mapping[str, tuple[bytes, str]], clients: list[str], hints: dic
             known_interfaces = ["lo", *(link.name for link in links)]
             firewall.prune_to([*(a for i in interfaces.values() for a, _, _ in i.addresses),
                                *clients, *(p.server for p in paths if p.server),
-                               *lo_addresses], known_interfaces)
+                               *lo_addresses], known_interfaces, [port])
             assert sandbox.srv_agent is not None
             listening = sandbox.srv_agent.request({"op": "listen", "port": port})
             if not listening.get("ok"):

@@ -182,9 +182,11 @@ class _IptRule(NamedTuple):
     jump: str | None
     nat: tuple[str, ...]
     ifaces: tuple[str, ...] = ()   # the interfaces its -i/-o options name (not negated)
+    dports: tuple[tuple[int, int], ...] | None = None   # a nat rule's TCP ports (_tcp_dports)
 
     def may_match(self, addresses: AddressSet) -> bool:
-        return addresses.may_match(self.options) and addresses.may_pass(self.ifaces)
+        return addresses.may_match(self.options) and addresses.may_pass(self.ifaces) \
+            and addresses.may_open(self.dports)
 
 
 @dataclass
@@ -319,10 +321,41 @@ def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptA
         shape = shapes.get((where, rest))
         if shape is None:
             shape = shapes[(where, rest)] = f"{where} {_NUMBER.sub('#', rest)}"
-        table.rules.append(_IptRule(i, shape, options, chain, jump, nat, ifaces))
+        dports = _tcp_dports(rest) if table.name == "nat" else None
+        table.rules.append(_IptRule(i, shape, options, chain, jump, nat, ifaces, dports))
         if jump is not None:
             table.jumps.setdefault(chain, []).append(table.rules[-1])
     return table
+
+
+_TCP = re.compile(r"(?:^|\s)(!\s+)?(?:-p|--protocol)\s+(\S+)")
+_DPORTS = re.compile(r"(?:^|\s)(!\s+)?(?:--dport|--destination-port|--dports|"
+                     r"--destination-ports)\s+(\S+)")
+_PORT_RANGE = re.compile(r"(\d{1,5})?(?::(\d{1,5})?)?")
+
+
+def _tcp_dports(rest: str) -> tuple[tuple[int, int], ...] | None:
+    """The TCP destination port ranges a rule matches (`-p tcp` with one `--dport(s)`, not
+    negated: "22", "1000:2000", "80,443", "1024:"); None for any other rule, or one not
+    read here (it may see any port)."""
+    if "port" not in rest:
+        return None
+    protocols = _TCP.findall(rest)
+    ports = _DPORTS.findall(rest)
+    if len(protocols) != 1 or protocols[0][0] or protocols[0][1] not in ("tcp", "6") \
+            or len(ports) != 1 or ports[0][0]:
+        return None
+    ranges: list[tuple[int, int]] = []
+    for item in ports[0][1].split(","):
+        m = _PORT_RANGE.fullmatch(item)
+        if m is None or not item or item == ":":
+            return None
+        first = int(m.group(1)) if m.group(1) else 0
+        last = (int(m.group(2)) if m.group(2) else 65535) if ":" in item else first
+        if last > 65535 or first > last:
+            return None
+        ranges.append((first, last))
+    return tuple(ranges)
 
 
 def _hooks(table: _IptTable, parsed: list[_Parsed]) -> dict[str, str]:
@@ -437,20 +470,22 @@ def unpruned_why(iptables: Iterable[tuple[str, int]], nft: Iterable[str]) -> str
 
 
 def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, int]],
-                      nft: Iterable[str], interfaces: Iterable[str] | None = None
-                      ) -> AddressSet | None:
+                      nft: Iterable[str], interfaces: Iterable[str] | None = None,
+                      ports: Iterable[int] | None = None) -> AddressSet | None:
     """The addresses sandbox packets may carry: ``addresses`` (the sandbox's own), and those
     an address translation that such a packet may meet rewrites them to (iptables: DNAT/SNAT
     rules in chains the packets reach, whose own addresses may match), to a fixed point.
     None (nothing may be left out) when an nft file translates addresses, or a translation is
     not readable. ``interfaces``: the sandbox's (its packets arrive and leave by no other);
-    None: any."""
+    ``ports``: the TCP destination ports of the connections it opens (a nat rule for another
+    port never sees them: Docker's published ports); None: any."""
     if rewrites_addresses([t for t in nft]):
         return None
     base = list(addresses)
     texts = list(iptables)
     names = None if interfaces is None else sorted(interfaces)
-    found = AddressSet.of(base, names)
+    opened = None if ports is None else sorted(set(ports))
+    found = AddressSet.of(base, names, opened)
     extra: set[str] = set()
     for _ in range(16):
         new: set[str] = set()
@@ -471,7 +506,7 @@ def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, in
             found.translated = len(extra)
             return found
         extra |= new
-        found = AddressSet.of([*base, *sorted(extra)], names)
+        found = AddressSet.of([*base, *sorted(extra)], names, opened)
     return None
 
 

@@ -117,10 +117,11 @@ def test_missing_chain_jump_in_an_unreached_chain_is_refused(fwlab: FwLab) -> No
     assert "NOSUCHCHAIN" in stderr
 
 
-def _docker(networks: int, drop_on: str | None = None) -> str:
+def _docker(networks: int, drop_on: str | None = None, publish_ssh: bool = False) -> str:
     """Docker's chains for `networks` user networks (a bridge each, a published port each:
     FORWARD, DOCKER-ISOLATION-STAGE-1/2, nat DOCKER DNAT and MASQUERADE); `drop_on`: one
-    more rule that drops SSH arriving on that interface (the management path's own)."""
+    more rule that drops SSH arriving on that interface (the management path's own);
+    `publish_ssh`: port 22 published too (to a container that does not exist)."""
     filt = [":DOCKER - [0:0]", ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
             ":DOCKER-ISOLATION-STAGE-2 - [0:0]", ":DOCKER-USER - [0:0]",
             "-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
@@ -139,6 +140,9 @@ def _docker(networks: int, drop_on: str | None = None) -> str:
                 f"--to-destination {net}.2:80"]
     if drop_on is not None:
         filt.append(f"-A INPUT -i {drop_on} -p tcp -m tcp --dport 22 -j DROP")
+    if publish_ssh:
+        nat.append("-A DOCKER ! -i br-ssh -p tcp -m tcp --dport 22 -j DNAT "
+                   "--to-destination 172.31.0.2:22")
     filt += ["-A INPUT -p tcp -m tcp --dport 22 -j ACCEPT"]
     return (HEAD.format(inp="ACCEPT") + "\n".join(filt) + "\nCOMMIT\n*nat\n"
             ":PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n"
@@ -155,10 +159,17 @@ def test_docker_bridges_left_out_by_interface_and_the_management_interface_kept(
     code, data, stderr = check(fwlab, str(path), "--client", client, "--no-exposure")
     assert code == 0, stderr
     assert verdict(data, "new", client)["ok"] is True
-    assert data["sandbox"]["rules_left_out"] >= 1500, data["sandbox"]
-    assert any("translations" in why for why in data["sandbox"]["pruning"]), data["sandbox"]
+    # by interface, and the published ports' nat rules by port (the check opens port 22
+    # only), with the MASQUERADE of their networks: one of each shape loaded
+    assert data["sandbox"]["rules_left_out"] >= 2600, data["sandbox"]
     assert not [n for n in data["not_checked"] if "! -i br-" in n or "! -o br-" in n]
     assert applied_new_connection_ok(fwlab, path) is True
+
+    path = fwlab.write("docker-ssh.rules", _docker(300, publish_ssh=True))
+    code, data, stderr = check(fwlab, str(path), "--client", client, "--no-exposure")
+    assert code == 1, stderr   # SSH is translated to a container that is not there
+    assert any("translations" in why for why in data["sandbox"]["pruning"]), data["sandbox"]
+    assert applied_new_connection_ok(fwlab, path) is False
 
     dev = fwlab.lab.srv_exec(["ip", "-j", "route", "get", client]).stdout
     iface = json.loads(dev)[0]["dev"]

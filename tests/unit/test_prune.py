@@ -370,3 +370,53 @@ def test_what_is_loaded_whole_is_said() -> None:
     found = prune.sandbox_addresses([CLIENT], [(nat, 4)], [])
     assert found is not None and found.translated == 1
     assert prune.sandbox_addresses([CLIENT], [(ipt("-A INPUT -j DROP"), 4)], []).translated == 0
+
+
+def test_nat_rules_for_ports_the_sandbox_never_opens_are_left_out() -> None:
+    """The nat table sees a connection's first packet only, and the check opens TCP
+    connections to the SSH port only: Docker's DNAT of its published ports never meets one,
+    so it neither is loaded (one of its shape aside) nor widens the addresses; a DNAT of the
+    SSH port is kept and widens them."""
+    nat = "\n".join(["*nat", ":PREROUTING ACCEPT [0:0]", ":POSTROUTING ACCEPT [0:0]",
+                     ":DOCKER - [0:0]", "-A PREROUTING -j DOCKER",
+                     "-A DOCKER ! -i br-1 -p tcp -m tcp --dport 10001 -j DNAT "
+                     "--to-destination 172.18.1.2:80",
+                     "-A DOCKER ! -i br-2 -p tcp -m tcp --dport 10002 -j DNAT "
+                     "--to-destination 172.18.2.2:80",
+                     "-A DOCKER ! -i br-3 -p tcp -m multiport --dports 2000:2100,22 -j DNAT "
+                     "--to-destination 172.18.3.2:22",
+                     "-A DOCKER -p udp -m udp --dport 10004 -j DNAT --to-destination 172.18.4.2",
+                     "-A DOCKER ! -p tcp -m tcp --dport 10005 -j DNAT --to-destination 172.18.5.2",
+                     "-A DOCKER -p tcp -m tcp ! --dport 10006 -j DNAT "
+                     "--to-destination 172.18.6.2",
+                     "-A POSTROUTING -s 172.18.1.0/24 ! -o br-1 -j MASQUERADE",
+                     "-A POSTROUTING -s 172.18.2.0/24 ! -o br-2 -j MASQUERADE", "COMMIT", ""])
+    found = prune.sandbox_addresses([CLIENT, SERVER], [(nat, 4)], [], ["lo", "eth0"], [22])
+    assert found is not None
+    assert not found.meets("172.18.1.2", 4) and not found.meets("172.18.2.2", 4)
+    assert found.meets("172.18.3.2", 4)                       # 22 in its list: reached
+    for kept in ("172.18.4.2", "172.18.5.2", "172.18.6.2"):   # not a TCP port read here
+        assert found.meets(kept, 4), kept
+    pruned = prune_iptables(nat, found, 4)
+    assert _lines_with(pruned.text, "--dport 10001") and not _lines_with(pruned.text, "--dport 10002")
+    assert not _lines_with(pruned.text, "-s 172.18.2.0/24")   # MASQUERADE: not its addresses
+    every = prune.sandbox_addresses([CLIENT, SERVER], [(nat, 4)], [], ["lo", "eth0"])
+    assert every is not None and every.meets("172.18.2.2", 4)   # without ports: any port
+    # filter rules are left alone (a reply's destination is the client's own port)
+    text = ipt("-A INPUT -p tcp -m tcp --dport 10001 -j DROP", "-A INPUT -p tcp -m tcp --dport 10002 -j DROP")
+    assert prune_iptables(text, found, 4).left_out == 0
+
+
+def test_tcp_destination_ports_read() -> None:
+    read = prune._tcp_dports
+    assert read(" -p tcp -m tcp --dport 22 -j ACCEPT") == ((22, 22),)
+    assert read(" -p tcp -m multiport --dports 80,443,1000:2000 -j X") == (
+        (80, 80), (443, 443), (1000, 2000))
+    assert read(" -p tcp --dport 1024: -j X") == ((1024, 65535),)
+    assert read(" -p tcp --dport :1024 -j X") == ((0, 1024),)
+    assert read(" -p 6 --destination-port 8080 -j X") == ((8080, 8080),)
+    for unread in (" -p tcp --dport ssh -j X", " -p tcp --dport 99999 -j X",
+                   " -p tcp --dport 20:10 -j X", " ! -p tcp --dport 22 -j X",
+                   " -p tcp ! --dport 22 -j X", " -p udp --dport 53 -j X", " --dport 22 -j X",
+                   " -p tcp --dport 22 --dport 23 -j X", " -p tcp -j X", " -p tcp --dport , -j X"):
+        assert read(unread) is None, unread
