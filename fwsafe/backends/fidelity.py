@@ -185,8 +185,9 @@ def _round_trip(name: str, text: bytes, tables: list[str], sums: Future[dict[str
 def tools_identity(name: str) -> str | None:
     """Which iptables-save and iptables-restore of layer `name` make and load the text: each
     file's (resolved through its symlinks) device, inode, size and modification time, with
-    the xtables extension directories' (an upgrade replaces files there) and the kernel's
-    release (None: a tool is not there). A proof holds only for what made it."""
+    those of the xtables extension directories (an upgrade replaces files there), libxtables
+    and libnftnl, and the kernel's release (None: a tool is not there). A proof holds only
+    for what made it."""
     found = []
     for tool in (FAMILIES[name].save, FAMILIES[name].restore):
         path = find_binary(tool)
@@ -197,10 +198,13 @@ def tools_identity(name: str) -> str | None:
         except OSError:
             return None
         found.append(f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
-    # the matches' and targets' libraries print and parse the text, the kernel stores it
-    for extensions in sorted(glob.glob("/usr/lib*/xtables") + glob.glob("/usr/lib/*/xtables")):
-        with contextlib.suppress(OSError):
-            found.append(f"{extensions}:{os.stat(extensions).st_mtime_ns}")
+    # the matches' and targets' libraries and libnftnl print and parse the text, the kernel
+    # stores it
+    for pattern in ("xtables", "libxtables.so.*", "libnftnl.so.*"):
+        for path in sorted(glob.glob(f"/usr/lib*/{pattern}") + glob.glob(f"/usr/lib/*/{pattern}")):
+            with contextlib.suppress(OSError):
+                st = os.stat(os.path.realpath(path))
+                found.append(f"{path}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}")
     found.append(os.uname().release)
     return " ".join(found)
 

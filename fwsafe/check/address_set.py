@@ -10,7 +10,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["AddressSet", "Option", "Ranges", "V4_NETWORK", "address_span", "option_ranges", "v4_range"]
+__all__ = ["OCTET", "AddressSet", "Option", "Ranges", "V4_NETWORK", "address_span", "option_ranges",
+           "v4_range"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -18,7 +19,9 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 _ALWAYS = ("127.0.0.0/8", "0.0.0.0/32", "255.255.255.255/32", "224.0.0.0/4", "::1/128",
            "::/128", "fe80::/10", "ff00::/8")
 
-V4_NETWORK = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})\.(\d{1,3})(?:/(\d{1,2}))?$")
+# no octet with a leading zero: iptables and nft read 010 as octal (8); ipaddress refuses it
+OCTET = r"(0|[1-9]\d{0,2})"   # as ipaddress reads one; also the pruning's fast paths
+V4_NETWORK = re.compile(rf"^{OCTET}\.{OCTET}\.{OCTET}\.{OCTET}(?:/(0|[1-9]\d?))?$")
 
 
 @dataclass

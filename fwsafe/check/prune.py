@@ -47,6 +47,7 @@ from typing import Any, NamedTuple, TypeVar
 from fwsafe.backends import NFT_TABLES, RULES_FILE, iptsave, layer_has
 from fwsafe.backends.families import FAMILIES
 from fwsafe.check.address_set import (
+    OCTET,
     V4_NETWORK,
     AddressSet,
     Option,
@@ -54,6 +55,7 @@ from fwsafe.check.address_set import (
     option_ranges,
     v4_range,
 )
+from fwsafe.check.prune_ports import moved_to, tcp_dports, within
 
 __all__ = ["AddressSet", "Pruned", "prune_iptables", "prune_nft", "rewrites_addresses",
            "unpruned_why", "warm"]
@@ -65,7 +67,10 @@ _NFT_ADDRESS = re.compile(r"\b(ip6?)\s+(saddr|daddr)\s+(\S+)")
 _NFT_NAT = re.compile(r"\b(dnat|snat|tproxy|netmap)\b")
 _NFT_NAT_WORDS = ("dnat", "snat", "tproxy", "netmap")
 _NFT_CHAIN = re.compile(r"^\s*chain\s+\S+\s*\{\s*$")
-_NFT_SIMPLE_LINE = re.compile(r"[ \t]*ip (saddr|daddr) (\d+)\.(\d+)\.(\d+)\.(\d+)(?:/(\d+))? "
+# an octet written with a leading zero is octal to iptables and nft (010 is 8): such a line
+# goes the slow way, where ipaddress refuses it and the rule is kept
+_NFT_SIMPLE_LINE = re.compile(rf"[ \t]*ip (saddr|daddr) {OCTET}\.{OCTET}\.{OCTET}\.{OCTET}"
+                              r"(?:/(0|[1-9]\d?))? "
                               r"([^{}\";\\#\n]*[^{}\";\\#\s])")
 _NFT_SLOW = re.compile(r"\bip6?\s+[sd]addr\b|[\\;\"#{}]")
 
@@ -183,6 +188,8 @@ class _IptRule(NamedTuple):
     nat: tuple[str, ...]
     ifaces: tuple[str, ...] = ()   # the interfaces its -i/-o options name (not negated)
     dports: tuple[tuple[int, int], ...] | None = None   # a nat rule's TCP ports (_tcp_dports)
+    # a nat rule's translation to other destination ports (None: it keeps the port)
+    moves_to: tuple[tuple[int, int], ...] | None = None
 
     def may_match(self, addresses: AddressSet) -> bool:
         return addresses.may_match(self.options) and addresses.may_pass(self.ifaces) \
@@ -224,7 +231,7 @@ class _IptAnalysis:
     unsure_nat: bool = False   # an address translation not read: packets could carry any
 
 
-_IPT_FAST_V4 = re.compile(r"-A (\S+) -s (\d+)\.(\d+)\.(\d+)\.(\d+)/(\d+)( .*)")
+_IPT_FAST_V4 = re.compile(rf"-A (\S+) -s {OCTET}\.{OCTET}\.{OCTET}\.{OCTET}/(0|[1-9]\d?)( .*)")
 _IPT_SLOW = re.compile(r"""["'\\]|\s(?:-s|-d|--source|--src|--destination|--dst|-g|--goto"""
                        r"""|--jump|-i|-o|--in-interface|--out-interface)\s""")
 _IPT_IFACE = re.compile(r"(?:^|\s)(!\s+)?(-i|--in-interface|-o|--out-interface)\s+(\S+)")
@@ -321,41 +328,12 @@ def _ipt_table(lines: list[str], block: iptsave.Block, family: int, found: _IptA
         shape = shapes.get((where, rest))
         if shape is None:
             shape = shapes[(where, rest)] = f"{where} {_NUMBER.sub('#', rest)}"
-        dports = _tcp_dports(rest) if table.name == "nat" else None
-        table.rules.append(_IptRule(i, shape, options, chain, jump, nat, ifaces, dports))
+        dports = tcp_dports(rest) if table.name == "nat" else None
+        moves = moved_to(rest) if table.name == "nat" and "--to" in rest else None
+        table.rules.append(_IptRule(i, shape, options, chain, jump, nat, ifaces, dports, moves))
         if jump is not None:
             table.jumps.setdefault(chain, []).append(table.rules[-1])
     return table
-
-
-_TCP = re.compile(r"(?:^|\s)(!\s+)?(?:-p|--protocol)\s+(\S+)")
-_DPORTS = re.compile(r"(?:^|\s)(!\s+)?(?:--dport|--destination-port|--dports|"
-                     r"--destination-ports)\s+(\S+)")
-_PORT_RANGE = re.compile(r"(\d{1,5})?(?::(\d{1,5})?)?")
-
-
-def _tcp_dports(rest: str) -> tuple[tuple[int, int], ...] | None:
-    """The TCP destination port ranges a rule matches (`-p tcp` with one `--dport(s)`, not
-    negated: "22", "1000:2000", "80,443", "1024:"); None for any other rule, or one not
-    read here (it may see any port)."""
-    if "port" not in rest:
-        return None
-    protocols = _TCP.findall(rest)
-    ports = _DPORTS.findall(rest)
-    if len(protocols) != 1 or protocols[0][0] or protocols[0][1] not in ("tcp", "6") \
-            or len(ports) != 1 or ports[0][0]:
-        return None
-    ranges: list[tuple[int, int]] = []
-    for item in ports[0][1].split(","):
-        m = _PORT_RANGE.fullmatch(item)
-        if m is None or not item or item == ":":
-            return None
-        first = int(m.group(1)) if m.group(1) else 0
-        last = (int(m.group(2)) if m.group(2) else 65535) if ":" in item else first
-        if last > 65535 or first > last:
-            return None
-        ranges.append((first, last))
-    return tuple(ranges)
 
 
 def _hooks(table: _IptTable, parsed: list[_Parsed]) -> dict[str, str]:
@@ -481,8 +459,34 @@ def sandbox_addresses(addresses: Iterable[str], iptables: Iterable[tuple[str, in
     port never sees them: Docker's published ports); None: any."""
     if rewrites_addresses([t for t in nft]):
         return None
-    base = list(addresses)
     texts = list(iptables)
+    found = _translated(list(addresses), texts, interfaces, ports)
+    if found is not None and ports is not None and _ports_moved(texts, found):
+        # a translation the sandbox's packets meet may move them to another port, which nat
+        # rules after it see: no rule is left out for its port
+        return _translated(list(addresses), texts, interfaces, None)
+    return found
+
+
+def _ports_moved(texts: list[tuple[str, int]], found: AddressSet) -> bool:
+    """A nat rule that may translate the destination port is reached by a sandbox packet."""
+    for text, family in texts:
+        if "--to" not in text:
+            continue
+        for table in _ipt_analysed(text, family)[1].tables:
+            moving = [r for r in table.rules if r.moves_to is not None
+                      and not within(r.moves_to, found.ports or frozenset())]
+            if moving:
+                live = table.live(found)
+                if any(r.chain in live and r.may_match(found) for r in moving):
+                    return True
+    return False
+
+
+def _translated(base: list[str], texts: list[tuple[str, int]],
+                interfaces: Iterable[str] | None, ports: Iterable[int] | None
+                ) -> AddressSet | None:
+    """sandbox_addresses' fixed point (its translations not read: None)."""
     names = None if interfaces is None else sorted(interfaces)
     opened = None if ports is None else sorted(set(ports))
     found = AddressSet.of(base, names, opened)

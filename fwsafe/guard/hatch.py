@@ -46,7 +46,7 @@ from typing import Any
 from fwsafe.guard.hatch_bridge import BRIDGE_PASSED
 from fwsafe.guard.hatch_chains import OWNED
 from fwsafe.guard.hatch_spec import Log, Spec, plan_from_options, spec_for
-from fwsafe.guard.hatch_sync import available_layers, sync
+from fwsafe.guard.hatch_sync import Proved, available_layers, sync
 
 
 def may_be_loaded(info: Mapping[str, Any] | None) -> bool:
@@ -99,7 +99,7 @@ def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
 # Keeping it: the guard's side, and the way back's
 # --------------------------------------------------------------------------------------------
 def removed(record: Any, log: Log | None = None,
-            proved: Mapping[str, tuple[int, bytes]] | None = None) -> bool:
+            proved: Mapping[str, Proved] | None = None) -> bool:
     """Remove every hatch rule (this transaction's and any left behind) from every layer of
     this system, and prove it by reading them back (or by the layers' states a revert just
     proved, `proved`: RevertResult.known); `record.hatch` says how it went. True when none is
@@ -176,7 +176,7 @@ class Keeper:
             self.retry_at = time.monotonic() + 5.0
             self.load(layers)
 
-    def remove(self, proved: Mapping[str, tuple[int, bytes]] | None = None) -> bool:
+    def remove(self, proved: Mapping[str, Proved] | None = None) -> bool:
         """The transaction ended: remove the hatch (and any left behind), proved by reading
         (`proved`: the layers' states a revert just proved, see `removed`)."""
         self.removing = True

@@ -121,23 +121,31 @@ def _run(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
             result.stderr.decode(errors="replace").strip())
 
 
-def read_chains(layer: str, proved: tuple[int, bytes] | None = None) -> list[Chain]:
+# An iptables layer's whole state as a revert proved it loaded (RevertResult.known): nf_tables'
+# generation right after its load, the state, and the tables that load replaced whole
+Proved = tuple[int, bytes, frozenset[str]]
+
+
+def read_chains(layer: str, proved: Proved | None = None) -> list[Chain]:
     """The chains of `layer` the hatch can be in, as loaded now (its rules included). Where
     the kernel can list its nf_tables tables (one netlink dump), only the tables the hatch can
     be in are read: not kube-proxy's nat table of 50,000 rules (seconds of iptables-save), nor
-    iptables-nft's tables through nft. `proved`: an iptables layer's whole state as a revert
-    loaded it, with nf_tables' generation right after (RevertResult.known): while that is still
-    the generation and the state holds no hatch rule, it is the answer, not read again (the
-    revert's snapshot never holds the hatch: 0.7 s of iptables-save at 50,000 rules)."""
+    iptables-nft's tables through nft. `proved`: an iptables layer's state as a revert loaded
+    it (`Proved`): while nf_tables' generation is still the one right after that load, and
+    every table the hatch can be in that exists is one the load replaced whole (so no hatch
+    rule is left there: the snapshot it loads holds none), those tables are the answer, not
+    read again (0.7 s of iptables-save at 50,000 rules). Captures strip the hatch, so the
+    state itself cannot tell: the tables replaced whole do."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
     from fwsafe.backends import nflist
 
-    if proved is not None and layer != NFT_LAYER and nflist.generation() == proved[0]:
-        held = parse_iptables(proved[1].decode(errors="replace"), layer)
-        if not any(chain.hatch_positions() for chain in held):
-            return held
     known = nflist.kernel_tables()
+    if proved is not None and layer != NFT_LAYER and nflist.generation() == proved[0]:
+        able = _iptables_tables(layer, known)   # where a hatch can be, that exists
+        if able is not None and set(able) <= proved[2]:
+            return [chain for chain in parse_iptables(proved[1].decode(errors="replace"), layer)
+                    if chain.table in proved[2]]
     if layer == NFT_LAYER:
         if known is None:
             code, out, err = _run(["nft", "-a", "-t", "list", "ruleset"])
@@ -212,7 +220,7 @@ def plan_layer(layer: str, chains: Sequence[Chain], spec: Spec | None) -> str:
 
 def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
                commits: list[int] | None = None,
-               proved: tuple[int, bytes] | None = None) -> str:
+               proved: Proved | None = None) -> str:
     """Make the hatch rules of `layer` exactly those of `spec` (None: remove them all), in one
     transaction, and read the layer back to prove it. Returns what is loaded now: "loaded",
     "none" (no chain there can drop, or no source of this family), "removed"; followed by
@@ -264,10 +272,10 @@ def sync_layer(layer: str, spec: Spec | None, log: Log | None = None,
 
 def sync(spec: Spec | None, layers: Iterable[str], log: Log | None = None,
          commits: list[int] | None = None,
-         proved: Mapping[str, tuple[int, bytes]] | None = None) -> dict[str, str]:
+         proved: Mapping[str, Proved] | None = None) -> dict[str, str]:
     """`sync_layer` for each layer that can hold the hatch; {layer: state or "error: ..."}.
     Never raises: a layer that fails is reported, the others are still done. `proved`: the
-    layers' states as a revert proved them (RevertResult.known)."""
+    layers' states as a revert proved them (`Proved`)."""
     states: dict[str, str] = {}
     for layer in layers:
         if not layer_has(layer, NETFILTER):

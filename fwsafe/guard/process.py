@@ -246,7 +246,11 @@ class Guard:
         self.revert_reason = None
         self.log(f"reverted: {result.summary('guard')}"
                  + (f" after {result.attempts} attempts" if result.attempts > 1 else ""))
-        self.hatch.remove(result.known)   # the states the revert proved: not read again
+        # the states the revert proved, with the tables it replaced whole: not read again
+        replaced = {name: frozenset(unit.partition("/")[0] for unit in units)
+                    for name, units in self.record.touched.items()}
+        self.hatch.remove({name: (generation, state, replaced.get(name, frozenset()))
+                           for name, (generation, state) in result.known.items()})
         self.save()
 
     def _undo(self) -> RevertResult:

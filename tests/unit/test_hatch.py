@@ -224,12 +224,14 @@ def test_may_be_loaded_while_armed_or_being_removed() -> None:
 
 
 def test_a_state_the_revert_proved_is_read_instead_of_the_layer(monkeypatch) -> None:
-    """After a revert, the hatch's removal takes the layer's state the revert proved (its
-    snapshot, which never holds the hatch) while nf_tables' generation is still the one after
-    that load; otherwise, or when that state holds a hatch rule, the layer is read."""
+    """After a revert, the hatch's removal takes the layer's state the revert proved while
+    nf_tables' generation is still the one after that load, and only when every table the
+    hatch can be in that exists was replaced whole by that load (the snapshot holds no hatch;
+    a capture never shows one, so the state cannot tell); otherwise the layer is read."""
     from fwsafe.backends import nflist
 
     reads: list[list[str]] = []
+    tables = [("ip", "filter")]
 
     def tool(argv: list[str], payload: bytes | None = None) -> tuple[int, str, str]:
         reads.append(argv)
@@ -237,15 +239,20 @@ def test_a_state_the_revert_proved_is_read_instead_of_the_layer(monkeypatch) -> 
 
     monkeypatch.setattr(hatch_sync, "_run", tool)
     monkeypatch.setattr(nflist, "generation", lambda: 7)
-    monkeypatch.setattr(nflist, "kernel_tables", lambda: [("ip", "filter")])
-    proved = (7, BASELINE_V4.encode())
-    chains = hatch_sync.read_chains("ipv4", proved)
+    monkeypatch.setattr(nflist, "kernel_tables", lambda: list(tables))
+    monkeypatch.setattr(hatch_sync, "_iptables_tables",
+                        lambda layer, known: [t for f, t in known or [] if f == "ip"])
+    filt = frozenset({"filter"})
+    chains = hatch_sync.read_chains("ipv4", (7, BASELINE_V4.encode(), filt))
     assert not reads and {c.name for c in chains} >= {"INPUT", "OUTPUT"}
     assert chains == hatch_sync.read_chains("ipv4")          # what reading gives
     assert len(reads) == 1
-    hatch_sync.read_chains("ipv4", (6, BASELINE_V4.encode()))   # committed since: read
+    hatch_sync.read_chains("ipv4", (6, BASELINE_V4.encode(), filt))   # committed since: read
     assert len(reads) == 2
-    held = BASELINE_V4.replace("-A INPUT ", f"-A INPUT -m comment --comment {hatch_text.MARK}:x "
-                               "-j ACCEPT\n-A INPUT ", 1)
-    hatch_sync.read_chains("ipv4", (7, held.encode()))      # a hatch rule in it: read
+    hatch_sync.read_chains("ipv4", (7, BASELINE_V4.encode(), frozenset()))   # none replaced
     assert len(reads) == 3
+    tables.append(("ip", "raw"))   # raw exists, the revert did not replace it: it may hold one
+    hatch_sync.read_chains("ipv4", (7, BASELINE_V4.encode(), filt))
+    assert reads[3:] == [["iptables-save", "-t", "filter"], ["iptables-save", "-t", "raw"]]
+    hatch_sync.read_chains("ipv4", (7, BASELINE_V4.encode(), frozenset({"filter", "raw"})))
+    assert len(reads) == 5

@@ -3,7 +3,7 @@ numbers."""
 
 from __future__ import annotations
 
-from fwsafe.check import prune
+from fwsafe.check import prune, prune_ports
 from fwsafe.check.prune import AddressSet, prune_iptables, prune_nft, rewrites_addresses
 
 SANDBOX = AddressSet.of(["10.0.0.1", "10.0.0.2", "192.168.5.9/24", "fd00::1", "fd00::2"])
@@ -408,7 +408,7 @@ def test_nat_rules_for_ports_the_sandbox_never_opens_are_left_out() -> None:
 
 
 def test_tcp_destination_ports_read() -> None:
-    read = prune._tcp_dports
+    read = prune_ports.tcp_dports
     assert read(" -p tcp -m tcp --dport 22 -j ACCEPT") == ((22, 22),)
     assert read(" -p tcp -m multiport --dports 80,443,1000:2000 -j X") == (
         (80, 80), (443, 443), (1000, 2000))
@@ -420,3 +420,48 @@ def test_tcp_destination_ports_read() -> None:
                    " -p tcp ! --dport 22 -j X", " -p udp --dport 53 -j X", " --dport 22 -j X",
                    " -p tcp --dport 22 --dport 23 -j X", " -p tcp -j X", " -p tcp --dport , -j X"):
         assert read(unread) is None, unread
+
+
+def test_a_translated_port_switches_the_port_pruning_off() -> None:
+    """REDIRECT or DNAT to another port: nat rules after it, in the same first packet, see that
+    port, so no nat rule is left out for its port once such a translation is reached."""
+    def nat(*rules: str) -> str:
+        return "\n".join(["*nat", ":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", *rules,
+                          "-A INPUT -p tcp -m tcp --dport 3000 -j SNAT --to-source 10.0.0.9",
+                          "-A INPUT -p tcp -m tcp --dport 2222 -j SNAT --to-source 10.0.0.9",
+                          "COMMIT", ""])
+    for moving in ("-A PREROUTING -p tcp -m tcp --dport 22 -j REDIRECT --to-ports 2222",
+                   "-A PREROUTING -p tcp -m tcp --dport 22 -j DNAT --to-destination "
+                   "10.0.0.2:2222",
+                   "-A PREROUTING -p tcp -j DNAT --to-destination :2222"):
+        text = nat(moving)
+        found = prune.sandbox_addresses([CLIENT, SERVER], [(text, 4)], [], ["lo", "eth0"], [22])
+        assert found is not None and found.ports is None, moving
+        assert _lines_with(prune_iptables(text, found, 4).text, "--dport 2222"), moving
+    # not reached (another port, an address outside the sandbox's): the pruning stays
+    for unreached in ("-A PREROUTING -p tcp -m tcp --dport 8080 -j REDIRECT --to-ports 2222",
+                      "-A PREROUTING -d 198.51.100.9/32 -p tcp -j DNAT --to-destination "
+                      "10.0.0.2:2222", ""):
+        text = nat(unreached) if unreached else nat()
+        found = prune.sandbox_addresses([CLIENT, SERVER], [(text, 4)], [], ["lo", "eth0"], [22])
+        assert found is not None and found.ports == frozenset({22}), unreached
+        assert not _lines_with(prune_iptables(text, found, 4).text, "--dport 2222"), unreached
+
+
+def test_a_leading_zero_is_octal_to_iptables_so_the_rule_is_kept() -> None:
+    """iptables and nft read `010.0.0.1` as 8.0.0.1 and `--dport 026` as 22 (found by a
+    review): such a value is not read here, so its rule is never left out."""
+    octal_client = AddressSet.of(["8.0.0.1", "10.0.0.2"], ["lo", "eth0"], [22])
+    text = ipt("-A INPUT -s 010.0.0.1/32 -p tcp --dport 22 -j DROP",
+               "-A INPUT -s 010.0.0.3/32 -p tcp --dport 22 -j DROP")
+    assert prune_iptables(text, octal_client, 4).left_out == 0
+    nft = "\n".join(["table inet t {", "\tchain c {", "\t\tip saddr 010.0.0.1 tcp dport 22 drop",
+                     "\t\tip saddr 010.0.0.3 tcp dport 22 drop", "\t}", "}", ""])
+    assert prune_nft(nft, octal_client).left_out == 0
+    nat = "\n".join(["*nat", ":PREROUTING ACCEPT [0:0]",
+                     "-A PREROUTING -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.9.9.9",
+                     "-A PREROUTING -p tcp -m tcp --dport 026 -j DNAT --to-destination 10.9.9.9",
+                     "COMMIT", ""])
+    assert prune_iptables(nat, octal_client, 4).left_out == 0
+    assert prune_ports.tcp_dports(" -p tcp --dports 80,026 -j X") is None
+    assert prune_ports.moved_to(" -j REDIRECT --to-ports 022") == ((0, 65535),)
