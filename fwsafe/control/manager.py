@@ -34,6 +34,7 @@ from fwsafe.errors import (
     StateError,
 )
 from fwsafe.guard import hatch, spawn
+from fwsafe.guard.takeover import remove_left_hatch
 
 
 def same_ssh_connection(a: dict[str, str], b: dict[str, str]) -> bool:
@@ -431,9 +432,4 @@ def hatch_left(state: StateDir, record: Record) -> Record:
         record = transaction.load_record(state, record.id)
     if not hatch.may_be_loaded(record.hatch):
         return record
-    with contextlib.suppress(PendingError), state.locked(wait=True), \
-            state.tx_claimed(record.id):
-        record = transaction.load_record(state, record.id)
-        hatch.removed(record)
-        transaction.save_record(state, record)
-    return record
+    return remove_left_hatch(state, record, until=end)

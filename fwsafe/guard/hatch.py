@@ -62,7 +62,8 @@ def describe(info: Mapping[str, Any] | None, final: bool = False) -> str | None:
     state = info.get("state")
     if final and may_be_loaded(info):
         return ("hatch: STILL LOADED although the transaction is over (its guard ended before "
-                "removing it): the next `fwsafe apply` removes it")
+                "removing it, and it could not be removed yet): every fwsafe command tries "
+                "again, and `fwsafe apply` removes it first")
     if state == "off":
         return f"hatch: none ({info.get('why', 'off')})"
     layers = info.get("layers") or {}

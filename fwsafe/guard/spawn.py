@@ -27,7 +27,7 @@ from fwsafe.core.statedir import StateDir, open_private
 from fwsafe.core.transaction import Record
 from fwsafe.errors import GuardError, StateError
 from fwsafe.guard.backstop_tools import after_stop_command
-from fwsafe.guard.takeover import ask_unsaved
+from fwsafe.guard.takeover import ask_unsaved, left_loaded, remove_left_hatch
 
 GUARD_MODULE = "fwsafe.guard"
 
@@ -398,14 +398,22 @@ def settle(state: StateDir, record: Record, limit: float = SETTLE_S) -> Record:
 def converge(state: StateDir, wait: float = CONVERGE_WAIT_S) -> Record | None:
     """What every fwsafe command does first (and the login hook): an open transaction left
     past its deadline with nobody looking after it is taken over (reverted) now, so that the
-    answer that follows is the truth and nothing waits for a hand. Waits at most `wait`
-    seconds for the take-over to finish; returns the record as it stands then (None when
-    there was nothing to do). Never raises: a command must not fail because of it."""
+    answer that follows is the truth and nothing waits for a hand; a transaction that ended
+    with its hatch still loaded (its guard died cleaning up) has it removed. Waits at most
+    `wait` seconds for the take-over to finish; returns the record as it stands then (None
+    when there was nothing to do). Never raises: a command must not fail because of it."""
     try:
         if os.geteuid() != 0 or not state.exists():
             return None
         record = transaction.load_current(state)
-        if record is None or not orphaned(state, record):
+        if record is None:
+            return None
+        if left_loaded(record) and not looked_after(state, record):
+            # it ended, but its guard died before removing its hatch (the hatch lets SSH in
+            # from the admin's addresses once its moment comes): remove it now, without
+            # waiting for anyone (an apply being prepared removes it too)
+            return remove_left_hatch(state, record, until=time.monotonic() + 1.0, wait=False)
+        if not orphaned(state, record):
             return None
         start_late_take_over(state, record)
         return settle(state, record, limit=wait)

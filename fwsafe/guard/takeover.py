@@ -142,7 +142,8 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
             record = transaction.load_record(state, tx_id)
             if not (record.state in transaction.OPEN_STATES
                     or record.state == transaction.PREPARING):
-                _remove_leftover_hatch(record)
+                if left_loaded(record):
+                    remove_left_hatch(state, record, until=time.monotonic() + 5.0, wait=False)
                 return 0   # confirmed, reverted or aborted: the guard finished its job
             if not announced:
                 log(f"{why}; transaction {tx_id} is {record.state}: reverting it")
@@ -174,24 +175,57 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
         delay = min(delay * 2, BACKOFF_MAX)
 
 
-def _remove_leftover_hatch(record: transaction.Record) -> None:
-    """A transaction that ended while its hatch may still be loaded (its guard died cleaning
-    up): remove it (best effort; the next apply removes leftovers too)."""
+def left_loaded(record: transaction.Record) -> bool:
+    """Transaction `record` ended while its hatch may still be loaded (its guard died cleaning
+    up): whoever sees it removes the hatch (`remove_left_hatch`). Not after a failed revert:
+    the change may be live, and the hatch is the way in."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
-    from fwsafe.guard import hatch, hatch_sync
+    from fwsafe.guard import hatch
 
-    if not hatch.may_be_loaded(record.hatch):
-        return
-    states = hatch_sync.sync(None, hatch_sync.available_layers(), log)
-    log(f"hatch left by transaction {record.id}: {states}")
+    return record.state in transaction.FINAL_STATES - {transaction.REVERT_FAILED} \
+        and hatch.may_be_loaded(record.hatch)
+
+
+def remove_left_hatch(state: StateDir, record: transaction.Record, *, until: float,
+                      wait: bool = True) -> transaction.Record:
+    """Remove the hatch a transaction that ended left loaded (`left_loaded`; its guard gone),
+    under the state lock (`wait`: wait for it) and the transaction's claim, proved by reading
+    (fwsafe.guard.hatch.removed); the record says how it went. A guard seen gone holds its
+    lock a moment longer (a dying process's files are closed after its memory is released),
+    so a claim refused is tried again until the monotonic `until`. Returns the record as it
+    stands (the hatch maybe still loaded: every fwsafe command and the next apply try again)."""
+    # imported by the guard and backstop processes, which keep their imports small: loaded when
+    # used
+    from fwsafe.errors import PendingError
+    from fwsafe.guard import hatch
+
+    while True:
+        try:
+            with state.locked(wait=wait), state.tx_claimed(record.id):
+                record = transaction.load_record(state, record.id)
+                if not left_loaded(record) or transaction.guard_alive(record):
+                    return record
+                done = hatch.removed(record, log)
+                log(f"hatch left by transaction {record.id}: "
+                    f"{'removed' if done else 'NOT removed'} {record.hatch}")
+                try:
+                    transaction.save_record(state, record)
+                except Exception as exc:  # noqa: BLE001 - the kernel is what counts; the
+                    log(f"the record is not written ({exc})")   # next command writes it
+                return record
+        except PendingError:
+            if time.monotonic() >= until:
+                return record
+            time.sleep(0.05)
 
 
 def late(state: StateDir, tx_id: str | None) -> int:
     """``--take-over`` (started by a command that found the transaction orphaned: see
     fwsafe.guard.spawn.converge) and ``--converge`` (the login hook, systemd's limit timer):
     take over the transaction (`tx_id`, else the current one) if it is orphaned: open, past
-    its deadline, its guard gone and nobody holding it."""
+    its deadline, its guard gone and nobody holding it; if it ended with its hatch left
+    loaded, remove the hatch."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
     from fwsafe.core.recover import LATE_REASON, orphaned
@@ -202,7 +236,13 @@ def late(state: StateDir, tx_id: str | None) -> int:
     except Exception as exc:  # noqa: BLE001 - no state, a damaged record: nothing to do here
         log(f"nothing to take over ({exc})")
         return 0
-    if record is None or not orphaned(state, record):
+    if record is None:
+        return 0
+    if left_loaded(record) and not (transaction.guard_alive(record)
+                                    or state.tx_held(record.id)):
+        remove_left_hatch(state, record, until=time.monotonic() + 5.0, wait=False)
+        return 0
+    if not orphaned(state, record):
         return 0
     return take_over(state, record.id, LATE_REASON, by="late take-over")
 

@@ -7,9 +7,13 @@ false` turns it off; where the tools refuse the time match, the change goes on w
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -227,3 +231,83 @@ def test_a_command_under_the_guard_ufw(fwlab_ufw: FwLab) -> None:
     assert "fwsafe-hatch" not in raw(fw)
     assert "Status: inactive" in fw.lab.srv_exec(["ufw", "status"]).stdout
     assert os.path.exists(fw.state_dir)
+
+
+def _confirm_paused(fw: FwLab, cfg: Path) -> tuple[dict[str, Any], subprocess.Popen[bytes], Path]:
+    """A change applied (GOOD, with its hatch), then `fwsafe confirm` started; its guard paused
+    right after writing `confirmed`, before removing the hatch (failpoint guard.confirmed).
+    Returns the status after the apply, the confirm, and the guard's failpoint marker."""
+    markers = fw.lab.workdir / "failpoints"
+    env = ["env", f"FWSAFE_STATE_DIR={fw.state_dir}", f"FWSAFE_CONFIG={cfg}",
+           f"FWSAFE_FAILPOINT_DIR={markers}"]
+    result = fw.lab.srv_exec([*env, "FWSAFE_FAILPOINTS=guard.confirmed=pause", FWSAFE, "apply",
+                              "--detach", "--json", "--force", "--no-check", "--timeout", "60",
+                              str(fw.write("g.rules", GOOD))], check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    info = fw.status()
+    assert info["hatch"]["state"] == "armed" and "fwsafe-hatch:" in raw(fw), info
+    confirm = fw.lab.srv_popen([*env, FWSAFE, "confirm"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    marker = markers / f"guard.confirmed.{info['guard_pid']}"
+    end = time.monotonic() + 30
+    while not marker.exists():
+        assert time.monotonic() < end and confirm.poll() is None, "the guard never confirmed"
+        time.sleep(0.02)
+    return info, confirm, marker
+
+
+def test_confirm_removes_the_hatch_of_a_guard_killed_as_it_confirms_whose_lock_outlives_it(
+        fwlab: FwLab) -> None:
+    # CI found it (crash matrix, guard.confirmed x kill-both): the guard and its backstop
+    # killed after `confirmed` was written; `confirm` saw the guard gone, but its lock was not
+    # released yet (a dying process's files close after its memory is gone), so the claim was
+    # refused once and the hatch stayed loaded. Here a waiter takes the lock the moment the
+    # guard's death frees it and holds it a little: confirm must wait for it, not give up.
+    cfg = config(fwlab)
+    info, confirm, _marker = _confirm_paused(fwlab, cfg)
+    lock = fwlab.state_dir / "tx" / info["id"] / "lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    got = threading.Event()
+
+    def hold() -> None:
+        fcntl.flock(fd, fcntl.LOCK_EX)   # blocks until the guard is gone
+        got.set()
+        time.sleep(0.8)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+    waiter = threading.Thread(target=hold)
+    waiter.start()
+    try:
+        for pid in (int(info["guard_pid"]), int(info["backstop"]["pid"])):   # ours (our apply)
+            os.kill(pid, signal.SIGKILL)
+        assert got.wait(10), "the guard's lock was never released"
+        out, err = confirm.communicate(timeout=60)
+    finally:
+        waiter.join()
+        os.close(fd)
+    assert confirm.returncode == 0, err
+    assert "fwsafe-hatch" not in raw(fwlab)   # at once: no other command in between
+    done = json.loads(fwlab.fw("status", "--json").stdout)
+    assert done["state"] == "confirmed" and done["hatch"]["state"] == "removed", done
+    assert "--dport 443" in fwlab.lab.srv_exec(["iptables-save"]).stdout   # the change stays
+
+
+def test_a_hatch_left_by_a_guard_killed_as_it_confirms_goes_with_the_next_command(
+        fwlab: FwLab) -> None:
+    # The guard, its backstop and the confirm all killed between `confirmed` and the hatch's
+    # removal: nobody is left to remove it. The next fwsafe command of any kind does.
+    cfg = config(fwlab)
+    info, confirm, _marker = _confirm_paused(fwlab, cfg)
+    confirm.kill()   # first: else it removes the hatch once the guard is gone
+    confirm.communicate(timeout=30)
+    for pid in (int(info["backstop"]["pid"]), int(info["guard_pid"])):   # ours (our apply)
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assert "fwsafe-hatch:" in raw(fwlab), "the scenario left no hatch: it tests nothing"
+    shown = run(fwlab, cfg, "status")
+    assert shown.returncode == 0, shown.stderr
+    assert "fwsafe-hatch" not in raw(fwlab)
+    assert "STILL LOADED" not in shown.stdout + shown.stderr, shown.stdout
+    done = fwlab.status()
+    assert done["state"] == "confirmed" and done["hatch"]["state"] == "removed", done
+    assert "--dport 443" in fwlab.lab.srv_exec(["iptables-save"]).stdout   # the change stays
