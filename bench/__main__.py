@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import checkcmd, footprint, recovery, report, scale, shapecost, ufwbench
+from bench import checkcmd, footprint, recovery, report, scale, shapecost, shapes, ufwbench
 from fwsafe import __version__
 from fwsafe.lab import require_lab_capable
 
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.ufw_counts = [int(x) for x in (args.ufw_counts or ("10" if q else "100,1000"))
                        .split(",")]
     args.wait = args.wait or (1.0 if q else 5.0)
-    args.shapes = [x for x in (args.shapes or ",".join(shapecost.SHAPES)).split(",") if x]
+    args.shapes = [x for x in (args.shapes or ",".join(shapes.SHAPES)).split(",") if x]
     args.shape_sizes = [int(x) for x in (args.shape_sizes or ("500" if q else "10000,50000"))
                         .split(",")]
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]

@@ -175,6 +175,10 @@ class ScaleRun:
             raise RuntimeError(f"fwsafe apply{where}: transaction {armed['id']} is not the "
                                f"pending one in {self.bl.state_dir}: {info_pending.get('id')} "
                                f"{info_pending.get('state')}")
+        # waiting (its capture after the change read by now, `status` answered): what it holds
+        # while it waits, and the most it ever held (VmHWM: the apply, the capture)
+        waiting = proc_status_kb(guard, "VmRSS") if isinstance(guard, int) else None
+        peak = proc_status_kb(guard, "VmHWM") if isinstance(guard, int) else None
         reverted = _check(self.run([[self.fw, "revert"]], ssh)[0], "fwsafe revert" + where,
                           ok=(4,))
         info = self.bl.status()
@@ -183,7 +187,8 @@ class ScaleRun:
         return {
             "apply_s": applied.elapsed, "apply_cpu_s": applied.cpu,
             "revert_s": reverted.elapsed, "revert_cpu_s": reverted.cpu,
-            "guard_rss_kb": rss, "tx_bytes_pending": pending_bytes,
+            "guard_rss_kb": rss, "guard_rss_waiting_kb": waiting, "guard_peak_kb": peak,
+            "tx_bytes_pending": pending_bytes,
             "tx_bytes": dir_bytes(tx_dir)[0],
             "apply_phases": _phases(info_pending, applied.start, applied.start + applied.elapsed,
                                     "apply"),

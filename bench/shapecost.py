@@ -31,6 +31,7 @@ from bench.shapes import NFT_TABLE, SHAPES, backend, iptables_shape
 
 APPLY_TARGET = 2.5
 CHECK_TARGETS_S = {10000: 0.5, 50000: 2.0, 200000: 8.0}
+GUARD_RSS_TARGET_KB = {200000: 40 * 1024}   # while it waits (issue 27 item 2)
 
 
 def _left_out(stdout: str) -> int | None:
@@ -81,6 +82,9 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                             got = sr.fwsafe(b, ("--force",), True)
                             s.setdefault("apply_s", []).append(got["apply_s"])
                             s.setdefault("revert_s", []).append(got["revert_s"])
+                            for key in ("guard_rss_waiting_kb", "guard_peak_kb"):
+                                if got.get(key) is not None:
+                                    s.setdefault(key, []).append(got[key])
                         elif step == "apply_nc":
                             got = sr.fwsafe(b, ("--force", "--no-check"), True)
                             s.setdefault("apply_nc_s", []).append(got["apply_s"])
@@ -100,6 +104,8 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                              "revert_ratio": med["revert_s"] / med["floor_revert_s"],
                              **({"apply_nc_ratio": med["apply_nc_s"] / med["floor_apply_s"]}
                                 if "apply_nc_s" in med else {}),
+                             **{key: max(s[key]) for key in ("guard_rss_waiting_kb",
+                                                             "guard_peak_kb") if s.get(key)},
                              "check_rc": s["check_rc"], "left_out": max(
                                  (x for x in s["left_out"] if x is not None), default=None)})
                 if be == "nft":
@@ -132,20 +138,27 @@ def _growth(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def render(res: dict[str, Any]) -> list[str]:
     lines = ["", "5. Shapes (issue 27): A live, change B; apply/floor over SSH, "
-             f"medians of {res['rounds']}; check bare (default | --no-exposure)",
+             f"medians of {res['rounds']}; check bare (default | --no-exposure); guard MB: "
+             "its RSS while it waits / its peak (VmHWM), the largest of the rounds",
              f"   fwsafe: {res['fwsafe']}",
              f"   {'shape':<13} {'rules':>7} {'floor':>8} {'apply':>8} {'ratio':>7} "
-             f"{'revert x':>8} {'check':>8} {'no-exp':>8} {'left out':>9}  targets"]
+             f"{'revert x':>8} {'check':>8} {'no-exp':>8} {'left out':>9} {'guard MB':>11}"
+             "  targets"]
     for r in res["rows"]:
         ok_apply = r["apply_ratio"] <= APPLY_TARGET
         limit = CHECK_TARGETS_S.get(r["rules"])
         ok_check = None if limit is None else r["check_s"] <= limit
         met = f"apply {'met' if ok_apply else 'MISSED'}" + (
             "" if ok_check is None else f", check {'met' if ok_check else 'MISSED'}")
+        rss, peak = r.get("guard_rss_waiting_kb"), r.get("guard_peak_kb")
+        rss_limit = GUARD_RSS_TARGET_KB.get(r["rules"])
+        if rss_limit is not None and rss is not None:
+            met += f", guard RSS {'met' if rss <= rss_limit else 'MISSED'}"
+        guard = "-" if rss is None else f"{rss / 1024:.0f}/{(peak or 0) / 1024:.0f}"
         lines.append(f"   {r['shape']:<13} {r['rules']:>7} {r['floor_apply_s']:>7.2f}s "
                      f"{r['apply_s']:>7.2f}s {r['apply_ratio']:>6.2f}x {r['revert_ratio']:>7.2f}x "
                      f"{r['check_s']:>7.2f}s {r['check_ne_s']:>7.2f}s "
-                     f"{'-' if r['left_out'] is None else r['left_out']:>9}  {met}"
+                     f"{'-' if r['left_out'] is None else r['left_out']:>9} {guard:>11}  {met}"
                      + (f"; --no-check {r['apply_nc_ratio']:.2f}x" if "apply_nc_ratio" in r
                         else ""))
     for shape, k in sorted(res.get("growth", {}).items()):
