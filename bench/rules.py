@@ -11,8 +11,11 @@ NFT_TABLE = "inet fwbench"
 
 
 def host(i: int, variant: int) -> str:
-    """The i-th source address of a variant: 10.(100+variant).x.y, up to 63 500 per variant."""
-    return f"10.{100 + variant}.{i // 250}.{i % 250 + 1}"
+    """The i-th source address of a variant: 10.(100+variant).x.y for the first 62,500, then
+    10.(102+variant), 10.(104+variant), ...: the two variants never share one (200k rules and
+    more; the addresses below 62,500 are those of the earlier runs)."""
+    block, i = divmod(i, 62500)
+    return f"10.{100 + variant + 2 * block}.{i // 250}.{i % 250 + 1}"
 
 
 def iptables_rules(n: int, variant: int) -> str:

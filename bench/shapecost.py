@@ -25,7 +25,7 @@ import statistics
 from collections.abc import Callable
 from typing import Any
 
-from bench.labkit import INDEX_SCALE, fwsafe_bin, open_lab
+from bench.labkit import INDEX_SCALE, BenchLab, fwsafe_bin, open_lab
 from bench.scale import ScaleRun, _check, _restore_argv
 from bench.shapes import NFT_TABLE, SHAPES, backend, iptables_shape
 
@@ -47,74 +47,88 @@ def _left_out(stdout: str) -> int | None:
 
 def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                log: Callable[[str], None]) -> dict[str, Any]:
+    """Every shape at every size; one that fails (a tool's error, a timeout) gets a row with
+    its error, and the others are still measured."""
     unknown = set(shapes) - set(SHAPES)
     if unknown:
         raise ValueError(f"unknown shape(s): {', '.join(sorted(unknown))}")
     bl = open_lab("h", INDEX_SCALE, sshd=True)
-    rows = []
+    rows: list[dict[str, Any]] = []
     try:
         bl.check_ssh_env()
         sr = ScaleRun(bl, log)
-        fw = fwsafe_bin()
         for shape in shapes:
             for n in sizes:
-                be = backend(shape)
-                ext = "nft" if be == "nft" else "rules"
-                a = bl.write(f"{shape}-a{n}.{ext}", iptables_shape(shape, n, 0))
-                b = bl.write(f"{shape}-b{n}.{ext}", iptables_shape(shape, n, 1))
-                _check(bl.time1(_restore_argv(be, a)), f"loading A ({shape} {n})")
-                check = [fw, "check", str(b), "--client", bl.lab.cli_ip4, "--port",
-                         str(bl.lab.ssh_port), "--json"]
-                s: dict[str, list[Any]] = {}
-                steps = ["floor", "apply", "check", "check_ne"]
-                if be == "nft":   # issue 27 item 3: one nft transaction validates itself
-                    steps.append("apply_nc")
-                for r in range(rounds):
-                    log(f"  shapes round {r + 1}/{rounds}: {shape} {n} rules")
-                    for step in steps[r % len(steps):] + steps[:r % len(steps)]:
-                        if step == "floor":
-                            fa, fr = sr.floor(be, a, b, True)
-                            s.setdefault("floor_apply_s", []).append(fa)
-                            s.setdefault("floor_revert_s", []).append(fr)
-                        elif step == "apply":
-                            # --force: B replaces every chain of A, kube-proxy's and Docker's too (the
-                            # check still runs; only a refusal is overridden)
-                            got = sr.fwsafe(b, ("--force",), True)
-                            s.setdefault("apply_s", []).append(got["apply_s"])
-                            s.setdefault("revert_s", []).append(got["revert_s"])
-                            for key in ("guard_rss_waiting_kb", "guard_peak_kb"):
-                                if got.get(key) is not None:
-                                    s.setdefault(key, []).append(got[key])
-                        elif step == "apply_nc":
-                            got = sr.fwsafe(b, ("--force", "--no-check"), True)
-                            s.setdefault("apply_nc_s", []).append(got["apply_s"])
-                        else:
-                            argv = check if step == "check" else [*check, "--no-exposure"]
-                            t = bl.time1(argv)
-                            if t.rc not in (0, 1):
-                                raise RuntimeError(f"fwsafe check ({shape} {n}) exited {t.rc}: "
-                                                   f"{t.stderr.strip()[-300:]}")
-                            s.setdefault(step + "_s", []).append(t.elapsed)
-                            s.setdefault(step + "_rc", []).append(t.rc)
-                            s.setdefault("left_out", []).append(_left_out(t.stdout))
-                med = {k: statistics.median(v) for k, v in s.items()
-                       if k.endswith("_s")}
-                rows.append({"shape": shape, "rules": n, "rounds": rounds, **med,
-                             "apply_ratio": med["apply_s"] / med["floor_apply_s"],
-                             "revert_ratio": med["revert_s"] / med["floor_revert_s"],
-                             **({"apply_nc_ratio": med["apply_nc_s"] / med["floor_apply_s"]}
-                                if "apply_nc_s" in med else {}),
-                             **{key: max(s[key]) for key in ("guard_rss_waiting_kb",
-                                                             "guard_peak_kb") if s.get(key)},
-                             "check_rc": s["check_rc"], "left_out": max(
-                                 (x for x in s["left_out"] if x is not None), default=None)})
-                if be == "nft":
+                try:
+                    rows.append(_measure(bl, sr, shape, n, rounds, log))
+                except Exception as exc:  # noqa: BLE001 - reported in its row; the rest goes on
+                    log(f"  shapes: {shape} {n} FAILED: {exc}")
+                    rows.append({"shape": shape, "rules": n, "rounds": rounds,
+                                 "error": f"{type(exc).__name__}: {exc}"[:600]})
+                    bl.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={bl.state_dir}", fwsafe_bin(),
+                                     "revert"], check=False, timeout=900)
+                if backend(shape) == "nft":
                     bl.lab.srv_exec(["nft", "delete", "table", *NFT_TABLE.split()], check=False)
             bl.lab.srv_exec(["iptables-restore"], input=_EMPTY)
     finally:
         bl.close()
     return {"shapes": shapes, "sizes": sizes, "rounds": rounds, "fwsafe": fwsafe_bin(),
-            "rows": rows, "growth": _growth(rows)}
+            "rows": rows, "growth": _growth([r for r in rows if "error" not in r])}
+
+
+def _measure(bl: BenchLab, sr: ScaleRun, shape: str, n: int, rounds: int,
+             log: Callable[[str], None]) -> dict[str, Any]:
+    """One shape at one size: its row."""
+    fw = fwsafe_bin()
+    be = backend(shape)
+    ext = "nft" if be == "nft" else "rules"
+    a = bl.write(f"{shape}-a{n}.{ext}", iptables_shape(shape, n, 0))
+    b = bl.write(f"{shape}-b{n}.{ext}", iptables_shape(shape, n, 1))
+    _check(bl.time1(_restore_argv(be, a)), f"loading A ({shape} {n})")
+    check = [fw, "check", str(b), "--client", bl.lab.cli_ip4, "--port",
+             str(bl.lab.ssh_port), "--json"]
+    s: dict[str, list[Any]] = {}
+    steps = ["floor", "apply", "check", "check_ne"]
+    if be == "nft":   # issue 27 item 3: one nft transaction validates itself
+        steps.append("apply_nc")
+    for r in range(rounds):
+        log(f"  shapes round {r + 1}/{rounds}: {shape} {n} rules")
+        for step in steps[r % len(steps):] + steps[:r % len(steps)]:
+            if step == "floor":
+                fa, fr = sr.floor(be, a, b, True)
+                s.setdefault("floor_apply_s", []).append(fa)
+                s.setdefault("floor_revert_s", []).append(fr)
+            elif step == "apply":
+                # --force: B replaces every chain of A, kube-proxy's and Docker's too (the
+                # check still runs; only a refusal is overridden)
+                got = sr.fwsafe(b, ("--force",), True)
+                s.setdefault("apply_s", []).append(got["apply_s"])
+                s.setdefault("revert_s", []).append(got["revert_s"])
+                for key in ("guard_rss_waiting_kb", "guard_peak_kb"):
+                    if got.get(key) is not None:
+                        s.setdefault(key, []).append(got[key])
+            elif step == "apply_nc":
+                got = sr.fwsafe(b, ("--force", "--no-check"), True)
+                s.setdefault("apply_nc_s", []).append(got["apply_s"])
+            else:
+                argv = check if step == "check" else [*check, "--no-exposure"]
+                t = bl.time1(argv)
+                if t.rc not in (0, 1):
+                    raise RuntimeError(f"fwsafe check ({shape} {n}) exited {t.rc}: "
+                                       f"{t.stderr.strip()[-300:]}")
+                s.setdefault(step + "_s", []).append(t.elapsed)
+                s.setdefault(step + "_rc", []).append(t.rc)
+                s.setdefault("left_out", []).append(_left_out(t.stdout))
+    med = {k: statistics.median(v) for k, v in s.items() if k.endswith("_s")}
+    return {"shape": shape, "rules": n, "rounds": rounds, **med,
+            "apply_ratio": med["apply_s"] / med["floor_apply_s"],
+            "revert_ratio": med["revert_s"] / med["floor_revert_s"],
+            **({"apply_nc_ratio": med["apply_nc_s"] / med["floor_apply_s"]}
+               if "apply_nc_s" in med else {}),
+            **{key: max(s[key]) for key in ("guard_rss_waiting_kb", "guard_peak_kb")
+               if s.get(key)},
+            "check_rc": s["check_rc"], "left_out": max(
+                (x for x in s["left_out"] if x is not None), default=None)}
 
 
 _EMPTY = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n" \
@@ -145,6 +159,9 @@ def render(res: dict[str, Any]) -> list[str]:
              f"{'revert x':>8} {'check':>8} {'no-exp':>8} {'left out':>9} {'guard MB':>11}"
              "  targets"]
     for r in res["rows"]:
+        if "error" in r:
+            lines.append(f"   {r['shape']:<13} {r['rules']:>7}  FAILED: {r['error'][:300]}")
+            continue
         ok_apply = r["apply_ratio"] <= APPLY_TARGET
         limit = CHECK_TARGETS_S.get(r["rules"])
         ok_check = None if limit is None else r["check_s"] <= limit

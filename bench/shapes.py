@@ -34,8 +34,10 @@ _KEEP_SSH = ["-A INPUT -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
 
 
 def _addr(i: int, variant: int, first: int = 10, second: int = 100) -> str:
-    """The i-th address of a variant: FIRST.(SECOND+variant).x.y, up to 63,500 per variant."""
-    return f"{first}.{second + variant}.{i // 250 % 250}.{i % 250 + 1}"
+    """The i-th address of a variant: FIRST.(SECOND+variant).x.y for the first 62,500, then
+    SECOND+2+variant, ...: every one distinct, the variants' apart (200k rules and more)."""
+    block, i = divmod(i, 62500)
+    return f"{first}.{second + variant + 2 * block}.{i // 250}.{i % 250 + 1}"
 
 
 def _port(i: int) -> str:

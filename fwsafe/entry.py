@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 
+from fwsafe.tool_stack import raise_for_tools
+
 
 def reads_the_firewall(args: list[str]) -> bool:
     """An `apply` or a `check` on this host (not `--host`, not `--help`)."""
@@ -19,6 +21,7 @@ def reads_the_firewall(args: list[str]) -> bool:
 
 
 def main() -> None:
+    raise_for_tools()   # before any thread or tool starts (iptables-save of 80k chains)
     if reads_the_firewall(sys.argv[1:]):
         # the early firewall read is started only for an apply or a check on this host
         from fwsafe.backends import libnft

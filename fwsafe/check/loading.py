@@ -78,7 +78,7 @@ class SandboxFirewall:
             nft.append(self.layers[candidate][0].decode(errors="replace"))
         self.addresses = sandbox_addresses(addresses, ipt, nft, interfaces, ports)
         if self.addresses is None:
-            self.pruning.append(unpruned_why(ipt, nft))
+            self.pruning.append(unpruned_why(nft))
         elif self.addresses.translated:
             self.pruning.append(
                 f"{self.addresses.translated} address(es) that reachable translations (DNAT, "

@@ -187,7 +187,7 @@ class _IptRule(NamedTuple):
     jump: str | None
     nat: tuple[str, ...]
     ifaces: tuple[str, ...] = ()   # the interfaces its -i/-o options name (not negated)
-    dports: tuple[tuple[int, int], ...] | None = None   # a nat rule's TCP ports (_tcp_dports)
+    dports: tuple[tuple[int, int], ...] | None = None   # a nat rule's TCP ports (prune_ports.tcp_dports)
     # a nat rule's translation to other destination ports (None: it keeps the port)
     moves_to: tuple[tuple[int, int], ...] | None = None
 
@@ -438,8 +438,9 @@ def _nat_targets(rest: str, family: int) -> tuple[str, ...] | None:
     return tuple(found)
 
 
-def unpruned_why(iptables: Iterable[tuple[str, int]], nft: Iterable[str]) -> str:
-    """Why `sandbox_addresses` gave None for these texts: what `check -v` says."""
+def unpruned_why(nft: Iterable[str]) -> str:
+    """Why `sandbox_addresses` gave None (for these nft texts and iptables texts it was given):
+    what `check -v` says."""
     if rewrites_addresses(list(nft)):
         return ("an nft table translates addresses (dnat, snat, ...): the addresses its packets "
                 "carry after it are not read, so every rule is loaded")

@@ -48,12 +48,14 @@ from fwsafe.core.statedir import StateDir
 from fwsafe.guard.backstop_tools import log, quiet_std, run_tool, unit_name, write_line
 from fwsafe.guard.takeover import late, limit, take_over
 from fwsafe.guard.watcher import watch
+from fwsafe.tool_stack import raise_for_tools
 
 USAGE = ("usage: python -m fwsafe.guard.backstop --watch|--watch-unit|--after-stop|--take-over"
          "|--limit STATE_DIR TX_ID\n       python -m fwsafe.guard.backstop --converge [STATE_DIR]")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raise_for_tools()   # started by systemd-run: its own limit (fwsafe.tool_stack)
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["--converge"] and len(args) <= 2:
         args = [*args, "", ""][:3]

@@ -61,6 +61,7 @@ from fwsafe.guard.host_facts import set_oom_shield
 from fwsafe.guard.probing import ProbeWatch
 from fwsafe.guard.requests import listen
 from fwsafe.guard.spawn import tell_saved, wait_for_go
+from fwsafe.tool_stack import raise_for_tools
 
 LIMIT_APPLY_SLACK_S = 60.0   # systemd's first limit allows this long for the apply itself
 
@@ -332,6 +333,7 @@ def _open_log(state: StateDir, tx_id: str) -> TextIO | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raise_for_tools()   # started by systemd-run: its own limit (fwsafe.tool_stack)
     args = list(sys.argv[1:] if argv is None else argv)
     standing_by = args[3:] == ["--standby"]
     if standing_by:

@@ -363,9 +363,10 @@ def test_what_is_loaded_whole_is_said() -> None:
     pruned = prune_iptables(text, SANDBOX, 4)
     assert pruned.left_out == 1 and len(pruned.whole) == 1
     assert pruned.whole[0].startswith("table filter: loaded whole")
-    assert "nft table translates" in prune.unpruned_why([], ["\t\tdnat ip to 10.9.9.9"])
-    assert "could not be read" in prune.unpruned_why(
-        [(ipt("-A INPUT -j DNAT --to-destination x"), 4)], [])
+    assert "nft table translates" in prune.unpruned_why(["\t\tdnat ip to 10.9.9.9"])
+    assert "could not be read" in prune.unpruned_why([])
+    assert prune.sandbox_addresses([CLIENT], [(ipt("-A INPUT -j DNAT --to-destination x"), 4)],
+                                   []) is None
     nat = ipt("-A INPUT -p tcp -j DNAT --to-destination 203.0.113.5:22").replace("*filter", "*nat")
     found = prune.sandbox_addresses([CLIENT], [(nat, 4)], [])
     assert found is not None and found.translated == 1
