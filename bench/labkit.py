@@ -491,6 +491,21 @@ def proc_status_kb(pid: int, key: str) -> int | None:
     return None
 
 
+def rss_when_idle(pid: int, limit_s: float = 120.0) -> int | None:
+    """VmRSS of `pid` once it has stopped working (no CPU time used over 0.5 s: a guard done
+    with its capture after the change, which it reads in a thread while it already answers),
+    at most `limit_s` from now."""
+    end = time.monotonic() + limit_s
+    last = proc_cpu_ticks(pid)
+    while last is not None and time.monotonic() < end:
+        time.sleep(0.5)
+        now = proc_cpu_ticks(pid)
+        if now == last:
+            break
+        last = now
+    return proc_status_kb(pid, "VmRSS")
+
+
 def proc_cpu_ticks(pid: int) -> int | None:
     """utime + stime of `pid` in clock ticks."""
     try:

@@ -46,6 +46,7 @@ from bench.labkit import (
     fwsafe_bin,
     open_lab,
     proc_status_kb,
+    rss_when_idle,
 )
 from bench.rules import NFT_TABLE, iptables_rules, nft_rules
 
@@ -175,9 +176,9 @@ class ScaleRun:
             raise RuntimeError(f"fwsafe apply{where}: transaction {armed['id']} is not the "
                                f"pending one in {self.bl.state_dir}: {info_pending.get('id')} "
                                f"{info_pending.get('state')}")
-        # waiting (its capture after the change read by now, `status` answered): what it holds
-        # while it waits, and the most it ever held (VmHWM: the apply, the capture)
-        waiting = proc_status_kb(guard, "VmRSS") if isinstance(guard, int) else None
+        # what it holds while it waits (its capture after the change done: idle), and the most
+        # it ever held (VmHWM: the apply, the capture)
+        waiting = rss_when_idle(guard) if isinstance(guard, int) else None
         peak = proc_status_kb(guard, "VmHWM") if isinstance(guard, int) else None
         reverted = _check(self.run([[self.fw, "revert"]], ssh)[0], "fwsafe revert" + where,
                           ok=(4,))

@@ -18,6 +18,7 @@ of each shape between its smallest and largest size.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -65,8 +66,9 @@ def run_shapes(shapes: list[str], sizes: list[int], rounds: int,
                     log(f"  shapes: {shape} {n} FAILED: {exc}")
                     rows.append({"shape": shape, "rules": n, "rounds": rounds,
                                  "error": f"{type(exc).__name__}: {exc}"[:600]})
-                    bl.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={bl.state_dir}", fwsafe_bin(),
-                                     "revert"], check=False, timeout=900)
+                    with contextlib.suppress(Exception):   # a change left pending: undone
+                        bl.lab.srv_exec(["env", f"FWSAFE_STATE_DIR={bl.state_dir}",
+                                         fwsafe_bin(), "revert"], check=False, timeout=900)
                 if backend(shape) == "nft":
                     bl.lab.srv_exec(["nft", "delete", "table", *NFT_TABLE.split()], check=False)
             bl.lab.srv_exec(["iptables-restore"], input=_EMPTY)
@@ -152,11 +154,11 @@ def _growth(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
 
 def render(res: dict[str, Any]) -> list[str]:
     lines = ["", "5. Shapes (issue 27): A live, change B; apply/floor over SSH, "
-             f"medians of {res['rounds']}; check bare (default | --no-exposure); guard MB: "
-             "its RSS while it waits / its peak (VmHWM), the largest of the rounds",
+             f"medians of {res['rounds']}; check bare (default | --no-exposure); guard MiB: "
+             "its RSS once idle while it waits / its peak (VmHWM), the largest of the rounds",
              f"   fwsafe: {res['fwsafe']}",
              f"   {'shape':<13} {'rules':>7} {'floor':>8} {'apply':>8} {'ratio':>7} "
-             f"{'revert x':>8} {'check':>8} {'no-exp':>8} {'left out':>9} {'guard MB':>11}"
+             f"{'revert x':>8} {'check':>8} {'no-exp':>8} {'left out':>9} {'guard MiB':>11}"
              "  targets"]
     for r in res["rows"]:
         if "error" in r:

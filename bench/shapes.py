@@ -204,7 +204,8 @@ def docker(n: int, variant: int) -> str:
     """Docker with user networks (a bridge br-* per /24 network in 172.(18+v).x.0/24) and
     published ports: per network 2 isolation rules, 4 forward rules, 1 MASQUERADE, and per
     container 1 DNAT + 1 ACCEPT (+1 MASQUERADE hairpin): about 10 rules per network with one
-    container, so n // 10 networks."""
+    container, so n // 10 networks. The networks' addresses repeat after 2,500 networks (and the
+    variants' overlap): the bridges' names, which the rules match on, never do."""
     nets = max(1, n // 10)
     filt = ["*filter", *_HEAD, ":DOCKER - [0:0]", ":DOCKER-ISOLATION-STAGE-1 - [0:0]",
             ":DOCKER-ISOLATION-STAGE-2 - [0:0]", ":DOCKER-USER - [0:0]", *_KEEP_SSH,

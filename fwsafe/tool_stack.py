@@ -5,9 +5,10 @@ iptables-nft overflows the usual 8 MiB stack reading a table of tens of thousand
 iptables-save prints them (by name: a snapshot, a revert, netfilter-persistent at boot), dies
 of SIGSEGV after 50 s; with 16 MiB it prints them. fwsafe would then neither read the host nor
 check a change. Every fwsafe process (the CLI, the guard, its backstop) raises its soft
-RLIMIT_STACK at start, within the hard limit: every program it starts inherits it. Its own
-threads keep 8 MiB (`threading.stack_size`), as glibc would size them by the raised limit.
-Standard library only.
+RLIMIT_STACK at start, within the hard limit: every program it starts inherits it. glibc
+sizes a process's default thread stack by the limit the process starts with, so fwsafe's
+Python children (the guard, the sandbox's agent and simulator) pin their threads' stacks to
+8 MiB (`threading.stack_size`), as its own processes do. Standard library only.
 """
 
 from __future__ import annotations

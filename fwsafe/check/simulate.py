@@ -29,6 +29,7 @@ from fwsafe.check.netns import Namespaces, NetnsError, remove_orphans
 from fwsafe.errors import CannotSimulateError, EnvironmentProblem, InvalidRulesError
 from fwsafe.ondisk.ufw_files import UfwFilesError
 from fwsafe.runner import module_argv, require_binary
+from fwsafe.tool_stack import raise_for_tools
 
 SIMULATE_PREFIX = "fwsb"   # fwsb<pid>: the scratch namespace of a simulated change
 
@@ -136,6 +137,7 @@ def _inside(request: dict[str, Any], wires: Tripwires) -> dict[str, Any]:
 
 
 def main() -> int:
+    raise_for_tools()   # its thread keeps 8 MiB (the limit it inherits is the tools')
     request = json.loads(sys.stdin.buffer.read())
     try:
         wires, readonly = enter(request["sockets"])

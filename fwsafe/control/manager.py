@@ -432,4 +432,5 @@ def hatch_left(state: StateDir, record: Record) -> Record:
         record = transaction.load_record(state, record.id)
     if not hatch.may_be_loaded(record.hatch):
         return record
-    return remove_left_hatch(state, record, until=end)
+    # the claim gets its own moment: the guard may have taken most of the wait to die
+    return remove_left_hatch(state, record, until=max(end, time.monotonic() + 2.0))

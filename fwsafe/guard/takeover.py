@@ -17,6 +17,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fwsafe import failpoints
@@ -143,7 +144,8 @@ def take_over(state: StateDir, tx_id: str, why: str, by: str = "backstop") -> in
             if not (record.state in transaction.OPEN_STATES
                     or record.state == transaction.PREPARING):
                 if left_loaded(record):
-                    remove_left_hatch(state, record, until=time.monotonic() + 5.0, wait=False)
+                    remove_left_hatch(state, record, until=time.monotonic() + 5.0, wait=False,
+                                      say=log)
                 return 0   # confirmed, reverted or aborted: the guard finished its job
             if not announced:
                 log(f"{why}; transaction {tx_id} is {record.state}: reverting it")
@@ -188,13 +190,17 @@ def left_loaded(record: transaction.Record) -> bool:
 
 
 def remove_left_hatch(state: StateDir, record: transaction.Record, *, until: float,
-                      wait: bool = True) -> transaction.Record:
+                      wait: bool = True,
+                      say: Callable[[str], None] | None = None) -> transaction.Record:
     """Remove the hatch a transaction that ended left loaded (`left_loaded`; its guard gone),
     under the state lock (`wait`: wait for it) and the transaction's claim, proved by reading
     (fwsafe.guard.hatch.removed); the record says how it went. A guard seen gone holds its
     lock a moment longer (a dying process's files are closed after its memory is released),
-    so a claim refused is tried again until the monotonic `until`. Returns the record as it
-    stands (the hatch maybe still loaded: every fwsafe command and the next apply try again)."""
+    so a claim refused is tried again until the monotonic `until`. Only while the transaction
+    is the current one: once another began, its apply removed what was left, and the hatch
+    loaded now is the new transaction's. `say`: where to log (the backstop's log; a command
+    says nothing). Returns the record as it stands (the hatch maybe still loaded: every fwsafe
+    command and the next apply try again)."""
     # imported by the guard and backstop processes, which keep their imports small: loaded when
     # used
     from fwsafe.errors import PendingError
@@ -204,15 +210,18 @@ def remove_left_hatch(state: StateDir, record: transaction.Record, *, until: flo
         try:
             with state.locked(wait=wait), state.tx_claimed(record.id):
                 record = transaction.load_record(state, record.id)
-                if not left_loaded(record) or transaction.guard_alive(record):
+                if not left_loaded(record) or transaction.guard_alive(record) \
+                        or state.current_id() != record.id:
                     return record
-                done = hatch.removed(record, log)
-                log(f"hatch left by transaction {record.id}: "
-                    f"{'removed' if done else 'NOT removed'} {record.hatch}")
+                done = hatch.removed(record, say)
+                if say is not None:
+                    say(f"hatch left by transaction {record.id}: "
+                        f"{'removed' if done else 'NOT removed'} {record.hatch}")
                 try:
                     transaction.save_record(state, record)
                 except Exception as exc:  # noqa: BLE001 - the kernel is what counts; the
-                    log(f"the record is not written ({exc})")   # next command writes it
+                    if say is not None:   # next command writes it
+                        say(f"the record is not written ({exc})")
                 return record
         except PendingError:
             if time.monotonic() >= until:
@@ -240,7 +249,10 @@ def late(state: StateDir, tx_id: str | None) -> int:
         return 0
     if left_loaded(record) and not (transaction.guard_alive(record)
                                     or state.tx_held(record.id)):
-        remove_left_hatch(state, record, until=time.monotonic() + 5.0, wait=False)
+        try:
+            remove_left_hatch(state, record, until=time.monotonic() + 5.0, wait=False, say=log)
+        except Exception as exc:  # noqa: BLE001 - the next command tries again
+            log(f"the hatch left by transaction {record.id} is not removed ({exc})")
         return 0
     if not orphaned(state, record):
         return 0

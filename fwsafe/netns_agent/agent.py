@@ -56,6 +56,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
 from typing import Any
 
 if __name__ == "__main__":
@@ -126,6 +127,9 @@ class Agent:
 
 
 def main() -> int:
+    # its threads (a listener each, an echo per connection) keep 8 MiB stacks: glibc would size
+    # them by the stack limit fwsafe raised for the firewall tools (fwsafe.tool_stack)
+    threading.stack_size(8 << 20)
     agent = Agent(batch_size())
     return serve(agent.handle, agent.sockets)
 

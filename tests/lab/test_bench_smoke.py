@@ -76,10 +76,10 @@ def test_bench_quick_writes_every_section(tmp_path: Path) -> None:
     shapes = {r["shape"]: r for r in data["shapes"]["rows"]}
     assert set(shapes) == set(SHAPES)
     for row in shapes.values():
+        assert "error" not in row, row
         for key in ("floor_apply_s", "apply_s", "apply_ratio", "revert_ratio", "check_s",
                     "check_ne_s", "guard_rss_waiting_kb", "guard_peak_kb"):
             assert _positive(row[key]), (key, row)
-        assert row["guard_peak_kb"] >= row["guard_rss_waiting_kb"], row
         assert row["check_rc"] == [0], row          # no lockout predicted: SSH stays open
 
     ufw = data["ufw"]

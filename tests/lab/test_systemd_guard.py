@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from fwsafe.check.netns import NETNS_DIR
+from fwsafe.tool_stack import TOOL_STACK_BYTES
 from tests.crashmatrix import (
     COLUMNS,
     Host,
@@ -63,7 +64,19 @@ def _pending(lab: SystemdLab, timeout: int) -> dict[str, Any]:
     info = lab.status()
     assert info["state"] == "pending" and info["guard_mode"] == "systemd-run", info
     assert not lab.new_connection_ok(timeout=0.5), "the lockout is not live"
+    # started by systemd (its own 8 MiB limit, not the CLI's): the guard and its backstop
+    # raise the stack limit for the tools they run (fwsafe.tool_stack)
+    for pid in (info["guard_pid"], info["backstop"]["pid"]):
+        assert _stack_soft_limit(lab, int(pid)) == TOOL_STACK_BYTES, (pid, info["backstop"])
     return info
+
+
+def _stack_soft_limit(lab: SystemdLab, pid: int) -> int | None:
+    for line in lab.exec(["cat", f"/proc/{pid}/limits"]).stdout.splitlines():
+        if line.startswith("Max stack size"):
+            soft = line.split()[3]
+            return None if soft == "unlimited" else int(soft)
+    return None
 
 
 def _journal(lab: SystemdLab, tx_id: str) -> str:
