@@ -369,9 +369,15 @@ def test_sigterm_and_sigint_remove_the_sandbox(fwlab: FwLab) -> None:
     rules = fwlab.write("drop-all.rules", DROP_ALL)
     before = fwlab.lab.ruleset()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        proc = fwlab.lab.srv_popen([FWSAFE, "check", "--timeout", "30", str(rules), "--client",
-                                    fwlab.lab.cli_ip4], stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
+        # as from a terminal: a suite started in the background of a shell inherits SIGINT
+        # ignored, and an ignored signal stays ignored across exec (a handled one does not)
+        inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            proc = fwlab.lab.srv_popen([FWSAFE, "check", "--timeout", "30", str(rules),
+                                        "--client", fwlab.lab.cli_ip4], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE)
+        finally:
+            signal.signal(signal.SIGINT, inherited)
         end = time.monotonic() + 20
         while not our_namespaces(proc.pid) and time.monotonic() < end:
             time.sleep(0.05)
