@@ -21,6 +21,7 @@ from fwsafe.backends import (
 from fwsafe.backends.base import RULES_FILE
 from fwsafe.backends.iptsave import BUILTIN_CHAINS, blocks, chain_names, parse_ruleset
 from fwsafe.core import snapshot
+from fwsafe.core.packed import Packed, packed
 from fwsafe.core.revert import compute_touched
 from fwsafe.core.statedir import StateDir
 from fwsafe.core.transaction import Record
@@ -164,7 +165,7 @@ class AfterChange:
                  wake: int) -> None:
         self.state, self.record, self.before, self.log, self.wake = \
             state, record, before, log, wake
-        self.after: dict[str, bytes] | None = None   # captured right after the change
+        self.after: Packed | None = None   # captured right after the change (fwsafe.core.packed)
         self.captured = False
         self.reading: BackgroundCapture | None = None
 
@@ -182,7 +183,7 @@ class AfterChange:
             self.reading.thread.join()
             self.adopt()
         if not self.captured:
-            self.after = capture_after(self.state, self.record, self.before, self.log)
+            self.after = packed(capture_after(self.state, self.record, self.before, self.log))
             self.captured = True
 
     def adopt(self, wanted: bool = True) -> bool:
@@ -193,8 +194,8 @@ class AfterChange:
         taken, self.reading = self.reading.taken, None
         if not wanted or self.captured:
             return False
-        self.after = capture_after(self.state, self.record, self.before, self.log,
-                                   taken=taken or Capture(None, error="not read"))
+        self.after = packed(capture_after(self.state, self.record, self.before, self.log,
+                                          taken=taken or Capture(None, error="not read")))
         self.captured = True
         return True
 

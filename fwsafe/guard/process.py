@@ -10,7 +10,7 @@ the SSH session that started it:
 * it sets its own ``oom_score_adj`` to -1000, which the restore commands it runs inherit;
   where that is refused (no CAP_SYS_RESOURCE) it carries on and records that it is not shielded;
 * it reads the snapshot and the change into memory before it applies anything, so that nothing
-  a session deletes can stop the revert;
+  a session deletes can stop the revert (large texts held compressed: fwsafe.core.packed);
 * it applies the change itself, after it is armed, so that a deadline can never pass between
   arming and applying;
 * at the deadline, on ``fwsafe revert``, on SIGTERM or when a probe fails N times in a row it
@@ -42,6 +42,7 @@ from fwsafe import failpoints
 from fwsafe.backends import nflist
 from fwsafe.check.proof import PROVER
 from fwsafe.core import snapshot, transaction
+from fwsafe.core.packed import Packed
 from fwsafe.core.revert import (
     RevertResult,
     finished_revert,
@@ -57,7 +58,7 @@ from fwsafe.guard.backstop_keeper import BackstopKeeper
 from fwsafe.guard.backstop_tools import quiet_std, stuck_grace, write_line
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.guard_loop import Loop, Requests
-from fwsafe.guard.host_facts import set_oom_shield
+from fwsafe.guard.host_facts import give_back_freed_memory, set_oom_shield
 from fwsafe.guard.probing import ProbeWatch
 from fwsafe.guard.requests import listen
 from fwsafe.guard.spawn import tell_saved, wait_for_go
@@ -76,9 +77,10 @@ class Guard:
         self.record = record
         self.mode = mode
         self.logfile = log
-        # Everything needed to revert is read into memory before anything is changed.
-        self.before = snapshot.load(state, record.id, snapshot.BEFORE, record.captured)
-        self.change = snapshot.load(state, record.id, snapshot.CHANGE, record.layers)
+        # Everything needed to revert is read into memory before anything is changed, the
+        # large texts compressed (fwsafe.core.packed: the waiting guard's RSS).
+        self.before = Packed(snapshot.load(state, record.id, snapshot.BEFORE, record.captured))
+        self.change = Packed(snapshot.load(state, record.id, snapshot.CHANGE, record.layers))
         self.wake_r, self.wake_w = os.pipe()
         self.after = AfterChange(state, record, self.before, self.log, self.wake_w)
         self.undo_began = False       # a revert was begun (an error may have cut it short)
@@ -334,6 +336,7 @@ def _open_log(state: StateDir, tx_id: str) -> TextIO | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     raise_for_tools()   # started by systemd-run: its own limit (fwsafe.tool_stack)
+    give_back_freed_memory()   # before it reads any ruleset: its RSS while it waits
     args = list(sys.argv[1:] if argv is None else argv)
     standing_by = args[3:] == ["--standby"]
     if standing_by:
