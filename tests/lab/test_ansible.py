@@ -444,12 +444,21 @@ def test_install_role_from_wheel_is_idempotent(fleet: Fleet, ctl: Controller,
         "fwsafe_boot_hook_root": f"{root}/{{{{ inventory_hostname }}}}/root",
         "fwsafe_wheelhouse": str(wheelhouse),
     })
-    pip_env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse)}
+    # The controller's temporary directory, where the role builds the wheel: empty again after
+    # each run (it was left there, a copy of the sources per run, until 2026-12-08).
+    controller_tmp = tmp_path / "controller-tmp"
+    controller_tmp.mkdir()
+    pip_env = {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(wheelhouse),
+               "TMPDIR": str(controller_tmp)}
     inv = ctl.inventory("install")
     build_existed = (REPO / "build").exists()
     first = ctl.playbook(INSTALL, inv, "-e", extra, env=pip_env)
     print(f"\n[timing] install role on 3 hosts: {first.elapsed_s:.1f} s")
     assert first.rc == 0, first.show()
+    made = [e["result"].get("path", "") for e in first.events
+            if e["task"].endswith("Make a build directory on the controller")]
+    assert made and all(path.startswith(f"{controller_tmp}/") for path in made), made
+    assert list(controller_tmp.iterdir()) == [], "the role left its build directory"
     recap = first.recap()
     for host in web:
         assert recap[host.name]["changed"] > 0
@@ -467,6 +476,7 @@ def test_install_role_from_wheel_is_idempotent(fleet: Fleet, ctl: Controller,
     assert again.rc == 0, again.show()
     recap = again.recap()
     assert all(recap[h.name]["changed"] == 0 for h in web), again.stdout
+    assert list(controller_tmp.iterdir()) == [], "the role left its build directory"
 
 
 # The ansible-test sanity tests that run offline. The others (ansible-doc, import, pep8, pylint,
