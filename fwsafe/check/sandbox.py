@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
@@ -246,7 +245,6 @@ class Sandbox:
         self.srv_agent: AgentProcess | None = None
         self.cli_agent: AgentProcess | None = None
         self.trace: TraceMonitor | None = None
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="fwsafe-check-"))
         self.links: list[LinkPlan] = []
 
     def __enter__(self) -> Sandbox:
@@ -337,8 +335,9 @@ class Sandbox:
                  "    meta nftrace set 1\n"
                  # the canaries end here: no other chain (no iptables counter) ever sees them
                  f"    ip daddr 127.0.0.1 udp dport {CANARY_PORTS} drop\n  }}\n}}\n")
-        path = self.write_file("trace.nft", table.encode())
-        result = self.srv_run([nft, "-f", str(path)], timeout=60)
+        # on its standard input: the check writes no file (a sandbox killed with its owner
+        # left its directory behind in /tmp, one per SIGKILL, and a full /tmp broke it)
+        result = self.srv_run([nft, "-f", "-"], input=table.encode(), timeout=60)
         if result.returncode != 0:
             raise SandboxError("cannot add the trace table: "
                                f"{result.stderr.decode(errors='replace').strip()}")
@@ -353,11 +352,6 @@ class Sandbox:
             raise
         self.trace = trace
         return trace
-
-    def write_file(self, name: str, content: bytes) -> Path:
-        path = self.tmpdir / name
-        path.write_bytes(content)
-        return path
 
     # -- teardown ----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -381,14 +375,5 @@ class Sandbox:
             self.namespaces.close()
         except NetnsError as exc:
             errors.append(str(exc))
-        for child in self.tmpdir.glob("*"):
-            try:
-                child.unlink()
-            except OSError:
-                pass
-        try:
-            self.tmpdir.rmdir()
-        except OSError:
-            pass
         if errors:
             print("fwsafe: warning: sandbox teardown: " + "; ".join(errors), file=sys.stderr)

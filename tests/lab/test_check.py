@@ -390,6 +390,33 @@ def test_sigterm_and_sigint_remove_the_sandbox(fwlab: FwLab) -> None:
         assert fwlab.lab.ruleset() == before
 
 
+def test_a_killed_check_leaves_nothing_the_next_one_does_not_remove(fwlab: FwLab,
+                                                                    tmp_path: Path) -> None:
+    """SIGKILL: nothing can tear down; the next check removes the namespaces, and there is no
+    file or directory of it anywhere (its trace table went through a file of a directory in
+    /tmp, left behind by every check killed so)."""
+    rules = fwlab.write("drop-all.rules", DROP_ALL)
+    before = fwlab.lab.ruleset()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = fwlab.lab.srv_popen(["env", f"TMPDIR={tmp}", FWSAFE, "check", "--timeout", "30",
+                                str(rules), "--client", fwlab.lab.cli_ip4],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    end = time.monotonic() + 20
+    while not our_namespaces(proc.pid) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert our_namespaces(proc.pid), "the sandbox never appeared"
+    time.sleep(1.0)  # the trace is up: inside a 30 s connection attempt
+    os.kill(proc.pid, signal.SIGKILL)   # `ip netns exec` and env exec: this PID is fwsafe
+    proc.communicate(timeout=30)
+    assert our_namespaces(proc.pid)   # the control: nothing tore it down
+    code, _, stderr = check(fwlab, str(rules), "--client", fwlab.lab.cli_ip4)
+    assert code == 1, stderr
+    assert not our_namespaces(proc.pid)
+    assert sorted(p.name for p in tmp.iterdir()) == []
+    assert fwlab.lab.ruleset() == before
+
+
 # --------------------------------------------------------------------------------------------
 # Large rulesets: the sandbox leaves out the rules no packet of its own can match
 # --------------------------------------------------------------------------------------------
