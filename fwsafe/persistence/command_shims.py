@@ -119,7 +119,13 @@ def run(tool: str, args: Sequence[str]) -> None:
     real = real_path(tool)
     guarded = os.environ.get(ENV) == "guard" or from_ssh()
     if read_only(tool, args) or not guarded:
-        os.execv(real, [TOOLS[tool], *args])
+        try:
+            os.execv(real, [TOOLS[tool], *args])
+        except OSError as exc:   # removed by its package with the shim left (dpkg -r), ...
+            raise EnvironmentProblem(
+                f"cannot run the real {tool}, {real}: {exc.strerror}",
+                hint=f"was {tool}'s package removed? `fwsafe shim remove` takes the shim away "
+                     f"(and puts {TOOLS[tool]} back where it is still there)") from exc
     env = {**os.environ, ENV: "off"}
     argv = module_argv("fwsafe", "apply", "--", tool, *args)   # not from the cwd's path
     os.execve(argv[0], argv, env)
@@ -178,9 +184,14 @@ def remove() -> list[str]:
     done = []
     for entry in status():
         tool, path, real = str(entry["tool"]), str(entry["path"]), str(entry["real"])
-        if is_shim(path):
+        ours = is_shim(path)
+        if ours:
             os.unlink(path)
-        if os.path.exists(real):
+        if ours or os.path.exists(real):
+            # also when the real one is gone (its package removed): a diversion left behind
+            # would make the next install of the package put the command at `real`, not `path`
             _divert(["--divert", real, "--remove", path])
-        done.append(f"{tool}: {path} is the plain command again")
+        done.append(f"{tool}: {path} is the plain command again" if os.path.exists(path) else
+                    f"{tool}: the shim is removed; {tool} itself is not installed ({real} was "
+                    "gone: its package removed?)")
     return done or ["no shim installed"]

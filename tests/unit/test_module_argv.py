@@ -42,3 +42,6 @@ def test_the_shim_script_ignores_the_current_directory(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60,
                          env={"PATH": "/usr/bin:/bin", "FWSAFE_SHIM": "guard"})
     assert "HIJACKED" not in out.stdout + out.stderr and out.returncode != 42, out
+    # there is no real ufw behind it here: said as such, not as a bug of fwsafe
+    assert out.returncode == 3 and "cannot run the real ufw" in out.stderr, out
+    assert "unexpected error" not in out.stderr and "traceback" not in out.stderr, out

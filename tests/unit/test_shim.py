@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from fwsafe.errors import EnvironmentProblem
 from fwsafe.persistence import command_shims
 
 
@@ -113,3 +114,36 @@ def test_the_firewalld_layer_calls_the_real_firewall_cmd_where_the_shim_is(
     found = firewalld_client.firewall_cmd_path()
     assert found == str(tool) + command_shims.REAL_SUFFIX
     assert firewalld_client._interpreter_of(found) == "/usr/bin/python3"   # noqa: SLF001
+
+
+def test_a_shim_whose_command_was_removed_says_so_and_goes_with_its_diversion(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real dpkg-divert, on a dpkg database of the test's own (DPKG_ADMINDIR): the
+    package removed under the shim (its diverted file gone, as `dpkg -r` leaves it), the
+    shim says what is wrong instead of failing as a bug, and `remove` takes the diversion
+    away too (left, the package's next install would put ufw at the diverted name)."""
+    admin = tmp_path / "dpkg"
+    admin.mkdir()
+    (admin / "diversions").write_text("")
+    monkeypatch.setenv("DPKG_ADMINDIR", str(admin))
+    tool = tmp_path / "ufw"
+    tool.write_text("#!/bin/sh\necho REAL\n")
+    tool.chmod(0o755)
+    monkeypatch.setitem(command_shims.TOOLS, "ufw", str(tool))
+    monkeypatch.delitem(command_shims.TOOLS, "firewall-cmd")
+
+    def diverted() -> str:
+        return subprocess.run(["dpkg-divert", "--list", str(tool)], capture_output=True,
+                              text=True, timeout=30, check=True).stdout
+
+    command_shims.install()
+    real = Path(command_shims.real_path("ufw"))
+    assert command_shims.is_shim(str(tool)) and real.read_text() == "#!/bin/sh\necho REAL\n"
+    assert str(real) in diverted()
+    real.unlink()   # `dpkg -r ufw`: the diverted file goes, the shim (not the package's) stays
+    with pytest.raises(EnvironmentProblem, match="cannot run the real ufw"):
+        command_shims.run("ufw", ["status"])
+    said = command_shims.remove()
+    assert said == [f"ufw: the shim is removed; ufw itself is not installed ({real} was gone: "
+                    "its package removed?)"]
+    assert not tool.exists() and diverted().strip() == ""
