@@ -6,7 +6,8 @@ three texts of 12-30 MB each, most of the guard's RSS while it waits: a `Packed`
 each text zlib-compressed (level 1: iptables-save and nft texts shrink 6-20 times, in 25-80 ms
 for 12-30 MB) and gives it back whole on each reading. The guard reads a layer's text a few
 times per revert attempt, never per rule, so the cost is a few decompressions (20-60 ms each at
-200k) on the way back, and nothing while it waits. Every text is packed, small ones too (a
+200k) on the way back, and nothing while it waits (its callers read a text into a local once
+where they use it more than once). Every text is packed, small ones too (a
 millisecond at 10,000 rules): one way for all, which every test of a revert goes through.
 """
 
@@ -28,6 +29,9 @@ class Packed(Mapping[str, bytes]):
 
     def __getitem__(self, name: str) -> bytes:
         return zlib.decompress(self._items[name])
+
+    def __contains__(self, name: object) -> bool:   # (Mapping's own would decompress)
+        return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._items)

@@ -314,8 +314,8 @@ def revert_change(
             result.levels[name] = level
             result.proofs[name] = proof_of(level)
             if level != MERGE:
-                why = ("the three-way merge could not be loaded" if (after or {}).get(name)
-                       is not None else "no capture right after the change, so no merge")
+                why = ("the three-way merge could not be loaded" if name in (after or {})
+                       else "no capture right after the change, so no merge")
                 note = (f"{name}: {why}; restored "
                         + ("the touched units whole from the snapshot" if level != LEVELS[-1]
                            else "the whole snapshot of the touched tables (access before "

@@ -261,12 +261,13 @@ def change_commits(record: Record, change: Mapping[str, bytes]) -> int | None:
     for name in record.layers:
         if name not in change:
             return None
-        if one_transaction_tables(name, change[name]) is not None:   # nft: one `nft -f`
+        content = change[name]   # (read once: fwsafe.core.packed)
+        if one_transaction_tables(name, content) is not None:   # nft: one `nft -f`
             commits += 1
             continue
         if not layer_has(name, RULES_FILE):   # iptables-nft's
             return None
-        text = change[name].decode(errors="replace")
+        text = content.decode(errors="replace")
         commits += len(chain_names(text)) if record.options.get("partial") else \
             len(blocks(text.splitlines()))
     return commits
@@ -296,7 +297,8 @@ def snapshot_touched(record: Record, change: Mapping[str, bytes],
     has in each table the change loaded whole (a superset of what it changed)."""
     touched: dict[str, list[str]] = {}
     for name in record.layers:
-        tables = one_transaction_tables(name, change[name])
+        content = change[name]   # (read once: fwsafe.core.packed)
+        tables = one_transaction_tables(name, content)
         if tables is not None:   # nft: the tables its one transaction wrote to
             touched[name] = sorted(tables)
             continue
@@ -304,7 +306,7 @@ def snapshot_touched(record: Record, change: Mapping[str, bytes],
         # table's built-in chains need none, `*raw` / `-A PREROUTING ...` / `COMMIT` loads);
         # `undone_already` compares chains: each one the table can have
         loaded = {table.name: set(table.chains) | set(table.stray) for table in
-                  parse_ruleset(change[name].decode(errors="replace")).values()}
+                  parse_ruleset(content.decode(errors="replace")).values()}
         old = chain_names(before.get(name, b"").decode(errors="replace"))
         touched[name] = sorted({f"{table}/{chain}" for table in loaded
                                 for chain in loaded[table] | old.get(table, set())

@@ -16,6 +16,8 @@ from fwsafe.guard.spawn import systemd_is_init
 OOM_SHIELD = -1000
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3   # glibc's mallopt parameters (malloc.h)
 GIVE_BACK_FROM = 128 * 1024                   # glibc's own starting value for both
+KEEPS_FREED = ("the C library keeps what the guard frees (no glibc mallopt): it may wait with "
+               "more memory than it needs")
 
 
 SHUTDOWN_TARGETS = ("shutdown.target", "reboot.target", "poweroff.target", "halt.target",

@@ -58,7 +58,7 @@ from fwsafe.guard.backstop_keeper import BackstopKeeper
 from fwsafe.guard.backstop_tools import quiet_std, stuck_grace, write_line
 from fwsafe.guard.clock import Deadline, boottime, max_seconds, seconds_problem
 from fwsafe.guard.guard_loop import Loop, Requests
-from fwsafe.guard.host_facts import give_back_freed_memory, set_oom_shield
+from fwsafe.guard.host_facts import KEEPS_FREED, give_back_freed_memory, set_oom_shield
 from fwsafe.guard.probing import ProbeWatch
 from fwsafe.guard.requests import listen
 from fwsafe.guard.spawn import tell_saved, wait_for_go
@@ -336,7 +336,7 @@ def _open_log(state: StateDir, tx_id: str) -> TextIO | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     raise_for_tools()   # started by systemd-run: its own limit (fwsafe.tool_stack)
-    give_back_freed_memory()   # before it reads any ruleset: its RSS while it waits
+    gives_back = give_back_freed_memory()   # before it reads any ruleset: its RSS waiting
     args = list(sys.argv[1:] if argv is None else argv)
     standing_by = args[3:] == ["--standby"]
     if standing_by:
@@ -361,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = "setsid" if how == "--daemonize" else "systemd-run"
     log = _open_log(state, tx_id)
     try:
-        return _guard(state, tx_id, mode, log)
+        return _guard(state, tx_id, mode, log, gives_back)
     finally:
         if log is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -393,7 +393,8 @@ def _note(log: TextIO | None, text: str) -> None:
         log.flush()
 
 
-def _guard(state: StateDir, tx_id: str, mode: str, log: TextIO | None) -> int:
+def _guard(state: StateDir, tx_id: str, mode: str, log: TextIO | None,
+           gives_back: bool = False) -> int:
     with contextlib.ExitStack() as held:
         try:
             # The transaction's lock, held for the guard's whole life: the CLI takes it to
@@ -418,6 +419,8 @@ def _guard(state: StateDir, tx_id: str, mode: str, log: TextIO | None) -> int:
                 os.environ["FWSAFE_CONFIG"] = config  # the CLI's config, read again on confirm
             guard = Guard(state, record, mode, log)
             guard.arm()
+            if not gives_back:
+                guard.log(KEEPS_FREED)
             guard.begin()
         except BaseException as exc:  # nothing was applied
             _note(log, f"guard error before arming: {exc!r}")
