@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,3 +110,24 @@ def module_argv(module: str, *args: str) -> list[str]:
     """argv that runs fwsafe's own `python -m module args...` without the current directory on
     sys.path."""
     return [sys.executable, "-c", RUN_MODULE, module, *args]
+
+
+def failure_said(result: subprocess.CompletedProcess[bytes]) -> tuple[str, str | None]:
+    """What a tool that failed said (its stderr), and how it ended when a signal ended it,
+    with a hint for a crash: (text, hint or None). A crash says nothing on stderr: iptables-nft
+    1.8.9 overflows its stack reading tables of tens of thousands of chains (SIGSEGV; fwsafe
+    raises the soft limit, fwsafe.tool_stack, never past the hard one)."""
+    said = result.stderr.decode(errors="replace").strip()
+    if result.returncode >= 0:
+        return said, None
+    try:
+        name = signal.Signals(-result.returncode).name
+    except ValueError:
+        name = f"signal {-result.returncode}"
+    ended = f"killed by {name}"
+    hint = None
+    if -result.returncode == signal.SIGSEGV:
+        hint = ("a crash reading a large ruleset is often its stack: fwsafe raises the soft "
+                "stack limit to 256 MiB, never past the hard one; see `ulimit -Hs` (systemd: "
+                "LimitSTACK=) and docs/operations.md")
+    return (f"{said} ({ended})" if said else ended), hint

@@ -96,10 +96,12 @@ class FidelityProofs:
 class ApplyError(Exception):
     """A backend's tool refused (the kernel's answer, not a parse of ours)."""
 
-    def __init__(self, message: str, *, line: int | None = None) -> None:
+    def __init__(self, message: str, *, line: int | None = None,
+                 hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.line = line
+        self.hint = hint   # what to do, when known (shown by whoever reports it)
 
 
 # A layer's whole state as the kernel was proved to hold it after a revert's load: nf_tables'

@@ -47,7 +47,7 @@ from fwsafe.backends.iptsave import (
 from fwsafe.core.merge import delta_left, merge_sequences, merge_value
 from fwsafe.errors import InvalidRulesError
 from fwsafe.ondisk import hatch_rules
-from fwsafe.runner import find_binary, require_binary, run, run_persistently
+from fwsafe.runner import failure_said, find_binary, require_binary, run, run_persistently
 
 _NFT_SYNTAX = re.compile(r"\n[^\S\n]*(?:table\s+(?:ip|ip6|inet|arp|bridge|netdev)\b|"
                          r"flush\s+ruleset|define\s|include\s|#!/usr/sbin/nft)")   # line_starting
@@ -235,8 +235,8 @@ class IptablesLayer(Layer):
         result = run_persistently([require_binary(self.family.save)], timeout=120,
                                   on_retry=on_retry)
         if result.returncode != 0:
-            raise ApplyError(
-                f"{self.family.save} failed: {result.stderr.decode(errors='replace').strip()}")
+            said, hint = failure_said(result)
+            raise ApplyError(f"{self.family.save} failed: {said}", hint=hint)
         return hatch_rules.strip(result.stdout)   # the kernel escape hatch is nobody's rule
 
     def declared(self, data: bytes) -> dict[str, set[str]]:

@@ -227,7 +227,7 @@ def current_state(layers: Mapping[str, tuple[bytes, str]],
             tool.current = captured[name] if name in captured else layer.capture()
         except ApplyError as exc:
             raise EnvironmentProblem(f"cannot read the current {family.label} rules: "
-                                     f"{exc.message}") from exc
+                                     f"{exc.message}", hint=exc.hint) from exc
         if name in layers:
             content, source = layers[name]
             tool.candidate = (content, source)   # its file map: once loaded in the sandbox

@@ -41,7 +41,8 @@ def collect(captures: dict[str, Future[bytes]], needed: list[str]) -> dict[str, 
             captured[name] = future.result()
         except (OSError, ApplyError, ValueError) as exc:
             if name in needed:
-                raise EnvironmentProblem(f"cannot capture the {name} layer: {exc}") from exc
+                raise EnvironmentProblem(f"cannot capture the {name} layer: {exc}",
+                                         hint=getattr(exc, "hint", None)) from exc
     missing = [n for n in needed if n not in captured]
     if missing:
         raise EnvironmentProblem(f"cannot capture {', '.join(missing)}: tools missing")

@@ -60,3 +60,18 @@ def test_fwsafe_reads_checks_applies_and_reverts_where_iptables_save_overflows(
     strip = [line for line in fwlab.lab.srv_exec(["iptables-save"]).stdout.splitlines()
              if not line.startswith("#")]
     assert strip == [line for line in before.splitlines() if not line.startswith("#")]
+
+
+def test_a_hard_limit_too_low_is_said_as_such(fwlab: FwLab) -> None:
+    """The hard limit below what the tools need (fwsafe never passes it): the check refuses
+    with what happened and where to look, not with "iptables-save failed:" and nothing."""
+    a = fwlab.write("kube-a.rules", kube(10000, 0))
+    fwlab.lab.srv_exec(["iptables-restore", str(a)])
+    result = fwlab.lab.srv_exec(
+        ["bash", "-c", f'ulimit -s {SMALL_STACK_KIB} && exec "$@"', "bash", "env",
+         f"FWSAFE_STATE_DIR={fwlab.state_dir}", FWSAFE, "check", str(a), "--client",
+         fwlab.lab.cli_ip4, "--port", "22"], check=False, timeout=300)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "cannot read the current IPv4 rules: iptables-save failed: killed by SIGSEGV" \
+        in result.stderr, result.stderr
+    assert "ulimit -Hs" in result.stderr, result.stderr
