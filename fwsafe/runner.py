@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 from fwsafe.context import RUN
 from fwsafe.errors import EnvironmentProblem
+from fwsafe.tool_stack import TOOL_STACK_BYTES
 
 # fork()/exec() can fail transiently when memory or PIDs run out.
 TRANSIENT_ERRNOS = frozenset({errno.ENOMEM, errno.EAGAIN})
@@ -128,6 +129,6 @@ def failure_said(result: subprocess.CompletedProcess[bytes]) -> tuple[str, str |
     hint = None
     if -result.returncode == signal.SIGSEGV:
         hint = ("a crash reading a large ruleset is often its stack: fwsafe raises the soft "
-                "stack limit to 256 MiB, never past the hard one; see `ulimit -Hs` (systemd: "
-                "LimitSTACK=) and docs/operations.md")
+                f"stack limit to {TOOL_STACK_BYTES >> 20} MiB, never past the hard one; see "
+                "`ulimit -Hs` (systemd: LimitSTACK=) and docs/operations.md")
     return (f"{said} ({ended})" if said else ended), hint

@@ -10,7 +10,7 @@ the SSH session that started it:
 * it sets its own ``oom_score_adj`` to -1000, which the restore commands it runs inherit;
   where that is refused (no CAP_SYS_RESOURCE) it carries on and records that it is not shielded;
 * it reads the snapshot and the change into memory before it applies anything, so that nothing
-  a session deletes can stop the revert (large texts held compressed: fwsafe.core.packed);
+  a session deletes can stop the revert (held compressed: fwsafe.core.packed);
 * it applies the change itself, after it is armed, so that a deadline can never pass between
   arming and applying;
 * at the deadline, on ``fwsafe revert``, on SIGTERM or when a probe fails N times in a row it
@@ -77,8 +77,8 @@ class Guard:
         self.record = record
         self.mode = mode
         self.logfile = log
-        # Everything needed to revert is read into memory before anything is changed, the
-        # large texts compressed (fwsafe.core.packed: the waiting guard's RSS).
+        # Everything needed to revert is read into memory before anything is changed, held
+        # compressed (fwsafe.core.packed: the waiting guard's RSS).
         self.before = Packed(snapshot.load(state, record.id, snapshot.BEFORE, record.captured))
         self.change = Packed(snapshot.load(state, record.id, snapshot.CHANGE, record.layers))
         self.wake_r, self.wake_w = os.pipe()
