@@ -47,7 +47,7 @@ def docker_facts(expected: Sequence[OpenPort]) -> tuple[DockerState, list[Findin
         except ApplyError as exc:
             return DockerState(), [Finding(
                 "info", f"could not read the {name} rules to look for Docker's published "
-                f"ports: {exc.message}", "run the audit as root", "not-read")]
+                f"ports: {exc.message}", exc.hint or "run the audit as root", "not-read")]
         saves.append((family, text))
     state = docker_state(saves)
     return state, docker_findings(state, expected)

@@ -124,8 +124,11 @@ def run(tool: str, args: Sequence[str]) -> None:
         except OSError as exc:   # removed by its package with the shim left (dpkg -r), ...
             raise EnvironmentProblem(
                 f"cannot run the real {tool}, {real}: {exc.strerror}",
-                hint=f"was {tool}'s package removed? `fwsafe shim remove` takes the shim away "
-                     f"(and puts {TOOLS[tool]} back where it is still there)") from exc
+                hint=(f"was {tool}'s package removed? `fwsafe shim remove` takes the shim away "
+                      f"(and puts {TOOLS[tool]} back where it is still there)"
+                      if not os.path.lexists(real) else
+                      f"{real} is there but cannot be run: see its mode and the interpreter "
+                      "its first line names")) from exc
     env = {**os.environ, ENV: "off"}
     argv = module_argv("fwsafe", "apply", "--", tool, *args)   # not from the cwd's path
     os.execve(argv[0], argv, env)
@@ -184,13 +187,15 @@ def remove() -> list[str]:
     done = []
     for entry in status():
         tool, path, real = str(entry["tool"]), str(entry["path"]), str(entry["real"])
-        ours = is_shim(path)
-        if ours:
-            os.unlink(path)
-        if ours or os.path.exists(real):
+        ours, real_there = is_shim(path), os.path.exists(real)
+        if ours and real_there:
+            os.unlink(path)   # where dpkg-divert --rename puts the real one back
+        if ours or real_there:
             # also when the real one is gone (its package removed): a diversion left behind
             # would make the next install of the package put the command at `real`, not `path`
             _divert(["--divert", real, "--remove", path])
+        if ours and not real_there:
+            os.unlink(path)   # after: a refused dpkg-divert leaves it, for `remove` again
         done.append(f"{tool}: {path} is the plain command again" if os.path.exists(path) else
                     f"{tool}: the shim is removed; {tool} itself is not installed ({real} was "
                     "gone: its package removed?)")

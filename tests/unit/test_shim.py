@@ -4,6 +4,7 @@ script decides without Python, and how an SSH session is recognised. The real th
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -116,12 +117,9 @@ def test_the_firewalld_layer_calls_the_real_firewall_cmd_where_the_shim_is(
     assert firewalld_client._interpreter_of(found) == "/usr/bin/python3"   # noqa: SLF001
 
 
-def test_a_shim_whose_command_was_removed_says_so_and_goes_with_its_diversion(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """The real dpkg-divert, on a dpkg database of the test's own (DPKG_ADMINDIR): the
-    package removed under the shim (its diverted file gone, as `dpkg -r` leaves it), the
-    shim says what is wrong instead of failing as a bug, and `remove` takes the diversion
-    away too (left, the package's next install would put ufw at the diverted name)."""
+def _shimmed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Path]:
+    """A ufw of the test's own behind the shim, diverted by the real dpkg-divert on a dpkg
+    database of the test's own (DPKG_ADMINDIR): (ufw's path, the database)."""
     admin = tmp_path / "dpkg"
     admin.mkdir()
     (admin / "diversions").write_text("")
@@ -131,19 +129,57 @@ def test_a_shim_whose_command_was_removed_says_so_and_goes_with_its_diversion(
     tool.chmod(0o755)
     monkeypatch.setitem(command_shims.TOOLS, "ufw", str(tool))
     monkeypatch.delitem(command_shims.TOOLS, "firewall-cmd")
-
-    def diverted() -> str:
-        return subprocess.run(["dpkg-divert", "--list", str(tool)], capture_output=True,
-                              text=True, timeout=30, check=True).stdout
-
     command_shims.install()
+    return tool, admin
+
+
+def _diverted(tool: Path) -> str:
+    return subprocess.run(["dpkg-divert", "--list", str(tool)], capture_output=True,
+                          text=True, timeout=30, check=True).stdout
+
+
+def test_a_shim_whose_command_was_removed_says_so_and_goes_with_its_diversion(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The package removed under the shim (its diverted file gone, as `dpkg -r` leaves it):
+    the shim says what is wrong instead of failing as a bug, and `remove` takes the diversion
+    away too (left, the package's next install would put ufw at the diverted name)."""
+    tool, _ = _shimmed(monkeypatch, tmp_path)
+    diverted = functools.partial(_diverted, tool)
     real = Path(command_shims.real_path("ufw"))
     assert command_shims.is_shim(str(tool)) and real.read_text() == "#!/bin/sh\necho REAL\n"
     assert str(real) in diverted()
     real.unlink()   # `dpkg -r ufw`: the diverted file goes, the shim (not the package's) stays
-    with pytest.raises(EnvironmentProblem, match="cannot run the real ufw"):
+    with pytest.raises(EnvironmentProblem, match="cannot run the real ufw") as raised:
         command_shims.run("ufw", ["status"])
+    assert raised.value.hint is not None and "package removed" in raised.value.hint
     said = command_shims.remove()
     assert said == [f"ufw: the shim is removed; ufw itself is not installed ({real} was gone: "
                     "its package removed?)"]
     assert not tool.exists() and diverted().strip() == ""
+
+
+def test_a_real_command_that_cannot_run_is_not_blamed_on_its_package(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    tool, _ = _shimmed(monkeypatch, tmp_path)
+    Path(command_shims.real_path("ufw")).chmod(0o644)   # there, not executable
+    with pytest.raises(EnvironmentProblem, match="Permission denied") as raised:
+        command_shims.run("ufw", ["status"])
+    assert raised.value.hint is not None and "package" not in raised.value.hint
+    assert "cannot be run" in raised.value.hint
+
+
+def test_a_refused_diversion_leaves_the_shim_for_remove_to_try_again(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The real file gone and dpkg-divert refusing (the diversion now a package's): nothing
+    is lost; once dpkg-divert takes it, `remove` does it all."""
+    tool, admin = _shimmed(monkeypatch, tmp_path)
+    Path(command_shims.real_path("ufw")).unlink()
+    local = (admin / "diversions").read_text()
+    assert local.splitlines()[2] == ":"   # (dpkg's format: from, to, package; ":" is local)
+    (admin / "diversions").write_text(local.replace("\n:\n", "\nsomepkg\n"))
+    with pytest.raises(EnvironmentProblem, match="dpkg-divert"):
+        command_shims.remove()
+    assert command_shims.is_shim(str(tool))   # still there: found by the next remove
+    (admin / "diversions").write_text(local)
+    assert command_shims.remove()[0].startswith("ufw: the shim is removed")
+    assert not tool.exists() and _diverted(tool).strip() == ""
